@@ -1,0 +1,276 @@
+//! The lookup cache: digest → resolved key, over `moka::future::Cache`.
+//!
+//! Found and not-found results are both cached (not-found with a short TTL so a key created
+//! elsewhere is usable soon). Concurrent misses for one digest share one store query. The
+//! cache never decides expiry: entries carry the key's `expires_at`, judged at request time.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Extensions;
+use moka::future::Cache;
+use moka::Expiry;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::principal::Principal;
+use crate::ratelimit::RateLimitPolicy;
+use crate::secret::Digest;
+use crate::store::{KeyRecord, StoreError};
+
+/// The application identity derived from a principal, inserted into request extensions.
+pub(crate) trait Identity: Send + Sync {
+    fn insert_into(&self, extensions: &mut Extensions);
+}
+
+pub(crate) struct IdentityValue<T>(pub(crate) T);
+
+impl<T: Clone + Send + Sync + 'static> Identity for IdentityValue<T> {
+    fn insert_into(&self, extensions: &mut Extensions) {
+        extensions.insert(self.0.clone());
+    }
+}
+
+/// Everything the request path needs about a key, computed once per cache fill.
+pub(crate) struct Resolved {
+    pub(crate) principal: Principal,
+    pub(crate) identity: Option<Arc<dyn Identity>>,
+    pub(crate) expires_at: Option<OffsetDateTime>,
+    pub(crate) revoked: bool,
+    pub(crate) disabled: bool,
+    pub(crate) read_only: bool,
+    #[allow(dead_code)] // enforced by the rate limiter
+    pub(crate) rate_limit: Option<RateLimitPolicy>,
+}
+
+impl Resolved {
+    pub(crate) fn new(record: &KeyRecord, identity: Option<Arc<dyn Identity>>) -> Self {
+        Self {
+            principal: Principal::from_record(record),
+            identity,
+            expires_at: record.expires_at,
+            revoked: record.revoked_at.is_some(),
+            disabled: record.disabled,
+            read_only: record.read_only,
+            rate_limit: record.rate_limit,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) enum Lookup {
+    Found(Arc<Resolved>),
+    Missing,
+}
+
+struct Ttl {
+    found: Duration,
+    missing: Duration,
+}
+
+impl Ttl {
+    fn of(&self, value: &Lookup) -> Duration {
+        match value {
+            Lookup::Found(_) => self.found,
+            Lookup::Missing => self.missing,
+        }
+    }
+}
+
+impl Expiry<Digest, Lookup> for Ttl {
+    fn expire_after_create(&self, _: &Digest, value: &Lookup, _: Instant) -> Option<Duration> {
+        Some(self.of(value))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Digest,
+        value: &Lookup,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.of(value))
+    }
+}
+
+/// Cache sizing and lifetimes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheConfig {
+    pub(crate) ttl: Duration,
+    pub(crate) negative_ttl: Duration,
+    pub(crate) max_capacity: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            max_capacity: 100_000,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct KeyCache {
+    cache: Cache<Digest, Lookup>,
+}
+
+impl KeyCache {
+    pub(crate) fn new(config: CacheConfig) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(config.max_capacity)
+            .expire_after(Ttl {
+                found: config.ttl,
+                missing: config.negative_ttl,
+            })
+            .support_invalidation_closures()
+            .build();
+        Self { cache }
+    }
+
+    pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
+        self.cache.get(digest).await
+    }
+
+    /// The cached lookup, or `load`'s result; concurrent callers for one digest share one
+    /// `load`. Errors are not cached.
+    pub(crate) async fn get_or_load<F>(
+        &self,
+        digest: Digest,
+        load: F,
+    ) -> Result<Lookup, Arc<StoreError>>
+    where
+        F: Future<Output = Result<Lookup, StoreError>>,
+    {
+        self.cache.try_get_with(digest, load).await
+    }
+
+    pub(crate) async fn invalidate_digest(&self, digest: &Digest) {
+        self.cache.invalidate(digest).await;
+    }
+
+    pub(crate) fn invalidate_key(&self, id: Uuid) {
+        let registered = self.cache.invalidate_entries_if(
+            move |_, lookup| matches!(lookup, Lookup::Found(r) if r.principal.key_id() == id),
+        );
+        if registered.is_err() {
+            // Only possible if invalidation closures were not enabled, which `new` always does;
+            // fail closed rather than keep a stale entry.
+            self.cache.invalidate_all();
+        }
+    }
+
+    pub(crate) fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    pub(crate) fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub(crate) async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+impl fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("entries", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::record;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn found(n: u8) -> (Digest, Lookup) {
+        let r = record(n);
+        (r.digest, Lookup::Found(Arc::new(Resolved::new(&r, None))))
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_load() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let digest = Digest::from_bytes([7; 32]);
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let cache = cache.clone();
+                let loads = loads.clone();
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(digest, async {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Ok(Lookup::Missing)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Ok(Lookup::Missing)));
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let digest = Digest::from_bytes([1; 32]);
+        let err = cache
+            .get_or_load(digest, async {
+                Err(StoreError::new(crate::StoreErrorKind::Unavailable, "down"))
+            })
+            .await;
+        assert!(err.is_err());
+        assert!(cache.get(&digest).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn invalidation_by_key_id_and_digest() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let (d1, l1) = found(1);
+        let (d2, l2) = found(2);
+        let id1 = match &l1 {
+            Lookup::Found(r) => r.principal.key_id(),
+            Lookup::Missing => unreachable!(),
+        };
+        cache.get_or_load(d1, async { Ok(l1) }).await.unwrap();
+        cache.get_or_load(d2, async { Ok(l2) }).await.unwrap();
+        cache.invalidate_key(id1);
+        assert!(
+            cache.get(&d1).await.is_none(),
+            "invalidated entries are never returned"
+        );
+        assert!(cache.get(&d2).await.is_some());
+        cache.invalidate_digest(&d2).await;
+        assert!(cache.get(&d2).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn negative_entries_expire_sooner() {
+        let cache = KeyCache::new(CacheConfig {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_millis(30),
+            max_capacity: 100,
+        });
+        let (d1, l1) = found(1);
+        let missing = Digest::from_bytes([9; 32]);
+        cache.get_or_load(d1, async { Ok(l1) }).await.unwrap();
+        cache
+            .get_or_load(missing, async { Ok(Lookup::Missing) })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(cache.get(&missing).await.is_none());
+        assert!(cache.get(&d1).await.is_some());
+    }
+}

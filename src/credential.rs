@@ -1,0 +1,589 @@
+//! Byte-level extraction of an API key from request headers (and, if enabled, the query).
+//!
+//! Accepted forms:
+//! - `Authorization: <collection-slug> API-Key <key>` (Payload CMS): the slug must name a
+//!   configured collection exactly; `API-Key` is matched ASCII-case-insensitively.
+//! - `Authorization: Bearer <key>`: the scheme is case-insensitive (RFC 9110).
+//! - `X-Api-Key: <key>` and any extra configured header names.
+//! - A query parameter, only when configured.
+//!
+//! Several credentials that disagree, or a repeated `Authorization` or key header, are
+//! ambiguous. Parsing works on header bytes and does not allocate.
+//!
+//! ```
+//! use http::{HeaderMap, HeaderValue};
+//! use keywarden::{CredentialExtractor, CredentialSource};
+//!
+//! let extractor = CredentialExtractor::new(["users", "teams"]);
+//! let mut headers = HeaderMap::new();
+//! headers.insert("authorization", HeaderValue::from_static("users API-Key kw_live_abc"));
+//! let credential = extractor.extract(&headers, None).unwrap().unwrap();
+//! assert_eq!(credential.key(), b"kw_live_abc");
+//! assert_eq!(credential.source(), CredentialSource::Collection(0));
+//! ```
+
+use std::fmt;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::key::{KeyFormat, MAX_KEY_LEN};
+
+/// The default API-key header.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Where a credential was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CredentialSource {
+    /// `Authorization: <slug> API-Key <key>`; the index of the collection in the extractor.
+    Collection(usize),
+    /// `Authorization: Bearer <key>`.
+    Bearer,
+    /// An API-key header; the index of the header name in the extractor.
+    Header(usize),
+    /// The configured query parameter.
+    Query,
+}
+
+/// A credential found in a request. Borrows the request; `Debug` redacts the key.
+#[derive(Clone, Copy)]
+pub struct Credential<'a> {
+    key: &'a [u8],
+    source: CredentialSource,
+    from_authorization: bool,
+}
+
+impl<'a> Credential<'a> {
+    /// The key bytes (visible ASCII, 1 to 512 bytes).
+    pub fn key(&self) -> &'a [u8] {
+        self.key
+    }
+
+    /// Where it was found. When the same key arrived in several places, the
+    /// `<slug> API-Key` form wins because it binds a collection.
+    pub fn source(&self) -> CredentialSource {
+        self.source
+    }
+
+    /// Whether the `Authorization` header carried this credential.
+    pub fn from_authorization(&self) -> bool {
+        self.from_authorization
+    }
+}
+
+impl fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("key", &"[redacted]")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Why extraction failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialError {
+    /// Several credentials that disagree, or a repeated credential header.
+    #[error("several different credentials, or a repeated credential header")]
+    Ambiguous,
+    /// A credential that cannot be a key.
+    #[error("{0}")]
+    Malformed(&'static str),
+    /// `<slug> API-Key <key>` with a slug that is not a configured collection.
+    #[error("unknown collection in the Authorization header")]
+    UnknownCollection,
+}
+
+/// Finds the credential in a request according to configuration.
+#[derive(Debug, Clone)]
+pub struct CredentialExtractor {
+    collections: Vec<Box<str>>,
+    headers: Vec<HeaderName>,
+    query_param: Option<Box<str>>,
+    foreign_bearer: Option<KeyFormat>,
+}
+
+impl CredentialExtractor {
+    /// An extractor accepting these collection slugs, `Bearer`, and `X-Api-Key`.
+    pub fn new<I, S>(collections: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self {
+            collections: collections.into_iter().map(|s| s.as_ref().into()).collect(),
+            headers: vec![X_API_KEY],
+            query_param: None,
+            foreign_bearer: None,
+        }
+    }
+
+    /// Also reads the key from this header (for example `X-Stack-Api-Key`).
+    #[must_use]
+    pub fn header(mut self, name: HeaderName) -> Self {
+        if !self.headers.contains(&name) {
+            self.headers.push(name);
+        }
+        self
+    }
+
+    /// Also reads the key from this query parameter. Off by default: query strings end up in
+    /// access logs and browser history.
+    #[must_use]
+    pub fn query_param(mut self, name: impl Into<String>) -> Self {
+        self.query_param = Some(name.into().into_boxed_str());
+        self
+    }
+
+    /// Leaves `Bearer` tokens that `format` does not claim (no keywarden prefix) to another
+    /// authentication layer: they are ignored instead of extracted.
+    #[must_use]
+    pub fn ignore_foreign_bearer(mut self, format: KeyFormat) -> Self {
+        self.foreign_bearer = Some(format);
+        self
+    }
+
+    /// The configured collection slugs.
+    pub fn collections(&self) -> &[Box<str>] {
+        &self.collections
+    }
+
+    /// The configured API-key header names.
+    pub fn header_names(&self) -> &[HeaderName] {
+        &self.headers
+    }
+
+    /// Extracts the request's credential, if any.
+    ///
+    /// # Errors
+    /// [`CredentialError`] for ambiguous, malformed or unknown-collection credentials.
+    pub fn extract<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+    ) -> Result<Option<Credential<'a>>, CredentialError> {
+        let mut found: Option<Credential<'a>> = None;
+
+        let mut authorization = headers.get_all(AUTHORIZATION).iter();
+        if let Some(value) = authorization.next() {
+            if authorization.next().is_some() {
+                return Err(CredentialError::Ambiguous);
+            }
+            if let Some(credential) = self.parse_authorization(value)? {
+                merge(&mut found, credential)?;
+            }
+        }
+
+        for (index, name) in self.headers.iter().enumerate() {
+            let mut values = headers.get_all(name).iter();
+            if let Some(value) = values.next() {
+                if values.next().is_some() {
+                    return Err(CredentialError::Ambiguous);
+                }
+                let key = validate(trim_ows(value.as_bytes()))?;
+                merge(
+                    &mut found,
+                    Credential {
+                        key,
+                        source: CredentialSource::Header(index),
+                        from_authorization: false,
+                    },
+                )?;
+            }
+        }
+
+        if let (Some(param), Some(query)) = (&self.query_param, query) {
+            if let Some(key) = find_query_param(query, param)? {
+                let key = validate(key)?;
+                merge(
+                    &mut found,
+                    Credential {
+                        key,
+                        source: CredentialSource::Query,
+                        from_authorization: false,
+                    },
+                )?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn parse_authorization<'a>(
+        &self,
+        value: &'a HeaderValue,
+    ) -> Result<Option<Credential<'a>>, CredentialError> {
+        let value = trim_ows(value.as_bytes());
+        let Some((scheme, rest)) = split_word(value) else {
+            if value.eq_ignore_ascii_case(b"bearer") {
+                return Err(CredentialError::Malformed("empty Bearer token"));
+            }
+            return Ok(None);
+        };
+        if scheme.eq_ignore_ascii_case(b"bearer") {
+            if let Some(format) = &self.foreign_bearer {
+                if !format.claims(rest) {
+                    return Ok(None);
+                }
+            }
+            return Ok(Some(Credential {
+                key: validate(rest)?,
+                source: CredentialSource::Bearer,
+                from_authorization: true,
+            }));
+        }
+        let Some((word, key)) = split_word(rest) else {
+            if rest.eq_ignore_ascii_case(b"api-key") {
+                return Err(CredentialError::Malformed("empty key after API-Key"));
+            }
+            return Ok(None);
+        };
+        if !word.eq_ignore_ascii_case(b"api-key") {
+            return Ok(None);
+        }
+        let index = self
+            .collections
+            .iter()
+            .position(|slug| slug.as_bytes() == scheme)
+            .ok_or(CredentialError::UnknownCollection)?;
+        Ok(Some(Credential {
+            key: validate(key)?,
+            source: CredentialSource::Collection(index),
+            from_authorization: true,
+        }))
+    }
+}
+
+fn merge<'a>(
+    found: &mut Option<Credential<'a>>,
+    next: Credential<'a>,
+) -> Result<(), CredentialError> {
+    match found {
+        None => *found = Some(next),
+        Some(existing) => {
+            if existing.key != next.key {
+                return Err(CredentialError::Ambiguous);
+            }
+            existing.from_authorization |= next.from_authorization;
+            if matches!(next.source, CredentialSource::Collection(_)) {
+                existing.source = next.source;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate(key: &[u8]) -> Result<&[u8], CredentialError> {
+    if key.is_empty() {
+        return Err(CredentialError::Malformed("empty credential"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(CredentialError::Malformed("credential too long"));
+    }
+    if !key.iter().all(u8::is_ascii_graphic) {
+        return Err(CredentialError::Malformed(
+            "credential contains whitespace, control or non-ASCII bytes",
+        ));
+    }
+    Ok(key)
+}
+
+fn trim_ows(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
+}
+
+/// Splits `word 1*SP rest`; `None` when there is no space or nothing after it.
+fn split_word(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (word, mut rest) = value.split_at(space);
+    while let [b' ', tail @ ..] = rest {
+        rest = tail;
+    }
+    (!rest.is_empty() && !word.is_empty()).then_some((word, rest))
+}
+
+fn find_query_param<'a>(query: &'a str, name: &str) -> Result<Option<&'a [u8]>, CredentialError> {
+    let mut found = None;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == name {
+            if found.is_some() {
+                return Err(CredentialError::Ambiguous);
+            }
+            found = Some(value.as_bytes());
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY: &str = "kw_live_0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklm";
+    const OTHER: &str = "kw_live_zzzz456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklm";
+
+    fn extractor() -> CredentialExtractor {
+        CredentialExtractor::new(["users", "teams"])
+            .header(HeaderName::from_static("x-stack-api-key"))
+            .query_param("api_key")
+    }
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn extract(
+        pairs: &[(&str, &[u8])],
+    ) -> Result<Option<(Vec<u8>, CredentialSource)>, CredentialError> {
+        extractor()
+            .extract(&headers(pairs), None)
+            .map(|c| c.map(|c| (c.key().to_vec(), c.source())))
+    }
+
+    #[test]
+    fn payload_form_binds_the_collection() {
+        let got = extract(&[("authorization", format!("teams API-Key {KEY}").as_bytes())]).unwrap();
+        assert_eq!(
+            got,
+            Some((KEY.as_bytes().to_vec(), CredentialSource::Collection(1)))
+        );
+        let got =
+            extract(&[("authorization", format!("users api-key  {KEY}").as_bytes())]).unwrap();
+        assert_eq!(got.unwrap().1, CredentialSource::Collection(0));
+    }
+
+    #[test]
+    fn payload_form_slug_is_exact() {
+        for slug in ["Users", "user", "admins", "users\u{0}"] {
+            let value = format!("{slug} API-Key {KEY}");
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                let mut map = HeaderMap::new();
+                map.insert(AUTHORIZATION, v);
+                assert_eq!(
+                    extractor().extract(&map, None).unwrap_err(),
+                    CredentialError::UnknownCollection,
+                    "{slug}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let got = extract(&[("authorization", format!("{scheme} {KEY}").as_bytes())]).unwrap();
+            assert_eq!(
+                got,
+                Some((KEY.as_bytes().to_vec(), CredentialSource::Bearer)),
+                "{scheme}"
+            );
+        }
+    }
+
+    #[test]
+    fn api_key_headers() {
+        let got = extract(&[("x-api-key", KEY.as_bytes())]).unwrap();
+        assert_eq!(got.unwrap().1, CredentialSource::Header(0));
+        let got = extract(&[("x-stack-api-key", KEY.as_bytes())]).unwrap();
+        assert_eq!(got.unwrap().1, CredentialSource::Header(1));
+        let got = extract(&[("x-api-key", format!("  {KEY}\t").as_bytes())]).unwrap();
+        assert_eq!(got.unwrap().0, KEY.as_bytes());
+    }
+
+    #[test]
+    fn no_credential_and_foreign_schemes() {
+        assert_eq!(extract(&[]).unwrap(), None);
+        assert_eq!(
+            extract(&[("authorization", b"Basic dXNlcjpwYXNz")]).unwrap(),
+            None
+        );
+        assert_eq!(extract(&[("authorization", b"Digest")]).unwrap(), None);
+        assert_eq!(extract(&[("authorization", b"Bearer\tkey")]).unwrap(), None);
+        assert_eq!(extract(&[("cookie", b"x-api-key=abc")]).unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_values() {
+        let cases: &[&[u8]] = &[b"Bearer", b"bearer   ", b"users API-Key", b"Bearer a b"];
+        for value in cases {
+            assert!(
+                matches!(
+                    extract(&[("authorization", value)]),
+                    Err(CredentialError::Malformed(_))
+                ),
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        assert!(matches!(
+            extract(&[("x-api-key", b"")]),
+            Err(CredentialError::Malformed(_))
+        ));
+        assert!(matches!(
+            extract(&[("x-api-key", b"a\xffb")]),
+            Err(CredentialError::Malformed(_))
+        ));
+        assert!(matches!(
+            extract(&[("x-api-key", b"a b")]),
+            Err(CredentialError::Malformed(_))
+        ));
+        let long = vec![b'a'; MAX_KEY_LEN + 1];
+        assert!(matches!(
+            extract(&[("x-api-key", &long)]),
+            Err(CredentialError::Malformed(_))
+        ));
+        assert!(extract(&[("x-api-key", &long[..MAX_KEY_LEN])])
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn ambiguity() {
+        let bearer = format!("Bearer {KEY}");
+        let bearer_other = format!("Bearer {OTHER}");
+        assert_eq!(
+            extract(&[
+                ("authorization", bearer.as_bytes()),
+                ("authorization", bearer.as_bytes())
+            ]),
+            Err(CredentialError::Ambiguous),
+            "two Authorization headers, even identical"
+        );
+        assert_eq!(
+            extract(&[("x-api-key", KEY.as_bytes()), ("x-api-key", KEY.as_bytes())]),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(
+            extract(&[
+                ("authorization", bearer_other.as_bytes()),
+                ("x-api-key", KEY.as_bytes())
+            ]),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(
+            extract(&[
+                ("x-api-key", KEY.as_bytes()),
+                ("x-stack-api-key", OTHER.as_bytes())
+            ]),
+            Err(CredentialError::Ambiguous)
+        );
+        // Agreeing credentials are fine, and the collection-binding form wins.
+        let payload = format!("users API-Key {KEY}");
+        let got = extract(&[
+            ("authorization", payload.as_bytes()),
+            ("x-api-key", KEY.as_bytes()),
+        ]);
+        assert_eq!(got.unwrap().unwrap().1, CredentialSource::Collection(0));
+    }
+
+    #[test]
+    fn query_parameter_only_when_configured() {
+        let map = HeaderMap::new();
+        let query = format!("a=1&api_key={KEY}");
+        let got = extractor().extract(&map, Some(&query)).unwrap().unwrap();
+        assert_eq!(got.source(), CredentialSource::Query);
+        assert!(CredentialExtractor::new(["users"])
+            .extract(&map, Some(&query))
+            .unwrap()
+            .is_none());
+        let twice = format!("api_key={KEY}&api_key={KEY}");
+        assert_eq!(
+            extractor().extract(&map, Some(&twice)).unwrap_err(),
+            CredentialError::Ambiguous
+        );
+        let differs = headers(&[("x-api-key", OTHER.as_bytes())]);
+        assert_eq!(
+            extractor().extract(&differs, Some(&query)).unwrap_err(),
+            CredentialError::Ambiguous
+        );
+    }
+
+    #[test]
+    fn foreign_bearer_tokens_can_be_left_alone() {
+        let ex = extractor().ignore_foreign_bearer(KeyFormat::default());
+        let jwt = headers(&[("authorization", b"Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig")]);
+        assert!(ex.extract(&jwt, None).unwrap().is_none());
+        // ...but a token with our prefix is ours to judge, even when malformed.
+        let ours = headers(&[("authorization", b"Bearer kw_live_short")]);
+        assert_eq!(
+            ex.extract(&ours, None).unwrap().unwrap().key(),
+            b"kw_live_short"
+        );
+        // A foreign Bearer beside our X-Api-Key is not a disagreement: it is not ours.
+        let both = headers(&[
+            ("authorization", b"Bearer eyJ.e30.sig"),
+            ("x-api-key", KEY.as_bytes()),
+        ]);
+        let got = ex.extract(&both, None).unwrap().unwrap();
+        assert_eq!(got.source(), CredentialSource::Header(0));
+        assert!(!got.from_authorization());
+    }
+
+    #[test]
+    fn debug_redacts_the_key() {
+        let map = headers(&[("x-api-key", KEY.as_bytes())]);
+        let credential = extractor().extract(&map, None).unwrap().unwrap();
+        assert!(!format!("{credential:?}").contains("kw_live"));
+    }
+
+    fn header_value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..80),
+            "(Bearer|bearer|users|teams|Basic|API-Key|api-key| |\t|kw_live_|[A-Za-z0-9_.-]{1,20}){0,6}"
+                .prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_and_results_are_valid(
+            entries in proptest::collection::vec(
+                (prop_oneof![Just("authorization"), Just("x-api-key"), Just("x-stack-api-key"), Just("other")],
+                 header_value()),
+                0..5),
+            query in proptest::option::of("[a-z_=&A-Za-z0-9]{0,40}"),
+        ) {
+            let mut map = HeaderMap::new();
+            for (name, value) in &entries {
+                if let Ok(v) = HeaderValue::from_bytes(value) {
+                    map.append(*name, v);
+                }
+            }
+            let ex = extractor();
+            if let Ok(Some(c)) = ex.extract(&map, query.as_deref()) {
+                prop_assert!(!c.key().is_empty() && c.key().len() <= MAX_KEY_LEN);
+                prop_assert!(c.key().iter().all(u8::is_ascii_graphic));
+            }
+            let _ = ex.ignore_foreign_bearer(KeyFormat::default()).extract(&map, query.as_deref());
+        }
+
+        #[test]
+        fn any_visible_key_roundtrips_through_every_form(key in "[!-~]{1,100}") {
+            for (name, value) in [
+                ("authorization", format!("Bearer {key}")),
+                ("authorization", format!("users API-Key {key}")),
+                ("x-api-key", key.clone()),
+            ] {
+                let map = headers(&[(name, value.as_bytes())]);
+                let got = extractor().extract(&map, None).unwrap().unwrap();
+                prop_assert_eq!(got.key(), key.as_bytes());
+            }
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! The key format: generation, checksum and parsing.
+//!
+//! A keywarden key is `<prefix>_<body><checksum>`: the body is 256 bits from the OS CSPRNG
+//! written as 43 base62 characters, the checksum is the CRC32 (IEEE) of everything before it
+//! written as 6 base62 characters. With the default prefixes a key is 57 characters and a secret
+//! scanner finds leaked keys with [`KEY_REGEX`].
+//!
+//! ```
+//! use keywarden::{KeyFormat, KeyPrefix};
+//!
+//! let prefix = KeyPrefix::new("kw_live").unwrap();
+//! let key = prefix.generate();
+//! assert_eq!(key.expose().len(), 57);
+//!
+//! let format = KeyFormat::default();
+//! let parsed = format.parse(key.expose().as_bytes()).unwrap();
+//! assert_eq!(parsed.environment(), "live");
+//!
+//! // One changed character breaks the checksum: rejected before any crypto or storage work.
+//! let mut tampered = key.expose().to_owned();
+//! tampered.replace_range(10..11, if &tampered[10..11] == "a" { "b" } else { "a" });
+//! assert!(format.parse(tampered.as_bytes()).is_err());
+//! ```
+
+use std::fmt;
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// Width of the random body in base62 characters (256 bits).
+pub const BODY_LEN: usize = 43;
+/// Width of the CRC32 checksum in base62 characters.
+pub const CHECKSUM_LEN: usize = 6;
+/// Longest key accepted in any format, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+/// A regular expression that finds keys with the default prefixes in text (for secret scanners).
+pub const KEY_REGEX: &str = r"\bkw_(live|test)_[0-9A-Za-z]{49}\b";
+
+const TAIL_LEN: usize = BODY_LEN + CHECKSUM_LEN;
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Characters of a key shown in listings: the prefix, `_` and this many body characters.
+const DISPLAY_BODY_CHARS: usize = 4;
+
+/// A plaintext API key.
+///
+/// It exists only between generation and the moment it is shown to its owner: `Debug` prints a
+/// redaction and the bytes are zeroized on drop.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key string (for example one read from a client configuration).
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The plaintext. Show it once to its owner; never log or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The prefix and the first characters of the body, safe to show in listings
+    /// (`kw_live_AbC1`). For keys in an opaque format, the first four characters.
+    pub fn display_start(&self) -> String {
+        display_start(self.0.as_bytes())
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey([redacted])")
+    }
+}
+
+pub(crate) fn display_start(key: &[u8]) -> String {
+    let end = match key.iter().rposition(|&b| b == b'_') {
+        Some(underscore) if key.len() - underscore - 1 == TAIL_LEN => {
+            underscore + 1 + DISPLAY_BODY_CHARS
+        }
+        _ => DISPLAY_BODY_CHARS.min(key.len()),
+    };
+    String::from_utf8_lossy(&key[..end]).into_owned()
+}
+
+/// Why a string is not a valid key or prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The prefix is not one this deployment accepts.
+    #[error("unknown key prefix")]
+    WrongPrefix,
+    /// The key has the wrong length.
+    #[error("wrong key length")]
+    WrongLength,
+    /// The key holds a character outside its alphabet.
+    #[error("invalid character in key")]
+    BadAlphabet,
+    /// The checksum does not match: a typo or a truncated key.
+    #[error("key checksum mismatch")]
+    BadChecksum,
+    /// A configured prefix is not lowercase `[a-z][a-z0-9]*` segments joined by `_` with at
+    /// least two segments (the last one is the environment).
+    #[error("invalid key prefix: expected segments like `kw_live`")]
+    InvalidPrefix,
+}
+
+/// A key prefix such as `kw_live`: lowercase segments joined by `_`, the environment last.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeyPrefix {
+    text: Box<str>,
+    env_start: usize,
+}
+
+impl KeyPrefix {
+    /// Validates a prefix.
+    ///
+    /// # Errors
+    /// [`KeyError::InvalidPrefix`] unless the prefix is at least two `[a-z][a-z0-9]*` segments
+    /// joined by `_`.
+    pub fn new(prefix: &str) -> Result<Self, KeyError> {
+        let segments: Vec<&str> = prefix.split('_').collect();
+        let valid_segment = |s: &&str| {
+            let b = s.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_lowercase()
+                && b[1..]
+                    .iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        };
+        if segments.len() < 2 || !segments.iter().all(valid_segment) || prefix.len() > 64 {
+            return Err(KeyError::InvalidPrefix);
+        }
+        let env_start = prefix.rfind('_').map_or(0, |i| i + 1);
+        Ok(Self {
+            text: prefix.into(),
+            env_start,
+        })
+    }
+
+    /// The prefix text, e.g. `kw_live`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The environment: the last segment, e.g. `live`.
+    pub fn environment(&self) -> &str {
+        &self.text[self.env_start..]
+    }
+
+    /// Generates a new key with this prefix from the operating system's CSPRNG.
+    ///
+    /// # Panics
+    /// If the operating system cannot provide randomness, which no key should be made without.
+    pub fn generate(&self) -> ApiKey {
+        let mut random = [0u8; 32];
+        getrandom::fill(&mut random).expect("the OS random number generator failed");
+        let key = self.key_from_random(&random);
+        random.zeroize();
+        key
+    }
+
+    pub(crate) fn key_from_random(&self, random: &[u8; 32]) -> ApiKey {
+        let mut out = String::with_capacity(self.text.len() + 1 + TAIL_LEN);
+        out.push_str(&self.text);
+        out.push('_');
+        let mut body = [0u8; BODY_LEN];
+        encode_256(random, &mut body);
+        out.push_str(std::str::from_utf8(&body).expect("base62 is ASCII"));
+        body.zeroize();
+        let mut checksum = [0u8; CHECKSUM_LEN];
+        encode_checksum(crc32fast::hash(out.as_bytes()), &mut checksum);
+        out.push_str(std::str::from_utf8(&checksum).expect("base62 is ASCII"));
+        ApiKey(out)
+    }
+}
+
+impl fmt::Debug for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("KeyPrefix").field(&self.as_str()).finish()
+    }
+}
+
+impl fmt::Display for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::str::FromStr for KeyPrefix {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// The set of prefixes a deployment accepts; parses and validates keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFormat {
+    prefixes: Vec<KeyPrefix>,
+}
+
+impl Default for KeyFormat {
+    /// Accepts `kw_live` and `kw_test`.
+    fn default() -> Self {
+        Self {
+            prefixes: vec![
+                KeyPrefix::new("kw_live").expect("valid"),
+                KeyPrefix::new("kw_test").expect("valid"),
+            ],
+        }
+    }
+}
+
+/// A key that passed the format check; borrows the request's bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct ParsedKey<'a> {
+    prefix: &'a KeyPrefix,
+}
+
+impl<'a> ParsedKey<'a> {
+    /// The key's prefix.
+    pub fn prefix(&self) -> &'a KeyPrefix {
+        self.prefix
+    }
+
+    /// The environment named by the prefix (`live`, `test`, ...).
+    pub fn environment(&self) -> &'a str {
+        self.prefix.environment()
+    }
+}
+
+impl KeyFormat {
+    /// A format accepting exactly these prefixes.
+    ///
+    /// # Errors
+    /// [`KeyError::InvalidPrefix`] if the list is empty or holds an invalid prefix.
+    pub fn new<I, P>(prefixes: I) -> Result<Self, KeyError>
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<str>,
+    {
+        let prefixes = prefixes
+            .into_iter()
+            .map(|p| KeyPrefix::new(p.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if prefixes.is_empty() {
+            return Err(KeyError::InvalidPrefix);
+        }
+        Ok(Self { prefixes })
+    }
+
+    /// The accepted prefixes, in configuration order.
+    pub fn prefixes(&self) -> &[KeyPrefix] {
+        &self.prefixes
+    }
+
+    /// The accepted prefix whose environment is `env`, if any.
+    pub fn prefix_for_env(&self, env: &str) -> Option<&KeyPrefix> {
+        self.prefixes.iter().find(|p| p.environment() == env)
+    }
+
+    /// Checks prefix, length, alphabet and checksum. Does no allocation and no cryptography.
+    ///
+    /// # Errors
+    /// The first [`KeyError`] found, in that order.
+    pub fn parse<'s>(&'s self, key: &[u8]) -> Result<ParsedKey<'s>, KeyError> {
+        let prefix = self.matching_prefix(key).ok_or(KeyError::WrongPrefix)?;
+        let tail = &key[prefix.text.len() + 1..];
+        if tail.len() != TAIL_LEN {
+            return Err(KeyError::WrongLength);
+        }
+        if !tail.iter().all(|&b| base62_value(b).is_some()) {
+            return Err(KeyError::BadAlphabet);
+        }
+        let (signed, checksum) = key.split_at(key.len() - CHECKSUM_LEN);
+        if decode_checksum(checksum) != Some(crc32fast::hash(signed)) {
+            return Err(KeyError::BadChecksum);
+        }
+        Ok(ParsedKey { prefix })
+    }
+
+    /// Whether the key starts with one of our prefixes and `_`: such a key is ours to judge,
+    /// malformed or not, and is never handed to another authentication layer.
+    pub fn claims(&self, key: &[u8]) -> bool {
+        self.matching_prefix(key).is_some()
+    }
+
+    fn matching_prefix(&self, key: &[u8]) -> Option<&KeyPrefix> {
+        self.prefixes.iter().find(|p| {
+            let p = p.text.as_bytes();
+            key.len() > p.len() && key.starts_with(p) && key[p.len()] == b'_'
+        })
+    }
+}
+
+/// Validates a key of an opaque (foreign) format: 1 to [`MAX_KEY_LEN`] visible ASCII characters.
+///
+/// # Errors
+/// [`KeyError::WrongLength`] or [`KeyError::BadAlphabet`].
+pub fn validate_opaque(key: &[u8]) -> Result<(), KeyError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(KeyError::WrongLength);
+    }
+    if !key.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(KeyError::BadAlphabet);
+    }
+    Ok(())
+}
+
+fn base62_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'A'..=b'Z' => Some(b - b'A' + 10),
+        b'a'..=b'z' => Some(b - b'a' + 36),
+        _ => None,
+    }
+}
+
+/// Writes a 256-bit big-endian number as exactly 43 base62 digits (62^43 > 2^256).
+pub(crate) fn encode_256(bytes: &[u8; 32], out: &mut [u8; BODY_LEN]) {
+    let mut limbs = [0u32; 8];
+    for (limb, chunk) in limbs.iter_mut().zip(bytes.chunks_exact(4)) {
+        *limb = u32::from_be_bytes(chunk.try_into().expect("4 bytes"));
+    }
+    for slot in out.iter_mut().rev() {
+        let mut rem: u64 = 0;
+        for limb in limbs.iter_mut() {
+            let acc = (rem << 32) | u64::from(*limb);
+            *limb = (acc / 62) as u32;
+            rem = acc % 62;
+        }
+        *slot = ALPHABET[rem as usize];
+    }
+    limbs.zeroize();
+}
+
+fn encode_checksum(mut value: u32, out: &mut [u8; CHECKSUM_LEN]) {
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(value % 62) as usize];
+        value /= 62;
+    }
+}
+
+fn decode_checksum(digits: &[u8]) -> Option<u32> {
+    let mut value: u64 = 0;
+    for &b in digits {
+        value = value * 62 + u64::from(base62_value(b)?);
+    }
+    u32::try_from(value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn live() -> KeyPrefix {
+        KeyPrefix::new("kw_live").unwrap()
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let key = live().generate();
+        let s = key.expose();
+        assert_eq!(s.len(), 8 + BODY_LEN + CHECKSUM_LEN);
+        assert!(s.starts_with("kw_live_"));
+        assert!(s[8..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_eq!(
+            KeyFormat::default()
+                .parse(s.as_bytes())
+                .unwrap()
+                .environment(),
+            "live"
+        );
+        assert_ne!(
+            key,
+            live().generate(),
+            "two keys from the CSPRNG must differ"
+        );
+    }
+
+    #[test]
+    fn base62_body_is_fixed_width_at_both_extremes() {
+        let mut out = [0u8; BODY_LEN];
+        encode_256(&[0u8; 32], &mut out);
+        assert_eq!(&out, &[b'0'; BODY_LEN]);
+        encode_256(&[0xff; 32], &mut out);
+        // 2^256 - 1 in base62, computed independently with Python's arbitrary-precision ints.
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "yhjskwdA6OZ1AL1YmHWZWm8LLG7HjnuCA2j5rOw8Xp1"
+        );
+        let mut one = [0u8; 32];
+        one[31] = 61;
+        encode_256(&one, &mut out);
+        assert_eq!(out[BODY_LEN - 1], b'z');
+        assert!(out[..BODY_LEN - 1].iter().all(|&b| b == b'0'));
+    }
+
+    #[test]
+    fn checksum_roundtrips_through_base62() {
+        for value in [0u32, 1, 61, 62, u32::MAX, 0xDEAD_BEEF] {
+            let mut out = [0u8; CHECKSUM_LEN];
+            encode_checksum(value, &mut out);
+            assert_eq!(decode_checksum(&out), Some(value));
+        }
+        assert_eq!(decode_checksum(b"zzzzzz"), None, "above u32 range");
+    }
+
+    #[test]
+    fn known_answer_key_from_fixed_randomness() {
+        let key = live().key_from_random(&[0u8; 32]);
+        let crc = crc32fast::hash(format!("kw_live_{}", "0".repeat(43)).as_bytes());
+        let mut cs = [0u8; CHECKSUM_LEN];
+        encode_checksum(crc, &mut cs);
+        assert_eq!(
+            key.expose(),
+            format!(
+                "kw_live_{}{}",
+                "0".repeat(43),
+                std::str::from_utf8(&cs).unwrap()
+            )
+        );
+    }
+
+    #[test]
+    fn parse_rejects_each_defect_with_its_own_error() {
+        let format = KeyFormat::default();
+        let key = live().generate();
+        let s = key.expose();
+        assert_eq!(
+            format.parse(b"kw_prod_abc").unwrap_err(),
+            KeyError::WrongPrefix
+        );
+        assert_eq!(format.parse(b"kw_live").unwrap_err(), KeyError::WrongPrefix);
+        assert_eq!(
+            format.parse(b"kw_livex_abc").unwrap_err(),
+            KeyError::WrongPrefix
+        );
+        assert_eq!(
+            format.parse(&s.as_bytes()[..s.len() - 1]).unwrap_err(),
+            KeyError::WrongLength
+        );
+        let mut bad = s.as_bytes().to_vec();
+        bad[12] = b'-';
+        assert_eq!(format.parse(&bad).unwrap_err(), KeyError::BadAlphabet);
+        let mut bad = s.as_bytes().to_vec();
+        bad[12] = if bad[12] == b'a' { b'b' } else { b'a' };
+        assert_eq!(format.parse(&bad).unwrap_err(), KeyError::BadChecksum);
+        assert!(format.claims(s.as_bytes()));
+        assert!(!format.claims(b"eyJhbGciOiJIUzI1NiJ9.e30.x"));
+        assert!(!format.claims(b"kw_live"));
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        for bad in [
+            "", "kw", "KW_live", "kw__live", "kw_live_", "1kw_live", "kw-live", "kw_lïve",
+        ] {
+            assert_eq!(
+                KeyPrefix::new(bad).unwrap_err(),
+                KeyError::InvalidPrefix,
+                "{bad}"
+            );
+        }
+        let p = KeyPrefix::new("acme_billing_staging2").unwrap();
+        assert_eq!(p.environment(), "staging2");
+        assert!(KeyFormat::new(Vec::<&str>::new()).is_err());
+        let custom = KeyFormat::new(["acme_prod"]).unwrap();
+        let key = custom.prefixes()[0].generate();
+        assert!(custom.parse(key.expose().as_bytes()).is_ok());
+        assert!(KeyFormat::default().parse(key.expose().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn display_start_and_debug_never_reveal_the_body() {
+        let key = live().generate();
+        let start = key.display_start();
+        assert_eq!(start.len(), "kw_live_".len() + 4);
+        assert!(key.expose().starts_with(&start));
+        assert_eq!(format!("{key:?}"), "ApiKey([redacted])");
+        assert_eq!(display_start(b"0b9a8f2e-opaque"), "0b9a");
+        assert_eq!(display_start(b"ab"), "ab");
+    }
+
+    #[test]
+    fn opaque_keys_are_visible_ascii_up_to_512_bytes() {
+        assert!(validate_opaque(b"0b9a8f2e-5b1c-4d0e-9b7a-1c2d3e4f5a6b").is_ok());
+        assert_eq!(validate_opaque(b"").unwrap_err(), KeyError::WrongLength);
+        assert!(validate_opaque(&[b'a'; 512]).is_ok());
+        assert_eq!(
+            validate_opaque(&[b'a'; 513]).unwrap_err(),
+            KeyError::WrongLength
+        );
+        assert_eq!(
+            validate_opaque(b"has space").unwrap_err(),
+            KeyError::BadAlphabet
+        );
+        assert_eq!(
+            validate_opaque("é".as_bytes()).unwrap_err(),
+            KeyError::BadAlphabet
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn every_generated_key_parses(random in proptest::array::uniform32(any::<u8>())) {
+            let key = live().key_from_random(&random);
+            prop_assert!(KeyFormat::default().parse(key.expose().as_bytes()).is_ok());
+        }
+
+        #[test]
+        fn any_single_substitution_is_rejected(
+            random in proptest::array::uniform32(any::<u8>()),
+            pos in 8usize..57,
+            replacement in proptest::sample::select(ALPHABET.to_vec()),
+        ) {
+            let key = live().key_from_random(&random);
+            let mut bytes = key.expose().as_bytes().to_vec();
+            prop_assume!(bytes[pos] != replacement);
+            bytes[pos] = replacement;
+            // CRC32 detects every single-character change.
+            prop_assert!(KeyFormat::default().parse(&bytes).is_err());
+        }
+
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = KeyFormat::default().parse(&bytes);
+            let _ = validate_opaque(&bytes);
+            let _ = display_start(&bytes);
+        }
+    }
+}

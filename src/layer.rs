@@ -1,0 +1,450 @@
+//! [`ApiKeyLayer`] and its builder.
+//!
+//! All shared state (the cache, the store handle, the prepared HMAC state) is built once in
+//! [`ApiKeyLayerBuilder::build`] and shared behind one `Arc`, so axum cloning the layer for every
+//! route costs one reference count each.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{routing::get, Router};
+//! use keywarden::{ApiKeyLayer, Collection, MemoryStore, Principal, SecretRing};
+//!
+//! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+//! let layer = ApiKeyLayer::builder()
+//!     .store(Arc::new(MemoryStore::new()))
+//!     .secrets(secrets)
+//!     .collection(Collection::new("users"))
+//!     .build()
+//!     .unwrap();
+//!
+//! let app: Router = Router::new()
+//!     .route("/whoami", get(|p: Principal| async move { p.subject().to_owned() }))
+//!     .layer(layer);
+//! # let _ = app;
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use tower_layer::Layer;
+use uuid::Uuid;
+
+use crate::cache::{CacheConfig, Identity, IdentityValue, KeyCache};
+use crate::clock::{Clock, SystemClock};
+use crate::credential::CredentialExtractor;
+use crate::key::KeyFormat;
+use crate::principal::Principal;
+use crate::rejection::AuthRejection;
+use crate::secret::{Digest, SecretRing};
+use crate::service::ApiKeyService;
+use crate::store::KeyStore;
+use crate::verify::{CollectionConfig, IdentityMapper, Mode, Prepared, Shared};
+
+/// A collection of keys, named by the slug clients send in
+/// `Authorization: <slug> API-Key <key>` (Payload CMS's form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collection {
+    slug: String,
+    opaque: bool,
+}
+
+impl Collection {
+    /// A collection of keywarden-format keys.
+    pub fn new(slug: impl Into<String>) -> Self {
+        Self {
+            slug: slug.into(),
+            opaque: false,
+        }
+    }
+
+    /// A collection that also accepts keys of a foreign format (Payload UUIDs, imported
+    /// keys): 1 to 512 visible ASCII characters, no checksum.
+    pub fn opaque(slug: impl Into<String>) -> Self {
+        Self {
+            slug: slug.into(),
+            opaque: true,
+        }
+    }
+
+    /// The slug.
+    pub fn slug(&self) -> &str {
+        &self.slug
+    }
+}
+
+/// What [`ApiKeyLayerBuilder::build`] found wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BuildErrorKind {
+    /// No store was given.
+    MissingStore,
+    /// No secret ring was given.
+    MissingSecrets,
+    /// A collection slug is empty, or holds whitespace, control or non-ASCII characters.
+    InvalidCollection,
+    /// Two collections share a slug.
+    DuplicateCollection,
+    /// An API-key header name is not a valid header name.
+    InvalidHeaderName,
+    /// The query parameter name is empty or holds `&`, `=` or whitespace.
+    InvalidQueryParam,
+}
+
+/// The layer could not be built.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid keywarden layer configuration: {message}")]
+pub struct BuildError {
+    kind: BuildErrorKind,
+    message: String,
+}
+
+impl BuildError {
+    fn new(kind: BuildErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What was wrong.
+    pub fn kind(&self) -> BuildErrorKind {
+        self.kind
+    }
+}
+
+/// Builds an [`ApiKeyLayer`]. Only [`store`](Self::store) and [`secrets`](Self::secrets) are
+/// required.
+#[must_use]
+pub struct ApiKeyLayerBuilder {
+    store: Option<Arc<dyn KeyStore>>,
+    secrets: Option<SecretRing>,
+    format: KeyFormat,
+    collections: Vec<Collection>,
+    headers: Vec<String>,
+    query_param: Option<String>,
+    mode: Mode,
+    strip: bool,
+    cache: CacheConfig,
+    clock: Arc<dyn Clock>,
+    identity: Option<IdentityMapper>,
+}
+
+impl Default for ApiKeyLayerBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            secrets: None,
+            format: KeyFormat::default(),
+            collections: Vec::new(),
+            headers: Vec::new(),
+            query_param: None,
+            mode: Mode::Required,
+            strip: false,
+            cache: CacheConfig::default(),
+            clock: Arc::new(SystemClock),
+            identity: None,
+        }
+    }
+}
+
+impl fmt::Debug for ApiKeyLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyLayerBuilder")
+            .field("store", &self.store)
+            .field("secrets", &self.secrets)
+            .field("collections", &self.collections)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiKeyLayerBuilder {
+    /// Where keys are looked up.
+    pub fn store(mut self, store: Arc<dyn KeyStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The application secret ring.
+    pub fn secrets(mut self, secrets: SecretRing) -> Self {
+        self.secrets = Some(secrets);
+        self
+    }
+
+    /// Accepted key prefixes (default `kw_live`, `kw_test`).
+    pub fn key_format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Adds a collection. With no collections, keys of any collection are accepted through
+    /// `Bearer` and `X-Api-Key`, and the `<slug> API-Key` form is always `invalid_key`. With
+    /// collections, only keys of a configured collection are accepted, and the slug form
+    /// accepts only keys of the named collection.
+    pub fn collection(mut self, collection: Collection) -> Self {
+        self.collections.push(collection);
+        self
+    }
+
+    /// Also reads keys from this header (`X-Api-Key` is always read).
+    pub fn header(mut self, name: impl Into<String>) -> Self {
+        self.headers.push(name.into());
+        self
+    }
+
+    /// Also reads keys from this query parameter. Off by default: URLs end up in logs.
+    pub fn query_param(mut self, name: impl Into<String>) -> Self {
+        self.query_param = Some(name.into());
+        self
+    }
+
+    /// Required (default) or optional credentials.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Shorthand for `mode(Mode::Optional)`.
+    pub fn optional(self) -> Self {
+        self.mode(Mode::Optional)
+    }
+
+    /// Removes the credential headers before the inner service sees the request (they are
+    /// always marked sensitive).
+    pub fn strip_credentials(mut self, strip: bool) -> Self {
+        self.strip = strip;
+        self
+    }
+
+    /// How long a found key stays cached (default 60 s). Revocations through the
+    /// [`ApiKeyLayer::invalidate_key`] handle take effect immediately regardless.
+    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache.ttl = ttl;
+        self
+    }
+
+    /// How long an unknown digest stays cached (default 5 s).
+    pub fn negative_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache.negative_ttl = ttl;
+        self
+    }
+
+    /// The most entries the cache holds (default 100,000).
+    pub fn cache_capacity(mut self, entries: u64) -> Self {
+        self.cache.max_capacity = entries;
+        self
+    }
+
+    /// The clock expiry is judged against (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Maps the principal to the application's own identity type, inserted into request
+    /// extensions beside the [`Principal`] so existing handlers and extractors run unchanged.
+    /// The mapping runs once per cache fill, not per request.
+    pub fn map_identity<T, F>(mut self, map: F) -> Self
+    where
+        T: Clone + Send + Sync + 'static,
+        F: Fn(&Principal) -> T + Send + Sync + 'static,
+    {
+        self.identity = Some(Arc::new(move |principal: &Principal| {
+            Arc::new(IdentityValue(map(principal))) as Arc<dyn Identity>
+        }));
+        self
+    }
+
+    /// Validates the configuration and builds the shared state once.
+    ///
+    /// # Errors
+    /// A [`BuildError`] naming the first problem found.
+    pub fn build(self) -> Result<ApiKeyLayer, BuildError> {
+        let store = self
+            .store
+            .ok_or_else(|| BuildError::new(BuildErrorKind::MissingStore, "no key store"))?;
+        let ring = self
+            .secrets
+            .ok_or_else(|| BuildError::new(BuildErrorKind::MissingSecrets, "no secret ring"))?;
+        let mut collections: Vec<CollectionConfig> = Vec::new();
+        for c in &self.collections {
+            if c.slug.is_empty() || !c.slug.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(BuildError::new(
+                    BuildErrorKind::InvalidCollection,
+                    "collection slugs must be non-empty visible ASCII",
+                ));
+            }
+            if collections.iter().any(|existing| *existing.slug == *c.slug) {
+                return Err(BuildError::new(
+                    BuildErrorKind::DuplicateCollection,
+                    format!("collection `{}` is configured twice", c.slug),
+                ));
+            }
+            collections.push(CollectionConfig {
+                slug: c.slug.as_str().into(),
+                opaque: c.opaque,
+            });
+        }
+        let mut extractor = CredentialExtractor::new(collections.iter().map(|c| &*c.slug));
+        for name in &self.headers {
+            let name = HeaderName::try_from(name.as_str()).map_err(|_| {
+                BuildError::new(
+                    BuildErrorKind::InvalidHeaderName,
+                    format!("bad header name `{name}`"),
+                )
+            })?;
+            extractor = extractor.header(name);
+        }
+        if let Some(param) = self.query_param {
+            if param.is_empty()
+                || param
+                    .bytes()
+                    .any(|b| b == b'&' || b == b'=' || !b.is_ascii_graphic())
+            {
+                return Err(BuildError::new(
+                    BuildErrorKind::InvalidQueryParam,
+                    "bad query parameter name",
+                ));
+            }
+            extractor = extractor.query_param(param);
+        }
+        if self.mode == Mode::Optional {
+            extractor = extractor.ignore_foreign_bearer(self.format.clone());
+        }
+        let any_opaque = collections.iter().any(|c| c.opaque);
+        Ok(ApiKeyLayer {
+            shared: Arc::new(Shared {
+                store,
+                ring,
+                format: self.format,
+                extractor,
+                collections,
+                any_opaque,
+                mode: self.mode,
+                strip: self.strip,
+                cache: KeyCache::new(self.cache),
+                clock: self.clock,
+                identity: self.identity,
+            }),
+        })
+    }
+}
+
+/// The API-key authentication layer. Clones share one cache and one store handle.
+#[derive(Clone)]
+pub struct ApiKeyLayer {
+    shared: Arc<Shared>,
+}
+
+impl ApiKeyLayer {
+    /// Starts a builder.
+    pub fn builder() -> ApiKeyLayerBuilder {
+        ApiKeyLayerBuilder::default()
+    }
+
+    /// Verifies a key outside HTTP (a WebSocket handshake message, a queue consumer) with the
+    /// same checks as the request path: format, digest, cache and store, collection,
+    /// revocation and expiry. `method` decides the read-only check.
+    ///
+    /// # Errors
+    /// The [`AuthRejection`] the request path would have produced.
+    pub async fn verify(
+        &self,
+        key: &str,
+        method: &http::Method,
+    ) -> Result<Principal, AuthRejection> {
+        let mut headers = http::HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
+            AuthRejection::new(
+                crate::RejectionKind::MalformedKey,
+                "the key contains invalid bytes",
+            )
+        })?;
+        headers.insert(crate::credential::X_API_KEY, value);
+        let lookup = match self.shared.prepare(&headers, None) {
+            Prepared::Lookup(lookup) => lookup,
+            Prepared::Reject(rejection) => return Err(rejection),
+            Prepared::Anonymous => {
+                return Err(AuthRejection::new(
+                    crate::RejectionKind::MissingCredentials,
+                    "no key given",
+                ))
+            }
+        };
+        let resolved = match self.shared.resolve_cached(&lookup.digest).await {
+            Some(resolved) => resolved?,
+            None => {
+                let previous = self.shared.previous_digests(&headers, None);
+                self.shared.resolve_miss(lookup.digest, previous).await?
+            }
+        };
+        self.shared.check(&resolved, None, method)?;
+        Ok(resolved.principal.clone())
+    }
+
+    /// Drops every cached digest of this key, on this instance, now.
+    pub fn invalidate_key(&self, id: Uuid) {
+        self.shared.cache.invalidate_key(id);
+    }
+
+    /// Drops one cached digest (for example a cached not-found entry for a new key).
+    pub async fn invalidate_digest(&self, digest: &Digest) {
+        self.shared.cache.invalidate_digest(digest).await;
+    }
+
+    /// Drops the whole cache.
+    pub fn invalidate_all(&self) {
+        self.shared.cache.invalidate_all();
+    }
+
+    /// Approximate number of cached entries (found and not-found).
+    pub async fn cached_entries(&self) -> u64 {
+        self.shared.cache.run_pending_tasks().await;
+        self.shared.cache.entry_count()
+    }
+
+    /// The store this layer reads.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.shared.store
+    }
+
+    /// The secret ring this layer digests with.
+    pub fn secrets(&self) -> &SecretRing {
+        &self.shared.ring
+    }
+
+    /// The accepted key format.
+    pub fn key_format(&self) -> &KeyFormat {
+        &self.shared.format
+    }
+}
+
+impl fmt::Debug for ApiKeyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyLayer")
+            .field("store", &self.shared.store)
+            .field("secrets", &self.shared.ring)
+            .field("mode", &self.shared.mode)
+            .field(
+                "collections",
+                &self
+                    .shared
+                    .collections
+                    .iter()
+                    .map(|c| &*c.slug)
+                    .collect::<Vec<_>>(),
+            )
+            .field("cache", &self.shared.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for ApiKeyLayer {
+    type Service = ApiKeyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiKeyService::new(inner, self.shared.clone())
+    }
+}

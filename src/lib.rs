@@ -1,0 +1,43 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs, unsafe_code)]
+#![warn(unreachable_pub, missing_debug_implementations)]
+
+mod body;
+mod cache;
+mod clock;
+mod credential;
+mod key;
+mod layer;
+mod principal;
+mod ratelimit;
+mod rejection;
+mod scope;
+mod secret;
+mod service;
+mod store;
+mod verify;
+
+pub use body::AuthBody;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use credential::{
+    Credential, CredentialError, CredentialExtractor, CredentialSource, X_API_KEY,
+};
+pub use key::{
+    validate_opaque, ApiKey, KeyError, KeyFormat, KeyPrefix, ParsedKey, BODY_LEN, CHECKSUM_LEN,
+    KEY_REGEX, MAX_KEY_LEN,
+};
+pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Collection};
+pub use principal::Principal;
+pub use ratelimit::{RateLimitParseError, RateLimitPolicy};
+pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};
+pub use scope::{RequireScope, RequireScopeService};
+pub use secret::{
+    Digest, DigestParseError, Secret, SecretError, SecretId, SecretRing, MIN_SECRET_LEN,
+    PREVIOUS_SECRETS_ENV, SECRET_ENV,
+};
+pub use service::{ApiKeyService, ResponseFuture};
+pub use store::{
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStateParseError, KeyStore, KeyUsage,
+    MemoryStore, OwnerKind, OwnerKindParseError, StoreError, StoreErrorKind,
+};
+pub use verify::Mode;

@@ -1,0 +1,448 @@
+//! Rejections: the documented error codes, as HTTP problem+json or trailers-only gRPC responses.
+//!
+//! | code | HTTP | gRPC |
+//! | --- | --- | --- |
+//! | `missing_credentials` | 401 | 16 unauthenticated |
+//! | `malformed_key` | 401 | 16 |
+//! | `invalid_key` | 401 | 16 |
+//! | `expired_key` | 401 | 16 |
+//! | `revoked_key` | 401 | 16 |
+//! | `ambiguous_credentials` | 400 | 3 invalid argument |
+//! | `insufficient_scope` | 403 | 7 permission denied |
+//! | `rate_limited` | 429 | 8 resource exhausted |
+//! | `store_unavailable` | 503 | 14 unavailable |
+//!
+//! ```
+//! use keywarden::{AuthRejection, RejectionKind};
+//!
+//! let rejection = AuthRejection::new(RejectionKind::ExpiredKey, "the key has expired");
+//! let response = rejection.to_response(false);
+//! assert_eq!(response.status(), 401);
+//! assert_eq!(response.headers()["content-type"], "application/problem+json");
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::body::AuthBody;
+
+/// The realm named in `WWW-Authenticate` challenges.
+const REALM: &str = "api";
+
+/// Why a request was rejected. The string codes are a stable contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// No credential on a route that requires one.
+    MissingCredentials,
+    /// A credential that is not a well-formed key (wrong prefix, length, alphabet or checksum,
+    /// a malformed `Authorization` value, an oversized or non-ASCII value).
+    MalformedKey,
+    /// A well-formed key that is unknown, or belongs to another collection.
+    InvalidKey,
+    /// A key past its expiry.
+    ExpiredKey,
+    /// A revoked or disabled key.
+    RevokedKey,
+    /// Several credentials that disagree, or a repeated credential header.
+    AmbiguousCredentials,
+    /// The key lacks a required scope, or is read-only and the method is not safe.
+    InsufficientScope,
+    /// A rate limit was exceeded.
+    RateLimited,
+    /// The key store could not be reached and the key is not cached.
+    StoreUnavailable,
+}
+
+impl RejectionKind {
+    /// Every kind, in table order.
+    pub const ALL: [RejectionKind; 9] = [
+        RejectionKind::MissingCredentials,
+        RejectionKind::MalformedKey,
+        RejectionKind::InvalidKey,
+        RejectionKind::ExpiredKey,
+        RejectionKind::RevokedKey,
+        RejectionKind::AmbiguousCredentials,
+        RejectionKind::InsufficientScope,
+        RejectionKind::RateLimited,
+        RejectionKind::StoreUnavailable,
+    ];
+
+    /// The machine-readable code, e.g. `invalid_key`.
+    pub fn code(self) -> &'static str {
+        match self {
+            RejectionKind::MissingCredentials => "missing_credentials",
+            RejectionKind::MalformedKey => "malformed_key",
+            RejectionKind::InvalidKey => "invalid_key",
+            RejectionKind::ExpiredKey => "expired_key",
+            RejectionKind::RevokedKey => "revoked_key",
+            RejectionKind::AmbiguousCredentials => "ambiguous_credentials",
+            RejectionKind::InsufficientScope => "insufficient_scope",
+            RejectionKind::RateLimited => "rate_limited",
+            RejectionKind::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// A short human-readable title.
+    pub fn title(self) -> &'static str {
+        match self {
+            RejectionKind::MissingCredentials => "API key required",
+            RejectionKind::MalformedKey => "Malformed API key",
+            RejectionKind::InvalidKey => "Invalid API key",
+            RejectionKind::ExpiredKey => "Expired API key",
+            RejectionKind::RevokedKey => "Revoked API key",
+            RejectionKind::AmbiguousCredentials => "Ambiguous credentials",
+            RejectionKind::InsufficientScope => "Insufficient scope",
+            RejectionKind::RateLimited => "Rate limit exceeded",
+            RejectionKind::StoreUnavailable => "Key store unavailable",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            RejectionKind::MissingCredentials
+            | RejectionKind::MalformedKey
+            | RejectionKind::InvalidKey
+            | RejectionKind::ExpiredKey
+            | RejectionKind::RevokedKey => StatusCode::UNAUTHORIZED,
+            RejectionKind::AmbiguousCredentials => StatusCode::BAD_REQUEST,
+            RejectionKind::InsufficientScope => StatusCode::FORBIDDEN,
+            RejectionKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The gRPC status code.
+    pub fn grpc_code(self) -> u8 {
+        match self {
+            RejectionKind::MissingCredentials
+            | RejectionKind::MalformedKey
+            | RejectionKind::InvalidKey
+            | RejectionKind::ExpiredKey
+            | RejectionKind::RevokedKey => 16,
+            RejectionKind::AmbiguousCredentials => 3,
+            RejectionKind::InsufficientScope => 7,
+            RejectionKind::RateLimited => 8,
+            RejectionKind::StoreUnavailable => 14,
+        }
+    }
+}
+
+impl fmt::Display for RejectionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// Rate-limit state reported in `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitStatus {
+    /// Requests allowed per period.
+    pub limit: u32,
+    /// Requests left now.
+    pub remaining: u32,
+    /// Time until the budget is full again.
+    pub reset: Duration,
+}
+
+/// A rejected request. Rendered as a response, never returned as a service error.
+/// Its detail is written by keywarden and never contains the key.
+#[derive(Debug, Clone)]
+pub struct AuthRejection {
+    kind: RejectionKind,
+    detail: Cow<'static, str>,
+    retry_after: Option<Duration>,
+    rate_limit: Option<RateLimitStatus>,
+    scope: Option<Cow<'static, str>>,
+}
+
+impl AuthRejection {
+    /// A rejection of `kind` with a human-readable detail.
+    pub fn new(kind: RejectionKind, detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+            rate_limit: None,
+            scope: None,
+        }
+    }
+
+    /// A `rate_limited` rejection.
+    pub fn rate_limited(status: RateLimitStatus, retry_after: Duration) -> Self {
+        Self {
+            rate_limit: Some(status),
+            retry_after: Some(retry_after),
+            ..Self::new(RejectionKind::RateLimited, "too many requests for this key")
+        }
+    }
+
+    /// An `insufficient_scope` rejection naming the scope that was required.
+    pub fn insufficient_scope(scope: impl Into<Cow<'static, str>>) -> Self {
+        let scope = scope.into();
+        Self {
+            detail: format!("this route requires the scope `{scope}`").into(),
+            scope: Some(scope),
+            ..Self::new(RejectionKind::InsufficientScope, "")
+        }
+    }
+
+    /// Sets `Retry-After`.
+    #[must_use]
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The detail.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The problem+json body.
+    pub fn body(&self) -> Bytes {
+        #[derive(serde::Serialize)]
+        struct Problem<'a> {
+            status: u16,
+            code: &'a str,
+            title: &'a str,
+            detail: &'a str,
+        }
+        let problem = Problem {
+            status: self.kind.status().as_u16(),
+            code: self.kind.code(),
+            title: self.kind.title(),
+            detail: &self.detail,
+        };
+        serde_json::to_vec(&problem)
+            .expect("serializing plain strings cannot fail")
+            .into()
+    }
+
+    /// The response: problem+json over HTTP, or a trailers-only gRPC response.
+    pub fn to_response<B>(&self, grpc: bool) -> Response<AuthBody<B>> {
+        let mut headers = HeaderMap::new();
+        let (status, body) = if grpc {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert(
+                HeaderName::from_static("grpc-status"),
+                HeaderValue::from(u16::from(self.kind.grpc_code())),
+            );
+            headers.insert(
+                HeaderName::from_static("grpc-message"),
+                HeaderValue::from_static(self.kind.code()),
+            );
+            (StatusCode::OK, Bytes::new())
+        } else {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            );
+            (self.kind.status(), self.body())
+        };
+        self.challenge_headers(&mut headers);
+        let mut response = Response::new(AuthBody::rejection(body));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    fn challenge_headers(&self, headers: &mut HeaderMap) {
+        let challenge = match self.kind {
+            RejectionKind::MissingCredentials => Some(format!("Bearer realm=\"{REALM}\"")),
+            RejectionKind::MalformedKey
+            | RejectionKind::InvalidKey
+            | RejectionKind::ExpiredKey
+            | RejectionKind::RevokedKey => Some(format!(
+                "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
+                self.kind.title()
+            )),
+            RejectionKind::InsufficientScope => {
+                let mut value = format!("Bearer realm=\"{REALM}\", error=\"insufficient_scope\"");
+                if let Some(scope) = &self.scope {
+                    let safe: String = scope
+                        .chars()
+                        .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\')
+                        .collect();
+                    value.push_str(&format!(", scope=\"{safe}\""));
+                }
+                Some(value)
+            }
+            _ => None,
+        };
+        if let Some(value) = challenge.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            headers.insert(WWW_AUTHENTICATE, value);
+        }
+        let retry_after = match (self.kind, self.retry_after) {
+            (_, Some(after)) => Some(after),
+            (RejectionKind::StoreUnavailable, None) => Some(Duration::from_secs(1)),
+            _ => None,
+        };
+        if let Some(after) = retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(after)));
+        }
+        if let Some(rl) = self.rate_limit {
+            rl.write_headers(headers);
+        }
+    }
+}
+
+impl RateLimitStatus {
+    /// Writes `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        headers.insert(
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderValue::from(self.limit),
+        );
+        headers.insert(
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderValue::from(self.remaining),
+        );
+        headers.insert(
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(ceil_secs(self.reset)),
+        );
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl fmt::Display for AuthRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.code(), self.detail)
+    }
+}
+
+impl std::error::Error for AuthRejection {}
+
+impl axum_core::response::IntoResponse for AuthRejection {
+    fn into_response(self) -> axum_core::response::Response {
+        self.to_response::<axum_core::body::Body>(false)
+            .map(axum_core::body::Body::new)
+    }
+}
+
+/// Whether a request is gRPC (`content-type: application/grpc*`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+
+    fn body_json(response: &Response<AuthBody<String>>) -> serde_json::Value {
+        serde_json::from_slice(response.body().rejection_bytes().expect("a rejection")).unwrap()
+    }
+
+    #[test]
+    fn every_kind_renders_the_contract() {
+        for kind in RejectionKind::ALL {
+            let response = AuthRejection::new(kind, "why").to_response::<String>(false);
+            assert_eq!(response.status(), kind.status(), "{kind}");
+            let json = body_json(&response);
+            assert_eq!(json["code"], kind.code());
+            assert_eq!(json["status"], kind.status().as_u16());
+            assert_eq!(json["detail"], "why");
+            assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
+            let challenge = response.headers().get(WWW_AUTHENTICATE);
+            match kind.status().as_u16() {
+                401 => assert!(challenge.is_some(), "{kind}"),
+                _ if kind == RejectionKind::InsufficientScope => {
+                    assert!(challenge
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .contains("insufficient_scope"))
+                }
+                _ => assert!(challenge.is_none(), "{kind}"),
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_token_challenge_only_for_bad_keys() {
+        let missing =
+            AuthRejection::new(RejectionKind::MissingCredentials, "").to_response::<String>(false);
+        assert!(!missing.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("error="));
+        let bad = AuthRejection::new(RejectionKind::RevokedKey, "").to_response::<String>(false);
+        assert!(bad.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("error=\"invalid_token\""));
+    }
+
+    #[test]
+    fn rate_limited_and_unavailable_headers() {
+        let status = RateLimitStatus {
+            limit: 100,
+            remaining: 0,
+            reset: Duration::from_millis(1500),
+        };
+        let r = AuthRejection::rate_limited(status, Duration::from_millis(200))
+            .to_response::<String>(false);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+        assert_eq!(r.headers()["ratelimit-limit"], "100");
+        assert_eq!(r.headers()["ratelimit-remaining"], "0");
+        assert_eq!(r.headers()["ratelimit-reset"], "2");
+        let r = AuthRejection::new(RejectionKind::StoreUnavailable, "down")
+            .to_response::<String>(false);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn grpc_rejections_are_trailers_only() {
+        for kind in RejectionKind::ALL {
+            let r = AuthRejection::new(kind, "d").to_response::<String>(true);
+            assert_eq!(r.status(), 200);
+            assert_eq!(
+                r.headers()["grpc-status"],
+                kind.grpc_code().to_string().as_str()
+            );
+            assert_eq!(r.headers()["grpc-message"], kind.code());
+            assert_eq!(r.headers()[CONTENT_TYPE], "application/grpc");
+            assert!(r.body().is_end_stream());
+        }
+    }
+
+    #[test]
+    fn scope_names_are_sanitized_in_the_challenge() {
+        let r = AuthRejection::insufficient_scope("a\"b\\c d").to_response::<String>(false);
+        let value = r.headers()[WWW_AUTHENTICATE].to_str().unwrap().to_owned();
+        assert!(value.ends_with("scope=\"abcd\""), "{value}");
+    }
+
+    #[test]
+    fn grpc_detection() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc(&h));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(!is_grpc(&h));
+    }
+}

@@ -1,0 +1,167 @@
+//! [`ApiKeyService`]: the middleware service, and its response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::body::AuthBody;
+use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
+use crate::verify::{Mode, Prepared, Shared};
+
+/// Authenticates requests, then calls the inner service with the [`Principal`](crate::Principal)
+/// in the request extensions. Created by [`ApiKeyLayer`](crate::ApiKeyLayer).
+pub struct ApiKeyService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> ApiKeyService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S: Clone> Clone for ApiKeyService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ApiKeyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<AuthBody<B>>, E>> + Send>>;
+
+/// The response future of [`ApiKeyService`] and [`RequireScopeService`](crate::RequireScopeService).
+pub struct ResponseFuture<B, E> {
+    inner: BoxedResponse<B, E>,
+}
+
+impl<B, E> ResponseFuture<B, E> {
+    pub(crate) fn new(
+        future: impl Future<Output = Result<Response<AuthBody<B>>, E>> + Send + 'static,
+    ) -> Self {
+        Self {
+            inner: Box::pin(future),
+        }
+    }
+
+    pub(crate) fn reject(rejection: &AuthRejection, grpc: bool) -> Self
+    where
+        B: Send + 'static,
+        E: Send + 'static,
+    {
+        log_rejection(rejection);
+        let response = rejection.to_response(grpc);
+        Self::new(std::future::ready(Ok(response)))
+    }
+}
+
+impl<B, E> Future for ResponseFuture<B, E> {
+    type Output = Result<Response<AuthBody<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<B, E> fmt::Debug for ResponseFuture<B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn log_rejection(rejection: &AuthRejection) {
+    tracing::debug!(
+        target: "keywarden",
+        code = rejection.kind().code(),
+        detail = rejection.detail(),
+        "request rejected"
+    );
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<AuthBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // The clone may not be ready; keep the one that was polled ready for this request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let grpc = is_grpc(req.headers());
+        let lookup = match self.shared.prepare(req.headers(), req.uri().query()) {
+            Prepared::Reject(rejection) => return ResponseFuture::reject(&rejection, grpc),
+            Prepared::Anonymous => {
+                if self.shared.mode == Mode::Required {
+                    let rejection = AuthRejection::new(
+                        RejectionKind::MissingCredentials,
+                        "send an API key in the Authorization or X-Api-Key header",
+                    );
+                    return ResponseFuture::reject(&rejection, grpc);
+                }
+                return ResponseFuture::new(async move {
+                    inner.call(req).await.map(|res| res.map(AuthBody::inner))
+                });
+            }
+            Prepared::Lookup(lookup) => lookup,
+        };
+        let shared = self.shared.clone();
+        ResponseFuture::new(async move {
+            let resolved = match shared.resolve_cached(&lookup.digest).await {
+                Some(resolved) => resolved,
+                None => {
+                    let previous = shared.previous_digests(req.headers(), req.uri().query());
+                    shared.resolve_miss(lookup.digest, previous).await
+                }
+            };
+            let outcome = resolved.and_then(|resolved| {
+                shared.check(&resolved, lookup.binding, req.method())?;
+                Ok(resolved)
+            });
+            let resolved = match outcome {
+                Ok(resolved) => resolved,
+                Err(rejection) => {
+                    log_rejection(&rejection);
+                    return Ok(rejection.to_response(grpc));
+                }
+            };
+            tracing::trace!(
+                target: "keywarden",
+                key_id = %resolved.principal.key_id(),
+                "request authenticated"
+            );
+            shared.protect_headers(req.headers_mut(), lookup.from_authorization);
+            let extensions = req.extensions_mut();
+            if let Some(identity) = &resolved.identity {
+                identity.insert_into(extensions);
+            }
+            extensions.insert(resolved.principal.clone());
+            inner.call(req).await.map(|res| res.map(AuthBody::inner))
+        })
+    }
+}

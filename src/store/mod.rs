@@ -1,0 +1,552 @@
+//! Key storage: the [`KeyStore`] trait, the stored [`KeyRecord`], and the backends.
+//!
+//! A store never sees a plaintext key: records hold the key's HMAC digest and the id of the
+//! secret that made it. Lookups by digest are the hot path's only store query, and the layer
+//! caches them.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keywarden::{KeyStore, MemoryStore};
+//!
+//! let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+//! # let _ = store;
+//! ```
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::ratelimit::RateLimitPolicy;
+use crate::secret::{Digest, SecretId};
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+/// Who owns a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerKind {
+    /// A person.
+    User,
+    /// A team or organisation.
+    Team,
+    /// A machine or service account.
+    Service,
+}
+
+impl OwnerKind {
+    /// `user`, `team` or `service`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OwnerKind::User => "user",
+            OwnerKind::Team => "team",
+            OwnerKind::Service => "service",
+        }
+    }
+}
+
+impl fmt::Display for OwnerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An owner kind other than `user`, `team` or `service`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown owner kind (expected user, team or service)")]
+pub struct OwnerKindParseError;
+
+impl std::str::FromStr for OwnerKind {
+    type Err = OwnerKindParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "user" => Ok(OwnerKind::User),
+            "team" => Ok(OwnerKind::Team),
+            "service" => Ok(OwnerKind::Service),
+            _ => Err(OwnerKindParseError),
+        }
+    }
+}
+
+/// The state of a key at a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    /// Usable.
+    Active,
+    /// Past its expiry.
+    Expired,
+    /// Revoked (permanent).
+    Revoked,
+    /// Disabled (reversible).
+    Disabled,
+}
+
+impl KeyState {
+    /// `active`, `expired`, `revoked` or `disabled`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Expired => "expired",
+            KeyState::Revoked => "revoked",
+            KeyState::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::str::FromStr for KeyState {
+    type Err = KeyStateParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(KeyState::Active),
+            "expired" => Ok(KeyState::Expired),
+            "revoked" => Ok(KeyState::Revoked),
+            "disabled" => Ok(KeyState::Disabled),
+            _ => Err(KeyStateParseError),
+        }
+    }
+}
+
+/// A key state other than `active`, `expired`, `revoked` or `disabled`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown key state (expected active, expired, revoked or disabled)")]
+pub struct KeyStateParseError;
+
+/// A stored key. Holds the digest of the key, never the key.
+#[derive(Clone, PartialEq)]
+pub struct KeyRecord {
+    /// Key id (UUIDv7: time-ordered).
+    pub id: Uuid,
+    /// HMAC-SHA256 of the key under the secret `secret_id`. Unique across the store.
+    pub digest: Digest,
+    /// The secret that made `digest`.
+    pub secret_id: SecretId,
+    /// The prefix and first body characters, for listings (`kw_live_AbC1`).
+    pub display_start: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+    /// The collection (Payload-style slug) the key belongs to, e.g. `users`.
+    pub collection: String,
+    /// The owner's id.
+    pub subject: String,
+    /// The owner's kind.
+    pub owner_kind: OwnerKind,
+    /// Granted scopes; `*` grants all.
+    pub scopes: Vec<String>,
+    /// The environment named by the key's prefix (`live`, `test`, ...).
+    pub environment: String,
+    /// Read-only keys may only use safe methods (GET, HEAD, OPTIONS, TRACE).
+    pub read_only: bool,
+    /// Application metadata (a JSON object).
+    pub metadata: serde_json::Value,
+    /// The key's own rate limit, if any.
+    pub rate_limit: Option<RateLimitPolicy>,
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+    /// Last modification time.
+    pub updated_at: OffsetDateTime,
+    /// Expiry, if any.
+    pub expires_at: Option<OffsetDateTime>,
+    /// Last successful use (written behind, in batches).
+    pub last_used_at: Option<OffsetDateTime>,
+    /// Number of successful uses recorded.
+    pub use_count: u64,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Disabled keys are rejected until enabled again.
+    pub disabled: bool,
+    /// The key this one replaced in a rotation.
+    pub rotated_from: Option<Uuid>,
+    /// The key encrypted with the deployment's reveal key, when viewable keys are on.
+    pub encrypted_key: Option<Vec<u8>>,
+}
+
+impl KeyRecord {
+    /// The key's state at `now`: revoked wins over disabled, disabled over expired.
+    pub fn state(&self, now: OffsetDateTime) -> KeyState {
+        if self.revoked_at.is_some() {
+            KeyState::Revoked
+        } else if self.disabled {
+            KeyState::Disabled
+        } else if self.expires_at.is_some_and(|at| at <= now) {
+            KeyState::Expired
+        } else {
+            KeyState::Active
+        }
+    }
+}
+
+impl fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("id", &self.id)
+            .field("digest", &self.digest)
+            .field("secret_id", &self.secret_id)
+            .field("display_start", &self.display_start)
+            .field("name", &self.name)
+            .field("collection", &self.collection)
+            .field("subject", &self.subject)
+            .field("owner_kind", &self.owner_kind)
+            .field("scopes", &self.scopes)
+            .field("environment", &self.environment)
+            .field("read_only", &self.read_only)
+            .field("expires_at", &self.expires_at)
+            .field("revoked_at", &self.revoked_at)
+            .field("disabled", &self.disabled)
+            .field(
+                "encrypted_key",
+                &self.encrypted_key.as_ref().map(|_| "[redacted]"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// A partial update: `None` leaves a field as it is; for nullable fields `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyPatch {
+    /// New name.
+    pub name: Option<String>,
+    /// New description.
+    pub description: Option<Option<String>>,
+    /// New scopes.
+    pub scopes: Option<Vec<String>>,
+    /// New read-only flag.
+    pub read_only: Option<bool>,
+    /// New metadata.
+    pub metadata: Option<serde_json::Value>,
+    /// New rate limit.
+    pub rate_limit: Option<Option<RateLimitPolicy>>,
+    /// New expiry.
+    pub expires_at: Option<Option<OffsetDateTime>>,
+    /// Revoke at this time. A revoked key stays revoked: a later patch cannot clear it.
+    pub revoked_at: Option<OffsetDateTime>,
+    /// New disabled flag.
+    pub disabled: Option<bool>,
+}
+
+impl KeyPatch {
+    /// Applies the patch to a record and sets `updated_at`. Stores that read, modify and
+    /// write a row in a transaction use this so every backend applies patches identically.
+    pub fn apply_to(&self, record: &mut KeyRecord, now: OffsetDateTime) {
+        if let Some(name) = &self.name {
+            record.name.clone_from(name);
+        }
+        if let Some(description) = &self.description {
+            record.description.clone_from(description);
+        }
+        if let Some(scopes) = &self.scopes {
+            record.scopes.clone_from(scopes);
+        }
+        if let Some(read_only) = self.read_only {
+            record.read_only = read_only;
+        }
+        if let Some(metadata) = &self.metadata {
+            record.metadata.clone_from(metadata);
+        }
+        if let Some(rate_limit) = self.rate_limit {
+            record.rate_limit = rate_limit;
+        }
+        if let Some(expires_at) = self.expires_at {
+            record.expires_at = expires_at;
+        }
+        if let Some(revoked_at) = self.revoked_at {
+            record.revoked_at.get_or_insert(revoked_at);
+        }
+        if let Some(disabled) = self.disabled {
+            record.disabled = disabled;
+        }
+        record.updated_at = now;
+    }
+
+    /// Whether the patch changes anything the request path checks.
+    pub fn affects_verification(&self) -> bool {
+        *self
+            != KeyPatch {
+                name: self.name.clone(),
+                description: self.description.clone(),
+                ..KeyPatch::default()
+            }
+    }
+}
+
+/// Filters and a cursor for [`KeyStore::list`]. Results are ordered by id (creation order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyQuery {
+    /// Only keys of this collection.
+    pub collection: Option<String>,
+    /// Only keys of this subject.
+    pub subject: Option<String>,
+    /// Only keys in this state at `now`.
+    pub state: Option<KeyState>,
+    /// The instant `state` is judged at.
+    pub now: OffsetDateTime,
+    /// Only keys with an id greater than this (the previous page's `next_cursor`).
+    pub after: Option<Uuid>,
+    /// Page size, 1 to [`KeyQuery::MAX_LIMIT`].
+    pub limit: u32,
+}
+
+impl KeyQuery {
+    /// The largest page size.
+    pub const MAX_LIMIT: u32 = 500;
+
+    /// All keys, first page of 100, states judged now.
+    pub fn new() -> Self {
+        Self {
+            collection: None,
+            subject: None,
+            state: None,
+            now: OffsetDateTime::now_utc(),
+            after: None,
+            limit: 100,
+        }
+    }
+
+    /// Whether a record passes the filters (the cursor and limit aside).
+    pub fn matches(&self, record: &KeyRecord) -> bool {
+        self.collection
+            .as_ref()
+            .is_none_or(|c| *c == record.collection)
+            && self.subject.as_ref().is_none_or(|s| *s == record.subject)
+            && self.state.is_none_or(|s| record.state(self.now) == s)
+    }
+
+    /// The limit clamped to 1..=MAX_LIMIT.
+    pub fn effective_limit(&self) -> usize {
+        self.limit.clamp(1, Self::MAX_LIMIT) as usize
+    }
+}
+
+impl Default for KeyQuery {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One page of [`KeyStore::list`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyPage {
+    /// The records, ordered by id.
+    pub items: Vec<KeyRecord>,
+    /// Pass as [`KeyQuery::after`] for the next page; `None` on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// Uses of one key to add to its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// The key.
+    pub id: Uuid,
+    /// The latest use in the batch; the store keeps the later of this and what it has.
+    pub last_used_at: OffsetDateTime,
+    /// Uses in the batch, added to `use_count`.
+    pub uses: u64,
+}
+
+/// What went wrong in a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// A record with this id or digest already exists.
+    Conflict,
+    /// The store cannot be reached or refused the connection.
+    Unavailable,
+    /// The store did not answer in time.
+    Timeout,
+    /// A stored row could not be decoded.
+    Corrupt,
+    /// Migrations failed or the schema is not what this version expects.
+    Schema,
+    /// Anything else.
+    Other,
+}
+
+/// An error from a [`KeyStore`]. Never contains key material.
+#[derive(Debug, thiserror::Error)]
+#[error("key store error ({kind:?}): {message}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StoreError {
+    /// An error of `kind` with a message.
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+/// Where keys live. Object-safe: the layer holds an `Arc<dyn KeyStore>`.
+///
+/// Implementations must keep `digest` unique, order listings by id, and apply patches with
+/// [`KeyPatch::apply_to`] semantics atomically (no lost updates under concurrency).
+#[async_trait]
+pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
+    /// Inserts a new record.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Conflict`] if the id or digest exists.
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
+
+    /// The record with this digest: the request path's lookup (one indexed query).
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// The record with this id.
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Applies `patch` atomically and returns the updated record, or `None` for an unknown id.
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Replaces the digest of `id` if it is still `old` (lazy migration to the current
+    /// secret). Returns whether the row changed.
+    async fn redigest(
+        &self,
+        id: Uuid,
+        old: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes a record and returns it, or `None` for an unknown id.
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// One page of records matching the query.
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError>;
+
+    /// Adds batched uses; unknown ids are ignored.
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A record with every field set, for store tests.
+    pub(crate) fn record(n: u8) -> KeyRecord {
+        let now = OffsetDateTime::now_utc();
+        KeyRecord {
+            id: Uuid::now_v7(),
+            digest: Digest::from_bytes([n; 32]),
+            secret_id: SecretId::from_bytes([1; 8]),
+            display_start: "kw_live_AbCd".into(),
+            name: format!("key {n}"),
+            description: None,
+            collection: "users".into(),
+            subject: "user-1".into(),
+            owner_kind: OwnerKind::User,
+            scopes: vec!["read".into()],
+            environment: "live".into(),
+            read_only: false,
+            metadata: serde_json::json!({}),
+            rate_limit: None,
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            last_used_at: None,
+            use_count: 0,
+            revoked_at: None,
+            disabled: false,
+            rotated_from: None,
+            encrypted_key: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::record;
+    use super::*;
+    use time::Duration;
+
+    #[test]
+    fn state_precedence() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(1);
+        assert_eq!(r.state(now), KeyState::Active);
+        r.expires_at = Some(now);
+        assert_eq!(
+            r.state(now),
+            KeyState::Expired,
+            "expiry instant is exclusive"
+        );
+        r.disabled = true;
+        assert_eq!(r.state(now), KeyState::Disabled);
+        r.revoked_at = Some(now);
+        assert_eq!(r.state(now), KeyState::Revoked);
+    }
+
+    #[test]
+    fn patch_applies_fields_and_never_unrevokes() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(1);
+        let first = now - Duration::hours(1);
+        KeyPatch {
+            revoked_at: Some(first),
+            description: Some(Some("d".into())),
+            ..KeyPatch::default()
+        }
+        .apply_to(&mut r, now);
+        KeyPatch {
+            revoked_at: Some(now),
+            description: Some(None),
+            ..KeyPatch::default()
+        }
+        .apply_to(&mut r, now);
+        assert_eq!(r.revoked_at, Some(first));
+        assert_eq!(r.description, None);
+        assert_eq!(r.updated_at, now);
+    }
+
+    #[test]
+    fn only_cosmetic_patches_leave_verification_alone() {
+        let cosmetic = KeyPatch {
+            name: Some("n".into()),
+            description: Some(None),
+            ..KeyPatch::default()
+        };
+        assert!(!cosmetic.affects_verification());
+        let scopes = KeyPatch {
+            scopes: Some(vec![]),
+            ..cosmetic
+        };
+        assert!(scopes.affects_verification());
+    }
+
+    #[test]
+    fn debug_redacts_encrypted_key() {
+        let mut r = record(1);
+        r.encrypted_key = Some(b"ciphertext-bytes".to_vec());
+        let text = format!("{r:?}");
+        assert!(!text.contains("99, 105"), "{text}");
+        assert!(text.contains("[redacted]"));
+    }
+}
