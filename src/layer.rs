@@ -419,6 +419,11 @@ impl ApiKeyLayer {
     pub fn key_format(&self) -> &KeyFormat {
         &self.shared.format
     }
+
+    /// The clock expiry is judged against.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.shared.clock.clone()
+    }
 }
 
 impl fmt::Debug for ApiKeyLayer {

@@ -8,6 +8,7 @@ mod clock;
 mod credential;
 mod key;
 mod layer;
+mod manage;
 mod principal;
 mod ratelimit;
 mod rejection;
@@ -27,6 +28,10 @@ pub use key::{
     KEY_REGEX, MAX_KEY_LEN,
 };
 pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Collection};
+pub use manage::{
+    parse_duration, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
+    ManageErrorKind, NewKey,
+};
 pub use principal::Principal;
 pub use ratelimit::{RateLimitParseError, RateLimitPolicy};
 pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};

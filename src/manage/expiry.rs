@@ -1,0 +1,137 @@
+//! Expiry presets and durations: `7d`, `30d`, `90d`, `unlimited`, or any `N{s,m,h,d,w}`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use time::Duration;
+
+/// How long a new key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpiresIn {
+    /// Never expires.
+    #[default]
+    Unlimited,
+    /// Expires this long after creation.
+    After(Duration),
+}
+
+impl ExpiresIn {
+    /// 7 days.
+    pub const DAYS_7: Self = Self::After(Duration::days(7));
+    /// 30 days.
+    pub const DAYS_30: Self = Self::After(Duration::days(30));
+    /// 90 days.
+    pub const DAYS_90: Self = Self::After(Duration::days(90));
+
+    /// The duration, or `None` for unlimited.
+    pub fn duration(self) -> Option<Duration> {
+        match self {
+            Self::Unlimited => None,
+            Self::After(d) => Some(d),
+        }
+    }
+}
+
+/// A duration string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?}: expected a positive number with a unit s, m, h, d or w (e.g. 30d, 24h) or `unlimited`")]
+pub struct DurationParseError(String);
+
+/// Parses a positive duration such as `90s`, `15m`, `24h`, `30d` or `2w`.
+///
+/// # Errors
+/// [`DurationParseError`] for anything else, zero, or a value that overflows.
+pub fn parse_duration(text: &str) -> Result<Duration, DurationParseError> {
+    let err = || DurationParseError(text.chars().take(32).collect());
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (number, unit) = text.split_at(split);
+    let n: i64 = number.parse().map_err(|_| err())?;
+    let seconds_per = match unit {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(err()),
+    };
+    let seconds = n.checked_mul(seconds_per).ok_or_else(err)?;
+    if seconds <= 0 || seconds > 100 * 365 * 86_400 {
+        return Err(err());
+    }
+    Ok(Duration::seconds(seconds))
+}
+
+impl FromStr for ExpiresIn {
+    type Err = DurationParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "unlimited" | "never" | "none" => Ok(Self::Unlimited),
+            other => parse_duration(other).map(Self::After),
+        }
+    }
+}
+
+impl fmt::Display for ExpiresIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unlimited => f.write_str("unlimited"),
+            Self::After(d) => {
+                let s = d.whole_seconds();
+                if s % 86_400 == 0 {
+                    write!(f, "{}d", s / 86_400)
+                } else if s % 3_600 == 0 {
+                    write!(f, "{}h", s / 3_600)
+                } else if s % 60 == 0 {
+                    write!(f, "{}m", s / 60)
+                } else {
+                    write!(f, "{s}s")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_durations() {
+        assert_eq!("7d".parse::<ExpiresIn>().unwrap(), ExpiresIn::DAYS_7);
+        assert_eq!("30d".parse::<ExpiresIn>().unwrap(), ExpiresIn::DAYS_30);
+        assert_eq!("90d".parse::<ExpiresIn>().unwrap(), ExpiresIn::DAYS_90);
+        assert_eq!(
+            "unlimited".parse::<ExpiresIn>().unwrap(),
+            ExpiresIn::Unlimited
+        );
+        assert_eq!(parse_duration("24h").unwrap(), Duration::hours(24));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::minutes(15));
+        assert_eq!(parse_duration("2w").unwrap(), Duration::weeks(2));
+        for (text, canonical) in [
+            ("48h", "2d"),
+            ("90m", "90m"),
+            ("3600s", "1h"),
+            ("unlimited", "unlimited"),
+        ] {
+            assert_eq!(text.parse::<ExpiresIn>().unwrap().to_string(), canonical);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_durations() {
+        for bad in [
+            "",
+            "d",
+            "30",
+            "0d",
+            "-1d",
+            "1y",
+            "30 days",
+            "99999999999999999999d",
+            "1.5h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

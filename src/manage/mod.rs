@@ -1,0 +1,746 @@
+//! Key management: create, list, get, update, revoke, rotate and delete keys.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use std::sync::Arc;
+//! use keywarden::{KeyManager, MemoryStore, NewKey, SecretRing, ExpiresIn};
+//!
+//! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+//! let manager = KeyManager::new(Arc::new(MemoryStore::new()), secrets);
+//! let created = manager
+//!     .create(NewKey::new("ci deploys", "user-42").scope("deploy").expires_in(ExpiresIn::DAYS_30))
+//!     .await
+//!     .unwrap();
+//! // The plaintext exists only here: show it once.
+//! assert!(created.key.expose().starts_with("kw_live_"));
+//! assert!(created.record.expires_at.is_some());
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::clock::{Clock, SystemClock};
+use crate::key::{ApiKey, KeyFormat};
+use crate::layer::ApiKeyLayer;
+use crate::ratelimit::RateLimitPolicy;
+use crate::secret::SecretRing;
+use crate::store::{
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, OwnerKind, StoreError, StoreErrorKind,
+};
+
+mod expiry;
+
+pub use expiry::{parse_duration, DurationParseError, ExpiresIn};
+
+/// Longest accepted name, description, subject and metadata, in bytes.
+const MAX_NAME: usize = 200;
+const MAX_DESCRIPTION: usize = 2_000;
+const MAX_SUBJECT: usize = 256;
+const MAX_SLUG: usize = 64;
+const MAX_SCOPE: usize = 128;
+const MAX_SCOPES: usize = 100;
+const MAX_METADATA: usize = 16 * 1024;
+
+/// What a new key should be. Only a name and a subject are required.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewKey {
+    /// Human-readable name.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+    /// Collection (default `users`).
+    pub collection: String,
+    /// Owner id.
+    pub subject: String,
+    /// Owner kind (default user).
+    pub owner_kind: OwnerKind,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Read-only: safe methods only.
+    pub read_only: bool,
+    /// Environment: picks the key prefix (default `live`).
+    pub environment: String,
+    /// Lifetime (default unlimited).
+    pub expires_in: ExpiresIn,
+    /// Metadata: a JSON object (default empty).
+    pub metadata: serde_json::Value,
+    /// Per-key rate limit.
+    pub rate_limit: Option<RateLimitPolicy>,
+}
+
+impl NewKey {
+    /// A key named `name` owned by `subject`, with the defaults.
+    pub fn new(name: impl Into<String>, subject: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            description: None,
+            collection: "users".into(),
+            subject: subject.into(),
+            owner_kind: OwnerKind::User,
+            scopes: Vec::new(),
+            read_only: false,
+            environment: "live".into(),
+            expires_in: ExpiresIn::Unlimited,
+            metadata: serde_json::Value::Object(Default::default()),
+            rate_limit: None,
+        }
+    }
+
+    /// Sets the description.
+    #[must_use]
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.description = Some(description.into());
+        self
+    }
+
+    /// Sets the collection.
+    #[must_use]
+    pub fn collection(mut self, collection: impl Into<String>) -> Self {
+        self.collection = collection.into();
+        self
+    }
+
+    /// Sets the owner kind.
+    #[must_use]
+    pub fn owner_kind(mut self, kind: OwnerKind) -> Self {
+        self.owner_kind = kind;
+        self
+    }
+
+    /// Adds a scope.
+    #[must_use]
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scopes.push(scope.into());
+        self
+    }
+
+    /// Makes the key read-only.
+    #[must_use]
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Sets the environment (`live`, `test`, ...).
+    #[must_use]
+    pub fn environment(mut self, env: impl Into<String>) -> Self {
+        self.environment = env.into();
+        self
+    }
+
+    /// Sets the lifetime.
+    #[must_use]
+    pub fn expires_in(mut self, expires_in: ExpiresIn) -> Self {
+        self.expires_in = expires_in;
+        self
+    }
+
+    /// Sets the metadata (a JSON object).
+    #[must_use]
+    pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Sets a per-key rate limit.
+    #[must_use]
+    pub fn rate_limit(mut self, policy: RateLimitPolicy) -> Self {
+        self.rate_limit = Some(policy);
+        self
+    }
+}
+
+/// A key just created: the only time its plaintext exists.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    /// The plaintext key. Show it once; it cannot be recovered.
+    pub key: ApiKey,
+    /// The stored record.
+    pub record: KeyRecord,
+}
+
+/// What went wrong in a management operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ManageErrorKind {
+    /// No key with that id.
+    NotFound,
+    /// A field is invalid; see [`ManageError::field`].
+    Invalid,
+    /// The operation conflicts with the key's state (e.g. rotating a revoked key).
+    Conflict,
+    /// The store failed.
+    Store,
+}
+
+/// A management error. Never contains key material.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ManageError {
+    kind: ManageErrorKind,
+    field: Option<&'static str>,
+    message: String,
+    #[source]
+    source: Option<StoreError>,
+}
+
+impl ManageError {
+    fn not_found(id: Uuid) -> Self {
+        Self {
+            kind: ManageErrorKind::NotFound,
+            field: None,
+            message: format!("no key with id {id}"),
+            source: None,
+        }
+    }
+
+    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind: ManageErrorKind::Invalid,
+            field: Some(field),
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            kind: ManageErrorKind::Conflict,
+            field: None,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ManageErrorKind {
+        self.kind
+    }
+
+    /// The invalid field, for [`ManageErrorKind::Invalid`].
+    pub fn field(&self) -> Option<&'static str> {
+        self.field
+    }
+
+    /// The store error behind a [`ManageErrorKind::Store`] error.
+    pub fn store_error(&self) -> Option<&StoreError> {
+        self.source.as_ref()
+    }
+}
+
+impl From<StoreError> for ManageError {
+    fn from(error: StoreError) -> Self {
+        let (kind, message) = match error.kind() {
+            StoreErrorKind::Conflict => (
+                ManageErrorKind::Conflict,
+                "the key conflicts with an existing key".to_owned(),
+            ),
+            _ => (ManageErrorKind::Store, format!("key store error: {error}")),
+        };
+        Self {
+            kind,
+            field: None,
+            message,
+            source: Some(error),
+        }
+    }
+}
+
+/// Creates and manages keys. Every change that affects verification drops the key from the
+/// caches of the layers it was told about, immediately.
+pub struct KeyManager {
+    store: Arc<dyn KeyStore>,
+    ring: SecretRing,
+    format: KeyFormat,
+    clock: Arc<dyn Clock>,
+    layers: Vec<ApiKeyLayer>,
+}
+
+impl fmt::Debug for KeyManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyManager")
+            .field("store", &self.store)
+            .field("secrets", &self.ring)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyManager {
+    /// A manager over `store`, digesting with `secrets`, default key format, system clock.
+    pub fn new(store: Arc<dyn KeyStore>, secrets: SecretRing) -> Self {
+        Self {
+            store,
+            ring: secrets,
+            format: KeyFormat::default(),
+            clock: Arc::new(SystemClock),
+            layers: Vec::new(),
+        }
+    }
+
+    /// A manager sharing the layer's store, secrets, key format and clock, that invalidates
+    /// the layer's cache on every change.
+    pub fn for_layer(layer: &ApiKeyLayer) -> Self {
+        Self {
+            store: layer.store().clone(),
+            ring: layer.secrets().clone(),
+            format: layer.key_format().clone(),
+            clock: layer.clock(),
+            layers: vec![layer.clone()],
+        }
+    }
+
+    /// Also invalidates this layer's cache on changes.
+    #[must_use]
+    pub fn invalidates(mut self, layer: &ApiKeyLayer) -> Self {
+        self.layers.push(layer.clone());
+        self
+    }
+
+    /// Sets the key format (prefixes per environment).
+    #[must_use]
+    pub fn with_key_format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Sets the clock.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        // Stores keep microseconds; truncating here makes records roundtrip exactly.
+        let now = self.clock.now();
+        now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+            .unwrap_or(now)
+    }
+
+    /// Creates a key and returns its plaintext, once.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::Invalid`] for bad fields (with [`ManageError::field`]),
+    /// [`ManageErrorKind::Store`] if the store fails.
+    pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManageError> {
+        self.create_record(new, None).await
+    }
+
+    async fn create_record(
+        &self,
+        new: NewKey,
+        rotated_from: Option<Uuid>,
+    ) -> Result<CreatedKey, ManageError> {
+        let new = validate_new(new)?;
+        let prefix = self
+            .format
+            .prefix_for_env(&new.environment)
+            .ok_or_else(|| {
+                ManageError::invalid(
+                    "environment",
+                    format!(
+                        "no key prefix for environment `{}` (configured: {})",
+                        new.environment,
+                        self.format
+                            .prefixes()
+                            .iter()
+                            .map(|p| p.environment())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+        let now = self.now();
+        let key = prefix.generate();
+        let record = KeyRecord {
+            id: Uuid::now_v7(),
+            digest: self.ring.digest(key.expose().as_bytes()),
+            secret_id: self.ring.current_id(),
+            display_start: key.display_start(),
+            name: new.name,
+            description: new.description,
+            collection: new.collection,
+            subject: new.subject,
+            owner_kind: new.owner_kind,
+            scopes: new.scopes,
+            environment: new.environment,
+            read_only: new.read_only,
+            metadata: new.metadata,
+            rate_limit: new.rate_limit,
+            created_at: now,
+            updated_at: now,
+            expires_at: new.expires_in.duration().map(|d| now + d),
+            last_used_at: None,
+            use_count: 0,
+            revoked_at: None,
+            disabled: false,
+            rotated_from,
+            encrypted_key: None,
+        };
+        self.store.insert(&record).await?;
+        // A client may have tried this digest before it existed: drop the cached not-found.
+        for layer in &self.layers {
+            layer.invalidate_digest(&record.digest).await;
+        }
+        tracing::info!(target: "keywarden", key_id = %record.id, collection = %record.collection, "key created");
+        Ok(CreatedKey { key, record })
+    }
+
+    /// The key with this id.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotFound`] or [`ManageErrorKind::Store`].
+    pub async fn get(&self, id: Uuid) -> Result<KeyRecord, ManageError> {
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| ManageError::not_found(id))
+    }
+
+    /// One page of keys.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::Store`].
+    pub async fn list(&self, query: &KeyQuery) -> Result<KeyPage, ManageError> {
+        Ok(self.store.list(query).await?)
+    }
+
+    /// Applies a patch.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`] or [`ManageErrorKind::Store`].
+    pub async fn update(&self, id: Uuid, patch: KeyPatch) -> Result<KeyRecord, ManageError> {
+        validate_patch(&patch)?;
+        let record = self
+            .store
+            .update(id, &patch, self.now())
+            .await?
+            .ok_or_else(|| ManageError::not_found(id))?;
+        // The principal carries every field, name included: drop it from the caches.
+        self.invalidate(id);
+        tracing::info!(target: "keywarden", key_id = %id, "key updated");
+        Ok(record)
+    }
+
+    /// Revokes a key, permanently.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotFound`] or [`ManageErrorKind::Store`].
+    pub async fn revoke(&self, id: Uuid) -> Result<KeyRecord, ManageError> {
+        let patch = KeyPatch {
+            revoked_at: Some(self.now()),
+            ..KeyPatch::default()
+        };
+        let record = self
+            .store
+            .update(id, &patch, self.now())
+            .await?
+            .ok_or_else(|| ManageError::not_found(id))?;
+        self.invalidate(id);
+        tracing::info!(target: "keywarden", key_id = %id, "key revoked");
+        Ok(record)
+    }
+
+    /// Replaces a key with a new one of the same attributes and lifetime. The old key keeps
+    /// working until `grace` has passed (or its own expiry, if sooner).
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Conflict`] for a revoked key,
+    /// [`ManageErrorKind::Invalid`] for a negative grace, or [`ManageErrorKind::Store`].
+    pub async fn rotate(&self, id: Uuid, grace: Duration) -> Result<CreatedKey, ManageError> {
+        if grace.is_negative() {
+            return Err(ManageError::invalid(
+                "grace",
+                "the grace period cannot be negative",
+            ));
+        }
+        let old = self.get(id).await?;
+        if old.revoked_at.is_some() {
+            return Err(ManageError::conflict("a revoked key cannot be rotated"));
+        }
+        let now = self.now();
+        let lifetime = match old.expires_at {
+            Some(at) => ExpiresIn::After((at - old.created_at).max(Duration::seconds(1))),
+            None => ExpiresIn::Unlimited,
+        };
+        let new = NewKey {
+            name: old.name.clone(),
+            description: old.description.clone(),
+            collection: old.collection.clone(),
+            subject: old.subject.clone(),
+            owner_kind: old.owner_kind,
+            scopes: old.scopes.clone(),
+            read_only: old.read_only,
+            environment: old.environment.clone(),
+            expires_in: lifetime,
+            metadata: old.metadata.clone(),
+            rate_limit: old.rate_limit,
+        };
+        let created = self.create_record(new, Some(id)).await?;
+        let deadline = now + grace;
+        let old_deadline = old.expires_at.map_or(deadline, |at| at.min(deadline));
+        self.store
+            .update(
+                id,
+                &KeyPatch {
+                    expires_at: Some(Some(old_deadline)),
+                    ..KeyPatch::default()
+                },
+                now,
+            )
+            .await?;
+        self.invalidate(id);
+        tracing::info!(target: "keywarden", key_id = %id, new_key_id = %created.record.id, "key rotated");
+        Ok(created)
+    }
+
+    /// Deletes a key and returns its last record.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotFound`] or [`ManageErrorKind::Store`].
+    pub async fn delete(&self, id: Uuid) -> Result<KeyRecord, ManageError> {
+        let record = self
+            .store
+            .delete(id)
+            .await?
+            .ok_or_else(|| ManageError::not_found(id))?;
+        self.invalidate(id);
+        tracing::info!(target: "keywarden", key_id = %id, "key deleted");
+        Ok(record)
+    }
+
+    fn invalidate(&self, id: Uuid) {
+        for layer in &self.layers {
+            layer.invalidate_key(id);
+        }
+    }
+}
+
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), ManageError> {
+    if value.trim().is_empty() {
+        return Err(ManageError::invalid(
+            field,
+            format!("{field} must not be empty"),
+        ));
+    }
+    if value.len() > max {
+        return Err(ManageError::invalid(
+            field,
+            format!("{field} is longer than {max} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ManageError::invalid(
+            field,
+            format!("{field} contains control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_token(field: &'static str, value: &str, max: usize) -> Result<(), ManageError> {
+    if value.is_empty() || value.len() > max || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ManageError::invalid(
+            field,
+            format!("{field} must be 1 to {max} visible ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_scopes(scopes: &mut Vec<String>) -> Result<(), ManageError> {
+    if scopes.len() > MAX_SCOPES {
+        return Err(ManageError::invalid(
+            "scopes",
+            format!("at most {MAX_SCOPES} scopes"),
+        ));
+    }
+    for scope in scopes.iter() {
+        check_token("scopes", scope, MAX_SCOPE)?;
+    }
+    scopes.sort();
+    scopes.dedup();
+    Ok(())
+}
+
+fn check_metadata(metadata: &mut serde_json::Value) -> Result<(), ManageError> {
+    if metadata.is_null() {
+        *metadata = serde_json::Value::Object(Default::default());
+    }
+    if !metadata.is_object() {
+        return Err(ManageError::invalid(
+            "metadata",
+            "metadata must be a JSON object",
+        ));
+    }
+    if metadata.to_string().len() > MAX_METADATA {
+        return Err(ManageError::invalid(
+            "metadata",
+            format!("metadata is larger than {MAX_METADATA} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_new(mut new: NewKey) -> Result<NewKey, ManageError> {
+    check_text("name", &new.name, MAX_NAME)?;
+    if let Some(description) = &new.description {
+        if description.len() > MAX_DESCRIPTION {
+            return Err(ManageError::invalid(
+                "description",
+                format!("description is longer than {MAX_DESCRIPTION} bytes"),
+            ));
+        }
+    }
+    check_token("collection", &new.collection, MAX_SLUG)?;
+    check_text("subject", &new.subject, MAX_SUBJECT)?;
+    check_scopes(&mut new.scopes)?;
+    check_metadata(&mut new.metadata)?;
+    Ok(new)
+}
+
+fn validate_patch(patch: &KeyPatch) -> Result<(), ManageError> {
+    if let Some(name) = &patch.name {
+        check_text("name", name, MAX_NAME)?;
+    }
+    if let Some(Some(description)) = &patch.description {
+        if description.len() > MAX_DESCRIPTION {
+            return Err(ManageError::invalid(
+                "description",
+                format!("description is longer than {MAX_DESCRIPTION} bytes"),
+            ));
+        }
+    }
+    if let Some(scopes) = &patch.scopes {
+        check_scopes(&mut scopes.clone())?;
+    }
+    if let Some(metadata) = &patch.metadata {
+        check_metadata(&mut metadata.clone())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{KeyState, MemoryStore};
+
+    fn manager() -> (KeyManager, ManualClock) {
+        let clock = ManualClock::new(OffsetDateTime::now_utc());
+        let ring = SecretRing::from_strs("manager-test-secret-0123456789abcdef", None).unwrap();
+        let manager =
+            KeyManager::new(Arc::new(MemoryStore::new()), ring).with_clock(Arc::new(clock.clone()));
+        (manager, clock)
+    }
+
+    #[tokio::test]
+    async fn create_stores_only_the_digest() {
+        let (m, _) = manager();
+        let created = m
+            .create(NewKey::new("k", "u1").scope("b").scope("a").scope("a"))
+            .await
+            .unwrap();
+        let stored = m.get(created.record.id).await.unwrap();
+        assert_eq!(stored, created.record);
+        assert_eq!(stored.scopes, vec!["a", "b"], "sorted and deduplicated");
+        assert!(created.key.expose().starts_with(&stored.display_start));
+        assert!(!format!("{stored:?}").contains(created.key.expose()));
+    }
+
+    #[tokio::test]
+    async fn validation_names_the_field() {
+        let (m, _) = manager();
+        for (new, field) in [
+            (NewKey::new("", "u"), "name"),
+            (NewKey::new("n", ""), "subject"),
+            (NewKey::new("n", "u").collection("has space"), "collection"),
+            (NewKey::new("n", "u").scope(""), "scopes"),
+            (NewKey::new("n", "u").environment("prod"), "environment"),
+            (
+                NewKey::new("n", "u").metadata(serde_json::json!([1])),
+                "metadata",
+            ),
+        ] {
+            let err = m.create(new).await.unwrap_err();
+            assert_eq!(err.kind(), ManageErrorKind::Invalid);
+            assert_eq!(err.field(), Some(field));
+        }
+    }
+
+    #[tokio::test]
+    async fn rotate_keeps_attributes_and_sets_grace() {
+        let (m, clock) = manager();
+        let old = m
+            .create(
+                NewKey::new("k", "u1")
+                    .scope("s")
+                    .expires_in(ExpiresIn::DAYS_30),
+            )
+            .await
+            .unwrap();
+        let new = m.rotate(old.record.id, Duration::hours(24)).await.unwrap();
+        assert_eq!(new.record.rotated_from, Some(old.record.id));
+        assert_eq!(new.record.scopes, old.record.scopes);
+        assert_eq!(
+            new.record.expires_at.unwrap() - new.record.created_at,
+            Duration::days(30)
+        );
+        let old_now = m.get(old.record.id).await.unwrap();
+        assert_eq!(old_now.expires_at, Some(m.now() + Duration::hours(24)));
+        clock.advance(Duration::hours(25));
+        assert_eq!(old_now.state(clock.now()), KeyState::Expired);
+        m.revoke(old.record.id).await.unwrap();
+        assert_eq!(
+            m.rotate(old.record.id, Duration::ZERO)
+                .await
+                .unwrap_err()
+                .kind(),
+            ManageErrorKind::Conflict
+        );
+        assert_eq!(
+            m.rotate(new.record.id, Duration::hours(-1))
+                .await
+                .unwrap_err()
+                .kind(),
+            ManageErrorKind::Invalid
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_ids_are_not_found() {
+        let (m, _) = manager();
+        let id = Uuid::now_v7();
+        assert_eq!(
+            m.get(id).await.unwrap_err().kind(),
+            ManageErrorKind::NotFound
+        );
+        assert_eq!(
+            m.revoke(id).await.unwrap_err().kind(),
+            ManageErrorKind::NotFound
+        );
+        assert_eq!(
+            m.delete(id).await.unwrap_err().kind(),
+            ManageErrorKind::NotFound
+        );
+        assert_eq!(
+            m.update(id, KeyPatch::default()).await.unwrap_err().kind(),
+            ManageErrorKind::NotFound
+        );
+        assert_eq!(
+            m.rotate(id, Duration::ZERO).await.unwrap_err().kind(),
+            ManageErrorKind::NotFound
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use keywarden::{
+    ApiKeyLayer, ApiKeyLayerBuilder, Collection, CreatedKey, KeyManager, ManualClock, MemoryStore,
+    NewKey, Principal, RequireScope, SecretRing,
+};
+use time::OffsetDateTime;
+use tower::ServiceExt;
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub const OLD_SECRET: &str = "integration-test-old-secret-0123456789ab";
+
+pub fn ring() -> SecretRing {
+    SecretRing::from_strs(SECRET, None).unwrap()
+}
+
+/// A memory store, a manual clock, a layer and a manager that invalidates it.
+pub struct Fixture {
+    pub store: Arc<MemoryStore>,
+    pub clock: ManualClock,
+    pub layer: ApiKeyLayer,
+    pub manager: KeyManager,
+}
+
+impl Fixture {
+    /// Collections users/teams/services, required mode.
+    pub fn new() -> Self {
+        Self::with(|b| b)
+    }
+
+    pub fn with(configure: impl FnOnce(ApiKeyLayerBuilder) -> ApiKeyLayerBuilder) -> Self {
+        Self::with_store(Arc::new(MemoryStore::new()), ring(), configure)
+    }
+
+    pub fn with_store(
+        store: Arc<MemoryStore>,
+        secrets: SecretRing,
+        configure: impl FnOnce(ApiKeyLayerBuilder) -> ApiKeyLayerBuilder,
+    ) -> Self {
+        let clock = ManualClock::new(OffsetDateTime::now_utc());
+        let builder = ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(secrets)
+            .clock(Arc::new(clock.clone()))
+            .collection(Collection::new("users"))
+            .collection(Collection::new("teams"))
+            .collection(Collection::new("services"));
+        let layer = configure(builder).build().unwrap();
+        let manager = KeyManager::for_layer(&layer);
+        Self {
+            store,
+            clock,
+            layer,
+            manager,
+        }
+    }
+
+    pub async fn key(&self, new: NewKey) -> CreatedKey {
+        self.manager.create(new).await.unwrap()
+    }
+
+    pub fn app(&self) -> Router {
+        app().layer(self.layer.clone())
+    }
+}
+
+/// The routes every test serves: `/whoami` returns the principal, `/admin` needs scope
+/// `admin`, `POST /write` accepts writes, `/maybe` works with or without a principal.
+pub fn app() -> Router {
+    Router::new()
+        .route("/whoami", get(|p: Principal| async move { Json(p) }))
+        .route("/write", post(|p: Principal| async move { Json(p) }))
+        .route(
+            "/admin",
+            get(|p: Principal| async move { Json(p) }).route_layer(RequireScope::new("admin")),
+        )
+        .route(
+            "/maybe",
+            get(|p: Option<Principal>| async move {
+                p.map_or("anonymous".to_owned(), |p| p.subject().to_owned())
+            }),
+        )
+}
+
+pub fn request(method: &str, uri: &str, headers: &[(&str, &[u8])]) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(Body::empty()).unwrap()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub async fn from(response: Response<Body>) -> Self {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes().to_vec();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The problem+json code, after checking the content type and status field.
+    pub fn code(&self) -> String {
+        assert_eq!(
+            self.headers["content-type"], "application/problem+json",
+            "status {}",
+            self.status
+        );
+        let json = self.json();
+        assert_eq!(json["status"], self.status.as_u16());
+        json["code"].as_str().unwrap().to_owned()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(app: &Router, req: Request<Body>) -> Reply {
+    Reply::from(app.clone().oneshot(req).await.unwrap()).await
+}
+
+pub async fn get_with(app: &Router, uri: &str, headers: &[(&str, &[u8])]) -> Reply {
+    send(app, request("GET", uri, headers)).await
+}
+
+/// Skips a service-backed test without its URL, but fails it under `CI=true`.
+pub fn service_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{var} is not set under CI=true: the service-backed suite must run");
+            }
+            eprintln!("skipping: {var} is not set");
+            None
+        }
+    }
+}
