@@ -1,0 +1,144 @@
+//! Store traffic: concurrent misses coalesce into one query; malformed keys cause none; hits
+//! cause none.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keywarden::{
+    ApiKeyLayer, Collection, Digest, KeyPage, KeyPatch, KeyPrefix, KeyQuery, KeyRecord, KeyStore,
+    KeyUsage, MemoryStore, NewKey, SecretId, StoreError,
+};
+use support::{get_with, ring};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Counts digest lookups and makes each one slow, so concurrent requests overlap.
+#[derive(Debug, Default)]
+struct CountingStore {
+    inner: MemoryStore,
+    lookups: AtomicUsize,
+}
+
+#[async_trait]
+impl KeyStore for CountingStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert(record).await
+    }
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.inner.find_by_digest(digest).await
+    }
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update(id, patch, now).await
+    }
+    async fn redigest(
+        &self,
+        id: Uuid,
+        old: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        self.inner.redigest(id, old, new, secret_id).await
+    }
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        self.inner.record_usage(usage).await
+    }
+}
+
+fn setup() -> (Arc<CountingStore>, ApiKeyLayer, axum::Router) {
+    let store = Arc::new(CountingStore::default());
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(Collection::new("users"))
+        .build()
+        .unwrap();
+    let app = support::app().layer(layer.clone());
+    (store, layer, app)
+}
+
+async fn concurrently(app: &axum::Router, key: &str, n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let app = app.clone();
+            let key = key.to_owned();
+            tokio::spawn(async move {
+                get_with(&app, "/whoami", &[("x-api-key", key.as_bytes())])
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_unknown_keys_make_one_query() {
+    let (store, _, app) = setup();
+    let unknown = KeyPrefix::new("kw_live").unwrap().generate();
+    let statuses = concurrently(&app, unknown.expose(), 1000).await;
+    assert!(statuses.iter().all(|&s| s == 401));
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    // The not-found result is cached too.
+    concurrently(&app, unknown.expose(), 10).await;
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_valid_requests_make_one_query() {
+    let (store, layer, app) = setup();
+    let manager = keywarden::KeyManager::for_layer(&layer);
+    let key = manager.create(NewKey::new("k", "alice")).await.unwrap().key;
+    let statuses = concurrently(&app, key.expose(), 1000).await;
+    assert!(statuses.iter().all(|&s| s == 200));
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn malformed_keys_never_reach_the_store() {
+    let (store, _, app) = setup();
+    let good = KeyPrefix::new("kw_live").unwrap().generate();
+    let mut bad_checksum = good.expose().to_owned();
+    bad_checksum.pop();
+    bad_checksum.push(if good.expose().ends_with('0') {
+        '1'
+    } else {
+        '0'
+    });
+    for value in [bad_checksum.as_str(), "kw_live_x", "kw_prod_abc", "a b", ""] {
+        let reply = get_with(&app, "/whoami", &[("x-api-key", value.as_bytes())]).await;
+        assert_eq!(reply.code(), "malformed_key", "{value:?}");
+    }
+    let reply = get_with(
+        &app,
+        "/whoami",
+        &[("authorization", b"nobody API-Key kw_live_x")],
+    )
+    .await;
+    assert_eq!(reply.code(), "invalid_key");
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
+}
