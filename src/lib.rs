@@ -41,6 +41,10 @@ pub use secret::{
     PREVIOUS_SECRETS_ENV, SECRET_ENV,
 };
 pub use service::{ApiKeyService, ResponseFuture};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
 pub use store::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStateParseError, KeyStore, KeyUsage,
     MemoryStore, OwnerKind, OwnerKindParseError, StoreError, StoreErrorKind,

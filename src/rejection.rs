@@ -16,7 +16,7 @@
 //! use keywarden::{AuthRejection, RejectionKind};
 //!
 //! let rejection = AuthRejection::new(RejectionKind::ExpiredKey, "the key has expired");
-//! let response = rejection.to_response(false);
+//! let response = rejection.to_response::<String>(false);
 //! assert_eq!(response.status(), 401);
 //! assert_eq!(response.headers()["content-type"], "application/problem+json");
 //! ```

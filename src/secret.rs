@@ -148,8 +148,15 @@ impl std::str::FromStr for SecretId {
 }
 
 /// A 32-byte HMAC-SHA256 digest of a key. Equality is constant-time.
-#[derive(Clone, Copy, Eq, Hash)]
+#[derive(Clone, Copy, Eq)]
 pub struct Digest([u8; 32]);
+
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Consistent with the constant-time `eq`: equal digests have equal bytes.
+        self.0.hash(state);
+    }
+}
 
 impl Digest {
     /// Wraps digest bytes (as read from storage).

@@ -92,7 +92,7 @@ async fn missing_and_malformed_credentials() {
         b"kw_live_short".to_vec(),
         b"sk_live_4eC39HqLyjWDarjtT1zdp7dc".to_vec(),
         b"eyJhbGciOiJIUzI1NiJ9.e30.sig".to_vec(),
-        key.expose()[..key.expose().len() - 1].as_bytes().to_vec(),
+        key.expose().as_bytes()[..key.expose().len() - 1].to_vec(),
         b"kw_live_\xc3\xa9".to_vec(),
         vec![b'a'; 600],
     ];

@@ -1,0 +1,654 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::error::DatabaseError;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
+    StoreErrorKind,
+};
+use crate::ratelimit::RateLimitPolicy;
+use crate::secret::{Digest, SecretId};
+
+const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, collection, \
+    subject, owner_kind, scopes, environment, read_only, metadata, rate_limit, created_at, \
+    updated_at, expires_at, last_used_at, use_count, revoked_at, disabled, rotated_from, \
+    encrypted_key";
+
+/// The longest identifier PostgreSQL keeps without truncating.
+const MAX_SCHEMA_LEN: usize = 63;
+
+/// A [`KeyStore`] in a PostgreSQL database.
+///
+/// Timestamps are `TIMESTAMPTZ` (microsecond precision, read back in UTC), scopes `TEXT[]`
+/// and metadata `JSONB`. Updates lock the row (`SELECT … FOR UPDATE`) for their
+/// read-modify-write, so concurrent patches are never lost.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), keywarden::StoreError> {
+/// use keywarden::{KeyQuery, KeyStore, PostgresStore};
+///
+/// let store = PostgresStore::connect("postgres://keywarden@localhost/keywarden").await?;
+/// let page = store.list(&KeyQuery::new()).await?;
+/// # let _ = page;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: Option<Arc<str>>,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user:password@host/database`) and runs the migrations.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Unavailable`] if the server cannot be reached,
+    /// [`StoreErrorKind::Schema`] if the migrations fail, [`StoreErrorKind::Other`] for a URL
+    /// that does not parse.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .connect_with(parse_url(url)?)
+            .await
+            .map_err(|e| store_error("cannot connect to PostgreSQL", e))?;
+        let store = Self::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects to `url` with every pooled connection's `search_path` set to `schema`
+    /// (created if missing), and runs the migrations inside it. Keeps keywarden's tables, or
+    /// each test's, apart from everything else in the database.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Other`] if `schema` is not a lowercase identifier
+    /// (`[a-z_][a-z0-9_]*`, at most 63 bytes) or the URL does not parse; otherwise as
+    /// [`PostgresStore::connect`].
+    pub async fn connect_with_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
+        if !is_valid_schema_name(schema) {
+            return Err(StoreError::new(
+                StoreErrorKind::Other,
+                "invalid schema name (expected [a-z_][a-z0-9_]*, at most 63 bytes)",
+            ));
+        }
+        let options = parse_url(url)?;
+        let context = "cannot connect to PostgreSQL";
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| store_error(context, e))?;
+        // The name was validated above, so quoting it is enough to make it safe to splice.
+        let created = conn
+            .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+            .await;
+        // Two processes creating the same schema at once can still collide on the catalog.
+        if let Err(e) = created {
+            if !is_duplicate_schema(&e) {
+                return Err(store_error("creating the schema failed", e));
+            }
+        }
+        conn.close().await.map_err(|e| store_error(context, e))?;
+
+        let set_path: Arc<str> = format!("SET search_path TO \"{schema}\"").into();
+        let pool = PgPoolOptions::new()
+            .after_connect(move |conn, _meta| {
+                let set_path = Arc::clone(&set_path);
+                Box::pin(async move {
+                    conn.execute(&*set_path).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|e| store_error(context, e))?;
+        let store = Self {
+            pool,
+            schema: Some(schema.into()),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Wraps an existing pool. Does not run the migrations: call [`PostgresStore::migrate`].
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool, schema: None }
+    }
+
+    /// Applies any migrations the database lacks. Safe to run repeatedly and concurrently
+    /// (sqlx takes an advisory lock).
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Schema`] if a migration fails or the database holds a migration this
+    /// version does not know with a conflicting checksum.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        // The application may keep its own sqlx migrations in the same schema.
+        migrator.set_ignore_missing(true);
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| store_error("migrating the PostgreSQL database failed", e.into()))
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the URL or the options: they hold the password.
+        let options = self.pool.connect_options();
+        f.debug_struct("PostgresStore")
+            .field("host", &options.get_host())
+            .field("port", &options.get_port())
+            .field("database", &options.get_database())
+            .field("username", &options.get_username())
+            .field("schema", &self.schema)
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl KeyStore for PostgresStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO keywarden_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+        ))
+        .bind(record.id)
+        .bind(record.digest.as_bytes().as_slice())
+        .bind(record.secret_id.as_bytes().as_slice())
+        .bind(&record.display_start)
+        .bind(&record.name)
+        .bind(&record.description)
+        .bind(&record.collection)
+        .bind(&record.subject)
+        .bind(record.owner_kind.as_str())
+        .bind(record.scopes.as_slice())
+        .bind(&record.environment)
+        .bind(record.read_only)
+        .bind(Json(&record.metadata))
+        .bind(record.rate_limit.map(|p| p.to_string()))
+        .bind(micros(record.created_at))
+        .bind(micros(record.updated_at))
+        .bind(record.expires_at.map(micros))
+        .bind(record.last_used_at.map(micros))
+        .bind(clamp_i64(record.use_count))
+        .bind(record.revoked_at.map(micros))
+        .bind(record.disabled)
+        .bind(record.rotated_from)
+        .bind(record.encrypted_key.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("inserting a key failed", e))?;
+        Ok(())
+    }
+
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = $1"
+        ))
+        .bind(digest.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("looking up a key by digest failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("reading a key failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let context = "updating a key failed";
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| store_error(context, e))?;
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| store_error(context, e))?
+        else {
+            tx.rollback().await.map_err(|e| store_error(context, e))?;
+            return Ok(None);
+        };
+        let mut record = decode_row(&row)?;
+        patch.apply_to(&mut record, now);
+        let row = sqlx::query(&format!(
+            "UPDATE keywarden_keys SET name = $1, description = $2, scopes = $3, \
+             read_only = $4, metadata = $5, rate_limit = $6, expires_at = $7, revoked_at = $8, \
+             disabled = $9, updated_at = $10 WHERE id = $11 RETURNING {COLUMNS}"
+        ))
+        .bind(&record.name)
+        .bind(&record.description)
+        .bind(record.scopes.as_slice())
+        .bind(record.read_only)
+        .bind(Json(&record.metadata))
+        .bind(record.rate_limit.map(|p| p.to_string()))
+        .bind(record.expires_at.map(micros))
+        .bind(record.revoked_at.map(micros))
+        .bind(record.disabled)
+        .bind(micros(record.updated_at))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| store_error(context, e))?;
+        let updated = decode_row(&row)?;
+        tx.commit().await.map_err(|e| store_error(context, e))?;
+        Ok(Some(updated))
+    }
+
+    async fn redigest(
+        &self,
+        id: Uuid,
+        old: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE keywarden_keys SET digest = $1, secret_id = $2 WHERE id = $3 AND digest = $4",
+        )
+        .bind(new.as_bytes().as_slice())
+        .bind(secret_id.as_bytes().as_slice())
+        .bind(id)
+        .bind(old.as_bytes().as_slice())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("replacing a key's digest failed", e))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "DELETE FROM keywarden_keys WHERE id = $1 RETURNING {COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("deleting a key failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        let limit = query.effective_limit();
+        let mut sql = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE TRUE"
+        ));
+        if let Some(collection) = &query.collection {
+            sql.push(" AND collection = ")
+                .push_bind(collection.as_str());
+        }
+        if let Some(subject) = &query.subject {
+            sql.push(" AND subject = ").push_bind(subject.as_str());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND id > ").push_bind(after);
+        }
+        if let Some(state) = query.state {
+            push_state_filter(&mut sql, state, micros(query.now));
+        }
+        sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("listing keys failed", e))?;
+        let mut items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Ok(KeyPage { items, next_cursor })
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let totals = aggregate_usage(usage);
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let context = "recording key usage failed";
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| store_error(context, e))?;
+        // One key at a time in id order: concurrent batches lock rows in the same order, so
+        // they cannot deadlock each other.
+        for (id, (uses, last_used_at)) in totals {
+            sqlx::query(
+                "UPDATE keywarden_keys SET \
+                 use_count = CASE WHEN use_count > 9223372036854775807 - $1 \
+                     THEN 9223372036854775807 ELSE use_count + $1 END, \
+                 last_used_at = GREATEST(last_used_at, $2) \
+                 WHERE id = $3",
+            )
+            .bind(clamp_i64(uses))
+            .bind(micros(last_used_at))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store_error(context, e))?;
+        }
+        tx.commit().await.map_err(|e| store_error(context, e))
+    }
+}
+
+/// Appends the SQL form of [`KeyRecord::state`] at `now`.
+fn push_state_filter(sql: &mut QueryBuilder<'_, Postgres>, state: KeyState, now: OffsetDateTime) {
+    match state {
+        KeyState::Revoked => {
+            sql.push(" AND revoked_at IS NOT NULL");
+        }
+        KeyState::Disabled => {
+            sql.push(" AND revoked_at IS NULL AND disabled");
+        }
+        KeyState::Expired => {
+            sql.push(" AND revoked_at IS NULL AND NOT disabled AND expires_at <= ")
+                .push_bind(now);
+        }
+        KeyState::Active => {
+            sql.push(
+                " AND revoked_at IS NULL AND NOT disabled AND (expires_at IS NULL OR expires_at > ",
+            )
+            .push_bind(now)
+            .push(")");
+        }
+    }
+}
+
+/// Sums a batch per key (saturating) and keeps each key's latest use, in id order.
+fn aggregate_usage(usage: &[KeyUsage]) -> BTreeMap<Uuid, (u64, OffsetDateTime)> {
+    let mut totals: BTreeMap<Uuid, (u64, OffsetDateTime)> = BTreeMap::new();
+    for u in usage {
+        totals
+            .entry(u.id)
+            .and_modify(|(uses, at)| {
+                *uses = uses.saturating_add(u.uses);
+                *at = (*at).max(u.last_used_at);
+            })
+            .or_insert((u.uses, u.last_used_at));
+    }
+    totals
+}
+
+/// Counts beyond `i64::MAX` cannot be stored; they saturate there.
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The instant floored to the microsecond (PostgreSQL's precision), in UTC.
+fn micros(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    // Cannot fail: the floored value is a valid nanosecond of the same second.
+    at.replace_nanosecond(at.microsecond() * 1_000)
+        .unwrap_or(at)
+}
+
+fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
+    // The parse error is not attached: it could quote the URL, password included.
+    PgConnectOptions::from_str(url)
+        .map_err(|_| StoreError::new(StoreErrorKind::Other, "invalid PostgreSQL URL"))
+}
+
+/// `[a-z_][a-z0-9_]*`, at most 63 bytes: safe to splice into SQL as a quoted identifier.
+fn is_valid_schema_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= MAX_SCHEMA_LEN
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn is_duplicate_schema(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "42P06" || code == "23505")
+}
+
+fn corrupt(column: &'static str, problem: &str) -> StoreError {
+    // Name the column, never its value: rows are not echoed into errors or logs.
+    StoreError::new(
+        StoreErrorKind::Corrupt,
+        format!("stored key has an invalid {column} column: {problem}"),
+    )
+}
+
+fn column<'r, T>(row: &'r PgRow, name: &'static str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(name)
+        .map_err(|e| store_error("decoding a stored key failed", e))
+}
+
+fn bytes<const N: usize>(value: Vec<u8>, name: &'static str) -> Result<[u8; N], StoreError> {
+    <[u8; N]>::try_from(value.as_slice()).map_err(|_| corrupt(name, &format!("expected {N} bytes")))
+}
+
+fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
+    let owner_kind: String = column(row, "owner_kind")?;
+    let rate_limit: Option<String> = column(row, "rate_limit")?;
+    let Json(metadata) = column::<Json<serde_json::Value>>(row, "metadata")?;
+    Ok(KeyRecord {
+        id: column(row, "id")?,
+        digest: Digest::from_bytes(bytes(column(row, "digest")?, "digest")?),
+        secret_id: SecretId::from_bytes(bytes(column(row, "secret_id")?, "secret_id")?),
+        display_start: column(row, "display_start")?,
+        name: column(row, "name")?,
+        description: column(row, "description")?,
+        collection: column(row, "collection")?,
+        subject: column(row, "subject")?,
+        owner_kind: OwnerKind::from_str(&owner_kind)
+            .map_err(|_| corrupt("owner_kind", "unknown owner kind"))?,
+        scopes: column(row, "scopes")?,
+        environment: column(row, "environment")?,
+        read_only: column(row, "read_only")?,
+        metadata,
+        rate_limit: rate_limit
+            .map(|p| RateLimitPolicy::from_str(&p))
+            .transpose()
+            .map_err(|_| corrupt("rate_limit", "not a rate-limit policy"))?,
+        created_at: column(row, "created_at")?,
+        updated_at: column(row, "updated_at")?,
+        expires_at: column(row, "expires_at")?,
+        last_used_at: column(row, "last_used_at")?,
+        use_count: u64::try_from(column::<i64>(row, "use_count")?)
+            .map_err(|_| corrupt("use_count", "negative"))?,
+        revoked_at: column(row, "revoked_at")?,
+        disabled: column(row, "disabled")?,
+        rotated_from: column(row, "rotated_from")?,
+        encrypted_key: column(row, "encrypted_key")?,
+    })
+}
+
+/// Maps a sqlx error to a [`StoreError`] without echoing row contents.
+fn store_error(context: &str, err: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    let kind = match &err {
+        E::Database(db) => return database_error(context, db.as_ref()),
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::PoolClosed | E::WorkerCrashed => {
+            StoreErrorKind::Unavailable
+        }
+        E::PoolTimedOut => StoreErrorKind::Timeout,
+        E::Decode(_)
+        | E::ColumnDecode { .. }
+        | E::ColumnIndexOutOfBounds { .. }
+        | E::TypeNotFound { .. } => StoreErrorKind::Corrupt,
+        E::ColumnNotFound(_) | E::Migrate(_) => StoreErrorKind::Schema,
+        _ => StoreErrorKind::Other,
+    };
+    if let E::Encode(_) | E::Configuration(_) = err {
+        // These may quote the value that failed to encode, or the connection URL.
+        return StoreError::new(kind, format!("{context}: invalid value or configuration"));
+    }
+    StoreError::new(kind, format!("{context}: {err}")).with_source(err)
+}
+
+/// Database errors carry the SQLSTATE and primary message only: the source's detail field
+/// quotes row values (`Key (digest)=(…) already exists`), so it is not attached.
+fn database_error(context: &str, db: &dyn DatabaseError) -> StoreError {
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    let kind = sqlstate_kind(&code);
+    let message = if kind == StoreErrorKind::Conflict {
+        format!("{context}: a key with this id or digest exists")
+    } else {
+        format!("{context}: PostgreSQL error {code}: {}", db.message())
+    };
+    StoreError::new(kind, message)
+}
+
+/// The kind of a PostgreSQL SQLSTATE.
+fn sqlstate_kind(code: &str) -> StoreErrorKind {
+    match code {
+        "23505" => StoreErrorKind::Conflict,
+        // query_canceled (statement_timeout), lock_not_available (lock_timeout)
+        "57014" | "55P03" => StoreErrorKind::Timeout,
+        // undefined_table, undefined_column, invalid_schema_name
+        "42P01" | "42703" | "3F000" => StoreErrorKind::Schema,
+        // data_corrupted, index_corrupted
+        "XX001" | "XX002" => StoreErrorKind::Corrupt,
+        // admin_shutdown, crash_shutdown, cannot_connect_now, database_dropped
+        "57P01" | "57P02" | "57P03" | "57P04" => StoreErrorKind::Unavailable,
+        // connection_exception, insufficient_resources, read-only standby
+        _ if code.starts_with("08") || code.starts_with("53") || code == "25006" => {
+            StoreErrorKind::Unavailable
+        }
+        _ => StoreErrorKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn schema_names_are_validated() {
+        for good in ["kw", "_x", "kw_0123abcd", &"a".repeat(63)] {
+            assert!(is_valid_schema_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "0kw",
+            "Kw",
+            "kw-1",
+            "kw\"; DROP TABLE x; --",
+            "kw ",
+            "ké",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_valid_schema_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_floored_to_micros_in_utc() {
+        let at = datetime!(2030-02-03 04:05:06.123_456_789 +02:00);
+        let floored = micros(at);
+        assert_eq!(floored, datetime!(2030-02-03 02:05:06.123_456 UTC));
+        assert_eq!(floored.offset(), time::UtcOffset::UTC);
+    }
+
+    #[test]
+    fn sqlstates_map_to_kinds() {
+        assert_eq!(sqlstate_kind("23505"), StoreErrorKind::Conflict);
+        assert_eq!(sqlstate_kind("08006"), StoreErrorKind::Unavailable);
+        assert_eq!(sqlstate_kind("53300"), StoreErrorKind::Unavailable);
+        assert_eq!(sqlstate_kind("57P01"), StoreErrorKind::Unavailable);
+        assert_eq!(sqlstate_kind("57014"), StoreErrorKind::Timeout);
+        assert_eq!(sqlstate_kind("42P01"), StoreErrorKind::Schema);
+        assert_eq!(sqlstate_kind("XX001"), StoreErrorKind::Corrupt);
+        assert_eq!(sqlstate_kind("22P02"), StoreErrorKind::Other);
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolTimedOut).kind(),
+            StoreErrorKind::Timeout
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolClosed).kind(),
+            StoreErrorKind::Unavailable
+        );
+    }
+
+    #[test]
+    fn usage_is_aggregated_per_key() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let t1 = datetime!(2030-01-01 0:00 UTC);
+        let t2 = datetime!(2030-01-02 0:00 UTC);
+        let totals = aggregate_usage(&[
+            KeyUsage {
+                id: b,
+                last_used_at: t1,
+                uses: 2,
+            },
+            KeyUsage {
+                id: a,
+                last_used_at: t1,
+                uses: 3,
+            },
+            KeyUsage {
+                id: b,
+                last_used_at: t2,
+                uses: u64::MAX,
+            },
+        ]);
+        assert_eq!(
+            totals.into_iter().collect::<Vec<_>>(),
+            [(a, (3, t1)), (b, (u64::MAX, t2))]
+        );
+        assert_eq!(clamp_i64(u64::MAX), i64::MAX);
+    }
+
+    #[tokio::test]
+    async fn debug_and_url_errors_never_show_the_password() {
+        let url = "postgres://kw:hunter2-secret@db.invalid:5433/keys";
+        let pool = PgPoolOptions::new().connect_lazy_with(parse_url(url).unwrap());
+        let store = PostgresStore::from_pool(pool);
+        let text = format!("{store:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("db.invalid"), "{text}");
+
+        let err = PostgresStore::connect("postgres://kw:hunter2-secret@[bad/keys")
+            .await
+            .unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+
+        let err = PostgresStore::connect_with_schema(url, "bad-name")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+    }
+}

@@ -1,0 +1,679 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::error::DatabaseError;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
+    StoreErrorKind,
+};
+use crate::ratelimit::RateLimitPolicy;
+use crate::secret::{Digest, SecretId};
+
+/// How long a statement waits for another connection's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, collection, \
+    subject, owner_kind, scopes, environment, read_only, metadata, rate_limit, created_at, \
+    updated_at, expires_at, last_used_at, use_count, revoked_at, disabled, rotated_from, \
+    encrypted_key";
+
+/// A [`KeyStore`] in a SQLite database: the embedded default.
+///
+/// Ids are stored as 16-byte blobs (so byte order is id order) and timestamps as UTC unix
+/// microseconds; timestamps read back are UTC and truncated to the microsecond.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use keywarden::{KeyQuery, KeyStore, SqliteStore};
+///
+/// let store = SqliteStore::connect("sqlite::memory:").await?;
+/// let page = store.list(&KeyQuery::new()).await?;
+/// assert!(page.items.is_empty());
+/// # Ok::<_, keywarden::StoreError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens the database at `url` and runs the migrations.
+    ///
+    /// `sqlite://path/to/keys.db` opens (creating if missing) a file in WAL mode;
+    /// `sqlite::memory:` opens a private in-memory database held by a single pooled
+    /// connection, so every operation sees the same data. Every connection waits up to 5 s for
+    /// a locked database and enforces foreign keys.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Unavailable`] if the database cannot be opened,
+    /// [`StoreErrorKind::Schema`] if the migrations fail, [`StoreErrorKind::Other`] for a URL
+    /// that does not parse.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url).map_err(|e| {
+            StoreError::new(StoreErrorKind::Other, "invalid SQLite URL").with_source(e)
+        })?;
+        let options = options.busy_timeout(BUSY_TIMEOUT).foreign_keys(true);
+        let pool = if is_memory_url(url) {
+            // An in-memory database lives as long as its last connection: keep exactly one,
+            // forever, so the data is neither split across connections nor dropped when idle.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await
+        } else {
+            SqlitePoolOptions::new()
+                .connect_with(
+                    options
+                        .create_if_missing(true)
+                        .journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal),
+                )
+                .await
+        }
+        .map_err(|e| store_error("cannot open the SQLite database", e))?;
+        let store = Self::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Wraps an existing pool. Does not run the migrations: call [`SqliteStore::migrate`].
+    /// Give the pool's connections a busy timeout (as [`SqliteStore::connect`] does), or
+    /// concurrent writers fail with [`StoreErrorKind::Timeout`] instead of waiting.
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// Applies any migrations the database lacks. Safe to run repeatedly.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Schema`] if a migration fails or the database holds a migration this
+    /// version does not know with a conflicting checksum.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
+        // The application may keep its own sqlx migrations in the same database.
+        migrator.set_ignore_missing(true);
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| store_error("migrating the SQLite database failed", e.into()))
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("filename", &self.pool.connect_options().get_filename())
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let scopes = to_json(&record.scopes)?;
+        let metadata = to_json(&record.metadata)?;
+        sqlx::query(&format!(
+            "INSERT INTO keywarden_keys ({COLUMNS}) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(record.id.as_bytes().as_slice())
+        .bind(record.digest.as_bytes().as_slice())
+        .bind(record.secret_id.as_bytes().as_slice())
+        .bind(&record.display_start)
+        .bind(&record.name)
+        .bind(&record.description)
+        .bind(&record.collection)
+        .bind(&record.subject)
+        .bind(record.owner_kind.as_str())
+        .bind(scopes)
+        .bind(&record.environment)
+        .bind(record.read_only)
+        .bind(metadata)
+        .bind(record.rate_limit.map(|p| p.to_string()))
+        .bind(to_micros(record.created_at))
+        .bind(to_micros(record.updated_at))
+        .bind(record.expires_at.map(to_micros))
+        .bind(record.last_used_at.map(to_micros))
+        .bind(clamp_i64(record.use_count))
+        .bind(record.revoked_at.map(to_micros))
+        .bind(record.disabled)
+        .bind(record.rotated_from.map(|id| id.as_bytes().to_vec()))
+        .bind(record.encrypted_key.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("inserting a key failed", e))?;
+        Ok(())
+    }
+
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = ?"
+        ))
+        .bind(digest.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("looking up a key by digest failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = ?"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("reading a key failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let context = "updating a key failed";
+        // IMMEDIATE takes the write lock up front: a deferred transaction that read first
+        // could fail to upgrade (SQLITE_BUSY without waiting) under concurrent writers.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| store_error(context, e))?;
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = ?"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| store_error(context, e))?
+        else {
+            tx.rollback().await.map_err(|e| store_error(context, e))?;
+            return Ok(None);
+        };
+        let mut record = decode_row(&row)?;
+        patch.apply_to(&mut record, now);
+        let row = sqlx::query(&format!(
+            "UPDATE keywarden_keys SET name = ?, description = ?, scopes = ?, read_only = ?, \
+             metadata = ?, rate_limit = ?, expires_at = ?, revoked_at = ?, disabled = ?, \
+             updated_at = ? WHERE id = ? RETURNING {COLUMNS}"
+        ))
+        .bind(&record.name)
+        .bind(&record.description)
+        .bind(to_json(&record.scopes)?)
+        .bind(record.read_only)
+        .bind(to_json(&record.metadata)?)
+        .bind(record.rate_limit.map(|p| p.to_string()))
+        .bind(record.expires_at.map(to_micros))
+        .bind(record.revoked_at.map(to_micros))
+        .bind(record.disabled)
+        .bind(to_micros(record.updated_at))
+        .bind(id.as_bytes().as_slice())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| store_error(context, e))?;
+        let updated = decode_row(&row)?;
+        tx.commit().await.map_err(|e| store_error(context, e))?;
+        Ok(Some(updated))
+    }
+
+    async fn redigest(
+        &self,
+        id: Uuid,
+        old: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE keywarden_keys SET digest = ?, secret_id = ? WHERE id = ? AND digest = ?",
+        )
+        .bind(new.as_bytes().as_slice())
+        .bind(secret_id.as_bytes().as_slice())
+        .bind(id.as_bytes().as_slice())
+        .bind(old.as_bytes().as_slice())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("replacing a key's digest failed", e))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "DELETE FROM keywarden_keys WHERE id = ? RETURNING {COLUMNS}"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("deleting a key failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        let limit = query.effective_limit();
+        let mut sql = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE 1 = 1"
+        ));
+        if let Some(collection) = &query.collection {
+            sql.push(" AND collection = ")
+                .push_bind(collection.as_str());
+        }
+        if let Some(subject) = &query.subject {
+            sql.push(" AND subject = ").push_bind(subject.as_str());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND id > ").push_bind(after.as_bytes().to_vec());
+        }
+        if let Some(state) = query.state {
+            push_state_filter(&mut sql, state, to_micros(query.now));
+        }
+        sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("listing keys failed", e))?;
+        let mut items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Ok(KeyPage { items, next_cursor })
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let totals = aggregate_usage(usage);
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let context = "recording key usage failed";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| store_error(context, e))?;
+        for (id, (uses, last_used_at)) in totals {
+            let uses = clamp_i64(uses);
+            sqlx::query(
+                "UPDATE keywarden_keys SET \
+                 use_count = CASE WHEN use_count > ? THEN 9223372036854775807 \
+                     ELSE use_count + ? END, \
+                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? \
+                     ELSE last_used_at END \
+                 WHERE id = ?",
+            )
+            .bind(i64::MAX - uses)
+            .bind(uses)
+            .bind(to_micros(last_used_at))
+            .bind(to_micros(last_used_at))
+            .bind(id.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store_error(context, e))?;
+        }
+        tx.commit().await.map_err(|e| store_error(context, e))
+    }
+}
+
+/// Appends the SQL form of [`KeyRecord::state`] at `now` (unix microseconds).
+fn push_state_filter(sql: &mut QueryBuilder<'_, Sqlite>, state: KeyState, now: i64) {
+    match state {
+        KeyState::Revoked => {
+            sql.push(" AND revoked_at IS NOT NULL");
+        }
+        KeyState::Disabled => {
+            sql.push(" AND revoked_at IS NULL AND disabled <> 0");
+        }
+        KeyState::Expired => {
+            sql.push(" AND revoked_at IS NULL AND disabled = 0 AND expires_at <= ")
+                .push_bind(now);
+        }
+        KeyState::Active => {
+            sql.push(
+                " AND revoked_at IS NULL AND disabled = 0 AND (expires_at IS NULL OR expires_at > ",
+            )
+            .push_bind(now)
+            .push(")");
+        }
+    }
+}
+
+/// Sums a batch per key (saturating) and keeps each key's latest use, in id order.
+fn aggregate_usage(usage: &[KeyUsage]) -> BTreeMap<Uuid, (u64, OffsetDateTime)> {
+    let mut totals: BTreeMap<Uuid, (u64, OffsetDateTime)> = BTreeMap::new();
+    for u in usage {
+        totals
+            .entry(u.id)
+            .and_modify(|(uses, at)| {
+                *uses = uses.saturating_add(u.uses);
+                *at = (*at).max(u.last_used_at);
+            })
+            .or_insert((u.uses, u.last_used_at));
+    }
+    totals
+}
+
+/// Counts beyond `i64::MAX` cannot be stored; they saturate there.
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Unix microseconds (floored) of an instant.
+fn to_micros(at: OffsetDateTime) -> i64 {
+    at.unix_timestamp() * 1_000_000 + i64::from(at.microsecond())
+}
+
+/// The UTC instant of unix microseconds.
+fn from_micros(micros: i64, column: &'static str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+        .map_err(|_| corrupt(column, "timestamp out of range"))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|_| StoreError::new(StoreErrorKind::Other, "cannot encode a JSON column"))
+}
+
+/// Whether a SQLite URL names an in-memory database.
+fn is_memory_url(url: &str) -> bool {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+    database == ":memory:" || params.split('&').any(|p| p == "mode=memory")
+}
+
+fn corrupt(column: &'static str, problem: &str) -> StoreError {
+    // Name the column, never its value: rows are not echoed into errors or logs.
+    StoreError::new(
+        StoreErrorKind::Corrupt,
+        format!("stored key has an invalid {column} column: {problem}"),
+    )
+}
+
+fn column<'r, T>(row: &'r SqliteRow, name: &'static str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(name)
+        .map_err(|e| store_error("decoding a stored key failed", e))
+}
+
+fn bytes<const N: usize>(value: Vec<u8>, name: &'static str) -> Result<[u8; N], StoreError> {
+    <[u8; N]>::try_from(value.as_slice()).map_err(|_| corrupt(name, &format!("expected {N} bytes")))
+}
+
+fn uuid(value: Vec<u8>, name: &'static str) -> Result<Uuid, StoreError> {
+    bytes::<16>(value, name).map(Uuid::from_bytes)
+}
+
+fn optional_time(
+    value: Option<i64>,
+    name: &'static str,
+) -> Result<Option<OffsetDateTime>, StoreError> {
+    value.map(|v| from_micros(v, name)).transpose()
+}
+
+fn decode_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
+    let scopes: String = column(row, "scopes")?;
+    let metadata: String = column(row, "metadata")?;
+    let owner_kind: String = column(row, "owner_kind")?;
+    let rate_limit: Option<String> = column(row, "rate_limit")?;
+    Ok(KeyRecord {
+        id: uuid(column(row, "id")?, "id")?,
+        digest: Digest::from_bytes(bytes(column(row, "digest")?, "digest")?),
+        secret_id: SecretId::from_bytes(bytes(column(row, "secret_id")?, "secret_id")?),
+        display_start: column(row, "display_start")?,
+        name: column(row, "name")?,
+        description: column(row, "description")?,
+        collection: column(row, "collection")?,
+        subject: column(row, "subject")?,
+        owner_kind: OwnerKind::from_str(&owner_kind)
+            .map_err(|_| corrupt("owner_kind", "unknown owner kind"))?,
+        scopes: serde_json::from_str(&scopes)
+            .map_err(|_| corrupt("scopes", "not a JSON array of strings"))?,
+        environment: column(row, "environment")?,
+        read_only: column(row, "read_only")?,
+        metadata: serde_json::from_str(&metadata)
+            .map_err(|_| corrupt("metadata", "not valid JSON"))?,
+        rate_limit: rate_limit
+            .map(|p| RateLimitPolicy::from_str(&p))
+            .transpose()
+            .map_err(|_| corrupt("rate_limit", "not a rate-limit policy"))?,
+        created_at: from_micros(column(row, "created_at")?, "created_at")?,
+        updated_at: from_micros(column(row, "updated_at")?, "updated_at")?,
+        expires_at: optional_time(column(row, "expires_at")?, "expires_at")?,
+        last_used_at: optional_time(column(row, "last_used_at")?, "last_used_at")?,
+        use_count: u64::try_from(column::<i64>(row, "use_count")?)
+            .map_err(|_| corrupt("use_count", "negative"))?,
+        revoked_at: optional_time(column(row, "revoked_at")?, "revoked_at")?,
+        disabled: column(row, "disabled")?,
+        rotated_from: column::<Option<Vec<u8>>>(row, "rotated_from")?
+            .map(|v| uuid(v, "rotated_from"))
+            .transpose()?,
+        encrypted_key: column(row, "encrypted_key")?,
+    })
+}
+
+/// Maps a sqlx error to a [`StoreError`] without echoing row contents.
+fn store_error(context: &str, err: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    let kind = match &err {
+        E::Database(db) => return database_error(context, db.as_ref()),
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::PoolClosed | E::WorkerCrashed => {
+            StoreErrorKind::Unavailable
+        }
+        E::PoolTimedOut => StoreErrorKind::Timeout,
+        E::Decode(_)
+        | E::ColumnDecode { .. }
+        | E::ColumnIndexOutOfBounds { .. }
+        | E::TypeNotFound { .. } => StoreErrorKind::Corrupt,
+        E::ColumnNotFound(_) | E::Migrate(_) => StoreErrorKind::Schema,
+        _ => StoreErrorKind::Other,
+    };
+    if let E::Encode(_) = err {
+        // Encoding errors may quote the value that failed to encode.
+        return StoreError::new(kind, format!("{context}: a value could not be encoded"));
+    }
+    StoreError::new(kind, format!("{context}: {err}")).with_source(err)
+}
+
+/// Database errors carry the message and code only: the source (and its details) may quote
+/// row values, so it is not attached.
+fn database_error(context: &str, db: &dyn DatabaseError) -> StoreError {
+    let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+    let kind = if db.is_unique_violation() {
+        StoreErrorKind::Conflict
+    } else {
+        sqlite_kind(code, db.message())
+    };
+    let message = if kind == StoreErrorKind::Conflict {
+        format!("{context}: a key with this id or digest exists")
+    } else {
+        format!("{context}: SQLite error {code}: {}", db.message())
+    };
+    StoreError::new(kind, message)
+}
+
+/// The kind of a SQLite (extended) result code.
+fn sqlite_kind(code: i32, message: &str) -> StoreErrorKind {
+    match code & 0xff {
+        // BUSY, LOCKED: another connection held the lock past the busy timeout.
+        5 | 6 => StoreErrorKind::Timeout,
+        // READONLY, IOERR, FULL, CANTOPEN, PROTOCOL, NOLFS, AUTH
+        8 | 10 | 13 | 14 | 15 | 22 | 23 => StoreErrorKind::Unavailable,
+        // CORRUPT, NOTADB
+        11 | 26 => StoreErrorKind::Corrupt,
+        // SCHEMA
+        17 => StoreErrorKind::Schema,
+        // ERROR: the generic code also covers a missing or outdated table.
+        1 if message.starts_with("no such table") || message.starts_with("no such column") => {
+            StoreErrorKind::Schema
+        }
+        _ => StoreErrorKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn micros_roundtrip_in_utc_and_floor() {
+        let at = datetime!(2030-02-03 04:05:06.123_456_789 +02:00);
+        let micros = to_micros(at);
+        let back = from_micros(micros, "t").unwrap();
+        assert_eq!(back, datetime!(2030-02-03 02:05:06.123_456 UTC));
+        assert_eq!(back.offset(), time::UtcOffset::UTC);
+
+        let before_epoch = datetime!(1969-12-31 23:59:59.999_999_5 UTC);
+        assert_eq!(to_micros(before_epoch), -1);
+        assert_eq!(
+            from_micros(-1, "t").unwrap(),
+            datetime!(1969-12-31 23:59:59.999_999 UTC)
+        );
+        assert!(from_micros(i64::MAX, "t").is_err());
+    }
+
+    #[test]
+    fn memory_urls_are_recognised() {
+        assert!(is_memory_url("sqlite::memory:"));
+        assert!(is_memory_url("sqlite://:memory:"));
+        assert!(is_memory_url("sqlite://?mode=memory"));
+        assert!(is_memory_url("sqlite://shared?cache=shared&mode=memory"));
+        assert!(!is_memory_url("sqlite://keys.db"));
+        assert!(!is_memory_url("sqlite:///var/lib/memory.db?mode=rwc"));
+    }
+
+    #[test]
+    fn usage_is_aggregated_per_key() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let t1 = datetime!(2030-01-01 0:00 UTC);
+        let t2 = datetime!(2030-01-02 0:00 UTC);
+        let totals = aggregate_usage(&[
+            KeyUsage {
+                id: b,
+                last_used_at: t2,
+                uses: 1,
+            },
+            KeyUsage {
+                id: a,
+                last_used_at: t2,
+                uses: u64::MAX,
+            },
+            KeyUsage {
+                id: a,
+                last_used_at: t1,
+                uses: 3,
+            },
+        ]);
+        assert_eq!(
+            totals.into_iter().collect::<Vec<_>>(),
+            [(a, (u64::MAX, t2)), (b, (1, t2))]
+        );
+        assert_eq!(clamp_i64(u64::MAX), i64::MAX);
+        assert_eq!(clamp_i64(7), 7);
+    }
+
+    #[test]
+    fn errors_map_to_kinds() {
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolTimedOut).kind(),
+            StoreErrorKind::Timeout
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolClosed).kind(),
+            StoreErrorKind::Unavailable
+        );
+        let io = std::io::Error::other("boom");
+        assert_eq!(
+            store_error("x", io.into()).kind(),
+            StoreErrorKind::Unavailable
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::Decode("bad".into())).kind(),
+            StoreErrorKind::Corrupt
+        );
+        assert_eq!(sqlite_kind(5, ""), StoreErrorKind::Timeout);
+        assert_eq!(sqlite_kind(261, ""), StoreErrorKind::Timeout); // BUSY_RECOVERY
+        assert_eq!(sqlite_kind(11, ""), StoreErrorKind::Corrupt);
+        assert_eq!(
+            sqlite_kind(1, "no such table: keywarden_keys"),
+            StoreErrorKind::Schema
+        );
+        assert_eq!(
+            sqlite_kind(1, "near \"x\": syntax error"),
+            StoreErrorKind::Other
+        );
+    }
+
+    #[tokio::test]
+    async fn file_databases_use_wal_and_a_busy_timeout() {
+        let path =
+            std::env::temp_dir().join(format!("keywarden-unit-{}.db", Uuid::now_v7().simple()));
+        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!((mode.as_str(), busy, fk), ("wal", 5000, 1));
+        store.migrate().await.expect("migrations are idempotent");
+        assert!(format!("{store:?}").contains("keywarden-unit-"));
+        store.pool().close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_reported_without_their_values() {
+        let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
+        let mut record = crate::store::test_support::record(9);
+        record.name = "visible-name".into();
+        store.insert(&record).await.unwrap();
+        sqlx::query("UPDATE keywarden_keys SET scopes = 'not-json-visible-name'")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let err = store.get(record.id).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+        assert!(!err.to_string().contains("visible-name"), "{err}");
+    }
+}

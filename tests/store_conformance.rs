@@ -1,0 +1,919 @@
+//! Conformance: every `KeyStore` backend behaves like `MemoryStore`.
+//!
+//! Each test is an `async fn(Arc<dyn KeyStore>)`; the `conformance!` macro runs it against
+//! the memory store, SQLite (a temporary file and `sqlite::memory:`) and PostgreSQL (a fresh
+//! schema per test, dropped afterwards; needs `KEYWARDEN_TEST_POSTGRES_URL`).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+
+use keywarden::{
+    Digest, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, MemoryStore, OwnerKind,
+    SecretId, StoreErrorKind,
+};
+use serde_json::json;
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+use tokio::sync::Barrier;
+use uuid::Uuid;
+
+type Store = Arc<dyn KeyStore>;
+
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+const POSTGRES_URL_ENV: &str = "KEYWARDEN_TEST_POSTGRES_URL";
+
+/// A fixed instant with microsecond precision, so every backend stores it exactly.
+const BASE: OffsetDateTime = datetime!(2031-05-06 07:08:09.123_456 UTC);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// Skips a backend whose server is not configured, except in CI, where a skipped suite must
+/// fail loudly rather than pass silently.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+fn skip_unless_ci(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{reason}, and CI=true: the conformance suite must not be skipped in CI");
+    }
+    eprintln!("{reason}");
+}
+
+/// Runs a test body in its own task so a panic still lets the harness clean up, then
+/// re-raises it.
+async fn run_isolated<F, Fut>(store: Store, test: F) -> Result<(), tokio::task::JoinError>
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(test(store)).await
+}
+
+fn rethrow(outcome: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = outcome {
+        match err.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(err) => panic!("test task failed: {err}"),
+        }
+    }
+}
+
+async fn with_memory<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    rethrow(run_isolated(Arc::new(MemoryStore::new()), test).await);
+}
+
+#[cfg(feature = "sqlite")]
+async fn with_sqlite_file<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let path = std::env::temp_dir().join(format!("keywarden-conformance-{}.db", random_hex(8)));
+    let store = Arc::new(
+        keywarden::SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("open the SQLite file"),
+    );
+    let outcome = run_isolated(store.clone(), test).await;
+    store.pool().close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    rethrow(outcome);
+}
+
+#[cfg(feature = "sqlite")]
+async fn with_sqlite_memory<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let store = keywarden::SqliteStore::connect("sqlite::memory:")
+        .await
+        .expect("open in-memory SQLite");
+    rethrow(run_isolated(Arc::new(store), test).await);
+}
+
+#[cfg(feature = "postgres")]
+async fn with_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(url) = std::env::var(POSTGRES_URL_ENV)
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        skip_unless_ci(&format!(
+            "skipping PostgreSQL conformance: {POSTGRES_URL_ENV} is not set"
+        ));
+        return;
+    };
+    let schema = format!("kw_{}", random_hex(8));
+    let store = Arc::new(
+        keywarden::PostgresStore::connect_with_schema(&url, &schema)
+            .await
+            .expect("connect to PostgreSQL"),
+    );
+    let outcome = run_isolated(store.clone(), test).await;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(store.pool())
+        .await
+        .expect("drop the test schema");
+    store.pool().close().await;
+    rethrow(outcome);
+}
+
+/// Declares each test once per backend: `memory::name`, `sqlite_file::name`, ...
+macro_rules! conformance {
+    ($($test:ident),+ $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::with_memory(super::$test).await
+                }
+            )+
+        }
+
+        #[cfg(feature = "sqlite")]
+        mod sqlite_file {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::with_sqlite_file(super::$test).await
+                }
+            )+
+        }
+
+        #[cfg(feature = "sqlite")]
+        mod sqlite_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::with_sqlite_memory(super::$test).await
+                }
+            )+
+        }
+
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::with_postgres(super::$test).await
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    roundtrip_keeps_every_field,
+    timestamps_are_kept_to_the_microsecond,
+    duplicate_digest_conflicts,
+    duplicate_id_conflicts,
+    unknown_ids_are_absent,
+    update_applies_patch_semantics,
+    concurrent_updates_of_different_fields_are_all_kept,
+    redigest_is_compare_and_set,
+    delete_returns_the_row_and_frees_the_digest,
+    list_paginates_in_id_order,
+    list_filters_by_collection_subject_and_state,
+    list_clamps_the_limit,
+    record_usage_accumulates,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("OS randomness");
+    bytes
+}
+
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+fn random_hex(len: usize) -> String {
+    random_bytes::<32>()[..len]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn digest() -> Digest {
+    Digest::from_bytes(random_bytes())
+}
+
+/// A record with defaults wherever a field has one.
+fn plain(collection: &str, subject: &str) -> KeyRecord {
+    KeyRecord {
+        id: Uuid::now_v7(),
+        digest: digest(),
+        secret_id: SecretId::from_bytes([1; 8]),
+        display_start: "kw_live_AbCd".into(),
+        name: "plain".into(),
+        description: None,
+        collection: collection.into(),
+        subject: subject.into(),
+        owner_kind: OwnerKind::User,
+        scopes: vec![],
+        environment: "live".into(),
+        read_only: false,
+        metadata: json!({}),
+        rate_limit: None,
+        created_at: BASE,
+        updated_at: BASE,
+        expires_at: None,
+        last_used_at: None,
+        use_count: 0,
+        revoked_at: None,
+        disabled: false,
+        rotated_from: None,
+        encrypted_key: None,
+    }
+}
+
+/// A record with every field set to something other than its default.
+fn full() -> KeyRecord {
+    KeyRecord {
+        id: Uuid::now_v7(),
+        digest: digest(),
+        secret_id: SecretId::from_bytes([0xde, 0xad, 0xbe, 0xef, 0, 1, 0xfe, 0xff]),
+        display_start: "kw_test_Zz9q".into(),
+        name: "billing export".into(),
+        description: Some("nightly export — ünïcödé, 'quotes' and \"doubles\"".into()),
+        collection: "services".into(),
+        subject: "svc-42".into(),
+        owner_kind: OwnerKind::Service,
+        scopes: vec!["invoices:read".into(), "exports:write".into(), "*".into()],
+        environment: "test".into(),
+        read_only: true,
+        metadata: json!({
+            "team": "payments",
+            "tier": 3,
+            "big": 9_007_199_254_740_993_u64,
+            "nested": {"flags": [true, false, null], "ratio": 0.5, "empty": {}},
+        }),
+        rate_limit: Some("120/min,burst=30".parse().unwrap()),
+        created_at: BASE,
+        updated_at: BASE + Duration::seconds(1),
+        expires_at: Some(BASE + Duration::days(30)),
+        last_used_at: Some(BASE + Duration::hours(2)),
+        use_count: 1_234_567_890_123,
+        revoked_at: Some(BASE + Duration::hours(3)),
+        disabled: true,
+        rotated_from: Some(Uuid::now_v7()),
+        encrypted_key: Some(vec![0, 1, 2, 0x7f, 0x80, 0xfe, 0xff]),
+    }
+}
+
+/// The record with every timestamp floored to the microsecond, in UTC.
+fn to_micros(mut r: KeyRecord) -> KeyRecord {
+    fn floor(at: OffsetDateTime) -> OffsetDateTime {
+        let at = at.to_offset(time::UtcOffset::UTC);
+        at.replace_nanosecond(at.microsecond() * 1_000).unwrap()
+    }
+    r.created_at = floor(r.created_at);
+    r.updated_at = floor(r.updated_at);
+    r.expires_at = r.expires_at.map(floor);
+    r.last_used_at = r.last_used_at.map(floor);
+    r.revoked_at = r.revoked_at.map(floor);
+    r
+}
+
+fn query() -> KeyQuery {
+    KeyQuery {
+        now: BASE,
+        ..KeyQuery::new()
+    }
+}
+
+async fn list_all(store: &Store, mut q: KeyQuery) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    loop {
+        let page = store.list(&q).await.unwrap();
+        ids.extend(page.items.iter().map(|r| r.id));
+        match page.next_cursor {
+            Some(cursor) => {
+                assert_eq!(Some(cursor), page.items.last().map(|r| r.id));
+                q.after = Some(cursor);
+            }
+            None => return ids,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+async fn roundtrip_keeps_every_field(store: Store) {
+    let record = full();
+    store.insert(&record).await.unwrap();
+    assert_eq!(store.get(record.id).await.unwrap(), Some(record.clone()));
+    let found = store.find_by_digest(&record.digest).await.unwrap().unwrap();
+    assert_eq!(found, record);
+    // PartialEq on the record compares these too, but spell out what is easy to get wrong.
+    assert_eq!(found.metadata, record.metadata);
+    assert_eq!(found.encrypted_key, record.encrypted_key);
+    assert_eq!(found.rate_limit, record.rate_limit);
+    assert_eq!(found.use_count, record.use_count);
+    assert_eq!(found.expires_at, record.expires_at);
+    assert_eq!(found.last_used_at, record.last_used_at);
+    assert_eq!(found.revoked_at, record.revoked_at);
+    assert_eq!(store.find_by_digest(&digest()).await.unwrap(), None);
+
+    let page = store.list(&query()).await.unwrap();
+    assert_eq!(page.items, vec![record]);
+    assert_eq!(page.next_cursor, None);
+}
+
+async fn timestamps_are_kept_to_the_microsecond(store: Store) {
+    let mut record = full();
+    record.created_at = datetime!(2031-05-06 07:08:09.123_456_789 +02:00);
+    record.updated_at = datetime!(1999-12-31 23:59:59.999_999_999 UTC);
+    record.expires_at = Some(datetime!(2040-01-01 0:00:00.000_001 UTC));
+    store.insert(&record).await.unwrap();
+    let got = store.get(record.id).await.unwrap().unwrap();
+    assert_eq!(to_micros(got), to_micros(record));
+}
+
+async fn duplicate_digest_conflicts(store: Store) {
+    let first = full();
+    store.insert(&first).await.unwrap();
+    let second = KeyRecord {
+        digest: first.digest,
+        ..plain("users", "u")
+    };
+    let err = store.insert(&second).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}");
+    assert_eq!(store.get(second.id).await.unwrap(), None);
+    assert_eq!(
+        store.find_by_digest(&first.digest).await.unwrap(),
+        Some(first)
+    );
+}
+
+async fn duplicate_id_conflicts(store: Store) {
+    let first = full();
+    store.insert(&first).await.unwrap();
+    let second = KeyRecord {
+        id: first.id,
+        ..plain("users", "u")
+    };
+    let err = store.insert(&second).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}");
+    assert_eq!(store.find_by_digest(&second.digest).await.unwrap(), None);
+    assert_eq!(store.get(first.id).await.unwrap(), Some(first));
+}
+
+async fn unknown_ids_are_absent(store: Store) {
+    let known = full();
+    store.insert(&known).await.unwrap();
+    let unknown = Uuid::now_v7();
+    assert_eq!(store.get(unknown).await.unwrap(), None);
+    let patch = KeyPatch {
+        name: Some("x".into()),
+        ..KeyPatch::default()
+    };
+    assert_eq!(store.update(unknown, &patch, BASE).await.unwrap(), None);
+    assert_eq!(store.delete(unknown).await.unwrap(), None);
+    let redigested = store
+        .redigest(
+            unknown,
+            &known.digest,
+            &digest(),
+            SecretId::from_bytes([2; 8]),
+        )
+        .await
+        .unwrap();
+    assert!(!redigested);
+    store
+        .record_usage(&[KeyUsage {
+            id: unknown,
+            last_used_at: BASE,
+            uses: 3,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.get(known.id).await.unwrap(), Some(known));
+}
+
+async fn update_applies_patch_semantics(store: Store) {
+    let mut record = plain("users", "alice");
+    record.description = Some("first".into());
+    record.rate_limit = Some("10/s".parse().unwrap());
+    record.expires_at = Some(BASE + Duration::days(1));
+    store.insert(&record).await.unwrap();
+
+    // Every field at once, clearing the nullable ones with Some(None).
+    let t1 = BASE + Duration::hours(1);
+    let everything = KeyPatch {
+        name: Some("renamed".into()),
+        description: Some(None),
+        scopes: Some(vec!["a".into(), "b".into()]),
+        read_only: Some(true),
+        metadata: Some(json!({"k": [1, 2, 3]})),
+        rate_limit: Some(None),
+        expires_at: Some(None),
+        revoked_at: Some(t1),
+        disabled: Some(true),
+    };
+    let mut expected = record.clone();
+    everything.apply_to(&mut expected, t1);
+    assert_eq!(expected.description, None, "fixture sanity");
+    let updated = store.update(record.id, &everything, t1).await.unwrap();
+    assert_eq!(updated.as_ref(), Some(&expected));
+    assert_eq!(store.get(record.id).await.unwrap(), Some(expected.clone()));
+
+    // A revoked key stays revoked at its first revocation time; other fields still change.
+    let t2 = t1 + Duration::hours(1);
+    let later = KeyPatch {
+        revoked_at: Some(t2),
+        disabled: Some(false),
+        description: Some(Some("back".into())),
+        rate_limit: Some(Some("5/min,burst=2".parse().unwrap())),
+        expires_at: Some(Some(t2 + Duration::days(7))),
+        ..KeyPatch::default()
+    };
+    later.apply_to(&mut expected, t2);
+    let updated = store.update(record.id, &later, t2).await.unwrap().unwrap();
+    assert_eq!(updated, expected);
+    assert_eq!(updated.revoked_at, Some(t1));
+    assert_eq!(updated.description.as_deref(), Some("back"));
+
+    // An empty patch only touches updated_at; None leaves nullable fields alone.
+    let t3 = t2 + Duration::hours(1);
+    KeyPatch::default().apply_to(&mut expected, t3);
+    let updated = store
+        .update(record.id, &KeyPatch::default(), t3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated, expected);
+    assert_eq!(updated.updated_at, t3);
+    assert_eq!(store.get(record.id).await.unwrap(), Some(expected));
+}
+
+/// Nine patches per key, each setting a different field to a value derived from `k`.
+fn field_patches(k: usize, at: OffsetDateTime) -> Vec<KeyPatch> {
+    let none = KeyPatch::default;
+    vec![
+        KeyPatch {
+            name: Some(format!("name-{k}")),
+            ..none()
+        },
+        KeyPatch {
+            description: Some(Some(format!("description-{k}"))),
+            ..none()
+        },
+        KeyPatch {
+            scopes: Some(vec![format!("scope-{k}"), "shared".into()]),
+            ..none()
+        },
+        KeyPatch {
+            read_only: Some(true),
+            ..none()
+        },
+        KeyPatch {
+            metadata: Some(json!({ "k": k })),
+            ..none()
+        },
+        KeyPatch {
+            rate_limit: Some(Some(format!("{}/min", k + 1).parse().unwrap())),
+            ..none()
+        },
+        KeyPatch {
+            expires_at: Some(Some(at + Duration::days(k as i64 + 1))),
+            ..none()
+        },
+        KeyPatch {
+            revoked_at: Some(at),
+            ..none()
+        },
+        KeyPatch {
+            disabled: Some(true),
+            ..none()
+        },
+    ]
+}
+
+async fn concurrent_updates_of_different_fields_are_all_kept(store: Store) {
+    const KEYS: usize = 3;
+    const USES_PER_KEY: u64 = 5;
+    let now = BASE + Duration::minutes(5);
+    let records: Vec<KeyRecord> = (0..KEYS).map(|_| plain("users", "racer")).collect();
+    for r in &records {
+        store.insert(r).await.unwrap();
+    }
+    let tasks = KEYS * (field_patches(0, now).len() + USES_PER_KEY as usize);
+    assert!(tasks >= 20);
+    let barrier = Arc::new(Barrier::new(tasks));
+    let mut handles = Vec::new();
+    for (k, r) in records.iter().enumerate() {
+        for patch in field_patches(k, now) {
+            let (store, barrier, id) = (store.clone(), barrier.clone(), r.id);
+            handles.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let updated = store.update(id, &patch, now).await.unwrap();
+                assert!(updated.is_some());
+            }));
+        }
+        for n in 0..USES_PER_KEY {
+            let (store, barrier, id) = (store.clone(), barrier.clone(), r.id);
+            handles.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let usage = KeyUsage {
+                    id,
+                    last_used_at: now + Duration::seconds(n as i64),
+                    uses: 1,
+                };
+                store.record_usage(&[usage]).await.unwrap();
+            }));
+        }
+    }
+    assert_eq!(handles.len(), tasks);
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    for (k, r) in records.iter().enumerate() {
+        let mut expected = r.clone();
+        for patch in field_patches(k, now) {
+            patch.apply_to(&mut expected, now);
+        }
+        expected.use_count = USES_PER_KEY;
+        expected.last_used_at = Some(now + Duration::seconds(USES_PER_KEY as i64 - 1));
+        assert_eq!(store.get(r.id).await.unwrap(), Some(expected), "key {k}");
+    }
+}
+
+async fn redigest_is_compare_and_set(store: Store) {
+    let a = full();
+    let b = plain("users", "bob");
+    store.insert(&a).await.unwrap();
+    store.insert(&b).await.unwrap();
+    let new_secret = SecretId::from_bytes([9; 8]);
+
+    // Wrong old digest: nothing changes.
+    let changed = store
+        .redigest(a.id, &digest(), &digest(), new_secret)
+        .await
+        .unwrap();
+    assert!(!changed);
+    assert_eq!(store.get(a.id).await.unwrap(), Some(a.clone()));
+
+    // A new digest that belongs to another key conflicts and changes nothing.
+    let err = store
+        .redigest(a.id, &a.digest, &b.digest, new_secret)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}");
+    assert_eq!(store.get(a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(
+        store.find_by_digest(&b.digest).await.unwrap(),
+        Some(b.clone())
+    );
+
+    // The right old digest swaps digest and secret id, and nothing else.
+    let new = digest();
+    assert!(store
+        .redigest(a.id, &a.digest, &new, new_secret)
+        .await
+        .unwrap());
+    let expected = KeyRecord {
+        digest: new,
+        secret_id: new_secret,
+        ..a.clone()
+    };
+    assert_eq!(
+        store.find_by_digest(&new).await.unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(store.find_by_digest(&a.digest).await.unwrap(), None);
+    assert_eq!(store.get(a.id).await.unwrap(), Some(expected));
+
+    // The old digest no longer matches: a second migration loses the race.
+    assert!(!store
+        .redigest(a.id, &a.digest, &digest(), new_secret)
+        .await
+        .unwrap());
+    // Another key's id with this key's digest is not a match either.
+    assert!(!store
+        .redigest(b.id, &new, &digest(), new_secret)
+        .await
+        .unwrap());
+}
+
+async fn delete_returns_the_row_and_frees_the_digest(store: Store) {
+    let record = full();
+    let other = plain("users", "keep");
+    store.insert(&record).await.unwrap();
+    store.insert(&other).await.unwrap();
+    assert_eq!(store.delete(record.id).await.unwrap(), Some(record.clone()));
+    assert_eq!(store.find_by_digest(&record.digest).await.unwrap(), None);
+    assert_eq!(store.get(record.id).await.unwrap(), None);
+    assert_eq!(store.delete(record.id).await.unwrap(), None);
+    assert_eq!(store.get(other.id).await.unwrap(), Some(other));
+
+    let reuse = KeyRecord {
+        digest: record.digest,
+        ..plain("users", "new")
+    };
+    store.insert(&reuse).await.unwrap();
+    assert_eq!(
+        store.find_by_digest(&record.digest).await.unwrap(),
+        Some(reuse)
+    );
+}
+
+async fn list_paginates_in_id_order(store: Store) {
+    let mut records: Vec<KeyRecord> = (0..23).map(|_| plain("pages", "p")).collect();
+    let mut expected: Vec<Uuid> = records.iter().map(|r| r.id).collect();
+    expected.sort();
+    // Insert out of order: listings follow ids, not insertion order.
+    records.reverse();
+    records.swap(3, 17);
+    for r in &records {
+        store.insert(r).await.unwrap();
+    }
+    store.insert(&plain("elsewhere", "p")).await.unwrap();
+
+    let mut q = KeyQuery {
+        collection: Some("pages".into()),
+        limit: 5,
+        ..query()
+    };
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    loop {
+        let page = store.list(&q).await.unwrap();
+        sizes.push(page.items.len());
+        seen.extend(page.items.iter().map(|r| r.id));
+        match page.next_cursor {
+            Some(cursor) => {
+                assert_eq!(Some(cursor), page.items.last().map(|r| r.id));
+                q.after = Some(cursor);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [5, 5, 5, 5, 3]);
+    assert_eq!(seen, expected, "ordered, no duplicates, no gaps");
+
+    // A page that ends exactly at the last record has no cursor.
+    let whole = store
+        .list(&KeyQuery {
+            collection: Some("pages".into()),
+            limit: 23,
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert_eq!(whole.items.len(), 23);
+    assert_eq!(whole.next_cursor, None);
+    let first = store
+        .list(&KeyQuery {
+            collection: Some("pages".into()),
+            limit: 22,
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.next_cursor, Some(expected[21]));
+    let rest = store
+        .list(&KeyQuery {
+            collection: Some("pages".into()),
+            after: first.next_cursor,
+            limit: 22,
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [expected[22]]
+    );
+    assert_eq!(rest.next_cursor, None);
+
+    // A cursor past everything gives an empty last page.
+    let empty = store
+        .list(&KeyQuery {
+            after: Some(Uuid::max()),
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert!(empty.items.is_empty());
+    assert_eq!(empty.next_cursor, None);
+}
+
+async fn list_filters_by_collection_subject_and_state(store: Store) {
+    let now = datetime!(2032-01-01 0:00 UTC);
+    let make = |collection: &str,
+                subject: &str,
+                expires: Option<OffsetDateTime>,
+                revoked: bool,
+                disabled: bool| KeyRecord {
+        expires_at: expires,
+        revoked_at: revoked.then_some(now - Duration::days(1)),
+        disabled,
+        ..plain(collection, subject)
+    };
+    let past = Some(now - Duration::seconds(1));
+    let future = Some(now + Duration::microseconds(1));
+    let cases = [
+        (
+            "never expires",
+            make("users", "alice", None, false, false),
+            KeyState::Active,
+        ),
+        (
+            "expires later",
+            make("teams", "bob", future, false, false),
+            KeyState::Active,
+        ),
+        (
+            "expires now",
+            make("users", "bob", Some(now), false, false),
+            KeyState::Expired,
+        ),
+        (
+            "expired",
+            make("teams", "alice", past, false, false),
+            KeyState::Expired,
+        ),
+        (
+            "revoked",
+            make("users", "alice", future, true, false),
+            KeyState::Revoked,
+        ),
+        (
+            "revoked wins",
+            make("teams", "bob", past, true, true),
+            KeyState::Revoked,
+        ),
+        (
+            "disabled",
+            make("users", "bob", None, false, true),
+            KeyState::Disabled,
+        ),
+        (
+            "disabled wins",
+            make("teams", "alice", past, false, true),
+            KeyState::Disabled,
+        ),
+    ];
+    for (name, record, state) in &cases {
+        assert_eq!(record.state(now), *state, "fixture {name}");
+        store.insert(record).await.unwrap();
+    }
+    let records: Vec<&KeyRecord> = cases.iter().map(|(_, r, _)| r).collect();
+    let expect = |keep: &dyn Fn(&KeyRecord) -> bool| -> Vec<Uuid> {
+        let ids: BTreeSet<Uuid> = records.iter().filter(|r| keep(r)).map(|r| r.id).collect();
+        ids.into_iter().collect()
+    };
+
+    for state in [
+        KeyState::Active,
+        KeyState::Expired,
+        KeyState::Revoked,
+        KeyState::Disabled,
+    ] {
+        let q = KeyQuery {
+            state: Some(state),
+            now,
+            limit: 1,
+            ..KeyQuery::new()
+        };
+        let got = list_all(&store, q).await;
+        assert_eq!(got.len(), 2, "{state:?}");
+        assert_eq!(got, expect(&|r| r.state(now) == state), "{state:?}");
+    }
+
+    // Judged at `query.now`, not the wall clock: a day later "expires later" is expired too.
+    let later = KeyQuery {
+        state: Some(KeyState::Expired),
+        now: now + Duration::days(1),
+        ..KeyQuery::new()
+    };
+    assert_eq!(list_all(&store, later).await.len(), 3);
+
+    let by_collection = KeyQuery {
+        collection: Some("users".into()),
+        now,
+        limit: 3,
+        ..KeyQuery::new()
+    };
+    assert_eq!(
+        list_all(&store, by_collection).await,
+        expect(&|r| r.collection == "users")
+    );
+    let by_subject = KeyQuery {
+        subject: Some("bob".into()),
+        now,
+        ..KeyQuery::new()
+    };
+    assert_eq!(
+        list_all(&store, by_subject).await,
+        expect(&|r| r.subject == "bob")
+    );
+    let combined = KeyQuery {
+        collection: Some("teams".into()),
+        subject: Some("alice".into()),
+        state: Some(KeyState::Disabled),
+        now,
+        ..KeyQuery::new()
+    };
+    let got = list_all(&store, combined).await;
+    assert_eq!(got, [cases[7].1.id]);
+    let none = KeyQuery {
+        collection: Some("nobody".into()),
+        now,
+        ..KeyQuery::new()
+    };
+    assert!(list_all(&store, none).await.is_empty());
+}
+
+async fn list_clamps_the_limit(store: Store) {
+    for _ in 0..3 {
+        store.insert(&plain("users", "c")).await.unwrap();
+    }
+    let page = store
+        .list(&KeyQuery {
+            limit: 0,
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert!(page.next_cursor.is_some());
+    let page = store
+        .list(&KeyQuery {
+            limit: u32::MAX,
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 3);
+    assert_eq!(page.next_cursor, None);
+}
+
+async fn record_usage_accumulates(store: Store) {
+    let fresh = plain("users", "usage");
+    let used = full();
+    store.insert(&fresh).await.unwrap();
+    store.insert(&used).await.unwrap();
+    let (t0, t1, t2) = (
+        BASE - Duration::days(1),
+        BASE + Duration::days(1),
+        BASE + Duration::days(2),
+    );
+    let usage = |id, at, uses| KeyUsage {
+        id,
+        last_used_at: at,
+        uses,
+    };
+
+    store
+        .record_usage(&[usage(fresh.id, t1, 3), usage(Uuid::now_v7(), t2, 5)])
+        .await
+        .unwrap();
+    let got = store.get(fresh.id).await.unwrap().unwrap();
+    assert_eq!((got.use_count, got.last_used_at), (3, Some(t1)));
+
+    // An older use adds to the count but does not move last_used_at back.
+    store.record_usage(&[usage(fresh.id, t0, 2)]).await.unwrap();
+    let got = store.get(fresh.id).await.unwrap().unwrap();
+    assert_eq!((got.use_count, got.last_used_at), (5, Some(t1)));
+
+    // Several entries for one key in a batch all count; the latest wins.
+    store
+        .record_usage(&[
+            usage(fresh.id, t2, 1),
+            usage(used.id, t0, 7),
+            usage(fresh.id, t1, 4),
+        ])
+        .await
+        .unwrap();
+    store.record_usage(&[]).await.unwrap();
+
+    let expected_fresh = KeyRecord {
+        use_count: 10,
+        last_used_at: Some(t2),
+        ..fresh.clone()
+    };
+    assert_eq!(store.get(fresh.id).await.unwrap(), Some(expected_fresh));
+    // The full record's earlier last_used_at (BASE + 2h) is later than t0: kept.
+    let expected_used = KeyRecord {
+        use_count: used.use_count + 7,
+        ..used.clone()
+    };
+    assert_eq!(store.get(used.id).await.unwrap(), Some(expected_used));
+}
