@@ -32,6 +32,8 @@ pub use manage::{
     parse_duration, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
     ManageErrorKind, NewKey,
 };
+#[cfg(feature = "manage-api")]
+pub use manage::management_router;
 pub use principal::Principal;
 pub use ratelimit::{RateLimitParseError, RateLimitPolicy};
 pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};

@@ -34,8 +34,12 @@ use crate::store::{
 };
 
 mod expiry;
+#[cfg(feature = "manage-api")]
+mod http;
 
 pub use expiry::{parse_duration, DurationParseError, ExpiresIn};
+#[cfg(feature = "manage-api")]
+pub use http::management_router;
 
 /// Longest accepted name, description, subject and metadata, in bytes.
 const MAX_NAME: usize = 200;

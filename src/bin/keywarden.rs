@@ -1,0 +1,2 @@
+//! The keywarden CLI (placeholder).
+fn main() {}
