@@ -39,7 +39,8 @@ use crate::principal::Principal;
 use crate::rejection::AuthRejection;
 use crate::secret::{Digest, SecretRing};
 use crate::service::ApiKeyService;
-use crate::store::KeyStore;
+use crate::store::{KeyStore, StoreError};
+use crate::usage::UsageRecorder;
 use crate::verify::{CollectionConfig, IdentityMapper, Mode, Prepared, Shared};
 
 /// A collection of keys, named by the slug clients send in
@@ -129,6 +130,7 @@ pub struct ApiKeyLayerBuilder {
     cache: CacheConfig,
     clock: Arc<dyn Clock>,
     identity: Option<IdentityMapper>,
+    usage_interval: Option<Duration>,
 }
 
 impl Default for ApiKeyLayerBuilder {
@@ -145,9 +147,13 @@ impl Default for ApiKeyLayerBuilder {
             cache: CacheConfig::default(),
             clock: Arc::new(SystemClock),
             identity: None,
+            usage_interval: Some(DEFAULT_USAGE_INTERVAL),
         }
     }
 }
+
+/// How often recorded uses are flushed to the store by default.
+const DEFAULT_USAGE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl fmt::Debug for ApiKeyLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -243,6 +249,14 @@ impl ApiKeyLayerBuilder {
         self
     }
 
+    /// How often `last_used_at` and use counts are written to the store, in one batch
+    /// (default 10 s); `None` turns usage tracking off. Uses are never written per request.
+    /// Call [`ApiKeyLayer::flush_usage`] at shutdown to write the last ones.
+    pub fn usage_flush_interval(mut self, interval: Option<Duration>) -> Self {
+        self.usage_interval = interval.filter(|i| !i.is_zero());
+        self
+    }
+
     /// Maps the principal to the application's own identity type, inserted into request
     /// extensions beside the [`Principal`] so existing handlers and extractors run unchanged.
     /// The mapping runs once per cache fill, not per request.
@@ -314,6 +328,9 @@ impl ApiKeyLayerBuilder {
             extractor = extractor.ignore_foreign_bearer(self.format.clone());
         }
         let any_opaque = collections.iter().any(|c| c.opaque);
+        let usage = self
+            .usage_interval
+            .map(|interval| UsageRecorder::new(store.clone(), interval));
         Ok(ApiKeyLayer {
             shared: Arc::new(Shared {
                 store,
@@ -327,6 +344,7 @@ impl ApiKeyLayerBuilder {
                 cache: KeyCache::new(self.cache),
                 clock: self.clock,
                 identity: self.identity,
+                usage,
             }),
         })
     }
@@ -392,6 +410,18 @@ impl ApiKeyLayer {
     /// Drops one cached digest (for example a cached not-found entry for a new key).
     pub async fn invalidate_digest(&self, digest: &Digest) {
         self.shared.cache.invalidate_digest(digest).await;
+    }
+
+    /// Writes pending `last_used_at` and use counts to the store now. Call it at shutdown;
+    /// otherwise a background task does it every flush interval.
+    ///
+    /// # Errors
+    /// The store's error; the uses stay pending and are retried by the next flush.
+    pub async fn flush_usage(&self) -> Result<(), StoreError> {
+        match &self.shared.usage {
+            Some(usage) => usage.flush().await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// Drops the whole cache.

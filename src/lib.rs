@@ -16,6 +16,7 @@ mod scope;
 mod secret;
 mod service;
 mod store;
+mod usage;
 mod verify;
 
 pub use body::AuthBody;
@@ -28,12 +29,12 @@ pub use key::{
     KEY_REGEX, MAX_KEY_LEN,
 };
 pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Collection};
+#[cfg(feature = "manage-api")]
+pub use manage::management_router;
 pub use manage::{
     parse_duration, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
     ManageErrorKind, NewKey,
 };
-#[cfg(feature = "manage-api")]
-pub use manage::management_router;
 pub use principal::Principal;
 pub use ratelimit::{RateLimitParseError, RateLimitPolicy};
 pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};

@@ -155,6 +155,7 @@ where
                 key_id = %resolved.principal.key_id(),
                 "request authenticated"
             );
+            shared.record_use(&resolved);
             shared.protect_headers(req.headers_mut(), lookup.from_authorization);
             let extensions = req.extensions_mut();
             if let Some(identity) = &resolved.identity {

@@ -13,6 +13,7 @@ use crate::principal::Principal;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::secret::{Digest, SecretId, SecretRing};
 use crate::store::{KeyRecord, KeyStore, StoreError};
+use crate::usage::UsageRecorder;
 
 /// Whether requests without a credential are rejected or passed through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,6 +46,7 @@ pub(crate) struct Shared {
     pub(crate) cache: KeyCache,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) identity: Option<IdentityMapper>,
+    pub(crate) usage: Option<Arc<UsageRecorder>>,
 }
 
 /// The synchronous first half of a request: what to do before any I/O.
@@ -231,6 +233,13 @@ impl Shared {
             ));
         }
         Ok(())
+    }
+
+    /// Notes a successful use, written behind in batches.
+    pub(crate) fn record_use(&self, resolved: &Resolved) {
+        if let Some(usage) = &self.usage {
+            usage.record(resolved.principal.key_id(), self.clock.now());
+        }
     }
 
     /// Marks the credential headers sensitive, and strips them if configured.

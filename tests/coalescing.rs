@@ -3,69 +3,14 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use keywarden::{
-    ApiKeyLayer, Collection, Digest, KeyPage, KeyPatch, KeyPrefix, KeyQuery, KeyRecord, KeyStore,
-    KeyUsage, MemoryStore, NewKey, SecretId, StoreError,
-};
-use support::{get_with, ring};
-use time::OffsetDateTime;
-use uuid::Uuid;
-
-/// Counts digest lookups and makes each one slow, so concurrent requests overlap.
-#[derive(Debug, Default)]
-struct CountingStore {
-    inner: MemoryStore,
-    lookups: AtomicUsize,
-}
-
-#[async_trait]
-impl KeyStore for CountingStore {
-    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.insert(record).await
-    }
-    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.lookups.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.inner.find_by_digest(digest).await
-    }
-    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn update(
-        &self,
-        id: Uuid,
-        patch: &KeyPatch,
-        now: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.update(id, patch, now).await
-    }
-    async fn redigest(
-        &self,
-        id: Uuid,
-        old: &Digest,
-        new: &Digest,
-        secret_id: SecretId,
-    ) -> Result<bool, StoreError> {
-        self.inner.redigest(id, old, new, secret_id).await
-    }
-    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.delete(id).await
-    }
-    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
-        self.inner.list(query).await
-    }
-    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
-        self.inner.record_usage(usage).await
-    }
-}
+use keywarden::{ApiKeyLayer, Collection, KeyPrefix, NewKey};
+use support::{get_with, ring, CountingStore};
 
 fn setup() -> (Arc<CountingStore>, ApiKeyLayer, axum::Router) {
-    let store = Arc::new(CountingStore::default());
+    let store = Arc::new(CountingStore::slow(Duration::from_millis(50)));
     let layer = ApiKeyLayer::builder()
         .store(store.clone())
         .secrets(ring())
@@ -102,10 +47,10 @@ async fn a_thousand_concurrent_unknown_keys_make_one_query() {
     let unknown = KeyPrefix::new("kw_live").unwrap().generate();
     let statuses = concurrently(&app, unknown.expose(), 1000).await;
     assert!(statuses.iter().all(|&s| s == 401));
-    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(store.lookups(), 1);
     // The not-found result is cached too.
     concurrently(&app, unknown.expose(), 10).await;
-    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(store.lookups(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -115,7 +60,7 @@ async fn a_thousand_concurrent_valid_requests_make_one_query() {
     let key = manager.create(NewKey::new("k", "alice")).await.unwrap().key;
     let statuses = concurrently(&app, key.expose(), 1000).await;
     assert!(statuses.iter().all(|&s| s == 200));
-    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(store.lookups(), 1);
 }
 
 #[tokio::test]
@@ -140,5 +85,5 @@ async fn malformed_keys_never_reach_the_store() {
     )
     .await;
     assert_eq!(reply.code(), "invalid_key");
-    assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
+    assert_eq!(store.lookups(), 0);
 }

@@ -158,3 +158,91 @@ pub fn service_url(var: &str) -> Option<String> {
         }
     }
 }
+
+/// A memory store that counts digest lookups and usage writes, optionally slowing lookups
+/// so concurrent requests overlap.
+#[derive(Debug, Default)]
+pub struct CountingStore {
+    pub inner: MemoryStore,
+    pub lookups: std::sync::atomic::AtomicUsize,
+    pub usage_writes: std::sync::atomic::AtomicUsize,
+    pub delay: std::time::Duration,
+}
+
+impl CountingStore {
+    pub fn slow(delay: std::time::Duration) -> Self {
+        Self {
+            delay,
+            ..Self::default()
+        }
+    }
+
+    pub fn lookups(&self) -> usize {
+        self.lookups.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn usage_writes(&self) -> usize {
+        self.usage_writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl keywarden::KeyStore for CountingStore {
+    async fn insert(&self, record: &keywarden::KeyRecord) -> Result<(), keywarden::StoreError> {
+        self.inner.insert(record).await
+    }
+    async fn find_by_digest(
+        &self,
+        digest: &keywarden::Digest,
+    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.inner.find_by_digest(digest).await
+    }
+    async fn get(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        self.inner.get(id).await
+    }
+    async fn update(
+        &self,
+        id: uuid::Uuid,
+        patch: &keywarden::KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        self.inner.update(id, patch, now).await
+    }
+    async fn redigest(
+        &self,
+        id: uuid::Uuid,
+        old: &keywarden::Digest,
+        new: &keywarden::Digest,
+        secret_id: keywarden::SecretId,
+    ) -> Result<bool, keywarden::StoreError> {
+        self.inner.redigest(id, old, new, secret_id).await
+    }
+    async fn delete(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn list(
+        &self,
+        query: &keywarden::KeyQuery,
+    ) -> Result<keywarden::KeyPage, keywarden::StoreError> {
+        self.inner.list(query).await
+    }
+    async fn record_usage(
+        &self,
+        usage: &[keywarden::KeyUsage],
+    ) -> Result<(), keywarden::StoreError> {
+        self.usage_writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.record_usage(usage).await
+    }
+}

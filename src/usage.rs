@@ -1,0 +1,142 @@
+//! Write-behind usage tracking: `last_used_at` and use counts, batched.
+//!
+//! The request path adds to an in-memory map (one sharded-map update, no I/O); a background
+//! task flushes the map to the store every interval in one `record_usage` call. A failed flush
+//! puts the counts back so the next one retries them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::store::{KeyStore, KeyUsage, StoreError};
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    uses: u64,
+    last: OffsetDateTime,
+}
+
+#[derive(Debug)]
+pub(crate) struct UsageRecorder {
+    pending: DashMap<Uuid, Pending>,
+    store: Arc<dyn KeyStore>,
+    interval: Duration,
+    started: AtomicBool,
+}
+
+impl UsageRecorder {
+    pub(crate) fn new(store: Arc<dyn KeyStore>, interval: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            pending: DashMap::new(),
+            store,
+            interval,
+            started: AtomicBool::new(false),
+        })
+    }
+
+    /// Notes one use. Starts the flusher on first use, inside the caller's runtime.
+    pub(crate) fn record(self: &Arc<Self>, id: Uuid, at: OffsetDateTime) {
+        self.pending
+            .entry(id)
+            .and_modify(|p| {
+                p.uses += 1;
+                if at > p.last {
+                    p.last = at;
+                }
+            })
+            .or_insert(Pending { uses: 1, last: at });
+        if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
+            self.spawn_flusher();
+        }
+    }
+
+    fn spawn_flusher(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (a synchronous caller): uses are flushed by `flush` only.
+            self.started.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let interval = self.interval;
+        runtime.spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                // The layer is gone: stop. Its last uses were flushed by `flush`, if called.
+                let Some(recorder) = weak.upgrade() else { break };
+                if let Err(error) = recorder.flush().await {
+                    tracing::warn!(target: "keywarden", error = %error, "flushing key usage failed; will retry");
+                }
+            }
+        });
+    }
+
+    /// Writes every pending use to the store in one batch.
+    pub(crate) async fn flush(&self) -> Result<usize, StoreError> {
+        let ids: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
+        let batch: Vec<KeyUsage> = ids
+            .into_iter()
+            .filter_map(|id| self.pending.remove(&id))
+            .map(|(id, p)| KeyUsage {
+                id,
+                last_used_at: p.last,
+                uses: p.uses,
+            })
+            .collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.store.record_usage(&batch).await {
+            Ok(()) => Ok(batch.len()),
+            Err(error) => {
+                for usage in batch {
+                    self.pending
+                        .entry(usage.id)
+                        .and_modify(|p| {
+                            p.uses += usage.uses;
+                            p.last = p.last.max(usage.last_used_at);
+                        })
+                        .or_insert(Pending {
+                            uses: usage.uses,
+                            last: usage.last_used_at,
+                        });
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::record;
+    use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn batches_merge_counts_and_keep_the_latest_time() {
+        let store = Arc::new(MemoryStore::new());
+        let r = record(1);
+        store.insert(&r).await.unwrap();
+        let recorder = UsageRecorder::new(store.clone(), Duration::from_secs(3600));
+        let t0 = OffsetDateTime::now_utc();
+        recorder.record(r.id, t0 + time::Duration::seconds(5));
+        recorder.record(r.id, t0);
+        recorder.record(Uuid::now_v7(), t0);
+        assert_eq!(recorder.flush().await.unwrap(), 2);
+        assert_eq!(
+            recorder.flush().await.unwrap(),
+            0,
+            "nothing pending after a flush"
+        );
+        let stored = store.get(r.id).await.unwrap().unwrap();
+        assert_eq!(stored.use_count, 2);
+        assert_eq!(stored.last_used_at, Some(t0 + time::Duration::seconds(5)));
+    }
+}
