@@ -33,7 +33,7 @@ pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Col
 pub use manage::management_router;
 pub use manage::{
     parse_duration, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
-    ManageErrorKind, NewKey,
+    ManageErrorKind, NewKey, RevealKey, REVEAL_KEY_ENV,
 };
 pub use principal::Principal;
 pub use ratelimit::{RateLimitParseError, RateLimitPolicy};

@@ -36,10 +36,12 @@ use crate::store::{
 mod expiry;
 #[cfg(feature = "manage-api")]
 mod http;
+mod reveal;
 
 pub use expiry::{parse_duration, DurationParseError, ExpiresIn};
 #[cfg(feature = "manage-api")]
 pub use http::management_router;
+pub use reveal::{RevealKey, REVEAL_KEY_ENV};
 
 /// Longest accepted name, description, subject and metadata, in bytes.
 const MAX_NAME: usize = 200;
@@ -180,6 +182,9 @@ pub enum ManageErrorKind {
     Conflict,
     /// The store failed.
     Store,
+    /// The key cannot be revealed: viewable keys are off, the key was created while they
+    /// were off, or the reveal key is not the one that encrypted it.
+    NotRevealable,
 }
 
 /// A management error. Never contains key material.
@@ -207,6 +212,15 @@ impl ManageError {
         Self {
             kind: ManageErrorKind::Invalid,
             field: Some(field),
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    fn not_revealable(message: impl Into<String>) -> Self {
+        Self {
+            kind: ManageErrorKind::NotRevealable,
+            field: None,
             message: message.into(),
             source: None,
         }
@@ -263,6 +277,7 @@ pub struct KeyManager {
     format: KeyFormat,
     clock: Arc<dyn Clock>,
     layers: Vec<ApiKeyLayer>,
+    reveal: Option<RevealKey>,
 }
 
 impl fmt::Debug for KeyManager {
@@ -271,6 +286,7 @@ impl fmt::Debug for KeyManager {
             .field("store", &self.store)
             .field("secrets", &self.ring)
             .field("format", &self.format)
+            .field("viewable_keys", &self.reveal.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -284,6 +300,7 @@ impl KeyManager {
             format: KeyFormat::default(),
             clock: Arc::new(SystemClock),
             layers: Vec::new(),
+            reveal: None,
         }
     }
 
@@ -296,6 +313,7 @@ impl KeyManager {
             format: layer.key_format().clone(),
             clock: layer.clock(),
             layers: vec![layer.clone()],
+            reveal: None,
         }
     }
 
@@ -310,6 +328,15 @@ impl KeyManager {
     #[must_use]
     pub fn with_key_format(mut self, format: KeyFormat) -> Self {
         self.format = format;
+        self
+    }
+
+    /// Turns on viewable keys: new keys are also stored AES-256-GCM-encrypted with this key
+    /// and can be shown again with [`reveal`](Self::reveal). Off by default: a stolen database
+    /// plus the reveal key yields every viewable key.
+    #[must_use]
+    pub fn with_reveal_key(mut self, key: RevealKey) -> Self {
+        self.reveal = Some(key);
         self
     }
 
@@ -367,8 +394,9 @@ impl KeyManager {
             })?;
         let now = self.now();
         let key = prefix.generate();
+        let id = Uuid::now_v7();
         let record = KeyRecord {
-            id: Uuid::now_v7(),
+            id,
             digest: self.ring.digest(key.expose().as_bytes()),
             secret_id: self.ring.current_id(),
             display_start: key.display_start(),
@@ -390,7 +418,7 @@ impl KeyManager {
             revoked_at: None,
             disabled: false,
             rotated_from,
-            encrypted_key: None,
+            encrypted_key: self.reveal.as_ref().map(|r| r.seal(id, &key)),
         };
         self.store.insert(&record).await?;
         // A client may have tried this digest before it existed: drop the cached not-found.
@@ -410,6 +438,30 @@ impl KeyManager {
             .get(id)
             .await?
             .ok_or_else(|| ManageError::not_found(id))
+    }
+
+    /// The plaintext of a viewable key.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotRevealable`] when viewable keys are off, the key was created
+    /// without them, or it was encrypted under another reveal key; also `NotFound` and `Store`.
+    pub async fn reveal(&self, id: Uuid) -> Result<ApiKey, ManageError> {
+        let Some(reveal) = &self.reveal else {
+            return Err(ManageError::not_revealable(
+                "viewable keys are not enabled (configure a reveal key)",
+            ));
+        };
+        let record = self.get(id).await?;
+        let sealed = record.encrypted_key.as_deref().ok_or_else(|| {
+            ManageError::not_revealable("this key was created without viewable keys")
+        })?;
+        let key = reveal.open(id, sealed).ok_or_else(|| {
+            ManageError::not_revealable(
+                "the key cannot be decrypted with the configured reveal key",
+            )
+        })?;
+        tracing::info!(target: "keywarden", key_id = %id, "key revealed");
+        Ok(key)
     }
 
     /// One page of keys.
@@ -720,6 +772,36 @@ mod tests {
                 .kind(),
             ManageErrorKind::Invalid
         );
+    }
+
+    #[tokio::test]
+    async fn viewable_keys_are_revealed_only_when_enabled() {
+        let (plain, _) = manager();
+        let created = plain.create(NewKey::new("k", "u")).await.unwrap();
+        assert!(created.record.encrypted_key.is_none());
+        let err = plain.reveal(created.record.id).await.unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::NotRevealable);
+
+        let secret = crate::secret::Secret::new("reveal-key-for-tests-0123456789abcdef").unwrap();
+        let viewable = KeyManager::new(plain.store().clone(), plain.ring.clone())
+            .with_reveal_key(RevealKey::new(&secret));
+        let err = viewable.reveal(created.record.id).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ManageErrorKind::NotRevealable,
+            "created while off"
+        );
+        let shown = viewable.create(NewKey::new("v", "u")).await.unwrap();
+        assert_eq!(viewable.reveal(shown.record.id).await.unwrap(), shown.key);
+        let rotated = viewable
+            .rotate(shown.record.id, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(
+            viewable.reveal(rotated.record.id).await.unwrap(),
+            rotated.key
+        );
+        assert!(!format!("{viewable:?}").contains("reveal-key"));
     }
 
     #[tokio::test]
