@@ -1,3 +1,168 @@
-//! placeholder
-#![allow(missing_docs)]
-fn main() {}
+//! The request path's cost, piece by piece, with the raw HMAC alongside for comparison.
+//!
+//! Run: `cargo bench --bench hit_path`. Compare figures within one run only: this machine is
+//! shared and noisy, so ratios against `bare` and `hmac/prepared` are what matter.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::Empty;
+use keywarden::{
+    ApiKey, ApiKeyLayer, Collection, CredentialExtractor, KeyFormat, KeyManager, KeyPrefix,
+    MemoryStore, NewKey, SecretRing,
+};
+use sha2::Sha256;
+use tower::{Layer, Service, ServiceExt};
+
+const SECRET: &str = "benchmark-secret-0123456789-abcdefghijk";
+const CACHED_KEYS: usize = 10_000;
+
+fn noop() -> impl Service<
+    Request<()>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(Empty::new()))
+    })
+}
+
+fn request(key: &str) -> Request<()> {
+    let mut req = Request::new(());
+    req.headers_mut()
+        .insert("x-api-key", HeaderValue::from_str(key).expect("ASCII key"));
+    req
+}
+
+fn primitives(c: &mut Criterion) {
+    let key = KeyPrefix::new("kw_live").unwrap().generate();
+    let ring = SecretRing::from_strs(SECRET, None).unwrap();
+    let format = KeyFormat::default();
+    let mut group = c.benchmark_group("primitives");
+    group.bench_function("hmac/prepared", |b| {
+        b.iter(|| ring.digest(black_box(key.expose().as_bytes())))
+    });
+    group.bench_function("hmac/keyed_per_call", |b| {
+        b.iter(|| {
+            let mut mac = <Hmac<Sha256>>::new_from_slice(black_box(SECRET.as_bytes())).unwrap();
+            mac.update(black_box(key.expose().as_bytes()));
+            mac.finalize().into_bytes()
+        })
+    });
+    group.bench_function("parse/valid", |b| {
+        b.iter(|| format.parse(black_box(key.expose().as_bytes())).is_ok())
+    });
+    let mut bad = key.expose().as_bytes().to_vec();
+    bad[20] = if bad[20] == b'a' { b'b' } else { b'a' };
+    group.bench_function("parse/bad_checksum", |b| {
+        b.iter(|| format.parse(black_box(&bad)).is_err())
+    });
+
+    let extractor = CredentialExtractor::new(["users", "teams", "services"]);
+    for (name, header, value) in [
+        (
+            "extract/payload",
+            "authorization",
+            format!("users API-Key {}", key.expose()),
+        ),
+        (
+            "extract/bearer",
+            "authorization",
+            format!("Bearer {}", key.expose()),
+        ),
+        ("extract/x-api-key", "x-api-key", key.expose().to_owned()),
+    ] {
+        let mut headers = HeaderMap::new();
+        headers.insert(header, HeaderValue::from_str(&value).unwrap());
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                extractor
+                    .extract(black_box(&headers), None)
+                    .unwrap()
+                    .is_some()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn layer_path(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = ApiKeyLayer::builder()
+        .store(Arc::new(MemoryStore::new()))
+        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
+        .collection(Collection::new("users"))
+        .cache_capacity(2 * CACHED_KEYS as u64)
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let keys: Vec<ApiKey> = runtime.block_on(async {
+        let mut keys = Vec::with_capacity(CACHED_KEYS);
+        for i in 0..CACHED_KEYS {
+            keys.push(
+                manager
+                    .create(NewKey::new(format!("k{i}"), format!("u{i}")))
+                    .await
+                    .unwrap()
+                    .key,
+            );
+        }
+        keys
+    });
+    let service = layer.layer(noop());
+    // Warm the cache with every key.
+    runtime.block_on(async {
+        for key in &keys {
+            let response = service
+                .clone()
+                .oneshot(request(key.expose()))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    });
+    let bare = noop();
+    let mut group = c.benchmark_group("layer");
+    group.bench_function("bare", |b| {
+        b.to_async(&runtime)
+            .iter(|| bare.clone().oneshot(request(keys[0].expose())))
+    });
+    group.bench_function("hit/one_key", |b| {
+        b.to_async(&runtime)
+            .iter(|| service.clone().oneshot(request(keys[0].expose())))
+    });
+    let mut next = 0usize;
+    group.bench_function("hit/10k_keys_random", |b| {
+        b.to_async(&runtime).iter_batched(
+            || {
+                // A cheap LCG walk so the key order is not sequential.
+                next = (next
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407))
+                    % CACHED_KEYS;
+                request(keys[next].expose())
+            },
+            |req| service.clone().oneshot(req),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut malformed = keys[0].expose().to_owned();
+    malformed.replace_range(20..21, if &malformed[20..21] == "a" { "b" } else { "a" });
+    group.bench_function("reject/malformed", |b| {
+        b.to_async(&runtime)
+            .iter(|| service.clone().oneshot(request(&malformed)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, primitives, layer_path);
+criterion_main!(benches);

@@ -6,6 +6,8 @@ mod body;
 mod cache;
 mod clock;
 mod credential;
+#[cfg(feature = "manage-api")]
+mod demo;
 mod key;
 mod layer;
 mod manage;
@@ -24,6 +26,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use credential::{
     Credential, CredentialError, CredentialExtractor, CredentialSource, X_API_KEY,
 };
+#[cfg(feature = "manage-api")]
+pub use demo::{demo_layer_builder, demo_router, DEMO_COLLECTIONS};
 pub use key::{
     validate_opaque, ApiKey, KeyError, KeyFormat, KeyPrefix, ParsedKey, BODY_LEN, CHECKSUM_LEN,
     KEY_REGEX, MAX_KEY_LEN,

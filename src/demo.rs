@@ -1,0 +1,126 @@
+//! The demo service behind `keywarden serve` and the quickstart example.
+//!
+//! `GET /healthz` is open; `GET /whoami` and the management API under `/admin` sit behind the
+//! layer. Keys of the collections `users`, `teams` and `services` are accepted.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keywarden::{demo_layer_builder, demo_router, KeyManager, MemoryStore, SecretRing};
+//!
+//! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+//! let layer = demo_layer_builder()
+//!     .store(Arc::new(MemoryStore::new()))
+//!     .secrets(secrets)
+//!     .build()
+//!     .unwrap();
+//! // The manager invalidates this layer's cache when a key is revoked, updated or deleted.
+//! let manager = Arc::new(KeyManager::for_layer(&layer));
+//! let app: axum::Router = demo_router(layer, manager);
+//! # let _ = app;
+//! ```
+
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::layer::{ApiKeyLayer, ApiKeyLayerBuilder, Collection};
+use crate::manage::{management_router, KeyManager};
+use crate::principal::Principal;
+
+/// The collections the demo service accepts, in the order they are configured.
+pub const DEMO_COLLECTIONS: [&str; 3] = ["users", "teams", "services"];
+
+/// A layer builder with the demo collections (`users`, `teams`, `services`) configured. Add a
+/// store and secrets, then [`build`](ApiKeyLayerBuilder::build).
+pub fn demo_layer_builder() -> ApiKeyLayerBuilder {
+    DEMO_COLLECTIONS
+        .iter()
+        .fold(ApiKeyLayer::builder(), |builder, slug| {
+            builder.collection(Collection::new(*slug))
+        })
+}
+
+/// The demo service: `GET /healthz` (open, answers `ok`), `GET /whoami` (the caller's
+/// [`Principal`] as JSON) and [`management_router`] nested under `/admin`, both behind `layer`.
+///
+/// Build `manager` with [`KeyManager::for_layer`] so management changes reach this layer's
+/// cache at once.
+pub fn demo_router(layer: ApiKeyLayer, manager: Arc<KeyManager>) -> Router {
+    Router::new()
+        .route("/whoami", get(whoami))
+        .nest("/admin", management_router(manager))
+        .layer(layer)
+        // Added after `layer`, so it is not authenticated: load balancers probe it keyless.
+        .route("/healthz", get(healthz))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn whoami(principal: Principal) -> Json<Principal> {
+    Json(principal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manage::NewKey;
+    use crate::secret::SecretRing;
+    use crate::store::MemoryStore;
+    use axum::body::Body;
+    use http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    fn app() -> (Router, Arc<KeyManager>) {
+        let secrets = SecretRing::from_strs("demo-test-secret-0123456789abcdefgh", None).unwrap();
+        let layer = demo_layer_builder()
+            .store(Arc::new(MemoryStore::new()))
+            .secrets(secrets)
+            .build()
+            .unwrap();
+        let manager = Arc::new(KeyManager::for_layer(&layer));
+        (demo_router(layer, manager.clone()), manager)
+    }
+
+    #[tokio::test]
+    async fn healthz_is_open_and_whoami_is_not() {
+        let (app, manager) = app();
+        let response = app
+            .clone()
+            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+
+        let response = app
+            .clone()
+            .oneshot(Request::get("/whoami").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+        for collection in DEMO_COLLECTIONS {
+            let created = manager
+                .create(NewKey::new("k", "bob").collection(collection))
+                .await
+                .unwrap();
+            let request = Request::get("/whoami")
+                .header(
+                    "authorization",
+                    format!("{collection} API-Key {}", created.key.expose()),
+                )
+                .body(Body::empty())
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{collection}");
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["subject"], "bob");
+            assert_eq!(json["collection"], collection);
+        }
+    }
+}

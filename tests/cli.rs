@@ -1,0 +1,795 @@
+#![cfg(feature = "cli")]
+//! End-to-end tests of the built `keywarden` binary: key commands against a temporary SQLite
+//! file, one-line errors, and `serve` called over loopback by a real HTTP client.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
+const SECRET: &str = "cli-test-secret-0123456789abcdefghijklmnop";
+
+/// A fresh directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "keywarden-cli-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn db_url(&self) -> String {
+        format!("sqlite://{}", self.0.join("keys.db").display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The binary with a clean keywarden environment, the temp database and optionally a secret.
+fn command(dir: &TempDir, secret: Option<&str>) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir.path());
+    for var in [
+        "KEYWARDEN_SECRET",
+        "KEYWARDEN_PREVIOUS_SECRETS",
+        "KEYWARDEN_DATABASE_URL",
+        "KEYWARDEN_REDIS_URL",
+        "KEYWARDEN_ADDR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("KEYWARDEN_DATABASE_URL", dir.db_url());
+    if let Some(secret) = secret {
+        cmd.env("KEYWARDEN_SECRET", secret);
+    }
+    cmd
+}
+
+fn run(dir: &TempDir, secret: Option<&str>, args: &[&str]) -> Output {
+    command(dir, secret).args(args).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs with the test secret, asserts success, returns stdout.
+#[track_caller]
+fn ok(dir: &TempDir, args: &[&str]) -> String {
+    let output = run(dir, Some(SECRET), args);
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+#[track_caller]
+fn ok_json(dir: &TempDir, args: &[&str]) -> Value {
+    let stdout = ok(dir, args);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"))
+}
+
+/// Asserts a non-zero exit with exactly one `error: ...` line on stderr; returns that line.
+#[track_caller]
+fn fails(dir: &TempDir, secret: Option<&str>, args: &[&str]) -> String {
+    let output = run(dir, secret, args);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{args:?}: want one line, got {stderr:?}"
+    );
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr:?}");
+    stderr.trim_end().to_owned()
+}
+
+fn create_key(dir: &TempDir, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["keys", "create", "--json"];
+    args.extend_from_slice(extra);
+    let json = ok_json(dir, &args);
+    (
+        json["key"].as_str().unwrap().to_owned(),
+        json["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn secret_generate_needs_no_secret() {
+    let dir = TempDir::new("secret");
+    let output = run(&dir, None, &["secret", "generate"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let secret = text(&output.stdout).trim().to_owned();
+    assert_eq!(secret.len(), 43);
+    assert!(secret.bytes().all(|b| b.is_ascii_alphanumeric()));
+
+    let output = run(&dir, None, &["secret", "generate", "--json"]);
+    assert!(output.status.success());
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let other = json["secret"].as_str().unwrap();
+    assert_ne!(other, secret, "each call generates a new secret");
+
+    // The generated secret is accepted as KEYWARDEN_SECRET.
+    let output = run(&dir, Some(&secret), &["keys", "list"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        !text(&output.stdout).contains(&secret) && !text(&output.stderr).contains(&secret),
+        "the secret is never printed back"
+    );
+}
+
+#[test]
+fn create_list_show_with_json_before_and_after_the_subcommand() {
+    let dir = TempDir::new("crud");
+    let json = ok_json(
+        &dir,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "ci deploys",
+            "--subject",
+            "alice",
+            "--owner-kind",
+            "service",
+            "--collection",
+            "services",
+            "--scope",
+            "deploy",
+            "--scope",
+            "read",
+            "--expires-in",
+            "30d",
+            "--rate-limit",
+            "100/min",
+            "--description",
+            "the CI pipeline",
+            "--json",
+        ],
+    );
+    let key = json["key"].as_str().unwrap().to_owned();
+    let id = json["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("kw_live_") && key.len() == 57, "{key}");
+    assert_eq!(json["name"], "ci deploys");
+    assert_eq!(json["subject"], "alice");
+    assert_eq!(json["owner_kind"], "service");
+    assert_eq!(json["collection"], "services");
+    assert_eq!(json["scopes"], serde_json::json!(["deploy", "read"]));
+    assert_eq!(json["rate_limit"], "100/min");
+    assert_eq!(json["state"], "active");
+    assert!(json["expires_at"].is_string());
+    assert!(key.starts_with(json["display_start"].as_str().unwrap()));
+    assert!(json.get("digest").is_none());
+
+    let (test_key, _) = create_key(&dir, &["--name", "test key", "--env", "test"]);
+    assert!(test_key.starts_with("kw_test_"));
+
+    // Human create output: the key once, with the warning.
+    let human = ok(&dir, &["keys", "create", "--name", "human"]);
+    assert!(human.contains("will not be shown again"), "{human}");
+    assert_eq!(human.matches("kw_live_").count(), 1, "{human}");
+
+    // --json before and after the subcommand.
+    for args in [
+        &["--json", "keys", "list"][..],
+        &["keys", "list", "--json"][..],
+        &["keys", "--json", "list"][..],
+    ] {
+        let page = ok_json(&dir, args);
+        let items = page["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3, "{args:?}");
+        assert_eq!(items[0]["id"], id.as_str());
+        assert!(page["next_cursor"].is_null());
+    }
+    let page = ok_json(&dir, &["keys", "list", "--json", "--subject", "alice"]);
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let page = ok_json(&dir, &["keys", "list", "--json", "--limit", "2"]);
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let page = ok_json(&dir, &["keys", "list", "--json", "--after", &cursor]);
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+
+    let table = ok(&dir, &["keys", "list"]);
+    let header = table.lines().next().unwrap();
+    for column in [
+        "ID",
+        "NAME",
+        "DISPLAY",
+        "COLLECTION",
+        "SUBJECT",
+        "STATE",
+        "EXPIRES",
+        "LAST USED",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(table.contains(&id) && table.contains("ci deploys") && table.contains("services"));
+    assert!(!table.contains(&key) && !table.contains(&test_key));
+
+    let shown = ok(&dir, &["keys", "show", &id]);
+    assert!(
+        shown.contains("ci deploys") && shown.contains("the CI pipeline"),
+        "{shown}"
+    );
+    let shown = ok_json(&dir, &["--json", "keys", "show", &id]);
+    assert_eq!(shown["id"], id.as_str());
+    assert!(shown.get("key").is_none());
+    assert!(!shown.to_string().contains(&key));
+
+    // --database-url before and after the subcommand, instead of the environment.
+    let url = dir.db_url();
+    for args in [
+        vec!["--database-url", &url, "keys", "show", &id, "--json"],
+        vec!["keys", "show", &id, "--database-url", &url, "--json"],
+    ] {
+        let output = command(&dir, Some(SECRET))
+            .env_remove("KEYWARDEN_DATABASE_URL")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(json["id"], id.as_str());
+    }
+}
+
+#[test]
+fn update_rotate_revoke_delete() {
+    let dir = TempDir::new("lifecycle");
+    let (key, id) = create_key(&dir, &["--name", "old name", "--scope", "a"]);
+
+    let json = ok_json(
+        &dir,
+        &[
+            "keys",
+            "update",
+            &id,
+            "--name",
+            "new name",
+            "--scope",
+            "b",
+            "--disable",
+            "--json",
+        ],
+    );
+    assert_eq!(json["name"], "new name");
+    assert_eq!(json["scopes"], serde_json::json!(["b"]));
+    assert_eq!(json["state"], "disabled");
+    let json = ok_json(
+        &dir,
+        &[
+            "keys",
+            "update",
+            &id,
+            "--enable",
+            "--read-only",
+            "true",
+            "--expires-in",
+            "7d",
+            "--rate-limit",
+            "5/s",
+            "--json",
+        ],
+    );
+    assert_eq!(json["state"], "active");
+    assert_eq!(json["read_only"], true);
+    assert_eq!(json["rate_limit"], "5/s");
+    assert!(json["expires_at"].is_string());
+    let json = ok_json(
+        &dir,
+        &[
+            "keys",
+            "update",
+            &id,
+            "--no-rate-limit",
+            "--expires-in",
+            "unlimited",
+            "--json",
+        ],
+    );
+    assert!(json["rate_limit"].is_null() && json["expires_at"].is_null());
+
+    let rotated = ok_json(&dir, &["keys", "rotate", &id, "--grace", "1h", "--json"]);
+    let new_key = rotated["key"].as_str().unwrap();
+    assert_ne!(new_key, key);
+    assert_eq!(rotated["rotated_from"], id.as_str());
+    assert_eq!(rotated["old_key_id"], id.as_str());
+    assert!(rotated["old_key_expires_at"].is_string());
+    let human = ok(&dir, &["keys", "rotate", rotated["id"].as_str().unwrap()]);
+    assert!(human.contains("will not be shown again"), "{human}");
+    assert_eq!(human.matches("kw_live_").count(), 1, "{human}");
+
+    let revoked = ok(&dir, &["keys", "revoke", &id]);
+    assert!(revoked.contains(&id), "{revoked}");
+    let json = ok_json(&dir, &["keys", "show", &id, "--json"]);
+    assert_eq!(json["state"], "revoked");
+    assert!(json["revoked_at"].is_string());
+    let page = ok_json(&dir, &["keys", "list", "--state", "revoked", "--json"]);
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+
+    ok(&dir, &["keys", "delete", &id]);
+    let error = fails(&dir, Some(SECRET), &["keys", "show", &id]);
+    assert_eq!(error, format!("error: no key with id {id}"));
+}
+
+#[test]
+fn errors_are_one_line_and_non_zero() {
+    let dir = TempDir::new("errors");
+
+    let error = fails(&dir, None, &["keys", "list"]);
+    assert!(
+        error.contains("KEYWARDEN_SECRET") && error.contains("keywarden secret generate"),
+        "{error}"
+    );
+    assert!(
+        !dir.path().join("keys.db").exists(),
+        "no database is created without a secret"
+    );
+    let error = fails(&dir, Some("too-short"), &["keys", "create", "--name", "x"]);
+    assert!(
+        error.contains("at least 32") && error.contains("keywarden secret generate"),
+        "{error}"
+    );
+    assert!(!error.contains("too-short"), "the secret is not echoed");
+    let error = fails(&dir, None, &["serve", "--addr", "127.0.0.1:0"]);
+    assert!(error.contains("KEYWARDEN_SECRET"), "{error}");
+
+    let unknown = "01900000-0000-7000-8000-000000000000";
+    for args in [
+        &["keys", "show", unknown][..],
+        &["keys", "revoke", unknown][..],
+        &["keys", "rotate", unknown][..],
+        &["keys", "delete", unknown][..],
+        &["keys", "update", unknown, "--name", "n"][..],
+    ] {
+        let error = fails(&dir, Some(SECRET), args);
+        assert_eq!(
+            error,
+            format!("error: no key with id {unknown}"),
+            "{args:?}"
+        );
+    }
+
+    let secret = Some(SECRET);
+    let error = fails(&dir, secret, &["keys", "show", "not-a-uuid"]);
+    assert!(
+        error.contains("not-a-uuid") && error.contains("UUID"),
+        "{error}"
+    );
+    let error = fails(
+        &dir,
+        secret,
+        &["keys", "create", "--name", "x", "--expires-in", "1y"],
+    );
+    assert!(error.contains("duration"), "{error}");
+    let error = fails(
+        &dir,
+        secret,
+        &["keys", "rotate", unknown, "--grace", "soon"],
+    );
+    assert!(error.contains("duration"), "{error}");
+    let error = fails(
+        &dir,
+        secret,
+        &["keys", "create", "--name", "x", "--rate-limit", "lots"],
+    );
+    assert!(error.contains("rate limit"), "{error}");
+    let error = fails(
+        &dir,
+        secret,
+        &["keys", "create", "--name", "x", "--owner-kind", "robot"],
+    );
+    assert!(error.contains("owner kind"), "{error}");
+    let error = fails(
+        &dir,
+        secret,
+        &["keys", "create", "--name", "x", "--env", "prod"],
+    );
+    assert!(error.contains("environment"), "{error}");
+    let error = fails(&dir, secret, &["keys", "create", "--name", " "]);
+    assert!(error.contains("name"), "{error}");
+    let error = fails(
+        &dir,
+        secret,
+        &["keys", "create", "--name", "x", "--metadata", "[1]"],
+    );
+    assert!(error.contains("JSON object"), "{error}");
+    let (_, id) = create_key(&dir, &["--name", "x"]);
+    let error = fails(&dir, secret, &["keys", "update", &id]);
+    assert!(error.contains("nothing to update"), "{error}");
+
+    let error = fails(
+        &dir,
+        secret,
+        &["--database-url", "mysql://db/keys", "keys", "list"],
+    );
+    assert!(error.contains("unsupported database URL"), "{error}");
+    let error = fails(
+        &dir,
+        secret,
+        &[
+            "--database-url",
+            "postgres://me:hunter2@127.0.0.1:1/keys",
+            "keys",
+            "list",
+        ],
+    );
+    assert!(error.contains("PostgreSQL"), "{error}");
+    assert!(
+        !error.contains("hunter2"),
+        "the password is not echoed: {error}"
+    );
+    let missing_dir = format!("sqlite://{}/no/such/dir/keys.db", dir.path().display());
+    let error = fails(
+        &dir,
+        secret,
+        &["--database-url", &missing_dir, "keys", "list"],
+    );
+    assert!(error.contains("SQLite"), "{error}");
+}
+
+#[test]
+fn migrate_needs_no_secret() {
+    let dir = TempDir::new("migrate");
+    let output = run(&dir, None, &["migrate"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(dir.path().join("keys.db").exists());
+    let output = run(&dir, None, &["migrate", "--json"]);
+    assert!(output.status.success());
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["migrated"], true);
+}
+
+#[test]
+fn database_files_hold_no_plaintext_key() {
+    let dir = TempDir::new("bytes");
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        let (key, _) = create_key(&dir, &["--name", &format!("k{i}"), "--scope", "s"]);
+        keys.push(key);
+    }
+    let rotated = ok_json(&dir, &["keys", "list", "--json"]);
+    let first = rotated["items"][0]["id"].as_str().unwrap().to_owned();
+    keys.push(
+        ok_json(&dir, &["keys", "rotate", &first, "--json"])["key"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+
+    // The main file and the WAL: SQLite may not have checkpointed yet.
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("keys.db")
+        {
+            bytes.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    assert!(bytes.len() > 4096);
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for key in &keys {
+        // The display start (prefix and 4 body characters) is stored; nothing after it is.
+        let secret_part = &key["kw_live_".len() + 4..];
+        assert!(!contains(key.as_bytes()), "plaintext key in the database");
+        assert!(
+            !contains(secret_part.as_bytes()),
+            "key body in the database"
+        );
+        assert!(
+            !contains(&secret_part.as_bytes()[..16]),
+            "key body in the database"
+        );
+    }
+    assert!(!contains(SECRET.as_bytes()), "secret in the database");
+}
+
+/// A `keywarden serve` child process, killed on drop (also when a test fails).
+struct Server {
+    child: Child,
+    base: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &TempDir, name: &str) -> Self {
+        let stdout = dir.path().join(format!("{name}.out"));
+        let stderr = dir.path().join(format!("{name}.err"));
+        let child = command(dir, Some(SECRET))
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut server = Self {
+            child,
+            base: String::new(),
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = std::fs::read_to_string(&server.stdout).unwrap_or_default();
+            if let Some(line) = out.lines().find(|l| l.starts_with("listening on ")) {
+                server.base = line["listening on ".len()..].trim().to_owned();
+                return server;
+            }
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("serve exited with {status}: {}", server.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start: {}",
+                server.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn wait_healthy(&self, http: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = http.get(self.url("/healthz")).send().await {
+                if response.status() == 200 {
+                    assert_eq!(response.text().await.unwrap(), "ok");
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "/healthz never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then expects a clean exit (graceful shutdown).
+    #[cfg(unix)]
+    fn terminate(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            return; // no `kill` tool: Drop kills the child
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "serve exited with {status}: {}",
+                    self.stderr()
+                );
+                let out = std::fs::read_to_string(&self.stdout).unwrap();
+                assert!(out.contains("shut down"), "{out}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "serve ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Status and problem code of a rejection; checks the problem+json content type.
+async fn problem(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let json: Value = response.json().await.unwrap();
+    (status, json["code"].as_str().unwrap_or_default().to_owned())
+}
+
+async fn whoami(
+    http: &reqwest::Client,
+    server: &Server,
+    header: (&str, String),
+) -> reqwest::Response {
+    http.get(server.url("/whoami"))
+        .header(header.0, header.1)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header_forms(key: &str) -> [(&'static str, String); 3] {
+    [
+        ("authorization", format!("users API-Key {key}")),
+        ("authorization", format!("Bearer {key}")),
+        ("x-api-key", key.to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn serve_whoami_and_cli_revocation() {
+    let dir = TempDir::new("serve");
+    let (key, id) = create_key(&dir, &["--name", "alice's key", "--subject", "alice"]);
+    let (team_key, _) = create_key(
+        &dir,
+        &[
+            "--name",
+            "team",
+            "--subject",
+            "t1",
+            "--collection",
+            "teams",
+            "--owner-kind",
+            "team",
+        ],
+    );
+    let http = client();
+
+    let server = Server::start(&dir, "serve1");
+    server.wait_healthy(&http).await;
+    for header in header_forms(&key) {
+        let response = whoami(&http, &server, header).await;
+        assert_eq!(response.status(), 200);
+        let json: Value = response.json().await.unwrap();
+        assert_eq!(json["subject"], "alice");
+        assert_eq!(json["collection"], "users");
+        assert_eq!(json["key_id"], id.as_str());
+    }
+    let response = whoami(
+        &http,
+        &server,
+        ("authorization", format!("teams API-Key {team_key}")),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let response = http.get(server.url("/whoami")).send().await.unwrap();
+    assert_eq!(problem(response).await, (401, "missing_credentials".into()));
+    let response = whoami(&http, &server, ("x-api-key", format!("{key}x"))).await;
+    assert_eq!(problem(response).await.0, 401);
+    #[cfg(unix)]
+    server.terminate();
+    #[cfg(not(unix))]
+    drop(server);
+
+    // Revoked by the CLI: a server started afterwards rejects the key.
+    ok(&dir, &["keys", "revoke", &id]);
+    let server = Server::start(&dir, "serve2");
+    server.wait_healthy(&http).await;
+    for header in header_forms(&key) {
+        let response = whoami(&http, &server, header).await;
+        assert_eq!(problem(response).await, (401, "revoked_key".into()));
+    }
+}
+
+#[tokio::test]
+async fn serve_notes_that_redis_is_not_used_yet() {
+    let dir = TempDir::new("redis");
+    let server = {
+        let stdout = dir.path().join("redis.out");
+        let stderr = dir.path().join("redis.err");
+        let child = command(&dir, Some(SECRET))
+            .env("KEYWARDEN_REDIS_URL", "redis://127.0.0.1:1")
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Server {
+            child,
+            base: String::new(),
+            stdout,
+            stderr,
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.stderr().contains("not used yet") {
+        assert!(
+            Instant::now() < deadline,
+            "no Redis note: {}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !server.stderr().contains("127.0.0.1:1"),
+        "the Redis URL is not echoed"
+    );
+}
+
+/// Needs the management API (`keywarden::management_router`) mounted under `/admin`.
+#[tokio::test]
+async fn revocation_through_the_management_api_is_immediate() {
+    let dir = TempDir::new("admin");
+    let (key, id) = create_key(&dir, &["--name", "user key", "--subject", "alice"]);
+    let (admin, _) = create_key(
+        &dir,
+        &[
+            "--name",
+            "admin",
+            "--subject",
+            "ops",
+            "--scope",
+            "keys:admin",
+        ],
+    );
+    let http = client();
+    let server = Server::start(&dir, "admin");
+    server.wait_healthy(&http).await;
+
+    // Cache the user key's principal in the server first.
+    let response = whoami(&http, &server, ("x-api-key", key.clone())).await;
+    assert_eq!(response.status(), 200);
+
+    let response = http
+        .get(server.url("/admin/keys"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "GET /admin/keys");
+    let listing = response.text().await.unwrap();
+    assert!(
+        listing.contains(&id) && !listing.contains(&key),
+        "{listing}"
+    );
+
+    let response = http
+        .post(server.url(&format!("/admin/keys/{id}/revoke")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "POST /admin/keys/{{id}}/revoke: {}",
+        response.status()
+    );
+
+    for header in header_forms(&key) {
+        let response = whoami(&http, &server, header).await;
+        assert_eq!(problem(response).await, (401, "revoked_key".into()));
+    }
+    // The admin key itself still works.
+    let response = whoami(&http, &server, ("x-api-key", admin.clone())).await;
+    assert_eq!(response.status(), 200);
+}

@@ -1,0 +1,1068 @@
+//! The management HTTP API through a real Router with `oneshot`: the full key lifecycle,
+//! `keys:self` isolation, authorization, every validation error path, store failures, and
+//! what responses must never contain.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::{Extension, Router};
+use http::Request;
+use keywarden::{
+    management_router, Digest, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore,
+    KeyUsage, MemoryStore, NewKey, Principal, SecretId, StoreError, StoreErrorKind,
+};
+use serde_json::{json, Value};
+use support::{ring, send, Fixture, Reply};
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+/// Fields of a key view, exactly.
+const VIEW_FIELDS: [&str; 21] = [
+    "id",
+    "name",
+    "description",
+    "display_start",
+    "collection",
+    "subject",
+    "owner_kind",
+    "scopes",
+    "environment",
+    "read_only",
+    "metadata",
+    "rate_limit",
+    "state",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "last_used_at",
+    "use_count",
+    "revoked_at",
+    "disabled",
+    "rotated_from",
+];
+
+/// A fixture, the management API and `/whoami` behind the same layer, an admin key, and
+/// every plaintext key seen so far (none may appear outside its own 201 response).
+struct Env {
+    fx: Fixture,
+    api: Router,
+    whoami: Router,
+    admin: String,
+    plaintexts: Mutex<Vec<String>>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let fx = Fixture::new();
+        let manager = Arc::new(KeyManager::for_layer(&fx.layer));
+        let api = Router::new()
+            .nest("/admin", management_router(manager))
+            .layer(fx.layer.clone());
+        let whoami = fx.app();
+        let admin = fx
+            .key(NewKey::new("admin", "root").scope("keys:admin"))
+            .await
+            .key
+            .expose()
+            .to_owned();
+        Self {
+            fx,
+            api,
+            whoami,
+            plaintexts: Mutex::new(vec![admin.clone()]),
+            admin,
+        }
+    }
+
+    /// A key made through the manager, remembered as a plaintext that must not leak.
+    async fn key(&self, new: NewKey) -> (String, String) {
+        let created = self.fx.key(new).await;
+        let key = created.key.expose().to_owned();
+        self.plaintexts.lock().unwrap().push(key.clone());
+        (key, created.record.id.to_string())
+    }
+
+    async fn call(&self, key: &str, method: &str, uri: &str, body: Option<Value>) -> Reply {
+        let body = body.map(|b| b.to_string());
+        self.raw(key, method, uri, body.as_deref(), Some("application/json"))
+            .await
+    }
+
+    async fn raw(
+        &self,
+        key: &str,
+        method: &str,
+        uri: &str,
+        body: Option<&str>,
+        content_type: Option<&str>,
+    ) -> Reply {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if !key.is_empty() {
+            builder = builder.header("authorization", format!("Bearer {key}"));
+        }
+        if let (Some(ct), Some(_)) = (content_type, body) {
+            builder = builder.header("content-type", ct);
+        }
+        let req = builder
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+            .unwrap();
+        let reply = send(&self.api, req).await;
+        self.check_leaks(&reply);
+        reply
+    }
+
+    /// Responses never carry stored secrets; a plaintext key appears only in the 201 that
+    /// created it.
+    fn check_leaks(&self, reply: &Reply) {
+        let text = reply.text();
+        for field in ["digest", "secret_id", "encrypted_key"] {
+            assert!(!text.contains(field), "{field} in {text}");
+        }
+        let mut known = self.plaintexts.lock().unwrap();
+        for key in known.iter() {
+            assert!(!text.contains(key.as_str()), "a known key leaked: {text}");
+        }
+        if reply.status == 201 {
+            let key = reply.json()["key"].as_str().unwrap().to_owned();
+            known.push(key);
+        } else if reply
+            .headers
+            .get("content-type")
+            .is_some_and(|ct| ct == "application/json")
+        {
+            assert!(reply.json().get("key").is_none(), "{text}");
+        }
+    }
+
+    async fn whoami(&self, key: &str) -> Reply {
+        support::get_with(&self.whoami, "/whoami", &[("x-api-key", key.as_bytes())]).await
+    }
+}
+
+fn ts(value: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(value.as_str().unwrap(), &Rfc3339).unwrap()
+}
+
+fn ids(reply: &Reply) -> Vec<String> {
+    reply.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Asserts a 422 naming exactly these fields.
+#[track_caller]
+fn assert_invalid(reply: &Reply, fields: &[&str]) {
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.code(), "validation_failed");
+    let json = reply.json();
+    let named: BTreeSet<&str> = json["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+            e["field"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(named, fields.iter().copied().collect(), "{}", reply.text());
+}
+
+#[track_caller]
+fn assert_problem(reply: &Reply, status: u16, code: &str) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert_eq!(reply.code(), code, "{}", reply.text());
+    let json = reply.json();
+    assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(json["detail"].is_string());
+}
+
+#[tokio::test]
+async fn full_lifecycle_over_http() {
+    let env = Env::new().await;
+    let admin = env.admin.clone();
+
+    // Create.
+    let reply = env
+        .call(
+            &admin,
+            "POST",
+            "/admin/keys",
+            Some(json!({
+                "name": "ci deploys",
+                "description": "for CI",
+                "subject": "alice",
+                "scopes": ["read", "deploy"],
+                "expires_in": "30d",
+                "metadata": {"team": "infra"},
+                "rate_limit": "100/min",
+            })),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert_eq!(reply.headers["cache-control"], "no-store");
+    let created = reply.json();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("kw_live_"));
+    assert!(key.starts_with(created["display_start"].as_str().unwrap()));
+    let mut fields: BTreeSet<&str> = VIEW_FIELDS.into_iter().collect();
+    fields.insert("key");
+    assert_eq!(
+        created
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
+        fields
+    );
+    assert_eq!(created["name"], "ci deploys");
+    assert_eq!(created["description"], "for CI");
+    assert_eq!(created["subject"], "alice");
+    assert_eq!(created["collection"], "users", "the caller's collection");
+    assert_eq!(created["owner_kind"], "user");
+    assert_eq!(created["environment"], "live");
+    assert_eq!(created["scopes"], json!(["deploy", "read"]));
+    assert_eq!(created["metadata"], json!({"team": "infra"}));
+    assert_eq!(created["rate_limit"], "100/min");
+    assert_eq!(created["state"], "active");
+    assert_eq!(created["read_only"], false);
+    assert_eq!(created["disabled"], false);
+    assert_eq!(created["use_count"], 0);
+    assert!(created["revoked_at"].is_null());
+    assert!(created["rotated_from"].is_null());
+    assert_eq!(
+        ts(&created["expires_at"]) - ts(&created["created_at"]),
+        Duration::days(30)
+    );
+
+    // The new key authenticates at once.
+    let who = env.whoami(&key).await;
+    assert_eq!(who.status, 200, "{}", who.text());
+    assert_eq!(who.json()["subject"], "alice");
+    assert_eq!(who.json()["key_id"], id.as_str());
+
+    // List: pagination and filters.
+    let (_, bob_id) = env
+        .key(
+            NewKey::new("bob", "bob")
+                .collection("teams")
+                .owner_kind(keywarden::OwnerKind::Team),
+        )
+        .await;
+    let (_, alice2_id) = env.key(NewKey::new("alice 2", "alice")).await;
+    let first = env.call(&admin, "GET", "/admin/keys?limit=3", None).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let first_ids = ids(&first);
+    assert_eq!(first_ids.len(), 3);
+    let cursor = first.json()["next_cursor"].as_str().unwrap().to_owned();
+    assert_eq!(cursor, first_ids[2]);
+    let second = env
+        .call(
+            &admin,
+            "GET",
+            &format!("/admin/keys?limit=3&after={cursor}"),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&second), vec![alice2_id.clone()]);
+    assert!(second.json()["next_cursor"].is_null());
+    assert_eq!(&first_ids[1..], &[id.clone(), bob_id.clone()]);
+    for item in first.json()["items"].as_array().unwrap() {
+        assert_eq!(
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect::<BTreeSet<_>>(),
+            VIEW_FIELDS.into_iter().collect()
+        );
+    }
+    let alices = env
+        .call(&admin, "GET", "/admin/keys?subject=alice", None)
+        .await;
+    assert_eq!(ids(&alices), vec![id.clone(), alice2_id.clone()]);
+    let teams = env
+        .call(&admin, "GET", "/admin/keys?collection=teams", None)
+        .await;
+    assert_eq!(ids(&teams), vec![bob_id.clone()]);
+    let paged = env
+        .call(&admin, "GET", "/admin/keys?subject=alice&limit=1", None)
+        .await;
+    assert_eq!(ids(&paged), vec![id.clone()]);
+    assert_eq!(paged.json()["next_cursor"], id.as_str());
+    let active = env
+        .call(&admin, "GET", "/admin/keys?state=active", None)
+        .await;
+    assert_eq!(ids(&active).len(), 4);
+
+    // Get.
+    let got = env
+        .call(&admin, "GET", &format!("/admin/keys/{id}"), None)
+        .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["name"], "ci deploys");
+    assert_eq!(got.json()["expires_at"], created["expires_at"]);
+
+    // Patch: every field, nulls clear; the layer sees the change at once.
+    let patched = env
+        .call(
+            &admin,
+            "PATCH",
+            &format!("/admin/keys/{id}"),
+            Some(json!({
+                "name": "renamed",
+                "description": null,
+                "scopes": ["read"],
+                "read_only": true,
+                "metadata": {"team": "ops"},
+                "rate_limit": null,
+                "expires_at": "2099-01-01T00:00:00Z",
+            })),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    let view = patched.json();
+    assert_eq!(view["name"], "renamed");
+    assert!(view["description"].is_null());
+    assert_eq!(view["scopes"], json!(["read"]));
+    assert_eq!(view["read_only"], true);
+    assert_eq!(view["metadata"], json!({"team": "ops"}));
+    assert!(view["rate_limit"].is_null());
+    assert_eq!(view["expires_at"], "2099-01-01T00:00:00Z");
+    let who = env.whoami(&key).await;
+    assert_eq!(who.json()["scopes"], json!(["read"]));
+    assert_eq!(who.json()["key_name"], "renamed");
+
+    let disabled = env
+        .call(
+            &admin,
+            "PATCH",
+            &format!("/admin/keys/{id}"),
+            Some(json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!(disabled.json()["state"], "disabled");
+    assert_eq!(env.whoami(&key).await.code(), "revoked_key");
+    let enabled = env
+        .call(
+            &admin,
+            "PATCH",
+            &format!("/admin/keys/{id}"),
+            Some(json!({"disabled": false, "metadata": null})),
+        )
+        .await;
+    assert_eq!(enabled.json()["state"], "active");
+    assert_eq!(
+        enabled.json()["metadata"],
+        json!({}),
+        "null metadata clears to {{}}"
+    );
+    assert_eq!(env.whoami(&key).await.status, 200);
+
+    // Rotate: both keys work until the grace runs out.
+    let rotated = env
+        .call(
+            &admin,
+            "POST",
+            &format!("/admin/keys/{id}/rotate"),
+            Some(json!({"grace": "1h"})),
+        )
+        .await;
+    assert_eq!(rotated.status, 201, "{}", rotated.text());
+    assert_eq!(rotated.headers["cache-control"], "no-store");
+    let rotated = rotated.json();
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+    let new_id = rotated["id"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, key);
+    assert_eq!(rotated["rotated_from"], id.as_str());
+    assert_eq!(rotated["name"], "renamed");
+    assert_eq!(rotated["scopes"], json!(["read"]));
+    assert_eq!(env.whoami(&key).await.status, 200);
+    assert_eq!(env.whoami(&new_key).await.status, 200);
+    let old = env
+        .call(&admin, "GET", &format!("/admin/keys/{id}"), None)
+        .await;
+    assert_eq!(
+        ts(&old.json()["expires_at"]) - ts(&rotated["created_at"]),
+        Duration::hours(1)
+    );
+    env.fx.clock.advance(Duration::minutes(61));
+    assert_eq!(env.whoami(&key).await.code(), "expired_key");
+    assert_eq!(env.whoami(&new_key).await.status, 200);
+    let old = env
+        .call(&admin, "GET", &format!("/admin/keys/{id}"), None)
+        .await;
+    assert_eq!(old.json()["state"], "expired");
+    let expired = env
+        .call(&admin, "GET", "/admin/keys?state=expired", None)
+        .await;
+    assert_eq!(ids(&expired), vec![id.clone()]);
+
+    // Revoke: rejected immediately, idempotent, and a revoked key cannot be rotated.
+    let revoked = env
+        .call(
+            &admin,
+            "POST",
+            &format!("/admin/keys/{new_id}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert_eq!(revoked.json()["state"], "revoked");
+    assert!(revoked.json()["revoked_at"].is_string());
+    let who = env.whoami(&new_key).await;
+    assert_eq!(
+        (who.status.as_u16(), who.code().as_str()),
+        (401, "revoked_key")
+    );
+    let again = env
+        .call(
+            &admin,
+            "POST",
+            &format!("/admin/keys/{new_id}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(again.json()["revoked_at"], revoked.json()["revoked_at"]);
+    let conflict = env
+        .call(
+            &admin,
+            "POST",
+            &format!("/admin/keys/{new_id}/rotate"),
+            None,
+        )
+        .await;
+    assert_problem(&conflict, 409, "conflict");
+    let listed = env
+        .call(&admin, "GET", "/admin/keys?state=revoked", None)
+        .await;
+    assert_eq!(ids(&listed), vec![new_id.clone()]);
+
+    // Delete.
+    let deleted = env
+        .call(&admin, "DELETE", &format!("/admin/keys/{new_id}"), None)
+        .await;
+    assert_eq!(deleted.status, 204);
+    assert!(deleted.body.is_empty());
+    for method in ["GET", "DELETE"] {
+        let gone = env
+            .call(&admin, method, &format!("/admin/keys/{new_id}"), None)
+            .await;
+        assert_problem(&gone, 404, "not_found");
+    }
+    assert_eq!(env.whoami(&new_key).await.code(), "invalid_key");
+}
+
+#[tokio::test]
+async fn rotation_grace_defaults_to_a_day_and_zero_ends_the_old_key() {
+    let env = Env::new().await;
+    let (key, id) = env.key(NewKey::new("k", "alice")).await;
+    for body in [None, Some("{}"), Some("")] {
+        let reply = env
+            .raw(
+                &env.admin,
+                "POST",
+                &format!("/admin/keys/{id}/rotate"),
+                body,
+                Some("application/json"),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{body:?}: {}", reply.text());
+        let old = env
+            .call(&env.admin, "GET", &format!("/admin/keys/{id}"), None)
+            .await;
+        assert_eq!(
+            ts(&old.json()["expires_at"]) - ts(&reply.json()["created_at"]),
+            Duration::hours(24)
+        );
+    }
+    let rotated = env
+        .call(
+            &env.admin,
+            "POST",
+            &format!("/admin/keys/{id}/rotate"),
+            Some(json!({"grace": "0s"})),
+        )
+        .await;
+    assert_eq!(rotated.status, 201, "{}", rotated.text());
+    assert_eq!(env.whoami(&key).await.code(), "expired_key");
+    let new_key = rotated.json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(env.whoami(&new_key).await.status, 200);
+}
+
+#[tokio::test]
+async fn keys_self_is_confined_to_its_own_keys() {
+    let env = Env::new().await;
+    let (alice, alice_id) = env
+        .key(
+            NewKey::new("alice self", "alice")
+                .scope("keys:self")
+                .scope("read"),
+        )
+        .await;
+    let (_, alice_other) = env.key(NewKey::new("alice other", "alice")).await;
+    let (_, alice_team) = env
+        .key(NewKey::new("same subject, other collection", "alice").collection("teams"))
+        .await;
+    let (bob, bob_id) = env
+        .key(NewKey::new("bob self", "bob").scope("keys:self"))
+        .await;
+
+    // Someone else's key is indistinguishable from an unknown id.
+    let unknown = Uuid::now_v7().to_string();
+    let missing = env
+        .call(&alice, "GET", &format!("/admin/keys/{unknown}"), None)
+        .await;
+    assert_problem(&missing, 404, "not_found");
+    for other in [&bob_id, &alice_team] {
+        let calls: [(&str, String, Option<Value>); 5] = [
+            ("GET", format!("/admin/keys/{other}"), None),
+            (
+                "PATCH",
+                format!("/admin/keys/{other}"),
+                Some(json!({"name": "pwned"})),
+            ),
+            ("POST", format!("/admin/keys/{other}/revoke"), None),
+            ("POST", format!("/admin/keys/{other}/rotate"), None),
+            ("DELETE", format!("/admin/keys/{other}"), None),
+        ];
+        for (method, uri, body) in calls {
+            let reply = env.call(&alice, method, &uri, body).await;
+            assert_problem(&reply, 404, "not_found");
+            let mut json = reply.json();
+            json["detail"] = json["detail"]
+                .as_str()
+                .unwrap()
+                .replace(other.as_str(), "ID")
+                .into();
+            let mut expected = missing.json();
+            expected["detail"] = expected["detail"]
+                .as_str()
+                .unwrap()
+                .replace(&unknown, "ID")
+                .into();
+            assert_eq!(json, expected, "{method} {uri}");
+        }
+    }
+    assert_eq!(env.whoami(&bob).await.status, 200, "bob's key untouched");
+    let bob_view = env
+        .call(&env.admin, "GET", &format!("/admin/keys/{bob_id}"), None)
+        .await;
+    assert_eq!(bob_view.json()["name"], "bob self");
+    assert_eq!(bob_view.json()["state"], "active");
+
+    // Own keys are visible; listings show only them.
+    let own = env
+        .call(&alice, "GET", &format!("/admin/keys/{alice_other}"), None)
+        .await;
+    assert_eq!(own.status, 200);
+    let listed = env.call(&alice, "GET", "/admin/keys", None).await;
+    assert_eq!(ids(&listed), vec![alice_id.clone(), alice_other.clone()]);
+    for uri in ["/admin/keys?subject=bob", "/admin/keys?collection=teams"] {
+        let reply = env.call(&alice, "GET", uri, None).await;
+        assert_eq!(
+            reply.json(),
+            json!({"items": [], "next_cursor": null}),
+            "{uri}"
+        );
+    }
+    let listed = env.call(&bob, "GET", "/admin/keys", None).await;
+    assert_eq!(ids(&listed), vec![bob_id.clone()]);
+
+    // Creating: subject, collection and owner kind are the caller's; no escalation.
+    let made = env
+        .call(&alice, "POST", "/admin/keys", Some(json!({"name": "mine"})))
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    assert_eq!(made.json()["subject"], "alice");
+    assert_eq!(made.json()["collection"], "users");
+    assert_eq!(made.json()["owner_kind"], "user");
+    for body in [
+        json!({"name": "n", "subject": "bob"}),
+        json!({"name": "n", "collection": "teams"}),
+        json!({"name": "n", "owner_kind": "service"}),
+        json!({"name": "n", "scopes": ["write"]}),
+        json!({"name": "n", "scopes": ["read", "keys:admin"]}),
+        json!({"name": "n", "scopes": ["*"]}),
+    ] {
+        let reply = env
+            .call(&alice, "POST", "/admin/keys", Some(body.clone()))
+            .await;
+        assert_problem(&reply, 403, "insufficient_scope");
+        let challenge = reply.headers["www-authenticate"].to_str().unwrap();
+        assert!(challenge.contains("insufficient_scope"), "{body}");
+    }
+    let reply = env
+        .call(
+            &alice,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "scopes": [""]})),
+        )
+        .await;
+    assert_invalid(&reply, &["scopes"]);
+    let made = env
+        .call(
+            &alice,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "subject": "alice", "scopes": ["read", "keys:self"]})),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+
+    // Patching scopes: same rule.
+    let escalate = env
+        .call(
+            &alice,
+            "PATCH",
+            &format!("/admin/keys/{alice_other}"),
+            Some(json!({"scopes": ["admin"]})),
+        )
+        .await;
+    assert_problem(&escalate, 403, "insufficient_scope");
+    let fine = env
+        .call(
+            &alice,
+            "PATCH",
+            &format!("/admin/keys/{alice_other}"),
+            Some(json!({"scopes": ["read"]})),
+        )
+        .await;
+    assert_eq!(fine.status, 200, "{}", fine.text());
+    let revoked = env
+        .call(
+            &alice,
+            "POST",
+            &format!("/admin/keys/{alice_other}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.json()["state"], "revoked");
+}
+
+#[tokio::test]
+async fn authorization_needs_a_key_with_a_management_scope() {
+    let env = Env::new().await;
+    let (reader, reader_id) = env.key(NewKey::new("reader", "carol").scope("read")).await;
+    let (wild, _) = env.key(NewKey::new("wild", "dave").scope("keys:*")).await;
+    let (read_only, _) = env
+        .key(
+            NewKey::new("ro admin", "erin")
+                .scope("keys:admin")
+                .read_only(true),
+        )
+        .await;
+
+    let none = env.call("", "GET", "/admin/keys", None).await;
+    assert_problem(&none, 401, "missing_credentials");
+
+    // Checked before the body is read: a bad body still gets 403.
+    for (method, uri) in [
+        ("GET", "/admin/keys".to_owned()),
+        ("POST", "/admin/keys".to_owned()),
+        ("GET", format!("/admin/keys/{reader_id}")),
+        ("PATCH", format!("/admin/keys/{reader_id}")),
+        ("POST", format!("/admin/keys/{reader_id}/revoke")),
+        ("POST", format!("/admin/keys/{reader_id}/rotate")),
+        ("DELETE", format!("/admin/keys/{reader_id}")),
+    ] {
+        let reply = env
+            .raw(
+                &reader,
+                method,
+                &uri,
+                Some("{not json"),
+                Some("application/json"),
+            )
+            .await;
+        assert_problem(&reply, 403, "insufficient_scope");
+        assert!(reply.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("error=\"insufficient_scope\""));
+    }
+
+    let listed = env.call(&wild, "GET", "/admin/keys", None).await;
+    assert_eq!(ids(&listed).len(), 4, "keys:* includes keys:admin");
+
+    assert_eq!(
+        env.call(&read_only, "GET", "/admin/keys", None)
+            .await
+            .status,
+        200
+    );
+    let write = env
+        .call(
+            &read_only,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n"})),
+        )
+        .await;
+    assert_problem(&write, 403, "insufficient_scope");
+
+    // Without the layer in front, the principal extractor fails closed.
+    let bare = Router::new().nest(
+        "/admin",
+        management_router(Arc::new(KeyManager::for_layer(&env.fx.layer))),
+    );
+    let reply = send(
+        &bare,
+        Request::get("/admin/keys").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_problem(&reply, 401, "missing_credentials");
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_400() {
+    let env = Env::new().await;
+    let admin = env.admin.clone();
+    let (_, id) = env.key(NewKey::new("k", "alice")).await;
+    let cases: [(&str, String, Option<&str>, Option<&str>); 8] = [
+        (
+            "POST",
+            "/admin/keys".into(),
+            Some("{\"name\":"),
+            Some("application/json"),
+        ),
+        (
+            "POST",
+            "/admin/keys".into(),
+            Some("{\"name\": \"x\"} trailing"),
+            Some("application/json"),
+        ),
+        (
+            "POST",
+            "/admin/keys".into(),
+            Some("{\"name\": \"x\"}"),
+            Some("text/plain"),
+        ),
+        (
+            "POST",
+            "/admin/keys".into(),
+            Some("{\"name\": \"x\"}"),
+            None,
+        ),
+        ("POST", "/admin/keys".into(), None, None),
+        (
+            "POST",
+            "/admin/keys".into(),
+            Some("[1, 2]"),
+            Some("application/json"),
+        ),
+        (
+            "PATCH",
+            format!("/admin/keys/{id}"),
+            Some("\"name\""),
+            Some("application/json"),
+        ),
+        (
+            "POST",
+            format!("/admin/keys/{id}/rotate"),
+            Some("{grace: 1h}"),
+            Some("application/json"),
+        ),
+    ];
+    for (method, uri, body, content_type) in cases {
+        let reply = env.raw(&admin, method, &uri, body, content_type).await;
+        assert_problem(&reply, 400, "invalid_request");
+        assert!(reply.json().get("errors").is_none());
+    }
+    // A JSON subtype is JSON.
+    let reply = env
+        .raw(
+            &admin,
+            "PATCH",
+            &format!("/admin/keys/{id}"),
+            Some("{\"name\": \"merged\"}"),
+            Some("application/merge-patch+json; charset=utf-8"),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn invalid_fields_are_422_naming_the_field() {
+    let env = Env::new().await;
+    let admin = env.admin.clone();
+    let creates = [
+        (json!({"name": "x", "colour": "red"}), vec!["colour"]),
+        (
+            json!({"name": "x", "expires_in": "forever"}),
+            vec!["expires_in"],
+        ),
+        (json!({"name": "x", "expires_in": "0d"}), vec!["expires_in"]),
+        (
+            json!({"name": "x", "expires_in": "30d", "expires_at": "2099-01-01T00:00:00Z"}),
+            vec!["expires_at"],
+        ),
+        (
+            json!({"name": "x", "expires_at": "tomorrow"}),
+            vec!["expires_at"],
+        ),
+        (
+            json!({"name": "x", "expires_at": "2000-01-01T00:00:00Z"}),
+            vec!["expires_at"],
+        ),
+        (
+            json!({"name": "x", "rate_limit": "lots"}),
+            vec!["rate_limit"],
+        ),
+        (
+            json!({"name": "x", "owner_kind": "robot"}),
+            vec!["owner_kind"],
+        ),
+        (
+            json!({"name": "x", "environment": "prod"}),
+            vec!["environment"],
+        ),
+        (json!({"name": "x", "metadata": [1]}), vec!["metadata"]),
+        (
+            json!({"name": "x", "collection": "has space"}),
+            vec!["collection"],
+        ),
+        (json!({"name": "x", "subject": ""}), vec!["subject"]),
+        (json!({"name": ""}), vec!["name"]),
+        (json!({"name": "   "}), vec!["name"]),
+        (json!({}), vec!["name"]),
+        (
+            json!({"name": 5, "read_only": "yes", "scopes": "read"}),
+            vec!["name", "read_only", "scopes"],
+        ),
+        // A key pasted into the wrong field is not echoed back (checked in `raw`).
+        (
+            json!({"name": "x", "read_only": env.admin.clone()}),
+            vec!["read_only"],
+        ),
+    ];
+    for (body, fields) in creates {
+        let reply = env
+            .call(&admin, "POST", "/admin/keys", Some(body.clone()))
+            .await;
+        assert_invalid(&reply, &fields);
+    }
+    let unknown = env
+        .call(
+            &admin,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "x", "colour": "red"})),
+        )
+        .await;
+    assert_eq!(unknown.json()["errors"][0]["message"], "unknown field");
+
+    let (_, id) = env.key(NewKey::new("k", "alice")).await;
+    let patches = [
+        (json!({"expires_at": "soon"}), "expires_at"),
+        (json!({"rate_limit": 5}), "rate_limit"),
+        (json!({"rate_limit": "fast"}), "rate_limit"),
+        (json!({"name": ""}), "name"),
+        (json!({"scopes": [""]}), "scopes"),
+        (json!({"metadata": "text"}), "metadata"),
+        (json!({"disabled": "no"}), "disabled"),
+        (json!({"revoked_at": "2030-01-01T00:00:00Z"}), "revoked_at"),
+        (json!({"subject": "bob"}), "subject"),
+    ];
+    for (body, field) in patches {
+        let reply = env
+            .call(&admin, "PATCH", &format!("/admin/keys/{id}"), Some(body))
+            .await;
+        assert_invalid(&reply, &[field]);
+    }
+    for (body, field) in [
+        (json!({"grace": "-1h"}), "grace"),
+        (json!({"grace": "soon"}), "grace"),
+        (json!({"grace": 5}), "grace"),
+        (json!({"graces": "1h"}), "graces"),
+    ] {
+        let reply = env
+            .call(
+                &admin,
+                "POST",
+                &format!("/admin/keys/{id}/rotate"),
+                Some(body),
+            )
+            .await;
+        assert_invalid(&reply, &[field]);
+    }
+    for (query, field) in [
+        ("state=bogus", "state"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=ten", "limit"),
+        ("after=xyz", "after"),
+        ("colour=red", "colour"),
+    ] {
+        let reply = env
+            .call(&admin, "GET", &format!("/admin/keys?{query}"), None)
+            .await;
+        assert_invalid(&reply, &[field]);
+    }
+}
+
+#[tokio::test]
+async fn bad_and_unknown_ids_are_problems() {
+    let env = Env::new().await;
+    let admin = env.admin.clone();
+    let unknown = Uuid::now_v7();
+    // The admin key itself as a path segment: never echoed (checked in `raw`).
+    for segment in ["not-a-uuid", "123", admin.as_str()] {
+        for (method, suffix, body) in [
+            ("GET", "", None),
+            ("PATCH", "", Some(json!({"name": "x"}))),
+            ("DELETE", "", None),
+            ("POST", "/revoke", None),
+            ("POST", "/rotate", None),
+        ] {
+            let reply = env
+                .call(
+                    &admin,
+                    method,
+                    &format!("/admin/keys/{segment}{suffix}"),
+                    body,
+                )
+                .await;
+            assert_invalid(&reply, &["id"]);
+        }
+    }
+    for (method, suffix, body) in [
+        ("GET", "", None),
+        ("PATCH", "", Some(json!({"name": "x"}))),
+        ("DELETE", "", None),
+        ("POST", "/revoke", None),
+        ("POST", "/rotate", None),
+    ] {
+        let reply = env
+            .call(
+                &admin,
+                method,
+                &format!("/admin/keys/{unknown}{suffix}"),
+                body,
+            )
+            .await;
+        assert_problem(&reply, 404, "not_found");
+    }
+}
+
+/// A memory store that fails every call while `down` is set.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: MemoryStore,
+    down: AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "connection refused to db.internal:5432",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyStore for Flaky {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert(record).await
+    }
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.find_by_digest(digest).await
+    }
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.get(id).await
+    }
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.update(id, patch, now).await
+    }
+    async fn redigest(
+        &self,
+        id: Uuid,
+        old: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.redigest(id, old, new, secret_id).await
+    }
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.delete(id).await
+    }
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        self.check()?;
+        self.inner.list(query).await
+    }
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.record_usage(usage).await
+    }
+}
+
+#[tokio::test]
+async fn store_failures_are_503_with_retry_after() {
+    let store = Arc::new(Flaky::default());
+    let manager = Arc::new(KeyManager::new(store.clone(), ring()));
+    let id = manager
+        .create(NewKey::new("k", "alice"))
+        .await
+        .unwrap()
+        .record
+        .id;
+    // The principal as the layer would insert it.
+    let api = Router::new()
+        .nest("/admin", management_router(manager))
+        .layer(Extension(Principal::for_tests(&["keys:admin"])));
+    store.down.store(true, Ordering::SeqCst);
+    for (method, uri, body) in [
+        ("GET", "/admin/keys".to_owned(), ""),
+        ("POST", "/admin/keys".to_owned(), "{\"name\": \"n\"}"),
+        ("GET", format!("/admin/keys/{id}"), ""),
+        ("PATCH", format!("/admin/keys/{id}"), "{\"name\": \"n\"}"),
+        ("POST", format!("/admin/keys/{id}/rotate"), ""),
+        ("DELETE", format!("/admin/keys/{id}"), ""),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let reply = send(&api, req).await;
+        assert_problem(&reply, 503, "store_unavailable");
+        assert_eq!(reply.headers["retry-after"], "1");
+        assert!(!reply.text().contains("db.internal"), "{}", reply.text());
+    }
+    store.down.store(false, Ordering::SeqCst);
+    let reply = send(
+        &api,
+        Request::get(format!("/admin/keys/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
