@@ -1,4 +1,8 @@
-#![doc = include_str!("../README.md")]
+#![cfg_attr(feature = "sqlite", doc = include_str!("../README.md"))]
+#![cfg_attr(
+    not(feature = "sqlite"),
+    doc = "keywarden: API-key authentication for tower services. See README.md."
+)]
 #![deny(missing_docs, unsafe_code)]
 #![warn(unreachable_pub, missing_debug_implementations)]
 
