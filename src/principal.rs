@@ -26,6 +26,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::store::{KeyRecord, OwnerKind};
 
@@ -46,6 +47,7 @@ struct PrincipalData {
     metadata: serde_json::Value,
     #[serde(with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
+    rate_limit: Option<RateLimitPolicy>,
 }
 
 impl Principal {
@@ -61,6 +63,7 @@ impl Principal {
             read_only: record.read_only,
             metadata: record.metadata.clone(),
             expires_at: record.expires_at,
+            rate_limit: record.rate_limit,
         }))
     }
 
@@ -114,6 +117,11 @@ impl Principal {
         self.0.expires_at
     }
 
+    /// The key's own rate limit, if any.
+    pub fn rate_limit(&self) -> Option<RateLimitPolicy> {
+        self.0.rate_limit
+    }
+
     /// Whether the key grants `scope`: an exact match, `*`, or `prefix:*` for any scope
     /// starting with `prefix:`.
     ///
@@ -144,6 +152,7 @@ impl Principal {
             read_only: false,
             metadata: serde_json::Value::Null,
             expires_at: None,
+            rate_limit: None,
         }))
     }
 }

@@ -673,7 +673,7 @@ fn patch_from(args: UpdateArgs) -> Result<KeyPatch, Failure> {
         },
         expires_at: args
             .expires_in
-            .map(|e| e.duration().map(|d| OffsetDateTime::now_utc() + d)),
+            .map(|e| e.expires_at(OffsetDateTime::now_utc())),
         revoked_at: None,
         disabled: if args.disable {
             Some(true)

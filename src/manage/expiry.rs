@@ -13,6 +13,8 @@ pub enum ExpiresIn {
     Unlimited,
     /// Expires this long after creation.
     After(Duration),
+    /// Expires at this instant.
+    At(time::OffsetDateTime),
 }
 
 impl ExpiresIn {
@@ -23,11 +25,12 @@ impl ExpiresIn {
     /// 90 days.
     pub const DAYS_90: Self = Self::After(Duration::days(90));
 
-    /// The duration, or `None` for unlimited.
-    pub fn duration(self) -> Option<Duration> {
+    /// The expiry of a key created at `now`, or `None` for unlimited.
+    pub fn expires_at(self, now: time::OffsetDateTime) -> Option<time::OffsetDateTime> {
         match self {
             Self::Unlimited => None,
-            Self::After(d) => Some(d),
+            Self::After(d) => Some(now + d),
+            Self::At(at) => Some(at),
         }
     }
 }
@@ -67,7 +70,13 @@ impl FromStr for ExpiresIn {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim() {
             "unlimited" | "never" | "none" => Ok(Self::Unlimited),
-            other => parse_duration(other).map(Self::After),
+            other => match time::OffsetDateTime::parse(
+                other,
+                &time::format_description::well_known::Rfc3339,
+            ) {
+                Ok(at) => Ok(Self::At(at)),
+                Err(_) => parse_duration(other).map(Self::After),
+            },
         }
     }
 }
@@ -76,6 +85,10 @@ impl fmt::Display for ExpiresIn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unlimited => f.write_str("unlimited"),
+            Self::At(at) => match at.format(&time::format_description::well_known::Rfc3339) {
+                Ok(text) => f.write_str(&text),
+                Err(_) => write!(f, "{at}"),
+            },
             Self::After(d) => {
                 let s = d.whole_seconds();
                 if s % 86_400 == 0 {

@@ -105,30 +105,22 @@ pub fn management_router(manager: Arc<KeyManager>) -> Router {
 
 type Manager = State<Arc<KeyManager>>;
 
+/// `expires_in` is a lifetime only; an absolute instant belongs in `expires_at`.
+fn parse_duration_or_unlimited(text: &str) -> Option<ExpiresIn> {
+    match text.parse::<ExpiresIn>() {
+        Ok(ExpiresIn::At(_)) | Err(_) => None,
+        Ok(lifetime) => Some(lifetime),
+    }
+}
+
 async fn create_key(
     State(manager): Manager,
     caller: Caller,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
     let now = manager.now();
-    let (new, exact_expiry) = caller.new_key(body, now)?;
-    let mut created = manager.create(new).await?;
-    if let Some(at) = exact_expiry {
-        // NewKey only takes a lifetime, and the manager reads the clock again: pin the
-        // requested instant. Nobody holds the key yet, so the second write opens no window.
-        if created.record.expires_at != Some(at) {
-            let patch = KeyPatch {
-                expires_at: Some(Some(at)),
-                ..KeyPatch::default()
-            };
-            match manager.update(created.record.id, patch).await {
-                Ok(record) => created.record = record,
-                Err(err) => {
-                    tracing::warn!(target: "keywarden", key_id = %created.record.id, error = %err, "could not pin expires_at");
-                }
-            }
-        }
-    }
+    let new = caller.new_key(body, now)?;
+    let created = manager.create(new).await?;
     Ok(created_response(&created, now))
 }
 
@@ -309,12 +301,8 @@ impl Caller {
         }
     }
 
-    /// The key to create, and the exact expiry to pin when `expires_at` was given.
-    fn new_key(
-        &self,
-        body: CreateBody,
-        now: OffsetDateTime,
-    ) -> Result<(NewKey, Option<OffsetDateTime>), ApiError> {
+    /// The key to create.
+    fn new_key(&self, body: CreateBody, now: OffsetDateTime) -> Result<NewKey, ApiError> {
         self.may_own(&body)?;
         if let Some(scopes) = &body.scopes {
             self.may_grant(scopes)?;
@@ -323,22 +311,22 @@ impl Caller {
         let name = body
             .name
             .ok_or_else(|| ApiError::invalid("name", "name is required"))?;
-        let (expires_in, exact) = match (body.expires_in, body.expires_at) {
+        let expires_in = match (body.expires_in, body.expires_at) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid(
                     "expires_at",
                     "give expires_in or expires_at, not both",
                 ))
             }
-            (Some(text), None) => (
-                text.parse::<ExpiresIn>().map_err(|_| {
-                    ApiError::invalid(
+            (Some(text), None) => match parse_duration_or_unlimited(&text) {
+                Some(expires_in) => expires_in,
+                None => {
+                    return Err(ApiError::invalid(
                         "expires_in",
                         "expected a lifetime such as 7d, 30d, 90d, 24h or `unlimited`",
-                    )
-                })?,
-                None,
-            ),
+                    ))
+                }
+            },
             (None, Some(text)) => {
                 let at = parse_time("expires_at", &text)?;
                 if at <= now {
@@ -347,9 +335,9 @@ impl Caller {
                         "expires_at must be in the future",
                     ));
                 }
-                (ExpiresIn::After(at - now), Some(at))
+                ExpiresIn::At(at)
             }
-            (None, None) => (ExpiresIn::Unlimited, None),
+            (None, None) => ExpiresIn::Unlimited,
         };
         let mut new = NewKey::new(name, body.subject.unwrap_or_else(|| p.subject().to_owned()))
             .collection(body.collection.unwrap_or_else(|| p.collection().to_owned()))
@@ -368,7 +356,7 @@ impl Caller {
         if let Some(text) = body.rate_limit {
             new.rate_limit = Some(parse_rate_limit(&text)?);
         }
-        Ok((new, exact))
+        Ok(new)
     }
 
     /// Limits a `keys:self` listing to the caller's keys; `None` when the filters the caller

@@ -199,7 +199,7 @@ pub struct ManageError {
 }
 
 impl ManageError {
-    fn not_found(id: Uuid) -> Self {
+    pub(crate) fn not_found(id: Uuid) -> Self {
         Self {
             kind: ManageErrorKind::NotFound,
             field: None,
@@ -352,7 +352,7 @@ impl KeyManager {
         &self.store
     }
 
-    fn now(&self) -> OffsetDateTime {
+    pub(crate) fn now(&self) -> OffsetDateTime {
         // Stores keep microseconds; truncating here makes records roundtrip exactly.
         let now = self.clock.now();
         now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
@@ -412,7 +412,7 @@ impl KeyManager {
             rate_limit: new.rate_limit,
             created_at: now,
             updated_at: now,
-            expires_at: new.expires_in.duration().map(|d| now + d),
+            expires_at: new.expires_in.expires_at(now),
             last_used_at: None,
             use_count: 0,
             revoked_at: None,
@@ -615,7 +615,7 @@ fn check_token(field: &'static str, value: &str, max: usize) -> Result<(), Manag
     Ok(())
 }
 
-fn check_scopes(scopes: &mut Vec<String>) -> Result<(), ManageError> {
+pub(crate) fn check_scopes(scopes: &mut Vec<String>) -> Result<(), ManageError> {
     if scopes.len() > MAX_SCOPES {
         return Err(ManageError::invalid(
             "scopes",
@@ -663,6 +663,14 @@ fn validate_new(mut new: NewKey) -> Result<NewKey, ManageError> {
     check_text("subject", &new.subject, MAX_SUBJECT)?;
     check_scopes(&mut new.scopes)?;
     check_metadata(&mut new.metadata)?;
+    if let ExpiresIn::After(d) = new.expires_in {
+        if !d.is_positive() {
+            return Err(ManageError::invalid(
+                "expires_in",
+                "the lifetime must be positive",
+            ));
+        }
+    }
     Ok(new)
 }
 

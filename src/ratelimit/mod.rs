@@ -67,6 +67,15 @@ impl RateLimitPolicy {
     pub fn burst(&self) -> u32 {
         self.burst.get()
     }
+
+    /// Whether this policy allows no more than `other`: a sustained rate and a burst each at
+    /// most `other`'s.
+    pub fn is_within(&self, other: &RateLimitPolicy) -> bool {
+        // limit / period <= other.limit / other.period, cross-multiplied in nanoseconds.
+        let mine = u128::from(self.limit.get()) * other.period.as_nanos();
+        let theirs = u128::from(other.limit.get()) * self.period.as_nanos();
+        mine <= theirs && self.burst <= other.burst
+    }
 }
 
 const UNITS: [(&str, u64); 8] = [
@@ -171,6 +180,16 @@ mod tests {
         ] {
             assert!(bad.parse::<RateLimitPolicy>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn within_compares_rates_across_periods() {
+        let p = |s: &str| s.parse::<RateLimitPolicy>().unwrap();
+        assert!(p("60/min").is_within(&p("1/s,burst=60")));
+        assert!(p("59/min").is_within(&p("1/s,burst=60")));
+        assert!(!p("61/min").is_within(&p("1/s,burst=61")));
+        assert!(!p("1/s,burst=10").is_within(&p("100/min,burst=5")));
+        assert!(p("100/day").is_within(&p("100/h")));
     }
 
     #[test]
