@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,10 +47,15 @@ pub(crate) struct Resolved {
 }
 
 impl Resolved {
-    pub(crate) fn new(record: &KeyRecord, identity: Option<Arc<dyn Identity>>) -> Self {
+    /// Builds the principal once, and the application identity from it.
+    pub(crate) fn new(
+        record: &KeyRecord,
+        identity: impl FnOnce(&Principal) -> Option<Arc<dyn Identity>>,
+    ) -> Self {
+        let principal = Principal::from_record(record);
         Self {
-            principal: Principal::from_record(record),
-            identity,
+            identity: identity(&principal),
+            principal,
             expires_at: record.expires_at,
             revoked: record.revoked_at.is_some(),
             disabled: record.disabled,
@@ -65,29 +71,36 @@ pub(crate) enum Lookup {
     Missing,
 }
 
+/// A cached lookup and the cache generation when its store read began.
+#[derive(Clone)]
+pub(crate) struct Cached {
+    pub(crate) lookup: Lookup,
+    pub(crate) generation: u64,
+}
+
 struct Ttl {
     found: Duration,
     missing: Duration,
 }
 
 impl Ttl {
-    fn of(&self, value: &Lookup) -> Duration {
-        match value {
+    fn of(&self, value: &Cached) -> Duration {
+        match value.lookup {
             Lookup::Found(_) => self.found,
             Lookup::Missing => self.missing,
         }
     }
 }
 
-impl Expiry<Digest, Lookup> for Ttl {
-    fn expire_after_create(&self, _: &Digest, value: &Lookup, _: Instant) -> Option<Duration> {
+impl Expiry<Digest, Cached> for Ttl {
+    fn expire_after_create(&self, _: &Digest, value: &Cached, _: Instant) -> Option<Duration> {
         Some(self.of(value))
     }
 
     fn expire_after_update(
         &self,
         _: &Digest,
-        value: &Lookup,
+        value: &Cached,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -113,10 +126,20 @@ impl Default for CacheConfig {
     }
 }
 
+/// The cache, plus a generation counter that every invalidation bumps.
+///
+/// A load that read the store before an invalidation may insert its (stale) result after it:
+/// moka's invalidation only reaches entries already present. Each entry records the generation
+/// at which its store read began, and [`KeyCache::get_or_load`] re-reads any entry older than
+/// the latest invalidation instead of trusting it.
 #[derive(Clone)]
 pub(crate) struct KeyCache {
-    cache: Cache<Digest, Lookup>,
+    cache: Cache<Digest, Cached>,
+    generation: Arc<AtomicU64>,
 }
+
+/// How many times a miss re-reads the store while invalidations keep racing it.
+const MAX_RELOADS: usize = 3;
 
 impl KeyCache {
     pub(crate) fn new(config: CacheConfig) -> Self {
@@ -128,33 +151,63 @@ impl KeyCache {
             })
             .support_invalidation_closures()
             .build();
-        Self { cache }
+        Self {
+            cache,
+            generation: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
-        self.cache.get(digest).await
+        self.cache.get(digest).await.map(|cached| cached.lookup)
     }
 
     /// The cached lookup, or `load`'s result; concurrent callers for one digest share one
-    /// `load`. Errors are not cached.
-    pub(crate) async fn get_or_load<F>(
+    /// `load`. Errors are not cached. A result whose store read began before an invalidation
+    /// is discarded and read again.
+    pub(crate) async fn get_or_load<F, Fut>(
         &self,
         digest: Digest,
         load: F,
     ) -> Result<Lookup, Arc<StoreError>>
     where
-        F: Future<Output = Result<Lookup, StoreError>>,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Lookup, StoreError>>,
     {
-        self.cache.try_get_with(digest, load).await
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let cached = self
+                .cache
+                .try_get_with(digest, async {
+                    let generation = self.generation.load(Ordering::Acquire);
+                    load().await.map(|lookup| Cached { lookup, generation })
+                })
+                .await?;
+            if cached.generation == self.generation.load(Ordering::Acquire) {
+                return Ok(cached.lookup);
+            }
+            // Possibly stale: drop it and read again.
+            self.cache.invalidate(&digest).await;
+            if attempt >= MAX_RELOADS {
+                // Invalidations keep racing: answer from a fresh read, but do not cache it.
+                return load().await.map_err(Arc::new);
+            }
+        }
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub(crate) async fn invalidate_digest(&self, digest: &Digest) {
+        self.bump();
         self.cache.invalidate(digest).await;
     }
 
     pub(crate) fn invalidate_key(&self, id: Uuid) {
+        self.bump();
         let registered = self.cache.invalidate_entries_if(
-            move |_, lookup| matches!(lookup, Lookup::Found(r) if r.principal.key_id() == id),
+            move |_, cached| matches!(&cached.lookup, Lookup::Found(r) if r.principal.key_id() == id),
         );
         if registered.is_err() {
             // Only possible if invalidation closures were not enabled, which `new` always does;
@@ -164,6 +217,7 @@ impl KeyCache {
     }
 
     pub(crate) fn invalidate_all(&self) {
+        self.bump();
         self.cache.invalidate_all();
     }
 
@@ -192,7 +246,10 @@ mod tests {
 
     fn found(n: u8) -> (Digest, Lookup) {
         let r = record(n);
-        (r.digest, Lookup::Found(Arc::new(Resolved::new(&r, None))))
+        (
+            r.digest,
+            Lookup::Found(Arc::new(Resolved::new(&r, |_| None))),
+        )
     }
 
     #[tokio::test]
@@ -206,7 +263,7 @@ mod tests {
                 let loads = loads.clone();
                 tokio::spawn(async move {
                     cache
-                        .get_or_load(digest, async {
+                        .get_or_load(digest, || async {
                             loads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             Ok(Lookup::Missing)
@@ -221,12 +278,58 @@ mod tests {
         assert_eq!(loads.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_invalidation_during_a_load_is_not_lost() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let (digest, stale) = found(1);
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (loading_tx, loading_rx) = tokio::sync::oneshot::channel::<()>();
+        let (invalidated_tx, invalidated_rx) = tokio::sync::oneshot::channel::<()>();
+        let loading_tx = std::sync::Mutex::new(Some(loading_tx));
+        let invalidated_rx = tokio::sync::Mutex::new(Some(invalidated_rx));
+        let loader = {
+            let cache = cache.clone();
+            let reads = reads.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(digest, || {
+                        let first = reads.fetch_add(1, Ordering::SeqCst) == 0;
+                        let stale = stale.clone();
+                        let loading_tx = loading_tx.lock().unwrap().take();
+                        let invalidated_rx = &invalidated_rx;
+                        async move {
+                            if first {
+                                // The store read happens now; the revocation lands before
+                                // the result is inserted.
+                                loading_tx.unwrap().send(()).unwrap();
+                                invalidated_rx.lock().await.take().unwrap().await.unwrap();
+                                Ok(stale)
+                            } else {
+                                Ok(Lookup::Missing)
+                            }
+                        }
+                    })
+                    .await
+            })
+        };
+        loading_rx.await.unwrap();
+        cache.invalidate_digest(&digest).await;
+        invalidated_tx.send(()).unwrap();
+        let result = loader.await.unwrap().unwrap();
+        assert!(
+            matches!(result, Lookup::Missing),
+            "the stale read was discarded"
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        assert!(matches!(cache.get(&digest).await, Some(Lookup::Missing)));
+    }
+
     #[tokio::test]
     async fn errors_are_not_cached() {
         let cache = KeyCache::new(CacheConfig::default());
         let digest = Digest::from_bytes([1; 32]);
         let err = cache
-            .get_or_load(digest, async {
+            .get_or_load(digest, || async {
                 Err(StoreError::new(crate::StoreErrorKind::Unavailable, "down"))
             })
             .await;
@@ -243,8 +346,14 @@ mod tests {
             Lookup::Found(r) => r.principal.key_id(),
             Lookup::Missing => unreachable!(),
         };
-        cache.get_or_load(d1, async { Ok(l1) }).await.unwrap();
-        cache.get_or_load(d2, async { Ok(l2) }).await.unwrap();
+        cache
+            .get_or_load(d1, || async { Ok(l1.clone()) })
+            .await
+            .unwrap();
+        cache
+            .get_or_load(d2, || async { Ok(l2.clone()) })
+            .await
+            .unwrap();
         cache.invalidate_key(id1);
         assert!(
             cache.get(&d1).await.is_none(),
@@ -264,9 +373,12 @@ mod tests {
         });
         let (d1, l1) = found(1);
         let missing = Digest::from_bytes([9; 32]);
-        cache.get_or_load(d1, async { Ok(l1) }).await.unwrap();
         cache
-            .get_or_load(missing, async { Ok(Lookup::Missing) })
+            .get_or_load(d1, || async { Ok(l1.clone()) })
+            .await
+            .unwrap();
+        cache
+            .get_or_load(missing, || async { Ok(Lookup::Missing) })
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;

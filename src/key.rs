@@ -44,8 +44,18 @@ const DISPLAY_BODY_CHARS: usize = 4;
 ///
 /// It exists only between generation and the moment it is shown to its owner: `Debug` prints a
 /// redaction and the bytes are zeroized on drop.
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct ApiKey(String);
+
+impl PartialEq for ApiKey {
+    /// Constant-time in the contents (the length is not secret: the format fixes it).
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for ApiKey {}
 
 impl ApiKey {
     /// Wraps a key string (for example one read from a client configuration).

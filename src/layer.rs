@@ -290,6 +290,13 @@ impl ApiKeyLayerBuilder {
                     "collection slugs must be non-empty visible ASCII",
                 ));
             }
+            if c.slug.eq_ignore_ascii_case("bearer") {
+                // `Authorization: Bearer ...` would always be read as the Bearer scheme.
+                return Err(BuildError::new(
+                    BuildErrorKind::InvalidCollection,
+                    "`bearer` cannot be a collection slug",
+                ));
+            }
             if collections.iter().any(|existing| *existing.slug == *c.slug) {
                 return Err(BuildError::new(
                     BuildErrorKind::DuplicateCollection,
@@ -309,6 +316,12 @@ impl ApiKeyLayerBuilder {
                     format!("bad header name `{name}`"),
                 )
             })?;
+            if name == http::header::AUTHORIZATION {
+                return Err(BuildError::new(
+                    BuildErrorKind::InvalidHeaderName,
+                    "`authorization` is always read with its schemes; it cannot be a raw key header",
+                ));
+            }
             extractor = extractor.header(name);
         }
         if let Some(param) = self.query_param {
@@ -398,7 +411,8 @@ impl ApiKeyLayer {
                 self.shared.resolve_miss(lookup.digest, previous).await?
             }
         };
-        self.shared.check(&resolved, None, method)?;
+        self.shared
+            .check(&resolved, &lookup, method, self.shared.clock.now())?;
         Ok(resolved.principal.clone())
     }
 

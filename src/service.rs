@@ -139,8 +139,9 @@ where
                     shared.resolve_miss(lookup.digest, previous).await
                 }
             };
+            let now = shared.clock.now();
             let outcome = resolved.and_then(|resolved| {
-                shared.check(&resolved, lookup.binding, req.method())?;
+                shared.check(&resolved, &lookup, req.method(), now)?;
                 Ok(resolved)
             });
             let resolved = match outcome {
@@ -155,7 +156,7 @@ where
                 key_id = %resolved.principal.key_id(),
                 "request authenticated"
             );
-            shared.record_use(&resolved);
+            shared.record_use(&resolved, now);
             shared.protect_headers(req.headers_mut(), lookup.from_authorization);
             let extensions = req.extensions_mut();
             if let Some(identity) = &resolved.identity {

@@ -63,6 +63,9 @@ impl UsageRecorder {
         let weak: Weak<Self> = Arc::downgrade(self);
         let interval = self.interval;
         runtime.spawn(async move {
+            // If this task ends for any reason (its runtime shut down), the next use starts
+            // a new flusher in whatever runtime it runs on.
+            let _restart = RestartOnDrop(weak.clone());
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker.tick().await;
@@ -75,6 +78,11 @@ impl UsageRecorder {
                 }
             }
         });
+    }
+
+    #[cfg(test)]
+    pub(crate) fn flusher_running(&self) -> bool {
+        self.started.load(Ordering::Acquire)
     }
 
     /// Writes every pending use to the store in one batch.
@@ -113,6 +121,16 @@ impl UsageRecorder {
     }
 }
 
+struct RestartOnDrop(Weak<UsageRecorder>);
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        if let Some(recorder) = self.0.upgrade() {
+            recorder.started.store(false, Ordering::Release);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +156,94 @@ mod tests {
         let stored = store.get(r.id).await.unwrap().unwrap();
         assert_eq!(stored.use_count, 2);
         assert_eq!(stored.last_used_at, Some(t0 + time::Duration::seconds(5)));
+    }
+
+    #[test]
+    fn a_flusher_lost_with_its_runtime_is_restarted() {
+        let store = Arc::new(MemoryStore::new());
+        let recorder = UsageRecorder::new(store.clone(), Duration::from_millis(10));
+        let r = record(2);
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        first.block_on(async {
+            store.insert(&r).await.unwrap();
+            recorder.record(r.id, OffsetDateTime::now_utc());
+            tokio::task::yield_now().await;
+        });
+        assert!(recorder.flusher_running());
+        drop(first);
+        assert!(
+            !recorder.flusher_running(),
+            "the dead flusher gave up its slot"
+        );
+
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            recorder.record(r.id, OffsetDateTime::now_utc());
+            assert!(recorder.flusher_running());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(store.get(r.id).await.unwrap().unwrap().use_count, 2);
+        });
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_keeps_the_counts() {
+        #[derive(Debug)]
+        struct Failing;
+        #[async_trait::async_trait]
+        impl KeyStore for Failing {
+            async fn insert(&self, _: &crate::KeyRecord) -> Result<(), StoreError> {
+                unreachable!()
+            }
+            async fn find_by_digest(
+                &self,
+                _: &crate::Digest,
+            ) -> Result<Option<crate::KeyRecord>, StoreError> {
+                unreachable!()
+            }
+            async fn get(&self, _: Uuid) -> Result<Option<crate::KeyRecord>, StoreError> {
+                unreachable!()
+            }
+            async fn update(
+                &self,
+                _: Uuid,
+                _: &crate::KeyPatch,
+                _: OffsetDateTime,
+            ) -> Result<Option<crate::KeyRecord>, StoreError> {
+                unreachable!()
+            }
+            async fn redigest(
+                &self,
+                _: Uuid,
+                _: &crate::Digest,
+                _: &crate::Digest,
+                _: crate::SecretId,
+            ) -> Result<bool, StoreError> {
+                unreachable!()
+            }
+            async fn delete(&self, _: Uuid) -> Result<Option<crate::KeyRecord>, StoreError> {
+                unreachable!()
+            }
+            async fn list(&self, _: &crate::KeyQuery) -> Result<crate::KeyPage, StoreError> {
+                unreachable!()
+            }
+            async fn record_usage(&self, _: &[KeyUsage]) -> Result<(), StoreError> {
+                Err(StoreError::new(crate::StoreErrorKind::Unavailable, "down"))
+            }
+        }
+        let recorder = UsageRecorder::new(Arc::new(Failing), Duration::from_secs(3600));
+        let id = Uuid::now_v7();
+        let t = OffsetDateTime::now_utc();
+        recorder.record(id, t);
+        recorder.record(id, t);
+        assert!(recorder.flush().await.is_err());
+        recorder.record(id, t);
+        let pending = recorder.pending.get(&id).map(|p| p.uses);
+        assert_eq!(pending, Some(3), "failed batch put back and merged");
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method};
+use time::OffsetDateTime;
 
 use crate::cache::{Identity, KeyCache, Lookup, Resolved};
 use crate::clock::Clock;
@@ -60,6 +61,8 @@ pub(crate) enum Prepared {
 pub(crate) struct Lookup1 {
     pub(crate) digest: Digest,
     pub(crate) binding: Option<usize>,
+    /// Accepted as a foreign (opaque) format: only opaque collections may own it.
+    pub(crate) opaque: bool,
     pub(crate) from_authorization: bool,
 }
 
@@ -76,21 +79,26 @@ impl Shared {
             CredentialSource::Collection(index) => Some(index),
             _ => None,
         };
+        let mut opaque = false;
         if let Err(error) = self.format.parse(key) {
-            let opaque_allowed = match binding {
-                Some(index) => self.collections[index].opaque,
-                None => self.any_opaque && !self.format.claims(key),
-            };
+            // A key with our prefix is ours to judge: a bad one is malformed, never "opaque".
+            let opaque_allowed = !self.format.claims(key)
+                && match binding {
+                    Some(index) => self.collections[index].opaque,
+                    None => self.any_opaque,
+                };
             if !opaque_allowed || validate_opaque(key).is_err() {
                 return Prepared::Reject(AuthRejection::new(
                     RejectionKind::MalformedKey,
                     key_error_detail(error),
                 ));
             }
+            opaque = true;
         }
         Prepared::Lookup(Lookup1 {
             digest: self.ring.digest(key),
             binding,
+            opaque,
             from_authorization: credential.from_authorization(),
         })
     }
@@ -127,7 +135,7 @@ impl Shared {
     ) -> Result<Arc<Resolved>, AuthRejection> {
         let lookup = self
             .cache
-            .get_or_load(digest, self.load(digest, previous))
+            .get_or_load(digest, || self.load(digest, &previous))
             .await
             .map_err(|error| {
                 tracing::warn!(target: "keywarden", error = %error, "key store lookup failed");
@@ -142,12 +150,12 @@ impl Shared {
     async fn load(
         &self,
         digest: Digest,
-        previous: Vec<(SecretId, Digest)>,
+        previous: &[(SecretId, Digest)],
     ) -> Result<Lookup, StoreError> {
         if let Some(record) = self.store.find_by_digest(&digest).await? {
             return Ok(Lookup::Found(self.resolved(&record)));
         }
-        for (secret_id, old) in previous {
+        for &(secret_id, old) in previous {
             let Some(record) = self.store.find_by_digest(&old).await? else {
                 continue;
             };
@@ -177,13 +185,9 @@ impl Shared {
     }
 
     pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<Resolved> {
-        let principal = Principal::from_record(record);
-        let identity = self.identity.as_ref().map(|map| map(&principal));
-        Arc::new(Resolved {
-            principal,
-            identity,
-            ..Resolved::new(record, None)
-        })
+        Arc::new(Resolved::new(record, |principal| {
+            self.identity.as_ref().map(|map| map(principal))
+        }))
     }
 
     /// Checks a resolved key against the request. The collection is checked first so a key of
@@ -191,17 +195,16 @@ impl Shared {
     pub(crate) fn check(
         &self,
         resolved: &Resolved,
-        binding: Option<usize>,
+        lookup: &Lookup1,
         method: &Method,
+        now: OffsetDateTime,
     ) -> Result<(), AuthRejection> {
         let collection = resolved.principal.collection();
-        let collection_ok = match binding {
+        let configured = self.collections.iter().find(|c| *c.slug == *collection);
+        let collection_ok = match lookup.binding {
             Some(index) => *self.collections[index].slug == *collection,
-            None => {
-                self.collections.is_empty()
-                    || self.collections.iter().any(|c| *c.slug == *collection)
-            }
-        };
+            None => self.collections.is_empty() || configured.is_some(),
+        } && (!lookup.opaque || configured.is_some_and(|c| c.opaque));
         if !collection_ok {
             return Err(AuthRejection::new(
                 RejectionKind::InvalidKey,
@@ -220,7 +223,7 @@ impl Shared {
                 "the key is disabled",
             ));
         }
-        if resolved.expires_at.is_some_and(|at| at <= self.clock.now()) {
+        if resolved.expires_at.is_some_and(|at| at <= now) {
             return Err(AuthRejection::new(
                 RejectionKind::ExpiredKey,
                 "the key has expired",
@@ -236,9 +239,9 @@ impl Shared {
     }
 
     /// Notes a successful use, written behind in batches.
-    pub(crate) fn record_use(&self, resolved: &Resolved) {
+    pub(crate) fn record_use(&self, resolved: &Resolved, now: OffsetDateTime) {
         if let Some(usage) = &self.usage {
-            usage.record(resolved.principal.key_id(), self.clock.now());
+            usage.record(resolved.principal.key_id(), now);
         }
     }
 

@@ -659,3 +659,93 @@ async fn not_found_is_cached_briefly_and_cleared_by_creation() {
     fx.layer.invalidate_digest(&created.record.digest).await;
     assert_eq!(get_with(&app, "/whoami", &header).await.status, 200);
 }
+
+#[tokio::test]
+async fn opaque_keys_only_reach_opaque_collections() {
+    let fx = Fixture::with(|b| b.collection(Collection::opaque("legacy")));
+    // A foreign-format key whose record sits in a non-opaque collection (`users`).
+    let foreign = "5e1d0c7a-1111-4222-8333-944455556666";
+    let mut record = fx.key(NewKey::new("users-key", "dave")).await.record;
+    fx.store.delete(record.id).await.unwrap();
+    record.digest = ring().digest(foreign.as_bytes());
+    fx.store.insert(&record).await.unwrap();
+    let app = fx.app();
+    let reply = get_with(&app, "/whoami", &[("x-api-key", foreign.as_bytes())]).await;
+    assert_eq!(
+        reply.code(),
+        "invalid_key",
+        "users does not accept opaque keys through any form"
+    );
+    let bearer = format!("Bearer {foreign}");
+    let reply = get_with(&app, "/whoami", &[("authorization", bearer.as_bytes())]).await;
+    assert_eq!(reply.code(), "invalid_key");
+
+    // A key with our prefix but a bad checksum is malformed even for an opaque collection.
+    let good = fx
+        .key(NewKey::new("k", "erin").collection("legacy"))
+        .await
+        .key;
+    let mut bad = good.expose().to_owned();
+    bad.replace_range(20..21, if &bad[20..21] == "a" { "b" } else { "a" });
+    let slug_form = format!("legacy API-Key {bad}");
+    let reply = get_with(&app, "/whoami", &[("authorization", slug_form.as_bytes())]).await;
+    assert_eq!(reply.code(), "malformed_key");
+    let reply = get_with(&app, "/whoami", &[("x-api-key", bad.as_bytes())]).await;
+    assert_eq!(reply.code(), "malformed_key");
+    // Native keys still work for the opaque collection.
+    let slug_form = format!("legacy API-Key {}", good.expose());
+    let reply = get_with(&app, "/whoami", &[("authorization", slug_form.as_bytes())]).await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn build_rejects_configurations_that_cannot_work() {
+    use keywarden::BuildErrorKind;
+    let base = || {
+        ApiKeyLayer::builder()
+            .store(Arc::new(MemoryStore::new()))
+            .secrets(ring())
+    };
+    let kind = |b: keywarden::ApiKeyLayerBuilder| b.build().unwrap_err().kind();
+    assert_eq!(
+        kind(ApiKeyLayer::builder().secrets(ring())),
+        BuildErrorKind::MissingStore
+    );
+    assert_eq!(
+        kind(ApiKeyLayer::builder().store(Arc::new(MemoryStore::new()))),
+        BuildErrorKind::MissingSecrets
+    );
+    assert_eq!(
+        kind(base().collection(Collection::new("Bearer"))),
+        BuildErrorKind::InvalidCollection
+    );
+    assert_eq!(
+        kind(base().collection(Collection::new("two words"))),
+        BuildErrorKind::InvalidCollection
+    );
+    assert_eq!(
+        kind(
+            base()
+                .collection(Collection::new("users"))
+                .collection(Collection::opaque("users"))
+        ),
+        BuildErrorKind::DuplicateCollection
+    );
+    assert_eq!(
+        kind(base().header("Authorization")),
+        BuildErrorKind::InvalidHeaderName
+    );
+    assert_eq!(
+        kind(base().header("bad header")),
+        BuildErrorKind::InvalidHeaderName
+    );
+    assert_eq!(
+        kind(base().query_param("a&b")),
+        BuildErrorKind::InvalidQueryParam
+    );
+    assert!(base()
+        .header("X-Stack-Api-Key")
+        .query_param("api_key")
+        .build()
+        .is_ok());
+}

@@ -452,10 +452,13 @@ fn parse_id(text: &str) -> Result<Uuid, String> {
 }
 
 fn parse_grace(text: &str) -> Result<Duration, DurationParseError> {
-    match text.trim() {
-        "0" | "none" => Ok(Duration::ZERO),
-        other => parse_duration(other),
+    let text = text.trim();
+    // Zero in any unit (`0`, `0s`, `00h`) ends the old key now; otherwise a positive duration.
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    if text == "none" || (!digits.is_empty() && digits.bytes().all(|b| b == b'0')) {
+        return Ok(Duration::ZERO);
     }
+    parse_duration(text)
 }
 
 fn secret_generate(out: Output) {
@@ -927,6 +930,8 @@ mod tests {
     #[test]
     fn grace_accepts_zero() {
         assert_eq!(parse_grace("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_grace("0s").unwrap(), Duration::ZERO);
+        assert_eq!(parse_grace("0h").unwrap(), Duration::ZERO);
         assert_eq!(parse_grace("24h").unwrap(), Duration::hours(24));
         assert!(parse_grace("-1h").is_err());
     }

@@ -30,7 +30,8 @@ use crate::layer::ApiKeyLayer;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::SecretRing;
 use crate::store::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, OwnerKind, StoreError, StoreErrorKind,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, StoreError,
+    StoreErrorKind,
 };
 
 mod expiry;
@@ -393,6 +394,20 @@ impl KeyManager {
                 )
             })?;
         let now = self.now();
+        let expires_at =
+            match new.expires_in {
+                ExpiresIn::Unlimited => None,
+                ExpiresIn::After(lifetime) => Some(now.checked_add(lifetime).ok_or_else(|| {
+                    ManageError::invalid("expires_in", "the lifetime is too long")
+                })?),
+                ExpiresIn::At(at) if at <= now => {
+                    return Err(ManageError::invalid(
+                        "expires_at",
+                        "the expiry must be in the future",
+                    ))
+                }
+                ExpiresIn::At(at) => Some(at),
+            };
         let key = prefix.generate();
         let id = Uuid::now_v7();
         let record = KeyRecord {
@@ -412,7 +427,7 @@ impl KeyManager {
             rate_limit: new.rate_limit,
             created_at: now,
             updated_at: now,
-            expires_at: new.expires_in.expires_at(now),
+            expires_at,
             last_used_at: None,
             use_count: 0,
             revoked_at: None,
@@ -526,8 +541,25 @@ impl KeyManager {
             return Err(ManageError::conflict("a revoked key cannot be rotated"));
         }
         let now = self.now();
+        if old.state(now) != KeyState::Active {
+            return Err(ManageError::conflict(format!(
+                "only active keys can be rotated; this key is {}",
+                old.state(now).as_str()
+            )));
+        }
+        let deadline = now
+            .checked_add(grace)
+            .ok_or_else(|| ManageError::invalid("grace", "the grace period is too long"))?;
+        // The new key gets the old one's lifetime, counted from now; a lifetime too long to
+        // count from now keeps the old key's absolute expiry instead.
         let lifetime = match old.expires_at {
-            Some(at) => ExpiresIn::After((at - old.created_at).max(Duration::seconds(1))),
+            Some(at) => {
+                let span = (at - old.created_at).max(Duration::seconds(1));
+                match now.checked_add(span) {
+                    Some(_) => ExpiresIn::After(span),
+                    None => ExpiresIn::At(at),
+                }
+            }
             None => ExpiresIn::Unlimited,
         };
         let new = NewKey {
@@ -544,18 +576,24 @@ impl KeyManager {
             rate_limit: old.rate_limit,
         };
         let created = self.create_record(new, Some(id)).await?;
-        let deadline = now + grace;
         let old_deadline = old.expires_at.map_or(deadline, |at| at.min(deadline));
-        self.store
-            .update(
-                id,
-                &KeyPatch {
-                    expires_at: Some(Some(old_deadline)),
-                    ..KeyPatch::default()
-                },
-                now,
-            )
-            .await?;
+        let patch = KeyPatch {
+            expires_at: Some(Some(old_deadline)),
+            ..KeyPatch::default()
+        };
+        if let Err(error) = self.store.update(id, &patch, now).await {
+            // Without the deadline the rotation did not happen: remove the new key, whose
+            // plaintext the caller will never see.
+            if let Err(cleanup) = self.store.delete(created.record.id).await {
+                tracing::error!(
+                    target: "keywarden",
+                    key_id = %created.record.id,
+                    error = %cleanup,
+                    "rotation failed and its new key could not be removed; revoke it"
+                );
+            }
+            return Err(error.into());
+        }
         self.invalidate(id);
         tracing::info!(target: "keywarden", key_id = %id, new_key_id = %created.record.id, "key rotated");
         Ok(created)
@@ -630,6 +668,34 @@ pub(crate) fn check_scopes(scopes: &mut Vec<String>) -> Result<(), ManageError> 
     Ok(())
 }
 
+/// NUL cannot be stored (PostgreSQL rejects it in TEXT and JSONB): refuse it at the edge.
+fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+        }
+        _ => false,
+    }
+}
+
+fn check_description(description: &str) -> Result<(), ManageError> {
+    if description.len() > MAX_DESCRIPTION {
+        return Err(ManageError::invalid(
+            "description",
+            format!("description is longer than {MAX_DESCRIPTION} bytes"),
+        ));
+    }
+    if description.contains('\0') {
+        return Err(ManageError::invalid(
+            "description",
+            "description contains a NUL character",
+        ));
+    }
+    Ok(())
+}
+
 fn check_metadata(metadata: &mut serde_json::Value) -> Result<(), ManageError> {
     if metadata.is_null() {
         *metadata = serde_json::Value::Object(Default::default());
@@ -646,18 +712,19 @@ fn check_metadata(metadata: &mut serde_json::Value) -> Result<(), ManageError> {
             format!("metadata is larger than {MAX_METADATA} bytes"),
         ));
     }
+    if contains_nul(metadata) {
+        return Err(ManageError::invalid(
+            "metadata",
+            "metadata contains a NUL character",
+        ));
+    }
     Ok(())
 }
 
 fn validate_new(mut new: NewKey) -> Result<NewKey, ManageError> {
     check_text("name", &new.name, MAX_NAME)?;
     if let Some(description) = &new.description {
-        if description.len() > MAX_DESCRIPTION {
-            return Err(ManageError::invalid(
-                "description",
-                format!("description is longer than {MAX_DESCRIPTION} bytes"),
-            ));
-        }
+        check_description(description)?;
     }
     check_token("collection", &new.collection, MAX_SLUG)?;
     check_text("subject", &new.subject, MAX_SUBJECT)?;
@@ -679,12 +746,7 @@ fn validate_patch(patch: &KeyPatch) -> Result<(), ManageError> {
         check_text("name", name, MAX_NAME)?;
     }
     if let Some(Some(description)) = &patch.description {
-        if description.len() > MAX_DESCRIPTION {
-            return Err(ManageError::invalid(
-                "description",
-                format!("description is longer than {MAX_DESCRIPTION} bytes"),
-            ));
-        }
+        check_description(description)?;
     }
     if let Some(scopes) = &patch.scopes {
         check_scopes(&mut scopes.clone())?;
@@ -699,7 +761,7 @@ fn validate_patch(patch: &KeyPatch) -> Result<(), ManageError> {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::store::{KeyState, MemoryStore};
+    use crate::store::MemoryStore;
 
     fn manager() -> (KeyManager, ManualClock) {
         let clock = ManualClock::new(OffsetDateTime::now_utc());
@@ -810,6 +872,97 @@ mod tests {
             rotated.key
         );
         assert!(!format!("{viewable:?}").contains("reveal-key"));
+    }
+
+    #[tokio::test]
+    async fn extreme_expiries_are_errors_not_panics() {
+        let (m, _) = manager();
+        let far = time::macros::datetime!(9999-12-31 23:59:59.999999 UTC);
+        let err = m
+            .create(NewKey::new("k", "u").expires_in(ExpiresIn::After(Duration::MAX)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.field(), Some("expires_in"));
+        let err = m
+            .create(NewKey::new("k", "u").expires_in(ExpiresIn::At(OffsetDateTime::UNIX_EPOCH)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.field(), Some("expires_at"));
+        let created = m
+            .create(NewKey::new("k", "u").expires_in(ExpiresIn::At(far)))
+            .await
+            .unwrap();
+        let rotated = m
+            .rotate(created.record.id, Duration::hours(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            rotated.record.expires_at,
+            Some(far),
+            "too long to count from now: kept"
+        );
+        let err = m
+            .rotate(rotated.record.id, Duration::MAX)
+            .await
+            .unwrap_err();
+        assert_eq!(err.field(), Some("grace"));
+    }
+
+    #[tokio::test]
+    async fn nul_bytes_are_validation_errors() {
+        let (m, _) = manager();
+        let err = m
+            .create(NewKey::new("k", "u").description("a\0b"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.field(), Some("description"));
+        let err = m
+            .create(NewKey::new("k", "u").metadata(serde_json::json!({"a": ["ok", "b\0"]})))
+            .await
+            .unwrap_err();
+        assert_eq!(err.field(), Some("metadata"));
+        let created = m.create(NewKey::new("k", "u")).await.unwrap();
+        let patch = KeyPatch {
+            metadata: Some(serde_json::json!({"k\0": 1})),
+            ..KeyPatch::default()
+        };
+        assert_eq!(
+            m.update(created.record.id, patch)
+                .await
+                .unwrap_err()
+                .field(),
+            Some("metadata")
+        );
+    }
+
+    #[tokio::test]
+    async fn only_active_keys_rotate() {
+        let (m, clock) = manager();
+        let disabled = m.create(NewKey::new("d", "u")).await.unwrap();
+        m.update(
+            disabled.record.id,
+            KeyPatch {
+                disabled: Some(true),
+                ..KeyPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+        let err = m
+            .rotate(disabled.record.id, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::Conflict);
+        let expiring = m
+            .create(NewKey::new("e", "u").expires_in(ExpiresIn::DAYS_7))
+            .await
+            .unwrap();
+        clock.advance(Duration::days(8));
+        let err = m
+            .rotate(expiring.record.id, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::Conflict);
     }
 
     #[tokio::test]
