@@ -1,4 +1,3 @@
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -11,6 +10,7 @@ use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::sql::{aggregate_usage, clamp_i64};
 use super::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
     StoreErrorKind,
@@ -387,26 +387,6 @@ fn push_state_filter(sql: &mut QueryBuilder<'_, Postgres>, state: KeyState, now:
             .push(")");
         }
     }
-}
-
-/// Sums a batch per key (saturating) and keeps each key's latest use, in id order.
-fn aggregate_usage(usage: &[KeyUsage]) -> BTreeMap<Uuid, (u64, OffsetDateTime)> {
-    let mut totals: BTreeMap<Uuid, (u64, OffsetDateTime)> = BTreeMap::new();
-    for u in usage {
-        totals
-            .entry(u.id)
-            .and_modify(|(uses, at)| {
-                *uses = uses.saturating_add(u.uses);
-                *at = (*at).max(u.last_used_at);
-            })
-            .or_insert((u.uses, u.last_used_at));
-    }
-    totals
-}
-
-/// Counts beyond `i64::MAX` cannot be stored; they saturate there.
-fn clamp_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// The instant floored to the microsecond (PostgreSQL's precision), in UTC.
