@@ -12,8 +12,9 @@ use axum::body::Body;
 use axum::{Extension, Router};
 use http::Request;
 use keywarden::{
-    management_router, Digest, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore,
-    KeyUsage, MemoryStore, NewKey, Principal, SecretId, StoreError, StoreErrorKind,
+    management_router, Digest, ExpiresIn, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord,
+    KeyStore, KeyUsage, MemoryStore, NewKey, Principal, RateLimitPolicy, SecretId, StoreError,
+    StoreErrorKind,
 };
 use serde_json::{json, Value};
 use support::{ring, send, Fixture, Reply};
@@ -142,6 +143,37 @@ impl Env {
     async fn whoami(&self, key: &str) -> Reply {
         support::get_with(&self.whoami, "/whoami", &[("x-api-key", key.as_bytes())]).await
     }
+
+    /// A key's view, as the admin sees it.
+    async fn view(&self, id: &str) -> Value {
+        let reply = self
+            .call(&self.admin, "GET", &format!("/admin/keys/{id}"), None)
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.json()
+    }
+
+    /// How many keys `subject` has.
+    async fn count(&self, subject: &str) -> usize {
+        let uri = format!("/admin/keys?subject={subject}");
+        ids(&self.call(&self.admin, "GET", &uri, None).await).len()
+    }
+}
+
+fn policy(text: &str) -> RateLimitPolicy {
+    text.parse().unwrap()
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap()
+}
+
+/// Asserts a 403 `insufficient_scope` that carries no key.
+#[track_caller]
+fn assert_forbidden(reply: &Reply) {
+    assert_problem(reply, 403, "insufficient_scope");
+    assert!(reply.json().get("key").is_none(), "{}", reply.text());
+    assert!(!reply.text().contains("kw_"), "{}", reply.text());
 }
 
 fn ts(value: &Value) -> OffsetDateTime {
@@ -797,7 +829,11 @@ async fn invalid_fields_are_422_naming_the_field() {
     let env = Env::new().await;
     let admin = env.admin.clone();
     let creates = [
-        (json!({"name": "x", "colour": "red"}), vec!["colour"]),
+        (json!({"name": "x", "colour": "red"}), vec!["body"]),
+        (
+            json!({"name": "x", "colour": "red", "shade": "dark"}),
+            vec!["body"],
+        ),
         (
             json!({"name": "x", "expires_in": "forever"}),
             vec!["expires_in"],
@@ -871,8 +907,8 @@ async fn invalid_fields_are_422_naming_the_field() {
         (json!({"scopes": [""]}), "scopes"),
         (json!({"metadata": "text"}), "metadata"),
         (json!({"disabled": "no"}), "disabled"),
-        (json!({"revoked_at": "2030-01-01T00:00:00Z"}), "revoked_at"),
-        (json!({"subject": "bob"}), "subject"),
+        (json!({"revoked_at": "2030-01-01T00:00:00Z"}), "body"),
+        (json!({"subject": "bob"}), "body"),
     ];
     for (body, field) in patches {
         let reply = env
@@ -884,7 +920,7 @@ async fn invalid_fields_are_422_naming_the_field() {
         (json!({"grace": "-1h"}), "grace"),
         (json!({"grace": "soon"}), "grace"),
         (json!({"grace": 5}), "grace"),
-        (json!({"graces": "1h"}), "graces"),
+        (json!({"graces": "1h"}), "body"),
     ] {
         let reply = env
             .call(
@@ -902,7 +938,8 @@ async fn invalid_fields_are_422_naming_the_field() {
         ("limit=501", "limit"),
         ("limit=ten", "limit"),
         ("after=xyz", "after"),
-        ("colour=red", "colour"),
+        ("colour=red", "query"),
+        ("colour=red&shade=dark", "query"),
     ] {
         let reply = env
             .call(&admin, "GET", &format!("/admin/keys?{query}"), None)
@@ -1065,4 +1102,514 @@ async fn store_failures_are_503_with_retry_after() {
     )
     .await;
     assert_eq!(reply.status, 200);
+}
+
+/// S1: a rotation hands over a new plaintext with the old key's powers, so `keys:self`
+/// rotates only keys no more powerful than itself.
+#[tokio::test]
+async fn keys_self_rotates_only_keys_no_more_powerful_than_itself() {
+    let env = Env::new().await;
+    let (alice, alice_id) = env
+        .key(
+            NewKey::new("alice self", "alice")
+                .scope("keys:self")
+                .scope("read")
+                .expires_in(ExpiresIn::DAYS_30)
+                .rate_limit(policy("1000/min")),
+        )
+        .await;
+    let base = || {
+        NewKey::new("sibling", "alice")
+            .scope("read")
+            .expires_in(ExpiresIn::DAYS_7)
+            .rate_limit(policy("10/min"))
+    };
+    let (_, admin_sibling) = env.key(base().scope("keys:admin")).await;
+    let (_, test_sibling) = env.key(base().environment("test")).await;
+    let (_, forever) = env.key(base().expires_in(ExpiresIn::Unlimited)).await;
+    let (_, longer) = env.key(base().expires_in(ExpiresIn::DAYS_90)).await;
+    let (_, unlimited) = env
+        .key(
+            NewKey::new("no rate limit", "alice")
+                .scope("read")
+                .expires_in(ExpiresIn::DAYS_7),
+        )
+        .await;
+    let (_, faster) = env.key(base().rate_limit(policy("100/s"))).await;
+    let (_, disabled) = env.key(base()).await;
+    let off = env
+        .call(
+            &env.admin,
+            "PATCH",
+            &format!("/admin/keys/{disabled}"),
+            Some(json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!(off.status, 200, "{}", off.text());
+
+    let keys = env.count("alice").await;
+    for id in [
+        &admin_sibling,
+        &test_sibling,
+        &forever,
+        &longer,
+        &unlimited,
+        &faster,
+        &disabled,
+    ] {
+        let before = env.view(id).await;
+        let reply = env
+            .call(&alice, "POST", &format!("/admin/keys/{id}/rotate"), None)
+            .await;
+        assert_forbidden(&reply);
+        assert_eq!(env.view(id).await, before, "the old key is untouched");
+    }
+    assert_eq!(env.count("alice").await, keys, "no key was created");
+
+    // A key within the caller's powers rotates.
+    let (_, sibling) = env.key(base()).await;
+    let rotated = env
+        .call(
+            &alice,
+            "POST",
+            &format!("/admin/keys/{sibling}/rotate"),
+            None,
+        )
+        .await;
+    assert_eq!(rotated.status, 201, "{}", rotated.text());
+    assert_eq!(rotated.json()["scopes"], json!(["read"]));
+
+    // The new key gets the old key's lifetime from now, but never outlives the caller.
+    let alice_expiry = env.view(&alice_id).await["expires_at"].clone();
+    env.fx.clock.advance(Duration::days(10));
+    let renewed = env
+        .call(
+            &alice,
+            "POST",
+            &format!("/admin/keys/{alice_id}/rotate"),
+            None,
+        )
+        .await;
+    assert_eq!(renewed.status, 201, "{}", renewed.text());
+    assert_eq!(renewed.json()["expires_at"], alice_expiry);
+    assert_eq!(renewed.json()["rate_limit"], "1000/min");
+    let new_key = renewed.json()["key"].as_str().unwrap().to_owned();
+    let who = env.whoami(&new_key).await;
+    assert_eq!(who.status, 200, "{}", who.text());
+    assert_eq!(who.json()["expires_at"], alice_expiry);
+
+    // An admin rotates any active key, keeping its lifetime...
+    let reply = env
+        .call(
+            &env.admin,
+            "POST",
+            &format!("/admin/keys/{forever}/rotate"),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert_eq!(reply.json()["expires_at"], Value::Null);
+    // ...but nobody rotates a dead key back to life (the 7-day siblings have expired by now,
+    // one is disabled): reissuing one is a `create`.
+    for id in [&admin_sibling, &test_sibling, &disabled] {
+        let reply = env
+            .call(
+                &env.admin,
+                "POST",
+                &format!("/admin/keys/{id}/rotate"),
+                None,
+            )
+            .await;
+        assert_eq!(reply.status, 409, "{}", reply.text());
+        assert_eq!(reply.code(), "conflict");
+    }
+}
+
+/// S2: `keys:self` may only tighten what an admin set on its keys, itself included.
+#[tokio::test]
+async fn keys_self_only_tightens_its_keys() {
+    let env = Env::new().await;
+    let (alice, alice_id) = env
+        .key(
+            NewKey::new("alice self", "alice")
+                .scope("keys:self")
+                .scope("read")
+                .expires_in(ExpiresIn::DAYS_30)
+                .rate_limit(policy("1000/min")),
+        )
+        .await;
+    let alice_expiry = ts(&env.view(&alice_id).await["expires_at"]);
+    let restricted = || {
+        NewKey::new("restricted", "alice")
+            .scope("read")
+            .read_only(true)
+            .expires_in(ExpiresIn::DAYS_7)
+            .rate_limit(policy("10/min"))
+    };
+    let (_, sibling) = env.key(restricted()).await;
+    let off = env
+        .call(
+            &env.admin,
+            "PATCH",
+            &format!("/admin/keys/{sibling}"),
+            Some(json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!(off.status, 200, "{}", off.text());
+    let sibling_expiry = ts(&env.view(&sibling).await["expires_at"]);
+
+    refused(
+        &env,
+        &alice,
+        &sibling,
+        vec![
+            json!({"disabled": false}),
+            json!({"disabled": false, "name": "with a harmless change"}),
+            json!({"read_only": false}),
+            json!({"expires_at": null}),
+            json!({"expires_at": rfc3339(sibling_expiry + Duration::seconds(1))}),
+            json!({"rate_limit": null}),
+            json!({"rate_limit": "11/min"}),
+            json!({"rate_limit": "10/min,burst=11"}),
+            json!({"rate_limit": "1/s"}),
+        ],
+    )
+    .await;
+    // Its own restrictions, too.
+    refused(
+        &env,
+        &alice,
+        &alice_id,
+        vec![
+            json!({"expires_at": null}),
+            json!({"expires_at": rfc3339(alice_expiry + Duration::seconds(1))}),
+            json!({"rate_limit": null}),
+            json!({"rate_limit": "2000/min"}),
+        ],
+    )
+    .await;
+    // Never later than the caller, even on a key that does not expire.
+    let (_, forever) = env.key(NewKey::new("forever", "alice")).await;
+    refused(
+        &env,
+        &alice,
+        &forever,
+        vec![
+            json!({"expires_at": null}),
+            json!({"expires_at": rfc3339(alice_expiry + Duration::days(1))}),
+        ],
+    )
+    .await;
+    let bounded = env
+        .call(
+            &alice,
+            "PATCH",
+            &format!("/admin/keys/{forever}"),
+            Some(json!({"expires_at": rfc3339(alice_expiry), "rate_limit": "5/min"})),
+        )
+        .await;
+    assert_eq!(bounded.status, 200, "{}", bounded.text());
+    assert_eq!(ts(&bounded.json()["expires_at"]), alice_expiry);
+
+    // Tightening, and the free fields, are fine.
+    let (_, open) = env
+        .key(
+            NewKey::new("open", "alice")
+                .scope("read")
+                .expires_in(ExpiresIn::DAYS_7)
+                .rate_limit(policy("10/min")),
+        )
+        .await;
+    let earlier = rfc3339(sibling_expiry - Duration::days(1));
+    let tightened = env
+        .call(
+            &alice,
+            "PATCH",
+            &format!("/admin/keys/{open}"),
+            Some(json!({
+                "name": "renamed",
+                "description": "tightened",
+                "metadata": {"why": "least privilege"},
+                "scopes": ["read"],
+                "read_only": true,
+                "expires_at": earlier,
+                "rate_limit": "10/min,burst=5",
+                "disabled": true,
+            })),
+        )
+        .await;
+    assert_eq!(tightened.status, 200, "{}", tightened.text());
+    let view = tightened.json();
+    assert_eq!(view["name"], "renamed");
+    assert_eq!(view["read_only"], true);
+    assert_eq!(view["expires_at"], earlier.as_str());
+    assert_eq!(view["rate_limit"], "10/min,burst=5");
+    assert_eq!(view["state"], "disabled");
+    // Restating current values is not loosening.
+    let same = env
+        .call(
+            &alice,
+            "PATCH",
+            &format!("/admin/keys/{open}"),
+            Some(json!({
+                "read_only": true,
+                "disabled": true,
+                "expires_at": earlier,
+                "rate_limit": "10/min,burst=5",
+                "name": "again",
+            })),
+        )
+        .await;
+    assert_eq!(same.status, 200, "{}", same.text());
+    assert_eq!(same.json()["name"], "again");
+    assert_eq!(same.json()["state"], "disabled");
+
+    // An admin may loosen anything.
+    let loosened = env
+        .call(
+            &env.admin,
+            "PATCH",
+            &format!("/admin/keys/{sibling}"),
+            Some(json!({
+                "disabled": false,
+                "read_only": false,
+                "expires_at": null,
+                "rate_limit": null,
+            })),
+        )
+        .await;
+    assert_eq!(loosened.status, 200, "{}", loosened.text());
+    let view = loosened.json();
+    assert_eq!(view["state"], "active");
+    assert_eq!(view["read_only"], false);
+    assert!(view["expires_at"].is_null());
+    assert!(view["rate_limit"].is_null());
+}
+
+/// Each PATCH is a 403 that leaves the key as it was.
+async fn refused(env: &Env, caller: &str, id: &str, bodies: Vec<Value>) {
+    let uri = format!("/admin/keys/{id}");
+    // Usage is recorded in the background; everything else must stay.
+    let settings = |mut view: Value| {
+        let fields = view.as_object_mut().unwrap();
+        fields.remove("last_used_at");
+        fields.remove("use_count");
+        view
+    };
+    for body in bodies {
+        let before = settings(env.view(id).await);
+        let reply = env.call(caller, "PATCH", &uri, Some(body.clone())).await;
+        assert_forbidden(&reply);
+        let after = settings(env.view(id).await);
+        assert_eq!(after, before, "{body}: the record is unchanged");
+    }
+}
+
+/// S3: a `keys:self` key creates keys in its own environment, expiring no later and
+/// limited no more loosely than itself; omitted expiry and rate limit are inherited.
+#[tokio::test]
+async fn keys_self_creates_no_key_beyond_itself() {
+    let env = Env::new().await;
+    let (alice, alice_id) = env
+        .key(
+            NewKey::new("alice self", "alice")
+                .scope("keys:self")
+                .scope("read")
+                .expires_in(ExpiresIn::DAYS_30)
+                .rate_limit(policy("1000/min")),
+        )
+        .await;
+    let alice_expiry = env.view(&alice_id).await["expires_at"].clone();
+
+    let inherited = env
+        .call(&alice, "POST", "/admin/keys", Some(json!({"name": "n"})))
+        .await;
+    assert_eq!(inherited.status, 201, "{}", inherited.text());
+    assert_eq!(inherited.json()["expires_at"], alice_expiry);
+    assert_eq!(inherited.json()["rate_limit"], "1000/min");
+    assert_eq!(inherited.json()["environment"], "live");
+
+    let tighter = env
+        .call(
+            &alice,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "expires_in": "7d", "rate_limit": "10/min"})),
+        )
+        .await;
+    assert_eq!(tighter.status, 201, "{}", tighter.text());
+    let view = tighter.json();
+    assert_eq!(
+        ts(&view["expires_at"]) - ts(&view["created_at"]),
+        Duration::days(7)
+    );
+    assert_eq!(view["rate_limit"], "10/min");
+    let same = env
+        .call(
+            &alice,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "expires_at": alice_expiry, "rate_limit": "1000/min"})),
+        )
+        .await;
+    assert_eq!(same.status, 201, "{}", same.text());
+
+    let keys = env.count("alice").await;
+    let later = rfc3339(ts(&alice_expiry) + Duration::seconds(1));
+    for body in [
+        json!({"name": "n", "environment": "test"}),
+        json!({"name": "n", "expires_in": "unlimited"}),
+        json!({"name": "n", "expires_in": "90d"}),
+        json!({"name": "n", "expires_at": later}),
+        json!({"name": "n", "rate_limit": "1001/min"}),
+        json!({"name": "n", "rate_limit": "1000/min,burst=1001"}),
+        json!({"name": "n", "rate_limit": "20/s"}),
+    ] {
+        let reply = env
+            .call(&alice, "POST", "/admin/keys", Some(body.clone()))
+            .await;
+        assert_forbidden(&reply);
+        assert!(
+            reply.headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("insufficient_scope"),
+            "{body}"
+        );
+    }
+    assert_eq!(env.count("alice").await, keys, "no key was created");
+
+    // A test key makes test keys only.
+    let (tester, _) = env
+        .key(
+            NewKey::new("tester", "tess")
+                .scope("keys:self")
+                .environment("test"),
+        )
+        .await;
+    let made = env
+        .call(&tester, "POST", "/admin/keys", Some(json!({"name": "t"})))
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    assert!(made.json()["key"].as_str().unwrap().starts_with("kw_test_"));
+    assert_eq!(made.json()["environment"], "test");
+    let live = env
+        .call(
+            &tester,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "t", "environment": "live"})),
+        )
+        .await;
+    assert_forbidden(&live);
+
+    // An admin is not bound by its own key.
+    let free = env
+        .call(
+            &env.admin,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "a", "subject": "alice", "environment": "test"})),
+        )
+        .await;
+    assert_eq!(free.status, 201, "{}", free.text());
+    assert_eq!(free.json()["environment"], "test");
+    assert!(free.json()["expires_at"].is_null());
+    assert!(free.json()["rate_limit"].is_null());
+}
+
+/// S9: names the client sent are never repeated, since they may be keys.
+#[tokio::test]
+async fn unknown_names_are_never_echoed() {
+    let env = Env::new().await;
+    let admin = env.admin.clone();
+    let (_, id) = env.key(NewKey::new("k", "alice")).await;
+    for query in [
+        admin.clone(),
+        format!("{admin}=1"),
+        format!("limit=5&{admin}=x&other=y"),
+    ] {
+        let reply = env
+            .call(&admin, "GET", &format!("/admin/keys?{query}"), None)
+            .await;
+        assert_invalid(&reply, &["query"]);
+        assert!(!reply.text().contains(&admin), "{}", reply.text());
+        assert!(!reply.text().contains("kw_"), "{}", reply.text());
+    }
+    for (method, uri, mut body) in [
+        ("POST", "/admin/keys".to_owned(), json!({"name": "x"})),
+        ("PATCH", format!("/admin/keys/{id}"), json!({})),
+        ("POST", format!("/admin/keys/{id}/rotate"), json!({})),
+    ] {
+        body[admin.as_str()] = json!(1);
+        let reply = env.call(&admin, method, &uri, Some(body)).await;
+        assert_invalid(&reply, &["body"]);
+        assert_eq!(reply.json()["errors"][0]["message"], "unknown field");
+        assert!(
+            !reply.text().contains("kw_"),
+            "{method} {uri}: {}",
+            reply.text()
+        );
+    }
+    // A key pasted as a scope: the refusal names its position only.
+    let (alice, _) = env
+        .key(NewKey::new("alice self", "alice").scope("keys:self"))
+        .await;
+    let reply = env
+        .call(
+            &alice,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "scopes": ["keys:self", admin]})),
+        )
+        .await;
+    assert_forbidden(&reply);
+    assert!(reply.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("scopes[1]"));
+}
+
+/// S10: NUL (which Postgres cannot store) and other control characters in free text are a
+/// 422 at the edge, not a store error.
+#[tokio::test]
+async fn control_characters_in_free_text_are_422() {
+    let env = Env::new().await;
+    let admin = env.admin.clone();
+    let (_, id) = env.key(NewKey::new("k", "alice")).await;
+    let cases = [
+        (json!({"description": "a\u{0}b"}), "description"),
+        (json!({"description": "\u{1b}[31mred"}), "description"),
+        (json!({"metadata": {"k": "v\u{0}"}}), "metadata"),
+        (json!({"metadata": {"k\u{0}": "v"}}), "metadata"),
+        (
+            json!({"metadata": {"a": [1, {"b": ["ok", "\u{7f}"]}]}}),
+            "metadata",
+        ),
+    ];
+    for (body, field) in cases {
+        let mut create = body.clone();
+        create["name"] = json!("n");
+        let reply = env.call(&admin, "POST", "/admin/keys", Some(create)).await;
+        assert_invalid(&reply, &[field]);
+        let before = env.view(&id).await;
+        let reply = env
+            .call(&admin, "PATCH", &format!("/admin/keys/{id}"), Some(body))
+            .await;
+        assert_invalid(&reply, &[field]);
+        assert_eq!(env.view(&id).await, before);
+    }
+    let clean = env
+        .call(
+            &admin,
+            "POST",
+            "/admin/keys",
+            Some(json!({
+                "name": "n",
+                "description": "naïve café ✓",
+                "metadata": {"ünïcode": ["fine", {"nested": "too"}]},
+            })),
+        )
+        .await;
+    assert_eq!(clean.status, 201, "{}", clean.text());
 }

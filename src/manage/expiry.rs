@@ -25,11 +25,15 @@ impl ExpiresIn {
     /// 90 days.
     pub const DAYS_90: Self = Self::After(Duration::days(90));
 
-    /// The expiry of a key created at `now`, or `None` for unlimited.
+    /// The expiry of a key created at `now`, or `None` for unlimited. A lifetime past the
+    /// last representable instant saturates there.
     pub fn expires_at(self, now: time::OffsetDateTime) -> Option<time::OffsetDateTime> {
         match self {
             Self::Unlimited => None,
-            Self::After(d) => Some(now + d),
+            Self::After(d) => Some(
+                now.checked_add(d)
+                    .unwrap_or_else(|| time::PrimitiveDateTime::MAX.assume_utc()),
+            ),
             Self::At(at) => Some(at),
         }
     }

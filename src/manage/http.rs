@@ -23,8 +23,37 @@
 //!
 //! Every error is `application/problem+json` with the layer's shape
 //! (`{"status", "code", "title", "detail"}`); validation errors add
-//! `"errors": [{"field", "message"}]`. Error bodies never repeat submitted values, so a key
-//! pasted into the wrong field is not echoed back.
+//! `"errors": [{"field", "message"}]`. Error bodies never repeat submitted values or names,
+//! so a key pasted into the wrong field, member or query parameter is not echoed back: an
+//! unknown body member is reported as field `body`, an unknown query parameter as `query`.
+//! Control characters (NUL included) in `description` or in any metadata string, key or
+//! value, are a 422: Postgres cannot store NUL.
+//!
+//! # Authorization
+//!
+//! `keys:admin` manages every key, without limits. `keys:self` manages the keys of its owner
+//! (same collection and subject); other keys answer 404 exactly like unknown ids. A
+//! `keys:self` caller may never obtain or create a key more powerful than itself, and may
+//! only tighten its own keys; anything else is 403 `insufficient_scope`:
+//!
+//! - **Create**: collection, subject and owner kind are the caller's; `environment` must be
+//!   the caller's (the default); every scope must be one the caller holds; the expiry must be
+//!   no later than the caller's own (when the body gives none, the key inherits the
+//!   caller's `expires_at`); the rate limit must be within the caller's
+//!   ([`RateLimitPolicy::is_within`]; when the body gives none, the key inherits it).
+//! - **Rotate**: only a key no more powerful than the caller, as the new key's plaintext is
+//!   the caller's: not disabled, all its scopes held by the caller, same environment, expiry
+//!   no later than the caller's, rate limit within the caller's. The new key (which gets
+//!   the old key's lifetime from now) is cut back to the caller's expiry.
+//! - **Update**: only tightening, relative to the key's current values: no `disabled: false`
+//!   on a disabled key, no `read_only: false` on a read-only key, no `expires_at` later than
+//!   the current expiry or than the caller's own (`null` is never: later than any instant),
+//!   no `rate_limit` looser than the current one (`null` is unlimited); `scopes` only ones
+//!   the caller holds. Values equal to the current ones are left out of the update. `name`,
+//!   `description` and `metadata` are free.
+//! - **Get, list, revoke, delete**: allowed on own keys.
+//!
+//! A read-only key never gets this far on the unsafe methods: the layer refuses it first.
 
 use std::sync::Arc;
 
@@ -61,8 +90,6 @@ const ADMIN_SCOPE: &str = "keys:admin";
 const SELF_SCOPE: &str = "keys:self";
 /// How long the old key keeps working after a rotation without a `grace`.
 const DEFAULT_GRACE: Duration = Duration::hours(24);
-/// Longest field or parameter name repeated in an error.
-const MAX_ECHOED_NAME: usize = 64;
 
 /// The management API as an axum `Router` to nest under any path, behind an
 /// [`ApiKeyLayer`](crate::ApiKeyLayer).
@@ -84,9 +111,15 @@ const MAX_ECHOED_NAME: usize = 64;
 /// - `keys:admin` manages every key.
 /// - `keys:self` manages the keys of its owner: same `collection` and same `subject` as the
 ///   calling key. Other keys answer 404 exactly like an unknown id, and listings are limited
-///   to the caller's own keys. It may not create a key for another subject, collection or
-///   owner kind, nor grant (on create or `PATCH`) a scope it does not hold itself: 403
-///   `insufficient_scope`.
+///   to the caller's own keys. It never obtains or creates a key more powerful than itself
+///   and only tightens its own keys (403 `insufficient_scope` otherwise):
+///   - create: its own collection, subject, owner kind and environment; only scopes it
+///     holds; an expiry no later than its own and a rate limit within its own (both
+///     inherited from the caller when omitted);
+///   - rotate: only keys that are not disabled and hold no scope, environment, expiry or
+///     rate limit beyond the caller's; the new key expires no later than the caller;
+///   - update: `disabled`, `read_only`, `expires_at` and `rate_limit` may only tighten the
+///     key (and `expires_at` never passes the caller's own); `scopes` only ones it holds.
 /// - Neither scope: 403 `insufficient_scope`.
 ///
 /// A new key's `collection`, `subject`, `owner_kind` and `environment` default to the caller's.
@@ -165,11 +198,10 @@ async fn update_key(
     KeyId(id): KeyId,
     JsonBody(body): JsonBody<PatchBody>,
 ) -> Result<Response, ApiError> {
-    caller.load(&manager, id).await?;
-    if let Some(scopes) = &body.scopes {
-        caller.may_grant(scopes)?;
-    }
-    let record = manager.update(id, body.into_patch()?).await?;
+    let current = caller.load(&manager, id).await?;
+    let mut patch = body.into_patch()?;
+    caller.may_patch(&current, &mut patch)?;
+    let record = manager.update(id, patch).await?;
     Ok(Json(KeyView::new(&record, manager.now())).into_response())
 }
 
@@ -190,8 +222,11 @@ async fn rotate_key(
     body: Option<JsonBody<RotateBody>>,
 ) -> Result<Response, ApiError> {
     let grace = parse_grace(body.and_then(|JsonBody(b)| b.grace).as_deref())?;
-    caller.load(&manager, id).await?;
-    let created = manager.rotate(id, grace).await?;
+    let old = caller.load(&manager, id).await?;
+    caller.may_rotate(&old)?;
+    // The new key lives the old key's lifetime from now, which could pass the caller's own
+    // expiry: cap it in the same step.
+    let created = manager.rotate_until(id, grace, caller.max_expiry()).await?;
     Ok(created_response(&created, manager.now()))
 }
 
@@ -266,30 +301,31 @@ impl Caller {
         }
         // Malformed scopes are a 422, not a privilege question.
         check_scopes(&mut scopes.to_vec())?;
-        match scopes.iter().find(|s| !self.principal.has_scope(s)) {
-            Some(scope) => Err(forbidden(format!(
-                "a `keys:self` key cannot grant the scope `{scope}`, which it does not hold"
+        // By position: the scope itself is submitted text, maybe a key pasted by mistake.
+        match scopes.iter().position(|s| !self.principal.has_scope(s)) {
+            Some(index) => Err(forbidden(format!(
+                "a `keys:self` key cannot grant scopes[{index}], a scope it does not hold"
             ))),
             None => Ok(()),
         }
     }
 
-    /// A `keys:self` caller names its own collection, subject and owner kind or none.
+    /// A `keys:self` caller names its own collection, subject, owner kind and environment
+    /// or none.
     fn may_own(&self, body: &CreateBody) -> Result<(), ApiError> {
         if self.admin {
             return Ok(());
         }
         let p = &self.principal;
-        let mismatch = if body.subject.as_deref().is_some_and(|s| s != p.subject()) {
+        let differs = |given: Option<&str>, own: &str| given.is_some_and(|g| g != own);
+        let mismatch = if differs(body.subject.as_deref(), p.subject()) {
             Some("subject")
-        } else if body
-            .collection
-            .as_deref()
-            .is_some_and(|c| c != p.collection())
-        {
+        } else if differs(body.collection.as_deref(), p.collection()) {
             Some("collection")
         } else if body.owner_kind.is_some_and(|k| k != p.owner_kind()) {
             Some("owner_kind")
+        } else if differs(body.environment.as_deref(), p.environment()) {
+            Some("environment")
         } else {
             None
         };
@@ -301,17 +337,147 @@ impl Caller {
         }
     }
 
+    /// The latest expiry the caller may give a key: its own, unless it is an admin.
+    fn max_expiry(&self) -> Option<OffsetDateTime> {
+        if self.admin {
+            None
+        } else {
+            self.principal.expires_at()
+        }
+    }
+
+    /// The loosest rate limit the caller may give a key: its own, unless it is an admin.
+    fn max_rate_limit(&self) -> Option<RateLimitPolicy> {
+        if self.admin {
+            None
+        } else {
+            self.principal.rate_limit()
+        }
+    }
+
+    /// A new key's lifetime: what was asked (`None`: nothing), within the caller's expiry.
+    fn bound_expiry(
+        &self,
+        asked: Option<ExpiresIn>,
+        now: OffsetDateTime,
+    ) -> Result<ExpiresIn, ApiError> {
+        let Some(limit) = self.max_expiry() else {
+            return Ok(asked.unwrap_or_default());
+        };
+        let Some(asked) = asked else {
+            return Ok(ExpiresIn::At(limit));
+        };
+        match asked.expires_at(now) {
+            // Absolute, so the stored expiry is exactly the one checked here.
+            Some(at) if at <= limit => Ok(ExpiresIn::At(at)),
+            _ => Err(forbidden(format!(
+                "a `keys:self` key cannot create a key that outlives it: give an expiry no later than {}",
+                limit.format(&Rfc3339).unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// A new key's rate limit: what was asked, within the caller's.
+    fn bound_rate_limit(
+        &self,
+        asked: Option<RateLimitPolicy>,
+    ) -> Result<Option<RateLimitPolicy>, ApiError> {
+        match (asked, self.max_rate_limit()) {
+            (asked, None) => Ok(asked),
+            (None, Some(limit)) => Ok(Some(limit)),
+            (Some(asked), Some(limit)) if asked.is_within(&limit) => Ok(Some(asked)),
+            (Some(_), Some(limit)) => Err(forbidden(format!(
+                "a `keys:self` key cannot create a key with a rate limit looser than its own ({limit})"
+            ))),
+        }
+    }
+
+    /// A `keys:self` caller rotates only keys no more powerful than itself: the new key's
+    /// plaintext is the caller's to use.
+    fn may_rotate(&self, key: &KeyRecord) -> Result<(), ApiError> {
+        if self.admin {
+            return Ok(());
+        }
+        let p = &self.principal;
+        let reason = if key.disabled {
+            Some("it is disabled")
+        } else if !key.scopes.iter().all(|s| p.has_scope(s)) {
+            Some("it has a scope the caller does not hold")
+        } else if key.environment != p.environment() {
+            Some("it belongs to another environment")
+        } else if !ends_by(key.expires_at, p.expires_at()) {
+            Some("it expires later than the caller")
+        } else if !within(key.rate_limit, p.rate_limit()) {
+            Some("its rate limit is looser than the caller's")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(forbidden(format!(
+                "a `keys:self` key cannot rotate this key: {reason}; that needs `{ADMIN_SCOPE}`"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A `keys:self` caller only tightens a key, relative to its current values and never
+    /// past the caller's own expiry. Values equal to the current ones are then dropped from
+    /// the patch, so a harmless `"disabled": false` cannot undo an admin's concurrent disable.
+    fn may_patch(&self, key: &KeyRecord, patch: &mut KeyPatch) -> Result<(), ApiError> {
+        if self.admin {
+            return Ok(());
+        }
+        if let Some(scopes) = &patch.scopes {
+            self.may_grant(scopes)?;
+        }
+        let loosened = if patch.disabled == Some(false) && key.disabled {
+            Some("re-enable a disabled key")
+        } else if patch.read_only == Some(false) && key.read_only {
+            Some("make a read-only key writable")
+        } else if patch.expires_at.is_some_and(|at| {
+            !ends_by(at, key.expires_at) || !ends_by(at, self.principal.expires_at())
+        }) {
+            Some("remove or extend an expiry, or set one later than its own")
+        } else if patch
+            .rate_limit
+            .is_some_and(|limit| !within(limit, key.rate_limit))
+        {
+            Some("remove or loosen a rate limit")
+        } else {
+            None
+        };
+        if let Some(what) = loosened {
+            return Err(forbidden(format!(
+                "a `keys:self` key can only tighten keys and cannot {what}; that needs `{ADMIN_SCOPE}`"
+            )));
+        }
+        if patch.disabled == Some(key.disabled) {
+            patch.disabled = None;
+        }
+        if patch.read_only == Some(key.read_only) {
+            patch.read_only = None;
+        }
+        if patch.expires_at == Some(key.expires_at) {
+            patch.expires_at = None;
+        }
+        if patch.rate_limit == Some(key.rate_limit) {
+            patch.rate_limit = None;
+        }
+        Ok(())
+    }
+
     /// The key to create.
     fn new_key(&self, body: CreateBody, now: OffsetDateTime) -> Result<NewKey, ApiError> {
         self.may_own(&body)?;
         if let Some(scopes) = &body.scopes {
             self.may_grant(scopes)?;
         }
+        reject_control_chars(body.description.as_deref(), body.metadata.as_ref())?;
         let p = &self.principal;
         let name = body
             .name
             .ok_or_else(|| ApiError::invalid("name", "name is required"))?;
-        let expires_in = match (body.expires_in, body.expires_at) {
+        let asked = match (body.expires_in, body.expires_at) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid(
                     "expires_at",
@@ -319,7 +485,7 @@ impl Caller {
                 ))
             }
             (Some(text), None) => match parse_duration_or_unlimited(&text) {
-                Some(expires_in) => expires_in,
+                Some(expires_in) => Some(expires_in),
                 None => {
                     return Err(ApiError::invalid(
                         "expires_in",
@@ -335,10 +501,15 @@ impl Caller {
                         "expires_at must be in the future",
                     ));
                 }
-                ExpiresIn::At(at)
+                Some(ExpiresIn::At(at))
             }
-            (None, None) => ExpiresIn::Unlimited,
+            (None, None) => None,
         };
+        let rate_limit = body
+            .rate_limit
+            .as_deref()
+            .map(parse_rate_limit)
+            .transpose()?;
         let mut new = NewKey::new(name, body.subject.unwrap_or_else(|| p.subject().to_owned()))
             .collection(body.collection.unwrap_or_else(|| p.collection().to_owned()))
             .owner_kind(body.owner_kind.unwrap_or_else(|| p.owner_kind()))
@@ -347,15 +518,13 @@ impl Caller {
                     .unwrap_or_else(|| p.environment().to_owned()),
             )
             .read_only(body.read_only.unwrap_or(false))
-            .expires_in(expires_in);
+            .expires_in(self.bound_expiry(asked, now)?);
         new.description = body.description;
         new.scopes = body.scopes.unwrap_or_default();
         if let Some(metadata) = body.metadata {
             new.metadata = metadata;
         }
-        if let Some(text) = body.rate_limit {
-            new.rate_limit = Some(parse_rate_limit(&text)?);
-        }
+        new.rate_limit = self.bound_rate_limit(rate_limit)?;
         Ok(new)
     }
 
@@ -384,6 +553,57 @@ fn forbidden(detail: String) -> ApiError {
     ApiError::Auth(AuthRejection::new(RejectionKind::InsufficientScope, detail))
 }
 
+/// Whether an expiry (`None`: never) comes no later than `limit` (`None`: never).
+fn ends_by(expires_at: Option<OffsetDateTime>, limit: Option<OffsetDateTime>) -> bool {
+    match (expires_at, limit) {
+        (_, None) => true,
+        (Some(at), Some(limit)) => at <= limit,
+        (None, Some(_)) => false,
+    }
+}
+
+/// Whether a rate limit (`None`: unlimited) is no looser than `limit` (`None`: unlimited).
+fn within(policy: Option<RateLimitPolicy>, limit: Option<RateLimitPolicy>) -> bool {
+    match (policy, limit) {
+        (_, None) => true,
+        (Some(policy), Some(limit)) => policy.is_within(&limit),
+        (None, Some(_)) => false,
+    }
+}
+
+/// Control characters in free text are a 422 here rather than a store error later: Postgres
+/// refuses NUL in TEXT and JSONB. Metadata is checked at every depth, keys and values.
+fn reject_control_chars(
+    description: Option<&str>,
+    metadata: Option<&Value>,
+) -> Result<(), ApiError> {
+    fn dirty(text: &str) -> bool {
+        text.chars().any(char::is_control)
+    }
+    // serde_json caps nesting at 128 levels, which bounds the recursion.
+    fn dirty_json(value: &Value) -> bool {
+        match value {
+            Value::String(text) => dirty(text),
+            Value::Array(items) => items.iter().any(dirty_json),
+            Value::Object(members) => members.iter().any(|(k, v)| dirty(k) || dirty_json(v)),
+            Value::Null | Value::Bool(_) | Value::Number(_) => false,
+        }
+    }
+    if description.is_some_and(dirty) {
+        Err(ApiError::invalid(
+            "description",
+            "description must not contain control characters",
+        ))
+    } else if metadata.is_some_and(dirty_json) {
+        Err(ApiError::invalid(
+            "metadata",
+            "metadata must not contain control characters",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// The `{id}` path segment as a key id.
 struct KeyId(Uuid);
 
@@ -403,7 +623,13 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyId {
 /// A JSON object body, read with problem+json rejections.
 struct JsonBody<T>(T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+/// A request body type and the names of its members: errors name only these, never a member
+/// name the client sent.
+trait BodyFields: DeserializeOwned {
+    const FIELDS: &'static [&'static str];
+}
+
+impl<S: Send + Sync, T: BodyFields> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -414,7 +640,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> OptionalFromRequest<S> for JsonBody<T> {
+impl<S: Send + Sync, T: BodyFields> OptionalFromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
@@ -423,7 +649,7 @@ impl<S: Send + Sync, T: DeserializeOwned> OptionalFromRequest<S> for JsonBody<T>
 }
 
 /// `None` for an empty body.
-async fn read_json<S: Send + Sync, T: DeserializeOwned>(
+async fn read_json<S: Send + Sync, T: BodyFields>(
     req: Request,
     state: &S,
 ) -> Result<Option<T>, ApiError> {
@@ -465,32 +691,39 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// Deserializes a body whose fields are all optional. serde stops at the first problem and
 /// does not say where, so on failure each member is tried alone to name every bad field.
-fn from_object<T: DeserializeOwned>(object: Map<String, Value>) -> Result<T, ApiError> {
+fn from_object<T: BodyFields>(object: Map<String, Value>) -> Result<T, ApiError> {
     if let Ok(value) = serde_json::from_value(Value::Object(object.clone())) {
         return Ok(value);
     }
-    let errors = object
-        .into_iter()
-        .filter_map(|(field, value)| {
-            let alone = Map::from_iter([(field.clone(), value)]);
-            serde_json::from_value::<T>(Value::Object(alone))
-                .err()
-                .map(|err| field_error(&field, &err))
-        })
-        .collect();
+    let mut errors: Vec<FieldError> = Vec::new();
+    for (field, value) in object {
+        let known = T::FIELDS.iter().copied().find(|known| *known == field);
+        let alone = Map::from_iter([(field, value)]);
+        if let Err(err) = serde_json::from_value::<T>(Value::Object(alone)) {
+            let error = field_error(known, &err);
+            if !errors.contains(&error) {
+                errors.push(error);
+            }
+        }
+    }
     Err(ApiError::validation(errors))
 }
 
-/// A field error in our words: serde's messages quote the offending value.
-fn field_error(field: &str, err: &serde_json::Error) -> FieldError {
+/// A field error in our words: serde's messages quote the offending value, and an unknown
+/// member's name is submitted text too (maybe a key), so it becomes `body`.
+fn field_error(known: Option<&'static str>, err: &serde_json::Error) -> FieldError {
     let text = err.to_string();
-    let message = if text.starts_with("unknown field") {
-        "unknown field".to_owned()
-    } else if let Some((_, expected)) = text.split_once(", expected ") {
-        let expected = expected.split(" at line ").next().unwrap_or(expected);
-        format!("expected {expected}")
-    } else {
-        "invalid value".to_owned()
+    let Some(field) = known.filter(|_| !text.starts_with("unknown field")) else {
+        return FieldError::new("body", "unknown field");
+    };
+    // serde puts the submitted value first and the expectation last:
+    // `invalid type: string "...", expected a boolean`.
+    let message = match text.rsplit_once(", expected ") {
+        Some((_, expected)) => {
+            let expected = expected.split(" at line ").next().unwrap_or(expected);
+            format!("expected {expected}")
+        }
+        None => "invalid value".to_owned(),
     };
     FieldError::new(field, message)
 }
@@ -518,6 +751,23 @@ struct CreateBody {
     rate_limit: Option<String>,
 }
 
+impl BodyFields for CreateBody {
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "description",
+        "collection",
+        "subject",
+        "owner_kind",
+        "scopes",
+        "read_only",
+        "environment",
+        "expires_in",
+        "expires_at",
+        "metadata",
+        "rate_limit",
+    ];
+}
+
 /// Absent leaves a field alone; `null` clears the nullable ones.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -536,8 +786,25 @@ struct PatchBody {
     disabled: Option<bool>,
 }
 
+impl BodyFields for PatchBody {
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "description",
+        "scopes",
+        "read_only",
+        "metadata",
+        "rate_limit",
+        "expires_at",
+        "disabled",
+    ];
+}
+
 impl PatchBody {
     fn into_patch(self) -> Result<KeyPatch, ApiError> {
+        reject_control_chars(
+            self.description.as_ref().and_then(Option::as_deref),
+            self.metadata.as_ref().and_then(Option::as_ref),
+        )?;
         let rate_limit = match self.rate_limit {
             Some(Some(text)) => Some(Some(parse_rate_limit(&text)?)),
             Some(None) => Some(None),
@@ -568,6 +835,10 @@ impl PatchBody {
 #[serde(default, deny_unknown_fields)]
 struct RotateBody {
     grace: Option<String>,
+}
+
+impl BodyFields for RotateBody {
+    const FIELDS: &'static [&'static str] = &["grace"];
 }
 
 fn parse_time(field: &'static str, text: &str) -> Result<OffsetDateTime, ApiError> {
@@ -644,7 +915,13 @@ fn list_query(params: Vec<(String, String)>, now: OffsetDateTime) -> Result<KeyQ
                     format!("expected a number from 1 to {}", KeyQuery::MAX_LIMIT),
                 )),
             },
-            other => errors.push(FieldError::new(other, "unknown query parameter")),
+            // The name is submitted text (maybe a key): never repeat it.
+            _ => {
+                let error = FieldError::new("query", "unknown parameter");
+                if !errors.contains(&error) {
+                    errors.push(error);
+                }
+            }
         }
     }
     if errors.is_empty() {
@@ -727,16 +1004,17 @@ struct KeyList<'a> {
     next_cursor: Option<Uuid>,
 }
 
-#[derive(Debug, Serialize)]
+/// One invalid field. The name is always one of ours, never one the client sent.
+#[derive(Debug, PartialEq, Serialize)]
 struct FieldError {
-    field: String,
+    field: &'static str,
     message: String,
 }
 
 impl FieldError {
-    fn new(field: &str, message: impl Into<String>) -> Self {
+    fn new(field: &'static str, message: impl Into<String>) -> Self {
         Self {
-            field: field.chars().take(MAX_ECHOED_NAME).collect(),
+            field,
             message: message.into(),
         }
     }
@@ -795,7 +1073,7 @@ impl ApiError {
         }
     }
 
-    fn invalid(field: &str, message: impl Into<String>) -> Self {
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Self::validation(vec![FieldError::new(field, message)])
     }
 }

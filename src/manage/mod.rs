@@ -382,8 +382,7 @@ impl KeyManager {
                 ManageError::invalid(
                     "environment",
                     format!(
-                        "no key prefix for environment `{}` (configured: {})",
-                        new.environment,
+                        "no key prefix for this environment (configured: {})",
                         self.format
                             .prefixes()
                             .iter()
@@ -530,6 +529,20 @@ impl KeyManager {
     /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Conflict`] for a revoked key,
     /// [`ManageErrorKind::Invalid`] for a negative grace, or [`ManageErrorKind::Store`].
     pub async fn rotate(&self, id: Uuid, grace: Duration) -> Result<CreatedKey, ManageError> {
+        self.rotate_until(id, grace, None).await
+    }
+
+    /// [`rotate`](Self::rotate), with the new key expiring no later than `latest` (for a
+    /// caller that may not create keys outliving itself).
+    ///
+    /// # Errors
+    /// As [`rotate`](Self::rotate); also [`ManageErrorKind::Invalid`] if `latest` has passed.
+    pub async fn rotate_until(
+        &self,
+        id: Uuid,
+        grace: Duration,
+        latest: Option<OffsetDateTime>,
+    ) -> Result<CreatedKey, ManageError> {
         if grace.is_negative() {
             return Err(ManageError::invalid(
                 "grace",
@@ -561,6 +574,17 @@ impl KeyManager {
                 }
             }
             None => ExpiresIn::Unlimited,
+        };
+        let lifetime = match (latest, lifetime.expires_at(now)) {
+            (Some(latest), _) if latest <= now => {
+                return Err(ManageError::invalid(
+                    "expires_at",
+                    "the expiry limit has passed",
+                ))
+            }
+            (Some(latest), None) => ExpiresIn::At(latest),
+            (Some(latest), Some(at)) if at > latest => ExpiresIn::At(latest),
+            _ => lifetime,
         };
         let new = NewKey {
             name: old.name.clone(),
