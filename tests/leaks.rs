@@ -80,7 +80,7 @@ async fn a_full_lifecycle_leaks_nothing() {
     for (name, value) in &forms {
         let reply = get_with(&app, "/whoami", &[(name, value.as_bytes())]).await;
         assert_eq!(reply.status, 200);
-        transcript.push_str(&format!("{:?}{}", reply.headers, reply.text()));
+        transcript.push_str(&format!("\n{:?}\n{}", reply.headers, reply.text()));
     }
     // Failures of every kind, each carrying the key or a near-copy of it.
     let mut tampered = k.clone().into_bytes();
@@ -99,7 +99,7 @@ async fn a_full_lifecycle_leaks_nothing() {
         let headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
         let reply = get_with(&app, "/whoami", &headers).await;
         assert!(reply.status.is_client_error());
-        transcript.push_str(&format!("{:?}{}", reply.headers, reply.text()));
+        transcript.push_str(&format!("\n{:?}\n{}", reply.headers, reply.text()));
     }
     let reply = send(
         &app,
@@ -107,7 +107,7 @@ async fn a_full_lifecycle_leaks_nothing() {
     )
     .await;
     assert_eq!(reply.status, 403);
-    transcript.push_str(&reply.text());
+    transcript.push_str(&format!("\n{}", reply.text()));
 
     let rotated = fx
         .manager
@@ -135,7 +135,7 @@ async fn a_full_lifecycle_leaks_nothing() {
     )
     .await;
     assert_eq!(reply.status, 403);
-    transcript.push_str(&reply.text());
+    transcript.push_str(&format!("\n{}", reply.text()));
     fx.manager.revoke(rotated.record.id).await.unwrap();
     let reply = get_with(
         &app,
@@ -144,11 +144,11 @@ async fn a_full_lifecycle_leaks_nothing() {
     )
     .await;
     assert_eq!(reply.code(), "revoked_key");
-    transcript.push_str(&reply.text());
+    transcript.push_str(&format!("\n{}", reply.text()));
     fx.clock.advance(Duration::hours(2));
     let reply = get_with(&app, "/whoami", &[("x-api-key", k.as_bytes())]).await;
     assert_eq!(reply.code(), "expired_key");
-    transcript.push_str(&reply.text());
+    transcript.push_str(&format!("\n{}", reply.text()));
 
     // Debug output of every public type that touches a key or secret.
     let headers = {
@@ -160,7 +160,7 @@ async fn a_full_lifecycle_leaks_nothing() {
     let credential = extractor.extract(&headers, None).unwrap().unwrap();
     let page = store.list(&KeyQuery::new()).await.unwrap();
     let debug = format!(
-        "{:?}{:?}{:?}{:?}{:?}{:?}{:?}{:?}{:?}{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         first,
         rotated,
         first.key,
@@ -178,7 +178,7 @@ async fn a_full_lifecycle_leaks_nothing() {
     for record in &page.items {
         assert_clean(
             "stored record",
-            &format!("{record:?}{}{}", record.display_start, record.name),
+            &format!("{record:?}\n{}\n{}", record.display_start, record.name),
             &forbidden[2..],
         );
     }
