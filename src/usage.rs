@@ -62,10 +62,11 @@ impl UsageRecorder {
         };
         let weak: Weak<Self> = Arc::downgrade(self);
         let interval = self.interval;
+        // If this task ends for any reason (its runtime shut down, even before its first
+        // poll), the guard is dropped with it and the next use starts a new flusher.
+        let restart = RestartOnDrop(weak.clone());
         runtime.spawn(async move {
-            // If this task ends for any reason (its runtime shut down), the next use starts
-            // a new flusher in whatever runtime it runs on.
-            let _restart = RestartOnDrop(weak.clone());
+            let _restart = restart;
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker.tick().await;
@@ -179,6 +180,16 @@ mod tests {
             "the dead flusher gave up its slot"
         );
 
+        // A flusher dropped before it was ever polled gives up its slot too.
+        let unpolled = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        unpolled.block_on(async { recorder.record(r.id, OffsetDateTime::now_utc()) });
+        assert!(recorder.flusher_running());
+        drop(unpolled);
+        assert!(!recorder.flusher_running());
+
         let second = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -187,7 +198,7 @@ mod tests {
             recorder.record(r.id, OffsetDateTime::now_utc());
             assert!(recorder.flusher_running());
             tokio::time::sleep(Duration::from_millis(50)).await;
-            assert_eq!(store.get(r.id).await.unwrap().unwrap().use_count, 2);
+            assert_eq!(store.get(r.id).await.unwrap().unwrap().use_count, 3);
         });
     }
 
