@@ -134,7 +134,7 @@ impl KeyStore for MemoryStore {
             Some(after) => std::ops::Bound::Excluded(after),
             None => std::ops::Bound::Unbounded,
         };
-        let mut items: Vec<KeyRecord> = inner
+        let items: Vec<KeyRecord> = inner
             .by_id
             .range((start, std::ops::Bound::Unbounded))
             .map(|(_, r)| r)
@@ -142,13 +142,7 @@ impl KeyStore for MemoryStore {
             .take(limit + 1)
             .cloned()
             .collect();
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|r| r.id)
-        } else {
-            None
-        };
-        Ok(KeyPage { items, next_cursor })
+        Ok(KeyPage::from_overfetch(items, limit))
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {

@@ -348,6 +348,20 @@ pub struct KeyPage {
     pub next_cursor: Option<Uuid>,
 }
 
+impl KeyPage {
+    /// A page from up to `limit + 1` records in id order: fetching one record more than the
+    /// page tells whether another page follows without a count query.
+    pub fn from_overfetch(mut items: Vec<KeyRecord>, limit: usize) -> Self {
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Self { items, next_cursor }
+    }
+}
+
 /// Uses of one key to add to its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyUsage {

@@ -324,14 +324,8 @@ impl KeyStore for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| store_error("listing keys failed", e))?;
-        let mut items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|r| r.id)
-        } else {
-            None
-        };
-        Ok(KeyPage { items, next_cursor })
+        let items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
+        Ok(KeyPage::from_overfetch(items, limit))
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
