@@ -3,10 +3,13 @@
 //! Found and not-found results are both cached (not-found with a short TTL so a key created
 //! elsewhere is usable soon). Concurrent misses for one digest share one store query. The
 //! cache never decides expiry: entries carry the key's `expires_at`, judged at request time.
+//!
+//! A found entry past its TTL is kept for a further stale window: it is re-read from the
+//! store by one request at a time, and answered from while the store is unreachable.
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,11 +74,50 @@ pub(crate) enum Lookup {
     Missing,
 }
 
-/// A cached lookup and the cache generation when its store read began.
+/// A cached lookup, the cache generation when its store read began, and when it was read.
 #[derive(Clone)]
 pub(crate) struct Cached {
     pub(crate) lookup: Lookup,
     pub(crate) generation: u64,
+    loaded_at: Instant,
+    /// Set while one request re-reads this stale entry, so the others do not pile onto the
+    /// store.
+    refreshing: Arc<AtomicBool>,
+}
+
+impl Cached {
+    fn new(lookup: Lookup, generation: u64) -> Self {
+        Self {
+            lookup,
+            generation,
+            loaded_at: Instant::now(),
+            refreshing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// A cache hit: fresh, or past its TTL but within the stale window.
+pub(crate) enum Hit {
+    Fresh(Lookup),
+    Stale(StaleEntry),
+}
+
+/// A found entry past its TTL.
+pub(crate) struct StaleEntry {
+    pub(crate) lookup: Lookup,
+    refreshing: Arc<AtomicBool>,
+}
+
+impl StaleEntry {
+    /// Claims the re-read of this entry; only one caller at a time gets `true`.
+    pub(crate) fn claim_refresh(&self) -> bool {
+        !self.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Gives the claim back after a failed re-read, so a later request can try again.
+    pub(crate) fn release_refresh(&self) {
+        self.refreshing.store(false, Ordering::Release);
+    }
 }
 
 struct Ttl {
@@ -114,6 +156,8 @@ pub(crate) struct CacheConfig {
     pub(crate) ttl: Duration,
     pub(crate) negative_ttl: Duration,
     pub(crate) max_capacity: u64,
+    /// How long past its TTL a found entry may answer while the store is unreachable.
+    pub(crate) stale: Duration,
 }
 
 impl Default for CacheConfig {
@@ -122,6 +166,7 @@ impl Default for CacheConfig {
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
             max_capacity: 100_000,
+            stale: Duration::from_secs(300),
         }
     }
 }
@@ -136,6 +181,8 @@ impl Default for CacheConfig {
 pub(crate) struct KeyCache {
     cache: Cache<Digest, Cached>,
     generation: Arc<AtomicU64>,
+    ttl: Duration,
+    stale: Duration,
 }
 
 /// How many times a miss re-reads the store while invalidations keep racing it.
@@ -146,7 +193,7 @@ impl KeyCache {
         let cache = Cache::builder()
             .max_capacity(config.max_capacity)
             .expire_after(Ttl {
-                found: config.ttl,
+                found: config.ttl.saturating_add(config.stale),
                 missing: config.negative_ttl,
             })
             .support_invalidation_closures()
@@ -154,11 +201,45 @@ impl KeyCache {
         Self {
             cache,
             generation: Arc::new(AtomicU64::new(0)),
+            ttl: config.ttl,
+            stale: config.stale,
         }
     }
 
+    /// The cached lookup, fresh or stale.
+    pub(crate) async fn lookup(&self, digest: &Digest) -> Option<Hit> {
+        let cached = self.cache.get(digest).await?;
+        // Without a stale window moka's own expiry is the TTL: no clock read needed.
+        if self.stale.is_zero() || cached.loaded_at.elapsed() < self.ttl {
+            return Some(Hit::Fresh(cached.lookup));
+        }
+        Some(Hit::Stale(StaleEntry {
+            lookup: cached.lookup,
+            refreshing: cached.refreshing,
+        }))
+    }
+
+    #[cfg(test)]
     pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
         self.cache.get(digest).await.map(|cached| cached.lookup)
+    }
+
+    /// Re-reads a stale entry. The result replaces the entry unless an invalidation raced
+    /// the read; an error leaves the stale entry in place.
+    pub(crate) async fn refresh<Fut>(&self, digest: Digest, load: Fut) -> Result<Lookup, StoreError>
+    where
+        Fut: Future<Output = Result<Lookup, StoreError>>,
+    {
+        let generation = self.generation.load(Ordering::Acquire);
+        let lookup = load.await?;
+        if generation == self.generation.load(Ordering::Acquire) {
+            self.cache
+                .insert(digest, Cached::new(lookup.clone(), generation))
+                .await;
+        } else {
+            self.cache.invalidate(&digest).await;
+        }
+        Ok(lookup)
     }
 
     /// The cached lookup, or `load`'s result; concurrent callers for one digest share one
@@ -180,7 +261,7 @@ impl KeyCache {
                 .cache
                 .try_get_with(digest, async {
                     let generation = self.generation.load(Ordering::Acquire);
-                    load().await.map(|lookup| Cached { lookup, generation })
+                    load().await.map(|lookup| Cached::new(lookup, generation))
                 })
                 .await?;
             if cached.generation == self.generation.load(Ordering::Acquire) {
@@ -212,6 +293,17 @@ impl KeyCache {
         if registered.is_err() {
             // Only possible if invalidation closures were not enabled, which `new` always does;
             // fail closed rather than keep a stale entry.
+            self.cache.invalidate_all();
+        }
+    }
+
+    /// Drops every cached not-found entry (a key was created elsewhere).
+    pub(crate) fn invalidate_missing(&self) {
+        self.bump();
+        let registered = self
+            .cache
+            .invalidate_entries_if(|_, cached| matches!(cached.lookup, Lookup::Missing));
+        if registered.is_err() {
             self.cache.invalidate_all();
         }
     }
@@ -370,6 +462,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_millis(30),
             max_capacity: 100,
+            stale: Duration::ZERO,
         });
         let (d1, l1) = found(1);
         let missing = Digest::from_bytes([9; 32]);
@@ -382,6 +475,69 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(cache.get(&missing).await.is_none());
+        assert!(cache.get(&d1).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn found_entries_turn_stale_then_refresh() {
+        let cache = KeyCache::new(CacheConfig {
+            ttl: Duration::from_millis(30),
+            negative_ttl: Duration::from_millis(30),
+            max_capacity: 100,
+            stale: Duration::from_secs(60),
+        });
+        let (d1, l1) = found(1);
+        cache
+            .get_or_load(d1, || async { Ok(l1.clone()) })
+            .await
+            .unwrap();
+        assert!(matches!(cache.lookup(&d1).await, Some(Hit::Fresh(_))));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let Some(Hit::Stale(stale)) = cache.lookup(&d1).await else {
+            panic!("past its TTL the entry is stale, not gone");
+        };
+        assert!(stale.claim_refresh());
+        let Some(Hit::Stale(other)) = cache.lookup(&d1).await else {
+            panic!("still stale");
+        };
+        assert!(!other.claim_refresh(), "one refresher at a time");
+        // A failed re-read keeps the stale entry and frees the claim.
+        let down = cache
+            .refresh(d1, async {
+                Err(StoreError::new(crate::StoreErrorKind::Unavailable, "down"))
+            })
+            .await;
+        assert!(down.is_err());
+        stale.release_refresh();
+        let Some(Hit::Stale(again)) = cache.lookup(&d1).await else {
+            panic!("still stale after a failed refresh");
+        };
+        assert!(again.claim_refresh());
+        cache
+            .refresh(d1, async { Ok(Lookup::Missing) })
+            .await
+            .unwrap();
+        assert!(matches!(
+            cache.lookup(&d1).await,
+            Some(Hit::Fresh(Lookup::Missing))
+        ));
+    }
+
+    #[tokio::test]
+    async fn created_elsewhere_drops_only_not_found_entries() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let (d1, l1) = found(1);
+        let missing = Digest::from_bytes([9; 32]);
+        cache
+            .get_or_load(d1, || async { Ok(l1.clone()) })
+            .await
+            .unwrap();
+        cache
+            .get_or_load(missing, || async { Ok(Lookup::Missing) })
+            .await
+            .unwrap();
+        cache.invalidate_missing();
         assert!(cache.get(&missing).await.is_none());
         assert!(cache.get(&d1).await.is_some());
     }

@@ -34,14 +34,19 @@ use uuid::Uuid;
 use crate::cache::{CacheConfig, Identity, IdentityValue, KeyCache};
 use crate::clock::{Clock, SystemClock};
 use crate::credential::CredentialExtractor;
+use crate::invalidation::Invalidation;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
+use crate::ratelimit::{
+    FailedAttemptLimit, FailureTracker, Limiters, RateLimitPolicy, RateLimiter,
+};
 use crate::rejection::AuthRejection;
 use crate::secret::{Digest, SecretRing};
 use crate::service::ApiKeyService;
+use crate::stats::{Counters, LayerStats};
 use crate::store::{KeyStore, StoreError};
 use crate::usage::UsageRecorder;
-use crate::verify::{CollectionConfig, IdentityMapper, Mode, Prepared, Shared};
+use crate::verify::{CollectionConfig, IdentityMapper, Mode, Prepared, Shared, StoreHealth};
 
 /// A collection of keys, named by the slug clients send in
 /// `Authorization: <slug> API-Key <key>` (Payload CMS's form).
@@ -131,6 +136,11 @@ pub struct ApiKeyLayerBuilder {
     clock: Arc<dyn Clock>,
     identity: Option<IdentityMapper>,
     usage_interval: Option<Duration>,
+    store_timeout: Duration,
+    store_retry: Duration,
+    limiter: RateLimiter,
+    default_rate_limit: Option<RateLimitPolicy>,
+    failed_attempts: Option<FailedAttemptLimit>,
 }
 
 impl Default for ApiKeyLayerBuilder {
@@ -148,6 +158,11 @@ impl Default for ApiKeyLayerBuilder {
             clock: Arc::new(SystemClock),
             identity: None,
             usage_interval: Some(DEFAULT_USAGE_INTERVAL),
+            store_timeout: Duration::from_secs(2),
+            store_retry: Duration::from_secs(1),
+            limiter: RateLimiter::local(),
+            default_rate_limit: None,
+            failed_attempts: None,
         }
     }
 }
@@ -240,6 +255,46 @@ impl ApiKeyLayerBuilder {
     /// The most entries the cache holds (default 100,000).
     pub fn cache_capacity(mut self, entries: u64) -> Self {
         self.cache.max_capacity = entries;
+        self
+    }
+
+    /// How long a found key may keep answering from the cache past its TTL while the store
+    /// is unreachable (default 5 min; zero turns stale answers off). Keys not in the cache
+    /// get 503 `store_unavailable` during an outage either way. Revocations still arrive
+    /// through cross-instance invalidation while the store is down.
+    pub fn stale_window(mut self, window: Duration) -> Self {
+        self.cache.stale = window;
+        self
+    }
+
+    /// How long one store lookup may take before it counts as a failure (default 2 s).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// After a store failure, how long misses fail fast with 503 before the store is tried
+    /// again; also the `Retry-After` of those 503s (default 1 s).
+    pub fn store_retry_after(mut self, retry: Duration) -> Self {
+        self.store_retry = retry.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Where per-key rate limits are counted (default: [`RateLimiter::local`]).
+    pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// The rate limit of keys that have none of their own (default: unlimited).
+    pub fn default_rate_limit(mut self, policy: RateLimitPolicy) -> Self {
+        self.default_rate_limit = Some(policy);
+        self
+    }
+
+    /// Turns on failed-attempt limiting per client address (off by default).
+    pub fn failed_attempt_limit(mut self, limit: FailedAttemptLimit) -> Self {
+        self.failed_attempts = Some(limit);
         self
     }
 
@@ -344,6 +399,10 @@ impl ApiKeyLayerBuilder {
         let usage = self
             .usage_interval
             .map(|interval| UsageRecorder::new(store.clone(), interval));
+        let limiters = Limiters::new(self.limiter, self.default_rate_limit, self.clock.clone());
+        let failures = self
+            .failed_attempts
+            .map(|limit| FailureTracker::new(limit, self.clock.clone()));
         Ok(ApiKeyLayer {
             shared: Arc::new(Shared {
                 store,
@@ -358,6 +417,11 @@ impl ApiKeyLayerBuilder {
                 clock: self.clock,
                 identity: self.identity,
                 usage,
+                limiters,
+                failures,
+                store_timeout: self.store_timeout,
+                health: StoreHealth::new(self.store_retry),
+                counters: Counters::default(),
             }),
         })
     }
@@ -377,7 +441,8 @@ impl ApiKeyLayer {
 
     /// Verifies a key outside HTTP (a WebSocket handshake message, a queue consumer) with the
     /// same checks as the request path: format, digest, cache and store, collection,
-    /// revocation and expiry. `method` decides the read-only check.
+    /// revocation, expiry and the key's rate limit (a call counts as one use). `method`
+    /// decides the read-only check.
     ///
     /// # Errors
     /// The [`AuthRejection`] the request path would have produced.
@@ -404,15 +469,13 @@ impl ApiKeyLayer {
                 ))
             }
         };
-        let resolved = match self.shared.resolve_cached(&lookup.digest).await {
-            Some(resolved) => resolved?,
-            None => {
-                let previous = self.shared.previous_digests(&headers, None);
-                self.shared.resolve_miss(lookup.digest, previous).await?
-            }
-        };
+        let resolved = self
+            .shared
+            .resolve(lookup.digest, &headers, None, None)
+            .await?;
         self.shared
             .check(&resolved, &lookup, method, self.shared.clock.now())?;
+        self.shared.rate_limit(&resolved).await?;
         Ok(resolved.principal.clone())
     }
 
@@ -441,6 +504,24 @@ impl ApiKeyLayer {
     /// Drops the whole cache.
     pub fn invalidate_all(&self) {
         self.shared.cache.invalidate_all();
+    }
+
+    /// Applies an invalidation received from another instance.
+    pub fn apply(&self, invalidation: &Invalidation) {
+        match invalidation {
+            Invalidation::Key(id) => self.shared.cache.invalidate_key(*id),
+            Invalidation::Created => self.shared.cache.invalidate_missing(),
+            Invalidation::All => self.shared.cache.invalidate_all(),
+        }
+    }
+
+    /// Counters of store trouble, rate limiting, blocked clients and invalidations.
+    pub fn stats(&self) -> LayerStats {
+        self.shared.counters.snapshot()
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.shared.counters
     }
 
     /// Approximate number of cached entries (found and not-found).

@@ -12,15 +12,19 @@ mod clock;
 mod credential;
 #[cfg(feature = "manage-api")]
 mod demo;
+mod invalidation;
 mod key;
 mod layer;
 mod manage;
 mod principal;
 mod ratelimit;
+#[cfg(feature = "redis")]
+mod redis_backend;
 mod rejection;
 mod scope;
 mod secret;
 mod service;
+mod stats;
 mod store;
 mod usage;
 mod verify;
@@ -32,6 +36,7 @@ pub use credential::{
 };
 #[cfg(feature = "manage-api")]
 pub use demo::{demo_layer_builder, demo_router, DEMO_COLLECTIONS};
+pub use invalidation::{Invalidation, InvalidationListener, InvalidationPublisher, PublishError};
 pub use key::{
     validate_opaque, ApiKey, KeyError, KeyFormat, KeyPrefix, ParsedKey, BODY_LEN, CHECKSUM_LEN,
     KEY_REGEX, MAX_KEY_LEN,
@@ -44,7 +49,12 @@ pub use manage::{
     ManageErrorKind, NewKey, RevealKey, REVEAL_KEY_ENV,
 };
 pub use principal::Principal;
-pub use ratelimit::{RateLimitParseError, RateLimitPolicy};
+pub use ratelimit::{
+    BlockedClients, ClientAddr, ClientAddress, FailedAttemptLimit, RateLimitParseError,
+    RateLimitPolicy, RateLimiter,
+};
+#[cfg(feature = "redis")]
+pub use redis_backend::{RedisBackend, RedisBackendError};
 pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 pub use scope::{RequireScope, RequireScopeService};
 pub use secret::{
@@ -52,6 +62,7 @@ pub use secret::{
     PREVIOUS_SECRETS_ENV, SECRET_ENV,
 };
 pub use service::{ApiKeyService, ResponseFuture};
+pub use stats::LayerStats;
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]

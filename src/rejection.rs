@@ -193,6 +193,13 @@ impl AuthRejection {
         }
     }
 
+    /// Replaces the detail.
+    #[must_use]
+    pub(crate) fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
     /// Sets `Retry-After`.
     #[must_use]
     pub fn with_retry_after(mut self, after: Duration) -> Self {

@@ -114,10 +114,23 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let grpc = is_grpc(req.headers());
-        let lookup = match self.shared.prepare(req.headers(), req.uri().query()) {
-            Prepared::Reject(rejection) => return ResponseFuture::reject(&rejection, grpc),
+        let shared = &self.shared;
+        let prepared = shared.prepare(req.headers(), req.uri().query());
+        let client = match prepared {
+            Prepared::Anonymous => None,
+            _ => shared.client_address(req.headers(), req.extensions()),
+        };
+        let blocked = shared.blocked(client);
+        let lookup = match prepared {
+            Prepared::Reject(rejection) => {
+                if let Some(blocked) = &blocked {
+                    return ResponseFuture::reject(&shared.blocked_rejection(blocked), grpc);
+                }
+                shared.note_failure(client, rejection.kind());
+                return ResponseFuture::reject(&rejection, grpc);
+            }
             Prepared::Anonymous => {
-                if self.shared.mode == Mode::Required {
+                if shared.mode == Mode::Required {
                     let rejection = AuthRejection::new(
                         RejectionKind::MissingCredentials,
                         "send an API key in the Authorization or X-Api-Key header",
@@ -130,22 +143,36 @@ where
             }
             Prepared::Lookup(lookup) => lookup,
         };
+        if let Some(blocked) = blocked.as_ref().filter(|b| !b.allow_cached) {
+            return ResponseFuture::reject(&shared.blocked_rejection(blocked), grpc);
+        }
         let shared = self.shared.clone();
         ResponseFuture::new(async move {
-            let resolved = match shared.resolve_cached(&lookup.digest).await {
-                Some(resolved) => resolved,
-                None => {
-                    let previous = shared.previous_digests(req.headers(), req.uri().query());
-                    shared.resolve_miss(lookup.digest, previous).await
-                }
-            };
+            let resolved = shared
+                .resolve(
+                    lookup.digest,
+                    req.headers(),
+                    req.uri().query(),
+                    blocked.as_ref(),
+                )
+                .await;
             let now = shared.clock.now();
-            let outcome = resolved.and_then(|resolved| {
+            let checked = resolved.and_then(|resolved| {
                 shared.check(&resolved, &lookup, req.method(), now)?;
                 Ok(resolved)
             });
-            let resolved = match outcome {
-                Ok(resolved) => resolved,
+            let outcome = match checked {
+                Ok(resolved) => shared
+                    .rate_limit(&resolved)
+                    .await
+                    .map(|status| (resolved, status)),
+                Err(rejection) => {
+                    shared.note_failure(client, rejection.kind());
+                    Err(rejection)
+                }
+            };
+            let (resolved, rate_status) = match outcome {
+                Ok(accepted) => accepted,
                 Err(rejection) => {
                     log_rejection(&rejection);
                     return Ok(rejection.to_response(grpc));
@@ -163,7 +190,12 @@ where
                 identity.insert_into(extensions);
             }
             extensions.insert(resolved.principal.clone());
-            inner.call(req).await.map(|res| res.map(AuthBody::inner))
+            let response = inner.call(req).await?;
+            let mut response = response.map(AuthBody::inner);
+            if let Some(status) = rate_status {
+                status.write_headers(response.headers_mut());
+            }
+            Ok(response)
         })
     }
 }

@@ -1,19 +1,24 @@
 //! The verification pipeline shared by every clone of the layer and service.
 
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method};
 use time::OffsetDateTime;
 
-use crate::cache::{Identity, KeyCache, Lookup, Resolved};
+use crate::cache::{Hit, Identity, KeyCache, Lookup, Resolved, StaleEntry};
 use crate::clock::Clock;
 use crate::credential::{CredentialError, CredentialExtractor, CredentialSource};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::principal::Principal;
-use crate::rejection::{AuthRejection, RejectionKind};
+use crate::ratelimit::{Blocked, FailureTracker, Limiters, RateLimitPolicy};
+use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::secret::{Digest, SecretId, SecretRing};
-use crate::store::{KeyRecord, KeyStore, StoreError};
+use crate::stats::{bump, Counters};
+use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
 use crate::usage::UsageRecorder;
 
 /// Whether requests without a credential are rejected or passed through.
@@ -48,6 +53,51 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) identity: Option<IdentityMapper>,
     pub(crate) usage: Option<Arc<UsageRecorder>>,
+    pub(crate) limiters: Limiters,
+    pub(crate) failures: Option<FailureTracker>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) health: StoreHealth,
+    pub(crate) counters: Counters,
+}
+
+/// Whether the store recently failed. While it is marked down, misses fail fast with 503 and
+/// stale entries answer without waiting for a timeout; after `retry` one request probes again.
+pub(crate) struct StoreHealth {
+    origin: Instant,
+    /// Nanoseconds since `origin` until which the store counts as down; 0 when up.
+    down_until: AtomicU64,
+    pub(crate) retry: Duration,
+}
+
+impl StoreHealth {
+    pub(crate) fn new(retry: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            down_until: AtomicU64::new(0),
+            retry,
+        }
+    }
+
+    fn elapsed(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn is_down(&self) -> bool {
+        let until = self.down_until.load(Ordering::Acquire);
+        until != 0 && self.elapsed() < until
+    }
+
+    fn mark_down(&self) {
+        let retry = u64::try_from(self.retry.as_nanos()).unwrap_or(u64::MAX);
+        let until = self.elapsed().saturating_add(retry).max(1);
+        self.down_until.store(until, Ordering::Release);
+    }
+
+    /// Returns whether the store had been marked down.
+    fn mark_up(&self) -> bool {
+        self.down_until.load(Ordering::Acquire) != 0
+            && self.down_until.swap(0, Ordering::AcqRel) != 0
+    }
 }
 
 /// The synchronous first half of a request: what to do before any I/O.
@@ -119,12 +169,59 @@ impl Shared {
         }
     }
 
-    /// The cached lookup, if any: the hit path.
-    pub(crate) async fn resolve_cached(
+    /// Resolves a digest: from the cache when it can, else from the store (concurrent misses
+    /// of one digest share one query). `blocked` is set for a client address over its failure
+    /// budget that may still use cached keys: anything needing the store is refused.
+    pub(crate) async fn resolve(
         &self,
-        digest: &Digest,
-    ) -> Option<Result<Arc<Resolved>, AuthRejection>> {
-        self.cache.get(digest).await.map(found)
+        digest: Digest,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        blocked: Option<&Blocked>,
+    ) -> Result<Arc<Resolved>, AuthRejection> {
+        let hit = self.cache.lookup(&digest).await;
+        if let Some(blocked) = blocked {
+            // Only a key cached as valid, and fresh, gets past a blocked address.
+            return match hit {
+                Some(Hit::Fresh(Lookup::Found(resolved))) => Ok(resolved),
+                _ => Err(self.blocked_rejection(blocked)),
+            };
+        }
+        match hit {
+            Some(Hit::Fresh(lookup)) => found(lookup),
+            Some(Hit::Stale(stale)) => self.refresh_stale(digest, stale, headers, query).await,
+            None => {
+                let previous = self.previous_digests(headers, query);
+                self.resolve_miss(digest, previous).await
+            }
+        }
+    }
+
+    /// A found entry past its TTL: one request re-reads it; while the store is down, or
+    /// another request is re-reading it, the stale entry answers.
+    async fn refresh_stale(
+        &self,
+        digest: Digest,
+        stale: StaleEntry,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Arc<Resolved>, AuthRejection> {
+        if !self.health.is_down() && stale.claim_refresh() {
+            let previous = self.previous_digests(headers, query);
+            let refreshed = self
+                .cache
+                .refresh(digest, self.load(digest, &previous))
+                .await;
+            stale.release_refresh();
+            if let Ok(lookup) = refreshed {
+                return found(lookup);
+            }
+        }
+        if self.health.is_down() {
+            bump(&self.counters.stale_served);
+            tracing::debug!(target: "keywarden", "key store unreachable: answering from a stale cache entry");
+        }
+        found(stale.lookup)
     }
 
     /// A cache miss: one store query, shared by concurrent misses of the same digest.
@@ -133,18 +230,68 @@ impl Shared {
         digest: Digest,
         previous: Vec<(SecretId, Digest)>,
     ) -> Result<Arc<Resolved>, AuthRejection> {
+        if self.health.is_down() {
+            return Err(self.unavailable());
+        }
         let lookup = self
             .cache
             .get_or_load(digest, || self.load(digest, &previous))
             .await
-            .map_err(|error| {
-                tracing::warn!(target: "keywarden", error = %error, "key store lookup failed");
-                AuthRejection::new(
-                    RejectionKind::StoreUnavailable,
-                    "the key store is unavailable; retry shortly",
-                )
-            })?;
+            .map_err(|_| self.unavailable())?;
         found(lookup)
+    }
+
+    /// A 503 `store_unavailable`, counted.
+    pub(crate) fn unavailable(&self) -> AuthRejection {
+        bump(&self.counters.unavailable);
+        AuthRejection::new(
+            RejectionKind::StoreUnavailable,
+            "the key store is unavailable; retry shortly",
+        )
+        .with_retry_after(self.health.retry)
+    }
+
+    /// A 429 for a client address over its failure budget, counted.
+    pub(crate) fn blocked_rejection(&self, blocked: &Blocked) -> AuthRejection {
+        bump(&self.counters.clients_blocked);
+        AuthRejection::rate_limited(blocked.status, blocked.retry_after)
+            .with_detail("too many rejected keys from this address; retry later")
+    }
+
+    /// One store call under the store timeout, with the outcome recorded in the store's
+    /// health, the counters and tracing.
+    async fn store_call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let error = match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(Ok(value)) => {
+                if self.health.mark_up() {
+                    tracing::info!(target: "keywarden", "key store is reachable again");
+                }
+                return Ok(value);
+            }
+            Ok(Err(error)) => {
+                bump(&self.counters.store_errors);
+                error
+            }
+            Err(_) => {
+                bump(&self.counters.store_timeouts);
+                StoreError::new(
+                    StoreErrorKind::Timeout,
+                    format!(
+                        "the key store did not answer within {} ms",
+                        self.store_timeout.as_millis()
+                    ),
+                )
+            }
+        };
+        // A corrupt row is that row's problem, not an outage.
+        if error.kind() != StoreErrorKind::Corrupt {
+            self.health.mark_down();
+        }
+        tracing::warn!(target: "keywarden", error = %error, kind = ?error.kind(), "key store lookup failed");
+        Err(error)
     }
 
     async fn load(
@@ -152,36 +299,108 @@ impl Shared {
         digest: Digest,
         previous: &[(SecretId, Digest)],
     ) -> Result<Lookup, StoreError> {
-        if let Some(record) = self.store.find_by_digest(&digest).await? {
+        if let Some(record) = self.store_call(self.store.find_by_digest(&digest)).await? {
             return Ok(Lookup::Found(self.resolved(&record)));
         }
         for &(secret_id, old) in previous {
-            let Some(record) = self.store.find_by_digest(&old).await? else {
+            let Some(record) = self.store_call(self.store.find_by_digest(&old)).await? else {
                 continue;
             };
             // Lazy migration: from now on the key is found under the current secret.
-            match self
+            let redigest = self
                 .store
-                .redigest(record.id, &old, &digest, self.ring.current_id())
-                .await
-            {
-                Ok(_) => tracing::info!(
+                .redigest(record.id, &old, &digest, self.ring.current_id());
+            match tokio::time::timeout(self.store_timeout, redigest).await {
+                Ok(Ok(_)) => tracing::info!(
                     target: "keywarden",
                     key_id = %record.id,
                     from_secret = %secret_id,
                     to_secret = %self.ring.current_id(),
                     "re-digested key under the current secret"
                 ),
-                Err(error) => tracing::warn!(
+                Ok(Err(error)) => tracing::warn!(
                     target: "keywarden",
                     key_id = %record.id,
                     error = %error,
                     "could not re-digest key; it stays valid under the previous secret"
                 ),
+                Err(_) => tracing::warn!(
+                    target: "keywarden",
+                    key_id = %record.id,
+                    "re-digesting timed out; the key stays valid under the previous secret"
+                ),
             }
             return Ok(Lookup::Found(self.resolved(&record)));
         }
         Ok(Lookup::Missing)
+    }
+
+    /// The rate-limit policy that applies to a key: its own, else the layer default.
+    pub(crate) fn policy<'a>(&'a self, resolved: &'a Resolved) -> Option<&'a RateLimitPolicy> {
+        resolved
+            .rate_limit
+            .as_ref()
+            .or(self.limiters.default_policy.as_ref())
+    }
+
+    /// Takes one request from the key's budget. `Ok(None)`: no policy applies.
+    pub(crate) async fn rate_limit(
+        &self,
+        resolved: &Resolved,
+    ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        let Some(policy) = self.policy(resolved) else {
+            return Ok(None);
+        };
+        let key = resolved.principal.key_id();
+        let decision = if self.limiters.is_remote() {
+            self.limiters
+                .check(key, policy)
+                .await
+                .map_err(|_| self.unavailable())?
+        } else {
+            self.limiters.check_local(key, policy)
+        };
+        if decision.allowed {
+            return Ok(Some(decision.status));
+        }
+        bump(&self.counters.rate_limited);
+        Err(AuthRejection::rate_limited(
+            decision.status,
+            decision.retry_after,
+        ))
+    }
+
+    /// The client address, when failed-attempt limiting is on.
+    pub(crate) fn client_address(
+        &self,
+        headers: &HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Option<IpAddr> {
+        self.failures
+            .as_ref()
+            .and_then(|failures| failures.address(headers, extensions))
+    }
+
+    /// Whether this address is over its failure budget.
+    pub(crate) fn blocked(&self, client: Option<IpAddr>) -> Option<Blocked> {
+        let (failures, ip) = (self.failures.as_ref()?, client?);
+        failures.check(ip)
+    }
+
+    /// Counts a rejection against the client address if it is a rejected key.
+    pub(crate) fn note_failure(&self, client: Option<IpAddr>, kind: RejectionKind) {
+        let (Some(failures), Some(ip)) = (self.failures.as_ref(), client) else {
+            return;
+        };
+        if matches!(
+            kind,
+            RejectionKind::MalformedKey
+                | RejectionKind::InvalidKey
+                | RejectionKind::ExpiredKey
+                | RejectionKind::RevokedKey
+        ) {
+            failures.record_failure(ip);
+        }
     }
 
     pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<Resolved> {
@@ -272,11 +491,12 @@ impl Shared {
 fn found(lookup: Lookup) -> Result<Arc<Resolved>, AuthRejection> {
     match lookup {
         Lookup::Found(resolved) => Ok(resolved),
-        Lookup::Missing => Err(AuthRejection::new(
-            RejectionKind::InvalidKey,
-            "the key is not recognised",
-        )),
+        Lookup::Missing => Err(not_recognised()),
     }
+}
+
+fn not_recognised() -> AuthRejection {
+    AuthRejection::new(RejectionKind::InvalidKey, "the key is not recognised")
 }
 
 fn credential_rejection(error: CredentialError) -> AuthRejection {

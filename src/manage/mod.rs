@@ -25,6 +25,7 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
+use crate::invalidation::{Invalidation, InvalidationPublisher};
 use crate::key::{ApiKey, KeyFormat};
 use crate::layer::ApiKeyLayer;
 use crate::ratelimit::RateLimitPolicy;
@@ -278,6 +279,7 @@ pub struct KeyManager {
     format: KeyFormat,
     clock: Arc<dyn Clock>,
     layers: Vec<ApiKeyLayer>,
+    publishers: Vec<Arc<dyn InvalidationPublisher>>,
     reveal: Option<RevealKey>,
 }
 
@@ -301,6 +303,7 @@ impl KeyManager {
             format: KeyFormat::default(),
             clock: Arc::new(SystemClock),
             layers: Vec::new(),
+            publishers: Vec::new(),
             reveal: None,
         }
     }
@@ -314,6 +317,7 @@ impl KeyManager {
             format: layer.key_format().clone(),
             clock: layer.clock(),
             layers: vec![layer.clone()],
+            publishers: Vec::new(),
             reveal: None,
         }
     }
@@ -322,6 +326,17 @@ impl KeyManager {
     #[must_use]
     pub fn invalidates(mut self, layer: &ApiKeyLayer) -> Self {
         self.layers.push(layer.clone());
+        self
+    }
+
+    /// Also tells other instances about every change, through `publisher` (for example a
+    /// [`RedisBackend`](crate::RedisBackend) their
+    /// [`InvalidationListener`](crate::InvalidationListener)s subscribe to). A failed
+    /// publish is logged, not returned: the change itself is already stored, and the other
+    /// instances' cache TTL bounds how long they may miss it.
+    #[must_use]
+    pub fn publishes_to(mut self, publisher: impl InvalidationPublisher) -> Self {
+        self.publishers.push(Arc::new(publisher));
         self
     }
 
@@ -439,6 +454,7 @@ impl KeyManager {
         for layer in &self.layers {
             layer.invalidate_digest(&record.digest).await;
         }
+        self.publish(Invalidation::Created).await;
         tracing::info!(target: "keywarden", key_id = %record.id, collection = %record.collection, "key created");
         Ok(CreatedKey { key, record })
     }
@@ -498,7 +514,7 @@ impl KeyManager {
             .await?
             .ok_or_else(|| ManageError::not_found(id))?;
         // The principal carries every field, name included: drop it from the caches.
-        self.invalidate(id);
+        self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, "key updated");
         Ok(record)
     }
@@ -517,7 +533,7 @@ impl KeyManager {
             .update(id, &patch, self.now())
             .await?
             .ok_or_else(|| ManageError::not_found(id))?;
-        self.invalidate(id);
+        self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, "key revoked");
         Ok(record)
     }
@@ -618,7 +634,7 @@ impl KeyManager {
             }
             return Err(error.into());
         }
-        self.invalidate(id);
+        self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, new_key_id = %created.record.id, "key rotated");
         Ok(created)
     }
@@ -633,14 +649,23 @@ impl KeyManager {
             .delete(id)
             .await?
             .ok_or_else(|| ManageError::not_found(id))?;
-        self.invalidate(id);
+        self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, "key deleted");
         Ok(record)
     }
 
-    fn invalidate(&self, id: Uuid) {
+    async fn invalidate(&self, id: Uuid) {
         for layer in &self.layers {
             layer.invalidate_key(id);
+        }
+        self.publish(Invalidation::Key(id)).await;
+    }
+
+    async fn publish(&self, invalidation: Invalidation) {
+        for publisher in &self.publishers {
+            if let Err(error) = publisher.publish(&invalidation).await {
+                tracing::warn!(target: "keywarden", %error, "other instances were not told about a key change; their cache TTL bounds the delay");
+            }
         }
     }
 }

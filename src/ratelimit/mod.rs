@@ -1,4 +1,5 @@
-//! Rate-limit policies attached to keys.
+//! Per-key rate limits: policies, the local (governor) and Redis limiters, and failed-attempt
+//! limiting per client address.
 //!
 //! A policy reads like `100/min` or `100/min,burst=20`: so many requests per period, with an
 //! optional burst (by default the burst equals the limit).
@@ -15,7 +16,21 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::rejection::RateLimitStatus;
+
+mod clients;
+mod local;
+#[cfg(feature = "redis")]
+mod redis;
+
+pub(crate) use clients::{Blocked, FailureTracker};
+pub use clients::{BlockedClients, ClientAddr, ClientAddress, FailedAttemptLimit};
 
 /// So many requests per period, with a burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,6 +157,164 @@ impl<'de> serde::Deserialize<'de> for RateLimitPolicy {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where per-key budgets are counted: see
+/// [`ApiKeyLayerBuilder::rate_limiter`](crate::ApiKeyLayerBuilder::rate_limiter).
+#[derive(Debug, Clone, Default)]
+pub struct RateLimiter {
+    kind: LimiterKind,
+}
+
+#[derive(Debug, Clone, Default)]
+enum LimiterKind {
+    #[default]
+    Local,
+    #[cfg(feature = "redis")]
+    Redis {
+        backend: crate::redis_backend::RedisBackend,
+        fail_open: bool,
+    },
+}
+
+impl RateLimiter {
+    /// In this process (default): each instance has its own budget per key.
+    pub fn local() -> Self {
+        Self::default()
+    }
+
+    /// In Redis: every instance sharing the backend's namespace draws from one budget per
+    /// key, at one round trip per rate-limited request. If Redis fails, requests fall back
+    /// to the local limiter (fail-open) unless [`fail_closed`](Self::fail_closed) is set.
+    #[cfg(feature = "redis")]
+    pub fn redis(backend: &crate::redis_backend::RedisBackend) -> Self {
+        Self {
+            kind: LimiterKind::Redis {
+                backend: backend.clone(),
+                fail_open: true,
+            },
+        }
+    }
+
+    /// With a Redis limiter: when Redis fails, answer 503 `store_unavailable` instead of
+    /// falling back to the local limiter.
+    #[must_use]
+    pub fn fail_closed(mut self) -> Self {
+        #[cfg(feature = "redis")]
+        if let LimiterKind::Redis { fail_open, .. } = &mut self.kind {
+            *fail_open = false;
+        }
+        self
+    }
+
+    /// With a Redis limiter: when Redis fails, count in this process instead (default).
+    #[must_use]
+    pub fn fail_open(mut self) -> Self {
+        #[cfg(feature = "redis")]
+        if let LimiterKind::Redis { fail_open, .. } = &mut self.kind {
+            *fail_open = true;
+        }
+        self
+    }
+}
+
+/// The outcome of one rate-limit check.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Decision {
+    pub(crate) allowed: bool,
+    pub(crate) status: RateLimitStatus,
+    pub(crate) retry_after: Duration,
+}
+
+impl Decision {
+    pub(crate) fn allowed(status: RateLimitStatus) -> Self {
+        Self {
+            allowed: true,
+            status,
+            retry_after: Duration::ZERO,
+        }
+    }
+
+    pub(crate) fn denied(status: RateLimitStatus, retry_after: Duration) -> Self {
+        Self {
+            allowed: false,
+            status,
+            retry_after,
+        }
+    }
+}
+
+/// The shared limiter budget could not be consulted and the limiter fails closed.
+#[derive(Debug)]
+pub(crate) struct LimiterUnavailable;
+
+/// The limiters of one layer, built once.
+#[derive(Debug)]
+pub(crate) struct Limiters {
+    local: local::LocalLimiter,
+    #[cfg(feature = "redis")]
+    redis: Option<(redis::RedisLimiter, bool)>,
+    pub(crate) default_policy: Option<RateLimitPolicy>,
+}
+
+impl Limiters {
+    pub(crate) fn new(
+        limiter: RateLimiter,
+        default_policy: Option<RateLimitPolicy>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        #[cfg(not(feature = "redis"))]
+        let RateLimiter {
+            kind: LimiterKind::Local,
+        } = limiter;
+        Self {
+            local: local::LocalLimiter::new(clock),
+            #[cfg(feature = "redis")]
+            redis: match limiter.kind {
+                LimiterKind::Redis { backend, fail_open } => {
+                    Some((redis::RedisLimiter::new(backend), fail_open))
+                }
+                LimiterKind::Local => None,
+            },
+            default_policy,
+        }
+    }
+
+    /// Whether checks need I/O (the Redis limiter).
+    pub(crate) fn is_remote(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.redis.is_some();
+        #[cfg(not(feature = "redis"))]
+        false
+    }
+
+    /// Takes one request from `key`'s budget under `policy`, in memory.
+    pub(crate) fn check_local(&self, key: Uuid, policy: &RateLimitPolicy) -> Decision {
+        self.local.check(key, policy)
+    }
+
+    /// Takes one request from `key`'s budget under `policy`, in Redis if configured.
+    pub(crate) async fn check(
+        &self,
+        key: Uuid,
+        policy: &RateLimitPolicy,
+    ) -> Result<Decision, LimiterUnavailable> {
+        #[cfg(feature = "redis")]
+        if let Some((redis, fail_open)) = &self.redis {
+            return match redis.check(key, policy).await {
+                Ok(decision) => Ok(decision),
+                Err(error) if *fail_open => {
+                    tracing::warn!(target: "keywarden", error = %error, "Redis rate limiter failed; counting locally");
+                    Ok(self.local.check(key, policy))
+                }
+                Err(error) => {
+                    tracing::warn!(target: "keywarden", error = %error, "Redis rate limiter failed; failing closed");
+                    Err(LimiterUnavailable)
+                }
+            };
+        }
+        Ok(self.local.check(key, policy))
     }
 }
 

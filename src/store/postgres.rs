@@ -142,6 +142,11 @@ impl PostgresStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// The schema given to [`connect_with_schema`](Self::connect_with_schema), if any.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
 }
 
 impl fmt::Debug for PostgresStore {

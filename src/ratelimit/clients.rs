@@ -1,0 +1,323 @@
+//! Failed-attempt limiting per client address: after `max_failures` rejected keys from one
+//! address within a window, that address gets `rate_limited` before any store work.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Extensions, HeaderMap, HeaderName};
+
+use crate::clock::Clock;
+use crate::rejection::RateLimitStatus;
+
+/// The client address as seen by the application, for servers that are not axum: insert it
+/// into request extensions before the layer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+/// Where the client address of a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ClientAddress {
+    /// The connection's peer address: axum's `ConnectInfo<SocketAddr>`, a [`ClientAddr`] or a
+    /// `SocketAddr` in the request extensions.
+    #[default]
+    Connection,
+    /// A header set by a trusted reverse proxy (`X-Forwarded-For`, `X-Real-IP`): its last
+    /// comma-separated entry, the one the proxy itself appended. Requests without it fall
+    /// back to the connection's address. Only use this behind a proxy that always sets it,
+    /// or clients can choose their own address.
+    TrustedHeader(HeaderName),
+}
+
+/// What a client address that is over its failure budget may still do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BlockedClients {
+    /// Every request with a credential gets `rate_limited` (default: fail closed).
+    #[default]
+    RejectAll,
+    /// Keys already in the cache as valid still work; anything that would need the store is
+    /// `rate_limited`. A user who shares an address with an attacker keeps working.
+    AllowCachedKeys,
+}
+
+/// Failed-attempt limiting: configuration for
+/// [`ApiKeyLayerBuilder::failed_attempt_limit`](crate::ApiKeyLayerBuilder::failed_attempt_limit).
+///
+/// Malformed, unknown, expired and revoked keys count as failures; missing credentials,
+/// scope and rate-limit rejections do not.
+///
+/// ```
+/// use std::time::Duration;
+/// use keywarden::{BlockedClients, ClientAddress, FailedAttemptLimit};
+///
+/// let limit = FailedAttemptLimit::new(20, Duration::from_secs(60))
+///     .client_address(ClientAddress::TrustedHeader("x-real-ip".parse().unwrap()))
+///     .blocked_clients(BlockedClients::AllowCachedKeys);
+/// # let _ = limit;
+/// ```
+#[derive(Debug, Clone)]
+pub struct FailedAttemptLimit {
+    pub(crate) max_failures: NonZeroU32,
+    pub(crate) window: Duration,
+    pub(crate) address: ClientAddress,
+    pub(crate) blocked: BlockedClients,
+    pub(crate) capacity: u64,
+}
+
+impl FailedAttemptLimit {
+    /// At most `max_failures` (at least 1) rejected keys per address per `window`.
+    pub fn new(max_failures: u32, window: Duration) -> Self {
+        Self {
+            max_failures: NonZeroU32::new(max_failures).unwrap_or(NonZeroU32::MIN),
+            window: window.max(Duration::from_millis(1)),
+            address: ClientAddress::Connection,
+            blocked: BlockedClients::RejectAll,
+            capacity: 100_000,
+        }
+    }
+
+    /// Where the address comes from (default: the connection).
+    #[must_use]
+    pub fn client_address(mut self, address: ClientAddress) -> Self {
+        self.address = address;
+        self
+    }
+
+    /// What a blocked address may still do (default: nothing).
+    #[must_use]
+    pub fn blocked_clients(mut self, blocked: BlockedClients) -> Self {
+        self.blocked = blocked;
+        self
+    }
+
+    /// How many addresses are tracked at once (default 100,000); the least recently seen
+    /// are forgotten first, so memory stays bounded under a spray of addresses.
+    #[must_use]
+    pub fn tracked_addresses(mut self, capacity: u64) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+}
+
+/// One address's failures in its current window.
+struct Window {
+    started: i64,
+    failures: AtomicU32,
+}
+
+/// The runtime state: windows per address, and the latest instant any address is blocked
+/// until, so the common case (nobody blocked) costs one atomic load.
+pub(crate) struct FailureTracker {
+    config: FailedAttemptLimit,
+    clock: Arc<dyn Clock>,
+    windows: moka::sync::Cache<IpAddr, Arc<Window>>,
+    blocked_until_max: AtomicI64,
+}
+
+/// A client address over its budget.
+pub(crate) struct Blocked {
+    pub(crate) status: RateLimitStatus,
+    pub(crate) retry_after: Duration,
+    pub(crate) allow_cached: bool,
+}
+
+fn nanos(clock: &dyn Clock) -> i64 {
+    i64::try_from(clock.now().unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+fn duration_nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+impl FailureTracker {
+    pub(crate) fn new(config: FailedAttemptLimit, clock: Arc<dyn Clock>) -> Self {
+        let windows = moka::sync::Cache::builder()
+            .max_capacity(config.capacity)
+            .time_to_live(config.window)
+            .build();
+        Self {
+            config,
+            clock,
+            windows,
+            blocked_until_max: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// The client's address, per the configured source.
+    pub(crate) fn address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+        if let ClientAddress::TrustedHeader(name) = &self.config.address {
+            if let Some(ip) = headers
+                .get_all(name)
+                .iter()
+                .next_back()
+                .and_then(|value| last_address(value.as_bytes()))
+            {
+                return Some(ip);
+            }
+        }
+        connection_address(extensions)
+    }
+
+    /// Whether `ip` is over its budget now.
+    pub(crate) fn check(&self, ip: IpAddr) -> Option<Blocked> {
+        let now = nanos(&*self.clock);
+        if now >= self.blocked_until_max.load(Ordering::Acquire) {
+            return None;
+        }
+        let window = self.windows.get(&ip)?;
+        let until = window
+            .started
+            .saturating_add(duration_nanos(self.config.window));
+        if window.failures.load(Ordering::Acquire) < self.config.max_failures.get() || now >= until
+        {
+            return None;
+        }
+        let retry_after = Duration::from_nanos(u64::try_from(until - now).unwrap_or(0));
+        Some(Blocked {
+            status: RateLimitStatus {
+                limit: self.config.max_failures.get(),
+                remaining: 0,
+                reset: retry_after,
+            },
+            retry_after,
+            allow_cached: self.config.blocked == BlockedClients::AllowCachedKeys,
+        })
+    }
+
+    /// Counts one rejected key from `ip`.
+    pub(crate) fn record_failure(&self, ip: IpAddr) {
+        let now = nanos(&*self.clock);
+        let window_len = duration_nanos(self.config.window);
+        let fresh = || {
+            Arc::new(Window {
+                started: now,
+                failures: AtomicU32::new(0),
+            })
+        };
+        let mut window = self.windows.get_with(ip, fresh);
+        if now >= window.started.saturating_add(window_len) {
+            // The old window is over (by the injectable clock): start a new one.
+            window = fresh();
+            self.windows.insert(ip, window.clone());
+        }
+        let failures = window
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        if failures >= self.config.max_failures.get() {
+            let until = window.started.saturating_add(window_len);
+            self.blocked_until_max.fetch_max(until, Ordering::AcqRel);
+            if failures == self.config.max_failures.get() {
+                tracing::warn!(
+                    target: "keywarden",
+                    client = %ip,
+                    failures,
+                    "client address blocked after repeated rejected keys"
+                );
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for FailureTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailureTracker")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn connection_address(extensions: &Extensions) -> Option<IpAddr> {
+    if let Some(ClientAddr(ip)) = extensions.get::<ClientAddr>() {
+        return Some(*ip);
+    }
+    #[cfg(feature = "manage-api")]
+    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>() {
+        return Some(info.0.ip());
+    }
+    extensions.get::<SocketAddr>().map(SocketAddr::ip)
+}
+
+/// The last entry of a comma-separated address list, as an IP (an optional port or IPv6
+/// brackets are accepted).
+fn last_address(value: &[u8]) -> Option<IpAddr> {
+    let last = value.rsplit(|&b| b == b',').next()?;
+    let text = std::str::from_utf8(last).ok()?.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    text.parse::<SocketAddr>().ok().map(|s| s.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use time::OffsetDateTime;
+
+    fn tracker(n: u32) -> (FailureTracker, ManualClock) {
+        let clock = ManualClock::new(OffsetDateTime::UNIX_EPOCH + time::Duration::days(9));
+        let config = FailedAttemptLimit::new(n, Duration::from_secs(60));
+        (FailureTracker::new(config, Arc::new(clock.clone())), clock)
+    }
+
+    #[test]
+    fn blocks_after_n_failures_until_the_window_ends() {
+        let (t, clock) = tracker(3);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        for _ in 0..2 {
+            t.record_failure(ip);
+            assert!(t.check(ip).is_none());
+        }
+        t.record_failure(ip);
+        let blocked = t.check(ip).expect("blocked after the third failure");
+        assert_eq!(blocked.retry_after, Duration::from_secs(60));
+        assert!(t.check(other).is_none());
+        clock.advance(time::Duration::seconds(59));
+        assert_eq!(t.check(ip).unwrap().retry_after, Duration::from_secs(1));
+        clock.advance(time::Duration::seconds(1));
+        assert!(t.check(ip).is_none());
+        // A new window starts from zero.
+        t.record_failure(ip);
+        assert!(t.check(ip).is_none());
+    }
+
+    #[test]
+    fn header_takes_the_last_entry() {
+        let ip = |s: &str| last_address(s.as_bytes());
+        assert_eq!(ip("203.0.113.1, 10.0.0.2"), "10.0.0.2".parse().ok());
+        assert_eq!(ip("2001:db8::1"), "2001:db8::1".parse().ok());
+        assert_eq!(ip("[2001:db8::1]:443"), "2001:db8::1".parse().ok());
+        assert_eq!(ip("10.0.0.2:8080"), "10.0.0.2".parse().ok());
+        assert_eq!(ip("10.0.0.2, garbage"), None);
+        assert_eq!(ip(""), None);
+        assert_eq!(last_address(b"\xff\xfe"), None);
+    }
+
+    #[test]
+    fn address_sources() {
+        let (t, _) = tracker(1);
+        let mut ext = Extensions::new();
+        let headers = HeaderMap::new();
+        assert_eq!(t.address(&headers, &ext), None);
+        ext.insert("198.51.100.4:5000".parse::<SocketAddr>().unwrap());
+        assert_eq!(t.address(&headers, &ext), "198.51.100.4".parse().ok());
+        ext.insert(ClientAddr("198.51.100.5".parse().unwrap()));
+        assert_eq!(t.address(&headers, &ext), "198.51.100.5".parse().ok());
+
+        let config = FailedAttemptLimit::new(1, Duration::from_secs(1)).client_address(
+            ClientAddress::TrustedHeader(HeaderName::from_static("x-real-ip")),
+        );
+        let t = FailureTracker::new(config, Arc::new(crate::clock::SystemClock));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-real-ip", "203.0.113.9".parse().unwrap());
+        assert_eq!(t.address(&headers, &ext), "203.0.113.9".parse().ok());
+        headers.insert("x-real-ip", "nonsense".parse().unwrap());
+        assert_eq!(t.address(&headers, &ext), "198.51.100.5".parse().ok());
+    }
+}

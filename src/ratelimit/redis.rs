@@ -1,0 +1,80 @@
+//! The distributed limiter: one GCRA in a Lua script, one round trip per request, so every
+//! instance sharing the Redis namespace draws from one budget per key.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::local::{emission_interval, status};
+use super::{Decision, RateLimitPolicy};
+use crate::redis_backend::{RedisBackend, RedisBackendError};
+
+/// GCRA over Redis's own clock (`TIME`), so instances with skewed clocks agree.
+/// KEYS[1] = the key's budget; ARGV = emission interval (µs), burst.
+/// Returns {allowed, remaining, retry_after_us}. The stored value is the theoretical arrival
+/// time (µs); it expires once the budget would be full again, so idle keys cost nothing.
+const GCRA: &str = r"
+local emission = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local tolerance = emission * burst
+local new_tat = tat + emission
+local allow_at = new_tat - tolerance
+if now < allow_at then
+  return {0, 0, allow_at - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, math.floor((now + tolerance - new_tat) / emission), 0}
+";
+
+pub(crate) struct RedisLimiter {
+    backend: RedisBackend,
+    script: redis::Script,
+}
+
+impl RedisLimiter {
+    pub(crate) fn new(backend: RedisBackend) -> Self {
+        Self {
+            backend,
+            script: redis::Script::new(GCRA),
+        }
+    }
+
+    /// Takes one request from `key`'s shared budget under `policy`.
+    pub(crate) async fn check(
+        &self,
+        key: Uuid,
+        policy: &RateLimitPolicy,
+    ) -> Result<Decision, RedisBackendError> {
+        let emission = emission_interval(policy);
+        let emission_us = u64::try_from(emission.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut connection = self.backend.connection();
+        let mut invocation = self.script.key(self.backend.rate_key(key));
+        invocation.arg(emission_us).arg(policy.burst());
+        let (allowed, remaining, retry_us): (i64, i64, i64) = self
+            .backend
+            .run(invocation.invoke_async(&mut connection))
+            .await?;
+        let remaining = u32::try_from(remaining.max(0)).unwrap_or(u32::MAX);
+        let status = status(policy, remaining, emission);
+        Ok(if allowed == 1 {
+            Decision::allowed(status)
+        } else {
+            let wait = Duration::from_micros(u64::try_from(retry_us.max(0)).unwrap_or(0));
+            Decision::denied(status, wait)
+        })
+    }
+}
+
+impl std::fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
