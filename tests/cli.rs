@@ -52,6 +52,7 @@ fn command(dir: &TempDir, secret: Option<&str>) -> Command {
         "KEYWARDEN_PREVIOUS_SECRETS",
         "KEYWARDEN_DATABASE_URL",
         "KEYWARDEN_REDIS_URL",
+        "KEYWARDEN_REDIS_NAMESPACE",
         "KEYWARDEN_ADDR",
     ] {
         cmd.env_remove(var);
@@ -518,10 +519,15 @@ struct Server {
 
 impl Server {
     fn start(dir: &TempDir, name: &str) -> Self {
+        Self::start_with(dir, name, &[])
+    }
+
+    fn start_with(dir: &TempDir, name: &str, extra: &[&str]) -> Self {
         let stdout = dir.path().join(format!("{name}.out"));
         let stderr = dir.path().join(format!("{name}.err"));
         let child = command(dir, Some(SECRET))
             .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -701,39 +707,98 @@ async fn serve_whoami_and_cli_revocation() {
     }
 }
 
-#[tokio::test]
-async fn serve_notes_that_redis_is_not_used_yet() {
-    let dir = TempDir::new("redis");
-    let server = {
-        let stdout = dir.path().join("redis.out");
-        let stderr = dir.path().join("redis.err");
-        let child = command(&dir, Some(SECRET))
-            .env("KEYWARDEN_REDIS_URL", "redis://127.0.0.1:1")
-            .args(["serve", "--addr", "127.0.0.1:0"])
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Server {
-            child,
-            base: String::new(),
-            stdout,
-            stderr,
+#[test]
+fn serve_with_unreachable_redis_fails_in_one_line_without_the_url() {
+    let dir = TempDir::new("redis-down");
+    let output = command(&dir, Some(SECRET))
+        .env(
+            "KEYWARDEN_REDIS_URL",
+            "redis://:hunter2-password@127.0.0.1:1",
+        )
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.starts_with("error: cannot use Redis"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the Redis URL is not echoed: {stderr}"
+    );
+}
+
+/// Two `serve` processes over one SQLite file, with the machine's Redis: one rate-limit
+/// budget per key across both, and a CLI revocation reaching both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_rate_limits_and_revocations_through_redis() {
+    let redis = match std::env::var("KEYWARDEN_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "KEYWARDEN_TEST_REDIS_URL is not set under CI=true"
+            );
+            eprintln!("skipping: KEYWARDEN_TEST_REDIS_URL is not set");
+            return;
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !server.stderr().contains("not used yet") {
-        assert!(
-            Instant::now() < deadline,
-            "no Redis note: {}",
-            server.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        !server.stderr().contains("127.0.0.1:1"),
-        "the Redis URL is not echoed"
+    let dir = TempDir::new("redis");
+    let namespace = format!(
+        "kwcli{}x{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
     );
+    let (key, id) = create_key(
+        &dir,
+        &["--name", "shared", "--subject", "s", "--rate-limit", "3/h"],
+    );
+    let args = [
+        "--redis-url",
+        redis.as_str(),
+        "--redis-namespace",
+        namespace.as_str(),
+    ];
+    let a = Server::start_with(&dir, "a", &args);
+    let b = Server::start_with(&dir, "b", &args);
+    let http = client();
+    a.wait_healthy(&http).await;
+    b.wait_healthy(&http).await;
+    async fn get(http: &reqwest::Client, server: &Server, key: &str) -> reqwest::Response {
+        whoami(http, server, ("x-api-key", key.to_owned())).await
+    }
+    let first = get(&http, &a, &key).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["ratelimit-remaining"], "2");
+    assert_eq!(get(&http, &b, &key).await.status(), 200);
+    assert_eq!(get(&http, &a, &key).await.status(), 200);
+    let denied = get(&http, &b, &key).await;
+    assert!(denied.headers().contains_key("retry-after"));
+    assert_eq!(problem(denied).await, (429, "rate_limited".into()));
+
+    // Revoked by the CLI, told through Redis: both servers reject within a second.
+    let output = command(&dir, Some(SECRET))
+        .env("KEYWARDEN_REDIS_URL", &redis)
+        .env("KEYWARDEN_REDIS_NAMESPACE", &namespace)
+        .args(["keys", "revoke", &id])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let revoked_at = Instant::now();
+    for server in [&a, &b] {
+        loop {
+            let (status, code) = problem(get(&http, server, &key).await).await;
+            if (status, code.as_str()) == (401, "revoked_key") {
+                break;
+            }
+            assert_eq!(status, 429, "{code}");
+            assert!(
+                revoked_at.elapsed() < Duration::from_secs(1),
+                "a server still accepts the key 1 s after the CLI revoked it"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Needs the management API (`keywarden::management_router`) mounted under `/admin`.

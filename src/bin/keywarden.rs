@@ -31,9 +31,9 @@ use clap::error::ErrorKind;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use keywarden::{
     demo_layer_builder, demo_router, parse_duration, CreatedKey, DurationParseError, ExpiresIn,
-    KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, ManageError, NewKey,
-    OwnerKind, PostgresStore, RateLimitPolicy, Secret, SecretError, SecretRing, SqliteStore,
-    StoreError, PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore,
+    ManageError, NewKey, OwnerKind, PostgresStore, RateLimitPolicy, RateLimiter, RedisBackend,
+    Secret, SecretError, SecretRing, SqliteStore, StoreError, PREVIOUS_SECRETS_ENV, SECRET_ENV,
 };
 use serde_json::{json, Value};
 use sqlx::Connection;
@@ -236,7 +236,7 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "KEYWARDEN_ADDR", default_value = "127.0.0.1:3000")]
     addr: String,
-    /// Redis URL for shared rate limits and invalidation (accepted; not used yet).
+    /// Redis URL: rate limits shared by every instance, and pub/sub cache invalidation.
     #[arg(
         long,
         env = "KEYWARDEN_REDIS_URL",
@@ -244,6 +244,9 @@ struct ServeArgs {
         value_name = "URL"
     )]
     redis_url: Option<String>,
+    /// Prefix of every Redis key and channel; instances of one deployment share it.
+    #[arg(long, env = "KEYWARDEN_REDIS_NAMESPACE", default_value = "keywarden")]
+    redis_namespace: String,
 }
 
 /// A command failure: one line for stderr. Never holds key or secret material.
@@ -359,8 +362,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Keys(command) => {
             // The secret first: a missing secret should not leave a new database file behind.
             let secrets = SecretRing::from_env()?;
-            let store = open_store(&cli.database_url).await?;
-            let manager = KeyManager::new(store, secrets);
+            let (store, _) = open_store(&cli.database_url).await?;
+            let mut manager = KeyManager::new(store, secrets);
+            // Running servers without PostgreSQL learn of changes through Redis, if any.
+            if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
+                let namespace = std::env::var("KEYWARDEN_REDIS_NAMESPACE")
+                    .unwrap_or_else(|_| "keywarden".to_owned());
+                match RedisBackend::connect(&url, &namespace).await {
+                    Ok(redis) => manager = manager.publishes_to(redis),
+                    Err(error) => eprintln!(
+                        "warning: Redis unreachable ({error}); running servers see this change within their cache TTL"
+                    ),
+                }
+            }
             keys(&manager, command, out).await
         }
     }
@@ -384,8 +398,9 @@ fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// Opens (and migrates) the store named by `url`.
-async fn open_store(url: &str) -> Result<Arc<dyn KeyStore>, Failure> {
+/// Opens (and migrates) the store named by `url`; the PostgreSQL store also as itself, for
+/// LISTEN/NOTIFY.
+async fn open_store(url: &str) -> Result<(Arc<dyn KeyStore>, Option<PostgresStore>), Failure> {
     let postgres = is_postgres(url);
     if !postgres && !url.starts_with("sqlite:") {
         let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
@@ -407,10 +422,10 @@ async fn open_store(url: &str) -> Result<Arc<dyn KeyStore>, Failure> {
             })?;
             let _ = probe.close().await;
             let store = PostgresStore::connect(url).await?;
-            Ok::<_, Failure>(Arc::new(store) as Arc<dyn KeyStore>)
+            Ok::<_, Failure>((Arc::new(store.clone()) as Arc<dyn KeyStore>, Some(store)))
         } else {
             let store = SqliteStore::connect(url).await?;
-            Ok(Arc::new(store) as Arc<dyn KeyStore>)
+            Ok((Arc::new(store) as Arc<dyn KeyStore>, None))
         }
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
@@ -494,22 +509,39 @@ async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 
 async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
     let secrets = SecretRing::from_env()?;
-    let store = open_store(url).await?;
-    let layer = demo_layer_builder()
-        .store(store)
-        .secrets(secrets)
-        .build()
-        .map_err(|e| Failure(e.to_string()))?;
-    let manager = Arc::new(KeyManager::for_layer(&layer));
-    let app = demo_router(layer.clone(), manager);
-
-    if args.redis_url.is_some() {
-        eprintln!(
-            "note: --redis-url / KEYWARDEN_REDIS_URL is accepted but not used yet: Redis rate \
-             limits and pub/sub invalidation are not implemented in this version; rate limits \
-             and caches are local to this process."
+    let (store, postgres) = open_store(url).await?;
+    let redis = match &args.redis_url {
+        Some(redis_url) => Some(
+            RedisBackend::connect(redis_url, &args.redis_namespace)
+                .await
+                .map_err(|e| Failure(format!("cannot use Redis: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut builder = demo_layer_builder().store(store).secrets(secrets);
+    if let Some(redis) = &redis {
+        builder = builder.rate_limiter(RateLimiter::redis(redis));
+    }
+    let layer = builder.build().map_err(|e| Failure(e.to_string()))?;
+    let mut manager = KeyManager::for_layer(&layer);
+    // Other instances hear of changes through NOTIFY (PostgreSQL) and/or Redis.
+    let mut listeners = Vec::new();
+    if let Some(postgres) = &postgres {
+        listeners.push(
+            InvalidationListener::postgres(&layer, postgres)
+                .await
+                .map_err(|e| Failure(format!("cannot LISTEN for invalidations: {e}")))?,
         );
     }
+    if let Some(redis) = &redis {
+        manager = manager.publishes_to(redis.clone());
+        listeners.push(
+            InvalidationListener::redis(&layer, redis)
+                .await
+                .map_err(|e| Failure(format!("cannot subscribe to Redis: {e}")))?,
+        );
+    }
+    let app = demo_router(layer.clone(), Arc::new(manager));
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
         .map_err(|e| Failure(format!("cannot listen on {}: {e}", args.addr)))?;
@@ -524,9 +556,18 @@ async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
             "routes: GET /healthz (open), GET /whoami, /admin/keys (API key required; \
              collections users, teams, services)"
         );
+        let propagation = match (listeners.is_empty(), redis.is_some()) {
+            (true, _) => {
+                "within the cache TTL (60 s); use PostgreSQL or --redis-url for instant propagation"
+            }
+            (false, true) => {
+                "at once (PostgreSQL NOTIFY / Redis pub/sub; set KEYWARDEN_REDIS_URL for the CLI)"
+            }
+            (false, false) => "at once (PostgreSQL NOTIFY)",
+        };
         println!(
             "changes made through /admin apply at once; changes made by other processes \
-             (e.g. `keywarden keys revoke`) within the cache TTL (60 s)"
+             (e.g. `keywarden keys revoke`) {propagation}"
         );
     }
 
@@ -553,6 +594,7 @@ async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
     if let Err(error) = layer.flush_usage().await {
         eprintln!("warning: could not record the last key uses: {error}");
     }
+    drop(listeners);
     if !out.json {
         println!("shut down");
     }

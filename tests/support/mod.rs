@@ -246,3 +246,136 @@ impl keywarden::KeyStore for CountingStore {
         self.inner.record_usage(usage).await
     }
 }
+
+/// A fresh lowercase name for a schema, namespace or file.
+pub fn unique(prefix: &str) -> String {
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).unwrap();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}_{hex}")
+}
+
+/// A TCP proxy on loopback between a client under test and a real server, which a test can
+/// cut (refuse and drop every connection), sever (drop live connections only), turn into a
+/// black hole (accept and never answer) and restore.
+pub struct TcpProxy {
+    pub addr: std::net::SocketAddr,
+    state: Arc<ProxyState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// 0 forward, 1 refuse, 2 black hole.
+    mode: std::sync::atomic::AtomicU8,
+    connections: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ProxyState::default());
+        let accept = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let mode = state.mode.load(std::sync::atomic::Ordering::SeqCst);
+                    if mode == 1 {
+                        drop(client);
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if mode == 2 {
+                            // Hold the socket open, read and discard, never answer.
+                            let mut sink = tokio::io::sink();
+                            let _ = tokio::io::copy(&mut client, &mut sink).await;
+                            return;
+                        }
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    let mut connections = state.connections.lock().unwrap();
+                    connections.retain(|c| !c.is_finished());
+                    connections.push(task.abort_handle());
+                }
+            })
+        };
+        Self {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    /// Drops every live connection; new ones are still forwarded.
+    pub fn sever(&self) {
+        for connection in self.state.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// Refuses new connections and drops live ones: the server is gone.
+    pub fn cut(&self) {
+        self.state
+            .mode
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        self.sever();
+    }
+
+    /// Accepts new connections but never answers; drops live ones.
+    pub fn black_hole(&self) {
+        self.state
+            .mode
+            .store(2, std::sync::atomic::Ordering::SeqCst);
+        self.sever();
+    }
+
+    /// Forwards again.
+    pub fn restore(&self) {
+        self.state
+            .mode
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.sever();
+    }
+}
+
+/// `host:port` of a `scheme://user@host:port/...` URL.
+pub fn url_addr(url: &str) -> std::net::SocketAddr {
+    let rest = url.split_once("://").unwrap().1;
+    let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host_port = host_port.split(['/', '?']).next().unwrap();
+    use std::net::ToSocketAddrs;
+    host_port.to_socket_addrs().unwrap().next().unwrap()
+}
+
+/// The same URL, pointed at `addr`.
+pub fn url_via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (user, host_part) = match rest.rsplit_once('@') {
+        Some((user, host)) => (format!("{user}@"), host),
+        None => (String::new(), rest),
+    };
+    let tail = host_part.find(['/', '?']).map_or("", |i| &host_part[i..]);
+    format!("{scheme}://{user}{addr}{tail}")
+}
+
+/// p50 and p99 of durations.
+pub fn percentiles(
+    samples: &mut [std::time::Duration],
+) -> (std::time::Duration, std::time::Duration) {
+    samples.sort();
+    let at =
+        |p: f64| samples[((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1];
+    (at(0.50), at(0.99))
+}

@@ -1,0 +1,428 @@
+//! Per-key rate limits (local with a controlled clock; Redis shared by two instances; Redis
+//! down → the configured fallback) and failed-attempt limiting per client address.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keywarden::{
+    ApiKeyLayer, BlockedClients, ClientAddress, Collection, FailedAttemptLimit, KeyManager,
+    KeyPrefix, NewKey, RateLimitPolicy,
+};
+use support::*;
+
+fn policy(text: &str) -> RateLimitPolicy {
+    text.parse().unwrap()
+}
+
+fn header<'a>(reply: &'a Reply, name: &str) -> &'a str {
+    reply.headers[name].to_str().unwrap()
+}
+
+#[tokio::test]
+async fn local_limiter_exact_burst_and_refill() {
+    let fx = Fixture::new();
+    let key = fx
+        .key(
+            NewKey::new("limited", "u1")
+                .collection("users")
+                .rate_limit(policy("10/min,burst=3")),
+        )
+        .await;
+    let app = fx.app();
+    let auth = [("x-api-key", key.key.expose().as_bytes())];
+    for remaining in ["2", "1", "0"] {
+        let reply = get_with(&app, "/whoami", &auth).await;
+        assert_eq!(reply.status, 200);
+        // Allowed responses carry the budget too.
+        assert_eq!(header(&reply, "ratelimit-limit"), "10");
+        assert_eq!(header(&reply, "ratelimit-remaining"), remaining);
+    }
+    let denied = get_with(&app, "/whoami", &auth).await;
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.code(), "rate_limited");
+    assert_eq!(header(&denied, "retry-after"), "6");
+    assert_eq!(header(&denied, "ratelimit-remaining"), "0");
+    assert_eq!(header(&denied, "ratelimit-limit"), "10");
+    assert_eq!(header(&denied, "ratelimit-reset"), "18");
+
+    // One request comes back every 6 s, not before.
+    fx.clock.advance(time::Duration::seconds(5));
+    assert_eq!(get_with(&app, "/whoami", &auth).await.status, 429);
+    fx.clock.advance(time::Duration::seconds(1));
+    assert_eq!(get_with(&app, "/whoami", &auth).await.status, 200);
+    assert_eq!(get_with(&app, "/whoami", &auth).await.status, 429);
+    // A long pause refills the burst, never more.
+    fx.clock.advance(time::Duration::hours(1));
+    let mut allowed = 0;
+    for _ in 0..10 {
+        if get_with(&app, "/whoami", &auth).await.status == 200 {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3);
+    assert_eq!(fx.layer.stats().rate_limited, 1 + 1 + 1 + 7);
+
+    // gRPC callers get resource-exhausted.
+    let reply = get_with(
+        &app,
+        "/whoami",
+        &[
+            ("x-api-key", key.key.expose().as_bytes()),
+            ("content-type", b"application/grpc"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(header(&reply, "grpc-status"), "8");
+}
+
+#[tokio::test]
+async fn layer_default_applies_to_keys_without_their_own() {
+    let fx = Fixture::with(|b| b.default_rate_limit(policy("1/h")));
+    let plain = fx.key(NewKey::new("plain", "u1").collection("users")).await;
+    let own = fx
+        .key(
+            NewKey::new("own", "u2")
+                .collection("users")
+                .rate_limit(policy("2/h")),
+        )
+        .await;
+    let app = fx.app();
+    let plain_auth = [("x-api-key", plain.key.expose().as_bytes())];
+    assert_eq!(get_with(&app, "/whoami", &plain_auth).await.status, 200);
+    assert_eq!(get_with(&app, "/whoami", &plain_auth).await.status, 429);
+    let own_auth = [("x-api-key", own.key.expose().as_bytes())];
+    assert_eq!(get_with(&app, "/whoami", &own_auth).await.status, 200);
+    assert_eq!(get_with(&app, "/whoami", &own_auth).await.status, 200);
+    assert_eq!(get_with(&app, "/whoami", &own_auth).await.status, 429);
+    // A rejected key does not spend budget: revoked keys are refused before the limiter.
+    fx.manager.revoke(plain.record.id).await.unwrap();
+    assert_eq!(
+        get_with(&app, "/whoami", &plain_auth).await.code(),
+        "revoked_key"
+    );
+}
+
+#[cfg(feature = "redis")]
+mod redis_limits {
+    use super::*;
+    use keywarden::{KeyStore, MemoryStore, RateLimiter, RedisBackend};
+    use tokio::time::Instant;
+
+    fn instance(store: Arc<MemoryStore>, limiter: RateLimiter) -> ApiKeyLayer {
+        ApiKeyLayer::builder()
+            .store(store as Arc<dyn KeyStore>)
+            .secrets(ring())
+            .collection(Collection::new("users"))
+            .rate_limiter(limiter)
+            .usage_flush_interval(None)
+            .build()
+            .unwrap()
+    }
+
+    async fn allowed(app: &axum::Router, key: &str, n: usize) -> usize {
+        let mut ok = 0;
+        for _ in 0..n {
+            let reply = get_with(app, "/whoami", &[("x-api-key", key.as_bytes())]).await;
+            match reply.status.as_u16() {
+                200 => ok += 1,
+                429 => assert_eq!(reply.code(), "rate_limited"),
+                other => panic!("unexpected {other}: {}", reply.text()),
+            }
+        }
+        ok
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_instances_share_one_budget() {
+        let Some(url) = service_url("KEYWARDEN_TEST_REDIS_URL") else {
+            return;
+        };
+        let backend = RedisBackend::connect(&url, &unique("kwtest"))
+            .await
+            .unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let a = instance(store.clone(), RateLimiter::redis(&backend));
+        let b = instance(store.clone(), RateLimiter::redis(&backend));
+        let manager = KeyManager::for_layer(&a);
+        let (app_a, app_b) = (app().layer(a), app().layer(b));
+
+        // A slow refill: exactly the burst gets through, however the requests are split.
+        let slow = manager
+            .create(
+                NewKey::new("slow", "u")
+                    .collection("users")
+                    .rate_limit(policy("5/h")),
+            )
+            .await
+            .unwrap();
+        let (ka, kb) = (slow.key.expose().to_owned(), slow.key.expose().to_owned());
+        let (ra, rb) = tokio::join!(allowed(&app_a, &ka, 20), allowed(&app_b, &kb, 20));
+        assert_eq!(ra + rb, 5, "A allowed {ra}, B allowed {rb}");
+        assert!(ra > 0 || rb > 0);
+
+        // A fast refill over a measured second: burst + rate × time, within one burst.
+        let fast = manager
+            .create(
+                NewKey::new("fast", "u")
+                    .collection("users")
+                    .rate_limit(policy("20/s,burst=5")),
+            )
+            .await
+            .unwrap();
+        let key = fast.key.expose().to_owned();
+        let start = Instant::now();
+        let run = |app: axum::Router, key: String| async move {
+            let mut ok = 0;
+            while start.elapsed() < Duration::from_secs(1) {
+                ok += allowed(&app, &key, 1).await;
+            }
+            ok
+        };
+        let (fa, fb) = tokio::join!(
+            run(app_a.clone(), key.clone()),
+            run(app_b.clone(), key.clone())
+        );
+        let elapsed = start.elapsed().as_secs_f64();
+        let expected = 5.0 + 20.0 * elapsed;
+        let total = (fa + fb) as f64;
+        println!("redis shared budget: A {fa} + B {fb} = {total} in {elapsed:.3} s (policy allows {expected:.1})");
+        assert!(
+            (total - expected).abs() <= 5.0,
+            "allowed {total}, policy allows {expected:.1} ± one burst"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_down_falls_back_as_configured() {
+        let Some(url) = service_url("KEYWARDEN_TEST_REDIS_URL") else {
+            return;
+        };
+        let proxy = TcpProxy::start(url_addr(&url)).await;
+        let backend = RedisBackend::connect(&url_via(&url, proxy.addr), &unique("kwtest"))
+            .await
+            .unwrap()
+            .with_command_timeout(Duration::from_millis(200));
+        let store = Arc::new(MemoryStore::new());
+        let open = instance(store.clone(), RateLimiter::redis(&backend));
+        let closed = instance(store.clone(), RateLimiter::redis(&backend).fail_closed());
+        let manager = KeyManager::for_layer(&open).invalidates(&closed);
+        let created = manager
+            .create(
+                NewKey::new("k", "u")
+                    .collection("users")
+                    .rate_limit(policy("2/h")),
+            )
+            .await
+            .unwrap();
+        let key = created.key.expose().to_owned();
+        let (app_open, app_closed) = (app().layer(open.clone()), app().layer(closed));
+        // Redis is up: one shared budget of 2.
+        assert_eq!(allowed(&app_open, &key, 1).await, 1);
+        assert_eq!(allowed(&app_closed, &key, 3).await, 1);
+
+        proxy.cut();
+        // Fail-open: counted locally, still limited (burst 2 in this process).
+        let start = Instant::now();
+        assert_eq!(allowed(&app_open, &key, 4).await, 2);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a dead Redis must not stall requests"
+        );
+        // Fail-closed: 503 store_unavailable with Retry-After.
+        let reply = get_with(&app_closed, "/whoami", &[("x-api-key", key.as_bytes())]).await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.code(), "store_unavailable");
+        assert!(reply.headers.contains_key("retry-after"));
+
+        // Redis back: the shared budget (spent) answers again.
+        proxy.restore();
+        let start = Instant::now();
+        loop {
+            let reply = get_with(&app_closed, "/whoami", &[("x-api-key", key.as_bytes())]).await;
+            if reply.status == 429 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "Redis limiter did not recover"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn bad_key() -> String {
+    // Well-formed but unknown: costs a store lookup without the limit.
+    KeyPrefix::new("kw_live")
+        .unwrap()
+        .generate()
+        .expose()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn failed_attempts_block_one_address_before_store_work() {
+    let store = Arc::new(CountingStore::default());
+    let clock = keywarden::ManualClock::new(time::OffsetDateTime::now_utc());
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .clock(Arc::new(clock.clone()))
+        .collection(Collection::new("users"))
+        .failed_attempt_limit(
+            FailedAttemptLimit::new(3, Duration::from_secs(60))
+                .client_address(ClientAddress::TrustedHeader("x-real-ip".parse().unwrap())),
+        )
+        .usage_flush_interval(None)
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let good = manager
+        .create(NewKey::new("good", "u").collection("users"))
+        .await
+        .unwrap();
+    let app = app().layer(layer.clone());
+    let from = |ip: &'static str, key: &str| {
+        let key = key.to_owned();
+        let app = app.clone();
+        async move {
+            get_with(
+                &app,
+                "/whoami",
+                &[("x-api-key", key.as_bytes()), ("x-real-ip", ip.as_bytes())],
+            )
+            .await
+        }
+    };
+
+    // Three rejected keys of each kind that counts: unknown, malformed, unknown.
+    assert_eq!(from("203.0.113.5", &bad_key()).await.code(), "invalid_key");
+    assert_eq!(
+        from("203.0.113.5", "kw_live_garbage").await.code(),
+        "malformed_key"
+    );
+    assert_eq!(from("203.0.113.5", &bad_key()).await.code(), "invalid_key");
+    let lookups = store.lookups();
+    // The fourth attempt is refused before any store work, with the limiter's headers.
+    let blocked = from("203.0.113.5", &bad_key()).await;
+    assert_eq!(blocked.status, 429);
+    assert_eq!(blocked.code(), "rate_limited");
+    assert_eq!(header(&blocked, "retry-after"), "60");
+    assert_eq!(header(&blocked, "ratelimit-limit"), "3");
+    assert_eq!(
+        store.lookups(),
+        lookups,
+        "no store query for a blocked address"
+    );
+    // Even a valid key is refused from that address (the default, fail closed)...
+    assert_eq!(from("203.0.113.5", good.key.expose()).await.status, 429);
+    // ...while another address is unaffected.
+    assert_eq!(from("198.51.100.1", good.key.expose()).await.status, 200);
+    assert_eq!(from("198.51.100.1", &bad_key()).await.code(), "invalid_key");
+    assert!(layer.stats().clients_blocked >= 2);
+    // The window ends.
+    clock.advance(time::Duration::seconds(60));
+    assert_eq!(from("203.0.113.5", good.key.expose()).await.status, 200);
+}
+
+#[tokio::test]
+async fn blocked_address_may_keep_using_cached_keys_if_configured() {
+    let store = Arc::new(CountingStore::default());
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(Collection::new("users"))
+        .failed_attempt_limit(
+            FailedAttemptLimit::new(2, Duration::from_secs(60))
+                .client_address(ClientAddress::TrustedHeader(
+                    "x-forwarded-for".parse().unwrap(),
+                ))
+                .blocked_clients(BlockedClients::AllowCachedKeys),
+        )
+        .usage_flush_interval(None)
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let warm = manager
+        .create(NewKey::new("warm", "u").collection("users"))
+        .await
+        .unwrap();
+    let cold = manager
+        .create(NewKey::new("cold", "u").collection("users"))
+        .await
+        .unwrap();
+    let app = app().layer(layer.clone());
+    // The proxy appends the real client last; what the client claimed comes first.
+    let xff = b"10.9.9.9, 192.0.2.44";
+    let send = |key: String| {
+        let app = app.clone();
+        async move {
+            get_with(
+                &app,
+                "/whoami",
+                &[("x-api-key", key.as_bytes()), ("x-forwarded-for", xff)],
+            )
+            .await
+        }
+    };
+    assert_eq!(send(warm.key.expose().to_owned()).await.status, 200);
+    for _ in 0..2 {
+        assert_eq!(send(bad_key()).await.code(), "invalid_key");
+    }
+    let lookups = store.lookups();
+    assert_eq!(
+        send(warm.key.expose().to_owned()).await.status,
+        200,
+        "cached valid key works"
+    );
+    assert_eq!(
+        send(cold.key.expose().to_owned()).await.status,
+        429,
+        "uncached key needs the store"
+    );
+    assert_eq!(send(bad_key()).await.status, 429);
+    assert_eq!(store.lookups(), lookups);
+}
+
+#[tokio::test]
+async fn connection_address_from_a_real_server() {
+    let fx = Fixture::with(|b| {
+        b.failed_attempt_limit(FailedAttemptLimit::new(2, Duration::from_secs(60)))
+    });
+    let good = fx.key(NewKey::new("good", "u").collection("users")).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = fx.app().into_make_service_with_connect_info::<SocketAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/whoami");
+    let get = |key: String| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .get(url)
+                .header("x-api-key", key)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(get(good.key.expose().to_owned()).await, 200);
+    assert_eq!(get(bad_key()).await, 401);
+    assert_eq!(get(bad_key()).await, 401);
+    assert_eq!(get(bad_key()).await, 429);
+    assert_eq!(
+        get(good.key.expose().to_owned()).await,
+        429,
+        "loopback is blocked now"
+    );
+    server.abort();
+}
