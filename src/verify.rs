@@ -9,10 +9,11 @@ use time::OffsetDateTime;
 use crate::cache::{Identity, KeyCache, Lookup, Resolved};
 use crate::clock::Clock;
 use crate::credential::{CredentialError, CredentialExtractor, CredentialSource};
+use crate::interop::{ForeignSources, MissKeys};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::principal::Principal;
 use crate::rejection::{AuthRejection, RejectionKind};
-use crate::secret::{Digest, SecretId, SecretRing};
+use crate::secret::{Digest, SecretRing};
 use crate::store::{KeyRecord, KeyStore, StoreError};
 use crate::usage::UsageRecorder;
 
@@ -48,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) identity: Option<IdentityMapper>,
     pub(crate) usage: Option<Arc<UsageRecorder>>,
+    /// Collections verified by a foreign scheme against a read-only store.
+    pub(crate) foreign: ForeignSources,
 }
 
 /// The synchronous first half of a request: what to do before any I/O.
@@ -103,19 +106,15 @@ impl Shared {
         })
     }
 
-    /// Digests of the key under previous secrets, for a cache miss. Re-extracts the key from
-    /// the request rather than copying it on the hit path.
-    pub(crate) fn previous_digests(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Vec<(SecretId, Digest)> {
-        if !self.ring.has_previous() {
-            return Vec::new();
+    /// Digests of the key under previous secrets and foreign schemes, for a cache miss.
+    /// Re-extracts the key from the request rather than copying it on the hit path.
+    pub(crate) fn previous_digests(&self, headers: &HeaderMap, query: Option<&str>) -> MissKeys {
+        if !self.ring.has_previous() && self.foreign.is_empty() {
+            return MissKeys::default();
         }
         match self.extractor.extract(headers, query) {
-            Ok(Some(credential)) => self.ring.previous_digests(credential.key()).collect(),
-            _ => Vec::new(),
+            Ok(Some(credential)) => MissKeys::new(self, credential.key()),
+            _ => MissKeys::default(),
         }
     }
 
@@ -131,7 +130,7 @@ impl Shared {
     pub(crate) async fn resolve_miss(
         &self,
         digest: Digest,
-        previous: Vec<(SecretId, Digest)>,
+        previous: MissKeys,
     ) -> Result<Arc<Resolved>, AuthRejection> {
         let lookup = self
             .cache
@@ -147,15 +146,14 @@ impl Shared {
         found(lookup)
     }
 
-    async fn load(
-        &self,
-        digest: Digest,
-        previous: &[(SecretId, Digest)],
-    ) -> Result<Lookup, StoreError> {
-        if let Some(record) = self.store.find_by_digest(&digest).await? {
+    async fn load(&self, digest: Digest, keys: &MissKeys) -> Result<Lookup, StoreError> {
+        // A collection has one source: native rows filed under a foreign collection are ignored.
+        if let Some(record) = (self.store.find_by_digest(&digest).await?)
+            .filter(|r| !self.foreign.owns(&r.collection))
+        {
             return Ok(Lookup::Found(self.resolved(&record)));
         }
-        for &(secret_id, old) in previous {
+        for &(secret_id, old) in &keys.previous {
             let Some(record) = self.store.find_by_digest(&old).await? else {
                 continue;
             };
@@ -181,7 +179,7 @@ impl Shared {
             }
             return Ok(Lookup::Found(self.resolved(&record)));
         }
-        Ok(Lookup::Missing)
+        self.load_foreign(keys).await
     }
 
     pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<Resolved> {
@@ -241,6 +239,9 @@ impl Shared {
     /// Notes a successful use, written behind in batches.
     pub(crate) fn record_use(&self, resolved: &Resolved, now: OffsetDateTime) {
         if let Some(usage) = &self.usage {
+            if self.foreign.owns(resolved.principal.collection()) {
+                return; // a foreign store is never written to
+            }
             usage.record(resolved.principal.key_id(), now);
         }
     }
