@@ -581,7 +581,11 @@ async fn payload_suite(rig: &PayloadRig) {
         )],
     )
     .await;
-    assert_eq!(reply.code(), "malformed_key", "`services` takes only keywarden keys");
+    assert_eq!(
+        reply.code(),
+        "malformed_key",
+        "`services` takes only keywarden keys"
+    );
     // Payload keys holding whitespace are not supported (keys are visible ASCII): refused.
     let reply = get_with(
         app,
