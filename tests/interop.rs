@@ -56,7 +56,10 @@ fn payload_index(key: &str) -> String {
 }
 
 /// Payload users: (id, email, key index, enable_a_p_i_key, _verified).
-fn payload_users() -> Vec<(i64, &'static str, String, Option<bool>, Option<bool>)> {
+/// (id, email, key index, enable_a_p_i_key, _verified)
+type PayloadUser = (i64, &'static str, String, Option<bool>, Option<bool>);
+
+fn payload_users() -> Vec<PayloadUser> {
     vec![
         (
             1,
@@ -200,14 +203,17 @@ fn access_key(unit: &str) -> String {
 }
 
 /// Tokens: (id, name, type, access key, expires in ms from now, kind).
-fn strapi_tokens() -> Vec<(
+/// (id, name, type, access key, expires in ms from now, kind)
+type StrapiToken = (
     i64,
     &'static str,
     &'static str,
     String,
     Option<i64>,
     Option<&'static str>,
-)> {
+);
+
+fn strapi_tokens() -> Vec<StrapiToken> {
     vec![
         (1, "full", "full-access", FULL_ACCESS_KEY.into(), None, None),
         (

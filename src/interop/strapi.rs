@@ -40,7 +40,7 @@ pub struct StrapiSchemeError;
 /// ```
 #[derive(Clone)]
 pub struct StrapiScheme {
-    mac: Hmac<Sha512>,
+    mac: Box<Hmac<Sha512>>,
 }
 
 impl StrapiScheme {
@@ -54,7 +54,7 @@ impl StrapiScheme {
             return Err(StrapiSchemeError);
         }
         Ok(Self {
-            mac: Hmac::new_from_slice(salt).expect("HMAC accepts any key length"),
+            mac: Box::new(Hmac::new_from_slice(salt).expect("HMAC accepts any key length")),
         })
     }
 
@@ -64,7 +64,7 @@ impl StrapiScheme {
         if !is_strapi_token(token) {
             return Vec::new();
         }
-        let mut mac = self.mac.clone();
+        let mut mac = Hmac::clone(&self.mac);
         mac.update(token);
         vec![ForeignDigest::from_mac(
             ForeignAlgorithm::HmacSha512,
