@@ -103,6 +103,10 @@ pub struct CredentialExtractor {
     headers: Vec<HeaderName>,
     query_param: Option<Box<str>>,
     foreign_bearer: Option<KeyFormat>,
+    /// Collections whose `<slug> API-Key <key>` form is matched as Payload CMS matches it.
+    exact: Vec<usize>,
+    /// Bearer tokens claimed in optional mode besides keywarden's own format.
+    bearer_claims: Vec<fn(&[u8]) -> bool>,
 }
 
 impl CredentialExtractor {
@@ -117,7 +121,29 @@ impl CredentialExtractor {
             headers: vec![X_API_KEY],
             query_param: None,
             foreign_bearer: None,
+            exact: Vec::new(),
+            bearer_claims: Vec::new(),
         }
+    }
+
+    /// Matches the collection at `index` the way Payload CMS does: the value must start
+    /// byte-exactly with `<slug> API-Key ` (`API-Key` case-sensitive, one space on each side),
+    /// and the rest of the value is the key. Any other spelling of the form is not a
+    /// credential (Payload ignores it too).
+    #[must_use]
+    pub fn exact_api_key_form(mut self, index: usize) -> Self {
+        if !self.exact.contains(&index) {
+            self.exact.push(index);
+        }
+        self
+    }
+
+    /// With [`ignore_foreign_bearer`](Self::ignore_foreign_bearer), also claims `Bearer`
+    /// tokens for which `claims` is true (for example Strapi API tokens).
+    #[must_use]
+    pub fn claim_bearer(mut self, claims: fn(&[u8]) -> bool) -> Self {
+        self.bearer_claims.push(claims);
+        self
     }
 
     /// Also reads the key from this header (for example `X-Stack-Api-Key`).
@@ -215,6 +241,19 @@ impl CredentialExtractor {
         value: &'a HeaderValue,
     ) -> Result<Option<Credential<'a>>, CredentialError> {
         let value = trim_ows(value.as_bytes());
+        for &index in &self.exact {
+            let slug = self.collections[index].as_bytes();
+            if let Some(key) = value
+                .strip_prefix(slug)
+                .and_then(|rest| rest.strip_prefix(b" API-Key "))
+            {
+                return Ok(Some(Credential {
+                    key: validate(key)?,
+                    source: CredentialSource::Collection(index),
+                    from_authorization: true,
+                }));
+            }
+        }
         let Some((scheme, rest)) = split_word(value) else {
             if value.eq_ignore_ascii_case(b"bearer") {
                 return Err(CredentialError::Malformed("empty Bearer token"));
@@ -223,7 +262,7 @@ impl CredentialExtractor {
         };
         if scheme.eq_ignore_ascii_case(b"bearer") {
             if let Some(format) = &self.foreign_bearer {
-                if !format.claims(rest) {
+                if !format.claims(rest) && !self.bearer_claims.iter().any(|claims| claims(rest)) {
                     return Ok(None);
                 }
             }
@@ -247,6 +286,10 @@ impl CredentialExtractor {
             .iter()
             .position(|slug| slug.as_bytes() == scheme)
             .ok_or(CredentialError::UnknownCollection)?;
+        if self.exact.contains(&index) {
+            // Not Payload's exact spelling of its own form: Payload would not read it either.
+            return Ok(None);
+        }
         Ok(Some(Credential {
             key: validate(key)?,
             source: CredentialSource::Collection(index),

@@ -34,6 +34,7 @@ use uuid::Uuid;
 use crate::cache::{CacheConfig, Identity, IdentityValue, KeyCache};
 use crate::clock::{Clock, SystemClock};
 use crate::credential::CredentialExtractor;
+use crate::interop::{DigestScheme, ForeignSource, ForeignSources, NoNativeStore};
 use crate::invalidation::Invalidation;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
@@ -41,7 +42,7 @@ use crate::ratelimit::{
     FailedAttemptLimit, FailureTracker, Limiters, RateLimitPolicy, RateLimiter,
 };
 use crate::rejection::AuthRejection;
-use crate::secret::{Digest, SecretRing};
+use crate::secret::{Digest, Secret, SecretRing};
 use crate::service::ApiKeyService;
 use crate::stats::{Counters, LayerStats};
 use crate::store::{KeyStore, StoreError};
@@ -50,11 +51,28 @@ use crate::verify::{CollectionConfig, IdentityMapper, Mode, Prepared, Shared, St
 
 /// A collection of keys, named by the slug clients send in
 /// `Authorization: <slug> API-Key <key>` (Payload CMS's form).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Collection {
     slug: String,
     opaque: bool,
+    foreign: Option<ForeignSource>,
 }
+
+impl PartialEq for Collection {
+    fn eq(&self, other: &Self) -> bool {
+        self.slug == other.slug
+            && self.opaque == other.opaque
+            && match (&self.foreign, &other.foreign) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    a.scheme.issuer() == b.scheme.issuer() && Arc::ptr_eq(&a.store, &b.store)
+                }
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Collection {}
 
 impl Collection {
     /// A collection of keywarden-format keys.
@@ -62,6 +80,7 @@ impl Collection {
         Self {
             slug: slug.into(),
             opaque: false,
+            foreign: None,
         }
     }
 
@@ -70,6 +89,33 @@ impl Collection {
     pub fn opaque(slug: impl Into<String>) -> Self {
         Self {
             slug: slug.into(),
+            opaque: true,
+            foreign: None,
+        }
+    }
+
+    /// A collection of keys issued by another system (Payload CMS, Strapi), verified with
+    /// that system's digest scheme against a read-only `store` over its tables (see
+    /// [`PayloadStore`](crate::PayloadStore), [`StrapiStore`](crate::StrapiStore)). Its keys
+    /// are opaque strings; its principals' uses are never written back.
+    ///
+    /// For a Payload collection the `<slug> API-Key <key>` form is matched as Payload does:
+    /// byte-exactly, `API-Key` case-sensitive, one space each side, the rest of the value the
+    /// key. In optional mode, `Bearer` tokens of Strapi's shape are claimed for a Strapi
+    /// collection instead of being left to another layer.
+    pub fn foreign(
+        slug: impl Into<String>,
+        scheme: impl Into<DigestScheme>,
+        store: Arc<dyn KeyStore>,
+    ) -> Self {
+        let slug = slug.into();
+        Self {
+            foreign: Some(ForeignSource {
+                slug: slug.as_str().into(),
+                scheme: scheme.into(),
+                store,
+            }),
+            slug,
             opaque: true,
         }
     }
@@ -182,13 +228,16 @@ impl fmt::Debug for ApiKeyLayerBuilder {
 }
 
 impl ApiKeyLayerBuilder {
-    /// Where keys are looked up.
+    /// Where keys are looked up. Optional when every collection is
+    /// [`foreign`](Collection::foreign).
     pub fn store(mut self, store: Arc<dyn KeyStore>) -> Self {
         self.store = Some(store);
         self
     }
 
-    /// The application secret ring.
+    /// The application secret ring. Optional when every collection is
+    /// [`foreign`](Collection::foreign): the cache is then keyed with a random per-process
+    /// secret.
     pub fn secrets(mut self, secrets: SecretRing) -> Self {
         self.secrets = Some(secrets);
         self
@@ -331,12 +380,29 @@ impl ApiKeyLayerBuilder {
     /// # Errors
     /// A [`BuildError`] naming the first problem found.
     pub fn build(self) -> Result<ApiKeyLayer, BuildError> {
-        let store = self
-            .store
-            .ok_or_else(|| BuildError::new(BuildErrorKind::MissingStore, "no key store"))?;
-        let ring = self
-            .secrets
-            .ok_or_else(|| BuildError::new(BuildErrorKind::MissingSecrets, "no secret ring"))?;
+        let all_foreign =
+            !self.collections.is_empty() && self.collections.iter().all(|c| c.foreign.is_some());
+        let store = match self.store {
+            Some(store) => store,
+            None if all_foreign => Arc::new(NoNativeStore),
+            None => {
+                return Err(BuildError::new(
+                    BuildErrorKind::MissingStore,
+                    "no key store",
+                ))
+            }
+        };
+        let ring = match self.secrets {
+            Some(ring) => ring,
+            // Only cache keys are digested with it; nothing digested is ever stored.
+            None if all_foreign => SecretRing::new(Secret::generate()),
+            None => {
+                return Err(BuildError::new(
+                    BuildErrorKind::MissingSecrets,
+                    "no secret ring",
+                ))
+            }
+        };
         let mut collections: Vec<CollectionConfig> = Vec::new();
         for c in &self.collections {
             if c.slug.is_empty() || !c.slug.bytes().all(|b| b.is_ascii_graphic()) {
@@ -360,10 +426,19 @@ impl ApiKeyLayerBuilder {
             }
             collections.push(CollectionConfig {
                 slug: c.slug.as_str().into(),
-                opaque: c.opaque,
+                opaque: c.opaque || c.foreign.is_some(),
             });
         }
         let mut extractor = CredentialExtractor::new(collections.iter().map(|c| &*c.slug));
+        for (index, c) in self.collections.iter().enumerate() {
+            match c.foreign.as_ref().map(|f| &f.scheme) {
+                Some(DigestScheme::Payload(_)) => extractor = extractor.exact_api_key_form(index),
+                Some(DigestScheme::Strapi(_)) if self.mode == Mode::Optional => {
+                    extractor = extractor.claim_bearer(crate::interop::is_strapi_token);
+                }
+                _ => {}
+            }
+        }
         for name in &self.headers {
             let name = HeaderName::try_from(name.as_str()).map_err(|_| {
                 BuildError::new(
@@ -398,11 +473,18 @@ impl ApiKeyLayerBuilder {
         let any_opaque = collections.iter().any(|c| c.opaque);
         let usage = self
             .usage_interval
+            .filter(|_| !store.is_read_only())
             .map(|interval| UsageRecorder::new(store.clone(), interval));
         let limiters = Limiters::new(self.limiter, self.default_rate_limit, self.clock.clone());
         let failures = self
             .failed_attempts
             .map(|limit| FailureTracker::new(limit, self.clock.clone()));
+        let foreign = ForeignSources::new(
+            self.collections
+                .into_iter()
+                .filter_map(|c| c.foreign)
+                .collect(),
+        );
         Ok(ApiKeyLayer {
             shared: Arc::new(Shared {
                 store,
@@ -422,6 +504,7 @@ impl ApiKeyLayerBuilder {
                 store_timeout: self.store_timeout,
                 health: StoreHealth::new(self.store_retry),
                 counters: Counters::default(),
+                foreign,
             }),
         })
     }
@@ -548,6 +631,14 @@ impl ApiKeyLayer {
     /// The clock expiry is judged against.
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.shared.clock.clone()
+    }
+
+    /// The issuer (`payload`, `strapi`) of a foreign collection; `None` for a native one.
+    pub(crate) fn foreign_issuer(&self, collection: &str) -> Option<&'static str> {
+        self.shared
+            .foreign
+            .get(collection)
+            .map(|source| source.scheme.issuer())
     }
 }
 

@@ -12,6 +12,7 @@ mod clock;
 mod credential;
 #[cfg(feature = "manage-api")]
 mod demo;
+mod interop;
 mod invalidation;
 mod key;
 mod layer;
@@ -36,6 +37,12 @@ pub use credential::{
 };
 #[cfg(feature = "manage-api")]
 pub use demo::{demo_layer_builder, demo_router, DEMO_COLLECTIONS};
+pub use interop::{
+    is_strapi_token, DigestScheme, ForeignAlgorithm, ForeignDigest, PayloadHash, PayloadScheme,
+    PayloadSchemeError, PayloadTable, StrapiScheme, StrapiSchemeError, StrapiTables,
+};
+#[cfg(feature = "interop")]
+pub use interop::{PayloadStore, StrapiStore};
 pub use invalidation::{Invalidation, InvalidationListener, InvalidationPublisher, PublishError};
 pub use key::{
     validate_opaque, ApiKey, KeyError, KeyFormat, KeyPrefix, ParsedKey, BODY_LEN, CHECKSUM_LEN,

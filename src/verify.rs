@@ -12,11 +12,12 @@ use time::OffsetDateTime;
 use crate::cache::{Hit, Identity, KeyCache, Lookup, Resolved, StaleEntry};
 use crate::clock::Clock;
 use crate::credential::{CredentialError, CredentialExtractor, CredentialSource};
+use crate::interop::{ForeignSources, MissKeys};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::principal::Principal;
 use crate::ratelimit::{Blocked, FailureTracker, Limiters, RateLimitPolicy};
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
-use crate::secret::{Digest, SecretId, SecretRing};
+use crate::secret::{Digest, SecretRing};
 use crate::stats::{bump, Counters};
 use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
 use crate::usage::UsageRecorder;
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) store_timeout: Duration,
     pub(crate) health: StoreHealth,
     pub(crate) counters: Counters,
+    /// Collections verified by a foreign scheme against a read-only store.
+    pub(crate) foreign: ForeignSources,
 }
 
 /// Whether the store recently failed. While it is marked down, misses fail fast with 503 and
@@ -153,19 +156,15 @@ impl Shared {
         })
     }
 
-    /// Digests of the key under previous secrets, for a cache miss. Re-extracts the key from
-    /// the request rather than copying it on the hit path.
-    pub(crate) fn previous_digests(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Vec<(SecretId, Digest)> {
-        if !self.ring.has_previous() {
-            return Vec::new();
+    /// Digests of the key under previous secrets and foreign schemes, for a cache miss.
+    /// Re-extracts the key from the request rather than copying it on the hit path.
+    pub(crate) fn previous_digests(&self, headers: &HeaderMap, query: Option<&str>) -> MissKeys {
+        if !self.ring.has_previous() && self.foreign.is_empty() {
+            return MissKeys::default();
         }
         match self.extractor.extract(headers, query) {
-            Ok(Some(credential)) => self.ring.previous_digests(credential.key()).collect(),
-            _ => Vec::new(),
+            Ok(Some(credential)) => MissKeys::new(self, credential.key()),
+            _ => MissKeys::default(),
         }
     }
 
@@ -228,7 +227,7 @@ impl Shared {
     pub(crate) async fn resolve_miss(
         &self,
         digest: Digest,
-        previous: Vec<(SecretId, Digest)>,
+        previous: MissKeys,
     ) -> Result<Arc<Resolved>, AuthRejection> {
         if self.health.is_down() {
             return Err(self.unavailable());
@@ -260,7 +259,7 @@ impl Shared {
 
     /// One store call under the store timeout, with the outcome recorded in the store's
     /// health, the counters and tracing.
-    async fn store_call<T>(
+    pub(crate) async fn store_call<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
@@ -294,15 +293,14 @@ impl Shared {
         Err(error)
     }
 
-    async fn load(
-        &self,
-        digest: Digest,
-        previous: &[(SecretId, Digest)],
-    ) -> Result<Lookup, StoreError> {
-        if let Some(record) = self.store_call(self.store.find_by_digest(&digest)).await? {
+    async fn load(&self, digest: Digest, keys: &MissKeys) -> Result<Lookup, StoreError> {
+        // A collection has one source: native rows filed under a foreign collection are ignored.
+        if let Some(record) = (self.store_call(self.store.find_by_digest(&digest)).await?)
+            .filter(|r| !self.foreign.owns(&r.collection))
+        {
             return Ok(Lookup::Found(self.resolved(&record)));
         }
-        for &(secret_id, old) in previous {
+        for &(secret_id, old) in &keys.previous {
             let Some(record) = self.store_call(self.store.find_by_digest(&old)).await? else {
                 continue;
             };
@@ -332,7 +330,7 @@ impl Shared {
             }
             return Ok(Lookup::Found(self.resolved(&record)));
         }
-        Ok(Lookup::Missing)
+        self.load_foreign(keys).await
     }
 
     /// The rate-limit policy that applies to a key: its own, else the layer default.
@@ -460,6 +458,9 @@ impl Shared {
     /// Notes a successful use, written behind in batches.
     pub(crate) fn record_use(&self, resolved: &Resolved, now: OffsetDateTime) {
         if let Some(usage) = &self.usage {
+            if self.foreign.owns(resolved.principal.collection()) {
+                return; // a foreign store is never written to
+            }
             usage.record(resolved.principal.key_id(), now);
         }
     }

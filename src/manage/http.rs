@@ -1097,6 +1097,12 @@ impl From<ManageError> for ApiError {
                 "Conflict",
                 err.to_string(),
             ),
+            ManageErrorKind::ReadOnly => Self::problem(
+                StatusCode::CONFLICT,
+                "read_only",
+                "Keys issued by another system",
+                err.to_string(),
+            ),
             ManageErrorKind::Store => {
                 tracing::warn!(target: "keywarden", error = %err, "management request failed: key store error");
                 Self::Auth(AuthRejection::new(

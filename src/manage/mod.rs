@@ -187,6 +187,9 @@ pub enum ManageErrorKind {
     /// The key cannot be revealed: viewable keys are off, the key was created while they
     /// were off, or the reveal key is not the one that encrypted it.
     NotRevealable,
+    /// The store or collection holds another system's keys (Payload CMS, Strapi), which
+    /// keywarden verifies but never manages.
+    ReadOnly,
 }
 
 /// A management error. Never contains key material.
@@ -260,6 +263,7 @@ impl From<StoreError> for ManageError {
                 ManageErrorKind::Conflict,
                 "the key conflicts with an existing key".to_owned(),
             ),
+            StoreErrorKind::ReadOnly => (ManageErrorKind::ReadOnly, error.to_string()),
             _ => (ManageErrorKind::Store, format!("key store error: {error}")),
         };
         Self {
@@ -390,6 +394,21 @@ impl KeyManager {
         rotated_from: Option<Uuid>,
     ) -> Result<CreatedKey, ManageError> {
         let new = validate_new(new)?;
+        if let Some(issuer) = self
+            .layers
+            .iter()
+            .find_map(|layer| layer.foreign_issuer(&new.collection))
+        {
+            return Err(ManageError {
+                kind: ManageErrorKind::ReadOnly,
+                field: Some("collection"),
+                message: format!(
+                    "collection `{}` holds keys issued by {issuer}; create them in {issuer}",
+                    new.collection
+                ),
+                source: None,
+            });
+        }
         let prefix = self
             .format
             .prefix_for_env(&new.environment)

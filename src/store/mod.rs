@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::interop::ForeignDigest;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
 
@@ -387,6 +388,9 @@ pub enum StoreErrorKind {
     Corrupt,
     /// Migrations failed or the schema is not what this version expects.
     Schema,
+    /// The store is a read-only view of another system's keys (Payload CMS, Strapi): it
+    /// refuses every write. Manage those keys in the system that issued them.
+    ReadOnly,
     /// Anything else.
     Other,
 }
@@ -468,6 +472,27 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
 
     /// Adds batched uses; unknown ids are ignored.
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
+
+    /// For stores over another system's tables: the record whose stored index is one of
+    /// `digests` (computed by that system's [`DigestScheme`](crate::DigestScheme)). Stores of
+    /// keywarden's own keys keep the default, which finds nothing.
+    ///
+    /// # Errors
+    /// As [`find_by_digest`](Self::find_by_digest).
+    async fn find_by_foreign_digest(
+        &self,
+        digests: &[ForeignDigest],
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let _ = digests;
+        Ok(None)
+    }
+
+    /// Whether the store refuses every write ([`StoreErrorKind::ReadOnly`]). The layer never
+    /// records usage in a read-only store, and [`KeyManager`](crate::KeyManager) operations
+    /// on one fail with [`ManageErrorKind::ReadOnly`](crate::ManageErrorKind::ReadOnly).
+    fn is_read_only(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,716 @@
+//! Payload CMS API keys: the digest scheme, the table layout, and the read-only store.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use sha1::Sha1;
+use sha2::{Digest as _, Sha256};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use super::{no_digest, text, ForeignAlgorithm, ForeignDigest, Row};
+use crate::secret::SecretId;
+use crate::store::{KeyRecord, OwnerKind};
+
+/// Which HMAC a Payload deployment indexes API keys with.
+///
+/// | Payload | writes | looks up | use |
+/// | --- | --- | --- | --- |
+/// | 2.x, 3.0–3.46 | HMAC-SHA1 | SHA-1 | [`Sha1`](Self::Sha1) (or `Both`) |
+/// | 3.47–3.90 | HMAC-SHA256 | SHA-1 or SHA-256 | [`Both`](Self::Both) |
+/// | 4.0 (pre-release) | HMAC-SHA256 | SHA-256 | [`Sha256`](Self::Sha256) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PayloadHash {
+    /// HMAC-SHA1 only (40 hex characters).
+    Sha1,
+    /// HMAC-SHA256 only (64 hex characters).
+    Sha256,
+    /// Either (the default): finds keys written by any Payload version since 2.0.
+    #[default]
+    Both,
+}
+
+/// A `PayloadScheme` could not be built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the Payload secret is empty (Payload refuses to start without one)")]
+pub struct PayloadSchemeError;
+
+/// The HMAC keys derived from one `PAYLOAD_SECRET`, prepared once.
+#[derive(Clone)]
+struct PayloadSecret {
+    sha1: Hmac<Sha1>,
+    sha256: Hmac<Sha256>,
+}
+
+impl PayloadSecret {
+    fn new(secret: &[u8]) -> Result<Self, PayloadSchemeError> {
+        if secret.is_empty() {
+            return Err(PayloadSchemeError);
+        }
+        let derived = derive_secret(secret);
+        Ok(Self {
+            sha1: Hmac::new_from_slice(derived.as_bytes()).expect("HMAC accepts any key length"),
+            sha256: Hmac::new_from_slice(derived.as_bytes()).expect("HMAC accepts any key length"),
+        })
+    }
+}
+
+/// Payload's `payload.secret`: the first 32 characters of the lowercase hex SHA-256 of the
+/// configured secret. The HMAC key is those 32 ASCII characters, not the bytes they encode.
+fn derive_secret(secret: &[u8]) -> Zeroizing<String> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let hash: Zeroizing<[u8; 32]> = Zeroizing::new(Sha256::digest(secret).into());
+    let mut derived = Zeroizing::new(String::with_capacity(32));
+    for b in &hash[..16] {
+        derived.push(HEX[usize::from(b >> 4)] as char);
+        derived.push(HEX[usize::from(b & 0x0f)] as char);
+    }
+    derived
+}
+
+/// How Payload CMS indexes API keys: `apiKeyIndex` = lowercase hex HMAC of the UTF-8 key, keyed
+/// with the first 32 hex characters of SHA-256(`PAYLOAD_SECRET`) as ASCII bytes.
+///
+/// Holds a current secret and any previous ones (Payload 4.0's keyring); a key is looked up
+/// under every secret and every configured algorithm in one query. Payload keys are any
+/// string (the admin UI generates UUIDv4s); keywarden accepts those of 1 to 512 visible ASCII
+/// characters. `Debug` never shows a secret.
+///
+/// ```
+/// use keywarden::{PayloadHash, PayloadScheme};
+///
+/// let scheme = PayloadScheme::new("keywarden-payload-test-secret").unwrap().hash(PayloadHash::Sha256);
+/// let index = scheme.digests(b"0f8b4a7c-3d2e-4b1a-9c5d-6e7f8a9b0c1d");
+/// assert_eq!(
+///     index[0].as_str(),
+///     "3e22257417e566a5847df3dea458a0ad2342aab92834d6676f5a55af96c1c726"
+/// );
+/// ```
+#[derive(Clone)]
+pub struct PayloadScheme {
+    secrets: Vec<PayloadSecret>,
+    hash: PayloadHash,
+}
+
+impl PayloadScheme {
+    /// A scheme for the deployment's `PAYLOAD_SECRET` (the configured value, before Payload
+    /// derives its key from it), looking up both SHA-1 and SHA-256 indexes.
+    ///
+    /// # Errors
+    /// [`PayloadSchemeError`] for an empty secret.
+    pub fn new(secret: impl AsRef<[u8]>) -> Result<Self, PayloadSchemeError> {
+        Ok(Self {
+            secrets: vec![PayloadSecret::new(secret.as_ref())?],
+            hash: PayloadHash::Both,
+        })
+    }
+
+    /// Also looks keys up under a previous secret (Payload 4.0's keyring). Unlike keywarden's
+    /// own keys, a key found this way is not re-indexed: the store is read-only.
+    ///
+    /// # Errors
+    /// [`PayloadSchemeError`] for an empty secret.
+    pub fn with_previous(mut self, secret: impl AsRef<[u8]>) -> Result<Self, PayloadSchemeError> {
+        self.secrets.push(PayloadSecret::new(secret.as_ref())?);
+        Ok(self)
+    }
+
+    /// Which HMACs to look up (default [`PayloadHash::Both`]).
+    #[must_use]
+    pub fn hash(mut self, hash: PayloadHash) -> Self {
+        self.hash = hash;
+        self
+    }
+
+    /// The `apiKeyIndex` values `key` may be stored under: per secret (current first),
+    /// SHA-256 before SHA-1.
+    pub fn digests(&self, key: &[u8]) -> Vec<ForeignDigest> {
+        let mut out = Vec::with_capacity(self.secrets.len() * 2);
+        for secret in &self.secrets {
+            if self.hash != PayloadHash::Sha1 {
+                let mut mac = secret.sha256.clone();
+                mac.update(key);
+                out.push(ForeignDigest::from_mac(
+                    ForeignAlgorithm::HmacSha256,
+                    &mac.finalize().into_bytes(),
+                ));
+            }
+            if self.hash != PayloadHash::Sha256 {
+                let mut mac = secret.sha1.clone();
+                mac.update(key);
+                out.push(ForeignDigest::from_mac(
+                    ForeignAlgorithm::HmacSha1,
+                    &mac.finalize().into_bytes(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Debug for PayloadScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PayloadScheme")
+            .field("secrets", &self.secrets.len())
+            .field("hash", &self.hash)
+            .finish()
+    }
+}
+
+#[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
+/// Columns never copied into a principal's metadata: the key material, the password hash and
+/// every reset or verification token Payload keeps on an auth collection.
+const SECRET_COLUMNS: &[&str] = &[
+    "api_key",
+    "api_key_index",
+    "hash",
+    "salt",
+    "reset_password_token",
+    "reset_password_expiration",
+    "_verificationtoken",
+    "_verification_token",
+    "login_attempts",
+    "lock_until",
+];
+
+/// Where a Payload auth collection keeps its users, as Payload's SQL adapters
+/// (`@payloadcms/db-postgres`, `@payloadcms/db-sqlite`) lay it out: one table named after the
+/// collection slug, snake_case columns.
+///
+/// Defaults: table `users`, id `id`, index `api_key_index`, enabled flag `enable_a_p_i_key`,
+/// no verification column (set [`verify`](Self::verify) when the collection has
+/// `auth.verify`), name `email`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadTable {
+    pub(crate) table: String,
+    pub(crate) id_column: String,
+    pub(crate) index_column: String,
+    pub(crate) enabled_column: Option<String>,
+    pub(crate) verified_column: Option<String>,
+    pub(crate) name_column: String,
+    pub(crate) hidden_columns: Vec<String>,
+    pub(crate) scopes: Vec<String>,
+}
+
+impl Default for PayloadTable {
+    fn default() -> Self {
+        Self::new("users")
+    }
+}
+
+impl PayloadTable {
+    /// The table of the collection `table` (Payload names it after the slug; a schema-qualified
+    /// `schema.table` is accepted on PostgreSQL).
+    pub fn new(table: impl Into<String>) -> Self {
+        Self {
+            table: table.into(),
+            id_column: "id".into(),
+            index_column: "api_key_index".into(),
+            enabled_column: Some("enable_a_p_i_key".into()),
+            verified_column: None,
+            name_column: "email".into(),
+            hidden_columns: Vec::new(),
+            scopes: Vec::new(),
+        }
+    }
+
+    /// The id column (default `id`).
+    #[must_use]
+    pub fn id_column(mut self, column: impl Into<String>) -> Self {
+        self.id_column = column.into();
+        self
+    }
+
+    /// The `apiKeyIndex` column (default `api_key_index`).
+    #[must_use]
+    pub fn index_column(mut self, column: impl Into<String>) -> Self {
+        self.index_column = column.into();
+        self
+    }
+
+    /// The `enableAPIKey` column (default `enable_a_p_i_key`): a row authenticates only when it
+    /// is true. `None` for schemas without it (Payload 4.0 drops the field).
+    #[must_use]
+    pub fn enabled_column(mut self, column: Option<&str>) -> Self {
+        self.enabled_column = column.map(str::to_owned);
+        self
+    }
+
+    /// Whether the collection has `auth.verify`: rows whose `_verified` is false do not
+    /// authenticate (null does, as in Payload, whose query is `_verified != false`).
+    #[must_use]
+    pub fn verify(mut self, verify: bool) -> Self {
+        self.verified_column = verify.then(|| "_verified".to_owned());
+        self
+    }
+
+    /// The column shown as the key's name (default `email`; the id when null or absent).
+    #[must_use]
+    pub fn name_column(mut self, column: impl Into<String>) -> Self {
+        self.name_column = column.into();
+        self
+    }
+
+    /// Keeps one more column out of the principal's metadata (the key, its index, the
+    /// password hash and salt and Payload's reset and verification tokens always are).
+    #[must_use]
+    pub fn hide_column(mut self, column: impl Into<String>) -> Self {
+        self.hidden_columns.push(column.into());
+        self
+    }
+
+    /// Scopes granted to every key of the collection (default none). Payload's own access
+    /// control runs in Payload; keywarden cannot evaluate it.
+    #[must_use]
+    pub fn scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    #[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
+    fn hidden(&self, column: &str) -> bool {
+        SECRET_COLUMNS.contains(&column)
+            || column == self.index_column
+            || self.hidden_columns.iter().any(|c| c == column)
+    }
+
+    #[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
+    /// Maps a user row to a record: the principal is the user, its metadata the row's other
+    /// fields. A disabled API key or an unverified user is a disabled record.
+    pub(crate) fn record(&self, row: &Row) -> Option<KeyRecord> {
+        let id = text(row, &self.id_column)?;
+        let enabled = self
+            .enabled_column
+            .as_ref()
+            .is_none_or(|c| super::boolean(row, c) == Some(true));
+        let verified = self
+            .verified_column
+            .as_ref()
+            .is_none_or(|c| super::boolean(row, c) != Some(false));
+        let metadata: serde_json::Map<_, _> = row
+            .iter()
+            .filter(|(column, _)| !self.hidden(column))
+            .map(|(column, value)| (column.clone(), value.clone()))
+            .collect();
+        let at = |column: &str| super::timestamp(row, column).ok().flatten();
+        let created_at = at("created_at").unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        Some(KeyRecord {
+            id: super::foreign_key_id("payload", &self.table, &id),
+            digest: no_digest(),
+            secret_id: SecretId::from_bytes([0; 8]),
+            display_start: String::new(),
+            name: text(row, &self.name_column).unwrap_or_else(|| id.clone()),
+            description: None,
+            collection: self.table.clone(),
+            subject: id,
+            owner_kind: OwnerKind::User,
+            scopes: self.scopes.clone(),
+            environment: "payload".into(),
+            read_only: false,
+            metadata: serde_json::Value::Object(metadata),
+            rate_limit: None,
+            created_at,
+            updated_at: at("updated_at").unwrap_or(created_at),
+            expires_at: None,
+            last_used_at: None,
+            use_count: 0,
+            revoked_at: None,
+            disabled: !(enabled && verified),
+            rotated_from: None,
+            encrypted_key: None,
+        })
+    }
+}
+
+#[cfg(feature = "interop")]
+pub use store::PayloadStore;
+
+#[cfg(feature = "interop")]
+mod store {
+    use std::fmt;
+
+    use async_trait::async_trait;
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    use super::PayloadTable;
+    use crate::interop::sql::{Ident, Pool};
+    use crate::interop::{read_only_error, ForeignDigest};
+    use crate::secret::{Digest, SecretId};
+    use crate::store::{
+        KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, StoreError, StoreErrorKind,
+    };
+
+    /// A read-only [`KeyStore`] over a Payload auth collection's table, on PostgreSQL or
+    /// SQLite. Use it with [`Collection::foreign`](crate::Collection::foreign) and a
+    /// [`PayloadScheme`](crate::PayloadScheme).
+    ///
+    /// A key verifies when exactly one row has its `api_key_index`; that row's
+    /// `enable_a_p_i_key` must be true and, with [`PayloadTable::verify`], its `_verified`
+    /// must not be false (otherwise `revoked_key`, "the key is disabled"). Two rows with one
+    /// index are refused (logged). The principal: key id a UUIDv8 derived from the table and
+    /// user id ([`key_id`](Self::key_id)), subject the user id, name the email, owner kind
+    /// `user`, environment `payload`, metadata the row without its secrets, no expiry.
+    ///
+    /// Every write fails with [`StoreErrorKind::ReadOnly`]; [`connect`](Self::connect) also
+    /// opens the database read-only. Changes made in Payload (a regenerated or disabled key)
+    /// reach a layer when its cache entry expires (the layer's `cache_ttl`, 60 s by default),
+    /// or at once with [`ApiKeyLayer::invalidate_key`](crate::ApiKeyLayer::invalidate_key).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use keywarden::{ApiKeyLayer, Collection, PayloadScheme, PayloadStore, PayloadTable};
+    ///
+    /// let store = PayloadStore::connect("postgres://payload@localhost/payload", PayloadTable::new("users")).await?;
+    /// let scheme = PayloadScheme::new(std::env::var("PAYLOAD_SECRET")?)?;
+    /// let layer = ApiKeyLayer::builder()
+    ///     .collection(Collection::foreign("users", scheme, Arc::new(store)))
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[derive(Clone)]
+    pub struct PayloadStore {
+        pool: Pool,
+        table: PayloadTable,
+        table_ident: Ident,
+        index_ident: Ident,
+    }
+
+    impl PayloadStore {
+        /// Opens `url` (`postgres://…` or `sqlite://…`) read-only.
+        ///
+        /// # Errors
+        /// [`StoreErrorKind::Unavailable`] if the database cannot be opened,
+        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        pub async fn connect(url: &str, table: PayloadTable) -> Result<Self, StoreError> {
+            Self::new(Pool::connect_read_only(url).await?, table)
+        }
+
+        /// Over an existing SQLite pool (Payload's `@payloadcms/db-sqlite` database).
+        ///
+        /// # Errors
+        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        #[cfg(feature = "sqlite")]
+        pub fn sqlite(pool: sqlx::SqlitePool, table: PayloadTable) -> Result<Self, StoreError> {
+            Self::new(Pool::Sqlite(pool), table)
+        }
+
+        /// Over an existing PostgreSQL pool (Payload's `@payloadcms/db-postgres` database).
+        ///
+        /// # Errors
+        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        #[cfg(feature = "postgres")]
+        pub fn postgres(pool: sqlx::PgPool, table: PayloadTable) -> Result<Self, StoreError> {
+            Self::new(Pool::Postgres(pool), table)
+        }
+
+        fn new(pool: Pool, table: PayloadTable) -> Result<Self, StoreError> {
+            for column in [&table.id_column, &table.name_column]
+                .into_iter()
+                .chain(&table.enabled_column)
+                .chain(&table.verified_column)
+            {
+                Ident::column(column)?;
+            }
+            Ok(Self {
+                pool,
+                table_ident: Ident::table(&table.table)?,
+                index_ident: Ident::column(&table.index_column)?,
+                table,
+            })
+        }
+
+        /// The key id of the principals of this Payload user.
+        pub fn key_id(&self, user_id: &str) -> Uuid {
+            crate::interop::foreign_key_id("payload", &self.table.table, user_id)
+        }
+
+        fn read_only(&self) -> StoreError {
+            read_only_error(&format!("the Payload store over `{}`", self.table.table))
+        }
+    }
+
+    impl fmt::Debug for PayloadStore {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("PayloadStore")
+                .field("backend", &self.pool.backend())
+                .field("table", &self.table.table)
+                .finish_non_exhaustive()
+        }
+    }
+
+    #[async_trait]
+    impl KeyStore for PayloadStore {
+        async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
+            Err(self.read_only())
+        }
+        async fn find_by_digest(&self, _: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+            Ok(None)
+        }
+        async fn get(&self, _: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+            Err(self.read_only())
+        }
+        async fn update(
+            &self,
+            _: Uuid,
+            _: &KeyPatch,
+            _: OffsetDateTime,
+        ) -> Result<Option<KeyRecord>, StoreError> {
+            Err(self.read_only())
+        }
+        async fn redigest(
+            &self,
+            _: Uuid,
+            _: &Digest,
+            _: &Digest,
+            _: SecretId,
+        ) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        async fn delete(&self, _: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+            Err(self.read_only())
+        }
+        async fn list(&self, _: &KeyQuery) -> Result<KeyPage, StoreError> {
+            Err(self.read_only())
+        }
+        async fn record_usage(&self, _: &[KeyUsage]) -> Result<(), StoreError> {
+            // Never called by the layer for a read-only store; Payload keeps no usage.
+            Ok(())
+        }
+
+        async fn find_by_foreign_digest(
+            &self,
+            digests: &[ForeignDigest],
+        ) -> Result<Option<KeyRecord>, StoreError> {
+            if digests.is_empty() {
+                return Ok(None);
+            }
+            let values: Vec<&str> = digests.iter().map(ForeignDigest::as_str).collect();
+            let rows = self
+                .pool
+                .rows_where_in(&self.table_ident, &self.index_ident, &values, 2)
+                .await?;
+            match rows.as_slice() {
+                [] => Ok(None),
+                [row] => self.table.record(row).map(Some).ok_or_else(|| {
+                    StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        format!(
+                            "a row of `{}` has no `{}`",
+                            self.table.table, self.table.id_column
+                        ),
+                    )
+                }),
+                _ => {
+                    tracing::warn!(
+                        target: "keywarden",
+                        table = %self.table.table,
+                        "several Payload users share one API-key index; refusing the key"
+                    );
+                    Ok(None)
+                }
+            }
+        }
+
+        fn is_read_only(&self) -> bool {
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &str = "keywarden-payload-test-secret";
+    const PREVIOUS: &str = "previous-payload-secret";
+    const UUID_KEY: &str = "0f8b4a7c-3d2e-4b1a-9c5d-6e7f8a9b0c1d";
+    const ANY_KEY: &str = "any string key!";
+
+    // Vectors computed independently with Python's hashlib/hmac and cross-checked with
+    // Node's crypto (the runtime Payload uses):
+    //   d = hashlib.sha256(secret.encode()).hexdigest()[:32]
+    //   hmac.new(d.encode(), key.encode(), hashlib.sha1 / hashlib.sha256).hexdigest()
+    const KAT: &[(&str, &str, &str, &str, &str)] = &[
+        (
+            SECRET,
+            "ce557bf55941d710f1047c8353f730e3",
+            UUID_KEY,
+            "596fc9b22e006464366d4a95a53cd83f875972dc",
+            "3e22257417e566a5847df3dea458a0ad2342aab92834d6676f5a55af96c1c726",
+        ),
+        (
+            SECRET,
+            "ce557bf55941d710f1047c8353f730e3",
+            ANY_KEY,
+            "65c2ce556b17d2fb19da5bf27e20595b9e19149a",
+            "ba40f34f9a546afd5c9314f0d0751d55fd3ff1cc23712389e8e4daa420a2575e",
+        ),
+        (
+            PREVIOUS,
+            "1ffe527349d22b65ec22ab2cb60c24cd",
+            UUID_KEY,
+            "dc7267fe9207f181768d4cac3efae69976d7852e",
+            "a86fd7437f6c29687facafd0ad8f42b277e5b8dd73c2876aed04b71027116ea0",
+        ),
+    ];
+
+    #[test]
+    fn derived_secret_matches_payload() {
+        for (secret, derived, ..) in KAT {
+            assert_eq!(derive_secret(secret.as_bytes()).as_str(), *derived);
+        }
+    }
+
+    #[test]
+    fn known_answers_for_each_hash() {
+        for (secret, _, key, sha1, sha256) in KAT {
+            let scheme = PayloadScheme::new(secret).unwrap();
+            let got: Vec<_> = scheme
+                .clone()
+                .hash(PayloadHash::Sha1)
+                .digests(key.as_bytes())
+                .iter()
+                .map(|d| d.as_str().to_owned())
+                .collect();
+            assert_eq!(got, vec![*sha1]);
+            let got = scheme
+                .clone()
+                .hash(PayloadHash::Sha256)
+                .digests(key.as_bytes());
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].as_str(), *sha256);
+            assert_eq!(got[0].algorithm(), ForeignAlgorithm::HmacSha256);
+            let both: Vec<_> = scheme
+                .digests(key.as_bytes())
+                .iter()
+                .map(|d| d.as_str().to_owned())
+                .collect();
+            assert_eq!(both, vec![*sha256, *sha1]);
+        }
+    }
+
+    #[test]
+    fn keyring_looks_up_every_secret_current_first() {
+        let scheme = PayloadScheme::new(SECRET)
+            .unwrap()
+            .with_previous(PREVIOUS)
+            .unwrap()
+            .hash(PayloadHash::Sha256);
+        let got: Vec<_> = scheme
+            .digests(UUID_KEY.as_bytes())
+            .iter()
+            .map(|d| d.as_str().to_owned())
+            .collect();
+        assert_eq!(got, vec![KAT[0].4, KAT[2].4]);
+    }
+
+    #[test]
+    fn empty_secret_is_refused_and_debug_is_redacted() {
+        assert_eq!(PayloadScheme::new("").unwrap_err(), PayloadSchemeError);
+        let scheme = PayloadScheme::new(SECRET).unwrap();
+        let text = format!("{scheme:?}");
+        assert!(
+            !text.contains(SECRET) && !text.contains("ce557bf5"),
+            "{text}"
+        );
+    }
+
+    fn user(enabled: serde_json::Value, verified: serde_json::Value) -> Row {
+        json!({
+            "id": 7,
+            "email": "ada@example.com",
+            "enable_a_p_i_key": enabled,
+            "_verified": verified,
+            "api_key": "0011aabb-encrypted",
+            "api_key_index": KAT[0].4,
+            "hash": "pbkdf2-hash",
+            "salt": "salt",
+            "reset_password_token": "reset",
+            "role": "editor",
+            "created_at": "2024-05-01T10:00:00.000Z",
+        })
+        .as_object()
+        .unwrap()
+        .clone()
+    }
+
+    #[test]
+    fn rows_map_to_principals_without_secrets() {
+        let table = PayloadTable::new("users").scopes(["content:read"]);
+        let record = table.record(&user(json!(true), json!(null))).unwrap();
+        assert_eq!(record.subject, "7");
+        assert_eq!(record.name, "ada@example.com");
+        assert_eq!(record.environment, "payload");
+        assert_eq!(record.scopes, vec!["content:read"]);
+        assert!(!record.disabled);
+        assert_eq!(
+            record.id,
+            super::super::foreign_key_id("payload", "users", "7")
+        );
+        assert_eq!(record.metadata["role"], "editor");
+        assert_eq!(record.metadata["email"], "ada@example.com");
+        for hidden in [
+            "api_key",
+            "api_key_index",
+            "hash",
+            "salt",
+            "reset_password_token",
+        ] {
+            assert!(record.metadata.get(hidden).is_none(), "{hidden}");
+        }
+        let text = record.metadata.to_string();
+        assert!(
+            !text.contains("encrypted") && !text.contains(KAT[0].4),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn disabled_keys_and_unverified_users_are_disabled() {
+        let plain = PayloadTable::new("users");
+        let verify = PayloadTable::new("users").verify(true);
+        let cases = [
+            (json!(true), json!(null), false, false),
+            (json!(1), json!(1), false, false),
+            (json!(false), json!(true), true, true),
+            (json!(0), json!(true), true, true),
+            (json!(null), json!(true), true, true),
+            (json!(true), json!(false), false, true),
+            (json!(true), json!(0), false, true),
+        ];
+        for (enabled, verified, plain_disabled, verify_disabled) in cases {
+            let row = user(enabled.clone(), verified.clone());
+            assert_eq!(
+                plain.record(&row).unwrap().disabled,
+                plain_disabled,
+                "{enabled} {verified}"
+            );
+            assert_eq!(
+                verify.record(&row).unwrap().disabled,
+                verify_disabled,
+                "{enabled} {verified}"
+            );
+        }
+        let no_flag = PayloadTable::new("users").enabled_column(None);
+        assert!(
+            !no_flag
+                .record(&user(json!(false), json!(null)))
+                .unwrap()
+                .disabled
+        );
+    }
+}

@@ -1,0 +1,1182 @@
+//! Payload CMS and Strapi keys verified from tables laid out like the peers' own (SQLite and
+//! PostgreSQL), through the layer, with rows whose indexes are known answers computed
+//! independently (Python's hmac/hashlib, cross-checked with Node's crypto).
+#![cfg(all(feature = "interop", feature = "sqlite", feature = "postgres"))]
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keywarden::{
+    ApiKeyLayer, Collection, ForeignDigest, KeyManager, KeyRecord, KeyStore, ManageErrorKind,
+    ManualClock, NewKey, PayloadHash, PayloadScheme, PayloadStore, PayloadTable, Principal,
+    RequireScope, StoreError, StoreErrorKind, StrapiScheme, StrapiStore, StrapiTables,
+};
+use support::{get_with, request, ring, send, CountingStore};
+use time::OffsetDateTime;
+
+// --- Payload -------------------------------------------------------------------------------
+
+const PAYLOAD_SECRET: &str = "keywarden-payload-test-secret";
+const PAYLOAD_PREVIOUS: &str = "previous-payload-secret";
+/// A UUIDv4 key, as Payload's admin UI generates.
+const UUID_KEY: &str = "0f8b4a7c-3d2e-4b1a-9c5d-6e7f8a9b0c1d";
+/// Any string can be a Payload key (keywarden takes those of visible ASCII).
+const ANY_KEY: &str = "any-string-key!";
+/// HMAC-SHA1 of UUID_KEY under PAYLOAD_SECRET's derived secret (Payload 2.x–3.46 rows).
+const UUID_SHA1: &str = "596fc9b22e006464366d4a95a53cd83f875972dc";
+/// HMAC-SHA256 of ANY_KEY under PAYLOAD_SECRET's derived secret (Payload 3.47+ rows).
+const ANY_SHA256: &str = "901313752bfd819b33789b84601961a4f752f2fa6efb8d4854497756c97d1a00";
+/// A key indexed under PAYLOAD_PREVIOUS only (a rotated-out secret, Payload 4.0's keyring).
+const KEYRING_KEY: &str = "keyring-only";
+/// HMAC-SHA256 of KEYRING_KEY under PAYLOAD_PREVIOUS's derived secret.
+const KEYRING_SHA256_PREVIOUS: &str =
+    "aac4ea8531ba7045c4e846c4fb6cf83a538acda273d1dc6c770a345ae508c706";
+
+fn payload_scheme() -> PayloadScheme {
+    PayloadScheme::new(PAYLOAD_SECRET)
+        .unwrap()
+        .with_previous(PAYLOAD_PREVIOUS)
+        .unwrap()
+        .hash(PayloadHash::Both)
+}
+
+/// Index of a key under the current secret, computed by our own scheme (for rows whose exact
+/// bits the known-answer rows above already pin down).
+fn payload_index(key: &str) -> String {
+    PayloadScheme::new(PAYLOAD_SECRET)
+        .unwrap()
+        .hash(PayloadHash::Sha256)
+        .digests(key.as_bytes())[0]
+        .as_str()
+        .to_owned()
+}
+
+/// Payload users: (id, email, key index, enable_a_p_i_key, _verified).
+/// (id, email, key index, enable_a_p_i_key, _verified)
+type PayloadUser = (i64, &'static str, String, Option<bool>, Option<bool>);
+
+fn payload_users() -> Vec<PayloadUser> {
+    vec![
+        (
+            1,
+            "sha1@example.com",
+            UUID_SHA1.into(),
+            Some(true),
+            Some(true),
+        ),
+        (2, "sha256@example.com", ANY_SHA256.into(), Some(true), None),
+        (
+            3,
+            "disabled@example.com",
+            payload_index("disabled-key"),
+            Some(false),
+            Some(true),
+        ),
+        (
+            4,
+            "unverified@example.com",
+            payload_index("unverified-key"),
+            Some(true),
+            Some(false),
+        ),
+        (
+            5,
+            "nullflag@example.com",
+            payload_index("null-flag-key"),
+            None,
+            Some(true),
+        ),
+        (
+            6,
+            "old@example.com",
+            KEYRING_SHA256_PREVIOUS.into(),
+            Some(true),
+            Some(true),
+        ),
+        (
+            7,
+            "twin-a@example.com",
+            payload_index("twin-key"),
+            Some(true),
+            Some(true),
+        ),
+        (
+            8,
+            "twin-b@example.com",
+            payload_index("twin-key"),
+            Some(true),
+            Some(true),
+        ),
+    ]
+}
+
+fn sql_bool(value: Option<bool>, sqlite: bool) -> &'static str {
+    match (value, sqlite) {
+        (None, _) => "NULL",
+        (Some(true), true) => "1",
+        (Some(false), true) => "0",
+        (Some(true), false) => "true",
+        (Some(false), false) => "false",
+    }
+}
+
+/// The users table as Payload's drizzle adapters create it (snake_case columns).
+fn payload_sql(sqlite: bool, table: &str) -> String {
+    let mut sql = if sqlite {
+        format!(
+            "CREATE TABLE {table} (
+               id integer PRIMARY KEY NOT NULL,
+               role text,
+               updated_at text DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) NOT NULL,
+               created_at text DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) NOT NULL,
+               enable_a_p_i_key integer,
+               api_key text,
+               api_key_index text,
+               email text NOT NULL,
+               reset_password_token text,
+               reset_password_expiration text,
+               salt text,
+               hash text,
+               _verified integer,
+               _verificationtoken text,
+               login_attempts numeric DEFAULT 0,
+               lock_until text);
+             CREATE UNIQUE INDEX users_email_idx ON {table} (email);"
+        )
+    } else {
+        format!(
+            "CREATE TYPE enum_users_role AS ENUM ('admin', 'editor');
+             CREATE TABLE {table} (
+               id serial PRIMARY KEY NOT NULL,
+               role enum_users_role,
+               updated_at timestamp(3) with time zone DEFAULT now() NOT NULL,
+               created_at timestamp(3) with time zone DEFAULT now() NOT NULL,
+               enable_a_p_i_key boolean,
+               api_key varchar,
+               api_key_index varchar,
+               email varchar NOT NULL,
+               reset_password_token varchar,
+               reset_password_expiration timestamp(3) with time zone,
+               salt varchar,
+               hash varchar,
+               _verified boolean,
+               _verificationtoken varchar,
+               login_attempts numeric DEFAULT 0,
+               lock_until timestamp(3) with time zone);"
+        )
+    };
+    for (id, email, index, enabled, verified) in payload_users() {
+        sql.push_str(&format!(
+            "INSERT INTO {table} (id, role, enable_a_p_i_key, api_key, api_key_index, email, salt, hash, _verified)
+             VALUES ({id}, 'editor', {}, 'aabbccdd-encrypted-key', '{index}', '{email}', 'salt-{id}', 'hash-{id}', {});",
+            sql_bool(enabled, sqlite),
+            sql_bool(verified, sqlite),
+        ));
+    }
+    sql
+}
+
+// --- Strapi --------------------------------------------------------------------------------
+
+const STRAPI_SALT: &str = "keywarden-strapi-salt==";
+const FULL: &str = "0123456789abcdef";
+const FULL_ACCESS_KEY: &str = "1e848c3f08b2d4d77ba5df2789905ff304f6b66528c16865c11742cc26ed41d0\
+                               c851bae5262b905fa75b86dd4b40a40325295e523f0061fbdecf6551dae0d4ba";
+const READ: &str = "ffffffffffffffff";
+const READ_ACCESS_KEY: &str = "87daa535d29e1e950fd5ac80ab5375a1714a448ba72fdc71dcc0f0fe011b2889\
+                               dd30fc6b41c7a0a5153515b37f33ffc597aef18f75654e9a3097963bf835a4bd";
+
+fn strapi_token(unit: &str) -> String {
+    unit.repeat(256 / unit.len())
+}
+
+fn access_key(unit: &str) -> String {
+    StrapiScheme::new(STRAPI_SALT)
+        .unwrap()
+        .digests(strapi_token(unit).as_bytes())[0]
+        .as_str()
+        .to_owned()
+}
+
+/// Tokens: (id, name, type, access key, expires in ms from now, kind).
+/// (id, name, type, access key, expires in ms from now, kind)
+type StrapiToken = (
+    i64,
+    &'static str,
+    &'static str,
+    String,
+    Option<i64>,
+    Option<&'static str>,
+);
+
+fn strapi_tokens() -> Vec<StrapiToken> {
+    vec![
+        (1, "full", "full-access", FULL_ACCESS_KEY.into(), None, None),
+        (
+            2,
+            "read",
+            "read-only",
+            READ_ACCESS_KEY.into(),
+            None,
+            Some("content-api"),
+        ),
+        (
+            3,
+            "custom",
+            "custom",
+            access_key("a1"),
+            None,
+            Some("content-api"),
+        ),
+        (
+            4,
+            "expired",
+            "full-access",
+            access_key("b2"),
+            Some(-3_600_000),
+            None,
+        ),
+        (
+            5,
+            "admin",
+            "full-access",
+            access_key("c3"),
+            None,
+            Some("admin"),
+        ),
+        (
+            6,
+            "day",
+            "full-access",
+            access_key("d4"),
+            Some(86_400_000),
+            Some("content-api"),
+        ),
+        (7, "mystery", "god-mode", access_key("e5"), None, None),
+    ]
+}
+
+/// Strapi 5's tables as knex creates them. SQLite keeps dates as integer milliseconds,
+/// PostgreSQL as `timestamp(6)` without time zone.
+fn strapi_sql(sqlite: bool, schema: &str) -> String {
+    let (serial, datetime) = if sqlite {
+        ("integer PRIMARY KEY AUTOINCREMENT NOT NULL", "datetime")
+    } else {
+        ("serial PRIMARY KEY NOT NULL", "timestamp(6)")
+    };
+    let mut sql = format!(
+        "CREATE TABLE {schema}strapi_api_tokens (id {serial}, document_id varchar(255),
+           name varchar(255), description varchar(255), type varchar(255),
+           access_key varchar(255), encrypted_key text, last_used_at {datetime},
+           expires_at {datetime}, lifespan bigint, created_at {datetime}, updated_at {datetime},
+           published_at {datetime}, created_by_id integer, updated_by_id integer,
+           locale varchar(255), kind varchar(255));
+         CREATE TABLE {schema}strapi_api_token_permissions (id {serial}, document_id varchar(255),
+           action varchar(255), created_at {datetime}, updated_at {datetime});
+         CREATE TABLE {schema}strapi_api_token_permissions_token_lnk (id {serial},
+           api_token_permission_id integer, api_token_id integer,
+           api_token_permission_ord double precision);"
+    );
+    let now_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let date = |ms: i128| {
+        if sqlite {
+            ms.to_string()
+        } else {
+            format!("(to_timestamp({ms} / 1000.0) AT TIME ZONE 'UTC')")
+        }
+    };
+    for (id, name, kind_of, key, expires, kind) in strapi_tokens() {
+        let expires = expires.map_or("NULL".to_owned(), |d| date(now_ms + i128::from(d)));
+        let kind = kind.map_or("NULL".to_owned(), |k| format!("'{k}'"));
+        sql.push_str(&format!(
+            "INSERT INTO {schema}strapi_api_tokens (id, document_id, name, description, type,
+               access_key, encrypted_key, expires_at, created_at, updated_at, kind)
+             VALUES ({id}, 'doc{id}', '{name}', '', '{kind_of}', '{key}', 'v1:sealed', {expires},
+               {now}, {now}, {kind});",
+            now = date(now_ms),
+        ));
+    }
+    for (id, action) in [
+        (1, "api::article.article.find"),
+        (2, "api::article.article.findOne"),
+    ] {
+        sql.push_str(&format!(
+            "INSERT INTO {schema}strapi_api_token_permissions (id, action) VALUES ({id}, '{action}');
+             INSERT INTO {schema}strapi_api_token_permissions_token_lnk
+               (api_token_permission_id, api_token_id, api_token_permission_ord) VALUES ({id}, 3, {id});"
+        ));
+    }
+    sql
+}
+
+// --- Databases -----------------------------------------------------------------------------
+
+/// A SQLite file seeded with `sql`, removed on drop.
+struct SqliteFile(std::path::PathBuf);
+
+impl SqliteFile {
+    async fn create(sql: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("kw-interop-{}.db", uuid::Uuid::now_v7()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+        Self(path)
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.0.display())
+    }
+
+    /// Every row of `table`, to show nothing was written.
+    async fn dump(&self, table: &str) -> String {
+        let pool = sqlx::SqlitePool::connect(&self.url()).await.unwrap();
+        let rows: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT json_object('row', json_array(*)) FROM (SELECT * FROM {table} ORDER BY id)"
+        ))
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|_| Vec::new());
+        pool.close().await;
+        rows.join("\n")
+    }
+}
+
+impl Drop for SqliteFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+/// A PostgreSQL schema of its own, seeded by `seed(schema)`; `None` without the service.
+async fn pg_schema(seed: impl Fn(&str) -> String) -> Option<(String, String, sqlx::PgPool)> {
+    let url = support::service_url("KEYWARDEN_TEST_POSTGRES_URL")?;
+    let schema = format!(
+        "kw_interop_{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA {schema}; SET search_path TO {schema}; {}",
+        seed(&schema)
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    Some((url, schema, pool))
+}
+
+async fn drop_schema(pool: &sqlx::PgPool, schema: &str) {
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+// --- A foreign store that counts lookups ------------------------------------------------
+
+#[derive(Debug)]
+struct Counting<S> {
+    inner: S,
+    lookups: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl<S: KeyStore> KeyStore for Counting<S> {
+    async fn insert(&self, r: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert(r).await
+    }
+    async fn find_by_digest(&self, d: &keywarden::Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.find_by_digest(d).await
+    }
+    async fn get(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn update(
+        &self,
+        id: uuid::Uuid,
+        p: &keywarden::KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update(id, p, now).await
+    }
+    async fn redigest(
+        &self,
+        id: uuid::Uuid,
+        o: &keywarden::Digest,
+        n: &keywarden::Digest,
+        s: keywarden::SecretId,
+    ) -> Result<bool, StoreError> {
+        self.inner.redigest(id, o, n, s).await
+    }
+    async fn delete(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn list(&self, q: &keywarden::KeyQuery) -> Result<keywarden::KeyPage, StoreError> {
+        self.inner.list(q).await
+    }
+    async fn record_usage(&self, u: &[keywarden::KeyUsage]) -> Result<(), StoreError> {
+        self.inner.record_usage(u).await
+    }
+    async fn find_by_foreign_digest(
+        &self,
+        digests: &[ForeignDigest],
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.inner.find_by_foreign_digest(digests).await
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+}
+
+// --- Payload tests -------------------------------------------------------------------------
+
+struct PayloadRig {
+    layer: ApiKeyLayer,
+    native: Arc<CountingStore>,
+    foreign: Arc<Counting<PayloadStore>>,
+    app: Router,
+}
+
+fn payload_rig(store: PayloadStore) -> PayloadRig {
+    let native = Arc::new(CountingStore::default());
+    let foreign = Arc::new(Counting {
+        inner: store,
+        lookups: AtomicUsize::new(0),
+    });
+    let layer = ApiKeyLayer::builder()
+        .store(native.clone())
+        .secrets(ring())
+        .collection(Collection::new("services"))
+        .collection(Collection::foreign(
+            "users",
+            payload_scheme(),
+            foreign.clone(),
+        ))
+        .build()
+        .unwrap();
+    let app = support::app().layer(layer.clone());
+    PayloadRig {
+        layer,
+        native,
+        foreign,
+        app,
+    }
+}
+
+fn payload_auth(key: &str) -> String {
+    format!("users API-Key {key}")
+}
+
+async fn payload_suite(rig: &PayloadRig) {
+    let app = &rig.app;
+    // A Payload 2.x/3.0–3.46 row (HMAC-SHA1 index) and a 3.47+ row (HMAC-SHA256).
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[("authorization", payload_auth(UUID_KEY).as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let who = reply.json();
+    assert_eq!(who["subject"], "1");
+    assert_eq!(who["collection"], "users");
+    assert_eq!(who["environment"], "payload");
+    assert_eq!(who["owner_kind"], "user");
+    assert_eq!(who["key_name"], "sha1@example.com");
+    assert_eq!(who["metadata"]["role"], "editor");
+    for secret in ["api_key", "api_key_index", "hash", "salt"] {
+        assert!(who["metadata"].get(secret).is_none(), "{secret} leaked");
+    }
+    assert!(!reply.text().contains("encrypted-key") && !reply.text().contains(UUID_SHA1));
+
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[("authorization", payload_auth(ANY_KEY).as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["subject"], "2");
+    // Writes are fine: Payload keys are not read-only.
+    let reply = send(
+        app,
+        request(
+            "POST",
+            "/write",
+            &[("authorization", payload_auth(ANY_KEY).as_bytes())],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+
+    // Keyring: a row indexed under the previous secret still verifies (and is not rewritten).
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[("authorization", payload_auth(KEYRING_KEY).as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["subject"], "6");
+
+    // enable_a_p_i_key false or null, and _verified false, never authenticate.
+    for key in ["disabled-key", "null-flag-key", "unverified-key"] {
+        let reply = get_with(
+            app,
+            "/whoami",
+            &[("authorization", payload_auth(key).as_bytes())],
+        )
+        .await;
+        assert_eq!(reply.status, 401, "{key}");
+        assert_eq!(reply.code(), "revoked_key", "{key}");
+    }
+    // Two users with one index: refused.
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[("authorization", payload_auth("twin-key").as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.code(), "invalid_key");
+    // Unknown keys.
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[("authorization", payload_auth("no-such-key").as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.code(), "invalid_key");
+
+    // Payload's prefix is matched case-sensitively and exactly: other spellings are not
+    // credentials at all (Payload ignores them too).
+    for value in [
+        format!("users api-key {UUID_KEY}"),
+        format!("users API-KEY {UUID_KEY}"),
+        format!("users  API-Key {UUID_KEY}"),
+    ] {
+        let reply = get_with(app, "/whoami", &[("authorization", value.as_bytes())]).await;
+        assert_eq!(reply.code(), "missing_credentials", "{value}");
+    }
+    // The rest of the value is the key: an extra space makes a key Payload would not find.
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[(
+            "authorization",
+            format!("users API-Key  {UUID_KEY}").as_bytes(),
+        )],
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    // A Payload key is not accepted for another collection.
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[(
+            "authorization",
+            format!("services API-Key {UUID_KEY}").as_bytes(),
+        )],
+    )
+    .await;
+    assert_eq!(
+        reply.code(),
+        "malformed_key",
+        "`services` takes only keywarden keys"
+    );
+    // Payload keys holding whitespace are not supported (keys are visible ASCII): refused.
+    let reply = get_with(
+        app,
+        "/whoami",
+        &[("authorization", b"users API-Key my secret key")],
+    )
+    .await;
+    assert_eq!(reply.code(), "malformed_key");
+    // keywarden's other forms work for foreign keys too.
+    let reply = get_with(app, "/whoami", &[("x-api-key", UUID_KEY.as_bytes())]).await;
+    assert_eq!(reply.status, 200);
+}
+
+async fn payload_caching_and_read_only(rig: &PayloadRig) {
+    let app = &rig.app;
+    let before = rig.foreign.lookups.load(Ordering::SeqCst);
+    // The hit path: cached, found and not-found alike.
+    for _ in 0..3 {
+        get_with(
+            app,
+            "/whoami",
+            &[("authorization", payload_auth(UUID_KEY).as_bytes())],
+        )
+        .await;
+        get_with(
+            app,
+            "/whoami",
+            &[("authorization", payload_auth("no-such-key").as_bytes())],
+        )
+        .await;
+    }
+    assert_eq!(
+        rig.foreign.lookups.load(Ordering::SeqCst),
+        before,
+        "served from the cache"
+    );
+    // Concurrent misses share one query.
+    let key = payload_auth(ANY_KEY);
+    rig.layer.invalidate_all();
+    let before = rig.foreign.lookups.load(Ordering::SeqCst);
+    let replies = futures_join(app, &key, 16).await;
+    assert!(replies.iter().all(|s| *s == 200));
+    assert_eq!(rig.foreign.lookups.load(Ordering::SeqCst), before + 1);
+
+    // No usage write-behind into any store for foreign keys.
+    rig.layer.flush_usage().await.unwrap();
+    assert_eq!(rig.native.usage_writes(), 0);
+
+    // Key management refuses foreign collections and foreign stores.
+    let manager = KeyManager::for_layer(&rig.layer);
+    let err = manager
+        .create(NewKey::new("x", "1").collection("users"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ManageErrorKind::ReadOnly);
+    assert!(err.to_string().contains("payload"), "{err}");
+    manager
+        .create(NewKey::new("svc", "s").collection("services"))
+        .await
+        .unwrap();
+    let direct = KeyManager::new(rig.foreign.clone(), ring());
+    let err = direct.create(NewKey::new("x", "1")).await.unwrap_err();
+    assert_eq!(err.kind(), ManageErrorKind::ReadOnly);
+    assert!(err.to_string().contains("read-only"), "{err}");
+    let err = direct.list(&keywarden::KeyQuery::new()).await.unwrap_err();
+    assert_eq!(err.kind(), ManageErrorKind::ReadOnly);
+    assert!(rig.foreign.is_read_only());
+}
+
+async fn futures_join(app: &Router, authorization: &str, n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let app = app.clone();
+            let value = authorization.to_owned();
+            tokio::spawn(async move {
+                get_with(&app, "/whoami", &[("authorization", value.as_bytes())])
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn payload_table(table: &str) -> PayloadTable {
+    PayloadTable::new(table).verify(true)
+}
+
+#[tokio::test]
+async fn payload_keys_from_a_sqlite_database() {
+    let db = SqliteFile::create(&payload_sql(true, "users")).await;
+    let before = db.dump("users").await;
+    let store = PayloadStore::connect(&db.url(), payload_table("users"))
+        .await
+        .unwrap();
+    let rig = payload_rig(store);
+    payload_suite(&rig).await;
+    payload_caching_and_read_only(&rig).await;
+    assert_eq!(
+        db.dump("users").await,
+        before,
+        "the Payload table is unchanged"
+    );
+    assert!(!before.is_empty());
+}
+
+#[tokio::test]
+async fn payload_keys_from_a_postgres_database() {
+    let Some((url, schema, pool)) = pg_schema(|_| payload_sql(false, "users")).await else {
+        return;
+    };
+    let table = format!("{schema}.users");
+    let store = PayloadStore::connect(&url, payload_table(&table))
+        .await
+        .unwrap();
+    let rig = payload_rig(store);
+    payload_suite(&rig).await;
+    payload_caching_and_read_only(&rig).await;
+    // Key ids are stable per user, so a layer can drop one user's cached keys.
+    let probe = PayloadStore::connect(&url, payload_table(&table))
+        .await
+        .unwrap();
+    let principal = rig
+        .layer
+        .verify(UUID_KEY, &http::Method::GET)
+        .await
+        .unwrap();
+    assert_eq!(principal.key_id(), probe.key_id("1"));
+    assert_ne!(principal.key_id(), probe.key_id("2"));
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn payload_sha1_only_and_sha256_only_deployments() {
+    let db = SqliteFile::create(&payload_sql(true, "users")).await;
+    let url = db.url();
+    let layer = |hash: PayloadHash| {
+        let url = url.clone();
+        async move {
+            let store = PayloadStore::connect(&url, payload_table("users"))
+                .await
+                .unwrap();
+            ApiKeyLayer::builder()
+                .collection(Collection::foreign(
+                    "users",
+                    PayloadScheme::new(PAYLOAD_SECRET).unwrap().hash(hash),
+                    Arc::new(store),
+                ))
+                .build()
+                .unwrap()
+        }
+    };
+    let get = http::Method::GET;
+    let sha1 = layer(PayloadHash::Sha1).await;
+    assert!(sha1.verify(UUID_KEY, &get).await.is_ok());
+    assert!(sha1.verify(ANY_KEY, &get).await.is_err());
+    let sha256 = layer(PayloadHash::Sha256).await;
+    assert!(
+        sha256.verify(UUID_KEY, &get).await.is_err(),
+        "4.0 drops SHA-1 lookups"
+    );
+    assert_eq!(sha256.verify(ANY_KEY, &get).await.unwrap().subject(), "2");
+    // Without the previous secret, the rotated row is not found.
+    assert!(sha256.verify(KEYRING_KEY, &get).await.is_err());
+}
+
+#[tokio::test]
+async fn layers_with_only_foreign_collections_need_no_store_or_secret() {
+    let db = SqliteFile::create(&payload_sql(true, "users")).await;
+    let store = PayloadStore::connect(&db.url(), payload_table("users"))
+        .await
+        .unwrap();
+    let layer = ApiKeyLayer::builder()
+        .collection(Collection::foreign(
+            "users",
+            payload_scheme(),
+            Arc::new(store),
+        ))
+        .build()
+        .unwrap();
+    assert!(layer.store().is_read_only());
+    let principal = layer.verify(ANY_KEY, &http::Method::GET).await.unwrap();
+    assert_eq!(principal.subject(), "2");
+    let err = KeyManager::for_layer(&layer)
+        .create(NewKey::new("x", "1").collection("users"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ManageErrorKind::ReadOnly);
+    // A native collection still needs both.
+    let err = ApiKeyLayer::builder()
+        .collection(Collection::new("services"))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), keywarden::BuildErrorKind::MissingStore);
+}
+
+#[tokio::test]
+async fn misconfigured_tables_fail_clearly() {
+    let db = SqliteFile::create(&payload_sql(true, "users")).await;
+    let err = PayloadStore::connect(&db.url(), PayloadTable::new("users; DROP TABLE users"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    // A table that does not exist: store_unavailable at request time, never a panic.
+    let store = PayloadStore::connect(&db.url(), PayloadTable::new("members"))
+        .await
+        .unwrap();
+    let layer = ApiKeyLayer::builder()
+        .collection(Collection::foreign(
+            "users",
+            payload_scheme(),
+            Arc::new(store),
+        ))
+        .build()
+        .unwrap();
+    let err = layer
+        .verify(UUID_KEY, &http::Method::GET)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), keywarden::RejectionKind::StoreUnavailable);
+}
+
+// --- Strapi tests --------------------------------------------------------------------------
+
+fn strapi_app(layer: &ApiKeyLayer) -> Router {
+    Router::new()
+        .route("/whoami", get(|p: Principal| async move { Json(p) }))
+        .route("/write", post(|p: Principal| async move { Json(p) }))
+        .route(
+            "/articles",
+            get(|p: Principal| async move { Json(p) })
+                .route_layer(RequireScope::new("api::article.article.find")),
+        )
+        .route(
+            "/articles/publish",
+            post(|p: Principal| async move { Json(p) })
+                .route_layer(RequireScope::new("api::article.article.publish")),
+        )
+        .route(
+            "/maybe",
+            get(|p: Option<Principal>| async move {
+                p.map_or("anonymous".to_owned(), |p| p.subject().to_owned())
+            }),
+        )
+        .layer(layer.clone())
+}
+
+fn strapi_layer(store: StrapiStore, clock: &ManualClock, optional: bool) -> ApiKeyLayer {
+    let builder = ApiKeyLayer::builder()
+        .clock(Arc::new(clock.clone()))
+        .collection(Collection::foreign(
+            "strapi",
+            StrapiScheme::new(STRAPI_SALT).unwrap(),
+            Arc::new(store),
+        ));
+    if optional {
+        builder.optional()
+    } else {
+        builder
+    }
+    .build()
+    .unwrap()
+}
+
+fn bearer(unit: &str) -> String {
+    format!("Bearer {}", strapi_token(unit))
+}
+
+async fn strapi_suite(store: impl Fn() -> StrapiStore) {
+    let clock = ManualClock::new(OffsetDateTime::now_utc());
+    let layer = strapi_layer(store(), &clock, false);
+    let app = strapi_app(&layer);
+    let auth = |unit: &str| bearer(unit);
+
+    // full-access: everything.
+    let reply = get_with(&app, "/whoami", &[("authorization", auth(FULL).as_bytes())]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let who = reply.json();
+    assert_eq!(who["subject"], "1");
+    assert_eq!(who["key_name"], "full");
+    assert_eq!(who["environment"], "strapi");
+    assert_eq!(who["owner_kind"], "service");
+    assert_eq!(who["collection"], "strapi");
+    assert_eq!(who["metadata"]["document_id"], "doc1");
+    assert!(
+        who["metadata"].get("access_key").is_none()
+            && who["metadata"].get("encrypted_key").is_none()
+    );
+    assert!(!reply.text().contains(FULL_ACCESS_KEY) && !reply.text().contains("sealed"));
+    let reply = send(
+        &app,
+        request(
+            "POST",
+            "/articles/publish",
+            &[("authorization", auth(FULL).as_bytes())],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+
+    // read-only: safe methods only.
+    let reply = get_with(
+        &app,
+        "/articles",
+        &[("authorization", auth(READ).as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let reply = send(
+        &app,
+        request(
+            "POST",
+            "/write",
+            &[("authorization", auth(READ).as_bytes())],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(reply.code(), "insufficient_scope");
+
+    // custom: its permissions, as scopes.
+    let reply = get_with(
+        &app,
+        "/articles",
+        &[("authorization", auth("a1").as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["scopes"],
+        serde_json::json!(["api::article.article.find", "api::article.article.findOne"])
+    );
+    let reply = send(
+        &app,
+        request(
+            "POST",
+            "/articles/publish",
+            &[("authorization", auth("a1").as_bytes())],
+        ),
+    )
+    .await;
+    assert_eq!(reply.code(), "insufficient_scope");
+
+    // expires_at in the past; admin tokens; unknown types; unknown tokens.
+    let reply = get_with(&app, "/whoami", &[("authorization", auth("b2").as_bytes())]).await;
+    assert_eq!(reply.code(), "expired_key");
+    let reply = get_with(&app, "/whoami", &[("authorization", auth("c3").as_bytes())]).await;
+    assert_eq!(
+        reply.code(),
+        "invalid_key",
+        "admin tokens are not content-API tokens"
+    );
+    let reply = get_with(&app, "/whoami", &[("authorization", auth("e5").as_bytes())]).await;
+    assert_eq!(reply.code(), "revoked_key", "unknown types fail closed");
+    let reply = get_with(&app, "/whoami", &[("authorization", auth("99").as_bytes())]).await;
+    assert_eq!(reply.code(), "invalid_key");
+
+    // Expiry is judged at request time, not at cache time.
+    let reply = get_with(&app, "/whoami", &[("authorization", auth("d4").as_bytes())]).await;
+    assert_eq!(reply.status, 200);
+    clock.advance(time::Duration::days(2));
+    let reply = get_with(&app, "/whoami", &[("authorization", auth("d4").as_bytes())]).await;
+    assert_eq!(reply.code(), "expired_key");
+
+    // Header parity with Strapi's extractToken: `bearer` any case, split on whitespace,
+    // exactly two parts.
+    let token = strapi_token(FULL);
+    for (value, ok) in [
+        (format!("bearer {token}"), true),
+        (format!("BEARER {token}"), true),
+        (format!("Bearer   {token}"), true),
+        (format!("Bearer {token} extra"), false),
+        (format!("Bearer {token}x"), false),
+        (format!("Token {token}"), false),
+        ("Bearer".to_owned(), false),
+    ] {
+        let reply = get_with(&app, "/whoami", &[("authorization", value.as_bytes())]).await;
+        assert_eq!(reply.status == 200, ok, "{value}: {}", reply.text());
+    }
+
+    // Optional mode: Strapi-shaped Bearer tokens are ours, JWTs are left to another layer.
+    let optional = strapi_app(&strapi_layer(store(), &clock, true));
+    let reply = get_with(
+        &optional,
+        "/maybe",
+        &[("authorization", auth(FULL).as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.text(), "1");
+    let reply = get_with(
+        &optional,
+        "/maybe",
+        &[("authorization", b"Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig")],
+    )
+    .await;
+    assert_eq!(reply.text(), "anonymous");
+    let reply = get_with(
+        &optional,
+        "/maybe",
+        &[("authorization", auth("99").as_bytes())],
+    )
+    .await;
+    assert_eq!(
+        reply.code(),
+        "invalid_key",
+        "a Strapi-shaped token that is not found is rejected"
+    );
+}
+
+#[tokio::test]
+async fn strapi_tokens_from_a_sqlite_database() {
+    let db = SqliteFile::create(&strapi_sql(true, "")).await;
+    let before = db.dump("strapi_api_tokens").await;
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(
+            db.url()
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .unwrap()
+                .read_only(true),
+        )
+        .await
+        .unwrap();
+    strapi_suite(|| StrapiStore::sqlite(pool.clone(), StrapiTables::v5()).unwrap()).await;
+    assert_eq!(db.dump("strapi_api_tokens").await, before);
+}
+
+#[tokio::test]
+async fn strapi_tokens_from_a_postgres_database() {
+    let Some((url, schema, pool)) = pg_schema(|_| strapi_sql(false, "")).await else {
+        return;
+    };
+    let store_pool = sqlx::postgres::PgPoolOptions::new()
+        .after_connect({
+            let schema = schema.clone();
+            move |conn, _| {
+                let schema = schema.clone();
+                Box::pin(async move {
+                    sqlx::Executor::execute(
+                        &mut *conn,
+                        format!("SET search_path TO {schema}").as_str(),
+                    )
+                    .await?;
+                    Ok(())
+                })
+            }
+        })
+        .connect(&url)
+        .await
+        .unwrap();
+    strapi_suite(|| StrapiStore::postgres(store_pool.clone(), StrapiTables::v5()).unwrap()).await;
+    // Schema-qualified names and `connect` (read-only transactions) work too.
+    let qualified = StrapiTables::v5()
+        .tokens(format!("{schema}.strapi_api_tokens"))
+        .permissions(format!("{schema}.strapi_api_token_permissions"))
+        .links(format!("{schema}.strapi_api_token_permissions_token_lnk"));
+    let store = StrapiStore::connect(&url, qualified).await.unwrap();
+    let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
+    let principal = layer
+        .verify(&strapi_token("a1"), &http::Method::GET)
+        .await
+        .unwrap();
+    assert_eq!(principal.scopes().len(), 2);
+    store_pool.close().await;
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn strapi_tokens_through_a_real_server() {
+    let db = SqliteFile::create(&strapi_sql(true, "")).await;
+    let store = StrapiStore::connect(&db.url(), StrapiTables::v5())
+        .await
+        .unwrap();
+    let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = strapi_app(&layer);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/whoami");
+    let ok = client
+        .get(&url)
+        .header("authorization", bearer(READ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let who: serde_json::Value = ok.json().await.unwrap();
+    assert_eq!(who["key_name"], "read");
+    assert_eq!(who["read_only"], true);
+    let denied = client
+        .post(format!("http://{addr}/write"))
+        .header("authorization", bearer(READ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    let expired = client
+        .get(&url)
+        .header("authorization", bearer("b2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(expired.status(), 401);
+    let body = expired.text().await.unwrap();
+    assert!(
+        body.contains("expired_key") && !body.contains(&strapi_token("b2")),
+        "{body}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn strapi_4_link_table() {
+    let sql = strapi_sql(true, "").replace(
+        "strapi_api_token_permissions_token_lnk",
+        "strapi_api_token_permissions_token_links",
+    );
+    let db = SqliteFile::create(&sql).await;
+    let store = StrapiStore::connect(&db.url(), StrapiTables::v4())
+        .await
+        .unwrap();
+    let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
+    let principal = layer
+        .verify(&strapi_token("a1"), &http::Method::GET)
+        .await
+        .unwrap();
+    assert_eq!(
+        principal.scopes(),
+        ["api::article.article.find", "api::article.article.findOne"]
+    );
+    // Against Strapi 5 tables, the v4 link table does not exist: unavailable, not a panic.
+    let db5 = SqliteFile::create(&strapi_sql(true, "")).await;
+    let store = StrapiStore::connect(&db5.url(), StrapiTables::v4())
+        .await
+        .unwrap();
+    let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
+    let err = layer
+        .verify(&strapi_token("a1"), &http::Method::GET)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), keywarden::RejectionKind::StoreUnavailable);
+}
+
+#[tokio::test]
+async fn native_keys_are_unaffected_by_foreign_collections() {
+    let db = SqliteFile::create(&payload_sql(true, "users")).await;
+    let store = PayloadStore::connect(&db.url(), payload_table("users"))
+        .await
+        .unwrap();
+    let rig = payload_rig(store);
+    let manager = KeyManager::for_layer(&rig.layer);
+    let created = manager
+        .create(NewKey::new("svc", "svc-1").collection("services"))
+        .await
+        .unwrap();
+    let key = created.key.expose().to_owned();
+    let before = rig.foreign.lookups.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        let reply = get_with(
+            &rig.app,
+            "/whoami",
+            &[("authorization", format!("Bearer {key}").as_bytes())],
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    // Unknown keys in keywarden's format never reach the foreign store.
+    let bogus = keywarden::KeyPrefix::new("kw_live").unwrap().generate();
+    let reply = get_with(
+        &rig.app,
+        "/whoami",
+        &[("x-api-key", bogus.expose().as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.code(), "invalid_key");
+    assert_eq!(rig.foreign.lookups.load(Ordering::SeqCst), before);
+    rig.layer.flush_usage().await.unwrap();
+    assert_eq!(
+        rig.native.usage_writes(),
+        1,
+        "native uses are still written behind"
+    );
+}
