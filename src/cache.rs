@@ -136,6 +136,8 @@ impl Default for CacheConfig {
 pub(crate) struct KeyCache {
     cache: Cache<Digest, Cached>,
     generation: Arc<AtomicU64>,
+    /// `false` when built with capacity 0: every lookup reads the store.
+    enabled: bool,
 }
 
 /// How many times a miss re-reads the store while invalidations keep racing it.
@@ -154,10 +156,14 @@ impl KeyCache {
         Self {
             cache,
             generation: Arc::new(AtomicU64::new(0)),
+            enabled: config.max_capacity > 0,
         }
     }
 
     pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
+        if !self.enabled {
+            return None;
+        }
         self.cache.get(digest).await.map(|cached| cached.lookup)
     }
 
@@ -173,6 +179,10 @@ impl KeyCache {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Lookup, StoreError>>,
     {
+        if !self.enabled {
+            // No cache, no coalescing: one store query per lookup.
+            return load().await.map_err(Arc::new);
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -362,6 +372,29 @@ mod tests {
         assert!(cache.get(&d2).await.is_some());
         cache.invalidate_digest(&d2).await;
         assert!(cache.get(&d2).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn capacity_zero_reads_the_store_every_time() {
+        let cache = KeyCache::new(CacheConfig {
+            max_capacity: 0,
+            ..CacheConfig::default()
+        });
+        let (digest, lookup) = found(1);
+        let loads = AtomicUsize::new(0);
+        for _ in 0..3 {
+            let result = cache
+                .get_or_load(digest, || {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    let lookup = lookup.clone();
+                    async move { Ok(lookup) }
+                })
+                .await
+                .unwrap();
+            assert!(matches!(result, Lookup::Found(_)));
+            assert!(cache.get(&digest).await.is_none(), "nothing is kept");
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
