@@ -15,7 +15,7 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 command -v taskset >/dev/null 2>&1 || echo "taskset missing: server and client will not be pinned" >&2
 
-cargo build --release --example loadserver --features sqlite,postgres >&2
+cargo build --release --all-features --example loadserver >&2
 target_dir="${CARGO_TARGET_DIR:-target}"
 results="${LOAD_RESULTS:-$(mktemp -t keywarden-load-XXXXXX.json)}"
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release --example hit_profile
-//! valgrind --tool=callgrind --toggle-collect='*hit_profile*hits*' \
+//! valgrind --tool=callgrind --toggle-collect='hit_profile::hits*' \
 //!     target/release/examples/hit_profile 20000
 //! ```
 //!
@@ -41,23 +41,31 @@ fn request(value: &HeaderValue) -> Request<()> {
     req
 }
 
-/// The measured loop: `n` hits on keys chosen by an LCG walk.
+/// The measured loop: `n` hits on keys chosen by an LCG walk. A plain function (not an
+/// `async fn`, whose body would be inlined into the executor) so callgrind can toggle on it.
 #[inline(never)]
-async fn hits<S, B>(service: &S, keys: &[HeaderValue], n: usize) -> usize
+fn hits<S, B>(
+    runtime: &tokio::runtime::Runtime,
+    service: &S,
+    keys: &[HeaderValue],
+    n: usize,
+) -> usize
 where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
 {
-    let mut ok = 0;
-    let mut state = 1usize;
-    for _ in 0..n {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let req = request(&keys[(state >> 17) % keys.len()]);
-        let response = service.clone().oneshot(req).await.unwrap();
-        ok += usize::from(response.status() == 200);
-    }
-    black_box(ok)
+    runtime.block_on(async {
+        let mut ok = 0;
+        let mut state = 1usize;
+        for _ in 0..n {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let req = request(&keys[(state >> 17) % keys.len()]);
+            let response = service.clone().oneshot(req).await.unwrap();
+            ok += usize::from(response.status() == 200);
+        }
+        black_box(ok)
+    })
 }
 
 fn main() {
@@ -96,8 +104,11 @@ fn main() {
             let response = service.clone().oneshot(request(key)).await.unwrap();
             assert_eq!(response.status(), 200);
         }
-        let ok = hits(&service, &keys, n).await;
-        assert_eq!(ok, n);
-        println!("{n} hits over {KEYS} cached keys (usage {})", if usage { "on" } else { "off" });
     });
+    let ok = hits(&runtime, &service, &keys, n);
+    assert_eq!(ok, n);
+    println!(
+        "{n} hits over {KEYS} cached keys (usage {})",
+        if usage { "on" } else { "off" }
+    );
 }

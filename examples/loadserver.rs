@@ -30,9 +30,8 @@ use std::sync::Arc;
 use axum::routing::get;
 use axum::Router;
 use keywarden::{
-    ApiKeyLayer, Collection, Digest, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord,
-    KeyStore, KeyUsage, MemoryStore, NewKey, PostgresStore, SecretId, SecretRing, SqliteStore,
-    StoreError,
+    ApiKeyLayer, Collection, Digest, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore,
+    KeyUsage, MemoryStore, NewKey, PostgresStore, SecretId, SecretRing, SqliteStore, StoreError,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -108,7 +107,10 @@ fn parse_args() -> Args {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
         match flag.as_str() {
             "--variant" => variant = Some(value()),
             "--addr" => addr = value().parse().unwrap_or_else(|_| usage("bad --addr")),
@@ -176,9 +178,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             (handler.layer(layer), keys)
         }
         "keywarden-sqlite" | "keywarden-sqlite-nocache" => {
-            let path = args.dir.join(format!("loadbench-{}.db", std::process::id()));
+            let path = args
+                .dir
+                .join(format!("loadbench-{}.db", std::process::id()));
             let _ = std::fs::remove_file(&path);
-            let store = Arc::new(SqliteStore::connect(&format!("sqlite://{}", path.display())).await?);
+            let store =
+                Arc::new(SqliteStore::connect(&format!("sqlite://{}", path.display())).await?);
             let capacity = (args.variant == "keywarden-sqlite-nocache").then_some(0);
             let (layer, keys) = keywarden(store, &lookups, ROTATED_KEYS, capacity).await?;
             (handler.layer(layer), keys)
@@ -186,7 +191,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "keywarden-postgres-nocache" => {
             let schema = "kw_loadbench";
             drop_schema(&args.postgres_url, schema).await?;
-            let store = Arc::new(PostgresStore::connect_with_schema(&args.postgres_url, schema).await?);
+            let store =
+                Arc::new(PostgresStore::connect_with_schema(&args.postgres_url, schema).await?);
             let (layer, keys) = keywarden(store, &lookups, ROTATED_KEYS, Some(0)).await?;
             (handler.layer(layer), keys)
         }
@@ -207,8 +213,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("ready {}", listener.local_addr()?);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
