@@ -82,7 +82,7 @@ class Server:
             "--addr", f"127.0.0.1:{port}",
             "--keys-file", self.keys_file,
             "--dir", workdir,
-        ]
+        ] + (["--cache-ttl", str(args.cache_ttl)] if args.cache_ttl else [])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("ready"):
@@ -162,6 +162,9 @@ def main():
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--base-port", type=int, default=3101)
     p.add_argument("--json", default=None, help="where to write the raw runs")
+    p.add_argument("--cache-ttl", type=int, default=None,
+                   help="cache TTL in seconds for the cached keywarden variants (default: the layer's 60 s); "
+                        "runs load each server only a few seconds per round, so a short TTL expires idle keys")
     args = p.parse_args()
     if os.cpu_count() < 2 or shutil.which("taskset") is None:
         args.server_core = args.client_core = None
@@ -233,7 +236,7 @@ def main():
     print(f"Rounds: {rounds} ({'stable' if all(stable.values()) else 'NOT stable'} to ±{args.tolerance} "
           f"over the last {args.stable_rounds}); {discarded} pair(s) discarded for steal > {args.max_steal:.0%}; "
           f"{args.duration} s per run, {args.connections} connections, server on CPU {args.server_core}, "
-          f"wrk on CPU {args.client_core}; {time.time() - started:.0f} s in all.")
+          f"wrk on CPU {args.client_core}; cache TTL {args.cache_ttl or 60} s; {time.time() - started:.0f} s in all.")
     print(f"Conditions: steal median {median([r['steal'] for r in runs]):.2%} (max {max(r['steal'] for r in runs):.2%}); "
           f"other processes' CPU median {median([r['foreign_load'] for r in runs]):.0%} of both cores; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end.")

@@ -18,7 +18,8 @@
 //! Keys are real keys created through [`KeyManager`]; the server writes the ones the client
 //! should send to `--keys-file`, one a line, then prints `ready <addr>` on stdout. `GET /stats`
 //! (outside the layer) returns `{"lookups": n}`, the store's digest lookups so far. The server
-//! binds loopback only and exits on SIGTERM or Ctrl-C.
+//! binds loopback only and exits on SIGTERM or Ctrl-C. `--cache-ttl SECS` sets the cached
+//! variants' TTL (default 60 s, the layer's default).
 //!
 //! This is a benchmark tool: the keys it writes are throwaway keys for a throwaway store.
 
@@ -96,6 +97,7 @@ struct Args {
     keys_file: PathBuf,
     dir: PathBuf,
     postgres_url: String,
+    cache_ttl: Option<std::time::Duration>,
 }
 
 fn parse_args() -> Args {
@@ -105,6 +107,7 @@ fn parse_args() -> Args {
     let mut dir = std::env::temp_dir();
     let mut postgres_url = std::env::var("KEYWARDEN_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let mut cache_ttl = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || {
@@ -117,6 +120,10 @@ fn parse_args() -> Args {
             "--keys-file" => keys_file = value().into(),
             "--dir" => dir = value().into(),
             "--postgres-url" => postgres_url = value(),
+            "--cache-ttl" => {
+                let secs: u64 = value().parse().unwrap_or_else(|_| usage("bad --cache-ttl"));
+                cache_ttl = Some(std::time::Duration::from_secs(secs));
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -129,12 +136,13 @@ fn parse_args() -> Args {
         keys_file,
         dir,
         postgres_url,
+        cache_ttl,
     }
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!("loadserver: {problem}");
-    eprintln!("usage: loadserver --variant V [--addr 127.0.0.1:PORT] [--keys-file F] [--dir D] [--postgres-url U]");
+    eprintln!("usage: loadserver --variant V [--addr 127.0.0.1:PORT] [--keys-file F] [--dir D] [--postgres-url U] [--cache-ttl SECS]");
     std::process::exit(2)
 }
 
@@ -171,7 +179,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 1
             };
             let store = Arc::new(MemoryStore::new());
-            let (layer, mut keys) = keywarden(store, &lookups, count, None).await?;
+            let (layer, mut keys) = keywarden(store, &lookups, count, None, args.cache_ttl).await?;
             if args.variant == "keywarden-malformed" {
                 keys = keys.iter().map(|k| break_checksum(k)).collect();
             }
@@ -185,7 +193,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let store =
                 Arc::new(SqliteStore::connect(&format!("sqlite://{}", path.display())).await?);
             let capacity = (args.variant == "keywarden-sqlite-nocache").then_some(0);
-            let (layer, keys) = keywarden(store, &lookups, ROTATED_KEYS, capacity).await?;
+            let (layer, keys) =
+                keywarden(store, &lookups, ROTATED_KEYS, capacity, args.cache_ttl).await?;
             (handler.layer(layer), keys)
         }
         "keywarden-postgres-nocache" => {
@@ -193,7 +202,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             drop_schema(&args.postgres_url, schema).await?;
             let store =
                 Arc::new(PostgresStore::connect_with_schema(&args.postgres_url, schema).await?);
-            let (layer, keys) = keywarden(store, &lookups, ROTATED_KEYS, Some(0)).await?;
+            let (layer, keys) = keywarden(store, &lookups, ROTATED_KEYS, Some(0), None).await?;
             (handler.layer(layer), keys)
         }
         other => usage(&format!("unknown variant {other}")),
@@ -229,12 +238,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// A layer over `store` (wrapped to count lookups) and `count` keys created through the
-/// KeyManager; `capacity` overrides the cache capacity (`Some(0)` turns the cache off).
+/// KeyManager; `capacity` overrides the cache capacity (`Some(0)` turns the cache off) and
+/// `ttl` the found-entry TTL (default 60 s).
 async fn keywarden(
     store: Arc<dyn KeyStore>,
     lookups: &Arc<AtomicUsize>,
     count: usize,
     capacity: Option<u64>,
+    ttl: Option<std::time::Duration>,
 ) -> Result<(ApiKeyLayer, Vec<String>), Box<dyn std::error::Error>> {
     let store = Arc::new(Counting {
         inner: store,
@@ -246,6 +257,9 @@ async fn keywarden(
         .collection(Collection::new("users"));
     if let Some(capacity) = capacity {
         builder = builder.cache_capacity(capacity);
+    }
+    if let Some(ttl) = ttl {
+        builder = builder.cache_ttl(ttl);
     }
     let layer = builder.build()?;
     let manager = KeyManager::for_layer(&layer);
