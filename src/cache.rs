@@ -183,6 +183,8 @@ pub(crate) struct KeyCache {
     generation: Arc<AtomicU64>,
     ttl: Duration,
     stale: Duration,
+    /// `false` when built with capacity 0: every lookup reads the store.
+    enabled: bool,
 }
 
 /// How many times a miss re-reads the store while invalidations keep racing it.
@@ -203,11 +205,15 @@ impl KeyCache {
             generation: Arc::new(AtomicU64::new(0)),
             ttl: config.ttl,
             stale: config.stale,
+            enabled: config.max_capacity > 0,
         }
     }
 
     /// The cached lookup, fresh or stale.
     pub(crate) async fn lookup(&self, digest: &Digest) -> Option<Hit> {
+        if !self.enabled {
+            return None;
+        }
         let cached = self.cache.get(digest).await?;
         // Without a stale window moka's own expiry is the TTL: no clock read needed.
         if self.stale.is_zero() || cached.loaded_at.elapsed() < self.ttl {
@@ -221,6 +227,9 @@ impl KeyCache {
 
     #[cfg(test)]
     pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
+        if !self.enabled {
+            return None;
+        }
         self.cache.get(digest).await.map(|cached| cached.lookup)
     }
 
@@ -254,6 +263,10 @@ impl KeyCache {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Lookup, StoreError>>,
     {
+        if !self.enabled {
+            // No cache, no coalescing: one store query per lookup.
+            return load().await.map_err(Arc::new);
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -454,6 +467,29 @@ mod tests {
         assert!(cache.get(&d2).await.is_some());
         cache.invalidate_digest(&d2).await;
         assert!(cache.get(&d2).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn capacity_zero_reads_the_store_every_time() {
+        let cache = KeyCache::new(CacheConfig {
+            max_capacity: 0,
+            ..CacheConfig::default()
+        });
+        let (digest, lookup) = found(1);
+        let loads = AtomicUsize::new(0);
+        for _ in 0..3 {
+            let result = cache
+                .get_or_load(digest, || {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    let lookup = lookup.clone();
+                    async move { Ok(lookup) }
+                })
+                .await
+                .unwrap();
+            assert!(matches!(result, Lookup::Found(_)));
+            assert!(cache.get(&digest).await.is_none(), "nothing is kept");
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

@@ -301,7 +301,9 @@ impl ApiKeyLayerBuilder {
         self
     }
 
-    /// The most entries the cache holds (default 100,000).
+    /// The most entries the cache holds (default 100,000). `0` turns the cache off: every
+    /// request then queries the store (no coalescing either), which is how Payload and Strapi
+    /// work; it exists for comparison benchmarks and is not recommended in production.
     pub fn cache_capacity(mut self, entries: u64) -> Self {
         self.cache.max_capacity = entries;
         self

@@ -87,3 +87,33 @@ async fn malformed_keys_never_reach_the_store() {
     assert_eq!(reply.code(), "invalid_key");
     assert_eq!(store.lookups(), 0);
 }
+
+#[tokio::test]
+async fn cache_capacity_zero_queries_the_store_on_every_request() {
+    let store = Arc::new(CountingStore::default());
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(Collection::new("users"))
+        .cache_capacity(0)
+        .build()
+        .unwrap();
+    let app = support::app().layer(layer.clone());
+    let manager = keywarden::KeyManager::for_layer(&layer);
+    let created = manager.create(NewKey::new("k", "alice")).await.unwrap();
+    let key = created.key;
+    for n in 1..=3 {
+        let reply = get_with(&app, "/whoami", &[("x-api-key", key.expose().as_bytes())]).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(store.lookups(), n, "one store query per request");
+    }
+    assert_eq!(layer.cached_entries().await, 0);
+    // Revocation needs no invalidation when nothing is cached.
+    manager.revoke(created.record.id).await.unwrap();
+    let reply = get_with(&app, "/whoami", &[("x-api-key", key.expose().as_bytes())]).await;
+    assert_eq!(reply.code(), "revoked_key");
+    // Malformed keys still cost no query.
+    let reply = get_with(&app, "/whoami", &[("x-api-key", b"kw_live_nope")]).await;
+    assert_eq!(reply.code(), "malformed_key");
+    assert_eq!(store.lookups(), 4);
+}

@@ -1,0 +1,114 @@
+//! A driver for profiling the hit path under callgrind: a layer over a memory store with
+//! 10,000 cached keys, called through `oneshot` N times with a key chosen at random.
+//!
+//! ```text
+//! cargo build --release --example hit_profile
+//! valgrind --tool=callgrind --toggle-collect='hit_profile::hits*' \
+//!     target/release/examples/hit_profile 20000
+//! ```
+//!
+//! Only `hits` is measured (with `--toggle-collect`), so set-up and warm-up are excluded.
+//! `HIT_PROFILE_USAGE=off` turns usage recording off, to attribute its cost.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::Empty;
+use keywarden::{ApiKeyLayer, Collection, KeyManager, MemoryStore, NewKey, SecretRing};
+use tower::{Layer, Service, ServiceExt};
+
+const KEYS: usize = 10_000;
+
+fn noop() -> impl Service<
+    Request<()>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(Empty::new()))
+    })
+}
+
+fn request(value: &HeaderValue) -> Request<()> {
+    let mut req = Request::new(());
+    req.headers_mut().insert("x-api-key", value.clone());
+    req
+}
+
+/// The measured loop: `n` hits on keys chosen by an LCG walk. A plain function (not an
+/// `async fn`, whose body would be inlined into the executor) so callgrind can toggle on it.
+#[inline(never)]
+fn hits<S, B>(
+    runtime: &tokio::runtime::Runtime,
+    service: &S,
+    keys: &[HeaderValue],
+    n: usize,
+) -> usize
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
+{
+    runtime.block_on(async {
+        let mut ok = 0;
+        let mut state = 1usize;
+        for _ in 0..n {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let req = request(&keys[(state >> 17) % keys.len()]);
+            let response = service.clone().oneshot(req).await.unwrap();
+            ok += usize::from(response.status() == 200);
+        }
+        black_box(ok)
+    })
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().expect("a count"))
+        .unwrap_or(20_000);
+    let usage = std::env::var("HIT_PROFILE_USAGE").map_or(true, |v| v != "off");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = ApiKeyLayer::builder()
+        .store(Arc::new(MemoryStore::new()))
+        .secrets(SecretRing::from_strs("profile-secret-0123456789-abcdefghijklmn", None).unwrap())
+        .collection(Collection::new("users"))
+        .usage_flush_interval(usage.then_some(std::time::Duration::from_secs(3600)))
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let keys: Vec<HeaderValue> = runtime.block_on(async {
+        let mut keys = Vec::with_capacity(KEYS);
+        for i in 0..KEYS {
+            let created = manager
+                .create(NewKey::new(format!("k{i}"), format!("u{i}")))
+                .await
+                .unwrap();
+            keys.push(HeaderValue::from_str(created.key.expose()).unwrap());
+        }
+        keys
+    });
+    let service = layer.layer(noop());
+    runtime.block_on(async {
+        // Warm: every key cached, usage entries present.
+        for key in &keys {
+            let response = service.clone().oneshot(request(key)).await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    });
+    let ok = hits(&runtime, &service, &keys, n);
+    assert_eq!(ok, n);
+    println!(
+        "{n} hits over {KEYS} cached keys (usage {})",
+        if usage { "on" } else { "off" }
+    );
+}

@@ -1,0 +1,299 @@
+//! The load harness's server: one small handler behind one authentication variant.
+//!
+//! ```text
+//! cargo run --release --example loadserver --features sqlite,postgres -- \
+//!     --variant keywarden-hit --addr 127.0.0.1:3101 --keys-file /tmp/keys.txt
+//! ```
+//!
+//! Variants (all serve `GET /` → `hello`, the same handler):
+//! - `bare`: no authentication.
+//! - `tower-http`: tower-http's static bearer validator (`ValidateRequestHeaderLayer::bearer`).
+//! - `keywarden-hit`: memory store, one key, warm cache.
+//! - `keywarden-hit-10k`: memory store, 10,000 keys rotated by the client, warm cache.
+//! - `keywarden-sqlite`: SQLite store, cache on, 10,000 keys rotated by the client.
+//! - `keywarden-sqlite-nocache`: SQLite store, `cache_capacity(0)`: a store query per request.
+//! - `keywarden-postgres-nocache`: PostgreSQL store (schema `kw_loadbench`), no cache.
+//! - `keywarden-malformed`: memory store; the client sends a key with a bad checksum.
+//!
+//! Keys are real keys created through [`KeyManager`]; the server writes the ones the client
+//! should send to `--keys-file`, one a line, then prints `ready <addr>` on stdout. `GET /stats`
+//! (outside the layer) returns `{"lookups": n}`, the store's digest lookups so far. The server
+//! binds loopback only and exits on SIGTERM or Ctrl-C. `--cache-ttl SECS` sets the cached
+//! variants' TTL (default 60 s, the layer's default).
+//!
+//! This is a benchmark tool: the keys it writes are throwaway keys for a throwaway store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use keywarden::{
+    ApiKeyLayer, Collection, Digest, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore,
+    KeyUsage, MemoryStore, NewKey, PostgresStore, SecretId, SecretRing, SqliteStore, StoreError,
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+const SECRET: &str = "load-harness-secret-0123456789-abcdefghijk";
+const ROTATED_KEYS: usize = 10_000;
+
+async fn hello() -> &'static str {
+    "hello"
+}
+
+/// Counts digest lookups so the harness can check "zero store queries" for malformed keys.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn KeyStore>,
+    lookups: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl KeyStore for Counting {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert(record).await
+    }
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.inner.find_by_digest(digest).await
+    }
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update(id, patch, now).await
+    }
+    async fn redigest(
+        &self,
+        id: Uuid,
+        old: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        self.inner.redigest(id, old, new, secret_id).await
+    }
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        self.inner.record_usage(usage).await
+    }
+}
+
+struct Args {
+    variant: String,
+    addr: SocketAddr,
+    keys_file: PathBuf,
+    dir: PathBuf,
+    postgres_url: String,
+    cache_ttl: Option<std::time::Duration>,
+}
+
+fn parse_args() -> Args {
+    let mut variant = None;
+    let mut addr: SocketAddr = "127.0.0.1:3101".parse().expect("valid address");
+    let mut keys_file = PathBuf::from("keys.txt");
+    let mut dir = std::env::temp_dir();
+    let mut postgres_url = std::env::var("KEYWARDEN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let mut cache_ttl = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "--variant" => variant = Some(value()),
+            "--addr" => addr = value().parse().unwrap_or_else(|_| usage("bad --addr")),
+            "--keys-file" => keys_file = value().into(),
+            "--dir" => dir = value().into(),
+            "--postgres-url" => postgres_url = value(),
+            "--cache-ttl" => {
+                let secs: u64 = value().parse().unwrap_or_else(|_| usage("bad --cache-ttl"));
+                cache_ttl = Some(std::time::Duration::from_secs(secs));
+            }
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    if !addr.ip().is_loopback() {
+        usage("--addr must be a loopback address");
+    }
+    Args {
+        variant: variant.unwrap_or_else(|| usage("--variant is required")),
+        addr,
+        keys_file,
+        dir,
+        postgres_url,
+        cache_ttl,
+    }
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!("loadserver: {problem}");
+    eprintln!("usage: loadserver --variant V [--addr 127.0.0.1:PORT] [--keys-file F] [--dir D] [--postgres-url U] [--cache-ttl SECS]");
+    std::process::exit(2)
+}
+
+fn main() {
+    let args = parse_args();
+    // One worker: the harness pins the server to one core and divides its CPU time by the
+    // requests served.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(error) = runtime.block_on(run(args)) {
+        eprintln!("loadserver: {error}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let handler = Router::new().route("/", get(hello));
+    let (app, keys): (Router, Vec<String>) = match args.variant.as_str() {
+        "bare" => (handler, vec![fake_token()]),
+        "tower-http" => {
+            let token = fake_token();
+            #[allow(deprecated)] // the point is to measure exactly this validator
+            let layer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer(&token);
+            (handler.layer(layer), vec![token])
+        }
+        "keywarden-hit" | "keywarden-hit-10k" | "keywarden-malformed" => {
+            let count = if args.variant == "keywarden-hit-10k" {
+                ROTATED_KEYS
+            } else {
+                1
+            };
+            let store = Arc::new(MemoryStore::new());
+            let (layer, mut keys) = keywarden(store, &lookups, count, None, args.cache_ttl).await?;
+            if args.variant == "keywarden-malformed" {
+                keys = keys.iter().map(|k| break_checksum(k)).collect();
+            }
+            (handler.layer(layer), keys)
+        }
+        "keywarden-sqlite" | "keywarden-sqlite-nocache" => {
+            let path = args
+                .dir
+                .join(format!("loadbench-{}.db", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let store =
+                Arc::new(SqliteStore::connect(&format!("sqlite://{}", path.display())).await?);
+            let capacity = (args.variant == "keywarden-sqlite-nocache").then_some(0);
+            let (layer, keys) =
+                keywarden(store, &lookups, ROTATED_KEYS, capacity, args.cache_ttl).await?;
+            (handler.layer(layer), keys)
+        }
+        "keywarden-postgres-nocache" => {
+            let schema = "kw_loadbench";
+            drop_schema(&args.postgres_url, schema).await?;
+            let store =
+                Arc::new(PostgresStore::connect_with_schema(&args.postgres_url, schema).await?);
+            let (layer, keys) = keywarden(store, &lookups, ROTATED_KEYS, Some(0), None).await?;
+            (handler.layer(layer), keys)
+        }
+        other => usage(&format!("unknown variant {other}")),
+    };
+    let stats = {
+        let lookups = lookups.clone();
+        Router::new().route(
+            "/stats",
+            get(move || async move {
+                format!("{{\"lookups\": {}}}\n", lookups.load(Ordering::Relaxed))
+            }),
+        )
+    };
+    let app = app.merge(stats);
+    std::fs::write(&args.keys_file, keys.join("\n") + "\n")?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    println!("ready {}", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await?;
+    if args.variant == "keywarden-postgres-nocache" {
+        drop_schema(&args.postgres_url, "kw_loadbench").await?;
+    }
+    Ok(())
+}
+
+/// A layer over `store` (wrapped to count lookups) and `count` keys created through the
+/// KeyManager; `capacity` overrides the cache capacity (`Some(0)` turns the cache off) and
+/// `ttl` the found-entry TTL (default 60 s).
+async fn keywarden(
+    store: Arc<dyn KeyStore>,
+    lookups: &Arc<AtomicUsize>,
+    count: usize,
+    capacity: Option<u64>,
+    ttl: Option<std::time::Duration>,
+) -> Result<(ApiKeyLayer, Vec<String>), Box<dyn std::error::Error>> {
+    let store = Arc::new(Counting {
+        inner: store,
+        lookups: lookups.clone(),
+    });
+    let mut builder = ApiKeyLayer::builder()
+        .store(store)
+        .secrets(SecretRing::from_strs(SECRET, None)?)
+        .collection(Collection::new("users"));
+    if let Some(capacity) = capacity {
+        builder = builder.cache_capacity(capacity);
+    }
+    if let Some(ttl) = ttl {
+        builder = builder.cache_ttl(ttl);
+    }
+    let layer = builder.build()?;
+    let manager = KeyManager::for_layer(&layer);
+    let mut keys = Vec::with_capacity(count);
+    for i in 0..count {
+        let created = manager
+            .create(NewKey::new(format!("load-{i}"), format!("user-{i}")))
+            .await?;
+        keys.push(created.key.expose().to_owned());
+    }
+    Ok((layer, keys))
+}
+
+/// A token for the variants that do not use keywarden keys (same length as a key).
+fn fake_token() -> String {
+    keywarden::KeyPrefix::new("kw_live")
+        .expect("valid prefix")
+        .generate()
+        .expose()
+        .to_owned()
+}
+
+/// The same key with one body character changed: a checksum mismatch.
+fn break_checksum(key: &str) -> String {
+    let mut bytes = key.as_bytes().to_vec();
+    bytes[20] = if bytes[20] == b'a' { b'b' } else { b'a' };
+    String::from_utf8(bytes).expect("ASCII")
+}
+
+async fn drop_schema(url: &str, schema: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    conn.execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+        .await?;
+    conn.close().await?;
+    Ok(())
+}
