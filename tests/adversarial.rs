@@ -527,7 +527,7 @@ async fn grpc_content_types_get_trailers_only_answers() {
             Outcome::Grpc("16", "malformed_key"),
         ),
         (
-            grpc("application/grpc", &[good.clone()]),
+            grpc("application/grpc", std::slice::from_ref(&good)),
             Outcome::Ok("alice".into()),
         ),
         // Not gRPC (the gRPC protocol spells it in lowercase): problem+json.
