@@ -7,10 +7,11 @@
 //! A found entry past its TTL is kept for a further stale window: it is re-read from the
 //! store by one request at a time, and answered from while the store is unreachable.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::Extensions;
@@ -78,7 +79,9 @@ pub(crate) enum Lookup {
 #[derive(Clone)]
 pub(crate) struct Cached {
     pub(crate) lookup: Lookup,
-    pub(crate) generation: u64,
+    /// The generation at which the entry's store read began, or a later one at which the hit
+    /// path found no invalidation since that concerns it. Shared by the entry's clones.
+    pub(crate) generation: Arc<AtomicU64>,
     loaded_at: Instant,
     /// Set while one request re-reads this stale entry, so the others do not pile onto the
     /// store.
@@ -89,7 +92,7 @@ impl Cached {
     fn new(lookup: Lookup, generation: u64) -> Self {
         Self {
             lookup,
-            generation,
+            generation: Arc::new(AtomicU64::new(generation)),
             loaded_at: Instant::now(),
             refreshing: Arc::new(AtomicBool::new(false)),
         }
@@ -119,6 +122,20 @@ impl StaleEntry {
         self.refreshing.store(false, Ordering::Release);
     }
 }
+
+/// What an invalidation dropped: remembered for a while so the hit path can tell whether an
+/// entry read before it is concerned.
+#[derive(Clone, Copy)]
+enum Dropped {
+    Key(Uuid),
+    Digest(Digest),
+    /// Every not-found entry (a key was created elsewhere).
+    Missing,
+    All,
+}
+
+/// How many invalidations the hit path can look back over; older entries are re-read.
+const RECENT_INVALIDATIONS: usize = 256;
 
 struct Ttl {
     found: Duration,
@@ -185,6 +202,8 @@ pub(crate) struct KeyCache {
     stale: Duration,
     /// `false` when built with capacity 0: every lookup reads the store.
     enabled: bool,
+    /// The latest invalidations, by generation; bumped and appended under the lock.
+    recent: Arc<Mutex<VecDeque<(u64, Dropped)>>>,
 }
 
 /// How many times a miss re-reads the store while invalidations keep racing it.
@@ -206,15 +225,27 @@ impl KeyCache {
             ttl: config.ttl,
             stale: config.stale,
             enabled: config.max_capacity > 0,
+            recent: Arc::default(),
         }
     }
 
-    /// The cached lookup, fresh or stale.
+    /// The cached lookup, fresh or stale. An entry whose store read began before an
+    /// invalidation that concerns it may have been inserted after that invalidation ran (a
+    /// load racing a revocation): it is never returned, and [`KeyCache::get_or_load`] re-reads
+    /// it.
     pub(crate) async fn lookup(&self, digest: &Digest) -> Option<Hit> {
         if !self.enabled {
             return None;
         }
         let cached = self.cache.get(digest).await?;
+        let current = self.generation.load(Ordering::Acquire);
+        if cached.generation.load(Ordering::Acquire) != current {
+            if self.concerned(digest, &cached) {
+                return None;
+            }
+            // Nothing since its read concerns it: stamp it, so the next hit skips the check.
+            cached.generation.fetch_max(current, Ordering::AcqRel);
+        }
         // Without a stale window moka's own expiry is the TTL: no clock read needed.
         if self.stale.is_zero() || cached.loaded_at.elapsed() < self.ttl {
             return Some(Hit::Fresh(cached.lookup));
@@ -225,12 +256,39 @@ impl KeyCache {
         }))
     }
 
+    /// The cached lookup, fresh or stale alike.
     #[cfg(test)]
     pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
-        if !self.enabled {
-            return None;
+        self.lookup(digest).await.map(|hit| match hit {
+            Hit::Fresh(lookup) => lookup,
+            Hit::Stale(stale) => stale.lookup,
+        })
+    }
+
+    /// Whether an invalidation after `cached`'s generation concerns it (or may have: the
+    /// record does not reach back that far).
+    fn concerned(&self, digest: &Digest, cached: &Cached) -> bool {
+        let read_at = cached.generation.load(Ordering::Acquire);
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent
+            .front()
+            .is_none_or(|&(oldest, _)| oldest > read_at + 1)
+        {
+            return true;
         }
-        self.cache.get(digest).await.map(|cached| cached.lookup)
+        let id = match &cached.lookup {
+            Lookup::Found(resolved) => Some(resolved.principal.key_id()),
+            Lookup::Missing => None,
+        };
+        recent
+            .iter()
+            .filter(|(generation, _)| *generation > read_at)
+            .any(|(_, dropped)| match dropped {
+                Dropped::Key(key) => id == Some(*key),
+                Dropped::Digest(dropped) => dropped == digest,
+                Dropped::Missing => id.is_none(),
+                Dropped::All => true,
+            })
     }
 
     /// Re-reads a stale entry. The result replaces the entry unless an invalidation raced
@@ -277,7 +335,8 @@ impl KeyCache {
                     load().await.map(|lookup| Cached::new(lookup, generation))
                 })
                 .await?;
-            if cached.generation == self.generation.load(Ordering::Acquire) {
+            if cached.generation.load(Ordering::Acquire) == self.generation.load(Ordering::Acquire)
+            {
                 return Ok(cached.lookup);
             }
             // Possibly stale: drop it and read again.
@@ -289,17 +348,22 @@ impl KeyCache {
         }
     }
 
-    fn bump(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    fn bump(&self, dropped: Dropped) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        recent.push_back((generation, dropped));
+        if recent.len() > RECENT_INVALIDATIONS {
+            recent.pop_front();
+        }
     }
 
     pub(crate) async fn invalidate_digest(&self, digest: &Digest) {
-        self.bump();
+        self.bump(Dropped::Digest(*digest));
         self.cache.invalidate(digest).await;
     }
 
     pub(crate) fn invalidate_key(&self, id: Uuid) {
-        self.bump();
+        self.bump(Dropped::Key(id));
         let registered = self.cache.invalidate_entries_if(
             move |_, cached| matches!(&cached.lookup, Lookup::Found(r) if r.principal.key_id() == id),
         );
@@ -312,7 +376,7 @@ impl KeyCache {
 
     /// Drops every cached not-found entry (a key was created elsewhere).
     pub(crate) fn invalidate_missing(&self) {
-        self.bump();
+        self.bump(Dropped::Missing);
         let registered = self
             .cache
             .invalidate_entries_if(|_, cached| matches!(cached.lookup, Lookup::Missing));
@@ -322,7 +386,7 @@ impl KeyCache {
     }
 
     pub(crate) fn invalidate_all(&self) {
-        self.bump();
+        self.bump(Dropped::All);
         self.cache.invalidate_all();
     }
 
@@ -426,6 +490,50 @@ mod tests {
             "the stale read was discarded"
         );
         assert_eq!(reads.load(Ordering::SeqCst), 2);
+        assert!(matches!(cache.get(&digest).await, Some(Lookup::Missing)));
+    }
+
+    /// Found by the soak: between a racing load's insert and its own generation check, the hit
+    /// path served the stale entry, so a key revoked a moment earlier was accepted.
+    #[tokio::test]
+    async fn the_hit_path_never_serves_an_entry_read_before_an_invalidation() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let (digest, stale) = found(2);
+        let (other, unrelated) = found(3);
+        let id = match &stale {
+            Lookup::Found(r) => r.principal.key_id(),
+            Lookup::Missing => unreachable!(),
+        };
+        cache
+            .get_or_load(other, || async { Ok(unrelated.clone()) })
+            .await
+            .unwrap();
+        let read_at = cache.generation.load(Ordering::Acquire);
+        // The revocation: store updated, generation bumped, present entries dropped...
+        cache.invalidate_key(id);
+        // ...then the racing load's result lands.
+        let racing = Cached::new(stale, read_at);
+        cache.cache.insert(digest, racing).await;
+        assert!(cache.get(&digest).await.is_none(), "stale entry served");
+        assert!(
+            cache.get(&other).await.is_some(),
+            "an entry the invalidation does not concern is still served"
+        );
+        // A racing negative entry, then the key is created: the digest is invalidated.
+        let (created, _) = found(4);
+        let read_at = cache.generation.load(Ordering::Acquire);
+        cache.invalidate_digest(&created).await;
+        let missing = Cached::new(Lookup::Missing, read_at);
+        cache.cache.insert(created, missing).await;
+        assert!(
+            cache.get(&created).await.is_none(),
+            "stale not-found served"
+        );
+        let fresh = cache
+            .get_or_load(digest, || async { Ok(Lookup::Missing) })
+            .await
+            .unwrap();
+        assert!(matches!(fresh, Lookup::Missing), "re-read on the miss path");
         assert!(matches!(cache.get(&digest).await, Some(Lookup::Missing)));
     }
 
@@ -576,5 +684,20 @@ mod tests {
         cache.invalidate_missing();
         assert!(cache.get(&missing).await.is_none());
         assert!(cache.get(&d1).await.is_some());
+        // A not-found read that raced the creation notice is not served either.
+        let read_at = cache.generation.load(Ordering::Acquire);
+        cache.invalidate_missing();
+        cache
+            .cache
+            .insert(missing, Cached::new(Lookup::Missing, read_at))
+            .await;
+        assert!(
+            cache.get(&missing).await.is_none(),
+            "stale not-found served"
+        );
+        assert!(
+            cache.get(&d1).await.is_some(),
+            "found entries are not concerned"
+        );
     }
 }

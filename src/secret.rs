@@ -5,6 +5,11 @@
 //! single key: lookups try the current secret first, then the previous ones, and a key found
 //! under a previous secret is re-digested under the current one.
 //!
+//! [`Digest`] equality is constant-time. Stores and caches use the digest as a lookup key (a
+//! hash map, a B-tree index), which is not constant-time; that is no timing oracle on the key,
+//! because the attacker cannot steer the digest of a guess towards a stored one: see
+//! `SECURITY.md` at the repository root.
+//!
 //! ```
 //! use keywarden::{Secret, SecretRing};
 //!
