@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use crate::cache::{Hit, Identity, KeyCache, Lookup, Resolved, StaleEntry};
 use crate::clock::Clock;
-use crate::credential::{CredentialError, CredentialExtractor, CredentialSource};
+use crate::credential::{CredentialError, CredentialExtractor, CredentialSource, HeaderSources};
 use crate::interop::{ForeignSources, MissKeys};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::principal::Principal;
@@ -117,6 +117,8 @@ pub(crate) struct Lookup1 {
     /// Accepted as a foreign (opaque) format: only opaque collections may own it.
     pub(crate) opaque: bool,
     pub(crate) from_authorization: bool,
+    /// Which configured API-key headers carried it.
+    pub(crate) headers: HeaderSources,
 }
 
 impl Shared {
@@ -153,6 +155,7 @@ impl Shared {
             binding,
             opaque,
             from_authorization: credential.from_authorization(),
+            headers: credential.header_sources(),
         })
     }
 
@@ -465,23 +468,31 @@ impl Shared {
         }
     }
 
-    /// Marks the credential headers sensitive, and strips them if configured.
-    pub(crate) fn protect_headers(&self, headers: &mut HeaderMap, from_authorization: bool) {
+    /// Marks the credential headers sensitive, and strips them if configured. Only the headers
+    /// that carried the credential are touched: a configured API-key header that is present
+    /// always carried it (extraction fails otherwise), so this is every credential header.
+    pub(crate) fn protect_headers(&self, headers: &mut HeaderMap, lookup: &Lookup1) {
+        let names = self.extractor.header_names();
+        let names = match lookup.headers {
+            HeaderSources::None => &[][..],
+            HeaderSources::One(index) => &names[index..=index],
+            HeaderSources::Several => names,
+        };
         if self.strip {
-            if from_authorization {
+            if lookup.from_authorization {
                 headers.remove(AUTHORIZATION);
             }
-            for name in self.extractor.header_names() {
+            for name in names {
                 headers.remove(name);
             }
             return;
         }
-        if from_authorization {
+        if lookup.from_authorization {
             if let Some(value) = headers.get_mut(AUTHORIZATION) {
                 value.set_sensitive(true);
             }
         }
-        for name in self.extractor.header_names() {
+        for name in names {
             if let Some(value) = headers.get_mut(name) {
                 value.set_sensitive(true);
             }
