@@ -161,9 +161,8 @@ where
                     blocked.as_ref(),
                 )
                 .await;
-            let now = shared.clock.now();
             let checked = resolved.and_then(|resolved| {
-                shared.check(&resolved, &lookup, req.method(), now)?;
+                shared.check(&resolved, &lookup, req.method(), &*shared.clock)?;
                 Ok(resolved)
             });
             let outcome = match checked {
@@ -188,7 +187,7 @@ where
                 key_id = %resolved.principal.key_id(),
                 "request authenticated"
             );
-            shared.record_use(&resolved, now);
+            shared.record_use(&resolved);
             shared.protect_headers(req.headers_mut(), &lookup);
             let extensions = req.extensions_mut();
             if let Some(identity) = &resolved.identity {

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method};
-use time::OffsetDateTime;
 
 use crate::cache::{Hit, Identity, KeyCache, Lookup, Resolved, StaleEntry};
 use crate::clock::Clock;
@@ -411,13 +410,14 @@ impl Shared {
     }
 
     /// Checks a resolved key against the request. The collection is checked first so a key of
-    /// another collection is indistinguishable from an unknown one.
+    /// another collection is indistinguishable from an unknown one. The clock is read only for
+    /// a key that expires.
     pub(crate) fn check(
         &self,
         resolved: &Resolved,
         lookup: &Lookup1,
         method: &Method,
-        now: OffsetDateTime,
+        clock: &dyn Clock,
     ) -> Result<(), AuthRejection> {
         let collection = resolved.principal.collection();
         let configured = self.collections.iter().find(|c| *c.slug == *collection);
@@ -443,7 +443,7 @@ impl Shared {
                 "the key is disabled",
             ));
         }
-        if resolved.expires_at.is_some_and(|at| at <= now) {
+        if resolved.expires_at.is_some_and(|at| at <= clock.now()) {
             return Err(AuthRejection::new(
                 RejectionKind::ExpiredKey,
                 "the key has expired",
@@ -458,13 +458,14 @@ impl Shared {
         Ok(())
     }
 
-    /// Notes a successful use, written behind in batches.
-    pub(crate) fn record_use(&self, resolved: &Resolved, now: OffsetDateTime) {
+    /// Notes a successful use, written behind in batches. Reads the clock only when usage
+    /// is recorded.
+    pub(crate) fn record_use(&self, resolved: &Resolved) {
         if let Some(usage) = &self.usage {
             if self.foreign.owns(resolved.principal.collection()) {
                 return; // a foreign store is never written to
             }
-            usage.record(resolved.principal.key_id(), now);
+            usage.record(resolved.principal.key_id(), self.clock.now());
         }
     }
 
