@@ -473,7 +473,7 @@ mod tests {
                 );
                 let response = rejection.to_response::<String>(false);
                 assert_eq!(
-                    response.body().rejection_bytes().unwrap().as_ref(),
+                    response.body().rejection_bytes().unwrap(),
                     reference_body(kind, detail).as_slice()
                 );
                 assert_eq!(

@@ -488,7 +488,8 @@ async fn every_credential_header_and_only_those_are_protected() {
         let bearer = format!("Bearer {}", key.expose());
         let k = key.expose().as_bytes();
         let carried = if strip { "absent" } else { "sensitive" };
-        let cases: [(&[(&str, &[u8])], String); 3] = [
+        type Headers<'a> = &'a [(&'a str, &'a [u8])];
+        let cases: [(Headers, String); 3] = [
             (
                 &[("x-other-key", k), ("x-unrelated", b"v")],
                 format!("auth=absent x=absent y={carried} other=plain"),
