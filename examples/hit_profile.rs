@@ -9,6 +9,8 @@
 //!
 //! Only `hits` is measured (with `--toggle-collect`), so set-up and warm-up are excluded.
 //! `HIT_PROFILE_USAGE=off` turns usage recording off, to attribute its cost.
+//! `HIT_PROFILE_MODE=malformed` sends keys with a broken checksum instead (each rejected with
+//! 401 `malformed_key`, no store query), to measure the rejection path.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -105,6 +107,23 @@ fn main() {
             assert_eq!(response.status(), 200);
         }
     });
+    if std::env::var("HIT_PROFILE_MODE").is_ok_and(|m| m == "malformed") {
+        // The same keys with the last character changed: right prefix, length and alphabet,
+        // wrong checksum.
+        let malformed: Vec<HeaderValue> = keys
+            .iter()
+            .map(|key| {
+                let mut bytes = key.as_bytes().to_vec();
+                let last = bytes.last_mut().unwrap();
+                *last = if *last == b'A' { b'B' } else { b'A' };
+                HeaderValue::from_bytes(&bytes).unwrap()
+            })
+            .collect();
+        let ok = hits(&runtime, &service, &malformed, n);
+        assert_eq!(ok, 0, "every malformed key is rejected");
+        println!("{n} malformed keys rejected");
+        return;
+    }
     let ok = hits(&runtime, &service, &keys, n);
     assert_eq!(ok, n);
     println!(

@@ -52,6 +52,19 @@ pub struct Credential<'a> {
     key: &'a [u8],
     source: CredentialSource,
     from_authorization: bool,
+    headers: HeaderSources,
+}
+
+/// Which configured API-key headers carried a credential (every one present did, or
+/// extraction would have failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeaderSources {
+    /// None of them.
+    None,
+    /// Only the header at this index of the extractor's names.
+    One(usize),
+    /// More than one.
+    Several,
 }
 
 impl<'a> Credential<'a> {
@@ -69,6 +82,11 @@ impl<'a> Credential<'a> {
     /// Whether the `Authorization` header carried this credential.
     pub fn from_authorization(&self) -> bool {
         self.from_authorization
+    }
+
+    /// Which configured API-key headers carried this credential.
+    pub(crate) fn header_sources(&self) -> HeaderSources {
+        self.headers
     }
 }
 
@@ -215,6 +233,7 @@ impl CredentialExtractor {
                         key,
                         source: CredentialSource::Header(index),
                         from_authorization: false,
+                        headers: HeaderSources::One(index),
                     },
                 )?;
             }
@@ -229,6 +248,7 @@ impl CredentialExtractor {
                         key,
                         source: CredentialSource::Query,
                         from_authorization: false,
+                        headers: HeaderSources::None,
                     },
                 )?;
             }
@@ -251,6 +271,7 @@ impl CredentialExtractor {
                     key: validate(key)?,
                     source: CredentialSource::Collection(index),
                     from_authorization: true,
+                    headers: HeaderSources::None,
                 }));
             }
         }
@@ -270,6 +291,7 @@ impl CredentialExtractor {
                 key: validate(rest)?,
                 source: CredentialSource::Bearer,
                 from_authorization: true,
+                headers: HeaderSources::None,
             }));
         }
         let Some((word, key)) = split_word(rest) else {
@@ -294,6 +316,7 @@ impl CredentialExtractor {
             key: validate(key)?,
             source: CredentialSource::Collection(index),
             from_authorization: true,
+            headers: HeaderSources::None,
         }))
     }
 }
@@ -309,6 +332,10 @@ fn merge<'a>(
                 return Err(CredentialError::Ambiguous);
             }
             existing.from_authorization |= next.from_authorization;
+            existing.headers = match (existing.headers, next.headers) {
+                (HeaderSources::None, other) | (other, HeaderSources::None) => other,
+                _ => HeaderSources::Several,
+            };
             if matches!(next.source, CredentialSource::Collection(_)) {
                 existing.source = next.source;
             }

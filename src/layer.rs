@@ -559,7 +559,7 @@ impl ApiKeyLayer {
             .resolve(lookup.digest, &headers, None, None)
             .await?;
         self.shared
-            .check(&resolved, &lookup, method, self.shared.clock.now())?;
+            .check(&resolved, &lookup, method, &*self.shared.clock)?;
         self.shared.rate_limit(&resolved).await?;
         Ok(resolved.principal.clone())
     }

@@ -219,22 +219,24 @@ impl AuthRejection {
 
     /// The problem+json body.
     pub fn body(&self) -> Bytes {
-        #[derive(serde::Serialize)]
-        struct Problem<'a> {
-            status: u16,
-            code: &'a str,
-            title: &'a str,
-            detail: &'a str,
+        // The constant part of each kind's body is rendered at compile time; only the detail is
+        // copied in, escaped by serde_json when (rarely) it needs escaping. Byte-for-byte what
+        // serde_json renders for the whole `Problem` (tested).
+        let prefix = problem_prefix(self.kind).as_bytes();
+        let detail = self.detail.as_bytes();
+        let mut body = Vec::with_capacity(prefix.len() + detail.len() + 2);
+        body.extend_from_slice(prefix);
+        if detail.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+            serde_json::to_writer(&mut body, &*self.detail)
+                .expect("serializing a plain string cannot fail");
+            // `to_writer` wrote the quotes; the prefix already has the opening one.
+            body.remove(prefix.len());
+            body.pop();
+        } else {
+            body.extend_from_slice(detail);
         }
-        let problem = Problem {
-            status: self.kind.status().as_u16(),
-            code: self.kind.code(),
-            title: self.kind.title(),
-            detail: &self.detail,
-        };
-        serde_json::to_vec(&problem)
-            .expect("serializing plain strings cannot fail")
-            .into()
+        body.extend_from_slice(b"\"}");
+        body.into()
     }
 
     /// The response: problem+json over HTTP, or a trailers-only gRPC response.
@@ -267,14 +269,6 @@ impl AuthRejection {
 
     fn challenge_headers(&self, headers: &mut HeaderMap) {
         let challenge = match self.kind {
-            RejectionKind::MissingCredentials => Some(format!("Bearer realm=\"{REALM}\"")),
-            RejectionKind::MalformedKey
-            | RejectionKind::InvalidKey
-            | RejectionKind::ExpiredKey
-            | RejectionKind::RevokedKey => Some(format!(
-                "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
-                self.kind.title()
-            )),
             RejectionKind::InsufficientScope => {
                 let mut value = format!("Bearer realm=\"{REALM}\", error=\"insufficient_scope\"");
                 if let Some(scope) = &self.scope {
@@ -284,11 +278,11 @@ impl AuthRejection {
                         .collect();
                     value.push_str(&format!(", scope=\"{safe}\""));
                 }
-                Some(value)
+                HeaderValue::from_str(&value).ok()
             }
-            _ => None,
+            kind => static_challenge(kind),
         };
-        if let Some(value) = challenge.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        if let Some(value) = challenge {
             headers.insert(WWW_AUTHENTICATE, value);
         }
         let retry_after = match (self.kind, self.retry_after) {
@@ -303,6 +297,69 @@ impl AuthRejection {
             rl.write_headers(headers);
         }
     }
+}
+
+/// The problem+json body of `kind` up to and including the opening quote of the detail.
+/// Field order and spelling are what serde_json renders for the `Problem` struct.
+fn problem_prefix(kind: RejectionKind) -> &'static str {
+    macro_rules! prefix {
+        ($status:literal, $code:literal, $title:literal) => {
+            concat!(
+                "{\"status\":",
+                $status,
+                ",\"code\":\"",
+                $code,
+                "\",\"title\":\"",
+                $title,
+                "\",\"detail\":\""
+            )
+        };
+    }
+    match kind {
+        RejectionKind::MissingCredentials => {
+            prefix!("401", "missing_credentials", "API key required")
+        }
+        RejectionKind::MalformedKey => prefix!("401", "malformed_key", "Malformed API key"),
+        RejectionKind::InvalidKey => prefix!("401", "invalid_key", "Invalid API key"),
+        RejectionKind::ExpiredKey => prefix!("401", "expired_key", "Expired API key"),
+        RejectionKind::RevokedKey => prefix!("401", "revoked_key", "Revoked API key"),
+        RejectionKind::AmbiguousCredentials => {
+            prefix!("400", "ambiguous_credentials", "Ambiguous credentials")
+        }
+        RejectionKind::InsufficientScope => {
+            prefix!("403", "insufficient_scope", "Insufficient scope")
+        }
+        RejectionKind::RateLimited => prefix!("429", "rate_limited", "Rate limit exceeded"),
+        RejectionKind::StoreUnavailable => {
+            prefix!("503", "store_unavailable", "Key store unavailable")
+        }
+    }
+}
+
+/// The `WWW-Authenticate` challenge of every kind but `insufficient_scope` (whose challenge
+/// names the scope), built at compile time.
+fn static_challenge(kind: RejectionKind) -> Option<HeaderValue> {
+    macro_rules! invalid_token {
+        ($title:literal) => {
+            const {
+                HeaderValue::from_static(concat!(
+                    "Bearer realm=\"api\", error=\"invalid_token\", error_description=\"",
+                    $title,
+                    "\""
+                ))
+            }
+        };
+    }
+    Some(match kind {
+        RejectionKind::MissingCredentials => {
+            const { HeaderValue::from_static("Bearer realm=\"api\"") }
+        }
+        RejectionKind::MalformedKey => invalid_token!("Malformed API key"),
+        RejectionKind::InvalidKey => invalid_token!("Invalid API key"),
+        RejectionKind::ExpiredKey => invalid_token!("Expired API key"),
+        RejectionKind::RevokedKey => invalid_token!("Revoked API key"),
+        _ => return None,
+    })
 }
 
 impl RateLimitStatus {
@@ -356,6 +413,89 @@ mod tests {
 
     fn body_json(response: &Response<AuthBody<String>>) -> serde_json::Value {
         serde_json::from_slice(response.body().rejection_bytes().expect("a rejection")).unwrap()
+    }
+
+    /// The body as it was rendered before the pre-rendered prefixes: serde_json of the whole
+    /// problem. The fast path must match it byte for byte.
+    fn reference_body(kind: RejectionKind, detail: &str) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Problem<'a> {
+            status: u16,
+            code: &'a str,
+            title: &'a str,
+            detail: &'a str,
+        }
+        serde_json::to_vec(&Problem {
+            status: kind.status().as_u16(),
+            code: kind.code(),
+            title: kind.title(),
+            detail,
+        })
+        .unwrap()
+    }
+
+    /// The challenge as it was formatted before it was built at compile time.
+    fn reference_challenge(kind: RejectionKind) -> Option<String> {
+        match kind {
+            RejectionKind::MissingCredentials => Some(format!("Bearer realm=\"{REALM}\"")),
+            RejectionKind::MalformedKey
+            | RejectionKind::InvalidKey
+            | RejectionKind::ExpiredKey
+            | RejectionKind::RevokedKey => Some(format!(
+                "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
+                kind.title()
+            )),
+            RejectionKind::InsufficientScope => Some(format!(
+                "Bearer realm=\"{REALM}\", error=\"insufficient_scope\""
+            )),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn pre_rendered_bodies_and_challenges_are_byte_identical() {
+        let details = [
+            "",
+            "why",
+            "the key's checksum does not match (typo or truncated key?)",
+            "send an API key in the Authorization or X-Api-Key header",
+            "a \"quoted\" back\\slash",
+            "tab\tnewline\ncr\r nul\u{0} unit\u{1f} del\u{7f}",
+            "unicode é ✓ 🔑 \u{2028}",
+        ];
+        for kind in RejectionKind::ALL {
+            for detail in details {
+                let rejection = AuthRejection::new(kind, detail);
+                assert_eq!(
+                    rejection.body().as_ref(),
+                    reference_body(kind, detail).as_slice(),
+                    "{kind} {detail:?}"
+                );
+                let response = rejection.to_response::<String>(false);
+                assert_eq!(
+                    response.body().rejection_bytes().unwrap(),
+                    reference_body(kind, detail).as_slice()
+                );
+                assert_eq!(
+                    response
+                        .headers()
+                        .get(WWW_AUTHENTICATE)
+                        .map(|v| v.to_str().unwrap().to_owned()),
+                    reference_challenge(kind),
+                    "{kind}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_detail_renders_as_serde_json_does(detail in ".*", index in 0usize..9) {
+            let kind = RejectionKind::ALL[index];
+            let body = AuthRejection::new(kind, detail.clone()).body();
+            let expected = reference_body(kind, &detail);
+            proptest::prop_assert_eq!(body.as_ref(), expected.as_slice());
+        }
     }
 
     #[test]

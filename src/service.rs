@@ -113,7 +113,6 @@ where
         // The clone may not be ready; keep the one that was polled ready for this request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let grpc = is_grpc(req.headers());
         let shared = &self.shared;
         let prepared = shared.prepare(req.headers(), req.uri().query());
         let client = match prepared {
@@ -124,10 +123,13 @@ where
         let lookup = match prepared {
             Prepared::Reject(rejection) => {
                 if let Some(blocked) = &blocked {
-                    return ResponseFuture::reject(&shared.blocked_rejection(blocked), grpc);
+                    return ResponseFuture::reject(
+                        &shared.blocked_rejection(blocked),
+                        is_grpc(req.headers()),
+                    );
                 }
                 shared.note_failure(client, rejection.kind());
-                return ResponseFuture::reject(&rejection, grpc);
+                return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
             }
             Prepared::Anonymous => {
                 if shared.mode == Mode::Required {
@@ -135,7 +137,7 @@ where
                         RejectionKind::MissingCredentials,
                         "send an API key in the Authorization or X-Api-Key header",
                     );
-                    return ResponseFuture::reject(&rejection, grpc);
+                    return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
                 }
                 return ResponseFuture::new(async move {
                     inner.call(req).await.map(|res| res.map(AuthBody::inner))
@@ -144,7 +146,10 @@ where
             Prepared::Lookup(lookup) => lookup,
         };
         if let Some(blocked) = blocked.as_ref().filter(|b| !b.allow_cached) {
-            return ResponseFuture::reject(&shared.blocked_rejection(blocked), grpc);
+            return ResponseFuture::reject(
+                &shared.blocked_rejection(blocked),
+                is_grpc(req.headers()),
+            );
         }
         let shared = self.shared.clone();
         ResponseFuture::new(async move {
@@ -156,9 +161,8 @@ where
                     blocked.as_ref(),
                 )
                 .await;
-            let now = shared.clock.now();
             let checked = resolved.and_then(|resolved| {
-                shared.check(&resolved, &lookup, req.method(), now)?;
+                shared.check(&resolved, &lookup, req.method(), &*shared.clock)?;
                 Ok(resolved)
             });
             let outcome = match checked {
@@ -175,7 +179,7 @@ where
                 Ok(accepted) => accepted,
                 Err(rejection) => {
                     log_rejection(&rejection);
-                    return Ok(rejection.to_response(grpc));
+                    return Ok(rejection.to_response(is_grpc(req.headers())));
                 }
             };
             tracing::trace!(
@@ -183,8 +187,8 @@ where
                 key_id = %resolved.principal.key_id(),
                 "request authenticated"
             );
-            shared.record_use(&resolved, now);
-            shared.protect_headers(req.headers_mut(), lookup.from_authorization);
+            shared.record_use(&resolved);
+            shared.protect_headers(req.headers_mut(), &lookup);
             let extensions = req.extensions_mut();
             if let Some(identity) = &resolved.identity {
                 identity.insert_into(extensions);

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method};
-use time::OffsetDateTime;
 
 use crate::cache::{Hit, Identity, KeyCache, Lookup, Resolved, StaleEntry};
 use crate::clock::Clock;
-use crate::credential::{CredentialError, CredentialExtractor, CredentialSource};
+use crate::credential::{CredentialError, CredentialExtractor, CredentialSource, HeaderSources};
 use crate::interop::{ForeignSources, MissKeys};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::principal::Principal;
@@ -117,6 +116,8 @@ pub(crate) struct Lookup1 {
     /// Accepted as a foreign (opaque) format: only opaque collections may own it.
     pub(crate) opaque: bool,
     pub(crate) from_authorization: bool,
+    /// Which configured API-key headers carried it.
+    pub(crate) headers: HeaderSources,
 }
 
 impl Shared {
@@ -153,6 +154,7 @@ impl Shared {
             binding,
             opaque,
             from_authorization: credential.from_authorization(),
+            headers: credential.header_sources(),
         })
     }
 
@@ -408,13 +410,14 @@ impl Shared {
     }
 
     /// Checks a resolved key against the request. The collection is checked first so a key of
-    /// another collection is indistinguishable from an unknown one.
+    /// another collection is indistinguishable from an unknown one. The clock is read only for
+    /// a key that expires.
     pub(crate) fn check(
         &self,
         resolved: &Resolved,
         lookup: &Lookup1,
         method: &Method,
-        now: OffsetDateTime,
+        clock: &dyn Clock,
     ) -> Result<(), AuthRejection> {
         let collection = resolved.principal.collection();
         let configured = self.collections.iter().find(|c| *c.slug == *collection);
@@ -440,7 +443,7 @@ impl Shared {
                 "the key is disabled",
             ));
         }
-        if resolved.expires_at.is_some_and(|at| at <= now) {
+        if resolved.expires_at.is_some_and(|at| at <= clock.now()) {
             return Err(AuthRejection::new(
                 RejectionKind::ExpiredKey,
                 "the key has expired",
@@ -455,33 +458,42 @@ impl Shared {
         Ok(())
     }
 
-    /// Notes a successful use, written behind in batches.
-    pub(crate) fn record_use(&self, resolved: &Resolved, now: OffsetDateTime) {
+    /// Notes a successful use, written behind in batches. Reads the clock only when usage
+    /// is recorded.
+    pub(crate) fn record_use(&self, resolved: &Resolved) {
         if let Some(usage) = &self.usage {
             if self.foreign.owns(resolved.principal.collection()) {
                 return; // a foreign store is never written to
             }
-            usage.record(resolved.principal.key_id(), now);
+            usage.record(resolved.principal.key_id(), self.clock.now());
         }
     }
 
-    /// Marks the credential headers sensitive, and strips them if configured.
-    pub(crate) fn protect_headers(&self, headers: &mut HeaderMap, from_authorization: bool) {
+    /// Marks the credential headers sensitive, and strips them if configured. Only the headers
+    /// that carried the credential are touched: a configured API-key header that is present
+    /// always carried it (extraction fails otherwise), so this is every credential header.
+    pub(crate) fn protect_headers(&self, headers: &mut HeaderMap, lookup: &Lookup1) {
+        let names = self.extractor.header_names();
+        let names = match lookup.headers {
+            HeaderSources::None => &[][..],
+            HeaderSources::One(index) => &names[index..=index],
+            HeaderSources::Several => names,
+        };
         if self.strip {
-            if from_authorization {
+            if lookup.from_authorization {
                 headers.remove(AUTHORIZATION);
             }
-            for name in self.extractor.header_names() {
+            for name in names {
                 headers.remove(name);
             }
             return;
         }
-        if from_authorization {
+        if lookup.from_authorization {
             if let Some(value) = headers.get_mut(AUTHORIZATION) {
                 value.set_sensitive(true);
             }
         }
-        for name in self.extractor.header_names() {
+        for name in names {
             if let Some(value) = headers.get_mut(name) {
                 value.set_sensitive(true);
             }

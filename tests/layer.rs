@@ -460,6 +460,62 @@ async fn credential_headers_are_marked_sensitive_or_stripped() {
     }
 }
 
+/// Only the headers that carried the credential are touched, and every one that did is: with two
+/// key headers configured, a key in one, the other, or all three places.
+#[tokio::test]
+async fn every_credential_header_and_only_those_are_protected() {
+    async fn inspect(req: http::Request<axum::body::Body>) -> String {
+        let h = req.headers();
+        let state = |name: &str| match h.get(name) {
+            None => "absent",
+            Some(v) if v.is_sensitive() => "sensitive",
+            Some(_) => "plain",
+        };
+        format!(
+            "auth={} x={} y={} other={}",
+            state("authorization"),
+            state("x-api-key"),
+            state("x-other-key"),
+            state("x-unrelated")
+        )
+    }
+    for strip in [false, true] {
+        let fx = Fixture::with(|b| b.header("x-other-key").strip_credentials(strip));
+        let key = fx.key(NewKey::new("k", "alice")).await.key;
+        let app = Router::new()
+            .route("/", get(inspect))
+            .layer(fx.layer.clone());
+        let bearer = format!("Bearer {}", key.expose());
+        let k = key.expose().as_bytes();
+        let carried = if strip { "absent" } else { "sensitive" };
+        type Headers<'a> = &'a [(&'a str, &'a [u8])];
+        let cases: [(Headers, String); 3] = [
+            (
+                &[("x-other-key", k), ("x-unrelated", b"v")],
+                format!("auth=absent x=absent y={carried} other=plain"),
+            ),
+            (
+                &[("x-api-key", k), ("x-unrelated", b"v")],
+                format!("auth=absent x={carried} y=absent other=plain"),
+            ),
+            (
+                &[
+                    ("authorization", bearer.as_bytes()),
+                    ("x-api-key", k),
+                    ("x-other-key", k),
+                    ("x-unrelated", b"v"),
+                ],
+                format!("auth={carried} x={carried} y={carried} other=plain"),
+            ),
+        ];
+        for (headers, expected) in cases {
+            let reply = get_with(&app, "/", headers).await;
+            assert_eq!(reply.status, 200, "strip={strip}: {}", reply.text());
+            assert_eq!(reply.text(), expected, "strip={strip}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn opaque_collections_accept_foreign_keys() {
     let store = Arc::new(MemoryStore::new());
