@@ -10,10 +10,12 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use http::Extensions;
 use moka::future::Cache;
 use moka::Expiry;
@@ -24,6 +26,7 @@ use crate::principal::Principal;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::Digest;
 use crate::store::{KeyRecord, StoreError};
+use crate::usage::UsageCell;
 
 /// The application identity derived from a principal, inserted into request extensions.
 pub(crate) trait Identity: Send + Sync {
@@ -48,6 +51,14 @@ pub(crate) struct Resolved {
     pub(crate) read_only: bool,
     #[allow(dead_code)] // enforced by the rate limiter
     pub(crate) rate_limit: Option<RateLimitPolicy>,
+    /// The index of the key's collection among the layer's configured ones; `None` when the
+    /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
+    /// collections at all).
+    pub(crate) collection: Option<usize>,
+    /// Uses are recorded (not for keys of a read-only foreign store).
+    pub(crate) tracks_usage: bool,
+    /// Uses not yet written to the store.
+    pub(crate) usage: UsageCell,
 }
 
 impl Resolved {
@@ -65,6 +76,9 @@ impl Resolved {
             disabled: record.disabled,
             read_only: record.read_only,
             rate_limit: record.rate_limit,
+            collection: None,
+            tracks_usage: true,
+            usage: UsageCell::default(),
         }
     }
 }
@@ -76,26 +90,28 @@ pub(crate) enum Lookup {
 }
 
 /// A cached lookup, the cache generation when its store read began, and when it was read.
-#[derive(Clone)]
-pub(crate) struct Cached {
+/// One allocation, shared by moka and the front map.
+pub(crate) struct Entry {
     pub(crate) lookup: Lookup,
     /// The generation at which the entry's store read began, or a later one at which the hit
-    /// path found no invalidation since that concerns it. Shared by the entry's clones.
-    pub(crate) generation: Arc<AtomicU64>,
+    /// path found no invalidation since that concerns it.
+    generation: AtomicU64,
     loaded_at: Instant,
     /// Set while one request re-reads this stale entry, so the others do not pile onto the
     /// store.
-    refreshing: Arc<AtomicBool>,
+    refreshing: AtomicBool,
 }
 
-impl Cached {
-    fn new(lookup: Lookup, generation: u64) -> Self {
-        Self {
+type Cached = Arc<Entry>;
+
+impl Entry {
+    fn new(lookup: Lookup, generation: u64) -> Cached {
+        Arc::new(Self {
             lookup,
-            generation: Arc::new(AtomicU64::new(generation)),
+            generation: AtomicU64::new(generation),
             loaded_at: Instant::now(),
-            refreshing: Arc::new(AtomicBool::new(false)),
-        }
+            refreshing: AtomicBool::new(false),
+        })
     }
 }
 
@@ -107,19 +123,22 @@ pub(crate) enum Hit {
 
 /// A found entry past its TTL.
 pub(crate) struct StaleEntry {
-    pub(crate) lookup: Lookup,
-    refreshing: Arc<AtomicBool>,
+    entry: Cached,
 }
 
 impl StaleEntry {
+    pub(crate) fn lookup(&self) -> Lookup {
+        self.entry.lookup.clone()
+    }
+
     /// Claims the re-read of this entry; only one caller at a time gets `true`.
     pub(crate) fn claim_refresh(&self) -> bool {
-        !self.refreshing.swap(true, Ordering::AcqRel)
+        !self.entry.refreshing.swap(true, Ordering::AcqRel)
     }
 
     /// Gives the claim back after a failed re-read, so a later request can try again.
     pub(crate) fn release_refresh(&self) {
-        self.refreshing.store(false, Ordering::Release);
+        self.entry.refreshing.store(false, Ordering::Release);
     }
 }
 
@@ -137,14 +156,16 @@ enum Dropped {
 /// How many invalidations the hit path can look back over; older entries are re-read.
 const RECENT_INVALIDATIONS: usize = 256;
 
+/// Found entries live for the TTL plus the stale window, not-found ones for the negative TTL.
+#[derive(Clone, Copy)]
 struct Ttl {
     found: Duration,
     missing: Duration,
 }
 
 impl Ttl {
-    fn of(&self, value: &Cached) -> Duration {
-        match value.lookup {
+    fn of(&self, lookup: &Lookup) -> Duration {
+        match lookup {
             Lookup::Found(_) => self.found,
             Lookup::Missing => self.missing,
         }
@@ -153,7 +174,7 @@ impl Ttl {
 
 impl Expiry<Digest, Cached> for Ttl {
     fn expire_after_create(&self, _: &Digest, value: &Cached, _: Instant) -> Option<Duration> {
-        Some(self.of(value))
+        Some(self.of(&value.lookup))
     }
 
     fn expire_after_update(
@@ -163,7 +184,7 @@ impl Expiry<Digest, Cached> for Ttl {
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(self.of(value))
+        Some(self.of(&value.lookup))
     }
 }
 
@@ -188,18 +209,64 @@ impl Default for CacheConfig {
     }
 }
 
+/// Hashes a [`Digest`] to the 64 bits its `Hash` impl writes: the first 8 bytes of an HMAC
+/// output, uniform and not choosable without the secret, so no further mixing is needed.
+#[derive(Clone, Copy, Default)]
+struct DigestHash;
+
+impl BuildHasher for DigestHash {
+    type Hasher = DigestHasher;
+
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `Digest`; a plain FNV-1a keeps the hasher total.
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// The hit path's view of the cache: digest → the entry moka holds. moka stays the cache of
+/// record (capacity, eviction, expiry, coalescing); this map only lets a hit skip moka's
+/// read bookkeeping. An entry enters it just before moka gets it and leaves it when moka's
+/// eviction listener reports that entry gone, so it never holds what moka has dropped for
+/// long, and it never outlives its TTL (checked on read).
+type Front = DashMap<Digest, Cached, DigestHash>;
+
+/// How many front-map insertions pass between checks that it has not outgrown moka.
+const FRONT_CHECK_EVERY: u64 = 4096;
+
 /// The cache, plus a generation counter that every invalidation bumps.
 ///
 /// A load that read the store before an invalidation may insert its (stale) result after it:
 /// moka's invalidation only reaches entries already present. Each entry records the generation
-/// at which its store read began, and [`KeyCache::get_or_load`] re-reads any entry older than
-/// the latest invalidation instead of trusting it.
+/// at which its store read began, and neither the hit path ([`KeyCache::lookup`]) nor
+/// [`KeyCache::get_or_load`] trusts an entry older than an invalidation that concerns it.
 #[derive(Clone)]
 pub(crate) struct KeyCache {
     cache: Cache<Digest, Cached>,
+    front: Arc<Front>,
+    front_inserts: Arc<AtomicU64>,
     generation: Arc<AtomicU64>,
     ttl: Duration,
     stale: Duration,
+    lifetimes: Ttl,
+    max_capacity: u64,
     /// `false` when built with capacity 0: every lookup reads the store.
     enabled: bool,
     /// The latest invalidations, by generation; bumped and appended under the lock.
@@ -211,64 +278,96 @@ const MAX_RELOADS: usize = 3;
 
 impl KeyCache {
     pub(crate) fn new(config: CacheConfig) -> Self {
+        let lifetimes = Ttl {
+            found: config.ttl.saturating_add(config.stale),
+            missing: config.negative_ttl,
+        };
+        let front: Arc<Front> = Arc::new(DashMap::with_hasher(DigestHash));
+        let listener_front = Arc::clone(&front);
         let cache = Cache::builder()
             .max_capacity(config.max_capacity)
-            .expire_after(Ttl {
-                found: config.ttl.saturating_add(config.stale),
-                missing: config.negative_ttl,
-            })
+            .expire_after(lifetimes)
             .support_invalidation_closures()
+            .eviction_listener(move |digest: Arc<Digest>, gone: Cached, _cause| {
+                // Only that entry: a newer one for the same digest may already be there.
+                listener_front.remove_if(&*digest, |_, held| Arc::ptr_eq(held, &gone));
+            })
             .build();
         Self {
             cache,
+            front,
+            front_inserts: Arc::default(),
             generation: Arc::new(AtomicU64::new(0)),
             ttl: config.ttl,
             stale: config.stale,
+            lifetimes,
+            max_capacity: config.max_capacity,
             enabled: config.max_capacity > 0,
             recent: Arc::default(),
         }
     }
 
-    /// The cached lookup, fresh or stale. An entry whose store read began before an
-    /// invalidation that concerns it may have been inserted after that invalidation ran (a
-    /// load racing a revocation): it is never returned, and [`KeyCache::get_or_load`] re-reads
-    /// it.
-    pub(crate) async fn lookup(&self, digest: &Digest) -> Option<Hit> {
+    /// The hit path: the cached lookup, fresh or stale, synchronously and without touching
+    /// moka. An entry whose store read began before an invalidation that concerns it may have
+    /// been inserted after that invalidation ran (a load racing a revocation): it is never
+    /// returned, and [`KeyCache::get_or_load`] re-reads it.
+    pub(crate) fn lookup(&self, digest: &Digest) -> Option<Hit> {
         if !self.enabled {
             return None;
         }
-        let cached = self.cache.get(digest).await?;
+        let (verdict, seen) = {
+            let held = self.front.get(digest)?;
+            let entry = held.value();
+            let seen = Arc::as_ptr(entry);
+            let age = entry.loaded_at.elapsed();
+            let verdict = if age >= self.lifetimes.of(&entry.lookup) || !self.current(digest, entry)
+            {
+                None
+            } else if self.stale.is_zero() || age < self.ttl {
+                Some(Hit::Fresh(entry.lookup.clone()))
+            } else {
+                Some(Hit::Stale(StaleEntry {
+                    entry: Arc::clone(entry),
+                }))
+            };
+            (verdict, seen)
+        };
+        if verdict.is_none() {
+            // Expired or superseded: let the miss path read it again. moka drops its copy
+            // itself (expiry) or already has (invalidation).
+            self.front
+                .remove_if(digest, |_, held| std::ptr::eq(Arc::as_ptr(held), seen));
+        }
+        verdict
+    }
+
+    /// Whether `entry` may be served: no invalidation since its read concerns it. Stamps an
+    /// unconcerned entry with the current generation, so its next hit skips the check.
+    fn current(&self, digest: &Digest, entry: &Entry) -> bool {
         let current = self.generation.load(Ordering::Acquire);
-        if cached.generation.load(Ordering::Acquire) != current {
-            if self.concerned(digest, &cached) {
-                return None;
-            }
-            // Nothing since its read concerns it: stamp it, so the next hit skips the check.
-            cached.generation.fetch_max(current, Ordering::AcqRel);
+        if entry.generation.load(Ordering::Acquire) == current {
+            return true;
         }
-        // Without a stale window moka's own expiry is the TTL: no clock read needed.
-        if self.stale.is_zero() || cached.loaded_at.elapsed() < self.ttl {
-            return Some(Hit::Fresh(cached.lookup));
+        if self.concerned(digest, entry) {
+            return false;
         }
-        Some(Hit::Stale(StaleEntry {
-            lookup: cached.lookup,
-            refreshing: cached.refreshing,
-        }))
+        entry.generation.fetch_max(current, Ordering::AcqRel);
+        true
     }
 
     /// The cached lookup, fresh or stale alike.
     #[cfg(test)]
     pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
-        self.lookup(digest).await.map(|hit| match hit {
+        self.lookup(digest).map(|hit| match hit {
             Hit::Fresh(lookup) => lookup,
-            Hit::Stale(stale) => stale.lookup,
+            Hit::Stale(stale) => stale.lookup(),
         })
     }
 
-    /// Whether an invalidation after `cached`'s generation concerns it (or may have: the
+    /// Whether an invalidation after `entry`'s generation concerns it (or may have: the
     /// record does not reach back that far).
-    fn concerned(&self, digest: &Digest, cached: &Cached) -> bool {
-        let read_at = cached.generation.load(Ordering::Acquire);
+    fn concerned(&self, digest: &Digest, entry: &Entry) -> bool {
+        let read_at = entry.generation.load(Ordering::Acquire);
         let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         if recent
             .front()
@@ -276,7 +375,7 @@ impl KeyCache {
         {
             return true;
         }
-        let id = match &cached.lookup {
+        let id = match &entry.lookup {
             Lookup::Found(resolved) => Some(resolved.principal.key_id()),
             Lookup::Missing => None,
         };
@@ -291,6 +390,18 @@ impl KeyCache {
             })
     }
 
+    /// Makes a freshly read entry visible to the hit path. Called before moka gets the entry,
+    /// so moka's eviction listener, which removes it again, always runs after this.
+    fn publish(&self, digest: Digest, entry: &Cached) {
+        self.front.insert(digest, Arc::clone(entry));
+        let inserts = self.front_inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        if inserts % FRONT_CHECK_EVERY == 0 && self.front.len() as u64 > self.max_capacity {
+            // Only an insert whose moka half was cancelled leaves an entry moka never saw.
+            self.front
+                .retain(|digest, _| self.cache.contains_key(digest));
+        }
+    }
+
     /// Re-reads a stale entry. The result replaces the entry unless an invalidation raced
     /// the read; an error leaves the stale entry in place.
     pub(crate) async fn refresh<Fut>(&self, digest: Digest, load: Fut) -> Result<Lookup, StoreError>
@@ -300,10 +411,11 @@ impl KeyCache {
         let generation = self.generation.load(Ordering::Acquire);
         let lookup = load.await?;
         if generation == self.generation.load(Ordering::Acquire) {
-            self.cache
-                .insert(digest, Cached::new(lookup.clone(), generation))
-                .await;
+            let entry = Entry::new(lookup.clone(), generation);
+            self.publish(digest, &entry);
+            self.cache.insert(digest, entry).await;
         } else {
+            self.front.remove(&digest);
             self.cache.invalidate(&digest).await;
         }
         Ok(lookup)
@@ -332,14 +444,19 @@ impl KeyCache {
                 .cache
                 .try_get_with(digest, async {
                     let generation = self.generation.load(Ordering::Acquire);
-                    load().await.map(|lookup| Cached::new(lookup, generation))
+                    let entry = Entry::new(load().await?, generation);
+                    if generation == self.generation.load(Ordering::Acquire) {
+                        self.publish(digest, &entry);
+                    }
+                    Ok(entry)
                 })
                 .await?;
             if cached.generation.load(Ordering::Acquire) == self.generation.load(Ordering::Acquire)
             {
-                return Ok(cached.lookup);
+                return Ok(cached.lookup.clone());
             }
             // Possibly stale: drop it and read again.
+            self.front.remove(&digest);
             self.cache.invalidate(&digest).await;
             if attempt >= MAX_RELOADS {
                 // Invalidations keep racing: answer from a fresh read, but do not cache it.
@@ -359,9 +476,12 @@ impl KeyCache {
 
     pub(crate) async fn invalidate_digest(&self, digest: &Digest) {
         self.bump(Dropped::Digest(*digest));
+        self.front.remove(digest);
         self.cache.invalidate(digest).await;
     }
 
+    /// Drops every entry of key `id`. The hit path stops serving them at once (the
+    /// generation check); moka drops them, and with them the front map's copies, lazily.
     pub(crate) fn invalidate_key(&self, id: Uuid) {
         self.bump(Dropped::Key(id));
         let registered = self.cache.invalidate_entries_if(
@@ -370,7 +490,7 @@ impl KeyCache {
         if registered.is_err() {
             // Only possible if invalidation closures were not enabled, which `new` always does;
             // fail closed rather than keep a stale entry.
-            self.cache.invalidate_all();
+            self.invalidate_all();
         }
     }
 
@@ -381,12 +501,13 @@ impl KeyCache {
             .cache
             .invalidate_entries_if(|_, cached| matches!(cached.lookup, Lookup::Missing));
         if registered.is_err() {
-            self.cache.invalidate_all();
+            self.invalidate_all();
         }
     }
 
     pub(crate) fn invalidate_all(&self) {
         self.bump(Dropped::All);
+        self.front.clear();
         self.cache.invalidate_all();
     }
 
@@ -396,6 +517,14 @@ impl KeyCache {
 
     pub(crate) async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;
+    }
+
+    /// Inserts as a racing load would: into the front map and moka, with `generation`.
+    #[cfg(test)]
+    async fn insert_raw(&self, digest: Digest, lookup: Lookup, generation: u64) {
+        let entry = Entry::new(lookup, generation);
+        self.publish(digest, &entry);
+        self.cache.insert(digest, entry).await;
     }
 }
 
@@ -512,8 +641,7 @@ mod tests {
         // The revocation: store updated, generation bumped, present entries dropped...
         cache.invalidate_key(id);
         // ...then the racing load's result lands.
-        let racing = Cached::new(stale, read_at);
-        cache.cache.insert(digest, racing).await;
+        cache.insert_raw(digest, stale, read_at).await;
         assert!(cache.get(&digest).await.is_none(), "stale entry served");
         assert!(
             cache.get(&other).await.is_some(),
@@ -523,8 +651,7 @@ mod tests {
         let (created, _) = found(4);
         let read_at = cache.generation.load(Ordering::Acquire);
         cache.invalidate_digest(&created).await;
-        let missing = Cached::new(Lookup::Missing, read_at);
-        cache.cache.insert(created, missing).await;
+        cache.insert_raw(created, Lookup::Missing, read_at).await;
         assert!(
             cache.get(&created).await.is_none(),
             "stale not-found served"
@@ -535,6 +662,48 @@ mod tests {
             .unwrap();
         assert!(matches!(fresh, Lookup::Missing), "re-read on the miss path");
         assert!(matches!(cache.get(&digest).await, Some(Lookup::Missing)));
+    }
+
+    /// The hit path reads the front map only: it must hold nothing moka has dropped (evicted
+    /// for capacity, invalidated, flushed), or a dropped entry would live on there.
+    #[tokio::test]
+    async fn the_front_map_follows_moka() {
+        let cache = KeyCache::new(CacheConfig {
+            max_capacity: 32,
+            ..CacheConfig::default()
+        });
+        for n in 0..=255u8 {
+            let digest = Digest::from_bytes([n; 32]);
+            let lookup = if n % 2 == 0 {
+                found(n).1
+            } else {
+                Lookup::Missing
+            };
+            cache
+                .get_or_load(digest, || async { Ok(lookup.clone()) })
+                .await
+                .unwrap();
+        }
+        cache.run_pending_tasks().await;
+        assert!(cache.entry_count() <= 32, "moka kept its bound");
+        assert!(cache.front.len() <= 32, "front map: {}", cache.front.len());
+        for held in cache.front.iter() {
+            assert!(
+                cache.cache.contains_key(held.key()),
+                "front holds what moka dropped"
+            );
+        }
+        let kept = *cache.front.iter().next().expect("something cached").key();
+        assert!(cache.lookup(&kept).is_some(), "a kept entry is a hit");
+        cache.invalidate_digest(&kept).await;
+        assert!(!cache.front.contains_key(&kept));
+        assert!(cache.lookup(&kept).is_none());
+        cache.invalidate_all();
+        assert_eq!(
+            cache.front.len(),
+            0,
+            "a flush empties the front map at once"
+        );
     }
 
     #[tokio::test]
@@ -636,13 +805,13 @@ mod tests {
             .get_or_load(d1, || async { Ok(l1.clone()) })
             .await
             .unwrap();
-        assert!(matches!(cache.lookup(&d1).await, Some(Hit::Fresh(_))));
+        assert!(matches!(cache.lookup(&d1), Some(Hit::Fresh(_))));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let Some(Hit::Stale(stale)) = cache.lookup(&d1).await else {
+        let Some(Hit::Stale(stale)) = cache.lookup(&d1) else {
             panic!("past its TTL the entry is stale, not gone");
         };
         assert!(stale.claim_refresh());
-        let Some(Hit::Stale(other)) = cache.lookup(&d1).await else {
+        let Some(Hit::Stale(other)) = cache.lookup(&d1) else {
             panic!("still stale");
         };
         assert!(!other.claim_refresh(), "one refresher at a time");
@@ -654,7 +823,7 @@ mod tests {
             .await;
         assert!(down.is_err());
         stale.release_refresh();
-        let Some(Hit::Stale(again)) = cache.lookup(&d1).await else {
+        let Some(Hit::Stale(again)) = cache.lookup(&d1) else {
             panic!("still stale after a failed refresh");
         };
         assert!(again.claim_refresh());
@@ -663,7 +832,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            cache.lookup(&d1).await,
+            cache.lookup(&d1),
             Some(Hit::Fresh(Lookup::Missing))
         ));
     }
@@ -687,10 +856,7 @@ mod tests {
         // A not-found read that raced the creation notice is not served either.
         let read_at = cache.generation.load(Ordering::Acquire);
         cache.invalidate_missing();
-        cache
-            .cache
-            .insert(missing, Cached::new(Lookup::Missing, read_at))
-            .await;
+        cache.insert_raw(missing, Lookup::Missing, read_at).await;
         assert!(
             cache.get(&missing).await.is_none(),
             "stale not-found served"

@@ -68,7 +68,7 @@ where
 {
     type Response = Response<AuthBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -91,8 +91,6 @@ where
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(
-            async move { inner.call(req).await.map(|res| res.map(AuthBody::inner)) },
-        )
+        ResponseFuture::inner(inner.call(req), None)
     }
 }

@@ -4,13 +4,14 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use http::{Request, Response};
+use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::AuthBody;
-use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
+use crate::rejection::{is_grpc, AuthRejection, RateLimitStatus, RejectionKind};
 use crate::verify::{Mode, Prepared, Shared};
 
 /// Authenticates requests, then calls the inner service with the [`Principal`](crate::Principal)
@@ -45,40 +46,88 @@ impl<S: fmt::Debug> fmt::Debug for ApiKeyService<S> {
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<AuthBody<B>>, E>> + Send>>;
 
-/// The response future of [`ApiKeyService`] and [`RequireScopeService`](crate::RequireScopeService).
-pub struct ResponseFuture<B, E> {
-    inner: BoxedResponse<B, E>,
+pin_project! {
+    /// The response future of [`ApiKeyService`] and [`RequireScopeService`](crate::RequireScopeService).
+    ///
+    /// A request answered from the cache, and every rejection, is decided inside `call`: the
+    /// future is then just the inner service's future, or the ready rejection. Only a request
+    /// that must wait for the store (a cache miss, a stale entry, a remote rate limiter) is
+    /// boxed.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
 }
 
-impl<B, E> ResponseFuture<B, E> {
-    pub(crate) fn new(
-        future: impl Future<Output = Result<Response<AuthBody<B>>, E>> + Send + 'static,
-    ) -> Self {
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B, E> {
+        Inner {
+            #[pin]
+            future: F,
+            rate: Option<RateLimitStatus>,
+        },
+        Ready {
+            response: Option<Response<AuthBody<B>>>,
+        },
+        Boxed {
+            future: BoxedResponse<B, E>,
+        },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    /// The inner service's response, with the rate-limit headers of `rate` added.
+    pub(crate) fn inner(future: F, rate: Option<RateLimitStatus>) -> Self {
         Self {
-            inner: Box::pin(future),
+            state: State::Inner { future, rate },
         }
     }
 
-    pub(crate) fn reject(rejection: &AuthRejection, grpc: bool) -> Self
-    where
-        B: Send + 'static,
-        E: Send + 'static,
-    {
+    pub(crate) fn boxed(
+        future: impl Future<Output = Result<Response<AuthBody<B>>, E>> + Send + 'static,
+    ) -> Self {
+        Self {
+            state: State::Boxed {
+                future: Box::pin(future),
+            },
+        }
+    }
+
+    pub(crate) fn reject(rejection: &AuthRejection, grpc: bool) -> Self {
         log_rejection(rejection);
-        let response = rejection.to_response(grpc);
-        Self::new(std::future::ready(Ok(response)))
+        Self {
+            state: State::Ready {
+                response: Some(rejection.to_response(grpc)),
+            },
+        }
     }
 }
 
-impl<B, E> Future for ResponseFuture<B, E> {
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
     type Output = Result<Response<AuthBody<B>>, E>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Inner { future, rate } => {
+                let mut response = ready!(future.poll(cx))?.map(AuthBody::inner);
+                if let Some(status) = rate.take() {
+                    status.write_headers(response.headers_mut());
+                }
+                Poll::Ready(Ok(response))
+            }
+            StateProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
+            StateProj::Boxed { future } => future.as_mut().poll(cx),
+        }
     }
 }
 
-impl<B, E> fmt::Debug for ResponseFuture<B, E> {
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
@@ -103,7 +152,7 @@ where
 {
     type Response = Response<AuthBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -139,9 +188,7 @@ where
                     );
                     return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
                 }
-                return ResponseFuture::new(async move {
-                    inner.call(req).await.map(|res| res.map(AuthBody::inner))
-                });
+                return ResponseFuture::inner(inner.call(req), None);
             }
             Prepared::Lookup(lookup) => lookup,
         };
@@ -151,8 +198,27 @@ where
                 is_grpc(req.headers()),
             );
         }
+        // The hit path: the cache answers, the limiter is in memory; nothing to wait for.
+        if !shared.limiters.is_remote() {
+            if let Some(resolved) = shared.resolve_cached(&lookup.digest, blocked.as_ref()) {
+                let outcome = resolved.and_then(|resolved| {
+                    shared.check(&resolved, &lookup, req.method(), &*shared.clock)?;
+                    Ok((shared.rate_limit_local(&resolved)?, resolved))
+                });
+                return match outcome {
+                    Ok((rate, resolved)) => {
+                        shared.admit(&mut req, &resolved, &lookup);
+                        ResponseFuture::inner(inner.call(req), rate)
+                    }
+                    Err(rejection) => {
+                        shared.note_failure(client, rejection.kind());
+                        ResponseFuture::reject(&rejection, is_grpc(req.headers()))
+                    }
+                };
+            }
+        }
         let shared = self.shared.clone();
-        ResponseFuture::new(async move {
+        ResponseFuture::boxed(async move {
             let resolved = shared
                 .resolve(
                     lookup.digest,
@@ -182,18 +248,7 @@ where
                     return Ok(rejection.to_response(is_grpc(req.headers())));
                 }
             };
-            tracing::trace!(
-                target: "keywarden",
-                key_id = %resolved.principal.key_id(),
-                "request authenticated"
-            );
-            shared.record_use(&resolved);
-            shared.protect_headers(req.headers_mut(), &lookup);
-            let extensions = req.extensions_mut();
-            if let Some(identity) = &resolved.identity {
-                identity.insert_into(extensions);
-            }
-            extensions.insert(resolved.principal.clone());
+            shared.admit(&mut req, &resolved, &lookup);
             let response = inner.call(req).await?;
             let mut response = response.map(AuthBody::inner);
             if let Some(status) = rate_status {

@@ -1,57 +1,93 @@
 //! Write-behind usage tracking: `last_used_at` and use counts, batched.
 //!
-//! The request path adds to an in-memory map (one sharded-map update, no I/O); a background
-//! task flushes the map to the store every interval in one `record_usage` call. A failed flush
-//! puts the counts back so the next one retries them.
+//! Each cached key carries a [`UsageCell`]: a use adds to its counters (two atomic updates,
+//! no lock, no map), and the first use after a flush puts the key on a queue. A background
+//! task flushes the queue to the store every interval in one `record_usage` call. A failed
+//! flush puts the counts back so the next one retries them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::cache::Resolved;
 use crate::store::{KeyStore, KeyUsage, StoreError};
 
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    uses: u64,
-    last: OffsetDateTime,
+/// Uses of one cached key not yet written to the store.
+///
+/// `SeqCst` throughout: a use either sees `queued` still set, and then its count is taken by
+/// the flush that clears it, or it queues the key again itself. No use is left behind.
+#[derive(Debug, Default)]
+pub(crate) struct UsageCell {
+    uses: AtomicU64,
+    /// Unix nanoseconds of the latest use.
+    last: AtomicI64,
+    queued: AtomicBool,
 }
 
-#[derive(Debug)]
+impl UsageCell {
+    /// Adds `uses` uses, the latest at `last`; returns whether the caller must queue the key.
+    fn add(&self, uses: u64, last: i64) -> bool {
+        self.uses.fetch_add(uses, Ordering::SeqCst);
+        self.last.fetch_max(last, Ordering::SeqCst);
+        !self.queued.load(Ordering::SeqCst) && !self.queued.swap(true, Ordering::SeqCst)
+    }
+
+    /// Takes the uses so far, and the time of the latest.
+    fn take(&self) -> (u64, i64) {
+        self.queued.store(false, Ordering::SeqCst);
+        let uses = self.uses.swap(0, Ordering::SeqCst);
+        (uses, self.last.load(Ordering::SeqCst))
+    }
+}
+
 pub(crate) struct UsageRecorder {
-    pending: DashMap<Uuid, Pending>,
+    /// Keys used since the last flush, each once.
+    queue: Mutex<Vec<Arc<Resolved>>>,
     store: Arc<dyn KeyStore>,
     interval: Duration,
     started: AtomicBool,
 }
 
+impl std::fmt::Debug for UsageRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queued = self.queue.lock().map_or(0, |queue| queue.len());
+        f.debug_struct("UsageRecorder")
+            .field("queued", &queued)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
 impl UsageRecorder {
     pub(crate) fn new(store: Arc<dyn KeyStore>, interval: Duration) -> Arc<Self> {
         Arc::new(Self {
-            pending: DashMap::new(),
+            queue: Mutex::default(),
             store,
             interval,
             started: AtomicBool::new(false),
         })
     }
 
-    /// Notes one use. Starts the flusher on first use, inside the caller's runtime.
-    pub(crate) fn record(self: &Arc<Self>, id: Uuid, at: OffsetDateTime) {
-        self.pending
-            .entry(id)
-            .and_modify(|p| {
-                p.uses += 1;
-                if at > p.last {
-                    p.last = at;
-                }
-            })
-            .or_insert(Pending { uses: 1, last: at });
+    /// Notes one use at `at` (Unix nanoseconds). Starts the flusher on first use, inside
+    /// the caller's runtime.
+    pub(crate) fn record(self: &Arc<Self>, key: &Arc<Resolved>, at: i64) {
+        if key.usage.add(1, at) {
+            self.enqueue(Arc::clone(key));
+        }
         if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
             self.spawn_flusher();
         }
+    }
+
+    fn enqueue(&self, key: Arc<Resolved>) {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(key);
     }
 
     fn spawn_flusher(self: &Arc<Self>) {
@@ -86,16 +122,31 @@ impl UsageRecorder {
         self.started.load(Ordering::Acquire)
     }
 
-    /// Writes every pending use to the store in one batch.
+    /// Writes every pending use to the store in one batch, one row per key.
     pub(crate) async fn flush(&self) -> Result<usize, StoreError> {
-        let ids: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
-        let batch: Vec<KeyUsage> = ids
+        let queued =
+            std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+        let taken: Vec<(Arc<Resolved>, u64, i64)> = queued
             .into_iter()
-            .filter_map(|id| self.pending.remove(&id))
-            .map(|(id, p)| KeyUsage {
+            .map(|key| {
+                let (uses, last) = key.usage.take();
+                (key, uses, last)
+            })
+            .filter(|&(_, uses, _)| uses > 0)
+            .collect();
+        // A key read into the cache again has a new cell: merge them into one row.
+        let mut rows: HashMap<Uuid, (u64, i64)> = HashMap::with_capacity(taken.len());
+        for (key, uses, last) in &taken {
+            let row = rows.entry(key.principal.key_id()).or_insert((0, i64::MIN));
+            row.0 = row.0.saturating_add(*uses);
+            row.1 = row.1.max(*last);
+        }
+        let batch: Vec<KeyUsage> = rows
+            .into_iter()
+            .map(|(id, (uses, last))| KeyUsage {
                 id,
-                last_used_at: p.last,
-                uses: p.uses,
+                last_used_at: from_nanos(last),
+                uses,
             })
             .collect();
         if batch.is_empty() {
@@ -104,22 +155,21 @@ impl UsageRecorder {
         match self.store.record_usage(&batch).await {
             Ok(()) => Ok(batch.len()),
             Err(error) => {
-                for usage in batch {
-                    self.pending
-                        .entry(usage.id)
-                        .and_modify(|p| {
-                            p.uses += usage.uses;
-                            p.last = p.last.max(usage.last_used_at);
-                        })
-                        .or_insert(Pending {
-                            uses: usage.uses,
-                            last: usage.last_used_at,
-                        });
+                for (key, uses, last) in taken {
+                    if key.usage.add(uses, last) {
+                        self.enqueue(key);
+                    }
                 }
                 Err(error)
             }
         }
     }
+}
+
+fn from_nanos(nanos: i64) -> OffsetDateTime {
+    // Every i64 of nanoseconds is a valid OffsetDateTime.
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 struct RestartOnDrop(Weak<UsageRecorder>);
@@ -135,8 +185,17 @@ impl Drop for RestartOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::unix_nanos as to_nanos;
     use crate::store::test_support::record;
     use crate::store::MemoryStore;
+
+    fn cached(record: &crate::KeyRecord) -> Arc<Resolved> {
+        Arc::new(Resolved::new(record, |_| None))
+    }
+
+    fn now() -> i64 {
+        to_nanos(OffsetDateTime::now_utc())
+    }
 
     #[tokio::test]
     async fn batches_merge_counts_and_keep_the_latest_time() {
@@ -145,9 +204,12 @@ mod tests {
         store.insert(&r).await.unwrap();
         let recorder = UsageRecorder::new(store.clone(), Duration::from_secs(3600));
         let t0 = OffsetDateTime::now_utc();
-        recorder.record(r.id, t0 + time::Duration::seconds(5));
-        recorder.record(r.id, t0);
-        recorder.record(Uuid::now_v7(), t0);
+        let key = cached(&r);
+        recorder.record(&key, to_nanos(t0 + time::Duration::seconds(5)));
+        recorder.record(&key, to_nanos(t0));
+        // The same key read into the cache again: a second cell, merged into one row.
+        recorder.record(&cached(&r), to_nanos(t0));
+        recorder.record(&cached(&record(3)), to_nanos(t0));
         assert_eq!(recorder.flush().await.unwrap(), 2);
         assert_eq!(
             recorder.flush().await.unwrap(),
@@ -155,8 +217,15 @@ mod tests {
             "nothing pending after a flush"
         );
         let stored = store.get(r.id).await.unwrap().unwrap();
-        assert_eq!(stored.use_count, 2);
-        assert_eq!(stored.last_used_at, Some(t0 + time::Duration::seconds(5)));
+        assert_eq!(stored.use_count, 3);
+        assert_eq!(
+            stored.last_used_at.map(to_nanos),
+            Some(to_nanos(t0 + time::Duration::seconds(5)))
+        );
+        // Used again after the flush: queued again.
+        recorder.record(&key, to_nanos(t0 + time::Duration::seconds(9)));
+        assert_eq!(recorder.flush().await.unwrap(), 1);
+        assert_eq!(store.get(r.id).await.unwrap().unwrap().use_count, 4);
     }
 
     #[test]
@@ -164,13 +233,14 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let recorder = UsageRecorder::new(store.clone(), Duration::from_millis(10));
         let r = record(2);
+        let key = cached(&r);
         let first = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         first.block_on(async {
             store.insert(&r).await.unwrap();
-            recorder.record(r.id, OffsetDateTime::now_utc());
+            recorder.record(&key, now());
             tokio::task::yield_now().await;
         });
         assert!(recorder.flusher_running());
@@ -185,7 +255,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        unpolled.block_on(async { recorder.record(r.id, OffsetDateTime::now_utc()) });
+        unpolled.block_on(async { recorder.record(&key, now()) });
         assert!(recorder.flusher_running());
         drop(unpolled);
         assert!(!recorder.flusher_running());
@@ -195,7 +265,7 @@ mod tests {
             .build()
             .unwrap();
         second.block_on(async {
-            recorder.record(r.id, OffsetDateTime::now_utc());
+            recorder.record(&key, now());
             assert!(recorder.flusher_running());
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(store.get(r.id).await.unwrap().unwrap().use_count, 3);
@@ -248,13 +318,21 @@ mod tests {
             }
         }
         let recorder = UsageRecorder::new(Arc::new(Failing), Duration::from_secs(3600));
-        let id = Uuid::now_v7();
-        let t = OffsetDateTime::now_utc();
-        recorder.record(id, t);
-        recorder.record(id, t);
+        let key = cached(&record(4));
+        let t = now();
+        recorder.record(&key, t);
+        recorder.record(&key, t);
         assert!(recorder.flush().await.is_err());
-        recorder.record(id, t);
-        let pending = recorder.pending.get(&id).map(|p| p.uses);
-        assert_eq!(pending, Some(3), "failed batch put back and merged");
+        recorder.record(&key, t + 1);
+        assert_eq!(
+            key.usage.take(),
+            (3, t + 1),
+            "failed batch put back and merged"
+        );
+        assert_eq!(
+            recorder.queue.lock().unwrap().len(),
+            1,
+            "queued once, for the next flush"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Request};
 
 use crate::cache::{Hit, Identity, KeyCache, Lookup, Resolved, StaleEntry};
 use crate::clock::Clock;
@@ -14,7 +14,7 @@ use crate::credential::{CredentialError, CredentialExtractor, CredentialSource, 
 use crate::interop::{ForeignSources, MissKeys};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::principal::Principal;
-use crate::ratelimit::{Blocked, FailureTracker, Limiters, RateLimitPolicy};
+use crate::ratelimit::{Blocked, Decision, FailureTracker, Limiters, RateLimitPolicy};
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::secret::{Digest, SecretRing};
 use crate::stats::{bump, Counters};
@@ -170,6 +170,22 @@ impl Shared {
         }
     }
 
+    /// The hit path: a fresh cached answer, synchronously, or `None` when the store must be
+    /// asked (a miss, or a stale entry): then [`Shared::resolve`]. `blocked` as there.
+    pub(crate) fn resolve_cached(
+        &self,
+        digest: &Digest,
+        blocked: Option<&Blocked>,
+    ) -> Option<Result<Arc<Resolved>, AuthRejection>> {
+        match (self.cache.lookup(digest), blocked) {
+            (Some(Hit::Fresh(lookup)), None) => Some(found(lookup)),
+            (Some(Hit::Fresh(Lookup::Found(resolved))), Some(_)) => Some(Ok(resolved)),
+            // Only a key cached as valid, and fresh, gets past a blocked address.
+            (_, Some(blocked)) => Some(Err(self.blocked_rejection(blocked))),
+            (_, None) => None,
+        }
+    }
+
     /// Resolves a digest: from the cache when it can, else from the store (concurrent misses
     /// of one digest share one query). `blocked` is set for a client address over its failure
     /// budget that may still use cached keys: anything needing the store is refused.
@@ -180,7 +196,7 @@ impl Shared {
         query: Option<&str>,
         blocked: Option<&Blocked>,
     ) -> Result<Arc<Resolved>, AuthRejection> {
-        let hit = self.cache.lookup(&digest).await;
+        let hit = self.cache.lookup(&digest);
         if let Some(blocked) = blocked {
             // Only a key cached as valid, and fresh, gets past a blocked address.
             return match hit {
@@ -222,7 +238,7 @@ impl Shared {
             bump(&self.counters.stale_served);
             tracing::debug!(target: "keywarden", "key store unreachable: answering from a stale cache entry");
         }
-        found(stale.lookup)
+        found(stale.lookup())
     }
 
     /// A cache miss: one store query, shared by concurrent misses of the same digest.
@@ -348,18 +364,35 @@ impl Shared {
         &self,
         resolved: &Resolved,
     ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        if !self.limiters.is_remote() {
+            return self.rate_limit_local(resolved);
+        }
         let Some(policy) = self.policy(resolved) else {
             return Ok(None);
         };
-        let key = resolved.principal.key_id();
-        let decision = if self.limiters.is_remote() {
-            self.limiters
-                .check(key, policy)
-                .await
-                .map_err(|_| self.unavailable())?
-        } else {
-            self.limiters.check_local(key, policy)
+        let decision = self
+            .limiters
+            .check(resolved.principal.key_id(), policy)
+            .await
+            .map_err(|_| self.unavailable())?;
+        self.limit_decision(decision)
+    }
+
+    /// [`Shared::rate_limit`] for a layer whose limiter is in memory: synchronous.
+    pub(crate) fn rate_limit_local(
+        &self,
+        resolved: &Resolved,
+    ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        let Some(policy) = self.policy(resolved) else {
+            return Ok(None);
         };
+        let decision = self
+            .limiters
+            .check_local(resolved.principal.key_id(), policy);
+        self.limit_decision(decision)
+    }
+
+    fn limit_decision(&self, decision: Decision) -> Result<Option<RateLimitStatus>, AuthRejection> {
         if decision.allowed {
             return Ok(Some(decision.status));
         }
@@ -403,10 +436,19 @@ impl Shared {
         }
     }
 
+    /// What the request path needs about a key: built once per cache fill, so that a hit
+    /// compares no strings.
     pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<Resolved> {
-        Arc::new(Resolved::new(record, |principal| {
+        let mut resolved = Resolved::new(record, |principal| {
             self.identity.as_ref().map(|map| map(principal))
-        }))
+        });
+        resolved.collection = self
+            .collections
+            .iter()
+            .position(|c| *c.slug == *record.collection);
+        // A foreign store is never written to.
+        resolved.tracks_usage = !self.foreign.owns(&record.collection);
+        Arc::new(resolved)
     }
 
     /// Checks a resolved key against the request. The collection is checked first so a key of
@@ -419,12 +461,12 @@ impl Shared {
         method: &Method,
         clock: &dyn Clock,
     ) -> Result<(), AuthRejection> {
-        let collection = resolved.principal.collection();
-        let configured = self.collections.iter().find(|c| *c.slug == *collection);
+        let configured = resolved.collection;
         let collection_ok = match lookup.binding {
-            Some(index) => *self.collections[index].slug == *collection,
+            Some(index) => configured == Some(index),
             None => self.collections.is_empty() || configured.is_some(),
-        } && (!lookup.opaque || configured.is_some_and(|c| c.opaque));
+        } && (!lookup.opaque
+            || configured.is_some_and(|i| self.collections[i].opaque));
         if !collection_ok {
             return Err(AuthRejection::new(
                 RejectionKind::InvalidKey,
@@ -458,14 +500,35 @@ impl Shared {
         Ok(())
     }
 
+    /// Lets an accepted request through: notes the use, protects the credential headers and
+    /// puts the principal (and the application's identity) into the request extensions.
+    pub(crate) fn admit<B>(
+        &self,
+        req: &mut Request<B>,
+        resolved: &Arc<Resolved>,
+        lookup: &Lookup1,
+    ) {
+        tracing::trace!(
+            target: "keywarden",
+            key_id = %resolved.principal.key_id(),
+            "request authenticated"
+        );
+        self.record_use(resolved);
+        self.protect_headers(req.headers_mut(), lookup);
+        let extensions = req.extensions_mut();
+        if let Some(identity) = &resolved.identity {
+            identity.insert_into(extensions);
+        }
+        extensions.insert(resolved.principal.clone());
+    }
+
     /// Notes a successful use, written behind in batches. Reads the clock only when usage
     /// is recorded.
-    pub(crate) fn record_use(&self, resolved: &Resolved) {
+    fn record_use(&self, resolved: &Arc<Resolved>) {
         if let Some(usage) = &self.usage {
-            if self.foreign.owns(resolved.principal.collection()) {
-                return; // a foreign store is never written to
+            if resolved.tracks_usage {
+                usage.record(resolved, self.clock.now_unix_nanos());
             }
-            usage.record(resolved.principal.key_id(), self.clock.now());
         }
     }
 
