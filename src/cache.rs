@@ -96,7 +96,10 @@ pub(crate) struct Entry {
     /// The generation at which the entry's store read began, or a later one at which the hit
     /// path found no invalidation since that concerns it.
     generation: AtomicU64,
-    loaded_at: Instant,
+    /// Until when it is fresh (read time + TTL), and when it is gone (for a found entry,
+    /// after the stale window too). Deadlines, so the hit path compares instead of subtracts.
+    fresh_until: Instant,
+    expires: Instant,
     /// Set while one request re-reads this stale entry, so the others do not pile onto the
     /// store.
     refreshing: AtomicBool,
@@ -105,11 +108,17 @@ pub(crate) struct Entry {
 type Cached = Arc<Entry>;
 
 impl Entry {
-    fn new(lookup: Lookup, generation: u64) -> Cached {
+    fn new(lookup: Lookup, generation: u64, ttl: Duration, lifetimes: Ttl) -> Cached {
+        let now = Instant::now();
+        let after = |d: Duration| {
+            now.checked_add(d)
+                .unwrap_or(now + Duration::from_secs(1 << 32))
+        };
         Arc::new(Self {
-            lookup,
             generation: AtomicU64::new(generation),
-            loaded_at: Instant::now(),
+            fresh_until: after(ttl),
+            expires: after(lifetimes.of(&lookup)),
+            lookup,
             refreshing: AtomicBool::new(false),
         })
     }
@@ -319,11 +328,10 @@ impl KeyCache {
             let held = self.front.get(digest)?;
             let entry = held.value();
             let seen = Arc::as_ptr(entry);
-            let age = entry.loaded_at.elapsed();
-            let verdict = if age >= self.lifetimes.of(&entry.lookup) || !self.current(digest, entry)
-            {
+            let now = Instant::now();
+            let verdict = if now >= entry.expires || !self.current(digest, entry) {
                 None
-            } else if self.stale.is_zero() || age < self.ttl {
+            } else if self.stale.is_zero() || now < entry.fresh_until {
                 Some(Hit::Fresh(entry.lookup.clone()))
             } else {
                 Some(Hit::Stale(StaleEntry {
@@ -390,6 +398,10 @@ impl KeyCache {
             })
     }
 
+    fn entry(&self, lookup: Lookup, generation: u64) -> Cached {
+        Entry::new(lookup, generation, self.ttl, self.lifetimes)
+    }
+
     /// Makes a freshly read entry visible to the hit path. Called before moka gets the entry,
     /// so moka's eviction listener, which removes it again, always runs after this.
     fn publish(&self, digest: Digest, entry: &Cached) {
@@ -411,7 +423,7 @@ impl KeyCache {
         let generation = self.generation.load(Ordering::Acquire);
         let lookup = load.await?;
         if generation == self.generation.load(Ordering::Acquire) {
-            let entry = Entry::new(lookup.clone(), generation);
+            let entry = self.entry(lookup.clone(), generation);
             self.publish(digest, &entry);
             self.cache.insert(digest, entry).await;
         } else {
@@ -444,7 +456,7 @@ impl KeyCache {
                 .cache
                 .try_get_with(digest, async {
                     let generation = self.generation.load(Ordering::Acquire);
-                    let entry = Entry::new(load().await?, generation);
+                    let entry = self.entry(load().await?, generation);
                     if generation == self.generation.load(Ordering::Acquire) {
                         self.publish(digest, &entry);
                     }
@@ -522,7 +534,7 @@ impl KeyCache {
     /// Inserts as a racing load would: into the front map and moka, with `generation`.
     #[cfg(test)]
     async fn insert_raw(&self, digest: Digest, lookup: Lookup, generation: u64) {
-        let entry = Entry::new(lookup, generation);
+        let entry = self.entry(lookup, generation);
         self.publish(digest, &entry);
         self.cache.insert(digest, entry).await;
     }

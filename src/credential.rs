@@ -351,12 +351,32 @@ fn validate(key: &[u8]) -> Result<&[u8], CredentialError> {
     if key.len() > MAX_KEY_LEN {
         return Err(CredentialError::Malformed("credential too long"));
     }
-    if !key.iter().all(u8::is_ascii_graphic) {
+    if !all_visible_ascii(key) {
         return Err(CredentialError::Malformed(
             "credential contains whitespace, control or non-ASCII bytes",
         ));
     }
     Ok(key)
+}
+
+/// Whether every byte is visible ASCII (`0x21..=0x7E`), like `iter().all(is_ascii_graphic)`
+/// but eight bytes per step: this runs on every request, over the whole key.
+fn all_visible_ascii(bytes: &[u8]) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        // With every byte below 0x80 no addition below carries into the next byte:
+        // b + 0x5F sets the high bit iff b >= 0x21, and b + 1 sets it iff b == 0x7F.
+        if x & HIGH != 0
+            || x.wrapping_add(0x5F * ONES) & HIGH != HIGH
+            || x.wrapping_add(ONES) & HIGH != 0
+        {
+            return false;
+        }
+    }
+    words.remainder().iter().all(u8::is_ascii_graphic)
 }
 
 fn trim_ows(mut value: &[u8]) -> &[u8] {
@@ -612,12 +632,43 @@ mod tests {
         assert!(!format!("{credential:?}").contains("kw_live"));
     }
 
+    #[test]
+    fn visible_ascii_check_agrees_with_the_byte_loop_at_every_byte_and_position() {
+        for len in 0..=24 {
+            for pos in 0..len {
+                for byte in 0..=255u8 {
+                    let mut bytes = vec![b'k'; len];
+                    bytes[pos] = byte;
+                    assert_eq!(
+                        all_visible_ascii(&bytes),
+                        byte.is_ascii_graphic(),
+                        "byte {byte:#04x} at {pos} of {len}"
+                    );
+                }
+            }
+            assert!(all_visible_ascii(&vec![b'~'; len]));
+            assert!(all_visible_ascii(&vec![b'!'; len]));
+        }
+    }
+
     fn header_value() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             proptest::collection::vec(any::<u8>(), 0..80),
             "(Bearer|bearer|users|teams|Basic|API-Key|api-key| |\t|kw_live_|[A-Za-z0-9_.-]{1,20}){0,6}"
                 .prop_map(String::into_bytes),
         ]
+    }
+
+    proptest! {
+        #[test]
+        fn visible_ascii_check_agrees_with_the_byte_loop(
+            bytes in proptest::collection::vec(any::<u8>(), 0..80),
+        ) {
+            prop_assert_eq!(
+                all_visible_ascii(&bytes),
+                bytes.iter().all(u8::is_ascii_graphic)
+            );
+        }
     }
 
     proptest! {

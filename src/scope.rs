@@ -89,8 +89,6 @@ where
         if let Some(rejection) = verdict {
             return ResponseFuture::reject(&rejection, grpc);
         }
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::inner(inner.call(req), None)
+        ResponseFuture::inner(self.inner.call(req), None)
     }
 }

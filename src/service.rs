@@ -159,9 +159,6 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        // The clone may not be ready; keep the one that was polled ready for this request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = &self.shared;
         let prepared = shared.prepare(req.headers(), req.uri().query());
         let client = match prepared {
@@ -188,7 +185,7 @@ where
                     );
                     return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
                 }
-                return ResponseFuture::inner(inner.call(req), None);
+                return ResponseFuture::inner(self.inner.call(req), None);
             }
             Prepared::Lookup(lookup) => lookup,
         };
@@ -208,7 +205,7 @@ where
                 return match outcome {
                     Ok((rate, resolved)) => {
                         shared.admit(&mut req, &resolved, &lookup);
-                        ResponseFuture::inner(inner.call(req), rate)
+                        ResponseFuture::inner(self.inner.call(req), rate)
                     }
                     Err(rejection) => {
                         shared.note_failure(client, rejection.kind());
@@ -217,6 +214,10 @@ where
                 };
             }
         }
+        // The request waits for the store: the service polled ready goes with it, and a
+        // clone (maybe not ready) stays for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         ResponseFuture::boxed(async move {
             let resolved = shared
