@@ -19,7 +19,9 @@
 //! # let _ = app;
 //! ```
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use http::request::Parts;
 use serde::Serialize;
@@ -31,20 +33,122 @@ use crate::rejection::{AuthRejection, RejectionKind};
 use crate::store::{KeyRecord, OwnerKind};
 
 /// The identity behind a verified key. Cheap to clone (one `Arc`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Principal(Arc<PrincipalData>);
+#[derive(Clone, PartialEq)]
+pub struct Principal(Arc<Compact>);
 
-#[derive(Debug, PartialEq, Serialize)]
-struct PrincipalData {
+/// One per cached key, so it is kept small: the fields keys have in common live in a shared
+/// [`Profile`], the two per-key strings in one allocation, and the usual metadata (`null` or
+/// `{}`) in none.
+#[derive(PartialEq)]
+struct Compact {
     key_id: Uuid,
-    key_name: String,
-    collection: String,
-    subject: String,
+    profile: Arc<Profile>,
+    /// The key's name followed by the subject.
+    names: Box<str>,
+    name_len: usize,
+    /// `None` is JSON `null`.
+    metadata: Option<Arc<serde_json::Value>>,
+    expires_at: Option<OffsetDateTime>,
+}
+
+/// The fields with few distinct values across keys, shared through [`PROFILES`].
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Profile {
+    collection: Box<str>,
+    environment: Box<str>,
+    scopes: Box<[String]>,
     owner_kind: OwnerKind,
-    scopes: Vec<String>,
-    environment: String,
     read_only: bool,
-    metadata: serde_json::Value,
+    rate_limit: Option<RateLimitPolicy>,
+}
+
+impl Profile {
+    /// The bytes an interned copy keeps alive, roughly.
+    fn weight(&self) -> usize {
+        self.collection.len()
+            + self.environment.len()
+            + self
+                .scopes
+                .iter()
+                .map(|s| s.len() + std::mem::size_of::<String>())
+                .sum::<usize>()
+    }
+}
+
+/// A profile heavier than this is not interned (each key owns its copy).
+const MAX_INTERNED_WEIGHT: usize = 1024;
+/// Distinct profiles interned per process; beyond this, new profiles are owned per key. With
+/// [`MAX_INTERNED_WEIGHT`] this bounds the table to a few MiB, held for the process lifetime.
+const MAX_INTERNED_PROFILES: usize = 2048;
+
+static PROFILES: LazyLock<Interner> = LazyLock::new(|| Interner::new(MAX_INTERNED_PROFILES));
+
+/// A bounded set of shared profiles. Entries are never evicted: the bound keeps that cheap,
+/// and a profile in use by a cached key is kept alive by the key anyway.
+struct Interner {
+    table: Mutex<HashSet<Arc<Profile>>>,
+    capacity: usize,
+}
+
+impl Interner {
+    fn new(capacity: usize) -> Self {
+        Self {
+            table: Mutex::new(HashSet::new()),
+            capacity,
+        }
+    }
+
+    fn intern(&self, profile: Profile) -> Arc<Profile> {
+        if profile.weight() > MAX_INTERNED_WEIGHT {
+            return Arc::new(profile);
+        }
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(shared) = table.get(&profile) {
+            return Arc::clone(shared);
+        }
+        let shared = Arc::new(profile);
+        if table.len() < self.capacity {
+            table.insert(Arc::clone(&shared));
+        }
+        shared
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// `{}` is the default metadata; its keys share one copy.
+static EMPTY_OBJECT: LazyLock<Arc<serde_json::Value>> =
+    LazyLock::new(|| Arc::new(serde_json::Value::Object(serde_json::Map::new())));
+
+static NULL: serde_json::Value = serde_json::Value::Null;
+
+fn compact_metadata(metadata: &serde_json::Value) -> Option<Arc<serde_json::Value>> {
+    match metadata {
+        serde_json::Value::Null => None,
+        serde_json::Value::Object(map) if map.is_empty() => Some(Arc::clone(&EMPTY_OBJECT)),
+        other => Some(Arc::new(other.clone())),
+    }
+}
+
+/// The field-by-field view that `Debug` and `Serialize` print: the layout of the struct before
+/// it was compacted, so neither output changed.
+#[derive(Debug, Serialize)]
+struct PrincipalData<'a> {
+    key_id: Uuid,
+    key_name: &'a str,
+    collection: &'a str,
+    subject: &'a str,
+    owner_kind: OwnerKind,
+    scopes: &'a [String],
+    environment: &'a str,
+    read_only: bool,
+    metadata: &'a serde_json::Value,
     #[serde(with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
     rate_limit: Option<RateLimitPolicy>,
@@ -52,19 +156,60 @@ struct PrincipalData {
 
 impl Principal {
     pub(crate) fn from_record(record: &KeyRecord) -> Self {
-        Self(Arc::new(PrincipalData {
-            key_id: record.id,
-            key_name: record.name.clone(),
-            collection: record.collection.clone(),
-            subject: record.subject.clone(),
-            owner_kind: record.owner_kind,
-            scopes: record.scopes.clone(),
-            environment: record.environment.clone(),
-            read_only: record.read_only,
-            metadata: record.metadata.clone(),
-            expires_at: record.expires_at,
-            rate_limit: record.rate_limit,
+        Self::from_parts(
+            &PROFILES,
+            record.id,
+            &record.name,
+            &record.subject,
+            Profile {
+                collection: record.collection.as_str().into(),
+                environment: record.environment.as_str().into(),
+                scopes: record.scopes.as_slice().into(),
+                owner_kind: record.owner_kind,
+                read_only: record.read_only,
+                rate_limit: record.rate_limit,
+            },
+            &record.metadata,
+            record.expires_at,
+        )
+    }
+
+    fn from_parts(
+        interner: &Interner,
+        key_id: Uuid,
+        key_name: &str,
+        subject: &str,
+        profile: Profile,
+        metadata: &serde_json::Value,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Self {
+        let mut names = String::with_capacity(key_name.len() + subject.len());
+        names.push_str(key_name);
+        names.push_str(subject);
+        Self(Arc::new(Compact {
+            key_id,
+            profile: interner.intern(profile),
+            names: names.into_boxed_str(),
+            name_len: key_name.len(),
+            metadata: compact_metadata(metadata),
+            expires_at,
         }))
+    }
+
+    fn fields(&self) -> PrincipalData<'_> {
+        PrincipalData {
+            key_id: self.key_id(),
+            key_name: self.key_name(),
+            collection: self.collection(),
+            subject: self.subject(),
+            owner_kind: self.owner_kind(),
+            scopes: self.scopes(),
+            environment: self.environment(),
+            read_only: self.is_read_only(),
+            metadata: self.metadata(),
+            expires_at: self.expires_at(),
+            rate_limit: self.rate_limit(),
+        }
     }
 
     /// The key's id.
@@ -74,42 +219,42 @@ impl Principal {
 
     /// The key's name.
     pub fn key_name(&self) -> &str {
-        &self.0.key_name
+        &self.0.names[..self.0.name_len]
     }
 
     /// The collection the key belongs to (`users`, `teams`, ...).
     pub fn collection(&self) -> &str {
-        &self.0.collection
+        &self.0.profile.collection
     }
 
     /// The owner's id.
     pub fn subject(&self) -> &str {
-        &self.0.subject
+        &self.0.names[self.0.name_len..]
     }
 
     /// The owner's kind.
     pub fn owner_kind(&self) -> OwnerKind {
-        self.0.owner_kind
+        self.0.profile.owner_kind
     }
 
     /// The granted scopes.
     pub fn scopes(&self) -> &[String] {
-        &self.0.scopes
+        &self.0.profile.scopes
     }
 
     /// The environment of the key's prefix (`live`, `test`, ...).
     pub fn environment(&self) -> &str {
-        &self.0.environment
+        &self.0.profile.environment
     }
 
     /// Whether the key may only use safe methods.
     pub fn is_read_only(&self) -> bool {
-        self.0.read_only
+        self.0.profile.read_only
     }
 
     /// The key's metadata.
     pub fn metadata(&self) -> &serde_json::Value {
-        &self.0.metadata
+        self.0.metadata.as_deref().unwrap_or(&NULL)
     }
 
     /// The key's expiry.
@@ -119,7 +264,7 @@ impl Principal {
 
     /// The key's own rate limit, if any.
     pub fn rate_limit(&self) -> Option<RateLimitPolicy> {
-        self.0.rate_limit
+        self.0.profile.rate_limit
     }
 
     /// Whether the key grants `scope`: an exact match, `*`, or `prefix:*` for any scope
@@ -132,8 +277,7 @@ impl Principal {
     /// assert!(!principal.has_scope("write"));
     /// ```
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.0
-            .scopes
+        self.scopes()
             .iter()
             .any(|granted| scope_grants(granted, scope))
     }
@@ -141,19 +285,28 @@ impl Principal {
     /// A principal with the given scopes and placeholder fields, for tests and doc examples.
     #[doc(hidden)]
     pub fn for_tests(scopes: &[&str]) -> Self {
-        Self(Arc::new(PrincipalData {
-            key_id: Uuid::nil(),
-            key_name: "test".into(),
-            collection: "users".into(),
-            subject: "test".into(),
-            owner_kind: OwnerKind::User,
-            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-            environment: "test".into(),
-            read_only: false,
-            metadata: serde_json::Value::Null,
-            expires_at: None,
-            rate_limit: None,
-        }))
+        Self::from_parts(
+            &PROFILES,
+            Uuid::nil(),
+            "test",
+            "test",
+            Profile {
+                collection: "users".into(),
+                environment: "test".into(),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                owner_kind: OwnerKind::User,
+                read_only: false,
+                rate_limit: None,
+            },
+            &serde_json::Value::Null,
+            None,
+        )
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Principal").field(&self.fields()).finish()
     }
 }
 
@@ -169,7 +322,7 @@ pub(crate) fn scope_grants(granted: &str, wanted: &str) -> bool {
 
 impl Serialize for Principal {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        self.fields().serialize(serializer)
     }
 }
 
@@ -200,6 +353,7 @@ impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for Princip
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_support::record;
 
     #[test]
     fn scope_matching_rules() {
@@ -213,6 +367,190 @@ mod tests {
             "only `prefix:*` is a wildcard"
         );
         assert!(!scope_grants("", "read"));
+    }
+
+    /// The struct as it was before compaction: `Debug` and `Serialize` must print the same.
+    mod uncompacted {
+        use super::*;
+
+        #[derive(Debug, Serialize)]
+        pub(super) struct PrincipalData {
+            key_id: Uuid,
+            key_name: String,
+            collection: String,
+            subject: String,
+            owner_kind: OwnerKind,
+            scopes: Vec<String>,
+            environment: String,
+            read_only: bool,
+            metadata: serde_json::Value,
+            #[serde(with = "time::serde::rfc3339::option")]
+            expires_at: Option<OffsetDateTime>,
+            rate_limit: Option<RateLimitPolicy>,
+        }
+
+        #[derive(Debug)]
+        pub(super) struct Principal(pub(super) PrincipalData);
+
+        pub(super) fn from_record(record: &KeyRecord) -> Principal {
+            Principal(PrincipalData {
+                key_id: record.id,
+                key_name: record.name.clone(),
+                collection: record.collection.clone(),
+                subject: record.subject.clone(),
+                owner_kind: record.owner_kind,
+                scopes: record.scopes.clone(),
+                environment: record.environment.clone(),
+                read_only: record.read_only,
+                metadata: record.metadata.clone(),
+                expires_at: record.expires_at,
+                rate_limit: record.rate_limit,
+            })
+        }
+    }
+
+    fn records() -> Vec<KeyRecord> {
+        let mut full = record(1);
+        full.name = "deploy bot ünicode".into();
+        full.collection = "teams".into();
+        full.subject = "team-42".into();
+        full.owner_kind = OwnerKind::Team;
+        full.scopes = vec!["keys:*".into(), "read".into(), "write".into()];
+        full.environment = "test".into();
+        full.read_only = true;
+        full.metadata = serde_json::json!({"plan": "pro", "seats": [1, 2]});
+        full.expires_at = Some(time::macros::datetime!(2031-02-03 04:05:06.789 +02:00));
+        full.rate_limit = Some("100/min,burst=20".parse().unwrap());
+        let mut bare = record(2);
+        bare.name = String::new();
+        bare.subject = String::new();
+        bare.scopes = Vec::new();
+        bare.metadata = serde_json::Value::Null;
+        let mut scalar = record(3);
+        scalar.metadata = serde_json::json!("just a string");
+        vec![full, bare, scalar, record(4)]
+    }
+
+    #[test]
+    fn every_accessor_round_trips() {
+        for record in records() {
+            let p = Principal::from_record(&record);
+            assert_eq!(p.key_id(), record.id);
+            assert_eq!(p.key_name(), record.name);
+            assert_eq!(p.collection(), record.collection);
+            assert_eq!(p.subject(), record.subject);
+            assert_eq!(p.owner_kind(), record.owner_kind);
+            assert_eq!(p.scopes(), record.scopes.as_slice());
+            assert_eq!(p.environment(), record.environment);
+            assert_eq!(p.is_read_only(), record.read_only);
+            assert_eq!(p.metadata(), &record.metadata);
+            assert_eq!(p.expires_at(), record.expires_at);
+            assert_eq!(p.rate_limit(), record.rate_limit);
+            assert_eq!(p, p.clone());
+        }
+    }
+
+    #[test]
+    fn debug_and_json_match_the_uncompacted_struct() {
+        for record in records() {
+            let p = Principal::from_record(&record);
+            let old = uncompacted::from_record(&record);
+            assert_eq!(format!("{p:?}"), format!("{old:?}"));
+            assert_eq!(format!("{p:#?}"), format!("{old:#?}"));
+            assert_eq!(
+                serde_json::to_string(&p).unwrap(),
+                serde_json::to_string(&old.0).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn equality_is_by_value() {
+        let [a, b, ..] = &records()[..] else {
+            unreachable!()
+        };
+        assert_eq!(Principal::from_record(a), Principal::from_record(a));
+        assert_ne!(Principal::from_record(a), Principal::from_record(b));
+        // The name/subject split is part of the value, not just the joined text.
+        let mut ab = record(5);
+        (ab.name, ab.subject) = ("ab".into(), "c".into());
+        let mut a_bc = ab.clone();
+        (a_bc.name, a_bc.subject) = ("a".into(), "bc".into());
+        assert_ne!(Principal::from_record(&ab), Principal::from_record(&a_bc));
+    }
+
+    #[test]
+    fn keys_of_one_profile_share_it() {
+        let (mut a, mut b) = (record(6), record(7));
+        a.scopes = vec!["profile-test-scope".into()];
+        b.scopes = a.scopes.clone();
+        let (pa, pb) = (Principal::from_record(&a), Principal::from_record(&b));
+        assert!(Arc::ptr_eq(&pa.0.profile, &pb.0.profile));
+        assert!(Arc::ptr_eq(
+            pa.0.metadata.as_ref().unwrap(),
+            pb.0.metadata.as_ref().unwrap()
+        ));
+        assert_ne!(pa, pb, "different ids and names");
+    }
+
+    fn profile(collection: &str, scopes: &[&str]) -> Profile {
+        Profile {
+            collection: collection.into(),
+            environment: "live".into(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            owner_kind: OwnerKind::User,
+            read_only: false,
+            rate_limit: None,
+        }
+    }
+
+    #[test]
+    fn interner_is_bounded() {
+        let interner = Interner::new(2);
+        let a = interner.intern(profile("a", &["read"]));
+        let b = interner.intern(profile("b", &["read"]));
+        assert!(Arc::ptr_eq(&a, &interner.intern(profile("a", &["read"]))));
+        assert_eq!(interner.len(), 2);
+
+        // Full: a new profile is still returned, owned by its caller and not kept.
+        let c1 = interner.intern(profile("c", &["read"]));
+        let c2 = interner.intern(profile("c", &["read"]));
+        assert_eq!(c1, c2);
+        assert!(!Arc::ptr_eq(&c1, &c2));
+        assert_eq!(interner.len(), 2);
+        assert!(Arc::ptr_eq(&b, &interner.intern(profile("b", &["read"]))));
+    }
+
+    #[test]
+    fn heavy_profiles_are_not_interned() {
+        let interner = Interner::new(8);
+        let long = "x".repeat(MAX_INTERNED_WEIGHT);
+        let a = interner.intern(profile(&long, &[]));
+        let b = interner.intern(profile(&long, &[]));
+        assert_eq!(a, b);
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!(interner.len(), 0);
+
+        let many: Vec<&str> = vec!["s"; MAX_INTERNED_WEIGHT / std::mem::size_of::<String>()];
+        interner.intern(profile("users", &many));
+        assert_eq!(interner.len(), 0, "scope headers count toward the weight");
+        interner.intern(profile("users", &many[..4]));
+        assert_eq!(interner.len(), 1);
+    }
+
+    #[test]
+    fn per_key_data_stays_small() {
+        // Uuid, Arc, Box<str>, usize, Option<Arc>, Option<OffsetDateTime>.
+        assert!(
+            std::mem::size_of::<Compact>() <= 72,
+            "{} bytes",
+            std::mem::size_of::<Compact>()
+        );
+        println!(
+            "size_of: uncompacted {} bytes, compact {} bytes",
+            std::mem::size_of::<uncompacted::PrincipalData>(),
+            std::mem::size_of::<Compact>()
+        );
     }
 
     #[test]

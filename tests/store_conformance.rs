@@ -187,6 +187,7 @@ conformance!(
     list_filters_by_collection_subject_and_state,
     list_clamps_the_limit,
     record_usage_accumulates,
+    record_usage_in_bulk,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -916,4 +917,170 @@ async fn record_usage_accumulates(store: Store) {
         ..used.clone()
     };
     assert_eq!(store.get(used.id).await.unwrap(), Some(expected_used));
+}
+
+/// A batch of more rows than a SQL store sends in one statement: every known key is updated
+/// exactly once whatever the batch order, duplicates add up, unknown ids are ignored and
+/// `last_used_at` only moves forward.
+async fn record_usage_in_bulk(store: Store) {
+    let (records, untouched) = insert_bulk_keys(&store, 2_500).await;
+    let later = BASE + Duration::hours(1);
+    let mut batch: Vec<KeyUsage> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| KeyUsage {
+            id: r.id,
+            last_used_at: later,
+            uses: i as u64 + 1,
+        })
+        .collect();
+    // An earlier duplicate (adds, does not move last_used_at back) and unknown ids.
+    batch.push(KeyUsage {
+        id: records[0].id,
+        last_used_at: BASE - Duration::days(3),
+        uses: 1,
+    });
+    for _ in 0..10 {
+        batch.push(KeyUsage {
+            id: Uuid::now_v7(),
+            last_used_at: later,
+            uses: 1,
+        });
+    }
+    batch.reverse();
+    store.record_usage(&batch).await.unwrap();
+
+    for (i, r) in records.iter().enumerate() {
+        let uses = i as u64 + 1 + u64::from(i == 0);
+        let expected = KeyRecord {
+            use_count: r.use_count + uses,
+            last_used_at: r.last_used_at.max(Some(later)),
+            ..r.clone()
+        };
+        assert_eq!(store.get(r.id).await.unwrap(), Some(expected), "key {i}");
+    }
+    assert_eq!(store.get(untouched.id).await.unwrap(), Some(untouched));
+}
+
+/// Inserts `count` keys with a mix of usage histories (never used; used before, at and after
+/// `BASE + 1h`), and one more key that tests leave out of their batches.
+async fn insert_bulk_keys(store: &Store, count: usize) -> (Vec<KeyRecord>, KeyRecord) {
+    let later = BASE + Duration::hours(1);
+    let mut records = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut record = plain("users", &format!("bulk-{i}"));
+        (record.use_count, record.last_used_at) = match i % 4 {
+            0 => (0, None),
+            1 => (i as u64, Some(BASE - Duration::days(1))),
+            2 => (i as u64, Some(later)),
+            _ => (i as u64, Some(later + Duration::days(1))),
+        };
+        store.insert(&record).await.unwrap();
+        records.push(record);
+    }
+    let mut untouched = plain("users", "bulk-untouched");
+    (untouched.use_count, untouched.last_used_at) = (3, Some(BASE));
+    store.insert(&untouched).await.unwrap();
+    (records, untouched)
+}
+
+/// SQL stores keep counts in a signed 64-bit column: a bulk batch saturates at `i64::MAX`,
+/// whether the stored count or the batch's own count overflows.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+async fn sql_bulk_usage_saturates_at_i64_max(store: Store) {
+    const MAX: u64 = i64::MAX as u64;
+    let later = BASE + Duration::hours(1);
+    let mut records = Vec::new();
+    for (i, use_count) in [MAX - 3, MAX, 5, 0]
+        .into_iter()
+        .cycle()
+        .take(1_200)
+        .enumerate()
+    {
+        let mut record = plain("users", &format!("saturate-{i}"));
+        record.use_count = use_count;
+        store.insert(&record).await.unwrap();
+        records.push(record);
+    }
+    let batch: Vec<KeyUsage> = records
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            // The key at 2 mod 4 gets a batch count past u64::MAX (two entries).
+            let uses = if i % 4 == 2 { [u64::MAX, 9] } else { [10, 0] };
+            uses.map(|uses| KeyUsage {
+                id: r.id,
+                last_used_at: later,
+                uses,
+            })
+        })
+        .collect();
+    store.record_usage(&batch).await.unwrap();
+    for (i, r) in records.iter().enumerate() {
+        let got = store.get(r.id).await.unwrap().unwrap();
+        let expected = match i % 4 {
+            0..=2 => MAX,
+            _ => 10,
+        };
+        assert_eq!(
+            (got.use_count, got.last_used_at),
+            (expected, Some(later)),
+            "key {i}"
+        );
+    }
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_bulk_usage_saturates_at_i64_max() {
+    with_sqlite_file(sql_bulk_usage_saturates_at_i64_max).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_bulk_usage_saturates_at_i64_max() {
+    with_postgres(sql_bulk_usage_saturates_at_i64_max).await;
+}
+
+/// The time of one `record_usage` of 10,000 rows (the usage flush of a busy instance), printed
+/// rather than asserted: `cargo test --release --all-features --test store_conformance
+/// usage_flush_timing -- --ignored --nocapture`.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+async fn time_usage_flush(store: Store) {
+    const ROWS: usize = 10_000;
+    const RUNS: u32 = 7;
+    let (records, _) = insert_bulk_keys(&store, ROWS).await;
+    let mut times = Vec::new();
+    for run in 0..RUNS {
+        let usage: Vec<KeyUsage> = records
+            .iter()
+            .map(|r| KeyUsage {
+                id: r.id,
+                last_used_at: BASE + Duration::hours(2) + Duration::seconds(run.into()),
+                uses: 1,
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        store.record_usage(&usage).await.unwrap();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    println!(
+        "record_usage of {ROWS} rows: {:?} (median of {RUNS})",
+        times[times.len() / 2]
+    );
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+#[ignore = "a timing, not a test"]
+async fn sqlite_usage_flush_timing() {
+    with_sqlite_file(time_usage_flush).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+#[ignore = "a timing, not a test"]
+async fn postgres_usage_flush_timing() {
+    with_postgres(time_usage_flush).await;
 }

@@ -10,7 +10,7 @@ use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::sql::{aggregate_usage, clamp_i64};
+use super::sql::{aggregate_usage, clamp_i64, USAGE_CHUNK_ROWS};
 use super::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
     StoreErrorKind,
@@ -334,7 +334,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
-        let totals = aggregate_usage(usage);
+        let totals: Vec<_> = aggregate_usage(usage).into_iter().collect();
         if totals.is_empty() {
             return Ok(());
         }
@@ -344,19 +344,35 @@ impl KeyStore for PostgresStore {
             .begin()
             .await
             .map_err(|e| store_error(context, e))?;
-        // One key at a time in id order: concurrent batches lock rows in the same order, so
-        // they cannot deadlock each other.
-        for (id, (uses, last_used_at)) in totals {
+        for chunk in totals.chunks(USAGE_CHUNK_ROWS) {
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            let uses: Vec<i64> = chunk
+                .iter()
+                .map(|(_, (uses, _))| clamp_i64(*uses))
+                .collect();
+            let last_used: Vec<OffsetDateTime> =
+                chunk.iter().map(|(_, (_, at))| micros(*at)).collect();
+            // Rows are locked in id order (chunks are in id order too), whatever plan the
+            // update gets: concurrent batches take their locks in one order, so they cannot
+            // deadlock each other.
             sqlx::query(
-                "UPDATE keywarden_keys SET \
-                 use_count = CASE WHEN use_count > 9223372036854775807 - $1 \
-                     THEN 9223372036854775807 ELSE use_count + $1 END, \
-                 last_used_at = GREATEST(last_used_at, $2) \
-                 WHERE id = $3",
+                "SELECT 1 FROM keywarden_keys WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
             )
-            .bind(clamp_i64(uses))
-            .bind(micros(last_used_at))
-            .bind(id)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store_error(context, e))?;
+            sqlx::query(
+                "UPDATE keywarden_keys AS k SET \
+                 use_count = CASE WHEN k.use_count > 9223372036854775807 - u.uses \
+                     THEN 9223372036854775807 ELSE k.use_count + u.uses END, \
+                 last_used_at = GREATEST(k.last_used_at, u.at) \
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS u(id, uses, at) \
+                 WHERE k.id = u.id",
+            )
+            .bind(&ids)
+            .bind(&uses)
+            .bind(&last_used)
             .execute(&mut *tx)
             .await
             .map_err(|e| store_error(context, e))?;

@@ -7,6 +7,10 @@ use uuid::Uuid;
 
 use super::KeyUsage;
 
+/// Rows per usage-update statement: large enough that a flush of thousands of keys is a few
+/// statements, small enough to keep each statement's parameter and working set modest.
+pub(super) const USAGE_CHUNK_ROWS: usize = 1000;
+
 /// Sums a batch per key (saturating) and keeps each key's latest use, in id order (a fixed
 /// lock order, so two concurrent batches cannot deadlock).
 pub(super) fn aggregate_usage(usage: &[KeyUsage]) -> BTreeMap<Uuid, (u64, OffsetDateTime)> {

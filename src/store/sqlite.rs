@@ -12,7 +12,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::sql::{aggregate_usage, clamp_i64};
+use super::sql::{aggregate_usage, clamp_i64, USAGE_CHUNK_ROWS};
 use super::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
     StoreErrorKind,
@@ -302,7 +302,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
-        let totals = aggregate_usage(usage);
+        let totals: Vec<_> = aggregate_usage(usage).into_iter().collect();
         if totals.is_empty() {
             return Ok(());
         }
@@ -312,27 +312,50 @@ impl KeyStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| store_error(context, e))?;
-        for (id, (uses, last_used_at)) in totals {
-            let uses = clamp_i64(uses);
+        // One statement per chunk, the rows as one JSON parameter `[[hex id, uses, micros]]`:
+        // a single prepared statement whatever the batch size, and no parameter limit.
+        let mut batch = String::new();
+        for chunk in totals.chunks(USAGE_CHUNK_ROWS) {
+            usage_json(chunk, &mut batch);
             sqlx::query(
                 "UPDATE keywarden_keys SET \
-                 use_count = CASE WHEN use_count > ? THEN 9223372036854775807 \
-                     ELSE use_count + ? END, \
-                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? \
+                 use_count = CASE WHEN use_count > 9223372036854775807 - u.uses \
+                     THEN 9223372036854775807 ELSE use_count + u.uses END, \
+                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < u.at THEN u.at \
                      ELSE last_used_at END \
-                 WHERE id = ?",
+                 FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS uses, value ->> 2 AS at \
+                     FROM json_each(?)) AS u \
+                 WHERE keywarden_keys.id = u.id",
             )
-            .bind(i64::MAX - uses)
-            .bind(uses)
-            .bind(to_micros(last_used_at))
-            .bind(to_micros(last_used_at))
-            .bind(id.as_bytes().as_slice())
+            .bind(batch.as_str())
             .execute(&mut *tx)
             .await
             .map_err(|e| store_error(context, e))?;
         }
         tx.commit().await.map_err(|e| store_error(context, e))
     }
+}
+
+/// Writes `rows` as the JSON array the usage update reads: `[["<32 hex digits>",uses,micros],…]`,
+/// ids as hex because JSON has no bytes (`unhex` turns them back into the 16-byte blob).
+fn usage_json(rows: &[(Uuid, (u64, OffsetDateTime))], out: &mut String) {
+    use std::fmt::Write as _;
+    out.clear();
+    out.push('[');
+    for (i, (id, (uses, last_used_at))) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(
+            out,
+            "[\"{}\",{},{}]",
+            id.simple(),
+            clamp_i64(*uses),
+            to_micros(*last_used_at)
+        );
+    }
+    out.push(']');
 }
 
 /// Appends the SQL form of [`KeyRecord::state`] at `now` (unix microseconds).
