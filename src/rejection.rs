@@ -23,6 +23,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -219,6 +220,17 @@ impl AuthRejection {
 
     /// The problem+json body.
     pub fn body(&self) -> Bytes {
+        match self.detail {
+            // Nearly every rejection has a literal detail: render it once, then share it.
+            Cow::Borrowed(detail) => match static_body(self.kind, detail) {
+                Some(body) => Bytes::from_static(body),
+                None => self.render_body(),
+            },
+            Cow::Owned(_) => self.render_body(),
+        }
+    }
+
+    fn render_body(&self) -> Bytes {
         // The constant part of each kind's body is rendered at compile time; only the detail is
         // copied in, escaped by serde_json when (rarely) it needs escaping. Byte-for-byte what
         // serde_json renders for the whole `Problem` (tested).
@@ -297,6 +309,42 @@ impl AuthRejection {
             rl.write_headers(headers);
         }
     }
+}
+
+/// A rendered body for a static detail, shared by every rejection of that kind and detail.
+struct StaticBody {
+    kind: RejectionKind,
+    detail: &'static str,
+    body: &'static [u8],
+}
+
+/// Slots for static bodies. Details are literals, a few dozen in all, so this fills once and is
+/// then only read (one atomic load per slot probed); each body is leaked exactly once.
+static STATIC_BODIES: [OnceLock<StaticBody>; 256] = [const { OnceLock::new() }; 256];
+
+/// How many slots one detail may probe before it is rendered per call instead: bounds the
+/// table (and the memory leaked) if an application passes ever new `&'static` details.
+const STATIC_BODY_PROBES: usize = 16;
+
+fn static_body(kind: RejectionKind, detail: &'static str) -> Option<&'static [u8]> {
+    let start = (detail.as_ptr() as usize >> 3) ^ (detail.len() << 2) ^ kind as usize;
+    for probe in 0..STATIC_BODY_PROBES {
+        let slot = &STATIC_BODIES[(start + probe) % STATIC_BODIES.len()];
+        let held = slot.get_or_init(|| StaticBody {
+            kind,
+            detail,
+            body: Box::leak(
+                AuthRejection::new(kind, detail)
+                    .render_body()
+                    .to_vec()
+                    .into_boxed_slice(),
+            ),
+        });
+        if held.kind == kind && std::ptr::eq(held.detail, detail) {
+            return Some(held.body);
+        }
+    }
+    None
 }
 
 /// The problem+json body of `kind` up to and including the opening quote of the detail.
@@ -485,6 +533,39 @@ mod tests {
                     "{kind}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn static_details_render_once_and_owned_ones_every_time() {
+        const DETAIL: &str = "the key has the wrong length";
+        let first = AuthRejection::new(RejectionKind::MalformedKey, DETAIL);
+        let again = AuthRejection::new(RejectionKind::MalformedKey, DETAIL);
+        assert_eq!(
+            first.body().as_ptr(),
+            again.body().as_ptr(),
+            "one shared rendering"
+        );
+        // Same text, another kind: its own body.
+        let other = AuthRejection::new(RejectionKind::InvalidKey, "the key has the wrong length");
+        assert_eq!(
+            other.body().as_ref(),
+            reference_body(RejectionKind::InvalidKey, "the key has the wrong length").as_slice()
+        );
+        let owned = AuthRejection::new(RejectionKind::MalformedKey, String::from("owned"));
+        assert_ne!(
+            owned.body().as_ptr(),
+            owned.body().as_ptr(),
+            "rendered per call"
+        );
+        // More static details than the table holds still render correctly.
+        for n in 0..200 {
+            let detail: &'static str = Box::leak(format!("detail {n}").into_boxed_str());
+            let body = AuthRejection::new(RejectionKind::ExpiredKey, detail).body();
+            assert_eq!(
+                body.as_ref(),
+                reference_body(RejectionKind::ExpiredKey, detail).as_slice()
+            );
         }
     }
 
