@@ -19,11 +19,9 @@ use dashmap::DashMap;
 use http::Extensions;
 use moka::future::Cache;
 use moka::Expiry;
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::principal::Principal;
-use crate::ratelimit::RateLimitPolicy;
 use crate::secret::Digest;
 use crate::store::{KeyRecord, StoreError};
 use crate::usage::UsageCell;
@@ -45,16 +43,13 @@ impl<T: Clone + Send + Sync + 'static> Identity for IdentityValue<T> {
 pub(crate) struct Resolved {
     pub(crate) principal: Principal,
     pub(crate) identity: Option<Arc<dyn Identity>>,
-    pub(crate) expires_at: Option<OffsetDateTime>,
+    // Expiry, the read-only flag and the rate limit are read from the principal.
     pub(crate) revoked: bool,
     pub(crate) disabled: bool,
-    pub(crate) read_only: bool,
-    #[allow(dead_code)] // enforced by the rate limiter
-    pub(crate) rate_limit: Option<RateLimitPolicy>,
     /// The index of the key's collection among the layer's configured ones; `None` when the
     /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
     /// collections at all).
-    pub(crate) collection: Option<usize>,
+    pub(crate) collection: Option<u32>,
     /// Uses are recorded (not for keys of a read-only foreign store).
     pub(crate) tracks_usage: bool,
     /// Uses not yet written to the store.
@@ -71,11 +66,8 @@ impl Resolved {
         Self {
             identity: identity(&principal),
             principal,
-            expires_at: record.expires_at,
             revoked: record.revoked_at.is_some(),
             disabled: record.disabled,
-            read_only: record.read_only,
-            rate_limit: record.rate_limit,
             collection: None,
             tracks_usage: true,
             usage: UsageCell::default(),

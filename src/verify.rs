@@ -352,11 +352,11 @@ impl Shared {
     }
 
     /// The rate-limit policy that applies to a key: its own, else the layer default.
-    pub(crate) fn policy<'a>(&'a self, resolved: &'a Resolved) -> Option<&'a RateLimitPolicy> {
+    pub(crate) fn policy(&self, resolved: &Resolved) -> Option<RateLimitPolicy> {
         resolved
-            .rate_limit
-            .as_ref()
-            .or(self.limiters.default_policy.as_ref())
+            .principal
+            .rate_limit()
+            .or(self.limiters.default_policy)
     }
 
     /// Takes one request from the key's budget. `Ok(None)`: no policy applies.
@@ -372,7 +372,7 @@ impl Shared {
         };
         let decision = self
             .limiters
-            .check(resolved.principal.key_id(), policy)
+            .check(resolved.principal.key_id(), &policy)
             .await
             .map_err(|_| self.unavailable())?;
         self.limit_decision(decision)
@@ -388,7 +388,7 @@ impl Shared {
         };
         let decision = self
             .limiters
-            .check_local(resolved.principal.key_id(), policy);
+            .check_local(resolved.principal.key_id(), &policy);
         self.limit_decision(decision)
     }
 
@@ -445,7 +445,8 @@ impl Shared {
         resolved.collection = self
             .collections
             .iter()
-            .position(|c| *c.slug == *record.collection);
+            .position(|c| *c.slug == *record.collection)
+            .and_then(|index| u32::try_from(index).ok());
         // A foreign store is never written to.
         resolved.tracks_usage = !self.foreign.owns(&record.collection);
         Arc::new(resolved)
@@ -461,7 +462,7 @@ impl Shared {
         method: &Method,
         clock: &dyn Clock,
     ) -> Result<(), AuthRejection> {
-        let configured = resolved.collection;
+        let configured = resolved.collection.map(|index| index as usize);
         let collection_ok = match lookup.binding {
             Some(index) => configured == Some(index),
             None => self.collections.is_empty() || configured.is_some(),
@@ -485,13 +486,17 @@ impl Shared {
                 "the key is disabled",
             ));
         }
-        if resolved.expires_at.is_some_and(|at| at <= clock.now()) {
+        if resolved
+            .principal
+            .expires_at()
+            .is_some_and(|at| at <= clock.now())
+        {
             return Err(AuthRejection::new(
                 RejectionKind::ExpiredKey,
                 "the key has expired",
             ));
         }
-        if resolved.read_only && !method.is_safe() {
+        if resolved.principal.is_read_only() && !method.is_safe() {
             return Err(AuthRejection::new(
                 RejectionKind::InsufficientScope,
                 "the key is read-only; only GET, HEAD, OPTIONS and TRACE are allowed",
