@@ -6,7 +6,17 @@
 //!
 //! A found entry past its TTL is kept for a further stale window: it is re-read from the
 //! store by one request at a time, and answered from while the store is unreachable.
+//!
+//! moka is the cache of record: capacity, admission and eviction, expiry, coalescing and
+//! invalidation. A hit does not read it, though: moka's `get` (read recording, housekeeping,
+//! expiry bookkeeping) cost more than everything else on the hit path together. A lean map
+//! from digest to the same entries (the front map) serves hits synchronously, with expiry and
+//! the invalidation check applied on read. It mirrors moka: an entry enters it just before
+//! moka gets it and leaves it through moka's eviction listener; a miss first takes back from
+//! moka what the front map lost; and one hit in sixteen is replayed to moka on the next miss,
+//! so moka's eviction still sees which keys are in use.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -50,7 +60,8 @@ pub(crate) struct Resolved {
     /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
     /// collections at all).
     pub(crate) collection: Option<u32>,
-    /// Uses are recorded (not for keys of a read-only foreign store).
+    /// Uses are recorded (not for keys of a read-only foreign store). `false` until the
+    /// layer, which knows its foreign collections, says otherwise.
     pub(crate) tracks_usage: bool,
     /// Uses not yet written to the store.
     pub(crate) usage: UsageCell,
@@ -69,7 +80,7 @@ impl Resolved {
             revoked: record.revoked_at.is_some(),
             disabled: record.disabled,
             collection: None,
-            tracks_usage: true,
+            tracks_usage: false,
             usage: UsageCell::default(),
         }
     }
@@ -132,14 +143,19 @@ impl StaleEntry {
         self.entry.lookup.clone()
     }
 
-    /// Claims the re-read of this entry; only one caller at a time gets `true`.
-    pub(crate) fn claim_refresh(&self) -> bool {
-        !self.entry.refreshing.swap(true, Ordering::AcqRel)
+    /// Claims the re-read of this entry; only one caller at a time gets it.
+    pub(crate) fn claim_refresh(&self) -> Option<RefreshClaim<'_>> {
+        (!self.entry.refreshing.swap(true, Ordering::AcqRel)).then_some(RefreshClaim(&self.entry))
     }
+}
 
-    /// Gives the claim back after a failed re-read, so a later request can try again.
-    pub(crate) fn release_refresh(&self) {
-        self.entry.refreshing.store(false, Ordering::Release);
+/// The claim to re-read a stale entry. Given back when dropped — also when the request that
+/// held it is dropped mid-read — so a later request can try again.
+pub(crate) struct RefreshClaim<'a>(&'a Entry);
+
+impl Drop for RefreshClaim<'_> {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
     }
 }
 
@@ -249,8 +265,17 @@ impl Hasher for DigestHasher {
 /// long, and it never outlives its TTL (checked on read).
 type Front = DashMap<Digest, Cached, DigestHash>;
 
-/// How many front-map insertions pass between checks that it has not outgrown moka.
+/// How many front-map insertions pass (at least) between checks that it has not outgrown moka.
 const FRONT_CHECK_EVERY: u64 = 4096;
+
+/// One hit in this many, per thread, is replayed to moka (see [`KeyCache::sample_hit`]).
+const HIT_SAMPLE: u32 = 16;
+/// At most this many sampled hits wait for the next miss; more are dropped.
+const MAX_SAMPLED_HITS: usize = 1024;
+
+thread_local! {
+    static HITS: Cell<u32> = const { Cell::new(0) };
+}
 
 /// The cache, plus a generation counter that every invalidation bumps.
 ///
@@ -263,6 +288,8 @@ pub(crate) struct KeyCache {
     cache: Cache<Digest, Cached>,
     front: Arc<Front>,
     front_inserts: Arc<AtomicU64>,
+    /// Hits noted for moka, replayed on the next miss.
+    sampled: Arc<Mutex<Vec<Digest>>>,
     generation: Arc<AtomicU64>,
     ttl: Duration,
     stale: Duration,
@@ -298,6 +325,7 @@ impl KeyCache {
             cache,
             front,
             front_inserts: Arc::default(),
+            sampled: Arc::default(),
             generation: Arc::new(AtomicU64::new(0)),
             ttl: config.ttl,
             stale: config.stale,
@@ -316,29 +344,79 @@ impl KeyCache {
         if !self.enabled {
             return None;
         }
-        let (verdict, seen) = {
+        let (verdict, dropped) = {
             let held = self.front.get(digest)?;
-            let entry = held.value();
-            let seen = Arc::as_ptr(entry);
-            let now = Instant::now();
-            let verdict = if now >= entry.expires || !self.current(digest, entry) {
-                None
-            } else if self.stale.is_zero() || now < entry.fresh_until {
-                Some(Hit::Fresh(entry.lookup.clone()))
-            } else {
-                Some(Hit::Stale(StaleEntry {
-                    entry: Arc::clone(entry),
-                }))
-            };
-            (verdict, seen)
+            match self.classify(digest, held.value()) {
+                Some(hit) => (Some(hit), None),
+                None => (None, Some(Arc::clone(held.value()))),
+            }
         };
-        if verdict.is_none() {
+        match dropped {
             // Expired or superseded: let the miss path read it again. moka drops its copy
             // itself (expiry) or already has (invalidation).
-            self.front
-                .remove_if(digest, |_, held| std::ptr::eq(Arc::as_ptr(held), seen));
+            Some(dropped) => {
+                self.front
+                    .remove_if(digest, |_, held| Arc::ptr_eq(held, &dropped));
+            }
+            None => self.sample_hit(digest),
         }
         verdict
+    }
+
+    /// The miss path's first step: an entry moka holds that the front map lost (an insert
+    /// overtaken by another for the same digest, a clean-up racing a publish) is put back
+    /// and served by the same rules as a hit. Also lets moka see the sampled hits.
+    pub(crate) async fn recover(&self, digest: &Digest) -> Option<Hit> {
+        if !self.enabled {
+            return None;
+        }
+        self.replay_hits().await;
+        let entry = self.cache.get(digest).await?;
+        let hit = self.classify(digest, &entry)?;
+        self.front.entry(*digest).or_insert(entry);
+        Some(hit)
+    }
+
+    /// A fresh or stale hit, or `None` when the entry is past its lifetime or an
+    /// invalidation since its read concerns it.
+    fn classify(&self, digest: &Digest, entry: &Cached) -> Option<Hit> {
+        let now = Instant::now();
+        if now >= entry.expires || !self.current(digest, entry) {
+            return None;
+        }
+        Some(if self.stale.is_zero() || now < entry.fresh_until {
+            Hit::Fresh(entry.lookup.clone())
+        } else {
+            Hit::Stale(StaleEntry {
+                entry: Arc::clone(entry),
+            })
+        })
+    }
+
+    /// moka orders eviction and admission by the reads it sees, and hits no longer reach it:
+    /// one hit in [`HIT_SAMPLE`] per thread is noted here and replayed to moka on the next
+    /// miss (misses are what insert, so what evict), so keys in use stay frequent to moka.
+    fn sample_hit(&self, digest: &Digest) {
+        let sampled = HITS.with(|hits| {
+            let n = hits.get().wrapping_add(1);
+            hits.set(n);
+            n % HIT_SAMPLE == 0
+        });
+        if sampled {
+            if let Ok(mut sampled) = self.sampled.try_lock() {
+                if sampled.len() < MAX_SAMPLED_HITS {
+                    sampled.push(*digest);
+                }
+            }
+        }
+    }
+
+    async fn replay_hits(&self) {
+        let sampled =
+            std::mem::take(&mut *self.sampled.lock().unwrap_or_else(PoisonError::into_inner));
+        for digest in &sampled {
+            let _ = self.cache.get(digest).await;
+        }
     }
 
     /// Whether `entry` may be served: no invalidation since its read concerns it. Stamps an
@@ -399,10 +477,13 @@ impl KeyCache {
     fn publish(&self, digest: Digest, entry: &Cached) {
         self.front.insert(digest, Arc::clone(entry));
         let inserts = self.front_inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        if inserts % FRONT_CHECK_EVERY == 0 && self.front.len() as u64 > self.max_capacity {
-            // Only an insert whose moka half was cancelled leaves an entry moka never saw.
+        let every = FRONT_CHECK_EVERY.max(self.max_capacity / 8);
+        if inserts % every == 0 && self.front.len() as u64 > self.max_capacity {
+            // Only an insert whose moka half was cancelled leaves an entry moka never saw;
+            // one dropped here by mistake (its moka insert still in flight) is recovered.
+            let now = Instant::now();
             self.front
-                .retain(|digest, _| self.cache.contains_key(digest));
+                .retain(|digest, entry| now < entry.expires && self.cache.contains_key(digest));
         }
     }
 
@@ -441,6 +522,7 @@ impl KeyCache {
             // No cache, no coalescing: one store query per lookup.
             return load().await.map_err(Arc::new);
         }
+        self.replay_hits().await;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -455,7 +537,12 @@ impl KeyCache {
                     Ok(entry)
                 })
                 .await?;
-            if cached.generation.load(Ordering::Acquire) == self.generation.load(Ordering::Acquire)
+            // moka's clock and ours differ by the moment of insertion: an entry moka still
+            // holds may be past the deadline the hit path applies.
+            let live = Instant::now() < cached.expires;
+            if live
+                && cached.generation.load(Ordering::Acquire)
+                    == self.generation.load(Ordering::Acquire)
             {
                 return Ok(cached.lookup.clone());
             }
@@ -513,6 +600,11 @@ impl KeyCache {
         self.bump(Dropped::All);
         self.front.clear();
         self.cache.invalidate_all();
+    }
+
+    /// `false` when built with capacity 0.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
     }
 
     pub(crate) fn entry_count(&self) -> u64 {
@@ -710,6 +802,99 @@ mod tests {
         );
     }
 
+    fn spread(i: u32, tag: u8) -> Digest {
+        // Spread over the hash bits the way an HMAC output is.
+        let mut bytes = [tag; 32];
+        let h = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(tag);
+        bytes[..8].copy_from_slice(&h.to_le_bytes());
+        bytes[8..12].copy_from_slice(&i.to_le_bytes());
+        Digest::from_bytes(bytes)
+    }
+
+    /// Hits do not reach moka, yet moka decides what to evict: without the sampled hits a key
+    /// in constant use was evicted like any one-off digest (found in review).
+    #[tokio::test]
+    async fn a_key_in_use_survives_a_flood_of_one_off_digests() {
+        let cache = KeyCache::new(CacheConfig {
+            max_capacity: 64,
+            ..CacheConfig::default()
+        });
+        let hot = spread(0, 0xAA);
+        let (_, hot_lookup) = found(1);
+        let reads = AtomicUsize::new(0);
+        let load_hot = || {
+            reads.fetch_add(1, Ordering::SeqCst);
+            let lookup = hot_lookup.clone();
+            async move { Ok(lookup) }
+        };
+        cache.get_or_load(hot, load_hot).await.unwrap();
+        for i in 1..64 {
+            cache
+                .get_or_load(spread(i, 1), || async { Ok(Lookup::Missing) })
+                .await
+                .unwrap();
+        }
+        for _ in 0..10_000 {
+            assert!(cache.lookup(&hot).is_some());
+        }
+        for i in 0..2_000 {
+            for _ in 0..10 {
+                if cache.lookup(&hot).is_none() && cache.recover(&hot).await.is_none() {
+                    cache.get_or_load(hot, load_hot).await.unwrap();
+                }
+            }
+            let cold = spread(i, 2);
+            if cache.lookup(&cold).is_none() {
+                cache
+                    .get_or_load(cold, || async { Ok(Lookup::Missing) })
+                    .await
+                    .unwrap();
+            }
+            cache.run_pending_tasks().await;
+        }
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            1,
+            "the key in use was evicted by one-off digests"
+        );
+    }
+
+    /// The front map can lose an entry moka still holds (two writers of one digest whose
+    /// inserts land in the other order, a clean-up racing a publish): the miss path takes it
+    /// back from moka, with its staleness intact, instead of serving it as fresh forever or
+    /// answering 503 during an outage (found in review).
+    #[tokio::test]
+    async fn an_entry_the_front_map_lost_is_recovered_from_moka() {
+        let cache = KeyCache::new(CacheConfig {
+            ttl: Duration::from_millis(20),
+            stale: Duration::from_secs(60),
+            ..CacheConfig::default()
+        });
+        let (digest, lookup) = found(1);
+        cache
+            .get_or_load(digest, || async { Ok(lookup.clone()) })
+            .await
+            .unwrap();
+        cache.front.remove(&digest);
+        assert!(cache.lookup(&digest).is_none());
+        assert!(matches!(cache.recover(&digest).await, Some(Hit::Fresh(_))));
+        assert!(cache.front.contains_key(&digest), "back in the front map");
+        cache.front.remove(&digest);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(
+            matches!(cache.recover(&digest).await, Some(Hit::Stale(_))),
+            "past its TTL it is stale, and gets refreshed"
+        );
+        // An invalidated entry is not recovered.
+        cache.front.remove(&digest);
+        let id = match &lookup {
+            Lookup::Found(r) => r.principal.key_id(),
+            Lookup::Missing => unreachable!(),
+        };
+        cache.invalidate_key(id);
+        assert!(cache.recover(&digest).await.is_none());
+    }
+
     #[tokio::test]
     async fn errors_are_not_cached() {
         let cache = KeyCache::new(CacheConfig::default());
@@ -814,11 +999,12 @@ mod tests {
         let Some(Hit::Stale(stale)) = cache.lookup(&d1) else {
             panic!("past its TTL the entry is stale, not gone");
         };
-        assert!(stale.claim_refresh());
+        let claim = stale.claim_refresh();
+        assert!(claim.is_some());
         let Some(Hit::Stale(other)) = cache.lookup(&d1) else {
             panic!("still stale");
         };
-        assert!(!other.claim_refresh(), "one refresher at a time");
+        assert!(other.claim_refresh().is_none(), "one refresher at a time");
         // A failed re-read keeps the stale entry and frees the claim.
         let down = cache
             .refresh(d1, async {
@@ -826,11 +1012,11 @@ mod tests {
             })
             .await;
         assert!(down.is_err());
-        stale.release_refresh();
+        drop(claim);
         let Some(Hit::Stale(again)) = cache.lookup(&d1) else {
             panic!("still stale after a failed refresh");
         };
-        assert!(again.claim_refresh());
+        assert!(again.claim_refresh().is_some());
         cache
             .refresh(d1, async { Ok(Lookup::Missing) })
             .await

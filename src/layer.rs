@@ -671,3 +671,48 @@ impl<S> Layer<S> for ApiKeyLayer {
         ApiKeyService::new(inner, self.shared.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manage::{KeyManager, NewKey};
+    use crate::store::MemoryStore;
+    use http::{Request, Response};
+    use tower::{Service, ServiceExt};
+
+    /// With the cache off every request resolves its own record; its uses must still pend as
+    /// one entry per key, not one per request (found in review).
+    #[tokio::test]
+    async fn uncached_uses_pend_once_per_key() {
+        let store = Arc::new(MemoryStore::new());
+        let layer = ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(
+                SecretRing::from_strs("layer-unit-test-secret-0123456789abcdef", None).unwrap(),
+            )
+            .cache_capacity(0)
+            .usage_flush_interval(Some(Duration::from_secs(3600)))
+            .build()
+            .unwrap();
+        let created = KeyManager::for_layer(&layer)
+            .create(NewKey::new("k", "s"))
+            .await
+            .unwrap();
+        let mut service = layer.layer(tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }));
+        for _ in 0..1000 {
+            let req = Request::builder()
+                .header("x-api-key", created.key.expose())
+                .body(())
+                .unwrap();
+            let res = service.ready().await.unwrap().call(req).await.unwrap();
+            assert_eq!(res.status(), 200);
+        }
+        let usage = layer.shared.usage.as_ref().expect("usage on");
+        assert_eq!(usage.queued(), (0, 1));
+        layer.flush_usage().await.unwrap();
+        let stored = store.get(created.record.id).await.unwrap().unwrap();
+        assert_eq!(stored.use_count, 1000);
+    }
+}

@@ -1,9 +1,10 @@
 //! Write-behind usage tracking: `last_used_at` and use counts, batched.
 //!
 //! Each cached key carries a [`UsageCell`]: a use adds to its counters (two atomic updates,
-//! no lock, no map), and the first use after a flush puts the key on a queue. A background
-//! task flushes the queue to the store every interval in one `record_usage` call. A failed
-//! flush puts the counts back so the next one retries them.
+//! no lock, no map), and the first use after a flush puts the key on a queue. Uses of keys
+//! read without the cache, and counts put back after a failed flush, go to a map with one
+//! entry per key. A background task flushes both to the store every interval in one
+//! `record_usage` call.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -45,8 +46,10 @@ impl UsageCell {
 }
 
 pub(crate) struct UsageRecorder {
-    /// Keys used since the last flush, each once.
+    /// Cached keys used since the last flush, each once per cache fill.
     queue: Mutex<Vec<Arc<Resolved>>>,
+    /// Uses not held in a cell, one entry per key id: `(uses, latest)`.
+    loose: Mutex<HashMap<Uuid, (u64, i64)>>,
     store: Arc<dyn KeyStore>,
     interval: Duration,
     started: AtomicBool,
@@ -66,6 +69,7 @@ impl UsageRecorder {
     pub(crate) fn new(store: Arc<dyn KeyStore>, interval: Duration) -> Arc<Self> {
         Arc::new(Self {
             queue: Mutex::default(),
+            loose: Mutex::default(),
             store,
             interval,
             started: AtomicBool::new(false),
@@ -78,16 +82,52 @@ impl UsageRecorder {
         if key.usage.add(1, at) {
             self.enqueue(Arc::clone(key));
         }
+        self.ensure_flusher();
+    }
+
+    /// Notes one use of a key that is not cached (the cache is off): counted by id, so the
+    /// pending uses stay one entry per key however many requests there are.
+    pub(crate) fn record_uncached(self: &Arc<Self>, id: Uuid, at: i64) {
+        self.add_loose(id, 1, at);
+        self.ensure_flusher();
+    }
+
+    fn ensure_flusher(self: &Arc<Self>) {
         if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
             self.spawn_flusher();
         }
     }
 
+    fn add_loose(&self, id: Uuid, uses: u64, last: i64) {
+        let mut loose = self.loose.lock().unwrap_or_else(PoisonError::into_inner);
+        let row = loose.entry(id).or_insert((0, i64::MIN));
+        row.0 = row.0.saturating_add(uses);
+        row.1 = row.1.max(last);
+    }
+
     fn enqueue(&self, key: Arc<Resolved>) {
-        self.queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(key);
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.push(key);
+        if queue.len() >= MAX_QUEUED {
+            // Cache fills churned faster than flushes: fold the cells into per-key counts
+            // rather than keep every filled entry alive.
+            let folded = std::mem::take(&mut *queue);
+            drop(queue);
+            for key in folded {
+                let (uses, last) = key.usage.take();
+                if uses > 0 {
+                    self.add_loose(key.principal.key_id(), uses, last);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> (usize, usize) {
+        (
+            self.queue.lock().unwrap().len(),
+            self.loose.lock().unwrap().len(),
+        )
     }
 
     fn spawn_flusher(self: &Arc<Self>) {
@@ -126,45 +166,44 @@ impl UsageRecorder {
     pub(crate) async fn flush(&self) -> Result<usize, StoreError> {
         let queued =
             std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
-        let taken: Vec<(Arc<Resolved>, u64, i64)> = queued
-            .into_iter()
-            .map(|key| {
-                let (uses, last) = key.usage.take();
-                (key, uses, last)
-            })
-            .filter(|&(_, uses, _)| uses > 0)
-            .collect();
+        let mut rows =
+            std::mem::take(&mut *self.loose.lock().unwrap_or_else(PoisonError::into_inner));
         // A key read into the cache again has a new cell: merge them into one row.
-        let mut rows: HashMap<Uuid, (u64, i64)> = HashMap::with_capacity(taken.len());
-        for (key, uses, last) in &taken {
-            let row = rows.entry(key.principal.key_id()).or_insert((0, i64::MIN));
-            row.0 = row.0.saturating_add(*uses);
-            row.1 = row.1.max(*last);
+        for key in queued {
+            let (uses, last) = key.usage.take();
+            if uses > 0 {
+                let row = rows.entry(key.principal.key_id()).or_insert((0, i64::MIN));
+                row.0 = row.0.saturating_add(uses);
+                row.1 = row.1.max(last);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(0);
         }
         let batch: Vec<KeyUsage> = rows
-            .into_iter()
-            .map(|(id, (uses, last))| KeyUsage {
+            .iter()
+            .map(|(&id, &(uses, last))| KeyUsage {
                 id,
                 last_used_at: from_nanos(last),
                 uses,
             })
             .collect();
-        if batch.is_empty() {
-            return Ok(0);
-        }
         match self.store.record_usage(&batch).await {
             Ok(()) => Ok(batch.len()),
             Err(error) => {
-                for (key, uses, last) in taken {
-                    if key.usage.add(uses, last) {
-                        self.enqueue(key);
-                    }
+                // Kept by key id, not by cell: a store that keeps failing holds one entry per
+                // key, not every cache fill since.
+                for (id, (uses, last)) in rows {
+                    self.add_loose(id, uses, last);
                 }
                 Err(error)
             }
         }
     }
 }
+
+/// Queued cells beyond which they are folded into per-key counts.
+const MAX_QUEUED: usize = 1 << 16;
 
 fn from_nanos(nanos: i64) -> OffsetDateTime {
     // Every i64 of nanoseconds is a valid OffsetDateTime.
@@ -323,16 +362,37 @@ mod tests {
         recorder.record(&key, t);
         recorder.record(&key, t);
         assert!(recorder.flush().await.is_err());
+        assert_eq!(recorder.queued(), (0, 1), "put back by key id, not by cell");
         recorder.record(&key, t + 1);
+        recorder.record_uncached(key.principal.key_id(), t + 2);
+        assert_eq!(recorder.queued(), (1, 1));
+        assert!(recorder.flush().await.is_err());
+        let loose = recorder.loose.lock().unwrap().clone();
         assert_eq!(
-            key.usage.take(),
-            (3, t + 1),
-            "failed batch put back and merged"
+            loose.get(&key.principal.key_id()),
+            Some(&(4, t + 2)),
+            "failed batches put back and merged"
         );
-        assert_eq!(
-            recorder.queue.lock().unwrap().len(),
-            1,
-            "queued once, for the next flush"
-        );
+    }
+
+    #[tokio::test]
+    async fn uncached_uses_and_churned_fills_stay_one_entry_per_key() {
+        let store = Arc::new(MemoryStore::new());
+        let r = record(5);
+        store.insert(&r).await.unwrap();
+        let recorder = UsageRecorder::new(store.clone(), Duration::from_secs(3600));
+        for _ in 0..1000 {
+            recorder.record_uncached(r.id, now());
+        }
+        // More cache fills of one key than the queue keeps: folded by key id.
+        for _ in 0..MAX_QUEUED + 10 {
+            recorder.record(&cached(&r), now());
+        }
+        let (queued, loose) = recorder.queued();
+        assert!(queued < MAX_QUEUED, "queue folded: {queued}");
+        assert_eq!(loose, 1);
+        assert_eq!(recorder.flush().await.unwrap(), 1);
+        let stored = store.get(r.id).await.unwrap().unwrap();
+        assert_eq!(stored.use_count, 1000 + MAX_QUEUED as u64 + 10);
     }
 }

@@ -196,7 +196,10 @@ impl Shared {
         query: Option<&str>,
         blocked: Option<&Blocked>,
     ) -> Result<Arc<Resolved>, AuthRejection> {
-        let hit = self.cache.lookup(&digest);
+        let hit = match self.cache.lookup(&digest) {
+            Some(hit) => Some(hit),
+            None => self.cache.recover(&digest).await,
+        };
         if let Some(blocked) = blocked {
             // Only a key cached as valid, and fresh, gets past a blocked address.
             return match hit {
@@ -223,13 +226,15 @@ impl Shared {
         headers: &HeaderMap,
         query: Option<&str>,
     ) -> Result<Arc<Resolved>, AuthRejection> {
-        if !self.health.is_down() && stale.claim_refresh() {
+        if let Some(_claim) = (!self.health.is_down())
+            .then(|| stale.claim_refresh())
+            .flatten()
+        {
             let previous = self.previous_digests(headers, query);
             let refreshed = self
                 .cache
                 .refresh(digest, self.load(digest, &previous))
                 .await;
-            stale.release_refresh();
             if let Ok(lookup) = refreshed {
                 return found(lookup);
             }
@@ -532,7 +537,12 @@ impl Shared {
     fn record_use(&self, resolved: &Arc<Resolved>) {
         if let Some(usage) = &self.usage {
             if resolved.tracks_usage {
-                usage.record(resolved, self.clock.now_unix_nanos());
+                let now = self.clock.now_unix_nanos();
+                if self.cache.enabled() {
+                    usage.record(resolved, now);
+                } else {
+                    usage.record_uncached(resolved.principal.key_id(), now);
+                }
             }
         }
     }
