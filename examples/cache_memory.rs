@@ -8,7 +8,17 @@
 //!
 //! The keys are created through the KeyManager in a memory store *before* the first RSS
 //! reading, so the store and the plaintext list are in the baseline; the delta is what the
-//! cache (moka's entries, their `Resolved` records and principals, moka's bookkeeping) adds.
+//! cache (moka's entries, the front map, the cached entries and principals, moka's
+//! bookkeeping) adds.
+//!
+//! `--parts` also measures the two maps alone, with a 32-byte key and an `Arc` value like the
+//! cache's: moka configured as keywarden configures it (capacity, per-entry expiry,
+//! invalidation closures, eviction listener) and the `DashMap` of the front map. What they
+//! take is structure that no change to the cached records can remove.
+//!
+//! ```text
+//! cargo run --release --example cache_memory -- --parts 1000000
+//! ```
 
 use std::sync::Arc;
 
@@ -29,8 +39,24 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
-    let counts: Vec<usize> = std::env::args()
-        .skip(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let [part, count] = &args[..] {
+        if part == "moka" || part == "dashmap" {
+            let count: usize = count.parse().expect("a count");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(measure_part(part, count));
+            return;
+        }
+    }
+    let parts = args.first().is_some_and(|a| a == "--parts");
+    if parts {
+        args.remove(0);
+    }
+    let counts: Vec<usize> = args
+        .iter()
         .map(|s| s.parse().expect("a key count"))
         .collect();
     let counts = if counts.is_empty() {
@@ -38,7 +64,8 @@ fn main() {
     } else {
         counts
     };
-    if let [count] = counts[..] {
+    if let ([count], false) = (&counts[..], parts) {
+        let count = *count;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -50,13 +77,72 @@ fn main() {
     println!("| ---: | ---: | ---: | ---: |");
     // One fresh process per count, so memory freed by one run cannot hide the next one's.
     let exe = std::env::current_exe().expect("own path");
-    for count in counts {
+    for &count in &counts {
         let status = std::process::Command::new(&exe)
             .arg(count.to_string())
             .status()
             .expect("run a measurement");
         assert!(status.success(), "measurement for {count} keys failed");
     }
+    if parts {
+        println!();
+        println!("| map alone | entries | bytes per entry |");
+        println!("| --- | ---: | ---: |");
+        for part in ["moka", "dashmap"] {
+            for count in &counts {
+                let status = std::process::Command::new(&exe)
+                    .args([part, &count.to_string()])
+                    .status()
+                    .expect("run a measurement");
+                assert!(status.success(), "{part} for {count} entries failed");
+            }
+        }
+    }
+}
+
+/// One of the cache's two maps alone: 32-byte keys (like a digest), `Arc` values.
+async fn measure_part(part: &str, count: usize) {
+    struct Lifetime;
+    impl moka::Expiry<[u8; 32], Arc<u64>> for Lifetime {
+        fn expire_after_create(
+            &self,
+            _: &[u8; 32],
+            _: &Arc<u64>,
+            _: std::time::Instant,
+        ) -> Option<std::time::Duration> {
+            Some(std::time::Duration::from_secs(3600))
+        }
+    }
+    let key = |i: usize| {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+        key
+    };
+    let values: Vec<Arc<u64>> = (0..count as u64).map(Arc::new).collect();
+    let before = rss_bytes();
+    let (label, after) = if part == "moka" {
+        let cache: moka::future::Cache<[u8; 32], Arc<u64>> = moka::future::Cache::builder()
+            .max_capacity(2 * count as u64)
+            .expire_after(Lifetime)
+            .support_invalidation_closures()
+            .eviction_listener(|_, _, _| {})
+            .build();
+        for (i, value) in values.iter().enumerate() {
+            cache.insert(key(i), Arc::clone(value)).await;
+        }
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), count as u64);
+        ("moka, configured as keywarden's cache", rss_bytes())
+    } else {
+        let map = dashmap::DashMap::new();
+        for (i, value) in values.iter().enumerate() {
+            map.insert(key(i), Arc::clone(value));
+        }
+        assert_eq!(map.len(), count);
+        ("DashMap (the front map)", rss_bytes())
+    };
+    let per_entry = after.saturating_sub(before) as f64 / count as f64;
+    println!("| {label} | {count} | {per_entry:.0} |");
 }
 
 async fn measure(count: usize) {
