@@ -805,3 +805,57 @@ async fn build_rejects_configurations_that_cannot_work() {
         .build()
         .is_ok());
 }
+
+/// tower's contract: `call` goes to the instance that `poll_ready` readied. `ConcurrencyLimit`
+/// panics otherwise, and with a limit of one it also shows that a request still waiting for
+/// the store holds the permit it was readied with, not a clone's. Exercised on every path:
+/// a miss (boxed), a hit (decided in `call`), a rejection, and two requests in flight.
+#[tokio::test]
+async fn the_inner_service_that_was_polled_ready_is_the_one_called() {
+    use std::convert::Infallible;
+    use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+    let fx = Fixture::new();
+    let created = fx.key(NewKey::new("k", "alice")).await;
+    let key = created.key.expose().to_owned();
+    let inner = ServiceBuilder::new().concurrency_limit(1).service_fn(
+        |_req: http::Request<axum::body::Body>| async {
+            Ok::<_, Infallible>(http::Response::new(axum::body::Body::empty()))
+        },
+    );
+    let mut service = fx.layer.layer(inner);
+    let with_key = |value: &str| request("GET", "/", &[("x-api-key", value.as_bytes())]);
+    let mut malformed = key.clone().into_bytes();
+    let last = malformed.last_mut().unwrap();
+    *last = if *last == b'A' { b'B' } else { b'A' };
+    let malformed = String::from_utf8(malformed).unwrap();
+
+    for (value, status) in [
+        (key.as_str(), 200), // miss: the boxed path
+        (key.as_str(), 200), // hit: decided in `call`
+        (malformed.as_str(), 401),
+        (key.as_str(), 200),
+    ] {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(with_key(value))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{value:.12}");
+    }
+
+    // Two hits in flight: the second is readied only once the first has finished.
+    let first = service.ready().await.unwrap().call(with_key(&key));
+    let mut clone = service.clone();
+    let second_ready =
+        tokio::time::timeout(std::time::Duration::from_millis(50), clone.ready()).await;
+    assert!(
+        second_ready.is_err(),
+        "the permit is held by the first request"
+    );
+    assert_eq!(first.await.unwrap().status(), 200);
+    let second = clone.ready().await.unwrap().call(with_key(&key));
+    assert_eq!(second.await.unwrap().status(), 200);
+}
