@@ -100,9 +100,7 @@ impl UsageRecorder {
 
     fn add_loose(&self, id: Uuid, uses: u64, last: i64) {
         let mut loose = self.loose.lock().unwrap_or_else(PoisonError::into_inner);
-        let row = loose.entry(id).or_insert((0, i64::MIN));
-        row.0 = row.0.saturating_add(uses);
-        row.1 = row.1.max(last);
+        merge_uses(&mut loose, id, uses, last);
     }
 
     fn enqueue(&self, key: Arc<Resolved>) {
@@ -172,9 +170,7 @@ impl UsageRecorder {
         for key in queued {
             let (uses, last) = key.usage.take();
             if uses > 0 {
-                let row = rows.entry(key.principal.key_id()).or_insert((0, i64::MIN));
-                row.0 = row.0.saturating_add(uses);
-                row.1 = row.1.max(last);
+                merge_uses(&mut rows, key.principal.key_id(), uses, last);
             }
         }
         if rows.is_empty() {
@@ -200,6 +196,13 @@ impl UsageRecorder {
             }
         }
     }
+}
+
+/// Adds `uses` uses of key `id`, the latest at `last`, to its pending row.
+fn merge_uses(rows: &mut HashMap<Uuid, (u64, i64)>, id: Uuid, uses: u64, last: i64) {
+    let row = rows.entry(id).or_insert((0, i64::MIN));
+    row.0 = row.0.saturating_add(uses);
+    row.1 = row.1.max(last);
 }
 
 /// Queued cells beyond which they are folded into per-key counts.

@@ -177,12 +177,24 @@ impl Shared {
         digest: &Digest,
         blocked: Option<&Blocked>,
     ) -> Option<Result<Arc<Resolved>, AuthRejection>> {
-        match (self.cache.lookup(digest), blocked) {
+        let hit = self.cache.lookup(digest);
+        match (hit, blocked) {
+            (hit, Some(blocked)) => Some(self.past_block(hit, blocked)),
             (Some(Hit::Fresh(lookup)), None) => Some(found(lookup)),
-            (Some(Hit::Fresh(Lookup::Found(resolved))), Some(_)) => Some(Ok(resolved)),
-            // Only a key cached as valid, and fresh, gets past a blocked address.
-            (_, Some(blocked)) => Some(Err(self.blocked_rejection(blocked))),
             (_, None) => None,
+        }
+    }
+
+    /// The answer for a client address over its failure budget: only a key cached as valid,
+    /// and fresh, gets past it; anything that would need the store is refused.
+    fn past_block(
+        &self,
+        hit: Option<Hit>,
+        blocked: &Blocked,
+    ) -> Result<Arc<Resolved>, AuthRejection> {
+        match hit {
+            Some(Hit::Fresh(Lookup::Found(resolved))) => Ok(resolved),
+            _ => Err(self.blocked_rejection(blocked)),
         }
     }
 
@@ -201,11 +213,7 @@ impl Shared {
             None => self.cache.recover(&digest).await,
         };
         if let Some(blocked) = blocked {
-            // Only a key cached as valid, and fresh, gets past a blocked address.
-            return match hit {
-                Some(Hit::Fresh(Lookup::Found(resolved))) => Ok(resolved),
-                _ => Err(self.blocked_rejection(blocked)),
-            };
+            return self.past_block(hit, blocked);
         }
         match hit {
             Some(Hit::Fresh(lookup)) => found(lookup),
