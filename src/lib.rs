@@ -52,8 +52,9 @@ pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Col
 #[cfg(feature = "manage-api")]
 pub use manage::management_router;
 pub use manage::{
-    parse_duration, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
-    ManageErrorKind, NewKey, RevealKey, REVEAL_KEY_ENV,
+    parse_duration, Actor, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
+    ManageErrorKind, NewKey, RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId,
+    RevealKeyRing, RevealOptions, PREVIOUS_REVEAL_KEYS_ENV, REVEAL_KEY_ENV,
 };
 pub use principal::Principal;
 pub use ratelimit::{

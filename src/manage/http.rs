@@ -1103,6 +1103,18 @@ impl From<ManageError> for ApiError {
                 "Keys issued by another system",
                 err.to_string(),
             ),
+            ManageErrorKind::Inactive => Self::problem(
+                StatusCode::CONFLICT,
+                "inactive_key",
+                "Key not active",
+                err.to_string(),
+            ),
+            ManageErrorKind::RateLimited => Self::problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+                err.to_string(),
+            ),
             ManageErrorKind::Store => {
                 tracing::warn!(target: "keywarden", error = %err, "management request failed: key store error");
                 Self::Auth(AuthRejection::new(

@@ -35,15 +35,21 @@ use crate::store::{
     StoreErrorKind,
 };
 
+mod actor;
 mod expiry;
 #[cfg(feature = "manage-api")]
 mod http;
 mod reveal;
 
+pub use actor::Actor;
 pub use expiry::{parse_duration, DurationParseError, ExpiresIn};
 #[cfg(feature = "manage-api")]
 pub use http::management_router;
-pub use reveal::{RevealKey, REVEAL_KEY_ENV};
+use reveal::RevealLimiter;
+pub use reveal::{
+    RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId, RevealKeyRing, RevealOptions,
+    PREVIOUS_REVEAL_KEYS_ENV, REVEAL_KEY_ENV,
+};
 
 /// Longest accepted name, description, subject and metadata, in bytes.
 const MAX_NAME: usize = 200;
@@ -185,11 +191,17 @@ pub enum ManageErrorKind {
     /// The store failed.
     Store,
     /// The key cannot be revealed: viewable keys are off, the key was created while they
-    /// were off, or the reveal key is not the one that encrypted it.
+    /// were off, the reveal key that encrypted it is not configured, or the stored ciphertext
+    /// was altered or moved from another key.
     NotRevealable,
     /// The store or collection holds another system's keys (Payload CMS, Strapi), which
     /// keywarden verifies but never manages.
     ReadOnly,
+    /// The key is revoked, disabled or expired, and the operation needs an active key
+    /// (revealing one without [`RevealOptions::include_inactive`]).
+    Inactive,
+    /// The caller has made too many of these requests; the message says when to retry.
+    RateLimited,
 }
 
 /// A management error. Never contains key material.
@@ -240,6 +252,11 @@ impl ManageError {
         }
     }
 
+    fn with_kind(mut self, kind: ManageErrorKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ManageErrorKind {
         self.kind
@@ -284,7 +301,8 @@ pub struct KeyManager {
     clock: Arc<dyn Clock>,
     layers: Vec<ApiKeyLayer>,
     publishers: Vec<Arc<dyn InvalidationPublisher>>,
-    reveal: Option<RevealKey>,
+    reveal: Option<RevealKeyRing>,
+    reveal_limiter: RevealLimiter,
 }
 
 impl fmt::Debug for KeyManager {
@@ -293,7 +311,8 @@ impl fmt::Debug for KeyManager {
             .field("store", &self.store)
             .field("secrets", &self.ring)
             .field("format", &self.format)
-            .field("viewable_keys", &self.reveal.is_some())
+            .field("reveal_keys", &self.reveal)
+            .field("reveal_limit", &self.reveal_limiter)
             .finish_non_exhaustive()
     }
 }
@@ -301,11 +320,13 @@ impl fmt::Debug for KeyManager {
 impl KeyManager {
     /// A manager over `store`, digesting with `secrets`, default key format, system clock.
     pub fn new(store: Arc<dyn KeyStore>, secrets: SecretRing) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Self {
             store,
             ring: secrets,
             format: KeyFormat::default(),
-            clock: Arc::new(SystemClock),
+            reveal_limiter: RevealLimiter::new(reveal::default_reveal_limit(), clock.clone()),
+            clock,
             layers: Vec::new(),
             publishers: Vec::new(),
             reveal: None,
@@ -319,6 +340,7 @@ impl KeyManager {
             store: layer.store().clone(),
             ring: layer.secrets().clone(),
             format: layer.key_format().clone(),
+            reveal_limiter: RevealLimiter::new(reveal::default_reveal_limit(), layer.clock()),
             clock: layer.clock(),
             layers: vec![layer.clone()],
             publishers: Vec::new(),
@@ -353,16 +375,34 @@ impl KeyManager {
 
     /// Turns on viewable keys: new keys are also stored AES-256-GCM-encrypted with this key
     /// and can be shown again with [`reveal`](Self::reveal). Off by default: a stolen database
-    /// plus the reveal key yields every viewable key.
+    /// plus the reveal key yields every viewable key. A ring of one key; see
+    /// [`with_reveal_keys`](Self::with_reveal_keys) to keep previous reveal keys.
     #[must_use]
-    pub fn with_reveal_key(mut self, key: RevealKey) -> Self {
-        self.reveal = Some(key);
+    pub fn with_reveal_key(self, key: RevealKey) -> Self {
+        self.with_reveal_keys(RevealKeyRing::new(key))
+    }
+
+    /// Turns on viewable keys with a ring of reveal keys: new keys are sealed under the
+    /// current one, and keys sealed under a previous one still reveal (and are re-sealed under
+    /// the current one when they do).
+    #[must_use]
+    pub fn with_reveal_keys(mut self, ring: RevealKeyRing) -> Self {
+        self.reveal = Some(ring);
+        self
+    }
+
+    /// Sets how many keys each [`Actor`] may reveal (default 10 a minute), counted in this
+    /// process.
+    #[must_use]
+    pub fn with_reveal_limit(mut self, policy: RateLimitPolicy) -> Self {
+        self.reveal_limiter = RevealLimiter::new(policy, self.clock.clone());
         self
     }
 
     /// Sets the clock.
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.reveal_limiter = self.reveal_limiter.with_clock(clock.clone());
         self.clock = clock;
         self
     }
@@ -487,30 +527,6 @@ impl KeyManager {
             .get(id)
             .await?
             .ok_or_else(|| ManageError::not_found(id))
-    }
-
-    /// The plaintext of a viewable key.
-    ///
-    /// # Errors
-    /// [`ManageErrorKind::NotRevealable`] when viewable keys are off, the key was created
-    /// without them, or it was encrypted under another reveal key; also `NotFound` and `Store`.
-    pub async fn reveal(&self, id: Uuid) -> Result<ApiKey, ManageError> {
-        let Some(reveal) = &self.reveal else {
-            return Err(ManageError::not_revealable(
-                "viewable keys are not enabled (configure a reveal key)",
-            ));
-        };
-        let record = self.get(id).await?;
-        let sealed = record.encrypted_key.as_deref().ok_or_else(|| {
-            ManageError::not_revealable("this key was created without viewable keys")
-        })?;
-        let key = reveal.open(id, sealed).ok_or_else(|| {
-            ManageError::not_revealable(
-                "the key cannot be decrypted with the configured reveal key",
-            )
-        })?;
-        tracing::info!(target: "keywarden", key_id = %id, "key revealed");
-        Ok(key)
     }
 
     /// One page of keys.
@@ -917,26 +933,38 @@ mod tests {
         let (plain, _) = manager();
         let created = plain.create(NewKey::new("k", "u")).await.unwrap();
         assert!(created.record.encrypted_key.is_none());
-        let err = plain.reveal(created.record.id).await.unwrap_err();
+        let err = plain
+            .reveal(created.record.id, &Actor::Cli)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ManageErrorKind::NotRevealable);
 
         let secret = crate::secret::Secret::new("reveal-key-for-tests-0123456789abcdef").unwrap();
         let viewable = KeyManager::new(plain.store().clone(), plain.ring.clone())
             .with_reveal_key(RevealKey::new(&secret));
-        let err = viewable.reveal(created.record.id).await.unwrap_err();
+        let err = viewable
+            .reveal(created.record.id, &Actor::Cli)
+            .await
+            .unwrap_err();
         assert_eq!(
             err.kind(),
             ManageErrorKind::NotRevealable,
             "created while off"
         );
         let shown = viewable.create(NewKey::new("v", "u")).await.unwrap();
-        assert_eq!(viewable.reveal(shown.record.id).await.unwrap(), shown.key);
+        assert_eq!(
+            viewable.reveal(shown.record.id, &Actor::Cli).await.unwrap(),
+            shown.key
+        );
         let rotated = viewable
             .rotate(shown.record.id, Duration::ZERO)
             .await
             .unwrap();
         assert_eq!(
-            viewable.reveal(rotated.record.id).await.unwrap(),
+            viewable
+                .reveal(rotated.record.id, &Actor::Cli)
+                .await
+                .unwrap(),
             rotated.key
         );
         assert!(!format!("{viewable:?}").contains("reveal-key"));

@@ -1,5 +1,7 @@
-//! The in-process limiter: governor's GCRA, keyed by key id, one keyed limiter per policy.
+//! The in-process limiter: governor's GCRA, keyed by key id (or by another caller identity,
+//! such as the actor of a reveal), one keyed limiter per policy.
 
+use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,19 +31,19 @@ impl GovernorClock for ClockAdapter {
     }
 }
 
-type Keyed =
-    governor::RateLimiter<Uuid, DashMapStateStore<Uuid>, ClockAdapter, StateInformationMiddleware>;
+type Keyed<K> =
+    governor::RateLimiter<K, DashMapStateStore<K>, ClockAdapter, StateInformationMiddleware>;
 
 /// How many checks between sweeps of idle per-key state.
 const SWEEP_EVERY: u64 = 1 << 16;
 
-pub(crate) struct LocalLimiter {
+pub(crate) struct LocalLimiter<K: Hash + Eq + Clone = Uuid> {
     clock: ClockAdapter,
-    limiters: DashMap<RateLimitPolicy, Arc<Keyed>>,
+    limiters: DashMap<RateLimitPolicy, Arc<Keyed<K>>>,
     checks: std::sync::atomic::AtomicU64,
 }
 
-impl LocalLimiter {
+impl<K: Hash + Eq + Clone> LocalLimiter<K> {
     pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             clock: ClockAdapter(clock),
@@ -50,7 +52,7 @@ impl LocalLimiter {
         }
     }
 
-    fn limiter(&self, policy: &RateLimitPolicy) -> Arc<Keyed> {
+    fn limiter(&self, policy: &RateLimitPolicy) -> Arc<Keyed<K>> {
         if let Some(limiter) = self.limiters.get(policy) {
             return limiter.clone();
         }
@@ -66,7 +68,7 @@ impl LocalLimiter {
     }
 
     /// Takes one request from `key`'s budget under `policy`.
-    pub(crate) fn check(&self, key: Uuid, policy: &RateLimitPolicy) -> Decision {
+    pub(crate) fn check(&self, key: K, policy: &RateLimitPolicy) -> Decision {
         let limiter = self.limiter(policy);
         let checks = self
             .checks
@@ -119,7 +121,7 @@ pub(crate) fn status(
     }
 }
 
-impl std::fmt::Debug for LocalLimiter {
+impl<K: Hash + Eq + Clone> std::fmt::Debug for LocalLimiter<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalLimiter")
             .field("policies", &self.limiters.len())

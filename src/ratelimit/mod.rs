@@ -31,6 +31,7 @@ mod redis;
 
 pub(crate) use clients::{Blocked, FailureTracker};
 pub use clients::{BlockedClients, ClientAddr, ClientAddress, FailedAttemptLimit};
+pub(crate) use local::LocalLimiter;
 
 /// So many requests per period, with a burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

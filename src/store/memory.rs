@@ -118,6 +118,17 @@ impl KeyStore for MemoryStore {
         Ok(true)
     }
 
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let mut inner = self.write();
+        match inner.by_id.get_mut(&id) {
+            Some(record) if record.encrypted_key.as_deref() == Some(old) => {
+                record.encrypted_key = Some(new.to_vec());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.write();
         let removed = inner.by_id.remove(&id);

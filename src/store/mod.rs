@@ -467,6 +467,21 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// Deletes a record and returns it, or `None` for an unknown id.
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// Replaces the [`encrypted_key`](KeyRecord::encrypted_key) of `id` with `new` if it is
+    /// still `old`: the lazy re-encryption of a viewable key under the current reveal key.
+    /// Returns whether the row changed. Changes nothing else, `updated_at` included.
+    ///
+    /// The default implementation changes nothing and returns `Ok(false)`: such a store's
+    /// viewable keys stay revealable for as long as the reveal key that sealed them stays in
+    /// the manager's ring.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let _ = (id, old, new);
+        Ok(false)
+    }
+
     /// One page of records matching the query.
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError>;
 

@@ -293,6 +293,19 @@ impl KeyStore for PostgresStore {
         Ok(result.rows_affected() > 0)
     }
 
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE keywarden_keys SET encrypted_key = $1 WHERE id = $2 AND encrypted_key = $3",
+        )
+        .bind(new)
+        .bind(id)
+        .bind(old)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("re-sealing a viewable key failed", e))?;
+        Ok(result.rows_affected() > 0)
+    }
+
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         sqlx::query(&format!(
             "DELETE FROM keywarden_keys WHERE id = $1 RETURNING {COLUMNS}"
