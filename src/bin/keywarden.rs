@@ -11,6 +11,7 @@
 //!               [--read-only true|false] [--expires-in D] [--rate-limit R|--no-rate-limit]
 //!               [--disable|--enable] [--metadata JSON]
 //!   keys revoke ID | keys rotate ID [--grace 24h] | keys delete ID
+//!   keys reveal ID [--include-inactive]
 //!   migrate
 //!   secret generate
 //!   serve [--addr 127.0.0.1:3000] [--redis-url URL]
@@ -18,7 +19,9 @@
 //!
 //! The database comes from `--database-url` or `KEYWARDEN_DATABASE_URL` (default
 //! `sqlite://keywarden.db`; `postgres://` and `postgresql://` select PostgreSQL). Key commands
-//! and `serve` read the secret ring from `KEYWARDEN_SECRET` and `KEYWARDEN_PREVIOUS_SECRETS`.
+//! and `serve` read the secret ring from `KEYWARDEN_SECRET` and `KEYWARDEN_PREVIOUS_SECRETS`,
+//! and viewable keys' reveal keys from `KEYWARDEN_REVEAL_KEY` and
+//! `KEYWARDEN_PREVIOUS_REVEAL_KEYS` (or their `_FILE` variants).
 //! Errors are one `error: ...` line on stderr and a non-zero exit status.
 
 use std::error::Error as StdError;
@@ -30,10 +33,11 @@ use std::time::Duration as StdDuration;
 use clap::error::ErrorKind;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use keywarden::{
-    demo_layer_builder, demo_router, parse_duration, CreatedKey, DurationParseError, ExpiresIn,
-    InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore,
-    ManageError, NewKey, OwnerKind, PostgresStore, RateLimitPolicy, RateLimiter, RedisBackend,
-    Secret, SecretError, SecretRing, SqliteStore, StoreError, PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    demo_layer_builder, demo_router, parse_duration, Actor, CreatedKey, DurationParseError,
+    ExpiresIn, InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState,
+    KeyStore, ManageError, ManageErrorKind, NewKey, OwnerKind, PostgresStore, RateLimitPolicy,
+    RateLimiter, RedisBackend, RevealKeyError, RevealKeyRing, RevealOptions, Secret, SecretError,
+    SecretRing, SqliteStore, StoreError, PREVIOUS_SECRETS_ENV, SECRET_ENV,
 };
 use serde_json::{json, Value};
 use sqlx::Connection;
@@ -123,6 +127,15 @@ enum KeysCommand {
         /// Key id.
         #[arg(value_parser = parse_id)]
         id: Uuid,
+    },
+    /// Print a viewable key's plaintext again (keys created with KEYWARDEN_REVEAL_KEY set).
+    Reveal {
+        /// Key id.
+        #[arg(value_parser = parse_id)]
+        id: Uuid,
+        /// Also reveal a revoked, disabled or expired key.
+        #[arg(long)]
+        include_inactive: bool,
     },
 }
 
@@ -294,6 +307,12 @@ impl From<ManageError> for Failure {
     }
 }
 
+impl From<RevealKeyError> for Failure {
+    fn from(error: RevealKeyError) -> Self {
+        Self(error.to_string())
+    }
+}
+
 impl From<SecretError> for Failure {
     fn from(error: SecretError) -> Self {
         let hint = "generate one with `keywarden secret generate`";
@@ -362,8 +381,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Keys(command) => {
             // The secret first: a missing secret should not leave a new database file behind.
             let secrets = SecretRing::from_env()?;
+            let reveal_keys = RevealKeyRing::from_env()?;
             let (store, _) = open_store(&cli.database_url).await?;
             let mut manager = KeyManager::new(store, secrets);
+            if let Some(reveal_keys) = reveal_keys {
+                manager = manager.with_reveal_keys(reveal_keys);
+            }
             // Running servers without PostgreSQL learn of changes through Redis, if any.
             if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
                 let namespace = std::env::var("KEYWARDEN_REDIS_NAMESPACE")
@@ -509,6 +532,7 @@ async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 
 async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
     let secrets = SecretRing::from_env()?;
+    let reveal_keys = RevealKeyRing::from_env()?;
     let (store, postgres) = open_store(url).await?;
     let redis = match &args.redis_url {
         Some(redis_url) => Some(
@@ -524,6 +548,9 @@ async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
     }
     let layer = builder.build().map_err(|e| Failure(e.to_string()))?;
     let mut manager = KeyManager::for_layer(&layer);
+    if let Some(reveal_keys) = reveal_keys {
+        manager = manager.with_reveal_keys(reveal_keys);
+    }
     // Other instances hear of changes through NOTIFY (PostgreSQL) and/or Redis.
     let mut listeners = Vec::new();
     if let Some(postgres) = &postgres {
@@ -681,6 +708,26 @@ async fn keys(manager: &KeyManager, command: KeysCommand, out: Output) -> Result
             let created = manager.rotate(id, grace).await?;
             let old = manager.get(id).await?;
             print_created(&created, Some(&old), out);
+        }
+        KeysCommand::Reveal {
+            id,
+            include_inactive,
+        } => {
+            let options = RevealOptions::new().include_inactive(include_inactive);
+            let key = manager
+                .reveal_with(id, &Actor::Cli, options)
+                .await
+                .map_err(|error| match error.kind() {
+                    ManageErrorKind::Inactive => {
+                        Failure(format!("{error}; pass --include-inactive to reveal it"))
+                    }
+                    _ => error.into(),
+                })?;
+            if out.json {
+                out.print_json(&json!({ "id": id, "key": key.expose() }));
+            } else {
+                println!("{}", key.expose());
+            }
         }
         KeysCommand::Delete { id } => {
             let record = manager.delete(id).await?;

@@ -707,7 +707,7 @@ impl KeyManager {
         let state = record.state(self.now());
         if state != KeyState::Active && !options.include_inactive {
             return Err(ManageError::conflict(format!(
-                "key {id} is {}; reveal it with include_inactive to see it anyway",
+                "key {id} is {}: only active keys are revealed unless inactive ones are included",
                 state.as_str()
             ))
             .with_kind(ManageErrorKind::Inactive));
