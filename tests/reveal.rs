@@ -221,6 +221,26 @@ async fn rotating_the_reveal_key_loses_nothing_on_every_store() {
             "{name}: {err}"
         );
 
+        // Re-sealing is a compare-and-swap that touches nothing else.
+        assert!(
+            !store
+                .reseal(a.record.id, &a_before, &[1, 2, 3])
+                .await
+                .unwrap(),
+            "{name}: stale"
+        );
+        assert!(!store.reseal(Uuid::now_v7(), &a_after, &[1]).await.unwrap());
+        let a_record = store.get(a.record.id).await.unwrap().unwrap();
+        assert_eq!(a_record.encrypted_key.as_deref(), Some(&a_after[..]));
+        assert_eq!(
+            KeyRecord {
+                encrypted_key: a.record.encrypted_key.clone(),
+                ..a_record
+            },
+            a.record,
+            "{name}: only the ciphertext changed"
+        );
+
         // Altered, or moved from another key: refused, never re-sealed, never a panic.
         let b_sealed = sealed(&store, b.record.id).await;
         let mut tampered = b_sealed.clone();
