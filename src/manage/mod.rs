@@ -285,6 +285,8 @@ pub struct KeyManager {
     layers: Vec<ApiKeyLayer>,
     publishers: Vec<Arc<dyn InvalidationPublisher>>,
     reveal: Option<RevealKey>,
+    /// The rate limit of keys without their own, where the keys are verified.
+    default_rate_limit: Option<RateLimitPolicy>,
 }
 
 impl fmt::Debug for KeyManager {
@@ -294,12 +296,14 @@ impl fmt::Debug for KeyManager {
             .field("secrets", &self.ring)
             .field("format", &self.format)
             .field("viewable_keys", &self.reveal.is_some())
+            .field("default_rate_limit", &self.default_rate_limit)
             .finish_non_exhaustive()
     }
 }
 
 impl KeyManager {
-    /// A manager over `store`, digesting with `secrets`, default key format, system clock.
+    /// A manager over `store`, digesting with `secrets`, default key format, system clock,
+    /// no default rate limit.
     pub fn new(store: Arc<dyn KeyStore>, secrets: SecretRing) -> Self {
         Self {
             store,
@@ -309,11 +313,12 @@ impl KeyManager {
             layers: Vec::new(),
             publishers: Vec::new(),
             reveal: None,
+            default_rate_limit: None,
         }
     }
 
-    /// A manager sharing the layer's store, secrets, key format and clock, that invalidates
-    /// the layer's cache on every change.
+    /// A manager sharing the layer's store, secrets, key format, clock and default rate
+    /// limit, that invalidates the layer's cache on every change.
     pub fn for_layer(layer: &ApiKeyLayer) -> Self {
         Self {
             store: layer.store().clone(),
@@ -323,7 +328,34 @@ impl KeyManager {
             layers: vec![layer.clone()],
             publishers: Vec::new(),
             reveal: None,
+            default_rate_limit: layer.default_rate_limit(),
         }
+    }
+
+    /// Sets the rate limit that applies to keys without their own: the
+    /// [`default_rate_limit`](crate::ApiKeyLayerBuilder::default_rate_limit) of the layer that
+    /// verifies them ([`for_layer`](Self::for_layer) takes it from its layer). The
+    /// [management API](crate::management_router) compares effective limits (a key's own,
+    /// else this one), so a `keys:self` caller cannot escape the default by creating or
+    /// patching a key without a limit, or with a looser one.
+    #[must_use]
+    pub fn with_default_rate_limit(mut self, policy: Option<RateLimitPolicy>) -> Self {
+        self.default_rate_limit = policy;
+        self
+    }
+
+    /// The rate limit of keys without their own (`None`: unlimited).
+    #[cfg(feature = "manage-api")]
+    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
+        self.default_rate_limit
+    }
+
+    /// Whether `collection` is one of the layers' foreign (Payload CMS, Strapi) collections.
+    #[cfg(feature = "manage-api")]
+    pub(crate) fn is_foreign_collection(&self, collection: &str) -> bool {
+        self.layers
+            .iter()
+            .any(|layer| layer.foreign_issuer(collection).is_some())
     }
 
     /// Also invalidates this layer's cache on changes.
@@ -521,16 +553,29 @@ impl KeyManager {
         Ok(self.store.list(query).await?)
     }
 
-    /// Applies a patch.
+    /// Applies a patch. With [`KeyPatch::expected_updated_at`] set, only if the key has not
+    /// changed since that version was read (checked and written atomically by the store).
     ///
     /// # Errors
-    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`] or [`ManageErrorKind::Store`].
+    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`],
+    /// [`ManageErrorKind::Conflict`] when the key changed since `expected_updated_at` (nothing
+    /// was written; read it again and retry), or [`ManageErrorKind::Store`].
     pub async fn update(&self, id: Uuid, patch: KeyPatch) -> Result<KeyRecord, ManageError> {
         validate_patch(&patch)?;
         let record = self
             .store
             .update(id, &patch, self.now())
-            .await?
+            .await
+            .map_err(|error| match error.kind() {
+                // An update changes neither id nor digest: its only conflict is a stale read.
+                StoreErrorKind::Conflict => ManageError {
+                    source: Some(error),
+                    ..ManageError::conflict(
+                        "the key changed since it was read; read it again and retry",
+                    )
+                },
+                _ => ManageError::from(error),
+            })?
             .ok_or_else(|| ManageError::not_found(id))?;
         // The principal carries every field, name included: drop it from the caches.
         self.invalidate(id).await;
