@@ -2035,3 +2035,65 @@ async fn a_patch_that_lost_a_race_is_a_409_conflict() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["rate_limit"], "5/min");
 }
+
+/// A rotation copies the old key: if it changed meanwhile (an admin revoked it, or gave it
+/// a scope the `keys:self` caller lacks), the copy is stale. 409 `conflict`, no new key.
+#[tokio::test]
+async fn a_rotation_that_lost_a_race_is_a_409_and_leaves_no_key() {
+    let store = Arc::new(Racing::default());
+    let layer = keywarden::ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .clock(Arc::new(keywarden::ManualClock::new(
+            OffsetDateTime::now_utc(),
+        )))
+        .collection(keywarden::Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = Arc::new(KeyManager::for_layer(&layer));
+    let api = Router::new()
+        .nest("/admin", management_router(manager.clone()))
+        .layer(layer);
+    let make = |name: &'static str, scopes: &'static [&'static str]| {
+        let manager = manager.clone();
+        async move {
+            let mut new = NewKey::new(name, "alice");
+            new.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+            manager.create(new).await.unwrap()
+        }
+    };
+    let alice = make("alice", &["keys:self", "read"]).await.key;
+    let admin = make("admin", &["keys:admin"]).await.key;
+    let sibling = make("sibling", &["read"]).await.record;
+    let count = || async { store.list(&KeyQuery::new()).await.unwrap().items.len() };
+    let keys = count().await;
+    let rotate = |key: &keywarden::ApiKey| {
+        Request::post(format!("/admin/keys/{}/rotate", sibling.id))
+            .header("authorization", format!("Bearer {}", key.expose()))
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    *store.concurrent.lock().unwrap() = Some(KeyPatch {
+        scopes: Some(vec!["read".into(), "billing:write".into()]),
+        ..KeyPatch::default()
+    });
+    let reply = send(&api, rotate(&alice)).await;
+    assert_problem(&reply, 409, "conflict");
+    assert!(!reply.text().contains("kw_"), "{}", reply.text());
+    assert_eq!(count().await, keys, "the new key was removed");
+    let after = store.get(sibling.id).await.unwrap().unwrap();
+    assert_eq!(after.expires_at, None, "the old key got no deadline");
+
+    *store.concurrent.lock().unwrap() = Some(KeyPatch {
+        revoked_at: Some(OffsetDateTime::now_utc()),
+        ..KeyPatch::default()
+    });
+    let reply = send(&api, rotate(&admin)).await;
+    assert_problem(&reply, 409, "conflict");
+    assert_eq!(count().await, keys, "a revoked key is not reissued");
+    assert!(
+        store.concurrent.lock().unwrap().is_none(),
+        "the race was run"
+    );
+}

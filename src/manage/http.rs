@@ -51,6 +51,8 @@
 //!   the caller's: not disabled, all its scopes held by the caller, same environment, expiry
 //!   no later than the caller's, rate limit within the caller's. The new key (which gets
 //!   the old key's lifetime from now) is cut back to the caller's expiry.
+//!   A key that changed after these checks read it (or while it was copied, for any
+//!   caller) is a 409 `conflict`, and no new key is left behind.
 //! - **Update**: only tightening, relative to the key's current values: no `disabled: false`
 //!   on a disabled key, no `read_only: false` on a read-only key, no `expires_at` later than
 //!   the current expiry or than the caller's own (`null` is never: later than any instant),
@@ -244,8 +246,12 @@ async fn rotate_key(
     let old = caller.load(&manager, id).await?;
     caller.may_rotate(&old)?;
     // The new key lives the old key's lifetime from now, which could pass the caller's own
-    // expiry: cap it in the same step.
-    let created = manager.rotate_until(id, grace, caller.max_expiry()).await?;
+    // expiry: cap it in the same step. `may_rotate` judged `old`: a key changed since (an
+    // admin giving it more power) is a 409, not a new key with powers the caller lacks.
+    let checked = (!caller.admin).then_some(old.updated_at);
+    let created = manager
+        .rotate_checked(id, grace, caller.max_expiry(), checked)
+        .await?;
     Ok(created_response(&created, manager.now()))
 }
 

@@ -240,6 +240,22 @@ impl ManageError {
         }
     }
 
+    fn changed() -> Self {
+        Self::conflict("the key changed since it was read; read it again and retry")
+    }
+
+    /// A failed [`KeyStore::update`]: it changes neither id nor digest, so its only conflict
+    /// is a stale [`KeyPatch::expected_updated_at`].
+    fn from_update(error: StoreError) -> Self {
+        match error.kind() {
+            StoreErrorKind::Conflict => Self {
+                source: Some(error),
+                ..Self::changed()
+            },
+            _ => Self::from(error),
+        }
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ManageErrorKind {
         self.kind
@@ -566,16 +582,7 @@ impl KeyManager {
             .store
             .update(id, &patch, self.now())
             .await
-            .map_err(|error| match error.kind() {
-                // An update changes neither id nor digest: its only conflict is a stale read.
-                StoreErrorKind::Conflict => ManageError {
-                    source: Some(error),
-                    ..ManageError::conflict(
-                        "the key changed since it was read; read it again and retry",
-                    )
-                },
-                _ => ManageError::from(error),
-            })?
+            .map_err(ManageError::from_update)?
             .ok_or_else(|| ManageError::not_found(id))?;
         // The principal carries every field, name included: drop it from the caches.
         self.invalidate(id).await;
@@ -616,12 +623,26 @@ impl KeyManager {
     /// caller that may not create keys outliving itself).
     ///
     /// # Errors
-    /// As [`rotate`](Self::rotate); also [`ManageErrorKind::Invalid`] if `latest` has passed.
+    /// As [`rotate`](Self::rotate); also [`ManageErrorKind::Invalid`] if `latest` has passed,
+    /// and [`ManageErrorKind::Conflict`] if the old key changed while it was being rotated
+    /// (then no new key is left behind).
     pub async fn rotate_until(
         &self,
         id: Uuid,
         grace: Duration,
         latest: Option<OffsetDateTime>,
+    ) -> Result<CreatedKey, ManageError> {
+        self.rotate_checked(id, grace, latest, None).await
+    }
+
+    /// [`rotate_until`](Self::rotate_until) of the key version `checked` (its `updated_at`)
+    /// a caller's checks read: a key changed since is a [`ManageErrorKind::Conflict`].
+    pub(crate) async fn rotate_checked(
+        &self,
+        id: Uuid,
+        grace: Duration,
+        latest: Option<OffsetDateTime>,
+        checked: Option<OffsetDateTime>,
     ) -> Result<CreatedKey, ManageError> {
         if grace.is_negative() {
             return Err(ManageError::invalid(
@@ -630,6 +651,9 @@ impl KeyManager {
             ));
         }
         let old = self.get(id).await?;
+        if checked.is_some_and(|version| version != old.updated_at) {
+            return Err(ManageError::changed());
+        }
         if old.revoked_at.is_some() {
             return Err(ManageError::conflict("a revoked key cannot be rotated"));
         }
@@ -681,11 +705,19 @@ impl KeyManager {
         };
         let created = self.create_record(new, Some(id)).await?;
         let old_deadline = old.expires_at.map_or(deadline, |at| at.min(deadline));
+        // The new key copies `old`: if the key changed meanwhile (revoked, tightened), the
+        // copy is stale, and the rotation is undone below.
         let patch = KeyPatch {
             expires_at: Some(Some(old_deadline)),
+            expected_updated_at: Some(old.updated_at),
             ..KeyPatch::default()
         };
-        if let Err(error) = self.store.update(id, &patch, now).await {
+        let ended = match self.store.update(id, &patch, now).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ManageError::not_found(id)),
+            Err(error) => Err(ManageError::from_update(error)),
+        };
+        if let Err(error) = ended {
             // Without the deadline the rotation did not happen: remove the new key, whose
             // plaintext the caller will never see.
             if let Err(cleanup) = self.store.delete(created.record.id).await {
@@ -696,7 +728,7 @@ impl KeyManager {
                     "rotation failed and its new key could not be removed; revoke it"
                 );
             }
-            return Err(error.into());
+            return Err(error);
         }
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, new_key_id = %created.record.id, "key rotated");
