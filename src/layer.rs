@@ -635,6 +635,11 @@ impl ApiKeyLayer {
         self.shared.clock.clone()
     }
 
+    /// The rate limit of keys that have none of their own (`None`: unlimited).
+    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
+        self.shared.limiters.default_policy
+    }
+
     /// The issuer (`payload`, `strapi`) of a foreign collection; `None` for a native one.
     pub(crate) fn foreign_issuer(&self, collection: &str) -> Option<&'static str> {
         self.shared

@@ -452,7 +452,9 @@ impl Shared {
     /// What the request path needs about a key: built once per cache fill, so that a hit
     /// compares no strings.
     pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<Resolved> {
-        let mut resolved = Resolved::new(record, |principal| {
+        // A key of a foreign collection never holds a management scope.
+        let foreign = self.foreign.owns(&record.collection);
+        let mut resolved = Resolved::new(record, foreign, |principal| {
             self.identity.as_ref().map(|map| map(principal))
         });
         resolved.collection = self
@@ -461,7 +463,7 @@ impl Shared {
             .position(|c| *c.slug == *record.collection)
             .and_then(|index| u32::try_from(index).ok());
         // A foreign store is never written to.
-        resolved.tracks_usage = !self.foreign.owns(&record.collection);
+        resolved.tracks_usage = !foreign;
         Arc::new(resolved)
     }
 

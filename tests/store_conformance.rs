@@ -181,6 +181,7 @@ conformance!(
     unknown_ids_are_absent,
     update_applies_patch_semantics,
     concurrent_updates_of_different_fields_are_all_kept,
+    conditional_update_refuses_a_stale_version,
     redigest_is_compare_and_set,
     delete_returns_the_row_and_frees_the_digest,
     list_paginates_in_id_order,
@@ -426,6 +427,7 @@ async fn update_applies_patch_semantics(store: Store) {
         expires_at: Some(None),
         revoked_at: Some(t1),
         disabled: Some(true),
+        expected_updated_at: None,
     };
     let mut expected = record.clone();
     everything.apply_to(&mut expected, t1);
@@ -553,6 +555,97 @@ async fn concurrent_updates_of_different_fields_are_all_kept(store: Store) {
         expected.last_used_at = Some(now + Duration::seconds(USES_PER_KEY as i64 - 1));
         assert_eq!(store.get(r.id).await.unwrap(), Some(expected), "key {k}");
     }
+}
+
+/// Issue 12, item 7: an update conditional on a version the record has moved past writes
+/// nothing and is a conflict; on the current version it applies. Every write moves the
+/// version, even at the same instant; of racing conditional updates on one version, exactly
+/// one wins.
+async fn conditional_update_refuses_a_stale_version(store: Store) {
+    let mut record = plain("users", "alice");
+    record.rate_limit = Some("100/min".parse().unwrap());
+    store.insert(&record).await.unwrap();
+    let read = store.get(record.id).await.unwrap().unwrap();
+
+    // Another writer (an admin tightening the key) lands first, at the very same instant.
+    let tighten = KeyPatch {
+        rate_limit: Some(Some("10/min".parse().unwrap())),
+        ..KeyPatch::default()
+    };
+    let tightened = store
+        .update(record.id, &tighten, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        tightened.updated_at > read.updated_at,
+        "every write moves the version, even within one microsecond"
+    );
+
+    let stale = KeyPatch {
+        rate_limit: Some(Some("50/min".parse().unwrap())),
+        name: Some("stale".into()),
+        expected_updated_at: Some(read.updated_at),
+        ..KeyPatch::default()
+    };
+    let err = store.update(record.id, &stale, BASE).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict);
+    assert_eq!(
+        store.get(record.id).await.unwrap(),
+        Some(tightened.clone()),
+        "a stale update writes nothing"
+    );
+
+    // Against the current version it applies, and moves the version on.
+    let current = KeyPatch {
+        expected_updated_at: Some(tightened.updated_at),
+        rate_limit: Some(Some("5/min".parse().unwrap())),
+        ..stale.clone()
+    };
+    let updated = store
+        .update(record.id, &current, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.rate_limit, Some("5/min".parse().unwrap()));
+    assert_eq!(updated.name, "stale");
+    assert!(updated.updated_at > tightened.updated_at);
+    assert_eq!(store.get(record.id).await.unwrap(), Some(updated.clone()));
+    // The version it was read at is now stale too.
+    let again = store.update(record.id, &current, BASE).await.unwrap_err();
+    assert_eq!(again.kind(), StoreErrorKind::Conflict);
+    // An unknown id is absent, not a conflict.
+    assert_eq!(
+        store.update(Uuid::now_v7(), &current, BASE).await.unwrap(),
+        None
+    );
+
+    // Racing conditional updates of one version: one wins, the others conflict.
+    const RACERS: usize = 8;
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut handles = Vec::new();
+    for n in 0..RACERS {
+        let (store, barrier, id) = (store.clone(), barrier.clone(), record.id);
+        let patch = KeyPatch {
+            name: Some(format!("racer-{n}")),
+            expected_updated_at: Some(updated.updated_at),
+            ..KeyPatch::default()
+        };
+        handles.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.update(id, &patch, BASE).await
+        }));
+    }
+    let mut winners = Vec::new();
+    for handle in handles {
+        match handle.await.unwrap() {
+            Ok(Some(record)) => winners.push(record),
+            Ok(None) => panic!("the key exists"),
+            Err(err) => assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one racer wins");
+    assert_eq!(store.get(record.id).await.unwrap(), Some(winners.remove(0)));
 }
 
 async fn redigest_is_compare_and_set(store: Store) {

@@ -767,6 +767,7 @@ fn patch_from(args: UpdateArgs) -> Result<KeyPatch, Failure> {
             .expires_in
             .map(|e| e.expires_at(OffsetDateTime::now_utc())),
         revoked_at: None,
+        expected_updated_at: None,
         disabled: if args.disable {
             Some(true)
         } else if args.enable {

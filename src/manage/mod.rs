@@ -257,6 +257,22 @@ impl ManageError {
         self
     }
 
+    fn changed() -> Self {
+        Self::conflict("the key changed since it was read; read it again and retry")
+    }
+
+    /// A failed [`KeyStore::update`]: it changes neither id nor digest, so its only conflict
+    /// is a stale [`KeyPatch::expected_updated_at`].
+    fn from_update(error: StoreError) -> Self {
+        match error.kind() {
+            StoreErrorKind::Conflict => Self {
+                source: Some(error),
+                ..Self::changed()
+            },
+            _ => Self::from(error),
+        }
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ManageErrorKind {
         self.kind
@@ -303,6 +319,8 @@ pub struct KeyManager {
     publishers: Vec<Arc<dyn InvalidationPublisher>>,
     reveal: Option<RevealKeyRing>,
     reveal_limiter: RevealLimiter,
+    /// The rate limit of keys without their own, where the keys are verified.
+    default_rate_limit: Option<RateLimitPolicy>,
 }
 
 impl fmt::Debug for KeyManager {
@@ -313,12 +331,14 @@ impl fmt::Debug for KeyManager {
             .field("format", &self.format)
             .field("reveal_keys", &self.reveal)
             .field("reveal_limit", &self.reveal_limiter)
+            .field("default_rate_limit", &self.default_rate_limit)
             .finish_non_exhaustive()
     }
 }
 
 impl KeyManager {
-    /// A manager over `store`, digesting with `secrets`, default key format, system clock.
+    /// A manager over `store`, digesting with `secrets`, default key format, system clock,
+    /// no default rate limit.
     pub fn new(store: Arc<dyn KeyStore>, secrets: SecretRing) -> Self {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Self {
@@ -330,11 +350,12 @@ impl KeyManager {
             layers: Vec::new(),
             publishers: Vec::new(),
             reveal: None,
+            default_rate_limit: None,
         }
     }
 
-    /// A manager sharing the layer's store, secrets, key format and clock, that invalidates
-    /// the layer's cache on every change.
+    /// A manager sharing the layer's store, secrets, key format, clock and default rate
+    /// limit, that invalidates the layer's cache on every change.
     pub fn for_layer(layer: &ApiKeyLayer) -> Self {
         Self {
             store: layer.store().clone(),
@@ -345,7 +366,34 @@ impl KeyManager {
             layers: vec![layer.clone()],
             publishers: Vec::new(),
             reveal: None,
+            default_rate_limit: layer.default_rate_limit(),
         }
+    }
+
+    /// Sets the rate limit that applies to keys without their own: the
+    /// [`default_rate_limit`](crate::ApiKeyLayerBuilder::default_rate_limit) of the layer that
+    /// verifies them ([`for_layer`](Self::for_layer) takes it from its layer). The
+    /// [management API](crate::management_router) compares effective limits (a key's own,
+    /// else this one), so a `keys:self` caller cannot escape the default by creating or
+    /// patching a key without a limit, or with a looser one.
+    #[must_use]
+    pub fn with_default_rate_limit(mut self, policy: Option<RateLimitPolicy>) -> Self {
+        self.default_rate_limit = policy;
+        self
+    }
+
+    /// The rate limit of keys without their own (`None`: unlimited).
+    #[cfg(feature = "manage-api")]
+    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
+        self.default_rate_limit
+    }
+
+    /// Whether `collection` is one of the layers' foreign (Payload CMS, Strapi) collections.
+    #[cfg(feature = "manage-api")]
+    pub(crate) fn is_foreign_collection(&self, collection: &str) -> bool {
+        self.layers
+            .iter()
+            .any(|layer| layer.foreign_issuer(collection).is_some())
     }
 
     /// Also invalidates this layer's cache on changes.
@@ -537,16 +585,20 @@ impl KeyManager {
         Ok(self.store.list(query).await?)
     }
 
-    /// Applies a patch.
+    /// Applies a patch. With [`KeyPatch::expected_updated_at`] set, only if the key has not
+    /// changed since that version was read (checked and written atomically by the store).
     ///
     /// # Errors
-    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`] or [`ManageErrorKind::Store`].
+    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`],
+    /// [`ManageErrorKind::Conflict`] when the key changed since `expected_updated_at` (nothing
+    /// was written; read it again and retry), or [`ManageErrorKind::Store`].
     pub async fn update(&self, id: Uuid, patch: KeyPatch) -> Result<KeyRecord, ManageError> {
         validate_patch(&patch)?;
         let record = self
             .store
             .update(id, &patch, self.now())
-            .await?
+            .await
+            .map_err(ManageError::from_update)?
             .ok_or_else(|| ManageError::not_found(id))?;
         // The principal carries every field, name included: drop it from the caches.
         self.invalidate(id).await;
@@ -587,12 +639,26 @@ impl KeyManager {
     /// caller that may not create keys outliving itself).
     ///
     /// # Errors
-    /// As [`rotate`](Self::rotate); also [`ManageErrorKind::Invalid`] if `latest` has passed.
+    /// As [`rotate`](Self::rotate); also [`ManageErrorKind::Invalid`] if `latest` has passed,
+    /// and [`ManageErrorKind::Conflict`] if the old key changed while it was being rotated
+    /// (then no new key is left behind).
     pub async fn rotate_until(
         &self,
         id: Uuid,
         grace: Duration,
         latest: Option<OffsetDateTime>,
+    ) -> Result<CreatedKey, ManageError> {
+        self.rotate_checked(id, grace, latest, None).await
+    }
+
+    /// [`rotate_until`](Self::rotate_until) of the key version `checked` (its `updated_at`)
+    /// a caller's checks read: a key changed since is a [`ManageErrorKind::Conflict`].
+    pub(crate) async fn rotate_checked(
+        &self,
+        id: Uuid,
+        grace: Duration,
+        latest: Option<OffsetDateTime>,
+        checked: Option<OffsetDateTime>,
     ) -> Result<CreatedKey, ManageError> {
         if grace.is_negative() {
             return Err(ManageError::invalid(
@@ -601,6 +667,9 @@ impl KeyManager {
             ));
         }
         let old = self.get(id).await?;
+        if checked.is_some_and(|version| version != old.updated_at) {
+            return Err(ManageError::changed());
+        }
         if old.revoked_at.is_some() {
             return Err(ManageError::conflict("a revoked key cannot be rotated"));
         }
@@ -652,11 +721,19 @@ impl KeyManager {
         };
         let created = self.create_record(new, Some(id)).await?;
         let old_deadline = old.expires_at.map_or(deadline, |at| at.min(deadline));
+        // The new key copies `old`: if the key changed meanwhile (revoked, tightened), the
+        // copy is stale, and the rotation is undone below.
         let patch = KeyPatch {
             expires_at: Some(Some(old_deadline)),
+            expected_updated_at: Some(old.updated_at),
             ..KeyPatch::default()
         };
-        if let Err(error) = self.store.update(id, &patch, now).await {
+        let ended = match self.store.update(id, &patch, now).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ManageError::not_found(id)),
+            Err(error) => Err(ManageError::from_update(error)),
+        };
+        if let Err(error) = ended {
             // Without the deadline the rotation did not happen: remove the new key, whose
             // plaintext the caller will never see.
             if let Err(cleanup) = self.store.delete(created.record.id).await {
@@ -667,7 +744,7 @@ impl KeyManager {
                     "rotation failed and its new key could not be removed; revoke it"
                 );
             }
-            return Err(error.into());
+            return Err(error);
         }
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, new_key_id = %created.record.id, "key rotated");

@@ -84,10 +84,13 @@ impl KeyStore for MemoryStore {
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.write();
-        Ok(inner.by_id.get_mut(&id).map(|record| {
-            patch.apply_to(record, now);
-            record.clone()
-        }))
+        let Some(record) = inner.by_id.get_mut(&id) else {
+            return Ok(None);
+        };
+        // Under the write lock: the check and the write are one step.
+        patch.check_expected(record)?;
+        patch.apply_to(record, now);
+        Ok(Some(record.clone()))
     }
 
     async fn redigest(

@@ -239,11 +239,22 @@ pub struct KeyPatch {
     pub revoked_at: Option<OffsetDateTime>,
     /// New disabled flag.
     pub disabled: Option<bool>,
+    /// Optimistic concurrency: apply the patch only if the record's `updated_at` is still
+    /// this instant (compared at the stores' microsecond resolution), checked in the same
+    /// transaction as the write. Otherwise the store writes nothing and fails with
+    /// [`StoreErrorKind::Conflict`]. `None` (the default) applies the patch unconditionally.
+    ///
+    /// Every update moves `updated_at` forward (see [`apply_to`](Self::apply_to)), so it
+    /// serves as the record's version.
+    pub expected_updated_at: Option<OffsetDateTime>,
 }
 
 impl KeyPatch {
-    /// Applies the patch to a record and sets `updated_at`. Stores that read, modify and
-    /// write a row in a transaction use this so every backend applies patches identically.
+    /// Applies the patch to a record and sets `updated_at` to `now`, or to one microsecond
+    /// after the previous `updated_at` if that is later: every update changes the version,
+    /// even two within one microsecond or under a clock that stands still or steps back.
+    /// Stores that read, modify and write a row in a transaction use this so every backend
+    /// applies patches identically (after [`check_expected`](Self::check_expected)).
     pub fn apply_to(&self, record: &mut KeyRecord, now: OffsetDateTime) {
         if let Some(name) = &self.name {
             record.name.clone_from(name);
@@ -272,7 +283,31 @@ impl KeyPatch {
         if let Some(disabled) = self.disabled {
             record.disabled = disabled;
         }
-        record.updated_at = now;
+        record.updated_at = record
+            .updated_at
+            .checked_add(time::Duration::MICROSECOND)
+            .map_or(now, |next| now.max(next));
+    }
+
+    /// Whether `current`, the stored record read in the transaction about to write it, is
+    /// the version [`expected_updated_at`](Self::expected_updated_at) names (always true
+    /// without one).
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Conflict`] when the record changed since that version was read.
+    pub fn check_expected(&self, current: &KeyRecord) -> Result<(), StoreError> {
+        fn micros(at: OffsetDateTime) -> i128 {
+            at.unix_timestamp_nanos().div_euclid(1_000)
+        }
+        match self.expected_updated_at {
+            Some(expected) if micros(expected) != micros(current.updated_at) => {
+                Err(StoreError::new(
+                    StoreErrorKind::Conflict,
+                    "the key changed since it was read",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether the patch changes anything the request path checks.
@@ -281,6 +316,7 @@ impl KeyPatch {
             != KeyPatch {
                 name: self.name.clone(),
                 description: self.description.clone(),
+                expected_updated_at: self.expected_updated_at,
                 ..KeyPatch::default()
             }
     }
@@ -378,7 +414,8 @@ pub struct KeyUsage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreErrorKind {
-    /// A record with this id or digest already exists.
+    /// A record with this id or digest already exists; or, from [`KeyStore::update`], the
+    /// record changed since the version the patch expected.
     Conflict,
     /// The store cannot be reached or refused the connection.
     Unavailable,
@@ -431,7 +468,8 @@ impl StoreError {
 /// Where keys live. Object-safe: the layer holds an `Arc<dyn KeyStore>`.
 ///
 /// Implementations must keep `digest` unique, order listings by id, and apply patches with
-/// [`KeyPatch::apply_to`] semantics atomically (no lost updates under concurrency).
+/// [`KeyPatch::check_expected`] and [`KeyPatch::apply_to`] semantics atomically (no lost
+/// updates under concurrency).
 #[async_trait]
 pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// Inserts a new record.
@@ -447,6 +485,11 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Applies `patch` atomically and returns the updated record, or `None` for an unknown id.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Conflict`], with nothing written, when the patch has an
+    /// [`expected_updated_at`](KeyPatch::expected_updated_at) and the record's `updated_at`
+    /// differs ([`KeyPatch::check_expected`], in the same transaction as the write).
     async fn update(
         &self,
         id: Uuid,
@@ -572,6 +615,7 @@ mod tests {
     fn patch_applies_fields_and_never_unrevokes() {
         let now = OffsetDateTime::now_utc();
         let mut r = record(1);
+        r.updated_at = now - Duration::hours(2);
         let first = now - Duration::hours(1);
         KeyPatch {
             revoked_at: Some(first),
@@ -587,7 +631,56 @@ mod tests {
         .apply_to(&mut r, now);
         assert_eq!(r.revoked_at, Some(first));
         assert_eq!(r.description, None);
+        assert_eq!(
+            r.updated_at,
+            now + Duration::MICROSECOND,
+            "the second write moved on"
+        );
+    }
+
+    /// Issue 12, item 7: `updated_at` is a version, so every write must change it.
+    #[test]
+    fn every_patch_moves_the_version_forward() {
+        let now = time::macros::datetime!(2030-01-01 00:00:00.000001 UTC);
+        let mut r = record(1);
+        r.updated_at = now - Duration::hours(1);
+        let patch = KeyPatch {
+            name: Some("n".into()),
+            ..KeyPatch::default()
+        };
+        patch.apply_to(&mut r, now);
         assert_eq!(r.updated_at, now);
+        // Same instant (a stopped clock, or two writes in one microsecond): still moves.
+        patch.apply_to(&mut r, now);
+        assert_eq!(r.updated_at, now + Duration::MICROSECOND);
+        // A clock that stepped back does not move it back.
+        patch.apply_to(&mut r, now - Duration::minutes(5));
+        assert_eq!(r.updated_at, now + Duration::microseconds(2));
+    }
+
+    #[test]
+    fn a_conditional_patch_checks_the_version_at_microseconds() {
+        let at = time::macros::datetime!(2030-01-01 00:00:00.000005 UTC);
+        let mut r = record(1);
+        r.updated_at = at;
+        let expecting = |v| KeyPatch {
+            expected_updated_at: Some(v),
+            ..KeyPatch::default()
+        };
+        assert!(KeyPatch::default().check_expected(&r).is_ok());
+        assert!(expecting(at).check_expected(&r).is_ok());
+        assert!(
+            expecting(at + Duration::nanoseconds(999))
+                .check_expected(&r)
+                .is_ok(),
+            "stores keep microseconds"
+        );
+        let stale = expecting(at - Duration::MICROSECOND).check_expected(&r);
+        assert_eq!(stale.unwrap_err().kind(), StoreErrorKind::Conflict);
+        assert!(
+            !expecting(at).affects_verification(),
+            "a condition alone changes nothing the request path checks"
+        );
     }
 
     #[test]

@@ -248,6 +248,12 @@ impl KeyStore for PostgresStore {
             return Ok(None);
         };
         let mut record = decode_row(&row)?;
+        // No other write lands between this read and the write below (the transaction holds
+        // the lock), so the version checked is the one overwritten.
+        if let Err(stale) = patch.check_expected(&record) {
+            tx.rollback().await.map_err(|e| store_error(context, e))?;
+            return Err(stale);
+        }
         patch.apply_to(&mut record, now);
         let row = sqlx::query(&format!(
             "UPDATE keywarden_keys SET name = $1, description = $2, scopes = $3, \
