@@ -895,6 +895,10 @@ fn print_page(page: &KeyPage, now: OffsetDateTime, out: Output) {
     }
     if page.items.is_empty() {
         println!("no keys");
+        // A page of only unreadable rows (skipped by the store) may still have a next one.
+        if let Some(cursor) = page.next_cursor {
+            println!("more keys: --after {cursor}");
+        }
         return;
     }
     let header = [
