@@ -18,7 +18,10 @@
 //!
 //! The database comes from `--database-url` or `KEYWARDEN_DATABASE_URL` (default
 //! `sqlite://keywarden.db`; `postgres://` and `postgresql://` select PostgreSQL). Key commands
-//! and `serve` read the secret ring from `KEYWARDEN_SECRET` and `KEYWARDEN_PREVIOUS_SECRETS`.
+//! and `serve` read the secret ring from `KEYWARDEN_SECRET` (or the file named by
+//! `KEYWARDEN_SECRET_FILE`) and `KEYWARDEN_PREVIOUS_SECRETS` (or the file named by
+//! `KEYWARDEN_PREVIOUS_SECRETS_FILE`, one per line), by the rules of `SecretRing::load`; its
+//! warnings (a weak secret, say) go to stderr.
 //! Errors are one `error: ...` line on stderr and a non-zero exit status.
 
 use std::error::Error as StdError;
@@ -52,8 +55,10 @@ const ONCE_WARNING: &str = "Store this key now: it will not be shown again.";
     name = "keywarden",
     version,
     about = "Manage keywarden API keys and run the demo server",
-    after_help = "Key commands and `serve` read the secret from KEYWARDEN_SECRET (and old ones \
-                  from KEYWARDEN_PREVIOUS_SECRETS); create one with `keywarden secret generate`."
+    after_help = "Key commands and `serve` read the secret from KEYWARDEN_SECRET or the file \
+                  named by KEYWARDEN_SECRET_FILE (and old ones from KEYWARDEN_PREVIOUS_SECRETS, \
+                  comma-separated, or KEYWARDEN_PREVIOUS_SECRETS_FILE, one per line); create \
+                  one with `keywarden secret generate`."
 )]
 struct Cli {
     /// Database URL: sqlite://PATH or postgres://USER@HOST/DB.
@@ -299,12 +304,23 @@ impl From<SecretError> for Failure {
         let hint = "generate one with `keywarden secret generate`";
         Self(match error {
             SecretError::TooShort { .. } => {
-                format!("{SECRET_ENV} or an entry of {PREVIOUS_SECRETS_ENV} is too short: {error}; {hint}")
+                format!("{SECRET_ENV} or a previous secret is too short: {error}; {hint}")
             }
-            SecretError::Missing(_) => format!("{error}"),
+            SecretError::Missing(_) | SecretError::Conflict(..) | SecretError::File { .. } => {
+                format!("{error}")
+            }
             other => format!("{other}; {hint}"),
         })
     }
+}
+
+/// The secret ring from the environment (variables or `_FILE`s), its warnings on stderr.
+fn load_secrets() -> Result<SecretRing, SecretError> {
+    let (ring, warnings) = SecretRing::load(|name| std::env::var_os(name))?;
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(ring)
 }
 
 /// The error's message followed by its sources' messages, skipping repeats.
@@ -361,7 +377,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(args) => serve(&cli.database_url, args, out).await,
         Command::Keys(command) => {
             // The secret first: a missing secret should not leave a new database file behind.
-            let secrets = SecretRing::from_env()?;
+            let secrets = load_secrets()?;
             let (store, _) = open_store(&cli.database_url).await?;
             let mut manager = KeyManager::new(store, secrets);
             // Running servers without PostgreSQL learn of changes through Redis, if any.
@@ -508,7 +524,7 @@ async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 }
 
 async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
-    let secrets = SecretRing::from_env()?;
+    let secrets = load_secrets()?;
     let (store, postgres) = open_store(url).await?;
     let redis = match &args.redis_url {
         Some(redis_url) => Some(
