@@ -161,6 +161,9 @@ impl Secret {
     }
 }
 
+/// The bytes are held in [`Zeroizing`], so they are wiped when the secret drops.
+impl zeroize::ZeroizeOnDrop for Secret {}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret([redacted])")
@@ -294,6 +297,9 @@ fn decode_hex(s: &str, out: &mut [u8]) -> Result<(), DigestParseError> {
 }
 
 /// A secret whose HMAC key schedule has been computed once; the raw secret is not kept.
+///
+/// The prepared HMAC state is itself derived from the secret, but `hmac` 0.12 offers no way to
+/// wipe it (no `zeroize` support); it lives as long as the ring.
 #[derive(Clone)]
 struct PreparedSecret {
     id: SecretId,
@@ -305,7 +311,8 @@ impl PreparedSecret {
         let mac = HmacSha256::new_from_slice(&secret.bytes).expect("HMAC accepts any key length");
         let mut id_mac = mac.clone();
         id_mac.update(b"keywarden secret id v1");
-        let full = id_mac.finalize().into_bytes();
+        // Only 8 of the 32 bytes become the public id; the rest is wiped.
+        let full: Zeroizing<[u8; 32]> = Zeroizing::new(id_mac.finalize().into_bytes().into());
         let mut id = [0u8; 8];
         id.copy_from_slice(&full[..8]);
         Self {
@@ -558,7 +565,11 @@ fn source(
         (Some(value), None) => value
             .into_string()
             .map(|v| Some(Source::Var(Zeroizing::new(v))))
-            .map_err(|_| SecretError::NotUnicode(name)),
+            .map_err(|value| {
+                // The bytes are secret: wipe them before they are dropped.
+                value.into_encoded_bytes().zeroize();
+                SecretError::NotUnicode(name)
+            }),
         (None, Some(path)) => {
             let bytes = std::fs::read(&path).map_err(|e| SecretError::File {
                 variable: file_name,
