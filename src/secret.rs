@@ -361,7 +361,7 @@ impl SecretRing {
     /// # Errors
     /// As [`SecretRing::load`].
     pub fn from_env() -> Result<Self, SecretError> {
-        let (ring, warnings) = Self::load(|name| std::env::var_os(name))?;
+        let (ring, warnings) = Self::load(std::env::var_os)?;
         for warning in &warnings {
             tracing::warn!(target: "keywarden", "{warning}");
         }

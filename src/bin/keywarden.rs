@@ -316,7 +316,7 @@ impl From<SecretError> for Failure {
 
 /// The secret ring from the environment (variables or `_FILE`s), its warnings on stderr.
 fn load_secrets() -> Result<SecretRing, SecretError> {
-    let (ring, warnings) = SecretRing::load(|name| std::env::var_os(name))?;
+    let (ring, warnings) = SecretRing::load(std::env::var_os)?;
     for warning in &warnings {
         eprintln!("warning: {warning}");
     }
