@@ -5,6 +5,13 @@
 //! single key: lookups try the current secret first, then the previous ones, and a key found
 //! under a previous secret is re-digested under the current one.
 //!
+//! Deployments configure the ring through the environment ([`SecretRing::from_env`], or
+//! [`SecretRing::load`] with any lookup): `KEYWARDEN_SECRET` or `KEYWARDEN_SECRET_FILE` for the
+//! current secret, `KEYWARDEN_PREVIOUS_SECRETS` (comma-separated) or
+//! `KEYWARDEN_PREVIOUS_SECRETS_FILE` (one per line) for previous ones. Every secret is read by
+//! the same rule ([`Secret::parse`]: one final line break is dropped, other surrounding
+//! whitespace is refused), so a value keeps its identity when it moves from one to another.
+//!
 //! [`Digest`] equality is constant-time. Stores and caches use the digest as a lookup key (a
 //! hash map, a B-tree index), which is not constant-time; that is no timing oracle on the key,
 //! because the attacker cannot steer the digest of a guess towards a stored one: see
@@ -62,7 +69,10 @@ pub enum SecretError {
         len: usize,
     },
     /// The environment variable is not set.
-    #[error("environment variable {0} is not set (generate one with `keywarden secret generate`)")]
+    #[error(
+        "environment variable {0} is not set, nor {0}_FILE (generate a secret with `keywarden \
+         secret generate`)"
+    )]
     Missing(&'static str),
     /// The environment variable (or the file it names) is not valid Unicode.
     #[error("environment variable {0} is not valid UTF-8")]
@@ -379,7 +389,8 @@ impl SecretRing {
     ///
     /// Every secret is read by the rules of [`Secret::parse`], so a value means the same secret
     /// wherever it is written, and moving the current secret to the previous ones keeps its
-    /// [`SecretId`]. In the lists, whitespace around an entry and empty entries are ignored. A
+    /// [`SecretId`]. An empty variable counts as unset. In the lists, whitespace around an
+    /// entry and empty entries (blank lines) are ignored. A
     /// secret holding a comma can only be written in the files: in `KEYWARDEN_SECRET` it is
     /// refused, since it could not be moved to `KEYWARDEN_PREVIOUS_SECRETS` unchanged.
     ///
@@ -559,7 +570,9 @@ fn source(
     name: &'static str,
     file_name: &'static str,
 ) -> Result<Option<Source>, SecretError> {
-    match (var(name), var(file_name)) {
+    // An empty variable counts as unset (`FOO=${OLD:-}` in a compose file).
+    let mut get = |name| var(name).filter(|value| !value.is_empty());
+    match (get(name), get(file_name)) {
         (Some(_), Some(_)) => Err(SecretError::Conflict(name, file_name)),
         (None, None) => Ok(None),
         (Some(value), None) => value
@@ -858,6 +871,18 @@ mod loading_tests {
             ])
             .unwrap_err(),
             SecretError::Conflict(PREVIOUS_SECRETS_ENV, PREVIOUS_SECRETS_FILE_ENV)
+        );
+        // An empty variable is unset, so it does not conflict with its file form.
+        let ring = ring(&[
+            (SECRET_ENV, ""),
+            (SECRET_FILE_ENV, file.path()),
+            (PREVIOUS_SECRETS_ENV, ""),
+        ]);
+        assert_eq!(ring.current_id(), Secret::new(S).unwrap().id());
+        assert!(!ring.has_previous());
+        assert_eq!(
+            load(&[(SECRET_ENV, "")]).unwrap_err(),
+            SecretError::Missing(SECRET_ENV)
         );
     }
 
