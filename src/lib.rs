@@ -66,8 +66,8 @@ pub use redis_backend::{RedisBackend, RedisBackendError};
 pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 pub use scope::{RequireScope, RequireScopeService};
 pub use secret::{
-    Digest, DigestParseError, Secret, SecretError, SecretId, SecretRing, MIN_SECRET_LEN,
-    PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    Digest, DigestParseError, Secret, SecretError, SecretId, SecretRing, SecretWarning,
+    MIN_SECRET_LEN, PREVIOUS_SECRETS_ENV, PREVIOUS_SECRETS_FILE_ENV, SECRET_ENV, SECRET_FILE_ENV,
 };
 pub use service::{ApiKeyService, ResponseFuture};
 pub use stats::LayerStats;

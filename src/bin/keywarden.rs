@@ -19,9 +19,11 @@
 //!
 //! The database comes from `--database-url` or `KEYWARDEN_DATABASE_URL` (default
 //! `sqlite://keywarden.db`; `postgres://` and `postgresql://` select PostgreSQL). Key commands
-//! and `serve` read the secret ring from `KEYWARDEN_SECRET` and `KEYWARDEN_PREVIOUS_SECRETS`,
-//! and viewable keys' reveal keys from `KEYWARDEN_REVEAL_KEY` and
-//! `KEYWARDEN_PREVIOUS_REVEAL_KEYS` (or their `_FILE` variants).
+//! and `serve` read the secret ring from `KEYWARDEN_SECRET` (or the file named by
+//! `KEYWARDEN_SECRET_FILE`) and `KEYWARDEN_PREVIOUS_SECRETS` (or the file named by
+//! `KEYWARDEN_PREVIOUS_SECRETS_FILE`, one per line), by the rules of `SecretRing::load`; its
+//! warnings (a weak secret, say) go to stderr. Viewable keys' reveal keys come from
+//! `KEYWARDEN_REVEAL_KEY` and `KEYWARDEN_PREVIOUS_REVEAL_KEYS` (or their `_FILE` variants).
 //! Errors are one `error: ...` line on stderr and a non-zero exit status.
 
 use std::error::Error as StdError;
@@ -56,8 +58,10 @@ const ONCE_WARNING: &str = "Store this key now: it will not be shown again.";
     name = "keywarden",
     version,
     about = "Manage keywarden API keys and run the demo server",
-    after_help = "Key commands and `serve` read the secret from KEYWARDEN_SECRET (and old ones \
-                  from KEYWARDEN_PREVIOUS_SECRETS); create one with `keywarden secret generate`."
+    after_help = "Key commands and `serve` read the secret from KEYWARDEN_SECRET or the file \
+                  named by KEYWARDEN_SECRET_FILE (and old ones from KEYWARDEN_PREVIOUS_SECRETS, \
+                  comma-separated, or KEYWARDEN_PREVIOUS_SECRETS_FILE, one per line); create \
+                  one with `keywarden secret generate`."
 )]
 struct Cli {
     /// Database URL: sqlite://PATH or postgres://USER@HOST/DB.
@@ -318,12 +322,23 @@ impl From<SecretError> for Failure {
         let hint = "generate one with `keywarden secret generate`";
         Self(match error {
             SecretError::TooShort { .. } => {
-                format!("{SECRET_ENV} or an entry of {PREVIOUS_SECRETS_ENV} is too short: {error}; {hint}")
+                format!("{SECRET_ENV} or a previous secret is too short: {error}; {hint}")
             }
-            SecretError::Missing(_) => format!("{error}"),
+            SecretError::Missing(_) | SecretError::Conflict(..) | SecretError::File { .. } => {
+                format!("{error}")
+            }
             other => format!("{other}; {hint}"),
         })
     }
+}
+
+/// The secret ring from the environment (variables or `_FILE`s), its warnings on stderr.
+fn load_secrets() -> Result<SecretRing, SecretError> {
+    let (ring, warnings) = SecretRing::load(std::env::var_os)?;
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(ring)
 }
 
 /// The error's message followed by its sources' messages, skipping repeats.
@@ -380,7 +395,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(args) => serve(&cli.database_url, args, out).await,
         Command::Keys(command) => {
             // The secret first: a missing secret should not leave a new database file behind.
-            let secrets = SecretRing::from_env()?;
+            let secrets = load_secrets()?;
             let reveal_keys = RevealKeyRing::from_env()?;
             let (store, _) = open_store(&cli.database_url).await?;
             let mut manager = KeyManager::new(store, secrets);
@@ -531,7 +546,7 @@ async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 }
 
 async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
-    let secrets = SecretRing::from_env()?;
+    let secrets = load_secrets()?;
     let reveal_keys = RevealKeyRing::from_env()?;
     let (store, postgres) = open_store(url).await?;
     let redis = match &args.redis_url {
@@ -943,6 +958,10 @@ fn print_page(page: &KeyPage, now: OffsetDateTime, out: Output) {
     }
     if page.items.is_empty() {
         println!("no keys");
+        // A page of only unreadable rows (skipped by the store) may still have a next one.
+        if let Some(cursor) = page.next_cursor {
+            println!("more keys: --after {cursor}");
+        }
         return;
     }
     let header = [

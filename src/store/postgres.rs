@@ -10,7 +10,9 @@ use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::sql::{aggregate_usage, clamp_i64, USAGE_CHUNK_ROWS};
+use super::sql::{
+    aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
+};
 use super::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
     StoreErrorKind,
@@ -31,6 +33,14 @@ const MAX_SCHEMA_LEN: usize = 63;
 /// Timestamps are `TIMESTAMPTZ` (microsecond precision, read back in UTC), scopes `TEXT[]`
 /// and metadata `JSONB`. Updates lock the row (`SELECT … FOR UPDATE`) for their
 /// read-modify-write, so concurrent patches are never lost.
+///
+/// Rows written by hand are read defensively: `expires_at = 'infinity'` means the key never
+/// expires (like `NULL`; an update through the store writes it back as `NULL`). Any other
+/// timestamp keywarden cannot represent — `-infinity`, `infinity` in another column, a year
+/// outside 0000 to 9999 (what RFC 3339, and so the management API, can write) — makes the row corrupt ([`StoreErrorKind::Corrupt`]): reading it by id or by
+/// digest fails (the request path answers 503 `store_unavailable` for that key alone), and
+/// [`list`](KeyStore::list) skips it with a warning naming its id, as it skips any corrupt
+/// row, so one bad row never hides the rest of its page.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), keywarden::StoreError> {
@@ -348,8 +358,7 @@ impl KeyStore for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| store_error("listing keys failed", e))?;
-        let items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
-        Ok(KeyPage::from_overfetch(items, limit))
+        page_skipping_corrupt(&rows, limit, |row| column(row, "id"), decode_row)
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
@@ -473,6 +482,98 @@ fn bytes<const N: usize>(value: Vec<u8>, name: &'static str) -> Result<[u8; N], 
     <[u8; N]>::try_from(value.as_slice()).map_err(|_| corrupt(name, &format!("expected {N} bytes")))
 }
 
+/// A `TIMESTAMPTZ` value exactly as PostgreSQL holds it, decoded without panicking.
+///
+/// PostgreSQL's range (4713 BC to 294276 AD, plus `infinity` and `-infinity`) is far wider
+/// than [`OffsetDateTime`]'s (years -9999 to 9999), and sqlx's own `OffsetDateTime` decoding
+/// panics on a value outside the latter. This reads the raw microseconds instead and leaves
+/// the decision to [`instant`] and [`expiry`], so no stored value can abort a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PgTimestamp {
+    /// An instant `OffsetDateTime` can hold (in UTC).
+    At(OffsetDateTime),
+    /// `infinity`.
+    Infinity,
+    /// `-infinity`.
+    NegativeInfinity,
+    /// A finite instant outside years 0000 to 9999.
+    OutOfRange,
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00 UTC).
+const PG_EPOCH_UNIX_MICROS: i128 = 946_684_800_000_000;
+
+impl PgTimestamp {
+    /// The binary wire value: microseconds since 2000-01-01 UTC, with `i64::MAX` and
+    /// `i64::MIN` standing for `infinity` and `-infinity`.
+    fn from_pg_micros(micros: i64) -> Self {
+        match micros {
+            i64::MAX => Self::Infinity,
+            i64::MIN => Self::NegativeInfinity,
+            _ => {
+                // i128: PostgreSQL's latest instant overflows i64 nanoseconds, and even
+                // i64 microseconds once moved to the Unix epoch.
+                let unix_nanos = (i128::from(micros) + PG_EPOCH_UNIX_MICROS) * 1_000;
+                OffsetDateTime::from_unix_timestamp_nanos(unix_nanos)
+                    .ok()
+                    .filter(in_rfc3339_range)
+                    .map_or(Self::OutOfRange, Self::At)
+            }
+        }
+    }
+}
+
+impl sqlx::Type<Postgres> for PgTimestamp {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <OffsetDateTime as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <OffsetDateTime as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for PgTimestamp {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match value.format() {
+            sqlx::postgres::PgValueFormat::Binary => Ok(Self::from_pg_micros(
+                <i64 as sqlx::Decode<Postgres>>::decode(value)?,
+            )),
+            // Only simple (unprepared) queries answer in text; the store prepares every
+            // statement. sqlx's text parsing fails rather than panics on odd values.
+            sqlx::postgres::PgValueFormat::Text => match value.as_str()? {
+                "infinity" => Ok(Self::Infinity),
+                "-infinity" => Ok(Self::NegativeInfinity),
+                _ => Ok(<OffsetDateTime as sqlx::Decode<Postgres>>::decode(value)
+                    .ok()
+                    .filter(in_rfc3339_range)
+                    .map_or(Self::OutOfRange, Self::At)),
+            },
+        }
+    }
+}
+
+/// A timestamp that must be a finite instant (`created_at`, `updated_at`, `last_used_at`,
+/// `revoked_at`): anything else makes the row corrupt.
+fn instant(at: PgTimestamp, name: &'static str) -> Result<OffsetDateTime, StoreError> {
+    match at {
+        PgTimestamp::At(at) => Ok(at),
+        PgTimestamp::Infinity | PgTimestamp::NegativeInfinity => {
+            Err(corrupt(name, "infinite timestamp"))
+        }
+        PgTimestamp::OutOfRange => Err(corrupt(name, "timestamp out of range")),
+    }
+}
+
+/// `expires_at`: `NULL` and `infinity` both mean the key never expires; `-infinity` and
+/// instants outside years 0000 to 9999 make the row corrupt.
+fn expiry(at: Option<PgTimestamp>) -> Result<Option<OffsetDateTime>, StoreError> {
+    match at {
+        None | Some(PgTimestamp::Infinity) => Ok(None),
+        Some(at) => instant(at, "expires_at").map(Some),
+    }
+}
+
 fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
     let owner_kind: String = column(row, "owner_kind")?;
     let rate_limit: Option<String> = column(row, "rate_limit")?;
@@ -496,13 +597,17 @@ fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
             .map(|p| RateLimitPolicy::from_str(&p))
             .transpose()
             .map_err(|_| corrupt("rate_limit", "not a rate-limit policy"))?,
-        created_at: column(row, "created_at")?,
-        updated_at: column(row, "updated_at")?,
-        expires_at: column(row, "expires_at")?,
-        last_used_at: column(row, "last_used_at")?,
+        created_at: instant(column(row, "created_at")?, "created_at")?,
+        updated_at: instant(column(row, "updated_at")?, "updated_at")?,
+        expires_at: expiry(column(row, "expires_at")?)?,
+        last_used_at: column::<Option<PgTimestamp>>(row, "last_used_at")?
+            .map(|at| instant(at, "last_used_at"))
+            .transpose()?,
         use_count: u64::try_from(column::<i64>(row, "use_count")?)
             .map_err(|_| corrupt("use_count", "negative"))?,
-        revoked_at: column(row, "revoked_at")?,
+        revoked_at: column::<Option<PgTimestamp>>(row, "revoked_at")?
+            .map(|at| instant(at, "revoked_at"))
+            .transpose()?,
         disabled: column(row, "disabled")?,
         rotated_from: column(row, "rotated_from")?,
         encrypted_key: column(row, "encrypted_key")?,
@@ -595,6 +700,47 @@ mod tests {
         let floored = micros(at);
         assert_eq!(floored, datetime!(2030-02-03 02:05:06.123_456 UTC));
         assert_eq!(floored.offset(), time::UtcOffset::UTC);
+    }
+
+    #[test]
+    fn every_stored_timestamp_decodes_without_panicking() {
+        use PgTimestamp::*;
+        assert_eq!(PgTimestamp::from_pg_micros(i64::MAX), Infinity);
+        assert_eq!(PgTimestamp::from_pg_micros(i64::MIN), NegativeInfinity);
+        assert_eq!(
+            PgTimestamp::from_pg_micros(0),
+            At(datetime!(2000-01-01 0:00 UTC))
+        );
+        assert_eq!(
+            PgTimestamp::from_pg_micros(-1),
+            At(datetime!(1999-12-31 23:59:59.999_999 UTC))
+        );
+        // Both ends of years 0000 to 9999, and one microsecond past each.
+        let first = datetime!(0000-01-01 0:00 UTC);
+        let last = datetime!(9999-12-31 23:59:59.999_999 UTC);
+        let pg = |at: OffsetDateTime| {
+            i64::try_from((at - datetime!(2000-01-01 0:00 UTC)).whole_microseconds()).unwrap()
+        };
+        assert_eq!(PgTimestamp::from_pg_micros(pg(first)), At(first));
+        assert_eq!(PgTimestamp::from_pg_micros(pg(last)), At(last));
+        assert_eq!(PgTimestamp::from_pg_micros(pg(first) - 1), OutOfRange);
+        assert_eq!(PgTimestamp::from_pg_micros(pg(last) + 1), OutOfRange);
+        for micros in [i64::MAX - 1, i64::MIN + 1, 9_223_371_331_200_000_000] {
+            assert_eq!(PgTimestamp::from_pg_micros(micros), OutOfRange, "{micros}");
+        }
+
+        assert_eq!(expiry(None).unwrap(), None);
+        assert_eq!(expiry(Some(Infinity)).unwrap(), None);
+        assert_eq!(expiry(Some(At(last))).unwrap(), Some(last));
+        for odd in [NegativeInfinity, OutOfRange] {
+            let err = expiry(Some(odd)).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+            assert!(err.to_string().contains("expires_at"), "{err}");
+        }
+        for odd in [Infinity, NegativeInfinity, OutOfRange] {
+            let err = instant(odd, "created_at").unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::sql::{aggregate_usage, clamp_i64, USAGE_CHUNK_ROWS};
+use super::sql::{
+    aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
+};
 use super::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
     StoreErrorKind,
@@ -32,6 +34,14 @@ const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, 
 ///
 /// Ids are stored as 16-byte blobs (so byte order is id order) and timestamps as UTC unix
 /// microseconds; timestamps read back are UTC and truncated to the microsecond.
+///
+/// Rows written by hand are read defensively: a timestamp that is not an integer (a real,
+/// text such as `'infinity'`, a blob) or that lies outside years 0000 to 9999 (what RFC 3339,
+/// and so the management API, can write) makes the row
+/// corrupt ([`StoreErrorKind::Corrupt`]); a key that never expires has `expires_at` `NULL`.
+/// Reading a corrupt row by id or by digest fails (the request path answers 503
+/// `store_unavailable` for that key alone), and [`list`](KeyStore::list) skips it with a
+/// warning naming its id, so one bad row never hides the rest of its page.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -316,8 +326,12 @@ impl KeyStore for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| store_error("listing keys failed", e))?;
-        let items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
-        Ok(KeyPage::from_overfetch(items, limit))
+        page_skipping_corrupt(
+            &rows,
+            limit,
+            |row| uuid(column(row, "id")?, "id"),
+            decode_row,
+        )
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
@@ -408,7 +422,9 @@ fn to_micros(at: OffsetDateTime) -> i64 {
 /// The UTC instant of unix microseconds.
 fn from_micros(micros: i64, column: &'static str) -> Result<OffsetDateTime, StoreError> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
-        .map_err(|_| corrupt(column, "timestamp out of range"))
+        .ok()
+        .filter(in_rfc3339_range)
+        .ok_or_else(|| corrupt(column, "timestamp out of range"))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
