@@ -618,7 +618,7 @@ async fn store_failures_are_503_never_500() {
         ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
             Err(down())
         }
-        async fn redigest(
+        async fn add_digest(
             &self,
             _: uuid::Uuid,
             _: &keywarden::Digest,

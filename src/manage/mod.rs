@@ -29,10 +29,10 @@ use crate::invalidation::{Invalidation, InvalidationPublisher};
 use crate::key::{ApiKey, KeyFormat};
 use crate::layer::ApiKeyLayer;
 use crate::ratelimit::RateLimitPolicy;
-use crate::secret::SecretRing;
+use crate::secret::{SecretId, SecretRing};
 use crate::store::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, StoreError,
-    StoreErrorKind,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, SecretRetirement,
+    StoreError, StoreErrorKind, UnmigratedKeys,
 };
 
 mod expiry;
@@ -53,6 +53,8 @@ const MAX_SLUG: usize = 64;
 const MAX_SCOPE: usize = 128;
 const MAX_SCOPES: usize = 100;
 const MAX_METADATA: usize = 16 * 1024;
+/// Beyond this many keys a secret retirement drops whole caches rather than key by key.
+const MAX_KEY_INVALIDATIONS: usize = 256;
 
 /// What a new key should be. Only a name and a subject are required.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,6 +192,11 @@ pub enum ManageErrorKind {
     /// The store or collection holds another system's keys (Payload CMS, Strapi), which
     /// keywarden verifies but never manages.
     ReadOnly,
+    /// [`KeyManager::retire_secret`] was asked to retire the manager's current secret.
+    CurrentSecret,
+    /// [`KeyManager::retire_secret`] refused: some keys have no digest under any other
+    /// secret (see [`ManageError::unmigrated_keys`]).
+    UnmigratedKeys,
 }
 
 /// A management error. Never contains key material.
@@ -201,6 +208,7 @@ pub struct ManageError {
     message: String,
     #[source]
     source: Option<StoreError>,
+    unmigrated: Vec<Uuid>,
 }
 
 impl ManageError {
@@ -210,6 +218,7 @@ impl ManageError {
             field: None,
             message: format!("no key with id {id}"),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -219,6 +228,7 @@ impl ManageError {
             field: Some(field),
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -228,6 +238,7 @@ impl ManageError {
             field: None,
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -237,6 +248,7 @@ impl ManageError {
             field: None,
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -253,6 +265,12 @@ impl ManageError {
     /// The store error behind a [`ManageErrorKind::Store`] error.
     pub fn store_error(&self) -> Option<&StoreError> {
         self.source.as_ref()
+    }
+
+    /// For [`ManageErrorKind::UnmigratedKeys`]: the keys whose only digest is under the secret
+    /// being retired, in id order. Empty otherwise.
+    pub fn unmigrated_keys(&self) -> &[Uuid] {
+        &self.unmigrated
     }
 }
 
@@ -271,6 +289,7 @@ impl From<StoreError> for ManageError {
             field: None,
             message,
             source: Some(error),
+            unmigrated: Vec::new(),
         }
     }
 }
@@ -407,6 +426,7 @@ impl KeyManager {
                     new.collection
                 ),
                 source: None,
+                unmigrated: Vec::new(),
             });
         }
         let prefix = self
@@ -671,6 +691,122 @@ impl KeyManager {
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, "key deleted");
         Ok(record)
+    }
+
+    /// Retires a previous secret: drops every digest made under `secret_id` from the store,
+    /// once every instance runs a ring without it (until then, instances still holding only
+    /// that secret verify keys by those digests). Keys keep verifying under the digests they
+    /// gained from the newer secret on first use; the affected keys leave the caches of the
+    /// layers this manager invalidates and of the instances it publishes to (PostgreSQL
+    /// instances also hear it from the database).
+    ///
+    /// Keys that have no other digest (not used through an instance holding a newer secret
+    /// since the rotation, and not revoked) would never verify again. With viewable keys on,
+    /// the manager first gives each such key it can reveal a digest under its current secret.
+    /// Any left make [`UnmigratedKeys::Refuse`] fail with nothing changed; use them once
+    /// through an instance with the new ring, or pass [`UnmigratedKeys::Revoke`] to drop their
+    /// digests anyway and revoke them.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::CurrentSecret`] for the manager's current secret,
+    /// [`ManageErrorKind::UnmigratedKeys`] (with [`ManageError::unmigrated_keys`]) as above,
+    /// [`ManageErrorKind::ReadOnly`] or [`ManageErrorKind::Store`].
+    pub async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+    ) -> Result<SecretRetirement, ManageError> {
+        if secret_id == self.ring.current_id() {
+            return Err(ManageError {
+                kind: ManageErrorKind::CurrentSecret,
+                field: Some("secret_id"),
+                message: format!(
+                    "secret {secret_id} is the current secret; rotate to a new one first"
+                ),
+                source: None,
+                unmigrated: Vec::new(),
+            });
+        }
+        let mut outcome = self
+            .store
+            .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
+            .await?;
+        if !outcome.retired && self.reveal.is_some() {
+            self.migrate_revealable(&outcome.unmigrated).await?;
+            outcome = self
+                .store
+                .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
+                .await?;
+        }
+        if !outcome.retired && unmigrated == UnmigratedKeys::Revoke {
+            outcome = self
+                .store
+                .retire_secret(secret_id, UnmigratedKeys::Revoke, self.now())
+                .await?;
+        }
+        if !outcome.retired {
+            let count = outcome.unmigrated.len();
+            return Err(ManageError {
+                kind: ManageErrorKind::UnmigratedKeys,
+                field: None,
+                message: format!(
+                    "{count} key(s) have no digest under any other secret (not used through an \
+                     instance with a newer secret since the rotation) and would never verify \
+                     again; use them once through such an instance, or force the retirement to \
+                     revoke them"
+                ),
+                source: None,
+                unmigrated: outcome.unmigrated,
+            });
+        }
+        if outcome.affected.len() > MAX_KEY_INVALIDATIONS {
+            for layer in &self.layers {
+                layer.invalidate_all();
+            }
+            self.publish(Invalidation::All).await;
+        } else {
+            for &id in &outcome.affected {
+                self.invalidate(id).await;
+            }
+        }
+        tracing::info!(
+            target: "keywarden",
+            secret_id = %secret_id,
+            dropped = outcome.dropped,
+            keys = outcome.affected.len(),
+            revoked = outcome.unmigrated.len(),
+            "secret retired"
+        );
+        Ok(outcome)
+    }
+
+    /// Gives each of these keys whose plaintext the reveal key opens a digest under the
+    /// current secret.
+    async fn migrate_revealable(&self, ids: &[Uuid]) -> Result<(), ManageError> {
+        let Some(reveal) = &self.reveal else {
+            return Ok(());
+        };
+        for &id in ids {
+            let Some(record) = self.store.get(id).await? else {
+                continue;
+            };
+            let Some(key) = record
+                .encrypted_key
+                .as_deref()
+                .and_then(|sealed| reveal.open(id, sealed))
+            else {
+                continue;
+            };
+            let digest = self.ring.digest(key.expose().as_bytes());
+            if self
+                .store
+                .add_digest(id, &record.digest, &digest, self.ring.current_id())
+                .await?
+            {
+                tracing::info!(target: "keywarden", key_id = %id, "re-digested a viewable key under the current secret");
+            }
+        }
+        Ok(())
     }
 
     async fn invalidate(&self, id: Uuid) {
