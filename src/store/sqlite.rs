@@ -328,7 +328,7 @@ impl KeyStore for SqliteStore {
                    WHERE o.secret_id = ?1 AND d.secret_id <> ?1 \
                      AND d.digest = (SELECT min(e.digest) FROM keywarden_key_digests AS e \
                                      WHERE e.key_id = d.key_id AND e.secret_id <> ?1)) AS p \
-             WHERE k.id = p.key_id RETURNING k.id",
+             WHERE k.id = p.key_id RETURNING id",
         )
         .bind(secret)
         .fetch_all(&mut *tx)
