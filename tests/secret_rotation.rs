@@ -120,3 +120,62 @@ async fn native_rows_of_a_foreign_collection_are_ignored_under_previous_secrets_
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+/// The PostgreSQL trigger tells other instances when a key loses a digest (a retired secret),
+/// and stays quiet when a key gains one (nothing cached can be wrong then).
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_notifies_dropped_digests_but_not_added_ones() {
+    use keywarden::{PostgresStore, SecretId, UnmigratedKeys};
+    let Some(url) = support::service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let schema = support::unique("kw_digests");
+    let store = PostgresStore::connect_with_schema(&url, &schema)
+        .await
+        .unwrap();
+    let created = KeyManager::new(Arc::new(store.clone()), new_ring())
+        .create(NewKey::new("k", "alice"))
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(store.pool())
+        .await
+        .unwrap();
+    listener.listen("keywarden_invalidate").await.unwrap();
+    async fn next(listener: &mut sqlx::postgres::PgListener) -> Option<String> {
+        tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv())
+            .await
+            .ok()
+            .map(|n| n.unwrap().payload().to_owned())
+    }
+
+    // A rolled-back instance (old secret current) adds an old-secret digest: no notice.
+    let old_digest = old_ring().digest(created.key.expose().as_bytes());
+    let old_id: SecretId = old_ring().current_id();
+    assert!(store
+        .add_digest(created.record.id, &created.record.digest, &old_digest, old_id)
+        .await
+        .unwrap());
+    assert_eq!(next(&mut listener).await, None, "adding a digest is silent");
+
+    // Retiring the old secret drops only that added digest: the key's record is unchanged,
+    // and the digests table's trigger tells every instance.
+    let outcome = store
+        .retire_secret(old_id, UnmigratedKeys::Refuse, time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    assert_eq!((outcome.dropped, outcome.affected.len()), (1, 1));
+    assert_eq!(
+        store.get(created.record.id).await.unwrap().unwrap(),
+        created.record
+    );
+    assert_eq!(
+        next(&mut listener).await,
+        Some(format!("{schema} key {}", created.record.id))
+    );
+    drop(listener);
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
