@@ -575,12 +575,19 @@ async fn secret_rotation_invalidates_no_key_and_migrates_digests() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["owner_kind"], "service");
     // Re-digested on first use: found under the current secret, the old digest kept valid.
-    let new_digest = after.layer.secrets().digest(created.key.expose().as_bytes());
+    let new_digest = after
+        .layer
+        .secrets()
+        .digest(created.key.expose().as_bytes());
     assert_ne!(new_digest, old_digest);
     let migrated = store.find_by_digest(&new_digest).await.unwrap().unwrap();
     assert_eq!(migrated.id, created.record.id, "re-digested on first use");
     assert_eq!(
-        store.find_by_digest(&old_digest).await.unwrap().map(|r| r.id),
+        store
+            .find_by_digest(&old_digest)
+            .await
+            .unwrap()
+            .map(|r| r.id),
         Some(created.record.id),
         "the old digest stays valid"
     );

@@ -6,9 +6,7 @@ mod support;
 
 use std::sync::Arc;
 
-use keywarden::{
-    Collection, KeyManager, KeyStore, MemoryStore, NewKey, PayloadScheme, SecretRing,
-};
+use keywarden::{Collection, KeyManager, KeyStore, MemoryStore, NewKey, PayloadScheme, SecretRing};
 use support::{get_with, Fixture, OLD_SECRET, SECRET};
 
 /// The old ring alone: an instance not yet deployed with the new secret, or rolled back.
@@ -99,7 +97,12 @@ async fn native_rows_of_a_foreign_collection_are_ignored_under_previous_secrets_
         ] {
             layer.invalidate_all();
             let reply = get_with(&app, "/whoami", &[("authorization", form.as_bytes())]).await;
-            assert_eq!(reply.status, 401, "{name} secret, {scheme}: {}", reply.text());
+            assert_eq!(
+                reply.status,
+                401,
+                "{name} secret, {scheme}: {}",
+                reply.text()
+            );
             assert_eq!(reply.code(), "invalid_key", "{name}");
         }
     }
@@ -153,7 +156,12 @@ async fn postgres_notifies_dropped_digests_but_not_added_ones() {
     let old_digest = old_ring().digest(created.key.expose().as_bytes());
     let old_id: SecretId = old_ring().current_id();
     assert!(store
-        .add_digest(created.record.id, &created.record.digest, &old_digest, old_id)
+        .add_digest(
+            created.record.id,
+            &created.record.digest,
+            &old_digest,
+            old_id
+        )
         .await
         .unwrap());
     assert_eq!(next(&mut listener).await, None, "adding a digest is silent");
@@ -161,7 +169,11 @@ async fn postgres_notifies_dropped_digests_but_not_added_ones() {
     // Retiring the old secret drops only that added digest: the key's record is unchanged,
     // and the digests table's trigger tells every instance.
     let outcome = store
-        .retire_secret(old_id, UnmigratedKeys::Refuse, time::OffsetDateTime::now_utc())
+        .retire_secret(
+            old_id,
+            UnmigratedKeys::Refuse,
+            time::OffsetDateTime::now_utc(),
+        )
         .await
         .unwrap();
     assert_eq!((outcome.dropped, outcome.affected.len()), (1, 1));

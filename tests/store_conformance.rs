@@ -733,7 +733,10 @@ async fn retire_secret_drops_only_its_digests(store: Store) {
         secret_id: new_id(),
         ..migrated.clone()
     };
-    assert_eq!(store.get(migrated.id).await.unwrap(), Some(promoted.clone()));
+    assert_eq!(
+        store.get(migrated.id).await.unwrap(),
+        Some(promoted.clone())
+    );
     assert_eq!(
         store.find_by_digest(&migrated_new).await.unwrap(),
         Some(promoted)
@@ -815,7 +818,10 @@ async fn retire_secret_refuses_to_strand_keys(store: Store) {
     // Nothing changed.
     for r in [&migrated, &stranded, &revoked] {
         assert_eq!(store.get(r.id).await.unwrap().as_ref(), Some(r));
-        assert_eq!(store.find_by_digest(&r.digest).await.unwrap().as_ref(), Some(r));
+        assert_eq!(
+            store.find_by_digest(&r.digest).await.unwrap().as_ref(),
+            Some(r)
+        );
     }
     assert_eq!(
         store.find_by_digest(&migrated_new).await.unwrap(),
@@ -844,7 +850,11 @@ async fn retire_secret_refuses_to_strand_keys(store: Store) {
     assert_eq!(revoked_now.revoked_at, Some(BASE));
     assert_eq!(revoked_now.secret_id, SecretId::from_bytes([0; 8]));
     assert_eq!(
-        store.find_by_digest(&stranded_new).await.unwrap().map(|r| r.id),
+        store
+            .find_by_digest(&stranded_new)
+            .await
+            .unwrap()
+            .map(|r| r.id),
         Some(stranded.id)
     );
 }
@@ -908,7 +918,10 @@ async fn rolling_deploy_keeps_old_instances_verifying(store: Store) {
             .unwrap()
     };
     let (a, b) = (layer(new_ring.clone()), layer(old_ring.clone()));
-    let (app_a, app_b) = (support::app().layer(a.clone()), support::app().layer(b.clone()));
+    let (app_a, app_b) = (
+        support::app().layer(a.clone()),
+        support::app().layer(b.clone()),
+    );
     let created = KeyManager::for_layer(&b)
         .create(NewKey::new("k", "alice"))
         .await
@@ -929,7 +942,11 @@ async fn rolling_deploy_keeps_old_instances_verifying(store: Store) {
     assert_eq!(whoami(&app_a, key).await.status, 200, "A re-digests");
     let new_digest = new_ring.digest(key);
     assert_eq!(
-        store.find_by_digest(&new_digest).await.unwrap().map(|r| r.id),
+        store
+            .find_by_digest(&new_digest)
+            .await
+            .unwrap()
+            .map(|r| r.id),
         Some(created.record.id),
         "A added its digest"
     );
@@ -960,7 +977,11 @@ async fn rolling_deploy_keeps_old_instances_verifying(store: Store) {
         .unwrap_err();
     assert_eq!(refused.kind(), ManageErrorKind::UnmigratedKeys);
     assert_eq!(refused.unmigrated_keys(), [idle.record.id]);
-    assert_eq!(whoami(&app_b, key).await.status, 200, "a refusal changes nothing");
+    assert_eq!(
+        whoami(&app_b, key).await.status,
+        200,
+        "a refusal changes nothing"
+    );
     let current = manager
         .retire_secret(new_ring.current_id(), UnmigratedKeys::Revoke)
         .await
@@ -985,7 +1006,12 @@ async fn rolling_deploy_keeps_old_instances_verifying(store: Store) {
     assert_eq!(whoami(&app_a, idle_key).await.status, 401);
     assert_eq!(whoami(&app_b, idle_key).await.status, 401);
     assert_eq!(
-        store.get(idle.record.id).await.unwrap().unwrap().state(OffsetDateTime::now_utc()),
+        store
+            .get(idle.record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state(OffsetDateTime::now_utc()),
         KeyState::Revoked
     );
 }

@@ -218,11 +218,20 @@ async fn secret_rotation_keeps_every_key_on_every_store() {
         // verifying it).
         let under_b = rotated_ring.digest(created.key.expose().as_bytes());
         let stored = backend.store.find_by_digest(&under_b).await.unwrap();
-        assert_eq!(stored.map(|r| r.id), Some(created.record.id), "{name}: re-digested");
+        assert_eq!(
+            stored.map(|r| r.id),
+            Some(created.record.id),
+            "{name}: re-digested"
+        );
         let stored = backend.store.get(created.record.id).await.unwrap().unwrap();
         assert_eq!(stored.secret_id, old_ring.current_id(), "{name}");
         assert_eq!(
-            backend.store.find_by_digest(&stored.digest).await.unwrap().map(|r| r.id),
+            backend
+                .store
+                .find_by_digest(&stored.digest)
+                .await
+                .unwrap()
+                .map(|r| r.id),
             Some(created.record.id),
             "{name}: the old digest stays valid"
         );

@@ -395,8 +395,8 @@ async fn cli_manager(database_url: &str) -> Result<KeyManager, Failure> {
     let mut manager = KeyManager::new(store, secrets);
     // Running servers without PostgreSQL learn of changes through Redis, if any.
     if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
-        let namespace = std::env::var("KEYWARDEN_REDIS_NAMESPACE")
-            .unwrap_or_else(|_| "keywarden".to_owned());
+        let namespace =
+            std::env::var("KEYWARDEN_REDIS_NAMESPACE").unwrap_or_else(|_| "keywarden".to_owned());
         match RedisBackend::connect(&url, &namespace).await {
             Ok(redis) => manager = manager.publishes_to(redis),
             Err(error) => eprintln!(

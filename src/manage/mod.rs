@@ -1170,6 +1170,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn retiring_a_secret_spares_the_current_one_and_migrates_viewable_keys() {
+        const OLD: &str = "manager-old-secret-0123456789abcdefgh";
+        const NEW: &str = "manager-new-secret-0123456789abcdefgh";
+        let reveal = RevealKey::new(
+            &crate::secret::Secret::new("reveal-key-0123456789abcdefghijkl").unwrap(),
+        );
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let old_ring = SecretRing::from_strs(OLD, None).unwrap();
+        let before =
+            KeyManager::new(store.clone(), old_ring.clone()).with_reveal_key(reveal.clone());
+        let viewable = before.create(NewKey::new("viewable", "u")).await.unwrap();
+        let plain = KeyManager::new(store.clone(), old_ring.clone())
+            .create(NewKey::new("plain", "u"))
+            .await
+            .unwrap();
+        let new_ring = SecretRing::from_strs(NEW, None).unwrap();
+        let after = KeyManager::new(store.clone(), new_ring.clone()).with_reveal_key(reveal);
+
+        let err = after
+            .retire_secret(new_ring.current_id(), UnmigratedKeys::Revoke)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::CurrentSecret);
+        assert_eq!(err.field(), Some("secret_id"));
+
+        // The viewable key is re-digested from its plaintext; the plain one cannot be.
+        let err = after
+            .retire_secret(old_ring.current_id(), UnmigratedKeys::Refuse)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::UnmigratedKeys);
+        assert_eq!(err.unmigrated_keys(), [plain.record.id]);
+        assert!(!err.to_string().contains(plain.key.expose()));
+        let under_new = new_ring.digest(viewable.key.expose().as_bytes());
+        assert_eq!(
+            store
+                .find_by_digest(&under_new)
+                .await
+                .unwrap()
+                .map(|r| r.id),
+            Some(viewable.record.id)
+        );
+        assert_eq!(m_state(&after, plain.record.id).await, KeyState::Active);
+
+        let outcome = after
+            .retire_secret(old_ring.current_id(), UnmigratedKeys::Revoke)
+            .await
+            .unwrap();
+        assert!(outcome.retired);
+        assert_eq!(outcome.dropped, 2);
+        assert_eq!(outcome.unmigrated, [plain.record.id]);
+        assert_eq!(m_state(&after, plain.record.id).await, KeyState::Revoked);
+        assert_eq!(m_state(&after, viewable.record.id).await, KeyState::Active);
+        assert_eq!(
+            store.find_by_digest(&viewable.record.digest).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            after.get(viewable.record.id).await.unwrap().digest,
+            under_new,
+            "the new digest became the record's"
+        );
+    }
+
+    async fn m_state(m: &KeyManager, id: Uuid) -> KeyState {
+        m.get(id).await.unwrap().state(m.now())
+    }
+
+    #[tokio::test]
     async fn unknown_ids_are_not_found() {
         let (m, _) = manager();
         let id = Uuid::now_v7();

@@ -341,12 +341,13 @@ impl KeyStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map)?;
-        let dropped: Vec<Vec<u8>> =
-            sqlx::query_scalar("DELETE FROM keywarden_key_digests WHERE secret_id = ?1 RETURNING key_id")
-                .bind(secret)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map)?;
+        let dropped: Vec<Vec<u8>> = sqlx::query_scalar(
+            "DELETE FROM keywarden_key_digests WHERE secret_id = ?1 RETURNING key_id",
+        )
+        .bind(secret)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
         // What is left under the secret had no other digest: a placeholder, and revoked.
         let placeholders: Vec<Vec<u8>> = sqlx::query_scalar(
             "UPDATE keywarden_keys SET \
