@@ -28,6 +28,12 @@ const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, 
     updated_at, expires_at, last_used_at, use_count, revoked_at, disabled, rotated_from, \
     encrypted_key";
 
+/// [`COLUMNS`] of the keys table aliased `k`.
+const KEY_COLUMNS: &str = "k.id, k.digest, k.secret_id, k.display_start, k.name, \
+    k.description, k.collection, k.subject, k.owner_kind, k.scopes, k.environment, k.read_only, \
+    k.metadata, k.rate_limit, k.created_at, k.updated_at, k.expires_at, k.last_used_at, \
+    k.use_count, k.revoked_at, k.disabled, k.rotated_from, k.encrypted_key";
+
 /// A [`KeyStore`] in a SQLite database: the embedded default.
 ///
 /// Ids are stored as 16-byte blobs (so byte order is id order) and timestamps as UTC unix
@@ -167,10 +173,12 @@ impl KeyStore for SqliteStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        // The record's digest or an added one: one statement, two index lookups.
+        // The record's digest, else an added one: one statement; a record digest (every key
+        // not re-digested since a rotation) is found by one index lookup, as before.
         sqlx::query(&format!(
             "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = ?1 \
-             OR id = (SELECT key_id FROM keywarden_key_digests WHERE digest = ?1)"
+             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
+             JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = ?1 LIMIT 1"
         ))
         .bind(digest.as_bytes().as_slice())
         .fetch_optional(&self.pool)
@@ -657,6 +665,12 @@ fn sqlite_kind(code: i32, message: &str) -> StoreErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_columns_are_the_columns_aliased() {
+        let aliased: Vec<String> = COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
+        assert_eq!(KEY_COLUMNS, aliased.join(", "));
+    }
     use time::macros::datetime;
 
     #[test]
