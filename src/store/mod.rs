@@ -494,7 +494,8 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreErrorKind::Conflict`] if the id or digest exists.
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
-    /// The record with this digest: the request path's lookup (one indexed query).
+    /// The record with this digest, its record digest or one [added](Self::add_digest) to it:
+    /// the request path's lookup (one indexed query).
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError>;
 
     /// The record with this id.
