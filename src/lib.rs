@@ -77,6 +77,7 @@ pub use store::PostgresStore;
 pub use store::SqliteStore;
 pub use store::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStateParseError, KeyStore, KeyUsage,
-    MemoryStore, OwnerKind, OwnerKindParseError, StoreError, StoreErrorKind,
+    MemoryStore, OwnerKind, OwnerKindParseError, SecretRetirement, StoreError, StoreErrorKind,
+    UnmigratedKeys,
 };
 pub use verify::Mode;

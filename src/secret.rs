@@ -3,7 +3,9 @@
 //! Keys are stored only as `HMAC-SHA256(secret, key)`. The ring holds one current secret and any
 //! number of previous ones, so the application secret can be rotated without invalidating a
 //! single key: lookups try the current secret first, then the previous ones, and a key found
-//! under a previous secret is re-digested under the current one.
+//! under a previous secret also gets a digest under the current one. Its old digest stays valid
+//! until the secret is retired ([`KeyManager::retire_secret`](crate::KeyManager::retire_secret)),
+//! so instances still on the old secret keep verifying it.
 //!
 //! Deployments configure the ring through the environment ([`SecretRing::from_env`], or
 //! [`SecretRing::load`] with any lookup): `KEYWARDEN_SECRET` or `KEYWARDEN_SECRET_FILE` for the

@@ -340,7 +340,7 @@ mod tests {
             ) -> Result<Option<crate::KeyRecord>, StoreError> {
                 unreachable!()
             }
-            async fn redigest(
+            async fn add_digest(
                 &self,
                 _: Uuid,
                 _: &crate::Digest,

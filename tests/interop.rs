@@ -407,14 +407,14 @@ impl<S: KeyStore> KeyStore for Counting<S> {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.update(id, p, now).await
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: uuid::Uuid,
         o: &keywarden::Digest,
         n: &keywarden::Digest,
         s: keywarden::SecretId,
     ) -> Result<bool, StoreError> {
-        self.inner.redigest(id, o, n, s).await
+        self.inner.add_digest(id, o, n, s).await
     }
     async fn delete(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.delete(id).await

@@ -1043,7 +1043,7 @@ impl KeyStore for Flaky {
         self.check()?;
         self.inner.update(id, patch, now).await
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: Uuid,
         old: &Digest,
@@ -1051,7 +1051,7 @@ impl KeyStore for Flaky {
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.redigest(id, old, new, secret_id).await
+        self.inner.add_digest(id, old, new, secret_id).await
     }
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.check()?;
@@ -1919,14 +1919,14 @@ impl KeyStore for Racing {
         }
         self.inner.update(id, patch, now).await
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: Uuid,
-        old: &Digest,
+        found_by: &Digest,
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
-        self.inner.redigest(id, old, new, secret_id).await
+        self.inner.add_digest(id, found_by, new, secret_id).await
     }
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.delete(id).await

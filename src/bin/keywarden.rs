@@ -14,6 +14,7 @@
 //!   keys reveal ID [--include-inactive]
 //!   migrate
 //!   secret generate
+//!   secret retire SECRET_ID [--force]
 //!   serve [--addr 127.0.0.1:3000] [--redis-url URL]
 //! ```
 //!
@@ -39,7 +40,8 @@ use keywarden::{
     ExpiresIn, InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState,
     KeyStore, ManageError, ManageErrorKind, NewKey, OwnerKind, PostgresStore, RateLimitPolicy,
     RateLimiter, RedisBackend, RevealKeyError, RevealKeyRing, RevealOptions, Secret, SecretError,
-    SecretRing, SqliteStore, StoreError, PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    SecretId, SecretRetirement, SecretRing, SqliteStore, StoreError, UnmigratedKeys,
+    PREVIOUS_SECRETS_ENV, SECRET_ENV,
 };
 use serde_json::{json, Value};
 use sqlx::Connection;
@@ -147,6 +149,20 @@ enum KeysCommand {
 enum SecretCommand {
     /// Print a new random secret for KEYWARDEN_SECRET.
     Generate,
+    /// Drop every key digest made under a previous secret, once no instance uses it any more.
+    ///
+    /// Run it after every instance runs the new ring (KEYWARDEN_SECRET set to the new secret):
+    /// instances still holding only the retired secret stop verifying keys. Keys never used
+    /// through an instance with the new secret since the rotation have no other digest: the
+    /// command refuses and lists them, unless --force, which revokes them.
+    Retire {
+        /// The secret's id: 16 hex digits, as `keywarden serve` prints them at startup.
+        #[arg(value_name = "SECRET_ID", value_parser = parse_secret_id)]
+        id: SecretId,
+        /// Retire even if some keys have no other digest; those keys are revoked.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -391,30 +407,133 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             secret_generate(out);
             Ok(())
         }
+        Command::Secret(SecretCommand::Retire { id, force }) => {
+            let manager = cli_manager(&cli.database_url).await?;
+            secret_retire(&manager, id, force, out).await
+        }
         Command::Migrate => migrate(&cli.database_url, out).await,
         Command::Serve(args) => serve(&cli.database_url, args, out).await,
         Command::Keys(command) => {
-            // The secret first: a missing secret should not leave a new database file behind.
-            let secrets = load_secrets()?;
-            let reveal_keys = RevealKeyRing::from_env()?;
-            let (store, _) = open_store(&cli.database_url).await?;
-            let mut manager = KeyManager::new(store, secrets);
-            if let Some(reveal_keys) = reveal_keys {
-                manager = manager.with_reveal_keys(reveal_keys);
-            }
-            // Running servers without PostgreSQL learn of changes through Redis, if any.
-            if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
-                let namespace = std::env::var("KEYWARDEN_REDIS_NAMESPACE")
-                    .unwrap_or_else(|_| "keywarden".to_owned());
-                match RedisBackend::connect(&url, &namespace).await {
-                    Ok(redis) => manager = manager.publishes_to(redis),
-                    Err(error) => eprintln!(
-                        "warning: Redis unreachable ({error}); running servers see this change within their cache TTL"
-                    ),
-                }
-            }
+            let manager = cli_manager(&cli.database_url).await?;
             keys(&manager, command, out).await
         }
+    }
+}
+
+/// The manager of the key and secret commands: the ring from the environment, the store, and
+/// Redis (if configured) to tell running servers of changes.
+async fn cli_manager(database_url: &str) -> Result<KeyManager, Failure> {
+    // The secret first: a missing secret should not leave a new database file behind.
+    let secrets = load_secrets()?;
+    let reveal_keys = RevealKeyRing::from_env()?;
+    let (store, _) = open_store(database_url).await?;
+    let mut manager = KeyManager::new(store, secrets);
+    if let Some(reveal_keys) = reveal_keys {
+        manager = manager.with_reveal_keys(reveal_keys);
+    }
+    // Running servers without PostgreSQL learn of changes through Redis, if any.
+    if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
+        let namespace =
+            std::env::var("KEYWARDEN_REDIS_NAMESPACE").unwrap_or_else(|_| "keywarden".to_owned());
+        match RedisBackend::connect(&url, &namespace).await {
+            Ok(redis) => manager = manager.publishes_to(redis),
+            Err(error) => eprintln!(
+                "warning: Redis unreachable ({error}); running servers see this change within their cache TTL"
+            ),
+        }
+    }
+    Ok(manager)
+}
+
+/// The ring's secret ids (never the secrets), for `secret retire`.
+fn ring_ids(ring: &SecretRing) -> String {
+    let previous: Vec<String> = ring.previous_ids().map(|id| id.to_string()).collect();
+    format!(
+        "secret ids: current {}, previous {}",
+        ring.current_id(),
+        if previous.is_empty() {
+            "none".to_owned()
+        } else {
+            previous.join(", ")
+        }
+    )
+}
+
+/// How many key ids a text message lists before "and N more".
+const LISTED_IDS: usize = 10;
+
+fn id_list(ids: &[Uuid]) -> String {
+    let mut text = ids
+        .iter()
+        .take(LISTED_IDS)
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ids.len() > LISTED_IDS {
+        text.push_str(&format!(" and {} more", ids.len() - LISTED_IDS));
+    }
+    text
+}
+
+async fn secret_retire(
+    manager: &KeyManager,
+    id: SecretId,
+    force: bool,
+    out: Output,
+) -> Result<(), Failure> {
+    let policy = if force {
+        UnmigratedKeys::Revoke
+    } else {
+        UnmigratedKeys::Refuse
+    };
+    let outcome = match manager.retire_secret(id, policy).await {
+        Ok(outcome) => outcome,
+        Err(error) if error.kind() == ManageErrorKind::UnmigratedKeys => {
+            let ids = error.unmigrated_keys();
+            if out.json {
+                out.print_json(&json!({
+                    "secret_id": id.to_string(),
+                    "retired": false,
+                    "dropped_digests": 0,
+                    "unmigrated_keys": ids,
+                }));
+            }
+            return Err(Failure(format!(
+                "secret {id} not retired: {} key(s) have no digest under any other secret and \
+                 would never verify again: {}. Use each once through an instance running the \
+                 new secret, or retire with --force to revoke them",
+                ids.len(),
+                id_list(ids)
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    print_retirement(id, &outcome, out);
+    Ok(())
+}
+
+fn print_retirement(id: SecretId, outcome: &SecretRetirement, out: Output) {
+    if out.json {
+        out.print_json(&json!({
+            "secret_id": id.to_string(),
+            "retired": true,
+            "dropped_digests": outcome.dropped,
+            "affected_keys": outcome.affected.len(),
+            "revoked_keys": outcome.unmigrated,
+        }));
+        return;
+    }
+    println!(
+        "retired secret {id}: dropped {} digest(s) of {} key(s)",
+        outcome.dropped,
+        outcome.affected.len()
+    );
+    if !outcome.unmigrated.is_empty() {
+        println!(
+            "revoked {} key(s) that had no other digest: {}",
+            outcome.unmigrated.len(),
+            id_list(&outcome.unmigrated)
+        );
     }
 }
 
@@ -504,6 +623,12 @@ fn parse_id(text: &str) -> Result<Uuid, String> {
     Uuid::parse_str(text.trim()).map_err(|e| format!("not a key id (a UUID): {e}"))
 }
 
+fn parse_secret_id(text: &str) -> Result<SecretId, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| "not a secret id (16 hex digits)".to_owned())
+}
+
 fn parse_grace(text: &str) -> Result<Duration, DurationParseError> {
     let text = text.trim();
     // Zero in any unit (`0`, `0s`, `00h`) ends the old key now; otherwise a positive duration.
@@ -548,6 +673,7 @@ async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
     let secrets = load_secrets()?;
     let reveal_keys = RevealKeyRing::from_env()?;
+    let ring_ids = ring_ids(&secrets);
     let (store, postgres) = open_store(url).await?;
     let redis = match &args.redis_url {
         Some(redis_url) => Some(
@@ -594,6 +720,7 @@ async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
         println!("{}", json!({ "listening": format!("http://{local}") }));
     } else {
         println!("listening on http://{local}");
+        println!("{ring_ids}");
         println!(
             "routes: GET /healthz (open), GET /whoami, /admin/keys (API key required; \
              collections users, teams, services)"

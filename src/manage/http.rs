@@ -1144,7 +1144,10 @@ impl From<ManageError> for ApiError {
             ManageErrorKind::Invalid => {
                 Self::invalid(err.field().unwrap_or("body"), err.to_string())
             }
-            ManageErrorKind::Conflict | ManageErrorKind::NotRevealable => Self::problem(
+            ManageErrorKind::Conflict
+            | ManageErrorKind::NotRevealable
+            | ManageErrorKind::CurrentSecret
+            | ManageErrorKind::UnmigratedKeys => Self::problem(
                 StatusCode::CONFLICT,
                 "conflict",
                 "Conflict",

@@ -29,10 +29,10 @@ use crate::invalidation::{Invalidation, InvalidationPublisher};
 use crate::key::{ApiKey, KeyFormat};
 use crate::layer::ApiKeyLayer;
 use crate::ratelimit::RateLimitPolicy;
-use crate::secret::SecretRing;
+use crate::secret::{SecretId, SecretRing};
 use crate::store::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, StoreError,
-    StoreErrorKind,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, SecretRetirement,
+    StoreError, StoreErrorKind, UnmigratedKeys,
 };
 
 mod actor;
@@ -59,6 +59,8 @@ const MAX_SLUG: usize = 64;
 const MAX_SCOPE: usize = 128;
 const MAX_SCOPES: usize = 100;
 const MAX_METADATA: usize = 16 * 1024;
+/// Beyond this many keys a secret retirement drops whole caches rather than key by key.
+const MAX_KEY_INVALIDATIONS: usize = 256;
 
 /// What a new key should be. Only a name and a subject are required.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +204,11 @@ pub enum ManageErrorKind {
     Inactive,
     /// The caller has made too many of these requests; the message says when to retry.
     RateLimited,
+    /// [`KeyManager::retire_secret`] was asked to retire the manager's current secret.
+    CurrentSecret,
+    /// [`KeyManager::retire_secret`] refused: some keys have no digest under any other
+    /// secret (see [`ManageError::unmigrated_keys`]).
+    UnmigratedKeys,
 }
 
 /// A management error. Never contains key material.
@@ -213,6 +220,7 @@ pub struct ManageError {
     message: String,
     #[source]
     source: Option<StoreError>,
+    unmigrated: Vec<Uuid>,
 }
 
 impl ManageError {
@@ -222,6 +230,7 @@ impl ManageError {
             field: None,
             message: format!("no key with id {id}"),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -231,6 +240,7 @@ impl ManageError {
             field: Some(field),
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -240,6 +250,7 @@ impl ManageError {
             field: None,
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -249,6 +260,7 @@ impl ManageError {
             field: None,
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -287,6 +299,12 @@ impl ManageError {
     pub fn store_error(&self) -> Option<&StoreError> {
         self.source.as_ref()
     }
+
+    /// For [`ManageErrorKind::UnmigratedKeys`]: the keys whose only digest is under the secret
+    /// being retired, in id order. Empty otherwise.
+    pub fn unmigrated_keys(&self) -> &[Uuid] {
+        &self.unmigrated
+    }
 }
 
 impl From<StoreError> for ManageError {
@@ -304,6 +322,7 @@ impl From<StoreError> for ManageError {
             field: None,
             message,
             source: Some(error),
+            unmigrated: Vec::new(),
         }
     }
 }
@@ -495,6 +514,7 @@ impl KeyManager {
                     new.collection
                 ),
                 source: None,
+                unmigrated: Vec::new(),
             });
         }
         let prefix = self
@@ -764,6 +784,122 @@ impl KeyManager {
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, "key deleted");
         Ok(record)
+    }
+
+    /// Retires a previous secret: drops every digest made under `secret_id` from the store,
+    /// once every instance runs a ring without it (until then, instances still holding only
+    /// that secret verify keys by those digests). Keys keep verifying under the digests they
+    /// gained from the newer secret on first use; the affected keys leave the caches of the
+    /// layers this manager invalidates and of the instances it publishes to (PostgreSQL
+    /// instances also hear it from the database).
+    ///
+    /// Keys that have no other digest (not used through an instance holding a newer secret
+    /// since the rotation, and not revoked) would never verify again. With viewable keys on,
+    /// the manager first gives each such key it can reveal a digest under its current secret.
+    /// Any left make [`UnmigratedKeys::Refuse`] fail with nothing changed; use them once
+    /// through an instance with the new ring, or pass [`UnmigratedKeys::Revoke`] to drop their
+    /// digests anyway and revoke them.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::CurrentSecret`] for the manager's current secret,
+    /// [`ManageErrorKind::UnmigratedKeys`] (with [`ManageError::unmigrated_keys`]) as above,
+    /// [`ManageErrorKind::ReadOnly`] or [`ManageErrorKind::Store`].
+    pub async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+    ) -> Result<SecretRetirement, ManageError> {
+        if secret_id == self.ring.current_id() {
+            return Err(ManageError {
+                kind: ManageErrorKind::CurrentSecret,
+                field: Some("secret_id"),
+                message: format!(
+                    "secret {secret_id} is the current secret; rotate to a new one first"
+                ),
+                source: None,
+                unmigrated: Vec::new(),
+            });
+        }
+        let mut outcome = self
+            .store
+            .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
+            .await?;
+        if !outcome.retired && self.reveal.is_some() {
+            self.migrate_revealable(&outcome.unmigrated).await?;
+            outcome = self
+                .store
+                .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
+                .await?;
+        }
+        if !outcome.retired && unmigrated == UnmigratedKeys::Revoke {
+            outcome = self
+                .store
+                .retire_secret(secret_id, UnmigratedKeys::Revoke, self.now())
+                .await?;
+        }
+        if !outcome.retired {
+            let count = outcome.unmigrated.len();
+            return Err(ManageError {
+                kind: ManageErrorKind::UnmigratedKeys,
+                field: None,
+                message: format!(
+                    "{count} key(s) have no digest under any other secret (not used through an \
+                     instance with a newer secret since the rotation) and would never verify \
+                     again; use them once through such an instance, or force the retirement to \
+                     revoke them"
+                ),
+                source: None,
+                unmigrated: outcome.unmigrated,
+            });
+        }
+        if outcome.affected.len() > MAX_KEY_INVALIDATIONS {
+            for layer in &self.layers {
+                layer.invalidate_all();
+            }
+            self.publish(Invalidation::All).await;
+        } else {
+            for &id in &outcome.affected {
+                self.invalidate(id).await;
+            }
+        }
+        tracing::info!(
+            target: "keywarden",
+            secret_id = %secret_id,
+            dropped = outcome.dropped,
+            keys = outcome.affected.len(),
+            revoked = outcome.unmigrated.len(),
+            "secret retired"
+        );
+        Ok(outcome)
+    }
+
+    /// Gives each of these keys whose plaintext the reveal key opens a digest under the
+    /// current secret.
+    async fn migrate_revealable(&self, ids: &[Uuid]) -> Result<(), ManageError> {
+        let Some(reveal) = &self.reveal else {
+            return Ok(());
+        };
+        for &id in ids {
+            let Some(record) = self.store.get(id).await? else {
+                continue;
+            };
+            let Some(key) = record
+                .encrypted_key
+                .as_deref()
+                .and_then(|sealed| reveal.open(id, sealed))
+            else {
+                continue;
+            };
+            let digest = self.ring.digest(key.expose().as_bytes());
+            if self
+                .store
+                .add_digest(id, &record.digest, &digest, self.ring.current_id())
+                .await?
+            {
+                tracing::info!(target: "keywarden", key_id = %id, "re-digested a viewable key under the current secret");
+            }
+        }
+        Ok(())
     }
 
     async fn invalidate(&self, id: Uuid) {
@@ -1136,6 +1272,75 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ManageErrorKind::Conflict);
+    }
+
+    #[tokio::test]
+    async fn retiring_a_secret_spares_the_current_one_and_migrates_viewable_keys() {
+        const OLD: &str = "manager-old-secret-0123456789abcdefgh";
+        const NEW: &str = "manager-new-secret-0123456789abcdefgh";
+        let reveal = RevealKey::new(
+            &crate::secret::Secret::new("reveal-key-0123456789abcdefghijkl").unwrap(),
+        );
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let old_ring = SecretRing::from_strs(OLD, None).unwrap();
+        let before =
+            KeyManager::new(store.clone(), old_ring.clone()).with_reveal_key(reveal.clone());
+        let viewable = before.create(NewKey::new("viewable", "u")).await.unwrap();
+        let plain = KeyManager::new(store.clone(), old_ring.clone())
+            .create(NewKey::new("plain", "u"))
+            .await
+            .unwrap();
+        let new_ring = SecretRing::from_strs(NEW, None).unwrap();
+        let after = KeyManager::new(store.clone(), new_ring.clone()).with_reveal_key(reveal);
+
+        let err = after
+            .retire_secret(new_ring.current_id(), UnmigratedKeys::Revoke)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::CurrentSecret);
+        assert_eq!(err.field(), Some("secret_id"));
+
+        // The viewable key is re-digested from its plaintext; the plain one cannot be.
+        let err = after
+            .retire_secret(old_ring.current_id(), UnmigratedKeys::Refuse)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::UnmigratedKeys);
+        assert_eq!(err.unmigrated_keys(), [plain.record.id]);
+        assert!(!err.to_string().contains(plain.key.expose()));
+        let under_new = new_ring.digest(viewable.key.expose().as_bytes());
+        assert_eq!(
+            store
+                .find_by_digest(&under_new)
+                .await
+                .unwrap()
+                .map(|r| r.id),
+            Some(viewable.record.id)
+        );
+        assert_eq!(m_state(&after, plain.record.id).await, KeyState::Active);
+
+        let outcome = after
+            .retire_secret(old_ring.current_id(), UnmigratedKeys::Revoke)
+            .await
+            .unwrap();
+        assert!(outcome.retired);
+        assert_eq!(outcome.dropped, 2);
+        assert_eq!(outcome.unmigrated, [plain.record.id]);
+        assert_eq!(m_state(&after, plain.record.id).await, KeyState::Revoked);
+        assert_eq!(m_state(&after, viewable.record.id).await, KeyState::Active);
+        assert_eq!(
+            store.find_by_digest(&viewable.record.digest).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            after.get(viewable.record.id).await.unwrap().digest,
+            under_new,
+            "the new digest became the record's"
+        );
+    }
+
+    async fn m_state(m: &KeyManager, id: Uuid) -> KeyState {
+        m.get(id).await.unwrap().state(m.now())
     }
 
     #[tokio::test]

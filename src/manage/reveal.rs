@@ -365,6 +365,11 @@ impl RevealKeyRing {
 
     /// Opens an envelope with the key it names; failing that (or for the older format), tries
     /// every key on the older format. Fails closed: only an authenticated decryption counts.
+    /// The plaintext sealed for the row `row`, under any key of the ring.
+    pub(crate) fn open(&self, row: Uuid, data: &[u8]) -> Option<ApiKey> {
+        self.unseal(row, data).ok().map(|unsealed| unsealed.key)
+    }
+
     fn unseal(&self, row: Uuid, data: &[u8]) -> Result<Unsealed, UnsealError> {
         let envelope = Envelope::parse(data);
         if let Some(envelope) = &envelope {

@@ -1,8 +1,10 @@
 //! Key storage: the [`KeyStore`] trait, the stored [`KeyRecord`], and the backends.
 //!
 //! A store never sees a plaintext key: records hold the key's HMAC digest and the id of the
-//! secret that made it. Lookups by digest are the hot path's only store query, and the layer
-//! caches them.
+//! secret that made it. After a secret rotation a key gains a further digest under the new
+//! secret on first use ([`KeyStore::add_digest`]); its old digest stays valid until the operator
+//! retires the old secret ([`KeyStore::retire_secret`]). Lookups by digest, any of a key's
+//! digests, are the hot path's only store query, and the layer caches them.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -132,9 +134,17 @@ pub struct KeyStateParseError;
 pub struct KeyRecord {
     /// Key id (UUIDv7: time-ordered).
     pub id: Uuid,
-    /// HMAC-SHA256 of the key under the secret `secret_id`. Unique across the store.
+    /// The key's primary digest: HMAC-SHA256 of the key under the secret `secret_id`.
+    ///
+    /// Set when the key is created and kept when the key gains further digests under later
+    /// secrets ([`KeyStore::add_digest`]; those are not part of the record, and nothing shows
+    /// them). Replaced only when its secret is retired ([`KeyStore::retire_secret`]): by one of
+    /// the key's further digests, or, for a key that had none, by a placeholder that matches
+    /// no key (the key is then revoked). Unique among every digest in the store. Never shown
+    /// by listings, the CLI or the management API.
     pub digest: Digest,
-    /// The secret that made `digest`.
+    /// The secret that made `digest`; all zero for the placeholder of a key whose only secret
+    /// was retired.
     pub secret_id: SecretId,
     /// The prefix and first body characters, for listings (`kw_live_AbC1`).
     pub display_start: String,
@@ -410,6 +420,47 @@ pub struct KeyUsage {
     pub uses: u64,
 }
 
+/// What [`KeyStore::retire_secret`] does with keys whose only digest is under the retired
+/// secret (keys not used through an instance holding a newer secret since the rotation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnmigratedKeys {
+    /// Retire nothing, and report them.
+    #[default]
+    Refuse,
+    /// Retire anyway: their digests are dropped and they are revoked, since they could never
+    /// verify again.
+    Revoke,
+}
+
+/// What [`KeyStore::retire_secret`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretRetirement {
+    /// Whether the secret's digests were dropped; `false` only when
+    /// [`UnmigratedKeys::Refuse`] found [`unmigrated`](Self::unmigrated) keys, and then
+    /// nothing changed.
+    pub retired: bool,
+    /// How many digests were dropped.
+    pub dropped: u64,
+    /// Keys, not revoked before, whose only digest was under the secret: the reason for a
+    /// refusal, or the keys revoked by a forced retirement. In id order.
+    pub unmigrated: Vec<Uuid>,
+    /// Every key that lost a digest: caches must forget them. In id order.
+    pub affected: Vec<Uuid>,
+}
+
+/// The placeholder digest of a key whose only secret was retired: 16 zero bytes and the key
+/// id. Not an HMAC output anyone can produce, and unique per key.
+pub(crate) fn retired_placeholder(id: Uuid) -> Digest {
+    let mut bytes = [0u8; 32];
+    bytes[16..].copy_from_slice(id.as_bytes());
+    Digest::from_bytes(bytes)
+}
+
+/// The secret id stored beside [`retired_placeholder`].
+pub(crate) fn no_secret() -> SecretId {
+    SecretId::from_bytes([0; 8])
+}
+
 /// What went wrong in a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -467,9 +518,11 @@ impl StoreError {
 
 /// Where keys live. Object-safe: the layer holds an `Arc<dyn KeyStore>`.
 ///
-/// Implementations must keep `digest` unique, order listings by id, and apply patches with
-/// [`KeyPatch::check_expected`] and [`KeyPatch::apply_to`] semantics atomically (no lost
-/// updates under concurrency).
+/// A key has one or more digests, at most one per secret: the record's
+/// [`digest`](KeyRecord::digest) and any added by [`add_digest`](Self::add_digest).
+/// Implementations must keep every digest unique across the store, find a key by any of its
+/// digests, order listings by id, and apply patches with [`KeyPatch::check_expected`] and
+/// [`KeyPatch::apply_to`] semantics atomically (no lost updates under concurrency).
 #[async_trait]
 pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// Inserts a new record.
@@ -478,7 +531,8 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreErrorKind::Conflict`] if the id or digest exists.
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
-    /// The record with this digest: the request path's lookup (one indexed query).
+    /// The record with this digest, its record digest or one [added](Self::add_digest) to it:
+    /// the request path's lookup (one indexed query).
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError>;
 
     /// The record with this id.
@@ -497,15 +551,59 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// Replaces the digest of `id` if it is still `old` (lazy migration to the current
-    /// secret). Returns whether the row changed.
-    async fn redigest(
+    /// Adds `new`, made under the secret `secret_id`, as a further digest of key `id` if
+    /// `found_by` is still one of its digests: the lazy migration to the current secret after
+    /// a rotation. The key's other digests stay valid, so instances still on the old secret
+    /// (a rolling deploy, a rollback) keep verifying it. Returns whether a digest was added:
+    /// `false` for an unknown id, a `found_by` that is no longer the key's, or a key that
+    /// already has `new` or a digest under `secret_id`. Never changes the record.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Conflict`] if `new` is a digest of another key.
+    async fn add_digest(
         &self,
         id: Uuid,
-        old: &Digest,
+        found_by: &Digest,
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError>;
+
+    /// Drops every digest made under the secret `secret_id`, atomically, once no instance
+    /// uses that secret any more. A key whose record digest is under it gets one of its other
+    /// digests as its record digest.
+    ///
+    /// Keys whose only digest is under `secret_id` (not revoked, and not used through an
+    /// instance holding a newer secret since the rotation) would never verify again: with
+    /// [`UnmigratedKeys::Refuse`] nothing changes and they are reported in
+    /// [`SecretRetirement::unmigrated`] (with `retired: false`); with
+    /// [`UnmigratedKeys::Revoke`] their digest is replaced by a placeholder that matches
+    /// nothing and they are revoked at `now`. Revoked keys never block a retirement: their
+    /// digests are dropped the same way.
+    ///
+    /// The default implementation refuses: [`StoreErrorKind::ReadOnly`] for a read-only store,
+    /// [`StoreErrorKind::Other`] otherwise.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let _ = (secret_id, unmigrated, now);
+        Err(if self.is_read_only() {
+            StoreError::new(
+                StoreErrorKind::ReadOnly,
+                "the store is read-only: it holds no keywarden digests to retire",
+            )
+        } else {
+            StoreError::new(
+                StoreErrorKind::Other,
+                "this key store does not support retiring a secret",
+            )
+        })
+    }
 
     /// Deletes a record and returns it, or `None` for an unknown id.
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
