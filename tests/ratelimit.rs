@@ -395,7 +395,7 @@ mod redis_limits {
             .unwrap()
             .parse()
             .unwrap();
-        assert!(retry <= 1_800, "Retry-After {retry}");
+        assert!((1..=1_800).contains(&retry), "Retry-After {retry}");
         let stored: String = redis::cmd("GET")
             .arg(&budget)
             .query_async(&mut connection)

@@ -209,22 +209,31 @@ impl RateLimiter {
     /// With a Redis limiter: when Redis fails, answer 503 `store_unavailable` instead of
     /// falling back to the local limiter.
     #[must_use]
-    pub fn fail_closed(mut self) -> Self {
-        #[cfg(feature = "redis")]
-        if let LimiterKind::Redis { fail_open, .. } = &mut self.kind {
-            *fail_open = false;
-        }
-        self
+    pub fn fail_closed(self) -> Self {
+        self.falling_back(false)
     }
 
     /// With a Redis limiter: when Redis fails, count in this process instead (default).
     #[must_use]
-    pub fn fail_open(mut self) -> Self {
-        #[cfg(feature = "redis")]
-        if let LimiterKind::Redis { fail_open, .. } = &mut self.kind {
-            *fail_open = true;
+    pub fn fail_open(self) -> Self {
+        self.falling_back(true)
+    }
+
+    fn falling_back(self, open: bool) -> Self {
+        match self.kind {
+            #[cfg(feature = "redis")]
+            LimiterKind::Redis { backend, .. } => Self {
+                kind: LimiterKind::Redis {
+                    backend,
+                    fail_open: open,
+                },
+            },
+            // Only a Redis limiter can fail.
+            kind => {
+                let _ = open;
+                Self { kind }
+            }
         }
-        self
     }
 }
 
