@@ -602,7 +602,9 @@ impl ApiKeyLayer {
 
     /// Counters of store trouble, rate limiting, blocked clients and invalidations.
     pub fn stats(&self) -> LayerStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        stats.rate_limiters = self.shared.limiters.local_len() as u64;
+        stats
     }
 
     pub(crate) fn counters(&self) -> &Counters {

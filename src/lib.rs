@@ -62,7 +62,7 @@ pub use ratelimit::{
     RateLimitPolicy, RateLimiter,
 };
 #[cfg(feature = "redis")]
-pub use redis_backend::{RedisBackend, RedisBackendError};
+pub use redis_backend::{RedisBackend, RedisBackendError, RedisBackendErrorKind};
 pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 pub use scope::{RequireScope, RequireScopeService};
 pub use secret::{
