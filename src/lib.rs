@@ -54,7 +54,8 @@ pub use manage::management_router;
 pub use manage::{
     parse_duration, Actor, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
     ManageErrorKind, NewKey, RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId,
-    RevealKeyRing, RevealOptions, PREVIOUS_REVEAL_KEYS_ENV, REVEAL_KEY_ENV,
+    RevealKeyRing, RevealKeyWarning, RevealOptions, PREVIOUS_REVEAL_KEYS_ENV,
+    PREVIOUS_REVEAL_KEYS_FILE_ENV, REVEAL_KEY_ENV, REVEAL_KEY_FILE_ENV,
 };
 pub use principal::Principal;
 pub use ratelimit::{

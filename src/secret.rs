@@ -409,63 +409,33 @@ impl SecretRing {
     /// file, [`SecretError::NotUnicode`], [`SecretError::Ambiguous`] or
     /// [`SecretError::TooShort`] for a value [`Secret::parse`] refuses.
     pub fn load(
-        mut var: impl FnMut(&'static str) -> Option<std::ffi::OsString>,
+        var: impl FnMut(&'static str) -> Option<std::ffi::OsString>,
     ) -> Result<(Self, Vec<SecretWarning>), SecretError> {
+        let values = read_ring(var, &SECRET_VARS)
+            .map_err(|e| e.error)?
+            .ok_or(SecretError::Missing(SECRET_ENV))?;
         let mut warnings = Vec::new();
-        let (current, legacy) = match source(&mut var, SECRET_ENV, SECRET_FILE_ENV)? {
-            None => return Err(SecretError::Missing(SECRET_ENV)),
-            Some(Source::File(text)) => (parse_secret(&text, || SECRET_FILE_ENV.to_owned())?, None),
-            Some(Source::Var(text)) => {
-                if text.contains(',') {
-                    return Err(SecretError::Ambiguous {
-                        origin: SECRET_ENV.to_owned(),
-                        reason: "it holds a comma, so it could not be moved to \
-                                 KEYWARDEN_PREVIOUS_SECRETS unchanged; write it in the file \
-                                 named by KEYWARDEN_SECRET_FILE instead",
-                    });
-                }
-                let current = parse_secret(&text, || SECRET_ENV.to_owned())?;
-                let legacy = (current.expose() != text.as_bytes())
-                    .then(|| Secret::new(text.as_bytes()))
-                    .transpose()?;
-                (current, legacy)
+        let weak = |named: &Named, warnings: &mut Vec<SecretWarning>| {
+            if let Some(reason) = weakness(named.secret.expose()) {
+                warnings.push(SecretWarning::Weak {
+                    source: named.source.clone(),
+                    id: named.secret.id(),
+                    reason,
+                });
             }
         };
-        note_weak(&current, SECRET_ENV.to_owned(), &mut warnings);
-        let mut ring = Self::new(current);
-        if let Some(legacy) = legacy {
+        weak(&values.current, &mut warnings);
+        let mut ring = Self::new(values.current.secret);
+        if let Some(legacy) = values.legacy {
             warnings.push(SecretWarning::LineBreakDropped {
                 current: ring.current_id(),
                 legacy: legacy.id(),
             });
             ring = ring.with_previous(legacy);
         }
-        match source(&mut var, PREVIOUS_SECRETS_ENV, PREVIOUS_SECRETS_FILE_ENV)? {
-            None => {}
-            Some(Source::Var(text)) => {
-                for (i, item) in text.split(',').enumerate() {
-                    let item = item.trim();
-                    if item.is_empty() {
-                        continue;
-                    }
-                    let name = || format!("{PREVIOUS_SECRETS_ENV} entry {}", i + 1);
-                    let secret = parse_secret(item, name)?;
-                    note_weak(&secret, name(), &mut warnings);
-                    ring = ring.with_previous(secret);
-                }
-            }
-            Some(Source::File(text)) => {
-                for (i, line) in text.split('\n').enumerate() {
-                    let line = line.trim();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    let name = || format!("{PREVIOUS_SECRETS_FILE_ENV} line {}", i + 1);
-                    let secret = parse_secret(line, name)?;
-                    note_weak(&secret, name(), &mut warnings);
-                    ring = ring.with_previous(secret);
-                }
-            }
+        for previous in values.previous {
+            weak(&previous, &mut warnings);
+            ring = ring.with_previous(previous.secret);
         }
         Ok((ring, warnings))
     }
@@ -560,10 +530,150 @@ impl fmt::Display for SecretWarning {
     }
 }
 
-/// A secret's value as read from a variable or from the file its `_FILE` form names.
-enum Source {
-    Var(Zeroizing<String>),
-    File(Zeroizing<String>),
+/// The variables a ring of secrets is configured through. The application secrets and the
+/// reveal keys ([`RevealKeyRing`](crate::RevealKeyRing)) are read by the same rules, here,
+/// so a value means the same secret in either ring and wherever it is written.
+pub(crate) struct RingVars {
+    /// The current value.
+    pub(crate) current: &'static str,
+    /// A file holding the current value.
+    pub(crate) current_file: &'static str,
+    /// Previous values, comma-separated.
+    pub(crate) previous: &'static str,
+    /// A file of previous values, one per line.
+    pub(crate) previous_file: &'static str,
+    /// Why a comma in `current` is refused: it names `previous` and `current_file`.
+    pub(crate) comma: &'static str,
+}
+
+/// The application secret's variables.
+const SECRET_VARS: RingVars = RingVars {
+    current: SECRET_ENV,
+    current_file: SECRET_FILE_ENV,
+    previous: PREVIOUS_SECRETS_ENV,
+    previous_file: PREVIOUS_SECRETS_FILE_ENV,
+    comma: "it holds a comma, so it could not be moved to KEYWARDEN_PREVIOUS_SECRETS \
+            unchanged; write it in the file named by KEYWARDEN_SECRET_FILE instead",
+};
+
+/// A configured secret and where it came from (a variable, or a list's variable and entry),
+/// for warnings.
+pub(crate) struct Named {
+    pub(crate) secret: Secret,
+    pub(crate) source: String,
+}
+
+/// A ring's values as configured, before each ring derives its keys from them.
+pub(crate) struct RingValues {
+    pub(crate) current: Named,
+    /// The current variable's value byte for byte, when it differs from `current` (it ended in
+    /// a line break): keywarden 0.1 used it that way, so what was made with it stays usable.
+    pub(crate) legacy: Option<Secret>,
+    /// Previous values in the order given (duplicates included; the ring drops them).
+    pub(crate) previous: Vec<Named>,
+}
+
+/// Why a ring's values could not be read: the error, and the variable at fault.
+#[derive(Debug)]
+pub(crate) struct LoadError {
+    pub(crate) error: SecretError,
+    /// The variable whose value (or file) is at fault.
+    pub(crate) variable: &'static str,
+    /// The variable, or a list's variable and entry (`… entry 2`, `… line 3`).
+    pub(crate) origin: String,
+}
+
+/// Reads a ring's values through `var` by the rules documented on [`SecretRing::load`];
+/// `Ok(None)` when neither the current value nor previous ones are configured.
+///
+/// # Errors
+/// [`SecretError::Missing`] (at fault: the previous variable) when previous values are set
+/// without a current one; otherwise as [`SecretRing::load`].
+pub(crate) fn read_ring(
+    mut var: impl FnMut(&'static str) -> Option<std::ffi::OsString>,
+    vars: &RingVars,
+) -> Result<Option<RingValues>, LoadError> {
+    let at = |variable: &'static str| {
+        move |error: SecretError| LoadError {
+            error,
+            variable,
+            origin: variable.to_owned(),
+        }
+    };
+    let current = source(&mut var, vars.current, vars.current_file)?;
+    let previous = source(&mut var, vars.previous, vars.previous_file)?;
+    let (current, legacy) = match current {
+        None => {
+            return match previous {
+                None => Ok(None),
+                Some(previous) => Err(at(previous.variable)(SecretError::Missing(vars.current))),
+            }
+        }
+        Some(Source {
+            variable,
+            text,
+            file: true,
+        }) => (parse_named(&text, variable.to_owned(), variable)?, None),
+        Some(Source { variable, text, .. }) => {
+            if text.contains(',') {
+                return Err(at(variable)(SecretError::Ambiguous {
+                    origin: variable.to_owned(),
+                    reason: vars.comma,
+                }));
+            }
+            let current = parse_named(&text, variable.to_owned(), variable)?;
+            let legacy = (current.secret.expose() != text.as_bytes())
+                .then(|| Secret::new(text.as_bytes()))
+                .transpose()
+                .map_err(at(variable))?;
+            (current, legacy)
+        }
+    };
+    let mut values = RingValues {
+        current,
+        legacy,
+        previous: Vec::new(),
+    };
+    if let Some(Source {
+        variable,
+        text,
+        file,
+    }) = previous
+    {
+        let (separator, entry) = if file { ('\n', "line") } else { (',', "entry") };
+        for (i, item) in text.split(separator).enumerate() {
+            // Whitespace around an entry, and blank entries, belong to the list.
+            let item = item.trim();
+            if !item.is_empty() {
+                let origin = format!("{variable} {entry} {}", i + 1);
+                values.previous.push(parse_named(item, origin, variable)?);
+            }
+        }
+    }
+    Ok(Some(values))
+}
+
+/// [`parse_secret`], naming the value in the secret and in the error.
+fn parse_named(value: &str, origin: String, variable: &'static str) -> Result<Named, LoadError> {
+    match parse_secret(value, || origin.clone()) {
+        Ok(secret) => Ok(Named {
+            secret,
+            source: origin,
+        }),
+        Err(error) => Err(LoadError {
+            error,
+            variable,
+            origin,
+        }),
+    }
+}
+
+/// A value as read from a variable or from the file its `_FILE` form names.
+struct Source {
+    /// The variable it was read through (the `_FILE` one for a file).
+    variable: &'static str,
+    text: Zeroizing<String>,
+    file: bool,
 }
 
 /// The value of `name` or of the file named by `file_name`; both set is an error.
@@ -571,31 +681,53 @@ fn source(
     var: &mut impl FnMut(&'static str) -> Option<std::ffi::OsString>,
     name: &'static str,
     file_name: &'static str,
-) -> Result<Option<Source>, SecretError> {
+) -> Result<Option<Source>, LoadError> {
+    let fail = |variable: &'static str, error: SecretError| LoadError {
+        error,
+        variable,
+        origin: variable.to_owned(),
+    };
     // An empty variable counts as unset (`FOO=${OLD:-}` in a compose file).
     let mut get = |name| var(name).filter(|value| !value.is_empty());
     match (get(name), get(file_name)) {
-        (Some(_), Some(_)) => Err(SecretError::Conflict(name, file_name)),
+        (Some(_), Some(_)) => Err(fail(name, SecretError::Conflict(name, file_name))),
         (None, None) => Ok(None),
         (Some(value), None) => value
             .into_string()
-            .map(|v| Some(Source::Var(Zeroizing::new(v))))
+            .map(|text| {
+                Some(Source {
+                    variable: name,
+                    text: Zeroizing::new(text),
+                    file: false,
+                })
+            })
             .map_err(|value| {
                 // The bytes are secret: wipe them before they are dropped.
                 value.into_encoded_bytes().zeroize();
-                SecretError::NotUnicode(name)
+                fail(name, SecretError::NotUnicode(name))
             }),
         (None, Some(path)) => {
-            let bytes = std::fs::read(&path).map_err(|e| SecretError::File {
-                variable: file_name,
-                message: e.to_string(),
+            let bytes = std::fs::read(&path).map_err(|e| {
+                fail(
+                    file_name,
+                    SecretError::File {
+                        variable: file_name,
+                        message: e.to_string(),
+                    },
+                )
             })?;
             String::from_utf8(bytes)
-                .map(|v| Some(Source::File(Zeroizing::new(v))))
+                .map(|text| {
+                    Some(Source {
+                        variable: file_name,
+                        text: Zeroizing::new(text),
+                        file: true,
+                    })
+                })
                 .map_err(|e| {
                     // The bytes are secret: wipe them before the error is dropped.
                     e.into_bytes().zeroize();
-                    SecretError::NotUnicode(file_name)
+                    fail(file_name, SecretError::NotUnicode(file_name))
                 })
         }
     }
@@ -627,7 +759,7 @@ fn parse_secret(value: &str, source: impl FnOnce() -> String) -> Result<Secret, 
 
 /// Why a secret looks weak, if it does: few distinct bytes, or a pattern repeated (a period
 /// of at most half its length). Generated secrets pass.
-fn weakness(bytes: &[u8]) -> Option<&'static str> {
+pub(crate) fn weakness(bytes: &[u8]) -> Option<&'static str> {
     let mut seen = [false; 256];
     let mut distinct = 0;
     for &b in bytes {
@@ -641,16 +773,6 @@ fn weakness(bytes: &[u8]) -> Option<&'static str> {
     let repeats =
         (1..=bytes.len() / 2).any(|period| bytes.iter().zip(&bytes[period..]).all(|(a, b)| a == b));
     repeats.then_some("it repeats a shorter pattern")
-}
-
-fn note_weak(secret: &Secret, source: String, warnings: &mut Vec<SecretWarning>) {
-    if let Some(reason) = weakness(secret.expose()) {
-        warnings.push(SecretWarning::Weak {
-            source,
-            id: secret.id(),
-            reason,
-        });
-    }
 }
 
 impl fmt::Debug for SecretRing {

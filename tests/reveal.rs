@@ -411,4 +411,48 @@ mod cli {
             }
         }
     }
+
+    #[test]
+    fn reveal_key_warnings_are_printed_and_a_trailing_newline_is_not_part_of_the_key() {
+        let dir = Dir(std::env::temp_dir().join(support::unique("kw_reveal_warn")));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let weak = "ab1".repeat(12);
+        let output = run(
+            &dir,
+            &[("KEYWARDEN_REVEAL_KEY", &weak)],
+            &["keys", "list", "--json"],
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(
+            stderr.lines().any(|l| l.starts_with("warning: ")
+                && l.contains("KEYWARDEN_REVEAL_KEY")
+                && l.contains(&reveal_id(&weak).to_string())),
+            "{stderr}"
+        );
+        assert!(!stderr.contains(&weak[..12]), "{stderr}");
+
+        // Sealed under "KEY\n", revealed once "KEY\n" moved to the previous reveal keys.
+        let with_newline = format!("{OLD_REVEAL}\n");
+        let current = [("KEYWARDEN_REVEAL_KEY", with_newline.as_str())];
+        let output = run(&dir, &current, &["keys", "create", "--name", "n", "--json"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("warning: KEYWARDEN_REVEAL_KEY ends with a line break"),
+            "{stderr}"
+        );
+        let created = json(&output);
+        let id = created["id"].as_str().unwrap();
+        let moved = [
+            ("KEYWARDEN_REVEAL_KEY", NEW_REVEAL),
+            ("KEYWARDEN_PREVIOUS_REVEAL_KEYS", with_newline.as_str()),
+        ];
+        let shown = run(&dir, &moved, &["keys", "reveal", id, "--json"]);
+        assert!(
+            shown.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&shown.stderr)
+        );
+        assert_eq!(json(&shown)["key"], created["key"]);
+    }
 }

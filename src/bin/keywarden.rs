@@ -357,6 +357,18 @@ fn load_secrets() -> Result<SecretRing, SecretError> {
     Ok(ring)
 }
 
+/// The reveal key ring from the environment (read by the secrets' rules), if one is
+/// configured; its warnings on stderr.
+fn load_reveal_keys() -> Result<Option<RevealKeyRing>, RevealKeyError> {
+    let Some((ring, warnings)) = RevealKeyRing::load(std::env::var_os)? else {
+        return Ok(None);
+    };
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(Some(ring))
+}
+
 /// The error's message followed by its sources' messages, skipping repeats.
 fn with_sources(error: &dyn StdError) -> String {
     let mut message = error.to_string();
@@ -425,7 +437,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 async fn cli_manager(database_url: &str) -> Result<KeyManager, Failure> {
     // The secret first: a missing secret should not leave a new database file behind.
     let secrets = load_secrets()?;
-    let reveal_keys = RevealKeyRing::from_env()?;
+    let reveal_keys = load_reveal_keys()?;
     let (store, _) = open_store(database_url).await?;
     let mut manager = KeyManager::new(store, secrets);
     if let Some(reveal_keys) = reveal_keys {
@@ -672,7 +684,7 @@ async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 
 async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
     let secrets = load_secrets()?;
-    let reveal_keys = RevealKeyRing::from_env()?;
+    let reveal_keys = load_reveal_keys()?;
     let ring_ids = ring_ids(&secrets);
     let (store, postgres) = open_store(url).await?;
     let redis = match &args.redis_url {

@@ -47,8 +47,9 @@ pub use expiry::{parse_duration, DurationParseError, ExpiresIn};
 pub use http::management_router;
 use reveal::RevealLimiter;
 pub use reveal::{
-    RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId, RevealKeyRing, RevealOptions,
-    PREVIOUS_REVEAL_KEYS_ENV, REVEAL_KEY_ENV,
+    RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId, RevealKeyRing, RevealKeyWarning,
+    RevealOptions, PREVIOUS_REVEAL_KEYS_ENV, PREVIOUS_REVEAL_KEYS_FILE_ENV, REVEAL_KEY_ENV,
+    REVEAL_KEY_FILE_ENV,
 };
 
 /// Longest accepted name, description, subject and metadata, in bytes.

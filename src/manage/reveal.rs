@@ -56,17 +56,31 @@ use super::{Actor, KeyManager, ManageError, ManageErrorKind};
 use crate::clock::Clock;
 use crate::key::ApiKey;
 use crate::ratelimit::{LocalLimiter, RateLimitPolicy};
-use crate::secret::{Secret, SecretError, MIN_SECRET_LEN};
+use crate::secret::{
+    read_ring, weakness, LoadError, RingVars, Secret, SecretError, MIN_SECRET_LEN,
+};
 use crate::store::KeyState;
 
 /// Environment variable holding the current reveal key (at least 32 bytes, like the secret).
-/// `KEYWARDEN_REVEAL_KEY_FILE` names a file holding it instead.
 pub const REVEAL_KEY_ENV: &str = "KEYWARDEN_REVEAL_KEY";
 /// Environment variable holding previous reveal keys, comma-separated.
-/// `KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE` names a file holding them instead, one per line.
 pub const PREVIOUS_REVEAL_KEYS_ENV: &str = "KEYWARDEN_PREVIOUS_REVEAL_KEYS";
-const REVEAL_KEY_FILE_ENV: &str = "KEYWARDEN_REVEAL_KEY_FILE";
-const PREVIOUS_REVEAL_KEYS_FILE_ENV: &str = "KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE";
+/// Environment variable naming a file that holds the current reveal key (instead of
+/// [`REVEAL_KEY_ENV`]).
+pub const REVEAL_KEY_FILE_ENV: &str = "KEYWARDEN_REVEAL_KEY_FILE";
+/// Environment variable naming a file of previous reveal keys, one per line (instead of
+/// [`PREVIOUS_REVEAL_KEYS_ENV`]).
+pub const PREVIOUS_REVEAL_KEYS_FILE_ENV: &str = "KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE";
+
+/// The reveal keys' variables, read by the application secrets' rules.
+const REVEAL_VARS: RingVars = RingVars {
+    current: REVEAL_KEY_ENV,
+    current_file: REVEAL_KEY_FILE_ENV,
+    previous: PREVIOUS_REVEAL_KEYS_ENV,
+    previous_file: PREVIOUS_REVEAL_KEYS_FILE_ENV,
+    comma: "it holds a comma, so it could not be moved to KEYWARDEN_PREVIOUS_REVEAL_KEYS \
+            unchanged; write it in the file named by KEYWARDEN_REVEAL_KEY_FILE instead",
+};
 
 const VERSION_1: u8 = 1;
 const ID_LEN: usize = 8;
@@ -293,55 +307,109 @@ impl RevealKeyRing {
         self
     }
 
-    /// Builds a ring from a current reveal key and an optional list of previous ones, as they
-    /// appear in the environment: separated by commas or newlines, each trimmed, empty items
-    /// ignored. The current key is used as given.
+    /// Builds a ring from a current reveal key and an optional comma-separated list of previous
+    /// ones, read exactly as `KEYWARDEN_REVEAL_KEY` and `KEYWARDEN_PREVIOUS_REVEAL_KEYS` are by
+    /// [`RevealKeyRing::load`] (warnings are logged).
     ///
     /// # Errors
-    /// [`SecretError::TooShort`] for any key under 32 bytes.
-    pub fn from_strs(current: &str, previous: Option<&str>) -> Result<Self, SecretError> {
-        let mut ring = Self::new(RevealKey::new(&Secret::new(current.as_bytes())?));
-        for item in split_list(previous.unwrap_or("")) {
-            ring = ring.with_previous(RevealKey::new(&Secret::new(item.as_bytes())?));
+    /// As [`RevealKeyRing::load`]; an empty `current` is [`RevealKeyErrorKind::TooShort`].
+    pub fn from_strs(current: &str, previous: Option<&str>) -> Result<Self, RevealKeyError> {
+        let (ring, warnings) = Self::load(|name| match name {
+            REVEAL_KEY_ENV => Some(current.into()),
+            PREVIOUS_REVEAL_KEYS_ENV => previous.map(Into::into),
+            _ => None,
+        })?
+        .ok_or_else(|| {
+            RevealKeyError::from(LoadError {
+                error: SecretError::TooShort { len: 0 },
+                variable: REVEAL_KEY_ENV,
+                origin: REVEAL_KEY_ENV.to_owned(),
+            })
+        })?;
+        for warning in &warnings {
+            tracing::warn!(target: "keywarden", "{warning}");
         }
         Ok(ring)
     }
 
-    /// Reads the ring from the environment; `Ok(None)` when no reveal key is configured.
-    ///
-    /// - `KEYWARDEN_REVEAL_KEY`: the current reveal key, used as given; or
-    ///   `KEYWARDEN_REVEAL_KEY_FILE`: a file holding it (one trailing line break is dropped).
-    /// - `KEYWARDEN_PREVIOUS_REVEAL_KEYS`: previous reveal keys, comma-separated; or
-    ///   `KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE`: a file holding them, one per line.
+    /// Reads the ring from the process environment with [`RevealKeyRing::load`] and logs its
+    /// warnings (`tracing::warn!`, never key material); `Ok(None)` when no reveal key is
+    /// configured.
     ///
     /// # Errors
-    /// A [`RevealKeyError`] naming the variable: a key under 32 bytes, a value that is not
-    /// UTF-8, an unreadable file, a variable set both directly and as `_FILE`, or previous
-    /// keys without a current one.
+    /// As [`RevealKeyRing::load`].
     pub fn from_env() -> Result<Option<Self>, RevealKeyError> {
-        let current = read_var(REVEAL_KEY_ENV, REVEAL_KEY_FILE_ENV)?;
-        let previous = read_var(PREVIOUS_REVEAL_KEYS_ENV, PREVIOUS_REVEAL_KEYS_FILE_ENV)?;
-        let Some((current_var, current)) = current else {
-            return match previous {
-                Some((var, _)) => Err(RevealKeyError::new(
-                    RevealKeyErrorKind::MissingCurrent,
-                    var,
-                    format!("{var} is set but {REVEAL_KEY_ENV} is not: previous reveal keys need a current one"),
-                )),
-                None => Ok(None),
-            };
+        let Some((ring, warnings)) = Self::load(std::env::var_os)? else {
+            return Ok(None);
         };
-        let secret = Secret::new(current.as_bytes())
-            .map_err(|error| RevealKeyError::too_short(current_var, None, &error))?;
-        let mut ring = Self::new(RevealKey::new(&secret));
-        if let Some((var, list)) = previous {
-            for (n, item) in split_list(&list).enumerate() {
-                let secret = Secret::new(item.as_bytes())
-                    .map_err(|error| RevealKeyError::too_short(var, Some(n + 1), &error))?;
-                ring = ring.with_previous(RevealKey::new(&secret));
-            }
+        for warning in &warnings {
+            tracing::warn!(target: "keywarden", "{warning}");
         }
         Ok(Some(ring))
+    }
+
+    /// Reads the ring from variables looked up through `var` (the process environment in
+    /// [`RevealKeyRing::from_env`]; a map in tests); `Ok(None)` when no reveal key is
+    /// configured (an empty variable counts as unset):
+    ///
+    /// - the current reveal key from [`REVEAL_KEY_ENV`] (`KEYWARDEN_REVEAL_KEY`), or from the
+    ///   file named by [`REVEAL_KEY_FILE_ENV`] (`KEYWARDEN_REVEAL_KEY_FILE`);
+    /// - previous reveal keys, optionally, from [`PREVIOUS_REVEAL_KEYS_ENV`]
+    ///   (`KEYWARDEN_PREVIOUS_REVEAL_KEYS`, comma-separated) or from the file named by
+    ///   [`PREVIOUS_REVEAL_KEYS_FILE_ENV`] (`KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE`, one per
+    ///   line).
+    ///
+    /// These are exactly the rules of the application secrets ([`SecretRing::load`], one
+    /// implementation): each value is read by [`Secret::parse`] (one final line break is
+    /// dropped, other surrounding whitespace is refused), so a reveal key moved from
+    /// `KEYWARDEN_REVEAL_KEY` to the previous keys keeps its [`RevealKeyId`] and still opens
+    /// what it sealed. When `KEYWARDEN_REVEAL_KEY` ends in a line break, its bytes as
+    /// keywarden 0.1 used them are also kept as a previous reveal key, so what they sealed
+    /// still opens (and is re-sealed when revealed); a warning says so.
+    ///
+    /// The warnings returned name reveal keys that look weak and the line-break case above;
+    /// they never contain key material.
+    ///
+    /// [`SecretRing::load`]: crate::SecretRing::load
+    ///
+    /// # Errors
+    /// A [`RevealKeyError`] naming the variable, never the value: a key under 32 bytes, an
+    /// ambiguous value, a value that is not UTF-8, an unreadable file, a variable set both
+    /// directly and as `_FILE`, or previous keys without a current one.
+    pub fn load(
+        var: impl FnMut(&'static str) -> Option<std::ffi::OsString>,
+    ) -> Result<Option<(Self, Vec<RevealKeyWarning>)>, RevealKeyError> {
+        let Some(values) = read_ring(var, &REVEAL_VARS)? else {
+            return Ok(None);
+        };
+        let mut warnings = Vec::new();
+        let mut add = |ring: Option<Self>, named: crate::secret::Named| {
+            let key = RevealKey::new(&named.secret);
+            if let Some(reason) = weakness(named.secret.expose()) {
+                warnings.push(RevealKeyWarning::Weak {
+                    source: named.source,
+                    id: key.id,
+                    reason,
+                });
+            }
+            match ring {
+                None => Self::new(key),
+                Some(ring) => ring.with_previous(key),
+            }
+        };
+        let mut ring = add(None, values.current);
+        for previous in values.previous {
+            ring = add(Some(ring), previous);
+        }
+        if let Some(legacy) = values.legacy {
+            let legacy = RevealKey::new(&legacy);
+            warnings.push(RevealKeyWarning::LineBreakDropped {
+                current: ring.current_id(),
+                legacy: legacy.id,
+            });
+            ring = ring.with_previous(legacy);
+        }
+        Ok(Some((ring, warnings)))
     }
 
     /// The current reveal key's id: the one new ciphertexts name.
@@ -431,50 +499,48 @@ enum UnsealError {
     Invalid,
 }
 
-fn split_list(list: &str) -> impl Iterator<Item = &str> {
-    list.split([',', '\n'])
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
+/// Something worth an operator's attention in a loaded reveal key ring
+/// ([`RevealKeyRing::load`]). Never holds key material: keys are named by where they came
+/// from and by their [`RevealKeyId`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RevealKeyWarning {
+    /// The reveal key looks weak: replace it with one from `keywarden secret generate` (and
+    /// move it to the previous reveal keys).
+    Weak {
+        /// Where it came from: a variable, or a list's variable and entry.
+        source: String,
+        /// Its id.
+        id: RevealKeyId,
+        /// Why it looks weak.
+        reason: &'static str,
+    },
+    /// `KEYWARDEN_REVEAL_KEY` ends in a line break, which is not part of the key; keywarden
+    /// 0.1 read it as part of it, so those bytes are kept as a previous reveal key.
+    LineBreakDropped {
+        /// The current reveal key's id (without the line break).
+        current: RevealKeyId,
+        /// The id of the value with its line break, as keywarden 0.1 read it.
+        legacy: RevealKeyId,
+    },
 }
 
-/// Reads a variable, or the file its `_FILE` twin names; with the name actually used.
-fn read_var(
-    var: &'static str,
-    file_var: &'static str,
-) -> Result<Option<(&'static str, Zeroizing<String>)>, RevealKeyError> {
-    let direct = match std::env::var(var) {
-        Ok(value) => Some(Zeroizing::new(value)),
-        Err(std::env::VarError::NotPresent) => None,
-        Err(std::env::VarError::NotUnicode(_)) => return Err(RevealKeyError::not_unicode(var)),
-    };
-    let path = std::env::var_os(file_var);
-    match (direct, path) {
-        (Some(_), Some(_)) => Err(RevealKeyError::new(
-            RevealKeyErrorKind::Conflicting,
-            var,
-            format!("both {var} and {file_var} are set; set only one"),
-        )),
-        (Some(value), None) => Ok(Some((var, value))),
-        (None, Some(path)) => {
-            let bytes = Zeroizing::new(std::fs::read(&path).map_err(|error| {
-                RevealKeyError::new(
-                    RevealKeyErrorKind::File,
-                    file_var,
-                    format!(
-                        "cannot read {file_var} ({}): {error}",
-                        std::path::Path::new(&path).display()
-                    ),
-                )
-            })?);
-            let text =
-                std::str::from_utf8(&bytes).map_err(|_| RevealKeyError::not_unicode(file_var))?;
-            let text = text
-                .strip_suffix('\n')
-                .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                .unwrap_or(text);
-            Ok(Some((file_var, Zeroizing::new(text.to_owned()))))
+impl fmt::Display for RevealKeyWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Weak { source, id, reason } => write!(
+                f,
+                "the reveal key in {source} (id {id}) looks weak: {reason}; replace it with one \
+                 from `keywarden secret generate` and move it to {PREVIOUS_REVEAL_KEYS_ENV}"
+            ),
+            Self::LineBreakDropped { current, legacy } => write!(
+                f,
+                "{REVEAL_KEY_ENV} ends with a line break, which is not part of the reveal key \
+                 (id {current}); keywarden 0.1 read it as part of it, so that value (id \
+                 {legacy}) is kept as a previous reveal key and the keys it sealed are \
+                 re-sealed under {current} when next revealed"
+            ),
         }
-        (None, None) => Ok(None),
     }
 }
 
@@ -484,6 +550,8 @@ fn read_var(
 pub enum RevealKeyErrorKind {
     /// A reveal key is shorter than 32 bytes.
     TooShort,
+    /// A value keywarden cannot read as a key without guessing (see [`Secret::parse`]).
+    Ambiguous,
     /// A value is not valid UTF-8.
     NotUnicode,
     /// A `_FILE` variable names a file that cannot be read.
@@ -504,38 +572,44 @@ pub struct RevealKeyError {
     message: String,
 }
 
-impl RevealKeyError {
-    fn new(kind: RevealKeyErrorKind, var: &'static str, message: String) -> Self {
-        Self { kind, var, message }
-    }
-
-    fn not_unicode(var: &'static str) -> Self {
-        Self::new(
-            RevealKeyErrorKind::NotUnicode,
-            var,
-            format!("{var} is not valid UTF-8"),
-        )
-    }
-
-    fn too_short(var: &'static str, entry: Option<usize>, error: &SecretError) -> Self {
-        let len = match error {
-            SecretError::TooShort { len } => *len,
-            _ => 0,
-        };
-        let what = match entry {
-            Some(n) => format!("entry {n} of {var}"),
-            None => var.to_owned(),
-        };
-        Self::new(
-            RevealKeyErrorKind::TooShort,
-            var,
-            format!(
-                "{what} is {len} bytes; a reveal key needs at least {MIN_SECRET_LEN} \
-                 (generate one with `keywarden secret generate`)"
+impl From<LoadError> for RevealKeyError {
+    fn from(
+        LoadError {
+            error,
+            variable,
+            origin,
+        }: LoadError,
+    ) -> Self {
+        let hint = "generate one with `keywarden secret generate`";
+        let (kind, message) = match error {
+            SecretError::TooShort { len } => (
+                RevealKeyErrorKind::TooShort,
+                format!(
+                    "{origin} is {len} bytes; a reveal key needs at least {MIN_SECRET_LEN} \
+                     ({hint})"
+                ),
             ),
-        )
+            SecretError::Ambiguous { .. } => (RevealKeyErrorKind::Ambiguous, error.to_string()),
+            SecretError::NotUnicode(_) => (RevealKeyErrorKind::NotUnicode, error.to_string()),
+            SecretError::File { .. } => (RevealKeyErrorKind::File, error.to_string()),
+            SecretError::Conflict(..) => (RevealKeyErrorKind::Conflicting, error.to_string()),
+            SecretError::Missing(current) => (
+                RevealKeyErrorKind::MissingCurrent,
+                format!(
+                    "{variable} is set but {current} is not: previous reveal keys need a \
+                     current one"
+                ),
+            ),
+        };
+        Self {
+            kind,
+            var: variable,
+            message,
+        }
     }
+}
 
+impl RevealKeyError {
     /// What is wrong.
     pub fn kind(&self) -> RevealKeyErrorKind {
         self.kind
@@ -760,6 +834,8 @@ impl KeyManager {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::ffi::OsString;
     use std::sync::Mutex;
 
     use super::*;
@@ -879,7 +955,7 @@ mod tests {
             opened(&before, row, &sealed),
             Some(("kw_live_x".into(), key(A).id(), true))
         );
-        let after = RevealKeyRing::from_strs(B, Some(&format!(" {A} ,,{B}\n{A}"))).unwrap();
+        let after = RevealKeyRing::from_strs(B, Some(&format!(" {A} ,,{B},{A}\n"))).unwrap();
         assert_eq!(after.current_id(), key(B).id());
         assert_eq!(after.previous_ids().collect::<Vec<_>>(), vec![key(A).id()]);
         assert_eq!(
@@ -905,82 +981,319 @@ mod tests {
         }
     }
 
-    /// Environment variables are process-wide: every case runs in this one test, under a lock.
+    fn load(vars: &[(&'static str, &str)]) -> Result<Option<Loaded>, RevealKeyError> {
+        let map: HashMap<&str, OsString> = vars.iter().map(|(k, v)| (*k, (*v).into())).collect();
+        RevealKeyRing::load(|name| map.get(name).cloned())
+    }
+
+    type Loaded = (RevealKeyRing, Vec<RevealKeyWarning>);
+
+    fn ring(vars: &[(&'static str, &str)]) -> RevealKeyRing {
+        load(vars).unwrap().unwrap().0
+    }
+
+    /// A file in the temp directory, removed on drop.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(contents: &[u8]) -> Self {
+            let path = std::env::temp_dir().join(format!("keywarden-reveal-{}", Uuid::now_v7()));
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
     #[test]
-    fn reads_the_ring_from_the_environment_and_files() {
-        static ENV: Mutex<()> = Mutex::new(());
-        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        let vars = [
-            REVEAL_KEY_ENV,
-            REVEAL_KEY_FILE_ENV,
-            PREVIOUS_REVEAL_KEYS_ENV,
-            PREVIOUS_REVEAL_KEYS_FILE_ENV,
+    fn a_reveal_key_moved_to_the_previous_keys_keeps_its_id_and_opens_what_it_sealed() {
+        let row = Uuid::now_v7();
+        let with_newline = format!("{A}\n");
+        let file = TempFile::new(format!("{A}\r\n").as_bytes());
+        let list = TempFile::new(format!("\n{A}\r\n\n").as_bytes());
+        for current in [
+            vec![(REVEAL_KEY_ENV, with_newline.as_str())],
+            vec![(REVEAL_KEY_FILE_ENV, file.path())],
+        ] {
+            let before = ring(&current);
+            assert_eq!(before.current_id(), key(A).id(), "{current:?}");
+            let sealed = before.seal(row, &ApiKey::new("kw_live_x"));
+            let spaced = format!(" {A} ,");
+            for previous in [
+                (PREVIOUS_REVEAL_KEYS_ENV, with_newline.as_str()),
+                (PREVIOUS_REVEAL_KEYS_ENV, spaced.as_str()),
+                (PREVIOUS_REVEAL_KEYS_FILE_ENV, list.path()),
+            ] {
+                let after = ring(&[(REVEAL_KEY_ENV, B), previous]);
+                assert!(after.previous_ids().any(|id| id == key(A).id()));
+                assert_eq!(
+                    opened(&after, row, &sealed),
+                    Some(("kw_live_x".into(), key(A).id(), false)),
+                    "{previous:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn what_0_1_sealed_under_a_reveal_key_ending_in_a_newline_still_opens() {
+        let row = Uuid::now_v7();
+        let value = format!("{A}\n");
+        // keywarden 0.1 (and the first reveal key ring) used KEYWARDEN_REVEAL_KEY byte for byte.
+        let old = RevealKey::new(&Secret::new(value.as_bytes()).unwrap());
+        let sealed = RevealKeyRing::new(old.clone()).seal(row, &ApiKey::new("kw_live_x"));
+        let (now, warnings) = load(&[(REVEAL_KEY_ENV, &value)]).unwrap().unwrap();
+        assert_eq!(now.current_id(), key(A).id());
+        assert_eq!(
+            opened(&now, row, &sealed),
+            Some(("kw_live_x".into(), old.id(), false))
+        );
+        assert_eq!(
+            warnings,
+            [RevealKeyWarning::LineBreakDropped {
+                current: key(A).id(),
+                legacy: old.id(),
+            }]
+        );
+        assert!(!warnings[0].to_string().contains(A));
+        // Only KEYWARDEN_REVEAL_KEY was read byte for byte.
+        let file = TempFile::new(value.as_bytes());
+        let (ring, warnings) = load(&[(REVEAL_KEY_FILE_ENV, file.path())])
+            .unwrap()
+            .unwrap();
+        assert!(ring.previous_ids().next().is_none() && warnings.is_empty());
+    }
+
+    #[test]
+    fn ambiguous_reveal_keys_are_refused_without_echoing_them() {
+        let cases = [
+            format!(" {A}"),
+            format!("{A} "),
+            format!("{A}\t"),
+            format!("{A}\n\n"),
+            format!("{A}\r"),
+            format!("{A} \n"),
+            format!("{}\n{}", &A[..20], &A[20..]),
         ];
-        let clear = || vars.iter().for_each(|v| std::env::remove_var(v));
-        let dir = std::env::temp_dir().join(format!("keywarden-reveal-{}", Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let current_file = dir.join("current");
-        let previous_file = dir.join("previous");
-        std::fs::write(&current_file, format!("{B}\r\n")).unwrap();
-        std::fs::write(&previous_file, format!("{A}\n\n{C}\n")).unwrap();
+        for value in &cases {
+            let file = TempFile::new(value.as_bytes());
+            for (var, given) in [
+                (REVEAL_KEY_ENV, value.as_str()),
+                (REVEAL_KEY_FILE_ENV, file.path()),
+            ] {
+                let err = load(&[(var, given)]).unwrap_err();
+                assert_eq!(
+                    (err.kind(), err.var()),
+                    (RevealKeyErrorKind::Ambiguous, var),
+                    "{value:?}: {err}"
+                );
+                assert!(!err.to_string().contains(&A[..20]), "{err}");
+            }
+        }
+        let err = load(&[
+            (REVEAL_KEY_ENV, B),
+            (
+                PREVIOUS_REVEAL_KEYS_ENV,
+                &format!("{C},{}\n{}", &A[..20], &A[20..]),
+            ),
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), RevealKeyErrorKind::Ambiguous);
+        assert_eq!(err.var(), PREVIOUS_REVEAL_KEYS_ENV);
+        assert!(err.to_string().contains("entry 2"), "{err}");
+        // A comma in the current key could not move to the list unchanged: files only.
+        let err = load(&[(REVEAL_KEY_ENV, &format!("{A},{B}"))]).unwrap_err();
+        assert_eq!(err.kind(), RevealKeyErrorKind::Ambiguous);
+        assert!(err.to_string().contains(REVEAL_KEY_FILE_ENV), "{err}");
+        assert!(!err.to_string().contains(A), "{err}");
+        let file = TempFile::new(format!("{A},{B}\n").as_bytes());
+        let id = ring(&[(REVEAL_KEY_FILE_ENV, file.path())]).current_id();
+        assert_eq!(id, key(&format!("{A},{B}")).id());
+    }
 
-        clear();
-        assert!(RevealKeyRing::from_env().unwrap().is_none());
-
-        std::env::set_var(REVEAL_KEY_ENV, A);
-        let ring = RevealKeyRing::from_env().unwrap().unwrap();
+    #[test]
+    fn a_variable_and_its_file_form_conflict() {
+        let file = TempFile::new(A.as_bytes());
+        for (var, file_var, base) in [
+            (REVEAL_KEY_ENV, REVEAL_KEY_FILE_ENV, None),
+            (
+                PREVIOUS_REVEAL_KEYS_ENV,
+                PREVIOUS_REVEAL_KEYS_FILE_ENV,
+                Some((REVEAL_KEY_ENV, B)),
+            ),
+        ] {
+            let mut vars = vec![(var, A), (file_var, file.path())];
+            vars.extend(base);
+            let err = load(&vars).unwrap_err();
+            assert_eq!(
+                (err.kind(), err.var()),
+                (RevealKeyErrorKind::Conflicting, var)
+            );
+            assert!(err.to_string().contains(file_var), "{err}");
+            assert!(!err.to_string().contains(A), "{err}");
+        }
+        // An empty variable is unset: no conflict, and alone it leaves viewable keys off.
+        let ring = ring(&[(REVEAL_KEY_ENV, ""), (REVEAL_KEY_FILE_ENV, file.path())]);
         assert_eq!(ring.current_id(), key(A).id());
-        assert_eq!(ring.previous_ids().count(), 0);
+        assert!(load(&[(REVEAL_KEY_ENV, "")]).unwrap().is_none());
+        assert!(load(&[]).unwrap().is_none());
+    }
 
-        std::env::set_var(PREVIOUS_REVEAL_KEYS_ENV, format!("{B}, {C}"));
-        let ring = RevealKeyRing::from_env().unwrap().unwrap();
+    #[test]
+    fn a_file_holds_one_previous_reveal_key_per_line() {
+        let file = TempFile::new(format!("{A}\n\n  {C}\r\n{B}\n{A}").as_bytes());
+        let ring = ring(&[
+            (REVEAL_KEY_ENV, B),
+            (PREVIOUS_REVEAL_KEYS_FILE_ENV, file.path()),
+        ]);
+        assert_eq!(ring.current_id(), key(B).id());
         assert_eq!(
             ring.previous_ids().collect::<Vec<_>>(),
-            vec![key(B).id(), key(C).id()]
+            [key(A).id(), key(C).id()]
         );
+        // Commas separate entries only in the variable: in a file they belong to the key.
+        let comma = TempFile::new(format!("{A},{C}\n").as_bytes());
+        let ring = self::ring(&[
+            (REVEAL_KEY_ENV, B),
+            (PREVIOUS_REVEAL_KEYS_FILE_ENV, comma.path()),
+        ]);
+        assert_eq!(
+            ring.previous_ids().collect::<Vec<_>>(),
+            [key(&format!("{A},{C}")).id()]
+        );
+        let short = TempFile::new(format!("{A}\n\ntooshort\n").as_bytes());
+        let err = load(&[
+            (REVEAL_KEY_ENV, B),
+            (PREVIOUS_REVEAL_KEYS_FILE_ENV, short.path()),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            (err.kind(), err.var()),
+            (RevealKeyErrorKind::TooShort, PREVIOUS_REVEAL_KEYS_FILE_ENV)
+        );
+        assert!(err.to_string().contains("line 3"), "{err}");
+        assert!(!err.to_string().contains("tooshort"), "{err}");
+    }
 
-        std::env::set_var(PREVIOUS_REVEAL_KEYS_ENV, format!("{B},tooshort"));
-        let err = RevealKeyRing::from_env().unwrap_err();
-        assert_eq!(err.kind(), RevealKeyErrorKind::TooShort);
-        assert_eq!(err.var(), PREVIOUS_REVEAL_KEYS_ENV);
+    #[test]
+    fn missing_short_unreadable_and_non_utf8_values_are_named_errors() {
+        let err = load(&[(PREVIOUS_REVEAL_KEYS_ENV, A)]).unwrap_err();
+        assert_eq!(
+            (err.kind(), err.var()),
+            (RevealKeyErrorKind::MissingCurrent, PREVIOUS_REVEAL_KEYS_ENV)
+        );
+        assert!(!err.to_string().contains(A), "{err}");
+
+        let err = load(&[
+            (REVEAL_KEY_ENV, B),
+            (PREVIOUS_REVEAL_KEYS_ENV, &format!("{C},tooshort")),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            (err.kind(), err.var()),
+            (RevealKeyErrorKind::TooShort, PREVIOUS_REVEAL_KEYS_ENV)
+        );
         assert!(err.to_string().contains("entry 2"), "{err}");
         assert!(!err.to_string().contains("tooshort") && !err.to_string().contains(B));
 
-        clear();
-        std::env::set_var(REVEAL_KEY_FILE_ENV, &current_file);
-        std::env::set_var(PREVIOUS_REVEAL_KEYS_FILE_ENV, &previous_file);
-        let ring = RevealKeyRing::from_env().unwrap().unwrap();
-        assert_eq!(ring.current_id(), key(B).id(), "one line break dropped");
-        assert_eq!(
-            ring.previous_ids().collect::<Vec<_>>(),
-            vec![key(A).id(), key(C).id()]
-        );
-
-        std::env::set_var(REVEAL_KEY_ENV, A);
-        let err = RevealKeyRing::from_env().unwrap_err();
-        assert_eq!(err.kind(), RevealKeyErrorKind::Conflicting);
-        assert!(!err.to_string().contains(A), "{err}");
-
-        clear();
-        std::env::set_var(REVEAL_KEY_FILE_ENV, dir.join("missing"));
-        let err = RevealKeyRing::from_env().unwrap_err();
+        let gone = std::env::temp_dir().join(format!("keywarden-gone-{}", Uuid::now_v7()));
+        let err = load(&[(REVEAL_KEY_FILE_ENV, gone.to_str().unwrap())]).unwrap_err();
         assert_eq!(
             (err.kind(), err.var()),
             (RevealKeyErrorKind::File, REVEAL_KEY_FILE_ENV)
         );
 
-        clear();
-        std::env::set_var(PREVIOUS_REVEAL_KEYS_ENV, A);
-        let err = RevealKeyRing::from_env().unwrap_err();
-        assert_eq!(err.kind(), RevealKeyErrorKind::MissingCurrent);
-        assert!(!err.to_string().contains(A), "{err}");
+        let mut bytes = A.as_bytes().to_vec();
+        bytes.push(0xff);
+        let file = TempFile::new(&bytes);
+        let err = load(&[(REVEAL_KEY_FILE_ENV, file.path())]).unwrap_err();
+        assert_eq!(
+            (err.kind(), err.var()),
+            (RevealKeyErrorKind::NotUnicode, REVEAL_KEY_FILE_ENV)
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let err = RevealKeyRing::load(|name| {
+                (name == REVEAL_KEY_ENV).then(|| OsString::from_vec(bytes.clone()))
+            })
+            .unwrap_err();
+            assert_eq!(
+                (err.kind(), err.var()),
+                (RevealKeyErrorKind::NotUnicode, REVEAL_KEY_ENV)
+            );
+        }
+    }
 
-        clear();
-        std::env::set_var(REVEAL_KEY_ENV, "");
-        let err = RevealKeyRing::from_env().unwrap_err();
-        assert_eq!(err.kind(), RevealKeyErrorKind::TooShort, "empty is not off");
-        clear();
-        std::fs::remove_dir_all(&dir).unwrap();
+    #[test]
+    fn weak_reveal_keys_are_reported_by_id_and_source() {
+        let weak = "ab1".repeat(12);
+        let (ring, warnings) = load(&[(REVEAL_KEY_ENV, &weak)]).unwrap().unwrap();
+        assert!(
+            matches!(&warnings[..], [RevealKeyWarning::Weak { id, source, .. }]
+                if *id == ring.current_id() && source == REVEAL_KEY_ENV),
+            "{warnings:?}"
+        );
+        let text = warnings[0].to_string();
+        assert!(
+            text.contains(REVEAL_KEY_ENV) && !text.contains(&weak[..12]),
+            "{text}"
+        );
+        let file = TempFile::new(format!("{A}\n{weak}\n").as_bytes());
+        let (ring, warnings) = load(&[
+            (REVEAL_KEY_ENV, B),
+            (PREVIOUS_REVEAL_KEYS_FILE_ENV, file.path()),
+        ])
+        .unwrap()
+        .unwrap();
+        let weak_id = ring.previous_ids().nth(1).unwrap();
+        assert_eq!(
+            warnings,
+            [RevealKeyWarning::Weak {
+                source: format!("{PREVIOUS_REVEAL_KEYS_FILE_ENV} line 2"),
+                id: weak_id,
+                reason: "it has fewer than 12 distinct bytes",
+            }]
+        );
+        let (_, warnings) = load(&[(REVEAL_KEY_ENV, A), (PREVIOUS_REVEAL_KEYS_ENV, C)])
+            .unwrap()
+            .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    /// `from_env` is `load` over the process environment; the one case needing no variable
+    /// set runs here (the rules are tested through `load`, which touches no process state).
+    #[test]
+    fn from_strs_reads_as_the_environment_does() {
+        assert_eq!(
+            RevealKeyRing::from_strs(&format!("{A}\n"), Some(&format!("{B}\n,{C}")))
+                .unwrap()
+                .previous_ids()
+                .collect::<Vec<_>>(),
+            [
+                key(B).id(),
+                key(C).id(),
+                RevealKey::new(&Secret::new(format!("{A}\n")).unwrap()).id()
+            ]
+        );
+        assert_eq!(
+            RevealKeyRing::from_strs("", None).unwrap_err().kind(),
+            RevealKeyErrorKind::TooShort
+        );
+        assert_eq!(
+            RevealKeyRing::from_strs(&format!(" {A}"), None)
+                .unwrap_err()
+                .kind(),
+            RevealKeyErrorKind::Ambiguous
+        );
     }
 
     fn manager(ring: Option<RevealKeyRing>) -> (KeyManager, ManualClock, Arc<MemoryStore>) {
