@@ -525,6 +525,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn debug_and_display_show_fingerprints_only() {
+        let d = Digest::from_bytes([0xab; 32]);
+        assert_eq!(format!("{d:?}"), "Digest(abababab…)");
+        assert_eq!(d.to_hex(), "ab".repeat(32));
+        let id = SecretId::from_bytes([0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
+        assert_eq!(id.to_string(), "0123456789abcdef");
+        assert_eq!(format!("{id:?}"), "SecretId(0123456789abcdef)");
+        assert_eq!(
+            id.as_bytes(),
+            &[0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]
+        );
+
+        let (a, b) = (Secret::new(A).unwrap(), Secret::new(B).unwrap());
+        let alone = SecretRing::new(a.clone());
+        assert!(!alone.has_previous());
+        assert_eq!(alone.current_id(), a.id());
+        let ring = alone.with_previous(b.clone());
+        assert!(ring.has_previous());
+        assert_eq!(
+            format!("{ring:?}"),
+            format!(
+                "SecretRing {{ current: {:?}, previous: [{:?}] }}",
+                a.id(),
+                b.id()
+            )
+        );
+        assert!(!SecretRing::new(a.clone()).with_previous(a).has_previous());
+    }
+
     proptest::proptest! {
         /// Digest equality holds exactly when the bytes are equal, also for inputs that
         /// differ in several words at once.
