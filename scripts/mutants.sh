@@ -68,11 +68,14 @@ for row in "${table[@]}"; do
     if ((${#wanted[@]})) && [[ ! " ${wanted[*]} " == *" $name "* ]]; then
         continue
     fi
-    args=(--cargo-test-arg=--lib)
+    # --cargo-arg, not --cargo-test-arg: cargo-mutants passes the latter only to the test
+    # run, and its build step (`cargo test --no-run`) would then build every test target.
+    args=(--cargo-arg=--lib)
     for suite in ${tests/(pg)/}; do
-        args+=("--cargo-test-arg=--test=$suite")
+        args+=("--cargo-arg=--test=$suite")
     done
     echo "== $name: $file (--lib ${tests})"
+    mkdir -p "target/mutants/$name"
     result=0
     nice cargo mutants \
         --file "$file" \
