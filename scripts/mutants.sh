@@ -8,6 +8,7 @@
 #   scripts/mutants.sh scope secret       # only these (names from the table below)
 #   scripts/mutants.sh --list             # the files and the tests each is checked with
 #   MUTANTS_JOBS=2 scripts/mutants.sh key # more parallel mutants (each needs a build)
+#   MUTANTS_ARGS="--re decode_hex" scripts/mutants.sh secret   # extra cargo-mutants options
 #   MUTANTS_BASELINE=skip scripts/mutants.sh secret   # tests known to pass: skip the
 #                                         # unmutated run (tests then time out at 300 s)
 #
@@ -85,6 +86,7 @@ for row in "${table[@]}"; do
         --no-shuffle \
         --minimum-test-timeout 60 \
         "${baseline[@]}" \
+        ${MUTANTS_ARGS:-} \
         "${args[@]}" || result=$?
     if ((result > status)); then
         status=$result
