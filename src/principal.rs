@@ -617,6 +617,30 @@ mod tests {
         assert_eq!(p.weight(), 10);
     }
 
+    #[tokio::test]
+    async fn handlers_extract_the_principal_the_layer_inserted() {
+        use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+        let principal = Principal::for_tests(&["read"]);
+        let (mut with, ()) = http::Request::new(()).into_parts();
+        with.extensions.insert(principal.clone());
+        let (mut without, ()) = http::Request::new(()).into_parts();
+
+        let got = <Principal as FromRequestParts<()>>::from_request_parts(&mut with, &()).await;
+        assert_eq!(got.unwrap(), principal);
+        let got =
+            <Principal as OptionalFromRequestParts<()>>::from_request_parts(&mut with, &()).await;
+        assert_eq!(got.unwrap(), Some(principal));
+
+        let err = <Principal as FromRequestParts<()>>::from_request_parts(&mut without, &())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), RejectionKind::MissingCredentials);
+        let got =
+            <Principal as OptionalFromRequestParts<()>>::from_request_parts(&mut without, &())
+                .await;
+        assert_eq!(got.unwrap(), None);
+    }
+
     /// A profile of exactly the limit is still shared; one byte more is not.
     #[test]
     fn profiles_up_to_the_weight_limit_are_shared() {
