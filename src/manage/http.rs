@@ -1442,6 +1442,67 @@ mod tests {
         );
     }
 
+    /// A `keys:self` caller's new key gets at most the caller's own rate limit.
+    #[tokio::test]
+    async fn a_self_caller_creates_keys_within_its_own_rate_limit() {
+        let mut own = self_caller_key();
+        own.rate_limit = Some("10/min".parse().unwrap());
+        let me = caller(&own).await;
+        let now = datetime!(2030-01-01 00:00 UTC);
+        let body = |rate_limit: Option<&str>| CreateBody {
+            name: Some("k".into()),
+            rate_limit: rate_limit.map(str::to_owned),
+            ..CreateBody::default()
+        };
+        for looser in ["11/min", "1/s", "10/min,burst=20"] {
+            let result = me.new_key(body(Some(looser)), now).map(|_| ());
+            assert_eq!(answer(result), forbidden(), "{looser}");
+        }
+        let tighter = me.new_key(body(Some("5/min")), now).unwrap();
+        assert_eq!(tighter.rate_limit, Some("5/min".parse().unwrap()));
+        let inherited = me.new_key(body(None), now).unwrap();
+        assert_eq!(inherited.rate_limit, own.rate_limit);
+
+        let admin = caller(&key(&["keys:admin"])).await;
+        let any = admin.new_key(body(Some("1000/s")), now).unwrap();
+        assert_eq!(any.rate_limit, Some("1000/s".parse().unwrap()));
+    }
+
+    /// Listings judge a key's state by the manager's clock, not the system's.
+    #[tokio::test]
+    async fn listing_states_follow_the_managers_clock() {
+        let clock = crate::ManualClock::new(datetime!(2030-01-01 00:00 UTC));
+        let secrets =
+            SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        let manager = Arc::new(
+            KeyManager::new(Arc::new(MemoryStore::new()), secrets)
+                .with_clock(Arc::new(clock.clone())),
+        );
+        let created = manager
+            .create(
+                NewKey::new("k", "test").expires_in(ExpiresIn::At(datetime!(2030-01-02 00:00 UTC))),
+            )
+            .await
+            .unwrap();
+        clock.advance(time::Duration::days(2));
+        let mut request = axum::http::Request::get("/keys?state=expired")
+            .body(Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(Principal::for_tests(&["keys:admin"]));
+        let response = management_router(manager).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let list: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            list["items"][0]["id"],
+            created.record.id.to_string(),
+            "{list}"
+        );
+        assert_eq!(list["items"][0]["state"], "expired");
+    }
+
     #[test]
     fn only_json_media_types_are_read_as_json() {
         let is = |value: Option<&[u8]>| {
