@@ -164,5 +164,35 @@ fn layer_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, primitives, layer_path);
+/// The hit path with a per-key rate limit (the local limiter) on every request.
+fn limited_path(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = ApiKeyLayer::builder()
+        .store(Arc::new(MemoryStore::new()))
+        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
+        .collection(Collection::new("users"))
+        // High enough never to deny inside a benchmark run.
+        .default_rate_limit("1000000000/s".parse().unwrap())
+        .build()
+        .unwrap();
+    let key = runtime.block_on(async {
+        KeyManager::for_layer(&layer)
+            .create(NewKey::new("limited", "u"))
+            .await
+            .unwrap()
+            .key
+    });
+    let service = layer.layer(noop());
+    let mut group = c.benchmark_group("layer");
+    group.bench_function("hit/one_key_rate_limited", |b| {
+        b.to_async(&runtime)
+            .iter(|| service.clone().oneshot(request(key.expose())))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, primitives, layer_path, limited_path);
 criterion_main!(benches);

@@ -71,14 +71,14 @@ impl KeyStore for Counting {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.update(id, patch, now).await
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: Uuid,
         old: &Digest,
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
-        self.inner.redigest(id, old, new, secret_id).await
+        self.inner.add_digest(id, old, new, secret_id).await
     }
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.delete(id).await

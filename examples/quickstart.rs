@@ -5,7 +5,8 @@
 //! ```
 //!
 //! In the current directory it keeps `keywarden.db` (the keys' digests, never the keys; the same
-//! file the `keywarden` CLI uses by default) and, unless `KEYWARDEN_SECRET` is set,
+//! file the `keywarden` CLI uses by default) and, unless `KEYWARDEN_SECRET` or
+//! `KEYWARDEN_SECRET_FILE` is set,
 //! `.keywarden-dev-secret` (a generated development secret, mode 0600). On the first run it
 //! creates an admin key (scope `keys:admin`) and prints it once with ready-to-paste curl
 //! commands; then it serves `GET /healthz`, `GET /whoami` and the management API under
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use keywarden::{
     demo_layer_builder, demo_router, KeyManager, KeyQuery, NewKey, SecretRing, SqliteStore,
-    SECRET_ENV,
+    SECRET_ENV, SECRET_FILE_ENV,
 };
 
 const DATABASE_URL: &str = "sqlite://keywarden.db";
@@ -94,7 +95,7 @@ async fn run() -> Result<(), Box<dyn Error>> {
         println!("Create another one with the CLI (same database, same secret):");
         println!();
         let env = match source {
-            SecretSource::DevFile => format!("{SECRET_ENV}=\"$(cat {SECRET_FILE})\" "),
+            SecretSource::DevFile => format!("{SECRET_FILE_ENV}={SECRET_FILE} "),
             SecretSource::Environment => String::new(),
         };
         println!(
@@ -118,34 +119,58 @@ async fn run() -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// `KEYWARDEN_SECRET` if set; otherwise the development secret file, created on first use.
+/// The secret ring from `KEYWARDEN_SECRET` / `KEYWARDEN_SECRET_FILE` if either is set;
+/// otherwise from the development secret file, created on first use. Both go through the
+/// library's loader (`SecretRing::load`), as the CLI does, so a value means the same secret
+/// here and there.
 fn load_secrets() -> Result<(SecretRing, SecretSource), Box<dyn Error>> {
-    if std::env::var_os(SECRET_ENV).is_some() {
-        return Ok((SecretRing::from_env()?, SecretSource::Environment));
-    }
+    let configured = [SECRET_ENV, SECRET_FILE_ENV]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
     let path = Path::new(SECRET_FILE);
-    if path.exists() {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read {SECRET_FILE}: {e}"))?;
-        let ring =
-            SecretRing::from_strs(text.trim(), None).map_err(|e| format!("{SECRET_FILE}: {e}"))?;
+    let source = if configured {
+        SecretSource::Environment
+    } else if path.exists() {
         eprintln!(
             "warning: using the DEVELOPMENT secret in ./{SECRET_FILE}; set {SECRET_ENV} in production."
         );
-        return Ok((ring, SecretSource::DevFile));
+        SecretSource::DevFile
+    } else {
+        let secret = keywarden::Secret::generate();
+        write_private(path, secret.expose())
+            .map_err(|e| format!("cannot write {SECRET_FILE}: {e}"))?;
+        eprintln!(
+            "********************************************************************************"
+        );
+        eprintln!("* warning: generated a DEVELOPMENT secret and saved it to ./{SECRET_FILE}");
+        eprintln!(
+            "* (mode 0600). It is for local development only: anyone who reads that file can"
+        );
+        eprintln!(
+            "* check guessed keys offline. In production, run `keywarden secret generate` and"
+        );
+        eprintln!(
+            "* pass the result in {SECRET_ENV} from your secret manager. Keys made with this"
+        );
+        eprintln!("* secret only verify while the same secret is used.");
+        eprintln!(
+            "********************************************************************************"
+        );
+        SecretSource::DevFile
+    };
+    let (ring, warnings) = SecretRing::load(|name| match source {
+        SecretSource::Environment => std::env::var_os(name),
+        // The development file stands in for KEYWARDEN_SECRET_FILE (previous secrets still
+        // come from the environment).
+        SecretSource::DevFile if name == SECRET_FILE_ENV => Some(SECRET_FILE.into()),
+        SecretSource::DevFile if name == SECRET_ENV => None,
+        SecretSource::DevFile => std::env::var_os(name),
+    })
+    .map_err(|e| format!("{e}"))?;
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
     }
-    let secret = keywarden::Secret::generate();
-    write_private(path, secret.expose()).map_err(|e| format!("cannot write {SECRET_FILE}: {e}"))?;
-    let text = std::str::from_utf8(secret.expose())?;
-    let ring = SecretRing::from_strs(text, None)?;
-    eprintln!("********************************************************************************");
-    eprintln!("* warning: generated a DEVELOPMENT secret and saved it to ./{SECRET_FILE}");
-    eprintln!("* (mode 0600). It is for local development only: anyone who reads that file can");
-    eprintln!("* check guessed keys offline. In production, run `keywarden secret generate` and");
-    eprintln!("* pass the result in {SECRET_ENV} from your secret manager. Keys made with this");
-    eprintln!("* secret only verify while the same secret is used.");
-    eprintln!("********************************************************************************");
-    Ok((ring, SecretSource::DevFile))
+    Ok((ring, source))
 }
 
 /// Creates `path` readable only by its owner (on Unix) and writes `bytes` and a newline.

@@ -69,11 +69,14 @@ pub(crate) struct Resolved {
 
 impl Resolved {
     /// Builds the principal once, and the application identity from it.
+    /// `foreign`: the key was verified from another system's store (see
+    /// [`Principal::is_foreign`]).
     pub(crate) fn new(
         record: &KeyRecord,
+        foreign: bool,
         identity: impl FnOnce(&Principal) -> Option<Arc<dyn Identity>>,
     ) -> Self {
-        let principal = Principal::from_record(record);
+        let principal = Principal::from_record(record, foreign);
         Self {
             identity: identity(&principal),
             principal,
@@ -642,7 +645,7 @@ mod tests {
         let r = record(n);
         (
             r.digest,
-            Lookup::Found(Arc::new(Resolved::new(&r, |_| None))),
+            Lookup::Found(Arc::new(Resolved::new(&r, false, |_| None))),
         )
     }
 

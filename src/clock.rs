@@ -1,5 +1,10 @@
 //! Time, injectable so expiry can be tested without waiting.
 //!
+//! A clock gives two readings: the wall-clock time ([`Clock::now`]), which expiry dates are
+//! judged against, and a monotonic reading ([`Clock::monotonic`]), which rate limits and
+//! failed-attempt windows measure intervals with, so stepping the system clock (NTP, an
+//! operator, a VM resume) neither blocks keys nor hands out fresh budgets.
+//!
 //! ```
 //! use keywarden::{Clock, ManualClock};
 //! use time::{Duration, OffsetDateTime};
@@ -11,7 +16,7 @@
 
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use time::{Duration, OffsetDateTime};
 
@@ -26,6 +31,13 @@ pub trait Clock: Send + Sync + Debug + 'static {
     /// with `now`.
     fn now_unix_nanos(&self) -> i64 {
         unix_nanos(self.now())
+    }
+
+    /// A monotonic reading: never goes back, whatever happens to the wall clock. Rate limits
+    /// and failed-attempt windows are measured with it. The default is
+    /// [`Instant::now`]; a test clock overrides it to move time by hand.
+    fn monotonic(&self) -> Instant {
+        Instant::now()
     }
 }
 
@@ -54,30 +66,61 @@ impl Clock for SystemClock {
 }
 
 /// A clock that moves only when told to; clones share one time.
+///
+/// Like a real system clock it has a wall-clock reading and a monotonic one:
+/// [`advance`](Self::advance) by a positive duration moves both (time passes), while
+/// [`set`](Self::set) and a negative `advance` move only the wall clock (the system clock is
+/// stepped), so tests can check that stepping the clock does not disturb rate limits.
 #[derive(Debug, Clone)]
-pub struct ManualClock(Arc<Mutex<OffsetDateTime>>);
+pub struct ManualClock(Arc<Mutex<ManualTime>>);
+
+#[derive(Debug)]
+struct ManualTime {
+    wall: OffsetDateTime,
+    /// The monotonic reading: where it started, and how far it has been advanced since.
+    origin: Instant,
+    elapsed: std::time::Duration,
+}
 
 impl ManualClock {
     /// A clock stopped at `now`.
     pub fn new(now: OffsetDateTime) -> Self {
-        Self(Arc::new(Mutex::new(now)))
+        Self(Arc::new(Mutex::new(ManualTime {
+            wall: now,
+            origin: Instant::now(),
+            elapsed: std::time::Duration::ZERO,
+        })))
     }
 
-    /// Moves the clock forward (or back, with a negative duration).
+    fn time(&self) -> std::sync::MutexGuard<'_, ManualTime> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets `by` pass: moves the wall clock and the monotonic reading forward. A negative
+    /// duration steps the wall clock back and leaves the monotonic reading where it is.
     pub fn advance(&self, by: Duration) {
-        let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *now += by;
+        let mut time = self.time();
+        time.wall += by;
+        if let Ok(forward) = std::time::Duration::try_from(by) {
+            time.elapsed = time.elapsed.saturating_add(forward);
+        }
     }
 
-    /// Sets the clock.
+    /// Sets the wall clock (steps it, forward or back); the monotonic reading does not move.
     pub fn set(&self, to: OffsetDateTime) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = to;
+        self.time().wall = to;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.time().wall
+    }
+
+    fn monotonic(&self) -> Instant {
+        let time = self.time();
+        // Out of `Instant`'s range only after hundreds of billions of years of advancing.
+        time.origin.checked_add(time.elapsed).unwrap_or(time.origin)
     }
 }
 
@@ -95,5 +138,22 @@ mod tests {
         let nanos = system.now_unix_nanos();
         let after = unix_nanos(system.now());
         assert!(before <= nanos && nanos <= after);
+    }
+
+    #[test]
+    fn manual_monotonic_reading_moves_only_when_time_passes() {
+        let start = OffsetDateTime::UNIX_EPOCH + Duration::days(1);
+        let clock = ManualClock::new(start);
+        let t0 = clock.monotonic();
+        clock.advance(Duration::seconds(5));
+        assert_eq!(clock.monotonic() - t0, std::time::Duration::from_secs(5));
+        assert_eq!(clock.now(), start + Duration::seconds(5));
+        clock.advance(Duration::hours(-1));
+        clock.set(start - Duration::days(3));
+        assert_eq!(clock.now(), start - Duration::days(3));
+        assert_eq!(clock.monotonic() - t0, std::time::Duration::from_secs(5));
+        let system = SystemClock;
+        let a = system.monotonic();
+        assert!(system.monotonic() >= a);
     }
 }

@@ -210,20 +210,25 @@ impl std::str::FromStr for KeyPrefix {
 }
 
 /// The set of prefixes a deployment accepts; parses and validates keys.
+///
+/// One prefix may extend another (`kw_live` and `kw_live_eu`): a key is matched against the
+/// longest prefix first. That is exact, not a heuristic: the body alphabet has no `_`, so a
+/// key of the shorter prefix can never start with the longer prefix followed by `_`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyFormat {
+    /// In configuration order.
     prefixes: Vec<KeyPrefix>,
+    /// The same prefixes, longest first: the order keys are matched in.
+    longest_first: Box<[KeyPrefix]>,
 }
 
 impl Default for KeyFormat {
     /// Accepts `kw_live` and `kw_test`.
     fn default() -> Self {
-        Self {
-            prefixes: vec![
-                KeyPrefix::new("kw_live").expect("valid"),
-                KeyPrefix::new("kw_test").expect("valid"),
-            ],
-        }
+        Self::from_prefixes(vec![
+            KeyPrefix::new("kw_live").expect("valid"),
+            KeyPrefix::new("kw_test").expect("valid"),
+        ])
     }
 }
 
@@ -262,7 +267,17 @@ impl KeyFormat {
         if prefixes.is_empty() {
             return Err(KeyError::InvalidPrefix);
         }
-        Ok(Self { prefixes })
+        Ok(Self::from_prefixes(prefixes))
+    }
+
+    fn from_prefixes(prefixes: Vec<KeyPrefix>) -> Self {
+        let mut longest_first = prefixes.clone();
+        // Stable: prefixes of one length keep their configuration order.
+        longest_first.sort_by_key(|p| std::cmp::Reverse(p.text.len()));
+        Self {
+            prefixes,
+            longest_first: longest_first.into_boxed_slice(),
+        }
     }
 
     /// The accepted prefixes, in configuration order.
@@ -304,8 +319,9 @@ impl KeyFormat {
         self.matching_prefix(key).is_some()
     }
 
+    /// The longest accepted prefix the key starts with, followed by `_`.
     fn matching_prefix(&self, key: &[u8]) -> Option<&KeyPrefix> {
-        self.prefixes.iter().find(|p| {
+        self.longest_first.iter().find(|p| {
             let p = p.text.as_bytes();
             key.len() > p.len() && key.starts_with(p) && key[p.len()] == b'_'
         })
@@ -539,7 +555,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_prefix_that_extends_another_is_not_hidden_by_it() {
+        for order in [["kw_live", "kw_live_eu"], ["kw_live_eu", "kw_live"]] {
+            let format = KeyFormat::new(order).unwrap();
+            for prefix in format.prefixes() {
+                let key = prefix.generate();
+                let parsed = format.parse(key.expose().as_bytes()).unwrap();
+                assert_eq!(parsed.prefix(), prefix, "{order:?}");
+                assert!(format.claims(key.expose().as_bytes()));
+            }
+            assert_eq!(
+                format.prefixes()[0].as_str(),
+                order[0],
+                "configuration order kept"
+            );
+            assert_eq!(
+                format.parse(b"kw_live_eu_x").unwrap_err(),
+                KeyError::WrongLength
+            );
+        }
+    }
+
+    /// Prefix sets where prefixes extend each other (`a_b`, `a_b_c`, `a_b_c_d`), in any order,
+    /// with unrelated ones mixed in.
+    fn prefix_sets() -> impl Strategy<Value = Vec<String>> {
+        let segment = "[a-z][a-z0-9]{0,3}";
+        (
+            proptest::collection::vec(segment, 2..6),
+            proptest::collection::vec(proptest::collection::vec(segment, 2..4), 0..3),
+        )
+            .prop_map(|(chain, others)| {
+                let mut prefixes: Vec<String> =
+                    (2..=chain.len()).map(|n| chain[..n].join("_")).collect();
+                prefixes.extend(others.iter().map(|segments| segments.join("_")));
+                let mut seen = std::collections::HashSet::new();
+                prefixes.retain(|p| seen.insert(p.clone()));
+                prefixes
+            })
+            .prop_shuffle()
+    }
+
     proptest! {
+        #[test]
+        fn every_key_of_every_prefix_parses_back_to_that_prefix(
+            prefixes in prefix_sets(),
+            random in proptest::array::uniform32(any::<u8>()),
+        ) {
+            let format = KeyFormat::new(&prefixes).unwrap();
+            for prefix in format.prefixes() {
+                let key = prefix.key_from_random(&random);
+                let parsed = format.parse(key.expose().as_bytes());
+                prop_assert_eq!(parsed.map(|p| p.prefix().as_str()), Ok(prefix.as_str()));
+            }
+        }
+
         #[test]
         fn every_generated_key_parses(random in proptest::array::uniform32(any::<u8>())) {
             let key = live().key_from_random(&random);

@@ -602,7 +602,9 @@ impl ApiKeyLayer {
 
     /// Counters of store trouble, rate limiting, blocked clients and invalidations.
     pub fn stats(&self) -> LayerStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        stats.rate_limiters = self.shared.limiters.local_len() as u64;
+        stats
     }
 
     pub(crate) fn counters(&self) -> &Counters {
@@ -633,6 +635,11 @@ impl ApiKeyLayer {
     /// The clock expiry is judged against.
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.shared.clock.clone()
+    }
+
+    /// The rate limit of keys that have none of their own (`None`: unlimited).
+    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
+        self.shared.limiters.default_policy
     }
 
     /// The issuer (`payload`, `strapi`) of a foreign collection; `None` for a native one.

@@ -52,8 +52,9 @@ pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Col
 #[cfg(feature = "manage-api")]
 pub use manage::management_router;
 pub use manage::{
-    parse_duration, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
-    ManageErrorKind, NewKey, RevealKey, REVEAL_KEY_ENV,
+    parse_duration, Actor, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
+    ManageErrorKind, NewKey, RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId,
+    RevealKeyRing, RevealOptions, PREVIOUS_REVEAL_KEYS_ENV, REVEAL_KEY_ENV,
 };
 pub use principal::Principal;
 pub use ratelimit::{
@@ -61,12 +62,12 @@ pub use ratelimit::{
     RateLimitPolicy, RateLimiter,
 };
 #[cfg(feature = "redis")]
-pub use redis_backend::{RedisBackend, RedisBackendError};
+pub use redis_backend::{RedisBackend, RedisBackendError, RedisBackendErrorKind};
 pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 pub use scope::{RequireScope, RequireScopeService};
 pub use secret::{
-    Digest, DigestParseError, Secret, SecretError, SecretId, SecretRing, MIN_SECRET_LEN,
-    PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    Digest, DigestParseError, Secret, SecretError, SecretId, SecretRing, SecretWarning,
+    MIN_SECRET_LEN, PREVIOUS_SECRETS_ENV, PREVIOUS_SECRETS_FILE_ENV, SECRET_ENV, SECRET_FILE_ENV,
 };
 pub use service::{ApiKeyService, ResponseFuture};
 pub use stats::LayerStats;
@@ -76,6 +77,7 @@ pub use store::PostgresStore;
 pub use store::SqliteStore;
 pub use store::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStateParseError, KeyStore, KeyUsage,
-    MemoryStore, OwnerKind, OwnerKindParseError, StoreError, StoreErrorKind,
+    MemoryStore, OwnerKind, OwnerKindParseError, SecretRetirement, StoreError, StoreErrorKind,
+    UnmigratedKeys,
 };
 pub use verify::Mode;

@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::{AuthRejection, RejectionKind};
+use crate::scope::is_management_scope;
 use crate::store::{KeyRecord, OwnerKind};
 
 /// The identity behind a verified key. Cheap to clone (one `Arc`).
@@ -60,6 +61,9 @@ struct Profile {
     owner_kind: OwnerKind,
     read_only: bool,
     rate_limit: Option<RateLimitPolicy>,
+    /// Verified from another system's store (a Payload or Strapi collection): never holds a
+    /// management scope.
+    foreign: bool,
 }
 
 impl Profile {
@@ -155,7 +159,9 @@ struct PrincipalData<'a> {
 }
 
 impl Principal {
-    pub(crate) fn from_record(record: &KeyRecord) -> Self {
+    /// The principal of a keywarden key (`foreign: false`) or of a key verified from another
+    /// system's store (`foreign: true`, which never holds a management scope).
+    pub(crate) fn from_record(record: &KeyRecord, foreign: bool) -> Self {
         Self::from_parts(
             &PROFILES,
             record.id,
@@ -168,6 +174,7 @@ impl Principal {
                 owner_kind: record.owner_kind,
                 read_only: record.read_only,
                 rate_limit: record.rate_limit,
+                foreign,
             },
             &record.metadata,
             record.expires_at,
@@ -267,16 +274,38 @@ impl Principal {
         self.0.profile.rate_limit
     }
 
+    /// Whether the key was verified from another system's store (a Payload CMS or Strapi
+    /// collection, see [`Collection::foreign`](crate::Collection::foreign)). Such a principal
+    /// never holds a management scope.
+    pub fn is_foreign(&self) -> bool {
+        self.0.profile.foreign
+    }
+
     /// Whether the key grants `scope`: an exact match, `*`, or `prefix:*` for any scope
     /// starting with `prefix:`.
     ///
+    /// Management scopes, the `keys:` namespace (`keys:admin`, `keys:self`, and any later
+    /// one such as `keys:verify`), are the exception: only the exact name grants them. `*`
+    /// does not, and neither does any `prefix:*`, **`keys:*` included**. A principal of a
+    /// foreign collection ([`is_foreign`](Self::is_foreign): Payload CMS, Strapi) never
+    /// holds a management scope, whatever its scopes say.
+    ///
     /// ```
-    /// # let principal = keywarden::Principal::for_tests(&["keys:*", "read"]);
+    /// # let principal = keywarden::Principal::for_tests(&["*"]);
     /// assert!(principal.has_scope("read"));
-    /// assert!(principal.has_scope("keys:admin"));
+    /// assert!(principal.has_scope("invoices:write"));
+    /// // A wildcard is not a key-management grant.
+    /// assert!(!principal.has_scope("keys:admin"));
+    ///
+    /// # let principal = keywarden::Principal::for_tests(&["keys:*", "keys:self", "read"]);
+    /// assert!(principal.has_scope("keys:self"));
+    /// assert!(!principal.has_scope("keys:admin"));
     /// assert!(!principal.has_scope("write"));
     /// ```
     pub fn has_scope(&self, scope: &str) -> bool {
+        if self.is_foreign() && is_management_scope(scope) {
+            return false;
+        }
         self.scopes()
             .iter()
             .any(|granted| scope_grants(granted, scope))
@@ -297,6 +326,7 @@ impl Principal {
                 owner_kind: OwnerKind::User,
                 read_only: false,
                 rate_limit: None,
+                foreign: false,
             },
             &serde_json::Value::Null,
             None,
@@ -310,8 +340,16 @@ impl fmt::Debug for Principal {
     }
 }
 
+/// Whether the scope `granted` grants `wanted`. A management scope (`keys:` namespace) only
+/// by its exact name; anything else also by `*` or a `prefix:*` wildcard.
 pub(crate) fn scope_grants(granted: &str, wanted: &str) -> bool {
-    if granted == "*" || granted == wanted {
+    if granted == wanted {
+        return true;
+    }
+    if is_management_scope(wanted) {
+        return false;
+    }
+    if granted == "*" {
         return true;
     }
     match granted.strip_suffix('*') {
@@ -360,13 +398,82 @@ mod tests {
         assert!(scope_grants("*", "anything"));
         assert!(scope_grants("read", "read"));
         assert!(!scope_grants("read", "reader"));
-        assert!(scope_grants("keys:*", "keys:admin"));
+        assert!(scope_grants("invoices:*", "invoices:read"));
         assert!(!scope_grants("keys:*", "keysX"));
         assert!(
             !scope_grants("keys*", "keys:admin"),
             "only `prefix:*` is a wildcard"
         );
         assert!(!scope_grants("", "read"));
+    }
+
+    /// Issue 12, item 1: a wildcard is not a key-management grant.
+    #[test]
+    fn management_scopes_are_granted_only_by_name() {
+        for wanted in [
+            "keys:admin",
+            "keys:self",
+            "keys:verify",
+            "keys:anything-later",
+        ] {
+            for wildcard in ["*", "keys:*", "k:*"] {
+                assert!(
+                    !scope_grants(wildcard, wanted),
+                    "{wildcard} must not grant {wanted}"
+                );
+            }
+            assert!(scope_grants(wanted, wanted));
+        }
+        assert!(
+            !scope_grants("keys:admin", "keys:self"),
+            "no implied scopes"
+        );
+        assert!(!scope_grants("keys:self", "keys:admin"));
+        assert!(!scope_grants("KEYS:admin", "keys:admin"), "case-sensitive");
+        // Other namespaces keep their wildcards.
+        assert!(scope_grants("*", "keysX"));
+        assert!(scope_grants("*", "invoices:write"));
+        assert!(scope_grants("invoices:*", "invoices:write"));
+    }
+
+    #[test]
+    fn has_scope_never_makes_a_wildcard_a_manager() {
+        for scopes in [&["*"][..], &["keys:*"], &["*", "keys:*", "read"]] {
+            let p = Principal::for_tests(scopes);
+            assert!(!p.has_scope("keys:admin"), "{scopes:?}");
+            assert!(!p.has_scope("keys:self"), "{scopes:?}");
+            assert!(!p.has_scope("keys:verify"), "{scopes:?}");
+        }
+        let star = Principal::for_tests(&["*"]);
+        assert!(star.has_scope("read") && star.has_scope("anything:else"));
+        let admin = Principal::for_tests(&["keys:admin"]);
+        assert!(admin.has_scope("keys:admin"));
+        assert!(!admin.has_scope("keys:self"));
+    }
+
+    #[test]
+    fn a_foreign_principal_never_holds_a_management_scope() {
+        let mut r = record(9);
+        r.scopes = vec![
+            "keys:admin".into(),
+            "keys:self".into(),
+            "keys:verify".into(),
+            "*".into(),
+        ];
+        let native = Principal::from_record(&r, false);
+        assert!(!native.is_foreign());
+        assert!(native.has_scope("keys:admin") && native.has_scope("keys:self"));
+        let foreign = Principal::from_record(&r, true);
+        assert!(foreign.is_foreign());
+        for scope in ["keys:admin", "keys:self", "keys:verify"] {
+            assert!(!foreign.has_scope(scope), "{scope}");
+        }
+        assert!(foreign.has_scope("read"), "other scopes are unaffected");
+        assert_ne!(native, foreign);
+        assert!(
+            !Arc::ptr_eq(&native.0.profile, &foreign.0.profile),
+            "the origin is part of the interned profile"
+        );
     }
 
     /// The struct as it was before compaction: `Debug` and `Serialize` must print the same.
@@ -434,7 +541,7 @@ mod tests {
     #[test]
     fn every_accessor_round_trips() {
         for record in records() {
-            let p = Principal::from_record(&record);
+            let p = Principal::from_record(&record, false);
             assert_eq!(p.key_id(), record.id);
             assert_eq!(p.key_name(), record.name);
             assert_eq!(p.collection(), record.collection);
@@ -453,7 +560,7 @@ mod tests {
     #[test]
     fn debug_and_json_match_the_uncompacted_struct() {
         for record in records() {
-            let p = Principal::from_record(&record);
+            let p = Principal::from_record(&record, false);
             let old = uncompacted::from_record(&record);
             assert_eq!(format!("{p:?}"), format!("{old:?}"));
             assert_eq!(format!("{p:#?}"), format!("{old:#?}"));
@@ -469,14 +576,23 @@ mod tests {
         let [a, b, ..] = &records()[..] else {
             unreachable!()
         };
-        assert_eq!(Principal::from_record(a), Principal::from_record(a));
-        assert_ne!(Principal::from_record(a), Principal::from_record(b));
+        assert_eq!(
+            Principal::from_record(a, false),
+            Principal::from_record(a, false)
+        );
+        assert_ne!(
+            Principal::from_record(a, false),
+            Principal::from_record(b, false)
+        );
         // The name/subject split is part of the value, not just the joined text.
         let mut ab = record(5);
         (ab.name, ab.subject) = ("ab".into(), "c".into());
         let mut a_bc = ab.clone();
         (a_bc.name, a_bc.subject) = ("a".into(), "bc".into());
-        assert_ne!(Principal::from_record(&ab), Principal::from_record(&a_bc));
+        assert_ne!(
+            Principal::from_record(&ab, false),
+            Principal::from_record(&a_bc, false)
+        );
     }
 
     #[test]
@@ -484,7 +600,10 @@ mod tests {
         let (mut a, mut b) = (record(6), record(7));
         a.scopes = vec!["profile-test-scope".into()];
         b.scopes = a.scopes.clone();
-        let (pa, pb) = (Principal::from_record(&a), Principal::from_record(&b));
+        let (pa, pb) = (
+            Principal::from_record(&a, false),
+            Principal::from_record(&b, false),
+        );
         assert!(Arc::ptr_eq(&pa.0.profile, &pb.0.profile));
         assert!(Arc::ptr_eq(
             pa.0.metadata.as_ref().unwrap(),
@@ -501,6 +620,7 @@ mod tests {
             owner_kind: OwnerKind::User,
             read_only: false,
             rate_limit: None,
+            foreign: false,
         }
     }
 

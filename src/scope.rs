@@ -12,6 +12,16 @@
 //! Place it inside (after) an [`ApiKeyLayer`](crate::ApiKeyLayer): it reads the principal the
 //! layer inserted. No principal → 401 `missing_credentials`; scope missing → 403
 //! `insufficient_scope`.
+//!
+//! # Management scopes are granted only by name
+//!
+//! Scopes in the `keys:` namespace (`keys:admin`, `keys:self`, and any later one such as
+//! `keys:verify`) manage keywarden itself. They are granted only by holding exactly that
+//! scope: neither `*` nor any `prefix:*` wildcard grants them, `keys:*` included (a key with
+//! `keys:*` holds the literal scope `keys:*` and nothing else of the namespace). A principal
+//! of a foreign collection (Payload CMS, Strapi) never holds one, whatever its scopes say,
+//! so a Strapi `full-access` token (scope `*`) is not a keywarden admin. See
+//! [`Principal::has_scope`].
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -25,7 +35,17 @@ use crate::principal::Principal;
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
 use crate::service::ResponseFuture;
 
-/// Requires a scope (`*` and `prefix:*` grants count; see [`Principal::has_scope`]).
+/// The namespace of the scopes that manage keywarden itself.
+const MANAGEMENT_NAMESPACE: &str = "keys:";
+
+/// Whether `scope` manages keywarden itself (the `keys:` namespace): such a scope is granted
+/// only by its exact name, and never to a foreign principal.
+pub(crate) fn is_management_scope(scope: &str) -> bool {
+    scope.starts_with(MANAGEMENT_NAMESPACE)
+}
+
+/// Requires a scope (`*` and `prefix:*` grants count, except for the management scopes of
+/// the `keys:` namespace, which only their exact name grants; see [`Principal::has_scope`]).
 #[derive(Debug, Clone)]
 pub struct RequireScope {
     scope: Arc<str>,

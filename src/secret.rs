@@ -3,7 +3,16 @@
 //! Keys are stored only as `HMAC-SHA256(secret, key)`. The ring holds one current secret and any
 //! number of previous ones, so the application secret can be rotated without invalidating a
 //! single key: lookups try the current secret first, then the previous ones, and a key found
-//! under a previous secret is re-digested under the current one.
+//! under a previous secret also gets a digest under the current one. Its old digest stays valid
+//! until the secret is retired ([`KeyManager::retire_secret`](crate::KeyManager::retire_secret)),
+//! so instances still on the old secret keep verifying it.
+//!
+//! Deployments configure the ring through the environment ([`SecretRing::from_env`], or
+//! [`SecretRing::load`] with any lookup): `KEYWARDEN_SECRET` or `KEYWARDEN_SECRET_FILE` for the
+//! current secret, `KEYWARDEN_PREVIOUS_SECRETS` (comma-separated) or
+//! `KEYWARDEN_PREVIOUS_SECRETS_FILE` (one per line) for previous ones. Every secret is read by
+//! the same rule ([`Secret::parse`]: one final line break is dropped, other surrounding
+//! whitespace is refused), so a value keeps its identity when it moves from one to another.
 //!
 //! [`Digest`] equality is constant-time. Stores and caches use the digest as a lookup key (a
 //! hash map, a B-tree index), which is not constant-time; that is no timing oracle on the key,
@@ -41,6 +50,15 @@ pub const MIN_SECRET_LEN: usize = 32;
 pub const SECRET_ENV: &str = "KEYWARDEN_SECRET";
 /// Environment variable holding previous secrets, comma-separated.
 pub const PREVIOUS_SECRETS_ENV: &str = "KEYWARDEN_PREVIOUS_SECRETS";
+/// Environment variable naming a file that holds the current secret (instead of
+/// [`SECRET_ENV`]): the container secret-mount convention.
+pub const SECRET_FILE_ENV: &str = "KEYWARDEN_SECRET_FILE";
+/// Environment variable naming a file of previous secrets, one per line (instead of
+/// [`PREVIOUS_SECRETS_ENV`]).
+pub const PREVIOUS_SECRETS_FILE_ENV: &str = "KEYWARDEN_PREVIOUS_SECRETS_FILE";
+
+/// Fewer distinct bytes than this, and a secret is reported as weak at startup.
+const MIN_DISTINCT_BYTES: usize = 12;
 
 /// Why a secret or secret ring could not be built. Never contains secret material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,11 +71,35 @@ pub enum SecretError {
         len: usize,
     },
     /// The environment variable is not set.
-    #[error("environment variable {0} is not set (generate one with `keywarden secret generate`)")]
+    #[error(
+        "environment variable {0} is not set, nor {0}_FILE (generate a secret with `keywarden \
+         secret generate`)"
+    )]
     Missing(&'static str),
-    /// The environment variable is not valid Unicode.
+    /// The environment variable (or the file it names) is not valid Unicode.
     #[error("environment variable {0} is not valid UTF-8")]
     NotUnicode(&'static str),
+    /// A value keywarden cannot read as a secret without guessing: whitespace at its start or
+    /// end (beyond one final line break), a line break inside it, or, in
+    /// [`SECRET_ENV`], a comma. See [`Secret::parse`].
+    #[error("{origin} is ambiguous: {reason}")]
+    Ambiguous {
+        /// Where the value came from: a variable, or a list's variable and entry.
+        origin: String,
+        /// What is wrong with it (never the value).
+        reason: &'static str,
+    },
+    /// Both a variable and its `_FILE` form are set.
+    #[error("both {0} and {1} are set; set only one")]
+    Conflict(&'static str, &'static str),
+    /// The file named by a `_FILE` variable cannot be read.
+    #[error("cannot read the file named by {variable}: {message}")]
+    File {
+        /// The `_FILE` variable.
+        variable: &'static str,
+        /// The I/O error.
+        message: String,
+    },
 }
 
 /// An application secret. `Debug` prints a redaction; the bytes are zeroized on drop.
@@ -77,6 +119,29 @@ impl Secret {
             return Err(SecretError::TooShort { len: bytes.len() });
         }
         Ok(Self { bytes })
+    }
+
+    /// Reads one secret the way every configured secret is read, from any variable or file:
+    ///
+    /// - one final line break (`\n` or `\r\n`) ends the value and is not part of the secret
+    ///   (`echo`, heredocs and `kubectl create secret --from-file` add one);
+    /// - what remains must neither begin nor end with whitespace nor hold a line break,
+    ///   otherwise the value is refused as [`SecretError::Ambiguous`] rather than silently
+    ///   read as some other secret;
+    /// - it must be at least [`MIN_SECRET_LEN`] bytes; every other byte counts as it is.
+    ///
+    /// ```
+    /// use keywarden::Secret;
+    ///
+    /// let secret = Secret::parse("a-secret-of-at-least-thirty-two-bytes\n").unwrap();
+    /// assert_eq!(secret.expose(), b"a-secret-of-at-least-thirty-two-bytes");
+    /// assert!(Secret::parse("a-secret-of-at-least-thirty-two-bytes \n").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`SecretError::Ambiguous`] or [`SecretError::TooShort`].
+    pub fn parse(value: &str) -> Result<Self, SecretError> {
+        parse_secret(value, || "the secret".to_owned())
     }
 
     /// Generates a secret of 256 random bits written as 43 base62 characters, suitable for
@@ -107,6 +172,9 @@ impl Secret {
         PreparedSecret::new(self).id
     }
 }
+
+/// The bytes are held in [`Zeroizing`], so they are wiped when the secret drops.
+impl zeroize::ZeroizeOnDrop for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -241,6 +309,9 @@ fn decode_hex(s: &str, out: &mut [u8]) -> Result<(), DigestParseError> {
 }
 
 /// A secret whose HMAC key schedule has been computed once; the raw secret is not kept.
+///
+/// The prepared HMAC state is itself derived from the secret, but `hmac` 0.12 offers no way to
+/// wipe it (no `zeroize` support); it lives as long as the ring.
 #[derive(Clone)]
 struct PreparedSecret {
     id: SecretId,
@@ -252,7 +323,8 @@ impl PreparedSecret {
         let mac = HmacSha256::new_from_slice(&secret.bytes).expect("HMAC accepts any key length");
         let mut id_mac = mac.clone();
         id_mac.update(b"keywarden secret id v1");
-        let full = id_mac.finalize().into_bytes();
+        // Only 8 of the 32 bytes become the public id; the rest is wiped.
+        let full: Zeroizing<[u8; 32]> = Zeroizing::new(id_mac.finalize().into_bytes().into());
         let mut id = [0u8; 8];
         id.copy_from_slice(&full[..8]);
         Self {
@@ -295,33 +367,123 @@ impl SecretRing {
         self
     }
 
-    /// Reads `KEYWARDEN_SECRET` and the optional comma-separated `KEYWARDEN_PREVIOUS_SECRETS`.
+    /// Reads the ring from the process environment with [`SecretRing::load`] and logs its
+    /// warnings (`tracing::warn!`, never secret material).
     ///
     /// # Errors
-    /// [`SecretError::Missing`] if `KEYWARDEN_SECRET` is unset, [`SecretError::TooShort`] for
-    /// any secret under 32 bytes, [`SecretError::NotUnicode`] for non-UTF-8 values.
+    /// As [`SecretRing::load`].
     pub fn from_env() -> Result<Self, SecretError> {
-        let read = |name: &'static str| match std::env::var(name) {
-            Ok(v) => Ok(Some(Zeroizing::new(v))),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => Err(SecretError::NotUnicode(name)),
+        let (ring, warnings) = Self::load(std::env::var_os)?;
+        for warning in &warnings {
+            tracing::warn!(target: "keywarden", "{warning}");
+        }
+        Ok(ring)
+    }
+
+    /// Reads the ring from variables looked up through `var` (the process environment in
+    /// [`SecretRing::from_env`]; a map in tests):
+    ///
+    /// - the current secret from [`SECRET_ENV`] (`KEYWARDEN_SECRET`), or from the file named
+    ///   by [`SECRET_FILE_ENV`] (`KEYWARDEN_SECRET_FILE`);
+    /// - previous secrets, optionally, from [`PREVIOUS_SECRETS_ENV`]
+    ///   (`KEYWARDEN_PREVIOUS_SECRETS`, comma-separated) or from the file named by
+    ///   [`PREVIOUS_SECRETS_FILE_ENV`] (`KEYWARDEN_PREVIOUS_SECRETS_FILE`, one per line).
+    ///
+    /// Every secret is read by the rules of [`Secret::parse`], so a value means the same secret
+    /// wherever it is written, and moving the current secret to the previous ones keeps its
+    /// [`SecretId`]. An empty variable counts as unset. In the lists, whitespace around an
+    /// entry and empty entries (blank lines) are ignored. A
+    /// secret holding a comma can only be written in the files: in `KEYWARDEN_SECRET` it is
+    /// refused, since it could not be moved to `KEYWARDEN_PREVIOUS_SECRETS` unchanged.
+    ///
+    /// keywarden 0.1 used `KEYWARDEN_SECRET` byte for byte. When its value ends in a line
+    /// break, those exact bytes are also kept as a previous secret, so keys made by 0.1 keep
+    /// verifying (and move to the current secret on first use); a warning says so.
+    ///
+    /// The warnings returned name secrets that look weak (few distinct bytes, a repeated
+    /// pattern) and the line-break case above; they never contain secret material.
+    ///
+    /// # Errors
+    /// [`SecretError::Missing`] without a current secret, [`SecretError::Conflict`] when a
+    /// variable and its `_FILE` form are both set, [`SecretError::File`] for an unreadable
+    /// file, [`SecretError::NotUnicode`], [`SecretError::Ambiguous`] or
+    /// [`SecretError::TooShort`] for a value [`Secret::parse`] refuses.
+    pub fn load(
+        mut var: impl FnMut(&'static str) -> Option<std::ffi::OsString>,
+    ) -> Result<(Self, Vec<SecretWarning>), SecretError> {
+        let mut warnings = Vec::new();
+        let (current, legacy) = match source(&mut var, SECRET_ENV, SECRET_FILE_ENV)? {
+            None => return Err(SecretError::Missing(SECRET_ENV)),
+            Some(Source::File(text)) => (parse_secret(&text, || SECRET_FILE_ENV.to_owned())?, None),
+            Some(Source::Var(text)) => {
+                if text.contains(',') {
+                    return Err(SecretError::Ambiguous {
+                        origin: SECRET_ENV.to_owned(),
+                        reason: "it holds a comma, so it could not be moved to \
+                                 KEYWARDEN_PREVIOUS_SECRETS unchanged; write it in the file \
+                                 named by KEYWARDEN_SECRET_FILE instead",
+                    });
+                }
+                let current = parse_secret(&text, || SECRET_ENV.to_owned())?;
+                let legacy = (current.expose() != text.as_bytes())
+                    .then(|| Secret::new(text.as_bytes()))
+                    .transpose()?;
+                (current, legacy)
+            }
         };
-        let current = read(SECRET_ENV)?.ok_or(SecretError::Missing(SECRET_ENV))?;
-        let previous = read(PREVIOUS_SECRETS_ENV)?;
-        Self::from_strs(&current, previous.as_deref().map(|s| s.as_str()))
+        note_weak(&current, SECRET_ENV.to_owned(), &mut warnings);
+        let mut ring = Self::new(current);
+        if let Some(legacy) = legacy {
+            warnings.push(SecretWarning::LineBreakDropped {
+                current: ring.current_id(),
+                legacy: legacy.id(),
+            });
+            ring = ring.with_previous(legacy);
+        }
+        match source(&mut var, PREVIOUS_SECRETS_ENV, PREVIOUS_SECRETS_FILE_ENV)? {
+            None => {}
+            Some(Source::Var(text)) => {
+                for (i, item) in text.split(',').enumerate() {
+                    let item = item.trim();
+                    if item.is_empty() {
+                        continue;
+                    }
+                    let name = || format!("{PREVIOUS_SECRETS_ENV} entry {}", i + 1);
+                    let secret = parse_secret(item, name)?;
+                    note_weak(&secret, name(), &mut warnings);
+                    ring = ring.with_previous(secret);
+                }
+            }
+            Some(Source::File(text)) => {
+                for (i, line) in text.split('\n').enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let name = || format!("{PREVIOUS_SECRETS_FILE_ENV} line {}", i + 1);
+                    let secret = parse_secret(line, name)?;
+                    note_weak(&secret, name(), &mut warnings);
+                    ring = ring.with_previous(secret);
+                }
+            }
+        }
+        Ok((ring, warnings))
     }
 
     /// Builds a ring from a current secret and an optional comma-separated list of previous
-    /// ones, as they appear in the environment. Empty list items are ignored.
+    /// ones, read exactly as `KEYWARDEN_SECRET` and `KEYWARDEN_PREVIOUS_SECRETS` are by
+    /// [`SecretRing::load`] (warnings are logged).
     ///
     /// # Errors
-    /// [`SecretError::TooShort`] for any secret under 32 bytes.
+    /// As [`SecretRing::load`].
     pub fn from_strs(current: &str, previous: Option<&str>) -> Result<Self, SecretError> {
-        let mut ring = Self::new(Secret::new(current.as_bytes())?);
-        for item in previous.unwrap_or("").split(',').map(str::trim) {
-            if !item.is_empty() {
-                ring = ring.with_previous(Secret::new(item.as_bytes())?);
-            }
+        let (ring, warnings) = Self::load(|name| match name {
+            SECRET_ENV => Some(current.into()),
+            PREVIOUS_SECRETS_ENV => previous.map(Into::into),
+            _ => None,
+        })?;
+        for warning in &warnings {
+            tracing::warn!(target: "keywarden", "{warning}");
         }
         Ok(ring)
     }
@@ -355,6 +517,142 @@ impl SecretRing {
     }
 }
 
+/// Something worth an operator's attention in a loaded secret ring. Never holds secret
+/// material: secrets are named by where they came from and by their [`SecretId`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SecretWarning {
+    /// The secret looks weak: replace it with one from `keywarden secret generate`.
+    Weak {
+        /// Where it came from: a variable, or a list's variable and entry.
+        source: String,
+        /// Its id.
+        id: SecretId,
+        /// Why it looks weak.
+        reason: &'static str,
+    },
+    /// `KEYWARDEN_SECRET` ends in a line break, which is not part of the secret; keywarden
+    /// 0.1 read it as part of it, so those bytes are kept as a previous secret.
+    LineBreakDropped {
+        /// The current secret's id (without the line break).
+        current: SecretId,
+        /// The id of the value with its line break, as keywarden 0.1 read it.
+        legacy: SecretId,
+    },
+}
+
+impl fmt::Display for SecretWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Weak { source, id, reason } => write!(
+                f,
+                "the secret in {source} (id {id}) looks weak: {reason}; replace it with one \
+                 from `keywarden secret generate`"
+            ),
+            Self::LineBreakDropped { current, legacy } => write!(
+                f,
+                "{SECRET_ENV} ends with a line break, which is not part of the secret (id \
+                 {current}); keywarden 0.1 read it as part of it, so that value (id {legacy}) \
+                 is kept as a previous secret and the keys made with it move to {current} when \
+                 next used"
+            ),
+        }
+    }
+}
+
+/// A secret's value as read from a variable or from the file its `_FILE` form names.
+enum Source {
+    Var(Zeroizing<String>),
+    File(Zeroizing<String>),
+}
+
+/// The value of `name` or of the file named by `file_name`; both set is an error.
+fn source(
+    var: &mut impl FnMut(&'static str) -> Option<std::ffi::OsString>,
+    name: &'static str,
+    file_name: &'static str,
+) -> Result<Option<Source>, SecretError> {
+    // An empty variable counts as unset (`FOO=${OLD:-}` in a compose file).
+    let mut get = |name| var(name).filter(|value| !value.is_empty());
+    match (get(name), get(file_name)) {
+        (Some(_), Some(_)) => Err(SecretError::Conflict(name, file_name)),
+        (None, None) => Ok(None),
+        (Some(value), None) => value
+            .into_string()
+            .map(|v| Some(Source::Var(Zeroizing::new(v))))
+            .map_err(|value| {
+                // The bytes are secret: wipe them before they are dropped.
+                value.into_encoded_bytes().zeroize();
+                SecretError::NotUnicode(name)
+            }),
+        (None, Some(path)) => {
+            let bytes = std::fs::read(&path).map_err(|e| SecretError::File {
+                variable: file_name,
+                message: e.to_string(),
+            })?;
+            String::from_utf8(bytes)
+                .map(|v| Some(Source::File(Zeroizing::new(v))))
+                .map_err(|e| {
+                    // The bytes are secret: wipe them before the error is dropped.
+                    e.into_bytes().zeroize();
+                    SecretError::NotUnicode(file_name)
+                })
+        }
+    }
+}
+
+/// [`Secret::parse`], naming the value's source in errors.
+fn parse_secret(value: &str, source: impl FnOnce() -> String) -> Result<Secret, SecretError> {
+    let value = value
+        .strip_suffix("\r\n")
+        .or_else(|| value.strip_suffix('\n'))
+        .unwrap_or(value);
+    let reason = if value.starts_with(|c: char| c.is_whitespace())
+        || value.ends_with(|c: char| c.is_whitespace())
+    {
+        Some("it begins or ends with whitespace (other than one final line break)")
+    } else if value.contains(['\n', '\r']) {
+        Some("it holds a line break")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Err(SecretError::Ambiguous {
+            origin: source(),
+            reason,
+        });
+    }
+    Secret::new(value.as_bytes())
+}
+
+/// Why a secret looks weak, if it does: few distinct bytes, or a pattern repeated (a period
+/// of at most half its length). Generated secrets pass.
+fn weakness(bytes: &[u8]) -> Option<&'static str> {
+    let mut seen = [false; 256];
+    let mut distinct = 0;
+    for &b in bytes {
+        if !std::mem::replace(&mut seen[usize::from(b)], true) {
+            distinct += 1;
+        }
+    }
+    if distinct < MIN_DISTINCT_BYTES {
+        return Some("it has fewer than 12 distinct bytes");
+    }
+    let repeats =
+        (1..=bytes.len() / 2).any(|period| bytes.iter().zip(&bytes[period..]).all(|(a, b)| a == b));
+    repeats.then_some("it repeats a shorter pattern")
+}
+
+fn note_weak(secret: &Secret, source: String, warnings: &mut Vec<SecretWarning>) {
+    if let Some(reason) = weakness(secret.expose()) {
+        warnings.push(SecretWarning::Weak {
+            source,
+            id: secret.id(),
+            reason,
+        });
+    }
+}
+
 impl fmt::Debug for SecretRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretRing")
@@ -364,6 +662,288 @@ impl fmt::Debug for SecretRing {
                 &self.previous.iter().map(|p| p.id).collect::<Vec<_>>(),
             )
             .finish()
+    }
+}
+
+/// The loader's rules ([`SecretRing::load`]), through a map of variables: no test touches the
+/// process environment.
+#[cfg(test)]
+mod loading_tests {
+    use std::collections::HashMap;
+    use std::ffi::OsString;
+
+    use super::*;
+
+    const S: &str = "kPz3Vq9LmW2xR7tY5nB8cJ4hF6gD1sA0eUoIiQwZ";
+
+    fn load(
+        vars: &[(&'static str, &str)],
+    ) -> Result<(SecretRing, Vec<SecretWarning>), SecretError> {
+        let map: HashMap<&str, OsString> = vars.iter().map(|(k, v)| (*k, (*v).into())).collect();
+        SecretRing::load(|name| map.get(name).cloned())
+    }
+
+    fn ring(vars: &[(&'static str, &str)]) -> SecretRing {
+        load(vars).unwrap().0
+    }
+
+    /// A file in the temp directory, removed on drop.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(contents: &[u8]) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "keywarden-secret-{}",
+                uuid::Uuid::now_v7().simple()
+            ));
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_value_is_one_secret_wherever_it_is_written() {
+        let plain = Secret::new(S).unwrap().id();
+        let newline = format!("{S}\n");
+        let crlf = format!("{S}\r\n");
+        for value in [S, newline.as_str(), crlf.as_str()] {
+            assert_eq!(
+                ring(&[(SECRET_ENV, value)]).current_id(),
+                plain,
+                "{value:?}"
+            );
+            let file = TempFile::new(value.as_bytes());
+            assert_eq!(
+                ring(&[(SECRET_FILE_ENV, file.path())]).current_id(),
+                plain,
+                "{value:?}"
+            );
+            // Moved to the previous secrets, as a variable or a file, it keeps its id.
+            let other = Secret::generate();
+            let other = std::str::from_utf8(other.expose()).unwrap();
+            let moved = ring(&[(SECRET_ENV, other), (PREVIOUS_SECRETS_ENV, value)]);
+            assert_eq!(
+                moved.previous_ids().collect::<Vec<_>>(),
+                [plain],
+                "{value:?}"
+            );
+            let moved = ring(&[
+                (SECRET_ENV, other),
+                (PREVIOUS_SECRETS_FILE_ENV, file.path()),
+            ]);
+            assert_eq!(
+                moved.previous_ids().collect::<Vec<_>>(),
+                [plain],
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_made_under_a_secret_with_a_newline_verify_after_it_is_moved() {
+        let before = ring(&[(SECRET_ENV, &format!("{S}\n"))]);
+        let stored = before.digest(b"kw_live_key");
+        let next = Secret::generate();
+        let next = std::str::from_utf8(next.expose()).unwrap();
+        let file = TempFile::new(format!("\n{S}\r\n\n").as_bytes());
+        for after in [
+            ring(&[
+                (SECRET_ENV, next),
+                (PREVIOUS_SECRETS_ENV, &format!("{S}\n")),
+            ]),
+            ring(&[
+                (SECRET_ENV, next),
+                (PREVIOUS_SECRETS_ENV, &format!(" {S} ,")),
+            ]),
+            ring(&[(SECRET_ENV, next), (PREVIOUS_SECRETS_FILE_ENV, file.path())]),
+        ] {
+            assert!(after
+                .previous_digests(b"kw_live_key")
+                .any(|(id, d)| id == before.current_id() && d == stored));
+        }
+    }
+
+    #[test]
+    fn keys_made_by_0_1_under_a_secret_ending_in_a_newline_keep_verifying() {
+        let value = format!("{S}\n");
+        // keywarden 0.1 used KEYWARDEN_SECRET byte for byte.
+        let old = SecretRing::new(Secret::new(value.as_bytes()).unwrap());
+        let stored = old.digest(b"kw_live_key");
+        let (now, warnings) = load(&[(SECRET_ENV, &value)]).unwrap();
+        assert_eq!(now.current_id(), Secret::new(S).unwrap().id());
+        assert!(now
+            .previous_digests(b"kw_live_key")
+            .any(|(id, d)| id == old.current_id() && d == stored));
+        assert_eq!(
+            warnings,
+            [SecretWarning::LineBreakDropped {
+                current: now.current_id(),
+                legacy: old.current_id(),
+            }]
+        );
+        // Only KEYWARDEN_SECRET was read byte for byte: the file and the lists add nothing.
+        let file = TempFile::new(value.as_bytes());
+        let (ring, warnings) = load(&[(SECRET_FILE_ENV, file.path())]).unwrap();
+        assert!(!ring.has_previous() && warnings.is_empty());
+    }
+
+    #[test]
+    fn ambiguous_values_are_refused_without_echoing_them() {
+        let cases = [
+            format!(" {S}"),
+            format!("{S} "),
+            format!("{S}\t"),
+            format!("{S}\n\n"),
+            format!("{S}\r"),
+            format!("{S} \n"),
+            format!("{}\n{}", &S[..20], &S[20..]),
+        ];
+        for value in &cases {
+            for source in [SECRET_ENV, SECRET_FILE_ENV] {
+                let file = TempFile::new(value.as_bytes());
+                let given = if source == SECRET_ENV {
+                    value.as_str()
+                } else {
+                    file.path()
+                };
+                let err = load(&[(source, given)]).unwrap_err();
+                assert!(
+                    matches!(err, SecretError::Ambiguous { .. }),
+                    "{value:?}: {err}"
+                );
+                assert!(!err.to_string().contains(&S[..20]), "{err}");
+            }
+            let err = Secret::parse(value).unwrap_err();
+            assert!(matches!(err, SecretError::Ambiguous { .. }), "{value:?}");
+        }
+        // Inside a list, whitespace around an entry is the list's, not the secret's.
+        let err = load(&[
+            (SECRET_ENV, S),
+            (PREVIOUS_SECRETS_ENV, &format!("{}\n{}", &S[..20], &S[20..])),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("KEYWARDEN_PREVIOUS_SECRETS entry 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn commas_belong_in_files() {
+        let with_comma = format!("{S},tail");
+        let err = load(&[(SECRET_ENV, &with_comma)]).unwrap_err();
+        assert!(matches!(err, SecretError::Ambiguous { .. }), "{err}");
+        assert!(err.to_string().contains(SECRET_FILE_ENV), "{err}");
+        assert!(!err.to_string().contains(S), "{err}");
+
+        let current = TempFile::new(format!("{with_comma}\n").as_bytes());
+        let id = ring(&[(SECRET_FILE_ENV, current.path())]).current_id();
+        assert_eq!(id, Secret::new(with_comma.as_bytes()).unwrap().id());
+        let previous = TempFile::new(format!("{with_comma}\n").as_bytes());
+        let moved = ring(&[
+            (SECRET_ENV, "another-secret-of-at-least-32-bytes-xyz"),
+            (PREVIOUS_SECRETS_FILE_ENV, previous.path()),
+        ]);
+        assert_eq!(moved.previous_ids().collect::<Vec<_>>(), [id]);
+    }
+
+    #[test]
+    fn a_variable_and_its_file_form_conflict() {
+        let file = TempFile::new(S.as_bytes());
+        assert_eq!(
+            load(&[(SECRET_ENV, S), (SECRET_FILE_ENV, file.path())]).unwrap_err(),
+            SecretError::Conflict(SECRET_ENV, SECRET_FILE_ENV)
+        );
+        assert_eq!(
+            load(&[
+                (SECRET_ENV, S),
+                (PREVIOUS_SECRETS_ENV, S),
+                (PREVIOUS_SECRETS_FILE_ENV, file.path())
+            ])
+            .unwrap_err(),
+            SecretError::Conflict(PREVIOUS_SECRETS_ENV, PREVIOUS_SECRETS_FILE_ENV)
+        );
+        // An empty variable is unset, so it does not conflict with its file form.
+        let ring = ring(&[
+            (SECRET_ENV, ""),
+            (SECRET_FILE_ENV, file.path()),
+            (PREVIOUS_SECRETS_ENV, ""),
+        ]);
+        assert_eq!(ring.current_id(), Secret::new(S).unwrap().id());
+        assert!(!ring.has_previous());
+        assert_eq!(
+            load(&[(SECRET_ENV, "")]).unwrap_err(),
+            SecretError::Missing(SECRET_ENV)
+        );
+    }
+
+    #[test]
+    fn missing_unreadable_and_non_utf8_sources_are_errors() {
+        assert_eq!(load(&[]).unwrap_err(), SecretError::Missing(SECRET_ENV));
+        let gone = std::env::temp_dir().join(format!("keywarden-gone-{}", uuid::Uuid::now_v7()));
+        let err = load(&[(SECRET_FILE_ENV, gone.to_str().unwrap())]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SecretError::File {
+                    variable: SECRET_FILE_ENV,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mut bytes = S.as_bytes().to_vec();
+        bytes.push(0xff);
+        let file = TempFile::new(&bytes);
+        assert_eq!(
+            load(&[(SECRET_FILE_ENV, file.path())]).unwrap_err(),
+            SecretError::NotUnicode(SECRET_FILE_ENV)
+        );
+        let short = TempFile::new(b"short\n");
+        assert_eq!(
+            load(&[(SECRET_ENV, S), (PREVIOUS_SECRETS_FILE_ENV, short.path())]).unwrap_err(),
+            SecretError::TooShort { len: 5 }
+        );
+    }
+
+    #[test]
+    fn weak_secrets_are_reported_and_generated_ones_are_not() {
+        let repeated = "ab1".repeat(12);
+        let pattern = "0123456789abcdef".repeat(2);
+        let few = "abcdefghijkkjihgfedcbaacegikbdfhj";
+        for weak in [repeated.as_str(), pattern.as_str(), &"x".repeat(40), few] {
+            let (ring, warnings) = load(&[(SECRET_ENV, weak)]).unwrap();
+            assert!(
+                matches!(&warnings[..], [SecretWarning::Weak { id, .. }] if *id == ring.current_id()),
+                "{weak}: {warnings:?}"
+            );
+            let text = warnings[0].to_string();
+            assert!(
+                text.contains(SECRET_ENV) && !text.contains(&weak[..12]),
+                "{text}"
+            );
+        }
+        let (_, warnings) = load(&[(SECRET_ENV, S), (PREVIOUS_SECRETS_ENV, &pattern)]).unwrap();
+        assert!(
+            matches!(&warnings[..], [SecretWarning::Weak { source, .. }] if source == "KEYWARDEN_PREVIOUS_SECRETS entry 1"),
+            "{warnings:?}"
+        );
+        for _ in 0..2000 {
+            let secret = Secret::generate();
+            assert_eq!(weakness(secret.expose()), None);
+        }
+        assert_eq!(weakness(S.as_bytes()), None);
     }
 }
 

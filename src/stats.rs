@@ -24,6 +24,9 @@ pub struct LayerStats {
     pub invalidations_received: u64,
     /// Whole-cache flushes after an invalidation channel reconnected.
     pub reconnect_flushes: u64,
+    /// A gauge, not a counter: the in-process rate limiters held now, one per rate-limit
+    /// policy with budget still being spent (idle ones are dropped).
+    pub rate_limiters: u64,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +57,7 @@ impl Counters {
             clients_blocked: get(&self.clients_blocked),
             invalidations_received: get(&self.invalidations_received),
             reconnect_flushes: get(&self.reconnect_flushes),
+            rate_limiters: 0,
         }
     }
 }

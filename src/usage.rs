@@ -232,7 +232,7 @@ mod tests {
     use crate::store::MemoryStore;
 
     fn cached(record: &crate::KeyRecord) -> Arc<Resolved> {
-        Arc::new(Resolved::new(record, |_| None))
+        Arc::new(Resolved::new(record, false, |_| None))
     }
 
     fn now() -> i64 {
@@ -340,7 +340,7 @@ mod tests {
             ) -> Result<Option<crate::KeyRecord>, StoreError> {
                 unreachable!()
             }
-            async fn redigest(
+            async fn add_digest(
                 &self,
                 _: Uuid,
                 _: &crate::Digest,

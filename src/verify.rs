@@ -16,7 +16,7 @@ use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::principal::Principal;
 use crate::ratelimit::{Blocked, Decision, FailureTracker, Limiters, RateLimitPolicy};
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
-use crate::secret::{Digest, SecretRing};
+use crate::secret::{Digest, SecretId, SecretRing};
 use crate::stats::{bump, Counters};
 use crate::store::{KeyRecord, KeyStore, StoreError, StoreErrorKind};
 use crate::usage::UsageRecorder;
@@ -325,43 +325,67 @@ impl Shared {
     }
 
     async fn load(&self, digest: Digest, keys: &MissKeys) -> Result<Lookup, StoreError> {
-        // A collection has one source: native rows filed under a foreign collection are ignored.
-        if let Some(record) = (self.store_call(self.store.find_by_digest(&digest)).await?)
-            .filter(|r| !self.foreign.owns(&r.collection))
-        {
+        if let Some(record) = self.find_native(&digest).await? {
             return Ok(Lookup::Found(self.resolved(&record)));
         }
         for &(secret_id, old) in &keys.previous {
-            let Some(record) = self.store_call(self.store.find_by_digest(&old)).await? else {
+            let Some(record) = self.find_native(&old).await? else {
                 continue;
             };
-            // Lazy migration: from now on the key is found under the current secret.
-            let redigest = self
-                .store
-                .redigest(record.id, &old, &digest, self.ring.current_id());
-            match tokio::time::timeout(self.store_timeout, redigest).await {
-                Ok(Ok(_)) => tracing::info!(
-                    target: "keywarden",
-                    key_id = %record.id,
-                    from_secret = %secret_id,
-                    to_secret = %self.ring.current_id(),
-                    "re-digested key under the current secret"
-                ),
-                Ok(Err(error)) => tracing::warn!(
-                    target: "keywarden",
-                    key_id = %record.id,
-                    error = %error,
-                    "could not re-digest key; it stays valid under the previous secret"
-                ),
-                Err(_) => tracing::warn!(
-                    target: "keywarden",
-                    key_id = %record.id,
-                    "re-digesting timed out; the key stays valid under the previous secret"
-                ),
-            }
+            self.add_current_digest(&record, secret_id, &old, &digest)
+                .await;
             return Ok(Lookup::Found(self.resolved(&record)));
         }
         self.load_foreign(keys).await
+    }
+
+    /// A record of keywarden's own store by one of its digests. A collection has one source:
+    /// native rows filed under a foreign collection are ignored, whichever secret found them.
+    async fn find_native(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self
+            .store_call(self.store.find_by_digest(digest))
+            .await?
+            .filter(|r| !self.foreign.owns(&r.collection)))
+    }
+
+    /// Lazy migration: the key, found under a previous secret, also gets its digest under the
+    /// current one, so from now on it is found with one query. Its old digest stays valid, so
+    /// instances still on the old secret keep verifying it. A failure only costs the
+    /// migration: the key was found, and stays valid under the previous secret.
+    async fn add_current_digest(
+        &self,
+        record: &KeyRecord,
+        secret_id: SecretId,
+        old: &Digest,
+        current: &Digest,
+    ) {
+        let current_id = self.ring.current_id();
+        let add = self.store.add_digest(record.id, old, current, current_id);
+        match tokio::time::timeout(self.store_timeout, add).await {
+            Ok(Ok(true)) => tracing::info!(
+                target: "keywarden",
+                key_id = %record.id,
+                from_secret = %secret_id,
+                to_secret = %current_id,
+                "re-digested key under the current secret; its previous digest stays valid"
+            ),
+            Ok(Ok(false)) => tracing::debug!(
+                target: "keywarden",
+                key_id = %record.id,
+                "key not re-digested: it already has a digest under the current secret, or no longer the one that found it"
+            ),
+            Ok(Err(error)) => tracing::warn!(
+                target: "keywarden",
+                key_id = %record.id,
+                error = %error,
+                "could not re-digest key; it stays valid under the previous secret"
+            ),
+            Err(_) => tracing::warn!(
+                target: "keywarden",
+                key_id = %record.id,
+                "re-digesting timed out; the key stays valid under the previous secret"
+            ),
+        }
     }
 
     /// The rate-limit policy that applies to a key: its own, else the layer default.
@@ -452,7 +476,9 @@ impl Shared {
     /// What the request path needs about a key: built once per cache fill, so that a hit
     /// compares no strings.
     pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<Resolved> {
-        let mut resolved = Resolved::new(record, |principal| {
+        // A key of a foreign collection never holds a management scope.
+        let foreign = self.foreign.owns(&record.collection);
+        let mut resolved = Resolved::new(record, foreign, |principal| {
             self.identity.as_ref().map(|map| map(principal))
         });
         resolved.collection = self
@@ -461,7 +487,7 @@ impl Shared {
             .position(|c| *c.slug == *record.collection)
             .and_then(|index| u32::try_from(index).ok());
         // A foreign store is never written to.
-        resolved.tracks_usage = !self.foreign.owns(&record.collection);
+        resolved.tracks_usage = !foreign;
         Arc::new(resolved)
     }
 

@@ -407,14 +407,14 @@ impl<S: KeyStore> KeyStore for Counting<S> {
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.update(id, p, now).await
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: uuid::Uuid,
         o: &keywarden::Digest,
         n: &keywarden::Digest,
         s: keywarden::SecretId,
     ) -> Result<bool, StoreError> {
-        self.inner.redigest(id, o, n, s).await
+        self.inner.add_digest(id, o, n, s).await
     }
     async fn delete(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.delete(id).await
@@ -1179,4 +1179,161 @@ async fn native_keys_are_unaffected_by_foreign_collections() {
         1,
         "native uses are still written behind"
     );
+}
+
+// --- Foreign keys never manage keys (issue 12, item 1) --------------------------------------
+
+/// A layer with the native collection `services` and `foreign`, the management API and
+/// `/whoami` behind it, a native admin key and a native key to aim at.
+struct ManagedRig {
+    app: Router,
+    manager: Arc<KeyManager>,
+    admin: String,
+    victim: uuid::Uuid,
+}
+
+async fn managed_rig(foreign: Collection) -> ManagedRig {
+    let layer = ApiKeyLayer::builder()
+        .store(Arc::new(keywarden::MemoryStore::new()))
+        .secrets(ring())
+        .collection(Collection::new("services"))
+        .collection(foreign)
+        .build()
+        .unwrap();
+    let manager = Arc::new(KeyManager::for_layer(&layer));
+    let admin = manager
+        .create(
+            NewKey::new("admin", "root")
+                .collection("services")
+                .scope("keys:admin"),
+        )
+        .await
+        .unwrap()
+        .key
+        .expose()
+        .to_owned();
+    let victim = manager
+        .create(
+            NewKey::new("victim", "bob")
+                .collection("services")
+                .scope("read"),
+        )
+        .await
+        .unwrap()
+        .record
+        .id;
+    let app = Router::new()
+        .nest("/admin", keywarden::management_router(manager.clone()))
+        .route("/whoami", get(|p: Principal| async move { Json(p) }))
+        .layer(layer);
+    ManagedRig {
+        app,
+        manager,
+        admin,
+        victim,
+    }
+}
+
+impl ManagedRig {
+    async fn call(
+        &self,
+        authorization: &str,
+        method: &str,
+        uri: &str,
+        body: &str,
+    ) -> support::Reply {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", authorization)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap();
+        send(&self.app, req).await
+    }
+
+    /// Every management route answers `authorization` with 403 `insufficient_scope`, and
+    /// nothing changes.
+    async fn assert_no_management(&self, authorization: &str) {
+        let who = self.call(authorization, "GET", "/whoami", "").await;
+        assert_eq!(who.status, 200, "the key itself is valid: {}", who.text());
+        let keys = || async {
+            self.manager
+                .list(&keywarden::KeyQuery::new())
+                .await
+                .unwrap()
+                .items
+        };
+        let before = keys().await;
+        let id = self.victim;
+        for (method, uri, body) in [
+            ("GET", "/admin/keys".to_owned(), ""),
+            (
+                "POST",
+                "/admin/keys".to_owned(),
+                r#"{"name": "n", "collection": "services", "subject": "eve", "scopes": ["*"]}"#,
+            ),
+            ("GET", format!("/admin/keys/{id}"), ""),
+            ("PATCH", format!("/admin/keys/{id}"), r#"{"scopes": ["*"]}"#),
+            ("POST", format!("/admin/keys/{id}/revoke"), ""),
+            ("POST", format!("/admin/keys/{id}/rotate"), ""),
+            ("DELETE", format!("/admin/keys/{id}"), ""),
+        ] {
+            let reply = self.call(authorization, method, &uri, body).await;
+            assert_eq!(reply.status, 403, "{method} {uri}: {}", reply.text());
+            assert_eq!(reply.code(), "insufficient_scope", "{method} {uri}");
+        }
+        assert_eq!(keys().await, before, "nothing was created or changed");
+        // The native admin still manages keys.
+        let admin = format!("Bearer {}", self.admin);
+        let listed = self.call(&admin, "GET", "/admin/keys", "").await;
+        assert_eq!(listed.status, 200, "{}", listed.text());
+    }
+}
+
+/// Strapi's `full-access` and `read-only` tokens map to scope `*`: they must not be keywarden
+/// admins (`GET /admin/keys`, creating keys for any subject, revoking others' keys).
+#[tokio::test]
+async fn strapi_tokens_never_manage_keys() {
+    let db = SqliteFile::create(&strapi_sql(true, "")).await;
+    let store = StrapiStore::connect(&db.url(), StrapiTables::v5())
+        .await
+        .unwrap();
+    let rig = managed_rig(Collection::foreign(
+        "strapi",
+        StrapiScheme::new(STRAPI_SALT).unwrap(),
+        Arc::new(store),
+    ))
+    .await;
+    for unit in [FULL, READ] {
+        let who = rig.call(&bearer(unit), "GET", "/whoami", "").await;
+        assert_eq!(who.json()["scopes"], serde_json::json!(["*"]), "fixture");
+        rig.assert_no_management(&bearer(unit)).await;
+    }
+}
+
+/// Whatever scopes a foreign collection gives its keys, management scopes included, its keys
+/// never manage keywarden's.
+#[tokio::test]
+async fn payload_keys_never_manage_keys_whatever_their_scopes() {
+    let db = SqliteFile::create(&payload_sql(true, "users")).await;
+    let table = payload_table("users").scopes(["keys:admin", "keys:self", "*"]);
+    let store = PayloadStore::connect(&db.url(), table).await.unwrap();
+    let rig = managed_rig(Collection::foreign(
+        "users",
+        payload_scheme(),
+        Arc::new(store),
+    ))
+    .await;
+    let auth = payload_auth(UUID_KEY);
+    let who = rig.call(&auth, "GET", "/whoami", "").await;
+    assert!(
+        who.json()["scopes"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("keys:admin")),
+        "fixture: {}",
+        who.text()
+    );
+    rig.assert_no_management(&auth).await;
 }

@@ -574,9 +574,23 @@ async fn secret_rotation_invalidates_no_key_and_migrates_digests() {
     .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["owner_kind"], "service");
-    let migrated = store.get(created.record.id).await.unwrap().unwrap();
-    assert_ne!(migrated.digest, old_digest, "re-digested on first use");
-    assert_eq!(migrated.secret_id, after.layer.secrets().current_id());
+    // Re-digested on first use: found under the current secret, the old digest kept valid.
+    let new_digest = after
+        .layer
+        .secrets()
+        .digest(created.key.expose().as_bytes());
+    assert_ne!(new_digest, old_digest);
+    let migrated = store.find_by_digest(&new_digest).await.unwrap().unwrap();
+    assert_eq!(migrated.id, created.record.id, "re-digested on first use");
+    assert_eq!(
+        store
+            .find_by_digest(&old_digest)
+            .await
+            .unwrap()
+            .map(|r| r.id),
+        Some(created.record.id),
+        "the old digest stays valid"
+    );
 
     // With the old secret gone from the ring the key still verifies.
     let only_new = Fixture::with_store(store, SecretRing::from_strs(SECRET, None).unwrap(), |b| b);
@@ -618,7 +632,7 @@ async fn store_failures_are_503_never_500() {
         ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
             Err(down())
         }
-        async fn redigest(
+        async fn add_digest(
             &self,
             _: uuid::Uuid,
             _: &keywarden::Digest,

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use keywarden::{
-    management_router, ApiKeyLayer, CredentialExtractor, KeyFormat, KeyManager, KeyPatch, KeyQuery,
-    KeyStore, MemoryStore, NewKey, RevealKey, Secret, SecretRing,
+    management_router, Actor, ApiKeyLayer, CredentialExtractor, KeyFormat, KeyManager, KeyPatch,
+    KeyQuery, KeyStore, MemoryStore, NewKey, RevealKey, Secret, SecretRing,
 };
 use support::{get_with, request, send, Fixture, OLD_SECRET, SECRET};
 use time::Duration;
@@ -536,7 +536,11 @@ async fn sql_stores_hold_no_plaintext() {
         tampered[30] = if tampered[30] == b'a' { b'b' } else { b'a' };
         let reply = get_with(&app, "/whoami", &[("x-api-key", &tampered)]).await;
         assert_eq!(reply.code(), "malformed_key", "{name}");
-        assert_eq!(manager.reveal(a.record.id).await.unwrap(), a.key, "{name}");
+        assert_eq!(
+            manager.reveal(a.record.id, &Actor::Cli).await.unwrap(),
+            a.key,
+            "{name}"
+        );
 
         let b = manager
             .rotate(a.record.id, Duration::hours(1))

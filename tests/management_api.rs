@@ -59,7 +59,14 @@ struct Env {
 
 impl Env {
     async fn new() -> Self {
-        let fx = Fixture::new();
+        Self::with(|b| b).await
+    }
+
+    /// With the layer configured by `configure` (the manager is made for that layer).
+    async fn with(
+        configure: impl FnOnce(keywarden::ApiKeyLayerBuilder) -> keywarden::ApiKeyLayerBuilder,
+    ) -> Self {
+        let fx = Fixture::with(configure);
         let manager = Arc::new(KeyManager::for_layer(&fx.layer));
         let api = Router::new()
             .nest("/admin", management_router(manager))
@@ -724,8 +731,9 @@ async fn authorization_needs_a_key_with_a_management_scope() {
             .contains("error=\"insufficient_scope\""));
     }
 
+    // Management scopes are granted only by name: `keys:*` is not one of them.
     let listed = env.call(&wild, "GET", "/admin/keys", None).await;
-    assert_eq!(ids(&listed).len(), 4, "keys:* includes keys:admin");
+    assert_forbidden(&listed);
 
     assert_eq!(
         env.call(&read_only, "GET", "/admin/keys", None)
@@ -1035,7 +1043,7 @@ impl KeyStore for Flaky {
         self.check()?;
         self.inner.update(id, patch, now).await
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: Uuid,
         old: &Digest,
@@ -1043,7 +1051,7 @@ impl KeyStore for Flaky {
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.redigest(id, old, new, secret_id).await
+        self.inner.add_digest(id, old, new, secret_id).await
     }
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.check()?;
@@ -1612,4 +1620,480 @@ async fn control_characters_in_free_text_are_422() {
         )
         .await;
     assert_eq!(clean.status, 201, "{}", clean.text());
+}
+
+/// Every management route, with a body each would accept from an admin. `{id}` is `id`.
+fn every_route(id: &str) -> Vec<(&'static str, String, Option<Value>)> {
+    vec![
+        ("GET", "/admin/keys".to_owned(), None),
+        (
+            "POST",
+            "/admin/keys".to_owned(),
+            Some(json!({"name": "made by a wildcard", "subject": "mallory", "scopes": ["*"]})),
+        ),
+        ("GET", format!("/admin/keys/{id}"), None),
+        (
+            "PATCH",
+            format!("/admin/keys/{id}"),
+            Some(json!({"scopes": ["*", "keys:admin"]})),
+        ),
+        ("POST", format!("/admin/keys/{id}/rotate"), None),
+        ("POST", format!("/admin/keys/{id}/revoke"), None),
+        ("DELETE", format!("/admin/keys/{id}"), None),
+    ]
+}
+
+/// Issue 12, item 1: `*` and `prefix:*` (`keys:*` included) are not management scopes; only
+/// the exact names are.
+#[tokio::test]
+async fn wildcards_never_grant_management_scopes() {
+    let env = Env::new().await;
+    let (_, victim) = env
+        .key(NewKey::new("victim", "bob").scope("keys:admin"))
+        .await;
+    let (star, _) = env.key(NewKey::new("star", "mallory").scope("*")).await;
+    let (keys_star, _) = env
+        .key(NewKey::new("keys star", "mallory").scope("keys:*"))
+        .await;
+    let (both, _) = env
+        .key(
+            NewKey::new("both", "mallory")
+                .scope("*")
+                .scope("keys:*")
+                .scope("k:*"),
+        )
+        .await;
+    // A `*` key made through the API is no admin either.
+    let made = env
+        .call(
+            &env.admin,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "api star", "subject": "mallory", "scopes": ["*"]})),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let api_star = made.json()["key"].as_str().unwrap().to_owned();
+
+    let before = env.view(&victim).await;
+    let keys = env.count("mallory").await;
+    for caller in [&star, &keys_star, &both, &api_star] {
+        for (method, uri, body) in every_route(&victim) {
+            let reply = env.call(caller, method, &uri, body).await;
+            assert_forbidden(&reply);
+            assert!(
+                reply.headers["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .contains("error=\"insufficient_scope\""),
+                "{method} {uri}"
+            );
+        }
+    }
+    assert_eq!(
+        env.view(&victim).await,
+        before,
+        "another subject's key untouched"
+    );
+    assert_eq!(env.count("mallory").await, keys, "no key was created");
+
+    // The exact name still works, on every route.
+    for (method, uri, body) in every_route(&victim) {
+        let reply = env.call(&env.admin, method, &uri, body).await;
+        assert!(
+            reply.status.is_success(),
+            "{method} {uri}: {}",
+            reply.text()
+        );
+    }
+}
+
+/// Issue 12, item 1: a `keys:self` caller holding `*` does not hold `keys:admin`, so it
+/// cannot grant it (or `keys:*`), nor rotate a key that has it.
+#[tokio::test]
+async fn keys_self_with_a_wildcard_cannot_grant_management_scopes() {
+    let env = Env::new().await;
+    let (alice, alice_id) = env
+        .key(NewKey::new("alice", "alice").scope("keys:self").scope("*"))
+        .await;
+    let (_, sibling_admin) = env
+        .key(NewKey::new("sibling", "alice").scope("keys:admin"))
+        .await;
+
+    let keys = env.count("alice").await;
+    for scopes in [
+        json!(["keys:admin"]),
+        json!(["*", "keys:admin"]),
+        json!(["keys:*"]),
+        json!(["keys:verify"]),
+    ] {
+        let reply = env
+            .call(
+                &alice,
+                "POST",
+                "/admin/keys",
+                Some(json!({"name": "n", "scopes": scopes})),
+            )
+            .await;
+        assert_forbidden(&reply);
+    }
+    assert_eq!(env.count("alice").await, keys, "no key was created");
+    refused(
+        &env,
+        &alice,
+        &alice_id,
+        vec![
+            json!({"scopes": ["keys:admin", "keys:self", "*"]}),
+            json!({"scopes": ["keys:*"]}),
+        ],
+    )
+    .await;
+    let rotate = env
+        .call(
+            &alice,
+            "POST",
+            &format!("/admin/keys/{sibling_admin}/rotate"),
+            None,
+        )
+        .await;
+    assert_forbidden(&rotate);
+
+    // What it holds by name it may grant; a `*` key it makes is no manager.
+    let made = env
+        .call(
+            &alice,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "scopes": ["*", "keys:self"]})),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let star = env
+        .call(
+            &alice,
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "n", "scopes": ["*"]})),
+        )
+        .await;
+    assert_eq!(star.status, 201, "{}", star.text());
+    let star = star.json()["key"].as_str().unwrap().to_owned();
+    assert_forbidden(&env.call(&star, "GET", "/admin/keys", None).await);
+}
+
+/// Issue 12, item 3: rate limits are compared as they apply (a key's own, else the layer's
+/// default), so a `keys:self` caller without a limit of its own is held to the default.
+/// (The clock stands still: each key's budget is the default's burst of 100.)
+#[tokio::test]
+async fn keys_self_cannot_escape_the_default_rate_limit() {
+    let env = Env::with(|b| b.default_rate_limit(policy("100/s"))).await;
+    let (alice, alice_id) = env
+        .key(
+            NewKey::new("alice", "alice")
+                .scope("keys:self")
+                .scope("read"),
+        )
+        .await;
+
+    let keys = env.count("alice").await;
+    for limit in ["1000000/s", "101/s", "100/s,burst=101", "6001/min"] {
+        let reply = env
+            .call(
+                &alice,
+                "POST",
+                "/admin/keys",
+                Some(json!({"name": "n", "rate_limit": limit})),
+            )
+            .await;
+        assert_forbidden(&reply);
+    }
+    assert_eq!(env.count("alice").await, keys, "no key was created");
+
+    // Its own key, and a sibling under the default, cannot be loosened past it.
+    let (_, under_default) = env.key(NewKey::new("sibling", "alice").scope("read")).await;
+    for id in [&alice_id, &under_default] {
+        refused(
+            &env,
+            &alice,
+            id,
+            vec![
+                json!({"rate_limit": "1000000/s"}),
+                json!({"rate_limit": "101/s"}),
+            ],
+        )
+        .await;
+    }
+    // A key with its own limit tighter than the default: `null` would loosen it.
+    let (_, tight) = env
+        .key(
+            NewKey::new("tight", "alice")
+                .scope("read")
+                .rate_limit(policy("1/s")),
+        )
+        .await;
+    refused(&env, &alice, &tight, vec![json!({"rate_limit": null})]).await;
+
+    // A key looser than the caller cannot be rotated into its hands.
+    let (_, fast) = env
+        .key(
+            NewKey::new("fast", "alice")
+                .scope("read")
+                .rate_limit(policy("1000000/s")),
+        )
+        .await;
+    let before = env.count("alice").await;
+    let rotate = env
+        .call(&alice, "POST", &format!("/admin/keys/{fast}/rotate"), None)
+        .await;
+    assert_forbidden(&rotate);
+    assert_eq!(env.count("alice").await, before, "no key was created");
+
+    // Within the default is fine; nothing asked inherits the caller's (the default).
+    for (body, limit) in [
+        (json!({"name": "n"}), Value::Null),
+        (json!({"name": "n", "rate_limit": "100/s"}), json!("100/s")),
+        (json!({"name": "n", "rate_limit": "5/s"}), json!("5/s")),
+    ] {
+        let reply = env.call(&alice, "POST", "/admin/keys", Some(body)).await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        assert_eq!(reply.json()["rate_limit"], limit);
+    }
+    // `null` on a key whose own limit is looser than the default tightens it to the default.
+    let (_, loose) = env
+        .key(
+            NewKey::new("loose", "alice")
+                .scope("read")
+                .rate_limit(policy("200/s")),
+        )
+        .await;
+    let reply = env
+        .call(
+            &alice,
+            "PATCH",
+            &format!("/admin/keys/{loose}"),
+            Some(json!({"rate_limit": null})),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.json()["rate_limit"].is_null());
+    // A key under the default rotates: its effective limit is the caller's.
+    let reply = env
+        .call(
+            &alice,
+            "POST",
+            &format!("/admin/keys/{under_default}/rotate"),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+}
+
+/// Issue 12, item 7: a store whose next update first lets a concurrent change land (an
+/// admin's, through the same real store), between the handler's read and its write.
+#[derive(Debug, Default)]
+struct Racing {
+    inner: MemoryStore,
+    concurrent: Mutex<Option<KeyPatch>>,
+}
+
+#[async_trait::async_trait]
+impl KeyStore for Racing {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert(record).await
+    }
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.find_by_digest(digest).await
+    }
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let concurrent = self.concurrent.lock().unwrap().take();
+        if let Some(other) = concurrent {
+            self.inner.update(id, &other, now).await?;
+        }
+        self.inner.update(id, patch, now).await
+    }
+    async fn add_digest(
+        &self,
+        id: Uuid,
+        found_by: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_digest(id, found_by, new, secret_id).await
+    }
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        self.inner.record_usage(usage).await
+    }
+}
+
+/// Issue 12, item 7: a `keys:self` PATCH checked against a record an admin has since
+/// tightened is a 409 `conflict`, and the admin's change stands.
+#[tokio::test]
+async fn a_patch_that_lost_a_race_is_a_409_conflict() {
+    let store = Arc::new(Racing::default());
+    // A clock that stands still: both writes land in the same microsecond.
+    let clock = keywarden::ManualClock::new(OffsetDateTime::now_utc());
+    let layer = keywarden::ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .clock(Arc::new(clock))
+        .collection(keywarden::Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = Arc::new(KeyManager::for_layer(&layer));
+    let api = Router::new()
+        .nest("/admin", management_router(manager.clone()))
+        .layer(layer);
+    let alice = manager
+        .create(
+            NewKey::new("alice", "alice")
+                .scope("keys:self")
+                .scope("read")
+                .rate_limit(policy("100/min")),
+        )
+        .await
+        .unwrap()
+        .key;
+    let sibling = manager
+        .create(
+            NewKey::new("sibling", "alice")
+                .scope("read")
+                .rate_limit(policy("100/min"))
+                .expires_in(ExpiresIn::DAYS_30),
+        )
+        .await
+        .unwrap()
+        .record;
+    let patch = |body: Value| {
+        Request::patch(format!("/admin/keys/{}", sibling.id))
+            .header("authorization", format!("Bearer {}", alice.expose()))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+
+    // Each is valid against the record alice's PATCH reads; the admin's change lands first.
+    let races = [
+        (
+            json!({"rate_limit": "50/min"}),
+            KeyPatch {
+                rate_limit: Some(Some(policy("10/min"))),
+                ..KeyPatch::default()
+            },
+        ),
+        (
+            json!({"expires_at": rfc3339(sibling.expires_at.unwrap() - Duration::days(1))}),
+            KeyPatch {
+                expires_at: Some(Some(sibling.expires_at.unwrap() - Duration::days(20))),
+                ..KeyPatch::default()
+            },
+        ),
+        (
+            json!({"scopes": ["read"]}),
+            KeyPatch {
+                scopes: Some(Vec::new()),
+                ..KeyPatch::default()
+            },
+        ),
+    ];
+    for (body, admin) in races {
+        *store.concurrent.lock().unwrap() = Some(admin);
+        let reply = send(&api, patch(body.clone())).await;
+        assert_problem(&reply, 409, "conflict");
+        assert!(
+            store.concurrent.lock().unwrap().is_none(),
+            "the race was run"
+        );
+    }
+    let now = store.get(sibling.id).await.unwrap().unwrap();
+    assert_eq!(
+        now.rate_limit,
+        Some(policy("10/min")),
+        "the admin's tightening stands"
+    );
+    assert_eq!(
+        now.expires_at,
+        Some(sibling.expires_at.unwrap() - Duration::days(20))
+    );
+    assert!(now.scopes.is_empty());
+
+    // Without a race, the same kind of PATCH (now against the fresh record) goes through.
+    let reply = send(&api, patch(json!({"rate_limit": "5/min"}))).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["rate_limit"], "5/min");
+}
+
+/// A rotation copies the old key: if it changed meanwhile (an admin revoked it, or gave it
+/// a scope the `keys:self` caller lacks), the copy is stale. 409 `conflict`, no new key.
+#[tokio::test]
+async fn a_rotation_that_lost_a_race_is_a_409_and_leaves_no_key() {
+    let store = Arc::new(Racing::default());
+    let layer = keywarden::ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .clock(Arc::new(keywarden::ManualClock::new(
+            OffsetDateTime::now_utc(),
+        )))
+        .collection(keywarden::Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = Arc::new(KeyManager::for_layer(&layer));
+    let api = Router::new()
+        .nest("/admin", management_router(manager.clone()))
+        .layer(layer);
+    let make = |name: &'static str, scopes: &'static [&'static str]| {
+        let manager = manager.clone();
+        async move {
+            let mut new = NewKey::new(name, "alice");
+            new.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+            manager.create(new).await.unwrap()
+        }
+    };
+    let alice = make("alice", &["keys:self", "read"]).await.key;
+    let admin = make("admin", &["keys:admin"]).await.key;
+    let sibling = make("sibling", &["read"]).await.record;
+    let count = || async { store.list(&KeyQuery::new()).await.unwrap().items.len() };
+    let keys = count().await;
+    let rotate = |key: &keywarden::ApiKey| {
+        Request::post(format!("/admin/keys/{}/rotate", sibling.id))
+            .header("authorization", format!("Bearer {}", key.expose()))
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    *store.concurrent.lock().unwrap() = Some(KeyPatch {
+        scopes: Some(vec!["read".into(), "billing:write".into()]),
+        ..KeyPatch::default()
+    });
+    let reply = send(&api, rotate(&alice)).await;
+    assert_problem(&reply, 409, "conflict");
+    assert!(!reply.text().contains("kw_"), "{}", reply.text());
+    assert_eq!(count().await, keys, "the new key was removed");
+    let after = store.get(sibling.id).await.unwrap().unwrap();
+    assert_eq!(after.expires_at, None, "the old key got no deadline");
+
+    *store.concurrent.lock().unwrap() = Some(KeyPatch {
+        revoked_at: Some(OffsetDateTime::now_utc()),
+        ..KeyPatch::default()
+    });
+    let reply = send(&api, rotate(&admin)).await;
+    assert_problem(&reply, 409, "conflict");
+    assert_eq!(count().await, keys, "a revoked key is not reissued");
+    assert!(
+        store.concurrent.lock().unwrap().is_none(),
+        "the race was run"
+    );
 }

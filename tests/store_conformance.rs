@@ -9,14 +9,17 @@ use std::future::Future;
 use std::sync::Arc;
 
 use keywarden::{
-    Digest, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, MemoryStore, OwnerKind,
-    SecretId, StoreErrorKind,
+    Digest, KeyManager, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage,
+    ManageErrorKind, MemoryStore, NewKey, OwnerKind, SecretId, SecretRetirement, SecretRing,
+    StoreErrorKind, UnmigratedKeys,
 };
 use serde_json::json;
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::Barrier;
 use uuid::Uuid;
+
+mod support;
 
 type Store = Arc<dyn KeyStore>;
 
@@ -181,7 +184,13 @@ conformance!(
     unknown_ids_are_absent,
     update_applies_patch_semantics,
     concurrent_updates_of_different_fields_are_all_kept,
-    redigest_is_compare_and_set,
+    conditional_update_refuses_a_stale_version,
+    add_digest_keeps_every_digest_valid,
+    delete_frees_added_digests,
+    retire_secret_drops_only_its_digests,
+    retire_secret_refuses_to_strand_keys,
+    retire_secret_with_revoke_strands_nothing_silently,
+    rolling_deploy_keeps_old_instances_verifying,
     delete_returns_the_row_and_frees_the_digest,
     list_paginates_in_id_order,
     list_filters_by_collection_subject_and_state,
@@ -386,8 +395,8 @@ async fn unknown_ids_are_absent(store: Store) {
     };
     assert_eq!(store.update(unknown, &patch, BASE).await.unwrap(), None);
     assert_eq!(store.delete(unknown).await.unwrap(), None);
-    let redigested = store
-        .redigest(
+    let added = store
+        .add_digest(
             unknown,
             &known.digest,
             &digest(),
@@ -395,7 +404,7 @@ async fn unknown_ids_are_absent(store: Store) {
         )
         .await
         .unwrap();
-    assert!(!redigested);
+    assert!(!added);
     store
         .record_usage(&[KeyUsage {
             id: unknown,
@@ -426,6 +435,7 @@ async fn update_applies_patch_semantics(store: Store) {
         expires_at: Some(None),
         revoked_at: Some(t1),
         disabled: Some(true),
+        expected_updated_at: None,
     };
     let mut expected = record.clone();
     everything.apply_to(&mut expected, t1);
@@ -555,61 +565,548 @@ async fn concurrent_updates_of_different_fields_are_all_kept(store: Store) {
     }
 }
 
-async fn redigest_is_compare_and_set(store: Store) {
+/// Issue 12, item 7: an update conditional on a version the record has moved past writes
+/// nothing and is a conflict; on the current version it applies. Every write moves the
+/// version, even at the same instant; of racing conditional updates on one version, exactly
+/// one wins.
+async fn conditional_update_refuses_a_stale_version(store: Store) {
+    let mut record = plain("users", "alice");
+    record.rate_limit = Some("100/min".parse().unwrap());
+    store.insert(&record).await.unwrap();
+    let read = store.get(record.id).await.unwrap().unwrap();
+
+    // Another writer (an admin tightening the key) lands first, at the very same instant.
+    let tighten = KeyPatch {
+        rate_limit: Some(Some("10/min".parse().unwrap())),
+        ..KeyPatch::default()
+    };
+    let tightened = store
+        .update(record.id, &tighten, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        tightened.updated_at > read.updated_at,
+        "every write moves the version, even within one microsecond"
+    );
+
+    let stale = KeyPatch {
+        rate_limit: Some(Some("50/min".parse().unwrap())),
+        name: Some("stale".into()),
+        expected_updated_at: Some(read.updated_at),
+        ..KeyPatch::default()
+    };
+    let err = store.update(record.id, &stale, BASE).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict);
+    assert_eq!(
+        store.get(record.id).await.unwrap(),
+        Some(tightened.clone()),
+        "a stale update writes nothing"
+    );
+
+    // Against the current version it applies, and moves the version on.
+    let current = KeyPatch {
+        expected_updated_at: Some(tightened.updated_at),
+        rate_limit: Some(Some("5/min".parse().unwrap())),
+        ..stale.clone()
+    };
+    let updated = store
+        .update(record.id, &current, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.rate_limit, Some("5/min".parse().unwrap()));
+    assert_eq!(updated.name, "stale");
+    assert!(updated.updated_at > tightened.updated_at);
+    assert_eq!(store.get(record.id).await.unwrap(), Some(updated.clone()));
+    // The version it was read at is now stale too.
+    let again = store.update(record.id, &current, BASE).await.unwrap_err();
+    assert_eq!(again.kind(), StoreErrorKind::Conflict);
+    // An unknown id is absent, not a conflict.
+    assert_eq!(
+        store.update(Uuid::now_v7(), &current, BASE).await.unwrap(),
+        None
+    );
+
+    // Racing conditional updates of one version: one wins, the others conflict.
+    const RACERS: usize = 8;
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut handles = Vec::new();
+    for n in 0..RACERS {
+        let (store, barrier, id) = (store.clone(), barrier.clone(), record.id);
+        let patch = KeyPatch {
+            name: Some(format!("racer-{n}")),
+            expected_updated_at: Some(updated.updated_at),
+            ..KeyPatch::default()
+        };
+        handles.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.update(id, &patch, BASE).await
+        }));
+    }
+    let mut winners = Vec::new();
+    for handle in handles {
+        match handle.await.unwrap() {
+            Ok(Some(record)) => winners.push(record),
+            Ok(None) => panic!("the key exists"),
+            Err(err) => assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one racer wins");
+    assert_eq!(store.get(record.id).await.unwrap(), Some(winners.remove(0)));
+}
+
+async fn add_digest_keeps_every_digest_valid(store: Store) {
     let a = full();
     let b = plain("users", "bob");
     store.insert(&a).await.unwrap();
     store.insert(&b).await.unwrap();
     let new_secret = SecretId::from_bytes([9; 8]);
 
-    // Wrong old digest: nothing changes.
-    let changed = store
-        .redigest(a.id, &digest(), &digest(), new_secret)
+    // A `found_by` that is not the key's: nothing changes.
+    let added = store
+        .add_digest(a.id, &digest(), &digest(), new_secret)
         .await
         .unwrap();
-    assert!(!changed);
+    assert!(!added);
     assert_eq!(store.get(a.id).await.unwrap(), Some(a.clone()));
 
     // A new digest that belongs to another key conflicts and changes nothing.
     let err = store
-        .redigest(a.id, &a.digest, &b.digest, new_secret)
+        .add_digest(a.id, &a.digest, &b.digest, new_secret)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}");
-    assert_eq!(store.get(a.id).await.unwrap(), Some(a.clone()));
     assert_eq!(
         store.find_by_digest(&b.digest).await.unwrap(),
         Some(b.clone())
     );
 
-    // The right old digest swaps digest and secret id, and nothing else.
+    // The right `found_by` adds the digest; the record, old digest included, is unchanged and
+    // found by either digest.
     let new = digest();
     assert!(store
-        .redigest(a.id, &a.digest, &new, new_secret)
+        .add_digest(a.id, &a.digest, &new, new_secret)
         .await
         .unwrap());
-    let expected = KeyRecord {
-        digest: new,
-        secret_id: new_secret,
-        ..a.clone()
+    assert_eq!(store.find_by_digest(&new).await.unwrap(), Some(a.clone()));
+    assert_eq!(
+        store.find_by_digest(&a.digest).await.unwrap(),
+        Some(a.clone()),
+        "the old digest stays valid"
+    );
+    assert_eq!(store.get(a.id).await.unwrap(), Some(a.clone()));
+    let page = store.list(&query()).await.unwrap();
+    assert_eq!(page.items.len(), 2, "an added digest is no record");
+
+    // Idempotent; one digest per secret; another key's digest proves nothing; an added
+    // digest proves the key too.
+    assert!(!store
+        .add_digest(a.id, &a.digest, &new, new_secret)
+        .await
+        .unwrap());
+    let other = digest();
+    assert!(!store
+        .add_digest(a.id, &a.digest, &other, new_secret)
+        .await
+        .unwrap());
+    assert_eq!(store.find_by_digest(&other).await.unwrap(), None);
+    assert!(!store
+        .add_digest(b.id, &new, &digest(), new_secret)
+        .await
+        .unwrap());
+    let third = digest();
+    assert!(store
+        .add_digest(a.id, &new, &third, SecretId::from_bytes([10; 8]))
+        .await
+        .unwrap());
+    assert_eq!(store.find_by_digest(&third).await.unwrap(), Some(a.clone()));
+    // Not under the record's own secret: that digest is the record's.
+    assert!(!store
+        .add_digest(b.id, &b.digest, &digest(), b.secret_id)
+        .await
+        .unwrap());
+    // A digest added to one key cannot be added to another.
+    let err = store
+        .add_digest(b.id, &b.digest, &new, SecretId::from_bytes([11; 8]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}");
+    assert_eq!(store.get(b.id).await.unwrap(), Some(b));
+}
+
+async fn delete_frees_added_digests(store: Store) {
+    let a = plain("users", "a");
+    store.insert(&a).await.unwrap();
+    let added = digest();
+    assert!(store
+        .add_digest(a.id, &a.digest, &added, SecretId::from_bytes([9; 8]))
+        .await
+        .unwrap());
+    assert_eq!(store.delete(a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.find_by_digest(&added).await.unwrap(), None);
+    assert_eq!(store.find_by_digest(&a.digest).await.unwrap(), None);
+    // Both digests are free again.
+    let b = KeyRecord {
+        digest: added,
+        ..plain("users", "b")
+    };
+    store.insert(&b).await.unwrap();
+    assert_eq!(store.find_by_digest(&added).await.unwrap(), Some(b.clone()));
+    assert!(store
+        .add_digest(b.id, &b.digest, &a.digest, SecretId::from_bytes([9; 8]))
+        .await
+        .unwrap());
+}
+
+fn old_id() -> SecretId {
+    SecretId::from_bytes([0x0d; 8])
+}
+
+fn new_id() -> SecretId {
+    SecretId::from_bytes([0x0e; 8])
+}
+
+fn other_id() -> SecretId {
+    SecretId::from_bytes([0x0f; 8])
+}
+
+async fn retire_secret_drops_only_its_digests(store: Store) {
+    let now = BASE + Duration::days(1);
+    // Created under OLD, used since the rotation (has a NEW digest).
+    let migrated = KeyRecord {
+        secret_id: old_id(),
+        ..plain("users", "migrated")
+    };
+    // Created under NEW; also holds an OLD digest (an old-ring instance re-digested it).
+    let newer = KeyRecord {
+        secret_id: new_id(),
+        ..plain("users", "newer")
+    };
+    // Created under NEW, never touched.
+    let untouched = KeyRecord {
+        secret_id: new_id(),
+        ..plain("users", "untouched")
+    };
+    // Created under OLD, with NEW and OTHER digests.
+    let both = KeyRecord {
+        secret_id: old_id(),
+        ..plain("users", "both")
+    };
+    for r in [&migrated, &newer, &untouched, &both] {
+        store.insert(r).await.unwrap();
+    }
+    let (migrated_new, newer_old, both_new, both_other) = (digest(), digest(), digest(), digest());
+    for (r, d, s) in [
+        (&migrated, migrated_new, new_id()),
+        (&newer, newer_old, old_id()),
+        (&both, both_new, new_id()),
+        (&both, both_other, other_id()),
+    ] {
+        assert!(store.add_digest(r.id, &r.digest, &d, s).await.unwrap());
+    }
+
+    let outcome = store
+        .retire_secret(old_id(), UnmigratedKeys::Refuse, now)
+        .await
+        .unwrap();
+    assert!(outcome.retired, "{outcome:?}");
+    assert_eq!(outcome.dropped, 3, "{outcome:?}");
+    assert!(outcome.unmigrated.is_empty());
+    let mut affected = vec![migrated.id, newer.id, both.id];
+    affected.sort();
+    assert_eq!(outcome.affected, affected);
+
+    // OLD digests find nothing; the others still find their key.
+    for old in [&migrated.digest, &newer_old, &both.digest] {
+        assert_eq!(store.find_by_digest(old).await.unwrap(), None);
+    }
+    let promoted = KeyRecord {
+        digest: migrated_new,
+        secret_id: new_id(),
+        ..migrated.clone()
     };
     assert_eq!(
-        store.find_by_digest(&new).await.unwrap(),
-        Some(expected.clone())
+        store.get(migrated.id).await.unwrap(),
+        Some(promoted.clone())
     );
-    assert_eq!(store.find_by_digest(&a.digest).await.unwrap(), None);
-    assert_eq!(store.get(a.id).await.unwrap(), Some(expected));
+    assert_eq!(
+        store.find_by_digest(&migrated_new).await.unwrap(),
+        Some(promoted)
+    );
+    assert_eq!(store.get(newer.id).await.unwrap(), Some(newer.clone()));
+    assert_eq!(
+        store.find_by_digest(&newer.digest).await.unwrap(),
+        Some(newer)
+    );
+    assert_eq!(store.get(untouched.id).await.unwrap(), Some(untouched));
+    // The lower of the two remaining digests became the record's; the other still finds it.
+    let both_now = store.get(both.id).await.unwrap().unwrap();
+    let (low, low_id, high) = if both_new.as_bytes() < both_other.as_bytes() {
+        (both_new, new_id(), both_other)
+    } else {
+        (both_other, other_id(), both_new)
+    };
+    assert_eq!(
+        both_now,
+        KeyRecord {
+            digest: low,
+            secret_id: low_id,
+            ..both.clone()
+        }
+    );
+    assert_eq!(store.find_by_digest(&high).await.unwrap(), Some(both_now));
 
-    // The old digest no longer matches: a second migration loses the race.
-    assert!(!store
-        .redigest(a.id, &a.digest, &digest(), new_secret)
+    // Retiring again finds nothing to drop.
+    let again = store
+        .retire_secret(old_id(), UnmigratedKeys::Refuse, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        SecretRetirement {
+            retired: true,
+            ..SecretRetirement::default()
+        }
+    );
+}
+
+async fn retire_secret_refuses_to_strand_keys(store: Store) {
+    let now = BASE + Duration::days(1);
+    let migrated = KeyRecord {
+        secret_id: old_id(),
+        ..plain("users", "migrated")
+    };
+    let stranded = KeyRecord {
+        secret_id: old_id(),
+        ..plain("users", "stranded")
+    };
+    // A revoked key never blocks a retirement.
+    let revoked = KeyRecord {
+        secret_id: old_id(),
+        revoked_at: Some(BASE),
+        ..plain("users", "revoked")
+    };
+    for r in [&migrated, &stranded, &revoked] {
+        store.insert(r).await.unwrap();
+    }
+    let migrated_new = digest();
+    assert!(store
+        .add_digest(migrated.id, &migrated.digest, &migrated_new, new_id())
         .await
         .unwrap());
-    // Another key's id with this key's digest is not a match either.
-    assert!(!store
-        .redigest(b.id, &new, &digest(), new_secret)
+
+    let outcome = store
+        .retire_secret(old_id(), UnmigratedKeys::Refuse, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        SecretRetirement {
+            retired: false,
+            unmigrated: vec![stranded.id],
+            ..SecretRetirement::default()
+        }
+    );
+    // Nothing changed.
+    for r in [&migrated, &stranded, &revoked] {
+        assert_eq!(store.get(r.id).await.unwrap().as_ref(), Some(r));
+        assert_eq!(
+            store.find_by_digest(&r.digest).await.unwrap().as_ref(),
+            Some(r)
+        );
+    }
+    assert_eq!(
+        store.find_by_digest(&migrated_new).await.unwrap(),
+        Some(migrated.clone())
+    );
+
+    // Once the stranded key gains a digest, the retirement goes through; the revoked key's
+    // digest is dropped too, and it stays revoked as it was.
+    let stranded_new = digest();
+    assert!(store
+        .add_digest(stranded.id, &stranded.digest, &stranded_new, new_id())
         .await
         .unwrap());
+    let outcome = store
+        .retire_secret(old_id(), UnmigratedKeys::Refuse, now)
+        .await
+        .unwrap();
+    assert!(outcome.retired);
+    assert_eq!(outcome.dropped, 3);
+    assert!(outcome.unmigrated.is_empty());
+    let mut affected = vec![migrated.id, stranded.id, revoked.id];
+    affected.sort();
+    assert_eq!(outcome.affected, affected);
+    assert_eq!(store.find_by_digest(&revoked.digest).await.unwrap(), None);
+    let revoked_now = store.get(revoked.id).await.unwrap().unwrap();
+    assert_eq!(revoked_now.revoked_at, Some(BASE));
+    assert_eq!(revoked_now.secret_id, SecretId::from_bytes([0; 8]));
+    assert_eq!(
+        store
+            .find_by_digest(&stranded_new)
+            .await
+            .unwrap()
+            .map(|r| r.id),
+        Some(stranded.id)
+    );
+}
+
+async fn retire_secret_with_revoke_strands_nothing_silently(store: Store) {
+    let now = BASE + Duration::days(1);
+    let stranded = KeyRecord {
+        secret_id: old_id(),
+        ..plain("users", "stranded")
+    };
+    let other = plain("users", "other");
+    store.insert(&stranded).await.unwrap();
+    store.insert(&other).await.unwrap();
+    let outcome = store
+        .retire_secret(old_id(), UnmigratedKeys::Revoke, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        SecretRetirement {
+            retired: true,
+            dropped: 1,
+            unmigrated: vec![stranded.id],
+            affected: vec![stranded.id],
+        }
+    );
+    assert_eq!(store.find_by_digest(&stranded.digest).await.unwrap(), None);
+    let got = store.get(stranded.id).await.unwrap().unwrap();
+    assert_eq!(got.state(now), KeyState::Revoked);
+    assert_eq!(got.revoked_at, Some(now));
+    assert_eq!(got.updated_at, now);
+    assert_eq!(got.secret_id, SecretId::from_bytes([0; 8]));
+    assert_ne!(got.digest, stranded.digest);
+    // Its placeholder digest finds nothing that verifies as a key of another record, and the
+    // rest of the record is as it was.
+    assert_eq!(
+        got,
+        KeyRecord {
+            digest: got.digest,
+            secret_id: got.secret_id,
+            revoked_at: Some(now),
+            updated_at: now,
+            ..stranded.clone()
+        }
+    );
+    assert_eq!(store.get(other.id).await.unwrap(), Some(other));
+}
+
+/// A rolling deploy: instance A holds the new secret and the old one, instance B only the old
+/// one, over one store. A key used on A keeps verifying on B; once the old secret is retired,
+/// B rejects it and A still accepts it.
+async fn rolling_deploy_keeps_old_instances_verifying(store: Store) {
+    let old_ring = SecretRing::from_strs(support::OLD_SECRET, None).unwrap();
+    let new_ring = SecretRing::from_strs(support::SECRET, Some(support::OLD_SECRET)).unwrap();
+    let layer = |ring: SecretRing| {
+        keywarden::ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(ring)
+            .collection(keywarden::Collection::new("users"))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (layer(new_ring.clone()), layer(old_ring.clone()));
+    let (app_a, app_b) = (
+        support::app().layer(a.clone()),
+        support::app().layer(b.clone()),
+    );
+    let created = KeyManager::for_layer(&b)
+        .create(NewKey::new("k", "alice"))
+        .await
+        .unwrap();
+    // Never used since the rotation: stays on the old secret only.
+    let idle = KeyManager::for_layer(&b)
+        .create(NewKey::new("idle", "bob"))
+        .await
+        .unwrap();
+    let key = created.key.expose().as_bytes();
+    let whoami = |app: &axum::Router, key: &[u8]| {
+        let app = app.clone();
+        let key = key.to_vec();
+        async move { support::get_with(&app, "/whoami", &[("x-api-key", &key)]).await }
+    };
+
+    assert_eq!(whoami(&app_b, key).await.status, 200, "B before A");
+    assert_eq!(whoami(&app_a, key).await.status, 200, "A re-digests");
+    let new_digest = new_ring.digest(key);
+    assert_eq!(
+        store
+            .find_by_digest(&new_digest)
+            .await
+            .unwrap()
+            .map(|r| r.id),
+        Some(created.record.id),
+        "A added its digest"
+    );
+    assert_eq!(
+        store.get(created.record.id).await.unwrap().unwrap(),
+        created.record,
+        "the record, old digest included, is unchanged"
+    );
+    // B, cold, still finds the key by its old digest.
+    b.invalidate_all();
+    assert_eq!(whoami(&app_b, key).await.status, 200, "B after A");
+    // A now finds it with one query under the new secret, even without the old secret.
+    let only_new = layer(SecretRing::from_strs(support::SECRET, None).unwrap());
+    let app_only_new = support::app().layer(only_new.clone());
+    assert_eq!(whoami(&app_only_new, key).await.status, 200);
+
+    // Retire the old secret, through a manager that knows both instances.
+    let manager = KeyManager::new(
+        store.clone(),
+        SecretRing::from_strs(support::SECRET, None).unwrap(),
+    )
+    .invalidates(&a)
+    .invalidates(&b)
+    .invalidates(&only_new);
+    let refused = manager
+        .retire_secret(old_ring.current_id(), UnmigratedKeys::Refuse)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ManageErrorKind::UnmigratedKeys);
+    assert_eq!(refused.unmigrated_keys(), [idle.record.id]);
+    assert_eq!(
+        whoami(&app_b, key).await.status,
+        200,
+        "a refusal changes nothing"
+    );
+    let current = manager
+        .retire_secret(new_ring.current_id(), UnmigratedKeys::Revoke)
+        .await
+        .unwrap_err();
+    assert_eq!(current.kind(), ManageErrorKind::CurrentSecret);
+
+    let outcome = manager
+        .retire_secret(old_ring.current_id(), UnmigratedKeys::Revoke)
+        .await
+        .unwrap();
+    assert!(outcome.retired);
+    assert_eq!(outcome.dropped, 2);
+    assert_eq!(outcome.unmigrated, [idle.record.id]);
+    // B's cached answer is gone: it rejects the key now; A still verifies it.
+    let reply = whoami(&app_b, key).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.code(), "invalid_key");
+    assert_eq!(whoami(&app_a, key).await.status, 200);
+    assert_eq!(whoami(&app_only_new, key).await.status, 200);
+    // The idle key was revoked: no instance accepts it.
+    let idle_key = idle.key.expose().as_bytes();
+    assert_eq!(whoami(&app_a, idle_key).await.status, 401);
+    assert_eq!(whoami(&app_b, idle_key).await.status, 401);
+    assert_eq!(
+        store
+            .get(idle.record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state(OffsetDateTime::now_utc()),
+        KeyState::Revoked
+    );
 }
 
 async fn delete_returns_the_row_and_frees_the_digest(store: Store) {

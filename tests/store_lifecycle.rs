@@ -214,16 +214,26 @@ async fn secret_rotation_keeps_every_key_on_every_store() {
         )
         .await;
         assert_eq!(reply.status, 200, "{name}");
-        let stored = backend.store.get(created.record.id).await.unwrap().unwrap();
+        // Re-digested: found under B too, and still under A (instances on A alone keep
+        // verifying it).
+        let under_b = rotated_ring.digest(created.key.expose().as_bytes());
+        let stored = backend.store.find_by_digest(&under_b).await.unwrap();
         assert_eq!(
-            stored.secret_id,
-            rotated_ring.current_id(),
+            stored.map(|r| r.id),
+            Some(created.record.id),
             "{name}: re-digested"
         );
+        let stored = backend.store.get(created.record.id).await.unwrap().unwrap();
+        assert_eq!(stored.secret_id, old_ring.current_id(), "{name}");
         assert_eq!(
-            stored.digest,
-            rotated_ring.digest(created.key.expose().as_bytes()),
-            "{name}"
+            backend
+                .store
+                .find_by_digest(&stored.digest)
+                .await
+                .unwrap()
+                .map(|r| r.id),
+            Some(created.record.id),
+            "{name}: the old digest stays valid"
         );
 
         // A dropped from the ring: still verifies.

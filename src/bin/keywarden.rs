@@ -11,14 +11,20 @@
 //!               [--read-only true|false] [--expires-in D] [--rate-limit R|--no-rate-limit]
 //!               [--disable|--enable] [--metadata JSON]
 //!   keys revoke ID | keys rotate ID [--grace 24h] | keys delete ID
+//!   keys reveal ID [--include-inactive]
 //!   migrate
 //!   secret generate
+//!   secret retire SECRET_ID [--force]
 //!   serve [--addr 127.0.0.1:3000] [--redis-url URL]
 //! ```
 //!
 //! The database comes from `--database-url` or `KEYWARDEN_DATABASE_URL` (default
 //! `sqlite://keywarden.db`; `postgres://` and `postgresql://` select PostgreSQL). Key commands
-//! and `serve` read the secret ring from `KEYWARDEN_SECRET` and `KEYWARDEN_PREVIOUS_SECRETS`.
+//! and `serve` read the secret ring from `KEYWARDEN_SECRET` (or the file named by
+//! `KEYWARDEN_SECRET_FILE`) and `KEYWARDEN_PREVIOUS_SECRETS` (or the file named by
+//! `KEYWARDEN_PREVIOUS_SECRETS_FILE`, one per line), by the rules of `SecretRing::load`; its
+//! warnings (a weak secret, say) go to stderr. Viewable keys' reveal keys come from
+//! `KEYWARDEN_REVEAL_KEY` and `KEYWARDEN_PREVIOUS_REVEAL_KEYS` (or their `_FILE` variants).
 //! Errors are one `error: ...` line on stderr and a non-zero exit status.
 
 use std::error::Error as StdError;
@@ -30,10 +36,12 @@ use std::time::Duration as StdDuration;
 use clap::error::ErrorKind;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use keywarden::{
-    demo_layer_builder, demo_router, parse_duration, CreatedKey, DurationParseError, ExpiresIn,
-    InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore,
-    ManageError, NewKey, OwnerKind, PostgresStore, RateLimitPolicy, RateLimiter, RedisBackend,
-    Secret, SecretError, SecretRing, SqliteStore, StoreError, PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    demo_layer_builder, demo_router, parse_duration, Actor, CreatedKey, DurationParseError,
+    ExpiresIn, InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState,
+    KeyStore, ManageError, ManageErrorKind, NewKey, OwnerKind, PostgresStore, RateLimitPolicy,
+    RateLimiter, RedisBackend, RevealKeyError, RevealKeyRing, RevealOptions, Secret, SecretError,
+    SecretId, SecretRetirement, SecretRing, SqliteStore, StoreError, UnmigratedKeys,
+    PREVIOUS_SECRETS_ENV, SECRET_ENV,
 };
 use serde_json::{json, Value};
 use sqlx::Connection;
@@ -52,8 +60,10 @@ const ONCE_WARNING: &str = "Store this key now: it will not be shown again.";
     name = "keywarden",
     version,
     about = "Manage keywarden API keys and run the demo server",
-    after_help = "Key commands and `serve` read the secret from KEYWARDEN_SECRET (and old ones \
-                  from KEYWARDEN_PREVIOUS_SECRETS); create one with `keywarden secret generate`."
+    after_help = "Key commands and `serve` read the secret from KEYWARDEN_SECRET or the file \
+                  named by KEYWARDEN_SECRET_FILE (and old ones from KEYWARDEN_PREVIOUS_SECRETS, \
+                  comma-separated, or KEYWARDEN_PREVIOUS_SECRETS_FILE, one per line); create \
+                  one with `keywarden secret generate`."
 )]
 struct Cli {
     /// Database URL: sqlite://PATH or postgres://USER@HOST/DB.
@@ -124,12 +134,35 @@ enum KeysCommand {
         #[arg(value_parser = parse_id)]
         id: Uuid,
     },
+    /// Print a viewable key's plaintext again (keys created with KEYWARDEN_REVEAL_KEY set).
+    Reveal {
+        /// Key id.
+        #[arg(value_parser = parse_id)]
+        id: Uuid,
+        /// Also reveal a revoked, disabled or expired key.
+        #[arg(long)]
+        include_inactive: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum SecretCommand {
     /// Print a new random secret for KEYWARDEN_SECRET.
     Generate,
+    /// Drop every key digest made under a previous secret, once no instance uses it any more.
+    ///
+    /// Run it after every instance runs the new ring (KEYWARDEN_SECRET set to the new secret):
+    /// instances still holding only the retired secret stop verifying keys. Keys never used
+    /// through an instance with the new secret since the rotation have no other digest: the
+    /// command refuses and lists them, unless --force, which revokes them.
+    Retire {
+        /// The secret's id: 16 hex digits, as `keywarden serve` prints them at startup.
+        #[arg(value_name = "SECRET_ID", value_parser = parse_secret_id)]
+        id: SecretId,
+        /// Retire even if some keys have no other digest; those keys are revoked.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -294,17 +327,34 @@ impl From<ManageError> for Failure {
     }
 }
 
+impl From<RevealKeyError> for Failure {
+    fn from(error: RevealKeyError) -> Self {
+        Self(error.to_string())
+    }
+}
+
 impl From<SecretError> for Failure {
     fn from(error: SecretError) -> Self {
         let hint = "generate one with `keywarden secret generate`";
         Self(match error {
             SecretError::TooShort { .. } => {
-                format!("{SECRET_ENV} or an entry of {PREVIOUS_SECRETS_ENV} is too short: {error}; {hint}")
+                format!("{SECRET_ENV} or a previous secret is too short: {error}; {hint}")
             }
-            SecretError::Missing(_) => format!("{error}"),
+            SecretError::Missing(_) | SecretError::Conflict(..) | SecretError::File { .. } => {
+                format!("{error}")
+            }
             other => format!("{other}; {hint}"),
         })
     }
+}
+
+/// The secret ring from the environment (variables or `_FILE`s), its warnings on stderr.
+fn load_secrets() -> Result<SecretRing, SecretError> {
+    let (ring, warnings) = SecretRing::load(std::env::var_os)?;
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(ring)
 }
 
 /// The error's message followed by its sources' messages, skipping repeats.
@@ -357,26 +407,133 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             secret_generate(out);
             Ok(())
         }
+        Command::Secret(SecretCommand::Retire { id, force }) => {
+            let manager = cli_manager(&cli.database_url).await?;
+            secret_retire(&manager, id, force, out).await
+        }
         Command::Migrate => migrate(&cli.database_url, out).await,
         Command::Serve(args) => serve(&cli.database_url, args, out).await,
         Command::Keys(command) => {
-            // The secret first: a missing secret should not leave a new database file behind.
-            let secrets = SecretRing::from_env()?;
-            let (store, _) = open_store(&cli.database_url).await?;
-            let mut manager = KeyManager::new(store, secrets);
-            // Running servers without PostgreSQL learn of changes through Redis, if any.
-            if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
-                let namespace = std::env::var("KEYWARDEN_REDIS_NAMESPACE")
-                    .unwrap_or_else(|_| "keywarden".to_owned());
-                match RedisBackend::connect(&url, &namespace).await {
-                    Ok(redis) => manager = manager.publishes_to(redis),
-                    Err(error) => eprintln!(
-                        "warning: Redis unreachable ({error}); running servers see this change within their cache TTL"
-                    ),
-                }
-            }
+            let manager = cli_manager(&cli.database_url).await?;
             keys(&manager, command, out).await
         }
+    }
+}
+
+/// The manager of the key and secret commands: the ring from the environment, the store, and
+/// Redis (if configured) to tell running servers of changes.
+async fn cli_manager(database_url: &str) -> Result<KeyManager, Failure> {
+    // The secret first: a missing secret should not leave a new database file behind.
+    let secrets = load_secrets()?;
+    let reveal_keys = RevealKeyRing::from_env()?;
+    let (store, _) = open_store(database_url).await?;
+    let mut manager = KeyManager::new(store, secrets);
+    if let Some(reveal_keys) = reveal_keys {
+        manager = manager.with_reveal_keys(reveal_keys);
+    }
+    // Running servers without PostgreSQL learn of changes through Redis, if any.
+    if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
+        let namespace =
+            std::env::var("KEYWARDEN_REDIS_NAMESPACE").unwrap_or_else(|_| "keywarden".to_owned());
+        match RedisBackend::connect(&url, &namespace).await {
+            Ok(redis) => manager = manager.publishes_to(redis),
+            Err(error) => eprintln!(
+                "warning: Redis unreachable ({error}); running servers see this change within their cache TTL"
+            ),
+        }
+    }
+    Ok(manager)
+}
+
+/// The ring's secret ids (never the secrets), for `secret retire`.
+fn ring_ids(ring: &SecretRing) -> String {
+    let previous: Vec<String> = ring.previous_ids().map(|id| id.to_string()).collect();
+    format!(
+        "secret ids: current {}, previous {}",
+        ring.current_id(),
+        if previous.is_empty() {
+            "none".to_owned()
+        } else {
+            previous.join(", ")
+        }
+    )
+}
+
+/// How many key ids a text message lists before "and N more".
+const LISTED_IDS: usize = 10;
+
+fn id_list(ids: &[Uuid]) -> String {
+    let mut text = ids
+        .iter()
+        .take(LISTED_IDS)
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ids.len() > LISTED_IDS {
+        text.push_str(&format!(" and {} more", ids.len() - LISTED_IDS));
+    }
+    text
+}
+
+async fn secret_retire(
+    manager: &KeyManager,
+    id: SecretId,
+    force: bool,
+    out: Output,
+) -> Result<(), Failure> {
+    let policy = if force {
+        UnmigratedKeys::Revoke
+    } else {
+        UnmigratedKeys::Refuse
+    };
+    let outcome = match manager.retire_secret(id, policy).await {
+        Ok(outcome) => outcome,
+        Err(error) if error.kind() == ManageErrorKind::UnmigratedKeys => {
+            let ids = error.unmigrated_keys();
+            if out.json {
+                out.print_json(&json!({
+                    "secret_id": id.to_string(),
+                    "retired": false,
+                    "dropped_digests": 0,
+                    "unmigrated_keys": ids,
+                }));
+            }
+            return Err(Failure(format!(
+                "secret {id} not retired: {} key(s) have no digest under any other secret and \
+                 would never verify again: {}. Use each once through an instance running the \
+                 new secret, or retire with --force to revoke them",
+                ids.len(),
+                id_list(ids)
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    print_retirement(id, &outcome, out);
+    Ok(())
+}
+
+fn print_retirement(id: SecretId, outcome: &SecretRetirement, out: Output) {
+    if out.json {
+        out.print_json(&json!({
+            "secret_id": id.to_string(),
+            "retired": true,
+            "dropped_digests": outcome.dropped,
+            "affected_keys": outcome.affected.len(),
+            "revoked_keys": outcome.unmigrated,
+        }));
+        return;
+    }
+    println!(
+        "retired secret {id}: dropped {} digest(s) of {} key(s)",
+        outcome.dropped,
+        outcome.affected.len()
+    );
+    if !outcome.unmigrated.is_empty() {
+        println!(
+            "revoked {} key(s) that had no other digest: {}",
+            outcome.unmigrated.len(),
+            id_list(&outcome.unmigrated)
+        );
     }
 }
 
@@ -466,6 +623,12 @@ fn parse_id(text: &str) -> Result<Uuid, String> {
     Uuid::parse_str(text.trim()).map_err(|e| format!("not a key id (a UUID): {e}"))
 }
 
+fn parse_secret_id(text: &str) -> Result<SecretId, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| "not a secret id (16 hex digits)".to_owned())
+}
+
 fn parse_grace(text: &str) -> Result<Duration, DurationParseError> {
     let text = text.trim();
     // Zero in any unit (`0`, `0s`, `00h`) ends the old key now; otherwise a positive duration.
@@ -508,7 +671,9 @@ async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 }
 
 async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
-    let secrets = SecretRing::from_env()?;
+    let secrets = load_secrets()?;
+    let reveal_keys = RevealKeyRing::from_env()?;
+    let ring_ids = ring_ids(&secrets);
     let (store, postgres) = open_store(url).await?;
     let redis = match &args.redis_url {
         Some(redis_url) => Some(
@@ -524,6 +689,9 @@ async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
     }
     let layer = builder.build().map_err(|e| Failure(e.to_string()))?;
     let mut manager = KeyManager::for_layer(&layer);
+    if let Some(reveal_keys) = reveal_keys {
+        manager = manager.with_reveal_keys(reveal_keys);
+    }
     // Other instances hear of changes through NOTIFY (PostgreSQL) and/or Redis.
     let mut listeners = Vec::new();
     if let Some(postgres) = &postgres {
@@ -552,6 +720,7 @@ async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
         println!("{}", json!({ "listening": format!("http://{local}") }));
     } else {
         println!("listening on http://{local}");
+        println!("{ring_ids}");
         println!(
             "routes: GET /healthz (open), GET /whoami, /admin/keys (API key required; \
              collections users, teams, services)"
@@ -682,6 +851,26 @@ async fn keys(manager: &KeyManager, command: KeysCommand, out: Output) -> Result
             let old = manager.get(id).await?;
             print_created(&created, Some(&old), out);
         }
+        KeysCommand::Reveal {
+            id,
+            include_inactive,
+        } => {
+            let options = RevealOptions::new().include_inactive(include_inactive);
+            let key = manager
+                .reveal_with(id, &Actor::Cli, options)
+                .await
+                .map_err(|error| match error.kind() {
+                    ManageErrorKind::Inactive => {
+                        Failure(format!("{error}; pass --include-inactive to reveal it"))
+                    }
+                    _ => error.into(),
+                })?;
+            if out.json {
+                out.print_json(&json!({ "id": id, "key": key.expose() }));
+            } else {
+                println!("{}", key.expose());
+            }
+        }
         KeysCommand::Delete { id } => {
             let record = manager.delete(id).await?;
             if out.json {
@@ -720,6 +909,7 @@ fn patch_from(args: UpdateArgs) -> Result<KeyPatch, Failure> {
             .expires_in
             .map(|e| e.expires_at(OffsetDateTime::now_utc())),
         revoked_at: None,
+        expected_updated_at: None,
         disabled: if args.disable {
             Some(true)
         } else if args.enable {
@@ -895,6 +1085,10 @@ fn print_page(page: &KeyPage, now: OffsetDateTime, out: Output) {
     }
     if page.items.is_empty() {
         println!("no keys");
+        // A page of only unreadable rows (skipped by the store) may still have a next one.
+        if let Some(cursor) = page.next_cursor {
+            println!("more keys: --after {cursor}");
+        }
         return;
     }
     let header = [

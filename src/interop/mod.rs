@@ -315,7 +315,7 @@ impl KeyStore for NoNativeStore {
     ) -> Result<Option<KeyRecord>, StoreError> {
         Err(read_only_error("this layer has no keywarden key store: it"))
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         _: Uuid,
         _: &Digest,

@@ -470,7 +470,7 @@ mod store {
         ) -> Result<Option<KeyRecord>, StoreError> {
             Err(self.read_only())
         }
-        async fn redigest(
+        async fn add_digest(
             &self,
             _: Uuid,
             _: &Digest,

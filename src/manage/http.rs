@@ -31,6 +31,10 @@
 //!
 //! # Authorization
 //!
+//! Only the exact scope names count here: `*` and `prefix:*` wildcards (`keys:*` included)
+//! never grant `keys:admin` or `keys:self`, and a key of a foreign collection (Payload CMS,
+//! Strapi) never manages keys, whatever its scopes (see [`Principal::has_scope`]).
+//!
 //! `keys:admin` manages every key, without limits. `keys:self` manages the keys of its owner
 //! (same collection and subject); other keys answer 404 exactly like unknown ids. A
 //! `keys:self` caller may never obtain or create a key more powerful than itself, and may
@@ -41,16 +45,23 @@
 //!   no later than the caller's own (when the body gives none, the key inherits the
 //!   caller's `expires_at`); the rate limit must be within the caller's
 //!   ([`RateLimitPolicy::is_within`]; when the body gives none, the key inherits it).
+//!   Rate limits are compared as they apply: a key's own policy, else the layer's
+//!   default ([`KeyManager::with_default_rate_limit`]; unlimited only without one).
 //! - **Rotate**: only a key no more powerful than the caller, as the new key's plaintext is
 //!   the caller's: not disabled, all its scopes held by the caller, same environment, expiry
 //!   no later than the caller's, rate limit within the caller's. The new key (which gets
 //!   the old key's lifetime from now) is cut back to the caller's expiry.
+//!   A key that changed after these checks read it (or while it was copied, for any
+//!   caller) is a 409 `conflict`, and no new key is left behind.
 //! - **Update**: only tightening, relative to the key's current values: no `disabled: false`
 //!   on a disabled key, no `read_only: false` on a read-only key, no `expires_at` later than
 //!   the current expiry or than the caller's own (`null` is never: later than any instant),
-//!   no `rate_limit` looser than the current one (`null` is unlimited); `scopes` only ones
-//!   the caller holds. Values equal to the current ones are left out of the update. `name`,
-//!   `description` and `metadata` are free.
+//!   no `rate_limit` looser than the current one (`null` means the layer's default, and is
+//!   a loosening when there is none or it is looser); `scopes` only ones the caller holds.
+//!   Values equal to the current ones are left out of the update. `name`, `description`
+//!   and `metadata` are free. The update is written only if the key is still the version
+//!   these checks read: a concurrent change makes it a 409 `conflict`, and nothing is
+//!   written (read the key again and retry).
 //! - **Get, list, revoke, delete**: allowed on own keys.
 //!
 //! A read-only key never gets this far on the unsafe methods: the layer refuses it first.
@@ -99,7 +110,7 @@ const DEFAULT_GRACE: Duration = Duration::hours(24);
 /// | `POST /keys` | 201 `{"key", ...view}` | 400, 401, 403, 409, 422, 503 |
 /// | `GET /keys?collection&subject&state&after&limit` | 200 `{"items", "next_cursor"}` | 400, 401, 403, 422, 503 |
 /// | `GET /keys/{id}` | 200 view | 401, 403, 404, 422, 503 |
-/// | `PATCH /keys/{id}` | 200 view | 400, 401, 403, 404, 422, 503 |
+/// | `PATCH /keys/{id}` | 200 view | 400, 401, 403, 404, 409, 422, 503 |
 /// | `POST /keys/{id}/revoke` | 200 view | 401, 403, 404, 422, 503 |
 /// | `POST /keys/{id}/rotate` (body optional: `{"grace": "24h"}`) | 201 `{"key", ...view}` | 400, 401, 403, 404, 409, 422, 503 |
 /// | `DELETE /keys/{id}` | 204 | 401, 403, 404, 422, 503 |
@@ -107,7 +118,9 @@ const DEFAULT_GRACE: Duration = Duration::hours(24);
 /// A view never holds the digest, the secret id or the encrypted key; the plaintext key is
 /// only in the 201 responses (sent with `Cache-Control: no-store`).
 ///
-/// Authorization, from the [`Principal`] the layer inserted (none: 401 `missing_credentials`):
+/// Authorization, from the [`Principal`] the layer inserted (none: 401 `missing_credentials`).
+/// Management scopes count only by exact name (`*`, `keys:*` and other wildcards never grant
+/// them), and never for a key of a foreign (Payload CMS, Strapi) collection:
 /// - `keys:admin` manages every key.
 /// - `keys:self` manages the keys of its owner: same `collection` and same `subject` as the
 ///   calling key. Other keys answer 404 exactly like an unknown id, and listings are limited
@@ -115,11 +128,14 @@ const DEFAULT_GRACE: Duration = Duration::hours(24);
 ///   and only tightens its own keys (403 `insufficient_scope` otherwise):
 ///   - create: its own collection, subject, owner kind and environment; only scopes it
 ///     holds; an expiry no later than its own and a rate limit within its own (both
-///     inherited from the caller when omitted);
+///     inherited from the caller when omitted; rate limits compared as they apply, a
+///     key's own or else the manager's default rate limit);
 ///   - rotate: only keys that are not disabled and hold no scope, environment, expiry or
 ///     rate limit beyond the caller's; the new key expires no later than the caller;
 ///   - update: `disabled`, `read_only`, `expires_at` and `rate_limit` may only tighten the
 ///     key (and `expires_at` never passes the caller's own); `scopes` only ones it holds.
+///     It is written only if the key did not change since it was checked: otherwise 409
+///     `conflict`, nothing written.
 /// - Neither scope: 403 `insufficient_scope`.
 ///
 /// A new key's `collection`, `subject`, `owner_kind` and `environment` default to the caller's.
@@ -201,6 +217,11 @@ async fn update_key(
     let current = caller.load(&manager, id).await?;
     let mut patch = body.into_patch()?;
     caller.may_patch(&current, &mut patch)?;
+    if !caller.admin {
+        // `may_patch` judged `current`: write only if the key is still that version, so a
+        // concurrent change (an admin tightening it) is never undone. A lost race is a 409.
+        patch.expected_updated_at = Some(current.updated_at);
+    }
     let record = manager.update(id, patch).await?;
     Ok(Json(KeyView::new(&record, manager.now())).into_response())
 }
@@ -225,8 +246,12 @@ async fn rotate_key(
     let old = caller.load(&manager, id).await?;
     caller.may_rotate(&old)?;
     // The new key lives the old key's lifetime from now, which could pass the caller's own
-    // expiry: cap it in the same step.
-    let created = manager.rotate_until(id, grace, caller.max_expiry()).await?;
+    // expiry: cap it in the same step. `may_rotate` judged `old`: a key changed since (an
+    // admin giving it more power) is a 409, not a new key with powers the caller lacks.
+    let checked = (!caller.admin).then_some(old.updated_at);
+    let created = manager
+        .rotate_checked(id, grace, caller.max_expiry(), checked)
+        .await?;
     Ok(created_response(&created, manager.now()))
 }
 
@@ -257,22 +282,37 @@ fn created_response(created: &CreatedKey, now: OffsetDateTime) -> Response {
 struct Caller {
     principal: Principal,
     admin: bool,
+    /// The rate limit of keys without their own, where keys are verified.
+    default_rate_limit: Option<RateLimitPolicy>,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+impl FromRequestParts<Arc<KeyManager>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let principal = Principal::from_request_parts(parts, state)
+    async fn from_request_parts(
+        parts: &mut Parts,
+        manager: &Arc<KeyManager>,
+    ) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, manager)
             .await
             .map_err(ApiError::Auth)?;
-        let admin = principal.has_scope(ADMIN_SCOPE);
-        if !admin && !principal.has_scope(SELF_SCOPE) {
+        // Management scopes are granted only by name (`*`, `keys:*` never grant them), and
+        // never to a key another system issued, whatever scopes that system gave it:
+        // `has_scope` already refuses a foreign principal; the manager's own view of its
+        // layers' foreign collections is checked too.
+        let foreign =
+            principal.is_foreign() || manager.is_foreign_collection(principal.collection());
+        let admin = !foreign && principal.has_scope(ADMIN_SCOPE);
+        if !admin && (foreign || !principal.has_scope(SELF_SCOPE)) {
             return Err(ApiError::Auth(AuthRejection::insufficient_scope(
                 ADMIN_SCOPE,
             )));
         }
-        Ok(Self { principal, admin })
+        Ok(Self {
+            principal,
+            admin,
+            default_rate_limit: manager.default_rate_limit(),
+        })
     }
 }
 
@@ -294,7 +334,8 @@ impl Caller {
         }
     }
 
-    /// A `keys:self` caller grants only scopes it holds.
+    /// A `keys:self` caller grants only scopes it holds, by the rules of
+    /// [`Principal::has_scope`]: holding `*` does not let it grant `keys:admin`.
     fn may_grant(&self, scopes: &[String]) -> Result<(), ApiError> {
         if self.admin {
             return Ok(());
@@ -346,12 +387,18 @@ impl Caller {
         }
     }
 
-    /// The loosest rate limit the caller may give a key: its own, unless it is an admin.
+    /// The limit a key is held to: its own, else the default (`None`: unlimited).
+    fn effective(&self, policy: Option<RateLimitPolicy>) -> Option<RateLimitPolicy> {
+        policy.or(self.default_rate_limit)
+    }
+
+    /// The loosest effective rate limit the caller may give a key: its own effective limit,
+    /// unless it is an admin (`None`: unlimited).
     fn max_rate_limit(&self) -> Option<RateLimitPolicy> {
         if self.admin {
             None
         } else {
-            self.principal.rate_limit()
+            self.effective(self.principal.rate_limit())
         }
     }
 
@@ -377,14 +424,15 @@ impl Caller {
         }
     }
 
-    /// A new key's rate limit: what was asked, within the caller's.
+    /// A new key's rate limit: what was asked, within the caller's effective limit. Nothing
+    /// asked inherits the caller's own policy (none: the default, like the caller).
     fn bound_rate_limit(
         &self,
         asked: Option<RateLimitPolicy>,
     ) -> Result<Option<RateLimitPolicy>, ApiError> {
         match (asked, self.max_rate_limit()) {
             (asked, None) => Ok(asked),
-            (None, Some(limit)) => Ok(Some(limit)),
+            (None, Some(_)) => Ok(self.principal.rate_limit()),
             (Some(asked), Some(limit)) if asked.is_within(&limit) => Ok(Some(asked)),
             (Some(_), Some(limit)) => Err(forbidden(format!(
                 "a `keys:self` key cannot create a key with a rate limit looser than its own ({limit})"
@@ -407,7 +455,10 @@ impl Caller {
             Some("it belongs to another environment")
         } else if !ends_by(key.expires_at, p.expires_at()) {
             Some("it expires later than the caller")
-        } else if !within(key.rate_limit, p.rate_limit()) {
+        } else if !within(
+            self.effective(key.rate_limit),
+            self.effective(p.rate_limit()),
+        ) {
             Some("its rate limit is looser than the caller's")
         } else {
             None
@@ -438,10 +489,11 @@ impl Caller {
             !ends_by(at, key.expires_at) || !ends_by(at, self.principal.expires_at())
         }) {
             Some("remove or extend an expiry, or set one later than its own")
-        } else if patch
-            .rate_limit
-            .is_some_and(|limit| !within(limit, key.rate_limit))
-        {
+        } else if patch.rate_limit.is_some_and(|limit| {
+            // Effective limits: `null` puts the key under the default (unlimited without
+            // one), which loosens a key whose own limit is tighter.
+            !within(self.effective(limit), self.effective(key.rate_limit))
+        }) {
             Some("remove or loosen a rate limit")
         } else {
             None
@@ -827,6 +879,7 @@ impl PatchBody {
             expires_at,
             revoked_at: None,
             disabled: self.disabled,
+            expected_updated_at: None,
         })
     }
 }
@@ -1091,7 +1144,10 @@ impl From<ManageError> for ApiError {
             ManageErrorKind::Invalid => {
                 Self::invalid(err.field().unwrap_or("body"), err.to_string())
             }
-            ManageErrorKind::Conflict | ManageErrorKind::NotRevealable => Self::problem(
+            ManageErrorKind::Conflict
+            | ManageErrorKind::NotRevealable
+            | ManageErrorKind::CurrentSecret
+            | ManageErrorKind::UnmigratedKeys => Self::problem(
                 StatusCode::CONFLICT,
                 "conflict",
                 "Conflict",
@@ -1101,6 +1157,18 @@ impl From<ManageError> for ApiError {
                 StatusCode::CONFLICT,
                 "read_only",
                 "Keys issued by another system",
+                err.to_string(),
+            ),
+            ManageErrorKind::Inactive => Self::problem(
+                StatusCode::CONFLICT,
+                "inactive_key",
+                "Key not active",
+                err.to_string(),
+            ),
+            ManageErrorKind::RateLimited => Self::problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
                 err.to_string(),
             ),
             ManageErrorKind::Store => {

@@ -29,21 +29,27 @@ use crate::invalidation::{Invalidation, InvalidationPublisher};
 use crate::key::{ApiKey, KeyFormat};
 use crate::layer::ApiKeyLayer;
 use crate::ratelimit::RateLimitPolicy;
-use crate::secret::SecretRing;
+use crate::secret::{SecretId, SecretRing};
 use crate::store::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, StoreError,
-    StoreErrorKind,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, SecretRetirement,
+    StoreError, StoreErrorKind, UnmigratedKeys,
 };
 
+mod actor;
 mod expiry;
 #[cfg(feature = "manage-api")]
 mod http;
 mod reveal;
 
+pub use actor::Actor;
 pub use expiry::{parse_duration, DurationParseError, ExpiresIn};
 #[cfg(feature = "manage-api")]
 pub use http::management_router;
-pub use reveal::{RevealKey, REVEAL_KEY_ENV};
+use reveal::RevealLimiter;
+pub use reveal::{
+    RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId, RevealKeyRing, RevealOptions,
+    PREVIOUS_REVEAL_KEYS_ENV, REVEAL_KEY_ENV,
+};
 
 /// Longest accepted name, description, subject and metadata, in bytes.
 const MAX_NAME: usize = 200;
@@ -53,6 +59,8 @@ const MAX_SLUG: usize = 64;
 const MAX_SCOPE: usize = 128;
 const MAX_SCOPES: usize = 100;
 const MAX_METADATA: usize = 16 * 1024;
+/// Beyond this many keys a secret retirement drops whole caches rather than key by key.
+const MAX_KEY_INVALIDATIONS: usize = 256;
 
 /// What a new key should be. Only a name and a subject are required.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,11 +193,22 @@ pub enum ManageErrorKind {
     /// The store failed.
     Store,
     /// The key cannot be revealed: viewable keys are off, the key was created while they
-    /// were off, or the reveal key is not the one that encrypted it.
+    /// were off, the reveal key that encrypted it is not configured, or the stored ciphertext
+    /// was altered or moved from another key.
     NotRevealable,
     /// The store or collection holds another system's keys (Payload CMS, Strapi), which
     /// keywarden verifies but never manages.
     ReadOnly,
+    /// The key is revoked, disabled or expired, and the operation needs an active key
+    /// (revealing one without [`RevealOptions::include_inactive`]).
+    Inactive,
+    /// The caller has made too many of these requests; the message says when to retry.
+    RateLimited,
+    /// [`KeyManager::retire_secret`] was asked to retire the manager's current secret.
+    CurrentSecret,
+    /// [`KeyManager::retire_secret`] refused: some keys have no digest under any other
+    /// secret (see [`ManageError::unmigrated_keys`]).
+    UnmigratedKeys,
 }
 
 /// A management error. Never contains key material.
@@ -201,6 +220,7 @@ pub struct ManageError {
     message: String,
     #[source]
     source: Option<StoreError>,
+    unmigrated: Vec<Uuid>,
 }
 
 impl ManageError {
@@ -210,6 +230,7 @@ impl ManageError {
             field: None,
             message: format!("no key with id {id}"),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -219,6 +240,7 @@ impl ManageError {
             field: Some(field),
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -228,6 +250,7 @@ impl ManageError {
             field: None,
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
         }
     }
 
@@ -237,6 +260,28 @@ impl ManageError {
             field: None,
             message: message.into(),
             source: None,
+            unmigrated: Vec::new(),
+        }
+    }
+
+    fn with_kind(mut self, kind: ManageErrorKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    fn changed() -> Self {
+        Self::conflict("the key changed since it was read; read it again and retry")
+    }
+
+    /// A failed [`KeyStore::update`]: it changes neither id nor digest, so its only conflict
+    /// is a stale [`KeyPatch::expected_updated_at`].
+    fn from_update(error: StoreError) -> Self {
+        match error.kind() {
+            StoreErrorKind::Conflict => Self {
+                source: Some(error),
+                ..Self::changed()
+            },
+            _ => Self::from(error),
         }
     }
 
@@ -253,6 +298,12 @@ impl ManageError {
     /// The store error behind a [`ManageErrorKind::Store`] error.
     pub fn store_error(&self) -> Option<&StoreError> {
         self.source.as_ref()
+    }
+
+    /// For [`ManageErrorKind::UnmigratedKeys`]: the keys whose only digest is under the secret
+    /// being retired, in id order. Empty otherwise.
+    pub fn unmigrated_keys(&self) -> &[Uuid] {
+        &self.unmigrated
     }
 }
 
@@ -271,6 +322,7 @@ impl From<StoreError> for ManageError {
             field: None,
             message,
             source: Some(error),
+            unmigrated: Vec::new(),
         }
     }
 }
@@ -284,7 +336,10 @@ pub struct KeyManager {
     clock: Arc<dyn Clock>,
     layers: Vec<ApiKeyLayer>,
     publishers: Vec<Arc<dyn InvalidationPublisher>>,
-    reveal: Option<RevealKey>,
+    reveal: Option<RevealKeyRing>,
+    reveal_limiter: RevealLimiter,
+    /// The rate limit of keys without their own, where the keys are verified.
+    default_rate_limit: Option<RateLimitPolicy>,
 }
 
 impl fmt::Debug for KeyManager {
@@ -293,37 +348,71 @@ impl fmt::Debug for KeyManager {
             .field("store", &self.store)
             .field("secrets", &self.ring)
             .field("format", &self.format)
-            .field("viewable_keys", &self.reveal.is_some())
+            .field("reveal_keys", &self.reveal)
+            .field("reveal_limit", &self.reveal_limiter)
+            .field("default_rate_limit", &self.default_rate_limit)
             .finish_non_exhaustive()
     }
 }
 
 impl KeyManager {
-    /// A manager over `store`, digesting with `secrets`, default key format, system clock.
+    /// A manager over `store`, digesting with `secrets`, default key format, system clock,
+    /// no default rate limit.
     pub fn new(store: Arc<dyn KeyStore>, secrets: SecretRing) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Self {
             store,
             ring: secrets,
             format: KeyFormat::default(),
-            clock: Arc::new(SystemClock),
+            reveal_limiter: RevealLimiter::new(reveal::default_reveal_limit(), clock.clone()),
+            clock,
             layers: Vec::new(),
             publishers: Vec::new(),
             reveal: None,
+            default_rate_limit: None,
         }
     }
 
-    /// A manager sharing the layer's store, secrets, key format and clock, that invalidates
-    /// the layer's cache on every change.
+    /// A manager sharing the layer's store, secrets, key format, clock and default rate
+    /// limit, that invalidates the layer's cache on every change.
     pub fn for_layer(layer: &ApiKeyLayer) -> Self {
         Self {
             store: layer.store().clone(),
             ring: layer.secrets().clone(),
             format: layer.key_format().clone(),
+            reveal_limiter: RevealLimiter::new(reveal::default_reveal_limit(), layer.clock()),
             clock: layer.clock(),
             layers: vec![layer.clone()],
             publishers: Vec::new(),
             reveal: None,
+            default_rate_limit: layer.default_rate_limit(),
         }
+    }
+
+    /// Sets the rate limit that applies to keys without their own: the
+    /// [`default_rate_limit`](crate::ApiKeyLayerBuilder::default_rate_limit) of the layer that
+    /// verifies them ([`for_layer`](Self::for_layer) takes it from its layer). The
+    /// [management API](crate::management_router) compares effective limits (a key's own,
+    /// else this one), so a `keys:self` caller cannot escape the default by creating or
+    /// patching a key without a limit, or with a looser one.
+    #[must_use]
+    pub fn with_default_rate_limit(mut self, policy: Option<RateLimitPolicy>) -> Self {
+        self.default_rate_limit = policy;
+        self
+    }
+
+    /// The rate limit of keys without their own (`None`: unlimited).
+    #[cfg(feature = "manage-api")]
+    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
+        self.default_rate_limit
+    }
+
+    /// Whether `collection` is one of the layers' foreign (Payload CMS, Strapi) collections.
+    #[cfg(feature = "manage-api")]
+    pub(crate) fn is_foreign_collection(&self, collection: &str) -> bool {
+        self.layers
+            .iter()
+            .any(|layer| layer.foreign_issuer(collection).is_some())
     }
 
     /// Also invalidates this layer's cache on changes.
@@ -353,16 +442,34 @@ impl KeyManager {
 
     /// Turns on viewable keys: new keys are also stored AES-256-GCM-encrypted with this key
     /// and can be shown again with [`reveal`](Self::reveal). Off by default: a stolen database
-    /// plus the reveal key yields every viewable key.
+    /// plus the reveal key yields every viewable key. A ring of one key; see
+    /// [`with_reveal_keys`](Self::with_reveal_keys) to keep previous reveal keys.
     #[must_use]
-    pub fn with_reveal_key(mut self, key: RevealKey) -> Self {
-        self.reveal = Some(key);
+    pub fn with_reveal_key(self, key: RevealKey) -> Self {
+        self.with_reveal_keys(RevealKeyRing::new(key))
+    }
+
+    /// Turns on viewable keys with a ring of reveal keys: new keys are sealed under the
+    /// current one, and keys sealed under a previous one still reveal (and are re-sealed under
+    /// the current one when they do).
+    #[must_use]
+    pub fn with_reveal_keys(mut self, ring: RevealKeyRing) -> Self {
+        self.reveal = Some(ring);
+        self
+    }
+
+    /// Sets how many keys each [`Actor`] may reveal (default 10 a minute), counted in this
+    /// process.
+    #[must_use]
+    pub fn with_reveal_limit(mut self, policy: RateLimitPolicy) -> Self {
+        self.reveal_limiter = RevealLimiter::new(policy, self.clock.clone());
         self
     }
 
     /// Sets the clock.
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.reveal_limiter = self.reveal_limiter.with_clock(clock.clone());
         self.clock = clock;
         self
     }
@@ -407,6 +514,7 @@ impl KeyManager {
                     new.collection
                 ),
                 source: None,
+                unmigrated: Vec::new(),
             });
         }
         let prefix = self
@@ -489,30 +597,6 @@ impl KeyManager {
             .ok_or_else(|| ManageError::not_found(id))
     }
 
-    /// The plaintext of a viewable key.
-    ///
-    /// # Errors
-    /// [`ManageErrorKind::NotRevealable`] when viewable keys are off, the key was created
-    /// without them, or it was encrypted under another reveal key; also `NotFound` and `Store`.
-    pub async fn reveal(&self, id: Uuid) -> Result<ApiKey, ManageError> {
-        let Some(reveal) = &self.reveal else {
-            return Err(ManageError::not_revealable(
-                "viewable keys are not enabled (configure a reveal key)",
-            ));
-        };
-        let record = self.get(id).await?;
-        let sealed = record.encrypted_key.as_deref().ok_or_else(|| {
-            ManageError::not_revealable("this key was created without viewable keys")
-        })?;
-        let key = reveal.open(id, sealed).ok_or_else(|| {
-            ManageError::not_revealable(
-                "the key cannot be decrypted with the configured reveal key",
-            )
-        })?;
-        tracing::info!(target: "keywarden", key_id = %id, "key revealed");
-        Ok(key)
-    }
-
     /// One page of keys.
     ///
     /// # Errors
@@ -521,16 +605,20 @@ impl KeyManager {
         Ok(self.store.list(query).await?)
     }
 
-    /// Applies a patch.
+    /// Applies a patch. With [`KeyPatch::expected_updated_at`] set, only if the key has not
+    /// changed since that version was read (checked and written atomically by the store).
     ///
     /// # Errors
-    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`] or [`ManageErrorKind::Store`].
+    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`],
+    /// [`ManageErrorKind::Conflict`] when the key changed since `expected_updated_at` (nothing
+    /// was written; read it again and retry), or [`ManageErrorKind::Store`].
     pub async fn update(&self, id: Uuid, patch: KeyPatch) -> Result<KeyRecord, ManageError> {
         validate_patch(&patch)?;
         let record = self
             .store
             .update(id, &patch, self.now())
-            .await?
+            .await
+            .map_err(ManageError::from_update)?
             .ok_or_else(|| ManageError::not_found(id))?;
         // The principal carries every field, name included: drop it from the caches.
         self.invalidate(id).await;
@@ -571,12 +659,26 @@ impl KeyManager {
     /// caller that may not create keys outliving itself).
     ///
     /// # Errors
-    /// As [`rotate`](Self::rotate); also [`ManageErrorKind::Invalid`] if `latest` has passed.
+    /// As [`rotate`](Self::rotate); also [`ManageErrorKind::Invalid`] if `latest` has passed,
+    /// and [`ManageErrorKind::Conflict`] if the old key changed while it was being rotated
+    /// (then no new key is left behind).
     pub async fn rotate_until(
         &self,
         id: Uuid,
         grace: Duration,
         latest: Option<OffsetDateTime>,
+    ) -> Result<CreatedKey, ManageError> {
+        self.rotate_checked(id, grace, latest, None).await
+    }
+
+    /// [`rotate_until`](Self::rotate_until) of the key version `checked` (its `updated_at`)
+    /// a caller's checks read: a key changed since is a [`ManageErrorKind::Conflict`].
+    pub(crate) async fn rotate_checked(
+        &self,
+        id: Uuid,
+        grace: Duration,
+        latest: Option<OffsetDateTime>,
+        checked: Option<OffsetDateTime>,
     ) -> Result<CreatedKey, ManageError> {
         if grace.is_negative() {
             return Err(ManageError::invalid(
@@ -585,6 +687,9 @@ impl KeyManager {
             ));
         }
         let old = self.get(id).await?;
+        if checked.is_some_and(|version| version != old.updated_at) {
+            return Err(ManageError::changed());
+        }
         if old.revoked_at.is_some() {
             return Err(ManageError::conflict("a revoked key cannot be rotated"));
         }
@@ -636,11 +741,19 @@ impl KeyManager {
         };
         let created = self.create_record(new, Some(id)).await?;
         let old_deadline = old.expires_at.map_or(deadline, |at| at.min(deadline));
+        // The new key copies `old`: if the key changed meanwhile (revoked, tightened), the
+        // copy is stale, and the rotation is undone below.
         let patch = KeyPatch {
             expires_at: Some(Some(old_deadline)),
+            expected_updated_at: Some(old.updated_at),
             ..KeyPatch::default()
         };
-        if let Err(error) = self.store.update(id, &patch, now).await {
+        let ended = match self.store.update(id, &patch, now).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ManageError::not_found(id)),
+            Err(error) => Err(ManageError::from_update(error)),
+        };
+        if let Err(error) = ended {
             // Without the deadline the rotation did not happen: remove the new key, whose
             // plaintext the caller will never see.
             if let Err(cleanup) = self.store.delete(created.record.id).await {
@@ -651,7 +764,7 @@ impl KeyManager {
                     "rotation failed and its new key could not be removed; revoke it"
                 );
             }
-            return Err(error.into());
+            return Err(error);
         }
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, new_key_id = %created.record.id, "key rotated");
@@ -671,6 +784,122 @@ impl KeyManager {
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, "key deleted");
         Ok(record)
+    }
+
+    /// Retires a previous secret: drops every digest made under `secret_id` from the store,
+    /// once every instance runs a ring without it (until then, instances still holding only
+    /// that secret verify keys by those digests). Keys keep verifying under the digests they
+    /// gained from the newer secret on first use; the affected keys leave the caches of the
+    /// layers this manager invalidates and of the instances it publishes to (PostgreSQL
+    /// instances also hear it from the database).
+    ///
+    /// Keys that have no other digest (not used through an instance holding a newer secret
+    /// since the rotation, and not revoked) would never verify again. With viewable keys on,
+    /// the manager first gives each such key it can reveal a digest under its current secret.
+    /// Any left make [`UnmigratedKeys::Refuse`] fail with nothing changed; use them once
+    /// through an instance with the new ring, or pass [`UnmigratedKeys::Revoke`] to drop their
+    /// digests anyway and revoke them.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::CurrentSecret`] for the manager's current secret,
+    /// [`ManageErrorKind::UnmigratedKeys`] (with [`ManageError::unmigrated_keys`]) as above,
+    /// [`ManageErrorKind::ReadOnly`] or [`ManageErrorKind::Store`].
+    pub async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+    ) -> Result<SecretRetirement, ManageError> {
+        if secret_id == self.ring.current_id() {
+            return Err(ManageError {
+                kind: ManageErrorKind::CurrentSecret,
+                field: Some("secret_id"),
+                message: format!(
+                    "secret {secret_id} is the current secret; rotate to a new one first"
+                ),
+                source: None,
+                unmigrated: Vec::new(),
+            });
+        }
+        let mut outcome = self
+            .store
+            .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
+            .await?;
+        if !outcome.retired && self.reveal.is_some() {
+            self.migrate_revealable(&outcome.unmigrated).await?;
+            outcome = self
+                .store
+                .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
+                .await?;
+        }
+        if !outcome.retired && unmigrated == UnmigratedKeys::Revoke {
+            outcome = self
+                .store
+                .retire_secret(secret_id, UnmigratedKeys::Revoke, self.now())
+                .await?;
+        }
+        if !outcome.retired {
+            let count = outcome.unmigrated.len();
+            return Err(ManageError {
+                kind: ManageErrorKind::UnmigratedKeys,
+                field: None,
+                message: format!(
+                    "{count} key(s) have no digest under any other secret (not used through an \
+                     instance with a newer secret since the rotation) and would never verify \
+                     again; use them once through such an instance, or force the retirement to \
+                     revoke them"
+                ),
+                source: None,
+                unmigrated: outcome.unmigrated,
+            });
+        }
+        if outcome.affected.len() > MAX_KEY_INVALIDATIONS {
+            for layer in &self.layers {
+                layer.invalidate_all();
+            }
+            self.publish(Invalidation::All).await;
+        } else {
+            for &id in &outcome.affected {
+                self.invalidate(id).await;
+            }
+        }
+        tracing::info!(
+            target: "keywarden",
+            secret_id = %secret_id,
+            dropped = outcome.dropped,
+            keys = outcome.affected.len(),
+            revoked = outcome.unmigrated.len(),
+            "secret retired"
+        );
+        Ok(outcome)
+    }
+
+    /// Gives each of these keys whose plaintext the reveal key opens a digest under the
+    /// current secret.
+    async fn migrate_revealable(&self, ids: &[Uuid]) -> Result<(), ManageError> {
+        let Some(reveal) = &self.reveal else {
+            return Ok(());
+        };
+        for &id in ids {
+            let Some(record) = self.store.get(id).await? else {
+                continue;
+            };
+            let Some(key) = record
+                .encrypted_key
+                .as_deref()
+                .and_then(|sealed| reveal.open(id, sealed))
+            else {
+                continue;
+            };
+            let digest = self.ring.digest(key.expose().as_bytes());
+            if self
+                .store
+                .add_digest(id, &record.digest, &digest, self.ring.current_id())
+                .await?
+            {
+                tracing::info!(target: "keywarden", key_id = %id, "re-digested a viewable key under the current secret");
+            }
+        }
+        Ok(())
     }
 
     async fn invalidate(&self, id: Uuid) {
@@ -917,26 +1146,38 @@ mod tests {
         let (plain, _) = manager();
         let created = plain.create(NewKey::new("k", "u")).await.unwrap();
         assert!(created.record.encrypted_key.is_none());
-        let err = plain.reveal(created.record.id).await.unwrap_err();
+        let err = plain
+            .reveal(created.record.id, &Actor::Cli)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ManageErrorKind::NotRevealable);
 
         let secret = crate::secret::Secret::new("reveal-key-for-tests-0123456789abcdef").unwrap();
         let viewable = KeyManager::new(plain.store().clone(), plain.ring.clone())
             .with_reveal_key(RevealKey::new(&secret));
-        let err = viewable.reveal(created.record.id).await.unwrap_err();
+        let err = viewable
+            .reveal(created.record.id, &Actor::Cli)
+            .await
+            .unwrap_err();
         assert_eq!(
             err.kind(),
             ManageErrorKind::NotRevealable,
             "created while off"
         );
         let shown = viewable.create(NewKey::new("v", "u")).await.unwrap();
-        assert_eq!(viewable.reveal(shown.record.id).await.unwrap(), shown.key);
+        assert_eq!(
+            viewable.reveal(shown.record.id, &Actor::Cli).await.unwrap(),
+            shown.key
+        );
         let rotated = viewable
             .rotate(shown.record.id, Duration::ZERO)
             .await
             .unwrap();
         assert_eq!(
-            viewable.reveal(rotated.record.id).await.unwrap(),
+            viewable
+                .reveal(rotated.record.id, &Actor::Cli)
+                .await
+                .unwrap(),
             rotated.key
         );
         assert!(!format!("{viewable:?}").contains("reveal-key"));
@@ -1031,6 +1272,75 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ManageErrorKind::Conflict);
+    }
+
+    #[tokio::test]
+    async fn retiring_a_secret_spares_the_current_one_and_migrates_viewable_keys() {
+        const OLD: &str = "manager-old-secret-0123456789abcdefgh";
+        const NEW: &str = "manager-new-secret-0123456789abcdefgh";
+        let reveal = RevealKey::new(
+            &crate::secret::Secret::new("reveal-key-0123456789abcdefghijkl").unwrap(),
+        );
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let old_ring = SecretRing::from_strs(OLD, None).unwrap();
+        let before =
+            KeyManager::new(store.clone(), old_ring.clone()).with_reveal_key(reveal.clone());
+        let viewable = before.create(NewKey::new("viewable", "u")).await.unwrap();
+        let plain = KeyManager::new(store.clone(), old_ring.clone())
+            .create(NewKey::new("plain", "u"))
+            .await
+            .unwrap();
+        let new_ring = SecretRing::from_strs(NEW, None).unwrap();
+        let after = KeyManager::new(store.clone(), new_ring.clone()).with_reveal_key(reveal);
+
+        let err = after
+            .retire_secret(new_ring.current_id(), UnmigratedKeys::Revoke)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::CurrentSecret);
+        assert_eq!(err.field(), Some("secret_id"));
+
+        // The viewable key is re-digested from its plaintext; the plain one cannot be.
+        let err = after
+            .retire_secret(old_ring.current_id(), UnmigratedKeys::Refuse)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::UnmigratedKeys);
+        assert_eq!(err.unmigrated_keys(), [plain.record.id]);
+        assert!(!err.to_string().contains(plain.key.expose()));
+        let under_new = new_ring.digest(viewable.key.expose().as_bytes());
+        assert_eq!(
+            store
+                .find_by_digest(&under_new)
+                .await
+                .unwrap()
+                .map(|r| r.id),
+            Some(viewable.record.id)
+        );
+        assert_eq!(m_state(&after, plain.record.id).await, KeyState::Active);
+
+        let outcome = after
+            .retire_secret(old_ring.current_id(), UnmigratedKeys::Revoke)
+            .await
+            .unwrap();
+        assert!(outcome.retired);
+        assert_eq!(outcome.dropped, 2);
+        assert_eq!(outcome.unmigrated, [plain.record.id]);
+        assert_eq!(m_state(&after, plain.record.id).await, KeyState::Revoked);
+        assert_eq!(m_state(&after, viewable.record.id).await, KeyState::Active);
+        assert_eq!(
+            store.find_by_digest(&viewable.record.digest).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            after.get(viewable.record.id).await.unwrap().digest,
+            under_new,
+            "the new digest became the record's"
+        );
+    }
+
+    async fn m_state(m: &KeyManager, id: Uuid) -> KeyState {
+        m.get(id).await.unwrap().state(m.now())
     }
 
     #[tokio::test]

@@ -1,129 +1,1211 @@
 //! Viewable keys: the plaintext also kept AES-256-GCM-encrypted so an admin can reveal it later
 //! (Strapi/Payload parity). Off unless a reveal key is configured.
+//!
+//! Reveal keys form a ring, like application secrets: one current key that seals new keys and
+//! any number of previous ones that still open what they sealed. Each ciphertext names the
+//! reveal key that sealed it, so rotating the reveal key loses nothing: move the old value to
+//! `KEYWARDEN_PREVIOUS_REVEAL_KEYS`, and each key is re-sealed under the new one the next time
+//! it is revealed.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use std::sync::Arc;
+//! use keywarden::{Actor, KeyManager, MemoryStore, NewKey, RevealKeyRing, SecretRing};
+//!
+//! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+//! let store = Arc::new(MemoryStore::new());
+//! let old = RevealKeyRing::from_strs("the-first-reveal-key-of-32-bytes-or-more", None).unwrap();
+//! let manager = KeyManager::new(store.clone(), secrets.clone()).with_reveal_keys(old);
+//! let created = manager.create(NewKey::new("ci", "user-42")).await.unwrap();
+//!
+//! // Rotate the reveal key: the old one moves to the previous keys.
+//! let ring = RevealKeyRing::from_strs(
+//!     "the-second-reveal-key-of-32-bytes-or-more",
+//!     Some("the-first-reveal-key-of-32-bytes-or-more"),
+//! )
+//! .unwrap();
+//! let manager = KeyManager::new(store, secrets).with_reveal_keys(ring);
+//! let shown = manager.reveal(created.record.id, &Actor::Cli).await.unwrap();
+//! assert_eq!(shown, created.key);
+//! # }
+//! ```
+//!
+//! # Format
+//! An encrypted key is an envelope: the version byte `1`, the 8-byte [`RevealKeyId`] of the
+//! reveal key that sealed it, a random 96-bit nonce, then the AES-256-GCM ciphertext and tag.
+//! The associated data is the envelope header followed by the key's id, so a ciphertext copied
+//! onto another row, or whose reveal key id was rewritten, does not open. Ciphertexts written
+//! before the envelope existed (nonce, ciphertext and tag; the key's id as associated data)
+//! still open: every reveal key of the ring is tried, the current one first.
 
 use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::digest::FixedOutput;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
+use zeroize::{Zeroize, Zeroizing};
 
+use super::{Actor, KeyManager, ManageError, ManageErrorKind};
+use crate::clock::Clock;
 use crate::key::ApiKey;
-use crate::secret::{Secret, SecretError};
+use crate::ratelimit::{LocalLimiter, RateLimitPolicy};
+use crate::secret::{Secret, SecretError, MIN_SECRET_LEN};
+use crate::store::KeyState;
 
-/// Environment variable holding the reveal key (at least 32 bytes, like the secret).
+/// Environment variable holding the current reveal key (at least 32 bytes, like the secret).
+/// `KEYWARDEN_REVEAL_KEY_FILE` names a file holding it instead.
 pub const REVEAL_KEY_ENV: &str = "KEYWARDEN_REVEAL_KEY";
+/// Environment variable holding previous reveal keys, comma-separated.
+/// `KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE` names a file holding them instead, one per line.
+pub const PREVIOUS_REVEAL_KEYS_ENV: &str = "KEYWARDEN_PREVIOUS_REVEAL_KEYS";
+const REVEAL_KEY_FILE_ENV: &str = "KEYWARDEN_REVEAL_KEY_FILE";
+const PREVIOUS_REVEAL_KEYS_FILE_ENV: &str = "KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE";
 
+const VERSION_1: u8 = 1;
+const ID_LEN: usize = 8;
 const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const HEADER_LEN: usize = 1 + ID_LEN;
+/// Labels of the HMAC derivations from the configured secret. The AES key's label predates
+/// the envelope: changing it would make every existing ciphertext unreadable.
+const CIPHER_KEY_LABEL: &[u8] = b"keywarden reveal key v1";
+const ID_LABEL: &[u8] = b"keywarden reveal key id v1";
 
-/// The key that encrypts viewable keys. `Debug` prints a redaction.
+/// A short public fingerprint of a reveal key, stored in each ciphertext it seals: the first
+/// 8 bytes of `HMAC-SHA256(reveal key, "keywarden reveal key id v1")`, shown as 16 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RevealKeyId([u8; ID_LEN]);
+
+impl RevealKeyId {
+    /// The fingerprint's bytes.
+    pub fn as_bytes(&self) -> &[u8; ID_LEN] {
+        &self.0
+    }
+
+    /// The reveal key id an encrypted key ([`KeyRecord::encrypted_key`]) names in its
+    /// envelope; `None` for the older format, which names none. Read from the unauthenticated
+    /// header: a claim that only opening the ciphertext confirms (about one older ciphertext
+    /// in 256 even starts like an envelope).
+    ///
+    /// [`KeyRecord::encrypted_key`]: crate::KeyRecord::encrypted_key
+    pub fn of_encrypted(encrypted: &[u8]) -> Option<Self> {
+        Envelope::parse(encrypted).map(|envelope| envelope.key_id)
+    }
+}
+
+impl fmt::Display for RevealKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for RevealKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RevealKeyId({self})")
+    }
+}
+
+/// The key that encrypts viewable keys. `Debug` prints its id only; the derived AES key is
+/// zeroized when the last copy is dropped.
 ///
 /// The AES-256 key is derived from the configured secret with HMAC-SHA256 (domain-separated),
-/// and each ciphertext is bound to its key id as associated data, so a ciphertext copied onto
-/// another row does not decrypt.
+/// and each ciphertext is bound to its key's id as associated data, so a ciphertext copied
+/// onto another row does not decrypt.
 #[derive(Clone)]
 pub struct RevealKey {
+    id: RevealKeyId,
     cipher: Aes256Gcm,
 }
 
 impl RevealKey {
     /// Derives a reveal key from a secret of at least 32 bytes.
     pub fn new(secret: &Secret) -> Self {
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(secret.expose()).expect("any key length");
-        mac.update(b"keywarden reveal key v1");
-        let derived = mac.finalize().into_bytes();
+        let mut derived = aes_gcm::Key::<Aes256Gcm>::default();
+        hmac_into(secret, CIPHER_KEY_LABEL, &mut derived);
+        let cipher = Aes256Gcm::new(&derived);
+        derived.as_mut_slice().zeroize();
+        let mut full = aes_gcm::Key::<Aes256Gcm>::default();
+        hmac_into(secret, ID_LABEL, &mut full);
+        let mut id = [0u8; ID_LEN];
+        id.copy_from_slice(&full[..ID_LEN]);
+        full.as_mut_slice().zeroize();
         Self {
-            cipher: Aes256Gcm::new(&derived),
+            id: RevealKeyId(id),
+            cipher,
         }
     }
 
-    /// Reads `KEYWARDEN_REVEAL_KEY`; `Ok(None)` when unset.
-    ///
-    /// # Errors
-    /// [`SecretError::TooShort`] or [`SecretError::NotUnicode`].
-    pub fn from_env() -> Result<Option<Self>, SecretError> {
-        match std::env::var(REVEAL_KEY_ENV) {
-            Ok(value) => Ok(Some(Self::new(&Secret::new(value.into_bytes())?))),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => Err(SecretError::NotUnicode(REVEAL_KEY_ENV)),
-        }
+    /// The key's public fingerprint.
+    pub fn id(&self) -> RevealKeyId {
+        self.id
     }
 
-    pub(crate) fn seal(&self, id: Uuid, key: &ApiKey) -> Vec<u8> {
+    /// Seals `key` for the row `row` in the current envelope format.
+    fn seal(&self, row: Uuid, key: &ApiKey) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS random number generator failed");
-        let payload = Payload {
-            msg: key.expose().as_bytes(),
-            aad: id.as_bytes(),
-        };
+        let header = header(self.id);
         let sealed = self
             .cipher
-            .encrypt(Nonce::from_slice(&nonce), payload)
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: key.expose().as_bytes(),
+                    aad: &aad(&header, row),
+                },
+            )
             .expect("AES-GCM encryption of a short message cannot fail");
-        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + sealed.len());
+        out.extend_from_slice(&header);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         out
     }
 
-    pub(crate) fn open(&self, id: Uuid, data: &[u8]) -> Option<ApiKey> {
-        if data.len() < NONCE_LEN {
+    fn open_envelope(&self, row: Uuid, envelope: &Envelope<'_>) -> Option<ApiKey> {
+        let plain = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(envelope.nonce),
+                Payload {
+                    msg: envelope.sealed,
+                    aad: &aad(&envelope.header, row),
+                },
+            )
+            .ok()?;
+        to_key(Zeroizing::new(plain))
+    }
+
+    /// Opens the format written before the envelope: nonce, then ciphertext and tag, with the
+    /// row id as associated data.
+    fn open_legacy(&self, row: Uuid, data: &[u8]) -> Option<ApiKey> {
+        if data.len() < NONCE_LEN + TAG_LEN {
             return None;
         }
         let (nonce, sealed) = data.split_at(NONCE_LEN);
-        let payload = Payload {
-            msg: sealed,
-            aad: id.as_bytes(),
-        };
         let plain = self
             .cipher
-            .decrypt(Nonce::from_slice(nonce), payload)
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: row.as_bytes(),
+                },
+            )
             .ok()?;
-        String::from_utf8(plain).ok().map(ApiKey::new)
+        to_key(Zeroizing::new(plain))
     }
 }
 
 impl fmt::Debug for RevealKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RevealKey([redacted])")
+        write!(f, "RevealKey({}, [redacted])", self.id)
+    }
+}
+
+fn hmac_into(secret: &Secret, label: &[u8], out: &mut aes_gcm::Key<Aes256Gcm>) {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret.expose()).expect("HMAC accepts any length");
+    mac.update(label);
+    mac.finalize_into(out);
+}
+
+fn header(id: RevealKeyId) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = VERSION_1;
+    header[1..].copy_from_slice(&id.0);
+    header
+}
+
+fn aad(header: &[u8; HEADER_LEN], row: Uuid) -> [u8; HEADER_LEN + 16] {
+    let mut aad = [0u8; HEADER_LEN + 16];
+    aad[..HEADER_LEN].copy_from_slice(header);
+    aad[HEADER_LEN..].copy_from_slice(row.as_bytes());
+    aad
+}
+
+/// The plaintext as a key; the decrypted buffer is zeroized whatever happens.
+fn to_key(plain: Zeroizing<Vec<u8>>) -> Option<ApiKey> {
+    std::str::from_utf8(&plain).ok().map(ApiKey::new)
+}
+
+/// A parsed envelope, borrowing the stored bytes.
+struct Envelope<'a> {
+    header: [u8; HEADER_LEN],
+    key_id: RevealKeyId,
+    nonce: &'a [u8],
+    sealed: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    fn parse(data: &'a [u8]) -> Option<Self> {
+        if data.len() < HEADER_LEN + NONCE_LEN + TAG_LEN || data[0] != VERSION_1 {
+            return None;
+        }
+        let (head, rest) = data.split_at(HEADER_LEN);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(head);
+        let mut id = [0u8; ID_LEN];
+        id.copy_from_slice(&head[1..]);
+        Some(Self {
+            header,
+            key_id: RevealKeyId(id),
+            nonce,
+            sealed,
+        })
+    }
+}
+
+/// The current reveal key and any previous ones. `Debug` prints their ids only.
+///
+/// New keys are sealed under the current reveal key; a ciphertext opens under whichever key
+/// of the ring sealed it.
+#[derive(Clone)]
+pub struct RevealKeyRing {
+    current: RevealKey,
+    previous: Vec<RevealKey>,
+}
+
+impl RevealKeyRing {
+    /// A ring with only a current reveal key.
+    pub fn new(current: RevealKey) -> Self {
+        Self {
+            current,
+            previous: Vec::new(),
+        }
+    }
+
+    /// Adds a previous reveal key: what it sealed still opens, and is re-sealed under the
+    /// current key when revealed. A key equal to one already in the ring is ignored.
+    #[must_use]
+    pub fn with_previous(mut self, previous: RevealKey) -> Self {
+        if previous.id != self.current.id && !self.previous.iter().any(|p| p.id == previous.id) {
+            self.previous.push(previous);
+        }
+        self
+    }
+
+    /// Builds a ring from a current reveal key and an optional list of previous ones, as they
+    /// appear in the environment: separated by commas or newlines, each trimmed, empty items
+    /// ignored. The current key is used as given.
+    ///
+    /// # Errors
+    /// [`SecretError::TooShort`] for any key under 32 bytes.
+    pub fn from_strs(current: &str, previous: Option<&str>) -> Result<Self, SecretError> {
+        let mut ring = Self::new(RevealKey::new(&Secret::new(current.as_bytes())?));
+        for item in split_list(previous.unwrap_or("")) {
+            ring = ring.with_previous(RevealKey::new(&Secret::new(item.as_bytes())?));
+        }
+        Ok(ring)
+    }
+
+    /// Reads the ring from the environment; `Ok(None)` when no reveal key is configured.
+    ///
+    /// - `KEYWARDEN_REVEAL_KEY`: the current reveal key, used as given; or
+    ///   `KEYWARDEN_REVEAL_KEY_FILE`: a file holding it (one trailing line break is dropped).
+    /// - `KEYWARDEN_PREVIOUS_REVEAL_KEYS`: previous reveal keys, comma-separated; or
+    ///   `KEYWARDEN_PREVIOUS_REVEAL_KEYS_FILE`: a file holding them, one per line.
+    ///
+    /// # Errors
+    /// A [`RevealKeyError`] naming the variable: a key under 32 bytes, a value that is not
+    /// UTF-8, an unreadable file, a variable set both directly and as `_FILE`, or previous
+    /// keys without a current one.
+    pub fn from_env() -> Result<Option<Self>, RevealKeyError> {
+        let current = read_var(REVEAL_KEY_ENV, REVEAL_KEY_FILE_ENV)?;
+        let previous = read_var(PREVIOUS_REVEAL_KEYS_ENV, PREVIOUS_REVEAL_KEYS_FILE_ENV)?;
+        let Some((current_var, current)) = current else {
+            return match previous {
+                Some((var, _)) => Err(RevealKeyError::new(
+                    RevealKeyErrorKind::MissingCurrent,
+                    var,
+                    format!("{var} is set but {REVEAL_KEY_ENV} is not: previous reveal keys need a current one"),
+                )),
+                None => Ok(None),
+            };
+        };
+        let secret = Secret::new(current.as_bytes())
+            .map_err(|error| RevealKeyError::too_short(current_var, None, &error))?;
+        let mut ring = Self::new(RevealKey::new(&secret));
+        if let Some((var, list)) = previous {
+            for (n, item) in split_list(&list).enumerate() {
+                let secret = Secret::new(item.as_bytes())
+                    .map_err(|error| RevealKeyError::too_short(var, Some(n + 1), &error))?;
+                ring = ring.with_previous(RevealKey::new(&secret));
+            }
+        }
+        Ok(Some(ring))
+    }
+
+    /// The current reveal key's id: the one new ciphertexts name.
+    pub fn current_id(&self) -> RevealKeyId {
+        self.current.id
+    }
+
+    /// The ids of the previous reveal keys, in the order given.
+    pub fn previous_ids(&self) -> impl Iterator<Item = RevealKeyId> + '_ {
+        self.previous.iter().map(|key| key.id)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &RevealKey> {
+        std::iter::once(&self.current).chain(&self.previous)
+    }
+
+    /// Seals `key` for the row `row` under the current reveal key.
+    pub(crate) fn seal(&self, row: Uuid, key: &ApiKey) -> Vec<u8> {
+        self.current.seal(row, key)
+    }
+
+    /// Opens an envelope with the key it names; failing that (or for the older format), tries
+    /// every key on the older format. Fails closed: only an authenticated decryption counts.
+    /// The plaintext sealed for the row `row`, under any key of the ring.
+    pub(crate) fn open(&self, row: Uuid, data: &[u8]) -> Option<ApiKey> {
+        self.unseal(row, data).ok().map(|unsealed| unsealed.key)
+    }
+
+    fn unseal(&self, row: Uuid, data: &[u8]) -> Result<Unsealed, UnsealError> {
+        let envelope = Envelope::parse(data);
+        if let Some(envelope) = &envelope {
+            if let Some(key) = self.keys().find(|key| key.id == envelope.key_id) {
+                if let Some(plain) = key.open_envelope(row, envelope) {
+                    return Ok(Unsealed {
+                        key: plain,
+                        sealed_by: key.id,
+                        current: key.id == self.current.id,
+                    });
+                }
+            }
+        }
+        for key in self.keys() {
+            if let Some(plain) = key.open_legacy(row, data) {
+                return Ok(Unsealed {
+                    key: plain,
+                    sealed_by: key.id,
+                    current: false,
+                });
+            }
+        }
+        match envelope {
+            Some(envelope) if !self.keys().any(|key| key.id == envelope.key_id) => {
+                Err(UnsealError::UnknownKey(envelope.key_id))
+            }
+            _ => Err(UnsealError::Invalid),
+        }
+    }
+}
+
+impl From<RevealKey> for RevealKeyRing {
+    fn from(key: RevealKey) -> Self {
+        Self::new(key)
+    }
+}
+
+impl fmt::Debug for RevealKeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevealKeyRing")
+            .field("current", &self.current.id)
+            .field("previous", &self.previous_ids().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+struct Unsealed {
+    key: ApiKey,
+    /// The ring key that opened it.
+    sealed_by: RevealKeyId,
+    /// Whether it is an envelope under the current key (nothing to re-seal).
+    current: bool,
+}
+
+enum UnsealError {
+    /// An envelope naming a reveal key the ring lacks.
+    UnknownKey(RevealKeyId),
+    /// Altered, moved from another row, or sealed under a key the ring lacks.
+    Invalid,
+}
+
+fn split_list(list: &str) -> impl Iterator<Item = &str> {
+    list.split([',', '\n'])
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+}
+
+/// Reads a variable, or the file its `_FILE` twin names; with the name actually used.
+fn read_var(
+    var: &'static str,
+    file_var: &'static str,
+) -> Result<Option<(&'static str, Zeroizing<String>)>, RevealKeyError> {
+    let direct = match std::env::var(var) {
+        Ok(value) => Some(Zeroizing::new(value)),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => return Err(RevealKeyError::not_unicode(var)),
+    };
+    let path = std::env::var_os(file_var);
+    match (direct, path) {
+        (Some(_), Some(_)) => Err(RevealKeyError::new(
+            RevealKeyErrorKind::Conflicting,
+            var,
+            format!("both {var} and {file_var} are set; set only one"),
+        )),
+        (Some(value), None) => Ok(Some((var, value))),
+        (None, Some(path)) => {
+            let bytes = Zeroizing::new(std::fs::read(&path).map_err(|error| {
+                RevealKeyError::new(
+                    RevealKeyErrorKind::File,
+                    file_var,
+                    format!(
+                        "cannot read {file_var} ({}): {error}",
+                        std::path::Path::new(&path).display()
+                    ),
+                )
+            })?);
+            let text =
+                std::str::from_utf8(&bytes).map_err(|_| RevealKeyError::not_unicode(file_var))?;
+            let text = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(text);
+            Ok(Some((file_var, Zeroizing::new(text.to_owned()))))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// What is wrong with the configured reveal keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RevealKeyErrorKind {
+    /// A reveal key is shorter than 32 bytes.
+    TooShort,
+    /// A value is not valid UTF-8.
+    NotUnicode,
+    /// A `_FILE` variable names a file that cannot be read.
+    File,
+    /// A variable is set both directly and as `_FILE`.
+    Conflicting,
+    /// Previous reveal keys are set without a current one.
+    MissingCurrent,
+}
+
+/// The reveal keys in the environment are unusable. Names the variable; never contains key
+/// material.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct RevealKeyError {
+    kind: RevealKeyErrorKind,
+    var: &'static str,
+    message: String,
+}
+
+impl RevealKeyError {
+    fn new(kind: RevealKeyErrorKind, var: &'static str, message: String) -> Self {
+        Self { kind, var, message }
+    }
+
+    fn not_unicode(var: &'static str) -> Self {
+        Self::new(
+            RevealKeyErrorKind::NotUnicode,
+            var,
+            format!("{var} is not valid UTF-8"),
+        )
+    }
+
+    fn too_short(var: &'static str, entry: Option<usize>, error: &SecretError) -> Self {
+        let len = match error {
+            SecretError::TooShort { len } => *len,
+            _ => 0,
+        };
+        let what = match entry {
+            Some(n) => format!("entry {n} of {var}"),
+            None => var.to_owned(),
+        };
+        Self::new(
+            RevealKeyErrorKind::TooShort,
+            var,
+            format!(
+                "{what} is {len} bytes; a reveal key needs at least {MIN_SECRET_LEN} \
+                 (generate one with `keywarden secret generate`)"
+            ),
+        )
+    }
+
+    /// What is wrong.
+    pub fn kind(&self) -> RevealKeyErrorKind {
+        self.kind
+    }
+
+    /// The environment variable at fault.
+    pub fn var(&self) -> &'static str {
+        self.var
+    }
+}
+
+/// How [`KeyManager::reveal_with`] treats a key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RevealOptions {
+    /// Also reveal revoked, disabled and expired keys (default: refuse them).
+    pub include_inactive: bool,
+}
+
+impl RevealOptions {
+    /// The defaults: active keys only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether revoked, disabled and expired keys are revealed too.
+    #[must_use]
+    pub fn include_inactive(mut self, include: bool) -> Self {
+        self.include_inactive = include;
+        self
+    }
+}
+
+/// The default reveal budget of each actor: 10 a minute.
+pub(super) fn default_reveal_limit() -> RateLimitPolicy {
+    RateLimitPolicy::new(
+        NonZeroU32::new(10).expect("10 > 0"),
+        Duration::from_secs(60),
+    )
+}
+
+/// Reveals per actor, in this process.
+pub(super) struct RevealLimiter {
+    policy: RateLimitPolicy,
+    limiter: LocalLimiter<Actor>,
+}
+
+impl RevealLimiter {
+    pub(super) fn new(policy: RateLimitPolicy, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            policy,
+            limiter: LocalLimiter::new(clock),
+        }
+    }
+
+    /// Takes one reveal from `actor`'s budget; how long to wait when it is spent.
+    fn check(&self, actor: &Actor) -> Result<(), Duration> {
+        let decision = self.limiter.check(actor.clone(), &self.policy);
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(decision.retry_after)
+        }
+    }
+
+    /// The same policy, with fresh budgets read from `clock`.
+    pub(super) fn with_clock(&self, clock: Arc<dyn Clock>) -> Self {
+        Self::new(self.policy, clock)
+    }
+}
+
+impl fmt::Debug for RevealLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevealLimiter")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A successful reveal, for the audit event.
+struct Revealed {
+    key: ApiKey,
+    state: KeyState,
+    sealed_by: RevealKeyId,
+    resealed: bool,
+}
+
+impl KeyManager {
+    /// The plaintext of an active viewable key, revealed to `actor`.
+    ///
+    /// Every attempt is logged with the actor as an audit event (tracing target
+    /// `keywarden::audit`, event `key.reveal`), and each actor may reveal at most
+    /// [`with_reveal_limit`](Self::with_reveal_limit) keys (default 10 a minute). A key sealed
+    /// under a previous reveal key, or in the format written before reveal key ids, is
+    /// re-sealed under the current reveal key; if that store write fails the key is still
+    /// revealed, and re-sealed on a later reveal.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotRevealable`] when viewable keys are off, the key was created
+    /// without them, its reveal key is not in the ring, or the stored ciphertext was altered or
+    /// moved from another key; [`ManageErrorKind::Inactive`] for a revoked, disabled or expired
+    /// key (see [`reveal_with`](Self::reveal_with)); [`ManageErrorKind::RateLimited`] when
+    /// `actor` has spent its budget; also `NotFound` and `Store`.
+    pub async fn reveal(&self, id: Uuid, actor: &Actor) -> Result<ApiKey, ManageError> {
+        self.reveal_with(id, actor, RevealOptions::default()).await
+    }
+
+    /// [`reveal`](Self::reveal), with options: [`RevealOptions::include_inactive`] reveals
+    /// revoked, disabled and expired keys too.
+    ///
+    /// # Errors
+    /// As [`reveal`](Self::reveal).
+    pub async fn reveal_with(
+        &self,
+        id: Uuid,
+        actor: &Actor,
+        options: RevealOptions,
+    ) -> Result<ApiKey, ManageError> {
+        let result = self.reveal_record(id, actor, options).await;
+        match &result {
+            Ok(revealed) => tracing::info!(
+                target: "keywarden::audit",
+                event = "key.reveal",
+                outcome = "revealed",
+                key_id = %id,
+                actor = %actor,
+                actor_kind = actor.kind(),
+                actor_key_id = actor.key_id().map(tracing::field::display),
+                actor_subject = actor.subject(),
+                include_inactive = options.include_inactive,
+                key_state = revealed.state.as_str(),
+                reveal_key_id = %revealed.sealed_by,
+                resealed = revealed.resealed,
+                "key revealed"
+            ),
+            Err(error) => tracing::warn!(
+                target: "keywarden::audit",
+                event = "key.reveal",
+                outcome = "refused",
+                reason = ?error.kind(),
+                key_id = %id,
+                actor = %actor,
+                actor_kind = actor.kind(),
+                actor_key_id = actor.key_id().map(tracing::field::display),
+                actor_subject = actor.subject(),
+                include_inactive = options.include_inactive,
+                %error,
+                "key reveal refused"
+            ),
+        }
+        result.map(|revealed| revealed.key)
+    }
+
+    async fn reveal_record(
+        &self,
+        id: Uuid,
+        actor: &Actor,
+        options: RevealOptions,
+    ) -> Result<Revealed, ManageError> {
+        let Some(ring) = &self.reveal else {
+            return Err(ManageError::not_revealable(
+                "viewable keys are not enabled (configure a reveal key)",
+            ));
+        };
+        // Before the lookup: probing ids and states spends the budget too.
+        self.reveal_limiter.check(actor).map_err(|wait| {
+            ManageError::conflict(format!(
+                "too many reveals by {actor}; retry in {} s",
+                wait.as_secs_f64().ceil()
+            ))
+            .with_kind(ManageErrorKind::RateLimited)
+        })?;
+        let record = self.get(id).await?;
+        let state = record.state(self.now());
+        if state != KeyState::Active && !options.include_inactive {
+            return Err(ManageError::conflict(format!(
+                "key {id} is {}: only active keys are revealed unless inactive ones are included",
+                state.as_str()
+            ))
+            .with_kind(ManageErrorKind::Inactive));
+        }
+        let sealed = record.encrypted_key.as_deref().ok_or_else(|| {
+            ManageError::not_revealable("this key was created without viewable keys")
+        })?;
+        let unsealed = ring.unseal(id, sealed).map_err(|error| match error {
+            UnsealError::UnknownKey(key_id) => ManageError::not_revealable(format!(
+                "the key was sealed under reveal key {key_id}, which is not configured \
+                 (add it to {PREVIOUS_REVEAL_KEYS_ENV})"
+            )),
+            UnsealError::Invalid => ManageError::not_revealable(
+                "the stored ciphertext does not open with the configured reveal keys: it was \
+                 altered, moved from another key, or sealed under a reveal key not configured",
+            ),
+        })?;
+        let resealed = !unsealed.current && self.reseal(id, sealed, ring, &unsealed.key).await;
+        Ok(Revealed {
+            key: unsealed.key,
+            state,
+            sealed_by: unsealed.sealed_by,
+            resealed,
+        })
+    }
+
+    /// Re-seals under the current reveal key (lazy migration after a reveal key rotation).
+    /// Best effort: a failure leaves the old ciphertext, which still opens.
+    async fn reseal(&self, id: Uuid, old: &[u8], ring: &RevealKeyRing, key: &ApiKey) -> bool {
+        let new = ring.seal(id, key);
+        match self.store.reseal(id, old, &new).await {
+            Ok(changed) => changed,
+            Err(error) => {
+                tracing::warn!(
+                    target: "keywarden",
+                    key_id = %id,
+                    %error,
+                    "could not re-seal a viewable key under the current reveal key; a later reveal retries"
+                );
+                false
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Mutex;
 
-    fn reveal_key(s: &str) -> RevealKey {
-        RevealKey::new(&Secret::new(s).unwrap())
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::manage::{ExpiresIn, NewKey};
+    use crate::secret::SecretRing;
+    use crate::store::{KeyPatch, KeyStore, MemoryStore};
+
+    const A: &str = "reveal-key-a-0123456789abcdefghijklmnop";
+    const B: &str = "reveal-key-b-0123456789abcdefghijklmnop";
+    const C: &str = "reveal-key-c-0123456789abcdefghijklmnop";
+
+    /// Made with Python's `cryptography` from the documented format, not with this code:
+    /// reveal secret, key id, plaintext, and the two formats for that row.
+    const VECTOR_SECRET: &str = "legacy-reveal-key-0123456789abcdefghij";
+    const VECTOR_ROW: &str = "0191e2a4-7b3c-7d4e-8f00-112233445566";
+    const VECTOR_KEY: &str = "kw_live_LegacyVector0123456789abcdefghijklmnopqrstuv";
+    const VECTOR_ID: &str = "0cd5c87be0d32a53";
+    /// Before reveal key ids: nonce ‖ ciphertext ‖ tag, associated data = the row id.
+    const LEGACY: &str = "a1b2c3d4e5f60718293a4b5c4fa28191f5c80c6fc69e78f3683fed6c852e0391ddfceadd1ead5c618775b309da67e155dcd267a31fcfac9ab4bac223087bfca307405451045b50329dffb192c1303047";
+    /// The same format with a nonce starting with byte 1, so it looks like an envelope.
+    const LEGACY_01: &str = "01b2c3d4e5f60718293a4b5c75b30a6253f8cd0dafb681bc38d3ddf180eeb52ad3902d2bafc18b72958d599c72b36cc95ce5e2c1136d114d90f5abe480629f84ab168e89306dbdeefb3cc8cb69ac1f44";
+    /// The envelope: 1 ‖ key id ‖ nonce ‖ ciphertext ‖ tag, associated data = 1 ‖ key id ‖ row.
+    const ENVELOPE: &str = "010cd5c87be0d32a53a1b2c3d4e5f60718293a4b5c4fa28191f5c80c6fc69e78f3683fed6c852e0391ddfceadd1ead5c618775b309da67e155dcd267a31fcfac9ab4bac223087bfca3a0c91c99c017d3a410d2ab0d2a3ee5fb";
+
+    fn key(secret: &str) -> RevealKey {
+        RevealKey::new(&Secret::new(secret).unwrap())
+    }
+
+    fn unhex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn opened(ring: &RevealKeyRing, row: Uuid, data: &[u8]) -> Option<(String, RevealKeyId, bool)> {
+        ring.unseal(row, data)
+            .ok()
+            .map(|u| (u.key.expose().to_owned(), u.sealed_by, u.current))
     }
 
     #[test]
-    fn seals_and_opens_bound_to_the_id() {
-        let rk = reveal_key("reveal-key-0123456789abcdef0123456789");
-        let id = Uuid::now_v7();
-        let key = ApiKey::new("kw_live_example");
-        let sealed = rk.seal(id, &key);
+    fn independent_vectors_open_in_both_formats() {
+        let row = Uuid::parse_str(VECTOR_ROW).unwrap();
+        let vector_key = key(VECTOR_SECRET);
+        assert_eq!(vector_key.id().to_string(), VECTOR_ID);
+        let alone = RevealKeyRing::new(vector_key.clone());
+        let behind = RevealKeyRing::new(key(A)).with_previous(vector_key.clone());
+        let expected = Some((VECTOR_KEY.to_owned(), vector_key.id(), true));
+        assert_eq!(opened(&alone, row, &unhex(ENVELOPE)), expected);
+        assert_eq!(
+            RevealKeyId::of_encrypted(&unhex(ENVELOPE)),
+            Some(vector_key.id())
+        );
+        let legacy = Some((VECTOR_KEY.to_owned(), vector_key.id(), false));
+        for data in [LEGACY, LEGACY_01] {
+            assert_eq!(opened(&alone, row, &unhex(data)), legacy, "current key");
+            assert_eq!(opened(&behind, row, &unhex(data)), legacy, "previous key");
+        }
+        assert_eq!(RevealKeyId::of_encrypted(&unhex(LEGACY)), None);
+        let previous = Some((VECTOR_KEY.to_owned(), vector_key.id(), false));
+        assert_eq!(opened(&behind, row, &unhex(ENVELOPE)), previous);
+    }
+
+    #[test]
+    fn envelopes_fail_closed_when_altered_or_moved() {
+        let ring = RevealKeyRing::new(key(A)).with_previous(key(B));
+        let row = Uuid::now_v7();
+        let sealed = ring.seal(row, &ApiKey::new("kw_live_example"));
         assert!(
             !sealed.windows(8).any(|w| w == b"kw_live_"),
             "ciphertext only"
         );
-        assert_eq!(rk.open(id, &sealed), Some(key.clone()));
+        assert_eq!(RevealKeyId::of_encrypted(&sealed), Some(key(A).id()));
+        assert_ne!(
+            ring.seal(row, &ApiKey::new("kw_live_example")),
+            sealed,
+            "random nonce"
+        );
+        assert!(opened(&ring, row, &sealed).is_some());
+        assert!(matches!(
+            ring.unseal(Uuid::now_v7(), &sealed),
+            Err(UnsealError::Invalid)
+        ));
+        // Relabelled as sealed by another key of the ring, or by an unknown key.
+        let mut relabelled = sealed.clone();
+        relabelled[1..HEADER_LEN].copy_from_slice(key(B).id().as_bytes());
+        assert!(matches!(
+            ring.unseal(row, &relabelled),
+            Err(UnsealError::Invalid)
+        ));
+        relabelled[1..HEADER_LEN].copy_from_slice(key(C).id().as_bytes());
+        assert!(matches!(
+            ring.unseal(row, &relabelled),
+            Err(UnsealError::UnknownKey(id)) if id == key(C).id()
+        ));
+        for i in 0..sealed.len() {
+            let mut tampered = sealed.clone();
+            tampered[i] ^= 0x40;
+            assert!(ring.unseal(row, &tampered).is_err(), "byte {i}");
+        }
+        for len in 0..sealed.len() {
+            assert!(ring.unseal(row, &sealed[..len]).is_err(), "length {len}");
+        }
+        let mut longer = sealed.clone();
+        longer.push(0);
+        assert!(ring.unseal(row, &longer).is_err());
+    }
+
+    #[test]
+    fn a_rotated_ring_opens_what_the_old_key_sealed() {
+        let row = Uuid::now_v7();
+        let before = RevealKeyRing::new(key(A));
+        let sealed = before.seal(row, &ApiKey::new("kw_live_x"));
         assert_eq!(
-            rk.open(Uuid::now_v7(), &sealed),
-            None,
-            "moved to another row"
+            opened(&before, row, &sealed),
+            Some(("kw_live_x".into(), key(A).id(), true))
+        );
+        let after = RevealKeyRing::from_strs(B, Some(&format!(" {A} ,,{B}\n{A}"))).unwrap();
+        assert_eq!(after.current_id(), key(B).id());
+        assert_eq!(after.previous_ids().collect::<Vec<_>>(), vec![key(A).id()]);
+        assert_eq!(
+            opened(&after, row, &sealed),
+            Some(("kw_live_x".into(), key(A).id(), false))
+        );
+        let resealed = after.seal(row, &ApiKey::new("kw_live_x"));
+        assert_eq!(RevealKeyId::of_encrypted(&resealed), Some(key(B).id()));
+        assert!(matches!(
+            RevealKeyRing::new(key(B)).unseal(row, &sealed),
+            Err(UnsealError::UnknownKey(id)) if id == key(A).id()
+        ));
+    }
+
+    #[test]
+    fn short_keys_are_refused_and_debug_shows_ids_only() {
+        assert!(RevealKeyRing::from_strs("short", None).is_err());
+        assert!(RevealKeyRing::from_strs(A, Some("short")).is_err());
+        let ring = RevealKeyRing::from_strs(A, Some(B)).unwrap();
+        for text in [format!("{ring:?}"), format!("{:?}", key(A))] {
+            assert!(text.contains(&key(A).id().to_string()), "{text}");
+            assert!(!text.contains("0123456789"), "{text}");
+        }
+    }
+
+    /// Environment variables are process-wide: every case runs in this one test, under a lock.
+    #[test]
+    fn reads_the_ring_from_the_environment_and_files() {
+        static ENV: Mutex<()> = Mutex::new(());
+        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let vars = [
+            REVEAL_KEY_ENV,
+            REVEAL_KEY_FILE_ENV,
+            PREVIOUS_REVEAL_KEYS_ENV,
+            PREVIOUS_REVEAL_KEYS_FILE_ENV,
+        ];
+        let clear = || vars.iter().for_each(|v| std::env::remove_var(v));
+        let dir = std::env::temp_dir().join(format!("keywarden-reveal-{}", Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let current_file = dir.join("current");
+        let previous_file = dir.join("previous");
+        std::fs::write(&current_file, format!("{B}\r\n")).unwrap();
+        std::fs::write(&previous_file, format!("{A}\n\n{C}\n")).unwrap();
+
+        clear();
+        assert!(RevealKeyRing::from_env().unwrap().is_none());
+
+        std::env::set_var(REVEAL_KEY_ENV, A);
+        let ring = RevealKeyRing::from_env().unwrap().unwrap();
+        assert_eq!(ring.current_id(), key(A).id());
+        assert_eq!(ring.previous_ids().count(), 0);
+
+        std::env::set_var(PREVIOUS_REVEAL_KEYS_ENV, format!("{B}, {C}"));
+        let ring = RevealKeyRing::from_env().unwrap().unwrap();
+        assert_eq!(
+            ring.previous_ids().collect::<Vec<_>>(),
+            vec![key(B).id(), key(C).id()]
+        );
+
+        std::env::set_var(PREVIOUS_REVEAL_KEYS_ENV, format!("{B},tooshort"));
+        let err = RevealKeyRing::from_env().unwrap_err();
+        assert_eq!(err.kind(), RevealKeyErrorKind::TooShort);
+        assert_eq!(err.var(), PREVIOUS_REVEAL_KEYS_ENV);
+        assert!(err.to_string().contains("entry 2"), "{err}");
+        assert!(!err.to_string().contains("tooshort") && !err.to_string().contains(B));
+
+        clear();
+        std::env::set_var(REVEAL_KEY_FILE_ENV, &current_file);
+        std::env::set_var(PREVIOUS_REVEAL_KEYS_FILE_ENV, &previous_file);
+        let ring = RevealKeyRing::from_env().unwrap().unwrap();
+        assert_eq!(ring.current_id(), key(B).id(), "one line break dropped");
+        assert_eq!(
+            ring.previous_ids().collect::<Vec<_>>(),
+            vec![key(A).id(), key(C).id()]
+        );
+
+        std::env::set_var(REVEAL_KEY_ENV, A);
+        let err = RevealKeyRing::from_env().unwrap_err();
+        assert_eq!(err.kind(), RevealKeyErrorKind::Conflicting);
+        assert!(!err.to_string().contains(A), "{err}");
+
+        clear();
+        std::env::set_var(REVEAL_KEY_FILE_ENV, dir.join("missing"));
+        let err = RevealKeyRing::from_env().unwrap_err();
+        assert_eq!(
+            (err.kind(), err.var()),
+            (RevealKeyErrorKind::File, REVEAL_KEY_FILE_ENV)
+        );
+
+        clear();
+        std::env::set_var(PREVIOUS_REVEAL_KEYS_ENV, A);
+        let err = RevealKeyRing::from_env().unwrap_err();
+        assert_eq!(err.kind(), RevealKeyErrorKind::MissingCurrent);
+        assert!(!err.to_string().contains(A), "{err}");
+
+        clear();
+        std::env::set_var(REVEAL_KEY_ENV, "");
+        let err = RevealKeyRing::from_env().unwrap_err();
+        assert_eq!(err.kind(), RevealKeyErrorKind::TooShort, "empty is not off");
+        clear();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn manager(ring: Option<RevealKeyRing>) -> (KeyManager, ManualClock, Arc<MemoryStore>) {
+        let clock = ManualClock::new(OffsetDateTime::now_utc());
+        let store = Arc::new(MemoryStore::new());
+        let secrets = SecretRing::from_strs("reveal-test-secret-0123456789abcdef", None).unwrap();
+        let mut manager =
+            KeyManager::new(store.clone(), secrets).with_clock(Arc::new(clock.clone()));
+        if let Some(ring) = ring {
+            manager = manager.with_reveal_keys(ring);
+        }
+        (manager, clock, store)
+    }
+
+    use time::OffsetDateTime;
+
+    #[tokio::test]
+    async fn rotating_the_reveal_key_loses_nothing_and_reseals_lazily() {
+        let (old, _, store) = manager(Some(RevealKeyRing::from_strs(A, None).unwrap()));
+        let created = old.create(NewKey::new("k", "u")).await.unwrap();
+        let id = created.record.id;
+        let sealed = |store: &Arc<MemoryStore>| {
+            let store = store.clone();
+            async move { store.get(id).await.unwrap().unwrap().encrypted_key.unwrap() }
+        };
+        let before = sealed(&store).await;
+        assert_eq!(RevealKeyId::of_encrypted(&before), Some(key(A).id()));
+
+        let rotated = KeyManager::new(store.clone(), old.ring.clone())
+            .with_reveal_keys(RevealKeyRing::from_strs(B, Some(A)).unwrap());
+        assert_eq!(rotated.reveal(id, &Actor::Cli).await.unwrap(), created.key);
+        let after = sealed(&store).await;
+        assert_eq!(
+            RevealKeyId::of_encrypted(&after),
+            Some(key(B).id()),
+            "re-sealed"
         );
         assert_eq!(
-            reveal_key("another-reveal-key-0123456789abcdef").open(id, &sealed),
-            None
+            store.get(id).await.unwrap().unwrap().updated_at,
+            created.record.updated_at
         );
-        let mut tampered = sealed.clone();
-        *tampered.last_mut().unwrap() ^= 1;
-        assert_eq!(rk.open(id, &tampered), None);
-        assert_eq!(rk.open(id, &sealed[..5]), None);
-        assert_ne!(rk.seal(id, &key), sealed, "random nonce per seal");
-        assert_eq!(format!("{rk:?}"), "RevealKey([redacted])");
+        // Once re-sealed, the old reveal key can leave the ring.
+        let new_only = KeyManager::new(store.clone(), old.ring.clone())
+            .with_reveal_keys(RevealKeyRing::from_strs(B, None).unwrap());
+        assert_eq!(new_only.reveal(id, &Actor::Cli).await.unwrap(), created.key);
+        assert_eq!(sealed(&store).await, after, "nothing to re-seal");
+        // The old key alone no longer opens it: the manager says which key it needs.
+        let err = old.reveal(id, &Actor::Cli).await.unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::NotRevealable);
+        assert!(err.to_string().contains(&key(B).id().to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn inactive_keys_are_refused_unless_included() {
+        let (m, clock, _) = manager(Some(RevealKeyRing::from_strs(A, None).unwrap()));
+        let revoked = m.create(NewKey::new("r", "u")).await.unwrap();
+        m.revoke(revoked.record.id).await.unwrap();
+        let disabled = m.create(NewKey::new("d", "u")).await.unwrap();
+        let patch = KeyPatch {
+            disabled: Some(true),
+            ..KeyPatch::default()
+        };
+        m.update(disabled.record.id, patch).await.unwrap();
+        let expiring = m
+            .create(NewKey::new("e", "u").expires_in(ExpiresIn::DAYS_7))
+            .await
+            .unwrap();
+        assert_eq!(
+            m.reveal(expiring.record.id, &Actor::Cli).await.unwrap(),
+            expiring.key,
+            "active until it expires"
+        );
+        clock.advance(time::Duration::days(8));
+        for (created, state) in [
+            (&revoked, "revoked"),
+            (&disabled, "disabled"),
+            (&expiring, "expired"),
+        ] {
+            let err = m.reveal(created.record.id, &Actor::Cli).await.unwrap_err();
+            assert_eq!(err.kind(), ManageErrorKind::Inactive, "{state}");
+            assert!(err.to_string().contains(state), "{err}");
+            let shown = m
+                .reveal_with(
+                    created.record.id,
+                    &Actor::Cli,
+                    RevealOptions::new().include_inactive(true),
+                )
+                .await
+                .unwrap();
+            assert_eq!(shown, created.key, "{state}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reveals_are_limited_per_actor() {
+        let (m, clock, _) = manager(Some(RevealKeyRing::from_strs(A, None).unwrap()));
+        let created = m.create(NewKey::new("k", "u")).await.unwrap();
+        let id = created.record.id;
+        let alice = Actor::Other("alice".into());
+        for n in 0..10 {
+            assert!(m.reveal(id, &alice).await.is_ok(), "reveal {n}");
+        }
+        let err = m.reveal(id, &alice).await.unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::RateLimited);
+        assert!(err.to_string().contains("retry in 6 s"), "{err}");
+        // Unknown ids spend the budget too, so ids cannot be probed past it.
+        assert_eq!(
+            m.reveal(Uuid::now_v7(), &alice).await.unwrap_err().kind(),
+            ManageErrorKind::RateLimited
+        );
+        let caller = Actor::Key {
+            id: Uuid::now_v7(),
+            subject: "bob".into(),
+        };
+        assert!(
+            m.reveal(id, &caller).await.is_ok(),
+            "another actor's budget"
+        );
+        assert!(m.reveal(id, &Actor::Cli).await.is_ok());
+        clock.advance(time::Duration::seconds(6));
+        assert!(m.reveal(id, &alice).await.is_ok(), "one back per 6 s");
+        assert!(m.reveal(id, &alice).await.is_err());
+
+        let strict = manager(Some(RevealKeyRing::from_strs(A, None).unwrap()))
+            .0
+            .with_reveal_limit("1/h".parse().unwrap());
+        let created = strict.create(NewKey::new("k", "u")).await.unwrap();
+        assert!(strict.reveal(created.record.id, &alice).await.is_ok());
+        assert_eq!(
+            strict
+                .reveal(created.record.id, &alice)
+                .await
+                .unwrap_err()
+                .kind(),
+            ManageErrorKind::RateLimited
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ciphertext_moved_to_another_key_is_refused() {
+        let (m, _, store) = manager(Some(RevealKeyRing::from_strs(A, None).unwrap()));
+        let a = m.create(NewKey::new("a", "u")).await.unwrap();
+        let b = m.create(NewKey::new("b", "u")).await.unwrap();
+        let a_sealed = store
+            .get(a.record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .encrypted_key
+            .unwrap();
+        let b_sealed = store
+            .get(b.record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .encrypted_key
+            .unwrap();
+        assert!(store
+            .reseal(b.record.id, &b_sealed, &a_sealed)
+            .await
+            .unwrap());
+        let err = m.reveal(b.record.id, &Actor::Cli).await.unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::NotRevealable);
+        assert_eq!(
+            store.get(b.record.id).await.unwrap().unwrap().encrypted_key,
+            Some(a_sealed),
+            "nothing re-sealed"
+        );
+    }
+
+    /// Captures formatted tracing output.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn every_reveal_is_an_audit_event_with_its_actor_and_no_secrets() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let (m, _, _) = manager(Some(RevealKeyRing::from_strs(B, Some(A)).unwrap()));
+        let created = m.create(NewKey::new("k", "u")).await.unwrap();
+        let caller = Actor::Key {
+            id: Uuid::now_v7(),
+            subject: "carol".into(),
+        };
+        m.reveal(created.record.id, &caller).await.unwrap();
+        m.revoke(created.record.id).await.unwrap();
+        let err = m.reveal(created.record.id, &Actor::Cli).await.unwrap_err();
+        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let events: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("keywarden::audit"))
+            .collect();
+        assert_eq!(events.len(), 2, "{logs}");
+        assert!(events[0].contains("outcome=\"revealed\""), "{logs}");
+        assert!(events[0].contains(&format!("actor=key:{}", caller.key_id().unwrap())));
+        assert!(events[0].contains("actor_subject=\"carol\""), "{logs}");
+        assert!(events[0].contains(&format!("key_id={}", created.record.id)));
+        assert!(events[1].contains("outcome=\"refused\""), "{logs}");
+        assert!(events[1].contains("reason=Inactive") && events[1].contains("actor=cli"));
+        for text in [
+            logs.as_str(),
+            &err.to_string(),
+            &format!("{err:?}"),
+            &format!("{m:?}"),
+        ] {
+            for secret in [A, B, created.key.expose()] {
+                assert!(!text.contains(secret), "{text}");
+            }
+        }
     }
 }

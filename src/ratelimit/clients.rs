@@ -111,9 +111,13 @@ struct Window {
 
 /// The runtime state: windows per address, and the latest instant any address is blocked
 /// until, so the common case (nobody blocked) costs one atomic load.
+///
+/// Instants are nanoseconds of the clock's monotonic reading since `origin`: a wall clock
+/// stepped back must not stretch a block, nor one stepped forward lift it.
 pub(crate) struct FailureTracker {
     config: FailedAttemptLimit,
     clock: Arc<dyn Clock>,
+    origin: std::time::Instant,
     windows: moka::sync::Cache<IpAddr, Arc<Window>>,
     blocked_until_max: AtomicI64,
 }
@@ -123,10 +127,6 @@ pub(crate) struct Blocked {
     pub(crate) status: RateLimitStatus,
     pub(crate) retry_after: Duration,
     pub(crate) allow_cached: bool,
-}
-
-fn nanos(clock: &dyn Clock) -> i64 {
-    i64::try_from(clock.now().unix_timestamp_nanos()).unwrap_or(i64::MAX)
 }
 
 fn duration_nanos(d: Duration) -> i64 {
@@ -141,10 +141,20 @@ impl FailureTracker {
             .build();
         Self {
             config,
+            origin: clock.monotonic(),
             clock,
             windows,
             blocked_until_max: AtomicI64::new(i64::MIN),
         }
+    }
+
+    /// Monotonic nanoseconds since the tracker was made.
+    fn nanos(&self) -> i64 {
+        let since = self
+            .clock
+            .monotonic()
+            .saturating_duration_since(self.origin);
+        i64::try_from(since.as_nanos()).unwrap_or(i64::MAX)
     }
 
     /// The client's address, per the configured source.
@@ -164,7 +174,7 @@ impl FailureTracker {
 
     /// Whether `ip` is over its budget now.
     pub(crate) fn check(&self, ip: IpAddr) -> Option<Blocked> {
-        let now = nanos(&*self.clock);
+        let now = self.nanos();
         if now >= self.blocked_until_max.load(Ordering::Acquire) {
             return None;
         }
@@ -190,7 +200,7 @@ impl FailureTracker {
 
     /// Counts one rejected key from `ip`.
     pub(crate) fn record_failure(&self, ip: IpAddr) {
-        let now = nanos(&*self.clock);
+        let now = self.nanos();
         let window_len = duration_nanos(self.config.window);
         let fresh = || {
             Arc::new(Window {
@@ -256,7 +266,7 @@ fn last_address(value: &[u8]) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
     use time::OffsetDateTime;
 
     fn tracker(n: u32) -> (FailureTracker, ManualClock) {
@@ -284,6 +294,22 @@ mod tests {
         assert!(t.check(ip).is_none());
         // A new window starts from zero.
         t.record_failure(ip);
+        assert!(t.check(ip).is_none());
+    }
+
+    #[test]
+    fn stepping_the_wall_clock_neither_stretches_nor_lifts_a_block() {
+        let (t, clock) = tracker(2);
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        t.record_failure(ip);
+        // Stepped back an hour between two failures: still one window, no hour-long block.
+        clock.advance(time::Duration::hours(-1));
+        t.record_failure(ip);
+        assert_eq!(t.check(ip).unwrap().retry_after, Duration::from_secs(60));
+        // Stepped forward a day: the block still lasts its window.
+        clock.set(clock.now() + time::Duration::days(1));
+        assert_eq!(t.check(ip).unwrap().retry_after, Duration::from_secs(60));
+        clock.advance(time::Duration::seconds(60));
         assert!(t.check(ip).is_none());
     }
 

@@ -31,6 +31,7 @@ mod redis;
 
 pub(crate) use clients::{Blocked, FailureTracker};
 pub use clients::{BlockedClients, ClientAddr, ClientAddress, FailedAttemptLimit};
+pub(crate) use local::LocalLimiter;
 
 /// So many requests per period, with a burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -179,7 +180,9 @@ enum LimiterKind {
 }
 
 impl RateLimiter {
-    /// In this process (default): each instance has its own budget per key.
+    /// In this process (default): each instance has its own budget per key, measured with
+    /// the layer clock's [monotonic reading](crate::Clock::monotonic), so stepping the
+    /// system clock moves no budget.
     pub fn local() -> Self {
         Self::default()
     }
@@ -187,6 +190,13 @@ impl RateLimiter {
     /// In Redis: every instance sharing the backend's namespace draws from one budget per
     /// key, at one round trip per rate-limited request. If Redis fails, requests fall back
     /// to the local limiter (fail-open) unless [`fail_closed`](Self::fail_closed) is set.
+    ///
+    /// Budgets are computed in a Lua script against the Redis server's clock (`TIME`), not
+    /// the instances' clocks or the layer's [`Clock`](crate::Clock): instances with skewed
+    /// clocks agree, and a test clock does not move Redis budgets. Needs Redis 5 or later.
+    /// A stored budget that is garbage or absurdly far ahead (a server clock stepped back)
+    /// is repaired by the next request instead of refusing the key; every limiter key
+    /// expires once its budget is full again.
     #[cfg(feature = "redis")]
     pub fn redis(backend: &crate::redis_backend::RedisBackend) -> Self {
         Self {
@@ -200,22 +210,31 @@ impl RateLimiter {
     /// With a Redis limiter: when Redis fails, answer 503 `store_unavailable` instead of
     /// falling back to the local limiter.
     #[must_use]
-    pub fn fail_closed(mut self) -> Self {
-        #[cfg(feature = "redis")]
-        if let LimiterKind::Redis { fail_open, .. } = &mut self.kind {
-            *fail_open = false;
-        }
-        self
+    pub fn fail_closed(self) -> Self {
+        self.falling_back(false)
     }
 
     /// With a Redis limiter: when Redis fails, count in this process instead (default).
     #[must_use]
-    pub fn fail_open(mut self) -> Self {
-        #[cfg(feature = "redis")]
-        if let LimiterKind::Redis { fail_open, .. } = &mut self.kind {
-            *fail_open = true;
+    pub fn fail_open(self) -> Self {
+        self.falling_back(true)
+    }
+
+    fn falling_back(self, open: bool) -> Self {
+        match self.kind {
+            #[cfg(feature = "redis")]
+            LimiterKind::Redis { backend, .. } => Self {
+                kind: LimiterKind::Redis {
+                    backend,
+                    fail_open: open,
+                },
+            },
+            // Only a Redis limiter can fail.
+            kind => {
+                let _ = open;
+                Self { kind }
+            }
         }
-        self
     }
 }
 
@@ -287,6 +306,11 @@ impl Limiters {
         return self.redis.is_some();
         #[cfg(not(feature = "redis"))]
         false
+    }
+
+    /// How many in-process per-policy limiters are held.
+    pub(crate) fn local_len(&self) -> usize {
+        self.local.len()
     }
 
     /// Takes one request from `key`'s budget under `policy`, in memory.

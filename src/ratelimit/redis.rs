@@ -1,5 +1,14 @@
 //! The distributed limiter: one GCRA in a Lua script, one round trip per request, so every
 //! instance sharing the Redis namespace draws from one budget per key.
+//!
+//! Time is the Redis server's own clock (`TIME`), read inside the script, so instances with
+//! skewed clocks agree; the application clocks (and [`Clock`](crate::Clock)) play no part.
+//! Reading `TIME` and then writing needs Redis 5 or later, which
+//! [`RedisBackend::connect`] checks. Whatever the stored value, a request is decided: a
+//! value that is not a number (or a key of another type) counts as a full budget, and one
+//! further ahead than any request can push it (a server clock stepped back, a foreign
+//! write) is clamped to a spent budget that refills normally. Every limiter key carries a
+//! TTL, at most one full refill.
 
 use std::time::Duration;
 
@@ -9,21 +18,35 @@ use super::local::{emission_interval, status};
 use super::{Decision, RateLimitPolicy};
 use crate::redis_backend::{RedisBackend, RedisBackendError};
 
-/// GCRA over Redis's own clock (`TIME`), so instances with skewed clocks agree.
+/// GCRA over Redis's own clock (`TIME`).
 /// KEYS[1] = the key's budget; ARGV = emission interval (µs), burst.
 /// Returns {allowed, remaining, retry_after_us}. The stored value is the theoretical arrival
 /// time (µs); it expires once the budget would be full again, so idle keys cost nothing.
+/// `pcall`: a key of another type must not fail the script (SET replaces it).
 const GCRA: &str = r"
 local emission = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
 local tolerance = emission * burst
+local stored = redis.pcall('GET', KEYS[1])
+local tat = nil
+if type(stored) == 'string' then tat = tonumber(stored) end
+local repair = false
+if tat == nil or tat ~= tat then
+  repair = stored ~= false
+  tat = now
+elseif tat > now + tolerance then
+  repair = true
+  tat = now + tolerance
+end
+if tat < now then tat = now end
 local new_tat = tat + emission
 local allow_at = new_tat - tolerance
 if now < allow_at then
+  if repair or redis.call('PTTL', KEYS[1]) == -1 then
+    redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  end
   return {0, 0, allow_at - now}
 end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)

@@ -6,7 +6,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, StoreError, StoreErrorKind,
+    no_secret, retired_placeholder, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage,
+    SecretRetirement, StoreError, StoreErrorKind, UnmigratedKeys,
 };
 use crate::secret::{Digest, SecretId};
 
@@ -19,7 +20,10 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     by_id: BTreeMap<Uuid, KeyRecord>,
+    /// Every digest of every key: the records' and the added ones.
     by_digest: HashMap<Digest, Uuid>,
+    /// Digests added after creation ([`KeyStore::add_digest`]), per key.
+    added: HashMap<Uuid, Vec<(SecretId, Digest)>>,
 }
 
 impl MemoryStore {
@@ -84,38 +88,137 @@ impl KeyStore for MemoryStore {
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.write();
-        Ok(inner.by_id.get_mut(&id).map(|record| {
-            patch.apply_to(record, now);
-            record.clone()
-        }))
+        let Some(record) = inner.by_id.get_mut(&id) else {
+            return Ok(None);
+        };
+        // Under the write lock: the check and the write are one step.
+        patch.check_expected(record)?;
+        patch.apply_to(record, now);
+        Ok(Some(record.clone()))
     }
 
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: Uuid,
-        old: &Digest,
+        found_by: &Digest,
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
         let mut inner = self.write();
-        let Inner { by_id, by_digest } = &mut *inner;
-        let Some(record) = by_id.get_mut(&id) else {
+        let Inner {
+            by_id,
+            by_digest,
+            added,
+        } = &mut *inner;
+        match by_digest.get(new) {
+            Some(owner) if *owner != id => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Conflict,
+                    "another key has this digest",
+                ))
+            }
+            Some(_) => return Ok(false),
+            None => {}
+        }
+        let Some(record) = by_id.get(&id) else {
             return Ok(false);
         };
-        if record.digest != *old {
+        let extra = added.entry(id).or_default();
+        let still_valid = record.digest == *found_by || extra.iter().any(|(_, d)| d == found_by);
+        if !still_valid
+            || record.secret_id == secret_id
+            || extra.iter().any(|(s, _)| *s == secret_id)
+        {
             return Ok(false);
         }
-        if by_digest.get(new).is_some_and(|other| *other != id) {
-            return Err(StoreError::new(
-                StoreErrorKind::Conflict,
-                "another key has this digest",
-            ));
-        }
-        by_digest.remove(old);
+        extra.push((secret_id, *new));
         by_digest.insert(*new, id);
-        record.digest = *new;
-        record.secret_id = secret_id;
         Ok(true)
+    }
+
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let mut inner = self.write();
+        match inner.by_id.get_mut(&id) {
+            Some(record) if record.encrypted_key.as_deref() == Some(old) => {
+                record.encrypted_key = Some(new.to_vec());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let mut inner = self.write();
+        let Inner {
+            by_id,
+            by_digest,
+            added,
+        } = &mut *inner;
+        let only_under = |record: &KeyRecord| {
+            record.secret_id == secret_id
+                && added
+                    .get(&record.id)
+                    .is_none_or(|extra| extra.iter().all(|(s, _)| *s == secret_id))
+        };
+        let stranded: Vec<Uuid> = by_id
+            .values()
+            .filter(|r| r.revoked_at.is_none() && only_under(r))
+            .map(|r| r.id)
+            .collect();
+        if unmigrated == UnmigratedKeys::Refuse && !stranded.is_empty() {
+            return Ok(SecretRetirement {
+                retired: false,
+                unmigrated: stranded,
+                ..SecretRetirement::default()
+            });
+        }
+        let mut outcome = SecretRetirement {
+            retired: true,
+            unmigrated: stranded,
+            ..SecretRetirement::default()
+        };
+        for record in by_id.values_mut() {
+            let extra = added.entry(record.id).or_default();
+            let before = extra.len();
+            extra.retain(|(s, d)| {
+                let keep = *s != secret_id;
+                if !keep {
+                    by_digest.remove(d);
+                }
+                keep
+            });
+            let mut lost = before - extra.len();
+            if record.secret_id == secret_id {
+                by_digest.remove(&record.digest);
+                lost += 1;
+                // Promote the lowest of the other digests, as the SQL stores do.
+                extra.sort_by(|a, b| a.1.as_bytes().cmp(b.1.as_bytes()));
+                if extra.is_empty() {
+                    record.digest = retired_placeholder(record.id);
+                    record.secret_id = no_secret();
+                    record.revoked_at.get_or_insert(now);
+                    record.updated_at = now;
+                    by_digest.insert(record.digest, record.id);
+                } else {
+                    let (s, d) = extra.remove(0);
+                    record.digest = d;
+                    record.secret_id = s;
+                }
+            }
+            if extra.is_empty() {
+                added.remove(&record.id);
+            }
+            if lost > 0 {
+                outcome.dropped += lost as u64;
+                outcome.affected.push(record.id);
+            }
+        }
+        Ok(outcome)
     }
 
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
@@ -123,6 +226,9 @@ impl KeyStore for MemoryStore {
         let removed = inner.by_id.remove(&id);
         if let Some(record) = &removed {
             inner.by_digest.remove(&record.digest);
+            for (_, digest) in inner.added.remove(&id).unwrap_or_default() {
+                inner.by_digest.remove(&digest);
+            }
         }
         Ok(removed)
     }

@@ -1,8 +1,10 @@
 //! Key storage: the [`KeyStore`] trait, the stored [`KeyRecord`], and the backends.
 //!
 //! A store never sees a plaintext key: records hold the key's HMAC digest and the id of the
-//! secret that made it. Lookups by digest are the hot path's only store query, and the layer
-//! caches them.
+//! secret that made it. After a secret rotation a key gains a further digest under the new
+//! secret on first use ([`KeyStore::add_digest`]); its old digest stays valid until the operator
+//! retires the old secret ([`KeyStore::retire_secret`]). Lookups by digest, any of a key's
+//! digests, are the hot path's only store query, and the layer caches them.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -132,9 +134,17 @@ pub struct KeyStateParseError;
 pub struct KeyRecord {
     /// Key id (UUIDv7: time-ordered).
     pub id: Uuid,
-    /// HMAC-SHA256 of the key under the secret `secret_id`. Unique across the store.
+    /// The key's primary digest: HMAC-SHA256 of the key under the secret `secret_id`.
+    ///
+    /// Set when the key is created and kept when the key gains further digests under later
+    /// secrets ([`KeyStore::add_digest`]; those are not part of the record, and nothing shows
+    /// them). Replaced only when its secret is retired ([`KeyStore::retire_secret`]): by one of
+    /// the key's further digests, or, for a key that had none, by a placeholder that matches
+    /// no key (the key is then revoked). Unique among every digest in the store. Never shown
+    /// by listings, the CLI or the management API.
     pub digest: Digest,
-    /// The secret that made `digest`.
+    /// The secret that made `digest`; all zero for the placeholder of a key whose only secret
+    /// was retired.
     pub secret_id: SecretId,
     /// The prefix and first body characters, for listings (`kw_live_AbC1`).
     pub display_start: String,
@@ -239,11 +249,22 @@ pub struct KeyPatch {
     pub revoked_at: Option<OffsetDateTime>,
     /// New disabled flag.
     pub disabled: Option<bool>,
+    /// Optimistic concurrency: apply the patch only if the record's `updated_at` is still
+    /// this instant (compared at the stores' microsecond resolution), checked in the same
+    /// transaction as the write. Otherwise the store writes nothing and fails with
+    /// [`StoreErrorKind::Conflict`]. `None` (the default) applies the patch unconditionally.
+    ///
+    /// Every update moves `updated_at` forward (see [`apply_to`](Self::apply_to)), so it
+    /// serves as the record's version.
+    pub expected_updated_at: Option<OffsetDateTime>,
 }
 
 impl KeyPatch {
-    /// Applies the patch to a record and sets `updated_at`. Stores that read, modify and
-    /// write a row in a transaction use this so every backend applies patches identically.
+    /// Applies the patch to a record and sets `updated_at` to `now`, or to one microsecond
+    /// after the previous `updated_at` if that is later: every update changes the version,
+    /// even two within one microsecond or under a clock that stands still or steps back.
+    /// Stores that read, modify and write a row in a transaction use this so every backend
+    /// applies patches identically (after [`check_expected`](Self::check_expected)).
     pub fn apply_to(&self, record: &mut KeyRecord, now: OffsetDateTime) {
         if let Some(name) = &self.name {
             record.name.clone_from(name);
@@ -272,7 +293,31 @@ impl KeyPatch {
         if let Some(disabled) = self.disabled {
             record.disabled = disabled;
         }
-        record.updated_at = now;
+        record.updated_at = record
+            .updated_at
+            .checked_add(time::Duration::MICROSECOND)
+            .map_or(now, |next| now.max(next));
+    }
+
+    /// Whether `current`, the stored record read in the transaction about to write it, is
+    /// the version [`expected_updated_at`](Self::expected_updated_at) names (always true
+    /// without one).
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Conflict`] when the record changed since that version was read.
+    pub fn check_expected(&self, current: &KeyRecord) -> Result<(), StoreError> {
+        fn micros(at: OffsetDateTime) -> i128 {
+            at.unix_timestamp_nanos().div_euclid(1_000)
+        }
+        match self.expected_updated_at {
+            Some(expected) if micros(expected) != micros(current.updated_at) => {
+                Err(StoreError::new(
+                    StoreErrorKind::Conflict,
+                    "the key changed since it was read",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether the patch changes anything the request path checks.
@@ -281,6 +326,7 @@ impl KeyPatch {
             != KeyPatch {
                 name: self.name.clone(),
                 description: self.description.clone(),
+                expected_updated_at: self.expected_updated_at,
                 ..KeyPatch::default()
             }
     }
@@ -374,11 +420,53 @@ pub struct KeyUsage {
     pub uses: u64,
 }
 
+/// What [`KeyStore::retire_secret`] does with keys whose only digest is under the retired
+/// secret (keys not used through an instance holding a newer secret since the rotation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnmigratedKeys {
+    /// Retire nothing, and report them.
+    #[default]
+    Refuse,
+    /// Retire anyway: their digests are dropped and they are revoked, since they could never
+    /// verify again.
+    Revoke,
+}
+
+/// What [`KeyStore::retire_secret`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretRetirement {
+    /// Whether the secret's digests were dropped; `false` only when
+    /// [`UnmigratedKeys::Refuse`] found [`unmigrated`](Self::unmigrated) keys, and then
+    /// nothing changed.
+    pub retired: bool,
+    /// How many digests were dropped.
+    pub dropped: u64,
+    /// Keys, not revoked before, whose only digest was under the secret: the reason for a
+    /// refusal, or the keys revoked by a forced retirement. In id order.
+    pub unmigrated: Vec<Uuid>,
+    /// Every key that lost a digest: caches must forget them. In id order.
+    pub affected: Vec<Uuid>,
+}
+
+/// The placeholder digest of a key whose only secret was retired: 16 zero bytes and the key
+/// id. Not an HMAC output anyone can produce, and unique per key.
+pub(crate) fn retired_placeholder(id: Uuid) -> Digest {
+    let mut bytes = [0u8; 32];
+    bytes[16..].copy_from_slice(id.as_bytes());
+    Digest::from_bytes(bytes)
+}
+
+/// The secret id stored beside [`retired_placeholder`].
+pub(crate) fn no_secret() -> SecretId {
+    SecretId::from_bytes([0; 8])
+}
+
 /// What went wrong in a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreErrorKind {
-    /// A record with this id or digest already exists.
+    /// A record with this id or digest already exists; or, from [`KeyStore::update`], the
+    /// record changed since the version the patch expected.
     Conflict,
     /// The store cannot be reached or refused the connection.
     Unavailable,
@@ -430,7 +518,10 @@ impl StoreError {
 
 /// Where keys live. Object-safe: the layer holds an `Arc<dyn KeyStore>`.
 ///
-/// Implementations must keep `digest` unique, order listings by id, and apply patches with
+/// A key has one or more digests, at most one per secret: the record's
+/// [`digest`](KeyRecord::digest) and any added by [`add_digest`](Self::add_digest).
+/// Implementations must keep every digest unique across the store, find a key by any of its
+/// digests, order listings by id, and apply patches with [`KeyPatch::check_expected`] and
 /// [`KeyPatch::apply_to`] semantics atomically (no lost updates under concurrency).
 #[async_trait]
 pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
@@ -440,13 +531,19 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreErrorKind::Conflict`] if the id or digest exists.
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
-    /// The record with this digest: the request path's lookup (one indexed query).
+    /// The record with this digest, its record digest or one [added](Self::add_digest) to it:
+    /// the request path's lookup (one indexed query).
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError>;
 
     /// The record with this id.
     async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Applies `patch` atomically and returns the updated record, or `None` for an unknown id.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Conflict`], with nothing written, when the patch has an
+    /// [`expected_updated_at`](KeyPatch::expected_updated_at) and the record's `updated_at`
+    /// differs ([`KeyPatch::check_expected`], in the same transaction as the write).
     async fn update(
         &self,
         id: Uuid,
@@ -454,18 +551,77 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// Replaces the digest of `id` if it is still `old` (lazy migration to the current
-    /// secret). Returns whether the row changed.
-    async fn redigest(
+    /// Adds `new`, made under the secret `secret_id`, as a further digest of key `id` if
+    /// `found_by` is still one of its digests: the lazy migration to the current secret after
+    /// a rotation. The key's other digests stay valid, so instances still on the old secret
+    /// (a rolling deploy, a rollback) keep verifying it. Returns whether a digest was added:
+    /// `false` for an unknown id, a `found_by` that is no longer the key's, or a key that
+    /// already has `new` or a digest under `secret_id`. Never changes the record.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Conflict`] if `new` is a digest of another key.
+    async fn add_digest(
         &self,
         id: Uuid,
-        old: &Digest,
+        found_by: &Digest,
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError>;
 
+    /// Drops every digest made under the secret `secret_id`, atomically, once no instance
+    /// uses that secret any more. A key whose record digest is under it gets one of its other
+    /// digests as its record digest.
+    ///
+    /// Keys whose only digest is under `secret_id` (not revoked, and not used through an
+    /// instance holding a newer secret since the rotation) would never verify again: with
+    /// [`UnmigratedKeys::Refuse`] nothing changes and they are reported in
+    /// [`SecretRetirement::unmigrated`] (with `retired: false`); with
+    /// [`UnmigratedKeys::Revoke`] their digest is replaced by a placeholder that matches
+    /// nothing and they are revoked at `now`. Revoked keys never block a retirement: their
+    /// digests are dropped the same way.
+    ///
+    /// The default implementation refuses: [`StoreErrorKind::ReadOnly`] for a read-only store,
+    /// [`StoreErrorKind::Other`] otherwise.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let _ = (secret_id, unmigrated, now);
+        Err(if self.is_read_only() {
+            StoreError::new(
+                StoreErrorKind::ReadOnly,
+                "the store is read-only: it holds no keywarden digests to retire",
+            )
+        } else {
+            StoreError::new(
+                StoreErrorKind::Other,
+                "this key store does not support retiring a secret",
+            )
+        })
+    }
+
     /// Deletes a record and returns it, or `None` for an unknown id.
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Replaces the [`encrypted_key`](KeyRecord::encrypted_key) of `id` with `new` if it is
+    /// still `old`: the lazy re-encryption of a viewable key under the current reveal key.
+    /// Returns whether the row changed. Changes nothing else, `updated_at` included.
+    ///
+    /// The default implementation changes nothing and returns `Ok(false)`: such a store's
+    /// viewable keys stay revealable for as long as the reveal key that sealed them stays in
+    /// the manager's ring.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let _ = (id, old, new);
+        Ok(false)
+    }
 
     /// One page of records matching the query.
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError>;
@@ -557,6 +713,7 @@ mod tests {
     fn patch_applies_fields_and_never_unrevokes() {
         let now = OffsetDateTime::now_utc();
         let mut r = record(1);
+        r.updated_at = now - Duration::hours(2);
         let first = now - Duration::hours(1);
         KeyPatch {
             revoked_at: Some(first),
@@ -572,7 +729,56 @@ mod tests {
         .apply_to(&mut r, now);
         assert_eq!(r.revoked_at, Some(first));
         assert_eq!(r.description, None);
+        assert_eq!(
+            r.updated_at,
+            now + Duration::MICROSECOND,
+            "the second write moved on"
+        );
+    }
+
+    /// Issue 12, item 7: `updated_at` is a version, so every write must change it.
+    #[test]
+    fn every_patch_moves_the_version_forward() {
+        let now = time::macros::datetime!(2030-01-01 00:00:00.000001 UTC);
+        let mut r = record(1);
+        r.updated_at = now - Duration::hours(1);
+        let patch = KeyPatch {
+            name: Some("n".into()),
+            ..KeyPatch::default()
+        };
+        patch.apply_to(&mut r, now);
         assert_eq!(r.updated_at, now);
+        // Same instant (a stopped clock, or two writes in one microsecond): still moves.
+        patch.apply_to(&mut r, now);
+        assert_eq!(r.updated_at, now + Duration::MICROSECOND);
+        // A clock that stepped back does not move it back.
+        patch.apply_to(&mut r, now - Duration::minutes(5));
+        assert_eq!(r.updated_at, now + Duration::microseconds(2));
+    }
+
+    #[test]
+    fn a_conditional_patch_checks_the_version_at_microseconds() {
+        let at = time::macros::datetime!(2030-01-01 00:00:00.000005 UTC);
+        let mut r = record(1);
+        r.updated_at = at;
+        let expecting = |v| KeyPatch {
+            expected_updated_at: Some(v),
+            ..KeyPatch::default()
+        };
+        assert!(KeyPatch::default().check_expected(&r).is_ok());
+        assert!(expecting(at).check_expected(&r).is_ok());
+        assert!(
+            expecting(at + Duration::nanoseconds(999))
+                .check_expected(&r)
+                .is_ok(),
+            "stores keep microseconds"
+        );
+        let stale = expecting(at - Duration::MICROSECOND).check_expected(&r);
+        assert_eq!(stale.unwrap_err().kind(), StoreErrorKind::Conflict);
+        assert!(
+            !expecting(at).affects_verification(),
+            "a condition alone changes nothing the request path checks"
+        );
     }
 
     #[test]

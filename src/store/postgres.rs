@@ -10,10 +10,12 @@ use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::sql::{aggregate_usage, clamp_i64, USAGE_CHUNK_ROWS};
+use super::sql::{
+    aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
+};
 use super::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
-    StoreErrorKind,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind,
+    SecretRetirement, StoreError, StoreErrorKind, UnmigratedKeys,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
@@ -23,6 +25,12 @@ const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, 
     updated_at, expires_at, last_used_at, use_count, revoked_at, disabled, rotated_from, \
     encrypted_key";
 
+/// [`COLUMNS`] of the keys table aliased `k`.
+const KEY_COLUMNS: &str = "k.id, k.digest, k.secret_id, k.display_start, k.name, \
+    k.description, k.collection, k.subject, k.owner_kind, k.scopes, k.environment, k.read_only, \
+    k.metadata, k.rate_limit, k.created_at, k.updated_at, k.expires_at, k.last_used_at, \
+    k.use_count, k.revoked_at, k.disabled, k.rotated_from, k.encrypted_key";
+
 /// The longest identifier PostgreSQL keeps without truncating.
 const MAX_SCHEMA_LEN: usize = 63;
 
@@ -31,6 +39,14 @@ const MAX_SCHEMA_LEN: usize = 63;
 /// Timestamps are `TIMESTAMPTZ` (microsecond precision, read back in UTC), scopes `TEXT[]`
 /// and metadata `JSONB`. Updates lock the row (`SELECT … FOR UPDATE`) for their
 /// read-modify-write, so concurrent patches are never lost.
+///
+/// Rows written by hand are read defensively: `expires_at = 'infinity'` means the key never
+/// expires (like `NULL`; an update through the store writes it back as `NULL`). Any other
+/// timestamp keywarden cannot represent — `-infinity`, `infinity` in another column, a year
+/// outside 0000 to 9999 (what RFC 3339, and so the management API, can write) — makes the row corrupt ([`StoreErrorKind::Corrupt`]): reading it by id or by
+/// digest fails (the request path answers 503 `store_unavailable` for that key alone), and
+/// [`list`](KeyStore::list) skips it with a warning naming its id, as it skips any corrupt
+/// row, so one bad row never hides the rest of its page.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), keywarden::StoreError> {
@@ -201,8 +217,12 @@ impl KeyStore for PostgresStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        // The record's digest, else an added one: one statement; a record digest (every key
+        // not re-digested since a rotation) is found by one index lookup, as before.
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = $1"
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = $1 \
+             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
+             JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = $1 LIMIT 1"
         ))
         .bind(digest.as_bytes().as_slice())
         .fetch_optional(&self.pool)
@@ -248,6 +268,12 @@ impl KeyStore for PostgresStore {
             return Ok(None);
         };
         let mut record = decode_row(&row)?;
+        // No other write lands between this read and the write below (the transaction holds
+        // the lock), so the version checked is the one overwritten.
+        if let Err(stale) = patch.check_expected(&record) {
+            tx.rollback().await.map_err(|e| store_error(context, e))?;
+            return Err(stale);
+        }
         patch.apply_to(&mut record, now);
         let row = sqlx::query(&format!(
             "UPDATE keywarden_keys SET name = $1, description = $2, scopes = $3, \
@@ -273,23 +299,152 @@ impl KeyStore for PostgresStore {
         Ok(Some(updated))
     }
 
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: Uuid,
-        old: &Digest,
+        found_by: &Digest,
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "UPDATE keywarden_keys SET digest = $1, secret_id = $2 WHERE id = $3 AND digest = $4",
+        let context = "adding a digest to a key failed";
+        // One statement: the key must still have `found_by`, and no digest under the secret.
+        let added = sqlx::query(
+            "INSERT INTO keywarden_key_digests (digest, key_id, secret_id) \
+             SELECT $1, k.id, $3 FROM keywarden_keys AS k WHERE k.id = $2 AND k.secret_id <> $3 \
+               AND (k.digest = $4 OR EXISTS (SELECT 1 FROM keywarden_key_digests AS d \
+                    WHERE d.digest = $4 AND d.key_id = k.id)) \
+               AND NOT EXISTS (SELECT 1 FROM keywarden_keys WHERE digest = $1) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(new.as_bytes().as_slice())
-        .bind(secret_id.as_bytes().as_slice())
         .bind(id)
-        .bind(old.as_bytes().as_slice())
+        .bind(secret_id.as_bytes().as_slice())
+        .bind(found_by.as_bytes().as_slice())
         .execute(&self.pool)
         .await
-        .map_err(|e| store_error("replacing a key's digest failed", e))?;
+        .map_err(|e| store_error(context, e))?
+        .rows_affected()
+            > 0;
+        if added {
+            return Ok(true);
+        }
+        let owner: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM keywarden_keys WHERE digest = $1 \
+             UNION ALL SELECT key_id FROM keywarden_key_digests WHERE digest = $1 LIMIT 1",
+        )
+        .bind(new.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error(context, e))?;
+        match owner {
+            Some(owner) if owner != id => Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("{context}: another key has this digest"),
+            )),
+            _ => Ok(false),
+        }
+    }
+
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let context = "retiring a secret failed";
+        let secret = secret_id.as_bytes().as_slice();
+        let map = |e| store_error(context, e);
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        // No digest may be added while the retirement decides which keys have one: adding
+        // waits, then finds its `found_by` digest gone. Lookups are not blocked.
+        sqlx::query("LOCK TABLE keywarden_key_digests IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?;
+        let stranded: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM keywarden_keys AS k WHERE k.secret_id = $1 AND k.revoked_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM keywarden_key_digests AS d \
+                 WHERE d.key_id = k.id AND d.secret_id <> $1) ORDER BY id FOR UPDATE",
+        )
+        .bind(secret)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        if unmigrated == UnmigratedKeys::Refuse && !stranded.is_empty() {
+            tx.rollback().await.map_err(map)?;
+            return Ok(SecretRetirement {
+                retired: false,
+                unmigrated: stranded,
+                ..SecretRetirement::default()
+            });
+        }
+        // The lowest other digest becomes the record's; then it is no longer an added one.
+        let promoted: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE keywarden_keys AS k SET digest = p.digest, secret_id = p.secret_id \
+             FROM (SELECT DISTINCT ON (d.key_id) d.key_id, d.digest, d.secret_id \
+                   FROM keywarden_key_digests AS d JOIN keywarden_keys AS o ON o.id = d.key_id \
+                   WHERE o.secret_id = $1 AND d.secret_id <> $1 \
+                   ORDER BY d.key_id, d.digest) AS p \
+             WHERE k.id = p.key_id RETURNING k.id",
+        )
+        .bind(secret)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        sqlx::query(
+            "DELETE FROM keywarden_key_digests AS d USING keywarden_keys AS k \
+             WHERE k.id = d.key_id AND k.digest = d.digest",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        let dropped: Vec<Uuid> = sqlx::query_scalar(
+            "DELETE FROM keywarden_key_digests WHERE secret_id = $1 RETURNING key_id",
+        )
+        .bind(secret)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        // What is left under the secret had no other digest: a placeholder, and revoked.
+        let placeholders: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE keywarden_keys SET \
+             digest = '\\x00000000000000000000000000000000'::bytea || uuid_send(id), \
+             secret_id = '\\x0000000000000000'::bytea, \
+             revoked_at = coalesce(revoked_at, $2), updated_at = $2 \
+             WHERE secret_id = $1 RETURNING id",
+        )
+        .bind(secret)
+        .bind(micros(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        tx.commit().await.map_err(map)?;
+        let dropped_count = promoted.len() + dropped.len() + placeholders.len();
+        let mut affected: Vec<Uuid> = promoted
+            .into_iter()
+            .chain(dropped)
+            .chain(placeholders)
+            .collect();
+        affected.sort();
+        affected.dedup();
+        Ok(SecretRetirement {
+            retired: true,
+            dropped: dropped_count as u64,
+            unmigrated: stranded,
+            affected,
+        })
+    }
+
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE keywarden_keys SET encrypted_key = $1 WHERE id = $2 AND encrypted_key = $3",
+        )
+        .bind(new)
+        .bind(id)
+        .bind(old)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("re-sealing a viewable key failed", e))?;
         Ok(result.rows_affected() > 0)
     }
 
@@ -329,8 +484,7 @@ impl KeyStore for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| store_error("listing keys failed", e))?;
-        let items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
-        Ok(KeyPage::from_overfetch(items, limit))
+        page_skipping_corrupt(&rows, limit, |row| column(row, "id"), decode_row)
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
@@ -454,6 +608,98 @@ fn bytes<const N: usize>(value: Vec<u8>, name: &'static str) -> Result<[u8; N], 
     <[u8; N]>::try_from(value.as_slice()).map_err(|_| corrupt(name, &format!("expected {N} bytes")))
 }
 
+/// A `TIMESTAMPTZ` value exactly as PostgreSQL holds it, decoded without panicking.
+///
+/// PostgreSQL's range (4713 BC to 294276 AD, plus `infinity` and `-infinity`) is far wider
+/// than [`OffsetDateTime`]'s (years -9999 to 9999), and sqlx's own `OffsetDateTime` decoding
+/// panics on a value outside the latter. This reads the raw microseconds instead and leaves
+/// the decision to [`instant`] and [`expiry`], so no stored value can abort a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PgTimestamp {
+    /// An instant `OffsetDateTime` can hold (in UTC).
+    At(OffsetDateTime),
+    /// `infinity`.
+    Infinity,
+    /// `-infinity`.
+    NegativeInfinity,
+    /// A finite instant outside years 0000 to 9999.
+    OutOfRange,
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00 UTC).
+const PG_EPOCH_UNIX_MICROS: i128 = 946_684_800_000_000;
+
+impl PgTimestamp {
+    /// The binary wire value: microseconds since 2000-01-01 UTC, with `i64::MAX` and
+    /// `i64::MIN` standing for `infinity` and `-infinity`.
+    fn from_pg_micros(micros: i64) -> Self {
+        match micros {
+            i64::MAX => Self::Infinity,
+            i64::MIN => Self::NegativeInfinity,
+            _ => {
+                // i128: PostgreSQL's latest instant overflows i64 nanoseconds, and even
+                // i64 microseconds once moved to the Unix epoch.
+                let unix_nanos = (i128::from(micros) + PG_EPOCH_UNIX_MICROS) * 1_000;
+                OffsetDateTime::from_unix_timestamp_nanos(unix_nanos)
+                    .ok()
+                    .filter(in_rfc3339_range)
+                    .map_or(Self::OutOfRange, Self::At)
+            }
+        }
+    }
+}
+
+impl sqlx::Type<Postgres> for PgTimestamp {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <OffsetDateTime as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <OffsetDateTime as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for PgTimestamp {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match value.format() {
+            sqlx::postgres::PgValueFormat::Binary => Ok(Self::from_pg_micros(
+                <i64 as sqlx::Decode<Postgres>>::decode(value)?,
+            )),
+            // Only simple (unprepared) queries answer in text; the store prepares every
+            // statement. sqlx's text parsing fails rather than panics on odd values.
+            sqlx::postgres::PgValueFormat::Text => match value.as_str()? {
+                "infinity" => Ok(Self::Infinity),
+                "-infinity" => Ok(Self::NegativeInfinity),
+                _ => Ok(<OffsetDateTime as sqlx::Decode<Postgres>>::decode(value)
+                    .ok()
+                    .filter(in_rfc3339_range)
+                    .map_or(Self::OutOfRange, Self::At)),
+            },
+        }
+    }
+}
+
+/// A timestamp that must be a finite instant (`created_at`, `updated_at`, `last_used_at`,
+/// `revoked_at`): anything else makes the row corrupt.
+fn instant(at: PgTimestamp, name: &'static str) -> Result<OffsetDateTime, StoreError> {
+    match at {
+        PgTimestamp::At(at) => Ok(at),
+        PgTimestamp::Infinity | PgTimestamp::NegativeInfinity => {
+            Err(corrupt(name, "infinite timestamp"))
+        }
+        PgTimestamp::OutOfRange => Err(corrupt(name, "timestamp out of range")),
+    }
+}
+
+/// `expires_at`: `NULL` and `infinity` both mean the key never expires; `-infinity` and
+/// instants outside years 0000 to 9999 make the row corrupt.
+fn expiry(at: Option<PgTimestamp>) -> Result<Option<OffsetDateTime>, StoreError> {
+    match at {
+        None | Some(PgTimestamp::Infinity) => Ok(None),
+        Some(at) => instant(at, "expires_at").map(Some),
+    }
+}
+
 fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
     let owner_kind: String = column(row, "owner_kind")?;
     let rate_limit: Option<String> = column(row, "rate_limit")?;
@@ -477,13 +723,17 @@ fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
             .map(|p| RateLimitPolicy::from_str(&p))
             .transpose()
             .map_err(|_| corrupt("rate_limit", "not a rate-limit policy"))?,
-        created_at: column(row, "created_at")?,
-        updated_at: column(row, "updated_at")?,
-        expires_at: column(row, "expires_at")?,
-        last_used_at: column(row, "last_used_at")?,
+        created_at: instant(column(row, "created_at")?, "created_at")?,
+        updated_at: instant(column(row, "updated_at")?, "updated_at")?,
+        expires_at: expiry(column(row, "expires_at")?)?,
+        last_used_at: column::<Option<PgTimestamp>>(row, "last_used_at")?
+            .map(|at| instant(at, "last_used_at"))
+            .transpose()?,
         use_count: u64::try_from(column::<i64>(row, "use_count")?)
             .map_err(|_| corrupt("use_count", "negative"))?,
-        revoked_at: column(row, "revoked_at")?,
+        revoked_at: column::<Option<PgTimestamp>>(row, "revoked_at")?
+            .map(|at| instant(at, "revoked_at"))
+            .transpose()?,
         disabled: column(row, "disabled")?,
         rotated_from: column(row, "rotated_from")?,
         encrypted_key: column(row, "encrypted_key")?,
@@ -549,6 +799,12 @@ fn sqlstate_kind(code: &str) -> StoreErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_columns_are_the_columns_aliased() {
+        let aliased: Vec<String> = COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
+        assert_eq!(KEY_COLUMNS, aliased.join(", "));
+    }
     use time::macros::datetime;
 
     #[test]
@@ -576,6 +832,47 @@ mod tests {
         let floored = micros(at);
         assert_eq!(floored, datetime!(2030-02-03 02:05:06.123_456 UTC));
         assert_eq!(floored.offset(), time::UtcOffset::UTC);
+    }
+
+    #[test]
+    fn every_stored_timestamp_decodes_without_panicking() {
+        use PgTimestamp::*;
+        assert_eq!(PgTimestamp::from_pg_micros(i64::MAX), Infinity);
+        assert_eq!(PgTimestamp::from_pg_micros(i64::MIN), NegativeInfinity);
+        assert_eq!(
+            PgTimestamp::from_pg_micros(0),
+            At(datetime!(2000-01-01 0:00 UTC))
+        );
+        assert_eq!(
+            PgTimestamp::from_pg_micros(-1),
+            At(datetime!(1999-12-31 23:59:59.999_999 UTC))
+        );
+        // Both ends of years 0000 to 9999, and one microsecond past each.
+        let first = datetime!(0000-01-01 0:00 UTC);
+        let last = datetime!(9999-12-31 23:59:59.999_999 UTC);
+        let pg = |at: OffsetDateTime| {
+            i64::try_from((at - datetime!(2000-01-01 0:00 UTC)).whole_microseconds()).unwrap()
+        };
+        assert_eq!(PgTimestamp::from_pg_micros(pg(first)), At(first));
+        assert_eq!(PgTimestamp::from_pg_micros(pg(last)), At(last));
+        assert_eq!(PgTimestamp::from_pg_micros(pg(first) - 1), OutOfRange);
+        assert_eq!(PgTimestamp::from_pg_micros(pg(last) + 1), OutOfRange);
+        for micros in [i64::MAX - 1, i64::MIN + 1, 9_223_371_331_200_000_000] {
+            assert_eq!(PgTimestamp::from_pg_micros(micros), OutOfRange, "{micros}");
+        }
+
+        assert_eq!(expiry(None).unwrap(), None);
+        assert_eq!(expiry(Some(Infinity)).unwrap(), None);
+        assert_eq!(expiry(Some(At(last))).unwrap(), Some(last));
+        for odd in [NegativeInfinity, OutOfRange] {
+            let err = expiry(Some(odd)).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+            assert!(err.to_string().contains("expires_at"), "{err}");
+        }
+        for odd in [Infinity, NegativeInfinity, OutOfRange] {
+            let err = instant(odd, "created_at").unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+        }
     }
 
     #[test]

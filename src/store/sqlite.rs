@@ -12,10 +12,12 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::sql::{aggregate_usage, clamp_i64, USAGE_CHUNK_ROWS};
+use super::sql::{
+    aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
+};
 use super::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind, StoreError,
-    StoreErrorKind,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind,
+    SecretRetirement, StoreError, StoreErrorKind, UnmigratedKeys,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
@@ -28,10 +30,24 @@ const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, 
     updated_at, expires_at, last_used_at, use_count, revoked_at, disabled, rotated_from, \
     encrypted_key";
 
+/// [`COLUMNS`] of the keys table aliased `k`.
+const KEY_COLUMNS: &str = "k.id, k.digest, k.secret_id, k.display_start, k.name, \
+    k.description, k.collection, k.subject, k.owner_kind, k.scopes, k.environment, k.read_only, \
+    k.metadata, k.rate_limit, k.created_at, k.updated_at, k.expires_at, k.last_used_at, \
+    k.use_count, k.revoked_at, k.disabled, k.rotated_from, k.encrypted_key";
+
 /// A [`KeyStore`] in a SQLite database: the embedded default.
 ///
 /// Ids are stored as 16-byte blobs (so byte order is id order) and timestamps as UTC unix
 /// microseconds; timestamps read back are UTC and truncated to the microsecond.
+///
+/// Rows written by hand are read defensively: a timestamp that is not an integer (a real,
+/// text such as `'infinity'`, a blob) or that lies outside years 0000 to 9999 (what RFC 3339,
+/// and so the management API, can write) makes the row
+/// corrupt ([`StoreErrorKind::Corrupt`]); a key that never expires has `expires_at` `NULL`.
+/// Reading a corrupt row by id or by digest fails (the request path answers 503
+/// `store_unavailable` for that key alone), and [`list`](KeyStore::list) skips it with a
+/// warning naming its id, so one bad row never hides the rest of its page.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -167,8 +183,12 @@ impl KeyStore for SqliteStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        // The record's digest, else an added one: one statement; a record digest (every key
+        // not re-digested since a rotation) is found by one index lookup, as before.
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = ?"
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = ?1 \
+             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
+             JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = ?1 LIMIT 1"
         ))
         .bind(digest.as_bytes().as_slice())
         .fetch_optional(&self.pool)
@@ -216,6 +236,12 @@ impl KeyStore for SqliteStore {
             return Ok(None);
         };
         let mut record = decode_row(&row)?;
+        // No other write lands between this read and the write below (the transaction holds
+        // the lock), so the version checked is the one overwritten.
+        if let Err(stale) = patch.check_expected(&record) {
+            tx.rollback().await.map_err(|e| store_error(context, e))?;
+            return Err(stale);
+        }
         patch.apply_to(&mut record, now);
         let row = sqlx::query(&format!(
             "UPDATE keywarden_keys SET name = ?, description = ?, scopes = ?, read_only = ?, \
@@ -241,23 +267,151 @@ impl KeyStore for SqliteStore {
         Ok(Some(updated))
     }
 
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: Uuid,
-        old: &Digest,
+        found_by: &Digest,
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "UPDATE keywarden_keys SET digest = ?, secret_id = ? WHERE id = ? AND digest = ?",
+        let context = "adding a digest to a key failed";
+        // One statement: the key must still have `found_by`, and no digest under the secret.
+        let added = sqlx::query(
+            "INSERT INTO keywarden_key_digests (digest, key_id, secret_id) \
+             SELECT ?1, k.id, ?3 FROM keywarden_keys AS k WHERE k.id = ?2 AND k.secret_id <> ?3 \
+               AND (k.digest = ?4 OR EXISTS (SELECT 1 FROM keywarden_key_digests AS d \
+                    WHERE d.digest = ?4 AND d.key_id = k.id)) \
+               AND NOT EXISTS (SELECT 1 FROM keywarden_keys WHERE digest = ?1) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(new.as_bytes().as_slice())
-        .bind(secret_id.as_bytes().as_slice())
         .bind(id.as_bytes().as_slice())
-        .bind(old.as_bytes().as_slice())
+        .bind(secret_id.as_bytes().as_slice())
+        .bind(found_by.as_bytes().as_slice())
         .execute(&self.pool)
         .await
-        .map_err(|e| store_error("replacing a key's digest failed", e))?;
+        .map_err(|e| store_error(context, e))?
+        .rows_affected()
+            > 0;
+        if added {
+            return Ok(true);
+        }
+        let owner: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT id FROM keywarden_keys WHERE digest = ?1 \
+             UNION ALL SELECT key_id FROM keywarden_key_digests WHERE digest = ?1 LIMIT 1",
+        )
+        .bind(new.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error(context, e))?;
+        match owner {
+            Some(owner) if owner.as_slice() != id.as_bytes().as_slice() => Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("{context}: another key has this digest"),
+            )),
+            _ => Ok(false),
+        }
+    }
+
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let context = "retiring a secret failed";
+        let secret = secret_id.as_bytes().as_slice();
+        let map = |e| store_error(context, e);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
+        let stranded: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT id FROM keywarden_keys AS k WHERE k.secret_id = ?1 AND k.revoked_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM keywarden_key_digests AS d \
+                 WHERE d.key_id = k.id AND d.secret_id <> ?1) ORDER BY id",
+        )
+        .bind(secret)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        let stranded = stranded
+            .into_iter()
+            .map(|id| uuid(id, "id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        if unmigrated == UnmigratedKeys::Refuse && !stranded.is_empty() {
+            tx.rollback().await.map_err(map)?;
+            return Ok(SecretRetirement {
+                retired: false,
+                unmigrated: stranded,
+                ..SecretRetirement::default()
+            });
+        }
+        // The lowest other digest becomes the record's; then it is no longer an added one.
+        let promoted: Vec<Vec<u8>> = sqlx::query_scalar(
+            "UPDATE keywarden_keys AS k SET digest = p.digest, secret_id = p.secret_id \
+             FROM (SELECT d.key_id, d.digest, d.secret_id FROM keywarden_key_digests AS d \
+                   JOIN keywarden_keys AS o ON o.id = d.key_id \
+                   WHERE o.secret_id = ?1 AND d.secret_id <> ?1 \
+                     AND d.digest = (SELECT min(e.digest) FROM keywarden_key_digests AS e \
+                                     WHERE e.key_id = d.key_id AND e.secret_id <> ?1)) AS p \
+             WHERE k.id = p.key_id RETURNING id",
+        )
+        .bind(secret)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        sqlx::query(
+            "DELETE FROM keywarden_key_digests WHERE EXISTS (SELECT 1 FROM keywarden_keys AS k \
+             WHERE k.id = keywarden_key_digests.key_id AND k.digest = keywarden_key_digests.digest)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        let dropped: Vec<Vec<u8>> = sqlx::query_scalar(
+            "DELETE FROM keywarden_key_digests WHERE secret_id = ?1 RETURNING key_id",
+        )
+        .bind(secret)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        // What is left under the secret had no other digest: a placeholder, and revoked.
+        let placeholders: Vec<Vec<u8>> = sqlx::query_scalar(
+            "UPDATE keywarden_keys SET \
+             digest = unhex('00000000000000000000000000000000' || hex(id)), \
+             secret_id = zeroblob(8), revoked_at = coalesce(revoked_at, ?2), updated_at = ?2 \
+             WHERE secret_id = ?1 RETURNING id",
+        )
+        .bind(secret)
+        .bind(to_micros(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?;
+        tx.commit().await.map_err(map)?;
+        let dropped_count = promoted.len() + dropped.len() + placeholders.len();
+        let mut affected = promoted
+            .into_iter()
+            .chain(dropped)
+            .chain(placeholders)
+            .map(|id| uuid(id, "id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        affected.sort();
+        affected.dedup();
+        Ok(SecretRetirement {
+            retired: true,
+            dropped: dropped_count as u64,
+            unmigrated: stranded,
+            affected,
+        })
+    }
+
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE keywarden_keys SET encrypted_key = ? WHERE id = ? AND encrypted_key = ?",
+        )
+        .bind(new)
+        .bind(id.as_bytes().as_slice())
+        .bind(old)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("re-sealing a viewable key failed", e))?;
         Ok(result.rows_affected() > 0)
     }
 
@@ -297,8 +451,12 @@ impl KeyStore for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| store_error("listing keys failed", e))?;
-        let items = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
-        Ok(KeyPage::from_overfetch(items, limit))
+        page_skipping_corrupt(
+            &rows,
+            limit,
+            |row| uuid(column(row, "id")?, "id"),
+            decode_row,
+        )
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
@@ -389,7 +547,9 @@ fn to_micros(at: OffsetDateTime) -> i64 {
 /// The UTC instant of unix microseconds.
 fn from_micros(micros: i64, column: &'static str) -> Result<OffsetDateTime, StoreError> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
-        .map_err(|_| corrupt(column, "timestamp out of range"))
+        .ok()
+        .filter(in_rfc3339_range)
+        .ok_or_else(|| corrupt(column, "timestamp out of range"))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
@@ -540,6 +700,12 @@ fn sqlite_kind(code: i32, message: &str) -> StoreErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_columns_are_the_columns_aliased() {
+        let aliased: Vec<String> = COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
+        assert_eq!(KEY_COLUMNS, aliased.join(", "));
+    }
     use time::macros::datetime;
 
     #[test]

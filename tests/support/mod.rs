@@ -216,14 +216,14 @@ impl keywarden::KeyStore for CountingStore {
     ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
         self.inner.update(id, patch, now).await
     }
-    async fn redigest(
+    async fn add_digest(
         &self,
         id: uuid::Uuid,
         old: &keywarden::Digest,
         new: &keywarden::Digest,
         secret_id: keywarden::SecretId,
     ) -> Result<bool, keywarden::StoreError> {
-        self.inner.redigest(id, old, new, secret_id).await
+        self.inner.add_digest(id, old, new, secret_id).await
     }
     async fn delete(
         &self,
