@@ -1234,11 +1234,17 @@ mod tests {
     use crate::store::test_support::record;
     use crate::{MemoryStore, SecretRing};
 
+    fn test_manager() -> Arc<KeyManager> {
+        let secrets =
+            SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        Arc::new(KeyManager::new(Arc::new(MemoryStore::new()), secrets))
+    }
+
     /// The caller a request with this key's principal becomes.
     async fn caller(key: &KeyRecord) -> Caller {
         let (mut parts, ()) = axum::http::Request::new(()).into_parts();
-        parts.extensions.insert(Principal::from_record(key));
-        match Caller::from_request_parts(&mut parts, &()).await {
+        parts.extensions.insert(Principal::from_record(key, false));
+        match Caller::from_request_parts(&mut parts, &test_manager()).await {
             Ok(caller) => caller,
             Err(err) => panic!("not a caller: {err:?}"),
         }
@@ -1282,12 +1288,16 @@ mod tests {
     #[tokio::test]
     async fn a_caller_needs_a_management_scope_by_name() {
         let (mut parts, ()) = axum::http::Request::new(()).into_parts();
-        let err = Caller::from_request_parts(&mut parts, &()).await.err();
+        let err = Caller::from_request_parts(&mut parts, &test_manager())
+            .await
+            .err();
         assert_eq!(answer(Err(err.unwrap())).0, 401, "no principal");
         for scopes in [&["read"][..], &["articles:*"], &[], &["keys:selfish"]] {
             let (mut parts, ()) = axum::http::Request::new(()).into_parts();
             parts.extensions.insert(Principal::for_tests(scopes));
-            let err = Caller::from_request_parts(&mut parts, &()).await.err();
+            let err = Caller::from_request_parts(&mut parts, &test_manager())
+                .await
+                .err();
             assert_eq!(answer(Err(err.unwrap())), forbidden(), "{scopes:?}");
         }
         assert!(caller(&key(&["keys:admin"])).await.admin);
