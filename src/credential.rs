@@ -707,4 +707,18 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_extractor_reports_its_configuration() {
+        let ex = extractor();
+        let collections: Vec<&str> = ex.collections().iter().map(|c| &**c).collect();
+        assert_eq!(collections, ["users", "teams"]);
+        assert_eq!(
+            ex.header_names(),
+            [X_API_KEY, HeaderName::from_static("x-stack-api-key")]
+        );
+        assert!(CredentialExtractor::new(Vec::<String>::new())
+            .collections()
+            .is_empty());
+    }
 }

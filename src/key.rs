@@ -637,4 +637,18 @@ mod tests {
             let _ = display_start(&bytes);
         }
     }
+
+    #[test]
+    fn a_prefix_shows_its_text_and_splits_off_its_environment() {
+        for (text, env) in [("kw_live", "live"), ("acme_api_test2", "test2")] {
+            let prefix = KeyPrefix::new(text).unwrap();
+            assert_eq!(prefix.as_str(), text);
+            assert_eq!(prefix.to_string(), text);
+            assert_eq!(format!("{prefix:?}"), format!("KeyPrefix({text:?})"));
+            assert_eq!(prefix.environment(), env);
+            assert_eq!(text.parse::<KeyPrefix>().unwrap(), prefix);
+            let key = prefix.generate();
+            assert!(key.expose().starts_with(&format!("{text}_")));
+        }
+    }
 }

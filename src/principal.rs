@@ -681,4 +681,101 @@ mod tests {
         assert_eq!(json["owner_kind"], "user");
         assert!(json["expires_at"].is_null());
     }
+
+    /// The authorization decision itself, for scopes outside the management namespace (whose
+    /// wildcard rules are pinned beside the management API).
+    #[test]
+    fn has_scope_grants_exact_names_star_and_prefix_wildcards_only() {
+        let p = |scopes: &[&str]| Principal::for_tests(scopes);
+        let reader = p(&["read", "write"]);
+        assert!(reader.has_scope("read"));
+        assert!(reader.has_scope("write"), "any granted scope counts");
+        for refused in ["reader", "rea", "Read", "", "*", "admin", "read:all"] {
+            assert!(!reader.has_scope(refused), "{refused}");
+        }
+
+        let star = p(&["*"]);
+        for granted in ["articles:read", "read", "billing:invoices:write"] {
+            assert!(star.has_scope(granted), "{granted}");
+        }
+
+        let articles = p(&["articles:*"]);
+        assert!(articles.has_scope("articles:read"));
+        assert!(articles.has_scope("articles:comments:write"));
+        for refused in [
+            "articles",
+            "articlesX",
+            "article:read",
+            "other:read",
+            "read",
+        ] {
+            assert!(!articles.has_scope(refused), "{refused}");
+        }
+
+        let admin = p(&["keys:admin"]);
+        assert!(admin.has_scope("keys:admin"));
+        assert!(!admin.has_scope("keys:self"));
+        assert!(!admin.has_scope("articles:read"));
+
+        let nothing = p(&[]);
+        for refused in ["read", "*", "keys:admin", ""] {
+            assert!(!nothing.has_scope(refused), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_profile_weighs_its_strings_and_one_string_header_per_scope() {
+        let header = std::mem::size_of::<String>();
+        assert_eq!(profile("users", &[]).weight(), 5 + 4);
+        assert_eq!(profile("users", &["read"]).weight(), 5 + 4 + 4 + header);
+        assert_eq!(
+            profile("teams", &["read", "keys:admin"]).weight(),
+            5 + 4 + (4 + header) + (10 + header)
+        );
+        let mut p = profile("", &[]);
+        p.environment = "production".into();
+        assert_eq!(p.weight(), 10);
+    }
+
+    #[tokio::test]
+    async fn handlers_extract_the_principal_the_layer_inserted() {
+        use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+        let principal = Principal::for_tests(&["read"]);
+        let (mut with, ()) = http::Request::new(()).into_parts();
+        with.extensions.insert(principal.clone());
+        let (mut without, ()) = http::Request::new(()).into_parts();
+
+        let got = <Principal as FromRequestParts<()>>::from_request_parts(&mut with, &()).await;
+        assert_eq!(got.unwrap(), principal);
+        let got =
+            <Principal as OptionalFromRequestParts<()>>::from_request_parts(&mut with, &()).await;
+        assert_eq!(got.unwrap(), Some(principal));
+
+        let err = <Principal as FromRequestParts<()>>::from_request_parts(&mut without, &())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), RejectionKind::MissingCredentials);
+        let got =
+            <Principal as OptionalFromRequestParts<()>>::from_request_parts(&mut without, &())
+                .await;
+        assert_eq!(got.unwrap(), None);
+    }
+
+    /// A profile of exactly the limit is still shared; one byte more is not.
+    #[test]
+    fn profiles_up_to_the_weight_limit_are_shared() {
+        let interner = Interner::new(8);
+        let base = profile("", &[]).weight();
+        let at_limit = "x".repeat(MAX_INTERNED_WEIGHT - base);
+        let a = interner.intern(profile(&at_limit, &[]));
+        let b = interner.intern(profile(&at_limit, &[]));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(interner.len(), 1);
+
+        let over = "y".repeat(MAX_INTERNED_WEIGHT - base + 1);
+        let c = interner.intern(profile(&over, &[]));
+        let d = interner.intern(profile(&over, &[]));
+        assert!(!Arc::ptr_eq(&c, &d));
+        assert_eq!(interner.len(), 1);
+    }
 }

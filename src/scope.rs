@@ -112,3 +112,104 @@ where
         ResponseFuture::inner(self.inner.call(req), None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Ready;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::task::Waker;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// An inner service that is ready only when told, counts its `poll_ready` calls, and
+    /// fails its readiness when told to.
+    #[derive(Clone, Default)]
+    struct Gate {
+        ready: Arc<AtomicBool>,
+        broken: Arc<AtomicBool>,
+        polled: Arc<AtomicUsize>,
+        called: Arc<AtomicUsize>,
+    }
+
+    impl Service<Request<()>> for Gate {
+        type Response = Response<String>;
+        type Error = &'static str;
+        type Future = Ready<Result<Response<String>, &'static str>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.polled.fetch_add(1, Ordering::SeqCst);
+            if self.broken.load(Ordering::SeqCst) {
+                Poll::Ready(Err("inner failed"))
+            } else if self.ready.load(Ordering::SeqCst) {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+
+        fn call(&mut self, _req: Request<()>) -> Self::Future {
+            self.called.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok(Response::new("inner".to_owned())))
+        }
+    }
+
+    fn poll_ready(service: &mut RequireScopeService<Gate>) -> Poll<Result<(), &'static str>> {
+        service.poll_ready(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// tower's contract: readiness is the inner service's (backpressure from a
+    /// `ConcurrencyLimit` or `Buffer` inside passes through), and so are its errors.
+    #[test]
+    fn poll_ready_is_the_inner_services() {
+        let gate = Gate::default();
+        let mut service = RequireScope::new("read").layer(gate.clone());
+        assert!(poll_ready(&mut service).is_pending());
+        assert_eq!(gate.polled.load(Ordering::SeqCst), 1);
+        gate.ready.store(true, Ordering::SeqCst);
+        assert_eq!(poll_ready(&mut service), Poll::Ready(Ok(())));
+        assert_eq!(gate.polled.load(Ordering::SeqCst), 2);
+        gate.broken.store(true, Ordering::SeqCst);
+        assert_eq!(poll_ready(&mut service), Poll::Ready(Err("inner failed")));
+        assert_eq!(gate.called.load(Ordering::SeqCst), 0);
+    }
+
+    async fn answer(scopes: Option<&[&str]>, required: &str) -> (u16, String, usize) {
+        let gate = Gate::default();
+        gate.ready.store(true, Ordering::SeqCst);
+        let mut service = RequireScope::new(required).layer(gate.clone());
+        let mut req = Request::new(());
+        if let Some(scopes) = scopes {
+            req.extensions_mut().insert(Principal::for_tests(scopes));
+        }
+        assert!(poll_ready(&mut service).is_ready());
+        let response = service.call(req).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            String::from_utf8(body.to_vec()).unwrap(),
+            gate.called.load(Ordering::SeqCst),
+        )
+    }
+
+    #[tokio::test]
+    async fn only_a_principal_holding_the_scope_reaches_the_inner_service() {
+        let (status, body, called) = answer(Some(&["read"]), "read").await;
+        assert_eq!((status, body.as_str(), called), (200, "inner", 1));
+        let (status, _, called) = answer(Some(&["*"]), "articles:read").await;
+        assert_eq!((status, called), (200, 1));
+        let (status, _, called) = answer(Some(&["articles:*"]), "articles:read").await;
+        assert_eq!((status, called), (200, 1));
+
+        let (status, body, called) = answer(Some(&["read"]), "write").await;
+        assert_eq!((status, called), (403, 0), "{body}");
+        assert!(body.contains("insufficient_scope"), "{body}");
+        let (status, body, called) = answer(Some(&[]), "read").await;
+        assert_eq!((status, called), (403, 0), "{body}");
+        let (status, body, called) = answer(None, "read").await;
+        assert_eq!((status, called), (401, 0), "{body}");
+        assert!(body.contains("missing_credentials"), "{body}");
+    }
+}

@@ -1169,4 +1169,115 @@ mod tests {
         let id = Secret::new(A).unwrap().id();
         assert_eq!(id.to_string().parse::<SecretId>().unwrap(), id);
     }
+
+    /// Two words that differ by the same XOR pattern cancel out if the words' differences are
+    /// combined with `^` instead of `|`: the compare must still see them.
+    #[test]
+    fn equal_differences_in_two_words_do_not_cancel() {
+        let a = SecretRing::new(Secret::new(A).unwrap()).digest(b"x");
+        for (first, second) in [(0, 8), (0, 24), (8, 16), (16, 24), (7, 31)] {
+            for bit in [0x01u8, 0x10, 0x80] {
+                let mut b = *a.as_bytes();
+                b[first] ^= bit;
+                b[second] ^= bit;
+                assert_ne!(a, Digest::from_bytes(b), "bytes {first} and {second}");
+            }
+        }
+        // Four words with the same difference cancel under `^` too.
+        let mut b = *a.as_bytes();
+        for word in 0..4 {
+            b[word * 8 + 3] ^= 0x5a;
+        }
+        assert_ne!(a, Digest::from_bytes(b));
+    }
+
+    /// Uppercase hex (as a database or an operator may write it) parses to the same value.
+    #[test]
+    fn hex_parsing_accepts_either_case_and_nothing_else() {
+        let d = SecretRing::new(Secret::new(A).unwrap()).digest(b"x");
+        let upper = d.to_hex().to_ascii_uppercase();
+        assert_ne!(upper, d.to_hex(), "the digest has letters");
+        assert_eq!(upper.parse::<Digest>().unwrap(), d);
+        let every_nibble = "0123456789abcdefABCDEF0123456789fedcbaFEDCBA0123456789aAbBcCdDeE";
+        let parsed = every_nibble.parse::<Digest>().unwrap();
+        assert_eq!(parsed.to_hex(), every_nibble.to_ascii_lowercase());
+        let id = Secret::new(A).unwrap().id();
+        assert_eq!(
+            id.to_string()
+                .to_ascii_uppercase()
+                .parse::<SecretId>()
+                .unwrap(),
+            id
+        );
+        assert_eq!(
+            "ABCDEF0123456789".parse::<SecretId>().unwrap().as_bytes(),
+            &[0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89]
+        );
+        for bad in [
+            "0123456789abcdeg",
+            "0123456789abcdeG",
+            "0123456789abcde",
+            "0123456789abcdef0",
+            "0123456789abcde/",
+            "0123456789abcde:",
+            "0123456789abcde@",
+            "0123456789abcde`",
+        ] {
+            assert!(bad.parse::<SecretId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn debug_and_display_show_fingerprints_only() {
+        let d = Digest::from_bytes([0xab; 32]);
+        assert_eq!(format!("{d:?}"), "Digest(abababab…)");
+        assert_eq!(d.to_hex(), "ab".repeat(32));
+        let id = SecretId::from_bytes([0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
+        assert_eq!(id.to_string(), "0123456789abcdef");
+        assert_eq!(format!("{id:?}"), "SecretId(0123456789abcdef)");
+        assert_eq!(
+            id.as_bytes(),
+            &[0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]
+        );
+
+        let (a, b) = (Secret::new(A).unwrap(), Secret::new(B).unwrap());
+        let alone = SecretRing::new(a.clone());
+        assert!(!alone.has_previous());
+        assert_eq!(alone.current_id(), a.id());
+        let ring = alone.with_previous(b.clone());
+        assert!(ring.has_previous());
+        assert_eq!(
+            format!("{ring:?}"),
+            format!(
+                "SecretRing {{ current: {:?}, previous: [{:?}] }}",
+                a.id(),
+                b.id()
+            )
+        );
+        assert!(!SecretRing::new(a.clone()).with_previous(a).has_previous());
+    }
+
+    proptest::proptest! {
+        /// Digest equality holds exactly when the bytes are equal, also for inputs that
+        /// differ in several words at once.
+        #[test]
+        fn digests_are_equal_exactly_when_their_bytes_are(
+            a in proptest::array::uniform32(proptest::prelude::any::<u8>()),
+            flips in proptest::collection::vec((0usize..32, 1u8..=255), 0..4),
+        ) {
+            let mut b = a;
+            for (i, bit) in flips {
+                b[i] ^= bit;
+            }
+            proptest::prop_assert_eq!(Digest::from_bytes(a) == Digest::from_bytes(b), a == b);
+            proptest::prop_assert_eq!(Digest::from_bytes(b) == Digest::from_bytes(a), a == b);
+        }
+
+        #[test]
+        fn hex_roundtrips_in_either_case(a in proptest::array::uniform32(proptest::prelude::any::<u8>())) {
+            let d = Digest::from_bytes(a);
+            proptest::prop_assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
+            proptest::prop_assert_eq!(d.to_hex().to_ascii_uppercase().parse::<Digest>().unwrap(), d);
+        }
+    }
 }

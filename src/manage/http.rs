@@ -1222,3 +1222,491 @@ impl IntoResponse for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use time::macros::datetime;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::store::test_support::record;
+    use crate::{MemoryStore, SecretRing};
+
+    fn test_manager() -> Arc<KeyManager> {
+        let secrets =
+            SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        Arc::new(KeyManager::new(Arc::new(MemoryStore::new()), secrets))
+    }
+
+    /// The caller a request with this key's principal becomes.
+    async fn caller(key: &KeyRecord) -> Caller {
+        let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+        parts.extensions.insert(Principal::from_record(key, false));
+        match Caller::from_request_parts(&mut parts, &test_manager()).await {
+            Ok(caller) => caller,
+            Err(err) => panic!("not a caller: {err:?}"),
+        }
+    }
+
+    fn key(scopes: &[&str]) -> KeyRecord {
+        let mut key = record(1);
+        key.collection = "users".into();
+        key.subject = "alice".into();
+        key.environment = "live".into();
+        key.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+        key
+    }
+
+    fn self_caller_key() -> KeyRecord {
+        let mut key = key(&["keys:self", "read", "articles:*"]);
+        key.expires_at = Some(datetime!(2040-01-01 00:00 UTC));
+        key
+    }
+
+    /// The status and code an error answers with.
+    fn answer(result: Result<(), ApiError>) -> (u16, String) {
+        match result {
+            Ok(()) => (200, String::new()),
+            Err(ApiError::Auth(rejection)) => (
+                rejection.kind().status().as_u16(),
+                rejection.kind().code().to_owned(),
+            ),
+            Err(ApiError::Problem { status, code, .. }) => (status.as_u16(), code.to_owned()),
+        }
+    }
+
+    fn forbidden() -> (u16, String) {
+        (403, "insufficient_scope".to_owned())
+    }
+
+    fn allowed() -> (u16, String) {
+        (200, String::new())
+    }
+
+    #[tokio::test]
+    async fn a_caller_needs_a_management_scope_by_name() {
+        let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+        let err = Caller::from_request_parts(&mut parts, &test_manager())
+            .await
+            .err();
+        assert_eq!(answer(Err(err.unwrap())).0, 401, "no principal");
+        for scopes in [&["read"][..], &["articles:*"], &[], &["keys:selfish"]] {
+            let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+            parts.extensions.insert(Principal::for_tests(scopes));
+            let err = Caller::from_request_parts(&mut parts, &test_manager())
+                .await
+                .err();
+            assert_eq!(answer(Err(err.unwrap())), forbidden(), "{scopes:?}");
+        }
+        assert!(caller(&key(&["keys:admin"])).await.admin);
+        assert!(!caller(&key(&["keys:self"])).await.admin);
+        assert!(caller(&key(&["read", "keys:admin"])).await.admin);
+    }
+
+    #[tokio::test]
+    async fn a_self_caller_owns_the_keys_of_its_subject_in_its_collection() {
+        let me = caller(&key(&["keys:self"])).await;
+        let admin = caller(&key(&["keys:admin"])).await;
+        let mut mine = record(2);
+        (mine.collection, mine.subject) = ("users".into(), "alice".into());
+        let mut other_subject = mine.clone();
+        other_subject.subject = "bob".into();
+        let mut other_collection = mine.clone();
+        other_collection.collection = "teams".into();
+        let mut prefix_only = mine.clone();
+        prefix_only.subject = "alice2".into();
+        assert!(me.owns(&mine));
+        for theirs in [&other_subject, &other_collection, &prefix_only] {
+            assert!(!me.owns(theirs), "{}/{}", theirs.collection, theirs.subject);
+            assert!(admin.owns(theirs));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_self_caller_grants_only_scopes_it_holds() {
+        let me = caller(&self_caller_key()).await;
+        let scopes = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        for held in [
+            &[][..],
+            &["read"],
+            &["keys:self"],
+            &["articles:read", "articles:write"],
+            &["read", "keys:self"],
+        ] {
+            assert_eq!(answer(me.may_grant(&scopes(held))), allowed(), "{held:?}");
+        }
+        for not_held in [&["write"][..], &["read", "write"], &["keys:admin"], &["*"]] {
+            assert_eq!(
+                answer(me.may_grant(&scopes(not_held))),
+                forbidden(),
+                "{not_held:?}"
+            );
+        }
+        // The refused scope is named by position, never echoed.
+        let Err(ApiError::Auth(rejection)) = me.may_grant(&scopes(&["read", "secret-ish"])) else {
+            panic!("granted a scope the caller does not hold");
+        };
+        assert!(
+            rejection.detail().contains("scopes[1]"),
+            "{}",
+            rejection.detail()
+        );
+        assert!(!rejection.detail().contains("secret-ish"));
+        // Malformed scopes are a validation error, not a privilege question.
+        assert_eq!(answer(me.may_grant(&scopes(&[""]))).0, 422);
+
+        let admin = caller(&key(&["keys:admin"])).await;
+        assert_eq!(
+            answer(admin.may_grant(&scopes(&["write", "keys:admin", "*"]))),
+            allowed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_self_caller_creates_keys_only_for_itself() {
+        let me = caller(&self_caller_key()).await;
+        let admin = caller(&key(&["keys:admin"])).await;
+        let body = |f: fn(&mut CreateBody)| {
+            let mut body = CreateBody::default();
+            f(&mut body);
+            body
+        };
+        let own = [
+            body(|_| {}),
+            body(|b| b.subject = Some("alice".into())),
+            body(|b| b.collection = Some("users".into())),
+            body(|b| b.owner_kind = Some(OwnerKind::User)),
+            body(|b| b.environment = Some("live".into())),
+        ];
+        for body in &own {
+            assert_eq!(answer(me.may_own(body)), allowed(), "{body:?}");
+        }
+        let foreign = [
+            (body(|b| b.subject = Some("bob".into())), "subject"),
+            (body(|b| b.collection = Some("teams".into())), "collection"),
+            (body(|b| b.owner_kind = Some(OwnerKind::Team)), "owner_kind"),
+            (body(|b| b.environment = Some("test".into())), "environment"),
+        ];
+        for (body, field) in &foreign {
+            let Err(ApiError::Auth(rejection)) = me.may_own(body) else {
+                panic!("created a key for another {field}");
+            };
+            assert_eq!(rejection.kind(), RejectionKind::InsufficientScope);
+            assert!(rejection.detail().contains(field), "{}", rejection.detail());
+            assert_eq!(answer(admin.may_own(body)), allowed());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_self_caller_rotates_only_keys_no_more_powerful_than_itself() {
+        let me = caller(&self_caller_key()).await;
+        let admin = caller(&key(&["keys:admin"])).await;
+        let mut weaker = key(&["read", "articles:read"]);
+        weaker.expires_at = Some(datetime!(2039-01-01 00:00 UTC));
+        assert_eq!(answer(me.may_rotate(&weaker)), allowed());
+        let mut same_expiry = weaker.clone();
+        same_expiry.expires_at = Some(datetime!(2040-01-01 00:00 UTC));
+        assert_eq!(answer(me.may_rotate(&same_expiry)), allowed());
+
+        let mut disabled = weaker.clone();
+        disabled.disabled = true;
+        let mut broader = weaker.clone();
+        broader.scopes.push("write".into());
+        let mut elsewhere = weaker.clone();
+        elsewhere.environment = "test".into();
+        let mut later = weaker.clone();
+        later.expires_at = Some(datetime!(2040-01-01 00:00:01 UTC));
+        let mut never = weaker.clone();
+        never.expires_at = None;
+        for stronger in [&disabled, &broader, &elsewhere, &later, &never] {
+            assert_eq!(answer(me.may_rotate(stronger)), forbidden(), "{stronger:?}");
+            assert_eq!(answer(admin.may_rotate(stronger)), allowed());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_self_caller_only_tightens_keys() {
+        let me = caller(&self_caller_key()).await;
+        let admin = caller(&key(&["keys:admin"])).await;
+        let mut current = key(&["read"]);
+        current.expires_at = Some(datetime!(2035-01-01 00:00 UTC));
+        current.rate_limit = Some("10/min".parse().unwrap());
+        let mut disabled = current.clone();
+        disabled.disabled = true;
+        let mut read_only = current.clone();
+        read_only.read_only = true;
+        let patch = |f: fn(&mut KeyPatch)| {
+            let mut patch = KeyPatch::default();
+            f(&mut patch);
+            patch
+        };
+
+        let tighter = [
+            patch(|p| p.expires_at = Some(Some(datetime!(2034-01-01 00:00 UTC)))),
+            patch(|p| p.disabled = Some(true)),
+            patch(|p| p.read_only = Some(true)),
+            patch(|p| p.rate_limit = Some(Some("5/min".parse().unwrap()))),
+            patch(|p| p.scopes = Some(vec!["read".into(), "articles:read".into()])),
+            patch(|p| p.name = Some("renamed".into())),
+        ];
+        for mut tighter in tighter {
+            let before = tighter.clone();
+            assert_eq!(
+                answer(me.may_patch(&current, &mut tighter)),
+                allowed(),
+                "{before:?}"
+            );
+            assert_eq!(tighter, before, "a real change is kept");
+        }
+
+        let looser = [
+            (
+                &current,
+                patch(|p| p.expires_at = Some(Some(datetime!(2035-01-01 00:00:01 UTC)))),
+            ),
+            (&current, patch(|p| p.expires_at = Some(None))),
+            (
+                &current,
+                patch(|p| p.rate_limit = Some(Some("11/min".parse().unwrap()))),
+            ),
+            (&current, patch(|p| p.rate_limit = Some(None))),
+            (&current, patch(|p| p.scopes = Some(vec!["write".into()]))),
+            (&disabled, patch(|p| p.disabled = Some(false))),
+            (&read_only, patch(|p| p.read_only = Some(false))),
+        ];
+        for (key, mut looser) in looser {
+            let before = looser.clone();
+            assert_eq!(
+                answer(me.may_patch(key, &mut looser)),
+                forbidden(),
+                "{before:?}"
+            );
+            assert_eq!(answer(admin.may_patch(key, &mut before.clone())), allowed());
+        }
+
+        // Never past the caller's own expiry, even on a key that has none.
+        let mut unlimited = current.clone();
+        unlimited.expires_at = None;
+        let mut past_caller = patch(|p| p.expires_at = Some(Some(datetime!(2041-01-01 00:00 UTC))));
+        assert_eq!(
+            answer(me.may_patch(&unlimited, &mut past_caller)),
+            forbidden()
+        );
+        let mut within_caller =
+            patch(|p| p.expires_at = Some(Some(datetime!(2039-01-01 00:00 UTC))));
+        assert_eq!(
+            answer(me.may_patch(&unlimited, &mut within_caller)),
+            allowed()
+        );
+
+        // Values equal to the current ones are dropped, so they cannot undo a concurrent change.
+        let mut same = KeyPatch {
+            disabled: Some(false),
+            read_only: Some(false),
+            expires_at: Some(current.expires_at),
+            rate_limit: Some(current.rate_limit),
+            name: Some("kept".into()),
+            ..KeyPatch::default()
+        };
+        assert_eq!(answer(me.may_patch(&current, &mut same)), allowed());
+        assert_eq!(
+            same,
+            KeyPatch {
+                name: Some("kept".into()),
+                ..KeyPatch::default()
+            }
+        );
+    }
+
+    /// A `keys:self` caller's new key gets at most the caller's own rate limit.
+    #[tokio::test]
+    async fn a_self_caller_creates_keys_within_its_own_rate_limit() {
+        let mut own = self_caller_key();
+        own.rate_limit = Some("10/min".parse().unwrap());
+        let me = caller(&own).await;
+        let now = datetime!(2030-01-01 00:00 UTC);
+        let body = |rate_limit: Option<&str>| CreateBody {
+            name: Some("k".into()),
+            rate_limit: rate_limit.map(str::to_owned),
+            ..CreateBody::default()
+        };
+        for looser in ["11/min", "1/s", "10/min,burst=20"] {
+            let result = me.new_key(body(Some(looser)), now).map(|_| ());
+            assert_eq!(answer(result), forbidden(), "{looser}");
+        }
+        let tighter = me.new_key(body(Some("5/min")), now).unwrap();
+        assert_eq!(tighter.rate_limit, Some("5/min".parse().unwrap()));
+        let inherited = me.new_key(body(None), now).unwrap();
+        assert_eq!(inherited.rate_limit, own.rate_limit);
+
+        let admin = caller(&key(&["keys:admin"])).await;
+        let any = admin.new_key(body(Some("1000/s")), now).unwrap();
+        assert_eq!(any.rate_limit, Some("1000/s".parse().unwrap()));
+    }
+
+    /// Listings judge a key's state by the manager's clock, not the system's.
+    #[tokio::test]
+    async fn listing_states_follow_the_managers_clock() {
+        let clock = crate::ManualClock::new(datetime!(2030-01-01 00:00 UTC));
+        let secrets =
+            SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        let manager = Arc::new(
+            KeyManager::new(Arc::new(MemoryStore::new()), secrets)
+                .with_clock(Arc::new(clock.clone())),
+        );
+        let created = manager
+            .create(
+                NewKey::new("k", "test").expires_in(ExpiresIn::At(datetime!(2030-01-02 00:00 UTC))),
+            )
+            .await
+            .unwrap();
+        clock.advance(time::Duration::days(2));
+        let mut request = axum::http::Request::get("/keys?state=expired")
+            .body(Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(Principal::for_tests(&["keys:admin"]));
+        let response = management_router(manager).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let list: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            list["items"][0]["id"],
+            created.record.id.to_string(),
+            "{list}"
+        );
+        assert_eq!(list["items"][0]["state"], "expired");
+    }
+
+    #[test]
+    fn only_json_media_types_are_read_as_json() {
+        let is = |value: Option<&[u8]>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_bytes(value).unwrap());
+            }
+            is_json(&headers)
+        };
+        for json in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "APPLICATION/JSON",
+            "Application/Json ; charset=utf-8",
+            "application/problem+json",
+            "application/merge-patch+json",
+            "application/vnd.api+json; ext=bulk",
+            "APPLICATION/VND.API+JSON",
+        ] {
+            assert!(is(Some(json.as_bytes())), "{json}");
+        }
+        for not_json in [
+            "application/x-www-form-urlencoded",
+            "application/xml",
+            "application/jsonp",
+            "application/json-seq",
+            "application/octet-stream",
+            "text/json",
+            "text/plain",
+            "text/plain+json",
+            "multipart/form-data; boundary=x",
+            "json",
+            "+json",
+            "",
+            "; application/json",
+        ] {
+            assert!(!is(Some(not_json.as_bytes())), "{not_json}");
+        }
+        assert!(!is(None));
+        assert!(!is(Some(b"application/json\xff")), "not visible ASCII");
+    }
+
+    async fn post_keys(content_type: Option<&str>, body: &'static str) -> (u16, Value) {
+        let secrets =
+            SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        let manager = Arc::new(KeyManager::new(Arc::new(MemoryStore::new()), secrets));
+        let mut request = axum::http::Request::post("/keys");
+        if let Some(content_type) = content_type {
+            request = request.header(CONTENT_TYPE, content_type);
+        }
+        let mut request = request.body(Body::from(body)).unwrap();
+        request
+            .extensions_mut()
+            .insert(Principal::for_tests(&["keys:admin"]));
+        let response = management_router(manager).oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// A body is parsed only under a JSON content type; anything else is a 400 that says
+    /// which type is expected, before the body is looked at.
+    #[tokio::test]
+    async fn a_body_that_is_not_declared_json_is_a_400() {
+        // `name` of the wrong type: a 422 once the body is read as JSON.
+        let body = r#"{"name": 5}"#;
+        for json in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "APPLICATION/JSON",
+            "application/problem+json",
+            "application/merge-patch+json",
+        ] {
+            let (status, problem) = post_keys(Some(json), body).await;
+            assert_eq!(status, 422, "{json}: {problem}");
+            assert_eq!(problem["code"], "validation_failed");
+        }
+        for not_json in [
+            Some("application/x-www-form-urlencoded"),
+            Some("application/xml"),
+            Some("text/plain"),
+            Some("text/plain+json"),
+            Some("text/json"),
+            Some("application/jsonp"),
+            Some(""),
+            None,
+        ] {
+            let (status, problem) = post_keys(not_json, body).await;
+            assert_eq!(status, 400, "{not_json:?}: {problem}");
+            assert_eq!(
+                problem,
+                serde_json::json!({
+                    "status": 400,
+                    "code": "invalid_request",
+                    "title": "Invalid request",
+                    "detail": "expected a body with `Content-Type: application/json`",
+                }),
+                "{not_json:?}"
+            );
+        }
+    }
+
+    /// One invalid field: the detail names it and its message; several: a summary.
+    #[tokio::test]
+    async fn validation_details_name_the_field_and_message() {
+        let (status, problem) = post_keys(Some("application/json"), r#"{"name": 5}"#).await;
+        assert_eq!(status, 422);
+        assert_eq!(problem["detail"], "name: expected a string");
+        assert_eq!(
+            problem["errors"],
+            serde_json::json!([{"field": "name", "message": "expected a string"}])
+        );
+        let (status, problem) = post_keys(
+            Some("application/json"),
+            r#"{"name": 5, "read_only": "yes"}"#,
+        )
+        .await;
+        assert_eq!(status, 422);
+        assert_eq!(problem["detail"], "the request has invalid fields");
+        assert_eq!(problem["errors"].as_array().unwrap().len(), 2, "{problem}");
+        let (status, problem) = post_keys(Some("application/json"), "[1]").await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (400, Some("invalid_request"))
+        );
+        assert_eq!(problem["detail"], "the body must be a JSON object");
+    }
+}

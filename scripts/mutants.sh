@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Mutation testing of the security-critical files with cargo-mutants: each mutant (an
+# operator flipped, a body replaced by a constant, a match arm deleted...) must make a test
+# fail. A mutant that survives is an untested decision, or an equivalent change listed in
+# SECURITY.md.
+#
+#   scripts/mutants.sh                    # every file below, one at a time
+#   scripts/mutants.sh scope secret       # only these (names from the table below)
+#   scripts/mutants.sh --list             # the files and the tests each is checked with
+#   MUTANTS_JOBS=2 scripts/mutants.sh key # more parallel mutants (each needs a build)
+#   MUTANTS_ARGS="--re decode_hex" scripts/mutants.sh secret   # extra cargo-mutants options
+#   MUTANTS_BASELINE=skip scripts/mutants.sh secret   # tests known to pass: skip the
+#                                         # unmutated run (tests then time out at 300 s)
+#
+# Too slow for .ci/run: every mutant is a rebuild of the crate. To stay affordable on two
+# cores each file is tested with the unit tests (`--lib`) plus the few integration suites
+# that cover it, not the whole suite. Results: target/mutants/<name>/mutants.out/
+# (caught.txt, missed.txt, timeout.txt, unviable.txt, outcomes.json). The exit status is
+# cargo-mutants' (0: every viable mutant caught; 2: some missed; 3: timeouts), the worst
+# over the files run.
+#
+# The suites marked (pg) need PostgreSQL: set KEYWARDEN_TEST_POSTGRES_URL, or they skip
+# their tests and the postgres store's mutants survive.
+set -euo pipefail
+
+version=27.1.0
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+# name | file | integration suites run besides the unit tests
+table=(
+    "scope|src/scope.rs|require_scope"
+    "principal|src/principal.rs|require_scope"
+    "secret|src/secret.rs|"
+    "credential|src/credential.rs|adversarial"
+    "key|src/key.rs|"
+    "verify|src/verify.rs|layer"
+    "service|src/service.rs|layer require_scope"
+    "manage_http|src/manage/http.rs|management_api"
+    "sqlite|src/store/sqlite.rs|store_conformance"
+    "postgres|src/store/postgres.rs|store_conformance (pg)"
+)
+
+if [[ "${1:-}" == "--list" ]]; then
+    for row in "${table[@]}"; do
+        IFS='|' read -r name file tests <<<"$row"
+        printf '%-12s %-22s --lib %s\n' "$name" "$file" "$tests"
+    done
+    exit 0
+fi
+
+if ! cargo mutants --version 2>/dev/null | grep -qF "$version"; then
+    cargo install cargo-mutants --locked --version "$version"
+fi
+
+# One build directory for every run, outside the copied tree, so dependencies are built once
+# and later runs rebuild only keywarden.
+export CARGO_TARGET_DIR="${MUTANTS_TARGET_DIR:-$root/target/mutants/build}"
+jobs="${MUTANTS_JOBS:-1}"
+baseline=(--baseline "${MUTANTS_BASELINE:-run}")
+if [[ "${MUTANTS_BASELINE:-run}" == skip ]]; then
+    baseline+=(--timeout 300)
+fi
+status=0
+wanted=("$@")
+
+for row in "${table[@]}"; do
+    IFS='|' read -r name file tests <<<"$row"
+    if ((${#wanted[@]})) && [[ ! " ${wanted[*]} " == *" $name "* ]]; then
+        continue
+    fi
+    # --cargo-arg, not --cargo-test-arg: cargo-mutants passes the latter only to the test
+    # run, and its build step (`cargo test --no-run`) would then build every test target.
+    args=(--cargo-arg=--lib)
+    for suite in ${tests/(pg)/}; do
+        args+=("--cargo-arg=--test=$suite")
+    done
+    echo "== $name: $file (--lib ${tests})"
+    mkdir -p "target/mutants/$name"
+    result=0
+    nice cargo mutants \
+        --file "$file" \
+        --all-features \
+        --jobs "$jobs" \
+        --output "target/mutants/$name" \
+        --no-shuffle \
+        --minimum-test-timeout 60 \
+        "${baseline[@]}" \
+        ${MUTANTS_ARGS:-} \
+        "${args[@]}" || result=$?
+    if ((result > status)); then
+        status=$result
+    fi
+done
+exit "$status"
