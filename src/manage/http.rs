@@ -45,8 +45,9 @@
 //!   no later than the caller's own (when the body gives none, the key inherits the
 //!   caller's `expires_at`); the rate limit must be within the caller's
 //!   ([`RateLimitPolicy::is_within`]; when the body gives none, the key inherits it).
-//!   Rate limits are compared as they apply: a key's own policy, else the layer's
-//!   default ([`KeyManager::with_default_rate_limit`]; unlimited only without one).
+//!   Rate limits are compared as they apply: a key's own policy, else the default of each
+//!   layer the manager invalidates (and [`KeyManager::with_default_rate_limit`]), one
+//!   comparison per layer; unlimited only without any.
 //! - **Rotate**: only a key no more powerful than the caller, as the new key's plaintext is
 //!   the caller's: not disabled, all its scopes held by the caller, same environment, expiry
 //!   no later than the caller's, rate limit within the caller's. The new key (which gets
@@ -57,7 +58,9 @@
 //!   on a disabled key, no `read_only: false` on a read-only key, no `expires_at` later than
 //!   the current expiry or than the caller's own (`null` is never: later than any instant),
 //!   no `rate_limit` looser than the current one (`null` means the layer's default, and is
-//!   a loosening when there is none or it is looser); `scopes` only ones the caller holds.
+//!   a loosening when there is none or it is looser); `scopes` only ones the caller holds,
+//!   and adding a scope the key lacks only to a key that, after the update, is no more
+//!   powerful than the caller (the checks of a rotation).
 //!   Values equal to the current ones are left out of the update. `name`, `description`
 //!   and `metadata` are free. The update is written only if the key is still the version
 //!   these checks read: a concurrent change makes it a 409 `conflict`, and nothing is
@@ -282,8 +285,9 @@ fn created_response(created: &CreatedKey, now: OffsetDateTime) -> Response {
 struct Caller {
     principal: Principal,
     admin: bool,
-    /// The rate limit of keys without their own, where keys are verified.
-    default_rate_limit: Option<RateLimitPolicy>,
+    /// The rate limits of keys without their own, one per layer where keys are verified
+    /// (never empty; `None`: unlimited there).
+    default_rate_limits: Vec<Option<RateLimitPolicy>>,
 }
 
 impl FromRequestParts<Arc<KeyManager>> for Caller {
@@ -311,7 +315,7 @@ impl FromRequestParts<Arc<KeyManager>> for Caller {
         Ok(Self {
             principal,
             admin,
-            default_rate_limit: manager.default_rate_limit(),
+            default_rate_limits: manager.default_rate_limits(),
         })
     }
 }
@@ -387,19 +391,18 @@ impl Caller {
         }
     }
 
-    /// The limit a key is held to: its own, else the default (`None`: unlimited).
-    fn effective(&self, policy: Option<RateLimitPolicy>) -> Option<RateLimitPolicy> {
-        policy.or(self.default_rate_limit)
-    }
-
-    /// The loosest effective rate limit the caller may give a key: its own effective limit,
-    /// unless it is an admin (`None`: unlimited).
-    fn max_rate_limit(&self) -> Option<RateLimitPolicy> {
-        if self.admin {
-            None
-        } else {
-            self.effective(self.principal.rate_limit())
-        }
+    /// Whether a key with limit `policy` is held at least as tightly as one with limit
+    /// `limit`, wherever keys are verified: each compared as it applies there (its own, else
+    /// that layer's default; `None` there: unlimited). With several layers, one comparison
+    /// per layer default, so neither the tightest nor the loosest default hides an escape.
+    fn effectively_within(
+        &self,
+        policy: Option<RateLimitPolicy>,
+        limit: Option<RateLimitPolicy>,
+    ) -> bool {
+        self.default_rate_limits
+            .iter()
+            .all(|default| within(policy.or(*default), limit.or(*default)))
     }
 
     /// A new key's lifetime: what was asked (`None`: nothing), within the caller's expiry.
@@ -430,13 +433,20 @@ impl Caller {
         &self,
         asked: Option<RateLimitPolicy>,
     ) -> Result<Option<RateLimitPolicy>, ApiError> {
-        match (asked, self.max_rate_limit()) {
-            (asked, None) => Ok(asked),
-            (None, Some(_)) => Ok(self.principal.rate_limit()),
-            (Some(asked), Some(limit)) if asked.is_within(&limit) => Ok(Some(asked)),
-            (Some(_), Some(limit)) => Err(forbidden(format!(
-                "a `keys:self` key cannot create a key with a rate limit looser than its own ({limit})"
-            ))),
+        if self.admin {
+            return Ok(asked);
+        }
+        let own = self.principal.rate_limit();
+        match asked {
+            // Inheriting the caller's own policy is as tight as the caller on every layer.
+            None => Ok(own),
+            Some(asked) if self.effectively_within(Some(asked), own) => Ok(Some(asked)),
+            Some(_) => Err(forbidden(match own {
+                Some(own) => format!(
+                    "a `keys:self` key cannot create a key with a rate limit looser than its own ({own})"
+                ),
+                None => "a `keys:self` key cannot create a key with a rate limit looser than its own (the layer's default)".to_owned(),
+            })),
         }
     }
 
@@ -446,8 +456,19 @@ impl Caller {
         if self.admin {
             return Ok(());
         }
+        match self.more_powerful(key) {
+            Some(reason) => Err(forbidden(format!(
+                "a `keys:self` key cannot rotate this key: {reason}; that needs `{ADMIN_SCOPE}`"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Why `key` is more powerful than the caller (`None`: it is not): disabled, a scope the
+    /// caller lacks, another environment, a later expiry or a looser effective rate limit.
+    fn more_powerful(&self, key: &KeyRecord) -> Option<&'static str> {
         let p = &self.principal;
-        let reason = if key.disabled {
+        if key.disabled {
             Some("it is disabled")
         } else if !key.scopes.iter().all(|s| p.has_scope(s)) {
             Some("it has a scope the caller does not hold")
@@ -455,19 +476,10 @@ impl Caller {
             Some("it belongs to another environment")
         } else if !ends_by(key.expires_at, p.expires_at()) {
             Some("it expires later than the caller")
-        } else if !within(
-            self.effective(key.rate_limit),
-            self.effective(p.rate_limit()),
-        ) {
+        } else if !self.effectively_within(key.rate_limit, p.rate_limit()) {
             Some("its rate limit is looser than the caller's")
         } else {
             None
-        };
-        match reason {
-            Some(reason) => Err(forbidden(format!(
-                "a `keys:self` key cannot rotate this key: {reason}; that needs `{ADMIN_SCOPE}`"
-            ))),
-            None => Ok(()),
         }
     }
 
@@ -480,6 +492,18 @@ impl Caller {
         }
         if let Some(scopes) = &patch.scopes {
             self.may_grant(scopes)?;
+            // Granting a scope the key lacks hands the caller's powers to that key: only to a
+            // key no more powerful than the caller, as judged after the patch (the checks of
+            // a rotation). Narrowing or keeping scopes needs no such check.
+            if scopes.iter().any(|s| !key.scopes.contains(s)) {
+                let mut after = key.clone();
+                patch.apply_to(&mut after, key.updated_at);
+                if let Some(why) = self.more_powerful(&after) {
+                    return Err(forbidden(format!(
+                        "a `keys:self` key can add scopes only to a key no more powerful than itself, and {why}; that needs `{ADMIN_SCOPE}`"
+                    )));
+                }
+            }
         }
         let loosened = if patch.disabled == Some(false) && key.disabled {
             Some("re-enable a disabled key")
@@ -492,7 +516,7 @@ impl Caller {
         } else if patch.rate_limit.is_some_and(|limit| {
             // Effective limits: `null` puts the key under the default (unlimited without
             // one), which loosens a key whose own limit is tighter.
-            !within(self.effective(limit), self.effective(key.rate_limit))
+            !self.effectively_within(limit, key.rate_limit)
         }) {
             Some("remove or loosen a rate limit")
         } else {

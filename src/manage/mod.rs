@@ -402,10 +402,21 @@ impl KeyManager {
         self
     }
 
-    /// The rate limit of keys without their own (`None`: unlimited).
+    /// The rate limits of keys without their own wherever this manager's keys are verified:
+    /// the one set with [`with_default_rate_limit`](Self::with_default_rate_limit) and each
+    /// invalidated layer's default. Never empty (`[None]`: unlimited everywhere).
     #[cfg(feature = "manage-api")]
-    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
-        self.default_rate_limit
+    pub(crate) fn default_rate_limits(&self) -> Vec<Option<RateLimitPolicy>> {
+        let mut defaults: Vec<Option<RateLimitPolicy>> = self
+            .layers
+            .iter()
+            .map(ApiKeyLayer::default_rate_limit)
+            .collect();
+        if self.default_rate_limit.is_some() || defaults.is_empty() {
+            defaults.push(self.default_rate_limit);
+        }
+        defaults.dedup();
+        defaults
     }
 
     /// Whether `collection` is one of the layers' foreign (Payload CMS, Strapi) collections.
