@@ -607,6 +607,7 @@ impl ApiKeyLayer {
         stats
     }
 
+    #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(crate) fn counters(&self) -> &Counters {
         &self.shared.counters
     }

@@ -27,12 +27,15 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+#[cfg(any(feature = "postgres", feature = "redis"))]
 use std::time::Duration;
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 use crate::layer::ApiKeyLayer;
+#[cfg(any(feature = "postgres", feature = "redis"))]
 use crate::stats::bump;
 
 #[cfg(feature = "postgres")]
@@ -141,6 +144,7 @@ impl fmt::Debug for InvalidationListener {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// What a transport's task reports to the shared bookkeeping.
 struct Sink {
     layer: ApiKeyLayer,
@@ -148,6 +152,7 @@ struct Sink {
     transport: &'static str,
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl Sink {
     fn apply(&self, invalidation: &Invalidation) {
         self.layer.apply(invalidation);
@@ -171,9 +176,11 @@ impl Sink {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 /// Reconnect delays: immediately, then doubling up to 5 s.
 struct Backoff(Duration);
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl Backoff {
     fn new() -> Self {
         Self(Duration::ZERO)
@@ -187,6 +194,7 @@ impl Backoff {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
 fn spawn<F>(
     layer: &ApiKeyLayer,
     transport: &'static str,
