@@ -1,68 +1,46 @@
-//! The in-process limiter: governor's GCRA, keyed by key id (or by another caller identity,
-//! such as the actor of a reveal), one keyed limiter per policy.
+//! The in-process limiter: GCRA (the algorithm governor and the Redis script use), one budget
+//! per key id (or per other caller identity, such as the actor of a reveal), whatever the
+//! policy.
 //!
 //! Time is the clock's monotonic reading, never the wall clock: a system clock stepped back
 //! an hour must not make every key wait an hour, and one stepped forward must not refill
 //! every budget.
 //!
-//! A limiter whose every key has a full budget again carries no information, so it is
-//! dropped (and made afresh by the next request under its policy): a deployment that cycles
-//! through many distinct policies holds limiters only for those with budget still being
-//! spent. Limiters are not tied to cache entries: a key that drops out of the cache keeps
-//! its spent budget, so cache evictions never hand out fresh bursts.
+//! A budget is one number, the key's theoretical arrival time (TAT), kept across policy
+//! changes exactly as the Redis limiter keeps it: changing a key's policy (tightening its
+//! burst one step at a time, say) never hands out a fresh burst. A key whose budget is full
+//! again carries no information, so its state is dropped; a deployment that cycles through
+//! many keys and policies holds state only for keys still spending. State is not tied to
+//! cache entries: a key that drops out of the cache keeps its spent budget, so cache
+//! evictions never hand out fresh bursts either.
 
 use std::hash::Hash;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use governor::clock::Clock as GovernorClock;
-use governor::middleware::StateInformationMiddleware;
-use governor::nanos::Nanos;
-use governor::state::keyed::DashMapStateStore;
-use governor::Quota;
 use uuid::Uuid;
 
 use super::{Decision, RateLimitPolicy};
 use crate::clock::Clock;
 use crate::rejection::RateLimitStatus;
 
-/// governor reads time through our injectable clock's monotonic reading, so tests can step
-/// it, as nanoseconds since the limiter was made.
-#[derive(Clone)]
-struct ClockAdapter {
-    clock: Arc<dyn Clock>,
-    origin: Instant,
-}
-
-impl GovernorClock for ClockAdapter {
-    type Instant = Nanos;
-
-    fn now(&self) -> Nanos {
-        let since = self
-            .clock
-            .monotonic()
-            .saturating_duration_since(self.origin);
-        Nanos::from(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
-    }
-}
-
-type Keyed<K> =
-    governor::RateLimiter<K, DashMapStateStore<K>, ClockAdapter, StateInformationMiddleware>;
-
-/// How many checks between sweeps of idle per-key state and idle limiters.
+/// How many checks between sweeps of full budgets.
 const SWEEP_EVERY: u64 = 1 << 16;
-/// Limiters held before making a new one first sweeps idle ones; after a sweep the threshold
-/// is twice the limiters left, so sweeping costs O(1) amortized per limiter made.
+/// Budgets held before a new key's first check sweeps full ones; after a sweep the threshold
+/// is twice the budgets left, so sweeping costs O(1) amortized per key.
 const MIN_SWEEP_AT: usize = 64;
 
 pub(crate) struct LocalLimiter<K: Hash + Eq + Clone = Uuid> {
-    clock: ClockAdapter,
-    limiters: DashMap<RateLimitPolicy, Keyed<K>>,
+    clock: Arc<dyn Clock>,
+    /// The zero of the TATs: the clock's monotonic reading when the limiter was made.
+    origin: Instant,
+    /// Each key's TAT, in nanoseconds since `origin`. A read lock on the shard and a
+    /// compare-and-swap on the cell decide a request.
+    budgets: DashMap<K, AtomicU64>,
     checks: AtomicU64,
-    /// Making a limiter when this many are held sweeps idle ones first.
+    /// A new key's first check sweeps full budgets when this many are held.
     sweep_at: AtomicUsize,
 }
 
@@ -70,32 +48,36 @@ impl<K: Hash + Eq + Clone> LocalLimiter<K> {
     pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
         let origin = clock.monotonic();
         Self {
-            clock: ClockAdapter { clock, origin },
-            limiters: DashMap::new(),
+            clock,
+            origin,
+            budgets: DashMap::new(),
             checks: AtomicU64::new(0),
             sweep_at: AtomicUsize::new(MIN_SWEEP_AT),
         }
     }
 
-    /// How many per-policy limiters are held.
+    /// How many keys' budgets are held (those still being spent, until the next sweep).
     pub(crate) fn len(&self) -> usize {
-        self.limiters.len()
+        self.budgets.len()
     }
 
-    /// Drops per-key state that is back to a full budget, then limiters left with none.
+    fn now(&self) -> u64 {
+        let since = self.clock.monotonic().saturating_duration_since(self.origin);
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Drops the budgets that are full again: a TAT not after now is the same as no state.
     ///
     /// `retain` holds each shard's write lock while it decides, and [`check`](Self::check)
-    /// holds a read lock on the limiter's shard while it takes from a budget, so a limiter is
-    /// never dropped between a check and its effect.
+    /// holds a read lock on the key's shard while it spends, so a budget is never dropped
+    /// between a check and its effect.
     fn sweep(&self) {
-        self.limiters.retain(|_, limiter| {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-            !limiter.is_empty()
-        });
-        self.limiters.shrink_to_fit();
+        let now = self.now();
+        self.budgets
+            .retain(|_, tat| tat.load(Ordering::Acquire) > now);
+        self.budgets.shrink_to_fit();
         self.sweep_at.store(
-            (2 * self.limiters.len()).max(MIN_SWEEP_AT),
+            (2 * self.budgets.len()).max(MIN_SWEEP_AT),
             Ordering::Relaxed,
         );
     }
@@ -106,30 +88,39 @@ impl<K: Hash + Eq + Clone> LocalLimiter<K> {
         if checks % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.sweep();
         }
-        let limiter = match self.limiters.get(policy) {
-            Some(limiter) => limiter,
+        let now = self.now();
+        let emission = emission_interval(policy);
+        let step = u64::try_from(emission.as_nanos()).unwrap_or(u64::MAX);
+        // GCRA: a request is allowed while the TAT it leaves is at most `burst` emission
+        // intervals ahead of now.
+        let tolerance = step.saturating_mul(u64::from(policy.burst().max(1)));
+        let tat = match self.budgets.get(&key) {
+            Some(tat) => tat,
             None => {
-                if self.limiters.len() >= self.sweep_at.load(Ordering::Relaxed) {
+                if self.budgets.len() >= self.sweep_at.load(Ordering::Relaxed) {
                     self.sweep();
                 }
-                self.limiters
-                    .entry(*policy)
-                    .or_insert_with(|| {
-                        governor::RateLimiter::dashmap_with_clock(quota(policy), self.clock.clone())
-                            .with_middleware::<StateInformationMiddleware>()
-                    })
+                self.budgets
+                    .entry(key)
+                    .or_insert_with(|| AtomicU64::new(0))
                     .downgrade()
             }
         };
-        let emission = emission_interval(policy);
-        match limiter.check_key(&key) {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                Decision::allowed(status(policy, remaining, emission))
+        let mut current = tat.load(Ordering::Acquire);
+        loop {
+            let next = current.max(now).saturating_add(step);
+            let ahead = next - now;
+            if ahead > tolerance {
+                let wait = Duration::from_nanos(ahead - tolerance);
+                return Decision::denied(status(policy, 0, emission), wait);
             }
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                Decision::denied(status(policy, 0, emission), wait)
+            match tat.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    let remaining = (tolerance - ahead) / step.max(1);
+                    let remaining = u32::try_from(remaining).unwrap_or(u32::MAX);
+                    return Decision::allowed(status(policy, remaining, emission));
+                }
+                Err(actual) => current = actual,
             }
         }
     }
@@ -138,13 +129,6 @@ impl<K: Hash + Eq + Clone> LocalLimiter<K> {
 /// The time one request's worth of budget takes to come back.
 pub(crate) fn emission_interval(policy: &RateLimitPolicy) -> Duration {
     (policy.period() / policy.limit()).max(Duration::from_nanos(1))
-}
-
-fn quota(policy: &RateLimitPolicy) -> Quota {
-    let burst = NonZeroU32::new(policy.burst()).unwrap_or(NonZeroU32::MIN);
-    Quota::with_period(emission_interval(policy))
-        .expect("the emission interval is at least one nanosecond")
-        .allow_burst(burst)
 }
 
 /// The headers' view of a budget: `remaining` requests left now, full again after
@@ -165,7 +149,7 @@ pub(crate) fn status(
 impl<K: Hash + Eq + Clone> std::fmt::Debug for LocalLimiter<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalLimiter")
-            .field("policies", &self.limiters.len())
+            .field("budgets", &self.budgets.len())
             .finish()
     }
 }
@@ -174,6 +158,7 @@ impl<K: Hash + Eq + Clone> std::fmt::Debug for LocalLimiter<K> {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use std::num::NonZeroU32;
     use time::OffsetDateTime;
 
     fn limiter() -> (LocalLimiter, ManualClock) {
@@ -208,15 +193,36 @@ mod tests {
     }
 
     #[test]
-    fn keys_and_policies_have_separate_budgets() {
+    fn keys_have_separate_budgets_and_keep_them_across_policies() {
         let (limiter, _) = limiter();
         let policy: RateLimitPolicy = "1/h".parse().unwrap();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         assert!(limiter.check(a, &policy).allowed);
         assert!(!limiter.check(a, &policy).allowed);
         assert!(limiter.check(b, &policy).allowed);
+        // A's spent budget follows it to another policy: no fresh burst.
         let other: RateLimitPolicy = "2/h".parse().unwrap();
-        assert!(limiter.check(a, &other).allowed);
+        assert!(!limiter.check(a, &other).allowed);
+    }
+
+    /// Found in review: budgets were kept per (policy, key), so a `keys:self` caller that
+    /// tightened a key's burst one step at a time handed it a fresh burst at every step.
+    #[test]
+    fn tightening_a_policy_step_by_step_hands_out_no_fresh_burst() {
+        let (limiter, _) = limiter();
+        let key = Uuid::now_v7();
+        let mut allowed = 0;
+        for burst in (1..=10).rev() {
+            let policy: RateLimitPolicy = format!("10/min,burst={burst}").parse().unwrap();
+            allowed += (0..20)
+                .filter(|_| limiter.check(key, &policy).allowed)
+                .count();
+        }
+        assert_eq!(allowed, 10, "one burst in all, at one instant");
+        // Loosening does not refill either: the spent time is carried over.
+        let loose: RateLimitPolicy = "10/min,burst=20".parse().unwrap();
+        let more = (0..20).filter(|_| limiter.check(key, &loose).allowed).count();
+        assert_eq!(more, 10, "the larger burst's extra room only");
     }
 
     /// Found in review: the limiter followed the wall clock, so stepping it back an hour
@@ -272,7 +278,7 @@ mod tests {
         assert!(!limiter.check(spent, &slow).allowed);
         limiter.sweep();
         assert_eq!(limiter.len(), 1);
-        // governor drops a key's state one emission interval after its budget is full.
+        // A budget full again is dropped.
         clock.advance(time::Duration::hours(2));
         limiter.sweep();
         assert_eq!(limiter.len(), 0);
