@@ -96,7 +96,7 @@ impl Collection {
 
     /// A collection of keys issued by another system (Payload CMS, Strapi), verified with
     /// that system's digest scheme against a read-only `store` over its tables (see
-    /// [`PayloadStore`](crate::PayloadStore), [`StrapiStore`](crate::StrapiStore)). Its keys
+    /// `PayloadStore` and `StrapiStore`, feature `interop`). Its keys
     /// are opaque strings; its principals' uses are never written back.
     ///
     /// For a Payload collection the `<slug> API-Key <key>` form is matched as Payload does:

@@ -70,6 +70,15 @@ pub enum SecretError {
         /// The length that was given.
         len: usize,
     },
+    /// A secret read from the environment is refused; `origin` names where it was read (a
+    /// variable, or a list's variable and entry or line), never the value.
+    #[error("{origin}: {error}")]
+    At {
+        /// The variable, or `<variable> entry N` / `<variable> line N`.
+        origin: String,
+        /// Why it was refused.
+        error: Box<SecretError>,
+    },
     /// The environment variable is not set.
     #[error(
         "environment variable {0} is not set, nor {0}_FILE (generate a secret with `keywarden \
@@ -412,7 +421,14 @@ impl SecretRing {
         var: impl FnMut(&'static str) -> Option<std::ffi::OsString>,
     ) -> Result<(Self, Vec<SecretWarning>), SecretError> {
         let values = read_ring(var, &SECRET_VARS)
-            .map_err(|e| e.error)?
+            .map_err(|e| match e.error {
+                // The one error whose text does not say where the value came from.
+                SecretError::TooShort { .. } => SecretError::At {
+                    origin: e.origin,
+                    error: Box::new(e.error),
+                },
+                other => other,
+            })?
             .ok_or(SecretError::Missing(SECRET_ENV))?;
         let mut warnings = Vec::new();
         let weak = |named: &Named, warnings: &mut Vec<SecretWarning>| {
@@ -642,7 +658,9 @@ pub(crate) fn read_ring(
     {
         let (separator, entry) = if file { ('\n', "line") } else { (',', "entry") };
         for (i, item) in text.split(separator).enumerate() {
-            // Whitespace around an entry, and blank entries, belong to the list.
+            // Whitespace around an entry, and blank entries, belong to the list's syntax
+            // (`a, b` works): no secret can begin or end with whitespace anyway, since the
+            // rule refuses such a value wherever it is written alone.
             let item = item.trim();
             if !item.is_empty() {
                 let origin = format!("{variable} {entry} {}", i + 1);
@@ -1035,8 +1053,13 @@ mod loading_tests {
         let short = TempFile::new(b"short\n");
         assert_eq!(
             load(&[(SECRET_ENV, S), (PREVIOUS_SECRETS_FILE_ENV, short.path())]).unwrap_err(),
-            SecretError::TooShort { len: 5 }
+            SecretError::At {
+                origin: format!("{PREVIOUS_SECRETS_FILE_ENV} line 1"),
+                error: Box::new(SecretError::TooShort { len: 5 }),
+            }
         );
+        let error = load(&[(SECRET_ENV, "short")]).unwrap_err().to_string();
+        assert!(error.starts_with(SECRET_ENV), "{error}");
     }
 
     #[test]

@@ -179,7 +179,8 @@ struct CreateArgs {
     /// Owner kind.
     #[arg(long, default_value = "user", value_name = "user|team|service")]
     owner_kind: OwnerKind,
-    /// A granted scope; repeat for more (`*` grants all).
+    /// A granted scope; repeat for more (`*` grants every scope but the `keys:` management
+    /// scopes, which only their exact name grants).
     #[arg(long = "scope", value_name = "SCOPE")]
     scopes: Vec<String>,
     /// Allow only safe methods (GET, HEAD, OPTIONS, TRACE).
@@ -340,6 +341,7 @@ impl From<SecretError> for Failure {
             SecretError::TooShort { .. } => {
                 format!("{SECRET_ENV} or a previous secret is too short: {error}; {hint}")
             }
+            SecretError::At { .. } => format!("{error}; {hint}"),
             SecretError::Missing(_) | SecretError::Conflict(..) | SecretError::File { .. } => {
                 format!("{error}")
             }

@@ -864,6 +864,20 @@ impl KeyManager {
                 unmigrated: outcome.unmigrated,
             });
         }
+        if outcome.dropped == 0 && !self.ring.previous_ids().any(|id| id == secret_id) {
+            // Nothing was stored under it and this ring does not know it: most likely a
+            // mistyped id, which must not look like a finished retirement.
+            return Err(ManageError {
+                kind: ManageErrorKind::NotFound,
+                field: Some("secret_id"),
+                message: format!(
+                    "no key has a digest under secret {secret_id}, and it is not a previous \
+                     secret of this ring; check the id (`keywarden serve` prints the ring's ids)"
+                ),
+                source: None,
+                unmigrated: Vec::new(),
+            });
+        }
         if outcome.affected.len() > MAX_KEY_INVALIDATIONS {
             for layer in &self.layers {
                 layer.invalidate_all();
@@ -1284,6 +1298,21 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ManageErrorKind::Conflict);
+    }
+
+    #[tokio::test]
+    async fn retiring_an_unknown_secret_id_is_not_found() {
+        let store: Arc<dyn KeyStore> = Arc::new(crate::store::MemoryStore::new());
+        let ring = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        let manager = KeyManager::new(store, ring);
+        manager.create(NewKey::new("k", "u1")).await.unwrap();
+        let unknown = SecretId::from_bytes([7; 8]);
+        let error = manager
+            .retire_secret(unknown, UnmigratedKeys::Refuse)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ManageErrorKind::NotFound);
+        assert!(error.to_string().contains(&unknown.to_string()), "{error}");
     }
 
     #[tokio::test]

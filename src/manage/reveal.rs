@@ -590,6 +590,8 @@ impl From<LoadError> for RevealKeyError {
                 ),
             ),
             SecretError::Ambiguous { .. } => (RevealKeyErrorKind::Ambiguous, error.to_string()),
+            // The shared reader names the origin itself and never wraps; kept for completeness.
+            SecretError::At { .. } => (RevealKeyErrorKind::TooShort, error.to_string()),
             SecretError::NotUnicode(_) => (RevealKeyErrorKind::NotUnicode, error.to_string()),
             SecretError::File { .. } => (RevealKeyErrorKind::File, error.to_string()),
             SecretError::Conflict(..) => (RevealKeyErrorKind::Conflicting, error.to_string()),

@@ -62,7 +62,10 @@ impl<K: Hash + Eq + Clone> LocalLimiter<K> {
     }
 
     fn now(&self) -> u64 {
-        let since = self.clock.monotonic().saturating_duration_since(self.origin);
+        let since = self
+            .clock
+            .monotonic()
+            .saturating_duration_since(self.origin);
         u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
     }
 
@@ -221,7 +224,9 @@ mod tests {
         assert_eq!(allowed, 10, "one burst in all, at one instant");
         // Loosening does not refill either: the spent time is carried over.
         let loose: RateLimitPolicy = "10/min,burst=20".parse().unwrap();
-        let more = (0..20).filter(|_| limiter.check(key, &loose).allowed).count();
+        let more = (0..20)
+            .filter(|_| limiter.check(key, &loose).allowed)
+            .count();
         assert_eq!(more, 10, "the larger burst's extra room only");
     }
 
