@@ -827,29 +827,7 @@ mod loading_tests {
         load(vars).unwrap().0
     }
 
-    /// A file in the temp directory, removed on drop.
-    struct TempFile(std::path::PathBuf);
-
-    impl TempFile {
-        fn new(contents: &[u8]) -> Self {
-            let path = std::env::temp_dir().join(format!(
-                "keywarden-secret-{}",
-                uuid::Uuid::now_v7().simple()
-            ));
-            std::fs::write(&path, contents).unwrap();
-            Self(path)
-        }
-
-        fn path(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use super::test_files::TempFile;
 
     #[test]
     fn a_value_is_one_secret_wherever_it_is_written() {
@@ -1301,6 +1279,34 @@ mod tests {
             let d = Digest::from_bytes(a);
             proptest::prop_assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
             proptest::prop_assert_eq!(d.to_hex().to_ascii_uppercase().parse::<Digest>().unwrap(), d);
+        }
+    }
+}
+
+/// Secret files for the tests of the modules that read them.
+#[cfg(test)]
+pub(crate) mod test_files {
+    /// A file in the temp directory, removed on drop.
+    pub(crate) struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        pub(crate) fn new(contents: &[u8]) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "keywarden-secret-{}",
+                uuid::Uuid::now_v7().simple()
+            ));
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+
+        pub(crate) fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
         }
     }
 }

@@ -994,26 +994,7 @@ mod tests {
         load(vars).unwrap().unwrap().0
     }
 
-    /// A file in the temp directory, removed on drop.
-    struct TempFile(std::path::PathBuf);
-
-    impl TempFile {
-        fn new(contents: &[u8]) -> Self {
-            let path = std::env::temp_dir().join(format!("keywarden-reveal-{}", Uuid::now_v7()));
-            std::fs::write(&path, contents).unwrap();
-            Self(path)
-        }
-
-        fn path(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use crate::secret::test_files::TempFile;
 
     #[test]
     fn a_reveal_key_moved_to_the_previous_keys_keeps_its_id_and_opens_what_it_sealed() {
