@@ -683,6 +683,31 @@ impl KeyManager {
         self.rotate_checked(id, grace, latest, None).await
     }
 
+    /// The key that replaced `old` in an earlier rotation, if any. Ids are time-ordered, so
+    /// only the owner's keys made after `old` are read.
+    async fn successor(
+        &self,
+        old: &KeyRecord,
+        now: OffsetDateTime,
+    ) -> Result<Option<Uuid>, ManageError> {
+        let mut query = KeyQuery::new();
+        query.collection = Some(old.collection.clone());
+        query.subject = Some(old.subject.clone());
+        query.now = now;
+        query.after = Some(old.id);
+        query.limit = KeyQuery::MAX_LIMIT;
+        loop {
+            let page = self.store.list(&query).await?;
+            if let Some(next) = page.items.iter().find(|r| r.rotated_from == Some(old.id)) {
+                return Ok(Some(next.id));
+            }
+            match page.next_cursor {
+                Some(cursor) => query.after = Some(cursor),
+                None => return Ok(None),
+            }
+        }
+    }
+
     /// [`rotate_until`](Self::rotate_until) of the key version `checked` (its `updated_at`)
     /// a caller's checks read: a key changed since is a [`ManageErrorKind::Conflict`].
     pub(crate) async fn rotate_checked(
@@ -710,6 +735,13 @@ impl KeyManager {
             return Err(ManageError::conflict(format!(
                 "only active keys can be rotated; this key is {}",
                 old.state(now).as_str()
+            )));
+        }
+        if let Some(successor) = self.successor(&old, now).await? {
+            // Its expiry is now the grace deadline, which a second successor would inherit as
+            // its lifetime: it would expire silently with the first grace period.
+            return Err(ManageError::conflict(format!(
+                "this key was already rotated; rotate its successor {successor} instead"
             )));
         }
         let deadline = now
@@ -1268,6 +1300,27 @@ mod tests {
                 .field(),
             Some("metadata")
         );
+    }
+
+    /// Found by a new user: a key in its grace period could be rotated again, and the second
+    /// successor inherited the grace deadline as its lifetime, expiring silently.
+    #[tokio::test]
+    async fn a_rotated_key_is_not_rotated_again() {
+        let (m, _) = manager();
+        let old = m.create(NewKey::new("r", "u")).await.unwrap();
+        let first = m.rotate(old.record.id, Duration::hours(2)).await.unwrap();
+        let err = m
+            .rotate(old.record.id, Duration::hours(2))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::Conflict);
+        assert!(
+            err.to_string().contains(&first.record.id.to_string()),
+            "{err}"
+        );
+        // The successor rotates as usual, and keeps an unlimited lifetime.
+        let second = m.rotate(first.record.id, Duration::hours(2)).await.unwrap();
+        assert_eq!(second.record.expires_at, None);
     }
 
     #[tokio::test]
