@@ -504,8 +504,9 @@ async fn full_lifecycle_over_http() {
 #[tokio::test]
 async fn rotation_grace_defaults_to_a_day_and_zero_ends_the_old_key() {
     let env = Env::new().await;
-    let (key, id) = env.key(NewKey::new("k", "alice")).await;
     for body in [None, Some("{}"), Some("")] {
+        // A key is rotated once (a second rotation is a 409): a fresh key for each form.
+        let (_, id) = env.key(NewKey::new("k", "alice")).await;
         let reply = env
             .raw(
                 &env.admin,
@@ -524,6 +525,7 @@ async fn rotation_grace_defaults_to_a_day_and_zero_ends_the_old_key() {
             Duration::hours(24)
         );
     }
+    let (key, id) = env.key(NewKey::new("k", "alice")).await;
     let rotated = env
         .call(
             &env.admin,
@@ -534,6 +536,11 @@ async fn rotation_grace_defaults_to_a_day_and_zero_ends_the_old_key() {
         .await;
     assert_eq!(rotated.status, 201, "{}", rotated.text());
     assert_eq!(env.whoami(&key).await.code(), "expired_key");
+    // Rotated once already: a second rotation names the successor instead.
+    let again = env
+        .call(&env.admin, "POST", &format!("/admin/keys/{id}/rotate"), None)
+        .await;
+    assert_eq!(again.status, 409, "{}", again.text());
     let new_key = rotated.json()["key"].as_str().unwrap().to_owned();
     assert_eq!(env.whoami(&new_key).await.status, 200);
 }
