@@ -538,7 +538,12 @@ async fn rotation_grace_defaults_to_a_day_and_zero_ends_the_old_key() {
     assert_eq!(env.whoami(&key).await.code(), "expired_key");
     // Rotated once already: a second rotation names the successor instead.
     let again = env
-        .call(&env.admin, "POST", &format!("/admin/keys/{id}/rotate"), None)
+        .call(
+            &env.admin,
+            "POST",
+            &format!("/admin/keys/{id}/rotate"),
+            None,
+        )
         .await;
     assert_eq!(again.status, 409, "{}", again.text());
     let new_key = rotated.json()["key"].as_str().unwrap().to_owned();

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keywarden::{ApiKeyLayer, Collection, KeyManager, NewKey, SecretRing, SqliteStore};
+use keywarden::{
+    ApiKeyLayer, Collection, KeyManager, ManageErrorKind, NewKey, SecretRing, SqliteStore,
+};
 
 const ALIVE: u64 = u64::MAX;
 const CLIENTS: usize = 4;
@@ -223,21 +225,25 @@ async fn soak() {
                     (1, Some(victim)) => {
                         // Zero grace: the old key dies when rotate returns.
                         kill(&victim);
-                        let rotated = manager
-                            .rotate(victim.id, time::Duration::ZERO)
-                            .await
-                            .unwrap();
+                        match manager.rotate(victim.id, time::Duration::ZERO).await {
+                            Ok(rotated) => live.lock().unwrap().push(new_tracked(rotated)),
+                            // Rotated before, with grace: a key is rotated once, so end it.
+                            Err(e) if e.kind() == ManageErrorKind::Conflict => {
+                                manager.revoke(victim.id).await.unwrap();
+                            }
+                            Err(e) => panic!("rotate: {e}"),
+                        }
                         live.lock().unwrap().retain(|t| t.id != victim.id);
-                        live.lock().unwrap().push(new_tracked(rotated));
                         buried(victim)
                     }
                     (2, Some(victim)) => {
                         // With grace: both keys stay live.
-                        let rotated = manager
-                            .rotate(victim.id, time::Duration::hours(1))
-                            .await
-                            .unwrap();
-                        live.lock().unwrap().push(new_tracked(rotated));
+                        match manager.rotate(victim.id, time::Duration::hours(1)).await {
+                            Ok(rotated) => live.lock().unwrap().push(new_tracked(rotated)),
+                            // Rotated before: it keeps its grace period.
+                            Err(e) if e.kind() == ManageErrorKind::Conflict => {}
+                            Err(e) => panic!("rotate: {e}"),
+                        }
                         None
                     }
                     (_, Some(victim)) => {
