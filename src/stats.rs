@@ -24,8 +24,8 @@ pub struct LayerStats {
     pub invalidations_received: u64,
     /// Whole-cache flushes after an invalidation channel reconnected.
     pub reconnect_flushes: u64,
-    /// A gauge, not a counter: the in-process rate limiters held now, one per rate-limit
-    /// policy with budget still being spent (idle ones are dropped).
+    /// A gauge, not a counter: the keys whose in-process rate-limit budget is held now, those
+    /// still spending it (a budget full again is dropped).
     pub rate_limiters: u64,
 }
 

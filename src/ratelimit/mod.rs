@@ -308,7 +308,7 @@ impl Limiters {
         false
     }
 
-    /// How many in-process per-policy limiters are held.
+    /// How many keys' in-process budgets are held.
     pub(crate) fn local_len(&self) -> usize {
         self.local.len()
     }
