@@ -2,46 +2,18 @@
 //! End-to-end tests of the built `keywarden` binary: key commands against a temporary SQLite
 //! file, one-line errors, and `serve` called over loopback by a real HTTP client.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod support;
+
+use support::TempDir;
+
 const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
 const SECRET: &str = "cli-test-secret-0123456789abcdefghijklmnop";
-
-/// A fresh directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "keywarden-cli-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn db_url(&self) -> String {
-        format!("sqlite://{}", self.0.join("keys.db").display())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The binary with a clean keywarden environment, the temp database and optionally a secret.
 fn command(dir: &TempDir, secret: Option<&str>) -> Command {

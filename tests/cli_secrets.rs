@@ -10,14 +10,12 @@ mod support;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use keywarden::{ApiKeyLayer, Collection, SecretRing, SqliteStore};
 use serde_json::Value;
-use support::get_with;
+use support::{get_with, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
 const SECRET: &str = "kPz3Vq9LmW2xR7tY5nB8cJ4hF6gD1sA0eUoIiQwZ";
@@ -31,43 +29,6 @@ const VARS: [&str; 7] = [
     "KEYWARDEN_REDIS_URL",
     "KEYWARDEN_REDIS_NAMESPACE",
 ];
-
-/// A fresh directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "keywarden-cli-secrets-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn db_url(&self) -> String {
-        format!("sqlite://{}", self.0.join("keys.db").display())
-    }
-
-    fn write(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path.to_str().unwrap().to_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The binary with only `env` as its keywarden environment.
 fn run(dir: &TempDir, env: &[(&str, &str)], args: &[&str]) -> Output {
