@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use dashmap::DashMap;
-use keywarden::{Digest, SecretRing};
+use keywarden::{secret::Digest, SecretRing};
 use moka::Expiry;
 use uuid::Uuid;
 

@@ -13,8 +13,8 @@ use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::Empty;
 use keywarden::{
-    ApiKey, ApiKeyLayer, Collection, CredentialExtractor, KeyFormat, KeyManager, KeyPrefix,
-    MemoryStore, NewKey, SecretRing,
+    credential::CredentialExtractor, key::ApiKey, key::KeyFormat, key::KeyPrefix, ApiKeyLayer,
+    Collection, KeyManager, MemoryStore, NewKey, SecretRing,
 };
 use sha2::Sha256;
 use tower::{Layer, Service, ServiceExt};

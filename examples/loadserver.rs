@@ -31,8 +31,9 @@ use std::sync::Arc;
 use axum::routing::get;
 use axum::Router;
 use keywarden::{
-    ApiKeyLayer, Collection, Digest, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore,
-    KeyUsage, MemoryStore, NewKey, PostgresStore, SecretId, SecretRing, SqliteStore, StoreError,
+    secret::Digest, secret::SecretId, store::KeyPage, store::KeyPatch, store::KeyQuery,
+    store::KeyRecord, store::KeyUsage, ApiKeyLayer, Collection, KeyManager, KeyStore, MemoryStore,
+    NewKey, PostgresStore, SecretRing, SqliteStore, StoreError,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -275,7 +276,7 @@ async fn keywarden(
 
 /// A token for the variants that do not use keywarden keys (same length as a key).
 fn fake_token() -> String {
-    keywarden::KeyPrefix::new("kw_live")
+    keywarden::key::KeyPrefix::new("kw_live")
         .expect("valid prefix")
         .generate()
         .expose()

@@ -15,7 +15,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use http::Request;
 use keywarden::{
-    ApiKeyLayer, Collection, PayloadHash, PayloadScheme, PayloadStore, PayloadTable, Principal,
+    interop::PayloadHash, interop::PayloadScheme, interop::PayloadStore, interop::PayloadTable,
+    ApiKeyLayer, Collection, Principal,
 };
 use tower::ServiceExt;
 

@@ -19,8 +19,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keywarden::{
-    demo_layer_builder, demo_router, KeyManager, KeyQuery, NewKey, SecretRing, SqliteStore,
-    SECRET_ENV, SECRET_FILE_ENV,
+    demo::demo_layer_builder, demo::demo_router, secret::SECRET_ENV, secret::SECRET_FILE_ENV,
+    store::KeyQuery, KeyManager, NewKey, SecretRing, SqliteStore,
 };
 
 const DATABASE_URL: &str = "sqlite://keywarden.db";

@@ -15,7 +15,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use http::Request;
 use keywarden::{
-    ApiKeyLayer, Collection, Principal, RequireScope, StrapiScheme, StrapiStore, StrapiTables,
+    interop::StrapiScheme, interop::StrapiStore, interop::StrapiTables, ApiKeyLayer, Collection,
+    Principal, RequireScopeLayer,
 };
 use tower::ServiceExt;
 
@@ -44,7 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "/api/articles",
             get(|p: Principal| async move { Json(p) })
                 .post(|p: Principal| async move { Json(p) })
-                .route_layer(RequireScope::new("api::article.article.find")),
+                .route_layer(RequireScopeLayer::new("api::article.article.find")),
         )
         .layer(layer);
 

@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 
 pin_project! {
     /// The body of responses from [`ApiKeyService`](crate::ApiKeyService) and
-    /// [`RequireScope`](crate::RequireScope): either the inner service's body, untouched,
+    /// [`RequireScopeLayer`](crate::RequireScopeLayer): either the inner service's body, untouched,
     /// or the small body of a rejection. It implements `http_body::Body` wherever the inner
     /// body does, so the same layer wraps axum, tonic and hyper services.
     #[derive(Debug)]

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,6 @@ use uuid::Uuid;
 use crate::principal::Principal;
 use crate::secret::Digest;
 use crate::store::{KeyRecord, StoreError};
-use crate::usage::UsageCell;
 
 /// The application identity derived from a principal, inserted into request extensions.
 pub(crate) trait Identity: Send + Sync {
@@ -50,7 +49,7 @@ impl<T: Clone + Send + Sync + 'static> Identity for IdentityValue<T> {
 }
 
 /// Everything the request path needs about a key, computed once per cache fill.
-pub(crate) struct Resolved {
+pub(crate) struct ResolvedKey {
     pub(crate) principal: Principal,
     pub(crate) identity: Option<Arc<dyn Identity>>,
     // Expiry, the read-only flag and the rate limit are read from the principal.
@@ -67,7 +66,7 @@ pub(crate) struct Resolved {
     pub(crate) usage: UsageCell,
 }
 
-impl Resolved {
+impl ResolvedKey {
     /// Builds the principal once, and the application identity from it.
     /// `foreign`: the key was verified from another system's store (see
     /// [`Principal::is_foreign`]).
@@ -89,16 +88,44 @@ impl Resolved {
     }
 }
 
+/// Uses of one cached key not yet written to the store.
+///
+/// `SeqCst` throughout: a use either sees `queued` still set, and then its count is taken by
+/// the flush that clears it, or it queues the key again itself. No use is left behind.
+#[derive(Debug, Default)]
+pub(crate) struct UsageCell {
+    uses: AtomicU64,
+    /// Unix nanoseconds of the latest use.
+    last: AtomicI64,
+    queued: AtomicBool,
+}
+
+impl UsageCell {
+    /// Adds `uses` uses, the latest at `last`; returns whether the caller must queue the key.
+    pub(crate) fn add(&self, uses: u64, last: i64) -> bool {
+        self.uses.fetch_add(uses, Ordering::SeqCst);
+        self.last.fetch_max(last, Ordering::SeqCst);
+        !self.queued.load(Ordering::SeqCst) && !self.queued.swap(true, Ordering::SeqCst)
+    }
+
+    /// Takes the uses so far, and the time of the latest.
+    pub(crate) fn take(&self) -> (u64, i64) {
+        self.queued.store(false, Ordering::SeqCst);
+        let uses = self.uses.swap(0, Ordering::SeqCst);
+        (uses, self.last.load(Ordering::SeqCst))
+    }
+}
+
 #[derive(Clone)]
-pub(crate) enum Lookup {
-    Found(Arc<Resolved>),
+pub(crate) enum Resolution {
+    Found(Arc<ResolvedKey>),
     Missing,
 }
 
 /// A cached lookup, the cache generation when its store read began, and when it was read.
 /// One allocation, shared by moka and the front map.
 pub(crate) struct Entry {
-    pub(crate) lookup: Lookup,
+    pub(crate) lookup: Resolution,
     /// The generation at which the entry's store read began, or a later one at which the hit
     /// path found no invalidation since that concerns it.
     generation: AtomicU64,
@@ -114,7 +141,7 @@ pub(crate) struct Entry {
 type Cached = Arc<Entry>;
 
 impl Entry {
-    fn new(lookup: Lookup, generation: u64, ttl: Duration, lifetimes: Ttl) -> Cached {
+    fn new(lookup: Resolution, generation: u64, ttl: Duration, lifetimes: Ttl) -> Cached {
         let now = Instant::now();
         let after = |d: Duration| {
             now.checked_add(d)
@@ -131,8 +158,8 @@ impl Entry {
 }
 
 /// A cache hit: fresh, or past its TTL but within the stale window.
-pub(crate) enum Hit {
-    Fresh(Lookup),
+pub(crate) enum CacheHit {
+    Fresh(Resolution),
     Stale(StaleEntry),
 }
 
@@ -142,7 +169,7 @@ pub(crate) struct StaleEntry {
 }
 
 impl StaleEntry {
-    pub(crate) fn lookup(&self) -> Lookup {
+    pub(crate) fn resolution(&self) -> Resolution {
         self.entry.lookup.clone()
     }
 
@@ -184,10 +211,10 @@ struct Ttl {
 }
 
 impl Ttl {
-    fn of(&self, lookup: &Lookup) -> Duration {
+    fn of(&self, lookup: &Resolution) -> Duration {
         match lookup {
-            Lookup::Found(_) => self.found,
-            Lookup::Missing => self.missing,
+            Resolution::Found(_) => self.found,
+            Resolution::Missing => self.missing,
         }
     }
 }
@@ -343,7 +370,7 @@ impl KeyCache {
     /// moka. An entry whose store read began before an invalidation that concerns it may have
     /// been inserted after that invalidation ran (a load racing a revocation): it is never
     /// returned, and [`KeyCache::get_or_load`] re-reads it.
-    pub(crate) fn lookup(&self, digest: &Digest) -> Option<Hit> {
+    pub(crate) fn lookup(&self, digest: &Digest) -> Option<CacheHit> {
         if !self.enabled {
             return None;
         }
@@ -369,7 +396,7 @@ impl KeyCache {
     /// The miss path's first step: an entry moka holds that the front map lost (an insert
     /// overtaken by another for the same digest, a clean-up racing a publish) is put back
     /// and served by the same rules as a hit. Also lets moka see the sampled hits.
-    pub(crate) async fn recover(&self, digest: &Digest) -> Option<Hit> {
+    pub(crate) async fn recover(&self, digest: &Digest) -> Option<CacheHit> {
         if !self.enabled {
             return None;
         }
@@ -382,15 +409,15 @@ impl KeyCache {
 
     /// A fresh or stale hit, or `None` when the entry is past its lifetime or an
     /// invalidation since its read concerns it.
-    fn classify(&self, digest: &Digest, entry: &Cached) -> Option<Hit> {
+    fn classify(&self, digest: &Digest, entry: &Cached) -> Option<CacheHit> {
         let now = Instant::now();
         if now >= entry.expires || !self.current(digest, entry) {
             return None;
         }
         Some(if self.stale.is_zero() || now < entry.fresh_until {
-            Hit::Fresh(entry.lookup.clone())
+            CacheHit::Fresh(entry.lookup.clone())
         } else {
-            Hit::Stale(StaleEntry {
+            CacheHit::Stale(StaleEntry {
                 entry: Arc::clone(entry),
             })
         })
@@ -438,10 +465,10 @@ impl KeyCache {
 
     /// The cached lookup, fresh or stale alike.
     #[cfg(test)]
-    pub(crate) async fn get(&self, digest: &Digest) -> Option<Lookup> {
+    pub(crate) async fn get(&self, digest: &Digest) -> Option<Resolution> {
         self.lookup(digest).map(|hit| match hit {
-            Hit::Fresh(lookup) => lookup,
-            Hit::Stale(stale) => stale.lookup(),
+            CacheHit::Fresh(lookup) => lookup,
+            CacheHit::Stale(stale) => stale.resolution(),
         })
     }
 
@@ -457,8 +484,8 @@ impl KeyCache {
             return true;
         }
         let id = match &entry.lookup {
-            Lookup::Found(resolved) => Some(resolved.principal.key_id()),
-            Lookup::Missing => None,
+            Resolution::Found(resolved) => Some(resolved.principal.key_id()),
+            Resolution::Missing => None,
         };
         recent
             .iter()
@@ -471,7 +498,7 @@ impl KeyCache {
             })
     }
 
-    fn entry(&self, lookup: Lookup, generation: u64) -> Cached {
+    fn entry(&self, lookup: Resolution, generation: u64) -> Cached {
         Entry::new(lookup, generation, self.ttl, self.lifetimes)
     }
 
@@ -492,9 +519,13 @@ impl KeyCache {
 
     /// Re-reads a stale entry. The result replaces the entry unless an invalidation raced
     /// the read; an error leaves the stale entry in place.
-    pub(crate) async fn refresh<Fut>(&self, digest: Digest, load: Fut) -> Result<Lookup, StoreError>
+    pub(crate) async fn refresh<Fut>(
+        &self,
+        digest: Digest,
+        load: Fut,
+    ) -> Result<Resolution, StoreError>
     where
-        Fut: Future<Output = Result<Lookup, StoreError>>,
+        Fut: Future<Output = Result<Resolution, StoreError>>,
     {
         let generation = self.generation.load(Ordering::Acquire);
         let lookup = load.await?;
@@ -516,10 +547,10 @@ impl KeyCache {
         &self,
         digest: Digest,
         load: F,
-    ) -> Result<Lookup, Arc<StoreError>>
+    ) -> Result<Resolution, Arc<StoreError>>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<Lookup, StoreError>>,
+        Fut: Future<Output = Result<Resolution, StoreError>>,
     {
         if !self.enabled {
             // No cache, no coalescing: one store query per lookup.
@@ -579,7 +610,7 @@ impl KeyCache {
     pub(crate) fn invalidate_key(&self, id: Uuid) {
         self.bump(Dropped::Key(id));
         let registered = self.cache.invalidate_entries_if(
-            move |_, cached| matches!(&cached.lookup, Lookup::Found(r) if r.principal.key_id() == id),
+            move |_, cached| matches!(&cached.lookup, Resolution::Found(r) if r.principal.key_id() == id),
         );
         if registered.is_err() {
             // Only possible if invalidation closures were not enabled, which `new` always does;
@@ -593,7 +624,7 @@ impl KeyCache {
         self.bump(Dropped::Missing);
         let registered = self
             .cache
-            .invalidate_entries_if(|_, cached| matches!(cached.lookup, Lookup::Missing));
+            .invalidate_entries_if(|_, cached| matches!(cached.lookup, Resolution::Missing));
         if registered.is_err() {
             self.invalidate_all();
         }
@@ -620,7 +651,7 @@ impl KeyCache {
 
     /// Inserts as a racing load would: into the front map and moka, with `generation`.
     #[cfg(test)]
-    async fn insert_raw(&self, digest: Digest, lookup: Lookup, generation: u64) {
+    async fn insert_raw(&self, digest: Digest, lookup: Resolution, generation: u64) {
         let entry = self.entry(lookup, generation);
         self.publish(digest, &entry);
         self.cache.insert(digest, entry).await;
@@ -641,11 +672,11 @@ mod tests {
     use crate::store::test_support::record;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn found(n: u8) -> (Digest, Lookup) {
+    fn found(n: u8) -> (Digest, Resolution) {
         let r = record(n);
         (
             r.digest,
-            Lookup::Found(Arc::new(Resolved::new(&r, false, |_| None))),
+            Resolution::Found(Arc::new(ResolvedKey::new(&r, false, |_| None))),
         )
     }
 
@@ -663,14 +694,14 @@ mod tests {
                         .get_or_load(digest, || async {
                             loads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(20)).await;
-                            Ok(Lookup::Missing)
+                            Ok(Resolution::Missing)
                         })
                         .await
                 })
             })
             .collect();
         for t in tasks {
-            assert!(matches!(t.await.unwrap(), Ok(Lookup::Missing)));
+            assert!(matches!(t.await.unwrap(), Ok(Resolution::Missing)));
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1);
     }
@@ -702,7 +733,7 @@ mod tests {
                                 invalidated_rx.lock().await.take().unwrap().await.unwrap();
                                 Ok(stale)
                             } else {
-                                Ok(Lookup::Missing)
+                                Ok(Resolution::Missing)
                             }
                         }
                     })
@@ -714,11 +745,14 @@ mod tests {
         invalidated_tx.send(()).unwrap();
         let result = loader.await.unwrap().unwrap();
         assert!(
-            matches!(result, Lookup::Missing),
+            matches!(result, Resolution::Missing),
             "the stale read was discarded"
         );
         assert_eq!(reads.load(Ordering::SeqCst), 2);
-        assert!(matches!(cache.get(&digest).await, Some(Lookup::Missing)));
+        assert!(matches!(
+            cache.get(&digest).await,
+            Some(Resolution::Missing)
+        ));
     }
 
     /// Found by the soak: between a racing load's insert and its own generation check, the hit
@@ -729,8 +763,8 @@ mod tests {
         let (digest, stale) = found(2);
         let (other, unrelated) = found(3);
         let id = match &stale {
-            Lookup::Found(r) => r.principal.key_id(),
-            Lookup::Missing => unreachable!(),
+            Resolution::Found(r) => r.principal.key_id(),
+            Resolution::Missing => unreachable!(),
         };
         cache
             .get_or_load(other, || async { Ok(unrelated.clone()) })
@@ -750,17 +784,25 @@ mod tests {
         let (created, _) = found(4);
         let read_at = cache.generation.load(Ordering::Acquire);
         cache.invalidate_digest(&created).await;
-        cache.insert_raw(created, Lookup::Missing, read_at).await;
+        cache
+            .insert_raw(created, Resolution::Missing, read_at)
+            .await;
         assert!(
             cache.get(&created).await.is_none(),
             "stale not-found served"
         );
         let fresh = cache
-            .get_or_load(digest, || async { Ok(Lookup::Missing) })
+            .get_or_load(digest, || async { Ok(Resolution::Missing) })
             .await
             .unwrap();
-        assert!(matches!(fresh, Lookup::Missing), "re-read on the miss path");
-        assert!(matches!(cache.get(&digest).await, Some(Lookup::Missing)));
+        assert!(
+            matches!(fresh, Resolution::Missing),
+            "re-read on the miss path"
+        );
+        assert!(matches!(
+            cache.get(&digest).await,
+            Some(Resolution::Missing)
+        ));
     }
 
     /// The hit path reads the front map only: it must hold nothing moka has dropped (evicted
@@ -776,7 +818,7 @@ mod tests {
             let lookup = if n % 2 == 0 {
                 found(n).1
             } else {
-                Lookup::Missing
+                Resolution::Missing
             };
             cache
                 .get_or_load(digest, || async { Ok(lookup.clone()) })
@@ -833,7 +875,7 @@ mod tests {
         cache.get_or_load(hot, load_hot).await.unwrap();
         for i in 1..64 {
             cache
-                .get_or_load(spread(i, 1), || async { Ok(Lookup::Missing) })
+                .get_or_load(spread(i, 1), || async { Ok(Resolution::Missing) })
                 .await
                 .unwrap();
         }
@@ -849,7 +891,7 @@ mod tests {
             let cold = spread(i, 2);
             if cache.lookup(&cold).is_none() {
                 cache
-                    .get_or_load(cold, || async { Ok(Lookup::Missing) })
+                    .get_or_load(cold, || async { Ok(Resolution::Missing) })
                     .await
                     .unwrap();
             }
@@ -880,19 +922,22 @@ mod tests {
             .unwrap();
         cache.front.remove(&digest);
         assert!(cache.lookup(&digest).is_none());
-        assert!(matches!(cache.recover(&digest).await, Some(Hit::Fresh(_))));
+        assert!(matches!(
+            cache.recover(&digest).await,
+            Some(CacheHit::Fresh(_))
+        ));
         assert!(cache.front.contains_key(&digest), "back in the front map");
         cache.front.remove(&digest);
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(
-            matches!(cache.recover(&digest).await, Some(Hit::Stale(_))),
+            matches!(cache.recover(&digest).await, Some(CacheHit::Stale(_))),
             "past its TTL it is stale, and gets refreshed"
         );
         // An invalidated entry is not recovered.
         cache.front.remove(&digest);
         let id = match &lookup {
-            Lookup::Found(r) => r.principal.key_id(),
-            Lookup::Missing => unreachable!(),
+            Resolution::Found(r) => r.principal.key_id(),
+            Resolution::Missing => unreachable!(),
         };
         cache.invalidate_key(id);
         assert!(cache.recover(&digest).await.is_none());
@@ -904,7 +949,10 @@ mod tests {
         let digest = Digest::from_bytes([1; 32]);
         let err = cache
             .get_or_load(digest, || async {
-                Err(StoreError::new(crate::StoreErrorKind::Unavailable, "down"))
+                Err(StoreError::new(
+                    crate::store::StoreErrorKind::Unavailable,
+                    "down",
+                ))
             })
             .await;
         assert!(err.is_err());
@@ -917,8 +965,8 @@ mod tests {
         let (d1, l1) = found(1);
         let (d2, l2) = found(2);
         let id1 = match &l1 {
-            Lookup::Found(r) => r.principal.key_id(),
-            Lookup::Missing => unreachable!(),
+            Resolution::Found(r) => r.principal.key_id(),
+            Resolution::Missing => unreachable!(),
         };
         cache
             .get_or_load(d1, || async { Ok(l1.clone()) })
@@ -955,7 +1003,7 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            assert!(matches!(result, Lookup::Found(_)));
+            assert!(matches!(result, Resolution::Found(_)));
             assert!(cache.get(&digest).await.is_none(), "nothing is kept");
         }
         assert_eq!(loads.load(Ordering::SeqCst), 3);
@@ -976,7 +1024,7 @@ mod tests {
             .await
             .unwrap();
         cache
-            .get_or_load(missing, || async { Ok(Lookup::Missing) })
+            .get_or_load(missing, || async { Ok(Resolution::Missing) })
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -997,36 +1045,39 @@ mod tests {
             .get_or_load(d1, || async { Ok(l1.clone()) })
             .await
             .unwrap();
-        assert!(matches!(cache.lookup(&d1), Some(Hit::Fresh(_))));
+        assert!(matches!(cache.lookup(&d1), Some(CacheHit::Fresh(_))));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let Some(Hit::Stale(stale)) = cache.lookup(&d1) else {
+        let Some(CacheHit::Stale(stale)) = cache.lookup(&d1) else {
             panic!("past its TTL the entry is stale, not gone");
         };
         let claim = stale.claim_refresh();
         assert!(claim.is_some());
-        let Some(Hit::Stale(other)) = cache.lookup(&d1) else {
+        let Some(CacheHit::Stale(other)) = cache.lookup(&d1) else {
             panic!("still stale");
         };
         assert!(other.claim_refresh().is_none(), "one refresher at a time");
         // A failed re-read keeps the stale entry and frees the claim.
         let down = cache
             .refresh(d1, async {
-                Err(StoreError::new(crate::StoreErrorKind::Unavailable, "down"))
+                Err(StoreError::new(
+                    crate::store::StoreErrorKind::Unavailable,
+                    "down",
+                ))
             })
             .await;
         assert!(down.is_err());
         drop(claim);
-        let Some(Hit::Stale(again)) = cache.lookup(&d1) else {
+        let Some(CacheHit::Stale(again)) = cache.lookup(&d1) else {
             panic!("still stale after a failed refresh");
         };
         assert!(again.claim_refresh().is_some());
         cache
-            .refresh(d1, async { Ok(Lookup::Missing) })
+            .refresh(d1, async { Ok(Resolution::Missing) })
             .await
             .unwrap();
         assert!(matches!(
             cache.lookup(&d1),
-            Some(Hit::Fresh(Lookup::Missing))
+            Some(CacheHit::Fresh(Resolution::Missing))
         ));
     }
 
@@ -1040,7 +1091,7 @@ mod tests {
             .await
             .unwrap();
         cache
-            .get_or_load(missing, || async { Ok(Lookup::Missing) })
+            .get_or_load(missing, || async { Ok(Resolution::Missing) })
             .await
             .unwrap();
         cache.invalidate_missing();
@@ -1049,7 +1100,9 @@ mod tests {
         // A not-found read that raced the creation notice is not served either.
         let read_at = cache.generation.load(Ordering::Acquire);
         cache.invalidate_missing();
-        cache.insert_raw(missing, Lookup::Missing, read_at).await;
+        cache
+            .insert_raw(missing, Resolution::Missing, read_at)
+            .await;
         assert!(
             cache.get(&missing).await.is_none(),
             "stale not-found served"

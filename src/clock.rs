@@ -6,7 +6,7 @@
 //! operator, a VM resume) neither blocks keys nor hands out fresh budgets.
 //!
 //! ```
-//! use keywarden::{Clock, ManualClock};
+//! use keywarden::{clock::Clock, clock::ManualClock};
 //! use time::{Duration, OffsetDateTime};
 //!
 //! let clock = ManualClock::new(OffsetDateTime::UNIX_EPOCH);

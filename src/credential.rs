@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use http::{HeaderMap, HeaderValue};
-//! use keywarden::{CredentialExtractor, CredentialSource};
+//! use keywarden::{credential::CredentialExtractor, credential::CredentialSource};
 //!
 //! let extractor = CredentialExtractor::new(["users", "teams"]);
 //! let mut headers = HeaderMap::new();
@@ -114,8 +114,11 @@ pub enum CredentialError {
     UnknownCollection,
 }
 
+/// A predicate claiming `Bearer` tokens for a foreign collection.
+type BearerClaim = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
 /// Finds the credential in a request according to configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CredentialExtractor {
     collections: Vec<Box<str>>,
     headers: Vec<HeaderName>,
@@ -124,7 +127,20 @@ pub struct CredentialExtractor {
     /// Collections whose `<slug> API-Key <key>` form is matched as Payload CMS matches it.
     exact: Vec<usize>,
     /// Bearer tokens claimed in optional mode besides keywarden's own format.
-    bearer_claims: Vec<fn(&[u8]) -> bool>,
+    bearer_claims: Vec<BearerClaim>,
+}
+
+impl std::fmt::Debug for CredentialExtractor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialExtractor")
+            .field("collections", &self.collections)
+            .field("headers", &self.headers)
+            .field("query_param", &self.query_param)
+            .field("foreign_bearer", &self.foreign_bearer)
+            .field("exact", &self.exact)
+            .field("bearer_claims", &self.bearer_claims.len())
+            .finish()
+    }
 }
 
 impl CredentialExtractor {
@@ -159,8 +175,8 @@ impl CredentialExtractor {
     /// With [`ignore_foreign_bearer`](Self::ignore_foreign_bearer), also claims `Bearer`
     /// tokens for which `claims` is true (for example Strapi API tokens).
     #[must_use]
-    pub fn claim_bearer(mut self, claims: fn(&[u8]) -> bool) -> Self {
-        self.bearer_claims.push(claims);
+    pub fn claim_bearer(mut self, claims: impl Fn(&[u8]) -> bool + Send + Sync + 'static) -> Self {
+        self.bearer_claims.push(std::sync::Arc::new(claims));
         self
     }
 

@@ -5,7 +5,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use keywarden::{demo_layer_builder, demo_router, KeyManager, MemoryStore, SecretRing};
+//! use keywarden::{demo::demo_layer_builder, demo::demo_router, KeyManager, MemoryStore, SecretRing};
 //!
 //! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
 //! let layer = demo_layer_builder()

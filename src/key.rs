@@ -6,7 +6,7 @@
 //! scanner finds leaked keys with [`KEY_REGEX`].
 //!
 //! ```
-//! use keywarden::{KeyFormat, KeyPrefix};
+//! use keywarden::{key::KeyFormat, key::KeyPrefix};
 //!
 //! let prefix = KeyPrefix::new("kw_live").unwrap();
 //! let key = prefix.generate();

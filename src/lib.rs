@@ -3,82 +3,57 @@
     not(feature = "sqlite"),
     doc = "keywarden: API-key authentication for tower services. See README.md."
 )]
-#![deny(missing_docs, unsafe_code)]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(unreachable_pub, missing_debug_implementations)]
 
+// The core, in layers (see docs/architecture.md; tests/architecture.rs checks the imports):
+// foundation → limits → store → identity → cache → verification → front. Plug-ins beside it.
 mod body;
 mod cache;
-mod clock;
-mod credential;
-#[cfg(feature = "manage-api")]
-mod demo;
-mod interop;
-mod invalidation;
-mod key;
-mod layer;
-mod manage;
+pub mod clock;
+pub mod credential;
+pub mod key;
 mod principal;
-mod ratelimit;
+pub mod ratelimit;
 #[cfg(feature = "redis")]
-mod redis_backend;
-mod rejection;
-mod scope;
-mod secret;
-mod service;
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+pub mod rejection;
+pub mod secret;
 mod stats;
-mod store;
+pub mod store;
 mod usage;
 mod verify;
 
-pub use body::AuthBody;
-pub use clock::{Clock, ManualClock, SystemClock};
-pub use credential::{
-    Credential, CredentialError, CredentialExtractor, CredentialSource, X_API_KEY,
-};
+pub mod layer;
+pub mod scope;
+
+// Plug-ins: each may use the core, never the other way round.
 #[cfg(feature = "manage-api")]
-pub use demo::{demo_layer_builder, demo_router, DEMO_COLLECTIONS};
-pub use interop::{
-    is_strapi_token, DigestScheme, ForeignAlgorithm, ForeignDigest, PayloadHash, PayloadScheme,
-    PayloadSchemeError, PayloadTable, StrapiScheme, StrapiSchemeError, StrapiTables,
-};
+#[doc(hidden)]
+pub mod demo;
 #[cfg(feature = "interop")]
-pub use interop::{PayloadStore, StrapiStore};
-pub use invalidation::{Invalidation, InvalidationListener, InvalidationPublisher, PublishError};
-pub use key::{
-    validate_opaque, ApiKey, KeyError, KeyFormat, KeyPrefix, ParsedKey, BODY_LEN, CHECKSUM_LEN,
-    KEY_REGEX, MAX_KEY_LEN,
-};
-pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Collection};
+#[cfg_attr(docsrs, doc(cfg(feature = "interop")))]
+pub mod interop;
+pub mod invalidation;
+pub mod manage;
+
+// What the first README example names.
+pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, ApiKeyService, BuildError, Collection, Mode};
 #[cfg(feature = "manage-api")]
+#[cfg_attr(docsrs, doc(cfg(feature = "manage-api")))]
 pub use manage::management_router;
-pub use manage::{
-    parse_duration, Actor, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
-    ManageErrorKind, NewKey, RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId,
-    RevealKeyRing, RevealKeyWarning, RevealOptions, PREVIOUS_REVEAL_KEYS_ENV,
-    PREVIOUS_REVEAL_KEYS_FILE_ENV, REVEAL_KEY_ENV, REVEAL_KEY_FILE_ENV,
-};
+pub use manage::{CreatedKey, ExpiresIn, KeyManager, ManageError, NewKey};
 pub use principal::Principal;
-pub use ratelimit::{
-    BlockedClients, ClientAddr, ClientAddress, FailedAttemptLimit, RateLimitParseError,
-    RateLimitPolicy, RateLimiter,
-};
-#[cfg(feature = "redis")]
-pub use redis_backend::{RedisBackend, RedisBackendError, RedisBackendErrorKind};
-pub use rejection::{AuthRejection, RateLimitStatus, RejectionKind};
-pub use scope::{RequireScope, RequireScopeService};
-pub use secret::{
-    Digest, DigestParseError, Secret, SecretError, SecretId, SecretRing, SecretWarning,
-    MIN_SECRET_LEN, PREVIOUS_SECRETS_ENV, PREVIOUS_SECRETS_FILE_ENV, SECRET_ENV, SECRET_FILE_ENV,
-};
-pub use service::{ApiKeyService, ResponseFuture};
-pub use stats::LayerStats;
+pub use rejection::{AuthRejection, RejectionKind};
+pub use scope::RequireScopeLayer;
+pub use secret::{Secret, SecretRing};
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::SqliteStore;
-pub use store::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStateParseError, KeyStore, KeyUsage,
-    MemoryStore, OwnerKind, OwnerKindParseError, SecretRetirement, StoreError, StoreErrorKind,
-    UnmigratedKeys,
-};
-pub use verify::Mode;
+pub use store::{KeyStore, MemoryStore, OwnerKind, StoreError};

@@ -30,8 +30,16 @@ use uuid::Uuid;
 
 use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::{AuthRejection, RejectionKind};
-use crate::scope::is_management_scope;
 use crate::store::{KeyRecord, OwnerKind};
+
+/// The namespace of the scopes that manage keywarden itself.
+const MANAGEMENT_NAMESPACE: &str = "keys:";
+
+/// Whether `scope` manages keywarden itself (the `keys:` namespace): such a scope is granted
+/// only by its exact name, and never to a foreign principal.
+pub(crate) fn is_management_scope(scope: &str) -> bool {
+    scope.starts_with(MANAGEMENT_NAMESPACE)
+}
 
 /// The identity behind a verified key. Cheap to clone (one `Arc`).
 #[derive(Clone, PartialEq)]

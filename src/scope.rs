@@ -1,12 +1,12 @@
-//! [`RequireScope`]: a route-level layer that requires a scope of the principal.
+//! [`RequireScopeLayer`]: a route-level layer that requires a scope of the principal.
 //!
 //! ```
 //! use axum::{routing::post, Router};
-//! use keywarden::RequireScope;
+//! use keywarden::RequireScopeLayer;
 //!
 //! let admin: Router = Router::new()
 //!     .route("/keys", post(|| async { "created" }))
-//!     .route_layer(RequireScope::new("keys:admin"));
+//!     .route_layer(RequireScopeLayer::new("keys:admin"));
 //! # let _ = admin;
 //! ```
 //! Place it inside (after) an [`ApiKeyLayer`](crate::ApiKeyLayer): it reads the principal the
@@ -31,27 +31,18 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::AuthBody;
+use crate::layer::ResponseFuture;
 use crate::principal::Principal;
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
-use crate::service::ResponseFuture;
-
-/// The namespace of the scopes that manage keywarden itself.
-const MANAGEMENT_NAMESPACE: &str = "keys:";
-
-/// Whether `scope` manages keywarden itself (the `keys:` namespace): such a scope is granted
-/// only by its exact name, and never to a foreign principal.
-pub(crate) fn is_management_scope(scope: &str) -> bool {
-    scope.starts_with(MANAGEMENT_NAMESPACE)
-}
 
 /// Requires a scope (`*` and `prefix:*` grants count, except for the management scopes of
 /// the `keys:` namespace, which only their exact name grants; see [`Principal::has_scope`]).
 #[derive(Debug, Clone)]
-pub struct RequireScope {
+pub struct RequireScopeLayer {
     scope: Arc<str>,
 }
 
-impl RequireScope {
+impl RequireScopeLayer {
     /// Requires `scope`.
     pub fn new(scope: impl Into<Arc<str>>) -> Self {
         Self {
@@ -60,25 +51,42 @@ impl RequireScope {
     }
 }
 
-impl<S> Layer<S> for RequireScope {
-    type Service = RequireScopeService<S>;
+impl<S> Layer<S> for RequireScopeLayer {
+    type Service = RequireScope<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequireScopeService {
+        RequireScope {
             inner,
             scope: self.scope.clone(),
         }
     }
 }
 
-/// The service of [`RequireScope`].
+/// The service of [`RequireScopeLayer`].
 #[derive(Debug, Clone)]
-pub struct RequireScopeService<S> {
+pub struct RequireScope<S> {
     inner: S,
     scope: Arc<str>,
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireScopeService<S>
+impl<S> RequireScope<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes this service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireScope<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -155,7 +163,7 @@ mod tests {
         }
     }
 
-    fn poll_ready(service: &mut RequireScopeService<Gate>) -> Poll<Result<(), &'static str>> {
+    fn poll_ready(service: &mut RequireScope<Gate>) -> Poll<Result<(), &'static str>> {
         service.poll_ready(&mut Context::from_waker(Waker::noop()))
     }
 
@@ -164,7 +172,7 @@ mod tests {
     #[test]
     fn poll_ready_is_the_inner_services() {
         let gate = Gate::default();
-        let mut service = RequireScope::new("read").layer(gate.clone());
+        let mut service = RequireScopeLayer::new("read").layer(gate.clone());
         assert!(poll_ready(&mut service).is_pending());
         assert_eq!(gate.polled.load(Ordering::SeqCst), 1);
         gate.ready.store(true, Ordering::SeqCst);
@@ -178,7 +186,7 @@ mod tests {
     async fn answer(scopes: Option<&[&str]>, required: &str) -> (u16, String, usize) {
         let gate = Gate::default();
         gate.ready.store(true, Ordering::SeqCst);
-        let mut service = RequireScope::new(required).layer(gate.clone());
+        let mut service = RequireScopeLayer::new(required).layer(gate.clone());
         let mut req = Request::new(());
         if let Some(scopes) = scopes {
             req.extensions_mut().insert(Principal::for_tests(scopes));

@@ -547,7 +547,7 @@ impl fmt::Display for SecretWarning {
 }
 
 /// The variables a ring of secrets is configured through. The application secrets and the
-/// reveal keys ([`RevealKeyRing`](crate::RevealKeyRing)) are read by the same rules, here,
+/// reveal keys ([`RevealKeyRing`](crate::manage::RevealKeyRing)) are read by the same rules, here,
 /// so a value means the same secret in either ring and wherever it is written.
 pub(crate) struct RingVars {
     /// The current value.

@@ -7,47 +7,19 @@
 //! `record_usage` call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::cache::Resolved;
+use crate::cache::ResolvedKey;
 use crate::store::{KeyStore, KeyUsage, StoreError};
-
-/// Uses of one cached key not yet written to the store.
-///
-/// `SeqCst` throughout: a use either sees `queued` still set, and then its count is taken by
-/// the flush that clears it, or it queues the key again itself. No use is left behind.
-#[derive(Debug, Default)]
-pub(crate) struct UsageCell {
-    uses: AtomicU64,
-    /// Unix nanoseconds of the latest use.
-    last: AtomicI64,
-    queued: AtomicBool,
-}
-
-impl UsageCell {
-    /// Adds `uses` uses, the latest at `last`; returns whether the caller must queue the key.
-    fn add(&self, uses: u64, last: i64) -> bool {
-        self.uses.fetch_add(uses, Ordering::SeqCst);
-        self.last.fetch_max(last, Ordering::SeqCst);
-        !self.queued.load(Ordering::SeqCst) && !self.queued.swap(true, Ordering::SeqCst)
-    }
-
-    /// Takes the uses so far, and the time of the latest.
-    fn take(&self) -> (u64, i64) {
-        self.queued.store(false, Ordering::SeqCst);
-        let uses = self.uses.swap(0, Ordering::SeqCst);
-        (uses, self.last.load(Ordering::SeqCst))
-    }
-}
 
 pub(crate) struct UsageRecorder {
     /// Cached keys used since the last flush, each once per cache fill.
-    queue: Mutex<Vec<Arc<Resolved>>>,
+    queue: Mutex<Vec<Arc<ResolvedKey>>>,
     /// Uses not held in a cell, one entry per key id: `(uses, latest)`.
     loose: Mutex<HashMap<Uuid, (u64, i64)>>,
     store: Arc<dyn KeyStore>,
@@ -78,7 +50,7 @@ impl UsageRecorder {
 
     /// Notes one use at `at` (Unix nanoseconds). Starts the flusher on first use, inside
     /// the caller's runtime.
-    pub(crate) fn record(self: &Arc<Self>, key: &Arc<Resolved>, at: i64) {
+    pub(crate) fn record(self: &Arc<Self>, key: &Arc<ResolvedKey>, at: i64) {
         if key.usage.add(1, at) {
             self.enqueue(Arc::clone(key));
         }
@@ -103,7 +75,7 @@ impl UsageRecorder {
         merge_uses(&mut loose, id, uses, last);
     }
 
-    fn enqueue(&self, key: Arc<Resolved>) {
+    fn enqueue(&self, key: Arc<ResolvedKey>) {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.push(key);
         if queue.len() >= MAX_QUEUED {
@@ -231,8 +203,8 @@ mod tests {
     use crate::store::test_support::record;
     use crate::store::MemoryStore;
 
-    fn cached(record: &crate::KeyRecord) -> Arc<Resolved> {
-        Arc::new(Resolved::new(record, false, |_| None))
+    fn cached(record: &crate::store::KeyRecord) -> Arc<ResolvedKey> {
+        Arc::new(ResolvedKey::new(record, false, |_| None))
     }
 
     fn now() -> i64 {
@@ -320,43 +292,49 @@ mod tests {
         struct Failing;
         #[async_trait::async_trait]
         impl KeyStore for Failing {
-            async fn insert(&self, _: &crate::KeyRecord) -> Result<(), StoreError> {
+            async fn insert(&self, _: &crate::store::KeyRecord) -> Result<(), StoreError> {
                 unreachable!()
             }
             async fn find_by_digest(
                 &self,
-                _: &crate::Digest,
-            ) -> Result<Option<crate::KeyRecord>, StoreError> {
+                _: &crate::secret::Digest,
+            ) -> Result<Option<crate::store::KeyRecord>, StoreError> {
                 unreachable!()
             }
-            async fn get(&self, _: Uuid) -> Result<Option<crate::KeyRecord>, StoreError> {
+            async fn get(&self, _: Uuid) -> Result<Option<crate::store::KeyRecord>, StoreError> {
                 unreachable!()
             }
             async fn update(
                 &self,
                 _: Uuid,
-                _: &crate::KeyPatch,
+                _: &crate::store::KeyPatch,
                 _: OffsetDateTime,
-            ) -> Result<Option<crate::KeyRecord>, StoreError> {
+            ) -> Result<Option<crate::store::KeyRecord>, StoreError> {
                 unreachable!()
             }
             async fn add_digest(
                 &self,
                 _: Uuid,
-                _: &crate::Digest,
-                _: &crate::Digest,
-                _: crate::SecretId,
+                _: &crate::secret::Digest,
+                _: &crate::secret::Digest,
+                _: crate::secret::SecretId,
             ) -> Result<bool, StoreError> {
                 unreachable!()
             }
-            async fn delete(&self, _: Uuid) -> Result<Option<crate::KeyRecord>, StoreError> {
+            async fn delete(&self, _: Uuid) -> Result<Option<crate::store::KeyRecord>, StoreError> {
                 unreachable!()
             }
-            async fn list(&self, _: &crate::KeyQuery) -> Result<crate::KeyPage, StoreError> {
+            async fn list(
+                &self,
+                _: &crate::store::KeyQuery,
+            ) -> Result<crate::store::KeyPage, StoreError> {
                 unreachable!()
             }
             async fn record_usage(&self, _: &[KeyUsage]) -> Result<(), StoreError> {
-                Err(StoreError::new(crate::StoreErrorKind::Unavailable, "down"))
+                Err(StoreError::new(
+                    crate::store::StoreErrorKind::Unavailable,
+                    "down",
+                ))
             }
         }
         let recorder = UsageRecorder::new(Arc::new(Failing), Duration::from_secs(3600));

@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keywarden::{ApiKeyLayer, Collection, KeyPrefix, NewKey};
+use keywarden::{key::KeyPrefix, ApiKeyLayer, Collection, NewKey};
 use support::{get_with, ring, CountingStore};
 
 fn setup() -> (Arc<CountingStore>, ApiKeyLayer, axum::Router) {

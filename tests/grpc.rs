@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use keywarden::{NewKey, Principal, RequireScope};
+use keywarden::{NewKey, Principal, RequireScopeLayer};
 use support::Fixture;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -44,7 +44,7 @@ async fn start(fx: &Fixture, scope: Option<&'static str>) -> Running {
             Some(scope) => {
                 Server::builder()
                     .layer(layer)
-                    .layer(RequireScope::new(scope))
+                    .layer(RequireScopeLayer::new(scope))
                     .add_service(health)
                     .serve_with_incoming(incoming)
                     .await

@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keywarden::store::ForeignSource;
 use keywarden::{
-    ApiKeyLayer, Collection, ForeignDigest, KeyManager, KeyRecord, KeyStore, ManageErrorKind,
-    ManualClock, NewKey, PayloadHash, PayloadScheme, PayloadStore, PayloadTable, Principal,
-    RequireScope, StoreError, StoreErrorKind, StrapiScheme, StrapiStore, StrapiTables,
+    clock::ManualClock, interop::PayloadHash, interop::PayloadScheme, interop::PayloadStore,
+    interop::PayloadTable, interop::StrapiScheme, interop::StrapiStore, interop::StrapiTables,
+    manage::ManageErrorKind, store::ForeignDigest, store::KeyRecord, store::StoreErrorKind,
+    ApiKeyLayer, Collection, KeyManager, NewKey, Principal, RequireScopeLayer, StoreError,
 };
 use support::{get_with, request, ring, send, CountingStore};
 use time::OffsetDateTime;
@@ -389,51 +391,10 @@ struct Counting<S> {
 }
 
 #[async_trait::async_trait]
-impl<S: KeyStore> KeyStore for Counting<S> {
-    async fn insert(&self, r: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.insert(r).await
-    }
-    async fn find_by_digest(&self, d: &keywarden::Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.find_by_digest(d).await
-    }
-    async fn get(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn update(
-        &self,
-        id: uuid::Uuid,
-        p: &keywarden::KeyPatch,
-        now: OffsetDateTime,
-    ) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.update(id, p, now).await
-    }
-    async fn add_digest(
-        &self,
-        id: uuid::Uuid,
-        o: &keywarden::Digest,
-        n: &keywarden::Digest,
-        s: keywarden::SecretId,
-    ) -> Result<bool, StoreError> {
-        self.inner.add_digest(id, o, n, s).await
-    }
-    async fn delete(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.delete(id).await
-    }
-    async fn list(&self, q: &keywarden::KeyQuery) -> Result<keywarden::KeyPage, StoreError> {
-        self.inner.list(q).await
-    }
-    async fn record_usage(&self, u: &[keywarden::KeyUsage]) -> Result<(), StoreError> {
-        self.inner.record_usage(u).await
-    }
-    async fn find_by_foreign_digest(
-        &self,
-        digests: &[ForeignDigest],
-    ) -> Result<Option<KeyRecord>, StoreError> {
+impl<S: ForeignSource> ForeignSource for Counting<S> {
+    async fn find(&self, digests: &[ForeignDigest]) -> Result<Option<KeyRecord>, StoreError> {
         self.lookups.fetch_add(1, Ordering::SeqCst);
-        self.inner.find_by_foreign_digest(digests).await
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
+        self.inner.find(digests).await
     }
 }
 
@@ -652,13 +613,7 @@ async fn payload_caching_and_read_only(rig: &PayloadRig) {
         .create(NewKey::new("svc", "s").collection("services"))
         .await
         .unwrap();
-    let direct = KeyManager::new(rig.foreign.clone(), ring());
-    let err = direct.create(NewKey::new("x", "1")).await.unwrap_err();
-    assert_eq!(err.kind(), ManageErrorKind::ReadOnly);
-    assert!(err.to_string().contains("read-only"), "{err}");
-    let err = direct.list(&keywarden::KeyQuery::new()).await.unwrap_err();
-    assert_eq!(err.kind(), ManageErrorKind::ReadOnly);
-    assert!(rig.foreign.is_read_only());
+    // A foreign source is not a `KeyStore`: a `KeyManager` over one does not compile.
 }
 
 async fn futures_join(app: &Router, authorization: &str, n: usize) -> Vec<u16> {
@@ -790,7 +745,7 @@ async fn layers_with_only_foreign_collections_need_no_store_or_secret() {
         .collection(Collection::new("services"))
         .build()
         .unwrap_err();
-    assert_eq!(err.kind(), keywarden::BuildErrorKind::MissingStore);
+    assert_eq!(err.kind(), keywarden::layer::BuildErrorKind::MissingStore);
 }
 
 #[tokio::test]
@@ -828,12 +783,12 @@ fn strapi_app(layer: &ApiKeyLayer) -> Router {
         .route(
             "/articles",
             get(|p: Principal| async move { Json(p) })
-                .route_layer(RequireScope::new("api::article.article.find")),
+                .route_layer(RequireScopeLayer::new("api::article.article.find")),
         )
         .route(
             "/articles/publish",
             post(|p: Principal| async move { Json(p) })
-                .route_layer(RequireScope::new("api::article.article.publish")),
+                .route_layer(RequireScopeLayer::new("api::article.article.publish")),
         )
         .route(
             "/maybe",
@@ -1164,7 +1119,9 @@ async fn native_keys_are_unaffected_by_foreign_collections() {
         assert_eq!(reply.status, 200);
     }
     // Unknown keys in keywarden's format never reach the foreign store.
-    let bogus = keywarden::KeyPrefix::new("kw_live").unwrap().generate();
+    let bogus = keywarden::key::KeyPrefix::new("kw_live")
+        .unwrap()
+        .generate();
     let reply = get_with(
         &rig.app,
         "/whoami",
@@ -1259,7 +1216,7 @@ impl ManagedRig {
         assert_eq!(who.status, 200, "the key itself is valid: {}", who.text());
         let keys = || async {
             self.manager
-                .list(&keywarden::KeyQuery::new())
+                .list(&keywarden::store::KeyQuery::new())
                 .await
                 .unwrap()
                 .items

@@ -11,7 +11,10 @@
 //! visible ASCII; Strapi's non-space separators, which RFC 9110 does not allow).
 
 use http::{HeaderMap, HeaderValue};
-use keywarden::{is_strapi_token, CredentialExtractor, CredentialSource, KeyFormat};
+use keywarden::{
+    credential::CredentialExtractor, credential::CredentialSource, interop::is_strapi_token,
+    key::KeyFormat,
+};
 use proptest::prelude::*;
 
 /// Node trims leading and trailing whitespace from header values, as hyper does.
@@ -64,7 +67,9 @@ fn strapi_reads(value: &[u8]) -> Option<&[u8]> {
 }
 
 fn visible_ascii(key: &[u8]) -> bool {
-    !key.is_empty() && key.len() <= keywarden::MAX_KEY_LEN && key.iter().all(u8::is_ascii_graphic)
+    !key.is_empty()
+        && key.len() <= keywarden::key::MAX_KEY_LEN
+        && key.iter().all(u8::is_ascii_graphic)
 }
 
 fn payload_extractor() -> CredentialExtractor {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use axum::routing::get;
 use axum::{Extension, Router};
 use keywarden::{
-    ApiKeyLayer, Collection, ExpiresIn, KeyManager, KeyPatch, KeyStore, MemoryStore, Mode, NewKey,
-    OwnerKind, Principal, SecretRing,
+    store::KeyPatch, ApiKeyLayer, Collection, ExpiresIn, KeyManager, KeyStore, MemoryStore, Mode,
+    NewKey, OwnerKind, Principal, SecretRing,
 };
 use support::{get_with, request, ring, send, Fixture, OLD_SECRET, SECRET};
 use time::Duration;
@@ -123,7 +123,9 @@ async fn missing_and_malformed_credentials() {
 async fn unknown_keys_slugs_and_wrong_collections_are_invalid() {
     let fx = Fixture::new();
     let user_key = fx.key(NewKey::new("k", "alice")).await.key;
-    let unknown = keywarden::KeyPrefix::new("kw_live").unwrap().generate();
+    let unknown = keywarden::key::KeyPrefix::new("kw_live")
+        .unwrap()
+        .generate();
     let app = fx.app();
 
     let reply = get_with(
@@ -362,7 +364,9 @@ async fn optional_mode_passes_anonymous_requests_but_rejects_bad_keys() {
     )
     .await;
     assert_eq!(reply.code(), "malformed_key");
-    let unknown = keywarden::KeyPrefix::new("kw_test").unwrap().generate();
+    let unknown = keywarden::key::KeyPrefix::new("kw_test")
+        .unwrap()
+        .generate();
     let reply = get_with(
         &app,
         "/maybe",
@@ -609,19 +613,22 @@ async fn store_failures_are_503_never_500() {
     struct Down;
     #[async_trait::async_trait]
     impl KeyStore for Down {
-        async fn insert(&self, _: &keywarden::KeyRecord) -> Result<(), keywarden::StoreError> {
+        async fn insert(
+            &self,
+            _: &keywarden::store::KeyRecord,
+        ) -> Result<(), keywarden::StoreError> {
             Err(down())
         }
         async fn find_by_digest(
             &self,
-            _: &keywarden::Digest,
-        ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+            _: &keywarden::secret::Digest,
+        ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
             Err(down())
         }
         async fn get(
             &self,
             _: uuid::Uuid,
-        ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
             Err(down())
         }
         async fn update(
@@ -629,39 +636,42 @@ async fn store_failures_are_503_never_500() {
             _: uuid::Uuid,
             _: &KeyPatch,
             _: time::OffsetDateTime,
-        ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
             Err(down())
         }
         async fn add_digest(
             &self,
             _: uuid::Uuid,
-            _: &keywarden::Digest,
-            _: &keywarden::Digest,
-            _: keywarden::SecretId,
+            _: &keywarden::secret::Digest,
+            _: &keywarden::secret::Digest,
+            _: keywarden::secret::SecretId,
         ) -> Result<bool, keywarden::StoreError> {
             Err(down())
         }
         async fn delete(
             &self,
             _: uuid::Uuid,
-        ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
             Err(down())
         }
         async fn list(
             &self,
-            _: &keywarden::KeyQuery,
-        ) -> Result<keywarden::KeyPage, keywarden::StoreError> {
+            _: &keywarden::store::KeyQuery,
+        ) -> Result<keywarden::store::KeyPage, keywarden::StoreError> {
             Err(down())
         }
         async fn record_usage(
             &self,
-            _: &[keywarden::KeyUsage],
+            _: &[keywarden::store::KeyUsage],
         ) -> Result<(), keywarden::StoreError> {
             Err(down())
         }
     }
     fn down() -> keywarden::StoreError {
-        keywarden::StoreError::new(keywarden::StoreErrorKind::Unavailable, "connection refused")
+        keywarden::StoreError::new(
+            keywarden::store::StoreErrorKind::Unavailable,
+            "connection refused",
+        )
     }
     let layer = ApiKeyLayer::builder()
         .store(Arc::new(Down))
@@ -669,7 +679,9 @@ async fn store_failures_are_503_never_500() {
         .build()
         .unwrap();
     let app = support::app().layer(layer);
-    let key = keywarden::KeyPrefix::new("kw_live").unwrap().generate();
+    let key = keywarden::key::KeyPrefix::new("kw_live")
+        .unwrap()
+        .generate();
     let reply = get_with(&app, "/whoami", &[("x-api-key", key.expose().as_bytes())]).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.code(), "store_unavailable");
@@ -770,7 +782,7 @@ async fn opaque_keys_only_reach_opaque_collections() {
 
 #[tokio::test]
 async fn build_rejects_configurations_that_cannot_work() {
-    use keywarden::BuildErrorKind;
+    use keywarden::layer::BuildErrorKind;
     let base = || {
         ApiKeyLayer::builder()
             .store(Arc::new(MemoryStore::new()))

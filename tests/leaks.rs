@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use keywarden::{
-    management_router, Actor, ApiKeyLayer, CredentialExtractor, KeyFormat, KeyManager, KeyPatch,
-    KeyQuery, KeyStore, MemoryStore, NewKey, RevealKey, Secret, SecretRing,
+    credential::CredentialExtractor, key::KeyFormat, manage::Actor, manage::RevealKey,
+    management_router, store::KeyPatch, store::KeyQuery, ApiKeyLayer, KeyManager, KeyStore,
+    MemoryStore, NewKey, Secret, SecretRing,
 };
 use support::{get_with, request, send, Fixture, OLD_SECRET, SECRET};
 use time::Duration;

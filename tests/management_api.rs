@@ -12,9 +12,10 @@ use axum::body::Body;
 use axum::{Extension, Router};
 use http::Request;
 use keywarden::{
-    management_router, Digest, ExpiresIn, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord,
-    KeyStore, KeyUsage, MemoryStore, NewKey, Principal, RateLimitPolicy, SecretId, StoreError,
-    StoreErrorKind,
+    management_router, ratelimit::RateLimitPolicy, secret::Digest, secret::SecretId,
+    store::KeyPage, store::KeyPatch, store::KeyQuery, store::KeyRecord, store::KeyUsage,
+    store::StoreErrorKind, ExpiresIn, KeyManager, KeyStore, MemoryStore, NewKey, Principal,
+    StoreError,
 };
 use serde_json::{json, Value};
 use support::{ring, send, Fixture, Reply};
@@ -1957,7 +1958,7 @@ impl KeyStore for Racing {
 async fn a_patch_that_lost_a_race_is_a_409_conflict() {
     let store = Arc::new(Racing::default());
     // A clock that stands still: both writes land in the same microsecond.
-    let clock = keywarden::ManualClock::new(OffsetDateTime::now_utc());
+    let clock = keywarden::clock::ManualClock::new(OffsetDateTime::now_utc());
     let layer = keywarden::ApiKeyLayer::builder()
         .store(store.clone())
         .secrets(ring())
@@ -2056,7 +2057,7 @@ async fn a_rotation_that_lost_a_race_is_a_409_and_leaves_no_key() {
     let layer = keywarden::ApiKeyLayer::builder()
         .store(store.clone())
         .secrets(ring())
-        .clock(Arc::new(keywarden::ManualClock::new(
+        .clock(Arc::new(keywarden::clock::ManualClock::new(
             OffsetDateTime::now_utc(),
         )))
         .collection(keywarden::Collection::new("users"))
@@ -2079,7 +2080,7 @@ async fn a_rotation_that_lost_a_race_is_a_409_and_leaves_no_key() {
     let sibling = make("sibling", &["read"]).await.record;
     let count = || async { store.list(&KeyQuery::new()).await.unwrap().items.len() };
     let keys = count().await;
-    let rotate = |key: &keywarden::ApiKey| {
+    let rotate = |key: &keywarden::key::ApiKey| {
         Request::post(format!("/admin/keys/{}/rotate", sibling.id))
             .header("authorization", format!("Bearer {}", key.expose()))
             .body(Body::empty())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::Router;
 use http::Request;
-use keywarden::{management_router, ExpiresIn, KeyManager, NewKey, RateLimitPolicy};
+use keywarden::{management_router, ratelimit::RateLimitPolicy, ExpiresIn, KeyManager, NewKey};
 use serde_json::{json, Value};
 use support::{send, Fixture, Reply};
 

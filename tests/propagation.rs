@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use keywarden::{
-    ApiKeyLayer, Collection, InvalidationListener, KeyManager, KeyStore, NewKey, PostgresStore,
-    RedisBackend, SqliteStore,
+    invalidation::InvalidationListener, redis::RedisBackend, ApiKeyLayer, Collection, KeyManager,
+    KeyStore, NewKey, PostgresStore, SqliteStore,
 };
 use support::*;
 
@@ -127,7 +127,7 @@ async fn postgres_notify_propagates_revocations_and_flushes_on_reconnect() {
     wait_for("the creation notice", || listener.received() > before).await;
     let received = listener.received();
     store_a
-        .record_usage(&[keywarden::KeyUsage {
+        .record_usage(&[keywarden::store::KeyUsage {
             id: extra.record.id,
             last_used_at: time::OffsetDateTime::now_utc(),
             uses: 3,

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keywarden::{
-    ApiKeyLayer, BlockedClients, ClientAddress, Collection, FailedAttemptLimit, KeyManager,
-    KeyPrefix, NewKey, RateLimitPolicy,
+    key::KeyPrefix, ratelimit::BlockedClients, ratelimit::ClientAddressSource,
+    ratelimit::FailedAttemptLimit, ratelimit::RateLimitPolicy, ApiKeyLayer, Collection, KeyManager,
+    NewKey,
 };
 use support::*;
 
@@ -173,7 +174,7 @@ async fn limiters_of_distinct_policies_do_not_accumulate() {
 #[cfg(feature = "redis")]
 mod redis_limits {
     use super::*;
-    use keywarden::{KeyStore, MemoryStore, RateLimiter, RedisBackend};
+    use keywarden::{ratelimit::RateLimiter, redis::RedisBackend, KeyStore, MemoryStore};
     use tokio::time::Instant;
 
     fn instance(store: Arc<MemoryStore>, limiter: RateLimiter) -> ApiKeyLayer {
@@ -483,15 +484,16 @@ fn bad_key() -> String {
 #[tokio::test]
 async fn failed_attempts_block_one_address_before_store_work() {
     let store = Arc::new(CountingStore::default());
-    let clock = keywarden::ManualClock::new(time::OffsetDateTime::now_utc());
+    let clock = keywarden::clock::ManualClock::new(time::OffsetDateTime::now_utc());
     let layer = ApiKeyLayer::builder()
         .store(store.clone())
         .secrets(ring())
         .clock(Arc::new(clock.clone()))
         .collection(Collection::new("users"))
         .failed_attempt_limit(
-            FailedAttemptLimit::new(3, Duration::from_secs(60))
-                .client_address(ClientAddress::TrustedHeader("x-real-ip".parse().unwrap())),
+            FailedAttemptLimit::new(3, Duration::from_secs(60)).client_address(
+                ClientAddressSource::TrustedHeader("x-real-ip".parse().unwrap()),
+            ),
         )
         .usage_flush_interval(None)
         .build()
@@ -554,7 +556,7 @@ async fn blocked_address_may_keep_using_cached_keys_if_configured() {
         .collection(Collection::new("users"))
         .failed_attempt_limit(
             FailedAttemptLimit::new(2, Duration::from_secs(60))
-                .client_address(ClientAddress::TrustedHeader(
+                .client_address(ClientAddressSource::TrustedHeader(
                     "x-forwarded-for".parse().unwrap(),
                 ))
                 .blocked_clients(BlockedClients::AllowCachedKeys),

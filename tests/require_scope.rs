@@ -1,4 +1,4 @@
-//! `RequireScope` as a tower service between the key layer and a real inner stack: tower's
+//! `RequireScopeLayer` as a tower service between the key layer and a real inner stack: tower's
 //! readiness contract, with the same `ConcurrencyLimit(1)` the key layer is held to.
 
 mod support;
@@ -6,7 +6,7 @@ mod support;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use keywarden::{NewKey, RequireScope};
+use keywarden::{NewKey, RequireScopeLayer};
 use support::{request, Fixture};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
@@ -31,7 +31,7 @@ async fn the_scope_layer_passes_the_inner_services_readiness_through() {
     );
     let mut service = fx
         .layer
-        .layer(RequireScope::new("articles:read").layer(inner));
+        .layer(RequireScopeLayer::new("articles:read").layer(inner));
     let with_key = |value: &str| request("GET", "/", &[("x-api-key", value.as_bytes())]);
     let (reader, writer) = (reader.key.expose(), writer.key.expose());
 
@@ -68,7 +68,7 @@ async fn the_scope_layer_alone_readies_before_it_calls() {
             Ok::<_, Infallible>(http::Response::new(axum::body::Body::empty()))
         },
     );
-    let mut service = RequireScope::new("read").layer(inner);
+    let mut service = RequireScopeLayer::new("read").layer(inner);
     for _ in 0..3 {
         let mut req = request("GET", "/", &[]);
         req.extensions_mut()

@@ -8,8 +8,9 @@ mod support;
 use std::sync::Arc;
 
 use keywarden::{
-    Actor, KeyManager, KeyRecord, KeyStore, ManageErrorKind, MemoryStore, NewKey, RevealKey,
-    RevealKeyId, RevealKeyRing, RevealOptions, Secret, SecretRing,
+    manage::Actor, manage::ManageErrorKind, manage::RevealKey, manage::RevealKeyId,
+    manage::RevealKeyRing, manage::RevealOptions, store::KeyRecord, KeyManager, KeyStore,
+    MemoryStore, NewKey, Secret, SecretRing,
 };
 use uuid::Uuid;
 

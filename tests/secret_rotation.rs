@@ -6,7 +6,9 @@ mod support;
 
 use std::sync::Arc;
 
-use keywarden::{Collection, KeyManager, KeyStore, MemoryStore, NewKey, PayloadScheme, SecretRing};
+use keywarden::{
+    interop::PayloadScheme, Collection, KeyManager, KeyStore, MemoryStore, NewKey, SecretRing,
+};
 use support::{get_with, Fixture, OLD_SECRET, SECRET};
 
 /// The old ring alone: an instance not yet deployed with the new secret, or rolled back.
@@ -76,7 +78,19 @@ async fn native_rows_of_a_foreign_collection_are_ignored_under_previous_secrets_
         .create(NewKey::new("native", "alice").collection("services"))
         .await
         .unwrap();
-    let payload_store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+    // A Payload source that holds no keys: only the native rows are in question here.
+    #[derive(Debug)]
+    struct EmptyPayload;
+    #[async_trait::async_trait]
+    impl keywarden::store::ForeignSource for EmptyPayload {
+        async fn find(
+            &self,
+            _: &[keywarden::store::ForeignDigest],
+        ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
+            Ok(None)
+        }
+    }
+    let payload_store: Arc<dyn keywarden::store::ForeignSource> = Arc::new(EmptyPayload);
     let layer = keywarden::ApiKeyLayer::builder()
         .store(store.clone())
         .secrets(new_ring())
@@ -129,7 +143,7 @@ async fn native_rows_of_a_foreign_collection_are_ignored_under_previous_secrets_
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn postgres_notifies_dropped_digests_but_not_added_ones() {
-    use keywarden::{PostgresStore, SecretId, UnmigratedKeys};
+    use keywarden::{secret::SecretId, store::UnmigratedKeys, PostgresStore};
     let Some(url) = support::service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
         return;
     };

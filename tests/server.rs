@@ -5,7 +5,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keywarden::{ExpiresIn, KeyPatch, NewKey};
+use keywarden::{store::KeyPatch, ExpiresIn, NewKey};
 use support::Fixture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

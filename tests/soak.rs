@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keywarden::{
-    ApiKeyLayer, Collection, KeyManager, ManageErrorKind, NewKey, SecretRing, SqliteStore,
+    manage::ManageErrorKind, ApiKeyLayer, Collection, KeyManager, NewKey, SecretRing, SqliteStore,
 };
 
 const ALIVE: u64 = u64::MAX;

@@ -9,9 +9,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use keywarden::{
-    Digest, KeyManager, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage,
-    ManageErrorKind, MemoryStore, NewKey, OwnerKind, SecretId, SecretRetirement, SecretRing,
-    StoreErrorKind, UnmigratedKeys,
+    manage::ManageErrorKind, secret::Digest, secret::SecretId, store::KeyPatch, store::KeyQuery,
+    store::KeyRecord, store::KeyState, store::KeyUsage, store::SecretRetirement,
+    store::StoreErrorKind, store::UnmigratedKeys, KeyManager, KeyStore, MemoryStore, NewKey,
+    OwnerKind, SecretRing,
 };
 use serde_json::json;
 use time::macros::datetime;

@@ -7,8 +7,8 @@ mod support;
 use std::sync::Arc;
 
 use keywarden::{
-    ApiKeyLayer, Collection, ExpiresIn, KeyManager, KeyStore, ManualClock, MemoryStore, NewKey,
-    PostgresStore, SecretRing, SqliteStore,
+    clock::ManualClock, ApiKeyLayer, Collection, ExpiresIn, KeyManager, KeyStore, MemoryStore,
+    NewKey, PostgresStore, SecretRing, SqliteStore,
 };
 use support::{get_with, service_url, OLD_SECRET, SECRET};
 use time::{Duration, OffsetDateTime};

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use keywarden::{
-    management_router, ApiKeyLayer, Collection, KeyManager, KeyQuery, KeyStore, NewKey,
-    PostgresStore, SqliteStore, StoreErrorKind,
+    management_router, store::KeyQuery, store::StoreErrorKind, ApiKeyLayer, Collection, KeyManager,
+    KeyStore, NewKey, PostgresStore, SqliteStore,
 };
 use support::{get_with, ring, service_url};
 use uuid::Uuid;

@@ -5,7 +5,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keywarden::{ApiKeyLayer, Clock, Collection, KeyManager, KeyStore, ManualClock, NewKey};
+use keywarden::{
+    clock::Clock, clock::ManualClock, ApiKeyLayer, Collection, KeyManager, KeyStore, NewKey,
+};
 use support::{get_with, ring, CountingStore};
 use time::OffsetDateTime;
 

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use keywarden::{Credential, CredentialError, CredentialExtractor, CredentialSource, KeyFormat};
+use keywarden::{credential::Credential, credential::CredentialError, credential::CredentialExtractor, credential::CredentialSource, key::KeyFormat};
 use keywarden_fuzz::{headers, split_lines, trim_ows};
 use libfuzzer_sys::fuzz_target;
 
@@ -100,7 +100,7 @@ fn check(extractor: &CredentialExtractor, map: &HeaderMap, query: Option<&str>, 
         }
         Ok(Some(credential)) => {
             let key = credential.key();
-            assert!(!key.is_empty() && key.len() <= keywarden::MAX_KEY_LEN);
+            assert!(!key.is_empty() && key.len() <= keywarden::key::MAX_KEY_LEN);
             assert!(key.iter().all(u8::is_ascii_graphic));
             assert_eq!(
                 format!("{credential:?}"),
@@ -164,7 +164,7 @@ fn check(extractor: &CredentialExtractor, map: &HeaderMap, query: Option<&str>, 
                 if let CredentialSource::Collection(_) = credential.source() {
                     assert_eq!(again.1, credential.source(), "the slug binding wins");
                 }
-                if key.len() < keywarden::MAX_KEY_LEN {
+                if key.len() < keywarden::key::MAX_KEY_LEN {
                     let mut other = key.to_vec();
                     other.push(b'x');
                     let mut disagreeing = map.clone();

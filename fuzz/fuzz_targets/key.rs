@@ -14,9 +14,8 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use keywarden::{
-    Digest, ExpiresIn, KeyError, KeyFormat, KeyPrefix, RateLimitPolicy, SecretId, BODY_LEN,
-    CHECKSUM_LEN,
-};
+    secret::Digest, ExpiresIn, key::KeyError, key::KeyFormat, key::KeyPrefix, ratelimit::RateLimitPolicy, secret::SecretId, key::BODY_LEN,
+    key::CHECKSUM_LEN};
 use libfuzzer_sys::fuzz_target;
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";

@@ -21,9 +21,8 @@ use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, Method, Request, Response, Uri};
 use keywarden::{
-    ApiKeyLayer, AuthBody, Collection, ExpiresIn, KeyManager, KeyPatch, KeyStore, ManualClock,
-    MemoryStore, NewKey, Principal, SecretRing,
-};
+    ApiKeyLayer, layer::AuthBody, Collection, ExpiresIn, KeyManager, store::KeyPatch, KeyStore, clock::ManualClock,
+    MemoryStore, NewKey, Principal, SecretRing};
 use keywarden_fuzz::{check_problem, contains, headers, layer_status, split_lines, CODES};
 use libfuzzer_sys::fuzz_target;
 use tower::{Layer, ServiceExt};
@@ -167,7 +166,7 @@ async fn setup() -> (
     store.insert(&record).await.unwrap();
     add(OPAQUE.into(), Some(record.id), Expect::Ok);
     // Well-formed, never stored.
-    let unknown = keywarden::KeyPrefix::new("kw_live").unwrap().generate();
+    let unknown = keywarden::key::KeyPrefix::new("kw_live").unwrap().generate();
     add(unknown.expose().into(), None, Expect::Code("invalid_key"));
     let k = create(NewKey::new("deleted", "frank")).await;
     manager.delete(k.record.id).await.unwrap();

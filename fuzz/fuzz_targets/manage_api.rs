@@ -25,9 +25,8 @@ use axum::Router;
 use http::{Method, Request};
 use http_body_util::BodyExt;
 use keywarden::{
-    management_router, ApiKeyLayer, Collection, ExpiresIn, KeyFormat, KeyManager, MemoryStore,
-    NewKey, SecretRing,
-};
+    management_router, ApiKeyLayer, Collection, ExpiresIn, key::KeyFormat, KeyManager, MemoryStore,
+    NewKey, SecretRing};
 use keywarden_fuzz::{contains, headers};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;

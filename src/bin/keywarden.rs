@@ -36,12 +36,14 @@ use std::time::Duration as StdDuration;
 use clap::error::ErrorKind;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use keywarden::{
-    demo_layer_builder, demo_router, parse_duration, Actor, CreatedKey, DurationParseError,
-    ExpiresIn, InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState,
-    KeyStore, ManageError, ManageErrorKind, NewKey, OwnerKind, PostgresStore, RateLimitPolicy,
-    RateLimiter, RedisBackend, RevealKeyError, RevealKeyRing, RevealOptions, Secret, SecretError,
-    SecretId, SecretRetirement, SecretRing, SqliteStore, StoreError, UnmigratedKeys,
-    PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    demo::demo_layer_builder, demo::demo_router, invalidation::InvalidationListener,
+    manage::parse_duration, manage::Actor, manage::DurationParseError, manage::ManageErrorKind,
+    manage::RevealKeyError, manage::RevealKeyRing, manage::RevealOptions,
+    ratelimit::RateLimitPolicy, ratelimit::RateLimiter, redis::RedisBackend, secret::SecretError,
+    secret::SecretId, secret::PREVIOUS_SECRETS_ENV, secret::SECRET_ENV, store::KeyPage,
+    store::KeyPatch, store::KeyQuery, store::KeyRecord, store::KeyState, store::SecretRetirement,
+    store::UnmigratedKeys, CreatedKey, ExpiresIn, KeyManager, KeyStore, ManageError, NewKey,
+    OwnerKind, PostgresStore, Secret, SecretRing, SqliteStore, StoreError,
 };
 use serde_json::{json, Value};
 use sqlx::Connection;

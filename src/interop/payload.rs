@@ -8,8 +8,9 @@ use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::{no_digest, text, ForeignAlgorithm, ForeignDigest, Row};
+use super::{no_digest, text, Row};
 use crate::secret::SecretId;
+use crate::store::{ForeignDigest, ForeignScheme};
 use crate::store::{KeyRecord, OwnerKind};
 
 /// Which HMAC a Payload deployment indexes API keys with.
@@ -77,7 +78,7 @@ fn derive_secret(secret: &[u8]) -> Zeroizing<String> {
 /// characters. `Debug` never shows a secret.
 ///
 /// ```
-/// use keywarden::{PayloadHash, PayloadScheme};
+/// use keywarden::{interop::PayloadHash, interop::PayloadScheme};
 ///
 /// let scheme = PayloadScheme::new("keywarden-payload-test-secret").unwrap().hash(PayloadHash::Sha256);
 /// let index = scheme.digests(b"0f8b4a7c-3d2e-4b1a-9c5d-6e7f8a9b0c1d");
@@ -131,7 +132,7 @@ impl PayloadScheme {
                 let mut mac = secret.sha256.clone();
                 mac.update(key);
                 out.push(ForeignDigest::from_mac(
-                    ForeignAlgorithm::HmacSha256,
+                    "hmac-sha256",
                     &mac.finalize().into_bytes(),
                 ));
             }
@@ -139,12 +140,27 @@ impl PayloadScheme {
                 let mut mac = secret.sha1.clone();
                 mac.update(key);
                 out.push(ForeignDigest::from_mac(
-                    ForeignAlgorithm::HmacSha1,
+                    "hmac-sha1",
                     &mac.finalize().into_bytes(),
                 ));
             }
         }
         out
+    }
+}
+
+impl ForeignScheme for PayloadScheme {
+    fn issuer(&self) -> &'static str {
+        "payload"
+    }
+
+    fn digests(&self, key: &[u8]) -> Vec<ForeignDigest> {
+        PayloadScheme::digests(self, key)
+    }
+
+    /// Payload matches `<slug> API-Key <key>` byte-exactly.
+    fn exact_api_key_form(&self) -> bool {
+        true
     }
 }
 
@@ -331,28 +347,21 @@ impl PayloadTable {
     }
 }
 
-#[cfg(feature = "interop")]
 pub use store::PayloadStore;
 
-#[cfg(feature = "interop")]
 mod store {
     use std::fmt;
 
     use async_trait::async_trait;
-    use time::OffsetDateTime;
     use uuid::Uuid;
 
     use super::PayloadTable;
     use crate::interop::sql::{Ident, Pool};
-    use crate::interop::{read_only_error, ForeignDigest};
-    use crate::secret::{Digest, SecretId};
-    use crate::store::{
-        KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, StoreError, StoreErrorKind,
-    };
+    use crate::store::{ForeignDigest, ForeignSource, KeyRecord, StoreError, StoreErrorKind};
 
-    /// A read-only [`KeyStore`] over a Payload auth collection's table, on PostgreSQL or
-    /// SQLite. Use it with [`Collection::foreign`](crate::Collection::foreign) and a
-    /// [`PayloadScheme`](crate::PayloadScheme).
+    /// A read-only [`ForeignSource`] over a Payload auth collection's table, on PostgreSQL
+    /// or SQLite. Use it with [`Collection::foreign`](crate::Collection::foreign) and a
+    /// [`PayloadScheme`](super::PayloadScheme).
     ///
     /// A key verifies when exactly one row has its `api_key_index`; that row's
     /// `enable_a_p_i_key` must be true and, with [`PayloadTable::verify`], its `_verified`
@@ -361,15 +370,15 @@ mod store {
     /// user id ([`key_id`](Self::key_id)), subject the user id, name the email, owner kind
     /// `user`, environment `payload`, metadata the row without its secrets, no expiry.
     ///
-    /// Every write fails with [`StoreErrorKind::ReadOnly`]; [`connect`](Self::connect) also
-    /// opens the database read-only. Changes made in Payload (a regenerated or disabled key)
+    /// keywarden never writes to it; [`connect`](Self::connect) also opens the database
+    /// read-only. Changes made in Payload (a regenerated or disabled key)
     /// reach a layer when its cache entry expires (the layer's `cache_ttl`, 60 s by default),
     /// or at once with [`ApiKeyLayer::invalidate_key`](crate::ApiKeyLayer::invalidate_key).
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     /// use std::sync::Arc;
-    /// use keywarden::{ApiKeyLayer, Collection, PayloadScheme, PayloadStore, PayloadTable};
+    /// use keywarden::{ApiKeyLayer, Collection, interop::PayloadScheme, interop::PayloadStore, interop::PayloadTable};
     ///
     /// let store = PayloadStore::connect("postgres://payload@localhost/payload", PayloadTable::new("users")).await?;
     /// let scheme = PayloadScheme::new(std::env::var("PAYLOAD_SECRET")?)?;
@@ -436,10 +445,6 @@ mod store {
         pub fn key_id(&self, user_id: &str) -> Uuid {
             crate::interop::foreign_key_id("payload", &self.table.table, user_id)
         }
-
-        fn read_only(&self) -> StoreError {
-            read_only_error(&format!("the Payload store over `{}`", self.table.table))
-        }
     }
 
     impl fmt::Debug for PayloadStore {
@@ -452,48 +457,8 @@ mod store {
     }
 
     #[async_trait]
-    impl KeyStore for PayloadStore {
-        async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
-            Err(self.read_only())
-        }
-        async fn find_by_digest(&self, _: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-            Ok(None)
-        }
-        async fn get(&self, _: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-            Err(self.read_only())
-        }
-        async fn update(
-            &self,
-            _: Uuid,
-            _: &KeyPatch,
-            _: OffsetDateTime,
-        ) -> Result<Option<KeyRecord>, StoreError> {
-            Err(self.read_only())
-        }
-        async fn add_digest(
-            &self,
-            _: Uuid,
-            _: &Digest,
-            _: &Digest,
-            _: SecretId,
-        ) -> Result<bool, StoreError> {
-            Ok(false)
-        }
-        async fn delete(&self, _: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-            Err(self.read_only())
-        }
-        async fn list(&self, _: &KeyQuery) -> Result<KeyPage, StoreError> {
-            Err(self.read_only())
-        }
-        async fn record_usage(&self, _: &[KeyUsage]) -> Result<(), StoreError> {
-            // Never called by the layer for a read-only store; Payload keeps no usage.
-            Ok(())
-        }
-
-        async fn find_by_foreign_digest(
-            &self,
-            digests: &[ForeignDigest],
-        ) -> Result<Option<KeyRecord>, StoreError> {
+    impl ForeignSource for PayloadStore {
+        async fn find(&self, digests: &[ForeignDigest]) -> Result<Option<KeyRecord>, StoreError> {
             if digests.is_empty() {
                 return Ok(None);
             }
@@ -522,10 +487,6 @@ mod store {
                     Ok(None)
                 }
             }
-        }
-
-        fn is_read_only(&self) -> bool {
-            true
         }
     }
 }
@@ -593,7 +554,7 @@ mod tests {
                 .digests(key.as_bytes());
             assert_eq!(got.len(), 1);
             assert_eq!(got[0].as_str(), *sha256);
-            assert_eq!(got[0].algorithm(), ForeignAlgorithm::HmacSha256);
+            assert_eq!(got[0].algorithm(), "hmac-sha256");
             let both: Vec<_> = scheme
                 .digests(key.as_bytes())
                 .iter()

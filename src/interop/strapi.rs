@@ -6,8 +6,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha512;
 use time::OffsetDateTime;
 
-use super::{no_digest, text, ForeignAlgorithm, ForeignDigest, Row};
+use super::{no_digest, text, Row};
 use crate::secret::SecretId;
+use crate::store::{ForeignDigest, ForeignScheme};
 use crate::store::{KeyRecord, OwnerKind};
 
 /// Whether `token` has the shape of a Strapi API token: 256 lowercase hex characters
@@ -29,7 +30,7 @@ pub struct StrapiSchemeError;
 /// salt.
 ///
 /// ```
-/// use keywarden::StrapiScheme;
+/// use keywarden::interop::StrapiScheme;
 ///
 /// let scheme = StrapiScheme::new("keywarden-strapi-salt==").unwrap();
 /// let token = "0123456789abcdef".repeat(16);
@@ -67,9 +68,24 @@ impl StrapiScheme {
         let mut mac = Hmac::clone(&self.mac);
         mac.update(token);
         vec![ForeignDigest::from_mac(
-            ForeignAlgorithm::HmacSha512,
+            "hmac-sha512",
             &mac.finalize().into_bytes(),
         )]
+    }
+}
+
+impl ForeignScheme for StrapiScheme {
+    fn issuer(&self) -> &'static str {
+        "strapi"
+    }
+
+    fn digests(&self, key: &[u8]) -> Vec<ForeignDigest> {
+        StrapiScheme::digests(self, key)
+    }
+
+    /// Strapi's tokens ([`is_strapi_token`]) are claimed from `Bearer` in optional mode.
+    fn claims_bearer(&self, token: &[u8]) -> bool {
+        is_strapi_token(token)
     }
 }
 
@@ -255,28 +271,21 @@ pub(crate) enum TokenType {
     Unknown,
 }
 
-#[cfg(feature = "interop")]
 pub use store::StrapiStore;
 
-#[cfg(feature = "interop")]
 mod store {
     use std::fmt;
 
     use async_trait::async_trait;
-    use time::OffsetDateTime;
     use uuid::Uuid;
 
     use super::{StrapiTables, TokenType};
     use crate::interop::sql::{Ident, Pool};
-    use crate::interop::{read_only_error, ForeignDigest};
-    use crate::secret::{Digest, SecretId};
-    use crate::store::{
-        KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, StoreError, StoreErrorKind,
-    };
+    use crate::store::{ForeignDigest, ForeignSource, KeyRecord, StoreError, StoreErrorKind};
 
-    /// A read-only [`KeyStore`] over Strapi's API-token tables, on PostgreSQL or SQLite. Use it
-    /// with [`Collection::foreign`](crate::Collection::foreign) and a
-    /// [`StrapiScheme`](crate::StrapiScheme).
+    /// A read-only [`ForeignSource`] over Strapi's API-token tables, on PostgreSQL or SQLite.
+    /// Use it with [`Collection::foreign`](crate::Collection::foreign) and a
+    /// [`StrapiScheme`](super::StrapiScheme).
     ///
     /// The token whose `access_key` matches becomes a principal: key id a UUIDv8 derived from
     /// the token id ([`key_id`](Self::key_id)), subject the token id, name and description the
@@ -288,13 +297,13 @@ mod store {
     ///   only `find` and `findOne`);
     /// - `custom`: one scope per permission, the Strapi action UID verbatim
     ///   (`api::article.article.find`); protect routes with
-    ///   [`RequireScope`](crate::RequireScope) naming those actions;
+    ///   [`RequireScopeLayer`](crate::RequireScopeLayer) naming those actions;
     /// - any other type: disabled (fail closed).
     ///
     /// With Strapi 5.45+'s `kind` column, only content-API tokens (`content-api`, or null for
     /// tokens created before the column) are accepted; admin tokens are `invalid_key`.
     ///
-    /// Every write fails with [`StoreErrorKind::ReadOnly`], and `last_used_at` is not updated
+    /// keywarden never writes to it: `last_used_at` is not updated
     /// (Strapi updates it at most hourly itself); [`connect`](Self::connect) opens the
     /// database read-only. A token revoked or regenerated in Strapi stops working when the
     /// layer's cache entry expires (`cache_ttl`, 60 s by default) or at once with
@@ -364,10 +373,6 @@ mod store {
         pub fn key_id(&self, token_id: &str) -> Uuid {
             crate::interop::foreign_key_id("strapi", &self.tables.tokens, token_id)
         }
-
-        fn read_only(&self) -> StoreError {
-            read_only_error(&format!("the Strapi store over `{}`", self.tables.tokens))
-        }
     }
 
     impl fmt::Debug for StrapiStore {
@@ -380,48 +385,8 @@ mod store {
     }
 
     #[async_trait]
-    impl KeyStore for StrapiStore {
-        async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
-            Err(self.read_only())
-        }
-        async fn find_by_digest(&self, _: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-            Ok(None)
-        }
-        async fn get(&self, _: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-            Err(self.read_only())
-        }
-        async fn update(
-            &self,
-            _: Uuid,
-            _: &KeyPatch,
-            _: OffsetDateTime,
-        ) -> Result<Option<KeyRecord>, StoreError> {
-            Err(self.read_only())
-        }
-        async fn add_digest(
-            &self,
-            _: Uuid,
-            _: &Digest,
-            _: &Digest,
-            _: SecretId,
-        ) -> Result<bool, StoreError> {
-            Ok(false)
-        }
-        async fn delete(&self, _: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-            Err(self.read_only())
-        }
-        async fn list(&self, _: &KeyQuery) -> Result<KeyPage, StoreError> {
-            Err(self.read_only())
-        }
-        async fn record_usage(&self, _: &[KeyUsage]) -> Result<(), StoreError> {
-            // Never called by the layer for a read-only store.
-            Ok(())
-        }
-
-        async fn find_by_foreign_digest(
-            &self,
-            digests: &[ForeignDigest],
-        ) -> Result<Option<KeyRecord>, StoreError> {
+    impl ForeignSource for StrapiStore {
+        async fn find(&self, digests: &[ForeignDigest]) -> Result<Option<KeyRecord>, StoreError> {
             if digests.is_empty() {
                 return Ok(None);
             }
@@ -454,10 +419,6 @@ mod store {
                 record.scopes = self.pool.strings(&self.permissions_sql, id).await?;
             }
             Ok(Some(record))
-        }
-
-        fn is_read_only(&self) -> bool {
-            true
         }
     }
 }
@@ -492,7 +453,7 @@ mod tests {
             let got = scheme.digests(token.as_bytes());
             assert_eq!(got.len(), 1);
             assert_eq!(got[0].as_str(), *access_key);
-            assert_eq!(got[0].algorithm(), ForeignAlgorithm::HmacSha512);
+            assert_eq!(got[0].algorithm(), "hmac-sha512");
         }
     }
 

@@ -7,7 +7,7 @@
 //!   for verification (not for usage updates); [`InvalidationListener::postgres`] listens.
 //!   Every writer is covered, including the CLI and plain SQL.
 //! - **Redis** (any store): [`KeyManager::publishes_to`](crate::KeyManager::publishes_to) a
-//!   [`RedisBackend`](crate::RedisBackend) publishes each change, and
+//!   [`RedisBackend`](crate::redis::RedisBackend) publishes each change, and
 //!   [`InvalidationListener::redis`] subscribes.
 //!
 //! A listener that loses its connection reconnects with backoff and then drops the whole
@@ -16,7 +16,7 @@
 //! ```no_run
 //! # #[cfg(feature = "postgres")]
 //! # async fn run(layer: keywarden::ApiKeyLayer, store: keywarden::PostgresStore) -> Result<(), keywarden::StoreError> {
-//! use keywarden::InvalidationListener;
+//! use keywarden::invalidation::InvalidationListener;
 //!
 //! // Keep the listener alive as long as the layer serves; dropping it stops listening.
 //! let listener = InvalidationListener::postgres(&layer, &store).await?;
@@ -85,7 +85,7 @@ impl Invalidation {
 pub struct PublishError(pub(crate) String);
 
 /// Sends invalidations to other instances (implemented by
-/// [`RedisBackend`](crate::RedisBackend)).
+/// [`RedisBackend`](crate::redis::RedisBackend)).
 #[async_trait]
 pub trait InvalidationPublisher: Send + Sync + fmt::Debug + 'static {
     /// Publishes one invalidation.
@@ -155,7 +155,11 @@ struct Sink {
 #[cfg(any(feature = "postgres", feature = "redis"))]
 impl Sink {
     fn apply(&self, invalidation: &Invalidation) {
-        self.layer.apply(invalidation);
+        match invalidation {
+            Invalidation::Key(id) => self.layer.invalidate_key(*id),
+            Invalidation::Created => self.layer.invalidate_not_found(),
+            Invalidation::All => self.layer.invalidate_all(),
+        }
         bump(&self.layer.counters().invalidations_received);
         self.state.received.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(target: "keywarden", transport = self.transport, ?invalidation, "applied invalidation");

@@ -11,7 +11,7 @@ use super::{
     spawn, Backoff, Invalidation, InvalidationListener, InvalidationPublisher, PublishError, Sink,
 };
 use crate::layer::ApiKeyLayer;
-use crate::redis_backend::{RedisBackend, RedisBackendError};
+use crate::redis::{RedisBackend, RedisBackendError};
 
 /// How often the subscription connection is pinged.
 const PING_EVERY: Duration = Duration::from_secs(5);

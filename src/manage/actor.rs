@@ -13,7 +13,7 @@ use crate::principal::Principal;
 /// records these same values.
 ///
 /// ```
-/// use keywarden::Actor;
+/// use keywarden::manage::Actor;
 ///
 /// let admin = Actor::Other("admin-ui:alice@example.com".into());
 /// assert_eq!(admin.kind(), "other");

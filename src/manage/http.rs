@@ -1573,7 +1573,7 @@ mod tests {
     /// Listings judge a key's state by the manager's clock, not the system's.
     #[tokio::test]
     async fn listing_states_follow_the_managers_clock() {
-        let clock = crate::ManualClock::new(datetime!(2030-01-01 00:00 UTC));
+        let clock = crate::clock::ManualClock::new(datetime!(2030-01-01 00:00 UTC));
         let secrets =
             SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
         let manager = Arc::new(

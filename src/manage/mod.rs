@@ -435,8 +435,8 @@ impl KeyManager {
     }
 
     /// Also tells other instances about every change, through `publisher` (for example a
-    /// [`RedisBackend`](crate::RedisBackend) their
-    /// [`InvalidationListener`](crate::InvalidationListener)s subscribe to). A failed
+    /// [`RedisBackend`](crate::redis::RedisBackend) their
+    /// [`InvalidationListener`](crate::invalidation::InvalidationListener)s subscribe to). A failed
     /// publish is logged, not returned: the change itself is already stored, and the other
     /// instances' cache TTL bounds how long they may miss it.
     #[must_use]

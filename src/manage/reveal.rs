@@ -11,7 +11,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! use std::sync::Arc;
-//! use keywarden::{Actor, KeyManager, MemoryStore, NewKey, RevealKeyRing, SecretRing};
+//! use keywarden::{manage::Actor, KeyManager, MemoryStore, NewKey, manage::RevealKeyRing, SecretRing};
 //!
 //! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
 //! let store = Arc::new(MemoryStore::new());
@@ -108,7 +108,7 @@ impl RevealKeyId {
     /// header: a claim that only opening the ciphertext confirms (about one older ciphertext
     /// in 256 even starts like an envelope).
     ///
-    /// [`KeyRecord::encrypted_key`]: crate::KeyRecord::encrypted_key
+    /// [`KeyRecord::encrypted_key`]: crate::store::KeyRecord::encrypted_key
     pub fn of_encrypted(encrypted: &[u8]) -> Option<Self> {
         Envelope::parse(encrypted).map(|envelope| envelope.key_id)
     }

@@ -15,13 +15,13 @@ use crate::rejection::RateLimitStatus;
 /// The client address as seen by the application, for servers that are not axum: insert it
 /// into request extensions before the layer runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub IpAddr);
+pub struct ClientIp(pub IpAddr);
 
 /// Where the client address of a request comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
-pub enum ClientAddress {
-    /// The connection's peer address: axum's `ConnectInfo<SocketAddr>`, a [`ClientAddr`] or a
+pub enum ClientAddressSource {
+    /// The connection's peer address: axum's `ConnectInfo<SocketAddr>`, a [`ClientIp`] or a
     /// `SocketAddr` in the request extensions.
     #[default]
     Connection,
@@ -52,10 +52,10 @@ pub enum BlockedClients {
 ///
 /// ```
 /// use std::time::Duration;
-/// use keywarden::{BlockedClients, ClientAddress, FailedAttemptLimit};
+/// use keywarden::{ratelimit::BlockedClients, ratelimit::ClientAddressSource, ratelimit::FailedAttemptLimit};
 ///
 /// let limit = FailedAttemptLimit::new(20, Duration::from_secs(60))
-///     .client_address(ClientAddress::TrustedHeader("x-real-ip".parse().unwrap()))
+///     .client_address(ClientAddressSource::TrustedHeader("x-real-ip".parse().unwrap()))
 ///     .blocked_clients(BlockedClients::AllowCachedKeys);
 /// # let _ = limit;
 /// ```
@@ -63,7 +63,7 @@ pub enum BlockedClients {
 pub struct FailedAttemptLimit {
     pub(crate) max_failures: NonZeroU32,
     pub(crate) window: Duration,
-    pub(crate) address: ClientAddress,
+    pub(crate) address: ClientAddressSource,
     pub(crate) blocked: BlockedClients,
     pub(crate) capacity: u64,
 }
@@ -74,7 +74,7 @@ impl FailedAttemptLimit {
         Self {
             max_failures: NonZeroU32::new(max_failures).unwrap_or(NonZeroU32::MIN),
             window: window.max(Duration::from_millis(1)),
-            address: ClientAddress::Connection,
+            address: ClientAddressSource::Connection,
             blocked: BlockedClients::RejectAll,
             capacity: 100_000,
         }
@@ -82,7 +82,7 @@ impl FailedAttemptLimit {
 
     /// Where the address comes from (default: the connection).
     #[must_use]
-    pub fn client_address(mut self, address: ClientAddress) -> Self {
+    pub fn client_address(mut self, address: ClientAddressSource) -> Self {
         self.address = address;
         self
     }
@@ -159,7 +159,7 @@ impl FailureTracker {
 
     /// The client's address, per the configured source.
     pub(crate) fn address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
-        if let ClientAddress::TrustedHeader(name) = &self.config.address {
+        if let ClientAddressSource::TrustedHeader(name) = &self.config.address {
             if let Some(ip) = headers
                 .get_all(name)
                 .iter()
@@ -242,7 +242,7 @@ impl std::fmt::Debug for FailureTracker {
 }
 
 fn connection_address(extensions: &Extensions) -> Option<IpAddr> {
-    if let Some(ClientAddr(ip)) = extensions.get::<ClientAddr>() {
+    if let Some(ClientIp(ip)) = extensions.get::<ClientIp>() {
         return Some(*ip);
     }
     #[cfg(feature = "manage-api")]
@@ -333,11 +333,11 @@ mod tests {
         assert_eq!(t.address(&headers, &ext), None);
         ext.insert("198.51.100.4:5000".parse::<SocketAddr>().unwrap());
         assert_eq!(t.address(&headers, &ext), "198.51.100.4".parse().ok());
-        ext.insert(ClientAddr("198.51.100.5".parse().unwrap()));
+        ext.insert(ClientIp("198.51.100.5".parse().unwrap()));
         assert_eq!(t.address(&headers, &ext), "198.51.100.5".parse().ok());
 
         let config = FailedAttemptLimit::new(1, Duration::from_secs(1)).client_address(
-            ClientAddress::TrustedHeader(HeaderName::from_static("x-real-ip")),
+            ClientAddressSource::TrustedHeader(HeaderName::from_static("x-real-ip")),
         );
         let t = FailureTracker::new(config, Arc::new(crate::clock::SystemClock));
         let mut headers = HeaderMap::new();

@@ -5,7 +5,7 @@
 //! optional burst (by default the burst equals the limit).
 //!
 //! ```
-//! use keywarden::RateLimitPolicy;
+//! use keywarden::ratelimit::RateLimitPolicy;
 //!
 //! let policy: RateLimitPolicy = "100/min,burst=20".parse().unwrap();
 //! assert_eq!(policy.limit(), 100);
@@ -30,7 +30,7 @@ mod local;
 mod redis;
 
 pub(crate) use clients::{Blocked, FailureTracker};
-pub use clients::{BlockedClients, ClientAddr, ClientAddress, FailedAttemptLimit};
+pub use clients::{BlockedClients, ClientAddressSource, ClientIp, FailedAttemptLimit};
 pub(crate) use local::LocalLimiter;
 
 /// So many requests per period, with a burst.
@@ -174,14 +174,14 @@ enum LimiterKind {
     Local,
     #[cfg(feature = "redis")]
     Redis {
-        backend: crate::redis_backend::RedisBackend,
+        backend: crate::redis::RedisBackend,
         fail_open: bool,
     },
 }
 
 impl RateLimiter {
     /// In this process (default): each instance has its own budget per key, measured with
-    /// the layer clock's [monotonic reading](crate::Clock::monotonic), so stepping the
+    /// the layer clock's [monotonic reading](crate::clock::Clock::monotonic), so stepping the
     /// system clock moves no budget.
     pub fn local() -> Self {
         Self::default()
@@ -192,13 +192,13 @@ impl RateLimiter {
     /// to the local limiter (fail-open) unless [`fail_closed`](Self::fail_closed) is set.
     ///
     /// Budgets are computed in a Lua script against the Redis server's clock (`TIME`), not
-    /// the instances' clocks or the layer's [`Clock`](crate::Clock): instances with skewed
+    /// the instances' clocks or the layer's [`Clock`](crate::clock::Clock): instances with skewed
     /// clocks agree, and a test clock does not move Redis budgets. Needs Redis 5 or later.
     /// A stored budget that is garbage or absurdly far ahead (a server clock stepped back)
     /// is repaired by the next request instead of refusing the key; every limiter key
     /// expires once its budget is full again.
     #[cfg(feature = "redis")]
-    pub fn redis(backend: &crate::redis_backend::RedisBackend) -> Self {
+    pub fn redis(backend: &crate::redis::RedisBackend) -> Self {
         Self {
             kind: LimiterKind::Redis {
                 backend: backend.clone(),

@@ -2,7 +2,7 @@
 //! instance sharing the Redis namespace draws from one budget per key.
 //!
 //! Time is the Redis server's own clock (`TIME`), read inside the script, so instances with
-//! skewed clocks agree; the application clocks (and [`Clock`](crate::Clock)) play no part.
+//! skewed clocks agree; the application clocks (and [`Clock`](crate::clock::Clock)) play no part.
 //! Reading `TIME` and then writing needs Redis 5 or later, which
 //! [`RedisBackend::connect`] checks. Whatever the stored value, a request is decided: a
 //! value that is not a number (or a key of another type) counts as a full budget, and one
@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::local::{emission_interval, status};
 use super::{Decision, RateLimitPolicy};
-use crate::redis_backend::{RedisBackend, RedisBackendError};
+use crate::redis::{RedisBackend, RedisBackendError};
 
 /// GCRA over Redis's own clock (`TIME`).
 /// KEYS[1] = the key's budget; ARGV = emission interval (µs), burst.

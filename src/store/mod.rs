@@ -21,11 +21,12 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::interop::ForeignDigest;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
 
+mod foreign;
 mod memory;
+mod none;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -33,7 +34,9 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};
 pub use memory::MemoryStore;
+pub(crate) use none::NoStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
@@ -629,23 +632,9 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// Adds batched uses; unknown ids are ignored.
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
 
-    /// For stores over another system's tables: the record whose stored index is one of
-    /// `digests` (computed by that system's [`DigestScheme`](crate::DigestScheme)). Stores of
-    /// keywarden's own keys keep the default, which finds nothing.
-    ///
-    /// # Errors
-    /// As [`find_by_digest`](Self::find_by_digest).
-    async fn find_by_foreign_digest(
-        &self,
-        digests: &[ForeignDigest],
-    ) -> Result<Option<KeyRecord>, StoreError> {
-        let _ = digests;
-        Ok(None)
-    }
-
     /// Whether the store refuses every write ([`StoreErrorKind::ReadOnly`]). The layer never
     /// records usage in a read-only store, and [`KeyManager`](crate::KeyManager) operations
-    /// on one fail with [`ManageErrorKind::ReadOnly`](crate::ManageErrorKind::ReadOnly).
+    /// on one fail with [`ManageErrorKind::ReadOnly`](crate::manage::ManageErrorKind::ReadOnly).
     fn is_read_only(&self) -> bool {
         false
     }

@@ -50,7 +50,7 @@ const MAX_SCHEMA_LEN: usize = 63;
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), keywarden::StoreError> {
-/// use keywarden::{KeyQuery, KeyStore, PostgresStore};
+/// use keywarden::{store::KeyQuery, KeyStore, PostgresStore};
 ///
 /// let store = PostgresStore::connect("postgres://keywarden@localhost/keywarden").await?;
 /// let page = store.list(&KeyQuery::new()).await?;

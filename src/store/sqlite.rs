@@ -51,7 +51,7 @@ const KEY_COLUMNS: &str = "k.id, k.digest, k.secret_id, k.display_start, k.name,
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use keywarden::{KeyQuery, KeyStore, SqliteStore};
+/// use keywarden::{store::KeyQuery, KeyStore, SqliteStore};
 ///
 /// let store = SqliteStore::connect("sqlite::memory:").await?;
 /// let page = store.list(&KeyQuery::new()).await?;

@@ -9,8 +9,8 @@ use axum::{Json, Router};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use keywarden::{
-    ApiKeyLayer, ApiKeyLayerBuilder, Collection, CreatedKey, KeyManager, ManualClock, MemoryStore,
-    NewKey, Principal, RequireScope, SecretRing,
+    clock::ManualClock, ApiKeyLayer, ApiKeyLayerBuilder, Collection, CreatedKey, KeyManager,
+    MemoryStore, NewKey, Principal, RequireScopeLayer, SecretRing,
 };
 use time::OffsetDateTime;
 use tower::ServiceExt;
@@ -80,7 +80,7 @@ pub fn app() -> Router {
         .route("/write", post(|p: Principal| async move { Json(p) }))
         .route(
             "/admin",
-            get(|p: Principal| async move { Json(p) }).route_layer(RequireScope::new("admin")),
+            get(|p: Principal| async move { Json(p) }).route_layer(RequireScopeLayer::new("admin")),
         )
         .route(
             "/maybe",
@@ -188,13 +188,16 @@ impl CountingStore {
 
 #[async_trait::async_trait]
 impl keywarden::KeyStore for CountingStore {
-    async fn insert(&self, record: &keywarden::KeyRecord) -> Result<(), keywarden::StoreError> {
+    async fn insert(
+        &self,
+        record: &keywarden::store::KeyRecord,
+    ) -> Result<(), keywarden::StoreError> {
         self.inner.insert(record).await
     }
     async fn find_by_digest(
         &self,
-        digest: &keywarden::Digest,
-    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+        digest: &keywarden::secret::Digest,
+    ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
         self.lookups
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if !self.delay.is_zero() {
@@ -205,41 +208,41 @@ impl keywarden::KeyStore for CountingStore {
     async fn get(
         &self,
         id: uuid::Uuid,
-    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+    ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
         self.inner.get(id).await
     }
     async fn update(
         &self,
         id: uuid::Uuid,
-        patch: &keywarden::KeyPatch,
+        patch: &keywarden::store::KeyPatch,
         now: OffsetDateTime,
-    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+    ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
         self.inner.update(id, patch, now).await
     }
     async fn add_digest(
         &self,
         id: uuid::Uuid,
-        old: &keywarden::Digest,
-        new: &keywarden::Digest,
-        secret_id: keywarden::SecretId,
+        old: &keywarden::secret::Digest,
+        new: &keywarden::secret::Digest,
+        secret_id: keywarden::secret::SecretId,
     ) -> Result<bool, keywarden::StoreError> {
         self.inner.add_digest(id, old, new, secret_id).await
     }
     async fn delete(
         &self,
         id: uuid::Uuid,
-    ) -> Result<Option<keywarden::KeyRecord>, keywarden::StoreError> {
+    ) -> Result<Option<keywarden::store::KeyRecord>, keywarden::StoreError> {
         self.inner.delete(id).await
     }
     async fn list(
         &self,
-        query: &keywarden::KeyQuery,
-    ) -> Result<keywarden::KeyPage, keywarden::StoreError> {
+        query: &keywarden::store::KeyQuery,
+    ) -> Result<keywarden::store::KeyPage, keywarden::StoreError> {
         self.inner.list(query).await
     }
     async fn record_usage(
         &self,
-        usage: &[keywarden::KeyUsage],
+        usage: &[keywarden::store::KeyUsage],
     ) -> Result<(), keywarden::StoreError> {
         self.usage_writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

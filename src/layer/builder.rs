@@ -1,130 +1,28 @@
-//! [`ApiKeyLayer`] and its builder.
-//!
-//! All shared state (the cache, the store handle, the prepared HMAC state) is built once in
-//! [`ApiKeyLayerBuilder::build`] and shared behind one `Arc`, so axum cloning the layer for every
-//! route costs one reference count each.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use axum::{routing::get, Router};
-//! use keywarden::{ApiKeyLayer, Collection, MemoryStore, Principal, SecretRing};
-//!
-//! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
-//! let layer = ApiKeyLayer::builder()
-//!     .store(Arc::new(MemoryStore::new()))
-//!     .secrets(secrets)
-//!     .collection(Collection::new("users"))
-//!     .build()
-//!     .unwrap();
-//!
-//! let app: Router = Router::new()
-//!     .route("/whoami", get(|p: Principal| async move { p.subject().to_owned() }))
-//!     .layer(layer);
-//! # let _ = app;
-//! ```
+//! [`ApiKeyLayerBuilder`]: configuration, validated once in [`build`](ApiKeyLayerBuilder::build).
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
-use tower_layer::Layer;
-use uuid::Uuid;
 
+use super::{ApiKeyLayer, Collection, Mode};
 use crate::cache::{CacheConfig, Identity, IdentityValue, KeyCache};
 use crate::clock::{Clock, SystemClock};
 use crate::credential::CredentialExtractor;
-use crate::interop::{DigestScheme, ForeignSource, ForeignSources, NoNativeStore};
-use crate::invalidation::Invalidation;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
 use crate::ratelimit::{
     FailedAttemptLimit, FailureTracker, Limiters, RateLimitPolicy, RateLimiter,
 };
-use crate::rejection::AuthRejection;
-use crate::secret::{Digest, Secret, SecretRing};
-use crate::service::ApiKeyService;
-use crate::stats::{Counters, LayerStats};
-use crate::store::{KeyStore, StoreError};
+use crate::secret::{Secret, SecretRing};
+use crate::stats::Counters;
+use crate::store::{KeyStore, NoStore};
 use crate::usage::UsageRecorder;
-use crate::verify::{CollectionConfig, IdentityMapper, Mode, Prepared, Shared, StoreHealth};
-
-/// A collection of keys, named by the slug clients send in
-/// `Authorization: <slug> API-Key <key>` (Payload CMS's form).
-#[derive(Debug, Clone)]
-pub struct Collection {
-    slug: String,
-    opaque: bool,
-    foreign: Option<ForeignSource>,
-}
-
-impl PartialEq for Collection {
-    fn eq(&self, other: &Self) -> bool {
-        self.slug == other.slug
-            && self.opaque == other.opaque
-            && match (&self.foreign, &other.foreign) {
-                (None, None) => true,
-                (Some(a), Some(b)) => {
-                    a.scheme.issuer() == b.scheme.issuer() && Arc::ptr_eq(&a.store, &b.store)
-                }
-                _ => false,
-            }
-    }
-}
-
-impl Eq for Collection {}
-
-impl Collection {
-    /// A collection of keywarden-format keys.
-    pub fn new(slug: impl Into<String>) -> Self {
-        Self {
-            slug: slug.into(),
-            opaque: false,
-            foreign: None,
-        }
-    }
-
-    /// A collection that also accepts keys of a foreign format (Payload UUIDs, imported
-    /// keys): 1 to 512 visible ASCII characters, no checksum.
-    pub fn opaque(slug: impl Into<String>) -> Self {
-        Self {
-            slug: slug.into(),
-            opaque: true,
-            foreign: None,
-        }
-    }
-
-    /// A collection of keys issued by another system (Payload CMS, Strapi), verified with
-    /// that system's digest scheme against a read-only `store` over its tables (see
-    /// `PayloadStore` and `StrapiStore`, feature `interop`). Its keys
-    /// are opaque strings; its principals' uses are never written back.
-    ///
-    /// For a Payload collection the `<slug> API-Key <key>` form is matched as Payload does:
-    /// byte-exactly, `API-Key` case-sensitive, one space each side, the rest of the value the
-    /// key. In optional mode, `Bearer` tokens of Strapi's shape are claimed for a Strapi
-    /// collection instead of being left to another layer.
-    pub fn foreign(
-        slug: impl Into<String>,
-        scheme: impl Into<DigestScheme>,
-        store: Arc<dyn KeyStore>,
-    ) -> Self {
-        let slug = slug.into();
-        Self {
-            foreign: Some(ForeignSource {
-                slug: slug.as_str().into(),
-                scheme: scheme.into(),
-                store,
-            }),
-            slug,
-            opaque: true,
-        }
-    }
-
-    /// The slug.
-    pub fn slug(&self) -> &str {
-        &self.slug
-    }
-}
+use crate::verify::{
+    Admission, CollectionConfig, CredentialCheck, ForeignCollection, IdentityMapper, Resolver,
+    StoreHealth, Verifier,
+};
 
 /// What [`ApiKeyLayerBuilder::build`] found wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,7 +284,7 @@ impl ApiKeyLayerBuilder {
             !self.collections.is_empty() && self.collections.iter().all(|c| c.foreign.is_some());
         let store = match self.store {
             Some(store) => store,
-            None if all_foreign => Arc::new(NoNativeStore),
+            None if all_foreign => Arc::new(NoStore),
             None => {
                 return Err(BuildError::new(
                     BuildErrorKind::MissingStore,
@@ -432,13 +330,25 @@ impl ApiKeyLayerBuilder {
             });
         }
         let mut extractor = CredentialExtractor::new(collections.iter().map(|c| &*c.slug));
-        for (index, c) in self.collections.iter().enumerate() {
-            match c.foreign.as_ref().map(|f| &f.scheme) {
-                Some(DigestScheme::Payload(_)) => extractor = extractor.exact_api_key_form(index),
-                Some(DigestScheme::Strapi(_)) if self.mode == Mode::Optional => {
-                    extractor = extractor.claim_bearer(crate::interop::is_strapi_token);
-                }
-                _ => {}
+        let foreign: Vec<ForeignCollection> = self
+            .collections
+            .into_iter()
+            .filter_map(|c| c.foreign)
+            .collect();
+        for (index, c) in collections.iter().enumerate() {
+            let Some(f) = foreign.iter().find(|f| f.slug == c.slug) else {
+                continue;
+            };
+            if f.scheme.exact_api_key_form() {
+                extractor = extractor.exact_api_key_form(index);
+            }
+        }
+        if self.mode == Mode::Optional {
+            let claims: Vec<_> = foreign.iter().map(|f| f.scheme.clone()).collect();
+            if !claims.is_empty() {
+                extractor = extractor.claim_bearer(move |token: &[u8]| {
+                    claims.iter().any(|scheme| scheme.claims_bearer(token))
+                });
             }
         }
         for name in &self.headers {
@@ -473,6 +383,7 @@ impl ApiKeyLayerBuilder {
             extractor = extractor.ignore_foreign_bearer(self.format.clone());
         }
         let any_opaque = collections.iter().any(|c| c.opaque);
+        let collections: Arc<[CollectionConfig]> = collections.into();
         let usage = self
             .usage_interval
             .filter(|_| !store.is_read_only())
@@ -481,246 +392,42 @@ impl ApiKeyLayerBuilder {
         let failures = self
             .failed_attempts
             .map(|limit| FailureTracker::new(limit, self.clock.clone()));
-        let foreign = ForeignSources::new(
-            self.collections
-                .into_iter()
-                .filter_map(|c| c.foreign)
-                .collect(),
-        );
+        let counters = Arc::new(Counters::default());
+        let cache = KeyCache::new(self.cache);
+        let current_secret = ring.current_id();
         Ok(ApiKeyLayer {
-            shared: Arc::new(Shared {
-                store,
-                ring,
-                format: self.format,
-                extractor,
-                collections,
-                any_opaque,
-                mode: self.mode,
-                strip: self.strip,
-                cache: KeyCache::new(self.cache),
-                clock: self.clock,
-                identity: self.identity,
-                usage,
-                limiters,
-                failures,
-                store_timeout: self.store_timeout,
-                health: StoreHealth::new(self.store_retry),
-                counters: Counters::default(),
-                foreign,
+            verifier: Arc::new(Verifier {
+                admission: Admission {
+                    collections: collections.clone(),
+                    clock: self.clock,
+                    limiters,
+                    failures,
+                    usage,
+                    cached: cache.enabled(),
+                    counters: counters.clone(),
+                },
+                resolver: Resolver {
+                    store,
+                    cache,
+                    health: StoreHealth::new(self.store_retry),
+                    store_timeout: self.store_timeout,
+                    foreign,
+                    identity: self.identity,
+                    collections: collections.clone(),
+                    current_secret,
+                    counters: counters.clone(),
+                },
+                credentials: CredentialCheck {
+                    extractor,
+                    format: self.format,
+                    ring,
+                    collections,
+                    any_opaque,
+                    strip: self.strip,
+                },
+                counters,
+                anonymous_passes: self.mode == Mode::Optional,
             }),
         })
-    }
-}
-
-/// The API-key authentication layer. Clones share one cache and one store handle.
-#[derive(Clone)]
-pub struct ApiKeyLayer {
-    shared: Arc<Shared>,
-}
-
-impl ApiKeyLayer {
-    /// Starts a builder.
-    pub fn builder() -> ApiKeyLayerBuilder {
-        ApiKeyLayerBuilder::default()
-    }
-
-    /// Verifies a key outside HTTP (a WebSocket handshake message, a queue consumer) with the
-    /// same checks as the request path: format, digest, cache and store, collection,
-    /// revocation, expiry and the key's rate limit (a call counts as one use). `method`
-    /// decides the read-only check.
-    ///
-    /// # Errors
-    /// The [`AuthRejection`] the request path would have produced.
-    pub async fn verify(
-        &self,
-        key: &str,
-        method: &http::Method,
-    ) -> Result<Principal, AuthRejection> {
-        let mut headers = http::HeaderMap::new();
-        let value = http::HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
-            AuthRejection::new(
-                crate::RejectionKind::MalformedKey,
-                "the key contains invalid bytes",
-            )
-        })?;
-        headers.insert(crate::credential::X_API_KEY, value);
-        let lookup = match self.shared.prepare(&headers, None) {
-            Prepared::Lookup(lookup) => lookup,
-            Prepared::Reject(rejection) => return Err(rejection),
-            Prepared::Anonymous => {
-                return Err(AuthRejection::new(
-                    crate::RejectionKind::MissingCredentials,
-                    "no key given",
-                ))
-            }
-        };
-        let resolved = self
-            .shared
-            .resolve(lookup.digest, &headers, None, None)
-            .await?;
-        self.shared
-            .check(&resolved, &lookup, method, &*self.shared.clock)?;
-        self.shared.rate_limit(&resolved).await?;
-        Ok(resolved.principal.clone())
-    }
-
-    /// Drops every cached digest of this key, on this instance, now.
-    pub fn invalidate_key(&self, id: Uuid) {
-        self.shared.cache.invalidate_key(id);
-    }
-
-    /// Drops one cached digest (for example a cached not-found entry for a new key).
-    pub async fn invalidate_digest(&self, digest: &Digest) {
-        self.shared.cache.invalidate_digest(digest).await;
-    }
-
-    /// Writes pending `last_used_at` and use counts to the store now. Call it at shutdown;
-    /// otherwise a background task does it every flush interval.
-    ///
-    /// # Errors
-    /// The store's error; the uses stay pending and are retried by the next flush.
-    pub async fn flush_usage(&self) -> Result<(), StoreError> {
-        match &self.shared.usage {
-            Some(usage) => usage.flush().await.map(|_| ()),
-            None => Ok(()),
-        }
-    }
-
-    /// Drops the whole cache.
-    pub fn invalidate_all(&self) {
-        self.shared.cache.invalidate_all();
-    }
-
-    /// Applies an invalidation received from another instance.
-    pub fn apply(&self, invalidation: &Invalidation) {
-        match invalidation {
-            Invalidation::Key(id) => self.shared.cache.invalidate_key(*id),
-            Invalidation::Created => self.shared.cache.invalidate_missing(),
-            Invalidation::All => self.shared.cache.invalidate_all(),
-        }
-    }
-
-    /// Counters of store trouble, rate limiting, blocked clients and invalidations.
-    pub fn stats(&self) -> LayerStats {
-        let mut stats = self.shared.counters.snapshot();
-        stats.rate_limiters = self.shared.limiters.local_len() as u64;
-        stats
-    }
-
-    #[cfg(any(feature = "postgres", feature = "redis"))]
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.shared.counters
-    }
-
-    /// Approximate number of cached entries (found and not-found).
-    pub async fn cached_entries(&self) -> u64 {
-        self.shared.cache.run_pending_tasks().await;
-        self.shared.cache.entry_count()
-    }
-
-    /// The store this layer reads.
-    pub fn store(&self) -> &Arc<dyn KeyStore> {
-        &self.shared.store
-    }
-
-    /// The secret ring this layer digests with.
-    pub fn secrets(&self) -> &SecretRing {
-        &self.shared.ring
-    }
-
-    /// The accepted key format.
-    pub fn key_format(&self) -> &KeyFormat {
-        &self.shared.format
-    }
-
-    /// The clock expiry is judged against.
-    pub fn clock(&self) -> Arc<dyn Clock> {
-        self.shared.clock.clone()
-    }
-
-    /// The rate limit of keys that have none of their own (`None`: unlimited).
-    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
-        self.shared.limiters.default_policy
-    }
-
-    /// The issuer (`payload`, `strapi`) of a foreign collection; `None` for a native one.
-    pub(crate) fn foreign_issuer(&self, collection: &str) -> Option<&'static str> {
-        self.shared
-            .foreign
-            .get(collection)
-            .map(|source| source.scheme.issuer())
-    }
-}
-
-impl fmt::Debug for ApiKeyLayer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiKeyLayer")
-            .field("store", &self.shared.store)
-            .field("secrets", &self.shared.ring)
-            .field("mode", &self.shared.mode)
-            .field(
-                "collections",
-                &self
-                    .shared
-                    .collections
-                    .iter()
-                    .map(|c| &*c.slug)
-                    .collect::<Vec<_>>(),
-            )
-            .field("cache", &self.shared.cache)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> Layer<S> for ApiKeyLayer {
-    type Service = ApiKeyService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ApiKeyService::new(inner, self.shared.clone())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::manage::{KeyManager, NewKey};
-    use crate::store::MemoryStore;
-    use http::{Request, Response};
-    use tower::{Service, ServiceExt};
-
-    /// With the cache off every request resolves its own record; its uses must still pend as
-    /// one entry per key, not one per request (found in review).
-    #[tokio::test]
-    async fn uncached_uses_pend_once_per_key() {
-        let store = Arc::new(MemoryStore::new());
-        let layer = ApiKeyLayer::builder()
-            .store(store.clone())
-            .secrets(
-                SecretRing::from_strs("layer-unit-test-secret-0123456789abcdef", None).unwrap(),
-            )
-            .cache_capacity(0)
-            .usage_flush_interval(Some(Duration::from_secs(3600)))
-            .build()
-            .unwrap();
-        let created = KeyManager::for_layer(&layer)
-            .create(NewKey::new("k", "s"))
-            .await
-            .unwrap();
-        let mut service = layer.layer(tower::service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(Response::new(()))
-        }));
-        for _ in 0..1000 {
-            let req = Request::builder()
-                .header("x-api-key", created.key.expose())
-                .body(())
-                .unwrap();
-            let res = service.ready().await.unwrap().call(req).await.unwrap();
-            assert_eq!(res.status(), 200);
-        }
-        let usage = layer.shared.usage.as_ref().expect("usage on");
-        assert_eq!(usage.queued(), (0, 1));
-        layer.flush_usage().await.unwrap();
-        let stored = store.get(created.record.id).await.unwrap().unwrap();
-        assert_eq!(stored.use_count, 1000);
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use keywarden::RedisBackend;
+//! use keywarden::redis::RedisBackend;
 //!
 //! // Every instance of one deployment uses the same namespace; tests use one each.
 //! let redis = RedisBackend::connect("redis://127.0.0.1:6379", "myapp").await?;

@@ -1,0 +1,334 @@
+//! The middleware: [`ApiKeyLayer`], its builder, its service and response future.
+//!
+//! All shared state (the cache, the store handle, the prepared HMAC state) is built once in
+//! [`ApiKeyLayerBuilder::build`] and shared behind one `Arc`, so axum cloning the layer for every
+//! route costs one reference count each.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{routing::get, Router};
+//! use keywarden::{ApiKeyLayer, Collection, MemoryStore, Principal, SecretRing};
+//!
+//! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+//! let layer = ApiKeyLayer::builder()
+//!     .store(Arc::new(MemoryStore::new()))
+//!     .secrets(secrets)
+//!     .collection(Collection::new("users"))
+//!     .build()
+//!     .unwrap();
+//!
+//! let app: Router = Router::new()
+//!     .route("/whoami", get(|p: Principal| async move { p.subject().to_owned() }))
+//!     .layer(layer);
+//! # let _ = app;
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use tower_layer::Layer;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::key::KeyFormat;
+use crate::principal::Principal;
+use crate::ratelimit::RateLimitPolicy;
+use crate::rejection::AuthRejection;
+use crate::secret::{Digest, SecretRing};
+use crate::store::{ForeignScheme, ForeignSource, KeyStore, StoreError};
+use crate::verify::{ForeignCollection, Verifier};
+
+mod builder;
+mod future;
+mod service;
+
+pub use crate::body::AuthBody;
+pub use crate::stats::LayerStats;
+pub use builder::{ApiKeyLayerBuilder, BuildError, BuildErrorKind};
+pub use future::ResponseFuture;
+pub use service::ApiKeyService;
+
+/// Whether requests without a credential are rejected or passed through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// No credential → 401 `missing_credentials`.
+    #[default]
+    Required,
+    /// No credential → the request passes with no principal; a `Bearer` token without a
+    /// keywarden prefix is left to another authentication layer. A credential that is ours but
+    /// invalid is still rejected.
+    Optional,
+}
+
+/// A collection of keys, named by the slug clients send in
+/// `Authorization: <slug> API-Key <key>` (Payload CMS's form).
+#[derive(Debug, Clone)]
+pub struct Collection {
+    slug: String,
+    opaque: bool,
+    foreign: Option<ForeignCollection>,
+}
+
+impl PartialEq for Collection {
+    fn eq(&self, other: &Self) -> bool {
+        self.slug == other.slug
+            && self.opaque == other.opaque
+            && match (&self.foreign, &other.foreign) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    a.scheme.issuer() == b.scheme.issuer() && Arc::ptr_eq(&a.source, &b.source)
+                }
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Collection {}
+
+impl Collection {
+    /// A collection of keywarden-format keys.
+    pub fn new(slug: impl Into<String>) -> Self {
+        Self {
+            slug: slug.into(),
+            opaque: false,
+            foreign: None,
+        }
+    }
+
+    /// A collection that also accepts keys of a foreign format (Payload UUIDs, imported
+    /// keys): 1 to 512 visible ASCII characters, no checksum.
+    pub fn opaque(slug: impl Into<String>) -> Self {
+        Self {
+            slug: slug.into(),
+            opaque: true,
+            foreign: None,
+        }
+    }
+
+    /// A collection of keys issued by another system, verified with that system's digest
+    /// `scheme` against a read-only `source` over its tables (feature `interop`:
+    /// `keywarden::interop::{PayloadScheme, PayloadStore, StrapiScheme, StrapiStore}`; or your
+    /// own [`ForeignScheme`] and [`ForeignSource`]). Its keys are opaque strings; its
+    /// principals' uses are never written back.
+    ///
+    /// For a Payload collection the `<slug> API-Key <key>` form is matched as Payload does:
+    /// byte-exactly, `API-Key` case-sensitive, one space each side, the rest of the value the
+    /// key ([`ForeignScheme::exact_api_key_form`]). In optional mode, `Bearer` tokens of
+    /// Strapi's shape are claimed for a Strapi collection instead of being left to another
+    /// layer ([`ForeignScheme::claims_bearer`]).
+    pub fn foreign(
+        slug: impl Into<String>,
+        scheme: impl ForeignScheme,
+        source: Arc<dyn ForeignSource>,
+    ) -> Self {
+        let slug = slug.into();
+        Self {
+            foreign: Some(ForeignCollection {
+                slug: slug.as_str().into(),
+                scheme: Arc::new(scheme),
+                source,
+            }),
+            slug,
+            opaque: true,
+        }
+    }
+
+    /// The slug.
+    pub fn slug(&self) -> &str {
+        &self.slug
+    }
+}
+
+/// The API-key authentication layer. Clones share one cache and one store handle.
+#[derive(Clone)]
+pub struct ApiKeyLayer {
+    pub(crate) verifier: Arc<Verifier>,
+}
+
+impl ApiKeyLayer {
+    /// Starts a builder.
+    pub fn builder() -> ApiKeyLayerBuilder {
+        ApiKeyLayerBuilder::default()
+    }
+
+    /// Verifies a key outside HTTP (a WebSocket handshake message, a queue consumer) with the
+    /// same checks as the request path: format, digest, cache and store, collection,
+    /// revocation, expiry and the key's rate limit (a call counts as one use). `method`
+    /// decides the read-only check.
+    ///
+    /// # Errors
+    /// The [`AuthRejection`] the request path would have produced.
+    pub async fn verify(
+        &self,
+        key: &str,
+        method: &http::Method,
+    ) -> Result<Principal, AuthRejection> {
+        self.verifier.verify_key(key, method).await
+    }
+
+    /// Drops every cached digest of this key, on this instance, now.
+    pub fn invalidate_key(&self, id: Uuid) {
+        self.verifier.resolver.cache.invalidate_key(id);
+    }
+
+    /// Drops one cached digest (for example a cached not-found entry for a new key).
+    pub async fn invalidate_digest(&self, digest: &Digest) {
+        self.verifier.resolver.cache.invalidate_digest(digest).await;
+    }
+
+    /// Writes pending `last_used_at` and use counts to the store now. Call it at shutdown;
+    /// otherwise a background task does it every flush interval.
+    ///
+    /// # Errors
+    /// The store's error; the uses stay pending and are retried by the next flush.
+    pub async fn flush_usage(&self) -> Result<(), StoreError> {
+        match &self.verifier.admission.usage {
+            Some(usage) => usage.flush().await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops the whole cache.
+    pub fn invalidate_all(&self) {
+        self.verifier.resolver.cache.invalidate_all();
+    }
+
+    /// Drops the cached "not found" answers: a key was created elsewhere, and a digest cached
+    /// as unknown may now be its.
+    pub fn invalidate_not_found(&self) {
+        self.verifier.resolver.cache.invalidate_missing();
+    }
+
+    /// Counters of store trouble, rate limiting, blocked clients and invalidations.
+    pub fn stats(&self) -> LayerStats {
+        let mut stats = self.verifier.counters.snapshot();
+        stats.rate_limiters = self.verifier.admission.limiters.local_len() as u64;
+        stats
+    }
+
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    pub(crate) fn counters(&self) -> &crate::stats::Counters {
+        &self.verifier.counters
+    }
+
+    /// Approximate number of cached entries (found and not-found).
+    pub async fn cached_entries(&self) -> u64 {
+        self.verifier.resolver.cache.run_pending_tasks().await;
+        self.verifier.resolver.cache.entry_count()
+    }
+
+    /// The store this layer reads.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.verifier.resolver.store
+    }
+
+    /// The secret ring this layer digests with.
+    pub fn secrets(&self) -> &SecretRing {
+        &self.verifier.credentials.ring
+    }
+
+    /// The accepted key format.
+    pub fn key_format(&self) -> &KeyFormat {
+        &self.verifier.credentials.format
+    }
+
+    /// The clock expiry is judged against.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.verifier.admission.clock.clone()
+    }
+
+    /// The rate limit of keys that have none of their own (`None`: unlimited).
+    pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
+        self.verifier.admission.limiters.default_policy
+    }
+
+    /// The issuer (`payload`, `strapi`) of a foreign collection; `None` for a native one.
+    pub(crate) fn foreign_issuer(&self, collection: &str) -> Option<&'static str> {
+        self.verifier
+            .resolver
+            .foreign(collection)
+            .map(|foreign| foreign.scheme.issuer())
+    }
+}
+
+impl fmt::Debug for ApiKeyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyLayer")
+            .field("store", &self.verifier.resolver.store)
+            .field("secrets", &self.verifier.credentials.ring)
+            .field(
+                "mode",
+                &if self.verifier.anonymous_passes {
+                    Mode::Optional
+                } else {
+                    Mode::Required
+                },
+            )
+            .field(
+                "collections",
+                &self
+                    .verifier
+                    .credentials
+                    .collections
+                    .iter()
+                    .map(|c| &*c.slug)
+                    .collect::<Vec<_>>(),
+            )
+            .field("cache", &self.verifier.resolver.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for ApiKeyLayer {
+    type Service = ApiKeyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiKeyService::new(inner, self.verifier.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manage::{KeyManager, NewKey};
+    use crate::store::MemoryStore;
+    use http::{Request, Response};
+    use std::time::Duration;
+    use tower::{Service, ServiceExt};
+
+    /// With the cache off every request resolves its own record; its uses must still pend as
+    /// one entry per key, not one per request (found in review).
+    #[tokio::test]
+    async fn uncached_uses_pend_once_per_key() {
+        let store = Arc::new(MemoryStore::new());
+        let layer = ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(
+                SecretRing::from_strs("layer-unit-test-secret-0123456789abcdef", None).unwrap(),
+            )
+            .cache_capacity(0)
+            .usage_flush_interval(Some(Duration::from_secs(3600)))
+            .build()
+            .unwrap();
+        let created = KeyManager::for_layer(&layer)
+            .create(NewKey::new("k", "s"))
+            .await
+            .unwrap();
+        let mut service = layer.layer(tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }));
+        for _ in 0..1000 {
+            let req = Request::builder()
+                .header("x-api-key", created.key.expose())
+                .body(())
+                .unwrap();
+            let res = service.ready().await.unwrap().call(req).await.unwrap();
+            assert_eq!(res.status(), 200);
+        }
+        let usage = layer.verifier.admission.usage.as_ref().expect("usage on");
+        assert_eq!(usage.queued(), (0, 1));
+        layer.flush_usage().await.unwrap();
+        let stored = store.get(created.record.id).await.unwrap().unwrap();
+        assert_eq!(stored.use_count, 1000);
+    }
+}

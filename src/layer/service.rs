@@ -1,0 +1,153 @@
+//! [`ApiKeyService`]: the middleware service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::{log_rejection, ResponseFuture};
+use crate::body::AuthBody;
+use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
+use crate::verify::{Presented, Verifier};
+
+/// Authenticates requests, then calls the inner service with the [`Principal`](crate::Principal)
+/// in the request extensions. Created by [`ApiKeyLayer`](crate::ApiKeyLayer).
+pub struct ApiKeyService<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+}
+
+impl<S> ApiKeyService<S> {
+    pub(crate) fn new(inner: S, verifier: Arc<Verifier>) -> Self {
+        Self { inner, verifier }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes this service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for ApiKeyService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ApiKeyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<AuthBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let verifier = &self.verifier;
+        let admission = &verifier.admission;
+        let presented = verifier
+            .credentials
+            .prepare(req.headers(), req.uri().query());
+        let client = match presented {
+            Presented::Nothing => None,
+            _ => admission.client_address(req.headers(), req.extensions()),
+        };
+        let blocked = admission.blocked(client);
+        let key = match presented {
+            Presented::Reject(rejection) => {
+                if let Some(blocked) = &blocked {
+                    return ResponseFuture::reject(
+                        &verifier.resolver.blocked_rejection(blocked),
+                        is_grpc(req.headers()),
+                    );
+                }
+                admission.note_failure(client, rejection.kind());
+                return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
+            }
+            Presented::Nothing => {
+                if !verifier.anonymous_passes {
+                    let rejection = AuthRejection::new(
+                        RejectionKind::MissingCredentials,
+                        "send an API key in the Authorization or X-Api-Key header",
+                    );
+                    return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
+                }
+                return ResponseFuture::inner(self.inner.call(req), None);
+            }
+            Presented::Key(key) => key,
+        };
+        if let Some(blocked) = blocked.as_ref().filter(|b| !b.allow_cached) {
+            return ResponseFuture::reject(
+                &verifier.resolver.blocked_rejection(blocked),
+                is_grpc(req.headers()),
+            );
+        }
+        // The hit path: the cache answers, the limiter is in memory; nothing to wait for.
+        if let Some(outcome) = verifier.outcome_now(&key, req.method(), blocked.as_ref()) {
+            return match verifier.admit_or_reject(&mut req, &key, client, outcome) {
+                Ok(rate) => ResponseFuture::inner(self.inner.call(req), rate),
+                Err(rejection) => ResponseFuture::reject(&rejection, is_grpc(req.headers())),
+            };
+        }
+        // The request waits for the store: the service polled ready goes with it, and a
+        // clone (maybe not ready) stays for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        ResponseFuture::boxed(async move {
+            let outcome = verifier
+                .outcome(
+                    &key,
+                    req.headers(),
+                    req.uri().query(),
+                    req.method(),
+                    blocked.as_ref(),
+                )
+                .await;
+            let rate = match verifier.admit_or_reject(&mut req, &key, client, outcome) {
+                Ok(rate) => rate,
+                Err(rejection) => {
+                    log_rejection(&rejection);
+                    return Ok(rejection.to_response(is_grpc(req.headers())));
+                }
+            };
+            let response = inner.call(req).await?;
+            let mut response = response.map(AuthBody::inner);
+            if let Some(status) = rate {
+                status.write_headers(response.headers_mut());
+            }
+            Ok(response)
+        })
+    }
+}

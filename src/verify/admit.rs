@@ -1,0 +1,185 @@
+//! Admission: what happens after a key is resolved. The key is checked against the request
+//! (collection, revocation, expiry, read-only), its rate limit is taken, failures count against
+//! the client address, and an accepted request gets the principal and is counted for usage.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method};
+
+use crate::cache::ResolvedKey;
+use crate::clock::Clock;
+use crate::ratelimit::{Blocked, Decision, FailureTracker, Limiters, RateLimitPolicy};
+use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
+use crate::stats::{bump, Counters};
+use crate::usage::UsageRecorder;
+
+use super::prepare::{CollectionConfig, PresentedKey};
+
+/// The checks and limits between a resolved key and the inner service.
+pub(crate) struct Admission {
+    pub(crate) collections: Arc<[CollectionConfig]>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) limiters: Limiters,
+    pub(crate) failures: Option<FailureTracker>,
+    pub(crate) usage: Option<Arc<UsageRecorder>>,
+    /// The layer caches keys (capacity above 0): uses are then counted on the cached entry.
+    pub(crate) cached: bool,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl Admission {
+    /// Checks a resolved key against the request. The collection is checked first so a key of
+    /// another collection is indistinguishable from an unknown one. The clock is read only for
+    /// a key that expires.
+    pub(crate) fn check(
+        &self,
+        resolved: &ResolvedKey,
+        key: &PresentedKey,
+        method: &Method,
+    ) -> Result<(), AuthRejection> {
+        let configured = resolved.collection.map(|index| index as usize);
+        let collection_ok = match key.binding {
+            Some(index) => configured == Some(index),
+            None => self.collections.is_empty() || configured.is_some(),
+        } && (!key.opaque
+            || configured.is_some_and(|i| self.collections[i].opaque));
+        if !collection_ok {
+            return Err(AuthRejection::new(
+                RejectionKind::InvalidKey,
+                "the key is not recognised",
+            ));
+        }
+        if resolved.revoked {
+            return Err(AuthRejection::new(
+                RejectionKind::RevokedKey,
+                "the key has been revoked",
+            ));
+        }
+        if resolved.disabled {
+            return Err(AuthRejection::new(
+                RejectionKind::RevokedKey,
+                "the key is disabled",
+            ));
+        }
+        if resolved
+            .principal
+            .expires_at()
+            .is_some_and(|at| at <= self.clock.now())
+        {
+            return Err(AuthRejection::new(
+                RejectionKind::ExpiredKey,
+                "the key has expired",
+            ));
+        }
+        if resolved.principal.is_read_only() && !method.is_safe() {
+            return Err(AuthRejection::new(
+                RejectionKind::InsufficientScope,
+                "the key is read-only; only GET, HEAD, OPTIONS and TRACE are allowed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The rate-limit policy that applies to a key: its own, else the layer default.
+    pub(crate) fn policy(&self, resolved: &ResolvedKey) -> Option<RateLimitPolicy> {
+        resolved
+            .principal
+            .rate_limit()
+            .or(self.limiters.default_policy)
+    }
+
+    /// Takes one request from the key's budget. `Ok(None)`: no policy applies. `unavailable`
+    /// answers a remote limiter that cannot be reached.
+    pub(crate) async fn rate_limit(
+        &self,
+        resolved: &ResolvedKey,
+        unavailable: impl FnOnce() -> AuthRejection,
+    ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        if !self.limiters.is_remote() {
+            return self.rate_limit_local(resolved);
+        }
+        let Some(policy) = self.policy(resolved) else {
+            return Ok(None);
+        };
+        let decision = self
+            .limiters
+            .check(resolved.principal.key_id(), &policy)
+            .await
+            .map_err(|_| unavailable())?;
+        self.limit_decision(decision)
+    }
+
+    /// [`Admission::rate_limit`] for a layer whose limiter is in memory: synchronous.
+    pub(crate) fn rate_limit_local(
+        &self,
+        resolved: &ResolvedKey,
+    ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        let Some(policy) = self.policy(resolved) else {
+            return Ok(None);
+        };
+        let decision = self
+            .limiters
+            .check_local(resolved.principal.key_id(), &policy);
+        self.limit_decision(decision)
+    }
+
+    fn limit_decision(&self, decision: Decision) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        if decision.allowed {
+            return Ok(Some(decision.status));
+        }
+        bump(&self.counters.rate_limited);
+        Err(AuthRejection::rate_limited(
+            decision.status,
+            decision.retry_after,
+        ))
+    }
+
+    /// The client address, when failed-attempt limiting is on.
+    pub(crate) fn client_address(
+        &self,
+        headers: &HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Option<IpAddr> {
+        self.failures
+            .as_ref()
+            .and_then(|failures| failures.address(headers, extensions))
+    }
+
+    /// Whether this address is over its failure budget.
+    pub(crate) fn blocked(&self, client: Option<IpAddr>) -> Option<Blocked> {
+        let (failures, ip) = (self.failures.as_ref()?, client?);
+        failures.check(ip)
+    }
+
+    /// Counts a rejection against the client address if it is a rejected key.
+    pub(crate) fn note_failure(&self, client: Option<IpAddr>, kind: RejectionKind) {
+        let (Some(failures), Some(ip)) = (self.failures.as_ref(), client) else {
+            return;
+        };
+        if matches!(
+            kind,
+            RejectionKind::MalformedKey
+                | RejectionKind::InvalidKey
+                | RejectionKind::ExpiredKey
+                | RejectionKind::RevokedKey
+        ) {
+            failures.record_failure(ip);
+        }
+    }
+
+    /// Notes a successful use, written behind in batches. Reads the clock only when usage
+    /// is recorded.
+    pub(crate) fn record_use(&self, resolved: &Arc<ResolvedKey>) {
+        if let Some(usage) = &self.usage {
+            if resolved.tracks_usage {
+                let now = self.clock.now_unix_nanos();
+                if self.cached {
+                    usage.record(resolved, now);
+                } else {
+                    usage.record_uncached(resolved.principal.key_id(), now);
+                }
+            }
+        }
+    }
+}

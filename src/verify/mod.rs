@@ -1,0 +1,147 @@
+//! Verification, in three named steps shared by every front end (the layer's service and
+//! [`ApiKeyLayer::verify`](crate::ApiKeyLayer::verify)):
+//!
+//! 1. [`CredentialCheck`] (credential preparation): extract, format-check and digest the key;
+//!    synchronous, no allocation.
+//! 2. [`Resolver`] (resolution): cache, store (one query per miss), store health, lazy
+//!    re-digest, foreign collections.
+//! 3. [`Admission`]: the key against the request, rate limits, failed-attempt limiting,
+//!    usage; then [`Verifier::admit_or_reject`] ends the hit and the miss paths alike.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{Method, Request};
+
+use crate::cache::ResolvedKey;
+use crate::credential::X_API_KEY;
+use crate::principal::Principal;
+use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
+use crate::stats::Counters;
+
+mod admit;
+mod prepare;
+mod resolve;
+
+pub(crate) use admit::Admission;
+pub(crate) use prepare::{CollectionConfig, CredentialCheck, Presented, PresentedKey};
+pub(crate) use resolve::{ForeignCollection, IdentityMapper, Resolver, StoreHealth};
+
+/// A layer's verification state, built once by the builder and shared by its services.
+pub(crate) struct Verifier {
+    pub(crate) credentials: CredentialCheck,
+    pub(crate) resolver: Resolver,
+    pub(crate) admission: Admission,
+    pub(crate) counters: Arc<Counters>,
+    /// Optional mode: a request without a credential passes with no principal.
+    pub(crate) anonymous_passes: bool,
+}
+
+/// A resolved key that passed its checks, with its rate-limit status; or why not.
+pub(crate) type Outcome = Result<(Arc<ResolvedKey>, Option<RateLimitStatus>), AuthRejection>;
+
+impl Verifier {
+    /// The hit path's outcome, when it can be decided without waiting: a fresh cache entry
+    /// (or a blocked client address) and an in-memory limiter. `None`: the request must wait
+    /// for the store or a remote limiter ([`Verifier::outcome`]).
+    pub(crate) fn outcome_now(
+        &self,
+        key: &PresentedKey,
+        method: &Method,
+        blocked: Option<&crate::ratelimit::Blocked>,
+    ) -> Option<Outcome> {
+        if self.admission.limiters.is_remote() {
+            return None;
+        }
+        let resolved = self.resolver.resolve_cached(&key.digest, blocked)?;
+        Some(resolved.and_then(|resolved| {
+            self.admission.check(&resolved, key, method)?;
+            let status = self.admission.rate_limit_local(&resolved)?;
+            Ok((resolved, status))
+        }))
+    }
+
+    /// The outcome of a request that may wait: resolution through the store, the checks,
+    /// then the (maybe remote) rate limit.
+    pub(crate) async fn outcome(
+        &self,
+        key: &PresentedKey,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+        method: &Method,
+        blocked: Option<&crate::ratelimit::Blocked>,
+    ) -> Outcome {
+        let resolved = self
+            .resolver
+            .resolve(&self.credentials, key.digest, headers, query, blocked)
+            .await?;
+        self.admission.check(&resolved, key, method)?;
+        let status = self
+            .admission
+            .rate_limit(&resolved, || self.resolver.unavailable())
+            .await?;
+        Ok((resolved, status))
+    }
+
+    /// The one ending of the hit and the miss paths: an accepted request is admitted (its use
+    /// noted, its credential headers protected, the principal and the application's identity
+    /// put into its extensions); a rejected one counts against its client address.
+    pub(crate) fn admit_or_reject<B>(
+        &self,
+        req: &mut Request<B>,
+        key: &PresentedKey,
+        client: Option<IpAddr>,
+        outcome: Outcome,
+    ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        let (resolved, status) = match outcome {
+            Ok(accepted) => accepted,
+            Err(rejection) => {
+                self.admission.note_failure(client, rejection.kind());
+                return Err(rejection);
+            }
+        };
+        tracing::trace!(
+            target: "keywarden",
+            key_id = %resolved.principal.key_id(),
+            "request authenticated"
+        );
+        self.admission.record_use(&resolved);
+        self.credentials.protect_headers(req.headers_mut(), key);
+        let extensions = req.extensions_mut();
+        if let Some(identity) = &resolved.identity {
+            identity.insert_into(extensions);
+        }
+        extensions.insert(resolved.principal.clone());
+        Ok(status)
+    }
+
+    /// Verifies a key given outside HTTP, with the request path's checks.
+    pub(crate) async fn verify_key(
+        &self,
+        key: &str,
+        method: &Method,
+    ) -> Result<Principal, AuthRejection> {
+        let mut headers = http::HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
+            AuthRejection::new(
+                RejectionKind::MalformedKey,
+                "the key contains invalid bytes",
+            )
+        })?;
+        headers.insert(X_API_KEY, value);
+        let presented = match self.credentials.prepare(&headers, None) {
+            Presented::Key(presented) => presented,
+            Presented::Reject(rejection) => return Err(rejection),
+            Presented::Nothing => {
+                return Err(AuthRejection::new(
+                    RejectionKind::MissingCredentials,
+                    "no key given",
+                ))
+            }
+        };
+        let (resolved, _) = self
+            .outcome(&presented, &headers, None, method, None)
+            .await?;
+        Ok(resolved.principal.clone())
+    }
+}

@@ -1,0 +1,361 @@
+//! Resolution: from a digest to what the request path needs about the key, through the cache,
+//! the store (one query per miss, shared by concurrent misses), the store's health, lazy
+//! re-digesting under the current secret, and the foreign collections.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+
+use crate::cache::{CacheHit, Identity, KeyCache, Resolution, ResolvedKey, StaleEntry};
+use crate::principal::Principal;
+use crate::ratelimit::Blocked;
+use crate::rejection::{AuthRejection, RejectionKind};
+use crate::secret::{Digest, SecretId};
+use crate::stats::{bump, Counters};
+use crate::store::{ForeignScheme, ForeignSource, KeyRecord, KeyStore, StoreError, StoreErrorKind};
+
+use super::prepare::{CollectionConfig, CredentialCheck, MissDigests};
+
+/// Maps a principal to the application's own identity type.
+pub(crate) type IdentityMapper = Arc<dyn Fn(&Principal) -> Arc<dyn Identity> + Send + Sync>;
+
+/// A collection whose keys another system issued: its scheme and its read-only source.
+#[derive(Clone, Debug)]
+pub(crate) struct ForeignCollection {
+    pub(crate) slug: Box<str>,
+    pub(crate) scheme: Arc<dyn ForeignScheme>,
+    pub(crate) source: Arc<dyn ForeignSource>,
+}
+
+/// Whether the store recently failed. While it is marked down, misses fail fast with 503 and
+/// stale entries answer without waiting for a timeout; after `retry` one request probes again.
+pub(crate) struct StoreHealth {
+    origin: Instant,
+    /// Nanoseconds since `origin` until which the store counts as down; 0 when up.
+    down_until: AtomicU64,
+    pub(crate) retry: Duration,
+}
+
+impl StoreHealth {
+    pub(crate) fn new(retry: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            down_until: AtomicU64::new(0),
+            retry,
+        }
+    }
+
+    fn elapsed(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn is_down(&self) -> bool {
+        let until = self.down_until.load(Ordering::Acquire);
+        until != 0 && self.elapsed() < until
+    }
+
+    fn mark_down(&self) {
+        let retry = u64::try_from(self.retry.as_nanos()).unwrap_or(u64::MAX);
+        let until = self.elapsed().saturating_add(retry).max(1);
+        self.down_until.store(until, Ordering::Release);
+    }
+
+    /// Returns whether the store had been marked down.
+    fn mark_up(&self) -> bool {
+        self.down_until.load(Ordering::Acquire) != 0
+            && self.down_until.swap(0, Ordering::AcqRel) != 0
+    }
+}
+
+/// From a digest to a [`ResolvedKey`]: cache, store, health, lazy re-digest, foreign sources.
+pub(crate) struct Resolver {
+    pub(crate) store: Arc<dyn KeyStore>,
+    pub(crate) cache: KeyCache,
+    pub(crate) health: StoreHealth,
+    pub(crate) store_timeout: Duration,
+    /// Collections verified by a foreign scheme against a read-only source.
+    pub(crate) foreign: Vec<ForeignCollection>,
+    pub(crate) identity: Option<IdentityMapper>,
+    pub(crate) collections: Arc<[CollectionConfig]>,
+    /// The id of the ring's current secret: keys found under a previous one gain a digest
+    /// under it.
+    pub(crate) current_secret: SecretId,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl Resolver {
+    /// The foreign collection of this slug, if it is foreign.
+    pub(crate) fn foreign(&self, collection: &str) -> Option<&ForeignCollection> {
+        self.foreign.iter().find(|c| *c.slug == *collection)
+    }
+
+    /// Whether this collection is verified by a foreign scheme (so its keys live only in the
+    /// foreign source, and its uses are never written).
+    fn owns_foreign(&self, collection: &str) -> bool {
+        !self.foreign.is_empty() && self.foreign(collection).is_some()
+    }
+
+    /// The hit path: a fresh cached answer, synchronously, or `None` when the store must be
+    /// asked (a miss, or a stale entry): then [`Resolver::resolve`]. `blocked` as there.
+    pub(crate) fn resolve_cached(
+        &self,
+        digest: &Digest,
+        blocked: Option<&Blocked>,
+    ) -> Option<Result<Arc<ResolvedKey>, AuthRejection>> {
+        let hit = self.cache.lookup(digest);
+        match (hit, blocked) {
+            (hit, Some(blocked)) => Some(self.past_block(hit, blocked)),
+            (Some(CacheHit::Fresh(resolution)), None) => Some(found(resolution)),
+            (_, None) => None,
+        }
+    }
+
+    /// The answer for a client address over its failure budget: only a key cached as valid,
+    /// and fresh, gets past it; anything that would need the store is refused.
+    fn past_block(
+        &self,
+        hit: Option<CacheHit>,
+        blocked: &Blocked,
+    ) -> Result<Arc<ResolvedKey>, AuthRejection> {
+        match hit {
+            Some(CacheHit::Fresh(Resolution::Found(resolved))) => Ok(resolved),
+            _ => Err(self.blocked_rejection(blocked)),
+        }
+    }
+
+    /// Resolves a digest: from the cache when it can, else from the store (concurrent misses
+    /// of one digest share one query). `blocked` is set for a client address over its failure
+    /// budget that may still use cached keys: anything needing the store is refused.
+    pub(crate) async fn resolve(
+        &self,
+        credentials: &CredentialCheck,
+        digest: Digest,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        blocked: Option<&Blocked>,
+    ) -> Result<Arc<ResolvedKey>, AuthRejection> {
+        let hit = match self.cache.lookup(&digest) {
+            Some(hit) => Some(hit),
+            None => self.cache.recover(&digest).await,
+        };
+        if let Some(blocked) = blocked {
+            return self.past_block(hit, blocked);
+        }
+        match hit {
+            Some(CacheHit::Fresh(resolution)) => found(resolution),
+            Some(CacheHit::Stale(stale)) => {
+                self.refresh_stale(credentials, digest, stale, headers, query)
+                    .await
+            }
+            None => {
+                let miss = credentials.miss_digests(headers, query, &self.foreign);
+                self.resolve_miss(digest, miss).await
+            }
+        }
+    }
+
+    /// A found entry past its TTL: one request re-reads it; while the store is down, or
+    /// another request is re-reading it, the stale entry answers.
+    async fn refresh_stale(
+        &self,
+        credentials: &CredentialCheck,
+        digest: Digest,
+        stale: StaleEntry,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Arc<ResolvedKey>, AuthRejection> {
+        if let Some(_claim) = (!self.health.is_down())
+            .then(|| stale.claim_refresh())
+            .flatten()
+        {
+            let miss = credentials.miss_digests(headers, query, &self.foreign);
+            let refreshed = self.cache.refresh(digest, self.load(digest, &miss)).await;
+            if let Ok(resolution) = refreshed {
+                return found(resolution);
+            }
+        }
+        if self.health.is_down() {
+            bump(&self.counters.stale_served);
+            tracing::debug!(target: "keywarden", "key store unreachable: answering from a stale cache entry");
+        }
+        found(stale.resolution())
+    }
+
+    /// A cache miss: one store query, shared by concurrent misses of the same digest.
+    pub(crate) async fn resolve_miss(
+        &self,
+        digest: Digest,
+        miss: MissDigests,
+    ) -> Result<Arc<ResolvedKey>, AuthRejection> {
+        if self.health.is_down() {
+            return Err(self.unavailable());
+        }
+        let resolution = self
+            .cache
+            .get_or_load(digest, || self.load(digest, &miss))
+            .await
+            .map_err(|_| self.unavailable())?;
+        found(resolution)
+    }
+
+    /// A 503 `store_unavailable`, counted.
+    pub(crate) fn unavailable(&self) -> AuthRejection {
+        bump(&self.counters.unavailable);
+        AuthRejection::new(
+            RejectionKind::StoreUnavailable,
+            "the key store is unavailable; retry shortly",
+        )
+        .with_retry_after(self.health.retry)
+    }
+
+    /// A 429 for a client address over its failure budget, counted.
+    pub(crate) fn blocked_rejection(&self, blocked: &Blocked) -> AuthRejection {
+        bump(&self.counters.clients_blocked);
+        AuthRejection::rate_limited(blocked.status, blocked.retry_after)
+            .with_detail("too many rejected keys from this address; retry later")
+    }
+
+    /// One store call under the store timeout, with the outcome recorded in the store's
+    /// health, the counters and tracing.
+    pub(crate) async fn store_call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let error = match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(Ok(value)) => {
+                if self.health.mark_up() {
+                    tracing::info!(target: "keywarden", "key store is reachable again");
+                }
+                return Ok(value);
+            }
+            Ok(Err(error)) => {
+                bump(&self.counters.store_errors);
+                error
+            }
+            Err(_) => {
+                bump(&self.counters.store_timeouts);
+                StoreError::new(
+                    StoreErrorKind::Timeout,
+                    format!(
+                        "the key store did not answer within {} ms",
+                        self.store_timeout.as_millis()
+                    ),
+                )
+            }
+        };
+        // A corrupt row is that row's problem, not an outage.
+        if error.kind() != StoreErrorKind::Corrupt {
+            self.health.mark_down();
+        }
+        tracing::warn!(target: "keywarden", error = %error, kind = ?error.kind(), "key store lookup failed");
+        Err(error)
+    }
+
+    async fn load(&self, digest: Digest, miss: &MissDigests) -> Result<Resolution, StoreError> {
+        if let Some(record) = self.find_native(&digest).await? {
+            return Ok(Resolution::Found(self.resolved(&record)));
+        }
+        for &(secret_id, old) in &miss.previous {
+            let Some(record) = self.find_native(&old).await? else {
+                continue;
+            };
+            self.add_current_digest(&record, secret_id, &old, &digest)
+                .await;
+            return Ok(Resolution::Found(self.resolved(&record)));
+        }
+        self.load_foreign(miss).await
+    }
+
+    /// After the native store found nothing: each foreign source the key could belong to, in
+    /// configuration order. The record is always filed under the collection that found it.
+    async fn load_foreign(&self, miss: &MissDigests) -> Result<Resolution, StoreError> {
+        for (index, digests) in &miss.foreign {
+            let collection = &self.foreign[*index];
+            let found = self.store_call(collection.source.find(digests));
+            if let Some(mut record) = found.await? {
+                record.collection = collection.slug.to_string();
+                return Ok(Resolution::Found(self.resolved(&record)));
+            }
+        }
+        Ok(Resolution::Missing)
+    }
+
+    /// A record of keywarden's own store by one of its digests. A collection has one source:
+    /// native rows filed under a foreign collection are ignored, whichever secret found them.
+    async fn find_native(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self
+            .store_call(self.store.find_by_digest(digest))
+            .await?
+            .filter(|r| !self.owns_foreign(&r.collection)))
+    }
+
+    /// Lazy migration: the key, found under a previous secret, also gets its digest under the
+    /// current one, so from now on it is found with one query. Its old digest stays valid, so
+    /// instances still on the old secret keep verifying it. A failure only costs the
+    /// migration: the key was found, and stays valid under the previous secret.
+    async fn add_current_digest(
+        &self,
+        record: &KeyRecord,
+        secret_id: SecretId,
+        old: &Digest,
+        current: &Digest,
+    ) {
+        let current_id = self.current_secret;
+        let add = self.store.add_digest(record.id, old, current, current_id);
+        match tokio::time::timeout(self.store_timeout, add).await {
+            Ok(Ok(true)) => tracing::info!(
+                target: "keywarden",
+                key_id = %record.id,
+                from_secret = %secret_id,
+                to_secret = %current_id,
+                "re-digested key under the current secret; its previous digest stays valid"
+            ),
+            Ok(Ok(false)) => tracing::debug!(
+                target: "keywarden",
+                key_id = %record.id,
+                "key not re-digested: it already has a digest under the current secret, or no longer the one that found it"
+            ),
+            Ok(Err(error)) => tracing::warn!(
+                target: "keywarden",
+                key_id = %record.id,
+                error = %error,
+                "could not re-digest key; it stays valid under the previous secret"
+            ),
+            Err(_) => tracing::warn!(
+                target: "keywarden",
+                key_id = %record.id,
+                "re-digesting timed out; the key stays valid under the previous secret"
+            ),
+        }
+    }
+
+    /// What the request path needs about a key: built once per cache fill, so that a hit
+    /// compares no strings.
+    pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<ResolvedKey> {
+        // A key of a foreign collection never holds a management scope.
+        let foreign = self.owns_foreign(&record.collection);
+        let mut resolved = ResolvedKey::new(record, foreign, |principal| {
+            self.identity.as_ref().map(|map| map(principal))
+        });
+        resolved.collection = self
+            .collections
+            .iter()
+            .position(|c| *c.slug == *record.collection)
+            .and_then(|index| u32::try_from(index).ok());
+        // A foreign store is never written to.
+        resolved.tracks_usage = !foreign;
+        Arc::new(resolved)
+    }
+}
+
+fn found(resolution: Resolution) -> Result<Arc<ResolvedKey>, AuthRejection> {
+    match resolution {
+        Resolution::Found(resolved) => Ok(resolved),
+        Resolution::Missing => Err(AuthRejection::new(
+            RejectionKind::InvalidKey,
+            "the key is not recognised",
+        )),
+    }
+}
