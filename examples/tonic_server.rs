@@ -8,7 +8,7 @@
 //! [`ApiKeyLayer`] over an in-memory store, creates one key with the scope `health:check` at
 //! startup and prints it once, with a `grpcurl` command to call the server. The same layer that
 //! guards axum routes guards tonic services: a rejection is a gRPC status (`UNAUTHENTICATED`
-//! without a valid key, `PERMISSION_DENIED` without the scope [`RequireScope`] asks for), and
+//! without a valid key, `PERMISSION_DENIED` without the scope [`RequireScopeLayer`] asks for), and
 //! the service reads the caller as a [`Principal`] from the request extensions, here in an
 //! interceptor.
 //!
@@ -23,7 +23,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keywarden::{
-    ApiKeyLayer, Collection, KeyManager, MemoryStore, NewKey, Principal, RequireScope, SecretRing,
+    ApiKeyLayer, Collection, KeyManager, MemoryStore, NewKey, Principal, RequireScopeLayer,
+    SecretRing,
 };
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
@@ -112,7 +113,7 @@ async fn serve(
     let (_reporter, health) = tonic_health::server::health_reporter();
     Server::builder()
         .layer(layer)
-        .layer(RequireScope::new(SCOPE))
+        .layer(RequireScopeLayer::new(SCOPE))
         .add_service(InterceptedService::new(health, caller))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await

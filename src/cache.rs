@@ -31,7 +31,7 @@ use moka::future::Cache;
 use moka::Expiry;
 use uuid::Uuid;
 
-use crate::principal::Principal;
+use crate::principal::{Interner, Principal};
 use crate::secret::Digest;
 use crate::store::{KeyRecord, StoreError};
 
@@ -73,9 +73,10 @@ impl ResolvedKey {
     pub(crate) fn new(
         record: &KeyRecord,
         foreign: bool,
+        profiles: &Interner,
         identity: impl FnOnce(&Principal) -> Option<Arc<dyn Identity>>,
     ) -> Self {
-        let principal = Principal::from_record(record, foreign);
+        let principal = Principal::from_record(record, foreign, profiles);
         Self {
             identity: identity(&principal),
             principal,
@@ -676,7 +677,12 @@ mod tests {
         let r = record(n);
         (
             r.digest,
-            Resolution::Found(Arc::new(ResolvedKey::new(&r, false, |_| None))),
+            Resolution::Found(Arc::new(ResolvedKey::new(
+                &r,
+                false,
+                &crate::principal::TEST_PROFILES,
+                |_| None,
+            ))),
         )
     }
 

@@ -60,7 +60,7 @@ struct Compact {
     expires_at: Option<OffsetDateTime>,
 }
 
-/// The fields with few distinct values across keys, shared through [`PROFILES`].
+/// The fields with few distinct values across keys, shared through the layer's [`Interner`].
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Profile {
     collection: Box<str>,
@@ -89,21 +89,28 @@ impl Profile {
 
 /// A profile heavier than this is not interned (each key owns its copy).
 const MAX_INTERNED_WEIGHT: usize = 1024;
-/// Distinct profiles interned per process; beyond this, new profiles are owned per key. With
-/// [`MAX_INTERNED_WEIGHT`] this bounds the table to a few MiB, held for the process lifetime.
-const MAX_INTERNED_PROFILES: usize = 2048;
+/// Distinct profiles interned per layer; beyond this, new profiles are owned per key. With
+/// [`MAX_INTERNED_WEIGHT`] this bounds the table to a few MiB, dropped with the layer.
+pub(crate) const MAX_INTERNED_PROFILES: usize = 2048;
 
-static PROFILES: LazyLock<Interner> = LazyLock::new(|| Interner::new(MAX_INTERNED_PROFILES));
-
-/// A bounded set of shared profiles. Entries are never evicted: the bound keeps that cheap,
-/// and a profile in use by a cached key is kept alive by the key anyway.
-struct Interner {
+/// A bounded set of shared profiles, owned by a layer's resolver and dropped with it. Entries
+/// are never evicted: the bound keeps that cheap, and a profile in use by a cached key is kept
+/// alive by the key anyway.
+pub(crate) struct Interner {
     table: Mutex<HashSet<Arc<Profile>>>,
     capacity: usize,
 }
 
+impl fmt::Debug for Interner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Interner")
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Interner {
-    fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             table: Mutex::new(HashSet::new()),
             capacity,
@@ -169,9 +176,10 @@ struct PrincipalData<'a> {
 impl Principal {
     /// The principal of a keywarden key (`foreign: false`) or of a key verified from another
     /// system's store (`foreign: true`, which never holds a management scope).
-    pub(crate) fn from_record(record: &KeyRecord, foreign: bool) -> Self {
+    /// Profiles shared by many keys come from `profiles`.
+    pub(crate) fn from_record(record: &KeyRecord, foreign: bool, profiles: &Interner) -> Self {
         Self::from_parts(
-            &PROFILES,
+            profiles,
             record.id,
             &record.name,
             &record.subject,
@@ -323,7 +331,7 @@ impl Principal {
     #[doc(hidden)]
     pub fn for_tests(scopes: &[&str]) -> Self {
         Self::from_parts(
-            &PROFILES,
+            &Interner::new(0),
             Uuid::nil(),
             "test",
             "test",
@@ -395,6 +403,11 @@ impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for Princip
         Ok(parts.extensions.get::<Principal>().cloned())
     }
 }
+
+/// One interner shared by the unit tests that build principals outside a layer.
+#[cfg(test)]
+pub(crate) static TEST_PROFILES: LazyLock<Interner> =
+    LazyLock::new(|| Interner::new(MAX_INTERNED_PROFILES));
 
 #[cfg(test)]
 mod tests {
@@ -468,10 +481,10 @@ mod tests {
             "keys:verify".into(),
             "*".into(),
         ];
-        let native = Principal::from_record(&r, false);
+        let native = Principal::from_record(&r, false, &TEST_PROFILES);
         assert!(!native.is_foreign());
         assert!(native.has_scope("keys:admin") && native.has_scope("keys:self"));
-        let foreign = Principal::from_record(&r, true);
+        let foreign = Principal::from_record(&r, true, &TEST_PROFILES);
         assert!(foreign.is_foreign());
         for scope in ["keys:admin", "keys:self", "keys:verify"] {
             assert!(!foreign.has_scope(scope), "{scope}");
@@ -549,7 +562,7 @@ mod tests {
     #[test]
     fn every_accessor_round_trips() {
         for record in records() {
-            let p = Principal::from_record(&record, false);
+            let p = Principal::from_record(&record, false, &TEST_PROFILES);
             assert_eq!(p.key_id(), record.id);
             assert_eq!(p.key_name(), record.name);
             assert_eq!(p.collection(), record.collection);
@@ -568,7 +581,7 @@ mod tests {
     #[test]
     fn debug_and_json_match_the_uncompacted_struct() {
         for record in records() {
-            let p = Principal::from_record(&record, false);
+            let p = Principal::from_record(&record, false, &TEST_PROFILES);
             let old = uncompacted::from_record(&record);
             assert_eq!(format!("{p:?}"), format!("{old:?}"));
             assert_eq!(format!("{p:#?}"), format!("{old:#?}"));
@@ -585,12 +598,12 @@ mod tests {
             unreachable!()
         };
         assert_eq!(
-            Principal::from_record(a, false),
-            Principal::from_record(a, false)
+            Principal::from_record(a, false, &TEST_PROFILES),
+            Principal::from_record(a, false, &TEST_PROFILES)
         );
         assert_ne!(
-            Principal::from_record(a, false),
-            Principal::from_record(b, false)
+            Principal::from_record(a, false, &TEST_PROFILES),
+            Principal::from_record(b, false, &TEST_PROFILES)
         );
         // The name/subject split is part of the value, not just the joined text.
         let mut ab = record(5);
@@ -598,8 +611,8 @@ mod tests {
         let mut a_bc = ab.clone();
         (a_bc.name, a_bc.subject) = ("a".into(), "bc".into());
         assert_ne!(
-            Principal::from_record(&ab, false),
-            Principal::from_record(&a_bc, false)
+            Principal::from_record(&ab, false, &TEST_PROFILES),
+            Principal::from_record(&a_bc, false, &TEST_PROFILES)
         );
     }
 
@@ -609,8 +622,8 @@ mod tests {
         a.scopes = vec!["profile-test-scope".into()];
         b.scopes = a.scopes.clone();
         let (pa, pb) = (
-            Principal::from_record(&a, false),
-            Principal::from_record(&b, false),
+            Principal::from_record(&a, false, &TEST_PROFILES),
+            Principal::from_record(&b, false, &TEST_PROFILES),
         );
         assert!(Arc::ptr_eq(&pa.0.profile, &pb.0.profile));
         assert!(Arc::ptr_eq(

@@ -223,7 +223,7 @@ impl AuthRejection {
         match self.detail {
             // Nearly every rejection has a literal detail: render it once, then share it.
             Cow::Borrowed(detail) => match static_body(self.kind, detail) {
-                Some(body) => Bytes::from_static(body),
+                Some(body) => body,
                 None => self.render_body(),
             },
             Cow::Owned(_) => self.render_body(),
@@ -315,33 +315,30 @@ impl AuthRejection {
 struct StaticBody {
     kind: RejectionKind,
     detail: &'static str,
-    body: &'static [u8],
+    body: Bytes,
 }
 
-/// Slots for static bodies. Details are literals, a few dozen in all, so this fills once and is
-/// then only read (one atomic load per slot probed); each body is leaked exactly once.
+/// A memo of rendered bodies for static details: a pure function's results, shared by every
+/// layer and by `RequireScope` (which has no layer state). Details are literals, a few dozen
+/// in all, so this fills once and is then only read (one atomic load per slot probed); each
+/// body is one reference-counted buffer, cloned (not copied) into responses.
 static STATIC_BODIES: [OnceLock<StaticBody>; 256] = [const { OnceLock::new() }; 256];
 
 /// How many slots one detail may probe before it is rendered per call instead: bounds the
-/// table (and the memory leaked) if an application passes ever new `&'static` details.
+/// table if an application passes ever new `&'static` details.
 const STATIC_BODY_PROBES: usize = 16;
 
-fn static_body(kind: RejectionKind, detail: &'static str) -> Option<&'static [u8]> {
+fn static_body(kind: RejectionKind, detail: &'static str) -> Option<Bytes> {
     let start = (detail.as_ptr() as usize >> 3) ^ (detail.len() << 2) ^ kind as usize;
     for probe in 0..STATIC_BODY_PROBES {
         let slot = &STATIC_BODIES[(start + probe) % STATIC_BODIES.len()];
         let held = slot.get_or_init(|| StaticBody {
             kind,
             detail,
-            body: Box::leak(
-                AuthRejection::new(kind, detail)
-                    .render_body()
-                    .to_vec()
-                    .into_boxed_slice(),
-            ),
+            body: AuthRejection::new(kind, detail).render_body(),
         });
         if held.kind == kind && std::ptr::eq(held.detail, detail) {
-            return Some(held.body);
+            return Some(held.body.clone());
         }
     }
     None

@@ -100,31 +100,26 @@ impl UsageRecorder {
         )
     }
 
+    /// Starts the flusher on the current tokio runtime, if there is one. The layer's builder
+    /// calls this; a layer built outside a runtime starts it on its first recorded use.
+    pub(crate) fn start(self: &Arc<Self>) {
+        self.ensure_flusher();
+    }
+
     fn spawn_flusher(self: &Arc<Self>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime (a synchronous caller): uses are flushed by `flush` only.
+            // No runtime (a synchronous caller): the next use, or `flush`, will do.
             self.started.store(false, Ordering::Release);
             return;
         };
-        let weak: Weak<Self> = Arc::downgrade(self);
-        let interval = self.interval;
-        // If this task ends for any reason (its runtime shut down, even before its first
-        // poll), the guard is dropped with it and the next use starts a new flusher.
-        let restart = RestartOnDrop(weak.clone());
-        runtime.spawn(async move {
-            let _restart = restart;
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                // The layer is gone: stop. Its last uses were flushed by `flush`, if called.
-                let Some(recorder) = weak.upgrade() else { break };
-                if let Err(error) = recorder.flush().await {
-                    tracing::warn!(target: "keywarden", error = %error, "flushing key usage failed; will retry");
-                }
-            }
-        });
+        // If the worker ends for any reason (its runtime shut down, even before its first
+        // poll), the guard is dropped with it and the next use starts a new one.
+        let worker = UsageFlusher {
+            recorder: Arc::downgrade(self),
+            interval: self.interval,
+            _restart: RestartOnDrop(Arc::downgrade(self)),
+        };
+        runtime.spawn(worker.run());
     }
 
     #[cfg(test)]
@@ -188,6 +183,35 @@ fn from_nanos(nanos: i64) -> OffsetDateTime {
 
 struct RestartOnDrop(Weak<UsageRecorder>);
 
+/// The background worker that writes recorded uses to the store every interval. It runs on
+/// the tokio runtime that was current when the layer was built (or, for a layer built outside
+/// one, when it first recorded a use); it holds the recorder weakly and stops once the layer
+/// is dropped. Uses recorded since its last tick are written by
+/// [`ApiKeyLayer::flush_usage`](crate::ApiKeyLayer::flush_usage): call it at shutdown.
+struct UsageFlusher {
+    recorder: Weak<UsageRecorder>,
+    interval: Duration,
+    _restart: RestartOnDrop,
+}
+
+impl UsageFlusher {
+    async fn run(self) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            // The layer is gone: stop. Its last uses were flushed by `flush`, if called.
+            let Some(recorder) = self.recorder.upgrade() else {
+                break;
+            };
+            if let Err(error) = recorder.flush().await {
+                tracing::warn!(target: "keywarden", error = %error, "flushing key usage failed; will retry");
+            }
+        }
+    }
+}
+
 impl Drop for RestartOnDrop {
     fn drop(&mut self) {
         if let Some(recorder) = self.0.upgrade() {
@@ -204,7 +228,12 @@ mod tests {
     use crate::store::MemoryStore;
 
     fn cached(record: &crate::store::KeyRecord) -> Arc<ResolvedKey> {
-        Arc::new(ResolvedKey::new(record, false, |_| None))
+        Arc::new(ResolvedKey::new(
+            record,
+            false,
+            &crate::principal::TEST_PROFILES,
+            |_| None,
+        ))
     }
 
     fn now() -> i64 {

@@ -656,7 +656,7 @@ mod parser {
             "use crate::{cache::X, store::{A, B as C, sqlite::{D}}, self, {key::K}, verify};";
         assert_eq!(names(source), ["cache", "store", "key", "verify"]);
         assert_eq!(
-            names("use crate::{\n  layer,\n  scope::{self, RequireScope},\n};"),
+            names("use crate::{\n  layer,\n  scope::{self, RequireScopeLayer},\n};"),
             ["layer", "scope"]
         );
     }

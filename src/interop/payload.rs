@@ -173,7 +173,6 @@ impl fmt::Debug for PayloadScheme {
     }
 }
 
-#[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
 /// Columns never copied into a principal's metadata: the key material, the password hash and
 /// every reset or verification token Payload keeps on an auth collection.
 const SECRET_COLUMNS: &[&str] = &[
@@ -292,14 +291,12 @@ impl PayloadTable {
         &self.table
     }
 
-    #[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
     fn hidden(&self, column: &str) -> bool {
         SECRET_COLUMNS.contains(&column)
             || column == self.index_column
             || self.hidden_columns.iter().any(|c| c == column)
     }
 
-    #[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
     /// Maps a user row to a record: the principal is the user, its metadata the row's other
     /// fields. A disabled API key or an unverified user is a disabled record.
     pub(crate) fn record(&self, row: &Row) -> Option<KeyRecord> {

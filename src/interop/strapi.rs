@@ -199,7 +199,6 @@ impl StrapiTables {
         &self.tokens
     }
 
-    #[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
     /// Maps a token row. `None` for a token this layer must not accept at all: an admin token
     /// (Strapi 5.45+ `kind` other than `content-api`; null is a pre-5.45 content-API token).
     /// `Err` for a row that cannot be read (an unparseable expiry): fail closed.
@@ -261,7 +260,6 @@ impl StrapiTables {
     }
 }
 
-#[cfg_attr(not(feature = "interop"), allow(dead_code))] // used by the SQL stores
 /// A Strapi token type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TokenType {

@@ -11,7 +11,7 @@ use crate::cache::{CacheConfig, Identity, IdentityValue, KeyCache};
 use crate::clock::{Clock, SystemClock};
 use crate::credential::CredentialExtractor;
 use crate::key::KeyFormat;
-use crate::principal::Principal;
+use crate::principal::{Interner, Principal, MAX_INTERNED_PROFILES};
 use crate::ratelimit::{
     FailedAttemptLimit, FailureTracker, Limiters, RateLimitPolicy, RateLimiter,
 };
@@ -388,6 +388,10 @@ impl ApiKeyLayerBuilder {
             .usage_interval
             .filter(|_| !store.is_read_only())
             .map(|interval| UsageRecorder::new(store.clone(), interval));
+        if let Some(usage) = &usage {
+            // The flusher is a named worker started here, on the caller's runtime.
+            usage.start();
+        }
         let limiters = Limiters::new(self.limiter, self.default_rate_limit, self.clock.clone());
         let failures = self
             .failed_attempts
@@ -416,6 +420,7 @@ impl ApiKeyLayerBuilder {
                     collections: collections.clone(),
                     current_secret,
                     counters: counters.clone(),
+                    profiles: Interner::new(MAX_INTERNED_PROFILES),
                 },
                 credentials: CredentialCheck {
                     extractor,

@@ -1267,7 +1267,11 @@ mod tests {
     /// The caller a request with this key's principal becomes.
     async fn caller(key: &KeyRecord) -> Caller {
         let (mut parts, ()) = axum::http::Request::new(()).into_parts();
-        parts.extensions.insert(Principal::from_record(key, false));
+        parts.extensions.insert(Principal::from_record(
+            key,
+            false,
+            &crate::principal::TEST_PROFILES,
+        ));
         match Caller::from_request_parts(&mut parts, &test_manager()).await {
             Ok(caller) => caller,
             Err(err) => panic!("not a caller: {err:?}"),

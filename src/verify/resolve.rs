@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use crate::cache::{CacheHit, Identity, KeyCache, Resolution, ResolvedKey, StaleEntry};
-use crate::principal::Principal;
+use crate::principal::{Interner, Principal};
 use crate::ratelimit::Blocked;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::secret::{Digest, SecretId};
@@ -83,6 +83,9 @@ pub(crate) struct Resolver {
     /// under it.
     pub(crate) current_secret: SecretId,
     pub(crate) counters: Arc<Counters>,
+    /// The principals' shared profiles (collection, scopes, ...): owned here, dropped with
+    /// the layer.
+    pub(crate) profiles: Interner,
 }
 
 impl Resolver {
@@ -336,7 +339,7 @@ impl Resolver {
     pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<ResolvedKey> {
         // A key of a foreign collection never holds a management scope.
         let foreign = self.owns_foreign(&record.collection);
-        let mut resolved = ResolvedKey::new(record, foreign, |principal| {
+        let mut resolved = ResolvedKey::new(record, foreign, &self.profiles, |principal| {
             self.identity.as_ref().map(|map| map(principal))
         });
         resolved.collection = self
