@@ -124,6 +124,8 @@ pub struct CredentialExtractor {
     headers: Vec<HeaderName>,
     query_param: Option<Box<str>>,
     foreign_bearer: Option<KeyFormat>,
+    /// A foreign `Bearer` token (see `foreign_bearer`) counts only when nothing else does.
+    bearer_fallback: bool,
     /// Collections whose `<slug> API-Key <key>` form is matched as Payload CMS matches it.
     exact: Vec<usize>,
     /// Bearer tokens claimed in optional mode besides keywarden's own format.
@@ -137,6 +139,7 @@ impl std::fmt::Debug for CredentialExtractor {
             .field("headers", &self.headers)
             .field("query_param", &self.query_param)
             .field("foreign_bearer", &self.foreign_bearer)
+            .field("bearer_fallback", &self.bearer_fallback)
             .field("exact", &self.exact)
             .field("bearer_claims", &self.bearer_claims.len())
             .finish()
@@ -155,6 +158,7 @@ impl CredentialExtractor {
             headers: vec![X_API_KEY],
             query_param: None,
             foreign_bearer: None,
+            bearer_fallback: false,
             exact: Vec::new(),
             bearer_claims: Vec::new(),
         }
@@ -172,7 +176,8 @@ impl CredentialExtractor {
         self
     }
 
-    /// With [`ignore_foreign_bearer`](Self::ignore_foreign_bearer), also claims `Bearer`
+    /// With [`ignore_foreign_bearer`](Self::ignore_foreign_bearer) or
+    /// [`foreign_bearer_as_fallback`](Self::foreign_bearer_as_fallback), also claims `Bearer`
     /// tokens for which `claims` is true (for example Strapi API tokens).
     #[must_use]
     pub fn claim_bearer(mut self, claims: impl Fn(&[u8]) -> bool + Send + Sync + 'static) -> Self {
@@ -202,6 +207,18 @@ impl CredentialExtractor {
     #[must_use]
     pub fn ignore_foreign_bearer(mut self, format: KeyFormat) -> Self {
         self.foreign_bearer = Some(format);
+        self.bearer_fallback = false;
+        self
+    }
+
+    /// A `Bearer` token that `format` does not claim (no keywarden prefix, and no
+    /// [`claim_bearer`](Self::claim_bearer) predicate claims it) is the credential only when
+    /// the request carries no other: beside an `X-Api-Key` (or `<slug> API-Key`) key it
+    /// belongs to another authentication layer (a JWT) and is ignored, not ambiguous.
+    #[must_use]
+    pub fn foreign_bearer_as_fallback(mut self, format: KeyFormat) -> Self {
+        self.foreign_bearer = Some(format);
+        self.bearer_fallback = true;
         self
     }
 
@@ -225,14 +242,17 @@ impl CredentialExtractor {
         query: Option<&'a str>,
     ) -> Result<Option<Credential<'a>>, CredentialError> {
         let mut found: Option<Credential<'a>> = None;
+        let mut fallback: Option<&'a [u8]> = None;
 
         let mut authorization = headers.get_all(AUTHORIZATION).iter();
         if let Some(value) = authorization.next() {
             if authorization.next().is_some() {
                 return Err(CredentialError::Ambiguous);
             }
-            if let Some(credential) = self.parse_authorization(value)? {
-                merge(&mut found, credential)?;
+            match self.parse_authorization(value)? {
+                Authorization::Credential(credential) => merge(&mut found, credential)?,
+                Authorization::ForeignBearer(token) => fallback = Some(token),
+                Authorization::None => {}
             }
         }
 
@@ -269,13 +289,21 @@ impl CredentialExtractor {
                 )?;
             }
         }
+        if let (None, Some(token)) = (&found, fallback) {
+            found = Some(Credential {
+                key: validate(token)?,
+                source: CredentialSource::Bearer,
+                from_authorization: true,
+                headers: HeaderSources::None,
+            });
+        }
         Ok(found)
     }
 
     fn parse_authorization<'a>(
         &self,
         value: &'a HeaderValue,
-    ) -> Result<Option<Credential<'a>>, CredentialError> {
+    ) -> Result<Authorization<'a>, CredentialError> {
         let value = trim_ows(value.as_bytes());
         for &index in &self.exact {
             let slug = self.collections[index].as_bytes();
@@ -283,7 +311,7 @@ impl CredentialExtractor {
                 .strip_prefix(slug)
                 .and_then(|rest| rest.strip_prefix(b" API-Key "))
             {
-                return Ok(Some(Credential {
+                return Ok(Authorization::Credential(Credential {
                     key: validate(key)?,
                     source: CredentialSource::Collection(index),
                     from_authorization: true,
@@ -295,15 +323,19 @@ impl CredentialExtractor {
             if value.eq_ignore_ascii_case(b"bearer") {
                 return Err(CredentialError::Malformed("empty Bearer token"));
             }
-            return Ok(None);
+            return Ok(Authorization::None);
         };
         if scheme.eq_ignore_ascii_case(b"bearer") {
             if let Some(format) = &self.foreign_bearer {
                 if !format.claims(rest) && !self.bearer_claims.iter().any(|claims| claims(rest)) {
-                    return Ok(None);
+                    return Ok(if self.bearer_fallback {
+                        Authorization::ForeignBearer(rest)
+                    } else {
+                        Authorization::None
+                    });
                 }
             }
-            return Ok(Some(Credential {
+            return Ok(Authorization::Credential(Credential {
                 key: validate(rest)?,
                 source: CredentialSource::Bearer,
                 from_authorization: true,
@@ -314,10 +346,10 @@ impl CredentialExtractor {
             if rest.eq_ignore_ascii_case(b"api-key") {
                 return Err(CredentialError::Malformed("empty key after API-Key"));
             }
-            return Ok(None);
+            return Ok(Authorization::None);
         };
         if !word.eq_ignore_ascii_case(b"api-key") {
-            return Ok(None);
+            return Ok(Authorization::None);
         }
         let index = self
             .collections
@@ -326,15 +358,23 @@ impl CredentialExtractor {
             .ok_or(CredentialError::UnknownCollection)?;
         if self.exact.contains(&index) {
             // Not Payload's exact spelling of its own form: Payload would not read it either.
-            return Ok(None);
+            return Ok(Authorization::None);
         }
-        Ok(Some(Credential {
+        Ok(Authorization::Credential(Credential {
             key: validate(key)?,
             source: CredentialSource::Collection(index),
             from_authorization: true,
             headers: HeaderSources::None,
         }))
     }
+}
+
+/// What the `Authorization` header holds.
+enum Authorization<'a> {
+    Credential(Credential<'a>),
+    /// A `Bearer` token that is not a keywarden key, kept in case nothing else is.
+    ForeignBearer(&'a [u8]),
+    None,
 }
 
 fn merge<'a>(

@@ -343,7 +343,7 @@ impl ApiKeyLayerBuilder {
                 extractor = extractor.exact_api_key_form(index);
             }
         }
-        if self.mode == Mode::Optional {
+        {
             let claims: Vec<_> = foreign.iter().map(|f| f.scheme.clone()).collect();
             if !claims.is_empty() {
                 extractor = extractor.claim_bearer(move |token: &[u8]| {
@@ -379,9 +379,10 @@ impl ApiKeyLayerBuilder {
             }
             extractor = extractor.query_param(param);
         }
-        if self.mode == Mode::Optional {
-            extractor = extractor.ignore_foreign_bearer(self.format.clone());
-        }
+        // One state serves both modes (`ApiKeyLayer::optional`/`required`): each reads
+        // `Bearer` tokens that are not keywarden keys its own way.
+        let optional = extractor.clone().ignore_foreign_bearer(self.format.clone());
+        let required = extractor.foreign_bearer_as_fallback(self.format.clone());
         let any_opaque = collections.iter().any(|c| c.opaque);
         let collections: Arc<[CollectionConfig]> = collections.into();
         let usage = self
@@ -423,7 +424,8 @@ impl ApiKeyLayerBuilder {
                     profiles: Interner::new(MAX_INTERNED_PROFILES),
                 },
                 credentials: CredentialCheck {
-                    extractor,
+                    required,
+                    optional,
                     format: self.format,
                     ring,
                     collections,
@@ -431,8 +433,8 @@ impl ApiKeyLayerBuilder {
                     strip: self.strip,
                 },
                 counters,
-                anonymous_passes: self.mode == Mode::Optional,
             }),
+            mode: self.mode,
         })
     }
 }

@@ -143,9 +143,52 @@ impl Collection {
 #[derive(Clone)]
 pub struct ApiKeyLayer {
     pub(crate) verifier: Arc<Verifier>,
+    mode: Mode,
 }
 
 impl ApiKeyLayer {
+    /// This layer in optional mode: requests without a credential pass with no principal.
+    /// It shares this layer's state (cache, store, limits, invalidations), so an app can put
+    /// the optional and the required form on different routes without a second cache that
+    /// would miss the other's invalidations.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use keywarden::{ApiKeyLayer, MemoryStore, SecretRing};
+    /// use axum::{routing::get, Router};
+    /// # let layer = ApiKeyLayer::builder().store(Arc::new(MemoryStore::new()))
+    /// #     .secrets(SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap())
+    /// #     .build().unwrap();
+    /// let app: Router = Router::new()
+    ///     .route("/api/items", get(|| async { "items" }))
+    ///     .route_layer(layer.clone())
+    ///     // The dashboard also takes sessions: a key is optional there.
+    ///     .merge(Router::new().route("/dashboard", get(|| async { "hi" })).route_layer(layer.optional()));
+    /// # let _ = app;
+    /// ```
+    #[must_use]
+    pub fn optional(&self) -> Self {
+        Self {
+            verifier: self.verifier.clone(),
+            mode: Mode::Optional,
+        }
+    }
+
+    /// This layer in required mode (no credential → 401), sharing its state; see
+    /// [`optional`](Self::optional).
+    #[must_use]
+    pub fn required(&self) -> Self {
+        Self {
+            verifier: self.verifier.clone(),
+            mode: Mode::Required,
+        }
+    }
+
+    /// Whether requests without a credential are rejected or passed through.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Starts a builder.
     pub fn builder() -> ApiKeyLayerBuilder {
         ApiKeyLayerBuilder::default()
@@ -258,11 +301,7 @@ impl fmt::Debug for ApiKeyLayer {
             .field("secrets", &self.verifier.credentials.ring)
             .field(
                 "mode",
-                &if self.verifier.anonymous_passes {
-                    Mode::Optional
-                } else {
-                    Mode::Required
-                },
+                &self.mode,
             )
             .field(
                 "collections",
@@ -283,7 +322,7 @@ impl<S> Layer<S> for ApiKeyLayer {
     type Service = ApiKeyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ApiKeyService::new(inner, self.verifier.clone())
+        ApiKeyService::new(inner, self.verifier.clone(), self.mode)
     }
 }
 

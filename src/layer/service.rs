@@ -8,6 +8,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::{log_rejection, ResponseFuture};
+use super::Mode;
 use crate::body::AuthBody;
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
 use crate::verify::{Presented, Verifier};
@@ -17,11 +18,16 @@ use crate::verify::{Presented, Verifier};
 pub struct ApiKeyService<S> {
     inner: S,
     verifier: Arc<Verifier>,
+    mode: Mode,
 }
 
 impl<S> ApiKeyService<S> {
-    pub(crate) fn new(inner: S, verifier: Arc<Verifier>) -> Self {
-        Self { inner, verifier }
+    pub(crate) fn new(inner: S, verifier: Arc<Verifier>, mode: Mode) -> Self {
+        Self {
+            inner,
+            verifier,
+            mode,
+        }
     }
 
     /// The inner service.
@@ -45,6 +51,7 @@ impl<S: Clone> Clone for ApiKeyService<S> {
         Self {
             inner: self.inner.clone(),
             verifier: self.verifier.clone(),
+            mode: self.mode,
         }
     }
 }
@@ -76,9 +83,10 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let verifier = &self.verifier;
         let admission = &verifier.admission;
+        let optional = self.mode == Mode::Optional;
         let presented = verifier
             .credentials
-            .prepare(req.headers(), req.uri().query());
+            .prepare(req.headers(), req.uri().query(), optional);
         let client = match presented {
             Presented::Nothing => None,
             _ => admission.client_address(req.headers(), req.extensions()),
@@ -96,7 +104,7 @@ where
                 return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
             }
             Presented::Nothing => {
-                if !verifier.anonymous_passes {
+                if !optional {
                     let rejection = AuthRejection::new(
                         RejectionKind::MissingCredentials,
                         "send an API key in the Authorization or X-Api-Key header",
@@ -132,6 +140,7 @@ where
                     req.headers(),
                     req.uri().query(),
                     req.method(),
+                    optional,
                     blocked.as_ref(),
                 )
                 .await;

@@ -33,8 +33,6 @@ pub(crate) struct Verifier {
     pub(crate) resolver: Resolver,
     pub(crate) admission: Admission,
     pub(crate) counters: Arc<Counters>,
-    /// Optional mode: a request without a credential passes with no principal.
-    pub(crate) anonymous_passes: bool,
 }
 
 /// A resolved key that passed its checks, with its rate-limit status; or why not.
@@ -69,11 +67,12 @@ impl Verifier {
         headers: &http::HeaderMap,
         query: Option<&str>,
         method: &Method,
+        optional: bool,
         blocked: Option<&crate::ratelimit::Blocked>,
     ) -> Outcome {
         let resolved = self
             .resolver
-            .resolve(&self.credentials, key.digest, headers, query, blocked)
+            .resolve(&self.credentials, key.digest, headers, query, optional, blocked)
             .await?;
         self.admission.check(&resolved, key, method)?;
         let status = self
@@ -129,7 +128,7 @@ impl Verifier {
             )
         })?;
         headers.insert(X_API_KEY, value);
-        let presented = match self.credentials.prepare(&headers, None) {
+        let presented = match self.credentials.prepare(&headers, None, false) {
             Presented::Key(presented) => presented,
             Presented::Reject(rejection) => return Err(rejection),
             Presented::Nothing => {
@@ -140,7 +139,7 @@ impl Verifier {
             }
         };
         let (resolved, _) = self
-            .outcome(&presented, &headers, None, method, None)
+            .outcome(&presented, &headers, None, method, false, None)
             .await?;
         Ok(resolved.principal.clone())
     }

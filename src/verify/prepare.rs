@@ -55,7 +55,11 @@ pub(crate) struct MissDigests {
 
 /// Turns request headers into a [`Presented`] key: extraction, format, digest.
 pub(crate) struct CredentialCheck {
-    pub(crate) extractor: CredentialExtractor,
+    /// For a required layer: a `Bearer` token that is not a keywarden key is the credential
+    /// only when there is no other.
+    pub(crate) required: CredentialExtractor,
+    /// For an optional layer: such a token is always left to another layer.
+    pub(crate) optional: CredentialExtractor,
     pub(crate) format: KeyFormat,
     pub(crate) ring: SecretRing,
     pub(crate) collections: Arc<[CollectionConfig]>,
@@ -65,9 +69,22 @@ pub(crate) struct CredentialCheck {
 }
 
 impl CredentialCheck {
+    fn extractor(&self, optional: bool) -> &CredentialExtractor {
+        if optional {
+            &self.optional
+        } else {
+            &self.required
+        }
+    }
+
     /// Extracts, format-checks and digests the credential. No allocation, no I/O.
-    pub(crate) fn prepare(&self, headers: &HeaderMap, query: Option<&str>) -> Presented {
-        let credential = match self.extractor.extract(headers, query) {
+    pub(crate) fn prepare(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        optional: bool,
+    ) -> Presented {
+        let credential = match self.extractor(optional).extract(headers, query) {
             Ok(Some(credential)) => credential,
             Ok(None) => return Presented::Nothing,
             Err(error) => return Presented::Reject(credential_rejection(error)),
@@ -109,11 +126,12 @@ impl CredentialCheck {
         headers: &HeaderMap,
         query: Option<&str>,
         foreign: &[ForeignCollection],
+        optional: bool,
     ) -> MissDigests {
         if !self.ring.has_previous() && foreign.is_empty() {
             return MissDigests::default();
         }
-        let Ok(Some(credential)) = self.extractor.extract(headers, query) else {
+        let Ok(Some(credential)) = self.extractor(optional).extract(headers, query) else {
             return MissDigests::default();
         };
         let key = credential.key();
@@ -140,7 +158,7 @@ impl CredentialCheck {
     /// that carried the credential are touched: a configured API-key header that is present
     /// always carried it (extraction fails otherwise), so this is every credential header.
     pub(crate) fn protect_headers(&self, headers: &mut HeaderMap, key: &PresentedKey) {
-        let names = self.extractor.header_names();
+        let names = self.required.header_names();
         let names = match key.headers {
             HeaderSources::None => &[][..],
             HeaderSources::One(index) => &names[index..=index],

@@ -137,6 +137,7 @@ impl Resolver {
         digest: Digest,
         headers: &HeaderMap,
         query: Option<&str>,
+        optional: bool,
         blocked: Option<&Blocked>,
     ) -> Result<Arc<ResolvedKey>, AuthRejection> {
         let hit = match self.cache.lookup(&digest) {
@@ -149,11 +150,11 @@ impl Resolver {
         match hit {
             Some(CacheHit::Fresh(resolution)) => found(resolution),
             Some(CacheHit::Stale(stale)) => {
-                self.refresh_stale(credentials, digest, stale, headers, query)
+                self.refresh_stale(credentials, digest, stale, headers, query, optional)
                     .await
             }
             None => {
-                let miss = credentials.miss_digests(headers, query, &self.foreign);
+                let miss = credentials.miss_digests(headers, query, &self.foreign, optional);
                 self.resolve_miss(digest, miss).await
             }
         }
@@ -168,12 +169,13 @@ impl Resolver {
         stale: StaleEntry,
         headers: &HeaderMap,
         query: Option<&str>,
+        optional: bool,
     ) -> Result<Arc<ResolvedKey>, AuthRejection> {
         if let Some(_claim) = (!self.health.is_down())
             .then(|| stale.claim_refresh())
             .flatten()
         {
-            let miss = credentials.miss_digests(headers, query, &self.foreign);
+            let miss = credentials.miss_digests(headers, query, &self.foreign, optional);
             let refreshed = self.cache.refresh(digest, self.load(digest, &miss)).await;
             if let Ok(resolution) = refreshed {
                 return found(resolution);

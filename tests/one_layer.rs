@@ -1,0 +1,89 @@
+//! One layer's state serves every route: `layer.optional()` and `layer.required()` share the
+//! cache and see each other's invalidations; and one rule, in both modes, for a `Bearer` token
+//! that is not a keywarden key beside a keywarden key (issue 20, items 1 and 7).
+
+mod support;
+
+use axum::routing::get;
+use axum::Router;
+use keywarden::{Mode, NewKey, Principal};
+use support::{get_with, Fixture};
+
+/// `/api` needs a key; `/dashboard` also serves visitors without one.
+fn app(fx: &Fixture) -> Router {
+    let api = Router::new()
+        .route("/api", get(|p: Principal| async move { p.subject().to_owned() }))
+        .route_layer(fx.layer.required());
+    let dashboard = Router::new()
+        .route(
+            "/dashboard",
+            get(|p: Option<Principal>| async move {
+                p.map_or("visitor".to_owned(), |p| p.subject().to_owned())
+            }),
+        )
+        .route_layer(fx.layer.optional());
+    api.merge(dashboard)
+}
+
+#[tokio::test]
+async fn optional_and_required_views_share_one_cache_and_its_invalidations() {
+    let fx = Fixture::new();
+    assert_eq!(fx.layer.mode(), Mode::Required);
+    assert_eq!(fx.layer.optional().mode(), Mode::Optional);
+    assert_eq!(fx.layer.optional().required().mode(), Mode::Required);
+    let app = app(&fx);
+    let key = fx.key(NewKey::new("k", "alice")).await;
+    let header = [("x-api-key", key.key.expose().as_bytes())];
+
+    assert_eq!(get_with(&app, "/api", &header).await.text(), "alice");
+    assert_eq!(get_with(&app, "/dashboard", &header).await.text(), "alice");
+    assert_eq!(get_with(&app, "/dashboard", &[]).await.text(), "visitor");
+    assert_eq!(get_with(&app, "/api", &[]).await.code(), "missing_credentials");
+    // One cache: the second view's request was a hit of the first's fill.
+    assert_eq!(fx.layer.cached_entries().await, 1);
+
+    // Revoked through the manager of the one layer: both views reject it at once, with no
+    // `invalidates` line to forget.
+    fx.manager.revoke(key.record.id).await.unwrap();
+    assert_eq!(get_with(&app, "/api", &header).await.code(), "revoked_key");
+    assert_eq!(get_with(&app, "/dashboard", &header).await.code(), "revoked_key");
+}
+
+/// The rule: a `Bearer` token that is not a keywarden key (no keywarden prefix, not claimed by
+/// a foreign collection) belongs to another authentication layer. Beside a keywarden key it is
+/// ignored, in both modes; alone, a required layer still reads it (and rejects it as
+/// malformed), an optional one passes it on.
+#[tokio::test]
+async fn a_foreign_bearer_beside_a_key_is_ignored_in_both_modes() {
+    let fx = Fixture::new();
+    let app = app(&fx);
+    let key = fx.key(NewKey::new("k", "alice")).await;
+    let jwt = b"Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IifQ.c2lnbmF0dXJl";
+    let both = [
+        ("authorization", &jwt[..]),
+        ("x-api-key", key.key.expose().as_bytes()),
+    ];
+    for route in ["/api", "/dashboard"] {
+        let reply = get_with(&app, route, &both).await;
+        assert_eq!((reply.status.as_u16(), reply.text()), (200, "alice".into()), "{route}");
+    }
+
+    let alone = [("authorization", &jwt[..])];
+    assert_eq!(get_with(&app, "/api", &alone).await.code(), "malformed_key");
+    assert_eq!(get_with(&app, "/dashboard", &alone).await.text(), "visitor");
+
+    // Two keywarden keys that differ are still ambiguous, in both modes.
+    let other = fx.key(NewKey::new("k2", "bob")).await;
+    let bearer = format!("Bearer {}", other.key.expose());
+    let two = [
+        ("authorization", bearer.as_bytes()),
+        ("x-api-key", key.key.expose().as_bytes()),
+    ];
+    for route in ["/api", "/dashboard"] {
+        assert_eq!(
+            get_with(&app, route, &two).await.code(),
+            "ambiguous_credentials",
+            "{route}"
+        );
+    }
+}
