@@ -32,6 +32,7 @@ use moka::Expiry;
 use uuid::Uuid;
 
 use crate::principal::{Interner, Principal};
+use crate::rejection::AuthRejection;
 use crate::secret::Digest;
 use crate::store::{KeyRecord, StoreError};
 
@@ -51,7 +52,9 @@ impl<T: Clone + Send + Sync + 'static> Identity for IdentityValue<T> {
 /// Everything the request path needs about a key, computed once per cache fill.
 pub(crate) struct ResolvedKey {
     pub(crate) principal: Principal,
-    pub(crate) identity: Option<Arc<dyn Identity>>,
+    /// The application's identity for this key, or why the mapping refused it (answered on
+    /// every request of the key, like a revocation, until the entry is re-read).
+    pub(crate) identity: Option<Result<Arc<dyn Identity>, AuthRejection>>,
     // Expiry, the read-only flag and the rate limit are read from the principal.
     pub(crate) revoked: bool,
     pub(crate) disabled: bool,
@@ -70,15 +73,10 @@ impl ResolvedKey {
     /// Builds the principal once, and the application identity from it.
     /// `foreign`: the key was verified from another system's store (see
     /// [`Principal::is_foreign`]).
-    pub(crate) fn new(
-        record: &KeyRecord,
-        foreign: bool,
-        profiles: &Interner,
-        identity: impl FnOnce(&Principal) -> Option<Arc<dyn Identity>>,
-    ) -> Self {
+    pub(crate) fn new(record: &KeyRecord, foreign: bool, profiles: &Interner) -> Self {
         let principal = Principal::from_record(record, foreign, profiles);
         Self {
-            identity: identity(&principal),
+            identity: None,
             principal,
             revoked: record.revoked_at.is_some(),
             disabled: record.disabled,
@@ -681,7 +679,6 @@ mod tests {
                 &r,
                 false,
                 &crate::principal::TEST_PROFILES,
-                |_| None,
             ))),
         )
     }

@@ -46,7 +46,7 @@ pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, ApiKeyService, BuildError, Coll
 #[cfg_attr(docsrs, doc(cfg(feature = "manage-api")))]
 pub use manage::management_router;
 pub use manage::{CreatedKey, ExpiresIn, KeyManager, ManageError, NewKey};
-pub use principal::Principal;
+pub use principal::{Identity, Principal};
 pub use rejection::{AuthRejection, RejectionKind};
 pub use scope::RequireScopeLayer;
 pub use secret::{Secret, SecretRing};

@@ -404,6 +404,65 @@ impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for Princip
     }
 }
 
+/// Put into the extensions of a request an optional layer passed without a credential: a
+/// scope check that finds neither this nor a principal knows no key layer ran before it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PassedWithoutKey;
+
+/// The application's own identity type, as the layer's
+/// [`map_identity`](crate::ApiKeyLayerBuilder::map_identity) or
+/// [`try_map_identity`](crate::ApiKeyLayerBuilder::try_map_identity) made it: an axum extractor
+/// that answers keywarden's 401 `missing_credentials` when the request has no principal (an
+/// optional layer let it through without a key), so handlers written for `T` run unchanged
+/// behind either mode. `Option<Identity<T>>` takes it when present.
+///
+/// ```
+/// use keywarden::Identity;
+///
+/// #[derive(Clone)]
+/// struct Caller { tenant: String }
+///
+/// async fn handler(Identity(caller): Identity<Caller>) -> String {
+///     caller.tenant
+/// }
+/// # let _ = handler;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity<T>(pub T);
+
+impl<S: Send + Sync, T: Clone + Send + Sync + 'static> axum_core::extract::FromRequestParts<S>
+    for Identity<T>
+{
+    type Rejection = AuthRejection;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<T>()
+            .cloned()
+            .map(Identity)
+            .ok_or_else(|| {
+                AuthRejection::new(
+                    RejectionKind::MissingCredentials,
+                    "this route requires an API key",
+                )
+            })
+    }
+}
+
+impl<S: Send + Sync, T: Clone + Send + Sync + 'static>
+    axum_core::extract::OptionalFromRequestParts<S> for Identity<T>
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<T>().cloned().map(Identity))
+    }
+}
+
 /// One interner shared by the unit tests that build principals outside a layer.
 #[cfg(test)]
 pub(crate) static TEST_PROFILES: LazyLock<Interner> =

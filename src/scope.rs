@@ -1,17 +1,39 @@
-//! [`RequireScopeLayer`]: a route-level layer that requires a scope of the principal.
+//! [`RequireScopeLayer`]: a route-level layer that requires a scope of the principal, and its
+//! service [`RequireScope`].
+//!
+//! It reads the principal an [`ApiKeyLayer`](crate::ApiKeyLayer) put into the request, so it
+//! must run *after* (inside) that layer. In axum, a layer added later wraps the ones before
+//! it: add the scope with `.route_layer(..)` (or `handler.layer(..)` for one method) and the
+//! key layer with a later `.layer(..)`.
 //!
 //! ```
-//! use axum::{routing::post, Router};
-//! use keywarden::RequireScopeLayer;
+//! use std::sync::Arc;
+//! use axum::handler::Handler;
+//! use axum::{routing::get, Router};
+//! use keywarden::{ApiKeyLayer, MemoryStore, RequireScopeLayer, SecretRing};
 //!
-//! let admin: Router = Router::new()
-//!     .route("/keys", post(|| async { "created" }))
-//!     .route_layer(RequireScopeLayer::new("keys:admin"));
-//! # let _ = admin;
+//! let layer = ApiKeyLayer::builder()
+//!     .store(Arc::new(MemoryStore::new()))
+//!     .secrets(SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap())
+//!     .build()
+//!     .unwrap();
+//! let app: Router = Router::new()
+//!     // Per method, on each handler: GET needs `articles:read`, DELETE `articles:delete`.
+//!     .route(
+//!         "/articles/{id}",
+//!         get((|| async { "article" }).layer(RequireScopeLayer::new("articles:read")))
+//!             .delete((|| async { "deleted" }).layer(RequireScopeLayer::new("articles:delete"))),
+//!     )
+//!     // One scope for every method of a route.
+//!     .route("/admin", get(|| async { "admin" }).route_layer(RequireScopeLayer::new("admin")))
+//!     // Last, so outermost: every route above needs a key, and the scope checks run inside.
+//!     .layer(layer);
+//! # let _ = app;
 //! ```
-//! Place it inside (after) an [`ApiKeyLayer`](crate::ApiKeyLayer): it reads the principal the
-//! layer inserted. No principal → 401 `missing_credentials`; scope missing → 403
-//! `insufficient_scope`.
+//!
+//! No principal → 401 `missing_credentials`; scope missing → 403 `insufficient_scope`. Placed
+//! the wrong way round (no key layer ran before it), every request is a 401 whose detail says
+//! so, and an error is logged: the order is a configuration mistake, never a silent one.
 //!
 //! # Management scopes are granted only by name
 //!
@@ -32,8 +54,11 @@ use tower_service::Service;
 
 use crate::body::AuthBody;
 use crate::layer::ResponseFuture;
-use crate::principal::Principal;
+use crate::principal::{PassedWithoutKey, Principal};
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
+
+/// The detail of a scope check that no key layer ran before: a configuration error, said so.
+const MISPLACED: &str = "no API-key layer ran before this scope check: RequireScopeLayer must be inside ApiKeyLayer (in axum, `.route_layer(RequireScopeLayer::new(..))` then `.layer(api_key_layer)`, or `handler.layer(..)`)";
 
 /// Requires a scope (`*` and `prefix:*` grants count, except for the management scopes of
 /// the `keys:` namespace, which only their exact name grants; see [`Principal::has_scope`]).
@@ -105,10 +130,23 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let grpc = is_grpc(req.headers());
         let verdict = match req.extensions().get::<Principal>() {
-            None => Some(AuthRejection::new(
-                RejectionKind::MissingCredentials,
-                "this route requires an API key",
-            )),
+            None if req.extensions().get::<PassedWithoutKey>().is_some() => {
+                Some(AuthRejection::new(
+                    RejectionKind::MissingCredentials,
+                    "this route requires an API key",
+                ))
+            }
+            None => {
+                tracing::error!(
+                    target: "keywarden",
+                    scope = %self.scope,
+                    "RequireScopeLayer ran before any ApiKeyLayer: place it inside the key layer"
+                );
+                Some(AuthRejection::new(
+                    RejectionKind::MissingCredentials,
+                    MISPLACED,
+                ))
+            }
             Some(principal) if !principal.has_scope(&self.scope) => {
                 Some(AuthRejection::insufficient_scope(self.scope.to_string()))
             }

@@ -232,7 +232,6 @@ mod tests {
             record,
             false,
             &crate::principal::TEST_PROFILES,
-            |_| None,
         ))
     }
 

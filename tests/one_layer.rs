@@ -12,7 +12,10 @@ use support::{get_with, Fixture};
 /// `/api` needs a key; `/dashboard` also serves visitors without one.
 fn app(fx: &Fixture) -> Router {
     let api = Router::new()
-        .route("/api", get(|p: Principal| async move { p.subject().to_owned() }))
+        .route(
+            "/api",
+            get(|p: Principal| async move { p.subject().to_owned() }),
+        )
         .route_layer(fx.layer.required());
     let dashboard = Router::new()
         .route(
@@ -38,7 +41,10 @@ async fn optional_and_required_views_share_one_cache_and_its_invalidations() {
     assert_eq!(get_with(&app, "/api", &header).await.text(), "alice");
     assert_eq!(get_with(&app, "/dashboard", &header).await.text(), "alice");
     assert_eq!(get_with(&app, "/dashboard", &[]).await.text(), "visitor");
-    assert_eq!(get_with(&app, "/api", &[]).await.code(), "missing_credentials");
+    assert_eq!(
+        get_with(&app, "/api", &[]).await.code(),
+        "missing_credentials"
+    );
     // One cache: the second view's request was a hit of the first's fill.
     assert_eq!(fx.layer.cached_entries().await, 1);
 
@@ -46,7 +52,10 @@ async fn optional_and_required_views_share_one_cache_and_its_invalidations() {
     // `invalidates` line to forget.
     fx.manager.revoke(key.record.id).await.unwrap();
     assert_eq!(get_with(&app, "/api", &header).await.code(), "revoked_key");
-    assert_eq!(get_with(&app, "/dashboard", &header).await.code(), "revoked_key");
+    assert_eq!(
+        get_with(&app, "/dashboard", &header).await.code(),
+        "revoked_key"
+    );
 }
 
 /// The rule: a `Bearer` token that is not a keywarden key (no keywarden prefix, not claimed by
@@ -65,7 +74,11 @@ async fn a_foreign_bearer_beside_a_key_is_ignored_in_both_modes() {
     ];
     for route in ["/api", "/dashboard"] {
         let reply = get_with(&app, route, &both).await;
-        assert_eq!((reply.status.as_u16(), reply.text()), (200, "alice".into()), "{route}");
+        assert_eq!(
+            (reply.status.as_u16(), reply.text()),
+            (200, "alice".into()),
+            "{route}"
+        );
     }
 
     let alone = [("authorization", &jwt[..])];
@@ -86,4 +99,129 @@ async fn a_foreign_bearer_beside_a_key_is_ignored_in_both_modes() {
             "{route}"
         );
     }
+}
+
+/// The application's own identity type, mapped asynchronously and fallibly; its extractor
+/// answers keywarden's 401 behind an optional layer rather than axum's 500 (issue 20, item 4).
+#[tokio::test]
+async fn a_fallible_async_identity_mapping_and_its_extractor() {
+    use keywarden::{AuthRejection, Identity, RejectionKind};
+
+    #[derive(Clone)]
+    struct Caller {
+        tenant: String,
+    }
+
+    let fx = Fixture::with(|b| {
+        b.try_map_identity(|principal: Principal| async move {
+            // A lookup the mapping waits for.
+            tokio::task::yield_now().await;
+            if principal.subject() == "suspended" {
+                return Err(AuthRejection::new(
+                    RejectionKind::RevokedKey,
+                    "the tenant is suspended",
+                ));
+            }
+            Ok(Caller {
+                tenant: format!("tenant-{}", principal.subject()),
+            })
+        })
+    });
+    let handler = get(|Identity(caller): Identity<Caller>| async move { caller.tenant });
+    let app = Router::new()
+        .route("/api", handler.clone())
+        .route_layer(fx.layer.required())
+        .merge(
+            Router::new()
+                .route("/open", handler)
+                .route_layer(fx.layer.optional()),
+        );
+
+    let alice = fx.key(NewKey::new("k", "alice")).await;
+    let header = [("x-api-key", alice.key.expose().as_bytes())];
+    assert_eq!(get_with(&app, "/api", &header).await.text(), "tenant-alice");
+    assert_eq!(
+        get_with(&app, "/open", &header).await.text(),
+        "tenant-alice"
+    );
+
+    // No key behind the optional layer: keywarden's 401, problem+json, not a 500.
+    let reply = get_with(&app, "/open", &[]).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code()),
+        (401, "missing_credentials".into())
+    );
+
+    // The mapping refuses: the documented code it chose, on both routes, every time.
+    let suspended = fx.key(NewKey::new("k", "suspended")).await;
+    let header = [("x-api-key", suspended.key.expose().as_bytes())];
+    for route in ["/api", "/open", "/api"] {
+        let reply = get_with(&app, route, &header).await;
+        assert_eq!(reply.code(), "revoked_key", "{route}");
+        assert!(
+            reply.text().contains("the tenant is suspended"),
+            "{}",
+            reply.text()
+        );
+    }
+}
+
+/// Scopes per method with `handler.layer(..)`, as the `scope` module shows; and a scope layer
+/// placed outside the key layer says so instead of answering a valid admin key with a bare
+/// "requires an API key" (issue 20, item 5).
+#[tokio::test]
+async fn per_method_scopes_and_a_misplaced_scope_layer() {
+    use axum::handler::Handler;
+    use keywarden::RequireScopeLayer;
+
+    let fx = Fixture::new();
+    let app = Router::new()
+        .route(
+            "/articles",
+            get((|| async { "article" }).layer(RequireScopeLayer::new("articles:read")))
+                .delete((|| async { "deleted" }).layer(RequireScopeLayer::new("articles:delete"))),
+        )
+        .layer(fx.layer.clone());
+    let reader = fx
+        .key(NewKey::new("r", "alice").scope("articles:read"))
+        .await;
+    let header = [("x-api-key", reader.key.expose().as_bytes())];
+    assert_eq!(get_with(&app, "/articles", &header).await.text(), "article");
+    let req = support::request("DELETE", "/articles", &header);
+    assert_eq!(support::send(&app, req).await.code(), "insufficient_scope");
+
+    // Wrong order: the scope layer is outermost, so it runs before the key layer.
+    let misplaced = Router::new()
+        .route("/admin", get(|| async { "admin" }))
+        .layer(fx.layer.clone())
+        .layer(RequireScopeLayer::new("admin"));
+    let admin = fx.key(NewKey::new("a", "root").scope("admin")).await;
+    let reply = get_with(
+        &misplaced,
+        "/admin",
+        &[("x-api-key", admin.key.expose().as_bytes())],
+    )
+    .await;
+    assert_eq!(reply.code(), "missing_credentials");
+    assert!(
+        reply
+            .text()
+            .contains("RequireScopeLayer must be inside ApiKeyLayer"),
+        "{}",
+        reply.text()
+    );
+    // Right order behind an optional layer, no key: the plain 401.
+    let optional = Router::new()
+        .route(
+            "/admin",
+            get(|| async { "admin" }).route_layer(RequireScopeLayer::new("admin")),
+        )
+        .layer(fx.layer.optional());
+    let reply = get_with(&optional, "/admin", &[]).await;
+    assert_eq!(reply.code(), "missing_credentials");
+    assert!(
+        reply.text().contains("this route requires an API key"),
+        "{}",
+        reply.text()
+    );
 }

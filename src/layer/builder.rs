@@ -1,6 +1,7 @@
 //! [`ApiKeyLayerBuilder`]: configuration, validated once in [`build`](ApiKeyLayerBuilder::build).
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +16,14 @@ use crate::principal::{Interner, Principal, MAX_INTERNED_PROFILES};
 use crate::ratelimit::{
     FailedAttemptLimit, FailureTracker, Limiters, RateLimitPolicy, RateLimiter,
 };
+use crate::rejection::AuthRejection;
 use crate::secret::{Secret, SecretRing};
 use crate::stats::Counters;
 use crate::store::{KeyStore, NoStore};
 use crate::usage::UsageRecorder;
 use crate::verify::{
-    Admission, CollectionConfig, CredentialCheck, ForeignCollection, IdentityMapper, Resolver,
-    StoreHealth, Verifier,
+    Admission, CollectionConfig, CredentialCheck, ForeignCollection, IdentityMapper,
+    MappedIdentity, Resolver, StoreHealth, Verifier,
 };
 
 /// What [`ApiKeyLayerBuilder::build`] found wrong.
@@ -262,15 +264,64 @@ impl ApiKeyLayerBuilder {
     }
 
     /// Maps the principal to the application's own identity type, inserted into request
-    /// extensions beside the [`Principal`] so existing handlers and extractors run unchanged.
-    /// The mapping runs once per cache fill, not per request.
+    /// extensions beside the [`Principal`] so existing handlers and extractors run unchanged
+    /// (take it with [`Identity<T>`](crate::Identity), which answers keywarden's 401 when a
+    /// request has no principal). The mapping runs once per cache fill, not per request.
+    /// For a mapping that can refuse or must look something up, see
+    /// [`try_map_identity`](Self::try_map_identity).
     pub fn map_identity<T, F>(mut self, map: F) -> Self
     where
         T: Clone + Send + Sync + 'static,
         F: Fn(&Principal) -> T + Send + Sync + 'static,
     {
-        self.identity = Some(Arc::new(move |principal: &Principal| {
-            Arc::new(IdentityValue(map(principal))) as Arc<dyn Identity>
+        self.identity = Some(Arc::new(move |principal: Principal| {
+            let mapped: MappedIdentity = Ok(Arc::new(IdentityValue(map(&principal))));
+            Box::pin(std::future::ready(mapped))
+        }));
+        self
+    }
+
+    /// Maps the principal to the application's identity asynchronously, and may refuse it:
+    /// look up the tenant, refuse a suspended one. An `Err` is the answer to every request
+    /// with that key (build it with the code that fits, e.g.
+    /// `AuthRejection::new(RejectionKind::RevokedKey, "the tenant is suspended")`), after the
+    /// key's own checks (a revoked key still says `revoked_key`).
+    ///
+    /// Runs once per cache fill, like a store read, and under the store timeout (a mapping
+    /// that does not finish in time answers 503 `store_unavailable` and is not cached). Its
+    /// answer, either way, is cached with the key: a tenant suspended now is refused when the
+    /// entry is re-read (`cache_ttl`) or at once after
+    /// [`ApiKeyLayer::invalidate_key`](super::ApiKeyLayer::invalidate_key).
+    ///
+    /// ```
+    /// use keywarden::{ApiKeyLayer, AuthRejection, Principal, RejectionKind};
+    ///
+    /// #[derive(Clone)]
+    /// struct Tenant { id: String }
+    ///
+    /// let builder = ApiKeyLayer::builder().try_map_identity(|principal: Principal| async move {
+    ///     if principal.subject() == "suspended-tenant" {
+    ///         return Err(AuthRejection::new(RejectionKind::RevokedKey, "the tenant is suspended"));
+    ///     }
+    ///     Ok(Tenant { id: principal.subject().to_owned() })
+    /// });
+    /// # let _ = builder;
+    /// ```
+    pub fn try_map_identity<T, F, Fut>(mut self, map: F) -> Self
+    where
+        T: Clone + Send + Sync + 'static,
+        F: Fn(Principal) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, AuthRejection>> + Send + 'static,
+    {
+        let map = Arc::new(map);
+        self.identity = Some(Arc::new(move |principal: Principal| {
+            let future = map(principal);
+            Box::pin(async move {
+                let mapped: MappedIdentity = future
+                    .await
+                    .map(|value| Arc::new(IdentityValue(value)) as Arc<dyn Identity>);
+                mapped
+            })
         }));
         self
     }

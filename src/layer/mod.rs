@@ -299,10 +299,7 @@ impl fmt::Debug for ApiKeyLayer {
         f.debug_struct("ApiKeyLayer")
             .field("store", &self.verifier.resolver.store)
             .field("secrets", &self.verifier.credentials.ring)
-            .field(
-                "mode",
-                &self.mode,
-            )
+            .field("mode", &self.mode)
             .field(
                 "collections",
                 &self

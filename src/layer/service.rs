@@ -10,6 +10,7 @@ use tower_service::Service;
 use super::future::{log_rejection, ResponseFuture};
 use super::Mode;
 use crate::body::AuthBody;
+use crate::principal::PassedWithoutKey;
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
 use crate::verify::{Presented, Verifier};
 
@@ -111,6 +112,7 @@ where
                     );
                     return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
                 }
+                req.extensions_mut().insert(PassedWithoutKey);
                 return ResponseFuture::inner(self.inner.call(req), None);
             }
             Presented::Key(key) => key,

@@ -78,6 +78,9 @@ impl Admission {
                 "the key is read-only; only GET, HEAD, OPTIONS and TRACE are allowed",
             ));
         }
+        if let Some(Err(rejection)) = &resolved.identity {
+            return Err(rejection.clone());
+        }
         Ok(())
     }
 

@@ -25,7 +25,9 @@ mod resolve;
 
 pub(crate) use admit::Admission;
 pub(crate) use prepare::{CollectionConfig, CredentialCheck, Presented, PresentedKey};
-pub(crate) use resolve::{ForeignCollection, IdentityMapper, Resolver, StoreHealth};
+pub(crate) use resolve::{
+    ForeignCollection, IdentityMapper, MappedIdentity, Resolver, StoreHealth,
+};
 
 /// A layer's verification state, built once by the builder and shared by its services.
 pub(crate) struct Verifier {
@@ -72,7 +74,14 @@ impl Verifier {
     ) -> Outcome {
         let resolved = self
             .resolver
-            .resolve(&self.credentials, key.digest, headers, query, optional, blocked)
+            .resolve(
+                &self.credentials,
+                key.digest,
+                headers,
+                query,
+                optional,
+                blocked,
+            )
             .await?;
         self.admission.check(&resolved, key, method)?;
         let status = self
@@ -107,7 +116,7 @@ impl Verifier {
         self.admission.record_use(&resolved);
         self.credentials.protect_headers(req.headers_mut(), key);
         let extensions = req.extensions_mut();
-        if let Some(identity) = &resolved.identity {
+        if let Some(Ok(identity)) = &resolved.identity {
             identity.insert_into(extensions);
         }
         extensions.insert(resolved.principal.clone());

@@ -2,6 +2,8 @@
 //! the store (one query per miss, shared by concurrent misses), the store's health, lazy
 //! re-digesting under the current secret, and the foreign collections.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +20,12 @@ use crate::store::{ForeignScheme, ForeignSource, KeyRecord, KeyStore, StoreError
 
 use super::prepare::{CollectionConfig, CredentialCheck, MissDigests};
 
-/// Maps a principal to the application's own identity type.
-pub(crate) type IdentityMapper = Arc<dyn Fn(&Principal) -> Arc<dyn Identity> + Send + Sync>;
+/// What an identity mapping returns: the application's identity, or the rejection to answer.
+pub(crate) type MappedIdentity = Result<Arc<dyn Identity>, AuthRejection>;
+
+/// Maps a principal to the application's own identity type, once per cache fill.
+pub(crate) type IdentityMapper =
+    Arc<dyn Fn(Principal) -> Pin<Box<dyn Future<Output = MappedIdentity> + Send>> + Send + Sync>;
 
 /// A collection whose keys another system issued: its scheme and its read-only source.
 #[derive(Clone, Debug)]
@@ -260,7 +266,7 @@ impl Resolver {
 
     async fn load(&self, digest: Digest, miss: &MissDigests) -> Result<Resolution, StoreError> {
         if let Some(record) = self.find_native(&digest).await? {
-            return Ok(Resolution::Found(self.resolved(&record)));
+            return Ok(Resolution::Found(self.resolved(&record).await?));
         }
         for &(secret_id, old) in &miss.previous {
             let Some(record) = self.find_native(&old).await? else {
@@ -268,7 +274,7 @@ impl Resolver {
             };
             self.add_current_digest(&record, secret_id, &old, &digest)
                 .await;
-            return Ok(Resolution::Found(self.resolved(&record)));
+            return Ok(Resolution::Found(self.resolved(&record).await?));
         }
         self.load_foreign(miss).await
     }
@@ -281,7 +287,7 @@ impl Resolver {
             let found = self.store_call(collection.source.find(digests));
             if let Some(mut record) = found.await? {
                 record.collection = collection.slug.to_string();
-                return Ok(Resolution::Found(self.resolved(&record)));
+                return Ok(Resolution::Found(self.resolved(&record).await?));
             }
         }
         Ok(Resolution::Missing)
@@ -338,12 +344,26 @@ impl Resolver {
 
     /// What the request path needs about a key: built once per cache fill, so that a hit
     /// compares no strings.
-    pub(crate) fn resolved(&self, record: &KeyRecord) -> Arc<ResolvedKey> {
+    /// The application's identity mapping runs here, under the store timeout: a mapping that
+    /// does not finish in time is a store timeout (503, not cached).
+    pub(crate) async fn resolved(
+        &self,
+        record: &KeyRecord,
+    ) -> Result<Arc<ResolvedKey>, StoreError> {
         // A key of a foreign collection never holds a management scope.
         let foreign = self.owns_foreign(&record.collection);
-        let mut resolved = ResolvedKey::new(record, foreign, &self.profiles, |principal| {
-            self.identity.as_ref().map(|map| map(principal))
-        });
+        let mut resolved = ResolvedKey::new(record, foreign, &self.profiles);
+        if let Some(map) = &self.identity {
+            let mapped = tokio::time::timeout(self.store_timeout, map(resolved.principal.clone()));
+            let Ok(mapped) = mapped.await else {
+                bump(&self.counters.store_timeouts);
+                return Err(StoreError::new(
+                    StoreErrorKind::Timeout,
+                    "the identity mapping did not finish within the store timeout",
+                ));
+            };
+            resolved.identity = Some(mapped);
+        }
         resolved.collection = self
             .collections
             .iter()
@@ -351,7 +371,7 @@ impl Resolver {
             .and_then(|index| u32::try_from(index).ok());
         // A foreign store is never written to.
         resolved.tracks_usage = !foreign;
-        Arc::new(resolved)
+        Ok(Arc::new(resolved))
     }
 }
 
