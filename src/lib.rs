@@ -39,6 +39,7 @@ pub mod demo;
 pub mod interop;
 pub mod invalidation;
 pub mod manage;
+pub mod testing;
 
 // What the first README example names.
 pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, ApiKeyService, BuildError, Collection, Mode};

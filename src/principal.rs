@@ -61,7 +61,7 @@ struct Compact {
 }
 
 /// The fields with few distinct values across keys, shared through the layer's [`Interner`].
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Profile {
     collection: Box<str>,
     environment: Box<str>,
@@ -401,6 +401,140 @@ impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for Princip
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
         Ok(parts.extensions.get::<Principal>().cloned())
+    }
+}
+
+/// Builds a [`Principal`] by hand, for unit tests of code that takes one (an identity mapping,
+/// a handler, an authorization rule) and for tools. A principal built here was verified by
+/// nothing: never put one into a request that a real layer should have authenticated.
+/// [`keywarden::testing`](crate::testing) re-exports it.
+///
+/// ```
+/// use keywarden::testing::PrincipalBuilder;
+///
+/// let principal = PrincipalBuilder::new("alice")
+///     .collection("customers")
+///     .scopes(["articles:read", "articles:write"])
+///     .build();
+/// assert_eq!(principal.subject(), "alice");
+/// assert!(principal.has_scope("articles:read"));
+/// assert!(!principal.has_scope("keys:admin"));
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PrincipalBuilder {
+    key_id: Uuid,
+    key_name: String,
+    subject: String,
+    profile: Profile,
+    metadata: serde_json::Value,
+    expires_at: Option<OffsetDateTime>,
+}
+
+impl PrincipalBuilder {
+    /// A principal of `subject`: collection `users`, owner kind `user`, environment `test`,
+    /// no scopes, a random key id, key name `test`, no metadata, no expiry.
+    pub fn new(subject: impl Into<String>) -> Self {
+        Self {
+            key_id: Uuid::now_v7(),
+            key_name: "test".to_owned(),
+            subject: subject.into(),
+            profile: Profile {
+                collection: "users".into(),
+                environment: "test".into(),
+                scopes: Box::new([]),
+                owner_kind: OwnerKind::User,
+                read_only: false,
+                rate_limit: None,
+                foreign: false,
+            },
+            metadata: serde_json::Value::Null,
+            expires_at: None,
+        }
+    }
+
+    /// The key id.
+    pub fn key_id(mut self, id: Uuid) -> Self {
+        self.key_id = id;
+        self
+    }
+
+    /// The key's name.
+    pub fn key_name(mut self, name: impl Into<String>) -> Self {
+        self.key_name = name.into();
+        self
+    }
+
+    /// The collection.
+    pub fn collection(mut self, collection: &str) -> Self {
+        self.profile.collection = collection.into();
+        self
+    }
+
+    /// The environment (`live`, `test`, ...).
+    pub fn environment(mut self, environment: &str) -> Self {
+        self.profile.environment = environment.into();
+        self
+    }
+
+    /// The scopes, replacing any given before.
+    pub fn scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.profile.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Who owns the key.
+    pub fn owner_kind(mut self, kind: OwnerKind) -> Self {
+        self.profile.owner_kind = kind;
+        self
+    }
+
+    /// A read-only key.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.profile.read_only = read_only;
+        self
+    }
+
+    /// The key's own rate limit.
+    pub fn rate_limit(mut self, policy: RateLimitPolicy) -> Self {
+        self.profile.rate_limit = Some(policy);
+        self
+    }
+
+    /// The key's metadata.
+    pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// When the key expires.
+    pub fn expires_at(mut self, at: OffsetDateTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// A principal of another system's key (Payload, Strapi): it never holds a management
+    /// scope, whatever its scopes say.
+    pub fn foreign(mut self, foreign: bool) -> Self {
+        self.profile.foreign = foreign;
+        self
+    }
+
+    /// The principal.
+    pub fn build(self) -> Principal {
+        Principal::from_parts(
+            &Interner::new(0),
+            self.key_id,
+            &self.key_name,
+            &self.subject,
+            self.profile,
+            &self.metadata,
+            self.expires_at,
+        )
     }
 }
 

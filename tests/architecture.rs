@@ -66,7 +66,7 @@ const LAYERS: &[Row] = &[
     Row {
         name: "plug-ins",
         modules: &["interop", "invalidation", "manage", "testing"],
-        allowed: &[("manage", "invalidation")],
+        allowed: &[("manage", "invalidation"), ("testing", "manage")],
     },
 ];
 

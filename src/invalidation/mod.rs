@@ -4,11 +4,11 @@
 //! deleted on one instance (or by the CLI), the others must drop it within a second:
 //!
 //! - **PostgreSQL**: a trigger on the keys table sends `NOTIFY` on every change that matters
-//!   for verification (not for usage updates); [`InvalidationListener::postgres`] listens.
+//!   for verification (not for usage updates); [`InvalidationListener::postgres`][pg] listens.
 //!   Every writer is covered, including the CLI and plain SQL.
 //! - **Redis** (any store): [`KeyManager::publishes_to`](crate::KeyManager::publishes_to) a
-//!   [`RedisBackend`](crate::redis::RedisBackend) publishes each change, and
-//!   [`InvalidationListener::redis`] subscribes.
+//!   [`RedisBackend`] publishes each change, and [`InvalidationListener::redis`][rd]
+//!   subscribes.
 //!
 //! A listener that loses its connection reconnects with backoff and then drops the whole
 //! cache, since it may have missed messages. The cache TTL stays the last line of defence.
@@ -23,6 +23,25 @@
 //! # let _ = listener;
 //! # Ok(()) }
 //! ```
+
+#![cfg_attr(feature = "postgres", doc = "[pg]: InvalidationListener::postgres")]
+#![cfg_attr(
+    not(feature = "postgres"),
+    doc = "[pg]: https://docs.rs/keywarden/latest/keywarden/invalidation/struct.InvalidationListener.html#method.postgres"
+)]
+#![cfg_attr(feature = "redis", doc = "[rd]: InvalidationListener::redis")]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "[rd]: https://docs.rs/keywarden/latest/keywarden/invalidation/struct.InvalidationListener.html#method.redis"
+)]
+#![cfg_attr(
+    feature = "redis",
+    doc = "[`RedisBackend`]: crate::redis::RedisBackend"
+)]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "[`RedisBackend`]: https://docs.rs/keywarden/latest/keywarden/redis/struct.RedisBackend.html"
+)]
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -84,8 +103,7 @@ impl Invalidation {
 #[error("publishing an invalidation failed: {0}")]
 pub struct PublishError(pub(crate) String);
 
-/// Sends invalidations to other instances (implemented by
-/// [`RedisBackend`](crate::redis::RedisBackend)).
+/// Sends invalidations to other instances (implemented by `RedisBackend`, feature `redis`).
 #[async_trait]
 pub trait InvalidationPublisher: Send + Sync + fmt::Debug + 'static {
     /// Publishes one invalidation.

@@ -192,7 +192,7 @@ impl RateLimiter {
     /// to the local limiter (fail-open) unless [`fail_closed`](Self::fail_closed) is set.
     ///
     /// Budgets are computed in a Lua script against the Redis server's clock (`TIME`), not
-    /// the instances' clocks or the layer's [`Clock`](crate::clock::Clock): instances with skewed
+    /// the instances' clocks or the layer's [`Clock`]: instances with skewed
     /// clocks agree, and a test clock does not move Redis budgets. Needs Redis 5 or later.
     /// A stored budget that is garbage or absurdly far ahead (a server clock stepped back)
     /// is repaired by the next request instead of refusing the key; every limiter key
