@@ -52,10 +52,11 @@ pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, BuildError, BuildErrorKind, Col
 #[cfg(feature = "manage-api")]
 pub use manage::management_router;
 pub use manage::{
-    parse_duration, Actor, CreatedKey, DurationParseError, ExpiresIn, KeyManager, ManageError,
-    ManageErrorKind, NewKey, RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId,
-    RevealKeyRing, RevealKeyWarning, RevealOptions, PREVIOUS_REVEAL_KEYS_ENV,
-    PREVIOUS_REVEAL_KEYS_FILE_ENV, REVEAL_KEY_ENV, REVEAL_KEY_FILE_ENV,
+    parse_duration, parse_grace, Actor, CreatedKey, CreatedKeyView, DurationParseError, ExpiresIn,
+    GraceParseError, KeyManager, KeyPageView, KeyView, ManageError, ManageErrorKind, NewKey,
+    RevealKey, RevealKeyError, RevealKeyErrorKind, RevealKeyId, RevealKeyRing, RevealKeyWarning,
+    RevealOptions, DEFAULT_GRACE, PREVIOUS_REVEAL_KEYS_ENV, PREVIOUS_REVEAL_KEYS_FILE_ENV,
+    REVEAL_KEY_ENV, REVEAL_KEY_FILE_ENV,
 };
 pub use principal::Principal;
 pub use ratelimit::{
