@@ -36,16 +36,16 @@ use std::time::Duration as StdDuration;
 use clap::error::ErrorKind;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use keywarden::{
-    demo_layer_builder, demo_router, parse_duration, Actor, CreatedKey, DurationParseError,
-    ExpiresIn, InvalidationListener, KeyManager, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState,
-    KeyStore, ManageError, ManageErrorKind, NewKey, OwnerKind, PostgresStore, RateLimitPolicy,
-    RateLimiter, RedisBackend, RevealKeyError, RevealKeyRing, RevealOptions, Secret, SecretError,
-    SecretId, SecretRetirement, SecretRing, SqliteStore, StoreError, UnmigratedKeys,
-    PREVIOUS_SECRETS_ENV, SECRET_ENV,
+    demo_layer_builder, demo_router, parse_grace, Actor, CreatedKey, CreatedKeyView, ExpiresIn,
+    GraceParseError, InvalidationListener, KeyManager, KeyPage, KeyPageView, KeyPatch, KeyQuery,
+    KeyRecord, KeyState, KeyStore, KeyView, ManageError, ManageErrorKind, NewKey, OwnerKind,
+    PostgresStore, RateLimitPolicy, RateLimiter, RedisBackend, RevealKeyError, RevealKeyRing,
+    RevealOptions, Secret, SecretError, SecretId, SecretRetirement, SecretRing, SqliteStore,
+    StoreError, UnmigratedKeys, DEFAULT_GRACE, PREVIOUS_SECRETS_ENV, SECRET_ENV,
 };
+use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::Connection;
-use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
@@ -124,9 +124,9 @@ enum KeysCommand {
         /// Key id.
         #[arg(value_parser = parse_id)]
         id: Uuid,
-        /// How long the old key keeps working (`0` ends it now).
-        #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_grace)]
-        grace: Duration,
+        /// How long the old key keeps working (`0` ends it now) [default: 24h].
+        #[arg(long, value_name = "DURATION", value_parser = parse_grace_arg)]
+        grace: Option<Duration>,
     },
     /// Delete a key and its record.
     Delete {
@@ -558,10 +558,15 @@ struct Output {
 
 impl Output {
     fn print_json(self, value: &Value) {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-        );
+        self.print(value);
+    }
+
+    /// Pretty JSON on stdout.
+    fn print(self, value: &impl Serialize) {
+        match serde_json::to_string_pretty(value) {
+            Ok(text) => println!("{text}"),
+            Err(error) => eprintln!("error: cannot print JSON: {error}"),
+        }
     }
 }
 
@@ -643,14 +648,9 @@ fn parse_secret_id(text: &str) -> Result<SecretId, String> {
         .map_err(|_| "not a secret id (16 hex digits)".to_owned())
 }
 
-fn parse_grace(text: &str) -> Result<Duration, DurationParseError> {
-    let text = text.trim();
-    // Zero in any unit (`0`, `0s`, `00h`) ends the old key now; otherwise a positive duration.
-    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    if text == "none" || (!digits.is_empty() && digits.bytes().all(|b| b == b'0')) {
-        return Ok(Duration::ZERO);
-    }
-    parse_duration(text)
+/// The library's grace rule, as the HTTP API applies it; no option is [`DEFAULT_GRACE`].
+fn parse_grace_arg(text: &str) -> Result<Duration, GraceParseError> {
+    parse_grace(Some(text))
 }
 
 fn secret_generate(out: Output) {
@@ -861,7 +861,7 @@ async fn keys(manager: &KeyManager, command: KeysCommand, out: Output) -> Result
             }
         }
         KeysCommand::Rotate { id, grace } => {
-            let created = manager.rotate(id, grace).await?;
+            let created = manager.rotate(id, grace.unwrap_or(DEFAULT_GRACE)).await?;
             let old = manager.get(id).await?;
             print_created(&created, Some(&old), out);
         }
@@ -941,10 +941,6 @@ fn patch_from(args: UpdateArgs) -> Result<KeyPatch, Failure> {
     Ok(patch)
 }
 
-fn timestamp(at: OffsetDateTime) -> String {
-    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
-}
-
 fn short_time(at: Option<OffsetDateTime>, none: &str) -> String {
     let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]Z");
     match at {
@@ -956,48 +952,30 @@ fn short_time(at: Option<OffsetDateTime>, none: &str) -> String {
     }
 }
 
-/// A record as JSON: every field but the digest, the secret id and the encrypted key.
-fn record_json(record: &KeyRecord, now: OffsetDateTime) -> Value {
-    json!({
-        "id": record.id,
-        "name": record.name,
-        "description": record.description,
-        "display_start": record.display_start,
-        "collection": record.collection,
-        "subject": record.subject,
-        "owner_kind": record.owner_kind,
-        "scopes": record.scopes,
-        "environment": record.environment,
-        "read_only": record.read_only,
-        "metadata": record.metadata,
-        "rate_limit": record.rate_limit,
-        "state": record.state(now),
-        "created_at": timestamp(record.created_at),
-        "updated_at": timestamp(record.updated_at),
-        "expires_at": record.expires_at.map(timestamp),
-        "last_used_at": record.last_used_at.map(timestamp),
-        "use_count": record.use_count,
-        "revoked_at": record.revoked_at.map(timestamp),
-        "disabled": record.disabled,
-        "rotated_from": record.rotated_from,
-    })
-}
-
 fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, out: Output) {
     let record = &created.record;
     if out.json {
-        let mut value = record_json(record, OffsetDateTime::now_utc());
-        if let Value::Object(map) = &mut value {
-            map.insert("key".into(), Value::String(created.key.expose().to_owned()));
-            if let Some(old) = rotated {
-                map.insert("old_key_id".into(), json!(old.id));
-                map.insert(
-                    "old_key_expires_at".into(),
-                    json!(old.expires_at.map(timestamp)),
-                );
-            }
+        /// The old key of a rotation: the one it replaced, and when that one stops working.
+        #[derive(Serialize)]
+        struct Rotated {
+            old_key_id: Uuid,
+            #[serde(with = "time::serde::rfc3339::option")]
+            old_key_expires_at: Option<OffsetDateTime>,
         }
-        out.print_json(&value);
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            created: CreatedKeyView<'a>,
+            #[serde(flatten)]
+            rotated: Option<Rotated>,
+        }
+        out.print(&Shown {
+            created: CreatedKeyView::new(created, OffsetDateTime::now_utc()),
+            rotated: rotated.map(|old| Rotated {
+                old_key_id: old.id,
+                old_key_expires_at: old.expires_at,
+            }),
+        });
         eprintln!("warning: {ONCE_WARNING}");
         return;
     }
@@ -1031,7 +1009,7 @@ fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, out: Output)
 fn print_record(record: &KeyRecord, out: Output) {
     let now = OffsetDateTime::now_utc();
     if out.json {
-        out.print_json(&record_json(record, now));
+        out.print(&KeyView::new(record, now));
         return;
     }
     let dash = || "-".to_owned();
@@ -1093,8 +1071,7 @@ fn truncate(text: &str, max: usize) -> String {
 
 fn print_page(page: &KeyPage, now: OffsetDateTime, out: Output) {
     if out.json {
-        let items: Vec<Value> = page.items.iter().map(|r| record_json(r, now)).collect();
-        out.print_json(&json!({ "items": items, "next_cursor": page.next_cursor }));
+        out.print(&KeyPageView::new(page, now));
         return;
     }
     if page.items.is_empty() {
@@ -1175,15 +1152,6 @@ mod tests {
     fn failures_are_one_line() {
         let failure = Failure("a\nb\r\n\nc".into());
         assert_eq!(failure.to_string(), "a b c");
-    }
-
-    #[test]
-    fn grace_accepts_zero() {
-        assert_eq!(parse_grace("0").unwrap(), Duration::ZERO);
-        assert_eq!(parse_grace("0s").unwrap(), Duration::ZERO);
-        assert_eq!(parse_grace("0h").unwrap(), Duration::ZERO);
-        assert_eq!(parse_grace("24h").unwrap(), Duration::hours(24));
-        assert!(parse_grace("-1h").is_err());
     }
 
     #[test]

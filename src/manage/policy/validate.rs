@@ -59,16 +59,32 @@ pub(crate) fn check_scopes(scopes: &mut Vec<String>) -> Result<(), ManageError> 
     Ok(())
 }
 
-/// NUL cannot be stored (PostgreSQL rejects it in TEXT and JSONB): refuse it at the edge.
-fn contains_nul(value: &serde_json::Value) -> bool {
+/// Free text holds no control characters: NUL cannot be stored (PostgreSQL refuses it in TEXT
+/// and JSONB), and the others corrupt terminals and logs. One rule for the library, the CLI and
+/// the HTTP API.
+fn has_control(text: &str) -> bool {
+    text.chars().any(char::is_control)
+}
+
+/// [`has_control`] at every depth of a JSON value, member names included. serde_json caps
+/// parsed nesting at 128 levels, which bounds the recursion for submitted values.
+fn json_has_control(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
     match value {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(items) => items.iter().any(contains_nul),
-        serde_json::Value::Object(map) => {
-            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
-        }
-        _ => false,
+        Value::String(text) => has_control(text),
+        Value::Array(items) => items.iter().any(json_has_control),
+        Value::Object(members) => members
+            .iter()
+            .any(|(k, v)| has_control(k) || json_has_control(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
+}
+
+fn control_characters(field: &'static str) -> ManageError {
+    ManageError::invalid(
+        field,
+        format!("{field} must not contain control characters"),
+    )
 }
 
 fn check_description(description: &str) -> Result<(), ManageError> {
@@ -78,11 +94,8 @@ fn check_description(description: &str) -> Result<(), ManageError> {
             format!("description is longer than {MAX_DESCRIPTION} bytes"),
         ));
     }
-    if description.contains('\0') {
-        return Err(ManageError::invalid(
-            "description",
-            "description contains a NUL character",
-        ));
+    if has_control(description) {
+        return Err(control_characters("description"));
     }
     Ok(())
 }
@@ -103,11 +116,8 @@ fn check_metadata(metadata: &mut serde_json::Value) -> Result<(), ManageError> {
             format!("metadata is larger than {MAX_METADATA} bytes"),
         ));
     }
-    if contains_nul(metadata) {
-        return Err(ManageError::invalid(
-            "metadata",
-            "metadata contains a NUL character",
-        ));
+    if json_has_control(metadata) {
+        return Err(control_characters("metadata"));
     }
     Ok(())
 }
@@ -148,37 +158,75 @@ pub(crate) fn validate_patch(patch: &KeyPatch) -> Result<(), ManageError> {
     Ok(())
 }
 
-/// Control characters in free text are refused up front rather than as a store error later:
-/// Postgres refuses NUL in TEXT and JSONB. Metadata is checked at every depth, keys and values.
+/// [`validate_new`]'s and [`validate_patch`]'s control-character rule for the free text of a
+/// request, checked before the policy's other questions so a front end answers it first.
 #[cfg(feature = "manage-api")]
 pub(crate) fn check_free_text(
     description: Option<&str>,
     metadata: Option<&serde_json::Value>,
 ) -> Result<(), ManageError> {
-    use serde_json::Value;
-    fn dirty(text: &str) -> bool {
-        text.chars().any(char::is_control)
-    }
-    // serde_json caps nesting at 128 levels, which bounds the recursion.
-    fn dirty_json(value: &Value) -> bool {
-        match value {
-            Value::String(text) => dirty(text),
-            Value::Array(items) => items.iter().any(dirty_json),
-            Value::Object(members) => members.iter().any(|(k, v)| dirty(k) || dirty_json(v)),
-            Value::Null | Value::Bool(_) | Value::Number(_) => false,
-        }
-    }
-    if description.is_some_and(dirty) {
-        Err(ManageError::invalid(
-            "description",
-            "description must not contain control characters",
-        ))
-    } else if metadata.is_some_and(dirty_json) {
-        Err(ManageError::invalid(
-            "metadata",
-            "metadata must not contain control characters",
-        ))
+    if description.is_some_and(has_control) {
+        Err(control_characters("description"))
+    } else if metadata.is_some_and(json_has_control) {
+        Err(control_characters("metadata"))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One rule for every front end: the library refuses what the HTTP API refuses, with the
+    /// same message.
+    #[test]
+    fn control_characters_are_refused_in_every_free_text_field() {
+        for text in [
+            "a\0b",
+            "\u{1b}[31mred",
+            "tab\there",
+            "line\nbreak",
+            "\u{7f}",
+            "\u{85}",
+        ] {
+            let err = validate_new(NewKey::new("k", "u").description(text)).unwrap_err();
+            assert_eq!(err.field(), Some("description"), "{text:?}");
+            assert_eq!(
+                err.to_string(),
+                "description must not contain control characters"
+            );
+            let err = validate_new(
+                NewKey::new("k", "u").metadata(serde_json::json!({"a": [{"b": text}]})),
+            )
+            .unwrap_err();
+            assert_eq!(err.field(), Some("metadata"), "{text:?}");
+            assert_eq!(
+                err.to_string(),
+                "metadata must not contain control characters"
+            );
+            let err = validate_new(NewKey::new("k", "u").metadata(serde_json::json!({ text: 1 })))
+                .unwrap_err();
+            assert_eq!(err.field(), Some("metadata"), "{text:?}");
+            for field in ["name", "subject"] {
+                let new = match field {
+                    "name" => NewKey::new(text, "u"),
+                    _ => NewKey::new("k", text),
+                };
+                assert_eq!(validate_new(new).unwrap_err().field(), Some(field));
+            }
+            let patch = KeyPatch {
+                description: Some(Some(text.to_owned())),
+                ..KeyPatch::default()
+            };
+            assert_eq!(
+                validate_patch(&patch).unwrap_err().field(),
+                Some("description")
+            );
+        }
+        let clean = NewKey::new("naïve ✓", "u")
+            .description("café ✓")
+            .metadata(serde_json::json!({"ünïcode": ["fine", {"nested": "too"}]}));
+        assert!(validate_new(clean).is_ok());
     }
 }
