@@ -19,9 +19,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keywarden::{
-    demo_layer_builder, demo_router, KeyManager, KeyQuery, NewKey, SecretRing, SqliteStore,
-    SECRET_ENV, SECRET_FILE_ENV,
+    KeyManager, KeyQuery, NewKey, SecretRing, SqliteStore, SECRET_ENV, SECRET_FILE_ENV,
 };
+
+// The same demo service as `keywarden serve`: one file, private to the binary and this example.
+#[path = "../src/bin/keywarden/demo.rs"]
+mod demo;
+
+use demo::{demo_layer_builder, demo_router};
 
 const DATABASE_URL: &str = "sqlite://keywarden.db";
 const DATABASE_FILE: &str = "keywarden.db";

@@ -10,8 +10,6 @@ mod body;
 mod cache;
 mod clock;
 mod credential;
-#[cfg(feature = "manage-api")]
-mod demo;
 mod interop;
 mod invalidation;
 mod key;
@@ -35,8 +33,6 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use credential::{
     Credential, CredentialError, CredentialExtractor, CredentialSource, X_API_KEY,
 };
-#[cfg(feature = "manage-api")]
-pub use demo::{demo_layer_builder, demo_router, DEMO_COLLECTIONS};
 pub use interop::{
     is_strapi_token, DigestScheme, ForeignAlgorithm, ForeignDigest, PayloadHash, PayloadScheme,
     PayloadSchemeError, PayloadTable, StrapiScheme, StrapiSchemeError, StrapiTables,
