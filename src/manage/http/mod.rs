@@ -119,7 +119,13 @@ mod routes;
 ///
 /// A new key's `collection`, `subject`, `owner_kind` and `environment` default to the caller's.
 /// A rotation's `grace` defaults to 24 hours; `"0s"` ends the old key at once.
-pub fn management_router(manager: Arc<KeyManager>) -> Router {
+///
+/// The router needs no state of the app it is nested in: like axum's own routers it is a
+/// `Router<S>` for any app state `S`.
+pub fn management_router<S>(manager: Arc<KeyManager>) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     Router::new()
         .route("/keys", get(routes::list_keys).post(routes::create_key))
         .route(
