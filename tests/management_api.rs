@@ -2146,3 +2146,30 @@ async fn the_management_router_nests_in_an_app_with_state() {
         .unwrap();
     assert_eq!(send(&app, request).await.text(), "hi");
 }
+
+/// Issue 20, item 2: a key filed under a collection the layer does not serve would be refused
+/// as `invalid_key` wherever it is used: creating one is a 422 naming `collection`, without
+/// repeating the submitted name.
+#[tokio::test]
+async fn a_collection_the_layer_does_not_serve_is_422() {
+    let env = Env::new().await;
+    let reply = env
+        .call(
+            &env.admin.clone(),
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "k", "collection": "kw_live_pasted"})),
+        )
+        .await;
+    assert_invalid(&reply, &["collection"]);
+    assert!(!reply.text().contains("kw_live_pasted"), "{}", reply.text());
+    let reply = env
+        .call(
+            &env.admin.clone(),
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "k", "collection": "teams"})),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+}

@@ -66,8 +66,9 @@ pub struct NewKey {
     pub name: String,
     /// Optional description.
     pub description: Option<String>,
-    /// Collection (default `users`).
-    pub collection: String,
+    /// Collection; `None` (the default) files the key under the manager's
+    /// [`default_collection`](KeyManager::default_collection).
+    pub collection: Option<String>,
     /// Owner id.
     pub subject: String,
     /// Owner kind (default user).
@@ -92,7 +93,7 @@ impl NewKey {
         Self {
             name: name.into(),
             description: None,
-            collection: "users".into(),
+            collection: None,
             subject: subject.into(),
             owner_kind: OwnerKind::User,
             scopes: Vec::new(),
@@ -114,7 +115,7 @@ impl NewKey {
     /// Sets the collection.
     #[must_use]
     pub fn collection(mut self, collection: impl Into<String>) -> Self {
-        self.collection = collection.into();
+        self.collection = Some(collection.into());
         self
     }
 
@@ -206,6 +207,10 @@ pub enum ManageErrorKind {
     /// [`KeyManager::retire_secret`] refused: some keys have no digest under any other
     /// secret (see [`ManageError::unmigrated_keys`]).
     UnmigratedKeys,
+    /// [`KeyManager::create`] was asked for a collection none of the manager's layers
+    /// serves: the key would be refused as `invalid_key` wherever it is used. The field is
+    /// `collection`.
+    UnknownCollection,
 }
 
 /// A management error. Never contains key material.
@@ -423,6 +428,55 @@ impl KeyManager {
             .any(|layer| layer.foreign_issuer(collection).is_some())
     }
 
+    /// The native collections of the layers this manager invalidates, each once, in the
+    /// order configured; `None` when keys of any collection verify somewhere (no layer, or a
+    /// layer without collections).
+    fn served_collections(&self) -> Option<Vec<&str>> {
+        if self.layers.is_empty()
+            || self
+                .layers
+                .iter()
+                .any(|layer| layer.collection_slugs().next().is_none())
+        {
+            return None;
+        }
+        let mut served: Vec<&str> = Vec::new();
+        for layer in &self.layers {
+            for slug in layer.collection_slugs() {
+                if layer.foreign_issuer(slug).is_none() && !served.contains(&slug) {
+                    served.push(slug);
+                }
+            }
+        }
+        Some(served)
+    }
+
+    /// The collection of a [`NewKey`] that names none: the one native collection of the
+    /// layers this manager invalidates when they have exactly one, `users` otherwise (and for
+    /// a manager without layers, or whose layers accept any collection).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keywarden::{ApiKeyLayer, Collection, KeyManager, MemoryStore, SecretRing};
+    ///
+    /// let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+    /// let layer = ApiKeyLayer::builder()
+    ///     .store(Arc::new(MemoryStore::new()))
+    ///     .secrets(secrets.clone())
+    ///     .collection(Collection::new("customers"))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(KeyManager::for_layer(&layer).default_collection(), "customers");
+    /// let plain = KeyManager::new(Arc::new(MemoryStore::new()), secrets);
+    /// assert_eq!(plain.default_collection(), "users");
+    /// ```
+    pub fn default_collection(&self) -> &str {
+        match self.served_collections().as_deref() {
+            Some([only]) => only,
+            _ => "users",
+        }
+    }
+
     /// Also invalidates this layer's cache on changes.
     #[must_use]
     pub fn invalidates(mut self, layer: &ApiKeyLayer) -> Self {
@@ -494,36 +548,68 @@ impl KeyManager {
             .unwrap_or(now)
     }
 
-    /// Creates a key and returns its plaintext, once.
+    /// Creates a key and returns its plaintext, once. A key without a collection is filed
+    /// under the [`default_collection`](Self::default_collection).
     ///
     /// # Errors
     /// [`ManageErrorKind::Invalid`] for bad fields (with [`ManageError::field`]),
-    /// [`ManageErrorKind::Store`] if the store fails.
+    /// [`ManageErrorKind::ReadOnly`] for a foreign (Payload CMS, Strapi) collection,
+    /// [`ManageErrorKind::UnknownCollection`] for a collection none of the manager's layers
+    /// serves, [`ManageErrorKind::Store`] if the store fails.
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManageError> {
         self.create_record(new, None).await
     }
 
+    /// Stores a new key: a created one, or the successor of `rotated_from` (whose collection
+    /// is not judged again: it is the old key's).
     async fn create_record(
         &self,
         new: NewKey,
         rotated_from: Option<Uuid>,
     ) -> Result<CreatedKey, ManageError> {
         let new = validate_new(new)?;
+        let collection = new
+            .collection
+            .clone()
+            .unwrap_or_else(|| self.default_collection().to_owned());
         if let Some(issuer) = self
             .layers
             .iter()
-            .find_map(|layer| layer.foreign_issuer(&new.collection))
+            .find_map(|layer| layer.foreign_issuer(&collection))
         {
             return Err(ManageError {
                 kind: ManageErrorKind::ReadOnly,
                 field: Some("collection"),
                 message: format!(
-                    "collection `{}` holds keys issued by {issuer}; create them in {issuer}",
-                    new.collection
+                    "collection `{collection}` holds keys issued by {issuer}; create them in {issuer}"
                 ),
                 source: None,
                 unmigrated: Vec::new(),
             });
+        }
+        if rotated_from.is_none() {
+            if let Some(served) = self
+                .served_collections()
+                .filter(|served| !served.contains(&collection.as_str()))
+            {
+                // The name is submitted text (maybe a key pasted in the wrong field): never
+                // repeat it; the configured ones are safe to list.
+                return Err(ManageError {
+                    kind: ManageErrorKind::UnknownCollection,
+                    field: Some("collection"),
+                    message: format!(
+                        "no layer serves this collection, so its keys would never verify; \
+                         collections served: {}",
+                        if served.is_empty() {
+                            "none (only foreign ones)".to_owned()
+                        } else {
+                            served.join(", ")
+                        }
+                    ),
+                    source: None,
+                    unmigrated: Vec::new(),
+                });
+            }
         }
         let prefix = self
             .format
@@ -566,7 +652,7 @@ impl KeyManager {
             display_start: key.display_start(),
             name: new.name,
             description: new.description,
-            collection: new.collection,
+            collection,
             subject: new.subject,
             owner_kind: new.owner_kind,
             scopes: new.scopes,
@@ -769,7 +855,7 @@ impl KeyManager {
         let new = NewKey {
             name: old.name.clone(),
             description: old.description.clone(),
-            collection: old.collection.clone(),
+            collection: Some(old.collection.clone()),
             subject: old.subject.clone(),
             owner_kind: old.owner_kind,
             scopes: old.scopes.clone(),
@@ -1291,6 +1377,98 @@ mod tests {
             under_new,
             "the new digest became the record's"
         );
+    }
+
+    fn layer_of(collections: &[&str]) -> ApiKeyLayer {
+        let ring = SecretRing::from_strs("manager-test-secret-0123456789abcdef", None).unwrap();
+        collections
+            .iter()
+            .fold(
+                ApiKeyLayer::builder()
+                    .store(Arc::new(MemoryStore::new()))
+                    .secrets(ring),
+                |builder, slug| builder.collection(crate::layer::Collection::new(*slug)),
+            )
+            .build()
+            .unwrap()
+    }
+
+    /// Issue 20, item 2: a manager of a layer whose only collection is `customers` files new
+    /// keys there. They went to `users`, which the same layer refuses as `invalid_key`.
+    #[tokio::test]
+    async fn new_keys_default_to_the_layers_only_collection() {
+        let layer = layer_of(&["customers"]);
+        let m = KeyManager::for_layer(&layer);
+        assert_eq!(m.default_collection(), "customers");
+        let created = m.create(NewKey::new("k", "u")).await.unwrap();
+        assert_eq!(created.record.collection, "customers");
+        let principal = layer
+            .verify(created.key.expose(), &::http::Method::GET)
+            .await
+            .unwrap();
+        assert_eq!(principal.collection(), "customers");
+        // Its rotation stays there.
+        let rotated = m.rotate(created.record.id, Duration::ZERO).await.unwrap();
+        assert_eq!(rotated.record.collection, "customers");
+
+        // Several collections: `users`, as without layers.
+        let several = layer_of(&["users", "teams"]);
+        assert_eq!(
+            KeyManager::for_layer(&several).default_collection(),
+            "users"
+        );
+        let (plain, _) = manager();
+        assert_eq!(plain.default_collection(), "users");
+        let created = plain.create(NewKey::new("k", "u")).await.unwrap();
+        assert_eq!(created.record.collection, "users");
+    }
+
+    /// Issue 20, item 2: a collection none of the manager's layers serves is refused, and the
+    /// refusal does not repeat the submitted name.
+    #[tokio::test]
+    async fn a_collection_no_layer_serves_is_refused() {
+        let customers = layer_of(&["customers"]);
+        let m = KeyManager::for_layer(&customers);
+        let err = m
+            .create(NewKey::new("k", "u").collection("kw_live_pasted"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::UnknownCollection);
+        assert_eq!(err.field(), Some("collection"));
+        assert!(!err.to_string().contains("kw_live_pasted"), "{err}");
+        assert!(err.to_string().contains("customers"), "{err}");
+        let err = m
+            .create(NewKey::new("k", "u").collection("users"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::UnknownCollection);
+
+        // Neither of two collections is `users`: no guess, the default is refused.
+        let two = KeyManager::for_layer(&layer_of(&["customers", "partners"]));
+        let err = two.create(NewKey::new("k", "u")).await.unwrap_err();
+        assert_eq!(err.kind(), ManageErrorKind::UnknownCollection);
+        assert!(two
+            .create(NewKey::new("k", "u").collection("partners"))
+            .await
+            .is_ok());
+
+        // A collection served by any of the layers is fine; a layer without collections
+        // accepts every one, and so does a manager without layers.
+        let both = KeyManager::for_layer(&customers).invalidates(&layer_of(&["users"]));
+        assert!(both
+            .create(NewKey::new("k", "u").collection("users"))
+            .await
+            .is_ok());
+        let open = KeyManager::for_layer(&layer_of(&[]));
+        assert!(open
+            .create(NewKey::new("k", "u").collection("anything"))
+            .await
+            .is_ok());
+        let (plain, _) = manager();
+        assert!(plain
+            .create(NewKey::new("k", "u").collection("anything"))
+            .await
+            .is_ok());
     }
 
     async fn m_state(m: &KeyManager, id: Uuid) -> KeyState {

@@ -85,9 +85,10 @@ pub(crate) struct CreateArgs {
     /// Human-readable name.
     #[arg(long)]
     name: String,
-    /// Collection: the slug clients send in `Authorization: <slug> API-Key <key>`.
-    #[arg(long, default_value = "users")]
-    collection: String,
+    /// Collection: the slug clients send in `Authorization: <slug> API-Key <key>` [default:
+    /// users].
+    #[arg(long)]
+    collection: Option<String>,
     /// Owner id [default: the key's name].
     #[arg(long)]
     subject: Option<String>,
@@ -325,11 +326,11 @@ pub(crate) async fn keys(
         KeysCommand::Create(args) => {
             let subject = args.subject.unwrap_or_else(|| args.name.clone());
             let mut new = NewKey::new(args.name, subject)
-                .collection(args.collection)
                 .owner_kind(args.owner_kind)
                 .read_only(args.read_only)
                 .environment(args.env)
                 .expires_in(args.expires_in);
+            new.collection = args.collection;
             new.scopes = args.scopes;
             new.description = args.description;
             new.rate_limit = args.rate_limit;

@@ -93,7 +93,9 @@ impl From<ManageError> for ApiError {
                 "Key not found",
                 err.to_string(),
             ),
-            ManageErrorKind::Invalid => {
+            // A collection no layer serves is a field the client must change, like any
+            // invalid one.
+            ManageErrorKind::Invalid | ManageErrorKind::UnknownCollection => {
                 Self::invalid(err.field().unwrap_or("body"), err.to_string())
             }
             ManageErrorKind::Conflict

@@ -118,6 +118,8 @@ mod routes;
 /// - Neither scope: 403 `insufficient_scope`.
 ///
 /// A new key's `collection`, `subject`, `owner_kind` and `environment` default to the caller's.
+/// A `collection` that none of the manager's layers serves is a 422 naming `collection`
+/// (its keys would never verify).
 /// A rotation's `grace` defaults to 24 hours; `"0s"` ends the old key at once.
 ///
 /// The router needs no state of the app it is nested in: like axum's own routers it is a

@@ -799,12 +799,12 @@ mod tests {
             .unwrap();
         assert_eq!(
             (
-                new.collection.as_str(),
+                new.collection.as_deref(),
                 new.subject.as_str(),
                 new.owner_kind,
                 new.environment.as_str()
             ),
-            ("teams", "alice", OwnerKind::Team, "test")
+            (Some("teams"), "alice", OwnerKind::Team, "test")
         );
         let result = me
             .new_key(CreateRequest::default(), datetime!(2030-01-01 00:00 UTC))

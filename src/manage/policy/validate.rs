@@ -127,7 +127,9 @@ pub(crate) fn validate_new(mut new: NewKey) -> Result<NewKey, ManageError> {
     if let Some(description) = &new.description {
         check_description(description)?;
     }
-    check_token("collection", &new.collection, MAX_SLUG)?;
+    if let Some(collection) = &new.collection {
+        check_token("collection", collection, MAX_SLUG)?;
+    }
     check_text("subject", &new.subject, MAX_SUBJECT)?;
     check_scopes(&mut new.scopes)?;
     check_metadata(&mut new.metadata)?;
