@@ -97,7 +97,8 @@ mod routes;
 /// A view never holds the digest, the secret id or the encrypted key; the plaintext key is
 /// only in the 201 responses (sent with `Cache-Control: no-store`).
 ///
-/// Authorization, from the [`Principal`] the layer inserted (none: 401 `missing_credentials`).
+/// Authorization, from the [`Principal`](crate::Principal) the layer inserted (none: 401
+/// `missing_credentials`).
 /// Management scopes count only by exact name (`*`, `keys:*` and other wildcards never grant
 /// them), and never for a key of a foreign (Payload CMS, Strapi) collection:
 /// - `keys:admin` manages every key.

@@ -20,7 +20,8 @@ use crate::store::{KeyPage, KeyRecord, KeyState, OwnerKind};
 /// # let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
 /// # let manager = KeyManager::new(std::sync::Arc::new(MemoryStore::new()), secrets);
 /// let created = manager.create(NewKey::new("ci", "alice")).await.unwrap();
-/// let json = serde_json::to_value(KeyView::new(&created.record, time::OffsetDateTime::now_utc())).unwrap();
+/// let view = KeyView::new(&created.record, time::OffsetDateTime::now_utc());
+/// let json = serde_json::to_value(view).unwrap();
 /// assert_eq!(json["state"], "active");
 /// assert!(json.get("digest").is_none());
 /// # }
