@@ -72,7 +72,9 @@ impl Caller {
         self.admin
     }
 
-    pub(crate) fn owns(&self, record: &KeyRecord) -> bool {
+    /// Whether the caller may manage `record`: every key for an admin, else the keys of its
+    /// own collection and subject.
+    fn owns(&self, record: &KeyRecord) -> bool {
         self.admin
             || (record.subject == self.principal.subject()
                 && record.collection == self.principal.collection())
@@ -95,7 +97,7 @@ impl Caller {
 
     /// A `keys:self` caller grants only scopes it holds, by the rules of
     /// [`Principal::has_scope`]: holding `*` does not let it grant `keys:admin`.
-    pub(crate) fn may_grant(&self, scopes: &[String]) -> Result<(), CallerError> {
+    fn may_grant(&self, scopes: &[String]) -> Result<(), CallerError> {
         if self.admin {
             return Ok(());
         }
@@ -112,7 +114,7 @@ impl Caller {
 
     /// A `keys:self` caller names its own collection, subject, owner kind and environment
     /// or none.
-    pub(crate) fn may_own(&self, body: &CreateRequest) -> Result<(), CallerError> {
+    fn may_own(&self, body: &CreateRequest) -> Result<(), CallerError> {
         if self.admin {
             return Ok(());
         }
