@@ -19,9 +19,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keywarden::{
-    demo::demo_layer_builder, demo::demo_router, secret::SECRET_ENV, secret::SECRET_FILE_ENV,
-    store::KeyQuery, KeyManager, NewKey, SecretRing, SqliteStore,
+    secret::SECRET_ENV, secret::SECRET_FILE_ENV, store::KeyQuery, KeyManager, NewKey, SecretRing,
+    SqliteStore,
 };
+
+// The same demo service as `keywarden serve`: one file, private to the binary and this example.
+#[path = "../src/bin/keywarden/demo.rs"]
+mod demo;
+
+use demo::{demo_layer_builder, demo_router};
 
 const DATABASE_URL: &str = "sqlite://keywarden.db";
 const DATABASE_FILE: &str = "keywarden.db";

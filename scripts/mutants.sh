@@ -36,7 +36,8 @@ table=(
     "key|src/key.rs|"
     "verify|src/verify.rs|layer"
     "service|src/service.rs|layer require_scope"
-    "manage_http|src/manage/http.rs|management_api"
+    "manage_policy|src/manage/policy/*.rs|management_api management_escalation"
+    "manage_http|src/manage/http/*.rs|management_api"
     "sqlite|src/store/sqlite.rs|store_conformance"
     "postgres|src/store/postgres.rs|store_conformance (pg)"
 )

@@ -31,9 +31,6 @@ pub mod layer;
 pub mod scope;
 
 // Plug-ins: each may use the core, never the other way round.
-#[cfg(feature = "manage-api")]
-#[doc(hidden)]
-pub mod demo;
 #[cfg(feature = "interop")]
 #[cfg_attr(docsrs, doc(cfg(feature = "interop")))]
 pub mod interop;

@@ -319,7 +319,7 @@ struct StaticBody {
 }
 
 /// A memo of rendered bodies for static details: a pure function's results, shared by every
-/// layer and by `RequireScope` (which has no layer state). Details are literals, a few dozen
+/// layer and by `RequireScopeLayer` (which has no layer state). Details are literals, a few dozen
 /// in all, so this fills once and is then only read (one atomic load per slot probed); each
 /// body is one reference-counted buffer, cloned (not copied) into responses.
 static STATIC_BODIES: [OnceLock<StaticBody>; 256] = [const { OnceLock::new() }; 256];

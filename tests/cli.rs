@@ -421,6 +421,106 @@ fn errors_are_one_line_and_non_zero() {
     assert!(error.contains("SQLite"), "{error}");
 }
 
+/// Issue 13: the CLI applies the library's one management policy, as the HTTP API does:
+/// control characters in free text are refused with the API's message, a grace period parses
+/// by the API's rule (`none` and `0xyz` are errors, not zero), and `--json` prints the API's
+/// view of a key.
+#[test]
+fn the_cli_applies_the_management_apis_rules() {
+    let dir = TempDir::new("policy");
+    let secret = Some(SECRET);
+    let error = fails(
+        &dir,
+        secret,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "x",
+            "--description",
+            "a\u{1b}[31mred",
+        ],
+    );
+    assert_eq!(
+        error,
+        "error: description must not contain control characters"
+    );
+    let error = fails(
+        &dir,
+        secret,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "x",
+            "--metadata",
+            r#"{"k": "v\u0007"}"#,
+        ],
+    );
+    assert_eq!(error, "error: metadata must not contain control characters");
+    let (_, id) = create_key(&dir, &["--name", "k"]);
+    let error = fails(
+        &dir,
+        secret,
+        &["keys", "update", &id, "--description", "tab\there"],
+    );
+    assert_eq!(
+        error,
+        "error: description must not contain control characters"
+    );
+    for bad in ["none", "0xyz", "1.5h"] {
+        let error = fails(&dir, secret, &["keys", "rotate", &id, "--grace", bad]);
+        assert!(
+            error.contains("expected a duration such as 24h, 15m or 0s"),
+            "{error}"
+        );
+    }
+
+    let stdout = ok(&dir, &["keys", "rotate", &id, "--grace", "0", "--json"]);
+    assert!(stdout.starts_with("{\n  \"key\": "), "{stdout}");
+    let rotated: Value = serde_json::from_str(&stdout).unwrap();
+    let mut names: Vec<&str> = rotated
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "collection",
+            "created_at",
+            "description",
+            "disabled",
+            "display_start",
+            "environment",
+            "expires_at",
+            "id",
+            "key",
+            "last_used_at",
+            "metadata",
+            "name",
+            "old_key_expires_at",
+            "old_key_id",
+            "owner_kind",
+            "rate_limit",
+            "read_only",
+            "revoked_at",
+            "rotated_from",
+            "scopes",
+            "state",
+            "subject",
+            "updated_at",
+            "use_count",
+        ]
+    );
+    // Zero grace ended the old key at once.
+    let old = ok_json(&dir, &["keys", "show", &id, "--json"]);
+    assert_eq!(old["state"], "expired", "{old}");
+    assert_eq!(old["expires_at"], rotated["old_key_expires_at"]);
+}
+
 #[test]
 fn migrate_needs_no_secret() {
     let dir = TempDir::new("migrate");

@@ -2110,3 +2110,67 @@ async fn a_rotation_that_lost_a_race_is_a_409_and_leaves_no_key() {
         "the race was run"
     );
 }
+
+/// Issue 20, item 3: the management router nests in an app that has state of its own (it
+/// was a `Router<()>`, and this did not compile: E0308).
+#[tokio::test]
+async fn the_management_router_nests_in_an_app_with_state() {
+    #[derive(Clone)]
+    struct AppState {
+        greeting: &'static str,
+    }
+    async fn hello(axum::extract::State(state): axum::extract::State<AppState>) -> &'static str {
+        state.greeting
+    }
+    let fx = Fixture::new();
+    let manager = Arc::new(KeyManager::for_layer(&fx.layer));
+    let app: Router = Router::new()
+        .route("/hello", axum::routing::get(hello))
+        .nest("/admin", management_router(manager))
+        .layer(fx.layer.clone())
+        .with_state(AppState { greeting: "hi" });
+    let admin = fx
+        .key(NewKey::new("admin", "root").scope("keys:admin"))
+        .await;
+    let bearer = format!("Bearer {}", admin.key.expose());
+    for (uri, status) in [("/hello", 200), ("/admin/keys", 200)] {
+        let request = Request::get(uri)
+            .header("authorization", &bearer)
+            .body(Body::empty())
+            .unwrap();
+        let reply = send(&app, request).await;
+        assert_eq!(reply.status, status, "{uri}: {}", reply.text());
+    }
+    let request = Request::get("/hello")
+        .header("authorization", &bearer)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&app, request).await.text(), "hi");
+}
+
+/// Issue 20, item 2: a key filed under a collection the layer does not serve would be refused
+/// as `invalid_key` wherever it is used: creating one is a 422 naming `collection`, without
+/// repeating the submitted name.
+#[tokio::test]
+async fn a_collection_the_layer_does_not_serve_is_422() {
+    let env = Env::new().await;
+    let reply = env
+        .call(
+            &env.admin.clone(),
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "k", "collection": "kw_live_pasted"})),
+        )
+        .await;
+    assert_invalid(&reply, &["collection"]);
+    assert!(!reply.text().contains("kw_live_pasted"), "{}", reply.text());
+    let reply = env
+        .call(
+            &env.admin.clone(),
+            "POST",
+            "/admin/keys",
+            Some(json!({"name": "k", "collection": "teams"})),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+}

@@ -285,6 +285,16 @@ impl ApiKeyLayer {
         self.verifier.admission.limiters.default_policy
     }
 
+    /// The slugs of the configured collections (native and foreign), in the order they were
+    /// added. None: keys of any collection are accepted.
+    pub(crate) fn collection_slugs(&self) -> impl Iterator<Item = &str> + '_ {
+        self.verifier
+            .credentials
+            .collections
+            .iter()
+            .map(|c| &*c.slug)
+    }
+
     /// The issuer (`payload`, `strapi`) of a foreign collection; `None` for a native one.
     pub(crate) fn foreign_issuer(&self, collection: &str) -> Option<&'static str> {
         self.verifier

@@ -819,7 +819,7 @@ impl KeyManager {
     /// Best effort: a failure leaves the old ciphertext, which still opens.
     async fn reseal(&self, id: Uuid, old: &[u8], ring: &RevealKeyRing, key: &ApiKey) -> bool {
         let new = ring.seal(id, key);
-        match self.store.reseal(id, old, &new).await {
+        match self.store().reseal(id, old, &new).await {
             Ok(changed) => changed,
             Err(error) => {
                 tracing::warn!(

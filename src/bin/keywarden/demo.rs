@@ -1,39 +1,23 @@
-//! The demo service behind `keywarden serve` and the quickstart example.
+//! The demo service behind `keywarden serve` and the quickstart example (which includes this
+//! file with `#[path]`, so there is one copy).
 //!
 //! `GET /healthz` is open; `GET /whoami` and the management API under `/admin` sit behind the
 //! layer. Keys of the collections `users`, `teams` and `services` are accepted.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use keywarden::{demo::demo_layer_builder, demo::demo_router, KeyManager, MemoryStore, SecretRing};
-//!
-//! let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
-//! let layer = demo_layer_builder()
-//!     .store(Arc::new(MemoryStore::new()))
-//!     .secrets(secrets)
-//!     .build()
-//!     .unwrap();
-//! // The manager invalidates this layer's cache when a key is revoked, updated or deleted.
-//! let manager = Arc::new(KeyManager::for_layer(&layer));
-//! let app: axum::Router = demo_router(layer, manager);
-//! # let _ = app;
-//! ```
 
 use std::sync::Arc;
 
 use axum::routing::get;
 use axum::{Json, Router};
-
-use crate::layer::{ApiKeyLayer, ApiKeyLayerBuilder, Collection};
-use crate::manage::{management_router, KeyManager};
-use crate::principal::Principal;
+use keywarden::{
+    management_router, ApiKeyLayer, ApiKeyLayerBuilder, Collection, KeyManager, Principal,
+};
 
 /// The collections the demo service accepts, in the order they are configured.
-pub const DEMO_COLLECTIONS: [&str; 3] = ["users", "teams", "services"];
+pub(crate) const DEMO_COLLECTIONS: [&str; 3] = ["users", "teams", "services"];
 
 /// A layer builder with the demo collections (`users`, `teams`, `services`) configured. Add a
 /// store and secrets, then [`build`](ApiKeyLayerBuilder::build).
-pub fn demo_layer_builder() -> ApiKeyLayerBuilder {
+pub(crate) fn demo_layer_builder() -> ApiKeyLayerBuilder {
     DEMO_COLLECTIONS
         .iter()
         .fold(ApiKeyLayer::builder(), |builder, slug| {
@@ -46,7 +30,7 @@ pub fn demo_layer_builder() -> ApiKeyLayerBuilder {
 ///
 /// Build `manager` with [`KeyManager::for_layer`] so management changes reach this layer's
 /// cache at once.
-pub fn demo_router(layer: ApiKeyLayer, manager: Arc<KeyManager>) -> Router {
+pub(crate) fn demo_router(layer: ApiKeyLayer, manager: Arc<KeyManager>) -> Router {
     Router::new()
         .route("/whoami", get(whoami))
         .nest("/admin", management_router(manager))
@@ -66,11 +50,9 @@ async fn whoami(principal: Principal) -> Json<Principal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manage::NewKey;
-    use crate::secret::SecretRing;
-    use crate::store::MemoryStore;
     use axum::body::Body;
     use http::{Request, StatusCode};
+    use keywarden::{MemoryStore, NewKey, SecretRing};
     use tower::ServiceExt;
 
     fn app() -> (Router, Arc<KeyManager>) {

@@ -1,4 +1,5 @@
-//! Expiry presets and durations: `7d`, `30d`, `90d`, `unlimited`, or any `N{s,m,h,d,w}`.
+//! Expiry presets and durations: `7d`, `30d`, `90d`, `unlimited`, or any `N{s,m,h,d,w}`;
+//! RFC 3339 instants; rotation grace periods.
 
 use std::fmt;
 use std::str::FromStr;
@@ -69,6 +70,71 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationParseError> {
     Ok(Duration::seconds(seconds))
 }
 
+/// How long the old key keeps working after a rotation that names no grace period.
+pub const DEFAULT_GRACE: Duration = Duration::hours(24);
+
+/// A grace period that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected a duration such as 24h, 15m or 0s")]
+pub struct GraceParseError(());
+
+/// Parses a rotation's grace period: `None` is [`DEFAULT_GRACE`], zero in any unit (`0`,
+/// `0s`, `00h`) ends the old key at once, anything else is a [`parse_duration`].
+///
+/// ```
+/// use keywarden::{manage::parse_grace, manage::DEFAULT_GRACE};
+/// use time::Duration;
+///
+/// assert_eq!(parse_grace(None), Ok(DEFAULT_GRACE));
+/// assert_eq!(parse_grace(Some("0s")), Ok(Duration::ZERO));
+/// assert_eq!(parse_grace(Some("15m")), Ok(Duration::minutes(15)));
+/// assert!(parse_grace(Some("soon")).is_err());
+/// ```
+///
+/// # Errors
+/// [`GraceParseError`] for anything else (a negative or unitless non-zero number, an
+/// unknown unit). The error never repeats the text.
+pub fn parse_grace(text: Option<&str>) -> Result<Duration, GraceParseError> {
+    let Some(text) = text.map(str::trim) else {
+        return Ok(DEFAULT_GRACE);
+    };
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    if !number.is_empty()
+        && number.bytes().all(|b| b == b'0')
+        && matches!(unit, "" | "s" | "m" | "min" | "h" | "d" | "w")
+    {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text).map_err(|_| GraceParseError(()))
+}
+
+/// A lifetime only (a duration or `unlimited`): `None` for anything else, an absolute instant
+/// included (those are [`parse_instant`]'s).
+#[cfg(feature = "manage-api")]
+pub(crate) fn parse_lifetime(text: &str) -> Option<ExpiresIn> {
+    match text.parse::<ExpiresIn>() {
+        Ok(ExpiresIn::At(_)) | Err(_) => None,
+        Ok(lifetime) => Some(lifetime),
+    }
+}
+
+/// An RFC 3339 instant, in UTC and truncated to the microseconds stores keep (so what is
+/// shown back matches what is stored).
+#[cfg(feature = "manage-api")]
+pub(crate) fn parse_instant(text: &str) -> Option<time::OffsetDateTime> {
+    let at =
+        time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?
+            .to_offset(time::UtcOffset::UTC);
+    Some(
+        at.replace_nanosecond(at.nanosecond() / 1_000 * 1_000)
+            .unwrap_or(at),
+    )
+}
+
 impl FromStr for ExpiresIn {
     type Err = DurationParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -133,6 +199,21 @@ mod tests {
         ] {
             assert_eq!(text.parse::<ExpiresIn>().unwrap().to_string(), canonical);
         }
+    }
+
+    #[test]
+    fn grace_defaults_to_a_day_and_accepts_zero_in_any_unit() {
+        assert_eq!(parse_grace(None).unwrap(), Duration::hours(24));
+        for zero in ["0", "0s", "0h", "00m", "0min", " 0d ", "0w"] {
+            assert_eq!(parse_grace(Some(zero)).unwrap(), Duration::ZERO, "{zero}");
+        }
+        assert_eq!(parse_grace(Some("24h")).unwrap(), Duration::hours(24));
+        assert_eq!(parse_grace(Some("15m")).unwrap(), Duration::minutes(15));
+        for bad in ["-1h", "soon", "", "none", "0xyz", "0 s", "1", "1.5h"] {
+            assert!(parse_grace(Some(bad)).is_err(), "{bad}");
+        }
+        let error = parse_grace(Some("kw_live_secret")).unwrap_err().to_string();
+        assert!(!error.contains("kw_live"), "{error}");
     }
 
     #[test]

@@ -1,0 +1,353 @@
+//! Reading requests: the `{id}` segment, JSON object bodies (only under a JSON content type)
+//! and the listing's query parameters, each refused as problem+json that never repeats
+//! submitted text.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, Path, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::error::{ApiError, FieldError};
+use crate::manage::policy::{CreateRequest, PatchRequest};
+use crate::store::{KeyQuery, KeyState};
+
+/// The `{id}` path segment as a key id.
+pub(super) struct KeyId(pub(super) Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // The segment is never echoed: it may be a key pasted in the wrong place.
+        let invalid = || ApiError::invalid("id", "the key id must be a UUID");
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| invalid())?;
+        Uuid::try_parse(&raw).map(KeyId).map_err(|_| invalid())
+    }
+}
+
+/// A JSON object body, read with problem+json rejections.
+pub(super) struct JsonBody<T>(pub(super) T);
+
+/// A request body type and the names of its members: errors name only these, never a member
+/// name the client sent.
+pub(super) trait BodyFields: DeserializeOwned {
+    const FIELDS: &'static [&'static str];
+}
+
+impl<S: Send + Sync, T: BodyFields> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        read_json(req, state)
+            .await?
+            .map(JsonBody)
+            .ok_or_else(|| ApiError::bad_request("a JSON object body is required"))
+    }
+}
+
+impl<S: Send + Sync, T: BodyFields> OptionalFromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(read_json(req, state).await?.map(JsonBody))
+    }
+}
+
+/// `None` for an empty body.
+async fn read_json<S: Send + Sync, T: BodyFields>(
+    req: Request,
+    state: &S,
+) -> Result<Option<T>, ApiError> {
+    let json = is_json(req.headers());
+    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        ApiError::problem(
+            rejection.status(),
+            "invalid_request",
+            "Invalid request",
+            "the request body could not be read",
+        )
+    })?;
+    if bytes.trim_ascii().is_empty() {
+        return Ok(None);
+    }
+    if !json {
+        return Err(ApiError::bad_request(
+            "expected a body with `Content-Type: application/json`",
+        ));
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|err| {
+        // Syntax errors name a position, never the input.
+        ApiError::bad_request(format!("the body is not valid JSON: {err}"))
+    })?;
+    let Value::Object(object) = value else {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    };
+    from_object(object).map(Some)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let lower = essence.to_ascii_lowercase();
+    lower == "application/json" || (lower.starts_with("application/") && lower.ends_with("+json"))
+}
+
+/// Deserializes a body whose fields are all optional. serde stops at the first problem and
+/// does not say where, so on failure each member is tried alone to name every bad field.
+fn from_object<T: BodyFields>(object: Map<String, Value>) -> Result<T, ApiError> {
+    if let Ok(value) = serde_json::from_value(Value::Object(object.clone())) {
+        return Ok(value);
+    }
+    let mut errors: Vec<FieldError> = Vec::new();
+    for (field, value) in object {
+        let known = T::FIELDS.iter().copied().find(|known| *known == field);
+        let alone = Map::from_iter([(field, value)]);
+        if let Err(err) = serde_json::from_value::<T>(Value::Object(alone)) {
+            let error = field_error(known, &err);
+            if !errors.contains(&error) {
+                errors.push(error);
+            }
+        }
+    }
+    Err(ApiError::validation(errors))
+}
+
+/// A field error in our words: serde's messages quote the offending value, and an unknown
+/// member's name is submitted text too (maybe a key), so it becomes `body`.
+fn field_error(known: Option<&'static str>, err: &serde_json::Error) -> FieldError {
+    let text = err.to_string();
+    let Some(field) = known.filter(|_| !text.starts_with("unknown field")) else {
+        return FieldError::new("body", "unknown field");
+    };
+    // serde puts the submitted value first and the expectation last:
+    // `invalid type: string "...", expected a boolean`.
+    let message = match text.rsplit_once(", expected ") {
+        Some((_, expected)) => {
+            let expected = expected.split(" at line ").next().unwrap_or(expected);
+            format!("expected {expected}")
+        }
+        None => "invalid value".to_owned(),
+    };
+    FieldError::new(field, message)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RotateBody {
+    pub(super) grace: Option<String>,
+}
+
+impl BodyFields for RotateBody {
+    const FIELDS: &'static [&'static str] = &["grace"];
+}
+
+impl BodyFields for CreateRequest {
+    const FIELDS: &'static [&'static str] = CreateRequest::FIELDS;
+}
+
+impl BodyFields for PatchRequest {
+    const FIELDS: &'static [&'static str] = PatchRequest::FIELDS;
+}
+
+pub(super) fn list_query(
+    params: Vec<(String, String)>,
+    now: OffsetDateTime,
+) -> Result<KeyQuery, ApiError> {
+    let mut query = KeyQuery {
+        now,
+        ..KeyQuery::new()
+    };
+    let mut errors = Vec::new();
+    for (name, value) in params {
+        match name.as_str() {
+            "collection" => query.collection = Some(value),
+            "subject" => query.subject = Some(value),
+            "state" => match value.parse::<KeyState>() {
+                Ok(state) => query.state = Some(state),
+                Err(_) => errors.push(FieldError::new(
+                    "state",
+                    "expected active, expired, revoked or disabled",
+                )),
+            },
+            "after" => match Uuid::try_parse(&value) {
+                Ok(id) => query.after = Some(id),
+                Err(_) => errors.push(FieldError::new(
+                    "after",
+                    "expected a key id (the previous page's next_cursor)",
+                )),
+            },
+            "limit" => match value.parse::<u32>() {
+                Ok(limit) if (1..=KeyQuery::MAX_LIMIT).contains(&limit) => query.limit = limit,
+                _ => errors.push(FieldError::new(
+                    "limit",
+                    format!("expected a number from 1 to {}", KeyQuery::MAX_LIMIT),
+                )),
+            },
+            // The name is submitted text (maybe a key): never repeat it.
+            _ => {
+                let error = FieldError::new("query", "unknown parameter");
+                if !errors.contains(&error) {
+                    errors.push(error);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(query)
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::HeaderValue;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::manage::management_router;
+    use crate::{KeyManager, MemoryStore, Principal, SecretRing};
+
+    #[test]
+    fn only_json_media_types_are_read_as_json() {
+        let is = |value: Option<&[u8]>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_bytes(value).unwrap());
+            }
+            is_json(&headers)
+        };
+        for json in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "APPLICATION/JSON",
+            "Application/Json ; charset=utf-8",
+            "application/problem+json",
+            "application/merge-patch+json",
+            "application/vnd.api+json; ext=bulk",
+            "APPLICATION/VND.API+JSON",
+        ] {
+            assert!(is(Some(json.as_bytes())), "{json}");
+        }
+        for not_json in [
+            "application/x-www-form-urlencoded",
+            "application/xml",
+            "application/jsonp",
+            "application/json-seq",
+            "application/octet-stream",
+            "text/json",
+            "text/plain",
+            "text/plain+json",
+            "multipart/form-data; boundary=x",
+            "json",
+            "+json",
+            "",
+            "; application/json",
+        ] {
+            assert!(!is(Some(not_json.as_bytes())), "{not_json}");
+        }
+        assert!(!is(None));
+        assert!(!is(Some(b"application/json\xff")), "not visible ASCII");
+    }
+
+    async fn post_keys(content_type: Option<&str>, body: &'static str) -> (u16, Value) {
+        let secrets =
+            SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        let manager = Arc::new(KeyManager::new(Arc::new(MemoryStore::new()), secrets));
+        let mut request = axum::http::Request::post("/keys");
+        if let Some(content_type) = content_type {
+            request = request.header(CONTENT_TYPE, content_type);
+        }
+        let mut request = request.body(Body::from(body)).unwrap();
+        request
+            .extensions_mut()
+            .insert(Principal::for_tests(&["keys:admin"]));
+        let response = management_router(manager).oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// A body is parsed only under a JSON content type; anything else is a 400 that says
+    /// which type is expected, before the body is looked at.
+    #[tokio::test]
+    async fn a_body_that_is_not_declared_json_is_a_400() {
+        // `name` of the wrong type: a 422 once the body is read as JSON.
+        let body = r#"{"name": 5}"#;
+        for json in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "APPLICATION/JSON",
+            "application/problem+json",
+            "application/merge-patch+json",
+        ] {
+            let (status, problem) = post_keys(Some(json), body).await;
+            assert_eq!(status, 422, "{json}: {problem}");
+            assert_eq!(problem["code"], "validation_failed");
+        }
+        for not_json in [
+            Some("application/x-www-form-urlencoded"),
+            Some("application/xml"),
+            Some("text/plain"),
+            Some("text/plain+json"),
+            Some("text/json"),
+            Some("application/jsonp"),
+            Some(""),
+            None,
+        ] {
+            let (status, problem) = post_keys(not_json, body).await;
+            assert_eq!(status, 400, "{not_json:?}: {problem}");
+            assert_eq!(
+                problem,
+                serde_json::json!({
+                    "status": 400,
+                    "code": "invalid_request",
+                    "title": "Invalid request",
+                    "detail": "expected a body with `Content-Type: application/json`",
+                }),
+                "{not_json:?}"
+            );
+        }
+    }
+
+    /// One invalid field: the detail names it and its message; several: a summary.
+    #[tokio::test]
+    async fn validation_details_name_the_field_and_message() {
+        let (status, problem) = post_keys(Some("application/json"), r#"{"name": 5}"#).await;
+        assert_eq!(status, 422);
+        assert_eq!(problem["detail"], "name: expected a string");
+        assert_eq!(
+            problem["errors"],
+            serde_json::json!([{"field": "name", "message": "expected a string"}])
+        );
+        let (status, problem) = post_keys(
+            Some("application/json"),
+            r#"{"name": 5, "read_only": "yes"}"#,
+        )
+        .await;
+        assert_eq!(status, 422);
+        assert_eq!(problem["detail"], "the request has invalid fields");
+        assert_eq!(problem["errors"].as_array().unwrap().len(), 2, "{problem}");
+        let (status, problem) = post_keys(Some("application/json"), "[1]").await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (400, Some("invalid_request"))
+        );
+        assert_eq!(problem["detail"], "the body must be a JSON object");
+    }
+}

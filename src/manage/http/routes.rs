@@ -1,0 +1,176 @@
+//! The handlers: extract, ask the [`Caller`] policy, call the [`KeyManager`], answer with the
+//! key views.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use time::OffsetDateTime;
+
+use super::error::ApiError;
+use super::extract::{list_query, JsonBody, KeyId, RotateBody};
+use crate::manage::policy::{
+    parse_grace, Caller, CreateRequest, CreatedKeyView, KeyPageView, KeyView, PatchRequest,
+};
+use crate::manage::{CreatedKey, KeyManager, ManageError};
+use crate::store::KeyPage;
+
+type Manager = State<Arc<KeyManager>>;
+
+pub(super) async fn create_key(
+    State(manager): Manager,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateRequest>,
+) -> Result<Response, ApiError> {
+    let now = manager.now();
+    let new = caller.new_key(body, now)?;
+    let created = manager.create(new).await?;
+    Ok(created_response(&created, now))
+}
+
+pub(super) async fn list_keys(
+    State(manager): Manager,
+    caller: Caller,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let now = manager.now();
+    let page = match caller.restrict(list_query(params, now)?) {
+        Some(query) => manager.list(&query).await?,
+        // The filters can only match other owners' keys.
+        None => KeyPage {
+            items: Vec::new(),
+            next_cursor: None,
+        },
+    };
+    Ok(Json(KeyPageView::new(&page, now)).into_response())
+}
+
+pub(super) async fn get_key(
+    State(manager): Manager,
+    caller: Caller,
+    KeyId(id): KeyId,
+) -> Result<Response, ApiError> {
+    let record = caller.load(&manager, id).await?;
+    Ok(Json(KeyView::new(&record, manager.now())).into_response())
+}
+
+pub(super) async fn update_key(
+    State(manager): Manager,
+    caller: Caller,
+    KeyId(id): KeyId,
+    JsonBody(body): JsonBody<PatchRequest>,
+) -> Result<Response, ApiError> {
+    let current = caller.load(&manager, id).await?;
+    let mut patch = body.into_patch()?;
+    caller.may_patch(&current, &mut patch)?;
+    if !caller.is_admin() {
+        // `may_patch` judged `current`: write only if the key is still that version, so a
+        // concurrent change (an admin tightening it) is never undone. A lost race is a 409.
+        patch.expected_updated_at = Some(current.updated_at);
+    }
+    let record = manager.update(id, patch).await?;
+    Ok(Json(KeyView::new(&record, manager.now())).into_response())
+}
+
+pub(super) async fn revoke_key(
+    State(manager): Manager,
+    caller: Caller,
+    KeyId(id): KeyId,
+) -> Result<Response, ApiError> {
+    caller.load(&manager, id).await?;
+    let record = manager.revoke(id).await?;
+    Ok(Json(KeyView::new(&record, manager.now())).into_response())
+}
+
+pub(super) async fn rotate_key(
+    State(manager): Manager,
+    caller: Caller,
+    KeyId(id): KeyId,
+    body: Option<JsonBody<RotateBody>>,
+) -> Result<Response, ApiError> {
+    let grace = parse_grace(body.and_then(|JsonBody(b)| b.grace).as_deref())
+        .map_err(|error| ManageError::invalid("grace", error.to_string()))?;
+    let old = caller.load(&manager, id).await?;
+    caller.may_rotate(&old)?;
+    // The new key lives the old key's lifetime from now, which could pass the caller's own
+    // expiry: cap it in the same step. `may_rotate` judged `old`: a key changed since (an
+    // admin giving it more power) is a 409, not a new key with powers the caller lacks.
+    let checked = (!caller.is_admin()).then_some(old.updated_at);
+    let created = manager
+        .rotate_checked(id, grace, caller.max_expiry(), checked)
+        .await?;
+    Ok(created_response(&created, manager.now()))
+}
+
+pub(super) async fn delete_key(
+    State(manager): Manager,
+    caller: Caller,
+    KeyId(id): KeyId,
+) -> Result<StatusCode, ApiError> {
+    caller.load(&manager, id).await?;
+    manager.delete(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A 201 with the plaintext: never cached.
+fn created_response(created: &CreatedKey, now: OffsetDateTime) -> Response {
+    (
+        StatusCode::CREATED,
+        [(CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(CreatedKeyView::new(created, now)),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use serde_json::Value;
+    use time::macros::datetime;
+    use tower::ServiceExt;
+
+    use crate::manage::{management_router, ExpiresIn, NewKey};
+    use crate::{KeyManager, MemoryStore, Principal, SecretRing};
+    use std::sync::Arc;
+
+    /// Listings judge a key's state by the manager's clock, not the system's.
+    #[tokio::test]
+    async fn listing_states_follow_the_managers_clock() {
+        let clock = crate::clock::ManualClock::new(datetime!(2030-01-01 00:00 UTC));
+        let secrets =
+            SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+        let manager = Arc::new(
+            KeyManager::new(Arc::new(MemoryStore::new()), secrets)
+                .with_clock(Arc::new(clock.clone())),
+        );
+        let created = manager
+            .create(
+                NewKey::new("k", "test").expires_in(ExpiresIn::At(datetime!(2030-01-02 00:00 UTC))),
+            )
+            .await
+            .unwrap();
+        clock.advance(time::Duration::days(2));
+        let mut request = axum::http::Request::get("/keys?state=expired")
+            .body(Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(Principal::for_tests(&["keys:admin"]));
+        let response = management_router(manager).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let list: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            list["items"][0]["id"],
+            created.record.id.to_string(),
+            "{list}"
+        );
+        assert_eq!(list["items"][0]["state"], "expired");
+    }
+}

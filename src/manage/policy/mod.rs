@@ -1,0 +1,21 @@
+//! The one management policy both front ends (the HTTP API and the `keywarden` CLI) call:
+//! what a key's fields may hold, how durations, expiries and grace periods parse, how a key
+//! is shown as JSON, and what a `keys:admin` or `keys:self` caller may do.
+
+#[cfg(feature = "manage-api")]
+mod caller;
+mod expiry;
+#[cfg(feature = "manage-api")]
+mod request;
+mod validate;
+mod view;
+
+#[cfg(feature = "manage-api")]
+pub(crate) use caller::{Caller, CallerError, ADMIN_SCOPE};
+pub use expiry::{
+    parse_duration, parse_grace, DurationParseError, ExpiresIn, GraceParseError, DEFAULT_GRACE,
+};
+#[cfg(feature = "manage-api")]
+pub(crate) use request::{CreateRequest, PatchRequest};
+pub(crate) use validate::{validate_new, validate_patch};
+pub use view::{CreatedKeyView, KeyPageView, KeyView};

@@ -1,0 +1,161 @@
+//! A key as the management front ends show it: one JSON view for the HTTP API and the CLI's
+//! `--json` output.
+
+use serde::Serialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::manage::CreatedKey;
+use crate::ratelimit::RateLimitPolicy;
+use crate::store::{KeyPage, KeyRecord, KeyState, OwnerKind};
+
+/// A key as JSON: every field of its [`KeyRecord`] but the digest, the secret id and the
+/// encrypted key, plus its `state` at the time of the view. Timestamps are RFC 3339.
+///
+/// ```
+/// use keywarden::{manage::KeyView, MemoryStore, KeyManager, NewKey, SecretRing};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// # let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+/// # let manager = KeyManager::new(std::sync::Arc::new(MemoryStore::new()), secrets);
+/// let created = manager.create(NewKey::new("ci", "alice")).await.unwrap();
+/// let view = KeyView::new(&created.record, time::OffsetDateTime::now_utc());
+/// let json = serde_json::to_value(view).unwrap();
+/// assert_eq!(json["state"], "active");
+/// assert!(json.get("digest").is_none());
+/// # }
+/// ```
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyView<'a> {
+    id: Uuid,
+    name: &'a str,
+    description: Option<&'a str>,
+    display_start: &'a str,
+    collection: &'a str,
+    subject: &'a str,
+    owner_kind: OwnerKind,
+    scopes: &'a [String],
+    environment: &'a str,
+    read_only: bool,
+    metadata: &'a Value,
+    rate_limit: Option<RateLimitPolicy>,
+    state: KeyState,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    last_used_at: Option<OffsetDateTime>,
+    use_count: u64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    revoked_at: Option<OffsetDateTime>,
+    disabled: bool,
+    rotated_from: Option<Uuid>,
+}
+
+impl<'a> KeyView<'a> {
+    /// The view of `record`, its state judged at `now`.
+    pub fn new(record: &'a KeyRecord, now: OffsetDateTime) -> Self {
+        Self {
+            id: record.id,
+            name: &record.name,
+            description: record.description.as_deref(),
+            display_start: &record.display_start,
+            collection: &record.collection,
+            subject: &record.subject,
+            owner_kind: record.owner_kind,
+            scopes: &record.scopes,
+            environment: &record.environment,
+            read_only: record.read_only,
+            metadata: &record.metadata,
+            rate_limit: record.rate_limit,
+            state: record.state(now),
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+            expires_at: record.expires_at,
+            last_used_at: record.last_used_at,
+            use_count: record.use_count,
+            revoked_at: record.revoked_at,
+            disabled: record.disabled,
+            rotated_from: record.rotated_from,
+        }
+    }
+}
+
+/// A key just created or rotated, as JSON: `key` (the plaintext, the only view that holds it)
+/// followed by the [`KeyView`] members.
+#[derive(Clone, Serialize)]
+pub struct CreatedKeyView<'a> {
+    key: &'a str,
+    #[serde(flatten)]
+    view: KeyView<'a>,
+}
+
+impl<'a> CreatedKeyView<'a> {
+    /// The view of `created`, its state judged at `now`.
+    pub fn new(created: &'a CreatedKey, now: OffsetDateTime) -> Self {
+        Self {
+            key: created.key.expose(),
+            view: KeyView::new(&created.record, now),
+        }
+    }
+}
+
+/// Never prints the plaintext.
+impl std::fmt::Debug for CreatedKeyView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKeyView")
+            .field("key", &"[redacted]")
+            .field("view", &self.view)
+            .finish()
+    }
+}
+
+/// One page of keys as JSON: `{"items": [KeyView...], "next_cursor": id or null}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyPageView<'a> {
+    items: Vec<KeyView<'a>>,
+    next_cursor: Option<Uuid>,
+}
+
+impl<'a> KeyPageView<'a> {
+    /// The view of `page`, states judged at `now`.
+    pub fn new(page: &'a KeyPage, now: OffsetDateTime) -> Self {
+        Self {
+            items: page
+                .items
+                .iter()
+                .map(|record| KeyView::new(record, now))
+                .collect(),
+            next_cursor: page.next_cursor,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::record;
+
+    #[test]
+    fn a_view_holds_every_field_but_the_secrets() {
+        let mut key = record(1);
+        key.expires_at = Some(time::macros::datetime!(2030-01-01 00:00 UTC));
+        let json = serde_json::to_value(KeyView::new(&key, key.created_at)).unwrap();
+        let names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names.len(), 21, "{names:?}");
+        for secret in ["digest", "secret_id", "encrypted_key", "key"] {
+            assert!(json.get(secret).is_none(), "{secret}");
+        }
+        assert_eq!(json["expires_at"], "2030-01-01T00:00:00Z");
+        assert_eq!(json["state"], "active");
+    }
+}
