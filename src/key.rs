@@ -168,13 +168,6 @@ impl KeyPrefix {
         key
     }
 
-    /// The key this prefix makes from these 32 random bytes. A hook for the fuzz targets'
-    /// round-trip checks only: real keys come from [`generate`](Self::generate).
-    #[doc(hidden)]
-    pub fn key_from_random_for_fuzzing(&self, random: &[u8; 32]) -> ApiKey {
-        self.key_from_random(random)
-    }
-
     pub(crate) fn key_from_random(&self, random: &[u8; 32]) -> ApiKey {
         let mut out = String::with_capacity(self.text.len() + 1 + TAIL_LEN);
         out.push_str(&self.text);

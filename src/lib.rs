@@ -38,6 +38,18 @@ pub mod invalidation;
 pub mod manage;
 pub mod testing;
 
+/// Hooks for the fuzz targets (`fuzz/`) only; not part of the API, may change at any time.
+#[doc(hidden)]
+pub mod __fuzz {
+    use crate::key::{ApiKey, KeyPrefix};
+
+    /// The key `prefix` makes from these 32 random bytes (real keys come from
+    /// [`KeyPrefix::generate`]): for round-trip checks.
+    pub fn key_from_random(prefix: &KeyPrefix, random: &[u8; 32]) -> ApiKey {
+        prefix.key_from_random(random)
+    }
+}
+
 // What the first README example names.
 pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, ApiKeyService, BuildError, Collection, Mode};
 #[cfg(feature = "manage-api")]

@@ -307,13 +307,13 @@ impl Principal {
     /// holds a management scope, whatever its scopes say.
     ///
     /// ```
-    /// # let principal = keywarden::Principal::for_tests(&["*"]);
+    /// # let principal = keywarden::testing::PrincipalBuilder::new("alice").scopes(["*"]).build();
     /// assert!(principal.has_scope("read"));
     /// assert!(principal.has_scope("invoices:write"));
     /// // A wildcard is not a key-management grant.
     /// assert!(!principal.has_scope("keys:admin"));
     ///
-    /// # let principal = keywarden::Principal::for_tests(&["keys:*", "keys:self", "read"]);
+    /// # let principal = keywarden::testing::PrincipalBuilder::new("alice").scopes(["keys:*", "keys:self", "read"]).build();
     /// assert!(principal.has_scope("keys:self"));
     /// assert!(!principal.has_scope("keys:admin"));
     /// assert!(!principal.has_scope("write"));
@@ -327,9 +327,9 @@ impl Principal {
             .any(|granted| scope_grants(granted, scope))
     }
 
-    /// A principal with the given scopes and placeholder fields, for tests and doc examples.
-    #[doc(hidden)]
-    pub fn for_tests(scopes: &[&str]) -> Self {
+    /// A principal with the given scopes and placeholder fields, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(scopes: &[&str]) -> Self {
         Self::from_parts(
             &Interner::new(0),
             Uuid::nil(),

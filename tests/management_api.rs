@@ -14,8 +14,7 @@ use http::Request;
 use keywarden::{
     management_router, ratelimit::RateLimitPolicy, secret::Digest, secret::SecretId,
     store::KeyPage, store::KeyPatch, store::KeyQuery, store::KeyRecord, store::KeyUsage,
-    store::StoreErrorKind, ExpiresIn, KeyManager, KeyStore, MemoryStore, NewKey, Principal,
-    StoreError,
+    store::StoreErrorKind, ExpiresIn, KeyManager, KeyStore, MemoryStore, NewKey, StoreError,
 };
 use serde_json::{json, Value};
 use support::{ring, send, Fixture, Reply};
@@ -1093,7 +1092,11 @@ async fn store_failures_are_503_with_retry_after() {
     // The principal as the layer would insert it.
     let api = Router::new()
         .nest("/admin", management_router(manager))
-        .layer(Extension(Principal::for_tests(&["keys:admin"])));
+        .layer(Extension(
+            keywarden::testing::PrincipalBuilder::new("test")
+                .scopes(["keys:admin"])
+                .build(),
+        ));
     store.down.store(true, Ordering::SeqCst);
     for (method, uri, body) in [
         ("GET", "/admin/keys".to_owned(), ""),

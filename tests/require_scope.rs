@@ -71,8 +71,11 @@ async fn the_scope_layer_alone_readies_before_it_calls() {
     let mut service = RequireScopeLayer::new("read").layer(inner);
     for _ in 0..3 {
         let mut req = request("GET", "/", &[]);
-        req.extensions_mut()
-            .insert(keywarden::Principal::for_tests(&["read"]));
+        req.extensions_mut().insert(
+            keywarden::testing::PrincipalBuilder::new("test")
+                .scopes(["read"])
+                .build(),
+        );
         let response = service.ready().await.unwrap().call(req).await.unwrap();
         assert_eq!(response.status(), 200);
     }

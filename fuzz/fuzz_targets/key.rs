@@ -102,7 +102,7 @@ fn check_roundtrip(data: &[u8]) {
     let selector = data.get(32).copied().unwrap_or(0);
     let (format, _) = &formats()[1];
     let prefix = &format.prefixes()[usize::from(selector) % PREFIXES.len()];
-    let key = prefix.key_from_random_for_fuzzing(&random);
+    let key = keywarden::__fuzz::key_from_random(&prefix, &random);
     let text = key.expose().as_bytes();
     assert_eq!(
         text.len(),
@@ -160,7 +160,7 @@ fn check_text(text: &str) {
         assert_eq!(prefix.environment(), *segments.last().unwrap());
         // A key of any valid prefix parses under a format of that prefix.
         let format = KeyFormat::new([text]).unwrap();
-        let key = prefix.key_from_random_for_fuzzing(&[7u8; 32]);
+        let key = keywarden::__fuzz::key_from_random(&prefix, &[7u8; 32]);
         assert!(format.parse(key.expose().as_bytes()).is_ok());
     }
     if let Ok(policy) = RateLimitPolicy::from_str(text) {
