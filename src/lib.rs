@@ -66,4 +66,4 @@ pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::SqliteStore;
-pub use store::{KeyStore, MemoryStore, OwnerKind, StoreError};
+pub use store::{KeyPatch, KeyQuery, KeyRecord, KeyStore, MemoryStore, OwnerKind, StoreError};

@@ -307,13 +307,18 @@ impl Principal {
     /// holds a management scope, whatever its scopes say.
     ///
     /// ```
-    /// # let principal = keywarden::testing::PrincipalBuilder::new("alice").scopes(["*"]).build();
+    /// use keywarden::testing::PrincipalBuilder;
+    ///
+    /// let principal = PrincipalBuilder::new("alice").scopes(["*"]).build();
     /// assert!(principal.has_scope("read"));
     /// assert!(principal.has_scope("invoices:write"));
     /// // A wildcard is not a key-management grant.
     /// assert!(!principal.has_scope("keys:admin"));
     ///
-    /// # let principal = keywarden::testing::PrincipalBuilder::new("alice").scopes(["keys:*", "keys:self", "read"]).build();
+    /// // `keys:self` by its exact name; `keys:*` grants nothing else of the namespace.
+    /// let principal = PrincipalBuilder::new("bob")
+    ///     .scopes(["keys:*", "keys:self", "read"])
+    ///     .build();
     /// assert!(principal.has_scope("keys:self"));
     /// assert!(!principal.has_scope("keys:admin"));
     /// assert!(!principal.has_scope("write"));
@@ -406,8 +411,8 @@ impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for Princip
 
 /// Builds a [`Principal`] by hand, for unit tests of code that takes one (an identity mapping,
 /// a handler, an authorization rule) and for tools. A principal built here was verified by
-/// nothing: never put one into a request that a real layer should have authenticated.
-/// [`keywarden::testing`](crate::testing) re-exports it.
+/// nothing: never put one into a request that a real layer should have authenticated (only
+/// the layer puts principals into requests; holding one grants nothing by itself).
 ///
 /// ```
 /// use keywarden::testing::PrincipalBuilder;
@@ -548,7 +553,9 @@ pub(crate) struct PassedWithoutKey;
 /// [`try_map_identity`](crate::ApiKeyLayerBuilder::try_map_identity) made it: an axum extractor
 /// that answers keywarden's 401 `missing_credentials` when the request has no principal (an
 /// optional layer let it through without a key), so handlers written for `T` run unchanged
-/// behind either mode. `Option<Identity<T>>` takes it when present.
+/// behind either mode. `Option<Identity<T>>` takes it when present. A request that has a
+/// principal but no `T` (no mapping of this type is configured) is a configuration error: it
+/// is answered 401 with a detail that says so, and logged as an error.
 ///
 /// ```
 /// use keywarden::Identity;
@@ -570,17 +577,25 @@ impl<S: Send + Sync, T: Clone + Send + Sync + 'static> axum_core::extract::FromR
     type Rejection = AuthRejection;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<T>()
-            .cloned()
-            .map(Identity)
-            .ok_or_else(|| {
-                AuthRejection::new(
-                    RejectionKind::MissingCredentials,
-                    "this route requires an API key",
-                )
-            })
+        if let Some(identity) = parts.extensions.get::<T>() {
+            return Ok(Identity(identity.clone()));
+        }
+        if parts.extensions.get::<Principal>().is_none() {
+            return Err(AuthRejection::new(
+                RejectionKind::MissingCredentials,
+                "this route requires an API key",
+            ));
+        }
+        // A key was accepted, but the layer maps no identity of this type: a wiring mistake.
+        tracing::error!(
+            target: "keywarden",
+            identity = std::any::type_name::<T>(),
+            "Identity<T> found a principal but no identity of this type: configure map_identity or try_map_identity on the layer with this type"
+        );
+        Err(AuthRejection::new(
+            RejectionKind::MissingCredentials,
+            "the key was accepted, but the server maps no identity of the type this route takes (a configuration error)",
+        ))
     }
 }
 

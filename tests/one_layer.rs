@@ -225,3 +225,23 @@ async fn per_method_scopes_and_a_misplaced_scope_layer() {
         reply.text()
     );
 }
+
+/// `Identity<T>` on a layer that maps no `T`: a valid key is not told "send a key" but that the
+/// server is misconfigured (R1's finding).
+#[tokio::test]
+async fn an_identity_the_layer_does_not_map_is_a_configuration_error() {
+    use keywarden::Identity;
+
+    #[derive(Clone)]
+    struct Unmapped;
+
+    let fx = Fixture::new();
+    let app = Router::new()
+        .route("/api", get(|_: Identity<Unmapped>| async { "never" }))
+        .layer(fx.layer.clone());
+    let key = fx.key(NewKey::new("k", "alice")).await;
+    let reply = get_with(&app, "/api", &[("x-api-key", key.key.expose().as_bytes())]).await;
+    assert_eq!(reply.status.as_u16(), 401);
+    assert!(reply.text().contains("a configuration error"), "{}", reply.text());
+    assert!(!reply.text().contains("Unmapped"), "no type names to clients");
+}

@@ -159,11 +159,14 @@ impl ApiKeyLayer {
     /// # let layer = ApiKeyLayer::builder().store(Arc::new(MemoryStore::new()))
     /// #     .secrets(SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap())
     /// #     .build().unwrap();
-    /// let app: Router = Router::new()
+    /// let api = Router::new()
     ///     .route("/api/items", get(|| async { "items" }))
-    ///     .route_layer(layer.clone())
-    ///     // The dashboard also takes sessions: a key is optional there.
-    ///     .merge(Router::new().route("/dashboard", get(|| async { "hi" })).route_layer(layer.optional()));
+    ///     .layer(layer.clone());
+    /// // The dashboard also takes sessions: a key is optional there.
+    /// let dashboard = Router::new()
+    ///     .route("/dashboard", get(|| async { "hi" }))
+    ///     .layer(layer.optional());
+    /// let app: Router = api.merge(dashboard);
     /// # let _ = app;
     /// ```
     #[must_use]
@@ -196,8 +199,9 @@ impl ApiKeyLayer {
 
     /// Verifies a key outside HTTP (a WebSocket handshake message, a queue consumer) with the
     /// same checks as the request path: format, digest, cache and store, collection,
-    /// revocation, expiry and the key's rate limit (a call counts as one use). `method`
-    /// decides the read-only check.
+    /// revocation, expiry, the identity mapping's verdict
+    /// ([`try_map_identity`](ApiKeyLayerBuilder::try_map_identity)) and the key's rate limit (a
+    /// call counts as one use). `method` decides the read-only check.
     ///
     /// # Errors
     /// The [`AuthRejection`] the request path would have produced.

@@ -554,7 +554,9 @@ impl KeyManager {
     }
 
     /// Replaces a key with a new one of the same attributes and lifetime. The old key keeps
-    /// working until `grace` has passed (or its own expiry, if sooner).
+    /// working until `grace` has passed (or its own expiry, if sooner). `grace` is a
+    /// [`time::Duration`] (the layer's builder takes `std::time::Duration`):
+    /// `time::Duration::hours(24)`, or [`DEFAULT_GRACE`](super::DEFAULT_GRACE).
     ///
     /// # Errors
     /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Conflict`] for a revoked key,

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,10 @@ pub struct ClientIp(pub IpAddr);
 #[non_exhaustive]
 pub enum ClientAddressSource {
     /// The connection's peer address: axum's `ConnectInfo<SocketAddr>`, a [`ClientIp`] or a
-    /// `SocketAddr` in the request extensions.
+    /// `SocketAddr` in the request extensions. Plain `axum::serve(listener, app)` provides
+    /// none: serve `app.into_make_service_with_connect_info::<SocketAddr>()`. tonic and hyper
+    /// servers insert a [`ClientIp`] themselves (tonic's own connect-info type is not read).
+    /// A request without an address is not counted, and the layer logs a warning once.
     #[default]
     Connection,
     /// A header set by a trusted reverse proxy (`X-Forwarded-For`, `X-Real-IP`): its last
@@ -120,6 +123,8 @@ pub(crate) struct FailureTracker {
     origin: std::time::Instant,
     windows: moka::sync::Cache<IpAddr, Arc<Window>>,
     blocked_until_max: AtomicI64,
+    /// A request without an address was seen and logged (once per layer).
+    warned_no_address: AtomicBool,
 }
 
 /// A client address over its budget.
@@ -145,6 +150,7 @@ impl FailureTracker {
             clock,
             windows,
             blocked_until_max: AtomicI64::new(i64::MIN),
+            warned_no_address: AtomicBool::new(false),
         }
     }
 
@@ -169,7 +175,18 @@ impl FailureTracker {
                 return Some(ip);
             }
         }
-        connection_address(extensions)
+        let address = connection_address(extensions);
+        if address.is_none()
+            && !self.warned_no_address.load(Ordering::Relaxed)
+            && !self.warned_no_address.swap(true, Ordering::Relaxed)
+        {
+            // Failed-attempt limiting without an address limits nothing: say so once.
+            tracing::warn!(
+                target: "keywarden",
+                "failed-attempt limiting is on, but a request carried no client address: it is not counted. Serve axum with `into_make_service_with_connect_info::<SocketAddr>()`, insert a `ClientIp` extension (tonic, hyper), or use `ClientAddressSource::TrustedHeader` behind a proxy"
+            );
+        }
+        address
     }
 
     /// Whether `ip` is over its budget now.

@@ -65,7 +65,11 @@
 //!   and `metadata` are free. The update is written only if the key is still the version
 //!   these checks read: a concurrent change makes it a 409 `conflict`, and nothing is
 //!   written (read the key again and retry).
-//! - **Get, list, revoke, delete**: allowed on own keys.
+//! - **Get, list, revoke, delete**: allowed on every key of the owner, including keys more
+//!   powerful than the caller: taking a key away never gives the caller anything, and an owner
+//!   must be able to kill a leaked sibling with any of its `keys:self` keys. The flip side: a
+//!   leaked `keys:self` key can revoke or delete its owner's other keys, so give `keys:self`
+//!   only to keys that are as well kept as the keys they manage.
 //!
 //! A read-only key never gets this far on the unsafe methods: the layer refuses it first.
 

@@ -12,7 +12,8 @@ pub enum ExpiresIn {
     /// Never expires.
     #[default]
     Unlimited,
-    /// Expires this long after creation.
+    /// Expires this long after creation (a [`time::Duration`], e.g.
+    /// `time::Duration::days(30)`; the layer's builder takes `std::time::Duration`).
     After(Duration),
     /// Expires at this instant.
     At(time::OffsetDateTime),
