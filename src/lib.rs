@@ -36,6 +36,8 @@ pub mod scope;
 pub mod interop;
 pub mod invalidation;
 pub mod manage;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 /// Hooks for the fuzz targets (`fuzz/`) only; not part of the API, may change at any time.

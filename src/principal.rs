@@ -307,7 +307,8 @@ impl Principal {
     /// holds a management scope, whatever its scopes say.
     ///
     /// ```
-    /// use keywarden::testing::PrincipalBuilder;
+    /// # #[cfg(feature = "testing")] {
+    /// use keywarden::testing::PrincipalBuilder; // feature `testing`
     ///
     /// let principal = PrincipalBuilder::new("alice").scopes(["*"]).build();
     /// assert!(principal.has_scope("read"));
@@ -322,6 +323,7 @@ impl Principal {
     /// assert!(principal.has_scope("keys:self"));
     /// assert!(!principal.has_scope("keys:admin"));
     /// assert!(!principal.has_scope("write"));
+    /// # }
     /// ```
     pub fn has_scope(&self, scope: &str) -> bool {
         if self.is_foreign() && is_management_scope(scope) {
@@ -425,6 +427,7 @@ impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for Princip
 /// assert!(principal.has_scope("articles:read"));
 /// assert!(!principal.has_scope("keys:admin"));
 /// ```
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct PrincipalBuilder {
@@ -436,6 +439,7 @@ pub struct PrincipalBuilder {
     expires_at: Option<OffsetDateTime>,
 }
 
+#[cfg(feature = "testing")]
 impl PrincipalBuilder {
     /// A principal of `subject`: collection `users`, owner kind `user`, environment `test`,
     /// no scopes, a random key id, key name `test`, no metadata, no expiry.

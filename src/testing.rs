@@ -1,4 +1,5 @@
-//! Helpers for testing your own code against keywarden: a [`PrincipalBuilder`] for unit tests
+//! Feature `testing` (enable it in `[dev-dependencies]`). Helpers for testing your own code
+//! against keywarden: a [`PrincipalBuilder`] for unit tests
 //! of code that takes a [`Principal`](crate::Principal), and [`layer_with_keys`] for a layer
 //! over a memory store with keys in one call.
 //!

@@ -242,6 +242,67 @@ async fn an_identity_the_layer_does_not_map_is_a_configuration_error() {
     let key = fx.key(NewKey::new("k", "alice")).await;
     let reply = get_with(&app, "/api", &[("x-api-key", key.key.expose().as_bytes())]).await;
     assert_eq!(reply.status.as_u16(), 401);
-    assert!(reply.text().contains("a configuration error"), "{}", reply.text());
-    assert!(!reply.text().contains("Unmapped"), "no type names to clients");
+    assert!(
+        reply.text().contains("a configuration error"),
+        "{}",
+        reply.text()
+    );
+    assert!(
+        !reply.text().contains("Unmapped"),
+        "no type names to clients"
+    );
+}
+
+/// A mapping that stops answering in time is not an outage: a stale entry is not served past
+/// its TTL on its account (R2's finding: a slow tenant lookup kept a suspended tenant in).
+#[tokio::test]
+async fn a_timed_out_identity_mapping_does_not_serve_the_stale_identity() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use keywarden::{AuthRejection, Identity, RejectionKind};
+
+    #[derive(Clone)]
+    struct Tenant(String);
+
+    let slow = Arc::new(AtomicBool::new(false));
+    let flag = slow.clone();
+    let fx = Fixture::with(move |b| {
+        b.cache_ttl(Duration::from_millis(50))
+            .store_timeout(Duration::from_millis(100))
+            .try_map_identity(move |p: Principal| {
+                let flag = flag.clone();
+                async move {
+                    if flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        return Err(AuthRejection::new(
+                            RejectionKind::RevokedKey,
+                            "the tenant is suspended",
+                        ));
+                    }
+                    Ok(Tenant(p.subject().to_owned()))
+                }
+            })
+    });
+    let app = Router::new()
+        .route(
+            "/t",
+            get(|Identity(t): Identity<Tenant>| async move { t.0 }),
+        )
+        .layer(fx.layer.clone());
+    let key = fx.key(NewKey::new("k", "acme")).await;
+    let header = [("x-api-key", key.key.expose().as_bytes())];
+    assert_eq!(get_with(&app, "/t", &header).await.text(), "acme");
+
+    slow.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(80)).await; // past the TTL: the entry is stale
+    let reply = get_with(&app, "/t", &header).await;
+    assert_eq!(reply.code(), "store_unavailable", "{}", reply.text());
+    let err = fx
+        .layer
+        .verify(key.key.expose(), &http::Method::GET)
+        .await
+        .unwrap_err();
+    assert_ne!(err.kind(), RejectionKind::InvalidKey);
 }

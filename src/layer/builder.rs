@@ -287,8 +287,12 @@ impl ApiKeyLayerBuilder {
     /// `AuthRejection::new(RejectionKind::RevokedKey, "the tenant is suspended")`), after the
     /// key's own checks (a revoked key still says `revoked_key`).
     ///
+    /// Decide from the principal's subject and collection, never from its metadata: a
+    /// `keys:self` key may write its owner's keys' metadata.
+    ///
     /// Runs once per cache fill, like a store read, and under the store timeout (a mapping
-    /// that does not finish in time answers 503 `store_unavailable` and is not cached). Its
+    /// that does not finish in time answers 503 `store_unavailable`, is not cached, and does
+    /// not let a stale entry answer in its place). Its
     /// answer, either way, is cached with the key: a tenant suspended now is refused when the
     /// entry is re-read (`cache_ttl`) or at once after
     /// [`ApiKeyLayer::invalidate_key`](super::ApiKeyLayer::invalidate_key).

@@ -182,9 +182,15 @@ impl Resolver {
             .flatten()
         {
             let miss = credentials.miss_digests(headers, query, &self.foreign, optional);
-            let refreshed = self.cache.refresh(digest, self.load(digest, &miss)).await;
-            if let Ok(resolution) = refreshed {
-                return found(resolution);
+            match self.cache.refresh(digest, self.load(digest, &miss)).await {
+                Ok(resolution) => return found(resolution),
+                // Not an outage (the store is not marked down, and the row is not corrupt):
+                // an identity mapping that timed out. Its verdict is unknown, so the stale
+                // one is not trusted past the TTL.
+                Err(error) if !self.health.is_down() && error.kind() != StoreErrorKind::Corrupt => {
+                    return Err(self.unavailable());
+                }
+                Err(_) => {}
             }
         }
         if self.health.is_down() {

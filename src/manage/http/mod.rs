@@ -62,7 +62,9 @@
 //!   and adding a scope the key lacks only to a key that, after the update, is no more
 //!   powerful than the caller (the checks of a rotation).
 //!   Values equal to the current ones are left out of the update. `name`, `description`
-//!   and `metadata` are free. The update is written only if the key is still the version
+//!   and `metadata` are free: **metadata is the key owner's to write** (on create, update and
+//!   rotate, which copies it with the owner kind), so never base an authorization decision
+//!   (e.g. in an identity mapping) on a key's metadata; look the owner up instead. The update is written only if the key is still the version
 //!   these checks read: a concurrent change makes it a 409 `conflict`, and nothing is
 //!   written (read the key again and retry).
 //! - **Get, list, revoke, delete**: allowed on every key of the owner, including keys more
