@@ -306,3 +306,61 @@ async fn a_timed_out_identity_mapping_does_not_serve_the_stale_identity() {
         .unwrap_err();
     assert_ne!(err.kind(), RejectionKind::InvalidKey);
 }
+
+/// Two layers built separately over one store, with no `invalidates` line: a key revoked
+/// through either's manager, or by a direct store call, is refused by both at once (issue 20,
+/// item 1: no way to build two layers over one store that miss each other's changes).
+#[tokio::test]
+async fn separately_built_layers_over_one_store_hear_each_others_changes() {
+    use std::sync::Arc;
+
+    use keywarden::store::KeyPatch;
+    use keywarden::{ApiKeyLayer, Collection, KeyManager, KeyStore, MemoryStore};
+
+    let store = Arc::new(MemoryStore::new());
+    let build = || {
+        ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(support::ring())
+            .collection(Collection::new("users"))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    let route = |layer: &ApiKeyLayer| {
+        Router::new()
+            .route("/", get(|p: Principal| async move { p.subject().to_owned() }))
+            .layer(layer.clone())
+    };
+    let (app_a, app_b) = (route(&a), route(&b));
+    let manager = KeyManager::for_layer(&a);
+
+    // A not-found answer cached by b is dropped when a's manager creates the key.
+    let created = manager.create(NewKey::new("k", "alice")).await.unwrap();
+    let header = [("x-api-key", created.key.expose().as_bytes())];
+    for app in [&app_a, &app_b] {
+        assert_eq!(get_with(app, "/", &header).await.text(), "alice");
+    }
+    manager.revoke(created.record.id).await.unwrap();
+    for app in [&app_a, &app_b] {
+        assert_eq!(get_with(app, "/", &header).await.code(), "revoked_key");
+    }
+
+    // A change made straight through the store reaches both too.
+    let other = manager.create(NewKey::new("k2", "bob")).await.unwrap();
+    let header = [("x-api-key", other.key.expose().as_bytes())];
+    for app in [&app_a, &app_b] {
+        assert_eq!(get_with(app, "/", &header).await.text(), "bob");
+    }
+    let patch = KeyPatch {
+        disabled: Some(true),
+        ..KeyPatch::default()
+    };
+    store
+        .update(other.record.id, &patch, time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    for app in [&app_a, &app_b] {
+        assert_eq!(get_with(app, "/", &header).await.code(), "revoked_key");
+    }
+}

@@ -19,7 +19,7 @@ use crate::ratelimit::{
 use crate::rejection::AuthRejection;
 use crate::secret::{Secret, SecretRing};
 use crate::stats::Counters;
-use crate::store::{KeyStore, NoStore};
+use crate::store::{KeyStore, NoStore, StoreObserver};
 use crate::usage::UsageRecorder;
 use crate::verify::{
     Admission, CollectionConfig, CredentialCheck, ForeignCollection, IdentityMapper,
@@ -455,40 +455,44 @@ impl ApiKeyLayerBuilder {
         let counters = Arc::new(Counters::default());
         let cache = KeyCache::new(self.cache);
         let current_secret = ring.current_id();
+        let verifier = Arc::new(Verifier {
+            admission: Admission {
+                collections: collections.clone(),
+                clock: self.clock,
+                limiters,
+                failures,
+                usage,
+                cached: cache.enabled(),
+                counters: counters.clone(),
+            },
+            resolver: Resolver {
+                store,
+                cache,
+                health: StoreHealth::new(self.store_retry),
+                store_timeout: self.store_timeout,
+                foreign,
+                identity: self.identity,
+                collections: collections.clone(),
+                current_secret,
+                counters: counters.clone(),
+                profiles: Interner::new(MAX_INTERNED_PROFILES),
+            },
+            credentials: CredentialCheck {
+                required,
+                optional,
+                format: self.format,
+                ring,
+                collections,
+                any_opaque,
+                strip: self.strip,
+            },
+            counters,
+        });
+        // Changes made through the store, by anyone in this process, reach this layer's cache.
+        let observer: Arc<dyn StoreObserver> = verifier.clone();
+        verifier.resolver.store.observe(Arc::downgrade(&observer));
         Ok(ApiKeyLayer {
-            verifier: Arc::new(Verifier {
-                admission: Admission {
-                    collections: collections.clone(),
-                    clock: self.clock,
-                    limiters,
-                    failures,
-                    usage,
-                    cached: cache.enabled(),
-                    counters: counters.clone(),
-                },
-                resolver: Resolver {
-                    store,
-                    cache,
-                    health: StoreHealth::new(self.store_retry),
-                    store_timeout: self.store_timeout,
-                    foreign,
-                    identity: self.identity,
-                    collections: collections.clone(),
-                    current_secret,
-                    counters: counters.clone(),
-                    profiles: Interner::new(MAX_INTERNED_PROFILES),
-                },
-                credentials: CredentialCheck {
-                    required,
-                    optional,
-                    format: self.format,
-                    ring,
-                    collections,
-                    any_opaque,
-                    strip: self.strip,
-                },
-                counters,
-            }),
+            verifier,
             mode: self.mode,
         })
     }

@@ -7,7 +7,8 @@ use uuid::Uuid;
 
 use super::{
     no_secret, retired_placeholder, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage,
-    SecretRetirement, StoreError, StoreErrorKind, UnmigratedKeys,
+    Observers, SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver,
+    UnmigratedKeys,
 };
 use crate::secret::{Digest, SecretId};
 
@@ -15,6 +16,7 @@ use crate::secret::{Digest, SecretId};
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: RwLock<Inner>,
+    observers: Observers,
 }
 
 #[derive(Debug, Default)]
@@ -56,16 +58,11 @@ impl MemoryStore {
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let mut inner = self.write();
-        if inner.by_id.contains_key(&record.id) || inner.by_digest.contains_key(&record.digest) {
-            return Err(StoreError::new(
-                StoreErrorKind::Conflict,
-                "a key with this id or digest exists",
-            ));
+        let result = self.insert_unobserved(record).await;
+        if result.is_ok() {
+            self.observers.notify(StoreChange::Created);
         }
-        inner.by_digest.insert(record.digest, record.id);
-        inner.by_id.insert(record.id, record.clone());
-        Ok(())
+        result
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
@@ -87,6 +84,120 @@ impl KeyStore for MemoryStore {
         patch: &KeyPatch,
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        let result = self.update_unobserved(id, patch, now).await;
+        if let Ok(Some(record)) = &result {
+            self.observers.notify(StoreChange::Key(record.id));
+        }
+        result
+    }
+
+    async fn add_digest(
+        &self,
+        id: Uuid,
+        found_by: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .add_digest_unobserved(id, found_by, new, secret_id)
+            .await;
+        if let Ok(true) = result {
+            self.observers.notify(StoreChange::Key(id));
+        }
+        result
+    }
+
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let mut inner = self.write();
+        match inner.by_id.get_mut(&id) {
+            Some(record) if record.encrypted_key.as_deref() == Some(old) => {
+                record.encrypted_key = Some(new.to_vec());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let result = self
+            .retire_secret_unobserved(secret_id, unmigrated, now)
+            .await;
+        if result.is_ok() {
+            self.observers.notify(StoreChange::All);
+        }
+        result
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let result = self.delete_unobserved(id).await;
+        if let Ok(Some(record)) = &result {
+            self.observers.notify(StoreChange::Key(record.id));
+        }
+        result
+    }
+
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        let inner = self.read();
+        let limit = query.effective_limit();
+        let start = match query.after {
+            Some(after) => std::ops::Bound::Excluded(after),
+            None => std::ops::Bound::Unbounded,
+        };
+        let items: Vec<KeyRecord> = inner
+            .by_id
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(_, r)| r)
+            .filter(|r| query.matches(r))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        Ok(KeyPage::from_overfetch(items, limit))
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let mut inner = self.write();
+        for u in usage {
+            if let Some(record) = inner.by_id.get_mut(&u.id) {
+                record.use_count = record.use_count.saturating_add(u.uses);
+                if record.last_used_at.is_none_or(|at| at < u.last_used_at) {
+                    record.last_used_at = Some(u.last_used_at);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
+        self.observers.add(observer);
+    }
+}
+
+/// The writes themselves; the `KeyStore` methods add the in-process change notices.
+impl MemoryStore {
+    async fn insert_unobserved(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let mut inner = self.write();
+        if inner.by_id.contains_key(&record.id) || inner.by_digest.contains_key(&record.digest) {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                "a key with this id or digest exists",
+            ));
+        }
+        inner.by_digest.insert(record.digest, record.id);
+        inner.by_id.insert(record.id, record.clone());
+        Ok(())
+    }
+
+    async fn update_unobserved(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.write();
         let Some(record) = inner.by_id.get_mut(&id) else {
             return Ok(None);
@@ -97,7 +208,7 @@ impl KeyStore for MemoryStore {
         Ok(Some(record.clone()))
     }
 
-    async fn add_digest(
+    async fn add_digest_unobserved(
         &self,
         id: Uuid,
         found_by: &Digest,
@@ -136,18 +247,7 @@ impl KeyStore for MemoryStore {
         Ok(true)
     }
 
-    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
-        let mut inner = self.write();
-        match inner.by_id.get_mut(&id) {
-            Some(record) if record.encrypted_key.as_deref() == Some(old) => {
-                record.encrypted_key = Some(new.to_vec());
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    async fn retire_secret(
+    async fn retire_secret_unobserved(
         &self,
         secret_id: SecretId,
         unmigrated: UnmigratedKeys,
@@ -221,7 +321,7 @@ impl KeyStore for MemoryStore {
         Ok(outcome)
     }
 
-    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete_unobserved(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let mut inner = self.write();
         let removed = inner.by_id.remove(&id);
         if let Some(record) = &removed {
@@ -231,36 +331,5 @@ impl KeyStore for MemoryStore {
             }
         }
         Ok(removed)
-    }
-
-    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
-        let inner = self.read();
-        let limit = query.effective_limit();
-        let start = match query.after {
-            Some(after) => std::ops::Bound::Excluded(after),
-            None => std::ops::Bound::Unbounded,
-        };
-        let items: Vec<KeyRecord> = inner
-            .by_id
-            .range((start, std::ops::Bound::Unbounded))
-            .map(|(_, r)| r)
-            .filter(|r| query.matches(r))
-            .take(limit + 1)
-            .cloned()
-            .collect();
-        Ok(KeyPage::from_overfetch(items, limit))
-    }
-
-    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
-        let mut inner = self.write();
-        for u in usage {
-            if let Some(record) = inner.by_id.get_mut(&u.id) {
-                record.use_count = record.use_count.saturating_add(u.uses);
-                if record.last_used_at.is_none_or(|at| at < u.last_used_at) {
-                    record.last_used_at = Some(u.last_used_at);
-                }
-            }
-        }
-        Ok(())
     }
 }

@@ -27,6 +27,7 @@ use crate::secret::{Digest, SecretId};
 mod foreign;
 mod memory;
 mod none;
+mod observe;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -37,6 +38,8 @@ mod sqlite;
 pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};
 pub use memory::MemoryStore;
 pub(crate) use none::NoStore;
+pub(crate) use observe::Observers;
+pub use observe::{StoreChange, StoreObserver};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
@@ -631,6 +634,18 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
 
     /// Adds batched uses; unknown ids are ignored.
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
+
+    /// Registers `observer` to hear, in this process, of every change made through this store
+    /// handle (and its clones). Every layer registers itself when it is built, so layers over
+    /// one store drop a changed key at once whichever of them, or whoever, changed it. The
+    /// built-in stores implement it; a store that wraps another must forward it. The default
+    /// registers nothing (layers then rely on [`KeyManager::invalidates`], the invalidation
+    /// listeners and the cache TTL).
+    ///
+    /// [`KeyManager::invalidates`]: crate::KeyManager::invalidates
+    fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
+        let _ = observer;
+    }
 
     /// Whether the store refuses every write ([`StoreErrorKind::ReadOnly`]). The layer never
     /// records usage in a read-only store, and [`KeyManager`](crate::KeyManager) operations

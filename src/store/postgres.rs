@@ -14,8 +14,8 @@ use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
 use super::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind,
-    SecretRetirement, StoreError, StoreErrorKind, UnmigratedKeys,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind,
+    SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
@@ -62,6 +62,7 @@ const MAX_SCHEMA_LEN: usize = 63;
 pub struct PostgresStore {
     pool: PgPool,
     schema: Option<Arc<str>>,
+    observers: Observers,
 }
 
 impl PostgresStore {
@@ -128,6 +129,7 @@ impl PostgresStore {
         let store = Self {
             pool,
             schema: Some(schema.into()),
+            observers: Observers::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -135,7 +137,11 @@ impl PostgresStore {
 
     /// Wraps an existing pool. Does not run the migrations: call [`PostgresStore::migrate`].
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool, schema: None }
+        Self {
+            pool,
+            schema: None,
+            observers: Observers::default(),
+        }
     }
 
     /// Applies any migrations the database lacks. Safe to run repeatedly and concurrently
@@ -183,6 +189,188 @@ impl fmt::Debug for PostgresStore {
 #[async_trait]
 impl KeyStore for PostgresStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let result = self.insert_unobserved(record).await;
+        if result.is_ok() {
+            self.observers.notify(StoreChange::Created);
+        }
+        result
+    }
+
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        // The record's digest, else an added one: one statement; a record digest (every key
+        // not re-digested since a rotation) is found by one index lookup, as before.
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = $1 \
+             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
+             JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = $1 LIMIT 1"
+        ))
+        .bind(digest.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("looking up a key by digest failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("reading a key failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let result = self.update_unobserved(id, patch, now).await;
+        if let Ok(Some(record)) = &result {
+            self.observers.notify(StoreChange::Key(record.id));
+        }
+        result
+    }
+
+    async fn add_digest(
+        &self,
+        id: Uuid,
+        found_by: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .add_digest_unobserved(id, found_by, new, secret_id)
+            .await;
+        if let Ok(true) = result {
+            self.observers.notify(StoreChange::Key(id));
+        }
+        result
+    }
+
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let result = self
+            .retire_secret_unobserved(secret_id, unmigrated, now)
+            .await;
+        if result.is_ok() {
+            self.observers.notify(StoreChange::All);
+        }
+        result
+    }
+
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE keywarden_keys SET encrypted_key = $1 WHERE id = $2 AND encrypted_key = $3",
+        )
+        .bind(new)
+        .bind(id)
+        .bind(old)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("re-sealing a viewable key failed", e))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let result = self.delete_unobserved(id).await;
+        if let Ok(Some(record)) = &result {
+            self.observers.notify(StoreChange::Key(record.id));
+        }
+        result
+    }
+
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        let limit = query.effective_limit();
+        let mut sql = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE TRUE"
+        ));
+        if let Some(collection) = &query.collection {
+            sql.push(" AND collection = ")
+                .push_bind(collection.as_str());
+        }
+        if let Some(subject) = &query.subject {
+            sql.push(" AND subject = ").push_bind(subject.as_str());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND id > ").push_bind(after);
+        }
+        if let Some(state) = query.state {
+            push_state_filter(&mut sql, state, micros(query.now));
+        }
+        sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("listing keys failed", e))?;
+        page_skipping_corrupt(&rows, limit, |row| column(row, "id"), decode_row)
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let totals: Vec<_> = aggregate_usage(usage).into_iter().collect();
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let context = "recording key usage failed";
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| store_error(context, e))?;
+        for chunk in totals.chunks(USAGE_CHUNK_ROWS) {
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            let uses: Vec<i64> = chunk
+                .iter()
+                .map(|(_, (uses, _))| clamp_i64(*uses))
+                .collect();
+            let last_used: Vec<OffsetDateTime> =
+                chunk.iter().map(|(_, (_, at))| micros(*at)).collect();
+            // Rows are locked in id order (chunks are in id order too), whatever plan the
+            // update gets: concurrent batches take their locks in one order, so they cannot
+            // deadlock each other.
+            sqlx::query(
+                "SELECT 1 FROM keywarden_keys WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store_error(context, e))?;
+            sqlx::query(
+                "UPDATE keywarden_keys AS k SET \
+                 use_count = CASE WHEN k.use_count > 9223372036854775807 - u.uses \
+                     THEN 9223372036854775807 ELSE k.use_count + u.uses END, \
+                 last_used_at = GREATEST(k.last_used_at, u.at) \
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS u(id, uses, at) \
+                 WHERE k.id = u.id",
+            )
+            .bind(&ids)
+            .bind(&uses)
+            .bind(&last_used)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store_error(context, e))?;
+        }
+        tx.commit().await.map_err(|e| store_error(context, e))
+    }
+
+    fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
+        self.observers.add(observer);
+    }
+}
+
+/// The writes themselves; the `KeyStore` methods add the in-process change notices.
+impl PostgresStore {
+    async fn insert_unobserved(&self, record: &KeyRecord) -> Result<(), StoreError> {
         sqlx::query(&format!(
             "INSERT INTO keywarden_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
              $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
@@ -216,35 +404,7 @@ impl KeyStore for PostgresStore {
         Ok(())
     }
 
-    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        // The record's digest, else an added one: one statement; a record digest (every key
-        // not re-digested since a rotation) is found by one index lookup, as before.
-        sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = $1 \
-             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
-             JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = $1 LIMIT 1"
-        ))
-        .bind(digest.as_bytes().as_slice())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| store_error("looking up a key by digest failed", e))?
-        .map(|row| decode_row(&row))
-        .transpose()
-    }
-
-    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| store_error("reading a key failed", e))?
-        .map(|row| decode_row(&row))
-        .transpose()
-    }
-
-    async fn update(
+    async fn update_unobserved(
         &self,
         id: Uuid,
         patch: &KeyPatch,
@@ -299,7 +459,7 @@ impl KeyStore for PostgresStore {
         Ok(Some(updated))
     }
 
-    async fn add_digest(
+    async fn add_digest_unobserved(
         &self,
         id: Uuid,
         found_by: &Digest,
@@ -345,7 +505,7 @@ impl KeyStore for PostgresStore {
         }
     }
 
-    async fn retire_secret(
+    async fn retire_secret_unobserved(
         &self,
         secret_id: SecretId,
         unmigrated: UnmigratedKeys,
@@ -435,20 +595,7 @@ impl KeyStore for PostgresStore {
         })
     }
 
-    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "UPDATE keywarden_keys SET encrypted_key = $1 WHERE id = $2 AND encrypted_key = $3",
-        )
-        .bind(new)
-        .bind(id)
-        .bind(old)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| store_error("re-sealing a viewable key failed", e))?;
-        Ok(result.rows_affected() > 0)
-    }
-
-    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete_unobserved(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         sqlx::query(&format!(
             "DELETE FROM keywarden_keys WHERE id = $1 RETURNING {COLUMNS}"
         ))
@@ -458,80 +605,6 @@ impl KeyStore for PostgresStore {
         .map_err(|e| store_error("deleting a key failed", e))?
         .map(|row| decode_row(&row))
         .transpose()
-    }
-
-    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
-        let limit = query.effective_limit();
-        let mut sql = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE TRUE"
-        ));
-        if let Some(collection) = &query.collection {
-            sql.push(" AND collection = ")
-                .push_bind(collection.as_str());
-        }
-        if let Some(subject) = &query.subject {
-            sql.push(" AND subject = ").push_bind(subject.as_str());
-        }
-        if let Some(after) = query.after {
-            sql.push(" AND id > ").push_bind(after);
-        }
-        if let Some(state) = query.state {
-            push_state_filter(&mut sql, state, micros(query.now));
-        }
-        sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
-        let rows = sql
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| store_error("listing keys failed", e))?;
-        page_skipping_corrupt(&rows, limit, |row| column(row, "id"), decode_row)
-    }
-
-    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
-        let totals: Vec<_> = aggregate_usage(usage).into_iter().collect();
-        if totals.is_empty() {
-            return Ok(());
-        }
-        let context = "recording key usage failed";
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| store_error(context, e))?;
-        for chunk in totals.chunks(USAGE_CHUNK_ROWS) {
-            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-            let uses: Vec<i64> = chunk
-                .iter()
-                .map(|(_, (uses, _))| clamp_i64(*uses))
-                .collect();
-            let last_used: Vec<OffsetDateTime> =
-                chunk.iter().map(|(_, (_, at))| micros(*at)).collect();
-            // Rows are locked in id order (chunks are in id order too), whatever plan the
-            // update gets: concurrent batches take their locks in one order, so they cannot
-            // deadlock each other.
-            sqlx::query(
-                "SELECT 1 FROM keywarden_keys WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-            )
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| store_error(context, e))?;
-            sqlx::query(
-                "UPDATE keywarden_keys AS k SET \
-                 use_count = CASE WHEN k.use_count > 9223372036854775807 - u.uses \
-                     THEN 9223372036854775807 ELSE k.use_count + u.uses END, \
-                 last_used_at = GREATEST(k.last_used_at, u.at) \
-                 FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS u(id, uses, at) \
-                 WHERE k.id = u.id",
-            )
-            .bind(&ids)
-            .bind(&uses)
-            .bind(&last_used)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| store_error(context, e))?;
-        }
-        tx.commit().await.map_err(|e| store_error(context, e))
     }
 }
 

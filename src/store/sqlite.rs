@@ -16,8 +16,8 @@ use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
 use super::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, OwnerKind,
-    SecretRetirement, StoreError, StoreErrorKind, UnmigratedKeys,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind,
+    SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
@@ -62,6 +62,7 @@ const KEY_COLUMNS: &str = "k.id, k.digest, k.secret_id, k.display_start, k.name,
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    observers: Observers,
 }
 
 impl SqliteStore {
@@ -111,7 +112,10 @@ impl SqliteStore {
     /// Give the pool's connections a busy timeout (as [`SqliteStore::connect`] does), or
     /// concurrent writers fail with [`StoreErrorKind::Timeout`] instead of waiting.
     pub fn from_pool(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            observers: Observers::default(),
+        }
     }
 
     /// Applies any migrations the database lacks. Safe to run repeatedly.
@@ -147,6 +151,180 @@ impl fmt::Debug for SqliteStore {
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let result = self.insert_unobserved(record).await;
+        if result.is_ok() {
+            self.observers.notify(StoreChange::Created);
+        }
+        result
+    }
+
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        // The record's digest, else an added one: one statement; a record digest (every key
+        // not re-digested since a rotation) is found by one index lookup, as before.
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = ?1 \
+             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
+             JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = ?1 LIMIT 1"
+        ))
+        .bind(digest.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("looking up a key by digest failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = ?"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("reading a key failed", e))?
+        .map(|row| decode_row(&row))
+        .transpose()
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let result = self.update_unobserved(id, patch, now).await;
+        if let Ok(Some(record)) = &result {
+            self.observers.notify(StoreChange::Key(record.id));
+        }
+        result
+    }
+
+    async fn add_digest(
+        &self,
+        id: Uuid,
+        found_by: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .add_digest_unobserved(id, found_by, new, secret_id)
+            .await;
+        if let Ok(true) = result {
+            self.observers.notify(StoreChange::Key(id));
+        }
+        result
+    }
+
+    async fn retire_secret(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let result = self
+            .retire_secret_unobserved(secret_id, unmigrated, now)
+            .await;
+        if result.is_ok() {
+            self.observers.notify(StoreChange::All);
+        }
+        result
+    }
+
+    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE keywarden_keys SET encrypted_key = ? WHERE id = ? AND encrypted_key = ?",
+        )
+        .bind(new)
+        .bind(id.as_bytes().as_slice())
+        .bind(old)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("re-sealing a viewable key failed", e))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let result = self.delete_unobserved(id).await;
+        if let Ok(Some(record)) = &result {
+            self.observers.notify(StoreChange::Key(record.id));
+        }
+        result
+    }
+
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        let limit = query.effective_limit();
+        let mut sql = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {COLUMNS} FROM keywarden_keys WHERE 1 = 1"
+        ));
+        if let Some(collection) = &query.collection {
+            sql.push(" AND collection = ")
+                .push_bind(collection.as_str());
+        }
+        if let Some(subject) = &query.subject {
+            sql.push(" AND subject = ").push_bind(subject.as_str());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND id > ").push_bind(after.as_bytes().to_vec());
+        }
+        if let Some(state) = query.state {
+            push_state_filter(&mut sql, state, to_micros(query.now));
+        }
+        sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("listing keys failed", e))?;
+        page_skipping_corrupt(
+            &rows,
+            limit,
+            |row| uuid(column(row, "id")?, "id"),
+            decode_row,
+        )
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let totals: Vec<_> = aggregate_usage(usage).into_iter().collect();
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let context = "recording key usage failed";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| store_error(context, e))?;
+        // One statement per chunk, the rows as one JSON parameter `[[hex id, uses, micros]]`:
+        // a single prepared statement whatever the batch size, and no parameter limit.
+        let mut batch = String::new();
+        for chunk in totals.chunks(USAGE_CHUNK_ROWS) {
+            usage_json(chunk, &mut batch);
+            sqlx::query(
+                "UPDATE keywarden_keys SET \
+                 use_count = CASE WHEN use_count > 9223372036854775807 - u.uses \
+                     THEN 9223372036854775807 ELSE use_count + u.uses END, \
+                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < u.at THEN u.at \
+                     ELSE last_used_at END \
+                 FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS uses, value ->> 2 AS at \
+                     FROM json_each(?)) AS u \
+                 WHERE keywarden_keys.id = u.id",
+            )
+            .bind(batch.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store_error(context, e))?;
+        }
+        tx.commit().await.map_err(|e| store_error(context, e))
+    }
+
+    fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
+        self.observers.add(observer);
+    }
+}
+
+/// The writes themselves; the `KeyStore` methods add the in-process change notices.
+impl SqliteStore {
+    async fn insert_unobserved(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let scopes = to_json(&record.scopes)?;
         let metadata = to_json(&record.metadata)?;
         sqlx::query(&format!(
@@ -182,35 +360,7 @@ impl KeyStore for SqliteStore {
         Ok(())
     }
 
-    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        // The record's digest, else an added one: one statement; a record digest (every key
-        // not re-digested since a rotation) is found by one index lookup, as before.
-        sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = ?1 \
-             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
-             JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = ?1 LIMIT 1"
-        ))
-        .bind(digest.as_bytes().as_slice())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| store_error("looking up a key by digest failed", e))?
-        .map(|row| decode_row(&row))
-        .transpose()
-    }
-
-    async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = ?"
-        ))
-        .bind(id.as_bytes().as_slice())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| store_error("reading a key failed", e))?
-        .map(|row| decode_row(&row))
-        .transpose()
-    }
-
-    async fn update(
+    async fn update_unobserved(
         &self,
         id: Uuid,
         patch: &KeyPatch,
@@ -267,7 +417,7 @@ impl KeyStore for SqliteStore {
         Ok(Some(updated))
     }
 
-    async fn add_digest(
+    async fn add_digest_unobserved(
         &self,
         id: Uuid,
         found_by: &Digest,
@@ -313,7 +463,7 @@ impl KeyStore for SqliteStore {
         }
     }
 
-    async fn retire_secret(
+    async fn retire_secret_unobserved(
         &self,
         secret_id: SecretId,
         unmigrated: UnmigratedKeys,
@@ -402,20 +552,7 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "UPDATE keywarden_keys SET encrypted_key = ? WHERE id = ? AND encrypted_key = ?",
-        )
-        .bind(new)
-        .bind(id.as_bytes().as_slice())
-        .bind(old)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| store_error("re-sealing a viewable key failed", e))?;
-        Ok(result.rows_affected() > 0)
-    }
-
-    async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+    async fn delete_unobserved(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         sqlx::query(&format!(
             "DELETE FROM keywarden_keys WHERE id = ? RETURNING {COLUMNS}"
         ))
@@ -425,72 +562,6 @@ impl KeyStore for SqliteStore {
         .map_err(|e| store_error("deleting a key failed", e))?
         .map(|row| decode_row(&row))
         .transpose()
-    }
-
-    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
-        let limit = query.effective_limit();
-        let mut sql = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE 1 = 1"
-        ));
-        if let Some(collection) = &query.collection {
-            sql.push(" AND collection = ")
-                .push_bind(collection.as_str());
-        }
-        if let Some(subject) = &query.subject {
-            sql.push(" AND subject = ").push_bind(subject.as_str());
-        }
-        if let Some(after) = query.after {
-            sql.push(" AND id > ").push_bind(after.as_bytes().to_vec());
-        }
-        if let Some(state) = query.state {
-            push_state_filter(&mut sql, state, to_micros(query.now));
-        }
-        sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
-        let rows = sql
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| store_error("listing keys failed", e))?;
-        page_skipping_corrupt(
-            &rows,
-            limit,
-            |row| uuid(column(row, "id")?, "id"),
-            decode_row,
-        )
-    }
-
-    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
-        let totals: Vec<_> = aggregate_usage(usage).into_iter().collect();
-        if totals.is_empty() {
-            return Ok(());
-        }
-        let context = "recording key usage failed";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| store_error(context, e))?;
-        // One statement per chunk, the rows as one JSON parameter `[[hex id, uses, micros]]`:
-        // a single prepared statement whatever the batch size, and no parameter limit.
-        let mut batch = String::new();
-        for chunk in totals.chunks(USAGE_CHUNK_ROWS) {
-            usage_json(chunk, &mut batch);
-            sqlx::query(
-                "UPDATE keywarden_keys SET \
-                 use_count = CASE WHEN use_count > 9223372036854775807 - u.uses \
-                     THEN 9223372036854775807 ELSE use_count + u.uses END, \
-                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < u.at THEN u.at \
-                     ELSE last_used_at END \
-                 FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS uses, value ->> 2 AS at \
-                     FROM json_each(?)) AS u \
-                 WHERE keywarden_keys.id = u.id",
-            )
-            .bind(batch.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| store_error(context, e))?;
-        }
-        tx.commit().await.map_err(|e| store_error(context, e))
     }
 }
 

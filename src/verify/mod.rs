@@ -18,6 +18,7 @@ use crate::credential::X_API_KEY;
 use crate::principal::Principal;
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::stats::Counters;
+use crate::store::{StoreChange, StoreObserver};
 
 mod admit;
 mod prepare;
@@ -39,6 +40,19 @@ pub(crate) struct Verifier {
 
 /// A resolved key that passed its checks, with its rate-limit status; or why not.
 pub(crate) type Outcome = Result<(Arc<ResolvedKey>, Option<RateLimitStatus>), AuthRejection>;
+
+/// Every layer hears of its store's changes in this process, so layers over one store never
+/// disagree about a changed key (see [`KeyStore::observe`](crate::store::KeyStore::observe)).
+impl StoreObserver for Verifier {
+    fn changed(&self, change: StoreChange) {
+        let cache = &self.resolver.cache;
+        match change {
+            StoreChange::Key(id) => cache.invalidate_key(id),
+            StoreChange::Created => cache.invalidate_missing(),
+            _ => cache.invalidate_all(),
+        }
+    }
+}
 
 impl Verifier {
     /// The hit path's outcome, when it can be decided without waiting: a fresh cache entry
