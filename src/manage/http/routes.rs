@@ -21,8 +21,7 @@ use crate::manage::policy::{
     parse_grace, Caller, CreateRequest, CreatedKeyView, KeyPageView, KeyView, PatchRequest,
 };
 use crate::manage::{CreatedKey, KeyManager, ManageError};
-use crate::store::KeyPage;
-use crate::store::KeyState;
+use crate::store::{KeyPage, KeyState};
 
 type Manager = State<Arc<KeyManager>>;
 
