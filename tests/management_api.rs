@@ -234,15 +234,7 @@ async fn full_lifecycle_over_http() {
             &admin,
             "POST",
             "/admin/keys",
-            Some(json!({
-                "name": "ci deploys",
-                "description": "for CI",
-                "subject": "alice",
-                "scopes": ["read", "deploy"],
-                "expires_in": "30d",
-                "metadata": {"team": "infra"},
-                "rate_limit": "100/min",
-            })),
+            Some(support::create_example()),
         )
         .await;
     assert_eq!(reply.status, 201, "{}", reply.text());
@@ -357,15 +349,7 @@ async fn full_lifecycle_over_http() {
             &admin,
             "PATCH",
             &format!("/admin/keys/{id}"),
-            Some(json!({
-                "name": "renamed",
-                "description": null,
-                "scopes": ["read"],
-                "read_only": true,
-                "metadata": {"team": "ops"},
-                "rate_limit": null,
-                "expires_at": "2099-01-01T00:00:00Z",
-            })),
+            Some(support::patch_example()),
         )
         .await;
     assert_eq!(patched.status, 200, "{}", patched.text());

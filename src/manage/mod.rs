@@ -29,7 +29,7 @@ mod reveal;
 pub use actor::Actor;
 pub use error::{ManageError, ManageErrorKind};
 #[cfg(feature = "manage-api")]
-pub use http::management_router;
+pub use http::{management_router, openapi};
 pub use manager::{CreatedKey, KeyManager, NewKey};
 pub use policy::{
     parse_duration, parse_grace, CreatedKeyView, DurationParseError, ExpiresIn, GraceParseError,

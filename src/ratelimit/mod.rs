@@ -161,6 +161,28 @@ impl<'de> serde::Deserialize<'de> for RateLimitPolicy {
     }
 }
 
+/// In the management API's OpenAPI document: the policy's text, as it parses and prints.
+#[cfg(feature = "manage-api")]
+impl utoipa::PartialSchema for RateLimitPolicy {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some(
+                "N requests per second, minute, hour or day (`N/s`, `N/min`, `N/h`, `N/day`), \
+                 optionally followed by `,burst=M` (default: the limit)",
+            ))
+            .examples(["100/min", "1000/h,burst=50"])
+            .into()
+    }
+}
+
+#[cfg(feature = "manage-api")]
+impl utoipa::ToSchema for RateLimitPolicy {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "RateLimit".into()
+    }
+}
+
 /// Where per-key budgets are counted: see
 /// [`ApiKeyLayerBuilder::rate_limiter`](crate::ApiKeyLayerBuilder::rate_limiter).
 #[derive(Debug, Clone, Default)]

@@ -47,6 +47,7 @@ pub use sqlite::SqliteStore;
 
 /// Who owns a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "manage-api", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OwnerKind {
     /// A person.
@@ -93,6 +94,7 @@ impl std::str::FromStr for OwnerKind {
 
 /// The state of a key at a given instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "manage-api", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum KeyState {
     /// Usable.

@@ -90,6 +90,33 @@ pub fn app() -> Router {
         )
 }
 
+/// The create body of the management API's lifecycle test: every member a caller usually
+/// sets. tests/openapi.rs checks it against the published schema.
+pub fn create_example() -> serde_json::Value {
+    serde_json::json!({
+        "name": "ci deploys",
+        "description": "for CI",
+        "subject": "alice",
+        "scopes": ["read", "deploy"],
+        "expires_in": "30d",
+        "metadata": {"team": "infra"},
+        "rate_limit": "100/min",
+    })
+}
+
+/// The patch body of the lifecycle test: every member, `null` clearing the nullable ones.
+pub fn patch_example() -> serde_json::Value {
+    serde_json::json!({
+        "name": "renamed",
+        "description": null,
+        "scopes": ["read"],
+        "read_only": true,
+        "metadata": {"team": "ops"},
+        "rate_limit": null,
+        "expires_at": "2099-01-01T00:00:00Z",
+    })
+}
+
 pub fn request(method: &str, uri: &str, headers: &[(&str, &[u8])]) -> Request<Body> {
     let mut builder = Request::builder().method(method).uri(uri);
     for (name, value) in headers {

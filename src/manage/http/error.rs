@@ -10,10 +10,39 @@ use crate::manage::{ManageError, ManageErrorKind};
 use crate::rejection::{AuthRejection, RejectionKind};
 
 /// One invalid field. The name is always one of ours, never one the client sent.
-#[derive(Debug, PartialEq, Serialize)]
+#[derive(Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub(crate) struct FieldError {
+    /// The member or query parameter: one of the API's own names, `body` for an unknown
+    /// member, `query` for an unknown parameter.
+    #[schema(value_type = String, examples("expires_at"))]
     field: &'static str,
+    /// What is wrong, never repeating the submitted value.
     message: String,
+}
+
+/// An error as `application/problem+json` (RFC 9457): every error of the API and of the
+/// key layer in front of it has this shape.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Problem<'a> {
+    /// The HTTP status code.
+    #[schema(examples(422))]
+    status: u16,
+    /// A stable machine-readable code: `invalid_request`, `validation_failed`,
+    /// `not_found`, `conflict`, `read_only`, `inactive_key`, or one of the key layer's
+    /// (`missing_credentials`, `invalid_key`, `insufficient_scope`, `rate_limited`,
+    /// `store_unavailable`, ...).
+    #[schema(examples("validation_failed"))]
+    code: &'a str,
+    /// A short summary of the code.
+    #[schema(examples("Validation failed"))]
+    title: &'a str,
+    /// What happened, never repeating submitted text.
+    #[schema(examples("expires_at: expires_at must be in the future"))]
+    detail: &'a str,
+    /// The invalid fields (422 `validation_failed` only).
+    #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
+    #[schema(value_type = Vec<FieldError>)]
+    errors: &'a [FieldError],
 }
 
 impl FieldError {
@@ -152,15 +181,6 @@ impl From<CallerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Problem<'a> {
-            status: u16,
-            code: &'a str,
-            title: &'a str,
-            detail: &'a str,
-            #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
-            errors: &'a [FieldError],
-        }
         match self {
             Self::Auth(rejection) => rejection.into_response(),
             Self::Problem {

@@ -141,9 +141,14 @@ fn field_error(known: Option<&'static str>, err: &serde_json::Error) -> FieldErr
     FieldError::new(field, message)
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// A rotation's options; the body may also be left out.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = RotateKeyRequest)]
 pub(super) struct RotateBody {
+    /// How long the old key keeps working, e.g. `24h` (the default), `15m`, or `0s` to end
+    /// it at once.
+    #[schema(nullable = false, examples("24h"))]
     pub(super) grace: Option<String>,
 }
 

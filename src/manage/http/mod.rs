@@ -85,7 +85,10 @@ use super::KeyManager;
 mod auth;
 mod error;
 mod extract;
+mod openapi;
 mod routes;
+
+pub use openapi::openapi;
 
 /// The management API as an axum `Router` to nest under any path, behind an
 /// [`ApiKeyLayer`](crate::ApiKeyLayer).
@@ -99,6 +102,7 @@ mod routes;
 /// | `POST /keys/{id}/revoke` | 200 view | 401, 403, 404, 422, 503 |
 /// | `POST /keys/{id}/rotate` (body optional: `{"grace": "24h"}`) | 201 `{"key", ...view}` | 400, 401, 403, 404, 409, 422, 503 |
 /// | `DELETE /keys/{id}` | 204 | 401, 403, 404, 422, 503 |
+/// | `GET /openapi.json` | 200 the OpenAPI 3.1 document ([`openapi()`]) | 401, 503 |
 ///
 /// A view never holds the digest, the secret id or the encrypted key; the plaintext key is
 /// only in the 201 responses (sent with `Cache-Control: no-store`).
@@ -129,12 +133,16 @@ mod routes;
 /// (its keys would never verify).
 /// A rotation's `grace` defaults to 24 hours; `"0s"` ends the old key at once.
 ///
+/// `/openapi.json` is behind the layer like every route, but needs no management scope: any
+/// key the layer admits may read it. Its paths are relative to where the router is nested.
+///
 /// The router needs no state of the app it is nested in: like axum's own routers it is a
 /// `Router<S>` for any app state `S`.
 pub fn management_router<S>(manager: Arc<KeyManager>) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
+    let document = openapi::document();
     Router::new()
         .route("/keys", get(routes::list_keys).post(routes::create_key))
         .route(
@@ -145,5 +153,9 @@ where
         )
         .route("/keys/{id}/revoke", post(routes::revoke_key))
         .route("/keys/{id}/rotate", post(routes::rotate_key))
+        .route(
+            "/openapi.json",
+            get(move || openapi::serve(document.clone())),
+        )
         .with_state(manager)
 }

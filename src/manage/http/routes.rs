@@ -13,14 +13,37 @@ use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::extract::{list_query, JsonBody, KeyId, RotateBody};
+use super::openapi::{
+    BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable,
+    ValidationFailed,
+};
 use crate::manage::policy::{
     parse_grace, Caller, CreateRequest, CreatedKeyView, KeyPageView, KeyView, PatchRequest,
 };
 use crate::manage::{CreatedKey, KeyManager, ManageError};
-use crate::store::KeyPage;
+use crate::store::{KeyPage, KeyState};
 
 type Manager = State<Arc<KeyManager>>;
 
+#[utoipa::path(
+    post,
+    path = "/keys",
+    tag = "keys",
+    summary = "Create a key",
+    request_body = CreateRequest,
+    responses(
+        (status = 201, description = "The new key, its plaintext shown this once",
+            body = CreatedKeyView,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = Conflict),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn create_key(
     State(manager): Manager,
     caller: Caller,
@@ -32,6 +55,31 @@ pub(super) async fn create_key(
     Ok(created_response(&created, now))
 }
 
+#[utoipa::path(
+    get,
+    path = "/keys",
+    tag = "keys",
+    summary = "List keys, a page at a time",
+    description = "A `keys:self` caller sees only its own keys.",
+    params(
+        ("collection" = Option<String>, Query, description = "Only keys of this collection"),
+        ("subject" = Option<String>, Query, description = "Only keys of this subject"),
+        ("state" = Option<KeyState>, Query, description = "Only keys in this state now"),
+        ("after" = Option<uuid::Uuid>, Query,
+            description = "The previous page's `next_cursor`: only keys created after it"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500,
+            description = "Page size (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "One page of keys", body = KeyPageView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn list_keys(
     State(manager): Manager,
     caller: Caller,
@@ -50,6 +98,23 @@ pub(super) async fn list_keys(
     Ok(Json(KeyPageView::new(&page, now)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/keys/{id}",
+    tag = "keys",
+    summary = "Get a key",
+    params(("id" = uuid::Uuid, Path, description = "The key id")),
+    responses(
+        (status = 200, description = "The key", body = KeyView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn get_key(
     State(manager): Manager,
     caller: Caller,
@@ -59,6 +124,27 @@ pub(super) async fn get_key(
     Ok(Json(KeyView::new(&record, manager.now())).into_response())
 }
 
+#[utoipa::path(
+    patch,
+    path = "/keys/{id}",
+    tag = "keys",
+    summary = "Update a key",
+    description = "Members left out are left unchanged; `null` clears the nullable ones. A \
+        `keys:self` caller may only tighten a key.",
+    params(("id" = uuid::Uuid, Path, description = "The key id")),
+    request_body = PatchRequest,
+    responses(
+        (status = 200, description = "The key as updated", body = KeyView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn update_key(
     State(manager): Manager,
     caller: Caller,
@@ -77,6 +163,24 @@ pub(super) async fn update_key(
     Ok(Json(KeyView::new(&record, manager.now())).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/keys/{id}/revoke",
+    tag = "keys",
+    summary = "Revoke a key, for good",
+    params(("id" = uuid::Uuid, Path, description = "The key id")),
+    responses(
+        (status = 200, description = "The revoked key", body = KeyView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn revoke_key(
     State(manager): Manager,
     caller: Caller,
@@ -87,6 +191,31 @@ pub(super) async fn revoke_key(
     Ok(Json(KeyView::new(&record, manager.now())).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/keys/{id}/rotate",
+    tag = "keys",
+    summary = "Replace a key with a new one",
+    description = "The new key has the old one's settings and lifetime from now; the old key \
+        keeps working for the grace period.",
+    params(("id" = uuid::Uuid, Path, description = "The key id")),
+    // A `ref`, not `Option<RotateBody>`: the body may be left out, but is never `null`.
+    request_body(content = ref("#/components/schemas/RotateKeyRequest"),
+        description = "Optional: leave the body out for the defaults"),
+    responses(
+        (status = 201, description = "The new key, its plaintext shown this once",
+            body = CreatedKeyView,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn rotate_key(
     State(manager): Manager,
     caller: Caller,
@@ -107,6 +236,24 @@ pub(super) async fn rotate_key(
     Ok(created_response(&created, manager.now()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/keys/{id}",
+    tag = "keys",
+    summary = "Delete a key and its record",
+    params(("id" = uuid::Uuid, Path, description = "The key id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn delete_key(
     State(manager): Manager,
     caller: Caller,

@@ -11,22 +11,53 @@ use crate::manage::ManageError;
 use crate::ratelimit::RateLimitPolicy;
 use crate::store::{KeyPatch, OwnerKind};
 
-/// A key to create, as a caller submits it; [`Caller::new_key`](super::Caller::new_key)
-/// fills the gaps from the caller and checks it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+// `Caller::new_key` fills the gaps from the caller and checks it. No container
+// `#[serde(default)]`: utoipa would document a `null` default for every member.
+/// A key to create. Only `name` is required; leave a member out (or send `null`) for its
+/// default. Unknown members are refused (422, field `body`).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = CreateKeyRequest)]
 pub(crate) struct CreateRequest {
+    /// A label for people, e.g. `ci deploys`.
+    #[schema(required = true, nullable = false, examples("ci deploys"))]
     pub(crate) name: Option<String>,
+    /// Free text; no control characters.
+    #[schema(nullable = false)]
     pub(crate) description: Option<String>,
+    /// The collection the key authenticates as; default: the caller's. It must be one a
+    /// layer of the manager serves.
+    #[schema(nullable = false, examples("users"))]
     pub(crate) collection: Option<String>,
+    /// The owner's id within the collection; default: the caller's.
+    #[schema(nullable = false)]
     pub(crate) subject: Option<String>,
+    /// The owner's kind; default: the caller's.
+    #[schema(nullable = false)]
     pub(crate) owner_kind: Option<OwnerKind>,
+    /// The scopes granted; default: none. A `keys:self` caller grants only scopes it holds.
+    #[schema(nullable = false)]
     pub(crate) scopes: Option<Vec<String>>,
+    /// A read-only key may only make safe requests (GET, HEAD, OPTIONS, TRACE); default:
+    /// `false`.
+    #[schema(nullable = false)]
     pub(crate) read_only: Option<bool>,
+    /// The environment in the key's prefix (`kw_<environment>_`); default: the caller's.
+    #[schema(nullable = false, examples("live"))]
     pub(crate) environment: Option<String>,
+    /// A lifetime from now such as `7d`, `30d`, `90d`, `24h` or `unlimited`. Give this or
+    /// `expires_at`, not both; default: unlimited (a `keys:self` caller's own expiry).
+    #[schema(nullable = false, examples("30d"))]
     pub(crate) expires_in: Option<String>,
+    /// An RFC 3339 instant in the future. Give this or `expires_in`, not both.
+    #[schema(nullable = false, format = DateTime, examples("2030-01-31T12:00:00Z"))]
     pub(crate) expires_at: Option<String>,
+    /// A JSON object of your own; default: `{}`. No control characters.
+    #[schema(nullable = false, value_type = Option<Object>)]
     pub(crate) metadata: Option<Value>,
+    /// A per-key rate limit such as `100/min` or `100/min,burst=20`; default: none (the
+    /// layer's default applies; a `keys:self` caller's own).
+    #[schema(nullable = false, value_type = Option<RateLimitPolicy>)]
     pub(crate) rate_limit: Option<String>,
 }
 
@@ -54,22 +85,44 @@ fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-/// A change to a key, as a caller submits it. Absent leaves a field alone; `null` clears the
-/// nullable ones.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// A change to a key. Every member is optional: a member left out is left unchanged.
+/// `description`, `metadata`, `rate_limit` and `expires_at` also take `null`, which clears
+/// them; the other members cannot be cleared. Unknown members are refused (422, field `body`).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = PatchKeyRequest)]
 pub(crate) struct PatchRequest {
+    /// Absent: unchanged. A string: the new name.
+    #[schema(nullable = false)]
     name: Option<String>,
-    #[serde(deserialize_with = "nullable")]
+    /// Absent: unchanged. `null`: removed. A string: the new description.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
     description: Option<Option<String>>,
+    /// Absent: unchanged. An array: replaces every scope. A `keys:self` caller sets only
+    /// scopes it holds.
+    #[schema(nullable = false)]
     scopes: Option<Vec<String>>,
+    /// Absent: unchanged. A boolean: the new value (a `keys:self` caller may only set `true`).
+    #[schema(nullable = false)]
     read_only: Option<bool>,
-    #[serde(deserialize_with = "nullable")]
+    /// Absent: unchanged. `null`: reset to `{}`. An object: replaces the metadata.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Option<Value>>,
-    #[serde(deserialize_with = "nullable")]
+    /// Absent: unchanged. `null`: removed (the layer's default applies). A rate limit such
+    /// as `100/min,burst=20`: the new one (a `keys:self` caller may only tighten it).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<RateLimitPolicy>)]
     rate_limit: Option<Option<String>>,
-    #[serde(deserialize_with = "nullable")]
+    /// Absent: unchanged. `null`: never expires (a `keys:self` caller may not). An RFC 3339
+    /// instant: the new expiry (a `keys:self` caller may only bring it forward).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     expires_at: Option<Option<String>>,
+    /// Absent: unchanged. A boolean: disables or re-enables the key (a `keys:self` caller
+    /// may only disable).
+    #[schema(nullable = false)]
     disabled: Option<bool>,
 }
 

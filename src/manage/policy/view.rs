@@ -27,32 +27,61 @@ use crate::store::{KeyPage, KeyRecord, KeyState, OwnerKind};
 /// # }
 /// ```
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "manage-api", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "manage-api",
+    schema(description = "A key: every field but its secrets, \
+    plus its `state` when the view was made. Timestamps are RFC 3339.")
+)]
 pub struct KeyView<'a> {
+    /// The key id.
     id: Uuid,
+    /// A label for people.
     name: &'a str,
+    /// Free text, if any.
     description: Option<&'a str>,
+    /// The first characters of the key, to recognize it (`kw_live_ab12`).
     display_start: &'a str,
+    /// The collection the key authenticates as.
     collection: &'a str,
+    /// The owner's id within the collection.
     subject: &'a str,
+    /// The owner's kind.
     owner_kind: OwnerKind,
+    /// The scopes granted.
+    #[cfg_attr(feature = "manage-api", schema(value_type = Vec<String>))]
     scopes: &'a [String],
+    /// The environment in the key's prefix (`kw_<environment>_`).
     environment: &'a str,
+    /// Only safe methods (GET, HEAD, OPTIONS, TRACE) are admitted.
     read_only: bool,
+    /// The caller's own JSON object.
+    #[cfg_attr(feature = "manage-api", schema(value_type = Object))]
     metadata: &'a Value,
+    /// The key's own rate limit; `null`: the layer's default applies.
     rate_limit: Option<RateLimitPolicy>,
+    /// The key's state when the view was made.
     state: KeyState,
+    /// When the key was created.
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
+    /// When the key was last changed.
     #[serde(with = "time::serde::rfc3339")]
     updated_at: OffsetDateTime,
+    /// When the key expires; `null`: never.
     #[serde(with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
+    /// When the key last authenticated a request, if ever (recorded in batches).
     #[serde(with = "time::serde::rfc3339::option")]
     last_used_at: Option<OffsetDateTime>,
+    /// How many requests the key authenticated (recorded in batches).
     use_count: u64,
+    /// When the key was revoked; `null`: not revoked.
     #[serde(with = "time::serde::rfc3339::option")]
     revoked_at: Option<OffsetDateTime>,
+    /// Disabled keys are refused until enabled again.
     disabled: bool,
+    /// The key this one was rotated from, if any.
     rotated_from: Option<Uuid>,
 }
 
@@ -88,7 +117,14 @@ impl<'a> KeyView<'a> {
 /// A key just created or rotated, as JSON: `key` (the plaintext, the only view that holds it)
 /// followed by the [`KeyView`] members.
 #[derive(Clone, Serialize)]
+#[cfg_attr(feature = "manage-api", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "manage-api",
+    schema(description = "A key just created or rotated: \
+    `key`, the plaintext (in this response only), and the `KeyView` members.")
+)]
 pub struct CreatedKeyView<'a> {
+    /// The plaintext key, in this response only.
     key: &'a str,
     #[serde(flatten)]
     view: KeyView<'a>,
@@ -116,8 +152,11 @@ impl std::fmt::Debug for CreatedKeyView<'_> {
 
 /// One page of keys as JSON: `{"items": [KeyView...], "next_cursor": id or null}`.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "manage-api", derive(utoipa::ToSchema))]
 pub struct KeyPageView<'a> {
+    /// The keys of this page, in creation order.
     items: Vec<KeyView<'a>>,
+    /// Pass as `after` for the next page; `null`: this is the last page.
     next_cursor: Option<Uuid>,
 }
 
