@@ -329,7 +329,10 @@ async fn separately_built_layers_over_one_store_hear_each_others_changes() {
     let (a, b) = (build(), build());
     let route = |layer: &ApiKeyLayer| {
         Router::new()
-            .route("/", get(|p: Principal| async move { p.subject().to_owned() }))
+            .route(
+                "/",
+                get(|p: Principal| async move { p.subject().to_owned() }),
+            )
             .layer(layer.clone())
     };
     let (app_a, app_b) = (route(&a), route(&b));

@@ -208,7 +208,7 @@ impl KeyManager {
     /// Sets the rate limit that applies to keys without their own: the
     /// [`default_rate_limit`](crate::ApiKeyLayerBuilder::default_rate_limit) of the layer that
     /// verifies them ([`for_layer`](Self::for_layer) takes it from its layer). The
-    /// [management API](crate::management_router) compares effective limits (a key's own,
+    /// management API (`management_router`) compares effective limits (a key's own,
     /// else this one), so a `keys:self` caller cannot escape the default by creating or
     /// patching a key without a limit, or with a looser one.
     #[must_use]
@@ -299,7 +299,7 @@ impl KeyManager {
     }
 
     /// Also tells other instances about every change, through `publisher` (for example a
-    /// [`RedisBackend`](crate::redis::RedisBackend) their
+    /// `RedisBackend` (feature `redis`) their
     /// [`InvalidationListener`](crate::invalidation::InvalidationListener)s subscribe to). A failed
     /// publish is logged, not returned: the change itself is already stored, and the other
     /// instances' cache TTL bounds how long they may miss it.
