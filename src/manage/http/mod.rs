@@ -81,8 +81,8 @@ use axum::Router;
 use super::KeyManager;
 
 mod auth;
-mod error;
-mod extract;
+pub(crate) mod error;
+pub(crate) mod extract;
 mod routes;
 
 /// The management API as an axum `Router` to nest under any path, behind an
