@@ -683,3 +683,83 @@ async fn forward_auth_answers_identity_headers_or_the_layers_rejection() {
     .await;
     problem(&reply, 400, "ambiguous_credentials");
 }
+
+/// The verify API and forward auth share the layer's pipeline: concurrent misses make one
+/// store query, hits and cached not-found answers make none, and a revocation through a
+/// manager of the layer applies at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_endpoints_use_the_layers_cache_and_coalescing() {
+    let store = Arc::new(support::CountingStore::slow(Duration::from_millis(50)));
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let caller = manager
+        .create(NewKey::new("gw", "svc").scope("keys:verify"))
+        .await
+        .unwrap();
+    let key = manager.create(NewKey::new("k", "alice")).await.unwrap();
+    let unknown = keywarden::key::KeyPrefix::new("kw_live")
+        .unwrap()
+        .generate();
+    let app: Router = AuthServer::new(layer.clone()).router();
+    // Warm the caller's own entry.
+    let reply = send(
+        &app,
+        verify_request(
+            Some(caller.key.expose()),
+            Some("application/json"),
+            &json!({ "key": key.key.expose() }).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(reply.json()["valid"], true);
+    let before = store.lookups();
+
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let app = app.clone();
+            let caller = caller.key.expose().to_owned();
+            let unknown = unknown.expose().to_owned();
+            tokio::spawn(async move {
+                let body = json!({ "key": unknown }).to_string();
+                if i % 2 == 0 {
+                    let req = verify_request(Some(&caller), Some("application/json"), &body);
+                    send(&app, req).await.json()["code"].clone()
+                } else {
+                    let req = auth_request("GET", "/v1/auth", &[("x-api-key", &unknown)]);
+                    Value::from(send(&app, req).await.code())
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), "invalid_key");
+    }
+    assert_eq!(
+        store.lookups(),
+        before + 1,
+        "one query for 50 concurrent misses"
+    );
+    for _ in 0..5 {
+        let reply = send(
+            &app,
+            auth_request("GET", "/v1/auth", &[("x-api-key", key.key.expose())]),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(store.lookups(), before + 1, "hits make no query");
+
+    manager.revoke(key.record.id).await.unwrap();
+    let reply = send(
+        &app,
+        auth_request("GET", "/v1/auth", &[("x-api-key", key.key.expose())]),
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.code(), "revoked_key");
+}
