@@ -42,7 +42,7 @@
 //! - `{"valid": false, "code": "revoked_key", "detail": "..."}` with the layer's code
 //!   (`missing_credentials` never: an empty key is a 422). A `rate_limited` answer adds
 //!   `ratelimit` and `retry_after` (seconds). A key that lacks one of `scopes` is
-//!   `insufficient_scope` (scopes are judged by [`Principal::has_scope`]). `store_unavailable`
+//!   `insufficient_scope` (scopes are judged by [`Principal::has_scope`](crate::Principal::has_scope)). `store_unavailable`
 //!   is also an answer, not an error status: retry later.
 //!
 //! A verification counts as one use of the key and one request against its rate limit; a
