@@ -544,7 +544,12 @@ async fn forward_auth_answers_identity_headers_or_the_layers_rejection() {
     let reader = fx.key(NewKey::new("r", "bob").read_only(true)).await;
 
     // Any method, any path under the prefix (Envoy appends the original path).
-    for (method, uri) in [("GET", "/v1/auth"), ("POST", "/v1/auth/orders/7?x=1")] {
+    for (method, uri) in [
+        ("GET", "/v1/auth"),
+        ("GET", "/v1/auth/"),
+        ("GET", "/v1/auth/a/b"),
+        ("POST", "/v1/auth/orders/7?x=1"),
+    ] {
         let reply = send(
             &app,
             auth_request(method, uri, &[("x-api-key", reader.key.expose())]),

@@ -45,6 +45,9 @@
 //!   `insufficient_scope` (scopes are judged by [`Principal::has_scope`](crate::Principal::has_scope)). `store_unavailable`
 //!   is also an answer, not an error status: retry later.
 //!
+//! The method of the request the key came with is not known here, so a read-only key is valid
+//! (forward auth knows the method, and refuses it on unsafe ones).
+//!
 //! A verification counts as one use of the key and one request against its rate limit; a
 //! rejected key counts against the client address of the verify request (see
 //! [`AuthServer::client_address`]: the calling service can forward its own client's address
@@ -143,8 +146,8 @@ impl AuthServer {
         self
     }
 
-    /// The routes: `POST /v1/keys/verify`, and `/v1/auth` and `/v1/auth/{*path}` for any
-    /// method. Not to be put behind the layer: each route authenticates through it itself.
+    /// The routes: `POST /v1/keys/verify`, and `/v1/auth`, `/v1/auth/` and `/v1/auth/{*path}`
+    /// for any method. Not to be put behind the layer: each route authenticates through it itself.
     ///
     /// Like [`management_router`](crate::manage::management_router) it is a `Router<S>` for
     /// any app state `S`.
@@ -155,6 +158,7 @@ impl AuthServer {
         Router::new()
             .route("/v1/keys/verify", post(verify::verify))
             .route("/v1/auth", any(forward::forward_auth))
+            .route("/v1/auth/", any(forward::forward_auth))
             .route("/v1/auth/{*path}", any(forward::forward_auth))
             .with_state(self)
     }

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::Method;
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::{AuthServer, VERIFY_SCOPE};
 use crate::manage::http::error::ApiError;
@@ -16,9 +17,9 @@ use crate::ratelimit::ClientAddressSource;
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 
 /// The request body. Every member is optional to serde, so each bad one can be named; `key`
-/// is then required by hand. No `Debug`: it holds a key.
-#[derive(Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// is then required by hand. No `Debug`, and wiped on drop: it holds a key.
+#[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
+#[serde(deny_unknown_fields)]
 pub(super) struct VerifyRequest {
     key: Option<String>,
     scopes: Option<Vec<String>>,
