@@ -36,6 +36,9 @@ pub mod scope;
 pub mod interop;
 pub mod invalidation;
 pub mod manage;
+#[cfg(feature = "manage-api")]
+#[cfg_attr(docsrs, doc(cfg(feature = "manage-api")))]
+pub mod server;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;

@@ -218,6 +218,16 @@ impl AuthRejection {
         &self.detail
     }
 
+    /// How long the client should wait before retrying (`Retry-After`), if said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The rate-limit state of a `rate_limited` rejection (`RateLimit-*` headers).
+    pub fn rate_limit(&self) -> Option<RateLimitStatus> {
+        self.rate_limit
+    }
+
     /// The problem+json body.
     pub fn body(&self) -> Bytes {
         match self.detail {

@@ -65,8 +65,12 @@ const LAYERS: &[Row] = &[
     },
     Row {
         name: "plug-ins",
-        modules: &["interop", "invalidation", "manage", "testing"],
-        allowed: &[("manage", "invalidation"), ("testing", "manage")],
+        modules: &["interop", "invalidation", "manage", "server", "testing"],
+        allowed: &[
+            ("manage", "invalidation"),
+            ("server", "manage"),
+            ("testing", "manage"),
+        ],
     },
 ];
 

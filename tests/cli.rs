@@ -779,6 +779,79 @@ async fn serve_whoami_and_cli_revocation() {
     }
 }
 
+/// `serve` offers the verification API (caller scope `keys:verify`) and forward auth; the
+/// keyless loopback option needs a loopback address and opens only the verify API.
+#[tokio::test]
+async fn serve_offers_the_verify_api_and_forward_auth() {
+    let dir = TempDir::new("serve-verify");
+    let (key, id) = create_key(&dir, &["--name", "k", "--subject", "alice", "--read-only"]);
+    let (caller, _) = create_key(&dir, &["--name", "gw", "--scope", "keys:verify"]);
+    let http = client();
+    let server = Server::start(&dir, "serve-verify");
+    server.wait_healthy(&http).await;
+    let verify = |caller: Option<&str>| {
+        let mut req = http
+            .post(server.url("/v1/keys/verify"))
+            .json(&serde_json::json!({ "key": key }));
+        if let Some(caller) = caller {
+            req = req.header("x-api-key", caller);
+        }
+        req.send()
+    };
+    let response = verify(Some(&caller)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let verdict: Value = response.json().await.unwrap();
+    assert_eq!(verdict["valid"], true);
+    assert_eq!(verdict["principal"]["key_id"], id.as_str());
+    let response = verify(Some(&key)).await.unwrap();
+    assert_eq!(problem(response).await, (403, "insufficient_scope".into()));
+    let response = verify(None).await.unwrap();
+    assert_eq!(problem(response).await, (401, "missing_credentials".into()));
+
+    let response = http
+        .get(server.url("/v1/auth"))
+        .header("authorization", format!("Bearer {key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-keywarden-subject"], "alice");
+    assert_eq!(response.headers()["x-keywarden-key-id"], id.as_str());
+    let response = http
+        .get(server.url("/v1/auth"))
+        .header("x-api-key", &key)
+        .header("x-forwarded-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem(response).await, (403, "insufficient_scope".into()));
+    drop(server);
+
+    let open = Server::start_with(&dir, "serve-open", &["--verify-without-key-on-loopback"]);
+    open.wait_healthy(&http).await;
+    let response = http
+        .post(open.url("/v1/keys/verify"))
+        .json(&serde_json::json!({ "key": key }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["valid"], true);
+    drop(open);
+
+    let error = fails(
+        &dir,
+        Some(SECRET),
+        &[
+            "serve",
+            "--addr",
+            "0.0.0.0:0",
+            "--verify-without-key-on-loopback",
+        ],
+    );
+    assert!(error.contains("needs a loopback --addr"), "{error}");
+}
+
 #[test]
 fn serve_with_unreachable_redis_fails_in_one_line_without_the_url() {
     let dir = TempDir::new("redis-down");

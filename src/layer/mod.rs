@@ -24,6 +24,7 @@
 //! ```
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tower_layer::Layer;
@@ -33,7 +34,7 @@ use crate::clock::Clock;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
 use crate::ratelimit::RateLimitPolicy;
-use crate::rejection::AuthRejection;
+use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::secret::{Digest, SecretRing};
 use crate::store::{ForeignScheme, ForeignSource, KeyStore, StoreError};
 use crate::verify::{ForeignCollection, Verifier};
@@ -211,6 +212,51 @@ impl ApiKeyLayer {
         method: &http::Method,
     ) -> Result<Principal, AuthRejection> {
         self.verifier.verify_key(key, method).await
+    }
+
+    /// Checks a key for a request made elsewhere (a verification API, a gateway's
+    /// forward-auth call) through exactly the request path: format, digest, cache (found and
+    /// not-found entries, coalesced misses) and store, the key's checks for `method`
+    /// (read-only keys only on safe methods), its rate limit (a call counts as one use, which
+    /// is recorded), and failed-attempt limiting by `client` when the layer has it on (a
+    /// rejected key counts against `client`; an address over its budget is `rate_limited`).
+    ///
+    /// Unlike [`verify`](Self::verify) it also returns the rate-limit status, for the
+    /// `RateLimit-*` headers.
+    ///
+    /// # Errors
+    /// The [`AuthRejection`] the request path would have produced.
+    pub async fn check(
+        &self,
+        key: &str,
+        method: &http::Method,
+        client: Option<IpAddr>,
+    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
+        let value = http::HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
+            AuthRejection::new(
+                RejectionKind::MalformedKey,
+                "the key contains invalid bytes",
+            )
+        })?;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(crate::credential::X_API_KEY, value);
+        self.verifier.check(&headers, method, client).await
+    }
+
+    /// [`check`](Self::check) for a credential in request headers, found as the layer finds
+    /// it (`Authorization: Bearer`, `<collection> API-Key`, `X-Api-Key` and the configured
+    /// extra headers; never the query string), always in required mode: no credential is
+    /// `missing_credentials`.
+    ///
+    /// # Errors
+    /// The [`AuthRejection`] the request path would have produced.
+    pub async fn check_headers(
+        &self,
+        headers: &http::HeaderMap,
+        method: &http::Method,
+        client: Option<IpAddr>,
+    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
+        self.verifier.check(headers, method, client).await
     }
 
     /// Drops every cached digest of this key, on this instance, now.

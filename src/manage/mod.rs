@@ -21,7 +21,7 @@
 mod actor;
 mod error;
 #[cfg(feature = "manage-api")]
-mod http;
+pub(crate) mod http;
 mod manager;
 mod policy;
 mod reveal;

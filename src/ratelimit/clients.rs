@@ -35,6 +35,24 @@ pub enum ClientAddressSource {
     TrustedHeader(HeaderName),
 }
 
+impl ClientAddressSource {
+    /// The client address of a request with these `headers` and `extensions`: the trusted
+    /// header's last entry, else the connection's address; `None` when neither is known.
+    pub fn address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+        if let Self::TrustedHeader(name) = self {
+            if let Some(ip) = headers
+                .get_all(name)
+                .iter()
+                .next_back()
+                .and_then(|value| last_address(value.as_bytes()))
+            {
+                return Some(ip);
+            }
+        }
+        connection_address(extensions)
+    }
+}
+
 /// What a client address that is over its failure budget may still do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -165,17 +183,7 @@ impl FailureTracker {
 
     /// The client's address, per the configured source.
     pub(crate) fn address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
-        if let ClientAddressSource::TrustedHeader(name) = &self.config.address {
-            if let Some(ip) = headers
-                .get_all(name)
-                .iter()
-                .next_back()
-                .and_then(|value| last_address(value.as_bytes()))
-            {
-                return Some(ip);
-            }
-        }
-        let address = connection_address(extensions);
+        let address = self.config.address.address(headers, extensions);
         if address.is_none()
             && !self.warned_no_address.load(Ordering::Relaxed)
             && !self.warned_no_address.swap(true, Ordering::Relaxed)

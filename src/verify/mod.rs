@@ -137,6 +137,56 @@ impl Verifier {
         Ok(status)
     }
 
+    /// The request path for a credential that arrives without a request to admit (a
+    /// verification API, forward auth): the layer's own extraction from `headers` (required
+    /// mode, no query parameter), the client's failure budget, the hit path or resolution,
+    /// the checks for `method`, the rate limit; then what [`Verifier::admit_or_reject`] does
+    /// besides touching a request: the use is noted, a rejected key counts against `client`.
+    pub(crate) async fn check(
+        &self,
+        headers: &http::HeaderMap,
+        method: &Method,
+        client: Option<IpAddr>,
+    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
+        let blocked = self.admission.blocked(client);
+        let key = match self.credentials.prepare(headers, None, false) {
+            Presented::Key(key) => key,
+            Presented::Nothing => {
+                return Err(AuthRejection::new(
+                    RejectionKind::MissingCredentials,
+                    "send an API key in the Authorization or X-Api-Key header",
+                ))
+            }
+            Presented::Reject(rejection) => {
+                if let Some(blocked) = &blocked {
+                    return Err(self.resolver.blocked_rejection(blocked));
+                }
+                self.admission.note_failure(client, rejection.kind());
+                return Err(rejection);
+            }
+        };
+        if let Some(blocked) = blocked.as_ref().filter(|b| !b.allow_cached) {
+            return Err(self.resolver.blocked_rejection(blocked));
+        }
+        let outcome = match self.outcome_now(&key, method, blocked.as_ref()) {
+            Some(outcome) => outcome,
+            None => {
+                self.outcome(&key, headers, None, method, false, blocked.as_ref())
+                    .await
+            }
+        };
+        match outcome {
+            Ok((resolved, status)) => {
+                self.admission.record_use(&resolved);
+                Ok((resolved.principal.clone(), status))
+            }
+            Err(rejection) => {
+                self.admission.note_failure(client, rejection.kind());
+                Err(rejection)
+            }
+        }
+    }
+
     /// Verifies a key given outside HTTP, with the request path's checks.
     pub(crate) async fn verify_key(
         &self,

@@ -1,13 +1,15 @@
 //! `keywarden serve`: the demo service behind the layer, with the management API under
-//! `/admin`, until Ctrl-C or SIGTERM.
+//! `/admin`, the verification API and forward auth for gateways (`keywarden::server`), until
+//! Ctrl-C or SIGTERM.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use clap::Args;
 use keywarden::{
-    invalidation::InvalidationListener, ratelimit::RateLimiter, redis::RedisBackend, KeyManager,
-    SecretRing,
+    invalidation::InvalidationListener, ratelimit::RateLimiter, redis::RedisBackend,
+    server::AuthServer, KeyManager, SecretRing,
 };
 use serde_json::json;
 
@@ -34,6 +36,11 @@ pub(crate) struct ServeArgs {
     /// Prefix of every Redis key and channel; instances of one deployment share it.
     #[arg(long, env = "KEYWARDEN_REDIS_NAMESPACE", default_value = "keywarden")]
     redis_namespace: String,
+    /// Let `POST /v1/keys/verify` requests from loopback connections verify keys without a
+    /// caller key holding `keys:verify`. Only with a loopback --addr. RISK: every local
+    /// process, and anything a local reverse proxy forwards, can then test keys.
+    #[arg(long)]
+    verify_without_key_on_loopback: bool,
 }
 
 /// The ring's secret ids (never the secrets), for `secret retire`.
@@ -51,6 +58,12 @@ fn ring_ids(ring: &SecretRing) -> String {
 }
 
 pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
+    if args.verify_without_key_on_loopback && !listens_on_loopback_only(&args.addr) {
+        return Err(Failure(format!(
+            "--verify-without-key-on-loopback needs a loopback --addr (127.0.0.1, [::1]), not {}",
+            args.addr
+        )));
+    }
     let secrets = load_secrets()?;
     let reveal_keys = load_reveal_keys()?;
     let ring_ids = ring_ids(&secrets);
@@ -89,7 +102,11 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
                 .map_err(|e| Failure(format!("cannot subscribe to Redis: {e}")))?,
         );
     }
-    let app = demo_router(layer.clone(), Arc::new(manager));
+    let mut auth_server = AuthServer::new(layer.clone());
+    if args.verify_without_key_on_loopback {
+        auth_server = auth_server.verify_without_caller_key_from_loopback();
+    }
+    let app = demo_router(layer.clone(), Arc::new(manager)).merge(auth_server.router());
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
         .map_err(|e| Failure(format!("cannot listen on {}: {e}", args.addr)))?;
@@ -103,7 +120,8 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
         println!("{ring_ids}");
         println!(
             "routes: GET /healthz (open), GET /whoami, /admin/keys (API key required; \
-             collections users, teams, services)"
+             collections users, teams, services), POST /v1/keys/verify (caller scope \
+             keys:verify), /v1/auth (forward auth for gateways)"
         );
         let propagation = match (listeners.is_empty(), redis.is_some()) {
             (true, _) => {
@@ -121,6 +139,8 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The connection's address: the loopback check of the verify API.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(());
@@ -148,6 +168,15 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
         println!("shut down");
     }
     result
+}
+
+/// Whether `addr` (`host:port`) can only be reached from this host.
+fn listens_on_loopback_only(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|addr| addr.ip().is_loopback())
+        || addr
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM. If a signal cannot be watched it never fires.

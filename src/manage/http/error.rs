@@ -69,7 +69,7 @@ pub(crate) enum ApiError {
 }
 
 impl ApiError {
-    pub(super) fn problem(
+    pub(crate) fn problem(
         status: StatusCode,
         code: &'static str,
         title: &'static str,
@@ -84,7 +84,7 @@ impl ApiError {
         }
     }
 
-    pub(super) fn bad_request(detail: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
         Self::problem(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -107,7 +107,7 @@ impl ApiError {
         }
     }
 
-    pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Self::validation(vec![FieldError::new(field, message)])
     }
 }

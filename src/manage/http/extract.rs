@@ -34,11 +34,11 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyId {
 }
 
 /// A JSON object body, read with problem+json rejections.
-pub(super) struct JsonBody<T>(pub(super) T);
+pub(crate) struct JsonBody<T>(pub(crate) T);
 
 /// A request body type and the names of its members: errors name only these, never a member
 /// name the client sent.
-pub(super) trait BodyFields: DeserializeOwned {
+pub(crate) trait BodyFields: DeserializeOwned {
     const FIELDS: &'static [&'static str];
 }
 

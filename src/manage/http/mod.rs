@@ -83,8 +83,8 @@ use axum::Router;
 use super::KeyManager;
 
 mod auth;
-mod error;
-mod extract;
+pub(crate) mod error;
+pub(crate) mod extract;
 mod openapi;
 mod routes;
 
