@@ -232,6 +232,7 @@ async fn nginx_auth_request_in_front_of_an_upstream() {
         .header("x-api-key", valid.key.expose())
         .header("x-keywarden-subject", "mallory")
         .header("x-keywarden-scopes", "*")
+        .header("x-keywarden-code", "forged")
         .send()
         .await
         .unwrap();
@@ -285,6 +286,17 @@ async fn nginx_auth_request_in_front_of_an_upstream() {
         .post(&url)
         .header("x-api-key", reader.key.expose())
         .body("{}")
+        .send()
+        .await
+        .unwrap();
+    rejected(response, 403, "insufficient_scope").await;
+    // A client claiming its DELETE is a GET (nginx passes client headers into the
+    // subrequest): the shipped configuration overwrites the header, so still a 403.
+    let response = http
+        .delete(&url)
+        .header("x-api-key", reader.key.expose())
+        .header("x-forwarded-method", "GET")
+        .header("x-original-method", "GET")
         .send()
         .await
         .unwrap();

@@ -624,7 +624,7 @@ async fn forward_auth_answers_identity_headers_or_the_layers_rejection() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.headers["x-keywarden-subject"], "alic%C3%A9 100%25");
+    assert_eq!(reply.headers["x-keywarden-subject"], "alic%C3%A9%20100%25");
     assert_eq!(reply.headers["x-keywarden-collection"], "teams");
     assert_eq!(reply.headers["x-keywarden-scopes"], "read,write");
     assert_eq!(reply.headers["ratelimit-limit"], "2");

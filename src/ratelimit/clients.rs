@@ -51,6 +51,21 @@ impl ClientAddressSource {
         }
         connection_address(extensions)
     }
+
+    /// The address the trusted header names, without falling back to the connection's;
+    /// `None` for [`Connection`](Self::Connection). For servers that answer on behalf of
+    /// many clients (a verification service behind a gateway), where the connection's
+    /// address is the gateway's.
+    pub fn forwarded_address(&self, headers: &HeaderMap) -> Option<IpAddr> {
+        match self {
+            Self::TrustedHeader(name) => headers
+                .get_all(name)
+                .iter()
+                .next_back()
+                .and_then(|value| last_address(value.as_bytes())),
+            Self::Connection => None,
+        }
+    }
 }
 
 /// What a client address that is over its failure budget may still do.

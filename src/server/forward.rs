@@ -51,14 +51,25 @@ pub(super) async fn forward_auth(State(server): State<AuthServer>, req: Request)
     }
 }
 
-/// The method the gateway forwarded, if it says; a value that is not a method is a 400.
+/// The method the gateway forwarded, if it says. Every value of both headers must name the
+/// same method: a client may add one of them itself (nginx passes client headers into its
+/// `auth_request` subrequest), so a second opinion is a 400, never a choice. A value that is
+/// not a method is a 400 too.
 fn original_method(headers: &HeaderMap) -> Result<Option<Method>, ApiError> {
-    let Some(value) = METHOD_HEADERS.iter().find_map(|name| headers.get(name)) else {
-        return Ok(None);
-    };
-    Method::from_bytes(value.as_bytes().trim_ascii())
-        .map(Some)
-        .map_err(|_| ApiError::bad_request("the forwarded method is not an HTTP method"))
+    let mut found: Option<Method> = None;
+    for name in &METHOD_HEADERS {
+        for value in headers.get_all(name) {
+            let method = Method::from_bytes(value.as_bytes().trim_ascii())
+                .map_err(|_| ApiError::bad_request("the forwarded method is not an HTTP method"))?;
+            match &found {
+                Some(seen) if *seen != method => return Err(ApiError::bad_request(
+                    "the forwarded method headers disagree (X-Forwarded-Method, X-Original-Method)",
+                )),
+                _ => found = Some(method),
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn identity_headers(principal: &Principal) -> HeaderMap {
@@ -70,17 +81,28 @@ fn identity_headers(principal: &Principal) -> HeaderMap {
             .expect("a UUID is a valid header value"),
     );
     headers.insert(COLLECTION, header_text(principal.collection().as_bytes()));
-    headers.insert(SCOPES, header_text(principal.scopes().join(",").as_bytes()));
+    let mut scopes = Vec::new();
+    for (i, scope) in principal.scopes().iter().enumerate() {
+        if i > 0 {
+            scopes.push(b',');
+        }
+        scopes.extend_from_slice(header_text(scope.as_bytes()).as_bytes());
+    }
+    headers.insert(
+        SCOPES,
+        HeaderValue::from_bytes(&scopes).expect("encoded scopes are a valid header value"),
+    );
     headers
 }
 
-/// `text` as a header value: visible ASCII and spaces as they are, `%` and every other byte
-/// percent-encoded, so a subject can neither break the header nor smuggle another one.
+/// `text` as a header value: visible ASCII as it is; `%`, `,` (the scopes' separator), space
+/// and every other byte percent-encoded, so a value can neither break the header, smuggle
+/// another one, add a scope to the list, nor lose a trailing space to a gateway's trimming.
 fn header_text(text: &[u8]) -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = Vec::with_capacity(text.len());
     for &byte in text {
-        if (byte == b' ' || byte.is_ascii_graphic()) && byte != b'%' {
+        if byte.is_ascii_graphic() && byte != b'%' && byte != b',' {
             out.push(byte);
         } else {
             out.extend_from_slice(&[
@@ -99,10 +121,21 @@ mod tests {
 
     #[test]
     fn header_text_encodes_what_a_header_cannot_carry() {
-        assert_eq!(header_text(b"user 42"), "user 42");
+        assert_eq!(header_text(b"user 42"), "user%2042");
+        assert_eq!(header_text(b"alice "), "alice%20");
+        assert_eq!(header_text(b"a:read,b:admin"), "a:read%2Cb:admin");
         assert_eq!(header_text(b"a%b"), "a%25b");
-        assert_eq!(header_text(b"x\r\nSet-Cookie: y"), "x%0D%0ASet-Cookie: y");
+        assert_eq!(header_text(b"x\r\nSet-Cookie: y"), "x%0D%0ASet-Cookie:%20y");
         assert_eq!(header_text("é".as_bytes()), "%C3%A9");
+    }
+
+    /// A scope holding the separator cannot add a scope to the list the upstream splits.
+    #[test]
+    fn a_comma_in_a_scope_stays_inside_that_scope() {
+        let principal = Principal::for_tests(&["articles:read,billing:admin", "keys:self"]);
+        let headers = identity_headers(&principal);
+        assert_eq!(headers[SCOPES], "articles:read%2Cbilling:admin,keys:self");
+        assert_eq!(headers[SCOPES].to_str().unwrap().split(',').count(), 2);
     }
 
     #[test]
@@ -111,8 +144,14 @@ mod tests {
         assert_eq!(original_method(&headers).unwrap(), None);
         headers.insert("x-original-method", HeaderValue::from_static("POST"));
         assert_eq!(original_method(&headers).unwrap(), Some(Method::POST));
-        headers.insert("x-forwarded-method", HeaderValue::from_static("DELETE"));
-        assert_eq!(original_method(&headers).unwrap(), Some(Method::DELETE));
+        // A second header that disagrees (a client can add one) is refused, not chosen.
+        headers.insert("x-forwarded-method", HeaderValue::from_static("GET"));
+        assert!(original_method(&headers).is_err());
+        headers.insert("x-forwarded-method", HeaderValue::from_static("POST"));
+        assert_eq!(original_method(&headers).unwrap(), Some(Method::POST));
+        headers.append("x-original-method", HeaderValue::from_static("GET"));
+        assert!(original_method(&headers).is_err());
+        headers.remove("x-original-method");
         headers.insert(
             "x-forwarded-method",
             HeaderValue::from_static("NOT A METHOD"),

@@ -79,7 +79,9 @@
 //! - Success: `200`, empty body, with `X-Keywarden-Subject`, `X-Keywarden-Key-Id`,
 //!   `X-Keywarden-Collection` and `X-Keywarden-Scopes` (scopes joined by `,`) for the gateway
 //!   to pass upstream, and the `RateLimit-*` headers when the key is limited. Bytes of the
-//!   subject, collection or scopes outside visible ASCII, and `%`, are percent-encoded.
+//!   subject, collection or each scope outside visible ASCII (space included), `%` and `,`
+//!   are percent-encoded: split the scopes on `,`, then decode each. The forwarded method
+//!   headers (`X-Forwarded-Method`, `X-Original-Method`) must agree, else 400.
 //! - Rejection: the layer's status, headers (`WWW-Authenticate`, `Retry-After`,
 //!   `RateLimit-*`) and problem+json body, plus `X-Keywarden-Code: <code>` for gateways that
 //!   render their own body (nginx: see `docs/gateways.md`).
@@ -107,29 +109,33 @@ pub const VERIFY_SCOPE: &str = "keys:verify";
 #[derive(Debug, Clone)]
 pub struct AuthServer {
     layer: ApiKeyLayer,
-    client_address: ClientAddressSource,
+    client_address: Option<ClientAddressSource>,
     loopback_without_key: bool,
 }
 
 impl AuthServer {
     /// Both endpoints over `layer` (and its cache, limits and invalidations); the verify API
-    /// requires a caller key with `keys:verify`; client addresses are the connection's.
+    /// requires a caller key with `keys:verify`. Verified keys' failures count against no
+    /// address until [`client_address`](Self::client_address) names one.
     pub fn new(layer: ApiKeyLayer) -> Self {
         Self {
             layer: layer.required(),
-            client_address: ClientAddressSource::Connection,
+            client_address: None,
             loopback_without_key: false,
         }
     }
 
-    /// Where the client address for failed-attempt limiting comes from (default: the
-    /// connection, which behind a gateway is the gateway's own address: one client's bad
-    /// keys would then block everybody). Behind a gateway, name the header it sets to the
-    /// client's address, e.g. `X-Real-IP` (its last entry is used) — and make sure the gateway
-    /// always overwrites it, or clients choose their own address.
+    /// Where the address of the client a verified key came from is found, for the layer's
+    /// failed-attempt limiting. Default: nowhere, so no address is blamed: the connection is a
+    /// calling service or a gateway answering for many clients, and blaming it would let one
+    /// client's bad keys block everybody (the calling service's own key included). Behind a
+    /// gateway, name the header it sets to the client's address, e.g. `X-Real-IP` (its last
+    /// entry is used; a request without it blames no one) — and make sure the gateway always
+    /// overwrites it, or clients choose their own address. `ClientAddressSource::Connection`
+    /// blames the connection's address: only when each client connects directly.
     #[must_use]
     pub fn client_address(mut self, source: ClientAddressSource) -> Self {
-        self.client_address = source;
+        self.client_address = Some(source);
         self
     }
 
@@ -164,6 +170,11 @@ impl AuthServer {
     }
 
     fn client(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
-        self.client_address.address(headers, extensions)
+        match self.client_address.as_ref()? {
+            ClientAddressSource::Connection => {
+                ClientAddressSource::Connection.address(headers, extensions)
+            }
+            source => source.forwarded_address(headers),
+        }
     }
 }

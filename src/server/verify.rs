@@ -17,7 +17,8 @@ use crate::ratelimit::ClientAddressSource;
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 
 /// The request body. Every member is optional to serde, so each bad one can be named; `key`
-/// is then required by hand. No `Debug`, and wiped on drop: it holds a key.
+/// is then required by hand. No `Debug`, and this copy of the key is wiped on drop (best
+/// effort: the raw body and the parsed JSON it came from are freed without wiping).
 #[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
 #[serde(deny_unknown_fields)]
 pub(super) struct VerifyRequest {
