@@ -7,8 +7,7 @@ use uuid::Uuid;
 
 use super::{
     no_secret, retired_placeholder, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage,
-    Observers, SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver,
-    UnmigratedKeys,
+    Observers, SecretRetirement, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
 };
 use crate::secret::{Digest, SecretId};
 
@@ -58,11 +57,7 @@ impl MemoryStore {
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let result = self.insert_unobserved(record).await;
-        if result.is_ok() {
-            self.observers.notify(StoreChange::Created);
-        }
-        result
+        self.observers.created(self.insert_unobserved(record).await)
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
@@ -84,11 +79,8 @@ impl KeyStore for MemoryStore {
         patch: &KeyPatch,
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let result = self.update_unobserved(id, patch, now).await;
-        if let Ok(Some(record)) = &result {
-            self.observers.notify(StoreChange::Key(record.id));
-        }
-        result
+        self.observers
+            .changed(self.update_unobserved(id, patch, now).await)
     }
 
     async fn add_digest(
@@ -98,13 +90,11 @@ impl KeyStore for MemoryStore {
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
-        let result = self
-            .add_digest_unobserved(id, found_by, new, secret_id)
-            .await;
-        if let Ok(true) = result {
-            self.observers.notify(StoreChange::Key(id));
-        }
-        result
+        self.observers.changed_if(
+            id,
+            self.add_digest_unobserved(id, found_by, new, secret_id)
+                .await,
+        )
     }
 
     async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
@@ -124,21 +114,14 @@ impl KeyStore for MemoryStore {
         unmigrated: UnmigratedKeys,
         now: OffsetDateTime,
     ) -> Result<SecretRetirement, StoreError> {
-        let result = self
-            .retire_secret_unobserved(secret_id, unmigrated, now)
-            .await;
-        if result.is_ok() {
-            self.observers.notify(StoreChange::All);
-        }
-        result
+        self.observers.changed_all(
+            self.retire_secret_unobserved(secret_id, unmigrated, now)
+                .await,
+        )
     }
 
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let result = self.delete_unobserved(id).await;
-        if let Ok(Some(record)) = &result {
-            self.observers.notify(StoreChange::Key(record.id));
-        }
-        result
+        self.observers.changed(self.delete_unobserved(id).await)
     }
 
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {

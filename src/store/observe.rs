@@ -39,6 +39,41 @@ impl Observers {
         list.push(observer);
     }
 
+    /// `result` of an insert, announced as [`StoreChange::Created`] when it succeeded.
+    pub(crate) fn created<T, E>(&self, result: Result<T, E>) -> Result<T, E> {
+        if result.is_ok() {
+            self.notify(StoreChange::Created);
+        }
+        result
+    }
+
+    /// `result` of a write that returns the key it changed, announced for that key.
+    pub(crate) fn changed<E>(
+        &self,
+        result: Result<Option<super::KeyRecord>, E>,
+    ) -> Result<Option<super::KeyRecord>, E> {
+        if let Ok(Some(record)) = &result {
+            self.notify(StoreChange::Key(record.id));
+        }
+        result
+    }
+
+    /// `result` of a write to key `id` that says whether it changed anything.
+    pub(crate) fn changed_if<E>(&self, id: Uuid, result: Result<bool, E>) -> Result<bool, E> {
+        if let Ok(true) = result {
+            self.notify(StoreChange::Key(id));
+        }
+        result
+    }
+
+    /// `result` of a write that may have changed any key.
+    pub(crate) fn changed_all<T, E>(&self, result: Result<T, E>) -> Result<T, E> {
+        if result.is_ok() {
+            self.notify(StoreChange::All);
+        }
+        result
+    }
+
     pub(crate) fn notify(&self, change: StoreChange) {
         let live: Vec<Arc<dyn StoreObserver>> = {
             let mut list = self.0.lock().unwrap_or_else(PoisonError::into_inner);

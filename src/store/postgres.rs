@@ -15,7 +15,7 @@ use super::sql::{
 };
 use super::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind,
-    SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
+    SecretRetirement, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
@@ -189,11 +189,7 @@ impl fmt::Debug for PostgresStore {
 #[async_trait]
 impl KeyStore for PostgresStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let result = self.insert_unobserved(record).await;
-        if result.is_ok() {
-            self.observers.notify(StoreChange::Created);
-        }
-        result
+        self.observers.created(self.insert_unobserved(record).await)
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
@@ -230,11 +226,8 @@ impl KeyStore for PostgresStore {
         patch: &KeyPatch,
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let result = self.update_unobserved(id, patch, now).await;
-        if let Ok(Some(record)) = &result {
-            self.observers.notify(StoreChange::Key(record.id));
-        }
-        result
+        self.observers
+            .changed(self.update_unobserved(id, patch, now).await)
     }
 
     async fn add_digest(
@@ -244,13 +237,11 @@ impl KeyStore for PostgresStore {
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
-        let result = self
-            .add_digest_unobserved(id, found_by, new, secret_id)
-            .await;
-        if let Ok(true) = result {
-            self.observers.notify(StoreChange::Key(id));
-        }
-        result
+        self.observers.changed_if(
+            id,
+            self.add_digest_unobserved(id, found_by, new, secret_id)
+                .await,
+        )
     }
 
     async fn retire_secret(
@@ -259,13 +250,10 @@ impl KeyStore for PostgresStore {
         unmigrated: UnmigratedKeys,
         now: OffsetDateTime,
     ) -> Result<SecretRetirement, StoreError> {
-        let result = self
-            .retire_secret_unobserved(secret_id, unmigrated, now)
-            .await;
-        if result.is_ok() {
-            self.observers.notify(StoreChange::All);
-        }
-        result
+        self.observers.changed_all(
+            self.retire_secret_unobserved(secret_id, unmigrated, now)
+                .await,
+        )
     }
 
     async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
@@ -282,11 +270,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let result = self.delete_unobserved(id).await;
-        if let Ok(Some(record)) = &result {
-            self.observers.notify(StoreChange::Key(record.id));
-        }
-        result
+        self.observers.changed(self.delete_unobserved(id).await)
     }
 
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {

@@ -17,7 +17,7 @@ use super::sql::{
 };
 use super::{
     KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind,
-    SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
+    SecretRetirement, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
@@ -151,11 +151,7 @@ impl fmt::Debug for SqliteStore {
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let result = self.insert_unobserved(record).await;
-        if result.is_ok() {
-            self.observers.notify(StoreChange::Created);
-        }
-        result
+        self.observers.created(self.insert_unobserved(record).await)
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
@@ -192,11 +188,8 @@ impl KeyStore for SqliteStore {
         patch: &KeyPatch,
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let result = self.update_unobserved(id, patch, now).await;
-        if let Ok(Some(record)) = &result {
-            self.observers.notify(StoreChange::Key(record.id));
-        }
-        result
+        self.observers
+            .changed(self.update_unobserved(id, patch, now).await)
     }
 
     async fn add_digest(
@@ -206,13 +199,11 @@ impl KeyStore for SqliteStore {
         new: &Digest,
         secret_id: SecretId,
     ) -> Result<bool, StoreError> {
-        let result = self
-            .add_digest_unobserved(id, found_by, new, secret_id)
-            .await;
-        if let Ok(true) = result {
-            self.observers.notify(StoreChange::Key(id));
-        }
-        result
+        self.observers.changed_if(
+            id,
+            self.add_digest_unobserved(id, found_by, new, secret_id)
+                .await,
+        )
     }
 
     async fn retire_secret(
@@ -221,13 +212,10 @@ impl KeyStore for SqliteStore {
         unmigrated: UnmigratedKeys,
         now: OffsetDateTime,
     ) -> Result<SecretRetirement, StoreError> {
-        let result = self
-            .retire_secret_unobserved(secret_id, unmigrated, now)
-            .await;
-        if result.is_ok() {
-            self.observers.notify(StoreChange::All);
-        }
-        result
+        self.observers.changed_all(
+            self.retire_secret_unobserved(secret_id, unmigrated, now)
+                .await,
+        )
     }
 
     async fn reseal(&self, id: Uuid, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
@@ -244,11 +232,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let result = self.delete_unobserved(id).await;
-        if let Ok(Some(record)) = &result {
-            self.observers.notify(StoreChange::Key(record.id));
-        }
-        result
+        self.observers.changed(self.delete_unobserved(id).await)
     }
 
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
