@@ -8,6 +8,27 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(unreachable_pub, missing_debug_implementations)]
 
+/// `get_ref`, `get_mut` and `into_inner` for a middleware service whose inner service is
+/// its `inner` field (tower-http's convention).
+macro_rules! define_inner_service_accessors {
+    () => {
+        /// The inner service.
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The inner service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// Consumes this service, returning the inner one.
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    };
+}
+
 // The core, in layers (see docs/architecture.md; tests/architecture.rs checks the imports):
 // foundation → limits → store → identity → cache → verification → front. Plug-ins beside it.
 mod body;

@@ -34,7 +34,7 @@ use crate::clock::Clock;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
 use crate::ratelimit::RateLimitPolicy;
-use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
+use crate::rejection::{AuthRejection, RateLimitStatus};
 use crate::secret::{Digest, SecretRing};
 use crate::store::{ForeignScheme, ForeignSource, KeyStore, StoreError};
 use crate::verify::{ForeignCollection, Verifier};
@@ -232,15 +232,7 @@ impl ApiKeyLayer {
         method: &http::Method,
         client: Option<IpAddr>,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
-        let value = http::HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
-            AuthRejection::new(
-                RejectionKind::MalformedKey,
-                "the key contains invalid bytes",
-            )
-        })?;
-        let mut headers = http::HeaderMap::new();
-        headers.insert(crate::credential::X_API_KEY, value);
-        self.verifier.check(&headers, method, client).await
+        self.verifier.check_key(key, method, client).await
     }
 
     /// [`check`](Self::check) for a credential in request headers, found as the layer finds

@@ -148,6 +148,41 @@ impl Verifier {
         method: &Method,
         client: Option<IpAddr>,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
+        let (resolved, status) = self.decide(headers, method, client).await?;
+        self.admission.record_use(&resolved);
+        Ok((resolved.principal.clone(), status))
+    }
+
+    /// [`Verifier::check`] for a key given as text: read as an `X-Api-Key` header would be.
+    pub(crate) async fn check_key(
+        &self,
+        key: &str,
+        method: &Method,
+        client: Option<IpAddr>,
+    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
+        self.check(&key_headers(key)?, method, client).await
+    }
+
+    /// Verifies a key given outside HTTP, with the request path's checks; its use is not
+    /// recorded.
+    pub(crate) async fn verify_key(
+        &self,
+        key: &str,
+        method: &Method,
+    ) -> Result<Principal, AuthRejection> {
+        let (resolved, _) = self.decide(&key_headers(key)?, method, None).await?;
+        Ok(resolved.principal.clone())
+    }
+
+    /// What [`Verifier::check`] decides, before the use is noted: extraction, the client's
+    /// failure budget, the hit path or resolution, the checks and the rate limit; a rejected
+    /// key counts against `client`.
+    async fn decide(
+        &self,
+        headers: &http::HeaderMap,
+        method: &Method,
+        client: Option<IpAddr>,
+    ) -> Outcome {
         let blocked = self.admission.blocked(client);
         let key = match self.credentials.prepare(headers, None, false) {
             Presented::Key(key) => key,
@@ -175,45 +210,22 @@ impl Verifier {
                     .await
             }
         };
-        match outcome {
-            Ok((resolved, status)) => {
-                self.admission.record_use(&resolved);
-                Ok((resolved.principal.clone(), status))
-            }
-            Err(rejection) => {
-                self.admission.note_failure(client, rejection.kind());
-                Err(rejection)
-            }
+        if let Err(rejection) = &outcome {
+            self.admission.note_failure(client, rejection.kind());
         }
+        outcome
     }
+}
 
-    /// Verifies a key given outside HTTP, with the request path's checks.
-    pub(crate) async fn verify_key(
-        &self,
-        key: &str,
-        method: &Method,
-    ) -> Result<Principal, AuthRejection> {
-        let mut headers = http::HeaderMap::new();
-        let value = http::HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
-            AuthRejection::new(
-                RejectionKind::MalformedKey,
-                "the key contains invalid bytes",
-            )
-        })?;
-        headers.insert(X_API_KEY, value);
-        let presented = match self.credentials.prepare(&headers, None, false) {
-            Presented::Key(presented) => presented,
-            Presented::Reject(rejection) => return Err(rejection),
-            Presented::Nothing => {
-                return Err(AuthRejection::new(
-                    RejectionKind::MissingCredentials,
-                    "no key given",
-                ))
-            }
-        };
-        let (resolved, _) = self
-            .outcome(&presented, &headers, None, method, false, None)
-            .await?;
-        Ok(resolved.principal.clone())
-    }
+/// A key given as text, as the `X-Api-Key` header that carries it.
+fn key_headers(key: &str) -> Result<http::HeaderMap, AuthRejection> {
+    let value = http::HeaderValue::from_bytes(key.as_bytes()).map_err(|_| {
+        AuthRejection::new(
+            RejectionKind::MalformedKey,
+            "the key contains invalid bytes",
+        )
+    })?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(X_API_KEY, value);
+    Ok(headers)
 }
