@@ -19,15 +19,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keywarden::{
-    secret::SECRET_ENV, secret::SECRET_FILE_ENV, store::KeyQuery, KeyManager, NewKey, SecretRing,
-    SqliteStore,
+    secret::SECRET_ENV, secret::SECRET_FILE_ENV, store::KeyQuery, Collection, KeyManager, NewKey,
+    SecretRing, SqliteStore,
 };
 
 // The same demo service as `keywarden serve`: one file, private to the binary and this example.
 #[path = "../src/bin/keywarden/demo.rs"]
 mod demo;
 
-use demo::{demo_layer_builder, demo_router};
+use demo::{demo_router, layer_builder_with, DEMO_COLLECTIONS};
 
 const DATABASE_URL: &str = "sqlite://keywarden.db";
 const DATABASE_FILE: &str = "keywarden.db";
@@ -54,7 +54,10 @@ async fn main() -> ExitCode {
 async fn run() -> Result<(), Box<dyn Error>> {
     let (secrets, source) = load_secrets()?;
     let store = Arc::new(SqliteStore::connect(DATABASE_URL).await?);
-    let layer = demo_layer_builder().store(store).secrets(secrets).build()?;
+    let layer = layer_builder_with(DEMO_COLLECTIONS.map(Collection::new))
+        .store(store)
+        .secrets(secrets)
+        .build()?;
     let manager = Arc::new(KeyManager::for_layer(&layer));
 
     // Bind before creating the first key, so a busy port fails before the key is used up.

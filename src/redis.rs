@@ -179,6 +179,18 @@ impl RedisBackend {
         self
     }
 
+    /// Asks the server for a `PONG`, within the command timeout: a readiness probe.
+    ///
+    /// # Errors
+    /// [`Unavailable`](RedisBackendErrorKind::Unavailable) when the server does not answer in
+    /// time or the command fails.
+    pub async fn ping(&self) -> Result<(), RedisBackendError> {
+        let mut connection = self.connection();
+        self.run(redis::cmd("PING").query_async::<String>(&mut connection))
+            .await
+            .map(drop)
+    }
+
     /// The namespace.
     pub fn namespace(&self) -> &str {
         &self.namespace

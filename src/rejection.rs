@@ -261,7 +261,9 @@ impl AuthRejection {
         body.into()
     }
 
-    /// The response: problem+json over HTTP, or a trailers-only gRPC response.
+    /// The response: problem+json over HTTP, or a trailers-only gRPC response. Its
+    /// extensions hold the [`RejectionKind`], so an outer middleware (an access log, metrics)
+    /// can tell keywarden's rejections and their codes from the application's responses.
     pub fn to_response<B>(&self, grpc: bool) -> Response<AuthBody<B>> {
         let mut headers = HeaderMap::new();
         let (status, body) = if grpc {
@@ -286,6 +288,7 @@ impl AuthRejection {
         let mut response = Response::new(AuthBody::rejection(body));
         *response.status_mut() = status;
         *response.headers_mut() = headers;
+        response.extensions_mut().insert(self.kind);
         response
     }
 

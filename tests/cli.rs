@@ -2,14 +2,14 @@
 //! End-to-end tests of the built `keywarden` binary: key commands against a temporary SQLite
 //! file, one-line errors, and `serve` called over loopback by a real HTTP client.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod support;
 
+use support::serve::ServeProcess;
 use support::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
@@ -26,6 +26,14 @@ fn command(dir: &TempDir, secret: Option<&str>) -> Command {
         "KEYWARDEN_REDIS_URL",
         "KEYWARDEN_REDIS_NAMESPACE",
         "KEYWARDEN_ADDR",
+        "KEYWARDEN_CONFIG",
+        "KEYWARDEN_COLLECTIONS",
+        "KEYWARDEN_CLIENT_ADDRESS_HEADER",
+        "KEYWARDEN_SHUTDOWN_GRACE",
+        "KEYWARDEN_LOG",
+        "KEYWARDEN_LOG_FORMAT",
+        "KEYWARDEN_LOG_REQUESTS",
+        "KEYWARDEN_VERIFY_WITHOUT_KEY_ON_LOOPBACK",
     ] {
         cmd.env_remove(var);
     }
@@ -581,109 +589,17 @@ fn database_files_hold_no_plaintext_key() {
     assert!(!contains(SECRET.as_bytes()), "secret in the database");
 }
 
-/// A `keywarden serve` child process, killed on drop (also when a test fails).
-struct Server {
-    child: Child,
-    base: String,
-    stdout: PathBuf,
-    stderr: PathBuf,
+type Server = ServeProcess;
+
+/// `keywarden serve` on a free loopback port over the test database, with `extra` arguments.
+fn start_with(dir: &TempDir, name: &str, extra: &[&str]) -> Server {
+    let mut command = command(dir, Some(SECRET));
+    command.args(["serve", "--addr", "127.0.0.1:0"]).args(extra);
+    ServeProcess::spawn(command, dir.path(), name)
 }
 
-impl Server {
-    fn start(dir: &TempDir, name: &str) -> Self {
-        Self::start_with(dir, name, &[])
-    }
-
-    fn start_with(dir: &TempDir, name: &str, extra: &[&str]) -> Self {
-        let stdout = dir.path().join(format!("{name}.out"));
-        let stderr = dir.path().join(format!("{name}.err"));
-        let child = command(dir, Some(SECRET))
-            .args(["serve", "--addr", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let mut server = Self {
-            child,
-            base: String::new(),
-            stdout,
-            stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = std::fs::read_to_string(&server.stdout).unwrap_or_default();
-            if let Some(line) = out.lines().find(|l| l.starts_with("listening on ")) {
-                server.base = line["listening on ".len()..].trim().to_owned();
-                return server;
-            }
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("serve exited with {status}: {}", server.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not start: {}",
-                server.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn wait_healthy(&self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = http.get(self.url("/healthz")).send().await {
-                if response.status() == 200 {
-                    assert_eq!(response.text().await.unwrap(), "ok");
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "/healthz never answered");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM, then expects a clean exit (graceful shutdown).
-    #[cfg(unix)]
-    fn terminate(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            return; // no `kill` tool: Drop kills the child
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "serve exited with {status}: {}",
-                    self.stderr()
-                );
-                let out = std::fs::read_to_string(&self.stdout).unwrap();
-                assert!(out.contains("shut down"), "{out}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "serve ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start(dir: &TempDir, name: &str) -> Server {
+    start_with(dir, name, &[])
 }
 
 fn client() -> reqwest::Client {
@@ -743,7 +659,7 @@ async fn serve_whoami_and_cli_revocation() {
     );
     let http = client();
 
-    let server = Server::start(&dir, "serve1");
+    let server = start(&dir, "serve1");
     server.wait_healthy(&http).await;
     for header in header_forms(&key) {
         let response = whoami(&http, &server, header).await;
@@ -771,7 +687,7 @@ async fn serve_whoami_and_cli_revocation() {
 
     // Revoked by the CLI: a server started afterwards rejects the key.
     ok(&dir, &["keys", "revoke", &id]);
-    let server = Server::start(&dir, "serve2");
+    let server = start(&dir, "serve2");
     server.wait_healthy(&http).await;
     for header in header_forms(&key) {
         let response = whoami(&http, &server, header).await;
@@ -787,7 +703,7 @@ async fn serve_offers_the_verify_api_and_forward_auth() {
     let (key, id) = create_key(&dir, &["--name", "k", "--subject", "alice", "--read-only"]);
     let (caller, _) = create_key(&dir, &["--name", "gw", "--scope", "keys:verify"]);
     let http = client();
-    let server = Server::start(&dir, "serve-verify");
+    let server = start(&dir, "serve-verify");
     server.wait_healthy(&http).await;
     let verify = |caller: Option<&str>| {
         let mut req = http
@@ -827,7 +743,7 @@ async fn serve_offers_the_verify_api_and_forward_auth() {
     assert_eq!(problem(response).await, (403, "insufficient_scope".into()));
     drop(server);
 
-    let open = Server::start_with(&dir, "serve-open", &["--verify-without-key-on-loopback"]);
+    let open = start_with(&dir, "serve-open", &["--verify-without-key-on-loopback"]);
     open.wait_healthy(&http).await;
     let response = http
         .post(open.url("/v1/keys/verify"))
@@ -904,8 +820,8 @@ async fn two_servers_share_rate_limits_and_revocations_through_redis() {
         "--redis-namespace",
         namespace.as_str(),
     ];
-    let a = Server::start_with(&dir, "a", &args);
-    let b = Server::start_with(&dir, "b", &args);
+    let a = start_with(&dir, "a", &args);
+    let b = start_with(&dir, "b", &args);
     let http = client();
     a.wait_healthy(&http).await;
     b.wait_healthy(&http).await;
@@ -963,7 +879,7 @@ async fn revocation_through_the_management_api_is_immediate() {
         ],
     );
     let http = client();
-    let server = Server::start(&dir, "admin");
+    let server = start(&dir, "admin");
     server.wait_healthy(&http).await;
 
     // Cache the user key's principal in the server first.

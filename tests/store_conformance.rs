@@ -178,6 +178,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_connected_store_is_ready,
     roundtrip_keeps_every_field,
     timestamps_are_kept_to_the_microsecond,
     duplicate_digest_conflicts,
@@ -324,6 +325,13 @@ async fn list_all(store: &Store, mut q: KeyQuery) -> Vec<Uuid> {
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
+
+async fn a_connected_store_is_ready(store: Store) {
+    store
+        .check_ready()
+        .await
+        .expect("a migrated store is ready");
+}
 
 async fn roundtrip_keeps_every_field(store: Store) {
     let record = full();

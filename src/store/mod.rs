@@ -649,6 +649,18 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
         let _ = observer;
     }
 
+    /// Whether the store can serve requests now: reachable, and its schema is the one this
+    /// version of keywarden expects (every migration applied). A readiness probe (`/readyz` of
+    /// `keywarden serve`) calls it; the request path never does. The default answers `Ok`
+    /// (an in-process store is always ready).
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Unavailable`] or [`StoreErrorKind::Timeout`] when the store cannot be
+    /// reached, [`StoreErrorKind::Schema`] when migrations are missing.
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Whether the store refuses every write ([`StoreErrorKind::ReadOnly`]). The layer never
     /// records usage in a read-only store, and [`KeyManager`](crate::KeyManager) operations
     /// on one fail with [`ManageErrorKind::ReadOnly`](crate::manage::ManageErrorKind::ReadOnly).

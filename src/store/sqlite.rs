@@ -133,6 +133,28 @@ impl SqliteStore {
             .map_err(|e| store_error("migrating the SQLite database failed", e.into()))
     }
 
+    /// How many of this version's migrations the database has not applied (successfully).
+    async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| match e {
+                    // No migrations table: none applied.
+                    sqlx::Error::Database(db) if db.message().contains("_sqlx_migrations") => {
+                        StoreError::new(
+                            StoreErrorKind::Schema,
+                            "the database has no keywarden schema; run `keywarden migrate`",
+                        )
+                    }
+                    e => store_error("checking the SQLite schema failed", e),
+                })?;
+        Ok(sqlx::migrate!("./migrations/sqlite")
+            .iter()
+            .filter(|migration| !applied.contains(&migration.version))
+            .count())
+    }
+
     /// The connection pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
@@ -299,6 +321,16 @@ impl KeyStore for SqliteStore {
             .map_err(|e| store_error(context, e))?;
         }
         tx.commit().await.map_err(|e| store_error(context, e))
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        match self.pending_migrations().await? {
+            0 => Ok(()),
+            pending => Err(StoreError::new(
+                StoreErrorKind::Schema,
+                format!("{pending} migration(s) not applied; run `keywarden migrate`"),
+            )),
+        }
     }
 
     fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {

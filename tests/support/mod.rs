@@ -15,6 +15,9 @@ use keywarden::{
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
+#[cfg(all(feature = "cli", unix))]
+pub mod serve;
+
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 pub const OLD_SECRET: &str = "integration-test-old-secret-0123456789ab";
 

@@ -14,7 +14,9 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::output::{id_list, print_created, print_page, print_record, print_retirement, Output};
-use crate::{is_postgres, load_reveal_keys, load_secrets, open_store, redact_url, Failure};
+use crate::{
+    is_postgres, load_reveal_keys, load_secrets, open_store, redact_url, Context, Failure,
+};
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
@@ -185,19 +187,20 @@ pub(crate) struct UpdateArgs {
 
 /// The manager of the key and secret commands: the ring from the environment, the store, and
 /// Redis (if configured) to tell running servers of changes.
-async fn cli_manager(database_url: &str) -> Result<KeyManager, Failure> {
+async fn cli_manager(ctx: &Context) -> Result<KeyManager, Failure> {
     // The secret first: a missing secret should not leave a new database file behind.
     let secrets = load_secrets()?;
     let reveal_keys = load_reveal_keys()?;
-    let (store, _) = open_store(database_url).await?;
+    let (store, _) = open_store(&ctx.database_url).await?;
     let mut manager = KeyManager::new(store, secrets);
+    if let Some(format) = &ctx.key_format {
+        manager = manager.with_key_format(format.clone());
+    }
     if let Some(reveal_keys) = reveal_keys {
         manager = manager.with_reveal_keys(reveal_keys);
     }
     // Running servers without PostgreSQL learn of changes through Redis, if any.
-    if let Ok(url) = std::env::var("KEYWARDEN_REDIS_URL") {
-        let namespace =
-            std::env::var("KEYWARDEN_REDIS_NAMESPACE").unwrap_or_else(|_| "keywarden".to_owned());
+    if let (Some(url), namespace) = ctx.redis() {
         match RedisBackend::connect(&url, &namespace).await {
             Ok(redis) => manager = manager.publishes_to(redis),
             Err(error) => eprintln!(
@@ -301,7 +304,7 @@ pub(crate) async fn migrate(url: &str, out: Output) -> Result<(), Failure> {
 
 /// Runs a `secret` command.
 pub(crate) async fn secret(
-    database_url: &str,
+    ctx: &Context,
     command: SecretCommand,
     out: Output,
 ) -> Result<(), Failure> {
@@ -311,19 +314,15 @@ pub(crate) async fn secret(
             Ok(())
         }
         SecretCommand::Retire { id, force } => {
-            let manager = cli_manager(database_url).await?;
+            let manager = cli_manager(ctx).await?;
             secret_retire(&manager, id, force, out).await
         }
     }
 }
 
 /// Runs a `keys` command.
-pub(crate) async fn keys(
-    database_url: &str,
-    command: KeysCommand,
-    out: Output,
-) -> Result<(), Failure> {
-    let manager = &cli_manager(database_url).await?;
+pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Result<(), Failure> {
+    let manager = &cli_manager(ctx).await?;
     match command {
         KeysCommand::Create(args) => {
             let subject = args.subject.unwrap_or_else(|| args.name.clone());

@@ -15,14 +15,14 @@ use keywarden::{
 /// The collections the demo service accepts, in the order they are configured.
 pub(crate) const DEMO_COLLECTIONS: [&str; 3] = ["users", "teams", "services"];
 
-/// A layer builder with the demo collections (`users`, `teams`, `services`) configured. Add a
-/// store and secrets, then [`build`](ApiKeyLayerBuilder::build).
-pub(crate) fn demo_layer_builder() -> ApiKeyLayerBuilder {
-    DEMO_COLLECTIONS
-        .iter()
-        .fold(ApiKeyLayer::builder(), |builder, slug| {
-            builder.collection(Collection::new(*slug))
-        })
+/// A layer builder with `collections` configured, in order (the demo's are
+/// [`DEMO_COLLECTIONS`]). Add a store and secrets, then [`build`](ApiKeyLayerBuilder::build).
+pub(crate) fn layer_builder_with(
+    collections: impl IntoIterator<Item = Collection>,
+) -> ApiKeyLayerBuilder {
+    collections
+        .into_iter()
+        .fold(ApiKeyLayer::builder(), ApiKeyLayerBuilder::collection)
 }
 
 /// The demo service: `GET /healthz` (open, answers `ok`), `GET /whoami` (the caller's
@@ -57,7 +57,7 @@ mod tests {
 
     fn app() -> (Router, Arc<KeyManager>) {
         let secrets = SecretRing::from_strs("demo-test-secret-0123456789abcdefgh", None).unwrap();
-        let layer = demo_layer_builder()
+        let layer = layer_builder_with(DEMO_COLLECTIONS.map(Collection::new))
             .store(Arc::new(MemoryStore::new()))
             .secrets(secrets)
             .build()

@@ -29,6 +29,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
@@ -36,17 +37,20 @@ use std::time::Duration as StdDuration;
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use keywarden::{
-    manage::RevealKeyError, manage::RevealKeyRing, secret::SecretError, secret::SECRET_ENV,
-    KeyStore, ManageError, PostgresStore, SecretRing, SqliteStore, StoreError,
+    key::KeyFormat, manage::RevealKeyError, manage::RevealKeyRing, secret::SecretError,
+    secret::SECRET_ENV, KeyStore, ManageError, PostgresStore, SecretRing, SqliteStore, StoreError,
 };
 use sqlx::Connection;
 
 mod cli;
+mod config;
 mod demo;
+mod health;
 mod output;
 mod serve;
 
 use cli::{KeysCommand, SecretCommand};
+use config::FileConfig;
 use output::Output;
 use serve::ServeArgs;
 
@@ -64,16 +68,20 @@ const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(15);
                   one with `keywarden secret generate`."
 )]
 struct Cli {
-    /// Database URL: sqlite://PATH or postgres://USER@HOST/DB.
+    /// Database URL: sqlite://PATH or postgres://USER@HOST/DB [default: the config file's
+    /// `database_url`, else sqlite://keywarden.db].
     #[arg(
         long,
         global = true,
         env = "KEYWARDEN_DATABASE_URL",
         hide_env_values = true,
-        default_value = "sqlite://keywarden.db",
         value_name = "URL"
     )]
-    database_url: String,
+    database_url: Option<String>,
+
+    /// A TOML config file (see docs/deploy.md); flags and environment variables win over it.
+    #[arg(long, global = true, env = "KEYWARDEN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -230,13 +238,67 @@ fn usage_error(error: clap::Error) -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let out = Output { json: cli.json };
+    let file = match &cli.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let ctx = Context::new(cli.database_url, file)?;
     match cli.command {
-        Command::Secret(command) => cli::secret(&cli.database_url, command, out).await,
-        Command::Migrate => cli::migrate(&cli.database_url, out).await,
-        Command::Serve(args) => serve::serve(&cli.database_url, args, out).await,
-        Command::Keys(command) => cli::keys(&cli.database_url, command, out).await,
+        Command::Secret(command) => cli::secret(&ctx, command, out).await,
+        Command::Migrate => cli::migrate(&ctx.database_url, out).await,
+        Command::Serve(args) => serve::serve(&ctx, args, out).await,
+        Command::Keys(command) => cli::keys(&ctx, command, out).await,
     }
 }
+
+/// The database URL used when neither the flag, the environment nor the config file names one.
+const DEFAULT_DATABASE_URL: &str = "sqlite://keywarden.db";
+
+/// What every command shares: the database, the key format and the config file.
+pub(crate) struct Context {
+    pub(crate) database_url: String,
+    /// The configured key prefixes; `None` is keywarden's default (`kw_live`, `kw_test`).
+    pub(crate) key_format: Option<KeyFormat>,
+    pub(crate) file: FileConfig,
+}
+
+impl Context {
+    fn new(database_url: Option<String>, file: FileConfig) -> Result<Self, Failure> {
+        let database_url = database_url
+            .or_else(|| file.database_url.clone())
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let key_format = match &file.key_prefixes {
+            Some(prefixes) => Some(
+                KeyFormat::new(prefixes.iter().map(String::as_str))
+                    .map_err(|e| Failure(format!("config key_prefixes: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            database_url,
+            key_format,
+            file,
+        })
+    }
+
+    /// The Redis URL and namespace of the CLI's change notices and `serve`'s limits: the
+    /// environment, else the config file.
+    pub(crate) fn redis(&self) -> (Option<String>, String) {
+        let url = std::env::var("KEYWARDEN_REDIS_URL")
+            .ok()
+            .filter(|url| !url.is_empty())
+            .or_else(|| self.file.redis.url.clone());
+        let namespace = std::env::var("KEYWARDEN_REDIS_NAMESPACE")
+            .ok()
+            .filter(|ns| !ns.is_empty())
+            .or_else(|| self.file.redis.namespace.clone())
+            .unwrap_or_else(|| DEFAULT_REDIS_NAMESPACE.to_owned());
+        (url, namespace)
+    }
+}
+
+/// The Redis namespace when none is configured.
+pub(crate) const DEFAULT_REDIS_NAMESPACE: &str = "keywarden";
 
 pub(crate) fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")

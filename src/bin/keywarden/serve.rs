@@ -4,27 +4,41 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration as StdDuration;
+use std::time::{Duration as StdDuration, Instant};
 
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
 use clap::Args;
 use keywarden::{
-    invalidation::InvalidationListener, ratelimit::RateLimiter, redis::RedisBackend,
-    server::AuthServer, KeyManager, SecretRing,
+    invalidation::InvalidationListener,
+    ratelimit::{ClientAddressSource, FailedAttemptLimit, RateLimiter},
+    redis::RedisBackend,
+    rejection::RejectionKind,
+    server::AuthServer,
+    ApiKeyLayerBuilder, Collection, KeyManager, SecretRing,
 };
 use serde_json::json;
+use tracing_subscriber::EnvFilter;
 
-use crate::demo::{demo_layer_builder, demo_router};
+use crate::config::{ConfigDuration, ConfigHeader, LogFormat};
+use crate::demo::{demo_router, layer_builder_with, DEMO_COLLECTIONS};
+use crate::health::{self, Readiness};
 use crate::output::Output;
-use crate::{load_reveal_keys, load_secrets, open_store, Failure};
+use crate::{load_reveal_keys, load_secrets, open_store, with_sources, Context, Failure};
 
-/// How long `serve` waits for open connections to finish after a shutdown signal.
-const SHUTDOWN_GRACE: StdDuration = StdDuration::from_secs(10);
+/// How long `serve` waits for requests in flight to finish after a shutdown signal, unless
+/// configured.
+const DEFAULT_SHUTDOWN_GRACE: StdDuration = StdDuration::from_secs(10);
+
+/// Where `serve` listens unless configured.
+const DEFAULT_ADDR: &str = "127.0.0.1:3000";
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port).
-    #[arg(long, env = "KEYWARDEN_ADDR", default_value = "127.0.0.1:3000")]
-    addr: String,
+    /// Address to listen on (port 0 picks a free port) [default: 127.0.0.1:3000].
+    #[arg(long, env = "KEYWARDEN_ADDR")]
+    addr: Option<String>,
     /// Redis URL: rate limits shared by every instance, and pub/sub cache invalidation.
     #[arg(
         long,
@@ -33,14 +47,224 @@ pub(crate) struct ServeArgs {
         value_name = "URL"
     )]
     redis_url: Option<String>,
-    /// Prefix of every Redis key and channel; instances of one deployment share it.
-    #[arg(long, env = "KEYWARDEN_REDIS_NAMESPACE", default_value = "keywarden")]
-    redis_namespace: String,
+    /// Prefix of every Redis key and channel; instances of one deployment share it
+    /// [default: keywarden].
+    #[arg(long, env = "KEYWARDEN_REDIS_NAMESPACE")]
+    redis_namespace: Option<String>,
+    /// The collections keys are accepted for, comma-separated [default: users,teams,services].
+    #[arg(
+        long,
+        env = "KEYWARDEN_COLLECTIONS",
+        value_delimiter = ',',
+        value_name = "SLUG,..."
+    )]
+    collections: Option<Vec<String>>,
+    /// The header a trusted proxy or gateway in front sets to the client's address (e.g.
+    /// X-Real-IP): failed-attempt limiting and the verify API blame that address. Set it only
+    /// when every request comes through a proxy that overwrites the header.
+    #[arg(long, env = "KEYWARDEN_CLIENT_ADDRESS_HEADER", value_name = "HEADER")]
+    client_address_header: Option<ConfigHeader>,
+    /// After a shutdown signal, how long to keep accepting requests while /readyz answers
+    /// 503, so load balancers stop routing here first [default: 0s].
+    #[arg(long, env = "KEYWARDEN_SHUTDOWN_DELAY", value_name = "DURATION")]
+    shutdown_delay: Option<ConfigDuration>,
+    /// How long a shutdown (SIGTERM, Ctrl-C) then waits for requests in flight [default: 10s].
+    #[arg(long, env = "KEYWARDEN_SHUTDOWN_GRACE", value_name = "DURATION")]
+    shutdown_grace: Option<ConfigDuration>,
+    /// Log format on stderr [default: text].
+    #[arg(long, env = "KEYWARDEN_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter: a level (info, debug) or per-target directives (keywarden=debug,warn)
+    /// [default: info].
+    #[arg(long, env = "KEYWARDEN_LOG", value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log one line per request (method, path without query, status, code, milliseconds).
+    #[arg(long, env = "KEYWARDEN_LOG_REQUESTS")]
+    log_requests: bool,
     /// Let `POST /v1/keys/verify` requests from loopback connections verify keys without a
     /// caller key holding `keys:verify`. Only with a loopback --addr. RISK: every local
     /// process, and anything a local reverse proxy forwards, can then test keys.
-    #[arg(long)]
+    #[arg(long, env = "KEYWARDEN_VERIFY_WITHOUT_KEY_ON_LOOPBACK")]
     verify_without_key_on_loopback: bool,
+}
+
+/// `serve`'s settings: each from its flag, else its environment variable, else the config
+/// file, else the default.
+struct Settings {
+    addr: String,
+    redis_url: Option<String>,
+    redis_namespace: String,
+    collections: Vec<String>,
+    client_address_header: Option<http::HeaderName>,
+    shutdown_delay: StdDuration,
+    shutdown_grace: StdDuration,
+    log_format: LogFormat,
+    log_level: String,
+    log_requests: bool,
+    verify_without_key_on_loopback: bool,
+}
+
+impl Settings {
+    fn new(ctx: &Context, args: ServeArgs) -> Self {
+        let file = &ctx.file;
+        let (env_redis_url, env_namespace) = ctx.redis();
+        Self {
+            addr: args
+                .addr
+                .or_else(|| file.server.addr.clone())
+                .unwrap_or_else(|| DEFAULT_ADDR.to_owned()),
+            // clap has read KEYWARDEN_REDIS_URL already; `ctx.redis()` adds the file.
+            redis_url: args.redis_url.or(env_redis_url),
+            redis_namespace: args.redis_namespace.unwrap_or(env_namespace),
+            collections: args
+                .collections
+                .or_else(|| file.auth.collections.clone())
+                .unwrap_or_else(|| DEMO_COLLECTIONS.map(str::to_owned).to_vec()),
+            client_address_header: args
+                .client_address_header
+                .or_else(|| file.server.client_address_header.clone())
+                .map(|header| header.0),
+            shutdown_delay: args
+                .shutdown_delay
+                .or(file.server.shutdown_delay)
+                .map_or(StdDuration::ZERO, |d| d.0),
+            shutdown_grace: args
+                .shutdown_grace
+                .or(file.server.shutdown_grace)
+                .map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            log_format: args.log_format.or(file.log.format).unwrap_or_default(),
+            log_level: args
+                .log_level
+                .or_else(|| file.log.level.clone())
+                .unwrap_or_else(|| "info".to_owned()),
+            log_requests: args.log_requests || file.log.requests.unwrap_or(false),
+            verify_without_key_on_loopback: args.verify_without_key_on_loopback
+                || file.server.verify_without_key_on_loopback.unwrap_or(false),
+        }
+    }
+
+    /// The client address the layer and the verify API blame, if the deployment names one.
+    fn client_address(&self) -> Option<ClientAddressSource> {
+        self.client_address_header
+            .clone()
+            .map(ClientAddressSource::TrustedHeader)
+    }
+}
+
+/// The layer as configured: collections, key format, headers, cache and limits.
+fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilder, Failure> {
+    let file = &ctx.file;
+    let opaque = file.auth.opaque_collections.clone().unwrap_or_default();
+    if let Some(slug) = opaque
+        .iter()
+        .find(|slug| !settings.collections.contains(slug))
+    {
+        return Err(Failure(format!(
+            "config auth.opaque_collections names {slug:?}, which is not one of the collections"
+        )));
+    }
+    let mut builder = layer_builder_with(settings.collections.iter().map(|slug| {
+        if opaque.contains(slug) {
+            Collection::opaque(slug.clone())
+        } else {
+            Collection::new(slug.clone())
+        }
+    }));
+    if let Some(format) = &ctx.key_format {
+        builder = builder.key_format(format.clone());
+    }
+    for header in file.auth.headers.iter().flatten() {
+        builder = builder.header(header.0.as_str());
+    }
+    if let Some(policy) = &file.auth.default_rate_limit {
+        builder = builder.default_rate_limit(policy.0);
+    }
+    match (
+        file.auth.max_failed_attempts,
+        file.auth.failed_attempt_window,
+    ) {
+        (Some(max), window) => {
+            let window = window.map_or(StdDuration::from_secs(60), |w| w.0);
+            let mut limit = FailedAttemptLimit::new(max, window);
+            if let Some(source) = settings.client_address() {
+                limit = limit.client_address(source);
+            }
+            builder = builder.failed_attempt_limit(limit);
+        }
+        (None, Some(_)) => {
+            return Err(Failure(
+                "config auth.failed_attempt_window needs auth.max_failed_attempts".into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    let cache = &file.cache;
+    if let Some(ttl) = cache.ttl {
+        builder = builder.cache_ttl(ttl.0);
+    }
+    if let Some(ttl) = cache.negative_ttl {
+        builder = builder.negative_cache_ttl(ttl.0);
+    }
+    if let Some(capacity) = cache.capacity {
+        builder = builder.cache_capacity(capacity);
+    }
+    if let Some(window) = cache.stale_window {
+        builder = builder.stale_window(window.0);
+    }
+    if let Some(timeout) = cache.store_timeout {
+        builder = builder.store_timeout(timeout.0);
+    }
+    if let Some(interval) = cache.usage_flush_interval {
+        builder = builder.usage_flush_interval(Some(interval.0));
+    }
+    Ok(builder)
+}
+
+/// Logs to stderr in the configured format. Errors only for a filter that does not parse.
+fn init_logging(settings: &Settings) -> Result<(), Failure> {
+    let filter = EnvFilter::try_new(&settings.log_level).map_err(|e| {
+        Failure(format!(
+            "invalid log filter {:?}: {e}",
+            settings.log_level.chars().take(64).collect::<String>()
+        ))
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second subscriber (a test calling serve twice in one process) keeps the first.
+    let _ = match settings.log_format {
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+    Ok(())
+}
+
+/// One log line per request: method, path (never the query, which may carry a key), status,
+/// keywarden's rejection code if any, and the time taken.
+async fn log_request(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let code = response
+        .extensions()
+        .get::<RejectionKind>()
+        .map_or("", |kind| kind.code());
+    tracing::info!(
+        target: "keywarden::access",
+        method = %method,
+        // A URI path holds no control characters or spaces (http::Uri refuses them).
+        path = %path,
+        status = response.status().as_u16(),
+        code,
+        millis = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
 }
 
 /// The ring's secret ids (never the secrets), for `secret retire`.
@@ -57,31 +281,40 @@ fn ring_ids(ring: &SecretRing) -> String {
     )
 }
 
-pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(), Failure> {
-    if args.verify_without_key_on_loopback && !listens_on_loopback_only(&args.addr) {
+pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result<(), Failure> {
+    let settings = Settings::new(ctx, args);
+    init_logging(&settings)?;
+    if settings.verify_without_key_on_loopback && !listens_on_loopback_only(&settings.addr) {
         return Err(Failure(format!(
             "--verify-without-key-on-loopback needs a loopback --addr (127.0.0.1, [::1]), not {}",
-            args.addr
+            settings.addr
         )));
     }
     let secrets = load_secrets()?;
     let reveal_keys = load_reveal_keys()?;
     let ring_ids = ring_ids(&secrets);
-    let (store, postgres) = open_store(url).await?;
-    let redis = match &args.redis_url {
+    let (store, postgres) = open_store(&ctx.database_url).await?;
+    let redis = match &settings.redis_url {
         Some(redis_url) => Some(
-            RedisBackend::connect(redis_url, &args.redis_namespace)
+            RedisBackend::connect(redis_url, &settings.redis_namespace)
                 .await
                 .map_err(|e| Failure(format!("cannot use Redis: {e}")))?,
         ),
         None => None,
     };
-    let mut builder = demo_layer_builder().store(store).secrets(secrets);
+    let mut builder = layer_builder(ctx, &settings)?
+        .store(store.clone())
+        .secrets(secrets);
     if let Some(redis) = &redis {
         builder = builder.rate_limiter(RateLimiter::redis(redis));
     }
-    let layer = builder.build().map_err(|e| Failure(e.to_string()))?;
+    let layer = builder
+        .build()
+        .map_err(|e| Failure(format!("invalid configuration: {e}")))?;
     let mut manager = KeyManager::for_layer(&layer);
+    if let Some(format) = &ctx.key_format {
+        manager = manager.with_key_format(format.clone());
+    }
     if let Some(reveal_keys) = reveal_keys {
         manager = manager.with_reveal_keys(reveal_keys);
     }
@@ -103,25 +336,36 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
         );
     }
     let mut auth_server = AuthServer::new(layer.clone());
-    if args.verify_without_key_on_loopback {
+    if let Some(source) = settings.client_address() {
+        auth_server = auth_server.client_address(source);
+    }
+    if settings.verify_without_key_on_loopback {
         auth_server = auth_server.verify_without_caller_key_from_loopback();
     }
-    let app = demo_router(layer.clone(), Arc::new(manager)).merge(auth_server.router());
-    let listener = tokio::net::TcpListener::bind(&args.addr)
+    let readiness = Arc::new(Readiness::new(store, redis.clone()));
+    let mut app = demo_router(layer.clone(), Arc::new(manager))
+        .merge(auth_server.router())
+        .merge(health::router(readiness.clone()));
+    if settings.log_requests {
+        app = app.layer(axum::middleware::from_fn(log_request));
+    }
+    let listener = tokio::net::TcpListener::bind(&settings.addr)
         .await
-        .map_err(|e| Failure(format!("cannot listen on {}: {e}", args.addr)))?;
+        .map_err(|e| Failure(format!("cannot listen on {}: {e}", settings.addr)))?;
     let local = listener
         .local_addr()
         .map_err(|e| Failure(format!("cannot read the listening address: {e}")))?;
+    tracing::info!(addr = %local, collections = ?settings.collections, "listening");
     if out.json {
         println!("{}", json!({ "listening": format!("http://{local}") }));
     } else {
         println!("listening on http://{local}");
         println!("{ring_ids}");
         println!(
-            "routes: GET /healthz (open), GET /whoami, /admin/keys (API key required; \
-             collections users, teams, services), POST /v1/keys/verify (caller scope \
-             keys:verify), /v1/auth (forward auth for gateways)"
+            "routes: GET /healthz and /readyz (open), GET /whoami, /admin/keys (API key \
+             required; collections {}), POST /v1/keys/verify (caller scope keys:verify), \
+             /v1/auth (forward auth for gateways)",
+            settings.collections.join(", ")
         );
         let propagation = match (listeners.is_empty(), redis.is_some()) {
             (true, _) => {
@@ -139,31 +383,53 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    // The connection's address: the loopback check of the verify API.
+    // The connection's address: the loopback check of the verify API, failed-attempt limits.
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let draining = readiness.clone();
+    let delay = settings.shutdown_delay;
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
+        // /readyz answers 503 from here on. During the delay everything else is still
+        // served, so load balancers take this instance out before it stops accepting.
+        draining.drain();
+        if !delay.is_zero() {
+            tracing::info!("shutdown signal: /readyz now fails; accepting requests for {delay:?}");
+            tokio::time::sleep(delay).await;
+        }
+        // New connections are refused from here on; requests in flight run to the end.
+        tracing::info!("shutting down: draining requests in flight");
         let _ = stop_tx.send(());
     });
     let server = tokio::spawn(async move { server.await });
     // Stop waiting for slow clients a while after the signal rather than hanging forever.
+    let grace = settings.shutdown_grace;
     let result = match tokio::select! {
         result = server => Some(result),
         _ = async {
             let _ = stop_rx.await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tokio::time::sleep(grace).await;
         } => None,
     } {
         Some(Ok(Ok(()))) => Ok(()),
         Some(Ok(Err(e))) => Err(Failure(format!("server error: {e}"))),
         Some(Err(e)) => Err(Failure(format!("server task failed: {e}"))),
-        None => Ok(()),
+        None => {
+            tracing::warn!(
+                "requests still in flight after the shutdown grace period ({grace:?}); stopping"
+            );
+            Ok(())
+        }
     };
     // Uses are written behind in batches: write the last ones before exiting.
-    if let Err(error) = layer.flush_usage().await {
-        eprintln!("warning: could not record the last key uses: {error}");
+    match layer.flush_usage().await {
+        Ok(()) => tracing::info!("recorded the last key uses"),
+        Err(error) => {
+            tracing::error!(error = %with_sources(&error), "could not record the last key uses");
+            eprintln!("warning: could not record the last key uses: {error}");
+        }
     }
     drop(listeners);
+    tracing::info!("shut down");
     if !out.json {
         println!("shut down");
     }
