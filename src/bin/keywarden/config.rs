@@ -372,6 +372,14 @@ requests = true
     }
 
     #[test]
+    fn the_documented_example_parses() {
+        let config = FileConfig::parse(include_str!("../../../docs/deploy/keywarden.toml"))
+            .unwrap_or_else(|e| panic!("docs/deploy/keywarden.toml: {e}"));
+        assert_eq!(config.auth.max_failed_attempts, Some(20));
+        assert_eq!(config.log.format, Some(LogFormat::Json));
+    }
+
+    #[test]
     fn durations() {
         let parse = |s: &str| s.parse::<ConfigDuration>().map(|d| d.0);
         assert_eq!(parse("250ms"), Ok(StdDuration::from_millis(250)));
