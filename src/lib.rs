@@ -36,6 +36,7 @@ mod cache;
 pub mod clock;
 pub mod credential;
 pub mod key;
+pub mod net;
 mod principal;
 pub mod ratelimit;
 #[cfg(feature = "redis")]

@@ -26,7 +26,15 @@ struct Row {
 const LAYERS: &[Row] = &[
     Row {
         name: "foundation",
-        modules: &["clock", "body", "key", "secret", "credential", "rejection"],
+        modules: &[
+            "clock",
+            "body",
+            "key",
+            "net",
+            "secret",
+            "credential",
+            "rejection",
+        ],
         allowed: &[
             ("secret", "key"),
             ("credential", "key"),

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keywarden::{
-    key::KeyPrefix, ratelimit::BlockedClients, ratelimit::ClientAddressSource,
-    ratelimit::FailedAttemptLimit, ratelimit::RateLimitPolicy, ApiKeyLayer, Collection, KeyManager,
-    NewKey,
+    key::KeyPrefix, net::IpNetwork, ratelimit::BlockedClients, ratelimit::ClientAddressSource,
+    ratelimit::FailedAttemptLimit, ratelimit::RateLimitPolicy, ratelimit::TrustedProxies,
+    ApiKeyLayer, Collection, KeyManager, NewKey,
 };
 use support::*;
 
@@ -643,4 +643,46 @@ async fn connection_address_from_a_real_server() {
         "loopback is blocked now"
     );
     server.abort();
+}
+
+/// Trusted proxies over a real connection: the forwarded header is believed only when the
+/// connection comes from a listed proxy. Here the test client connects from 127.0.0.1, and
+/// sends a different `X-Forwarded-For` each time.
+#[tokio::test]
+async fn trusted_proxies_from_a_real_server() {
+    async fn statuses(proxies: &[&str]) -> Vec<u16> {
+        let source = ClientAddressSource::TrustedProxies(TrustedProxies::new(
+            "x-forwarded-for".parse().unwrap(),
+            proxies.iter().map(|p| p.parse::<IpNetwork>().unwrap()),
+        ));
+        let fx = Fixture::with(|b| {
+            b.failed_attempt_limit(
+                FailedAttemptLimit::new(2, Duration::from_secs(60)).client_address(source),
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = fx.app().into_make_service_with_connect_info::<SocketAddr>();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let mut statuses = Vec::new();
+        for i in 0..4 {
+            let response = client
+                .get(format!("http://{addr}/whoami"))
+                .header("x-api-key", bad_key())
+                // A client-chosen entry first, then the "proxy's" own.
+                .header("x-forwarded-for", format!("10.0.0.1, 203.0.113.{i}"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(response.status().as_u16());
+        }
+        server.abort();
+        statuses
+    }
+    // 127.0.0.1 is a trusted proxy: each request blames its own forwarded client.
+    assert_eq!(statuses(&["127.0.0.0/8"]).await, [401, 401, 401, 401]);
+    // Only ::1 is trusted: the header from 127.0.0.1 is ignored, the connection is blamed.
+    assert_eq!(statuses(&["::1"]).await, [401, 401, 429, 429]);
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::{Extensions, HeaderMap, HeaderName};
 
 use crate::clock::Clock;
+use crate::net::{canonical, IpNetwork};
 use crate::rejection::RateLimitStatus;
 
 /// The client address as seen by the application, for servers that are not axum: insert it
@@ -33,12 +34,92 @@ pub enum ClientAddressSource {
     /// back to the connection's address. Only use this behind a proxy that always sets it,
     /// or clients can choose their own address.
     TrustedHeader(HeaderName),
+    /// A header set by reverse proxies at known addresses (`X-Forwarded-For`), believed only
+    /// on a connection from one of them: see [`TrustedProxies`]. A connection from anywhere
+    /// else is the client itself, whatever headers it sends.
+    TrustedProxies(TrustedProxies),
+}
+
+/// The reverse proxies in front of a server, and the header they append the client's address
+/// to. On a connection from a trusted proxy the header's entries are read from the right
+/// (several header lines count as one list, in order), skipping the addresses of trusted
+/// proxies: the first other address is the client, as nginx's `real_ip_recursive` does. When
+/// every entry is a trusted proxy the leftmost is the client; when the header is missing or
+/// its last untrusted entry is not an address, the connection's address is used.
+///
+/// ```
+/// use keywarden::net::IpNetwork;
+/// use keywarden::ratelimit::{ClientAddressSource, TrustedProxies};
+///
+/// let proxies = TrustedProxies::new(
+///     "x-forwarded-for".parse().unwrap(),
+///     ["10.0.0.0/8".parse::<IpNetwork>().unwrap(), "::1".parse().unwrap()],
+/// );
+/// let source = ClientAddressSource::TrustedProxies(proxies);
+/// # let _ = source;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedProxies {
+    header: HeaderName,
+    networks: Arc<[IpNetwork]>,
+}
+
+impl TrustedProxies {
+    /// Proxies at `networks` that append the client's address to `header`.
+    pub fn new(header: HeaderName, networks: impl IntoIterator<Item = IpNetwork>) -> Self {
+        Self {
+            header,
+            networks: networks.into_iter().collect(),
+        }
+    }
+
+    /// The header the proxies set.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    /// The proxies' networks.
+    pub fn networks(&self) -> &[IpNetwork] {
+        &self.networks
+    }
+
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.networks.iter().any(|network| network.contains(ip))
+    }
+
+    /// The client behind a connection from `peer`: `peer` itself unless it is a trusted
+    /// proxy; else the header's rightmost address that is not a trusted proxy.
+    pub fn client(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        let peer = canonical(peer);
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let mut leftmost = None;
+        for value in headers.get_all(&self.header).iter().rev() {
+            for entry in value.as_bytes().rsplit(|&b| b == b',') {
+                let Some(ip) = parse_address(entry) else {
+                    // Garbage where the next hop should be: nothing to the left of it can be
+                    // believed; the last trusted hop is the best we know.
+                    return leftmost.unwrap_or(peer);
+                };
+                if !self.is_trusted(ip) {
+                    return ip;
+                }
+                leftmost = Some(ip);
+            }
+        }
+        leftmost.unwrap_or(peer)
+    }
 }
 
 impl ClientAddressSource {
     /// The client address of a request with these `headers` and `extensions`: the trusted
     /// header's last entry, else the connection's address; `None` when neither is known.
     pub fn address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+        if let Self::TrustedProxies(proxies) = self {
+            return connection_address(extensions).map(|peer| proxies.client(headers, peer));
+        }
         if let Self::TrustedHeader(name) = self {
             if let Some(ip) = headers
                 .get_all(name)
@@ -53,9 +134,11 @@ impl ClientAddressSource {
     }
 
     /// The address the trusted header names, without falling back to the connection's;
-    /// `None` for [`Connection`](Self::Connection). For servers that answer on behalf of
-    /// many clients (a verification service behind a gateway), where the connection's
-    /// address is the gateway's.
+    /// `None` for [`Connection`](Self::Connection), and for
+    /// [`TrustedProxies`](Self::TrustedProxies), which cannot believe a header without
+    /// knowing the connection (use [`address`](Self::address)). For servers that answer on
+    /// behalf of many clients (a verification service behind a gateway), where the
+    /// connection's address is the gateway's.
     pub fn forwarded_address(&self, headers: &HeaderMap) -> Option<IpAddr> {
         match self {
             Self::TrustedHeader(name) => headers
@@ -63,7 +146,7 @@ impl ClientAddressSource {
                 .iter()
                 .next_back()
                 .and_then(|value| last_address(value.as_bytes())),
-            Self::Connection => None,
+            Self::Connection | Self::TrustedProxies(_) => None,
         }
     }
 }
@@ -283,29 +366,110 @@ impl std::fmt::Debug for FailureTracker {
 
 fn connection_address(extensions: &Extensions) -> Option<IpAddr> {
     if let Some(ClientIp(ip)) = extensions.get::<ClientIp>() {
-        return Some(*ip);
+        return Some(canonical(*ip));
     }
     #[cfg(feature = "manage-api")]
     if let Some(info) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>() {
-        return Some(info.0.ip());
+        return Some(canonical(info.0.ip()));
     }
-    extensions.get::<SocketAddr>().map(SocketAddr::ip)
+    extensions
+        .get::<SocketAddr>()
+        .map(|addr| canonical(addr.ip()))
 }
 
 /// The last entry of a comma-separated address list, as an IP (an optional port or IPv6
 /// brackets are accepted).
 fn last_address(value: &[u8]) -> Option<IpAddr> {
-    let last = value.rsplit(|&b| b == b',').next()?;
-    let text = std::str::from_utf8(last).ok()?.trim();
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Some(ip);
-    }
-    text.parse::<SocketAddr>().ok().map(|s| s.ip())
+    parse_address(value.rsplit(|&b| b == b',').next()?)
+}
+
+/// One entry of an address list: an IP, optionally with a port (IPv6 then in brackets).
+fn parse_address(entry: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(entry).ok()?.trim();
+    let ip = match text.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => text.parse::<SocketAddr>().ok()?.ip(),
+    };
+    Some(canonical(ip))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn proxies(networks: &[&str]) -> TrustedProxies {
+        TrustedProxies::new(
+            HeaderName::from_static("x-forwarded-for"),
+            networks.iter().map(|n| n.parse::<IpNetwork>().unwrap()),
+        )
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append("x-forwarded-for", value.parse().unwrap());
+        }
+        headers
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn trusted_proxies_believe_the_header_only_from_a_proxy() {
+        let p = proxies(&["10.0.0.0/8", "::1"]);
+        let headers = forwarded(&["203.0.113.7"]);
+        // From a proxy: the forwarded client.
+        assert_eq!(p.client(&headers, ip("10.1.1.1")), ip("203.0.113.7"));
+        assert_eq!(p.client(&headers, ip("::1")), ip("203.0.113.7"));
+        assert_eq!(p.client(&headers, ip("::ffff:10.1.1.1")), ip("203.0.113.7"));
+        // From anyone else: that address, whatever it claims.
+        assert_eq!(p.client(&headers, ip("198.51.100.2")), ip("198.51.100.2"));
+        // A proxy that forwarded nothing is the address we know.
+        assert_eq!(p.client(&HeaderMap::new(), ip("10.1.1.1")), ip("10.1.1.1"));
+    }
+
+    #[test]
+    fn trusted_proxies_skip_proxy_hops_from_the_right() {
+        let p = proxies(&["10.0.0.0/8"]);
+        // The client spoofed an entry; the proxies appended the real one and their own hops.
+        let headers = forwarded(&["1.2.3.4, 203.0.113.7, 10.0.0.2", "10.0.0.3"]);
+        assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("203.0.113.7"));
+        // Every entry a proxy: the leftmost.
+        let headers = forwarded(&["10.0.0.9, 10.0.0.2"]);
+        assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("10.0.0.9"));
+        // Garbage in the next hop: nothing left of it is believed.
+        let headers = forwarded(&["203.0.113.7, unknown, 10.0.0.2"]);
+        assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("10.0.0.2"));
+        let headers = forwarded(&["garbage"]);
+        assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("10.0.0.4"));
+        // Ports and brackets, mapped addresses.
+        let headers = forwarded(&["[2001:db8::1]:4711, 10.0.0.2:80"]);
+        assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("2001:db8::1"));
+        let headers = forwarded(&["::ffff:203.0.113.7"]);
+        assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("203.0.113.7"));
+    }
+
+    #[test]
+    fn trusted_proxies_need_the_connection() {
+        let source = ClientAddressSource::TrustedProxies(proxies(&["10.0.0.0/8"]));
+        let headers = forwarded(&["203.0.113.7"]);
+        assert_eq!(source.address(&headers, &Extensions::new()), None);
+        assert_eq!(source.forwarded_address(&headers), None);
+        let mut extensions = Extensions::new();
+        extensions.insert(ClientIp(ip("10.0.0.1")));
+        assert_eq!(
+            source.address(&headers, &extensions),
+            Some(ip("203.0.113.7"))
+        );
+        let mut extensions = Extensions::new();
+        extensions.insert(ClientIp(ip("192.0.2.50")));
+        assert_eq!(
+            source.address(&headers, &extensions),
+            Some(ip("192.0.2.50"))
+        );
+    }
     use crate::clock::{Clock, ManualClock};
     use time::OffsetDateTime;
 

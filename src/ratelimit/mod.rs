@@ -30,7 +30,9 @@ mod local;
 mod redis;
 
 pub(crate) use clients::{Blocked, FailureTracker};
-pub use clients::{BlockedClients, ClientAddressSource, ClientIp, FailedAttemptLimit};
+pub use clients::{
+    BlockedClients, ClientAddressSource, ClientIp, FailedAttemptLimit, TrustedProxies,
+};
 pub(crate) use local::LocalLimiter;
 
 /// So many requests per period, with a burst.

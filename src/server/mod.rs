@@ -131,8 +131,11 @@ impl AuthServer {
     /// client's bad keys block everybody (the calling service's own key included). Behind a
     /// gateway, name the header it sets to the client's address, e.g. `X-Real-IP` (its last
     /// entry is used; a request without it blames no one) — and make sure the gateway always
-    /// overwrites it, or clients choose their own address. `ClientAddressSource::Connection`
-    /// blames the connection's address: only when each client connects directly.
+    /// overwrites it, or clients choose their own address. Better, name the gateways'
+    /// addresses with `ClientAddressSource::TrustedProxies`: their header is then believed
+    /// only on their connections, and a client calling directly is blamed itself.
+    /// `ClientAddressSource::Connection` blames the connection's address: only when each
+    /// client connects directly.
     #[must_use]
     pub fn client_address(mut self, source: ClientAddressSource) -> Self {
         self.client_address = Some(source);
@@ -171,9 +174,13 @@ impl AuthServer {
 
     fn client(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
         match self.client_address.as_ref()? {
-            ClientAddressSource::Connection => {
-                ClientAddressSource::Connection.address(headers, extensions)
-            }
+            // A connection from a trusted proxy blames the address it forwards; any other
+            // connection is a client calling directly.
+            source @ ClientAddressSource::Connection => source.address(headers, extensions),
+            // A proxy that forwarded no client is not blamed: it answers for many clients.
+            source @ ClientAddressSource::TrustedProxies(proxies) => source
+                .address(headers, extensions)
+                .filter(|ip| !proxies.is_trusted(*ip)),
             source => source.forwarded_address(headers),
         }
     }

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration as StdDuration;
 
 use http::HeaderName;
+use keywarden::net::{IpNetwork, IpNetworkParseError};
 use keywarden::{manage::parse_duration, ratelimit::RateLimitPolicy};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -45,6 +46,7 @@ pub(crate) struct ServerSection {
     pub(crate) shutdown_delay: Option<ConfigDuration>,
     pub(crate) shutdown_grace: Option<ConfigDuration>,
     pub(crate) client_address_header: Option<ConfigHeader>,
+    pub(crate) trusted_proxies: Option<Vec<ConfigNetwork>>,
     pub(crate) verify_without_key_on_loopback: Option<bool>,
 }
 
@@ -159,6 +161,27 @@ impl<'de> Deserialize<'de> for ConfigHeader {
     }
 }
 
+/// An IP network (`10.0.0.0/8`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConfigNetwork(pub(crate) IpNetwork);
+
+impl std::str::FromStr for ConfigNetwork {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.parse()
+            .map(Self)
+            .map_err(|e: IpNetworkParseError| e.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigNetwork {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(de::Error::custom)
+    }
+}
+
 /// A rate limit (`100/min`, `10/s,burst=20`).
 #[derive(Debug, Clone)]
 pub(crate) struct ConfigRate(pub(crate) RateLimitPolicy);
@@ -254,6 +277,7 @@ addr = "0.0.0.0:3000"
 shutdown_delay = "5s"
 shutdown_grace = "20s"
 client_address_header = "X-Real-IP"
+trusted_proxies = ["10.0.0.0/8", "::1"]
 verify_without_key_on_loopback = false
 
 [auth]
@@ -294,6 +318,13 @@ requests = true
         assert_eq!(
             config.server.client_address_header.unwrap().0.as_str(),
             "x-real-ip"
+        );
+        assert_eq!(
+            config.server.trusted_proxies.unwrap(),
+            [
+                ConfigNetwork("10.0.0.0/8".parse().unwrap()),
+                ConfigNetwork("::1".parse().unwrap())
+            ]
         );
         assert_eq!(config.auth.collections.unwrap(), ["users", "services"]);
         assert_eq!(config.auth.max_failed_attempts, Some(20));
@@ -348,6 +379,13 @@ requests = true
             FileConfig::parse("[server]\nclient_address_header = \"not a header\"\n").unwrap_err();
         assert!(
             error.starts_with("line 2, server.client_address_header: not a valid HTTP header"),
+            "{error}"
+        );
+
+        let error =
+            FileConfig::parse("[server]\ntrusted_proxies = [\"10.0.0.1/8\"]\n").unwrap_err();
+        assert!(
+            error.starts_with("line 2, server.trusted_proxies: invalid IP network"),
             "{error}"
         );
 

@@ -12,7 +12,7 @@ use axum::response::Response;
 use clap::Args;
 use keywarden::{
     invalidation::InvalidationListener,
-    ratelimit::{ClientAddressSource, FailedAttemptLimit, RateLimiter},
+    ratelimit::{ClientAddressSource, FailedAttemptLimit, RateLimiter, TrustedProxies},
     redis::RedisBackend,
     rejection::RejectionKind,
     server::AuthServer,
@@ -21,7 +21,7 @@ use keywarden::{
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{ConfigDuration, ConfigHeader, LogFormat};
+use crate::config::{ConfigDuration, ConfigHeader, ConfigNetwork, LogFormat};
 use crate::demo::{demo_router, layer_builder_with, DEMO_COLLECTIONS};
 use crate::health::{self, Readiness};
 use crate::output::Output;
@@ -64,6 +64,16 @@ pub(crate) struct ServeArgs {
     /// when every request comes through a proxy that overwrites the header.
     #[arg(long, env = "KEYWARDEN_CLIENT_ADDRESS_HEADER", value_name = "HEADER")]
     client_address_header: Option<ConfigHeader>,
+    /// The addresses of those proxies (CIDR blocks, comma-separated): the header is then
+    /// believed only on their connections, skipping their own hops, and anyone else is
+    /// blamed itself. Needs --client-address-header.
+    #[arg(
+        long,
+        env = "KEYWARDEN_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR,..."
+    )]
+    trusted_proxies: Option<Vec<ConfigNetwork>>,
     /// After a shutdown signal, how long to keep accepting requests while /readyz answers
     /// 503, so load balancers stop routing here first [default: 0s].
     #[arg(long, env = "KEYWARDEN_SHUTDOWN_DELAY", value_name = "DURATION")]
@@ -95,7 +105,7 @@ struct Settings {
     redis_url: Option<String>,
     redis_namespace: String,
     collections: Vec<String>,
-    client_address_header: Option<http::HeaderName>,
+    client_address: Option<ClientAddressSource>,
     shutdown_delay: StdDuration,
     shutdown_grace: StdDuration,
     log_format: LogFormat,
@@ -105,10 +115,31 @@ struct Settings {
 }
 
 impl Settings {
-    fn new(ctx: &Context, args: ServeArgs) -> Self {
+    fn new(ctx: &Context, args: ServeArgs) -> Result<Self, Failure> {
         let file = &ctx.file;
         let (env_redis_url, env_namespace) = ctx.redis();
-        Self {
+        let header = args
+            .client_address_header
+            .or_else(|| file.server.client_address_header.clone())
+            .map(|header| header.0);
+        let proxies = args
+            .trusted_proxies
+            .or_else(|| file.server.trusted_proxies.clone());
+        let client_address = match (header, proxies) {
+            (Some(header), Some(proxies)) => Some(ClientAddressSource::TrustedProxies(
+                TrustedProxies::new(header, proxies.into_iter().map(|p| p.0)),
+            )),
+            (Some(header), None) => Some(ClientAddressSource::TrustedHeader(header)),
+            (None, Some(_)) => {
+                return Err(Failure(
+                    "trusted proxies need the header they set: --client-address-header \
+                     (server.client_address_header)"
+                        .into(),
+                ))
+            }
+            (None, None) => None,
+        };
+        Ok(Self {
             addr: args
                 .addr
                 .or_else(|| file.server.addr.clone())
@@ -120,10 +151,7 @@ impl Settings {
                 .collections
                 .or_else(|| file.auth.collections.clone())
                 .unwrap_or_else(|| DEMO_COLLECTIONS.map(str::to_owned).to_vec()),
-            client_address_header: args
-                .client_address_header
-                .or_else(|| file.server.client_address_header.clone())
-                .map(|header| header.0),
+            client_address,
             shutdown_delay: args
                 .shutdown_delay
                 .or(file.server.shutdown_delay)
@@ -140,14 +168,12 @@ impl Settings {
             log_requests: args.log_requests || file.log.requests.unwrap_or(false),
             verify_without_key_on_loopback: args.verify_without_key_on_loopback
                 || file.server.verify_without_key_on_loopback.unwrap_or(false),
-        }
+        })
     }
 
     /// The client address the layer and the verify API blame, if the deployment names one.
     fn client_address(&self) -> Option<ClientAddressSource> {
-        self.client_address_header
-            .clone()
-            .map(ClientAddressSource::TrustedHeader)
+        self.client_address.clone()
     }
 }
 
@@ -282,7 +308,7 @@ fn ring_ids(ring: &SecretRing) -> String {
 }
 
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result<(), Failure> {
-    let settings = Settings::new(ctx, args);
+    let settings = Settings::new(ctx, args)?;
     init_logging(&settings)?;
     if settings.verify_without_key_on_loopback && !listens_on_loopback_only(&settings.addr) {
         return Err(Failure(format!(
