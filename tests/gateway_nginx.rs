@@ -10,17 +10,15 @@ mod support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
-use axum::routing::any;
-use axum::{Json, Router};
 use keywarden::ratelimit::ClientAddressSource;
 use keywarden::server::AuthServer;
-use keywarden::NewKey;
-use serde_json::{json, Value};
+use support::gateway::{
+    find_binary, forward_auth_scenario, free_port, serve, upstream, ScenarioKeys,
+};
 use support::{Fixture, TempDir};
 
 /// The configuration docs/gateways.md ships.
@@ -28,29 +26,12 @@ const SHIPPED: &str = include_str!("../docs/gateways/nginx.conf");
 
 /// The nginx binary, or `None` (skip) when it is not installed outside CI.
 fn nginx_binary() -> Option<PathBuf> {
-    let candidates = std::env::var_os("KEYWARDEN_NGINX")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            std::env::var_os("PATH")
-                .map(|path| {
-                    std::env::split_paths(&path)
-                        .map(|dir| dir.join("nginx"))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default(),
-        )
-        .chain(["/usr/sbin/nginx".into(), "/usr/local/sbin/nginx".into()]);
-    for candidate in candidates {
-        if candidate.is_file() {
-            return Some(candidate);
-        }
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("nginx is not installed under CI=true: install the Debian package `nginx`");
-    }
-    eprintln!("skipping: nginx is not installed (Debian package `nginx`, or set KEYWARDEN_NGINX)");
-    None
+    find_binary(
+        "nginx",
+        "KEYWARDEN_NGINX",
+        "nginx",
+        &["/usr/sbin/nginx", "/usr/local/sbin/nginx"],
+    )
 }
 
 /// An nginx started by this test, killed (by its own pid) on drop.
@@ -128,54 +109,6 @@ impl Drop for Nginx {
     }
 }
 
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
-    addr
-}
-
-/// The upstream: counts requests and echoes the `X-Keywarden-*` headers it sees.
-async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
-    let app = Router::new().fallback(any(move |headers: HeaderMap| {
-        let hits = hits.clone();
-        async move {
-            hits.fetch_add(1, Ordering::SeqCst);
-            let seen: serde_json::Map<String, Value> = headers
-                .iter()
-                .filter(|(name, _)| {
-                    name.as_str().starts_with("x-keywarden-")
-                        || *name == "authorization"
-                        || *name == "x-api-key"
-                })
-                .map(|(name, value)| {
-                    (
-                        name.as_str().to_owned(),
-                        Value::from(String::from_utf8_lossy(value.as_bytes()).into_owned()),
-                    )
-                })
-                .collect();
-            Json(Value::Object(seen))
-        }
-    }));
-    serve(app).await
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn docs_show_the_tested_nginx_config() {
     let docs = include_str!("../docs/gateways.md");
@@ -191,20 +124,7 @@ async fn nginx_auth_request_in_front_of_an_upstream() {
         return;
     };
     let fx = Fixture::new();
-    let valid = fx
-        .key(
-            NewKey::new("app", "alice")
-                .scope("orders:read")
-                .scope("orders:write"),
-        )
-        .await;
-    let reader = fx.key(NewKey::new("reader", "bob").read_only(true)).await;
-    let revoked = fx.key(NewKey::new("old", "carol")).await;
-    fx.manager.revoke(revoked.record.id).await.unwrap();
-    let limited = fx
-        .key(NewKey::new("slow", "dave").rate_limit("1/min".parse().unwrap()))
-        .await;
-
+    let keys = ScenarioKeys::create(&fx).await;
     let keywarden = serve(
         AuthServer::new(fx.layer.clone())
             .client_address(ClientAddressSource::TrustedHeader(
@@ -218,118 +138,7 @@ async fn nginx_auth_request_in_front_of_an_upstream() {
     let dir = TempDir::new("nginx");
     let port = free_port();
     let nginx = Nginx::start(&binary, dir.path(), port, keywarden, app);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
     let url = format!("http://127.0.0.1:{port}/orders/7");
-    let log = || nginx.log();
-
-    // A valid key reaches the upstream, which sees our identity, not the client's claims,
-    // and not the key.
-    let response = http
-        .get(&url)
-        .header("x-api-key", valid.key.expose())
-        .header("x-keywarden-subject", "mallory")
-        .header("x-keywarden-scopes", "*")
-        .header("x-keywarden-code", "forged")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", log());
-    let seen: Value = response.json().await.unwrap();
-    assert_eq!(
-        seen,
-        json!({
-            "x-keywarden-subject": "alice",
-            "x-keywarden-key-id": valid.record.id.to_string(),
-            "x-keywarden-collection": "users",
-            "x-keywarden-scopes": "orders:read,orders:write",
-        })
-    );
-    assert_eq!(hits.load(Ordering::SeqCst), 1);
-
-    // Rejections: keywarden's status, code and headers; the upstream never sees them.
-    let rejected = |response: reqwest::Response, status: u16, code: &'static str| async move {
-        assert_eq!(response.status(), status, "{code}");
-        assert_eq!(
-            response.headers()["content-type"],
-            "application/problem+json"
-        );
-        assert_eq!(response.headers()["x-keywarden-code"], code);
-        let headers = response.headers().clone();
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["status"], status);
-        assert_eq!(body["code"], code);
-        headers
-    };
-    let response = http
-        .get(&url)
-        .header("x-keywarden-subject", "mallory")
-        .send()
-        .await
-        .unwrap();
-    let headers = rejected(response, 401, "missing_credentials").await;
-    assert!(headers.contains_key("www-authenticate"));
-    let response = http
-        .get(&url)
-        .header("authorization", format!("Bearer {}", revoked.key.expose()))
-        .send()
-        .await
-        .unwrap();
-    let headers = rejected(response, 401, "revoked_key").await;
-    assert!(headers["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .contains("invalid_token"));
-    let response = http
-        .post(&url)
-        .header("x-api-key", reader.key.expose())
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    rejected(response, 403, "insufficient_scope").await;
-    // A client claiming its DELETE is a GET (nginx passes client headers into the
-    // subrequest): the shipped configuration overwrites the header, so still a 403.
-    let response = http
-        .delete(&url)
-        .header("x-api-key", reader.key.expose())
-        .header("x-forwarded-method", "GET")
-        .header("x-original-method", "GET")
-        .send()
-        .await
-        .unwrap();
-    rejected(response, 403, "insufficient_scope").await;
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        1,
-        "no rejection reached the upstream"
-    );
-    // The read-only key may read.
-    let response = http
-        .get(&url)
-        .header("x-api-key", reader.key.expose())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let response = http
-        .get(&url)
-        .header("x-api-key", limited.key.expose())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let response = http
-        .get(&url)
-        .header("x-api-key", limited.key.expose())
-        .send()
-        .await
-        .unwrap();
-    let headers = rejected(response, 429, "rate_limited").await;
-    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry_after), "{retry_after}");
-    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    forward_auth_scenario(&url, &keys, &hits, true, || nginx.log()).await;
     drop(nginx);
 }

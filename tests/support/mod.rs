@@ -18,6 +18,9 @@ use tower::ServiceExt;
 #[cfg(all(feature = "cli", unix))]
 pub mod serve;
 
+#[cfg(feature = "manage-api")]
+pub mod gateway;
+
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 pub const OLD_SECRET: &str = "integration-test-old-secret-0123456789ab";
 
