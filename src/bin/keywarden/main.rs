@@ -1,4 +1,4 @@
-//! `keywarden`: manage API keys and run the demo server.
+//! `keywarden`: manage API keys and run the keywarden server.
 //!
 //! ```text
 //! keywarden [--database-url URL] [--json] <command>
@@ -15,8 +15,13 @@
 //!   migrate
 //!   secret generate
 //!   secret retire SECRET_ID [--force]
-//!   serve [--addr 127.0.0.1:3000] [--redis-url URL]
+//!   serve [--addr 127.0.0.1:3000] [--redis-url URL] [--collections A,B]
+//!         [--client-address-header H [--trusted-proxies CIDR,...]]
+//!         [--shutdown-delay D] [--shutdown-grace D] [--log-format text|json] [--log-requests]
 //! ```
+//!
+//! Every command takes `--config keywarden.toml` (or `KEYWARDEN_CONFIG`); flags and
+//! environment variables win over the file (docs/deploy.md lists its fields).
 //!
 //! The database comes from `--database-url` or `KEYWARDEN_DATABASE_URL` (default
 //! `sqlite://keywarden.db`; `postgres://` and `postgresql://` select PostgreSQL). Key commands
@@ -61,7 +66,7 @@ const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(15);
 #[command(
     name = "keywarden",
     version,
-    about = "Manage keywarden API keys and run the demo server",
+    about = "Manage keywarden API keys and run the keywarden server",
     after_help = "Key commands and `serve` read the secret from KEYWARDEN_SECRET or the file \
                   named by KEYWARDEN_SECRET_FILE (and old ones from KEYWARDEN_PREVIOUS_SECRETS, \
                   comma-separated, or KEYWARDEN_PREVIOUS_SECRETS_FILE, one per line); create \
@@ -101,7 +106,8 @@ enum Command {
     /// Application secrets.
     #[command(subcommand)]
     Secret(SecretCommand),
-    /// Run the demo server: /healthz (open), /whoami and /admin/keys behind the layer.
+    /// Run the server: POST /v1/keys/verify, /v1/auth (forward auth), /admin/keys and /whoami
+    /// behind the layer, /healthz and /readyz (open). Settings: docs/deploy.md.
     Serve(ServeArgs),
 }
 
