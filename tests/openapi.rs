@@ -371,3 +371,196 @@ fn the_patch_schema_tells_absent_null_and_value_apart() {
     let create = request_schema(&doc, "/keys", "post");
     assert_eq!(create["required"], json!(["name"]));
 }
+
+// --- The verification API's document (`keywarden::server::openapi`) ---
+
+const COMMITTED_SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi-server.json");
+
+fn server_document() -> Value {
+    serde_json::to_value(keywarden::server::openapi()).unwrap()
+}
+
+#[tokio::test]
+async fn the_committed_server_document_is_the_generated_one() {
+    let generated = format!(
+        "{}\n",
+        keywarden::server::openapi().to_pretty_json().unwrap()
+    );
+    if std::env::var_os(REGENERATE).is_some() {
+        std::fs::write(COMMITTED_SERVER, &generated).unwrap();
+        return;
+    }
+    let committed = std::fs::read_to_string(COMMITTED_SERVER).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "docs/openapi-server.json is not the document the code generates; regenerate with \
+         `{REGENERATE}=1 cargo test --all-features --test openapi` and commit it"
+    );
+}
+
+/// The verification router: every documented operation answers (not a 404/405), the document
+/// is served without a key, and real answers fit the documented schemas.
+#[tokio::test]
+async fn the_verification_api_answers_as_its_document_says() {
+    use keywarden::server::AuthServer;
+    let doc = server_document();
+    let fx = Fixture::new();
+    let caller = fx
+        .key(NewKey::new("gateway", "svc").scope("keys:verify"))
+        .await;
+    let plain = fx
+        .key(NewKey::new("plain", "alice").scope("orders:read"))
+        .await;
+    let limited = fx
+        .key(NewKey::new("limited", "bob").rate_limit("1/min".parse().unwrap()))
+        .await;
+    let revoked = fx.key(NewKey::new("old", "carol")).await;
+    fx.manager.revoke(revoked.record.id).await.unwrap();
+    let app = AuthServer::new(fx.layer.clone()).router::<()>();
+
+    let documented = operations(&doc);
+    assert_eq!(
+        documented,
+        [
+            ("/v1/auth".to_owned(), "GET".to_owned()),
+            ("/v1/keys/verify".to_owned(), "POST".to_owned()),
+            ("/v1/openapi.json".to_owned(), "GET".to_owned()),
+        ]
+    );
+
+    // The document, open.
+    let reply = send(
+        &app,
+        Request::get("/v1/openapi.json")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert_eq!(reply.json(), doc);
+
+    let verify_schema = &doc["paths"]["/v1/keys/verify"]["post"]["responses"]["200"]["content"]
+        ["application/json"]["schema"];
+    let request_schema = request_schema(&doc, "/v1/keys/verify", "post");
+    let problem_schema = json!({"$ref": "#/components/schemas/Problem"});
+    let post = |body: Value, caller: &str| {
+        let app = app.clone();
+        let caller = caller.to_owned();
+        async move {
+            send(
+                &app,
+                Request::post("/v1/keys/verify")
+                    .header("x-api-key", caller)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let bodies = [
+        json!({"key": plain.key.expose()}),
+        json!({"key": plain.key.expose(), "scopes": ["orders:read"], "cost": 1}),
+        json!({"key": plain.key.expose(), "scopes": ["orders:write"]}),
+        json!({"key": limited.key.expose()}),
+        json!({"key": limited.key.expose()}),
+        json!({"key": revoked.key.expose()}),
+        json!({"key": "kw_live_not-a-key"}),
+    ];
+    let mut codes = Vec::new();
+    for body in bodies {
+        check(&doc, request_schema, &body, "request").unwrap();
+        let reply = post(body, caller.key.expose()).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let answer = reply.json();
+        check(&doc, verify_schema, &answer, "verdict").unwrap_or_else(|e| panic!("{e}: {answer}"));
+        codes.push(answer["code"].as_str().unwrap_or("valid").to_owned());
+    }
+    assert_eq!(
+        codes,
+        [
+            "valid",
+            "valid",
+            "insufficient_scope",
+            "valid",
+            "rate_limited",
+            "revoked_key",
+            "malformed_key"
+        ]
+    );
+    // The documented codes are the layer's, all but `missing_credentials`.
+    let documented: Vec<&str> = doc["components"]["schemas"]["VerdictCode"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = keywarden::RejectionKind::ALL
+        .iter()
+        .map(|k| k.code())
+        .filter(|c| *c != "missing_credentials")
+        .collect();
+    expected.sort_unstable();
+    let mut sorted = documented.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, expected);
+
+    // Problems: 422, 400 and the caller's 401/403, each documented and shaped as Problem.
+    for (body, caller_key, status) in [
+        (json!({"key": ""}), caller.key.expose(), 422),
+        (json!({"key": "k", "cost": 2}), caller.key.expose(), 422),
+        (json!({"key": "k", "extra": true}), caller.key.expose(), 422),
+        (json!([1]), caller.key.expose(), 400),
+        (json!({"key": "k"}), "", 401),
+        (json!({"key": "k"}), plain.key.expose(), 403),
+    ] {
+        let reply = post(body, caller_key).await;
+        assert_eq!(reply.status, status, "{}", reply.text());
+        let operation = &doc["paths"]["/v1/keys/verify"]["post"]["responses"];
+        assert!(
+            operation.get(status.to_string()).is_some(),
+            "{status} is not documented"
+        );
+        check(&doc, &problem_schema, &reply.json(), "problem").unwrap();
+    }
+
+    // Forward auth: 200 with the documented headers, rejections with X-Keywarden-Code.
+    let auth = &doc["paths"]["/v1/auth"]["get"]["responses"];
+    let reply = send(
+        &app,
+        Request::get("/v1/auth")
+            .header("x-api-key", plain.key.expose())
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    for header in auth["200"]["headers"].as_object().unwrap().keys() {
+        assert!(
+            reply.headers.contains_key(header.as_str()),
+            "{header} missing"
+        );
+    }
+    for (request, status) in [
+        (Request::get("/v1/auth").body(Body::empty()).unwrap(), 401),
+        (
+            Request::post("/v1/auth")
+                .header("x-api-key", plain.key.expose())
+                .header("x-forwarded-method", "GET")
+                .header("x-original-method", "POST")
+                .body(Body::empty())
+                .unwrap(),
+            400,
+        ),
+    ] {
+        let reply = send(&app, request).await;
+        assert_eq!(reply.status, status, "{}", reply.text());
+        assert!(auth.get(status.to_string()).is_some());
+        assert!(
+            reply.headers.contains_key("x-keywarden-code"),
+            "{status}: no X-Keywarden-Code"
+        );
+        check(&doc, &problem_schema, &reply.json(), "problem").unwrap();
+    }
+}

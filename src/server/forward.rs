@@ -27,7 +27,14 @@ pub(super) async fn forward_auth(State(server): State<AuthServer>, req: Request)
     let method = match original_method(&parts.headers) {
         Ok(Some(method)) => method,
         Ok(None) => parts.method.clone(),
-        Err(error) => return error.into_response(),
+        Err(error) => {
+            // Coded like every other rejection, for gateways that render their own body.
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(CODE, HeaderValue::from_static("invalid_request"));
+            return response;
+        }
     };
     let client = server.client(&parts.headers, &parts.extensions);
     match server

@@ -91,7 +91,7 @@
 
 use std::net::IpAddr;
 
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use http::{Extensions, HeaderMap};
 
@@ -99,7 +99,10 @@ use crate::layer::ApiKeyLayer;
 use crate::ratelimit::ClientAddressSource;
 
 mod forward;
+mod openapi;
 mod verify;
+
+pub use openapi::openapi;
 
 /// The scope a caller of `POST /v1/keys/verify` must hold, by exact name.
 pub const VERIFY_SCOPE: &str = "keys:verify";
@@ -164,7 +167,12 @@ impl AuthServer {
     where
         S: Clone + Send + Sync + 'static,
     {
+        let document = openapi::document();
         Router::new()
+            .route(
+                "/v1/openapi.json",
+                get(move || openapi::serve(document.clone())),
+            )
             .route("/v1/keys/verify", post(verify::verify))
             .route("/v1/auth", any(forward::forward_auth))
             .route("/v1/auth/", any(forward::forward_auth))

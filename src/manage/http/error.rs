@@ -23,7 +23,7 @@ pub(crate) struct FieldError {
 /// An error as `application/problem+json` (RFC 9457): every error of the API and of the
 /// key layer in front of it has this shape.
 #[derive(Serialize, utoipa::ToSchema)]
-pub(super) struct Problem<'a> {
+pub(crate) struct Problem<'a> {
     /// The HTTP status code.
     #[schema(examples(422))]
     status: u16,

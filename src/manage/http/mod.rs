@@ -85,7 +85,7 @@ use super::KeyManager;
 mod auth;
 pub(crate) mod error;
 pub(crate) mod extract;
-mod openapi;
+pub(crate) mod openapi;
 mod routes;
 
 pub use openapi::openapi;

@@ -106,8 +106,8 @@ pub(super) async fn serve(document: Bytes) -> Response {
         .into_response()
 }
 
-/// The three ways the layer reads a key.
-struct SecuritySchemes;
+/// The three ways the layer reads a key (also the verification API's document).
+pub(crate) struct SecuritySchemes;
 
 impl Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -164,7 +164,7 @@ fn retry_after(description: &str) -> utoipa::openapi::header::Header {
 /// Declares a unit type per reusable error response.
 macro_rules! problem_responses {
     ($($name:ident => $build:expr;)*) => {$(
-        pub(super) struct $name;
+        pub(crate) struct $name;
 
         impl<'s> ToResponse<'s> for $name {
             fn response() -> (&'s str, RefOr<ResponseDoc>) {
