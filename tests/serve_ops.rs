@@ -203,7 +203,25 @@ fn a_bad_config_file_stops_serve_naming_the_line_and_the_field() {
             "[log]\nformat = \"xml\"\n",
             "line 2, log.format: unknown variant `xml`",
         ),
-        ("key_prefixes = [\"Bad Prefix\"]\n", "config key_prefixes:"),
+        (
+            "key_prefixes = [\"Bad Prefix\"]\n",
+            "line 1, key_prefixes: invalid key prefix",
+        ),
+        ("[auth]\ncollections = []\n", "auth.collections is empty"),
+        (
+            "[server]\nclient_address_header = \"x-forwarded-for\"\n\
+             trusted_proxies = [\"::ffff:0.0.0.0/96\"]\n",
+            "trusted proxies may not be 0.0.0.0/0",
+        ),
+        (
+            "[server]\nclient_address_header = \"x-forwarded-for\"\ntrusted_proxies = []\n",
+            "trusted proxies: the list is empty",
+        ),
+        ("[log]\nlevel = \"infoo\"\n", "invalid log filter"),
+        (
+            "[server]\ntrusted_proxies = [\"10.0.0.1\"]\n",
+            "trusted proxies need the header",
+        ),
         (
             "[auth]\ncollections = [\"users\"]\nopaque_collections = [\"imported\"]\n",
             "auth.opaque_collections names \"imported\"",
@@ -379,7 +397,15 @@ async fn readiness_follows_redis() {
     );
 
     proxy.cut();
-    let (status, body) = readyz(&http, &server).await;
+    // A verdict is reused for a second: poll.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = readyz(&http, &server).await;
+        if status == 503 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "not_ready");
     assert_eq!(body["checks"]["redis"], "unreachable");
@@ -398,5 +424,76 @@ async fn readiness_follows_redis() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    server.terminate();
+}
+
+/// A switch the file turns on, the environment (or `--flag=false`) turns off again.
+#[tokio::test]
+async fn the_environment_turns_off_what_the_file_turned_on() {
+    let dir = TempDir::new("serve-bool-precedence");
+    let config = dir.write(
+        "keywarden.toml",
+        "[server]\nverify_without_key_on_loopback = true\n[log]\nrequests = true\n",
+    );
+    let mut create = command(&dir);
+    create.args(["keys", "create", "--json", "--name", "k"]);
+    let created: Value = serde_json::from_str(&succeeded(create.output().unwrap())).unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+
+    for (name, env, flag) in [
+        (
+            "env",
+            Some(("KEYWARDEN_VERIFY_WITHOUT_KEY_ON_LOOPBACK", "false")),
+            None,
+        ),
+        ("flag", None, Some("--verify-without-key-on-loopback=false")),
+    ] {
+        let mut serve = command(&dir);
+        serve.args(["serve", "--addr", "127.0.0.1:0", "--config", &config]);
+        serve.env("KEYWARDEN_LOG_REQUESTS", "false");
+        if let Some((var, value)) = env {
+            serve.env(var, value);
+        }
+        if let Some(flag) = flag {
+            serve.arg(flag);
+        }
+        let mut server = ServeProcess::spawn(serve, dir.path(), name);
+        let http = client();
+        server.wait_healthy(&http).await;
+        // No caller key: refused, although the file opened the endpoint on loopback.
+        let response = http
+            .post(server.url("/v1/keys/verify"))
+            .json(&serde_json::json!({ "key": key }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{name}");
+        assert!(server.send_sigterm());
+        assert!(server.wait_exit(Duration::from_secs(20)).success());
+        assert!(
+            !server.stderr().contains("keywarden::access"),
+            "{name}: requests were logged: {}",
+            server.stderr()
+        );
+    }
+
+    // And the file alone opens it (on loopback), with a warning.
+    let mut serve = command(&dir);
+    serve.args(["serve", "--addr", "127.0.0.1:0", "--config", &config]);
+    let server = ServeProcess::spawn(serve, dir.path(), "file");
+    let http = client();
+    server.wait_healthy(&http).await;
+    let response = http
+        .post(server.url("/v1/keys/verify"))
+        .json(&serde_json::json!({ "key": key }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        server.stderr().contains("needs no caller key"),
+        "{}",
+        server.stderr()
+    );
     server.terminate();
 }

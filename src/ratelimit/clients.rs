@@ -89,11 +89,20 @@ impl TrustedProxies {
     }
 
     /// The client behind a connection from `peer`: `peer` itself unless it is a trusted
-    /// proxy; else the header's rightmost address that is not a trusted proxy.
+    /// proxy; else the header's rightmost address that is not a trusted proxy (or its
+    /// leftmost, when all are); `peer` when the proxy forwarded no usable address.
     pub fn client(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        self.forwarded_client(headers, peer)
+            .unwrap_or_else(|| canonical(peer))
+    }
+
+    /// Like [`client`](Self::client), but `None` when `peer` is a trusted proxy that
+    /// forwarded no usable address (no header, or garbage where its hop should be): for a
+    /// server answering on behalf of many clients, which must not blame the proxy itself.
+    pub fn forwarded_client(&self, headers: &HeaderMap, peer: IpAddr) -> Option<IpAddr> {
         let peer = canonical(peer);
         if !self.is_trusted(peer) {
-            return peer;
+            return Some(peer);
         }
         let mut leftmost = None;
         for value in headers.get_all(&self.header).iter().rev() {
@@ -101,15 +110,15 @@ impl TrustedProxies {
                 let Some(ip) = parse_address(entry) else {
                     // Garbage where the next hop should be: nothing to the left of it can be
                     // believed; the last trusted hop is the best we know.
-                    return leftmost.unwrap_or(peer);
+                    return leftmost;
                 };
                 if !self.is_trusted(ip) {
-                    return ip;
+                    return Some(ip);
                 }
                 leftmost = Some(ip);
             }
         }
-        leftmost.unwrap_or(peer)
+        leftmost
     }
 }
 
@@ -426,8 +435,22 @@ mod tests {
         assert_eq!(p.client(&headers, ip("::ffff:10.1.1.1")), ip("203.0.113.7"));
         // From anyone else: that address, whatever it claims.
         assert_eq!(p.client(&headers, ip("198.51.100.2")), ip("198.51.100.2"));
-        // A proxy that forwarded nothing is the address we know.
+        // A proxy that forwarded nothing is the address we know, or nobody.
         assert_eq!(p.client(&HeaderMap::new(), ip("10.1.1.1")), ip("10.1.1.1"));
+        assert_eq!(p.forwarded_client(&HeaderMap::new(), ip("10.1.1.1")), None);
+        assert_eq!(
+            p.forwarded_client(&forwarded(&["garbage"]), ip("10.1.1.1")),
+            None
+        );
+        // A client inside the trusted networks is still someone.
+        assert_eq!(
+            p.forwarded_client(&forwarded(&["10.9.9.9"]), ip("10.1.1.1")),
+            Some(ip("10.9.9.9"))
+        );
+        assert_eq!(
+            p.forwarded_client(&headers, ip("198.51.100.2")),
+            Some(ip("198.51.100.2"))
+        );
     }
 
     #[test]

@@ -186,9 +186,11 @@ impl AuthServer {
             // connection is a client calling directly.
             source @ ClientAddressSource::Connection => source.address(headers, extensions),
             // A proxy that forwarded no client is not blamed: it answers for many clients.
-            source @ ClientAddressSource::TrustedProxies(proxies) => source
-                .address(headers, extensions)
-                .filter(|ip| !proxies.is_trusted(*ip)),
+            // Anyone else is: a client calling directly, or one inside the trusted networks.
+            ClientAddressSource::TrustedProxies(proxies) => {
+                let peer = ClientAddressSource::Connection.address(headers, extensions)?;
+                proxies.forwarded_client(headers, peer)
+            }
             source => source.forwarded_address(headers),
         }
     }

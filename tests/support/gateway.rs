@@ -65,10 +65,12 @@ pub async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
         let hits = hits.clone();
         async move {
             hits.fetch_add(1, Ordering::SeqCst);
+            // Any spelling of our headers (`X_Keywarden_Subject` too): apps that map header
+            // names to `HTTP_X_KEYWARDEN_SUBJECT` cannot tell them apart.
             let seen: serde_json::Map<String, Value> = headers
                 .iter()
                 .filter(|(name, _)| {
-                    name.as_str().starts_with("x-keywarden-")
+                    name.as_str().contains("keywarden")
                         || *name == "authorization"
                         || *name == "x-api-key"
                 })
@@ -151,6 +153,8 @@ pub async fn forward_auth_scenario(
         .header("x-keywarden-subject", "mallory")
         .header("x-keywarden-scopes", "*")
         .header("x-keywarden-code", "forged")
+        .header("x_keywarden_subject", "mallory")
+        .header("X-Keywarden_Scopes", "*")
         .send()
         .await
         .unwrap();

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration as StdDuration;
 
 use http::HeaderName;
+use keywarden::key::KeyFormat;
 use keywarden::net::{IpNetwork, IpNetworkParseError};
 use keywarden::{manage::parse_duration, ratelimit::RateLimitPolicy};
 use serde::de::{self, Deserializer};
@@ -25,7 +26,7 @@ pub(crate) struct FileConfig {
     /// `sqlite://PATH` or `postgres://USER@HOST/DB`.
     pub(crate) database_url: Option<String>,
     /// The key prefixes this deployment issues and accepts (`kw_live`, `kw_test`).
-    pub(crate) key_prefixes: Option<Vec<String>>,
+    pub(crate) key_prefixes: Option<ConfigKeyFormat>,
     #[serde(default)]
     pub(crate) server: ServerSection,
     #[serde(default)]
@@ -127,7 +128,13 @@ impl std::str::FromStr for ConfigDuration {
                 _ => Err(format!("invalid duration {text:?}: unknown unit")),
             };
         }
-        let duration = parse_duration(text).map_err(|e| e.to_string())?;
+        let duration = parse_duration(text).map_err(|_| {
+            format!(
+                "invalid duration {:?}: expected a number with a unit ms, s, m, h, d or w \
+                 (e.g. 250ms, 90s, 15m, 24h)",
+                text.chars().take(32).collect::<String>()
+            )
+        })?;
         let seconds = u64::try_from(duration.whole_seconds()).map_err(|_| "negative duration")?;
         Ok(Self(StdDuration::from_secs(seconds)))
     }
@@ -182,6 +189,22 @@ impl<'de> Deserialize<'de> for ConfigNetwork {
     }
 }
 
+/// The key prefixes, checked as a [`KeyFormat`].
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigKeyFormat(pub(crate) KeyFormat);
+
+impl<'de> Deserialize<'de> for ConfigKeyFormat {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let prefixes = Vec::<String>::deserialize(deserializer)?;
+        if prefixes.is_empty() {
+            return Err(de::Error::custom("at least one prefix is needed"));
+        }
+        KeyFormat::new(prefixes.iter().map(String::as_str))
+            .map(Self)
+            .map_err(de::Error::custom)
+    }
+}
+
 /// A rate limit (`100/min`, `10/s,burst=20`).
 #[derive(Debug, Clone)]
 pub(crate) struct ConfigRate(pub(crate) RateLimitPolicy);
@@ -227,7 +250,12 @@ impl FileConfig {
 /// the parser's or the field's own, never the source line (which may hold a database URL with
 /// a password).
 fn describe(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().trim_end_matches('.');
+    let mut message = without_strings(error.message().trim().trim_end_matches('.'));
+    if message.starts_with("unknown field `secret") || message.starts_with("unknown field `key`") {
+        message
+            .push_str("; secrets are never read from the config file: set KEYWARDEN_SECRET_FILE");
+    }
+    let message = message.as_str();
     let Some(span) = error.span() else {
         return format!("is invalid: {message}");
     };
@@ -235,10 +263,17 @@ fn describe(text: &str, error: &toml::de::Error) -> String {
     let before = &text[..start];
     let line_number = before.matches('\n').count() + 1;
     let line = text.lines().nth(line_number - 1).unwrap_or("");
+    // Only a plain key is named: a mangled line (`database_url "postgres://u:pw@..."`) is
+    // not repeated.
     let key = line
         .split_once('=')
         .map(|(key, _)| key.trim().trim_matches('"'))
-        .filter(|key| !key.is_empty() && !key.starts_with('['));
+        .filter(|key| {
+            !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        });
     // The table the line belongs to: the last `[section]` header above it.
     let section = before
         .lines()
@@ -251,6 +286,37 @@ fn describe(text: &str, error: &toml::de::Error) -> String {
         (None, Some(key)) => format!("line {line_number}, {key}: {message}"),
         (_, None) => format!("line {line_number}: {message}"),
     }
+}
+
+/// serde's messages quote a mistyped value (`invalid type: string "postgres://u:pw@db",
+/// expected a sequence`): the value becomes `a string`.
+fn without_strings(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let quoted = &rest[at + "string \"".len()..];
+        // The closing quote: the first one not escaped.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in quoted.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        match end {
+            Some(end) => rest = &quoted[end + 1..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -398,6 +464,49 @@ requests = true
 
         let error = FileConfig::parse("[cache\nttl = \"1s\"\n").unwrap_err();
         assert!(error.starts_with("line 1"), "{error}");
+    }
+
+    #[test]
+    fn errors_never_repeat_a_mistyped_value_or_a_mangled_line() {
+        for text in [
+            "database_url \"postgres://kw:hunter2@db/keys?sslmode=require\"\n",
+            "postgres://kw:hunter2@db/keys?sslmode=require\n",
+            "key_prefixes = \"postgres://kw:hunter2@db/keys\"\n",
+            "[server]\nverify_without_key_on_loopback = \"redis://:hunter2@r\"\n",
+            "[redis]\nurl = [\"redis://:hunter2@r\"]\n",
+            "[log]\nlevel = { a = \"hunter2\" }\n",
+        ] {
+            let error = FileConfig::parse(text).unwrap_err();
+            assert!(error.starts_with("line "), "{error}");
+            assert!(!error.contains("hunter2"), "{text}: {error}");
+        }
+        let error = FileConfig::parse("key_prefixes = \"kw_live\"\n").unwrap_err();
+        assert!(
+            error.starts_with("line 1, key_prefixes: invalid type: a string, expected"),
+            "{error}"
+        );
+        let error = FileConfig::parse("key_prefixes = [\"Bad Prefix\"]\n").unwrap_err();
+        assert!(
+            error.starts_with("line 1, key_prefixes: invalid key prefix"),
+            "{error}"
+        );
+        let error = FileConfig::parse("key_prefixes = []\n").unwrap_err();
+        assert!(
+            error.starts_with("line 1, key_prefixes: at least one"),
+            "{error}"
+        );
+        let error = FileConfig::parse("secret_file = \"/run/x\"\n").unwrap_err();
+        assert!(error.contains("set KEYWARDEN_SECRET_FILE"), "{error}");
+    }
+
+    #[test]
+    fn quoted_values_leave_messages() {
+        assert_eq!(
+            without_strings(r#"invalid type: string "a\"b", expected u64"#),
+            "invalid type: a string, expected u64"
+        );
+        assert_eq!(without_strings("no strings"), "no strings");
+        assert_eq!(without_strings(r#"string "unterminated"#), "a string");
     }
 
     #[test]

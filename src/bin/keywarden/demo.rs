@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use axum::http::header;
 use axum::routing::get;
 use axum::{Json, Router};
 use keywarden::{
@@ -39,8 +40,8 @@ pub(crate) fn demo_router(layer: ApiKeyLayer, manager: Arc<KeyManager>) -> Route
         .route("/healthz", get(healthz))
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+async fn healthz() -> ([(header::HeaderName, &'static str); 1], &'static str) {
+    ([(header::CACHE_CONTROL, "no-store")], "ok")
 }
 
 async fn whoami(principal: Principal) -> Json<Principal> {

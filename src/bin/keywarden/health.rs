@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -19,11 +19,19 @@ use crate::with_sources;
 /// How long one dependency may take to answer a readiness probe.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a readiness verdict is reused: a flood of probes (the endpoint is open) costs
+/// one store query and one Redis `PING` per second, never one per request.
+const VERDICT_TTL: Duration = Duration::from_secs(1);
+
 /// What `/readyz` checks. Shared by the router and the shutdown path, which marks it draining.
 pub(crate) struct Readiness {
     store: Arc<dyn KeyStore>,
     redis: Option<RedisBackend>,
     draining: AtomicBool,
+    verdict_ttl: Duration,
+    /// The last verdict and when it was reached; the lock also makes concurrent probes wait
+    /// for one check instead of each running its own.
+    last: tokio::sync::Mutex<Option<(Instant, bool, Map<String, Value>)>>,
 }
 
 impl Readiness {
@@ -32,7 +40,29 @@ impl Readiness {
             store,
             redis,
             draining: AtomicBool::new(false),
+            verdict_ttl: VERDICT_TTL,
+            last: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Checks on every probe (tests).
+    #[cfg(test)]
+    fn uncached(mut self) -> Self {
+        self.verdict_ttl = Duration::ZERO;
+        self
+    }
+
+    /// The verdict of the last second, or a fresh one.
+    async fn verdict(&self) -> (bool, Map<String, Value>) {
+        let mut last = self.last.lock().await;
+        if let Some((at, ready, checks)) = last.as_ref() {
+            if at.elapsed() < self.verdict_ttl {
+                return (*ready, checks.clone());
+            }
+        }
+        let (ready, checks) = self.check().await;
+        *last = Some((Instant::now(), ready, checks.clone()));
+        (ready, checks)
     }
 
     /// From now on `/readyz` answers 503 `draining`: load balancers stop sending new requests
@@ -103,7 +133,7 @@ async fn readyz(State(readiness): State<Arc<Readiness>>) -> Response {
             json!({ "status": "draining" }),
         )
     } else {
-        match readiness.check().await {
+        match readiness.verdict().await {
             (true, checks) => (
                 StatusCode::OK,
                 json!({ "status": "ready", "checks": checks }),
@@ -166,7 +196,7 @@ mod tests {
             .await
             .unwrap();
         let store = SqliteStore::from_pool(pool);
-        let readiness = Arc::new(Readiness::new(Arc::new(store.clone()), None));
+        let readiness = Arc::new(Readiness::new(Arc::new(store.clone()), None).uncached());
         let (status, body) = get_readyz(readiness.clone()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["status"], "not_ready");
@@ -176,5 +206,22 @@ mod tests {
         store.migrate().await.unwrap();
         let (status, _) = get_readyz(readiness).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_verdict_is_reused_for_a_second() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let store = SqliteStore::from_pool(pool);
+        let readiness = Arc::new(Readiness::new(Arc::new(store.clone()), None));
+        let (status, _) = get_readyz(readiness.clone()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        store.migrate().await.unwrap();
+        // Still the verdict of a moment ago: probes do not each query the store.
+        let (status, _) = get_readyz(readiness).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -248,7 +248,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let ctx = Context::new(cli.database_url, file)?;
+    let ctx = Context::new(cli.database_url, file);
     match cli.command {
         Command::Secret(command) => cli::secret(&ctx, command, out).await,
         Command::Migrate => cli::migrate(&ctx.database_url, out).await,
@@ -269,22 +269,15 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    fn new(database_url: Option<String>, file: FileConfig) -> Result<Self, Failure> {
+    fn new(database_url: Option<String>, file: FileConfig) -> Self {
         let database_url = database_url
             .or_else(|| file.database_url.clone())
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-        let key_format = match &file.key_prefixes {
-            Some(prefixes) => Some(
-                KeyFormat::new(prefixes.iter().map(String::as_str))
-                    .map_err(|e| Failure(format!("config key_prefixes: {e}")))?,
-            ),
-            None => None,
-        };
-        Ok(Self {
+        Self {
             database_url,
-            key_format,
+            key_format: file.key_prefixes.clone().map(|format| format.0),
             file,
-        })
+        }
     }
 
     /// The Redis URL and namespace of the CLI's change notices and `serve`'s limits: the

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration as StdDuration, Instant};
 
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
+use clap::builder::BoolishValueParser;
 use clap::Args;
 use keywarden::{
     invalidation::InvalidationListener,
@@ -88,14 +89,32 @@ pub(crate) struct ServeArgs {
     /// [default: info].
     #[arg(long, env = "KEYWARDEN_LOG", value_name = "FILTER")]
     log_level: Option<String>,
-    /// Log one line per request (method, path without query, status, code, milliseconds).
-    #[arg(long, env = "KEYWARDEN_LOG_REQUESTS")]
-    log_requests: bool,
+    /// Log one line per request (method, route, status, code, milliseconds);
+    /// `--log-requests=false` turns off what the config file turned on.
+    #[arg(
+        long,
+        env = "KEYWARDEN_LOG_REQUESTS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    log_requests: Option<bool>,
     /// Let `POST /v1/keys/verify` requests from loopback connections verify keys without a
     /// caller key holding `keys:verify`. Only with a loopback --addr. RISK: every local
     /// process, and anything a local reverse proxy forwards, can then test keys.
-    #[arg(long, env = "KEYWARDEN_VERIFY_WITHOUT_KEY_ON_LOOPBACK")]
-    verify_without_key_on_loopback: bool,
+    /// `=false` turns off what the config file turned on.
+    #[arg(
+        long,
+        env = "KEYWARDEN_VERIFY_WITHOUT_KEY_ON_LOOPBACK",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    verify_without_key_on_loopback: Option<bool>,
 }
 
 /// `serve`'s settings: each from its flag, else its environment variable, else the config
@@ -112,7 +131,13 @@ struct Settings {
     log_level: String,
     log_requests: bool,
     verify_without_key_on_loopback: bool,
+    /// Risky but allowed choices, logged as warnings once logging is up.
+    warnings: Vec<String>,
 }
+
+/// Trusted networks broader than these are probably more than the proxies: warned about.
+const NARROWEST_WARNED_V4: u8 = 24;
+const NARROWEST_WARNED_V6: u8 = 64;
 
 impl Settings {
     fn new(ctx: &Context, args: ServeArgs) -> Result<Self, Failure> {
@@ -125,11 +150,53 @@ impl Settings {
         let proxies = args
             .trusted_proxies
             .or_else(|| file.server.trusted_proxies.clone());
+        let mut warnings = Vec::new();
+        if let Some(proxies) = &proxies {
+            if proxies.is_empty() {
+                return Err(Failure(
+                    "trusted proxies: the list is empty (server.trusted_proxies)".into(),
+                ));
+            }
+            for network in proxies.iter().map(|p| p.0) {
+                if network.prefix() == 0 {
+                    return Err(Failure(format!(
+                        "trusted proxies may not be {network}: that trusts every address, \
+                         so every client could choose its own"
+                    )));
+                }
+                let narrowest = if network.addr().is_ipv4() {
+                    NARROWEST_WARNED_V4
+                } else {
+                    NARROWEST_WARNED_V6
+                };
+                if network.prefix() < narrowest {
+                    warnings.push(format!(
+                        "trusted proxy network {network} is broad: every client inside it may \
+                         choose the address it is blamed as; list the proxies' own addresses"
+                    ));
+                }
+            }
+        }
+        let collections = args
+            .collections
+            .or_else(|| file.auth.collections.clone())
+            .unwrap_or_else(|| DEMO_COLLECTIONS.map(str::to_owned).to_vec());
+        if collections.is_empty() {
+            return Err(Failure(
+                "auth.collections is empty: name at least one collection".into(),
+            ));
+        }
         let client_address = match (header, proxies) {
             (Some(header), Some(proxies)) => Some(ClientAddressSource::TrustedProxies(
                 TrustedProxies::new(header, proxies.into_iter().map(|p| p.0)),
             )),
-            (Some(header), None) => Some(ClientAddressSource::TrustedHeader(header)),
+            (Some(header), None) => {
+                warnings.push(format!(
+                    "{header} is believed on every connection: only safe when nothing but \
+                     the proxy can reach this server (set --trusted-proxies)"
+                ));
+                Some(ClientAddressSource::TrustedHeader(header))
+            }
             (None, Some(_)) => {
                 return Err(Failure(
                     "trusted proxies need the header they set: --client-address-header \
@@ -147,10 +214,7 @@ impl Settings {
             // clap has read KEYWARDEN_REDIS_URL already; `ctx.redis()` adds the file.
             redis_url: args.redis_url.or(env_redis_url),
             redis_namespace: args.redis_namespace.unwrap_or(env_namespace),
-            collections: args
-                .collections
-                .or_else(|| file.auth.collections.clone())
-                .unwrap_or_else(|| DEMO_COLLECTIONS.map(str::to_owned).to_vec()),
+            collections,
             client_address,
             shutdown_delay: args
                 .shutdown_delay
@@ -165,9 +229,12 @@ impl Settings {
                 .log_level
                 .or_else(|| file.log.level.clone())
                 .unwrap_or_else(|| "info".to_owned()),
-            log_requests: args.log_requests || file.log.requests.unwrap_or(false),
-            verify_without_key_on_loopback: args.verify_without_key_on_loopback
-                || file.server.verify_without_key_on_loopback.unwrap_or(false),
+            log_requests: args.log_requests.or(file.log.requests).unwrap_or(false),
+            verify_without_key_on_loopback: args
+                .verify_without_key_on_loopback
+                .or(file.server.verify_without_key_on_loopback)
+                .unwrap_or(false),
+            warnings,
         })
     }
 
@@ -248,12 +315,26 @@ fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilde
 
 /// Logs to stderr in the configured format. Errors only for a filter that does not parse.
 fn init_logging(settings: &Settings) -> Result<(), Failure> {
-    let filter = EnvFilter::try_new(&settings.log_level).map_err(|e| {
+    let invalid = |why: String| {
         Failure(format!(
-            "invalid log filter {:?}: {e}",
+            "invalid log filter {:?}: {why}",
             settings.log_level.chars().take(64).collect::<String>()
         ))
-    })?;
+    };
+    // EnvFilter takes a bare unknown word (`infoo`) for a target and then logs nothing: a
+    // directive is a level, or `target=level`.
+    for directive in settings.log_level.split(',').map(str::trim) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(invalid(format!(
+                "expected a level ({}) or target=level",
+                LEVELS.join(", ")
+            )));
+        }
+    }
+    let filter = EnvFilter::try_new(&settings.log_level).map_err(|e| invalid(e.to_string()))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -269,11 +350,19 @@ fn init_logging(settings: &Settings) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One log line per request: method, path (never the query, which may carry a key), status,
-/// keywarden's rejection code if any, and the time taken.
+/// The levels a log filter directive may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// One log line per request: method, route, status, keywarden's rejection code if any, and
+/// the time taken. The route is the matched pattern (`/admin/keys/{id}`); an unmatched path
+/// is logged with every segment that could be a key (longer than 16 bytes) redacted, and
+/// never with its query (which may carry a key).
 async fn log_request(request: Request, next: Next) -> Response {
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    let path = match request.extensions().get::<MatchedPath>() {
+        Some(route) => route.as_str().to_owned(),
+        None => redacted_path(request.uri().path()),
+    };
     let started = Instant::now();
     let response = next.run(request).await;
     let code = response
@@ -287,10 +376,18 @@ async fn log_request(request: Request, next: Next) -> Response {
         path = %path,
         status = response.status().as_u16(),
         code,
-        millis = started.elapsed().as_secs_f64() * 1000.0,
+        millis = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         "request"
     );
     response
+}
+
+/// `path` with each segment longer than 16 bytes (a key, a token, an id) replaced by `{…}`.
+fn redacted_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| if segment.len() > 16 { "{…}" } else { segment })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// The ring's secret ids (never the secrets), for `secret retire`.
@@ -310,11 +407,22 @@ fn ring_ids(ring: &SecretRing) -> String {
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result<(), Failure> {
     let settings = Settings::new(ctx, args)?;
     init_logging(&settings)?;
-    if settings.verify_without_key_on_loopback && !listens_on_loopback_only(&settings.addr) {
-        return Err(Failure(format!(
-            "--verify-without-key-on-loopback needs a loopback --addr (127.0.0.1, [::1]), not {}",
-            settings.addr
-        )));
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+        eprintln!("warning: {warning}");
+    }
+    if settings.verify_without_key_on_loopback {
+        if !listens_on_loopback_only(&settings.addr) {
+            return Err(Failure(format!(
+                "--verify-without-key-on-loopback needs a loopback --addr (127.0.0.1, [::1]), \
+                 not {}",
+                settings.addr
+            )));
+        }
+        tracing::warn!(
+            "POST /v1/keys/verify needs no caller key on loopback connections: every local \
+             process can test keys"
+        );
     }
     let secrets = load_secrets()?;
     let reveal_keys = load_reveal_keys()?;
@@ -381,7 +489,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
     let local = listener
         .local_addr()
         .map_err(|e| Failure(format!("cannot read the listening address: {e}")))?;
-    tracing::info!(addr = %local, collections = ?settings.collections, "listening");
+    tracing::info!(addr = %local, collections = %settings.collections.join(","), "listening");
     if out.json {
         println!("{}", json!({ "listening": format!("http://{local}") }));
     } else {
@@ -389,9 +497,14 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         println!("{ring_ids}");
         println!(
             "routes: GET /healthz and /readyz (open), GET /whoami, /admin/keys (API key \
-             required; collections {}), POST /v1/keys/verify (caller scope keys:verify), \
-             /v1/auth (forward auth for gateways)",
-            settings.collections.join(", ")
+             required; collections {}), POST /v1/keys/verify ({}), /v1/auth (forward auth \
+             for gateways), GET /v1/openapi.json",
+            settings.collections.join(", "),
+            if settings.verify_without_key_on_loopback {
+                "caller scope keys:verify, or no key from loopback"
+            } else {
+                "caller scope keys:verify"
+            }
         );
         let propagation = match (listeners.is_empty(), redis.is_some()) {
             (true, _) => {
