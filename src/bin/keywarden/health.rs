@@ -31,8 +31,11 @@ pub(crate) struct Readiness {
     verdict_ttl: Duration,
     /// The last verdict and when it was reached; the lock also makes concurrent probes wait
     /// for one check instead of each running its own.
-    last: tokio::sync::Mutex<Option<(Instant, bool, Map<String, Value>)>>,
+    last: tokio::sync::Mutex<Option<Verdict>>,
 }
+
+/// When a readiness verdict was reached, whether ready, and each check's answer.
+type Verdict = (Instant, bool, Map<String, Value>);
 
 impl Readiness {
     pub(crate) fn new(store: Arc<dyn KeyStore>, redis: Option<RedisBackend>) -> Self {
