@@ -409,7 +409,6 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
     init_logging(&settings)?;
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
-        eprintln!("warning: {warning}");
     }
     if settings.verify_without_key_on_loopback {
         if !listens_on_loopback_only(&settings.addr) {
