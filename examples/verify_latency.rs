@@ -14,6 +14,8 @@
 //! `verify` posts `{"key": K}` to `/v1/keys/verify` (K cycling through the keys file) with the
 //! caller key in `X-Api-Key`, and counts only `200` answers with `"valid":true` as successes;
 //! `healthz` gets `/healthz`: the same HTTP round trip without keywarden's work, the baseline.
+//! Requests go over 32 keep-alive HTTP/1.1 connections written and read directly (a few
+//! microseconds of client work each), so the client is not what is measured.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,61 +90,112 @@ fn args() -> Result<Args, String> {
     })
 }
 
-/// Sends `count` requests at `rate` per second starting at `start`; returns each one's
-/// latency from its due time (`None` for a failure).
-async fn run(
-    http: &reqwest::Client,
-    args: &Arc<Args>,
-    start: Instant,
-    count: u64,
-) -> Vec<Option<Duration>> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// How many keep-alive connections carry the load: enough that one slow answer delays only
+/// the requests queued behind it on its own connection.
+const CONNECTIONS: usize = 32;
+
+/// The bytes of request `i`: a verify request for key `i % keys`, or a health check.
+fn request_bytes(args: &Args, i: usize) -> Vec<u8> {
+    if args.target == "healthz" {
+        return b"GET /healthz HTTP/1.1\r\nhost: bench\r\n\r\n".to_vec();
+    }
+    let body = json!({ "key": args.keys[i % args.keys.len()] }).to_string();
+    format!(
+        "POST /v1/keys/verify HTTP/1.1\r\nhost: bench\r\nx-api-key: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        args.caller_key,
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Reads one HTTP/1.1 response with a `content-length`; true when it is a 200 (and, for
+/// verify, says `"valid":true`).
+async fn read_response(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    verify: bool,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = &buf[head_end..head_end + length];
+    Ok(head.starts_with("http/1.1 200")
+        && (!verify || body.windows(12).any(|w| w == b"\"valid\":true")))
+}
+
+/// Sends `count` requests at `rate` per second from `start` over [`CONNECTIONS`] keep-alive
+/// connections (request `i` on connection `i % CONNECTIONS`); returns each one's latency from
+/// its due time (`None` for a failure).
+async fn run(args: &Arc<Args>, start: Instant, count: u64) -> Vec<Option<Duration>> {
+    use tokio::io::AsyncWriteExt;
+    let addr = args.url.trim_start_matches("http://").to_owned();
+    let (results_tx, mut results_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut lanes = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, usize)>();
+        let mut stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect to the server");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        let results = results_tx.clone();
+        let args = args.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(8192);
+            let verify = args.target == "verify";
+            while let Some((due, i)) = rx.recv().await {
+                let request = request_bytes(&args, i);
+                let ok = match stream.write_all(&request).await {
+                    Ok(()) => read_response(&mut stream, &mut buf, verify)
+                        .await
+                        .unwrap_or(false),
+                    Err(_) => false,
+                };
+                let _ = results.send(ok.then(|| due.elapsed()));
+            }
+        });
+        lanes.push(tx);
+    }
+    drop(results_tx);
     let interval = Duration::from_nanos(1_000_000_000 / args.rate);
     for i in 0..count {
         let due = start + interval * u32::try_from(i).expect("bounded count");
         // Wait for the due time without the timer wheel's millisecond granularity: yield
-        // to the requests in flight until then (the load generator owns its core).
+        // to the connections until then (the load generator owns its core).
         while Instant::now() < due {
             tokio::task::yield_now().await;
         }
-        let http = http.clone();
-        let args = args.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let ok = send(&http, &args, i).await;
-            let _ = tx.send(ok.then(|| due.elapsed()));
-        });
+        let _ = lanes[i as usize % CONNECTIONS].send((due, i as usize));
     }
-    drop(tx);
+    drop(lanes);
     let mut latencies = Vec::with_capacity(count as usize);
-    while let Some(latency) = rx.recv().await {
+    while let Some(latency) = results_rx.recv().await {
         latencies.push(latency);
     }
     latencies
-}
-
-async fn send(http: &reqwest::Client, args: &Args, i: u64) -> bool {
-    if args.target == "healthz" {
-        return match http.get(format!("{}/healthz", args.url)).send().await {
-            Ok(response) => response.status() == 200 && response.bytes().await.is_ok(),
-            Err(_) => false,
-        };
-    }
-    let key = &args.keys[i as usize % args.keys.len()];
-    let response = http
-        .post(format!("{}/v1/keys/verify", args.url))
-        .header("x-api-key", &args.caller_key)
-        .header("content-type", "application/json")
-        .body(json!({ "key": key }).to_string())
-        .send()
-        .await;
-    match response {
-        Ok(response) if response.status() == 200 => match response.bytes().await {
-            Ok(body) => body.windows(12).any(|w| w == b"\"valid\":true"),
-            Err(_) => false,
-        },
-        _ => false,
-    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -166,20 +219,14 @@ fn main() {
         .build()
         .expect("a runtime");
     runtime.block_on(async {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("a client");
-        // Warm up: connections opened, keys cached, not recorded.
+        // Warm up: keys cached, server warm, not recorded.
         let warmup = args.rate * args.warmup_seconds;
         if warmup > 0 {
-            run(&http, &args, Instant::now(), warmup).await;
+            run(&args, Instant::now(), warmup).await;
         }
         let count = args.rate * args.seconds;
-        let start = Instant::now();
-        let results = run(&http, &args, start, count).await;
+        let start = Instant::now() + Duration::from_millis(50);
+        let results = run(&args, start, count).await;
         let elapsed = start.elapsed();
         let failures = results.iter().filter(|r| r.is_none()).count();
         let mut latencies: Vec<Duration> = results.into_iter().flatten().collect();

@@ -5,12 +5,13 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keywarden::{Secret, SecretRing};
 use serde_json::Value;
+use support::serve::ServeProcess;
+use support::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
 const OLD: &str = "retire-cli-old-secret-0123456789abcdefghij";
@@ -48,81 +49,30 @@ fn json_ok(output: &Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&output.stdout)))
 }
 
-/// A `keywarden serve` child process, killed on drop (also when the test fails).
-struct Server {
-    child: Child,
-    base: String,
-    stdout: PathBuf,
-    stderr: PathBuf,
+/// `keywarden serve` over `url` with this secret ring, its output in `dir`.
+fn start(
+    dir: &TempDir,
+    url: &str,
+    name: &str,
+    secret: &str,
+    previous: Option<&str>,
+) -> ServeProcess {
+    let mut serve = command(url, secret, previous);
+    serve.args(["serve", "--addr", "127.0.0.1:0"]);
+    ServeProcess::spawn(serve, dir.path(), name)
 }
 
-impl Server {
-    fn start(url: &str, name: &str, secret: &str, previous: Option<&str>) -> Self {
-        let dir = std::env::temp_dir();
-        let tag = support::unique(name);
-        let stdout = dir.join(format!("keywarden-{tag}.out"));
-        let stderr = dir.join(format!("keywarden-{tag}.err"));
-        let child = command(url, secret, previous)
-            .args(["serve", "--addr", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let mut server = Self {
-            child,
-            base: String::new(),
-            stdout,
-            stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = server.stdout();
-            if let Some(line) = out.lines().find(|l| l.starts_with("listening on ")) {
-                server.base = line["listening on ".len()..].trim().to_owned();
-                return server;
-            }
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("serve exited with {status}: {}", server.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not start: {}",
-                server.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    async fn whoami(&self, http: &reqwest::Client, key: &str) -> (u16, String) {
-        let response = http
-            .get(format!("{}/whoami", self.base))
-            .header("x-api-key", key)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap();
-        let code = body["code"].as_str().unwrap_or_default().to_owned();
-        (status, code)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.stdout);
-        let _ = std::fs::remove_file(&self.stderr);
-    }
+async fn whoami(server: &ServeProcess, http: &reqwest::Client, key: &str) -> (u16, String) {
+    let response = http
+        .get(server.url("/whoami"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    let code = body["code"].as_str().unwrap_or_default().to_owned();
+    (status, code)
 }
 
 /// Drops the test's schema when the test fails before it does (best effort, with `psql`).
@@ -185,8 +135,9 @@ async fn retiring_the_old_secret_across_two_serve_processes() {
     let (key, _) = create("used");
     let (idle_key, idle_id) = create("idle");
 
-    let a = Server::start(&url, "a", NEW, Some(OLD));
-    let b = Server::start(&url, "b", OLD, None);
+    let dir = TempDir::new("retire-cli");
+    let a = start(&dir, &url, "a", NEW, Some(OLD));
+    let b = start(&dir, &url, "b", OLD, None);
     assert!(
         a.stdout()
             .contains(&format!("secret ids: current {new_id}, previous {old_id}")),
@@ -199,13 +150,13 @@ async fn retiring_the_old_secret_across_two_serve_processes() {
         .unwrap();
 
     // Used on A (re-digested under the new secret), then on B: both accept it.
-    assert_eq!(a.whoami(&http, &key).await, (200, String::new()));
+    assert_eq!(whoami(&a, &http, &key).await, (200, String::new()));
     assert_eq!(
-        b.whoami(&http, &key).await,
+        whoami(&b, &http, &key).await,
         (200, String::new()),
         "B, still on the old secret, verifies a key A re-digested"
     );
-    assert_eq!(b.whoami(&http, &idle_key).await, (200, String::new()));
+    assert_eq!(whoami(&b, &http, &idle_key).await, (200, String::new()));
 
     // Refused: the idle key has only its old digest. Nothing changes.
     let output = command(&url, NEW, None)
@@ -226,7 +177,7 @@ async fn retiring_the_old_secret_across_two_serve_processes() {
     let refusal: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(refusal["retired"], false);
     assert_eq!(refusal["unmigrated_keys"], serde_json::json!([idle_id]));
-    assert_eq!(b.whoami(&http, &key).await, (200, String::new()));
+    assert_eq!(whoami(&b, &http, &key).await, (200, String::new()));
 
     // The current secret cannot be retired.
     let output = command(&url, NEW, Some(OLD))
@@ -254,7 +205,7 @@ async fn retiring_the_old_secret_across_two_serve_processes() {
     // B hears of it through NOTIFY and rejects the key; A still accepts it.
     let retired_at = Instant::now();
     loop {
-        match b.whoami(&http, &key).await {
+        match whoami(&b, &http, &key).await {
             (401, code) => {
                 assert_eq!(code, "invalid_key");
                 break;
@@ -267,11 +218,11 @@ async fn retiring_the_old_secret_across_two_serve_processes() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(a.whoami(&http, &key).await, (200, String::new()));
+    assert_eq!(whoami(&a, &http, &key).await, (200, String::new()));
     // The idle key has no digest left: no instance finds it, and it shows as revoked.
     for server in [&a, &b] {
         assert_eq!(
-            server.whoami(&http, &idle_key).await,
+            whoami(&server, &http, &idle_key).await,
             (401, "invalid_key".into())
         );
     }

@@ -3,17 +3,16 @@
 //! `docs/openapi-server.json`.
 
 use axum::body::Bytes;
-use axum::http::header::CONTENT_TYPE;
-use axum::http::HeaderValue;
-use axum::response::{IntoResponse, Response};
-use utoipa::openapi::response::{Response as ResponseDoc, ResponseBuilder};
+use axum::response::Response;
+use utoipa::openapi::response::Response as ResponseDoc;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
-use utoipa::openapi::{ContentBuilder, HeaderBuilder, RefOr, Schema};
+use utoipa::openapi::{HeaderBuilder, RefOr, Schema};
 use utoipa::{OpenApi, PartialSchema, ToResponse, ToSchema};
 
 use crate::manage::http::error::{FieldError, Problem};
 use crate::manage::http::openapi::{
-    BadRequest, SecuritySchemes, TooManyRequests, Unauthorized, Unavailable, ValidationFailed,
+    self, problem, BadRequest, SecuritySchemes, TooManyRequests, Unauthorized, Unavailable,
+    ValidationFailed,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::RejectionKind;
@@ -257,11 +256,7 @@ async fn forward_auth() {}
     )
 )]
 pub(super) async fn serve(document: Bytes) -> Response {
-    (
-        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        document,
-    )
-        .into_response()
+    openapi::serve(document).await
 }
 
 /// `insufficient_scope` for the verify API's caller.
@@ -271,7 +266,7 @@ impl<'s> ToResponse<'s> for Forbidden {
     fn response() -> (&'s str, RefOr<ResponseDoc>) {
         (
             "VerifyForbidden",
-            problem_response(
+            problem(
                 "`insufficient_scope`: the caller's key lacks `keys:verify`",
                 serde_json::json!({"status": 403, "code": "insufficient_scope",
                     "title": "Insufficient scope",
@@ -291,7 +286,7 @@ impl<'s> ToResponse<'s> for AuthRejected {
     fn response() -> (&'s str, RefOr<ResponseDoc>) {
         (
             "AuthRejected",
-            problem_response(
+            problem(
                 "The layer's rejection (`missing_credentials`, `invalid_key`, `expired_key`, \
                  `revoked_key`, `insufficient_scope`, `rate_limited`, `store_unavailable`, \
                  ...; 400 for contradicting method headers or an ambiguous credential), with `WWW-Authenticate` (401, 403), `Retry-After` (429, 503) and \
@@ -310,16 +305,4 @@ impl<'s> ToResponse<'s> for AuthRejected {
             .into(),
         )
     }
-}
-
-fn problem_response(description: &str, example: serde_json::Value) -> ResponseBuilder {
-    ResponseBuilder::new().description(description).content(
-        "application/problem+json",
-        ContentBuilder::new()
-            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
-                Problem::name(),
-            ))))
-            .example(Some(example))
-            .build(),
-    )
 }

@@ -175,6 +175,16 @@ mod tests {
         (status, serde_json::from_slice(&body).unwrap())
     }
 
+    /// An in-memory SQLite database keywarden never migrated.
+    async fn unmigrated_store() -> SqliteStore {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        SqliteStore::from_pool(pool)
+    }
+
     #[tokio::test]
     async fn ready_until_draining() {
         let readiness = Arc::new(Readiness::new(Arc::new(MemoryStore::new()), None));
@@ -193,12 +203,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unmigrated_database_is_not_ready() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        let store = SqliteStore::from_pool(pool);
+        let store = unmigrated_store().await;
         let readiness = Arc::new(Readiness::new(Arc::new(store.clone()), None).uncached());
         let (status, body) = get_readyz(readiness.clone()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -213,12 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_verdict_is_reused_for_a_second() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        let store = SqliteStore::from_pool(pool);
+        let store = unmigrated_store().await;
         let readiness = Arc::new(Readiness::new(Arc::new(store.clone()), None));
         let (status, _) = get_readyz(readiness.clone()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

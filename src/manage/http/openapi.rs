@@ -98,7 +98,7 @@ pub(super) fn document() -> Bytes {
         (status = 503, response = Unavailable),
     )
 )]
-pub(super) async fn serve(document: Bytes) -> Response {
+pub(crate) async fn serve(document: Bytes) -> Response {
     (
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         document,
@@ -141,7 +141,7 @@ impl Modify for SecuritySchemes {
 }
 
 /// A reusable problem+json response.
-fn problem(description: &str, example: serde_json::Value) -> ResponseBuilder {
+pub(crate) fn problem(description: &str, example: serde_json::Value) -> ResponseBuilder {
     ResponseBuilder::new().description(description).content(
         "application/problem+json",
         ContentBuilder::new()
