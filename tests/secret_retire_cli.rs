@@ -222,7 +222,7 @@ async fn retiring_the_old_secret_across_two_serve_processes() {
     // The idle key has no digest left: no instance finds it, and it shows as revoked.
     for server in [&a, &b] {
         assert_eq!(
-            whoami(&server, &http, &idle_key).await,
+            whoami(server, &http, &idle_key).await,
             (401, "invalid_key".into())
         );
     }
