@@ -64,14 +64,63 @@ const MISPLACED: &str = "no API-key layer ran before this scope check: RequireSc
 /// the `keys:` namespace, which only their exact name grants; see [`Principal::has_scope`]).
 #[derive(Debug, Clone)]
 pub struct RequireScopeLayer {
-    scope: Arc<str>,
+    rule: Rule,
+}
+
+/// The scope a request needs, for [`RequireScopeLayer::per_request`]: from the method and the
+/// path the layer sees; `None` when no scope is defined for the request, which is refused.
+pub type ScopeRule = dyn Fn(&http::Method, &str) -> Option<Arc<str>> + Send + Sync;
+
+/// Which scope a request needs.
+#[derive(Clone)]
+enum Rule {
+    /// The same one for every request.
+    Fixed(Arc<str>),
+    /// One per request, or none: refused.
+    PerRequest(Arc<ScopeRule>),
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(scope) => f.debug_tuple("Fixed").field(scope).finish(),
+            Self::PerRequest(_) => f.write_str("PerRequest(..)"),
+        }
+    }
 }
 
 impl RequireScopeLayer {
     /// Requires `scope`.
     pub fn new(scope: impl Into<Arc<str>>) -> Self {
         Self {
-            scope: scope.into(),
+            rule: Rule::Fixed(scope.into()),
+        }
+    }
+
+    /// Requires, of each request, the scope `rule` names for its method and path (the path
+    /// as this layer sees it: inside an axum `nest`, without the nesting prefix). A request
+    /// the rule names no scope for is refused with 403 `insufficient_scope` (fail closed).
+    /// `keywarden::interop::StrapiContentApi` builds one that mirrors Strapi's per-action
+    /// permissions.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keywarden::RequireScopeLayer;
+    ///
+    /// // GET and HEAD need `reports:read`, DELETE `reports:delete`; anything else is refused.
+    /// let scopes = RequireScopeLayer::per_request(|method, _path| match method.as_str() {
+    ///     "GET" | "HEAD" => Some(Arc::from("reports:read")),
+    ///     "DELETE" => Some(Arc::from("reports:delete")),
+    ///     _ => None,
+    /// });
+    /// # let _ = scopes;
+    /// ```
+    pub fn per_request<F>(rule: F) -> Self
+    where
+        F: Fn(&http::Method, &str) -> Option<Arc<str>> + Send + Sync + 'static,
+    {
+        Self {
+            rule: Rule::PerRequest(Arc::new(rule)),
         }
     }
 }
@@ -82,7 +131,7 @@ impl<S> Layer<S> for RequireScopeLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RequireScope {
             inner,
-            scope: self.scope.clone(),
+            rule: self.rule.clone(),
         }
     }
 }
@@ -91,8 +140,11 @@ impl<S> Layer<S> for RequireScopeLayer {
 #[derive(Debug, Clone)]
 pub struct RequireScope<S> {
     inner: S,
-    scope: Arc<str>,
+    rule: Rule,
 }
+
+/// The detail of a request no scope is defined for.
+const NO_SCOPE: &str = "no scope is defined for this method and path";
 
 impl<S> RequireScope<S> {
     define_inner_service_accessors!();
@@ -116,6 +168,14 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let grpc = is_grpc(req.headers());
+        let per_request;
+        let scope: Option<&str> = match &self.rule {
+            Rule::Fixed(scope) => Some(scope),
+            Rule::PerRequest(rule) => {
+                per_request = rule(req.method(), req.uri().path());
+                per_request.as_deref()
+            }
+        };
         let verdict = match req.extensions().get::<Principal>() {
             None if req.extensions().get::<PassedWithoutKey>().is_some() => {
                 Some(AuthRejection::new(
@@ -126,7 +186,7 @@ where
             None => {
                 tracing::error!(
                     target: "keywarden",
-                    scope = %self.scope,
+                    scope = scope.unwrap_or(""),
                     "RequireScopeLayer ran before any ApiKeyLayer: place it inside the key layer"
                 );
                 Some(AuthRejection::new(
@@ -134,10 +194,14 @@ where
                     MISPLACED,
                 ))
             }
-            Some(principal) if !principal.has_scope(&self.scope) => {
-                Some(AuthRejection::insufficient_scope(self.scope.to_string()))
-            }
-            Some(_) => None,
+            Some(principal) => match scope {
+                Some(scope) if principal.has_scope(scope) => None,
+                Some(scope) => Some(AuthRejection::insufficient_scope(scope.to_string())),
+                None => Some(AuthRejection::new(
+                    RejectionKind::InsufficientScope,
+                    NO_SCOPE,
+                )),
+            },
         };
         if let Some(rejection) = verdict {
             return ResponseFuture::reject(&rejection, grpc);
@@ -244,5 +308,54 @@ mod tests {
         let (status, body, called) = answer(None, "read").await;
         assert_eq!((status, called), (401, 0), "{body}");
         assert!(body.contains("missing_credentials"), "{body}");
+    }
+
+    async fn answer_per_request(
+        scopes: &[&str],
+        method: http::Method,
+        path: &str,
+    ) -> (u16, String, usize) {
+        let gate = Gate::default();
+        gate.ready.store(true, Ordering::SeqCst);
+        let layer = RequireScopeLayer::per_request(|method, path| match (method.as_str(), path) {
+            ("GET", "/reports") => Some(Arc::from("reports:read")),
+            ("DELETE", p) if p.starts_with("/reports/") => Some(Arc::from("reports:delete")),
+            _ => None,
+        });
+        let mut service = layer.layer(gate.clone());
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(Principal::for_tests(scopes));
+        assert!(poll_ready(&mut service).is_ready());
+        let response = service.call(req).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            String::from_utf8(body.to_vec()).unwrap(),
+            gate.called.load(Ordering::SeqCst),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_per_request_rule_requires_its_scope_and_refuses_what_it_does_not_name() {
+        use http::Method;
+        let (status, _, called) =
+            answer_per_request(&["reports:read"], Method::GET, "/reports").await;
+        assert_eq!((status, called), (200, 1));
+        let (status, body, called) =
+            answer_per_request(&["reports:read"], Method::DELETE, "/reports/7").await;
+        assert_eq!((status, called), (403, 0), "{body}");
+        assert!(body.contains("reports:delete"), "{body}");
+        let (status, _, called) =
+            answer_per_request(&["reports:delete"], Method::DELETE, "/reports/7").await;
+        assert_eq!((status, called), (200, 1));
+        // Named by no rule: refused even for `*`.
+        let (status, body, called) = answer_per_request(&["*"], Method::POST, "/reports").await;
+        assert_eq!((status, called), (403, 0), "{body}");
+        assert!(body.contains("no scope is defined"), "{body}");
     }
 }

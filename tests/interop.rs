@@ -1294,3 +1294,68 @@ async fn payload_keys_never_manage_keys_whatever_their_scopes() {
     );
     rig.assert_no_management(&auth).await;
 }
+
+/// Strapi's per-action permissions through `StrapiContentApi`: a full-access token may do
+/// every action, a read-only one find/findOne only, a custom one exactly its permissions
+/// (`find`, `findOne`); nothing unmapped passes.
+#[tokio::test]
+async fn strapi_content_api_actions_are_authorized_per_route() {
+    use keywarden::interop::StrapiContentApi;
+    let db = SqliteFile::create(&strapi_sql(true, "")).await;
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect(&db.url())
+        .await
+        .unwrap();
+    let clock = ManualClock::new(OffsetDateTime::now_utc());
+    let layer = strapi_layer(
+        StrapiStore::sqlite(pool, StrapiTables::v5()).unwrap(),
+        &clock,
+        false,
+    );
+    let actions = StrapiContentApi::new("/api")
+        .collection_type("articles", "api::article.article")
+        .single_type("homepage", "api::homepage.homepage");
+    let ok = || async { "ok" };
+    let app = Router::new()
+        .route("/api/articles", get(ok).post(ok))
+        .route("/api/articles/{id}", get(ok).put(ok).delete(ok))
+        .route("/api/homepage", get(ok).put(ok))
+        .route("/api/other", get(ok))
+        .route_layer(actions.layer())
+        .layer(layer);
+    let status = |method: &'static str, path: &'static str, unit: &'static str| {
+        let app = app.clone();
+        async move {
+            send(
+                &app,
+                request(method, path, &[("authorization", bearer(unit).as_bytes())]),
+            )
+            .await
+            .status
+        }
+    };
+    let routes = [
+        ("GET", "/api/articles"),
+        ("GET", "/api/articles/1"),
+        ("POST", "/api/articles"),
+        ("PUT", "/api/articles/1"),
+        ("DELETE", "/api/articles/1"),
+        ("GET", "/api/homepage"),
+        ("PUT", "/api/homepage"),
+        ("GET", "/api/other"),
+    ];
+    let mut full = Vec::new();
+    let mut read = Vec::new();
+    let mut custom = Vec::new();
+    for (method, path) in routes {
+        full.push(status(method, path, FULL).await);
+        read.push(status(method, path, READ).await);
+        custom.push(status(method, path, "a1").await);
+    }
+    assert_eq!(full, [200, 200, 200, 200, 200, 200, 200, 403]);
+    assert_eq!(read, [200, 200, 403, 403, 403, 200, 403, 403]);
+    assert_eq!(custom, [200, 200, 403, 403, 403, 403, 403, 403]);
+    // Without a token: 401 before any action is judged.
+    let reply = send(&app, request("GET", "/api/articles", &[])).await;
+    assert_eq!(reply.status, 401);
+}

@@ -39,9 +39,11 @@ use crate::secret::Digest;
 mod payload;
 mod sql;
 mod strapi;
+mod strapi_actions;
 
 pub use payload::{PayloadHash, PayloadScheme, PayloadSchemeError, PayloadStore, PayloadTable};
 pub use strapi::{is_strapi_token, StrapiScheme, StrapiSchemeError, StrapiStore, StrapiTables};
+pub use strapi_actions::StrapiContentApi;
 
 #[cfg(doc)]
 use crate::layer::Collection;
