@@ -15,7 +15,7 @@
 //!   migrate
 //!   secret generate
 //!   secret retire SECRET_ID [--force]
-//!   serve [--addr 127.0.0.1:3000] [--redis-url URL]
+//!   serve [--addr 127.0.0.1:3000] [--redis-url URL] [--metrics-addr 127.0.0.1:9464]
 //! ```
 //!
 //! The database comes from `--database-url` or `KEYWARDEN_DATABASE_URL` (default
@@ -43,6 +43,7 @@ use sqlx::Connection;
 
 mod cli;
 mod demo;
+mod metrics;
 mod output;
 mod serve;
 

@@ -41,6 +41,10 @@ pub(crate) struct ServeArgs {
     /// process, and anything a local reverse proxy forwards, can then test keys.
     #[arg(long)]
     verify_without_key_on_loopback: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, on a listener of their own (port 0
+    /// picks a free port). Unauthenticated: bind it where only your scraper can reach it.
+    #[arg(long, env = "KEYWARDEN_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<String>,
 }
 
 /// The ring's secret ids (never the secrets), for `secret retire`.
@@ -74,6 +78,11 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
                 .await
                 .map_err(|e| Failure(format!("cannot use Redis: {e}")))?,
         ),
+        None => None,
+    };
+    // Before the layer: it registers its metrics with the recorder installed when it is built.
+    let metrics = match &args.metrics_addr {
+        Some(addr) => Some(crate::metrics::start(addr).await?),
         None => None,
     };
     let mut builder = demo_layer_builder().store(store).secrets(secrets);
@@ -117,6 +126,9 @@ pub(crate) async fn serve(url: &str, args: ServeArgs, out: Output) -> Result<(),
         println!("{}", json!({ "listening": format!("http://{local}") }));
     } else {
         println!("listening on http://{local}");
+        if let Some(metrics) = &metrics {
+            println!("metrics on http://{}/metrics", metrics.addr);
+        }
         println!("{ring_ids}");
         println!(
             "routes: GET /healthz (open), GET /whoami, /admin/keys (API key required; \
