@@ -97,13 +97,15 @@ fn layer_path(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let layer = ApiKeyLayer::builder()
-        .store(Arc::new(MemoryStore::new()))
-        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
-        .collection(Collection::new("users"))
-        .cache_capacity(2 * CACHED_KEYS as u64)
-        .build()
-        .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let builder = || {
+        ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(SecretRing::from_strs(SECRET, None).unwrap())
+            .collection(Collection::new("users"))
+            .cache_capacity(2 * CACHED_KEYS as u64)
+    };
+    let layer = builder().build().unwrap();
     let manager = KeyManager::for_layer(&layer);
     let keys: Vec<ApiKey> = runtime.block_on(async {
         let mut keys = Vec::with_capacity(CACHED_KEYS);
@@ -155,6 +157,28 @@ fn layer_path(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // The same hit with metrics on: a layer over the same store whose handles are registered
+    // with a Prometheus recorder (feature `metrics`). `hit/one_key` has none: its handles
+    // are no-ops, which is what metrics off costs.
+    #[cfg(feature = "metrics")]
+    let _recorder = {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metered = metrics::with_local_recorder(&recorder, || builder().build().unwrap());
+        let metered = metered.layer(noop());
+        runtime.block_on(async {
+            let response = metered
+                .clone()
+                .oneshot(request(keys[0].expose()))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        });
+        group.bench_function("hit/one_key_metrics", |b| {
+            b.to_async(&runtime)
+                .iter(|| metered.clone().oneshot(request(keys[0].expose())))
+        });
+        recorder
+    };
     let mut malformed = keys[0].expose().to_owned();
     malformed.replace_range(20..21, if &malformed[20..21] == "a" { "b" } else { "a" });
     group.bench_function("reject/malformed", |b| {

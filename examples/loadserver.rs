@@ -14,6 +14,10 @@
 //! - `keywarden-sqlite-nocache`: SQLite store, `cache_capacity(0)`: a store query per request.
 //! - `keywarden-postgres-nocache`: PostgreSQL store (schema `kw_loadbench`), no cache.
 //! - `keywarden-malformed`: memory store; the client sends a key with a bad checksum.
+//! - any keywarden variant with `-metrics` appended (`keywarden-hit-metrics`, ...): the same
+//!   with metrics on: a Prometheus recorder (`metrics-exporter-prometheus`) installed before
+//!   the layer is built, rendered at `GET /metrics` (outside the layer). Without the suffix no
+//!   recorder is installed, so the layer's handles are no-ops: metrics off.
 //!
 //! Keys are real keys created through [`KeyManager`]; the server writes the ones the client
 //! should send to `--keys-file`, one a line, then prints `ready <addr>` on stdout. `GET /stats`
@@ -165,7 +169,16 @@ fn main() {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let lookups = Arc::new(AtomicUsize::new(0));
     let handler = Router::new().route("/", get(hello));
-    let (app, keys): (Router, Vec<String>) = match args.variant.as_str() {
+    // Metrics on: the recorder must be installed before the layer registers its handles.
+    let (variant, prometheus) = match args.variant.strip_suffix("-metrics") {
+        Some(base) if base.starts_with("keywarden-") => {
+            let handle =
+                metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+            (base, Some(handle))
+        }
+        _ => (args.variant.as_str(), None),
+    };
+    let (app, keys): (Router, Vec<String>) = match variant {
         "bare" => (handler, vec![fake_token()]),
         "tower-http" => {
             let token = fake_token();
@@ -174,14 +187,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             (handler.layer(layer), vec![token])
         }
         "keywarden-hit" | "keywarden-hit-10k" | "keywarden-malformed" => {
-            let count = if args.variant == "keywarden-hit-10k" {
+            let count = if variant == "keywarden-hit-10k" {
                 ROTATED_KEYS
             } else {
                 1
             };
             let store = Arc::new(MemoryStore::new());
             let (layer, mut keys) = keywarden(store, &lookups, count, None, args.cache_ttl).await?;
-            if args.variant == "keywarden-malformed" {
+            if variant == "keywarden-malformed" {
                 keys = keys.iter().map(|k| break_checksum(k)).collect();
             }
             (handler.layer(layer), keys)
@@ -193,7 +206,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let _ = std::fs::remove_file(&path);
             let store =
                 Arc::new(SqliteStore::connect(&format!("sqlite://{}", path.display())).await?);
-            let capacity = (args.variant == "keywarden-sqlite-nocache").then_some(0);
+            let capacity = (variant == "keywarden-sqlite-nocache").then_some(0);
             let (layer, keys) =
                 keywarden(store, &lookups, ROTATED_KEYS, capacity, args.cache_ttl).await?;
             (handler.layer(layer), keys)
@@ -217,7 +230,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }),
         )
     };
-    let app = app.merge(stats);
+    let mut app = app.merge(stats);
+    if let Some(handle) = prometheus {
+        app = app.route("/metrics", get(move || std::future::ready(handle.render())));
+    }
     std::fs::write(&args.keys_file, keys.join("\n") + "\n")?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("ready {}", listener.local_addr()?);
@@ -232,7 +248,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .await?;
-    if args.variant == "keywarden-postgres-nocache" {
+    if variant == "keywarden-postgres-nocache" {
         drop_schema(&args.postgres_url, "kw_loadbench").await?;
     }
     Ok(())

@@ -36,6 +36,9 @@ mod cache;
 pub mod clock;
 pub mod credential;
 pub mod key;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod net;
 mod principal;
 pub mod ratelimit;

@@ -58,8 +58,8 @@ const LAYERS: &[Row] = &[
     },
     Row {
         name: "cache",
-        modules: &["stats", "cache", "usage"],
-        allowed: &[("usage", "cache")],
+        modules: &["metrics", "stats", "cache", "usage"],
+        allowed: &[("stats", "metrics"), ("usage", "cache")],
     },
     Row {
         name: "verification",

@@ -27,6 +27,7 @@ fn command(dir: &TempDir, secret: Option<&str>) -> Command {
         "KEYWARDEN_REDIS_NAMESPACE",
         "KEYWARDEN_ADDR",
         "KEYWARDEN_CONFIG",
+        "KEYWARDEN_METRICS_ADDR",
         "KEYWARDEN_COLLECTIONS",
         "KEYWARDEN_CLIENT_ADDRESS_HEADER",
         "KEYWARDEN_SHUTDOWN_GRACE",

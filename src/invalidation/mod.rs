@@ -55,7 +55,7 @@ use uuid::Uuid;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 use crate::layer::ApiKeyLayer;
 #[cfg(any(feature = "postgres", feature = "redis"))]
-use crate::stats::bump;
+use crate::stats::{ChangeKind, ChangeSource};
 
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -167,18 +167,28 @@ impl fmt::Debug for InvalidationListener {
 struct Sink {
     layer: ApiKeyLayer,
     state: Arc<ListenerState>,
+    source: ChangeSource,
     transport: &'static str,
 }
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
 impl Sink {
     fn apply(&self, invalidation: &Invalidation) {
-        match invalidation {
-            Invalidation::Key(id) => self.layer.invalidate_key(*id),
-            Invalidation::Created => self.layer.invalidate_not_found(),
-            Invalidation::All => self.layer.invalidate_all(),
-        }
-        bump(&self.layer.counters().invalidations_received);
+        let kind = match invalidation {
+            Invalidation::Key(id) => {
+                self.layer.invalidate_key(*id);
+                ChangeKind::Key
+            }
+            Invalidation::Created => {
+                self.layer.invalidate_not_found();
+                ChangeKind::Created
+            }
+            Invalidation::All => {
+                self.layer.invalidate_all();
+                ChangeKind::All
+            }
+        };
+        self.layer.counters().invalidation(self.source, kind);
         self.state.received.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(target: "keywarden", transport = self.transport, ?invalidation, "applied invalidation");
     }
@@ -191,7 +201,7 @@ impl Sink {
     fn reconnected(&self) {
         // Messages sent while we were away are lost: nothing cached can be trusted.
         self.layer.invalidate_all();
-        bump(&self.layer.counters().reconnect_flushes);
+        self.layer.counters().reconnect_flush(self.source);
         self.state.reconnects.fetch_add(1, Ordering::AcqRel);
         self.state.connected.store(true, Ordering::Release);
         tracing::info!(target: "keywarden", transport = self.transport, "invalidation connection restored; cache flushed");
@@ -219,7 +229,7 @@ impl Backoff {
 #[cfg(any(feature = "postgres", feature = "redis"))]
 fn spawn<F>(
     layer: &ApiKeyLayer,
-    transport: &'static str,
+    source: ChangeSource,
     run: impl FnOnce(Sink) -> F,
 ) -> InvalidationListener
 where
@@ -227,9 +237,11 @@ where
 {
     let state = Arc::new(ListenerState::default());
     state.connected.store(true, Ordering::Release);
+    let transport = source.label();
     let sink = Sink {
         layer: layer.clone(),
         state: state.clone(),
+        source,
         transport,
     };
     InvalidationListener {

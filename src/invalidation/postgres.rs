@@ -3,7 +3,7 @@
 
 use sqlx::postgres::{PgListener, PgPool};
 
-use super::{spawn, Backoff, Invalidation, InvalidationListener, Sink};
+use super::{spawn, Backoff, ChangeSource, Invalidation, InvalidationListener, Sink};
 use crate::layer::ApiKeyLayer;
 use crate::store::{PostgresStore, StoreError, StoreErrorKind};
 
@@ -35,7 +35,7 @@ impl InvalidationListener {
         let listener = listen(&pool, &schema).await.map_err(|e| {
             StoreError::new(StoreErrorKind::Unavailable, "LISTEN failed").with_source(e)
         })?;
-        Ok(spawn(layer, "postgres", move |sink| {
+        Ok(spawn(layer, ChangeSource::Postgres, move |sink| {
             run(sink, pool, schema, listener)
         }))
     }

@@ -8,7 +8,8 @@ use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 
 use super::{
-    spawn, Backoff, Invalidation, InvalidationListener, InvalidationPublisher, PublishError, Sink,
+    spawn, Backoff, ChangeSource, Invalidation, InvalidationListener, InvalidationPublisher,
+    PublishError, Sink,
 };
 use crate::layer::ApiKeyLayer;
 use crate::redis::{RedisBackend, RedisBackendError};
@@ -28,7 +29,7 @@ impl InvalidationListener {
     ) -> Result<InvalidationListener, RedisBackendError> {
         let connection = subscribe(backend).await?;
         let backend = backend.clone();
-        Ok(spawn(layer, "redis", move |sink| {
+        Ok(spawn(layer, ChangeSource::Redis, move |sink| {
             run(sink, backend, connection)
         }))
     }

@@ -330,7 +330,9 @@ impl ApiKeyLayerBuilder {
         self
     }
 
-    /// Validates the configuration and builds the shared state once.
+    /// Validates the configuration and builds the shared state once. With the `metrics`
+    /// feature it also registers the layer's metrics with the `metrics` recorder in effect
+    /// now (`keywarden::metrics`): install your exporter before calling it.
     ///
     /// # Errors
     /// A [`BuildError`] naming the first problem found.
@@ -452,7 +454,8 @@ impl ApiKeyLayerBuilder {
         let failures = self
             .failed_attempts
             .map(|limit| FailureTracker::new(limit, self.clock.clone()));
-        let counters = Arc::new(Counters::default());
+        // Registers the metrics handles (feature `metrics`) with the recorder in effect now.
+        let counters = Arc::new(Counters::new(collections.iter().map(|c| &*c.slug)));
         let cache = KeyCache::new(self.cache);
         let current_secret = ring.current_id();
         let verifier = Arc::new(Verifier {

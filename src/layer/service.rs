@@ -6,13 +6,15 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::future::{log_rejection, ResponseFuture};
 use super::Mode;
 use crate::body::AuthBody;
 use crate::principal::PassedWithoutKey;
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
-use crate::verify::{Presented, Verifier};
+use crate::stats::Verdict;
+use crate::verify::{auth_span, binding, Presented, Verifier};
 
 /// Authenticates requests, then calls the inner service with the [`Principal`](crate::Principal)
 /// in the request extensions. Created by [`ApiKeyLayer`](crate::ApiKeyLayer).
@@ -69,6 +71,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // The authentication's span covers the decision, not the inner service.
+        let span = auth_span();
+        let entered = span.enter();
         let verifier = &self.verifier;
         let admission = &verifier.admission;
         let optional = self.mode == Mode::Optional;
@@ -82,13 +87,14 @@ where
         let blocked = admission.blocked(client);
         let key = match presented {
             Presented::Reject(rejection) => {
-                if let Some(blocked) = &blocked {
-                    return ResponseFuture::reject(
-                        &verifier.resolver.blocked_rejection(blocked),
-                        is_grpc(req.headers()),
-                    );
-                }
-                admission.note_failure(client, rejection.kind());
+                let rejection = match &blocked {
+                    Some(blocked) => verifier.resolver.blocked_rejection(blocked),
+                    None => {
+                        admission.note_failure(client, rejection.kind());
+                        rejection
+                    }
+                };
+                verifier.tally_rejection(&span, None, &rejection);
                 return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
             }
             Presented::Nothing => {
@@ -97,33 +103,39 @@ where
                         RejectionKind::MissingCredentials,
                         "send an API key in the Authorization or X-Api-Key header",
                     );
+                    verifier.tally_rejection(&span, None, &rejection);
                     return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
                 }
+                verifier.tally(&span, None, Verdict::Anonymous, None);
+                drop(entered);
                 req.extensions_mut().insert(PassedWithoutKey);
                 return ResponseFuture::inner(self.inner.call(req), None);
             }
             Presented::Key(key) => key,
         };
         if let Some(blocked) = blocked.as_ref().filter(|b| !b.allow_cached) {
-            return ResponseFuture::reject(
-                &verifier.resolver.blocked_rejection(blocked),
-                is_grpc(req.headers()),
-            );
+            let rejection = verifier.resolver.blocked_rejection(blocked);
+            verifier.tally_rejection(&span, binding(&key), &rejection);
+            return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
         }
         // The hit path: the cache answers, the limiter is in memory; nothing to wait for.
-        if let Some(outcome) = verifier.outcome_now(&key, req.method(), blocked.as_ref()) {
-            return match verifier.admit_or_reject(&mut req, &key, client, outcome) {
-                Ok(rate) => ResponseFuture::inner(self.inner.call(req), rate),
+        if let Some(decided) = verifier.outcome_now(&key, req.method(), blocked.as_ref()) {
+            return match verifier.admit_or_reject(&mut req, &key, client, decided, &span) {
+                Ok(rate) => {
+                    drop(entered);
+                    ResponseFuture::inner(self.inner.call(req), rate)
+                }
                 Err(rejection) => ResponseFuture::reject(&rejection, is_grpc(req.headers())),
             };
         }
+        drop(entered);
         // The request waits for the store: the service polled ready goes with it, and a
         // clone (maybe not ready) stays for the next request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
         ResponseFuture::boxed(async move {
-            let outcome = verifier
+            let decided = verifier
                 .outcome(
                     &key,
                     req.headers(),
@@ -132,13 +144,18 @@ where
                     optional,
                     blocked.as_ref(),
                 )
+                .instrument(span.clone())
                 .await;
-            let rate = match verifier.admit_or_reject(&mut req, &key, client, outcome) {
-                Ok(rate) => rate,
-                Err(rejection) => {
-                    log_rejection(&rejection);
-                    return Ok(rejection.to_response(is_grpc(req.headers())));
+            let admitted = span.in_scope(|| {
+                let admitted = verifier.admit_or_reject(&mut req, &key, client, decided, &span);
+                if let Err(rejection) = &admitted {
+                    log_rejection(rejection);
                 }
+                admitted
+            });
+            let rate = match admitted {
+                Ok(rate) => rate,
+                Err(rejection) => return Ok(rejection.to_response(is_grpc(req.headers()))),
             };
             let response = inner.call(req).await?;
             let mut response = response.map(AuthBody::inner);

@@ -11,7 +11,7 @@ use crate::cache::ResolvedKey;
 use crate::clock::Clock;
 use crate::ratelimit::{Blocked, Decision, FailureTracker, Limiters, RateLimitPolicy};
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
-use crate::stats::{bump, Counters};
+use crate::stats::Counters;
 use crate::usage::UsageRecorder;
 
 use super::prepare::{CollectionConfig, PresentedKey};
@@ -128,10 +128,10 @@ impl Admission {
     }
 
     fn limit_decision(&self, decision: Decision) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        self.counters.rate_limit(decision.allowed);
         if decision.allowed {
             return Ok(Some(decision.status));
         }
-        bump(&self.counters.rate_limited);
         Err(AuthRejection::rate_limited(
             decision.status,
             decision.retry_after,

@@ -12,12 +12,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{Method, Request};
+use tracing::field::{display, Empty};
+use tracing::{Instrument, Span};
+use uuid::Uuid;
 
 use crate::cache::ResolvedKey;
 use crate::credential::X_API_KEY;
 use crate::principal::Principal;
+use crate::ratelimit::Blocked;
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
-use crate::stats::Counters;
+use crate::stats::{ChangeKind, ChangeSource, Counters, Verdict};
 use crate::store::{StoreChange, StoreObserver};
 
 mod admit;
@@ -41,16 +45,78 @@ pub(crate) struct Verifier {
 /// A resolved key that passed its checks, with its rate-limit status; or why not.
 pub(crate) type Outcome = Result<(Arc<ResolvedKey>, Option<RateLimitStatus>), AuthRejection>;
 
+/// An [`Outcome`] with what metrics and the span report about a rejection: the configured
+/// collection it counts under (the one the credential named, else the resolved key's) and
+/// the id of a key that was found but refused.
+pub(crate) struct Decided {
+    pub(crate) outcome: Outcome,
+    pub(crate) collection: Option<u32>,
+    pub(crate) key_id: Option<Uuid>,
+}
+
+impl Decided {
+    /// Before any key was resolved: counted under the collection the credential named.
+    fn unresolved(key: &PresentedKey, outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            collection: binding(key),
+            key_id: None,
+        }
+    }
+
+    /// After `resolved` was found: admitted with its rate-limit status, or refused.
+    fn resolved(
+        key: &PresentedKey,
+        resolved: Arc<ResolvedKey>,
+        checked: Result<Option<RateLimitStatus>, AuthRejection>,
+    ) -> Self {
+        let collection = binding(key).or(resolved.collection);
+        let key_id = Some(resolved.principal.key_id());
+        Self {
+            outcome: checked.map(|status| (resolved, status)),
+            collection,
+            key_id,
+        }
+    }
+}
+
+/// The collection an `Authorization: <slug> API-Key` credential named.
+pub(crate) fn binding(key: &PresentedKey) -> Option<u32> {
+    key.binding.and_then(|index| u32::try_from(index).ok())
+}
+
+/// The span of one authentication. At `DEBUG`: a subscriber at `INFO` pays one cached callsite
+/// check for it (see `keywarden::metrics`). Never carries the key.
+pub(crate) fn auth_span() -> Span {
+    tracing::debug_span!(
+        target: "keywarden",
+        "authenticate",
+        collection = Empty,
+        key_id = Empty,
+        outcome = Empty
+    )
+}
+
 /// Every layer hears of its store's changes in this process, so layers over one store never
 /// disagree about a changed key (see [`KeyStore::observe`](crate::store::KeyStore::observe)).
 impl StoreObserver for Verifier {
     fn changed(&self, change: StoreChange) {
         let cache = &self.resolver.cache;
-        match change {
-            StoreChange::Key(id) => cache.invalidate_key(id),
-            StoreChange::Created => cache.invalidate_missing(),
-            _ => cache.invalidate_all(),
-        }
+        let kind = match change {
+            StoreChange::Key(id) => {
+                cache.invalidate_key(id);
+                ChangeKind::Key
+            }
+            StoreChange::Created => {
+                cache.invalidate_missing();
+                ChangeKind::Created
+            }
+            _ => {
+                cache.invalidate_all();
+                ChangeKind::All
+            }
+        };
+        self.counters.invalidation(ChangeSource::Local, kind);
     }
 }
 
@@ -63,16 +129,19 @@ impl Verifier {
         key: &PresentedKey,
         method: &Method,
         blocked: Option<&crate::ratelimit::Blocked>,
-    ) -> Option<Outcome> {
+    ) -> Option<Decided> {
         if self.admission.limiters.is_remote() {
             return None;
         }
-        let resolved = self.resolver.resolve_cached(&key.digest, blocked)?;
-        Some(resolved.and_then(|resolved| {
-            self.admission.check(&resolved, key, method)?;
-            let status = self.admission.rate_limit_local(&resolved)?;
-            Ok((resolved, status))
-        }))
+        let resolved = match self.resolver.resolve_cached(&key.digest, blocked)? {
+            Ok(resolved) => resolved,
+            Err(rejection) => return Some(Decided::unresolved(key, Err(rejection))),
+        };
+        let checked = self
+            .admission
+            .check(&resolved, key, method)
+            .and_then(|()| self.admission.rate_limit_local(&resolved));
+        Some(Decided::resolved(key, resolved, checked))
     }
 
     /// The outcome of a request that may wait: resolution through the store, the checks,
@@ -85,7 +154,7 @@ impl Verifier {
         method: &Method,
         optional: bool,
         blocked: Option<&crate::ratelimit::Blocked>,
-    ) -> Outcome {
+    ) -> Decided {
         let resolved = self
             .resolver
             .resolve(
@@ -96,32 +165,75 @@ impl Verifier {
                 optional,
                 blocked,
             )
-            .await?;
-        self.admission.check(&resolved, key, method)?;
-        let status = self
+            .await;
+        let resolved = match resolved {
+            Ok(resolved) => resolved,
+            Err(rejection) => return Decided::unresolved(key, Err(rejection)),
+        };
+        if let Err(rejection) = self.admission.check(&resolved, key, method) {
+            return Decided::resolved(key, resolved, Err(rejection));
+        }
+        let checked = self
             .admission
             .rate_limit(&resolved, || self.resolver.unavailable())
-            .await?;
-        Ok((resolved, status))
+            .await;
+        Decided::resolved(key, resolved, checked)
+    }
+
+    /// Counts one authentication and fills in its span.
+    pub(crate) fn tally(
+        &self,
+        span: &Span,
+        collection: Option<u32>,
+        verdict: Verdict,
+        key_id: Option<Uuid>,
+    ) {
+        self.counters.verdict(collection, verdict);
+        if span.is_disabled() {
+            return;
+        }
+        let slug = collection.and_then(|index| self.credentials.collections.get(index as usize));
+        if let Some(config) = slug {
+            span.record("collection", &*config.slug);
+        }
+        if let Some(id) = key_id {
+            span.record("key_id", display(id));
+        }
+        span.record("outcome", verdict.label());
+    }
+
+    /// [`Verifier::tally`] for a rejection decided before any key was resolved.
+    pub(crate) fn tally_rejection(
+        &self,
+        span: &Span,
+        collection: Option<u32>,
+        rejection: &AuthRejection,
+    ) {
+        self.tally(span, collection, Verdict::Rejected(rejection.kind()), None);
     }
 
     /// The one ending of the hit and the miss paths: an accepted request is admitted (its use
     /// noted, its credential headers protected, the principal and the application's identity
-    /// put into its extensions); a rejected one counts against its client address.
+    /// put into its extensions); a rejected one counts against its client address. Either
+    /// way it is counted and `span` filled in.
     pub(crate) fn admit_or_reject<B>(
         &self,
         req: &mut Request<B>,
         key: &PresentedKey,
         client: Option<IpAddr>,
-        outcome: Outcome,
+        decided: Decided,
+        span: &Span,
     ) -> Result<Option<RateLimitStatus>, AuthRejection> {
-        let (resolved, status) = match outcome {
+        let (resolved, status) = match decided.outcome {
             Ok(accepted) => accepted,
             Err(rejection) => {
+                let verdict = Verdict::Rejected(rejection.kind());
+                self.tally(span, decided.collection, verdict, decided.key_id);
                 self.admission.note_failure(client, rejection.kind());
                 return Err(rejection);
             }
         };
+        self.tally(span, decided.collection, Verdict::Accepted, decided.key_id);
         tracing::trace!(
             target: "keywarden",
             key_id = %resolved.principal.key_id(),
@@ -183,38 +295,77 @@ impl Verifier {
         method: &Method,
         client: Option<IpAddr>,
     ) -> Outcome {
+        let span = auth_span();
+        let Started { key, blocked, now } =
+            span.in_scope(|| self.decide_now(&span, headers, method, client))?;
+        let decided = match now {
+            Some(decided) => decided,
+            None => {
+                self.outcome(&key, headers, None, method, false, blocked.as_ref())
+                    .instrument(span.clone())
+                    .await
+            }
+        };
+        let _entered = span.enter();
+        let verdict = match &decided.outcome {
+            Ok(_) => Verdict::Accepted,
+            Err(rejection) => {
+                self.admission.note_failure(client, rejection.kind());
+                Verdict::Rejected(rejection.kind())
+            }
+        };
+        self.tally(&span, decided.collection, verdict, decided.key_id);
+        decided.outcome
+    }
+
+    /// The synchronous start of [`Verifier::decide`]: extraction, the client's failure budget
+    /// and the hit path (`None` when the request must wait). Rejections here are counted.
+    fn decide_now(
+        &self,
+        span: &Span,
+        headers: &http::HeaderMap,
+        method: &Method,
+        client: Option<IpAddr>,
+    ) -> Result<Started, AuthRejection> {
         let blocked = self.admission.blocked(client);
         let key = match self.credentials.prepare(headers, None, false) {
             Presented::Key(key) => key,
             Presented::Nothing => {
-                return Err(AuthRejection::new(
+                let rejection = AuthRejection::new(
                     RejectionKind::MissingCredentials,
                     "send an API key in the Authorization or X-Api-Key header",
-                ))
+                );
+                self.tally_rejection(span, None, &rejection);
+                return Err(rejection);
             }
             Presented::Reject(rejection) => {
-                if let Some(blocked) = &blocked {
-                    return Err(self.resolver.blocked_rejection(blocked));
-                }
-                self.admission.note_failure(client, rejection.kind());
+                let rejection = match &blocked {
+                    Some(blocked) => self.resolver.blocked_rejection(blocked),
+                    None => {
+                        self.admission.note_failure(client, rejection.kind());
+                        rejection
+                    }
+                };
+                self.tally_rejection(span, None, &rejection);
                 return Err(rejection);
             }
         };
         if let Some(blocked) = blocked.as_ref().filter(|b| !b.allow_cached) {
-            return Err(self.resolver.blocked_rejection(blocked));
+            let rejection = self.resolver.blocked_rejection(blocked);
+            self.tally_rejection(span, binding(&key), &rejection);
+            return Err(rejection);
         }
-        let outcome = match self.outcome_now(&key, method, blocked.as_ref()) {
-            Some(outcome) => outcome,
-            None => {
-                self.outcome(&key, headers, None, method, false, blocked.as_ref())
-                    .await
-            }
-        };
-        if let Err(rejection) = &outcome {
-            self.admission.note_failure(client, rejection.kind());
-        }
-        outcome
+        let now = self.outcome_now(&key, method, blocked.as_ref());
+        Ok(Started { key, blocked, now })
     }
+}
+
+/// What [`Verifier::decide_now`] leaves to wait for: the key, its client's block, and the
+/// hit path's decision if there was one.
+struct Started {
+    key: PresentedKey,
+    blocked: Option<Blocked>,
+    now: Option<Decided>,
 }
 
 /// A key given as text, as the `X-Api-Key` header that carries it.

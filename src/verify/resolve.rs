@@ -15,7 +15,7 @@ use crate::principal::{Interner, Principal};
 use crate::ratelimit::Blocked;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::secret::{Digest, SecretId};
-use crate::stats::{bump, Counters};
+use crate::stats::{CacheLookup, Counters};
 use crate::store::{ForeignScheme, ForeignSource, KeyRecord, KeyStore, StoreError, StoreErrorKind};
 
 use super::prepare::{CollectionConfig, CredentialCheck, MissDigests};
@@ -114,11 +114,30 @@ impl Resolver {
         blocked: Option<&Blocked>,
     ) -> Option<Result<Arc<ResolvedKey>, AuthRejection>> {
         let hit = self.cache.lookup(digest);
+        // Counted only when answered here: otherwise `resolve` looks again and counts.
         match (hit, blocked) {
-            (hit, Some(blocked)) => Some(self.past_block(hit, blocked)),
-            (Some(CacheHit::Fresh(resolution)), None) => Some(found(resolution)),
+            (hit, Some(blocked)) => {
+                self.count_lookup(hit.as_ref());
+                Some(self.past_block(hit, blocked))
+            }
+            (Some(CacheHit::Fresh(resolution)), None) => {
+                self.counters.cache_lookup(match resolution {
+                    Resolution::Found(_) => CacheLookup::Hit,
+                    Resolution::Missing => CacheLookup::NegativeHit,
+                });
+                Some(found(resolution))
+            }
             (_, None) => None,
         }
+    }
+
+    fn count_lookup(&self, hit: Option<&CacheHit>) {
+        self.counters.cache_lookup(match hit {
+            None => CacheLookup::Miss,
+            Some(CacheHit::Fresh(Resolution::Found(_))) => CacheLookup::Hit,
+            Some(CacheHit::Fresh(Resolution::Missing)) => CacheLookup::NegativeHit,
+            Some(CacheHit::Stale(_)) => CacheLookup::Stale,
+        });
     }
 
     /// The answer for a client address over its failure budget: only a key cached as valid,
@@ -150,6 +169,7 @@ impl Resolver {
             Some(hit) => Some(hit),
             None => self.cache.recover(&digest).await,
         };
+        self.count_lookup(hit.as_ref());
         if let Some(blocked) = blocked {
             return self.past_block(hit, blocked);
         }
@@ -194,7 +214,7 @@ impl Resolver {
             }
         }
         if self.health.is_down() {
-            bump(&self.counters.stale_served);
+            self.counters.stale_served();
             tracing::debug!(target: "keywarden", "key store unreachable: answering from a stale cache entry");
         }
         found(stale.resolution())
@@ -219,7 +239,7 @@ impl Resolver {
 
     /// A 503 `store_unavailable`, counted.
     pub(crate) fn unavailable(&self) -> AuthRejection {
-        bump(&self.counters.unavailable);
+        self.counters.unavailable();
         AuthRejection::new(
             RejectionKind::StoreUnavailable,
             "the key store is unavailable; retry shortly",
@@ -229,7 +249,7 @@ impl Resolver {
 
     /// A 429 for a client address over its failure budget, counted.
     pub(crate) fn blocked_rejection(&self, blocked: &Blocked) -> AuthRejection {
-        bump(&self.counters.clients_blocked);
+        self.counters.client_blocked();
         AuthRejection::rate_limited(blocked.status, blocked.retry_after)
             .with_detail("too many rejected keys from this address; retry later")
     }
@@ -240,7 +260,10 @@ impl Resolver {
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let error = match tokio::time::timeout(self.store_timeout, call).await {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.store_timeout, call).await;
+        self.counters.store_lookup(started.elapsed());
+        let error = match answer {
             Ok(Ok(value)) => {
                 if self.health.mark_up() {
                     tracing::info!(target: "keywarden", "key store is reachable again");
@@ -248,11 +271,11 @@ impl Resolver {
                 return Ok(value);
             }
             Ok(Err(error)) => {
-                bump(&self.counters.store_errors);
+                self.counters.store_error();
                 error
             }
             Err(_) => {
-                bump(&self.counters.store_timeouts);
+                self.counters.store_timeout();
                 StoreError::new(
                     StoreErrorKind::Timeout,
                     format!(
@@ -362,7 +385,7 @@ impl Resolver {
         if let Some(map) = &self.identity {
             let mapped = tokio::time::timeout(self.store_timeout, map(resolved.principal.clone()));
             let Ok(mapped) = mapped.await else {
-                bump(&self.counters.store_timeouts);
+                self.counters.store_timeout();
                 return Err(StoreError::new(
                     StoreErrorKind::Timeout,
                     "the identity mapping did not finish within the store timeout",

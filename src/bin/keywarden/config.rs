@@ -44,6 +44,7 @@ pub(crate) struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerSection {
     pub(crate) addr: Option<String>,
+    pub(crate) metrics_addr: Option<String>,
     pub(crate) shutdown_delay: Option<ConfigDuration>,
     pub(crate) shutdown_grace: Option<ConfigDuration>,
     pub(crate) client_address_header: Option<ConfigHeader>,
@@ -340,6 +341,7 @@ key_prefixes = ["acme_live", "acme_test"]
 
 [server]
 addr = "0.0.0.0:3000"
+metrics_addr = "127.0.0.1:9464"
 shutdown_delay = "5s"
 shutdown_grace = "20s"
 client_address_header = "X-Real-IP"

@@ -15,8 +15,8 @@
 //!   migrate
 //!   secret generate
 //!   secret retire SECRET_ID [--force]
-//!   serve [--addr 127.0.0.1:3000] [--redis-url URL] [--collections A,B]
-//!         [--client-address-header H [--trusted-proxies CIDR,...]]
+//!   serve [--addr 127.0.0.1:3000] [--redis-url URL] [--metrics-addr 127.0.0.1:9464]
+//!         [--collections A,B] [--client-address-header H [--trusted-proxies CIDR,...]]
 //!         [--shutdown-delay D] [--shutdown-grace D] [--log-format text|json] [--log-requests]
 //! ```
 //!
@@ -51,6 +51,7 @@ mod cli;
 mod config;
 mod demo;
 mod health;
+mod metrics;
 mod output;
 mod serve;
 

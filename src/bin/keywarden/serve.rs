@@ -40,6 +40,10 @@ pub(crate) struct ServeArgs {
     /// Address to listen on (port 0 picks a free port) [default: 127.0.0.1:3000].
     #[arg(long, env = "KEYWARDEN_ADDR")]
     addr: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, on a listener of their own (port 0
+    /// picks a free port). Unauthenticated: bind it where only your scraper can reach it.
+    #[arg(long, env = "KEYWARDEN_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// Redis URL: rate limits shared by every instance, and pub/sub cache invalidation.
     #[arg(
         long,
@@ -121,6 +125,7 @@ pub(crate) struct ServeArgs {
 /// file, else the default.
 struct Settings {
     addr: String,
+    metrics_addr: Option<String>,
     redis_url: Option<String>,
     redis_namespace: String,
     collections: Vec<String>,
@@ -211,6 +216,9 @@ impl Settings {
                 .addr
                 .or_else(|| file.server.addr.clone())
                 .unwrap_or_else(|| DEFAULT_ADDR.to_owned()),
+            metrics_addr: args
+                .metrics_addr
+                .or_else(|| file.server.metrics_addr.clone()),
             // clap has read KEYWARDEN_REDIS_URL already; `ctx.redis()` adds the file.
             redis_url: args.redis_url.or(env_redis_url),
             redis_namespace: args.redis_namespace.unwrap_or(env_namespace),
@@ -435,6 +443,11 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         ),
         None => None,
     };
+    // Before the layer: it registers its metrics with the recorder installed when it is built.
+    let metrics = match &settings.metrics_addr {
+        Some(addr) => Some(crate::metrics::start(addr).await?),
+        None => None,
+    };
     let mut builder = layer_builder(ctx, &settings)?
         .store(store.clone())
         .secrets(secrets);
@@ -489,10 +502,20 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         .local_addr()
         .map_err(|e| Failure(format!("cannot read the listening address: {e}")))?;
     tracing::info!(addr = %local, collections = %settings.collections.join(","), "listening");
+    if let Some(metrics) = &metrics {
+        tracing::info!(addr = %metrics.addr, "serving metrics at /metrics");
+    }
     if out.json {
-        println!("{}", json!({ "listening": format!("http://{local}") }));
+        let mut line = json!({ "listening": format!("http://{local}") });
+        if let Some(metrics) = &metrics {
+            line["metrics"] = format!("http://{}/metrics", metrics.addr).into();
+        }
+        println!("{line}");
     } else {
         println!("listening on http://{local}");
+        if let Some(metrics) = &metrics {
+            println!("metrics on http://{}/metrics", metrics.addr);
+        }
         println!("{ring_ids}");
         println!(
             "routes: GET /healthz and /readyz (open), GET /whoami, /admin/keys (API key \
