@@ -807,7 +807,7 @@ async fn misconfigured_tables_fail_clearly() {
     assert_eq!(err.kind(), keywarden::RejectionKind::StoreUnavailable);
 }
 
-/// A Payload 4.0 auth collection's table (slug `api-keys`): no `enable_a_p_i_key` (4.0 drops
+/// A Payload 4.0 auth collection's table (slug `api-keys`): no `enable_a_p_i_key` (4.0 can leave out
 /// the field) and an `api_key_last4`. Row 2's key was removed, so its index is null.
 fn payload4_sql(sqlite: bool, table: &str) -> String {
     let (id, text, time) = if sqlite {
@@ -967,6 +967,69 @@ async fn payload_4_tables_without_the_flag_from_postgres() {
     payload4_suite(store).await;
     store_pool.close().await;
     drop_schema(&pool, &schema).await;
+}
+
+/// Payload 4.0's keyring (`PAYLOAD_SECRET` + `previousSecrets`; 4.0.0-canary.14's
+/// `auth/strategies/apiKey.ts` looks the key up under every keyring secret's index,
+/// `auth/crypto.ts` derives each as 2.x–3.x did). Indexes computed independently, with Python's
+/// `hmac`/`hashlib` and Node's `crypto`:
+///   d = sha256(secret).hexdigest()[:32]; hmac(d.encode(), key.encode(), sha256).hexdigest()
+const KEYRING_NEW: &str = "payload-4-new-secret";
+const KEYRING_OLD: &str = "payload-4-old-secret";
+const OLD_KEY: &str = "written-under-the-old-secret";
+const OLD_KEY_INDEX_OLD_SECRET: &str =
+    "15440b9bd0f0963cba9a94d2a4d5fec255e40a61df0c8fcb21339ee5adaab465";
+const NEW_KEY: &str = "written-under-the-new-secret";
+const NEW_KEY_INDEX_NEW_SECRET: &str =
+    "ca61e3fa96b2aff17e05a8a28e12197dc4a7e8a63eea75b8247b6cf216c2e58e";
+
+#[tokio::test]
+async fn payload_4_keyring_reads_keys_written_under_a_previous_secret() {
+    let db = SqliteFile::create(&format!(
+        "CREATE TABLE users (id integer PRIMARY KEY NOT NULL, email text NOT NULL,
+           api_key text, api_key_index text, api_key_last4 text);
+         INSERT INTO users (id, email, api_key, api_key_index) VALUES
+           (1, 'old@example.com', 'v1:sealed', '{OLD_KEY_INDEX_OLD_SECRET}'),
+           (2, 'new@example.com', 'v1:sealed', '{NEW_KEY_INDEX_NEW_SECRET}');"
+    ))
+    .await;
+    let layer = |scheme: PayloadScheme| {
+        let url = db.url();
+        async move {
+            let store = PayloadStore::connect(&url, PayloadTable::from_slug("users"))
+                .await
+                .unwrap();
+            ApiKeyLayer::builder()
+                .collection(store.into_collection(scheme.hash(PayloadHash::Sha256)))
+                .build()
+                .unwrap()
+        }
+    };
+    let get = http::Method::GET;
+    // The new secret with the old one as a previous secret: both keys, as Payload 4.0.
+    let ring = layer(
+        PayloadScheme::new(KEYRING_NEW)
+            .unwrap()
+            .with_previous(KEYRING_OLD)
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ring.verify(OLD_KEY, &get).await.unwrap().subject(), "1");
+    assert_eq!(ring.verify(NEW_KEY, &get).await.unwrap().subject(), "2");
+    // Without it, the old key is unknown (Payload: no user), not disabled.
+    let new_only = layer(PayloadScheme::new(KEYRING_NEW).unwrap()).await;
+    assert_eq!(
+        new_only.verify(OLD_KEY, &get).await.unwrap_err().kind(),
+        keywarden::RejectionKind::InvalidKey
+    );
+    assert_eq!(new_only.verify(NEW_KEY, &get).await.unwrap().subject(), "2");
+    // Under the old secret alone, the other way round.
+    let old_only = layer(PayloadScheme::new(KEYRING_OLD).unwrap()).await;
+    assert_eq!(old_only.verify(OLD_KEY, &get).await.unwrap().subject(), "1");
+    assert_eq!(
+        old_only.verify(NEW_KEY, &get).await.unwrap_err().kind(),
+        keywarden::RejectionKind::InvalidKey
+    );
 }
 
 #[tokio::test]

@@ -261,7 +261,7 @@ const SECRET_COLUMNS: &[&str] = &[
 /// collection has `auth.verify`), name `email` when the table has it.
 ///
 /// [`PayloadStore`] reads the table's columns when it is built and adapts to them: a table
-/// without `enable_a_p_i_key` (Payload 4.0 drops the field) authenticates every key whose index
+/// without `enable_a_p_i_key` (Payload 4.0 makes the field optional) authenticates every key whose index
 /// is set, as Payload 4.0 does. A column this configuration names explicitly (any setter below)
 /// must exist, or building the store fails with an error naming the table and the column.
 ///
@@ -384,7 +384,7 @@ impl PayloadTable {
 
     /// The `enableAPIKey` column: a row authenticates only when it is true. By default
     /// `enable_a_p_i_key` is read when the table has it, and keys are enabled unless their
-    /// index is null when it has not (Payload 4.0 drops the field). `Some(name)` requires the
+    /// index is null when it has not (Payload 4.0 makes the field optional). `Some(name)` requires the
     /// column; `None` never reads one.
     #[must_use]
     pub fn enabled_column(mut self, column: Option<&str>) -> Self {
@@ -539,7 +539,7 @@ mod store {
     /// [`PayloadScheme`](super::PayloadScheme).
     ///
     /// A key verifies when exactly one row has its `api_key_index`; that row's
-    /// `enable_a_p_i_key` must be true (when the table has the column; Payload 4.0's has not)
+    /// `enable_a_p_i_key` must be true (when the table has the column; Payload 4.0 may leave it out)
     /// and, with [`PayloadTable::verify`], its `_verified` must not be false (otherwise
     /// `revoked_key`, "the key is disabled"). Two rows with one
     /// index are refused (logged). The principal: key id a UUIDv8 derived from the table and
@@ -628,7 +628,7 @@ mod store {
         }
 
         /// The flag column read for `enableAPIKey`, as settled when the store was built:
-        /// `None` when the table has none (Payload 4.0) or the configuration turned it off.
+        /// `None` when the table has none (a Payload 4.0 collection without it) or the configuration turned it off.
         pub fn enabled_column(&self) -> Option<&str> {
             self.table.enabled_column.as_deref()
         }
