@@ -8,15 +8,13 @@
 //!
 //! Run: `cargo run --example payload_compat --features interop`
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::routing::get;
 use axum::{Json, Router};
 use http::Request;
 use keywarden::{
     interop::PayloadHash, interop::PayloadScheme, interop::PayloadStore, interop::PayloadTable,
-    ApiKeyLayer, Collection, Principal,
+    ApiKeyLayer, Principal,
 };
 use tower::ServiceExt;
 
@@ -29,10 +27,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     seed(&format!("{url}?mode=rwc")).await?;
 
     // Verify against Payload's table, read-only, exactly as Payload 3.47–3.90 does.
-    let store = PayloadStore::connect(&url, PayloadTable::new("users").verify(true)).await?;
+    // The slug is stated once: the table (`users`) is derived from it as Payload's SQL adapters
+    // derive it, and its columns are read here (the `enable_a_p_i_key` flag of Payload 3).
+    let store = PayloadStore::connect(&url, PayloadTable::from_slug("users").verify(true)).await?;
     let scheme = PayloadScheme::new(PAYLOAD_SECRET)?.hash(PayloadHash::Both);
     let layer = ApiKeyLayer::builder()
-        .collection(Collection::foreign("users", scheme, Arc::new(store)))
+        .collection(store.into_collection(scheme))
         .build()?;
     let app = Router::new()
         .route("/whoami", get(|p: Principal| async move { Json(p) }))

@@ -32,7 +32,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = format!("sqlite://{}", path.display());
     seed(&format!("{url}?mode=rwc")).await?;
 
-    let store = StrapiStore::connect(&url, StrapiTables::v5()).await?;
+    let store = StrapiStore::connect(&url, StrapiTables::new()).await?;
     let layer = ApiKeyLayer::builder()
         .collection(Collection::foreign(
             "strapi",

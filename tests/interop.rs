@@ -265,6 +265,20 @@ fn strapi_tokens() -> Vec<StrapiToken> {
 /// Strapi 5's tables as knex creates them. SQLite keeps dates as integer milliseconds,
 /// PostgreSQL as `timestamp(6)` without time zone.
 fn strapi_sql(sqlite: bool, schema: &str) -> String {
+    strapi_sql_of(sqlite, schema, 5)
+}
+
+/// Strapi `major`'s tables: 4 has the link table `…_token_links` and no `kind` column (nor
+/// admin tokens in this table); 5 (5.45+) has `…_token_lnk` and `kind`.
+fn strapi_sql_of(sqlite: bool, schema: &str, major: u8) -> String {
+    let (links, kind_column) = if major == 4 {
+        ("strapi_api_token_permissions_token_links", "")
+    } else {
+        (
+            "strapi_api_token_permissions_token_lnk",
+            ", kind varchar(255)",
+        )
+    };
     let (serial, datetime) = if sqlite {
         ("integer PRIMARY KEY AUTOINCREMENT NOT NULL", "datetime")
     } else {
@@ -276,10 +290,10 @@ fn strapi_sql(sqlite: bool, schema: &str) -> String {
            access_key varchar(255), encrypted_key text, last_used_at {datetime},
            expires_at {datetime}, lifespan bigint, created_at {datetime}, updated_at {datetime},
            published_at {datetime}, created_by_id integer, updated_by_id integer,
-           locale varchar(255), kind varchar(255));
+           locale varchar(255){kind_column});
          CREATE TABLE {schema}strapi_api_token_permissions (id {serial}, document_id varchar(255),
            action varchar(255), created_at {datetime}, updated_at {datetime});
-         CREATE TABLE {schema}strapi_api_token_permissions_token_lnk (id {serial},
+         CREATE TABLE {schema}{links} (id {serial},
            api_token_permission_id integer, api_token_id integer,
            api_token_permission_ord double precision);"
     );
@@ -292,13 +306,23 @@ fn strapi_sql(sqlite: bool, schema: &str) -> String {
         }
     };
     for (id, name, kind_of, key, expires, kind) in strapi_tokens() {
+        if major == 4 && kind.is_some_and(|k| k != "content-api") {
+            continue;
+        }
         let expires = expires.map_or("NULL".to_owned(), |d| date(now_ms + i128::from(d)));
-        let kind = kind.map_or("NULL".to_owned(), |k| format!("'{k}'"));
+        let (kind_name, kind) = if major == 4 {
+            ("", String::new())
+        } else {
+            (
+                ", kind",
+                format!(", {}", kind.map_or("NULL".to_owned(), |k| format!("'{k}'"))),
+            )
+        };
         sql.push_str(&format!(
             "INSERT INTO {schema}strapi_api_tokens (id, document_id, name, description, type,
-               access_key, encrypted_key, expires_at, created_at, updated_at, kind)
+               access_key, encrypted_key, expires_at, created_at, updated_at{kind_name})
              VALUES ({id}, 'doc{id}', '{name}', '', '{kind_of}', '{key}', 'v1:sealed', {expires},
-               {now}, {now}, {kind});",
+               {now}, {now}{kind});",
             now = date(now_ms),
         ));
     }
@@ -308,7 +332,7 @@ fn strapi_sql(sqlite: bool, schema: &str) -> String {
     ] {
         sql.push_str(&format!(
             "INSERT INTO {schema}strapi_api_token_permissions (id, action) VALUES ({id}, '{action}');
-             INSERT INTO {schema}strapi_api_token_permissions_token_lnk
+             INSERT INTO {schema}{links}
                (api_token_permission_id, api_token_id, api_token_permission_ord) VALUES ({id}, 3, {id});"
         ));
     }
@@ -755,16 +779,25 @@ async fn misconfigured_tables_fail_clearly() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Schema);
-    // A table that does not exist: store_unavailable at request time, never a panic.
-    let store = PayloadStore::connect(&db.url(), PayloadTable::new("members"))
+    // A table that does not exist fails at connect, named, not on every request.
+    let err = PayloadStore::connect(&db.url(), PayloadTable::new("members"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    assert!(err.to_string().contains("`members`"), "{err}");
+    // The table read at connect is the one queried: a table dropped later is store_unavailable
+    // at request time, never a panic or a pass.
+    let store = PayloadStore::connect(&db.url(), payload_table("users"))
         .await
         .unwrap();
+    let writer = sqlx::SqlitePool::connect(&db.url()).await.unwrap();
+    sqlx::raw_sql("DROP TABLE users")
+        .execute(&writer)
+        .await
+        .unwrap();
+    writer.close().await;
     let layer = ApiKeyLayer::builder()
-        .collection(Collection::foreign(
-            "users",
-            payload_scheme(),
-            Arc::new(store),
-        ))
+        .collection(store.into_collection(payload_scheme()))
         .build()
         .unwrap();
     let err = layer
@@ -772,6 +805,272 @@ async fn misconfigured_tables_fail_clearly() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), keywarden::RejectionKind::StoreUnavailable);
+}
+
+/// A Payload 4.0 auth collection's table (slug `api-keys`): no `enable_a_p_i_key` (4.0 can leave out
+/// the field) and an `api_key_last4`. Row 2's key was removed, so its index is null.
+fn payload4_sql(sqlite: bool, table: &str) -> String {
+    let (id, text, time) = if sqlite {
+        ("integer PRIMARY KEY NOT NULL", "text", "text")
+    } else {
+        (
+            "serial PRIMARY KEY NOT NULL",
+            "varchar",
+            "timestamp(3) with time zone",
+        )
+    };
+    format!(
+        "CREATE TABLE {table} (id {id}, updated_at {time}, created_at {time},
+           email {text} NOT NULL, api_key {text}, api_key_index {text}, api_key_last4 {text},
+           salt {text}, hash {text});
+         INSERT INTO {table} (id, email, api_key, api_key_index, api_key_last4)
+           VALUES (1, 'ada@example.com', 'sealed', '{index}', '0c1d'),
+                  (2, 'bob@example.com', NULL, NULL, NULL);",
+        index = payload_index(UUID_KEY),
+    )
+}
+
+/// What a user of Payload 4.0 writes: the slug once, nothing about the flag column.
+async fn payload4_suite(store: PayloadStore) {
+    assert_eq!(store.enabled_column(), None, "no flag column was found");
+    let scheme = PayloadScheme::new(PAYLOAD_SECRET)
+        .unwrap()
+        .hash(PayloadHash::Sha256);
+    let layer = ApiKeyLayer::builder()
+        .collection(store.into_collection(scheme))
+        .build()
+        .unwrap();
+    let app = support::app().layer(layer);
+    let reply = get_with(
+        &app,
+        "/whoami",
+        &[(
+            "authorization",
+            format!("api-keys API-Key {UUID_KEY}").as_bytes(),
+        )],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "a valid 4.0 key: {}", reply.text());
+    assert_eq!(reply.json()["subject"], "1");
+    assert_eq!(reply.json()["key_name"], "ada@example.com");
+    assert_eq!(reply.json()["metadata"]["api_key_last4"], "0c1d");
+    // The table name is not the slug: `api_keys API-Key …` is no credential here.
+    let reply = get_with(
+        &app,
+        "/whoami",
+        &[(
+            "authorization",
+            format!("api_keys API-Key {UUID_KEY}").as_bytes(),
+        )],
+    )
+    .await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    // A key that is not indexed (removed: index null) is unknown, not "disabled".
+    let reply = get_with(
+        &app,
+        "/whoami",
+        &[(
+            "authorization",
+            format!("api-keys API-Key {ANY_KEY}").as_bytes(),
+        )],
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    assert!(reply.text().contains("invalid_key"), "{}", reply.text());
+}
+
+/// Columns named explicitly but missing fail at connect, naming table and column.
+async fn payload4_misconfigurations(url: &str, table: impl Fn() -> PayloadTable) {
+    for (config, column) in [
+        (
+            table().enabled_column(Some("enable_a_p_i_key")),
+            "enable_a_p_i_key",
+        ),
+        (table().verify(true), "_verified"),
+        (table().name_column("username"), "username"),
+        (table().hide_column("notes"), "notes"),
+        (table().index_column("api_key_hash"), "api_key_hash"),
+    ] {
+        let err = PayloadStore::connect(url, config).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Schema, "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("api_keys`") && message.contains(&format!("`{column}`")),
+            "{message}"
+        );
+    }
+    // Turning the flag off explicitly is fine.
+    let store = PayloadStore::connect(url, table().enabled_column(None))
+        .await
+        .unwrap();
+    assert_eq!(store.enabled_column(), None);
+}
+
+#[tokio::test]
+async fn payload_4_tables_without_the_flag_from_sqlite() {
+    let db = SqliteFile::create(&payload4_sql(true, "api_keys")).await;
+    let store = PayloadStore::connect(&db.url(), PayloadTable::from_slug("api-keys"))
+        .await
+        .unwrap();
+    payload4_suite(store).await;
+    payload4_misconfigurations(&db.url(), || PayloadTable::from_slug("api-keys")).await;
+    // A table with the flag still reads it, detected the same way.
+    let db = SqliteFile::create(&payload_sql(true, "users")).await;
+    let store = PayloadStore::connect(&db.url(), PayloadTable::from_slug("users"))
+        .await
+        .unwrap();
+    assert_eq!(store.enabled_column(), Some("enable_a_p_i_key"));
+}
+
+#[tokio::test]
+async fn payload_4_tables_without_the_flag_from_postgres() {
+    let Some((url, schema, pool)) = pg_schema(|_| payload4_sql(false, "api_keys")).await else {
+        return;
+    };
+    // `@payloadcms/db-postgres`'s `schemaName`: the slug's table in that schema.
+    let table = || PayloadTable::from_slug("api-keys").schema(&schema);
+    let store = PayloadStore::connect(&url, table()).await.unwrap();
+    payload4_suite(store).await;
+    payload4_misconfigurations(&url, table).await;
+    // Outside the connection's search_path, an unqualified name is no table: said at connect.
+    let err = PayloadStore::connect(&url, PayloadTable::from_slug("api-keys"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    assert!(
+        err.to_string().contains("`api_keys` does not exist"),
+        "{err}"
+    );
+    // Over a pool whose search_path has the schema, the unqualified name resolves there, and
+    // the columns are read from that schema's table.
+    let store_pool = sqlx::postgres::PgPoolOptions::new()
+        .after_connect({
+            let schema = schema.clone();
+            move |conn, _| {
+                let schema = schema.clone();
+                Box::pin(async move {
+                    sqlx::Executor::execute(
+                        &mut *conn,
+                        format!("SET search_path TO {schema}").as_str(),
+                    )
+                    .await?;
+                    Ok(())
+                })
+            }
+        })
+        .connect(&url)
+        .await
+        .unwrap();
+    let store = PayloadStore::postgres(store_pool.clone(), PayloadTable::from_slug("api-keys"))
+        .await
+        .unwrap();
+    payload4_suite(store).await;
+    store_pool.close().await;
+    drop_schema(&pool, &schema).await;
+}
+
+/// Payload 4.0's keyring (`PAYLOAD_SECRET` + `previousSecrets`; 4.0.0-canary.14's
+/// `auth/strategies/apiKey.ts` looks the key up under every keyring secret's index,
+/// `auth/crypto.ts` derives each as 2.x–3.x did). Indexes computed independently, with Python's
+/// `hmac`/`hashlib` and Node's `crypto`:
+///   d = sha256(secret).hexdigest()[:32]; hmac(d.encode(), key.encode(), sha256).hexdigest()
+const KEYRING_NEW: &str = "payload-4-new-secret";
+const KEYRING_OLD: &str = "payload-4-old-secret";
+const OLD_KEY: &str = "written-under-the-old-secret";
+const OLD_KEY_INDEX_OLD_SECRET: &str =
+    "15440b9bd0f0963cba9a94d2a4d5fec255e40a61df0c8fcb21339ee5adaab465";
+const NEW_KEY: &str = "written-under-the-new-secret";
+const NEW_KEY_INDEX_NEW_SECRET: &str =
+    "ca61e3fa96b2aff17e05a8a28e12197dc4a7e8a63eea75b8247b6cf216c2e58e";
+
+#[tokio::test]
+async fn payload_4_keyring_reads_keys_written_under_a_previous_secret() {
+    let db = SqliteFile::create(&format!(
+        "CREATE TABLE users (id integer PRIMARY KEY NOT NULL, email text NOT NULL,
+           api_key text, api_key_index text, api_key_last4 text);
+         INSERT INTO users (id, email, api_key, api_key_index) VALUES
+           (1, 'old@example.com', 'v1:sealed', '{OLD_KEY_INDEX_OLD_SECRET}'),
+           (2, 'new@example.com', 'v1:sealed', '{NEW_KEY_INDEX_NEW_SECRET}');"
+    ))
+    .await;
+    let layer = |scheme: PayloadScheme| {
+        let url = db.url();
+        async move {
+            let store = PayloadStore::connect(&url, PayloadTable::from_slug("users"))
+                .await
+                .unwrap();
+            ApiKeyLayer::builder()
+                .collection(store.into_collection(scheme.hash(PayloadHash::Sha256)))
+                .build()
+                .unwrap()
+        }
+    };
+    let get = http::Method::GET;
+    // The new secret with the old one as a previous secret: both keys, as Payload 4.0.
+    let ring = layer(
+        PayloadScheme::new(KEYRING_NEW)
+            .unwrap()
+            .with_previous(KEYRING_OLD)
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ring.verify(OLD_KEY, &get).await.unwrap().subject(), "1");
+    assert_eq!(ring.verify(NEW_KEY, &get).await.unwrap().subject(), "2");
+    // Without it, the old key is unknown (Payload: no user), not disabled.
+    let new_only = layer(PayloadScheme::new(KEYRING_NEW).unwrap()).await;
+    assert_eq!(
+        new_only.verify(OLD_KEY, &get).await.unwrap_err().kind(),
+        keywarden::RejectionKind::InvalidKey
+    );
+    assert_eq!(new_only.verify(NEW_KEY, &get).await.unwrap().subject(), "2");
+    // Under the old secret alone, the other way round.
+    let old_only = layer(PayloadScheme::new(KEYRING_OLD).unwrap()).await;
+    assert_eq!(old_only.verify(OLD_KEY, &get).await.unwrap().subject(), "1");
+    assert_eq!(
+        old_only.verify(NEW_KEY, &get).await.unwrap_err().kind(),
+        keywarden::RejectionKind::InvalidKey
+    );
+}
+
+#[tokio::test]
+async fn payload_flag_column_in_another_schema_is_not_mistaken() {
+    // Two tables of one name: the 3.x one (with the flag) in `public`-like schema A, the 4.0
+    // one in schema B. The columns must be read from the table the queries will hit.
+    let Some((url, schema, pool)) = pg_schema(|s| {
+        format!(
+            "{} CREATE SCHEMA {s}_v3; {}",
+            payload4_sql(false, "api_keys"),
+            payload_sql(false, &format!("{s}_v3.api_keys"))
+                .replace(
+                    "CREATE TYPE enum_users_role",
+                    &format!("CREATE TYPE {s}_v3.enum_users_role")
+                )
+                .replace(
+                    "role enum_users_role",
+                    &format!("role {s}_v3.enum_users_role")
+                )
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    let v4 = PayloadStore::connect(&url, PayloadTable::from_slug("api-keys").schema(&schema))
+        .await
+        .unwrap();
+    assert_eq!(v4.enabled_column(), None);
+    let v3 = PayloadStore::connect(
+        &url,
+        PayloadTable::from_slug("api-keys").schema(&format!("{schema}_v3")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v3.enabled_column(), Some("enable_a_p_i_key"));
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema}_v3 CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    drop_schema(&pool, &schema).await;
 }
 
 // --- Strapi tests --------------------------------------------------------------------------
@@ -974,7 +1273,15 @@ async fn strapi_tokens_from_a_sqlite_database() {
         )
         .await
         .unwrap();
-    strapi_suite(|| StrapiStore::sqlite(pool.clone(), StrapiTables::v5()).unwrap()).await;
+    let store = StrapiStore::sqlite(pool.clone(), StrapiTables::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.links_table(),
+        "strapi_api_token_permissions_token_lnk"
+    );
+    assert_eq!(store.kind_column(), Some("kind"));
+    strapi_suite(|| store.clone()).await;
     assert_eq!(db.dump("strapi_api_tokens").await, before);
 }
 
@@ -1001,13 +1308,22 @@ async fn strapi_tokens_from_a_postgres_database() {
         .connect(&url)
         .await
         .unwrap();
-    strapi_suite(|| StrapiStore::postgres(store_pool.clone(), StrapiTables::v5()).unwrap()).await;
-    // Schema-qualified names and `connect` (read-only transactions) work too.
-    let qualified = StrapiTables::v5()
-        .tokens(format!("{schema}.strapi_api_tokens"))
-        .permissions(format!("{schema}.strapi_api_token_permissions"))
-        .links(format!("{schema}.strapi_api_token_permissions_token_lnk"));
+    let store = StrapiStore::postgres(store_pool.clone(), StrapiTables::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.links_table(),
+        "strapi_api_token_permissions_token_lnk"
+    );
+    strapi_suite(|| store.clone()).await;
+    // A schema-qualified tokens table: the permission tables are found beside it, and
+    // `connect` (read-only transactions) works too.
+    let qualified = StrapiTables::new().tokens(format!("{schema}.strapi_api_tokens"));
     let store = StrapiStore::connect(&url, qualified).await.unwrap();
+    assert_eq!(
+        store.links_table(),
+        format!("{schema}.strapi_api_token_permissions_token_lnk")
+    );
     let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
     let principal = layer
         .verify(&strapi_token("a1"), &http::Method::GET)
@@ -1021,7 +1337,7 @@ async fn strapi_tokens_from_a_postgres_database() {
 #[tokio::test]
 async fn strapi_tokens_through_a_real_server() {
     let db = SqliteFile::create(&strapi_sql(true, "")).await;
-    let store = StrapiStore::connect(&db.url(), StrapiTables::v5())
+    let store = StrapiStore::connect(&db.url(), StrapiTables::new())
         .await
         .unwrap();
     let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
@@ -1064,15 +1380,16 @@ async fn strapi_tokens_through_a_real_server() {
 }
 
 #[tokio::test]
-async fn strapi_4_link_table() {
-    let sql = strapi_sql(true, "").replace(
-        "strapi_api_token_permissions_token_lnk",
-        "strapi_api_token_permissions_token_links",
-    );
-    let db = SqliteFile::create(&sql).await;
-    let store = StrapiStore::connect(&db.url(), StrapiTables::v4())
+async fn strapi_4_is_detected() {
+    let db = SqliteFile::create(&strapi_sql_of(true, "", 4)).await;
+    let store = StrapiStore::connect(&db.url(), StrapiTables::new())
         .await
         .unwrap();
+    assert_eq!(
+        store.links_table(),
+        "strapi_api_token_permissions_token_links"
+    );
+    assert_eq!(store.kind_column(), None, "no kind column before 5.45");
     let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
     let principal = layer
         .verify(&strapi_token("a1"), &http::Method::GET)
@@ -1082,17 +1399,79 @@ async fn strapi_4_link_table() {
         principal.scopes(),
         ["api::article.article.find", "api::article.article.findOne"]
     );
-    // Against Strapi 5 tables, the v4 link table does not exist: unavailable, not a panic.
-    let db5 = SqliteFile::create(&strapi_sql(true, "")).await;
-    let store = StrapiStore::connect(&db5.url(), StrapiTables::v4())
+    // Without a kind column every token is a content-API token: the full-access token works.
+    assert!(layer
+        .verify(&strapi_token(FULL), &http::Method::POST)
         .await
-        .unwrap();
-    let layer = strapi_layer(store, &ManualClock::new(OffsetDateTime::now_utc()), false);
-    let err = layer
-        .verify(&strapi_token("a1"), &http::Method::GET)
+        .is_ok());
+    // A kind column named explicitly must exist: refused at connect, naming table and column.
+    let err = StrapiStore::connect(&db.url(), StrapiTables::new().kind_column("kind"))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), keywarden::RejectionKind::StoreUnavailable);
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    let message = err.to_string();
+    assert!(
+        message.contains("strapi_api_tokens") && message.contains("`kind`"),
+        "{message}"
+    );
+    // So must a link table named explicitly.
+    let err = StrapiStore::connect(
+        &db.url(),
+        StrapiTables::new().links("strapi_api_token_permissions_token_lnk"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    assert!(
+        err.to_string()
+            .contains("strapi_api_token_permissions_token_lnk"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn strapi_link_tables_both_or_neither_fail_at_connect() {
+    let both = format!(
+        "{} CREATE TABLE strapi_api_token_permissions_token_links (id integer PRIMARY KEY,
+           api_token_permission_id integer, api_token_id integer);",
+        strapi_sql(true, "")
+    );
+    let db = SqliteFile::create(&both).await;
+    let err = StrapiStore::connect(&db.url(), StrapiTables::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    assert!(
+        err.to_string()
+            .contains("both of the permission link tables"),
+        "{err}"
+    );
+    // Naming one settles it.
+    let store = StrapiStore::connect(
+        &db.url(),
+        StrapiTables::new().links("strapi_api_token_permissions_token_lnk"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store.links_table(),
+        "strapi_api_token_permissions_token_lnk"
+    );
+
+    let neither = strapi_sql(true, "").replace(
+        "strapi_api_token_permissions_token_lnk",
+        "strapi_api_token_permissions_elsewhere",
+    );
+    let db = SqliteFile::create(&neither).await;
+    let err = StrapiStore::connect(&db.url(), StrapiTables::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    assert!(
+        err.to_string()
+            .contains("neither of the permission link tables"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -1253,7 +1632,7 @@ impl ManagedRig {
 #[tokio::test]
 async fn strapi_tokens_never_manage_keys() {
     let db = SqliteFile::create(&strapi_sql(true, "")).await;
-    let store = StrapiStore::connect(&db.url(), StrapiTables::v5())
+    let store = StrapiStore::connect(&db.url(), StrapiTables::new())
         .await
         .unwrap();
     let rig = managed_rig(Collection::foreign(

@@ -8,10 +8,74 @@ use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use super::sql::Columns;
 use super::{no_digest, text, Row};
 use crate::secret::SecretId;
-use crate::store::{ForeignDigest, ForeignScheme};
+use crate::store::{ForeignDigest, ForeignScheme, StoreError};
 use crate::store::{KeyRecord, OwnerKind};
+
+/// Payload's `toSnakeCase` (the `to-snake-case` npm package), reimplemented from its documented
+/// behaviour: see [`PayloadTable::table_name_for_slug`].
+fn to_snake_case(slug: &str) -> String {
+    let no_case = if slug.chars().any(char::is_whitespace) {
+        slug.to_lowercase()
+    } else if slug.contains(['_', '-', '.', ':']) {
+        let joined = collapse_separators(slug);
+        (if joined.is_empty() { slug } else { &joined }).to_lowercase()
+    } else if has_camel(slug) {
+        split_camel(slug).to_lowercase()
+    } else {
+        slug.to_lowercase()
+    };
+    collapse_separators(&no_case)
+        .trim()
+        .replace(char::is_whitespace, "_")
+}
+
+/// Each run of characters other than ASCII letters and digits becomes one space before the
+/// character that follows it, or nothing at the end.
+fn collapse_separators(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_run = false;
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() {
+            if in_run {
+                out.push(' ');
+                in_run = false;
+            }
+            out.push(c);
+        } else {
+            in_run = true;
+        }
+    }
+    out
+}
+
+/// A lowercase letter next to a capital, in either order.
+fn has_camel(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    bytes.windows(2).any(|pair| {
+        (pair[0].is_ascii_lowercase() && pair[1].is_ascii_uppercase())
+            || (pair[0].is_ascii_uppercase() && pair[1].is_ascii_lowercase())
+    })
+}
+
+/// A space before each run of capitals that follows a character, and between the capitals.
+fn split_camel(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len() * 2);
+    let mut i = 0;
+    while i < chars.len() {
+        out.push(chars[i]);
+        i += 1;
+        while i < chars.len() && chars[i].is_ascii_uppercase() {
+            out.push(' ');
+            out.push(chars[i].to_ascii_lowercase());
+            i += 1;
+        }
+    }
+    out
+}
 
 /// Which HMAC a Payload deployment indexes API keys with.
 ///
@@ -192,11 +256,26 @@ const SECRET_COLUMNS: &[&str] = &[
 /// (`@payloadcms/db-postgres`, `@payloadcms/db-sqlite`) lay it out: one table named after the
 /// collection slug, snake_case columns.
 ///
-/// Defaults: table `users`, id `id`, index `api_key_index`, enabled flag `enable_a_p_i_key`,
-/// no verification column (set [`verify`](Self::verify) when the collection has
-/// `auth.verify`), name `email`.
+/// Defaults: table `users`, id `id`, index `api_key_index`, enabled flag `enable_a_p_i_key`
+/// when the table has it, no verification column (set [`verify`](Self::verify) when the
+/// collection has `auth.verify`), name `email` when the table has it.
+///
+/// [`PayloadStore`] reads the table's columns when it is built and adapts to them: a table
+/// without `enable_a_p_i_key` (Payload 4.0 makes the field optional) authenticates every key whose index
+/// is set, as Payload 4.0 does. A column this configuration names explicitly (any setter below)
+/// must exist, or building the store fails with an error naming the table and the column.
+///
+/// ```
+/// use keywarden::interop::PayloadTable;
+///
+/// // The slug in `Authorization: api-keys API-Key …`; the table Payload created for it.
+/// let table = PayloadTable::from_slug("api-keys");
+/// assert_eq!(table.table(), "api_keys");
+/// assert_eq!(table.slug(), "api-keys");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayloadTable {
+    pub(crate) slug: Option<String>,
     pub(crate) table: String,
     pub(crate) id_column: String,
     pub(crate) index_column: String,
@@ -205,6 +284,15 @@ pub struct PayloadTable {
     pub(crate) name_column: String,
     pub(crate) hidden_columns: Vec<String>,
     pub(crate) scopes: Vec<String>,
+    /// Columns set explicitly, which must exist (the defaults are detected).
+    pub(crate) explicit: Explicit,
+}
+
+/// Which optional columns the configuration named explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Explicit {
+    pub(crate) enabled: bool,
+    pub(crate) name: bool,
 }
 
 impl Default for PayloadTable {
@@ -214,10 +302,12 @@ impl Default for PayloadTable {
 }
 
 impl PayloadTable {
-    /// The table of the collection `table` (Payload names it after the slug; a schema-qualified
-    /// `schema.table` is accepted on PostgreSQL).
+    /// The table `table` as it is named in the database (a schema-qualified `schema.table` is
+    /// accepted on PostgreSQL). For a collection without a custom `dbName`, prefer
+    /// [`from_slug`](Self::from_slug).
     pub fn new(table: impl Into<String>) -> Self {
         Self {
+            slug: None,
             table: table.into(),
             id_column: "id".into(),
             index_column: "api_key_index".into(),
@@ -226,7 +316,56 @@ impl PayloadTable {
             name_column: "email".into(),
             hidden_columns: Vec::new(),
             scopes: Vec::new(),
+            explicit: Explicit::default(),
         }
+    }
+
+    /// The table of the collection `slug`, named as Payload's SQL adapters name it
+    /// ([`table_name_for_slug`](Self::table_name_for_slug)): `api-keys` → `api_keys`. The slug is
+    /// kept for [`PayloadStore::into_collection`], so it is stated once.
+    ///
+    /// A collection with a custom `dbName` is stored under that name instead: use
+    /// [`new`](Self::new) with it.
+    pub fn from_slug(slug: impl Into<String>) -> Self {
+        let slug = slug.into();
+        let mut table = Self::new(Self::table_name_for_slug(&slug));
+        table.slug = Some(slug);
+        table
+    }
+
+    /// The table name Payload's drizzle-based adapters (`@payloadcms/db-postgres`,
+    /// `@payloadcms/db-sqlite`, `@payloadcms/db-vercel-postgres`, `@payloadcms/db-d1-sqlite`)
+    /// give the collection `slug` when it has no `dbName`: the `to-snake-case` npm package's
+    /// conversion (`createTableName` in `@payloadcms/drizzle`).
+    ///
+    /// - With whitespace: lowercased, each run of other characters than ASCII letters and digits
+    ///   becomes one `_`, leading and trailing ones dropped.
+    /// - Else with `-`, `_`, `.` or `:`: the same, and camelCase is *not* split
+    ///   (`my-apiKeys` → `my_apikeys`).
+    /// - Else camelCase is split before every run of capitals, one `_` before each capital
+    ///   (`apiKeys` → `api_keys`, `enableAPIKey` → `enable_a_p_i_key`, `APIKeys` → `a_p_i_keys`).
+    /// - Else lowercased (`users`).
+    ///
+    /// ```
+    /// use keywarden::interop::PayloadTable;
+    ///
+    /// assert_eq!(PayloadTable::table_name_for_slug("api-keys"), "api_keys");
+    /// assert_eq!(PayloadTable::table_name_for_slug("apiKeys"), "api_keys");
+    /// ```
+    pub fn table_name_for_slug(slug: &str) -> String {
+        to_snake_case(slug)
+    }
+
+    /// Looks the table up in the PostgreSQL schema `schema` (the adapter's `schemaName`; the
+    /// connection's `search_path`, usually `public`, by default).
+    #[must_use]
+    pub fn schema(mut self, schema: &str) -> Self {
+        let name = self
+            .table
+            .rsplit_once('.')
+            .map_or(self.table.as_str(), |(_, name)| name);
+        self.table = format!("{schema}.{name}");
+        self
     }
 
     /// The id column (default `id`).
@@ -243,11 +382,14 @@ impl PayloadTable {
         self
     }
 
-    /// The `enableAPIKey` column (default `enable_a_p_i_key`): a row authenticates only when it
-    /// is true. `None` for schemas without it (Payload 4.0 drops the field).
+    /// The `enableAPIKey` column: a row authenticates only when it is true. By default
+    /// `enable_a_p_i_key` is read when the table has it, and keys are enabled unless their
+    /// index is null when it has not (Payload 4.0 makes the field optional). `Some(name)` requires the
+    /// column; `None` never reads one.
     #[must_use]
     pub fn enabled_column(mut self, column: Option<&str>) -> Self {
         self.enabled_column = column.map(str::to_owned);
+        self.explicit.enabled = true;
         self
     }
 
@@ -259,15 +401,18 @@ impl PayloadTable {
         self
     }
 
-    /// The column shown as the key's name (default `email`; the id when null or absent).
+    /// The column shown as the key's name (default `email`; the id when null or absent). A
+    /// column named here must exist.
     #[must_use]
     pub fn name_column(mut self, column: impl Into<String>) -> Self {
         self.name_column = column.into();
+        self.explicit.name = true;
         self
     }
 
     /// Keeps one more column out of the principal's metadata (the key, its index, the
-    /// password hash and salt and Payload's reset and verification tokens always are).
+    /// password hash and salt and Payload's reset and verification tokens always are). The
+    /// column must exist, so a misspelt name cannot leave the real one shown.
     #[must_use]
     pub fn hide_column(mut self, column: impl Into<String>) -> Self {
         self.hidden_columns.push(column.into());
@@ -289,6 +434,37 @@ impl PayloadTable {
     /// The table name.
     pub fn table(&self) -> &str {
         &self.table
+    }
+
+    /// The collection slug: the one given to [`from_slug`](Self::from_slug), else the table
+    /// name without its schema.
+    pub fn slug(&self) -> &str {
+        self.slug.as_deref().unwrap_or_else(|| {
+            self.table
+                .rsplit_once('.')
+                .map_or(self.table.as_str(), |(_, name)| name)
+        })
+    }
+
+    /// Checks the configuration against the table's columns and settles the detected ones.
+    pub(crate) fn resolve(mut self, columns: &Columns) -> Result<Self, StoreError> {
+        columns.require(&self.id_column)?;
+        columns.require(&self.index_column)?;
+        if let Some(column) = &self.verified_column {
+            columns.require(column)?;
+        }
+        for column in &self.hidden_columns {
+            columns.require(column)?;
+        }
+        if self.explicit.name {
+            columns.require(&self.name_column)?;
+        }
+        match &self.enabled_column {
+            Some(column) if self.explicit.enabled => columns.require(column)?,
+            Some(column) if !columns.has(column) => self.enabled_column = None,
+            _ => {}
+        }
+        Ok(self)
     }
 
     fn hidden(&self, column: &str) -> bool {
@@ -348,12 +524,14 @@ pub use store::PayloadStore;
 
 mod store {
     use std::fmt;
+    use std::sync::Arc;
 
     use async_trait::async_trait;
     use uuid::Uuid;
 
-    use super::PayloadTable;
+    use super::{PayloadScheme, PayloadTable};
     use crate::interop::sql::{Ident, Pool};
+    use crate::layer::Collection;
     use crate::store::{ForeignDigest, ForeignSource, KeyRecord, StoreError, StoreErrorKind};
 
     /// A read-only [`ForeignSource`] over a Payload auth collection's table, on PostgreSQL
@@ -361,8 +539,9 @@ mod store {
     /// [`PayloadScheme`](super::PayloadScheme).
     ///
     /// A key verifies when exactly one row has its `api_key_index`; that row's
-    /// `enable_a_p_i_key` must be true and, with [`PayloadTable::verify`], its `_verified`
-    /// must not be false (otherwise `revoked_key`, "the key is disabled"). Two rows with one
+    /// `enable_a_p_i_key` must be true (when the table has the column; Payload 4.0 may leave it out)
+    /// and, with [`PayloadTable::verify`], its `_verified` must not be false (otherwise
+    /// `revoked_key`, "the key is disabled"). Two rows with one
     /// index are refused (logged). The principal: key id a UUIDv8 derived from the table and
     /// user id ([`key_id`](Self::key_id)), subject the user id, name the email, owner kind
     /// `user`, environment `payload`, metadata the row without its secrets, no expiry.
@@ -375,12 +554,12 @@ mod store {
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     /// use std::sync::Arc;
-    /// use keywarden::{ApiKeyLayer, Collection, interop::PayloadScheme, interop::PayloadStore, interop::PayloadTable};
+    /// use keywarden::{ApiKeyLayer, interop::PayloadScheme, interop::PayloadStore, interop::PayloadTable};
     ///
-    /// let store = PayloadStore::connect("postgres://payload@localhost/payload", PayloadTable::new("users")).await?;
+    /// let store = PayloadStore::connect("postgres://payload@localhost/payload", PayloadTable::from_slug("users")).await?;
     /// let scheme = PayloadScheme::new(std::env::var("PAYLOAD_SECRET")?)?;
     /// let layer = ApiKeyLayer::builder()
-    ///     .collection(Collection::foreign("users", scheme, Arc::new(store)))
+    ///     .collection(store.into_collection(scheme))
     ///     .build()?;
     /// # let _ = layer;
     /// # Ok(())
@@ -395,47 +574,70 @@ mod store {
     }
 
     impl PayloadStore {
-        /// Opens `url` (`postgres://…` or `sqlite://…`) read-only.
+        /// Opens `url` (`postgres://…` or `sqlite://…`) read-only and reads the table's columns
+        /// (see [`PayloadTable`] for what is detected).
         ///
         /// # Errors
-        /// [`StoreErrorKind::Unavailable`] if the database cannot be opened,
-        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        /// [`StoreErrorKind::Unavailable`] if the database cannot be opened;
+        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier, a
+        /// table that does not exist, or a column the configuration names that the table
+        /// lacks (the message names the table and the column).
         pub async fn connect(url: &str, table: PayloadTable) -> Result<Self, StoreError> {
-            Self::new(Pool::connect_read_only(url).await?, table)
+            Self::new(Pool::connect_read_only(url).await?, table).await
         }
 
         /// Over an existing SQLite pool (Payload's `@payloadcms/db-sqlite` database).
         ///
         /// # Errors
-        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        /// As [`connect`](Self::connect), but for opening the database.
         #[cfg(feature = "sqlite")]
-        pub fn sqlite(pool: sqlx::SqlitePool, table: PayloadTable) -> Result<Self, StoreError> {
-            Self::new(Pool::Sqlite(pool), table)
+        pub async fn sqlite(
+            pool: sqlx::SqlitePool,
+            table: PayloadTable,
+        ) -> Result<Self, StoreError> {
+            Self::new(Pool::Sqlite(pool), table).await
         }
 
         /// Over an existing PostgreSQL pool (Payload's `@payloadcms/db-postgres` database).
         ///
         /// # Errors
-        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        /// As [`connect`](Self::connect), but for opening the database.
         #[cfg(feature = "postgres")]
-        pub fn postgres(pool: sqlx::PgPool, table: PayloadTable) -> Result<Self, StoreError> {
-            Self::new(Pool::Postgres(pool), table)
+        pub async fn postgres(pool: sqlx::PgPool, table: PayloadTable) -> Result<Self, StoreError> {
+            Self::new(Pool::Postgres(pool), table).await
         }
 
-        fn new(pool: Pool, table: PayloadTable) -> Result<Self, StoreError> {
+        async fn new(pool: Pool, table: PayloadTable) -> Result<Self, StoreError> {
             for column in [&table.id_column, &table.name_column]
                 .into_iter()
                 .chain(&table.enabled_column)
                 .chain(&table.verified_column)
+                .chain(&table.hidden_columns)
             {
                 Ident::column(column)?;
             }
+            let table_ident = Ident::table(&table.table)?;
+            let index_ident = Ident::column(&table.index_column)?;
+            let columns = pool.require_table(&table.table).await?;
             Ok(Self {
                 pool,
-                table_ident: Ident::table(&table.table)?,
-                index_ident: Ident::column(&table.index_column)?,
-                table,
+                table_ident,
+                index_ident,
+                table: table.resolve(&columns)?,
             })
+        }
+
+        /// The flag column read for `enableAPIKey`, as settled when the store was built:
+        /// `None` when the table has none (a Payload 4.0 collection without it) or the configuration turned it off.
+        pub fn enabled_column(&self) -> Option<&str> {
+            self.table.enabled_column.as_deref()
+        }
+
+        /// A foreign collection of this store's slug ([`PayloadTable::slug`]) verified with
+        /// `scheme`: the slug is stated once, in the [`PayloadTable`].
+        pub fn into_collection(self, scheme: PayloadScheme) -> Collection {
+            let slug = self.table.slug().to_owned();
+            Collection::foreign(slug, scheme, Arc::new(self))
         }
 
         /// The key id of the principals of this Payload user.
@@ -449,6 +651,7 @@ mod store {
             f.debug_struct("PayloadStore")
                 .field("backend", &self.pool.backend())
                 .field("table", &self.table.table)
+                .field("enabled_column", &self.table.enabled_column)
                 .finish_non_exhaustive()
         }
     }
@@ -584,6 +787,53 @@ mod tests {
         assert!(
             !text.contains(SECRET) && !text.contains("ce557bf5"),
             "{text}"
+        );
+    }
+
+    /// Table names as `@payloadcms/drizzle`'s `createTableName` derives them from a slug with
+    /// `to-snake-case`; the expected values follow that package's rules (and `enableAPIKey` →
+    /// `enable_a_p_i_key` is a column name Payload's adapters really create).
+    #[test]
+    fn table_names_follow_payloads_to_snake_case() {
+        for (slug, table) in [
+            // kebab-case, the slugs of Payload's docs and templates
+            ("users", "users"),
+            ("api-keys", "api_keys"),
+            ("service-accounts-v2", "service_accounts_v2"),
+            // camelCase: a `_` before each capital of a run
+            ("apiKeys", "api_keys"),
+            ("enableAPIKey", "enable_a_p_i_key"),
+            ("APIKeys", "a_p_i_keys"),
+            ("v2Keys", "v2_keys"),
+            ("Users", "users"),
+            // snake_case and other separators; with one, camelCase is not split
+            ("api_keys", "api_keys"),
+            ("service.accounts", "service_accounts"),
+            ("my-apiKeys", "my_apikeys"),
+            ("-api--keys-", "api_keys"),
+            ("_internal", "internal"),
+            ("api keys", "api_keys"),
+        ] {
+            assert_eq!(PayloadTable::table_name_for_slug(slug), table, "{slug}");
+        }
+    }
+
+    #[test]
+    fn slug_constructor_keeps_the_slug_and_takes_a_schema() {
+        let table = PayloadTable::from_slug("api-keys");
+        assert_eq!((table.table(), table.slug()), ("api_keys", "api-keys"));
+        // `@payloadcms/db-postgres`'s `schemaName`.
+        let table = table.schema("payload");
+        assert_eq!(
+            (table.table(), table.slug()),
+            ("payload.api_keys", "api-keys")
+        );
+        assert_eq!(table.schema("other").table(), "other.api_keys");
+        // A custom `dbName`: the table as named; the slug defaults to it, schema left off.
+        let table = PayloadTable::new("payload.members");
+        assert_eq!(
+            (table.table(), table.slug()),
+            ("payload.members", "members")
         );
     }
 

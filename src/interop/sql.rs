@@ -214,6 +214,77 @@ impl Pool {
         }
     }
 
+    /// The columns of `table` as the connection sees it: SQLite's `pragma_table_info`,
+    /// PostgreSQL's `information_schema.columns` in the schema the name resolves to (the
+    /// given one, else the first of the `search_path` that has the table). `None` when there
+    /// is no such table.
+    pub(crate) async fn columns(&self, table: &str) -> Result<Option<Columns>, StoreError> {
+        Ident::table(table)?;
+        let context = "reading the issuer's table layout failed";
+        let names: Vec<String> = match self {
+            #[cfg(feature = "sqlite")]
+            Pool::Sqlite(pool) => {
+                // An attached database is addressed as `schema.table`, as in queries.
+                let (schema, name) = match table.split_once('.') {
+                    Some((schema, name)) => (schema, name),
+                    None => ("main", table),
+                };
+                sqlx::query_scalar::<_, String>(
+                    "SELECT name FROM pragma_table_info(?1, ?2) ORDER BY cid",
+                )
+                .bind(name)
+                .bind(schema)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| error(context, e))?
+            }
+            #[cfg(feature = "postgres")]
+            Pool::Postgres(pool) => {
+                // `to_regclass` resolves the name exactly as the key query will (quoted, through
+                // the connection's search_path), so the columns read are those of that table.
+                let resolved: Option<(String, String)> = sqlx::query_as(
+                    "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class AS c \
+                     JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace \
+                     WHERE c.oid = to_regclass($1)",
+                )
+                .bind(Ident::table(table)?.to_string())
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| error(context, e))?;
+                let Some((schema, name)) = resolved else {
+                    return Ok(None);
+                };
+                sqlx::query_scalar::<_, String>(
+                    "SELECT column_name::text FROM information_schema.columns \
+                     WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+                )
+                .bind(schema)
+                .bind(name)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| error(context, e))?
+            }
+        };
+        // Every table has a column; none means no table (SQLite's pragma returns no rows).
+        Ok((!names.is_empty()).then(|| Columns {
+            table: table.to_owned(),
+            names,
+        }))
+    }
+
+    /// [`columns`](Self::columns), with a missing table as a schema error naming it.
+    pub(crate) async fn require_table(&self, table: &str) -> Result<Columns, StoreError> {
+        self.columns(table).await?.ok_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::Schema,
+                format!(
+                    "table `{table}` does not exist (or this connection cannot see it)",
+                    table = table.escape_debug()
+                ),
+            )
+        })
+    }
+
     /// The first column of `sql`'s rows as text, with one integer bound.
     pub(crate) async fn strings(&self, sql: &str, bind: i64) -> Result<Vec<String>, StoreError> {
         let context = "reading the issuer's permissions failed";
@@ -231,6 +302,36 @@ impl Pool {
                 .await
                 .map_err(|e| error(context, e)),
         }
+    }
+}
+
+/// The column names of a table, read once at connect time.
+#[derive(Debug, Clone)]
+pub(crate) struct Columns {
+    table: String,
+    names: Vec<String>,
+}
+
+impl Columns {
+    /// Whether the table has `column`.
+    pub(crate) fn has(&self, column: &str) -> bool {
+        self.names.iter().any(|name| name == column)
+    }
+
+    /// `column` must exist: the configuration named it (or the peer always has it).
+    pub(crate) fn require(&self, column: &str) -> Result<(), StoreError> {
+        if self.has(column) {
+            return Ok(());
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Schema,
+            format!(
+                "table `{}` has no column `{}` (columns: {})",
+                self.table.escape_debug(),
+                column.escape_debug(),
+                self.names.join(", ")
+            ),
+        ))
     }
 }
 

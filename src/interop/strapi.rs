@@ -6,9 +6,10 @@ use hmac::{Hmac, Mac};
 use sha2::Sha512;
 use time::OffsetDateTime;
 
+use super::sql::Pool;
 use super::{no_digest, text, Row};
 use crate::secret::SecretId;
-use crate::store::{ForeignDigest, ForeignScheme};
+use crate::store::{ForeignDigest, ForeignScheme, StoreError, StoreErrorKind};
 use crate::store::{KeyRecord, OwnerKind};
 
 /// Whether `token` has the shape of a Strapi API token: 256 lowercase hex characters
@@ -95,25 +96,44 @@ impl fmt::Debug for StrapiScheme {
     }
 }
 
+/// Strapi 5's permission link table.
+const LINKS_V5: &str = "strapi_api_token_permissions_token_lnk";
+/// Strapi 4's permission link table.
+const LINKS_V4: &str = "strapi_api_token_permissions_token_links";
+
 /// Where Strapi keeps API tokens and their custom permissions.
 ///
-/// Defaults (Strapi 5): tokens in `strapi_api_tokens` (hash `access_key`, type `type`, expiry
+/// Defaults: tokens in `strapi_api_tokens` (hash `access_key`, type `type`, expiry
 /// `expires_at`, kind `kind`), permissions in `strapi_api_token_permissions` (`action`) linked
-/// through `strapi_api_token_permissions_token_lnk` (`api_token_permission_id`,
-/// `api_token_id`). [`StrapiTables::v4`] has Strapi 4's link table
-/// (`strapi_api_token_permissions_token_links`).
+/// through Strapi 5's `strapi_api_token_permissions_token_lnk` or Strapi 4's
+/// `strapi_api_token_permissions_token_links` (`api_token_permission_id`, `api_token_id`).
+/// Unqualified default tables are looked up in the tokens table's schema.
+///
+/// [`StrapiStore`] reads the tables' columns when it is built and adapts: the link table is
+/// whichever of the two exists (both or neither is an error); without a `kind` column (before
+/// Strapi 5.45) every token is a content-API token; without `expires_at` tokens never expire.
+/// A table or column named here explicitly must exist, or building the store fails with an
+/// error naming it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StrapiTables {
     pub(crate) tokens: String,
     pub(crate) access_key_column: String,
     pub(crate) type_column: String,
-    pub(crate) expires_at_column: String,
-    pub(crate) kind_column: String,
-    pub(crate) permissions: String,
+    pub(crate) expires_at_column: Option<String>,
+    pub(crate) kind_column: Option<String>,
+    pub(crate) permissions: Option<String>,
     pub(crate) action_column: String,
-    pub(crate) links: String,
+    pub(crate) links: Option<String>,
     pub(crate) link_permission_column: String,
     pub(crate) link_token_column: String,
+    explicit: Explicit,
+}
+
+/// Which optional columns the configuration named explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Explicit {
+    expires_at: bool,
+    kind: bool,
 }
 
 impl Default for StrapiTables {
@@ -122,26 +142,23 @@ impl Default for StrapiTables {
             tokens: "strapi_api_tokens".into(),
             access_key_column: "access_key".into(),
             type_column: "type".into(),
-            expires_at_column: "expires_at".into(),
-            kind_column: "kind".into(),
-            permissions: "strapi_api_token_permissions".into(),
+            expires_at_column: Some("expires_at".into()),
+            kind_column: Some("kind".into()),
+            permissions: None,
             action_column: "action".into(),
-            links: "strapi_api_token_permissions_token_lnk".into(),
+            links: None,
             link_permission_column: "api_token_permission_id".into(),
             link_token_column: "api_token_id".into(),
+            explicit: Explicit::default(),
         }
     }
 }
 
 impl StrapiTables {
-    /// Strapi 5's layout (the default).
-    pub fn v5() -> Self {
+    /// Strapi's layout, the version (4 or 5, with or without `kind`) detected when the store
+    /// is built.
+    pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Strapi 4's layout: the permission link table is `…_token_links`.
-    pub fn v4() -> Self {
-        Self::default().links("strapi_api_token_permissions_token_links")
     }
 
     /// The tokens table (default `strapi_api_tokens`; `schema.table` accepted on PostgreSQL).
@@ -165,38 +182,108 @@ impl StrapiTables {
         self
     }
 
-    /// The expiry column (default `expires_at`).
+    /// The expiry column (default `expires_at` when the table has it). A column named here
+    /// must exist.
     #[must_use]
     pub fn expires_at_column(mut self, column: impl Into<String>) -> Self {
-        self.expires_at_column = column.into();
+        self.expires_at_column = Some(column.into());
+        self.explicit.expires_at = true;
         self
     }
 
-    /// The token kind column of Strapi 5.45+ (default `kind`; absent in older schemas, where
-    /// every token is a content-API token).
+    /// The token kind column of Strapi 5.45+ (default `kind` when the table has it; older
+    /// schemas have none, and every token is a content-API token). A column named here must
+    /// exist.
     #[must_use]
     pub fn kind_column(mut self, column: impl Into<String>) -> Self {
-        self.kind_column = column.into();
+        self.kind_column = Some(column.into());
+        self.explicit.kind = true;
         self
     }
 
     /// The permissions table (default `strapi_api_token_permissions`).
     #[must_use]
     pub fn permissions(mut self, table: impl Into<String>) -> Self {
-        self.permissions = table.into();
+        self.permissions = Some(table.into());
         self
     }
 
-    /// The permission link table.
+    /// The permission link table (default: Strapi 5's or Strapi 4's, whichever exists).
     #[must_use]
     pub fn links(mut self, table: impl Into<String>) -> Self {
-        self.links = table.into();
+        self.links = Some(table.into());
         self
     }
 
     /// The tokens table name.
     pub fn tokens_table(&self) -> &str {
         &self.tokens
+    }
+
+    /// `name` in the tokens table's schema, for the default tables.
+    fn beside_tokens(&self, name: &str) -> String {
+        match self.tokens.rsplit_once('.') {
+            Some((schema, _)) => format!("{schema}.{name}"),
+            None => name.to_owned(),
+        }
+    }
+
+    /// Checks the configuration against the database's tables and settles the detected ones.
+    pub(crate) async fn resolve(mut self, pool: &Pool) -> Result<Self, StoreError> {
+        let tokens = pool.require_table(&self.tokens).await?;
+        tokens.require("id")?;
+        tokens.require(&self.access_key_column)?;
+        tokens.require(&self.type_column)?;
+        for (column, explicit) in [
+            (&mut self.expires_at_column, self.explicit.expires_at),
+            (&mut self.kind_column, self.explicit.kind),
+        ] {
+            match column {
+                Some(name) if explicit => tokens.require(name)?,
+                Some(name) if !tokens.has(name) => *column = None,
+                _ => {}
+            }
+        }
+        let permissions = match self.permissions.take() {
+            Some(table) => table,
+            None => self.beside_tokens("strapi_api_token_permissions"),
+        };
+        let columns = pool.require_table(&permissions).await?;
+        columns.require("id")?;
+        columns.require(&self.action_column)?;
+        self.permissions = Some(permissions);
+        let (links, columns) = match self.links.take() {
+            Some(table) => {
+                let columns = pool.require_table(&table).await?;
+                (table, columns)
+            }
+            None => {
+                let v5 = self.beside_tokens(LINKS_V5);
+                let v4 = self.beside_tokens(LINKS_V4);
+                match (pool.columns(&v5).await?, pool.columns(&v4).await?) {
+                    (Some(columns), None) => (v5, columns),
+                    (None, Some(columns)) => (v4, columns),
+                    (found_v5, _) => {
+                        let what = if found_v5.is_some() {
+                            "both"
+                        } else {
+                            "neither"
+                        };
+                        return Err(StoreError::new(
+                            StoreErrorKind::Schema,
+                            format!(
+                                "{what} of the permission link tables `{v5}` (Strapi 5) and `{v4}` \
+                                 (Strapi 4) exist; name the one to read with `StrapiTables::links`"
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        columns.require(&self.link_permission_column)?;
+        columns.require(&self.link_token_column)?;
+        self.links = Some(links);
+        Ok(self)
     }
 
     /// Maps a token row. `None` for a token this layer must not accept at all: an admin token
@@ -206,7 +293,8 @@ impl StrapiTables {
         let Some(id) = text(row, "id") else {
             return Err("a token row has no id");
         };
-        match text(row, &self.kind_column).as_deref() {
+        let kind = self.kind_column.as_ref().and_then(|c| text(row, c));
+        match kind.as_deref() {
             None | Some("content-api") => {}
             Some(_) => return Ok(None),
         }
@@ -216,8 +304,12 @@ impl StrapiTables {
             Some("custom") => TokenType::Custom,
             _ => TokenType::Unknown,
         };
-        let expires_at = super::timestamp(row, &self.expires_at_column)
-            .map_err(|()| "a token's expiry cannot be read")?;
+        let expires_at = match &self.expires_at_column {
+            Some(column) => {
+                super::timestamp(row, column).map_err(|()| "a token's expiry cannot be read")?
+            }
+            None => None,
+        };
         let at = |column: &str| super::timestamp(row, column).ok().flatten();
         let created_at = at("created_at").unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let metadata: serde_json::Map<_, _> = row
@@ -316,44 +408,63 @@ mod store {
     }
 
     impl StrapiStore {
-        /// Opens `url` (`postgres://…` or `sqlite://…`) read-only.
+        /// Opens `url` (`postgres://…` or `sqlite://…`) read-only and reads the tables' columns
+        /// (see [`StrapiTables`] for what is detected).
         ///
         /// # Errors
-        /// [`StoreErrorKind::Unavailable`] if the database cannot be opened,
-        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        /// [`StoreErrorKind::Unavailable`] if the database cannot be opened;
+        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier, a
+        /// table that does not exist, a column the configuration names that its table lacks
+        /// (the message names both), or a database with both or neither link tables.
         pub async fn connect(url: &str, tables: StrapiTables) -> Result<Self, StoreError> {
-            Self::new(Pool::connect_read_only(url).await?, tables)
+            Self::new(Pool::connect_read_only(url).await?, tables).await
         }
 
         /// Over an existing SQLite pool.
         ///
         /// # Errors
-        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        /// As [`connect`](Self::connect), but for opening the database.
         #[cfg(feature = "sqlite")]
-        pub fn sqlite(pool: sqlx::SqlitePool, tables: StrapiTables) -> Result<Self, StoreError> {
-            Self::new(Pool::Sqlite(pool), tables)
+        pub async fn sqlite(
+            pool: sqlx::SqlitePool,
+            tables: StrapiTables,
+        ) -> Result<Self, StoreError> {
+            Self::new(Pool::Sqlite(pool), tables).await
         }
 
         /// Over an existing PostgreSQL pool.
         ///
         /// # Errors
-        /// [`StoreErrorKind::Schema`] for a table or column name that is not an identifier.
+        /// As [`connect`](Self::connect), but for opening the database.
         #[cfg(feature = "postgres")]
-        pub fn postgres(pool: sqlx::PgPool, tables: StrapiTables) -> Result<Self, StoreError> {
-            Self::new(Pool::Postgres(pool), tables)
+        pub async fn postgres(
+            pool: sqlx::PgPool,
+            tables: StrapiTables,
+        ) -> Result<Self, StoreError> {
+            Self::new(Pool::Postgres(pool), tables).await
         }
 
-        fn new(pool: Pool, tables: StrapiTables) -> Result<Self, StoreError> {
+        async fn new(pool: Pool, tables: StrapiTables) -> Result<Self, StoreError> {
             Ident::column(&tables.type_column)?;
-            Ident::column(&tables.expires_at_column)?;
-            Ident::column(&tables.kind_column)?;
+            for column in tables.expires_at_column.iter().chain(&tables.kind_column) {
+                Ident::column(column)?;
+            }
+            for table in tables.permissions.iter().chain(&tables.links) {
+                Ident::table(table)?;
+            }
+            Ident::table(&tables.tokens)?;
+            Ident::column(&tables.access_key_column)?;
+            let tables = tables.resolve(&pool).await?;
+            // `resolve` settles both tables.
+            let permissions = tables.permissions.as_deref().unwrap_or_default();
+            let links = tables.links.as_deref().unwrap_or_default();
             let permissions_sql = format!(
                 "SELECT p.{action} FROM {permissions} AS p JOIN {links} AS l \
                  ON l.{link_permission} = p.\"id\" WHERE l.{link_token} = {bind} \
                  ORDER BY p.{action}",
                 action = Ident::column(&tables.action_column)?,
-                permissions = Ident::table(&tables.permissions)?,
-                links = Ident::table(&tables.links)?,
+                permissions = Ident::table(permissions)?,
+                links = Ident::table(links)?,
                 link_permission = Ident::column(&tables.link_permission_column)?,
                 link_token = Ident::column(&tables.link_token_column)?,
                 bind = pool.placeholder(1),
@@ -367,6 +478,18 @@ mod store {
             })
         }
 
+        /// The permission link table read, as detected (Strapi 5's `…_token_lnk` or Strapi 4's
+        /// `…_token_links`) or configured.
+        pub fn links_table(&self) -> &str {
+            self.tables.links.as_deref().unwrap_or_default()
+        }
+
+        /// The `kind` column read, as detected (Strapi 5.45+) or configured; `None` when the
+        /// table has none and every token is a content-API token.
+        pub fn kind_column(&self) -> Option<&str> {
+            self.tables.kind_column.as_deref()
+        }
+
         /// The key id of the principals of this Strapi token.
         pub fn key_id(&self, token_id: &str) -> Uuid {
             crate::interop::foreign_key_id("strapi", &self.tables.tokens, token_id)
@@ -378,6 +501,8 @@ mod store {
             f.debug_struct("StrapiStore")
                 .field("backend", &self.pool.backend())
                 .field("tokens", &self.tables.tokens)
+                .field("links", &self.tables.links)
+                .field("kind_column", &self.tables.kind_column)
                 .finish_non_exhaustive()
         }
     }
