@@ -1687,7 +1687,9 @@ async fn strapi_content_api_actions_are_authorized_per_route() {
         .unwrap();
     let clock = ManualClock::new(OffsetDateTime::now_utc());
     let layer = strapi_layer(
-        StrapiStore::sqlite(pool, StrapiTables::v5()).unwrap(),
+        StrapiStore::sqlite(pool, StrapiTables::new())
+            .await
+            .unwrap(),
         &clock,
         false,
     );
