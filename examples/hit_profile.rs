@@ -11,6 +11,9 @@
 //! `HIT_PROFILE_USAGE=off` turns usage recording off, to attribute its cost.
 //! `HIT_PROFILE_MODE=malformed` sends keys with a broken checksum instead (each rejected with
 //! 401 `malformed_key`, no store query), to measure the rejection path.
+//! `HIT_PROFILE_METRICS=on` (feature `metrics`) builds the layer with a Prometheus recorder
+//! (`metrics-exporter-prometheus`, not installed globally), to measure metrics on; otherwise
+//! no recorder is installed and the layer's handles are no-ops.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -80,13 +83,34 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let layer = ApiKeyLayer::builder()
-        .store(Arc::new(MemoryStore::new()))
-        .secrets(SecretRing::from_strs("profile-secret-0123456789-abcdefghijklmn", None).unwrap())
-        .collection(Collection::new("users"))
-        .usage_flush_interval(usage.then_some(std::time::Duration::from_secs(3600)))
-        .build()
-        .unwrap();
+    let build = || {
+        ApiKeyLayer::builder()
+            .store(Arc::new(MemoryStore::new()))
+            .secrets(
+                SecretRing::from_strs("profile-secret-0123456789-abcdefghijklmn", None).unwrap(),
+            )
+            .collection(Collection::new("users"))
+            .usage_flush_interval(usage.then_some(std::time::Duration::from_secs(3600)))
+            .build()
+            .unwrap()
+    };
+    let metered = std::env::var("HIT_PROFILE_METRICS").is_ok_and(|m| m == "on");
+    #[cfg(feature = "metrics")]
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    #[cfg(feature = "metrics")]
+    let layer = if metered {
+        metrics::with_local_recorder(&recorder, build)
+    } else {
+        build()
+    };
+    #[cfg(not(feature = "metrics"))]
+    let layer = {
+        assert!(
+            !metered,
+            "HIT_PROFILE_METRICS=on needs the `metrics` feature"
+        );
+        build()
+    };
     let manager = KeyManager::for_layer(&layer);
     let keys: Vec<HeaderValue> = runtime.block_on(async {
         let mut keys = Vec::with_capacity(KEYS);
@@ -127,7 +151,8 @@ fn main() {
     let ok = hits(&runtime, &service, &keys, n);
     assert_eq!(ok, n);
     println!(
-        "{n} hits over {KEYS} cached keys (usage {})",
-        if usage { "on" } else { "off" }
+        "{n} hits over {KEYS} cached keys (usage {}, metrics {})",
+        if usage { "on" } else { "off" },
+        if metered { "on" } else { "off" }
     );
 }

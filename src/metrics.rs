@@ -71,9 +71,12 @@
 //!
 //! Each authentication also runs in one `tracing` span, `authenticate` (target `keywarden`),
 //! with the fields `collection`, `key_id` (once the key is resolved) and `outcome` (the label
-//! above); never the key. It is at `DEBUG` level: a subscriber at `INFO` pays one cached
-//! callsite check per request for it, nothing more. Turn it on with
+//! above); never the key. It is at `DEBUG` level: with a subscriber at `INFO` (or none) a
+//! request pays one level check for it and gets no span at all. Turn it on with
 //! `RUST_LOG=keywarden=debug` (or a per-target filter in your subscriber).
+//!
+//! Two layers in one process that name the same collection share its series: recorders key
+//! a metric by its name and labels.
 
 /// `keywarden_requests_total`: authentications by `collection` and `outcome`.
 pub const REQUESTS: &str = "keywarden_requests_total";

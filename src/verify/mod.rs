@@ -85,9 +85,16 @@ pub(crate) fn binding(key: &PresentedKey) -> Option<u32> {
     key.binding.and_then(|index| u32::try_from(index).ok())
 }
 
-/// The span of one authentication. At `DEBUG`: a subscriber at `INFO` pays one cached callsite
-/// check for it (see `keywarden::metrics`). Never carries the key.
+/// The span of one authentication, at `DEBUG`; never carries the key. Below `DEBUG` (a
+/// subscriber at `INFO`, or none) it is `Span::none()` after one level check: not even a
+/// disabled span, whose enter, exit and drop would still run `tracing`'s `log` fallback when
+/// no subscriber is set.
 pub(crate) fn auth_span() -> Span {
+    if tracing::Level::DEBUG > tracing::level_filters::STATIC_MAX_LEVEL
+        || tracing::Level::DEBUG > tracing::level_filters::LevelFilter::current()
+    {
+        return Span::none();
+    }
     tracing::debug_span!(
         target: "keywarden",
         "authenticate",
