@@ -29,7 +29,10 @@ gen="$target_dir/release/examples/verify_latency"
 work="$(mktemp -d -t keywarden-latency-XXXXXX)"
 server_pid=""
 cleanup() {
-    if [[ -n "$server_pid" ]]; then kill "$server_pid" 2>/dev/null || true; fi
+    if [[ -n "$server_pid" ]]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -47,7 +50,13 @@ done >"$work/keys.txt"
 
 pin() { if command -v taskset >/dev/null; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
 
-pin 0 "$bin" serve --addr 127.0.0.1:0 >"$work/serve.out" 2>"$work/serve.err" &
+# Started directly (not through a shell function, which would background a subshell whose
+# pid is not the server's), so the trap stops the server itself.
+if command -v taskset >/dev/null; then
+    taskset -c 0 "$bin" serve --addr 127.0.0.1:0 >"$work/serve.out" 2>"$work/serve.err" &
+else
+    "$bin" serve --addr 127.0.0.1:0 >"$work/serve.out" 2>"$work/serve.err" &
+fi
 server_pid=$!
 for _ in $(seq 1 100); do
     grep -q '^listening on ' "$work/serve.out" 2>/dev/null && break
