@@ -273,10 +273,19 @@ mod tests {
     }
 
     async fn answer(scopes: Option<&[&str]>, required: &str) -> (u16, String, usize) {
+        answer_with(RequireScopeLayer::new(required), scopes, Request::new(())).await
+    }
+
+    /// Status, body and inner calls of `req` (with a principal holding `scopes`, if any)
+    /// through `layer`.
+    async fn answer_with(
+        layer: RequireScopeLayer,
+        scopes: Option<&[&str]>,
+        mut req: Request<()>,
+    ) -> (u16, String, usize) {
         let gate = Gate::default();
         gate.ready.store(true, Ordering::SeqCst);
-        let mut service = RequireScopeLayer::new(required).layer(gate.clone());
-        let mut req = Request::new(());
+        let mut service = layer.layer(gate.clone());
         if let Some(scopes) = scopes {
             req.extensions_mut().insert(Principal::for_tests(scopes));
         }
@@ -315,29 +324,17 @@ mod tests {
         method: http::Method,
         path: &str,
     ) -> (u16, String, usize) {
-        let gate = Gate::default();
-        gate.ready.store(true, Ordering::SeqCst);
         let layer = RequireScopeLayer::per_request(|method, path| match (method.as_str(), path) {
             ("GET", "/reports") => Some(Arc::from("reports:read")),
             ("DELETE", p) if p.starts_with("/reports/") => Some(Arc::from("reports:delete")),
             _ => None,
         });
-        let mut service = layer.layer(gate.clone());
-        let mut req = Request::builder()
+        let req = Request::builder()
             .method(method)
             .uri(path)
             .body(())
             .unwrap();
-        req.extensions_mut().insert(Principal::for_tests(scopes));
-        assert!(poll_ready(&mut service).is_ready());
-        let response = service.call(req).await.unwrap();
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            String::from_utf8(body.to_vec()).unwrap(),
-            gate.called.load(Ordering::SeqCst),
-        )
+        answer_with(layer, Some(scopes), req).await
     }
 
     #[tokio::test]
