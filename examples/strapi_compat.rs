@@ -3,8 +3,9 @@
 //! The example creates a SQLite database laid out as Strapi 5 lays out its API-token tables
 //! (dates as integer milliseconds, as Strapi stores them in SQLite), seeds full-access,
 //! read-only, custom and expired tokens whose `access_key` is computed by keywarden's
-//! [`StrapiScheme`], then calls routes behind the layer: reads, writes, a route needing a
-//! Strapi action, an expired token. `--serve` keeps the server up on 127.0.0.1:3000.
+//! [`StrapiScheme`], then calls routes behind the layer, each authorized per Strapi action
+//! with [`StrapiContentApi`] (`GET` → `find`, `POST` → `create`, as Strapi's content API
+//! checks them): reads, writes, an expired token. `--serve` keeps the server up on 127.0.0.1:3000.
 //!
 //! Run: `cargo run --example strapi_compat --features interop`
 
@@ -15,8 +16,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use http::Request;
 use keywarden::{
-    interop::StrapiScheme, interop::StrapiStore, interop::StrapiTables, ApiKeyLayer, Collection,
-    Principal, RequireScopeLayer,
+    interop::StrapiContentApi, interop::StrapiScheme, interop::StrapiStore, interop::StrapiTables,
+    ApiKeyLayer, Collection, Principal,
 };
 use tower::ServiceExt;
 
@@ -40,13 +41,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Arc::new(store),
         ))
         .build()?;
+    // Every route requires its own Strapi action: GET /api/articles `find`, POST `create`.
+    let actions = StrapiContentApi::new("/api").collection_type("articles", "api::article.article");
     let app = Router::new()
         .route(
             "/api/articles",
-            get(|p: Principal| async move { Json(p) })
-                .post(|p: Principal| async move { Json(p) })
-                .route_layer(RequireScopeLayer::new("api::article.article.find")),
+            get(|p: Principal| async move { Json(p) }).post(|p: Principal| async move { Json(p) }),
         )
+        .route_layer(actions.layer())
         .layer(layer);
 
     for (what, method, unit) in [
@@ -54,6 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("read-only GET", "GET", "1b"),
         ("read-only POST", "POST", "1b"),
         ("custom (article find) GET", "GET", "2c"),
+        ("custom (article find) POST: needs create", "POST", "2c"),
         ("custom (tag find only) GET", "GET", "3d"),
         ("expired", "GET", "4e"),
     ] {

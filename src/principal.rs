@@ -337,6 +337,17 @@ impl Principal {
     /// A principal with the given scopes and placeholder fields, for unit tests.
     #[cfg(test)]
     pub(crate) fn for_tests(scopes: &[&str]) -> Self {
+        Self::test_principal(scopes, false)
+    }
+
+    /// Like [`for_tests`](Self::for_tests), of a read-only key.
+    #[cfg(test)]
+    pub(crate) fn read_only_for_tests(scopes: &[&str]) -> Self {
+        Self::test_principal(scopes, true)
+    }
+
+    #[cfg(test)]
+    fn test_principal(scopes: &[&str], read_only: bool) -> Self {
         Self::from_parts(
             &Interner::new(0),
             Uuid::nil(),
@@ -347,7 +358,7 @@ impl Principal {
                 environment: "test".into(),
                 scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
                 owner_kind: OwnerKind::User,
-                read_only: false,
+                read_only,
                 rate_limit: None,
                 foreign: false,
             },

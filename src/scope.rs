@@ -143,6 +143,9 @@ pub struct RequireScope<S> {
     rule: Rule,
 }
 
+/// The detail of an unsafe request of a read-only key (the key layer's wording).
+const READ_ONLY: &str = "this key is read-only";
+
 /// The detail of a request no scope is defined for.
 const NO_SCOPE: &str = "no scope is defined for this method and path";
 
@@ -194,6 +197,12 @@ where
                     MISPLACED,
                 ))
             }
+            // The key layer refused unsafe methods of read-only keys already; a method
+            // override between the two layers could change the method since, so the method
+            // this layer sees is judged again.
+            Some(principal) if principal.is_read_only() && !req.method().is_safe() => Some(
+                AuthRejection::new(RejectionKind::InsufficientScope, READ_ONLY),
+            ),
             Some(principal) => match scope {
                 Some(scope) if principal.has_scope(scope) => None,
                 Some(scope) => Some(AuthRejection::insufficient_scope(scope.to_string())),
@@ -350,6 +359,19 @@ mod tests {
         let (status, _, called) =
             answer_per_request(&["reports:delete"], Method::DELETE, "/reports/7").await;
         assert_eq!((status, called), (200, 1));
+        // A read-only key on an unsafe method the key layer did not see (an override in
+        // between): refused here too.
+        let mut req = Request::builder()
+            .method(Method::DELETE)
+            .uri("/reports/7")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(Principal::read_only_for_tests(&["*"]));
+        let layer = RequireScopeLayer::new("reports:delete");
+        let (status, body, called) = answer_with(layer, None, req).await;
+        assert_eq!((status, called), (403, 0), "{body}");
+        assert!(body.contains("read-only"), "{body}");
         // Named by no rule: refused even for `*`.
         let (status, body, called) = answer_per_request(&["*"], Method::POST, "/reports").await;
         assert_eq!((status, called), (403, 0), "{body}");

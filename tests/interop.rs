@@ -1643,7 +1643,11 @@ async fn strapi_tokens_never_manage_keys() {
     .await;
     for unit in [FULL, READ] {
         let who = rig.call(&bearer(unit), "GET", "/whoami", "").await;
-        assert_eq!(who.json()["scopes"], serde_json::json!(["*"]), "fixture");
+        assert_eq!(
+            who.json()["scopes"],
+            serde_json::json!(["api::*", "plugin::*"]),
+            "fixture"
+        );
         rig.assert_no_management(&bearer(unit)).await;
     }
 }

@@ -12,6 +12,9 @@ use crate::secret::SecretId;
 use crate::store::{ForeignDigest, ForeignScheme, StoreError, StoreErrorKind};
 use crate::store::{KeyRecord, OwnerKind};
 
+/// The scopes of full-access and read-only tokens: every Strapi action (`api::…`, `plugin::…`).
+const STRAPI_WILDCARDS: [&str; 2] = ["api::*", "plugin::*"];
+
 /// Whether `token` has the shape of a Strapi API token: 256 lowercase hex characters
 /// (`crypto.randomBytes(128).toString('hex')`). Strapi stores no other kind.
 pub fn is_strapi_token(token: &[u8]) -> bool {
@@ -330,7 +333,12 @@ impl StrapiTables {
             subject: id,
             owner_kind: OwnerKind::Service,
             scopes: match token_type {
-                TokenType::ReadOnly | TokenType::FullAccess => vec!["*".into()],
+                // Every content-API and plugin action, as in Strapi; not `*`, which would
+                // also grant the application's own scopes (`billing:admin`) in a layer that
+                // serves keywarden keys beside Strapi tokens.
+                TokenType::ReadOnly | TokenType::FullAccess => {
+                    STRAPI_WILDCARDS.iter().map(|s| (*s).to_owned()).collect()
+                }
                 TokenType::Custom | TokenType::Unknown => Vec::new(),
             },
             environment: "strapi".into(),
@@ -382,11 +390,12 @@ mod store {
     /// token's, owner kind `service`, environment `strapi`, metadata the row without
     /// `access_key` and `encrypted_key`, expiry `expires_at` (judged at request time: an
     /// expired token is `expired_key`). Types:
-    /// - `full-access`: scope `*`;
-    /// - `read-only`: scope `*` and read-only (only GET, HEAD, OPTIONS, TRACE; Strapi allows
+    /// - `full-access`: scopes `api::*` and `plugin::*` (every Strapi action, but none of the
+    ///   application's own scopes, as `*` would);
+    /// - `read-only`: the same and read-only (only GET, HEAD, OPTIONS, TRACE; Strapi allows
     ///   only `find` and `findOne`);
     /// - `custom`: one scope per permission, the Strapi action UID verbatim
-    ///   (`api::article.article.find`); protect routes with
+    ///   (`api::article.article.find`; a permission holding `*` is ignored); protect routes with
     ///   [`RequireScopeLayer`](crate::RequireScopeLayer) naming those actions;
     /// - any other type: disabled (fail closed).
     ///
@@ -539,7 +548,19 @@ mod store {
                     .subject
                     .parse()
                     .map_err(|_| corrupt("a custom token's id is not an integer"))?;
-                record.scopes = self.pool.strings(&self.permissions_sql, id).await?;
+                // Strapi's action UIDs never hold `*`: a row that does was not written by
+                // Strapi, and must not become a keywarden wildcard.
+                let mut scopes = self.pool.strings(&self.permissions_sql, id).await?;
+                let before = scopes.len();
+                scopes.retain(|action| !action.contains('*'));
+                if scopes.len() < before {
+                    tracing::warn!(
+                        target: "keywarden",
+                        token = id,
+                        "a Strapi token's permission holds `*`, which no Strapi action does: ignored"
+                    );
+                }
+                record.scopes = scopes;
             }
             Ok(Some(record))
         }
@@ -630,13 +651,17 @@ mod tests {
             .unwrap();
         assert_eq!(
             (full.scopes.clone(), full.read_only, t),
-            (vec!["*".to_owned()], false, TokenType::FullAccess)
+            (
+                vec!["api::*".to_owned(), "plugin::*".to_owned()],
+                false,
+                TokenType::FullAccess
+            )
         );
         let (read, _) = tables
             .record(&token(json!(null), false, "read-only"))
             .unwrap()
             .unwrap();
-        assert!(read.read_only && read.scopes == vec!["*"]);
+        assert!(read.read_only && read.scopes == vec!["api::*", "plugin::*"]);
         let (custom, t) = tables
             .record(&token(json!(null), false, "custom"))
             .unwrap()

@@ -31,8 +31,9 @@ use crate::scope::RequireScopeLayer;
 /// What a Strapi token may do then follows from its scopes ([`StrapiStore`](super::StrapiStore)):
 /// a `full-access` token (`*`) every action, a `read-only` token every action but only with
 /// safe methods (so `find` and `findOne`), a `custom` token exactly its permissions' action
-/// UIDs. keywarden's own keys work too, with the action UIDs (or `api::article.*`-style
-/// wildcards, or `*`) as scopes.
+/// UIDs. keywarden's own keys work too, with the action UIDs as scopes, or `api::*` (every
+/// content-API action: a `prefix:*` wildcard's prefix ends with `:`) or `*`. There is no
+/// per-type wildcard: `api::article.*` is a literal scope, not a grant.
 ///
 /// ```
 /// use axum::{routing::get, Router};
@@ -92,8 +93,10 @@ impl StrapiContentApi {
         };
         let (uid, collection) = self.types.get(segment)?;
         let action = match (*collection, id, method.as_str()) {
-            // One more segment, non-empty, no further slashes: an entry's id.
-            (true, Some(id), _) if id.is_empty() || id.contains('/') => return None,
+            // One more segment: an entry's id. Strapi's ids and documentIds are letters and
+            // digits; a dot segment, an encoded character or a backslash is no id, and could
+            // mean another resource to a handler that forwards the decoded id.
+            (true, Some(id), _) if !is_id(id) => return None,
             (true, None, "GET" | "HEAD") => "find",
             (true, None, "POST") => "create",
             (true, Some(_), "GET" | "HEAD") => "findOne",
@@ -114,6 +117,14 @@ impl StrapiContentApi {
         let api = Arc::new(self);
         RequireScopeLayer::per_request(move |method, path| api.action(method, path).map(Arc::from))
     }
+}
+
+/// A plausible entry id: 1 to 128 bytes of letters, digits, `-` and `_`.
+fn is_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -157,6 +168,10 @@ mod tests {
             (Method::GET, "/api/articles/"),
             (Method::GET, "/api/articles/7/comments"),
             (Method::GET, "/api/articles//7"),
+            (Method::GET, "/api/articles/.."),
+            (Method::GET, "/api/articles/..%2F..%2Froles"),
+            (Method::DELETE, "/api/articles/7%00"),
+            (Method::GET, "/api/articles/a\\b"),
             (Method::GET, "/api/comments"),
             (Method::GET, "/apix/articles"),
             (Method::GET, "/articles"),
