@@ -21,6 +21,7 @@ mod metrics_through_a_router {
 
     #[tokio::test]
     async fn each_outcome_is_counted_once_under_its_collection() {
+        let _serial = super::SERIAL.lock().await;
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let fixture = metrics::with_local_recorder(&recorder, Fixture::new);
@@ -96,6 +97,11 @@ mod metrics_through_a_router {
     }
 }
 
+/// The tests of this file run one at a time: `tracing` caches each callsite's interest
+/// process-wide, and a callsite first hit on a thread without a subscriber (the other test)
+/// while this one installs its own can stay disabled for it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Everything the subscriber writes.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -119,6 +125,7 @@ impl Captured {
 
 #[tokio::test]
 async fn one_span_per_authentication_with_key_id_collection_and_outcome() {
+    let _serial = SERIAL.lock().await;
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -128,6 +135,9 @@ async fn one_span_per_authentication_with_key_id_collection_and_outcome() {
         .with_writer(move || writer.clone())
         .finish();
     let _default = tracing::subscriber::set_default(subscriber);
+    // Callsites first hit by the other test of this binary (no subscriber there) cached an
+    // interest of "never"; ask again now that this thread has a subscriber.
+    tracing::callsite::rebuild_interest_cache();
 
     let fixture = Fixture::new();
     let app = fixture.app();
