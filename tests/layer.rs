@@ -887,3 +887,19 @@ async fn the_inner_service_that_was_polled_ready_is_the_one_called() {
     let second = clone.ready().await.unwrap().call(with_key(&key));
     assert_eq!(second.await.unwrap().status(), 200);
 }
+
+/// The service's `Debug` shows the inner service and nothing of the verification state (the
+/// secret ring, the cache of keys) behind it.
+#[tokio::test]
+async fn the_service_debug_shows_the_inner_service_and_nothing_else() {
+    use tower::Layer;
+
+    #[derive(Clone, Debug)]
+    struct Inner(&'static str);
+
+    let service = Fixture::new().layer.layer(Inner("the app"));
+    assert_eq!(
+        format!("{service:?}"),
+        r#"ApiKeyService { inner: Inner("the app"), .. }"#
+    );
+}

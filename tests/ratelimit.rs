@@ -540,6 +540,9 @@ async fn failed_attempts_block_one_address_before_store_work() {
     assert_eq!(from("203.0.113.5", good.key.expose()).await.status, 429);
     // ...while another address is unaffected.
     assert_eq!(from("198.51.100.1", good.key.expose()).await.status, 200);
+    // Now cached as valid, and still refused from the blocked address: only
+    // `BlockedClients::AllowCachedKeys` lets cached keys past a block.
+    assert_eq!(from("203.0.113.5", good.key.expose()).await.status, 429);
     assert_eq!(from("198.51.100.1", &bad_key()).await.code(), "invalid_key");
     assert!(layer.stats().clients_blocked >= 2);
     // The window ends.
