@@ -108,6 +108,35 @@ async fn missing_and_malformed_credentials() {
         let challenge = reply.headers["www-authenticate"].to_str().unwrap();
         assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
     }
+    // The detail names the defect, for whoever pasted the key.
+    let key = key.expose().as_bytes();
+    let mut typo = key.to_vec();
+    typo[key.len() - 1] = if typo[key.len() - 1] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let mut bad_char = key.to_vec();
+    bad_char[10] = b'-';
+    for (value, detail) in [
+        (
+            typo,
+            "the key's checksum does not match (typo or truncated key?)",
+        ),
+        (bad_char, "the key contains an invalid character"),
+        (
+            key[..key.len() - 1].to_vec(),
+            "the key has the wrong length",
+        ),
+        (
+            b"sk_live_4eC39HqLyjWDarjtT1zdp7dc".to_vec(),
+            "the key does not have a recognised prefix",
+        ),
+    ] {
+        let reply = get_with(&app, "/whoami", &[("x-api-key", &value)]).await;
+        assert_eq!(reply.code(), "malformed_key");
+        assert_eq!(reply.json()["detail"], detail);
+    }
     for value in [&b"Bearer"[..], b"users API-Key", b"Bearer two words"] {
         let reply = get_with(&app, "/whoami", &[("authorization", value)]).await;
         assert_eq!(
