@@ -932,3 +932,36 @@ async fn the_service_debug_shows_the_inner_service_and_nothing_else() {
         "ApiKeyService { inner: TheApp, .. }"
     );
 }
+
+/// A cache hit is decided inside `call`: the inner service is called before the response
+/// future is first polled, and nothing is boxed. A miss waits for the store, so it calls the
+/// inner service only when its future runs.
+#[tokio::test]
+async fn a_cache_hit_calls_the_inner_service_inside_call() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::{Layer, Service, ServiceExt};
+
+    let fx = Fixture::new();
+    let key = fx.key(NewKey::new("k", "alice")).await.key;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let inner = tower::service_fn(move |_req: http::Request<axum::body::Body>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty())) }
+    });
+    let mut service = fx.layer.layer(inner);
+    let with_key = || request("GET", "/", &[("x-api-key", key.expose().as_bytes())]);
+
+    let miss = service.ready().await.unwrap().call(with_key());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "a miss is not decided in `call`"
+    );
+    assert_eq!(miss.await.unwrap().status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let hit = service.ready().await.unwrap().call(with_key());
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "a hit is");
+    assert_eq!(hit.await.unwrap().status(), 200);
+}
