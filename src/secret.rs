@@ -1130,6 +1130,7 @@ mod tests {
             assert!(!text.contains("0123456789"), "{text}");
         }
         assert_eq!(secret.id().to_string().len(), 16);
+        assert_eq!(format!("{secret:?}"), "Secret([redacted])");
     }
 
     #[test]
