@@ -38,7 +38,7 @@ table=(
     "secret|src/secret.rs|"
     "credential|src/credential.rs|adversarial"
     "key|src/key.rs|"
-    "verify|src/verify/*.rs|layer one_layer ratelimit"
+    "verify|src/verify/*.rs|layer one_layer ratelimit verify_api interop coalescing secret_rotation outage (pg)"
     "service|src/layer/service.rs|layer require_scope one_layer ratelimit"
     "manage_policy|src/manage/policy/*.rs|management_api management_escalation"
     "manage_http|src/manage/http/*.rs|management_api"
