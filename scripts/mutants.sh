@@ -11,6 +11,10 @@
 #   MUTANTS_ARGS="--re decode_hex" scripts/mutants.sh secret   # extra cargo-mutants options
 #   MUTANTS_BASELINE=skip scripts/mutants.sh secret   # tests known to pass: skip the
 #                                         # unmutated run (tests then time out at 300 s)
+#   MUTANTS_LIB_ONLY=1 scripts/mutants.sh credential  # two passes, for a whole file in less
+#   MUTANTS_ARGS=--iterate scripts/mutants.sh credential  # time: the unit tests alone first,
+#                                         # then the suites only on what they missed
+#                                         # (--iterate skips what the last pass caught)
 #
 # Too slow for .ci/run: every mutant is a rebuild of the crate. To stay affordable on two
 # cores each file is tested with the unit tests (`--lib`) plus the few integration suites
@@ -34,8 +38,8 @@ table=(
     "secret|src/secret.rs|"
     "credential|src/credential.rs|adversarial"
     "key|src/key.rs|"
-    "verify|src/verify/*.rs|layer one_layer"
-    "service|src/layer/service.rs|layer require_scope one_layer"
+    "verify|src/verify/*.rs|layer one_layer ratelimit verify_api interop coalescing secret_rotation outage (pg)"
+    "service|src/layer/service.rs|layer require_scope one_layer ratelimit"
     "manage_policy|src/manage/policy/*.rs|management_api management_escalation"
     "manage_http|src/manage/http/*.rs|management_api"
     "sqlite|src/store/sqlite.rs|store_conformance"
@@ -57,6 +61,9 @@ fi
 # One build directory for every run, outside the copied tree, so dependencies are built once
 # and later runs rebuild only keywarden.
 export CARGO_TARGET_DIR="${MUTANTS_TARGET_DIR:-$root/target/mutants/build}"
+# No debugger ever reads these builds, and debug info is much of each rebuild's compile and
+# link time.
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-0}"
 jobs="${MUTANTS_JOBS:-1}"
 baseline=(--baseline "${MUTANTS_BASELINE:-run}")
 if [[ "${MUTANTS_BASELINE:-run}" == skip ]]; then
@@ -73,6 +80,9 @@ for row in "${table[@]}"; do
     # --cargo-arg, not --cargo-test-arg: cargo-mutants passes the latter only to the test
     # run, and its build step (`cargo test --no-run`) would then build every test target.
     args=(--cargo-arg=--lib)
+    if [[ -n "${MUTANTS_LIB_ONLY:-}" ]]; then
+        tests=""
+    fi
     for suite in ${tests/(pg)/}; do
         args+=("--cargo-arg=--test=$suite")
     done

@@ -686,6 +686,10 @@ mod tests {
         let map = headers(&[("x-api-key", KEY.as_bytes())]);
         let credential = extractor().extract(&map, None).unwrap().unwrap();
         assert!(!format!("{credential:?}").contains("kw_live"));
+        assert_eq!(
+            format!("{credential:?}"),
+            r#"Credential { key: "[redacted]", source: Header(0) }"#
+        );
     }
 
     #[test]
@@ -765,6 +769,15 @@ mod tests {
     }
 
     #[test]
+    fn the_extractor_debug_shows_its_configuration() {
+        let ex = CredentialExtractor::new(["users"]).claim_bearer(|_| false);
+        assert_eq!(
+            format!("{ex:?}"),
+            r#"CredentialExtractor { collections: ["users"], headers: ["x-api-key"], query_param: None, foreign_bearer: None, bearer_fallback: false, exact: [], bearer_claims: 1 }"#
+        );
+    }
+
+    #[test]
     fn the_extractor_reports_its_configuration() {
         let ex = extractor();
         let collections: Vec<&str> = ex.collections().iter().map(|c| &**c).collect();
@@ -776,5 +789,179 @@ mod tests {
         assert!(CredentialExtractor::new(Vec::<String>::new())
             .collections()
             .is_empty());
+    }
+
+    /// Payload CMS's own spelling, byte for byte, for the collections configured so; any
+    /// other spelling of their form is not a credential, and other collections keep the
+    /// lenient form.
+    #[test]
+    fn the_exact_form_accepts_only_payloads_spelling() {
+        let ex = CredentialExtractor::new(["users", "payload"])
+            .exact_api_key_form(1)
+            .exact_api_key_form(1);
+        let get = |value: String| {
+            let map = headers(&[("authorization", value.as_bytes())]);
+            ex.extract(&map, None)
+                .map(|c| c.map(|c| (c.key().to_vec(), c.source())))
+        };
+        assert_eq!(
+            get(format!("payload API-Key {KEY}")),
+            Ok(Some((
+                KEY.as_bytes().to_vec(),
+                CredentialSource::Collection(1)
+            )))
+        );
+        assert_eq!(
+            get(format!("  payload API-Key {KEY} ")),
+            Ok(Some((
+                KEY.as_bytes().to_vec(),
+                CredentialSource::Collection(1)
+            ))),
+            "surrounding whitespace is not part of the value"
+        );
+        for other in ["payload api-key", "payload API-KEY", "payload  API-Key"] {
+            assert_eq!(get(format!("{other} {KEY}")), Ok(None), "{other}");
+        }
+        assert_eq!(
+            get(format!("users api-key {KEY}")),
+            Ok(Some((
+                KEY.as_bytes().to_vec(),
+                CredentialSource::Collection(0)
+            )))
+        );
+        assert!(matches!(
+            get("payload API-Key a\u{e9}b".to_owned()),
+            Err(CredentialError::Malformed(_))
+        ));
+    }
+
+    /// With foreign `Bearer` tokens ignored, a claim predicate still takes the tokens it
+    /// recognises (a foreign collection's, such as Strapi's).
+    #[test]
+    fn claimed_bearer_tokens_are_credentials_when_foreign_ones_are_ignored() {
+        let ex = extractor()
+            .ignore_foreign_bearer(KeyFormat::default())
+            .claim_bearer(|token| token.starts_with(b"strapi_"));
+        let claimed = headers(&[("authorization", b"Bearer strapi_0123")]);
+        let got = ex.extract(&claimed, None).unwrap().unwrap();
+        assert_eq!(
+            (got.key(), got.source()),
+            (&b"strapi_0123"[..], CredentialSource::Bearer)
+        );
+        let jwt = headers(&[("authorization", b"Bearer eyJ.e30.sig")]);
+        assert!(ex.extract(&jwt, None).unwrap().is_none());
+    }
+
+    /// A foreign `Bearer` token as a fallback: the credential when alone, ignored beside a
+    /// key header, and validated only when it is used.
+    #[test]
+    fn a_fallback_bearer_token_counts_only_when_nothing_else_does() {
+        let ex = extractor().foreign_bearer_as_fallback(KeyFormat::default());
+        let alone = headers(&[("authorization", b"Bearer eyJ.e30.sig")]);
+        let got = ex.extract(&alone, None).unwrap().unwrap();
+        assert_eq!(got.key(), b"eyJ.e30.sig");
+        assert_eq!(got.source(), CredentialSource::Bearer);
+        assert!(got.from_authorization());
+        assert_eq!(got.header_sources(), HeaderSources::None);
+
+        let beside = headers(&[
+            ("authorization", b"Bearer eyJ.e30.sig"),
+            ("x-api-key", KEY.as_bytes()),
+        ]);
+        let got = ex.extract(&beside, None).unwrap().unwrap();
+        assert_eq!(
+            (got.key(), got.source()),
+            (KEY.as_bytes(), CredentialSource::Header(0))
+        );
+        assert!(!got.from_authorization());
+        let query = format!("api_key={KEY}");
+        let got = ex.extract(&alone, Some(&query)).unwrap().unwrap();
+        assert_eq!(got.source(), CredentialSource::Query);
+
+        let bad = headers(&[("authorization", b"Bearer tok\xffen")]);
+        assert!(matches!(
+            ex.extract(&bad, None),
+            Err(CredentialError::Malformed(_))
+        ));
+        let bad_beside = headers(&[
+            ("authorization", b"Bearer tok\xffen"),
+            ("x-api-key", KEY.as_bytes()),
+        ]);
+        assert_eq!(
+            ex.extract(&bad_beside, None).unwrap().unwrap().key(),
+            KEY.as_bytes()
+        );
+
+        // Our own format is never a fallback, and ignoring foreign tokens undoes it.
+        let ours = headers(&[
+            ("authorization", format!("Bearer {OTHER}").as_bytes()),
+            ("x-api-key", KEY.as_bytes()),
+        ]);
+        assert_eq!(
+            ex.extract(&ours, None).unwrap_err(),
+            CredentialError::Ambiguous
+        );
+        let ignoring = ex.ignore_foreign_bearer(KeyFormat::default());
+        assert!(ignoring.extract(&alone, None).unwrap().is_none());
+    }
+
+    /// One key in several places: where it came from is the union of the places, which is
+    /// what decides the headers the layer marks sensitive or strips.
+    #[test]
+    fn agreeing_credentials_remember_every_place_they_came_from() {
+        let bearer = format!("Bearer {KEY}");
+        let places = |pairs: &[(&str, &[u8])], query: Option<&str>| {
+            let map = headers(pairs);
+            let c = extractor().extract(&map, query).unwrap().unwrap();
+            (c.source(), c.from_authorization(), c.header_sources())
+        };
+        assert_eq!(
+            places(&[("authorization", bearer.as_bytes())], None),
+            (CredentialSource::Bearer, true, HeaderSources::None)
+        );
+        assert_eq!(
+            places(&[("x-stack-api-key", KEY.as_bytes())], None),
+            (CredentialSource::Header(1), false, HeaderSources::One(1))
+        );
+        assert_eq!(
+            places(
+                &[
+                    ("authorization", bearer.as_bytes()),
+                    ("x-api-key", KEY.as_bytes())
+                ],
+                None
+            ),
+            (CredentialSource::Bearer, true, HeaderSources::One(0))
+        );
+        assert_eq!(
+            places(
+                &[
+                    ("x-api-key", KEY.as_bytes()),
+                    ("x-stack-api-key", KEY.as_bytes())
+                ],
+                None
+            ),
+            (CredentialSource::Header(0), false, HeaderSources::Several)
+        );
+        let query = format!("api_key={KEY}");
+        assert_eq!(
+            places(&[("x-stack-api-key", KEY.as_bytes())], Some(&query)),
+            (CredentialSource::Header(1), false, HeaderSources::One(1))
+        );
+        assert_eq!(
+            places(&[], Some(&query)),
+            (CredentialSource::Query, false, HeaderSources::None)
+        );
+        let payload = format!("teams API-Key {KEY}");
+        assert_eq!(
+            places(
+                &[
+                    ("x-api-key", KEY.as_bytes()),
+                    ("authorization", payload.as_bytes())
+                ],
+                None
+            ),
+            (CredentialSource::Collection(1), true, HeaderSources::One(0))
+        );
     }
 }

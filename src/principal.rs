@@ -1005,6 +1005,81 @@ mod tests {
         assert_eq!(got.unwrap(), None);
     }
 
+    #[test]
+    fn an_interner_shows_its_bound_and_not_its_profiles() {
+        let interner = Interner::new(3);
+        interner.intern(profile("secret-collection", &["read"]));
+        assert_eq!(format!("{interner:?}"), "Interner { capacity: 3, .. }");
+    }
+
+    /// Only `prefix:*` is a wildcard: a trailing `*` without the colon is a plain name, or
+    /// `read*` would grant `reader` and `invoices*` every `invoices:` scope.
+    #[test]
+    fn a_star_without_a_colon_is_not_a_wildcard() {
+        for (granted, wanted) in [
+            ("read*", "reader"),
+            ("read*", "read"),
+            ("invoices*", "invoices:read"),
+            ("a*", "a:b"),
+        ] {
+            assert!(
+                !scope_grants(granted, wanted),
+                "{granted} must not grant {wanted}"
+            );
+            assert!(
+                !Principal::for_tests(&[granted]).has_scope(wanted),
+                "{granted}"
+            );
+        }
+        assert!(
+            scope_grants("read*", "read*"),
+            "still granted by its exact name"
+        );
+        assert!(scope_grants("a:*", "a:b"));
+    }
+
+    #[tokio::test]
+    async fn handlers_extract_the_identity_the_layer_mapped() {
+        use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+        #[derive(Clone, Debug, PartialEq)]
+        struct Tenant(&'static str);
+        type Id = Identity<Tenant>;
+
+        let (mut mapped, ()) = http::Request::new(()).into_parts();
+        mapped.extensions.insert(Principal::for_tests(&[]));
+        mapped.extensions.insert(Tenant("acme"));
+        let got = <Id as FromRequestParts<()>>::from_request_parts(&mut mapped, &()).await;
+        assert_eq!(got.unwrap(), Identity(Tenant("acme")));
+        let got = <Id as OptionalFromRequestParts<()>>::from_request_parts(&mut mapped, &()).await;
+        assert_eq!(got.unwrap(), Some(Identity(Tenant("acme"))));
+
+        let (mut anonymous, ()) = http::Request::new(()).into_parts();
+        let err = <Id as FromRequestParts<()>>::from_request_parts(&mut anonymous, &())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), RejectionKind::MissingCredentials);
+        assert_eq!(err.detail(), "this route requires an API key");
+        let got =
+            <Id as OptionalFromRequestParts<()>>::from_request_parts(&mut anonymous, &()).await;
+        assert_eq!(got.unwrap(), None);
+
+        // A key was accepted but nothing maps it to this type: said so, not "send a key".
+        let (mut unmapped, ()) = http::Request::new(()).into_parts();
+        unmapped.extensions.insert(Principal::for_tests(&[]));
+        let err = <Id as FromRequestParts<()>>::from_request_parts(&mut unmapped, &())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), RejectionKind::MissingCredentials);
+        assert!(
+            err.detail().contains("configuration error"),
+            "{}",
+            err.detail()
+        );
+        let got =
+            <Id as OptionalFromRequestParts<()>>::from_request_parts(&mut unmapped, &()).await;
+        assert_eq!(got.unwrap(), None);
+    }
+
     /// A profile of exactly the limit is still shared; one byte more is not.
     #[test]
     fn profiles_up_to_the_weight_limit_are_shared() {

@@ -1067,6 +1067,9 @@ mod loading_tests {
             assert_eq!(weakness(secret.expose()), None);
         }
         assert_eq!(weakness(S.as_bytes()), None);
+        // Twelve distinct bytes are enough; eleven are not.
+        assert_eq!(weakness(b"abcdefghijkllkjihgfedcbaacegikbd"), None);
+        assert!(weakness(few.as_bytes()).is_some());
     }
 }
 
@@ -1130,6 +1133,7 @@ mod tests {
             assert!(!text.contains("0123456789"), "{text}");
         }
         assert_eq!(secret.id().to_string().len(), 16);
+        assert_eq!(format!("{secret:?}"), "Secret([redacted])");
     }
 
     #[test]

@@ -108,6 +108,35 @@ async fn missing_and_malformed_credentials() {
         let challenge = reply.headers["www-authenticate"].to_str().unwrap();
         assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
     }
+    // The detail names the defect, for whoever pasted the key.
+    let key = key.expose().as_bytes();
+    let mut typo = key.to_vec();
+    typo[key.len() - 1] = if typo[key.len() - 1] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let mut bad_char = key.to_vec();
+    bad_char[10] = b'-';
+    for (value, detail) in [
+        (
+            typo,
+            "the key's checksum does not match (typo or truncated key?)",
+        ),
+        (bad_char, "the key contains an invalid character"),
+        (
+            key[..key.len() - 1].to_vec(),
+            "the key has the wrong length",
+        ),
+        (
+            b"sk_live_4eC39HqLyjWDarjtT1zdp7dc".to_vec(),
+            "the key does not have a recognised prefix",
+        ),
+    ] {
+        let reply = get_with(&app, "/whoami", &[("x-api-key", &value)]).await;
+        assert_eq!(reply.code(), "malformed_key");
+        assert_eq!(reply.json()["detail"], detail);
+    }
     for value in [&b"Bearer"[..], b"users API-Key", b"Bearer two words"] {
         let reply = get_with(&app, "/whoami", &[("authorization", value)]).await;
         assert_eq!(
@@ -886,4 +915,53 @@ async fn the_inner_service_that_was_polled_ready_is_the_one_called() {
     assert_eq!(first.await.unwrap().status(), 200);
     let second = clone.ready().await.unwrap().call(with_key(&key));
     assert_eq!(second.await.unwrap().status(), 200);
+}
+
+/// The service's `Debug` shows the inner service and nothing of the verification state (the
+/// secret ring, the cache of keys) behind it.
+#[tokio::test]
+async fn the_service_debug_shows_the_inner_service_and_nothing_else() {
+    use tower::Layer;
+
+    #[derive(Clone, Debug)]
+    struct TheApp;
+
+    let service = Fixture::new().layer.layer(TheApp);
+    assert_eq!(
+        format!("{service:?}"),
+        "ApiKeyService { inner: TheApp, .. }"
+    );
+}
+
+/// A cache hit is decided inside `call`: the inner service is called before the response
+/// future is first polled, and nothing is boxed. A miss waits for the store, so it calls the
+/// inner service only when its future runs.
+#[tokio::test]
+async fn a_cache_hit_calls_the_inner_service_inside_call() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::{Layer, Service, ServiceExt};
+
+    let fx = Fixture::new();
+    let key = fx.key(NewKey::new("k", "alice")).await.key;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let inner = tower::service_fn(move |_req: http::Request<axum::body::Body>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty())) }
+    });
+    let mut service = fx.layer.layer(inner);
+    let with_key = || request("GET", "/", &[("x-api-key", key.expose().as_bytes())]);
+
+    let miss = service.ready().await.unwrap().call(with_key());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "a miss is not decided in `call`"
+    );
+    assert_eq!(miss.await.unwrap().status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let hit = service.ready().await.unwrap().call(with_key());
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "a hit is");
+    assert_eq!(hit.await.unwrap().status(), 200);
 }

@@ -540,6 +540,9 @@ async fn failed_attempts_block_one_address_before_store_work() {
     assert_eq!(from("203.0.113.5", good.key.expose()).await.status, 429);
     // ...while another address is unaffected.
     assert_eq!(from("198.51.100.1", good.key.expose()).await.status, 200);
+    // Now cached as valid, and still refused from the blocked address: only
+    // `BlockedClients::AllowCachedKeys` lets cached keys past a block.
+    assert_eq!(from("203.0.113.5", good.key.expose()).await.status, 429);
     assert_eq!(from("198.51.100.1", &bad_key()).await.code(), "invalid_key");
     assert!(layer.stats().clients_blocked >= 2);
     // The window ends.
@@ -604,6 +607,70 @@ async fn blocked_address_may_keep_using_cached_keys_if_configured() {
     );
     assert_eq!(send(bad_key()).await.status, 429);
     assert_eq!(store.lookups(), lookups);
+}
+
+/// `ApiKeyLayer::check` (the verification API, forward auth) refuses a blocked address as
+/// the request path does: by default every key, even one cached as valid; with
+/// `AllowCachedKeys`, every key but one cached as valid.
+#[tokio::test]
+async fn check_blocks_an_address_as_the_request_path_does() {
+    use keywarden::{MemoryStore, RejectionKind};
+    use std::net::IpAddr;
+
+    for allow_cached in [false, true] {
+        let mut limit = FailedAttemptLimit::new(2, Duration::from_secs(60));
+        if allow_cached {
+            limit = limit.blocked_clients(BlockedClients::AllowCachedKeys);
+        }
+        let layer = ApiKeyLayer::builder()
+            .store(Arc::new(MemoryStore::new()))
+            .secrets(ring())
+            .collection(Collection::new("users"))
+            .failed_attempt_limit(limit)
+            .usage_flush_interval(None)
+            .build()
+            .unwrap();
+        let manager = KeyManager::for_layer(&layer);
+        let create =
+            |name: &'static str| manager.create(NewKey::new(name, "u").collection("users"));
+        let (warm, cold) = (create("warm").await.unwrap(), create("cold").await.unwrap());
+        let blocked: IpAddr = "203.0.113.7".parse().unwrap();
+        let other: IpAddr = "198.51.100.7".parse().unwrap();
+        let check = |key: String, client: IpAddr| {
+            let layer = layer.clone();
+            async move {
+                layer
+                    .check(&key, &http::Method::GET, Some(client))
+                    .await
+                    .map(|(principal, _)| principal.key_name().to_owned())
+                    .map_err(|rejection| rejection.kind())
+            }
+        };
+        let warm_key = warm.key.expose().to_owned();
+        assert_eq!(check(warm_key.clone(), other).await, Ok("warm".to_owned()));
+        for _ in 0..2 {
+            assert_eq!(
+                check(bad_key(), blocked).await,
+                Err(RejectionKind::InvalidKey)
+            );
+        }
+        let cold_key = cold.key.expose().to_owned();
+        assert_eq!(
+            check(cold_key.clone(), blocked).await,
+            Err(RejectionKind::RateLimited),
+            "allow_cached: {allow_cached}"
+        );
+        assert_eq!(
+            check(warm_key, blocked).await,
+            if allow_cached {
+                Ok("warm".to_owned())
+            } else {
+                Err(RejectionKind::RateLimited)
+            },
+            "allow_cached: {allow_cached}"
+        );
+        assert_eq!(check(cold_key, other).await, Ok("cold".to_owned()));
+    }
 }
 
 #[tokio::test]

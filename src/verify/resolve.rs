@@ -413,3 +413,51 @@ fn found(resolution: Resolution) -> Result<Arc<ResolvedKey>, AuthRejection> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store marked down stays down for `retry`, then counts as up again; marking it up
+    /// says whether it had been down (the "reachable again" log line).
+    #[test]
+    fn the_store_counts_as_down_for_the_retry_window() {
+        let health = StoreHealth::new(Duration::from_secs(60));
+        assert!(!health.is_down());
+        assert!(!health.mark_up(), "it was not down");
+        health.mark_down();
+        assert!(health.is_down());
+        assert!(health.is_down(), "asking does not end the window");
+        assert!(health.mark_up(), "it had been down");
+        assert!(!health.is_down());
+        assert!(!health.mark_up(), "once");
+
+        // Without a retry window, a failure does not hold later requests back.
+        let no_window = StoreHealth::new(Duration::ZERO);
+        no_window.mark_down();
+        assert!(no_window.mark_up(), "still recorded as a failure");
+    }
+
+    /// The window is measured from the health's origin: ten seconds in, a store marked down
+    /// until five seconds in is up, and one marked down until a minute in is down.
+    #[test]
+    fn the_window_ends_when_its_time_has_passed() {
+        let at = |down_until: Duration| StoreHealth {
+            origin: Instant::now() - Duration::from_secs(10),
+            down_until: AtomicU64::new(u64::try_from(down_until.as_nanos()).unwrap()),
+            retry: Duration::from_secs(60),
+        };
+        assert!(!at(Duration::from_secs(5)).is_down());
+        assert!(!at(Duration::from_nanos(1)).is_down());
+        assert!(at(Duration::from_secs(60)).is_down());
+        assert!(!at(Duration::ZERO).is_down(), "0: never marked down");
+
+        let health = at(Duration::ZERO);
+        health.mark_down();
+        let until = Duration::from_nanos(health.down_until.load(Ordering::Acquire));
+        assert!(
+            until >= Duration::from_secs(70) && until < Duration::from_secs(80),
+            "{until:?}"
+        );
+    }
+}

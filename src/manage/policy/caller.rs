@@ -845,6 +845,19 @@ mod tests {
             ..KeyPatch::default()
         };
         assert_eq!(answer(me.may_patch(&unlimited, &mut narrow)), ALLOWED);
+        // Keeping the scopes a key has adds nothing: no such check either...
+        let mut keep = KeyPatch {
+            scopes: Some(vec!["read".into()]),
+            ..KeyPatch::default()
+        };
+        assert_eq!(answer(me.may_patch(&unlimited, &mut keep)), ALLOWED);
+        // ...while a new scope is checked even when the patch keeps none of the old ones.
+        let mut replace = KeyPatch {
+            scopes: Some(vec!["articles:read".into()]),
+            ..KeyPatch::default()
+        };
+        assert_eq!(answer(me.may_patch(&unlimited, &mut replace)), FORBIDDEN);
+        assert_eq!(answer(me.may_patch(&weaker, &mut replace)), ALLOWED);
     }
 
     #[test]

@@ -233,4 +233,67 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
+
+    /// A lifetime is at most a hundred years, exactly.
+    #[test]
+    fn durations_are_bounded_at_a_hundred_years() {
+        assert_eq!(parse_duration("36500d"), Ok(Duration::days(36_500)));
+        assert!(parse_duration("36501d").is_err());
+        assert_eq!(parse_duration("5214w"), Ok(Duration::weeks(5_214)));
+        assert!(parse_duration("5215w").is_err());
+        assert_eq!(parse_duration("1s"), Ok(Duration::seconds(1)));
+        assert_eq!(parse_duration(" 90s "), Ok(Duration::seconds(90)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::minutes(2)));
+        assert_eq!(parse_duration("3h"), Ok(Duration::hours(3)));
+    }
+
+    #[test]
+    fn an_expiry_is_counted_from_creation_and_saturates() {
+        let now = time::macros::datetime!(2030-01-02 03:04:05 UTC);
+        assert_eq!(ExpiresIn::Unlimited.expires_at(now), None);
+        assert_eq!(
+            ExpiresIn::DAYS_7.expires_at(now),
+            Some(time::macros::datetime!(2030-01-09 03:04:05 UTC))
+        );
+        let at = time::macros::datetime!(2031-05-06 07:08:09 UTC);
+        assert_eq!(ExpiresIn::At(at).expires_at(now), Some(at));
+        assert_eq!(
+            ExpiresIn::After(Duration::MAX).expires_at(now),
+            Some(time::PrimitiveDateTime::MAX.assume_utc())
+        );
+    }
+
+    #[test]
+    fn instants_print_as_rfc3339_and_every_unit_prints_canonically() {
+        let at = time::macros::datetime!(2031-05-06 07:08:09 UTC);
+        assert_eq!(ExpiresIn::At(at).to_string(), "2031-05-06T07:08:09Z");
+        assert_eq!(
+            "2031-05-06T07:08:09Z".parse::<ExpiresIn>(),
+            Ok(ExpiresIn::At(at))
+        );
+        for (text, canonical) in [
+            ("90s", "90s"),
+            ("120s", "2m"),
+            ("2w", "14d"),
+            ("none", "unlimited"),
+        ] {
+            assert_eq!(text.parse::<ExpiresIn>().unwrap().to_string(), canonical);
+        }
+    }
+
+    #[cfg(feature = "manage-api")]
+    #[test]
+    fn lifetimes_and_instants_are_told_apart() {
+        assert_eq!(parse_lifetime("30d"), Some(ExpiresIn::DAYS_30));
+        assert_eq!(parse_lifetime(" unlimited "), Some(ExpiresIn::Unlimited));
+        assert_eq!(parse_lifetime("2031-05-06T07:08:09Z"), None);
+        assert_eq!(parse_lifetime("soon"), None);
+
+        // In UTC, truncated to the microseconds a store keeps.
+        assert_eq!(
+            parse_instant(" 2031-05-06T09:08:09.123456789+02:00 "),
+            Some(time::macros::datetime!(2031-05-06 07:08:09.123456 UTC))
+        );
+        assert_eq!(parse_instant("30d"), None);
+    }
 }

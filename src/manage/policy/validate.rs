@@ -231,4 +231,175 @@ mod tests {
             .metadata(serde_json::json!({"ünïcode": ["fine", {"nested": "too"}]}));
         assert!(validate_new(clean).is_ok());
     }
+
+    fn field_of(new: NewKey) -> Option<&'static str> {
+        validate_new(new).err().map(|e| e.field().expect("a field"))
+    }
+
+    /// Every length limit, at the limit (accepted) and one byte over it (refused).
+    #[test]
+    fn every_limit_holds_at_its_bound() {
+        let ok = |new: NewKey| assert_eq!(field_of(new), None);
+        ok(NewKey::new("n".repeat(MAX_NAME), "u"));
+        assert_eq!(
+            field_of(NewKey::new("n".repeat(MAX_NAME + 1), "u")),
+            Some("name")
+        );
+        ok(NewKey::new("k", "u".repeat(MAX_SUBJECT)));
+        assert_eq!(
+            field_of(NewKey::new("k", "u".repeat(MAX_SUBJECT + 1))),
+            Some("subject")
+        );
+        ok(NewKey::new("k", "u").description("d".repeat(MAX_DESCRIPTION)));
+        assert_eq!(
+            field_of(NewKey::new("k", "u").description("d".repeat(MAX_DESCRIPTION + 1))),
+            Some("description")
+        );
+        ok(NewKey::new("k", "u").collection("c".repeat(MAX_SLUG)));
+        assert_eq!(
+            field_of(NewKey::new("k", "u").collection("c".repeat(MAX_SLUG + 1))),
+            Some("collection")
+        );
+        ok(NewKey::new("k", "u").scope("s".repeat(MAX_SCOPE)));
+        assert_eq!(
+            field_of(NewKey::new("k", "u").scope("s".repeat(MAX_SCOPE + 1))),
+            Some("scopes")
+        );
+        let scopes =
+            |n: usize| (0..n).fold(NewKey::new("k", "u"), |new, i| new.scope(format!("s{i}")));
+        ok(scopes(MAX_SCOPES));
+        assert_eq!(field_of(scopes(MAX_SCOPES + 1)), Some("scopes"));
+        // `{"a":"…"}`: eight bytes around the text.
+        let metadata =
+            |n: usize| NewKey::new("k", "u").metadata(serde_json::json!({ "a": "m".repeat(n) }));
+        ok(metadata(MAX_METADATA - 8));
+        assert_eq!(field_of(metadata(MAX_METADATA - 7)), Some("metadata"));
+        assert_eq!(MAX_METADATA, 16_384);
+    }
+
+    #[test]
+    fn names_subjects_and_tokens_must_say_something() {
+        for blank in ["", "   ", "\u{3000}"] {
+            assert_eq!(field_of(NewKey::new(blank, "u")), Some("name"), "{blank:?}");
+            assert_eq!(
+                field_of(NewKey::new("k", blank)),
+                Some("subject"),
+                "{blank:?}"
+            );
+        }
+        for bad in ["", "two words", "tab\t", "naïve", "\u{7f}"] {
+            assert_eq!(
+                field_of(NewKey::new("k", "u").collection(bad)),
+                Some("collection"),
+                "{bad:?}"
+            );
+            assert_eq!(
+                field_of(NewKey::new("k", "u").scope(bad)),
+                Some("scopes"),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            field_of(NewKey::new("k", "u").collection("a").scope("b:*")),
+            None
+        );
+    }
+
+    #[test]
+    fn metadata_is_an_object_and_null_means_empty() {
+        let new = validate_new(NewKey::new("k", "u").metadata(serde_json::Value::Null)).unwrap();
+        assert_eq!(new.metadata, serde_json::json!({}));
+        for other in [
+            serde_json::json!([1]),
+            serde_json::json!("text"),
+            serde_json::json!(1),
+        ] {
+            assert_eq!(
+                field_of(NewKey::new("k", "u").metadata(other.clone())),
+                Some("metadata"),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lifetime_must_be_positive() {
+        let after = |d| NewKey::new("k", "u").expires_in(ExpiresIn::After(d));
+        assert_eq!(field_of(after(time::Duration::ZERO)), Some("expires_in"));
+        assert_eq!(
+            field_of(after(time::Duration::seconds(-1))),
+            Some("expires_in")
+        );
+        assert_eq!(field_of(after(time::Duration::seconds(1))), None);
+    }
+
+    #[test]
+    fn a_patch_is_held_to_the_same_rules() {
+        let field = |patch: KeyPatch| validate_patch(&patch).err().map(|e| e.field().unwrap());
+        assert_eq!(field(KeyPatch::default()), None);
+        let name = |n: &str| KeyPatch {
+            name: Some(n.to_owned()),
+            ..KeyPatch::default()
+        };
+        assert_eq!(field(name(" ")), Some("name"));
+        assert_eq!(field(name(&"n".repeat(MAX_NAME + 1))), Some("name"));
+        assert_eq!(field(name("renamed")), None);
+        let description = |d: Option<String>| KeyPatch {
+            description: Some(d),
+            ..KeyPatch::default()
+        };
+        assert_eq!(field(description(None)), None, "clearing it");
+        assert_eq!(
+            field(description(Some("d".repeat(MAX_DESCRIPTION + 1)))),
+            Some("description")
+        );
+        let scopes = |s: Vec<String>| KeyPatch {
+            scopes: Some(s),
+            ..KeyPatch::default()
+        };
+        assert_eq!(field(scopes(vec!["a b".into()])), Some("scopes"));
+        assert_eq!(field(scopes(vec!["read".into(), "read".into()])), None);
+        let metadata = |m: serde_json::Value| KeyPatch {
+            metadata: Some(m),
+            ..KeyPatch::default()
+        };
+        assert_eq!(field(metadata(serde_json::json!([]))), Some("metadata"));
+        assert_eq!(
+            field(metadata(serde_json::json!({"k": "\u{0}"}))),
+            Some("metadata")
+        );
+        assert_eq!(field(metadata(serde_json::json!({"k": "v"}))), None);
+    }
+
+    #[cfg(feature = "manage-api")]
+    #[test]
+    fn free_text_is_checked_field_by_field() {
+        let field = |d: Option<&str>, m: Option<serde_json::Value>| {
+            check_free_text(d, m.as_ref())
+                .err()
+                .map(|e| e.field().unwrap())
+        };
+        assert_eq!(field(None, None), None);
+        assert_eq!(
+            field(Some("ok ✓"), Some(serde_json::json!({"k": ["v"]}))),
+            None
+        );
+        assert_eq!(field(Some("a\u{0}b"), None), Some("description"));
+        assert_eq!(
+            field(Some("a\u{0}b"), Some(serde_json::json!({"\n": 1}))),
+            Some("description")
+        );
+        assert_eq!(
+            field(None, Some(serde_json::json!({"\n": 1}))),
+            Some("metadata")
+        );
+        assert_eq!(
+            field(None, Some(serde_json::json!([true, null, 2, "\t"]))),
+            Some("metadata")
+        );
+        assert_eq!(
+            field(None, Some(serde_json::json!([true, null, 2, "t"]))),
+            None
+        );
+    }
 }

@@ -197,4 +197,23 @@ mod tests {
         assert_eq!(json["expires_at"], "2030-01-01T00:00:00Z");
         assert_eq!(json["state"], "active");
     }
+
+    #[test]
+    fn a_created_keys_view_shows_the_plaintext_in_json_only() {
+        let created = CreatedKey {
+            key: crate::key::ApiKey::new("kw_live_the-plaintext"),
+            record: record(2),
+        };
+        let view = CreatedKeyView::new(&created, created.record.created_at);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["key"], "kw_live_the-plaintext");
+        assert_eq!(json["name"], created.record.name);
+        let debug = format!("{view:?}");
+        assert!(!debug.contains("the-plaintext"), "{debug}");
+        assert!(
+            debug.starts_with(r#"CreatedKeyView { key: "[redacted]", view: KeyView {"#),
+            "{debug}"
+        );
+        assert!(debug.contains(&created.record.name), "{debug}");
+    }
 }
