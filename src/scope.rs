@@ -328,6 +328,31 @@ mod tests {
         assert!(body.contains("missing_credentials"), "{body}");
     }
 
+    #[tokio::test]
+    async fn a_missing_principal_says_whether_the_layers_are_misordered() {
+        // Optional key layer, no key: the route needs one.
+        let mut req = Request::new(());
+        req.extensions_mut().insert(PassedWithoutKey);
+        let (status, body, called) =
+            answer_with(RequireScopeLayer::new("read"), None, req).await;
+        assert_eq!((status, called), (401, 0), "{body}");
+        assert!(body.contains("this route requires an API key"), "{body}");
+        assert!(!body.contains("no API-key layer"), "{body}");
+        // No key layer ran at all: a configuration mistake, said so.
+        let (status, body, called) =
+            answer_with(RequireScopeLayer::new("read"), None, Request::new(())).await;
+        assert_eq!((status, called), (401, 0), "{body}");
+        assert!(body.contains("no API-key layer ran before"), "{body}");
+    }
+
+    #[test]
+    fn debug_names_the_rule() {
+        let fixed = format!("{:?}", RequireScopeLayer::new("read"));
+        assert!(fixed.contains("Fixed(\"read\")"), "{fixed}");
+        let dynamic = format!("{:?}", RequireScopeLayer::per_request(|_, _| None));
+        assert!(dynamic.contains("PerRequest(..)"), "{dynamic}");
+    }
+
     async fn answer_per_request(
         scopes: &[&str],
         method: http::Method,
