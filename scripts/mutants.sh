@@ -7,10 +7,9 @@
 #   scripts/mutants.sh                    # every file below, one at a time
 #   scripts/mutants.sh scope secret       # only these (names from the table below)
 #   scripts/mutants.sh --list             # the files and the tests each is checked with
-#   MUTANTS_JOBS=2 scripts/mutants.sh key # more parallel mutants: only with MUTANTS_TARGET_DIR
-#                                         # unset per job is impossible, so results of
-#                                         # parallel jobs sharing one build dir are unreliable
-#                                         # (seen: bogus MISSED); keep the default of 1
+#   MUTANTS_JOBS=2 scripts/mutants.sh key # parallel mutants: NOT reliable, every job builds
+#                                         # into the same build dir (seen: bogus MISSED);
+#                                         # keep the default of 1
 #   MUTANTS_ARGS="--re decode_hex" scripts/mutants.sh secret   # extra cargo-mutants options
 #   MUTANTS_BASELINE=skip scripts/mutants.sh secret   # tests known to pass: skip the
 #                                         # unmutated run (tests then time out at 300 s)

@@ -333,8 +333,7 @@ mod tests {
         // Optional key layer, no key: the route needs one.
         let mut req = Request::new(());
         req.extensions_mut().insert(PassedWithoutKey);
-        let (status, body, called) =
-            answer_with(RequireScopeLayer::new("read"), None, req).await;
+        let (status, body, called) = answer_with(RequireScopeLayer::new("read"), None, req).await;
         assert_eq!((status, called), (401, 0), "{body}");
         assert!(body.contains("this route requires an API key"), "{body}");
         assert!(!body.contains("no API-key layer"), "{body}");
