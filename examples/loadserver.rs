@@ -94,6 +94,13 @@ impl KeyStore for Counting {
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
         self.inner.record_usage(usage).await
     }
+    async fn apply_audited(
+        &self,
+        change: keywarden::store::KeyChange<'_>,
+        audit: &keywarden::store::AuditWrite<'_>,
+    ) -> Result<keywarden::store::Applied, StoreError> {
+        self.inner.apply_audited(change, audit).await
+    }
 }
 
 struct Args {

@@ -31,6 +31,7 @@ macro_rules! define_inner_service_accessors {
 
 // The core, in layers (see docs/architecture.md; tests/architecture.rs checks the imports):
 // foundation → limits → store → identity → cache → verification → front. Plug-ins beside it.
+pub mod audit;
 mod body;
 mod cache;
 pub mod clock;

@@ -497,6 +497,21 @@ impl SecretRing {
         self.previous.iter().map(move |p| (p.id, p.digest(key)))
     }
 
+    /// A key derived from each secret of the ring for one purpose, current first:
+    /// `HMAC-SHA256(secret, label)`. `label` must not be a possible API key (give it a NUL
+    /// byte), so a derived key is never the digest of a key a store could hold.
+    pub(crate) fn derived_keys(&self, label: &[u8]) -> Vec<(SecretId, Zeroizing<[u8; 32]>)> {
+        debug_assert!(label.contains(&0), "a label no API key can equal");
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .map(|p| {
+                let mut mac = p.mac.clone();
+                mac.update(label);
+                (p.id, Zeroizing::new(mac.finalize().into_bytes().into()))
+            })
+            .collect()
+    }
+
     /// Whether the ring holds previous secrets.
     pub fn has_previous(&self) -> bool {
         !self.previous.is_empty()

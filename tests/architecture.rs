@@ -48,8 +48,8 @@ const LAYERS: &[Row] = &[
     },
     Row {
         name: "store",
-        modules: &["store"],
-        allowed: &[],
+        modules: &["audit", "store"],
+        allowed: &[("store", "audit")],
     },
     Row {
         name: "identity",

@@ -1061,6 +1061,14 @@ impl KeyStore for Flaky {
         self.check()?;
         self.inner.record_usage(usage).await
     }
+    async fn apply_audited(
+        &self,
+        change: keywarden::store::KeyChange<'_>,
+        audit: &keywarden::store::AuditWrite<'_>,
+    ) -> Result<keywarden::store::Applied, StoreError> {
+        self.check()?;
+        self.inner.apply_audited(change, audit).await
+    }
 }
 
 #[tokio::test]
@@ -1936,6 +1944,19 @@ impl KeyStore for Racing {
     }
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
         self.inner.record_usage(usage).await
+    }
+    async fn apply_audited(
+        &self,
+        change: keywarden::store::KeyChange<'_>,
+        audit: &keywarden::store::AuditWrite<'_>,
+    ) -> Result<keywarden::store::Applied, StoreError> {
+        if let keywarden::store::KeyChange::Update { id, now, .. } = change {
+            let concurrent = self.concurrent.lock().unwrap().take();
+            if let Some(other) = concurrent {
+                self.inner.update(id, &other, now).await?;
+            }
+        }
+        self.inner.apply_audited(change, audit).await
     }
 }
 

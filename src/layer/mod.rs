@@ -322,6 +322,15 @@ impl ApiKeyLayer {
         self.verifier.admission.clock.clone()
     }
 
+    /// Where the layer reads client addresses (for failed-attempt limiting), if it does.
+    pub(crate) fn client_address_source(&self) -> Option<&crate::ratelimit::ClientAddressSource> {
+        self.verifier
+            .admission
+            .failures
+            .as_ref()
+            .map(|failures| &failures.config.address)
+    }
+
     /// The rate limit of keys that have none of their own (`None`: unlimited).
     pub(crate) fn default_rate_limit(&self) -> Option<RateLimitPolicy> {
         self.verifier.admission.limiters.default_policy

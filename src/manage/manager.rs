@@ -10,6 +10,10 @@ use uuid::Uuid;
 use super::policy::{validate_new, validate_patch, ExpiresIn};
 use super::reveal::{self, RevealKey, RevealKeyRing, RevealLimiter};
 use super::{ManageError, ManageErrorKind};
+use crate::audit::{
+    Actor, AuditAction, AuditPage, AuditQuery, AuditSealer, AuditVerification, AuditVerifier,
+    ChangeContext,
+};
 use crate::clock::{Clock, SystemClock};
 use crate::invalidation::{Invalidation, InvalidationPublisher};
 use crate::key::{ApiKey, KeyFormat};
@@ -17,8 +21,8 @@ use crate::layer::ApiKeyLayer;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{SecretId, SecretRing};
 use crate::store::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, OwnerKind, SecretRetirement,
-    UnmigratedKeys,
+    AuditWrite, ChangeOutcome, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState,
+    KeyStore, OwnerKind, SecretRetirement, StoreError, UnmigratedKeys,
 };
 
 /// Beyond this many keys a secret retirement drops whole caches rather than key by key.
@@ -145,6 +149,11 @@ pub struct CreatedKey {
 
 /// Creates and manages keys. Every change that affects verification drops the key from the
 /// caches of the layers it was told about, immediately.
+///
+/// Every change is written with its [audit event](crate::audit), in one transaction, naming
+/// the manager's [`ChangeContext`] (its actor, by default [`Actor::application`]; set one
+/// with [`with_actor`](Self::with_actor) or, per request, [`acting_as`](Self::acting_as)).
+#[derive(Clone)]
 pub struct KeyManager {
     store: Arc<dyn KeyStore>,
     pub(super) ring: SecretRing,
@@ -153,7 +162,11 @@ pub struct KeyManager {
     layers: Vec<ApiKeyLayer>,
     publishers: Vec<Arc<dyn InvalidationPublisher>>,
     pub(super) reveal: Option<RevealKeyRing>,
-    pub(super) reveal_limiter: RevealLimiter,
+    pub(super) reveal_limiter: Arc<RevealLimiter>,
+    /// Seals audit events; `None` after [`without_audit_log`](Self::without_audit_log).
+    audit: Option<AuditSealer>,
+    /// Who the changes are recorded as made by.
+    context: ChangeContext,
     /// The rate limit of keys without their own, where the keys are verified.
     default_rate_limit: Option<RateLimitPolicy>,
 }
@@ -167,6 +180,8 @@ impl fmt::Debug for KeyManager {
             .field("reveal_keys", &self.reveal)
             .field("reveal_limit", &self.reveal_limiter)
             .field("default_rate_limit", &self.default_rate_limit)
+            .field("audit_log", &self.audit.is_some())
+            .field("context", &self.context)
             .finish_non_exhaustive()
     }
 }
@@ -178,9 +193,14 @@ impl KeyManager {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Self {
             store,
-            ring: secrets,
+            ring: secrets.clone(),
             format: KeyFormat::default(),
-            reveal_limiter: RevealLimiter::new(reveal::default_reveal_limit(), clock.clone()),
+            reveal_limiter: Arc::new(RevealLimiter::new(
+                reveal::default_reveal_limit(),
+                clock.clone(),
+            )),
+            audit: Some(AuditSealer::new(&secrets)),
+            context: ChangeContext::default(),
             clock,
             layers: Vec::new(),
             publishers: Vec::new(),
@@ -196,7 +216,12 @@ impl KeyManager {
             store: layer.store().clone(),
             ring: layer.secrets().clone(),
             format: layer.key_format().clone(),
-            reveal_limiter: RevealLimiter::new(reveal::default_reveal_limit(), layer.clock()),
+            reveal_limiter: Arc::new(RevealLimiter::new(
+                reveal::default_reveal_limit(),
+                layer.clock(),
+            )),
+            audit: Some(AuditSealer::new(layer.secrets())),
+            context: ChangeContext::default(),
             clock: layer.clock(),
             layers: vec![layer.clone()],
             publishers: Vec::new(),
@@ -232,6 +257,22 @@ impl KeyManager {
         }
         defaults.dedup();
         defaults
+    }
+
+    /// The address of a request's client as the first layer that reads addresses reads it
+    /// (trusted proxies included), else the connection's.
+    #[cfg(feature = "manage-api")]
+    pub(crate) fn client_address(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Option<std::net::IpAddr> {
+        self.layers
+            .iter()
+            .find_map(ApiKeyLayer::client_address_source)
+            .cloned()
+            .unwrap_or_default()
+            .address(headers, extensions)
     }
 
     /// Whether `collection` is one of the layers' foreign (Payload CMS, Strapi) collections.
@@ -291,6 +332,38 @@ impl KeyManager {
         }
     }
 
+    /// Records changes as made by `actor` (the `keywarden` CLI uses [`Actor::Cli`]).
+    #[must_use]
+    pub fn with_actor(mut self, actor: Actor) -> Self {
+        self.context = ChangeContext::new(actor);
+        self
+    }
+
+    /// A manager like this one whose changes are recorded with `context`: the caller of one
+    /// request (the management API makes one per request). Shares everything else, the
+    /// reveal budget included.
+    #[must_use]
+    pub fn acting_as(&self, context: ChangeContext) -> Self {
+        Self {
+            context,
+            ..self.clone()
+        }
+    }
+
+    /// The context changes are recorded with.
+    pub fn context(&self) -> &ChangeContext {
+        &self.context
+    }
+
+    /// Makes changes without audit events, through the store's plain methods: only for a
+    /// custom [`KeyStore`] that keeps no audit log (the built-in stores all keep one).
+    /// Without this, such a store refuses every change ("keeps no audit log").
+    #[must_use]
+    pub fn without_audit_log(mut self) -> Self {
+        self.audit = None;
+        self
+    }
+
     /// Also invalidates this layer's cache on changes.
     #[must_use]
     pub fn invalidates(mut self, layer: &ApiKeyLayer) -> Self {
@@ -338,14 +411,14 @@ impl KeyManager {
     /// counted in this process.
     #[must_use]
     pub fn with_reveal_limit(mut self, policy: RateLimitPolicy) -> Self {
-        self.reveal_limiter = RevealLimiter::new(policy, self.clock.clone());
+        self.reveal_limiter = Arc::new(RevealLimiter::new(policy, self.clock.clone()));
         self
     }
 
     /// Sets the clock.
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.reveal_limiter = self.reveal_limiter.with_clock(clock.clone());
+        self.reveal_limiter = Arc::new(self.reveal_limiter.with_clock(clock.clone()));
         self.clock = clock;
         self
     }
@@ -484,7 +557,7 @@ impl KeyManager {
             rotated_from,
             encrypted_key: self.reveal.as_ref().map(|r| r.seal(id, &key)),
         };
-        self.store.insert(&record).await?;
+        self.apply(KeyChange::Insert(&record), None, None).await?;
         // A client may have tried this digest before it existed: drop the cached not-found.
         for layer in &self.layers {
             layer.invalidate_digest(&record.digest).await;
@@ -523,8 +596,7 @@ impl KeyManager {
     pub async fn update(&self, id: Uuid, patch: KeyPatch) -> Result<KeyRecord, ManageError> {
         validate_patch(&patch)?;
         let record = self
-            .store
-            .update(id, &patch, self.now())
+            .apply_update(id, &patch, None, None)
             .await
             .map_err(ManageError::from_update)?
             .ok_or_else(|| ManageError::not_found(id))?;
@@ -544,8 +616,7 @@ impl KeyManager {
             ..KeyPatch::default()
         };
         let record = self
-            .store
-            .update(id, &patch, self.now())
+            .apply_update(id, &patch, None, None)
             .await?
             .ok_or_else(|| ManageError::not_found(id))?;
         self.invalidate(id).await;
@@ -690,7 +761,12 @@ impl KeyManager {
             expected_updated_at: Some(old.updated_at),
             ..KeyPatch::default()
         };
-        let ended = match self.store.update(id, &patch, now).await {
+        let mut successor = serde_json::Map::new();
+        successor.insert("successor".into(), created.record.id.to_string().into());
+        let ended = match self
+            .apply_update(id, &patch, Some(AuditAction::Rotated), Some(successor))
+            .await
+        {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(ManageError::not_found(id)),
             Err(error) => Err(ManageError::from_update(error)),
@@ -698,7 +774,10 @@ impl KeyManager {
         if let Err(error) = ended {
             // Without the deadline the rotation did not happen: remove the new key, whose
             // plaintext the caller will never see.
-            if let Err(cleanup) = self.store.delete(created.record.id).await {
+            let undo = self
+                .apply(KeyChange::Delete(created.record.id), None, None)
+                .await;
+            if let Err(cleanup) = undo {
                 tracing::error!(
                     target: "keywarden",
                     key_id = %created.record.id,
@@ -718,11 +797,11 @@ impl KeyManager {
     /// # Errors
     /// [`ManageErrorKind::NotFound`] or [`ManageErrorKind::Store`].
     pub async fn delete(&self, id: Uuid) -> Result<KeyRecord, ManageError> {
-        let record = self
-            .store
-            .delete(id)
-            .await?
-            .ok_or_else(|| ManageError::not_found(id))?;
+        let ChangeOutcome::Deleted(record) = self.apply(KeyChange::Delete(id), None, None).await?
+        else {
+            unreachable!("a delete answers Deleted")
+        };
+        let record = record.ok_or_else(|| ManageError::not_found(id))?;
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, "key deleted");
         Ok(record)
@@ -762,22 +841,13 @@ impl KeyManager {
                 unmigrated: Vec::new(),
             });
         }
-        let mut outcome = self
-            .store
-            .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
-            .await?;
+        let mut outcome = self.retire(secret_id, UnmigratedKeys::Refuse).await?;
         if !outcome.retired && self.reveal.is_some() {
             self.migrate_revealable(&outcome.unmigrated).await?;
-            outcome = self
-                .store
-                .retire_secret(secret_id, UnmigratedKeys::Refuse, self.now())
-                .await?;
+            outcome = self.retire(secret_id, UnmigratedKeys::Refuse).await?;
         }
         if !outcome.retired && unmigrated == UnmigratedKeys::Revoke {
-            outcome = self
-                .store
-                .retire_secret(secret_id, UnmigratedKeys::Revoke, self.now())
-                .await?;
+            outcome = self.retire(secret_id, UnmigratedKeys::Revoke).await?;
         }
         if !outcome.retired {
             let count = outcome.unmigrated.len();
@@ -856,6 +926,172 @@ impl KeyManager {
             }
         }
         Ok(())
+    }
+
+    /// Makes a change with its audit event (in one transaction), or without one after
+    /// [`without_audit_log`](Self::without_audit_log).
+    async fn apply(
+        &self,
+        change: KeyChange<'_>,
+        action: Option<AuditAction>,
+        details: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<ChangeOutcome, StoreError> {
+        self.apply_as(change, action, details, &self.context).await
+    }
+
+    pub(super) async fn apply_as(
+        &self,
+        change: KeyChange<'_>,
+        action: Option<AuditAction>,
+        details: Option<serde_json::Map<String, serde_json::Value>>,
+        context: &ChangeContext,
+    ) -> Result<ChangeOutcome, StoreError> {
+        let Some(sealer) = &self.audit else {
+            return Ok(match change {
+                KeyChange::Insert(record) => {
+                    self.store.insert(record).await?;
+                    ChangeOutcome::Inserted
+                }
+                KeyChange::Update { id, patch, now } => {
+                    ChangeOutcome::Updated(self.store.update(id, patch, now).await?)
+                }
+                KeyChange::Delete(id) => ChangeOutcome::Deleted(self.store.delete(id).await?),
+                KeyChange::RetireSecret {
+                    secret_id,
+                    unmigrated,
+                    now,
+                } => ChangeOutcome::Retired(
+                    self.store.retire_secret(secret_id, unmigrated, now).await?,
+                ),
+                KeyChange::Note(_) => ChangeOutcome::Noted,
+            });
+        };
+        let details = details.unwrap_or_default();
+        let write = AuditWrite {
+            sealer,
+            context,
+            at: self.now(),
+            action,
+            details: &details,
+        };
+        Ok(self.store.apply_audited(change, &write).await?.outcome)
+    }
+
+    async fn apply_update(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        action: Option<AuditAction>,
+        details: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let now = self.now();
+        match self
+            .apply(KeyChange::Update { id, patch, now }, action, details)
+            .await?
+        {
+            ChangeOutcome::Updated(record) => Ok(record),
+            _ => unreachable!("an update answers Updated"),
+        }
+    }
+
+    async fn retire(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+    ) -> Result<SecretRetirement, StoreError> {
+        let now = self.now();
+        let change = KeyChange::RetireSecret {
+            secret_id,
+            unmigrated,
+            now,
+        };
+        match self.apply(change, None, None).await? {
+            ChangeOutcome::Retired(outcome) => Ok(outcome),
+            _ => unreachable!("a retirement answers Retired"),
+        }
+    }
+
+    /// One page of the audit log, oldest first. Changes made with plain SQL (PostgreSQL) are
+    /// sealed into the log first.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::Store`], also when the store keeps no audit log.
+    pub async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, ManageError> {
+        if let Some(sealer) = &self.audit {
+            self.store.seal_pending_audit(sealer).await?;
+        }
+        Ok(self.store.audit_events(query).await?)
+    }
+
+    /// Checks the whole audit log, from its retention checkpoint (if events were pruned) to
+    /// its last event: every event numbered after the one before and sealed over it under a
+    /// secret of this manager's ring. Stops at the first break.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::Store`], also when the store keeps no audit log or the manager was
+    /// built [`without_audit_log`](Self::without_audit_log).
+    pub async fn verify_audit(&self) -> Result<AuditVerification, ManageError> {
+        let Some(sealer) = &self.audit else {
+            return Err(crate::store::no_audit_log().into());
+        };
+        self.store.seal_pending_audit(sealer).await?;
+        let checkpoint = self.store.audit_checkpoint().await?;
+        let mut verification = AuditVerification {
+            checked: 0,
+            checkpoint: checkpoint.as_ref().map(|c| c.head),
+            head: crate::audit::ChainHead::GENESIS,
+            broken: None,
+        };
+        let mut verifier = match AuditVerifier::new(sealer, checkpoint.as_ref()) {
+            Ok(verifier) => verifier,
+            Err(broken) => {
+                verification.broken = Some((0, broken));
+                return Ok(verification);
+            }
+        };
+        let mut query = AuditQuery {
+            limit: AuditQuery::MAX_LIMIT,
+            ..AuditQuery::default()
+        };
+        'pages: loop {
+            let page = self.store.audit_events(&query).await?;
+            for event in &page.items {
+                if let Err(broken) = verifier.next(event) {
+                    verification.broken = Some((event.seq, broken));
+                    break 'pages;
+                }
+            }
+            match page.next_cursor {
+                Some(cursor) => query.after = Some(cursor),
+                None => break,
+            }
+        }
+        verification.checked = verifier.checked();
+        verification.head = verifier.head();
+        Ok(verification)
+    }
+
+    /// Deletes the audit events older than `retention` (by number: every event up to the
+    /// last one dated before now − `retention`), leaving a sealed checkpoint so the rest
+    /// stays verifiable. Returns how many were deleted.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::Invalid`] for a negative retention, [`ManageErrorKind::Store`].
+    pub async fn prune_audit(&self, retention: Duration) -> Result<u64, ManageError> {
+        if retention.is_negative() {
+            return Err(ManageError::invalid(
+                "retention",
+                "the retention cannot be negative",
+            ));
+        }
+        let Some(sealer) = &self.audit else {
+            return Err(crate::store::no_audit_log().into());
+        };
+        let before = self
+            .now()
+            .checked_sub(retention)
+            .ok_or_else(|| ManageError::invalid("retention", "the retention is too long"))?;
+        Ok(self.store.prune_audit(before, sealer).await?)
     }
 
     async fn invalidate(&self, id: Uuid) {

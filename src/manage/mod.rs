@@ -26,7 +26,7 @@ mod manager;
 mod policy;
 mod reveal;
 
-pub use actor::Actor;
+pub use crate::audit::Actor;
 pub use error::{ManageError, ManageErrorKind};
 #[cfg(feature = "manage-api")]
 pub use http::{management_router, openapi};

@@ -53,13 +53,14 @@ use uuid::Uuid;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{Actor, KeyManager, ManageError, ManageErrorKind};
+use crate::audit::ChangeContext;
 use crate::clock::Clock;
 use crate::key::ApiKey;
 use crate::ratelimit::{LocalLimiter, RateLimitPolicy};
 use crate::secret::{
     read_ring, weakness, LoadError, RingVars, Secret, SecretError, MIN_SECRET_LEN,
 };
-use crate::store::KeyState;
+use crate::store::{KeyChange, KeyState};
 
 /// Environment variable holding the current reveal key (at least 32 bytes, like the secret).
 pub const REVEAL_KEY_ENV: &str = "KEYWARDEN_REVEAL_KEY";
@@ -806,6 +807,13 @@ impl KeyManager {
                  altered, moved from another key, or sealed under a reveal key not configured",
             ),
         })?;
+        // The event first: a reveal that cannot be recorded does not happen.
+        let context = ChangeContext {
+            actor: actor.clone(),
+            ..self.context().clone()
+        };
+        self.apply_as(KeyChange::Note(&record), None, None, &context)
+            .await?;
         let resealed = !unsealed.current && self.reseal(id, sealed, ring, &unsealed.key).await;
         Ok(Revealed {
             key: unsealed.key,

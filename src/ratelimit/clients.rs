@@ -243,7 +243,7 @@ struct Window {
 /// Instants are nanoseconds of the clock's monotonic reading since `origin`: a wall clock
 /// stepped back must not stretch a block, nor one stepped forward lift it.
 pub(crate) struct FailureTracker {
-    config: FailedAttemptLimit,
+    pub(crate) config: FailedAttemptLimit,
     clock: Arc<dyn Clock>,
     origin: std::time::Instant,
     windows: moka::sync::Cache<IpAddr, Arc<Window>>,

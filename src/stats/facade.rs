@@ -498,11 +498,17 @@ mod tests {
         async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
             self.inner.record_usage(usage).await
         }
+        async fn apply_audited(
+            &self,
+            change: crate::store::KeyChange<'_>,
+            audit: &crate::store::AuditWrite<'_>,
+        ) -> Result<crate::store::Applied, StoreError> {
+            self.inner.apply_audited(change, audit).await
+        }
         fn observe(&self, observer: Weak<dyn StoreObserver>) {
             self.inner.observe(observer);
         }
     }
-
     #[tokio::test]
     async fn store_errors_stale_answers_and_unavailable_match_the_stats() {
         let store = Arc::new(Flaky::default());

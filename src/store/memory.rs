@@ -6,9 +6,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    no_secret, retired_placeholder, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage,
-    Observers, SecretRetirement, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
+    no_secret, retired_placeholder, Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage,
+    KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, Observers, SecretRetirement, StoreError,
+    StoreErrorKind, StoreObserver, UnmigratedKeys,
 };
+use crate::audit::{AuditCheckpoint, AuditEvent, AuditPage, AuditQuery, AuditSealer, ChainHead};
 use crate::secret::{Digest, SecretId};
 
 /// An in-process store for tests, examples and single-process tools. Nothing is persisted.
@@ -25,6 +27,9 @@ struct Inner {
     by_digest: HashMap<Digest, Uuid>,
     /// Digests added after creation ([`KeyStore::add_digest`]), per key.
     added: HashMap<Uuid, Vec<(SecretId, Digest)>>,
+    /// The audit log, in number order, and the retention checkpoint.
+    audit: Vec<AuditEvent>,
+    checkpoint: Option<AuditCheckpoint>,
 }
 
 impl MemoryStore {
@@ -57,7 +62,8 @@ impl MemoryStore {
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        self.observers.created(self.insert_unobserved(record).await)
+        self.observers
+            .created(Self::insert_in(&mut self.write(), record))
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
@@ -80,7 +86,7 @@ impl KeyStore for MemoryStore {
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.observers
-            .changed(self.update_unobserved(id, patch, now).await)
+            .changed(Self::update_in(&mut self.write(), id, patch, now))
     }
 
     async fn add_digest(
@@ -114,14 +120,17 @@ impl KeyStore for MemoryStore {
         unmigrated: UnmigratedKeys,
         now: OffsetDateTime,
     ) -> Result<SecretRetirement, StoreError> {
-        self.observers.changed_all(
-            self.retire_secret_unobserved(secret_id, unmigrated, now)
-                .await,
-        )
+        self.observers.changed_all(Self::retire_secret_in(
+            &mut self.write(),
+            secret_id,
+            unmigrated,
+            now,
+        ))
     }
 
     async fn delete(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.observers.changed(self.delete_unobserved(id).await)
+        self.observers
+            .changed(Self::delete_in(&mut self.write(), id))
     }
 
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
@@ -155,6 +164,94 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 
+    async fn apply_audited(
+        &self,
+        change: KeyChange<'_>,
+        audit: &AuditWrite<'_>,
+    ) -> Result<Applied, StoreError> {
+        // One write lock over the change and its event: nothing lands between them.
+        let mut inner = self.write();
+        let (outcome, entry) = match change {
+            KeyChange::Insert(record) => {
+                self.observers
+                    .created(Self::insert_in(&mut inner, record))?;
+                (ChangeOutcome::Inserted, Some(audit.created(record)))
+            }
+            KeyChange::Update { id, patch, now } => {
+                let before = inner.by_id.get(&id).cloned();
+                let after = self
+                    .observers
+                    .changed(Self::update_in(&mut inner, id, patch, now))?;
+                let entry = before
+                    .zip(after.as_ref())
+                    .map(|(b, a)| audit.updated(&b, a));
+                (ChangeOutcome::Updated(after), entry)
+            }
+            KeyChange::Delete(id) => {
+                let gone = self.observers.changed(Self::delete_in(&mut inner, id))?;
+                let entry = gone.as_ref().map(|r| audit.deleted(r));
+                (ChangeOutcome::Deleted(gone), entry)
+            }
+            KeyChange::RetireSecret {
+                secret_id,
+                unmigrated,
+                now,
+            } => {
+                let outcome = self.observers.changed_all(Self::retire_secret_in(
+                    &mut inner, secret_id, unmigrated, now,
+                ))?;
+                let entry = outcome.retired.then(|| audit.retired(secret_id, &outcome));
+                (ChangeOutcome::Retired(outcome), entry)
+            }
+            KeyChange::Note(record) => (ChangeOutcome::Noted, Some(audit.noted(record))),
+        };
+        let event = entry.map(|entry| {
+            let head = inner
+                .audit
+                .last()
+                .map(AuditEvent::head)
+                .or(inner.checkpoint.as_ref().map(|c| c.head))
+                .unwrap_or(ChainHead::GENESIS);
+            let event = audit.sealer.seal(head, &entry);
+            inner.audit.push(event.clone());
+            event
+        });
+        Ok(Applied { outcome, event })
+    }
+
+    async fn audit_events(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        let inner = self.read();
+        let after = query.after.unwrap_or(0);
+        let start = inner.audit.partition_point(|e| e.seq <= after);
+        let limit = query.effective_limit();
+        let items = inner.audit[start..]
+            .iter()
+            .filter(|e| query.matches(e))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        Ok(AuditPage::from_overfetch(items, limit))
+    }
+
+    async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
+        Ok(self.read().checkpoint.clone())
+    }
+
+    async fn prune_audit(
+        &self,
+        before: OffsetDateTime,
+        sealer: &AuditSealer,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.write();
+        let Some(last) = inner.audit.iter().rposition(|e| e.at < before) else {
+            return Ok(0);
+        };
+        let head = inner.audit[last].head();
+        inner.audit.drain(..=last);
+        inner.checkpoint = Some(sealer.checkpoint(head));
+        Ok(last as u64 + 1)
+    }
+
     fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
         self.observers.add(observer);
     }
@@ -162,8 +259,7 @@ impl KeyStore for MemoryStore {
 
 /// The writes themselves; the `KeyStore` methods add the in-process change notices.
 impl MemoryStore {
-    async fn insert_unobserved(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let mut inner = self.write();
+    fn insert_in(inner: &mut Inner, record: &KeyRecord) -> Result<(), StoreError> {
         if inner.by_id.contains_key(&record.id) || inner.by_digest.contains_key(&record.digest) {
             return Err(StoreError::new(
                 StoreErrorKind::Conflict,
@@ -175,13 +271,12 @@ impl MemoryStore {
         Ok(())
     }
 
-    async fn update_unobserved(
-        &self,
+    fn update_in(
+        inner: &mut Inner,
         id: Uuid,
         patch: &KeyPatch,
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let mut inner = self.write();
         let Some(record) = inner.by_id.get_mut(&id) else {
             return Ok(None);
         };
@@ -203,6 +298,7 @@ impl MemoryStore {
             by_id,
             by_digest,
             added,
+            ..
         } = &mut *inner;
         match by_digest.get(new) {
             Some(owner) if *owner != id => {
@@ -230,18 +326,18 @@ impl MemoryStore {
         Ok(true)
     }
 
-    async fn retire_secret_unobserved(
-        &self,
+    fn retire_secret_in(
+        inner: &mut Inner,
         secret_id: SecretId,
         unmigrated: UnmigratedKeys,
         now: OffsetDateTime,
     ) -> Result<SecretRetirement, StoreError> {
-        let mut inner = self.write();
         let Inner {
             by_id,
             by_digest,
             added,
-        } = &mut *inner;
+            ..
+        } = inner;
         let only_under = |record: &KeyRecord| {
             record.secret_id == secret_id
                 && added
@@ -304,8 +400,7 @@ impl MemoryStore {
         Ok(outcome)
     }
 
-    async fn delete_unobserved(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let mut inner = self.write();
+    fn delete_in(inner: &mut Inner, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let removed = inner.by_id.remove(&id);
         if let Some(record) = &removed {
             inner.by_digest.remove(&record.digest);

@@ -21,9 +21,11 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::audit::{AuditCheckpoint, AuditPage, AuditQuery, AuditSealer};
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
 
+mod audited;
 mod foreign;
 mod memory;
 mod none;
@@ -35,6 +37,8 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+pub(crate) use audited::no_audit_log;
+pub use audited::{Applied, AuditWrite, ChangeOutcome, KeyChange};
 pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};
 pub use memory::MemoryStore;
 pub(crate) use none::NoStore;
@@ -659,6 +663,70 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// reached, [`StoreErrorKind::Schema`] when migrations are missing.
     async fn check_ready(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Applies a management change and appends its [audit event](crate::audit) **in one
+    /// transaction**: the event is numbered after the log's last one and sealed with
+    /// `audit.sealer`, and if it cannot be written the change is not made either. An update
+    /// or delete of an unknown id, or a refused secret retirement, writes nothing. Observers
+    /// hear of the change as from the plain method.
+    ///
+    /// [`KeyManager`](crate::KeyManager) makes every change through this method. The default
+    /// implementation fails (the store keeps no audit log); the built-in stores implement it.
+    ///
+    /// # Errors
+    /// As the plain method of the change.
+    async fn apply_audited(
+        &self,
+        change: KeyChange<'_>,
+        audit: &AuditWrite<'_>,
+    ) -> Result<Applied, StoreError> {
+        let _ = (change, audit);
+        Err(no_audit_log())
+    }
+
+    /// One page of the audit log, in number order. The default fails (no audit log).
+    ///
+    /// # Errors
+    /// As the store's other reads.
+    async fn audit_events(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        let _ = query;
+        Err(no_audit_log())
+    }
+
+    /// The retention checkpoint, once events have been pruned. The default fails (no audit
+    /// log).
+    ///
+    /// # Errors
+    /// As the store's other reads.
+    async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
+        Err(no_audit_log())
+    }
+
+    /// Deletes the events dated before `before` (by number: every event up to the last one
+    /// dated before it) and seals a checkpoint at the last deleted one, in one transaction.
+    /// Returns how many were deleted. The default fails (no audit log).
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn prune_audit(
+        &self,
+        before: OffsetDateTime,
+        sealer: &AuditSealer,
+    ) -> Result<u64, StoreError> {
+        let _ = (before, sealer);
+        Err(no_audit_log())
+    }
+
+    /// Seals changes recorded without keywarden (plain SQL on PostgreSQL, caught by a
+    /// trigger) into the log; returns how many. Audited writes do it first, in their own
+    /// transaction; readers call it before reading. The default has none to seal.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn seal_pending_audit(&self, sealer: &AuditSealer) -> Result<u64, StoreError> {
+        let _ = sealer;
+        Ok(0)
     }
 
     /// Whether the store refuses every write ([`StoreErrorKind::ReadOnly`]). The layer never

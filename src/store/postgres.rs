@@ -14,8 +14,13 @@ use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
 use super::{
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind,
-    SecretRetirement, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
+    Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord,
+    KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange, StoreError,
+    StoreErrorKind, StoreObserver, UnmigratedKeys,
+};
+use crate::audit::{
+    Actor, AuditCheckpoint, AuditEntry, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer,
+    ChainHead, ChangeContext,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
@@ -379,6 +384,179 @@ impl KeyStore for PostgresStore {
         }
     }
 
+    async fn apply_audited(
+        &self,
+        change: KeyChange<'_>,
+        audit: &AuditWrite<'_>,
+    ) -> Result<Applied, StoreError> {
+        let map = |e| store_error("writing a change and its audit event failed", e);
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        begin_audited(&mut tx).await?;
+        seal_pending(&mut tx, audit.sealer).await?;
+        let (outcome, entry) = match change {
+            KeyChange::Insert(record) => {
+                insert_in(&mut tx, record).await?;
+                (ChangeOutcome::Inserted, Some(audit.created(record)))
+            }
+            KeyChange::Update { id, patch, now } => {
+                let updated = update_in(&mut tx, id, patch, now).await?;
+                let entry = updated.as_ref().map(|(b, a)| audit.updated(b, a));
+                (ChangeOutcome::Updated(updated.map(|(_, a)| a)), entry)
+            }
+            KeyChange::Delete(id) => {
+                let gone = delete_in(&mut tx, id).await?;
+                let entry = gone.as_ref().map(|r| audit.deleted(r));
+                (ChangeOutcome::Deleted(gone), entry)
+            }
+            KeyChange::RetireSecret {
+                secret_id,
+                unmigrated,
+                now,
+            } => {
+                let outcome = retire_secret_in(&mut tx, secret_id, unmigrated, now).await?;
+                let entry = outcome.retired.then(|| audit.retired(secret_id, &outcome));
+                (ChangeOutcome::Retired(outcome), entry)
+            }
+            KeyChange::Note(record) => (ChangeOutcome::Noted, Some(audit.noted(record))),
+        };
+        let event = match entry {
+            Some(entry) => {
+                let head = audit_head(&mut tx).await?;
+                let event = audit.sealer.seal(head, &entry);
+                insert_event(&mut tx, &event).await?;
+                Some(event)
+            }
+            None => None,
+        };
+        tx.commit().await.map_err(map)?;
+        match &outcome {
+            ChangeOutcome::Inserted => self.observers.notify(StoreChange::Created),
+            ChangeOutcome::Updated(Some(r)) | ChangeOutcome::Deleted(Some(r)) => {
+                self.observers.notify(StoreChange::Key(r.id));
+            }
+            ChangeOutcome::Retired(r) if r.retired => self.observers.notify(StoreChange::All),
+            _ => {}
+        }
+        Ok(Applied { outcome, event })
+    }
+
+    async fn audit_events(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        let limit = query.effective_limit();
+        let mut sql = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {AUDIT_COLUMNS} FROM keywarden_audit WHERE seq > "
+        ));
+        sql.push_bind(clamp_i64(query.after.unwrap_or(0)));
+        if let Some(id) = query.key_id {
+            sql.push(" AND key_id = ").push_bind(id);
+        }
+        if let Some(actor) = &query.actor {
+            sql.push(" AND (actor = ")
+                .push_bind(actor.as_str())
+                .push(" OR actor_kind = ")
+                .push_bind(actor.as_str())
+                .push(")");
+        }
+        if let Some(action) = query.action {
+            sql.push(" AND action = ").push_bind(action.as_str());
+        }
+        if let Some(collection) = &query.collection {
+            sql.push(" AND collection = ")
+                .push_bind(collection.as_str());
+        }
+        if let Some(subject) = &query.subject {
+            sql.push(" AND subject = ").push_bind(subject.as_str());
+        }
+        if let Some(since) = query.since {
+            sql.push(" AND at >= ").push_bind(micros(since));
+        }
+        if let Some(until) = query.until {
+            sql.push(" AND at < ").push_bind(micros(until));
+        }
+        sql.push(" ORDER BY seq LIMIT ").push_bind(limit as i64 + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("reading the audit log failed", e))?;
+        let items = rows
+            .iter()
+            .map(decode_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(AuditPage::from_overfetch(items, limit))
+    }
+
+    async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| store_error("reading the audit checkpoint failed", e))?;
+        read_checkpoint(&mut conn).await
+    }
+
+    async fn prune_audit(
+        &self,
+        before: OffsetDateTime,
+        sealer: &AuditSealer,
+    ) -> Result<u64, StoreError> {
+        let map = |e| store_error("pruning the audit log failed", e);
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        begin_audited(&mut tx).await?;
+        let last: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, mac FROM keywarden_audit WHERE seq = \
+             (SELECT max(seq) FROM keywarden_audit WHERE at < $1)",
+        )
+        .bind(micros(before))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map)?;
+        let Some((seq, mac)) = last else {
+            return Ok(0);
+        };
+        let head = ChainHead {
+            seq: u64::try_from(seq).map_err(|_| corrupt("seq", "negative"))?,
+            mac: AuditMac::from_bytes(bytes(mac, "mac")?),
+        };
+        let checkpoint = sealer.checkpoint(head);
+        let deleted = sqlx::query("DELETE FROM keywarden_audit WHERE seq <= $1")
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?
+            .rows_affected();
+        sqlx::query(
+            "INSERT INTO keywarden_audit_checkpoint (id, seq, mac, sealed_by, seal) \
+             VALUES (1, $1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, \
+             mac = excluded.mac, sealed_by = excluded.sealed_by, seal = excluded.seal",
+        )
+        .bind(seq)
+        .bind(checkpoint.head.mac.as_bytes().as_slice())
+        .bind(checkpoint.sealed_by.as_bytes().as_slice())
+        .bind(checkpoint.seal.as_bytes().as_slice())
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        tx.commit().await.map_err(map)?;
+        Ok(deleted)
+    }
+
+    async fn seal_pending_audit(&self, sealer: &AuditSealer) -> Result<u64, StoreError> {
+        let map = |e| store_error("sealing plain-SQL changes into the audit log failed", e);
+        // Cheap when there is nothing: no lock taken.
+        let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM keywarden_audit_pending)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map)?;
+        if !any {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        begin_audited(&mut tx).await?;
+        let sealed = seal_pending(&mut tx, sealer).await?;
+        tx.commit().await.map_err(map)?;
+        Ok(sealed)
+    }
+
     fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
         self.observers.add(observer);
     }
@@ -387,37 +565,12 @@ impl KeyStore for PostgresStore {
 /// The writes themselves; the `KeyStore` methods add the in-process change notices.
 impl PostgresStore {
     async fn insert_unobserved(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "INSERT INTO keywarden_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
-        ))
-        .bind(record.id)
-        .bind(record.digest.as_bytes().as_slice())
-        .bind(record.secret_id.as_bytes().as_slice())
-        .bind(&record.display_start)
-        .bind(&record.name)
-        .bind(&record.description)
-        .bind(&record.collection)
-        .bind(&record.subject)
-        .bind(record.owner_kind.as_str())
-        .bind(record.scopes.as_slice())
-        .bind(&record.environment)
-        .bind(record.read_only)
-        .bind(Json(&record.metadata))
-        .bind(record.rate_limit.map(|p| p.to_string()))
-        .bind(micros(record.created_at))
-        .bind(micros(record.updated_at))
-        .bind(record.expires_at.map(micros))
-        .bind(record.last_used_at.map(micros))
-        .bind(clamp_i64(record.use_count))
-        .bind(record.revoked_at.map(micros))
-        .bind(record.disabled)
-        .bind(record.rotated_from)
-        .bind(record.encrypted_key.as_deref())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| store_error("inserting a key failed", e))?;
-        Ok(())
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| store_error("inserting a key failed", e))?;
+        insert_in(&mut conn, record).await
     }
 
     async fn update_unobserved(
@@ -426,55 +579,34 @@ impl PostgresStore {
         patch: &KeyPatch,
         now: OffsetDateTime,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let context = "updating a key failed";
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| store_error(context, e))?;
-        let Some(row) = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1 FOR UPDATE"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| store_error(context, e))?
-        else {
-            tx.rollback().await.map_err(|e| store_error(context, e))?;
-            return Ok(None);
-        };
-        let mut record = decode_row(&row)?;
-        // No other write lands between this read and the write below (the transaction holds
-        // the lock), so the version checked is the one overwritten.
-        if let Err(stale) = patch.check_expected(&record) {
-            tx.rollback().await.map_err(|e| store_error(context, e))?;
-            return Err(stale);
-        }
-        patch.apply_to(&mut record, now);
-        let row = sqlx::query(&format!(
-            "UPDATE keywarden_keys SET name = $1, description = $2, scopes = $3, \
-             read_only = $4, metadata = $5, rate_limit = $6, expires_at = $7, revoked_at = $8, \
-             disabled = $9, updated_at = $10 WHERE id = $11 RETURNING {COLUMNS}"
-        ))
-        .bind(&record.name)
-        .bind(&record.description)
-        .bind(record.scopes.as_slice())
-        .bind(record.read_only)
-        .bind(Json(&record.metadata))
-        .bind(record.rate_limit.map(|p| p.to_string()))
-        .bind(record.expires_at.map(micros))
-        .bind(record.revoked_at.map(micros))
-        .bind(record.disabled)
-        .bind(micros(record.updated_at))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| store_error(context, e))?;
-        let updated = decode_row(&row)?;
-        tx.commit().await.map_err(|e| store_error(context, e))?;
-        Ok(Some(updated))
+        let map = |e| store_error("updating a key failed", e);
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        let updated = update_in(&mut tx, id, patch, now).await?;
+        tx.commit().await.map_err(map)?;
+        Ok(updated.map(|(_, after)| after))
     }
 
+    async fn retire_secret_unobserved(
+        &self,
+        secret_id: SecretId,
+        unmigrated: UnmigratedKeys,
+        now: OffsetDateTime,
+    ) -> Result<SecretRetirement, StoreError> {
+        let map = |e| store_error("retiring a secret failed", e);
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        let outcome = retire_secret_in(&mut tx, secret_id, unmigrated, now).await?;
+        tx.commit().await.map_err(map)?;
+        Ok(outcome)
+    }
+
+    async fn delete_unobserved(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| store_error("deleting a key failed", e))?;
+        delete_in(&mut conn, id).await
+    }
     async fn add_digest_unobserved(
         &self,
         id: Uuid,
@@ -520,108 +652,348 @@ impl PostgresStore {
             _ => Ok(false),
         }
     }
+}
 
-    async fn retire_secret_unobserved(
-        &self,
-        secret_id: SecretId,
-        unmigrated: UnmigratedKeys,
-        now: OffsetDateTime,
-    ) -> Result<SecretRetirement, StoreError> {
-        let context = "retiring a secret failed";
-        let secret = secret_id.as_bytes().as_slice();
-        let map = |e| store_error(context, e);
-        let mut tx = self.pool.begin().await.map_err(map)?;
-        // No digest may be added while the retirement decides which keys have one: adding
-        // waits, then finds its `found_by` digest gone. Lookups are not blocked.
-        sqlx::query("LOCK TABLE keywarden_key_digests IN SHARE ROW EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await
-            .map_err(map)?;
-        let stranded: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM keywarden_keys AS k WHERE k.secret_id = $1 AND k.revoked_at IS NULL \
-             AND NOT EXISTS (SELECT 1 FROM keywarden_key_digests AS d \
-                 WHERE d.key_id = k.id AND d.secret_id <> $1) ORDER BY id FOR UPDATE",
-        )
-        .bind(secret)
-        .fetch_all(&mut *tx)
+/// The writes, on a connection (in a transaction where they need one).
+async fn insert_in(conn: &mut PgConnection, record: &KeyRecord) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "INSERT INTO keywarden_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+    ))
+    .bind(record.id)
+    .bind(record.digest.as_bytes().as_slice())
+    .bind(record.secret_id.as_bytes().as_slice())
+    .bind(&record.display_start)
+    .bind(&record.name)
+    .bind(&record.description)
+    .bind(&record.collection)
+    .bind(&record.subject)
+    .bind(record.owner_kind.as_str())
+    .bind(record.scopes.as_slice())
+    .bind(&record.environment)
+    .bind(record.read_only)
+    .bind(Json(&record.metadata))
+    .bind(record.rate_limit.map(|p| p.to_string()))
+    .bind(micros(record.created_at))
+    .bind(micros(record.updated_at))
+    .bind(record.expires_at.map(micros))
+    .bind(record.last_used_at.map(micros))
+    .bind(clamp_i64(record.use_count))
+    .bind(record.revoked_at.map(micros))
+    .bind(record.disabled)
+    .bind(record.rotated_from)
+    .bind(record.encrypted_key.as_deref())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| store_error("inserting a key failed", e))?;
+    Ok(())
+}
+
+/// The record before and after, or `None` for an unknown id. In a transaction.
+async fn update_in(
+    conn: &mut PgConnection,
+    id: Uuid,
+    patch: &KeyPatch,
+    now: OffsetDateTime,
+) -> Result<Option<(KeyRecord, KeyRecord)>, StoreError> {
+    let context = "updating a key failed";
+    let Some(row) = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| store_error(context, e))?
+    else {
+        return Ok(None);
+    };
+    let mut record = decode_row(&row)?;
+    let before = record.clone();
+    // No other write lands between this read and the write below (the transaction holds
+    // the lock), so the version checked is the one overwritten.
+    patch.check_expected(&record)?;
+    patch.apply_to(&mut record, now);
+    let row = sqlx::query(&format!(
+        "UPDATE keywarden_keys SET name = $1, description = $2, scopes = $3, \
+             read_only = $4, metadata = $5, rate_limit = $6, expires_at = $7, revoked_at = $8, \
+             disabled = $9, updated_at = $10 WHERE id = $11 RETURNING {COLUMNS}"
+    ))
+    .bind(&record.name)
+    .bind(&record.description)
+    .bind(record.scopes.as_slice())
+    .bind(record.read_only)
+    .bind(Json(&record.metadata))
+    .bind(record.rate_limit.map(|p| p.to_string()))
+    .bind(record.expires_at.map(micros))
+    .bind(record.revoked_at.map(micros))
+    .bind(record.disabled)
+    .bind(micros(record.updated_at))
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| store_error(context, e))?;
+    let updated = decode_row(&row)?;
+    Ok(Some((before, updated)))
+}
+
+/// In a transaction.
+async fn retire_secret_in(
+    conn: &mut PgConnection,
+    secret_id: SecretId,
+    unmigrated: UnmigratedKeys,
+    now: OffsetDateTime,
+) -> Result<SecretRetirement, StoreError> {
+    let context = "retiring a secret failed";
+    let secret = secret_id.as_bytes().as_slice();
+    let map = |e| store_error(context, e);
+    // No digest may be added while the retirement decides which keys have one: adding
+    // waits, then finds its `found_by` digest gone. Lookups are not blocked.
+    sqlx::query("LOCK TABLE keywarden_key_digests IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *conn)
         .await
         .map_err(map)?;
-        if unmigrated == UnmigratedKeys::Refuse && !stranded.is_empty() {
-            tx.rollback().await.map_err(map)?;
-            return Ok(SecretRetirement {
-                retired: false,
-                unmigrated: stranded,
-                ..SecretRetirement::default()
-            });
-        }
-        // The lowest other digest becomes the record's; then it is no longer an added one.
-        let promoted: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE keywarden_keys AS k SET digest = p.digest, secret_id = p.secret_id \
+    let stranded: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM keywarden_keys AS k WHERE k.secret_id = $1 AND k.revoked_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM keywarden_key_digests AS d \
+                 WHERE d.key_id = k.id AND d.secret_id <> $1) ORDER BY id FOR UPDATE",
+    )
+    .bind(secret)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map)?;
+    if unmigrated == UnmigratedKeys::Refuse && !stranded.is_empty() {
+        return Ok(SecretRetirement {
+            retired: false,
+            unmigrated: stranded,
+            ..SecretRetirement::default()
+        });
+    }
+    // The lowest other digest becomes the record's; then it is no longer an added one.
+    let promoted: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE keywarden_keys AS k SET digest = p.digest, secret_id = p.secret_id \
              FROM (SELECT DISTINCT ON (d.key_id) d.key_id, d.digest, d.secret_id \
                    FROM keywarden_key_digests AS d JOIN keywarden_keys AS o ON o.id = d.key_id \
                    WHERE o.secret_id = $1 AND d.secret_id <> $1 \
                    ORDER BY d.key_id, d.digest) AS p \
              WHERE k.id = p.key_id RETURNING k.id",
-        )
-        .bind(secret)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map)?;
-        sqlx::query(
-            "DELETE FROM keywarden_key_digests AS d USING keywarden_keys AS k \
+    )
+    .bind(secret)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map)?;
+    sqlx::query(
+        "DELETE FROM keywarden_key_digests AS d USING keywarden_keys AS k \
              WHERE k.id = d.key_id AND k.digest = d.digest",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(map)?;
-        let dropped: Vec<Uuid> = sqlx::query_scalar(
-            "DELETE FROM keywarden_key_digests WHERE secret_id = $1 RETURNING key_id",
-        )
-        .bind(secret)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map)?;
-        // What is left under the secret had no other digest: a placeholder, and revoked.
-        let placeholders: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE keywarden_keys SET \
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(map)?;
+    let dropped: Vec<Uuid> = sqlx::query_scalar(
+        "DELETE FROM keywarden_key_digests WHERE secret_id = $1 RETURNING key_id",
+    )
+    .bind(secret)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map)?;
+    // What is left under the secret had no other digest: a placeholder, and revoked.
+    let placeholders: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE keywarden_keys SET \
              digest = '\\x00000000000000000000000000000000'::bytea || uuid_send(id), \
              secret_id = '\\x0000000000000000'::bytea, \
              revoked_at = coalesce(revoked_at, $2), updated_at = $2 \
              WHERE secret_id = $1 RETURNING id",
-        )
-        .bind(secret)
-        .bind(micros(now))
-        .fetch_all(&mut *tx)
+    )
+    .bind(secret)
+    .bind(micros(now))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map)?;
+    let dropped_count = promoted.len() + dropped.len() + placeholders.len();
+    let mut affected: Vec<Uuid> = promoted
+        .into_iter()
+        .chain(dropped)
+        .chain(placeholders)
+        .collect();
+    affected.sort();
+    affected.dedup();
+    Ok(SecretRetirement {
+        retired: true,
+        dropped: dropped_count as u64,
+        unmigrated: stranded,
+        affected,
+    })
+}
+
+async fn delete_in(conn: &mut PgConnection, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+    sqlx::query(&format!(
+        "DELETE FROM keywarden_keys WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| store_error("deleting a key failed", e))?
+    .map(|row| decode_row(&row))
+    .transpose()
+}
+
+const AUDIT_COLUMNS: &str = "seq, at, action, actor_kind, actor_key_id, actor_name, key_id, \
+    collection, subject, changes, client_address, request_id, sealed_by, mac";
+
+/// Makes the transaction the log's only writer (readers go on) and tells the plain-SQL trigger
+/// that its changes are audited here.
+async fn begin_audited(conn: &mut PgConnection) -> Result<(), StoreError> {
+    let map = |e| store_error("locking the audit log failed", e);
+    sqlx::query("LOCK TABLE keywarden_audit IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *conn)
         .await
         .map_err(map)?;
-        tx.commit().await.map_err(map)?;
-        let dropped_count = promoted.len() + dropped.len() + placeholders.len();
-        let mut affected: Vec<Uuid> = promoted
-            .into_iter()
-            .chain(dropped)
-            .chain(placeholders)
-            .collect();
-        affected.sort();
-        affected.dedup();
-        Ok(SecretRetirement {
-            retired: true,
-            dropped: dropped_count as u64,
-            unmigrated: stranded,
-            affected,
-        })
-    }
-
-    async fn delete_unobserved(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(&format!(
-            "DELETE FROM keywarden_keys WHERE id = $1 RETURNING {COLUMNS}"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
+    sqlx::query("SELECT set_config('keywarden.audited', 'on', true)")
+        .execute(&mut *conn)
         .await
-        .map_err(|e| store_error("deleting a key failed", e))?
-        .map(|row| decode_row(&row))
-        .transpose()
+        .map_err(map)?;
+    Ok(())
+}
+
+/// Seals the changes the plain-SQL trigger recorded into the chain, oldest first. In a
+/// transaction that called [`begin_audited`].
+async fn seal_pending(conn: &mut PgConnection, sealer: &AuditSealer) -> Result<u64, StoreError> {
+    let map = |e| store_error("sealing plain-SQL changes into the audit log failed", e);
+    let rows = sqlx::query(
+        "DELETE FROM keywarden_audit_pending RETURNING id, at, action, key_id, collection, \
+         subject, changes::text AS changes, db_role",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map)?;
+    if rows.is_empty() {
+        return Ok(0);
     }
+    let mut pending = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: i64 = column(row, "id")?;
+        let action: String = column(row, "action")?;
+        let changes: String = column(row, "changes")?;
+        let entry = AuditEntry {
+            at: instant(column(row, "at")?, "at")?,
+            action: action
+                .parse()
+                .map_err(|_| corrupt("action", "unknown action"))?,
+            context: ChangeContext::new(Actor::Sql(column(row, "db_role")?)),
+            key_id: column(row, "key_id")?,
+            collection: column(row, "collection")?,
+            subject: column(row, "subject")?,
+            changes: serde_json::from_str(&changes)
+                .map_err(|_| corrupt("changes", "not a JSON object"))?,
+        };
+        pending.push((id, entry));
+    }
+    pending.sort_by_key(|(id, _)| *id);
+    let mut head = audit_head(conn).await?;
+    for (_, entry) in &pending {
+        let event = sealer.seal(head, entry);
+        insert_event(conn, &event).await?;
+        head = event.head();
+    }
+    Ok(pending.len() as u64)
+}
+
+/// The last event's number and MAC: the last event's, else the checkpoint's, else genesis.
+async fn audit_head(conn: &mut PgConnection) -> Result<ChainHead, StoreError> {
+    let last: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT seq, mac FROM keywarden_audit ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| store_error("reading the audit log's head failed", e))?;
+    match last {
+        Some((seq, mac)) => Ok(ChainHead {
+            seq: u64::try_from(seq).map_err(|_| corrupt("seq", "negative"))?,
+            mac: AuditMac::from_bytes(bytes(mac, "mac")?),
+        }),
+        None => Ok(read_checkpoint(conn)
+            .await?
+            .map_or(ChainHead::GENESIS, |c| c.head)),
+    }
+}
+
+async fn read_checkpoint(conn: &mut PgConnection) -> Result<Option<AuditCheckpoint>, StoreError> {
+    let row: Option<(i64, Vec<u8>, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, mac, sealed_by, seal FROM keywarden_audit_checkpoint WHERE id = 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| store_error("reading the audit checkpoint failed", e))?;
+    row.map(|(seq, mac, sealed_by, seal)| {
+        Ok(AuditCheckpoint {
+            head: ChainHead {
+                seq: u64::try_from(seq).map_err(|_| corrupt("seq", "negative"))?,
+                mac: AuditMac::from_bytes(bytes(mac, "mac")?),
+            },
+            sealed_by: SecretId::from_bytes(bytes(sealed_by, "sealed_by")?),
+            seal: AuditMac::from_bytes(bytes(seal, "seal")?),
+        })
+    })
+    .transpose()
+}
+
+async fn insert_event(conn: &mut PgConnection, event: &AuditEvent) -> Result<(), StoreError> {
+    let changes = serde_json::to_string(&event.changes)
+        .map_err(|_| StoreError::new(StoreErrorKind::Other, "changes do not serialize"))?;
+    sqlx::query(&format!(
+        "INSERT INTO keywarden_audit ({AUDIT_COLUMNS}, actor) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+    ))
+    .bind(clamp_i64(event.seq))
+    .bind(micros(event.at))
+    .bind(event.action.as_str())
+    .bind(event.actor.kind())
+    .bind(event.actor.key_id())
+    .bind(event.actor.name())
+    .bind(event.key_id)
+    .bind(&event.collection)
+    .bind(&event.subject)
+    .bind(changes)
+    .bind(event.client_address.map(|a| a.to_string()))
+    .bind(&event.request_id)
+    .bind(event.sealed_by.as_bytes().as_slice())
+    .bind(event.mac.as_bytes().as_slice())
+    .bind(event.actor.to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| store_error("writing an audit event failed", e))?;
+    Ok(())
+}
+
+fn decode_event(row: &PgRow) -> Result<AuditEvent, StoreError> {
+    let seq: i64 = column(row, "seq")?;
+    let action: String = column(row, "action")?;
+    let changes: String = column(row, "changes")?;
+    let client_address: Option<String> = column(row, "client_address")?;
+    let actor_kind: String = column(row, "actor_kind")?;
+    Ok(AuditEvent {
+        seq: u64::try_from(seq).map_err(|_| corrupt("seq", "negative"))?,
+        at: instant(column(row, "at")?, "at")?,
+        action: action
+            .parse()
+            .map_err(|_| corrupt("action", "unknown action"))?,
+        actor: Actor::from_parts(
+            &actor_kind,
+            column(row, "actor_key_id")?,
+            column(row, "actor_name")?,
+        )
+        .ok_or_else(|| corrupt("actor_kind", "not an actor"))?,
+        key_id: column(row, "key_id")?,
+        collection: column(row, "collection")?,
+        subject: column(row, "subject")?,
+        changes: serde_json::from_str(&changes)
+            .map_err(|_| corrupt("changes", "not a JSON object"))?,
+        client_address: client_address
+            .map(|a| a.parse())
+            .transpose()
+            .map_err(|_| corrupt("client_address", "not an IP address"))?,
+        request_id: column(row, "request_id")?,
+        sealed_by: SecretId::from_bytes(bytes(column(row, "sealed_by")?, "sealed_by")?),
+        mac: AuditMac::from_bytes(bytes(column(row, "mac")?, "mac")?),
+    })
 }
 
 /// Appends the SQL form of [`KeyRecord::state`] at `now`.

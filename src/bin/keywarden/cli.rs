@@ -187,12 +187,12 @@ pub(crate) struct UpdateArgs {
 
 /// The manager of the key and secret commands: the ring from the environment, the store, and
 /// Redis (if configured) to tell running servers of changes.
-async fn cli_manager(ctx: &Context) -> Result<KeyManager, Failure> {
+pub(crate) async fn cli_manager(ctx: &Context) -> Result<KeyManager, Failure> {
     // The secret first: a missing secret should not leave a new database file behind.
     let secrets = load_secrets()?;
     let reveal_keys = load_reveal_keys()?;
     let (store, _) = open_store(&ctx.database_url).await?;
-    let mut manager = KeyManager::new(store, secrets);
+    let mut manager = KeyManager::new(store, secrets).with_actor(Actor::Cli);
     if let Some(format) = &ctx.key_format {
         manager = manager.with_key_format(format.clone());
     }

@@ -47,6 +47,7 @@ pub(crate) struct ServerSection {
     pub(crate) metrics_addr: Option<String>,
     pub(crate) shutdown_delay: Option<ConfigDuration>,
     pub(crate) shutdown_grace: Option<ConfigDuration>,
+    pub(crate) audit_retention: Option<ConfigDuration>,
     pub(crate) client_address_header: Option<ConfigHeader>,
     pub(crate) trusted_proxies: Option<Vec<ConfigNetwork>>,
     pub(crate) verify_without_key_on_loopback: Option<bool>,

@@ -47,6 +47,7 @@ use keywarden::{
 };
 use sqlx::Connection;
 
+mod audit;
 mod cli;
 mod config;
 mod demo;
@@ -104,6 +105,9 @@ enum Command {
     Keys(KeysCommand),
     /// Create or upgrade the database schema.
     Migrate,
+    /// Read, check and prune the tamper-evident audit log of key changes.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Application secrets.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -255,6 +259,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Migrate => cli::migrate(&ctx.database_url, out).await,
         Command::Serve(args) => serve::serve(&ctx, args, out).await,
         Command::Keys(command) => cli::keys(&ctx, command, out).await,
+        Command::Audit(command) => audit::audit(&ctx, command, out).await,
     }
 }
 

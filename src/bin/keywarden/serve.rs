@@ -86,6 +86,10 @@ pub(crate) struct ServeArgs {
     /// How long a shutdown (SIGTERM, Ctrl-C) then waits for requests in flight [default: 10s].
     #[arg(long, env = "KEYWARDEN_SHUTDOWN_GRACE", value_name = "DURATION")]
     shutdown_grace: Option<ConfigDuration>,
+    /// Delete audit events older than this, hourly (e.g. 90d); a sealed checkpoint keeps the
+    /// rest verifiable [default: keep every event].
+    #[arg(long, env = "KEYWARDEN_AUDIT_RETENTION", value_name = "DURATION")]
+    audit_retention: Option<ConfigDuration>,
     /// Log format on stderr [default: text].
     #[arg(long, env = "KEYWARDEN_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -132,6 +136,7 @@ struct Settings {
     client_address: Option<ClientAddressSource>,
     shutdown_delay: StdDuration,
     shutdown_grace: StdDuration,
+    audit_retention: Option<StdDuration>,
     log_format: LogFormat,
     log_level: String,
     log_requests: bool,
@@ -232,6 +237,10 @@ impl Settings {
                 .shutdown_grace
                 .or(file.server.shutdown_grace)
                 .map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            audit_retention: args
+                .audit_retention
+                .or(file.server.audit_retention)
+                .map(|d| d.0),
             log_format: args.log_format.or(file.log.format).unwrap_or_default(),
             log_level: args
                 .log_level
@@ -464,6 +473,9 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
     if let Some(reveal_keys) = reveal_keys {
         manager = manager.with_reveal_keys(reveal_keys);
     }
+    if let Some(retention) = settings.audit_retention {
+        prune_audit_hourly(manager.clone(), retention);
+    }
     // Other instances hear of changes through NOTIFY (PostgreSQL) and/or Redis.
     let mut listeners = Vec::new();
     if let Some(postgres) = &postgres {
@@ -628,4 +640,29 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+/// Deletes audit events older than `retention` now and every hour (each instance may run it:
+/// pruning is one transaction, and a second run finds nothing to delete).
+fn prune_audit_hourly(manager: KeyManager, retention: StdDuration) {
+    let retention = time::Duration::try_from(retention).unwrap_or(time::Duration::MAX);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(StdDuration::from_secs(3600));
+        loop {
+            every.tick().await;
+            match manager.prune_audit(retention).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(
+                    target: "keywarden",
+                    deleted,
+                    "pruned audit events past the retention period"
+                ),
+                Err(error) => tracing::warn!(
+                    target: "keywarden",
+                    %error,
+                    "pruning the audit log failed; retrying in an hour"
+                ),
+            }
+        }
+    });
 }

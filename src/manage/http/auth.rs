@@ -22,7 +22,12 @@ impl FromRequestParts<Arc<KeyManager>> for Caller {
         let principal = Principal::from_request_parts(parts, manager)
             .await
             .map_err(ApiError::Auth)?;
-        Ok(Caller::new(principal, manager)?)
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        let address = manager.client_address(&parts.headers, &parts.extensions);
+        Ok(Caller::new(principal, manager)?.with_request(address, request_id))
     }
 }
 

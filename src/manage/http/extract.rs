@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
+use crate::audit::{AuditAction, AuditQuery};
 use crate::manage::policy::{CreateRequest, PatchRequest};
 use crate::store::{KeyQuery, KeyState};
 
@@ -196,6 +197,65 @@ pub(super) fn list_query(
                 _ => errors.push(FieldError::new(
                     "limit",
                     format!("expected a number from 1 to {}", KeyQuery::MAX_LIMIT),
+                )),
+            },
+            // The name is submitted text (maybe a key): never repeat it.
+            _ => {
+                let error = FieldError::new("query", "unknown parameter");
+                if !errors.contains(&error) {
+                    errors.push(error);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(query)
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+/// The audit log's query parameters.
+pub(super) fn audit_query(params: Vec<(String, String)>) -> Result<AuditQuery, ApiError> {
+    let mut query = AuditQuery::default();
+    let mut errors = Vec::new();
+    let time = |field: &'static str, value: &str, errors: &mut Vec<FieldError>| {
+        crate::manage::policy::parse_time(field, value)
+            .map_err(|_| {
+                errors.push(FieldError::new(
+                    field,
+                    "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z",
+                ));
+            })
+            .ok()
+    };
+    for (name, value) in params {
+        match name.as_str() {
+            "key_id" => match Uuid::try_parse(&value) {
+                Ok(id) => query.key_id = Some(id),
+                Err(_) => errors.push(FieldError::new("key_id", "expected a key id")),
+            },
+            "actor" => query.actor = Some(value),
+            "action" => match value.parse::<AuditAction>() {
+                Ok(action) => query.action = Some(action),
+                Err(error) => errors.push(FieldError::new("action", error.to_string())),
+            },
+            "collection" => query.collection = Some(value),
+            "subject" => query.subject = Some(value),
+            "since" => query.since = time("since", &value, &mut errors),
+            "until" => query.until = time("until", &value, &mut errors),
+            "after" => match value.parse::<u64>() {
+                Ok(seq) => query.after = Some(seq),
+                Err(_) => errors.push(FieldError::new(
+                    "after",
+                    "expected an event number (the previous page's next_cursor)",
+                )),
+            },
+            "limit" => match value.parse::<u32>() {
+                Ok(limit) if (1..=AuditQuery::MAX_LIMIT).contains(&limit) => query.limit = limit,
+                _ => errors.push(FieldError::new(
+                    "limit",
+                    format!("expected a number from 1 to {}", AuditQuery::MAX_LIMIT),
                 )),
             },
             // The name is submitted text (maybe a key): never repeat it.

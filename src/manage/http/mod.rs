@@ -102,6 +102,7 @@ pub use openapi::openapi;
 /// | `POST /keys/{id}/revoke` | 200 view | 401, 403, 404, 422, 503 |
 /// | `POST /keys/{id}/rotate` (body optional: `{"grace": "24h"}`) | 201 `{"key", ...view}` | 400, 401, 403, 404, 409, 422, 503 |
 /// | `DELETE /keys/{id}` | 204 | 401, 403, 404, 422, 503 |
+/// | `GET /audit?key_id&actor&action&collection&subject&since&until&after&limit` | 200 `{"items", "next_cursor"}` (the [audit log](crate::audit), oldest first) | 400, 401, 403, 422, 503 |
 /// | `GET /openapi.json` | 200 the OpenAPI 3.1 document ([`openapi()`]) | 401, 503 |
 ///
 /// A view never holds the digest, the secret id or the encrypted key; the plaintext key is
@@ -126,6 +127,8 @@ pub use openapi::openapi;
 ///     key (and `expires_at` never passes the caller's own); `scopes` only ones it holds.
 ///     It is written only if the key did not change since it was checked: otherwise 409
 ///     `conflict`, nothing written.
+/// - The audit log: `keys:admin` reads every event; `keys:self` only the events about its
+///   owner's keys (same collection and subject).
 /// - Neither scope: 403 `insufficient_scope`.
 ///
 /// A new key's `collection`, `subject`, `owner_kind` and `environment` default to the caller's.
@@ -153,6 +156,7 @@ where
         )
         .route("/keys/{id}/revoke", post(routes::revoke_key))
         .route("/keys/{id}/rotate", post(routes::rotate_key))
+        .route("/audit", get(routes::list_audit))
         .route(
             "/openapi.json",
             get(move || openapi::serve(document.clone())),

@@ -39,6 +39,7 @@ refused. Every error is `application/problem+json` with `status`, `code`, `title
         routes::delete_key,
         routes::revoke_key,
         routes::rotate_key,
+        routes::list_audit,
         serve,
     ),
     components(schemas(RotateBody, Problem, FieldError), responses(
@@ -55,6 +56,7 @@ refused. Every error is `application/problem+json` with `status`, `code`, `title
     security(("bearer" = []), ("x_api_key" = []), ("collection_api_key" = [])),
     tags(
         (name = "keys", description = "API keys; needs `keys:admin` or `keys:self`."),
+        (name = "audit", description = "The audit log of key management; `keys:admin` reads all, `keys:self` its own keys' events."),
         (name = "meta", description = "This document."),
     )
 )]

@@ -12,11 +12,12 @@ use axum::Json;
 use time::OffsetDateTime;
 
 use super::error::ApiError;
-use super::extract::{list_query, JsonBody, KeyId, RotateBody};
+use super::extract::{audit_query, list_query, JsonBody, KeyId, RotateBody};
 use super::openapi::{
     BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable,
     ValidationFailed,
 };
+use crate::audit::{AuditEvent, AuditPage};
 use crate::manage::policy::{
     parse_grace, Caller, CreateRequest, CreatedKeyView, KeyPageView, KeyView, PatchRequest,
 };
@@ -51,7 +52,7 @@ pub(super) async fn create_key(
 ) -> Result<Response, ApiError> {
     let now = manager.now();
     let new = caller.new_key(body, now)?;
-    let created = manager.create(new).await?;
+    let created = caller.manager(&manager).create(new).await?;
     Ok(created_response(&created, now))
 }
 
@@ -159,7 +160,7 @@ pub(super) async fn update_key(
         // concurrent change (an admin tightening it) is never undone. A lost race is a 409.
         patch.expected_updated_at = Some(current.updated_at);
     }
-    let record = manager.update(id, patch).await?;
+    let record = caller.manager(&manager).update(id, patch).await?;
     Ok(Json(KeyView::new(&record, manager.now())).into_response())
 }
 
@@ -187,7 +188,7 @@ pub(super) async fn revoke_key(
     KeyId(id): KeyId,
 ) -> Result<Response, ApiError> {
     caller.load(&manager, id).await?;
-    let record = manager.revoke(id).await?;
+    let record = caller.manager(&manager).revoke(id).await?;
     Ok(Json(KeyView::new(&record, manager.now())).into_response())
 }
 
@@ -230,7 +231,8 @@ pub(super) async fn rotate_key(
     // expiry: cap it in the same step. `may_rotate` judged `old`: a key changed since (an
     // admin giving it more power) is a 409, not a new key with powers the caller lacks.
     let checked = (!caller.is_admin()).then_some(old.updated_at);
-    let created = manager
+    let created = caller
+        .manager(&manager)
         .rotate_checked(id, grace, caller.max_expiry(), checked)
         .await?;
     Ok(created_response(&created, manager.now()))
@@ -260,8 +262,69 @@ pub(super) async fn delete_key(
     KeyId(id): KeyId,
 ) -> Result<StatusCode, ApiError> {
     caller.load(&manager, id).await?;
-    manager.delete(id).await?;
+    caller.manager(&manager).delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// One page of the audit log.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct AuditPageView {
+    /// The events, oldest first.
+    items: Vec<AuditEvent>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    next_cursor: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/audit",
+    tag = "audit",
+    summary = "Read the audit log, a page at a time",
+    description = "Every management change, oldest first, with who made it. A `keys:self` \
+        caller sees only the events about its owner's keys.",
+    params(
+        ("key_id" = Option<uuid::Uuid>, Query, description = "Only events about this key"),
+        ("actor" = Option<String>, Query,
+            description = "Only events by this actor: a kind (`cli`, `key`, `sql`, `other`) \
+                or one actor (`key:<id>`, `sql:<role>`, `other:<name>`)"),
+        ("action" = Option<String>, Query, description = "Only this action, e.g. `key.revoked`"),
+        ("collection" = Option<String>, Query, description = "Only events about keys of this collection"),
+        ("subject" = Option<String>, Query, description = "Only events about keys of this subject"),
+        ("since" = Option<String>, Query, description = "Only events at or after this RFC 3339 instant"),
+        ("until" = Option<String>, Query, description = "Only events before this RFC 3339 instant"),
+        ("after" = Option<u64>, Query, description = "The previous page's `next_cursor`"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
+            description = "Page size (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "One page of events", body = AuditPageView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
+pub(super) async fn list_audit(
+    State(manager): Manager,
+    caller: Caller,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let page = match caller.restrict_audit(audit_query(params)?) {
+        Some(query) => manager.audit(&query).await?,
+        // The filters can only match other owners' keys.
+        None => AuditPage {
+            items: Vec::new(),
+            next_cursor: None,
+        },
+    };
+    Ok(Json(AuditPageView {
+        items: page.items,
+        next_cursor: page.next_cursor,
+    })
+    .into_response())
 }
 
 /// A 201 with the plaintext: never cached.

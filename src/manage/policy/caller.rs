@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::expiry::parse_lifetime;
 use super::request::{parse_rate_limit, parse_time, CreateRequest};
 use super::validate::{check_free_text, check_scopes};
+use crate::audit::{Actor, ChangeContext};
 use crate::manage::{ExpiresIn, KeyManager, ManageError, NewKey};
 use crate::principal::Principal;
 use crate::ratelimit::RateLimitPolicy;
@@ -40,6 +41,8 @@ impl From<ManageError> for CallerError {
 #[derive(Debug)]
 pub(crate) struct Caller {
     principal: Principal,
+    /// Who the caller's changes are recorded as made by.
+    context: ChangeContext,
     admin: bool,
     /// The rate limits of keys without their own, one per layer where keys are verified
     /// (never empty; `None`: unlimited there).
@@ -61,10 +64,46 @@ impl Caller {
             return Err(CallerError::NotManager);
         }
         Ok(Self {
+            context: ChangeContext::new(Actor::key(&principal)),
             principal,
             admin,
             default_rate_limits: manager.default_rate_limits(),
         })
+    }
+
+    /// Records the caller's client address and request id with its changes.
+    pub(crate) fn with_request(
+        mut self,
+        address: Option<std::net::IpAddr>,
+        id: Option<&str>,
+    ) -> Self {
+        self.context = self.context.client_address(address).request_id(id);
+        self
+    }
+
+    /// The manager to make the caller's changes with: recorded as the caller's.
+    pub(crate) fn manager(&self, manager: &KeyManager) -> KeyManager {
+        manager.acting_as(self.context.clone())
+    }
+
+    /// Narrows an audit query to what the caller may read: everything for an admin, else
+    /// the events about its owner's keys.
+    pub(crate) fn restrict_audit(
+        &self,
+        mut query: crate::audit::AuditQuery,
+    ) -> Option<crate::audit::AuditQuery> {
+        if self.admin {
+            return Some(query);
+        }
+        let own = |wanted: &Option<String>, mine: &str| wanted.as_deref().is_none_or(|w| w == mine);
+        if !own(&query.collection, self.principal.collection())
+            || !own(&query.subject, self.principal.subject())
+        {
+            return None;
+        }
+        query.collection = Some(self.principal.collection().to_owned());
+        query.subject = Some(self.principal.subject().to_owned());
+        Some(query)
     }
 
     /// Whether the caller holds `keys:admin`: then no other rule limits it.

@@ -16,6 +16,6 @@ pub use expiry::{
     parse_duration, parse_grace, DurationParseError, ExpiresIn, GraceParseError, DEFAULT_GRACE,
 };
 #[cfg(feature = "manage-api")]
-pub(crate) use request::{CreateRequest, PatchRequest};
+pub(crate) use request::{parse_time, CreateRequest, PatchRequest};
 pub(crate) use validate::{validate_new, validate_patch};
 pub use view::{CreatedKeyView, KeyPageView, KeyView};
