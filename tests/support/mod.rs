@@ -281,6 +281,19 @@ impl keywarden::KeyStore for CountingStore {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.record_usage(usage).await
     }
+    async fn apply_audited(
+        &self,
+        change: keywarden::store::KeyChange<'_>,
+        audit: &keywarden::store::AuditWrite<'_>,
+    ) -> Result<keywarden::store::Applied, keywarden::StoreError> {
+        self.inner.apply_audited(change, audit).await
+    }
+    async fn audit_events(
+        &self,
+        query: &keywarden::audit::AuditQuery,
+    ) -> Result<keywarden::audit::AuditPage, keywarden::StoreError> {
+        self.inner.audit_events(query).await
+    }
 }
 
 /// A fresh lowercase name for a schema, namespace or file.
