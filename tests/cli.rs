@@ -920,3 +920,79 @@ async fn revocation_through_the_management_api_is_immediate() {
     let response = whoami(&http, &server, ("x-api-key", admin.clone())).await;
     assert_eq!(response.status(), 200);
 }
+
+/// Issue 14 §1: the CLI's changes are audited as `cli`; `audit list`, `audit verify` (exit 1
+/// naming the first broken event after tampering) and `audit prune`.
+#[tokio::test]
+async fn audit_list_verify_and_prune() {
+    let dir = TempDir::new("audit");
+    let (_, id) = create_key(&dir, &["--name", "ci", "--subject", "alice"]);
+    ok(&dir, &["keys", "revoke", &id]);
+
+    let listed = ok_json(&dir, &["audit", "list", "--json"]);
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{listed}");
+    assert_eq!(items[0]["action"], "key.created");
+    assert_eq!(items[1]["action"], "key.revoked");
+    assert_eq!(items[1]["actor"], serde_json::json!({"kind": "cli"}));
+    assert_eq!(items[1]["key_id"], id.as_str());
+    let text_list = ok(&dir, &["audit", "list", "--key", &id, "--since", "1h"]);
+    let lines: Vec<&str> = text_list.lines().collect();
+    assert_eq!(lines.len(), 2, "{text_list}");
+    assert!(
+        lines[1].starts_with("#2 ") && lines[1].contains("key.revoked by cli"),
+        "{text_list}"
+    );
+    assert!(lines[1].contains("(users/alice)"), "{text_list}");
+    let only = ok_json(
+        &dir,
+        &["audit", "list", "--action", "key.revoked", "--json"],
+    );
+    assert_eq!(only["items"].as_array().unwrap().len(), 1);
+    let none = ok(&dir, &["audit", "list", "--until", "1h"]);
+    assert_eq!(none.trim(), "no audit events");
+
+    let verified = ok(&dir, &["audit", "verify"]);
+    assert!(
+        verified.starts_with("audit log intact: 2 event(s) checked; head #2 "),
+        "{verified}"
+    );
+    let verified = ok_json(&dir, &["audit", "verify", "--json"]);
+    assert_eq!(verified["intact"], true);
+    assert_eq!(verified["head"]["seq"], 2);
+
+    // Someone with the database but not the secret rewrites who revoked what.
+    let pool = sqlx::SqlitePool::connect(&dir.db_url()).await.unwrap();
+    sqlx::query("UPDATE keywarden_audit SET subject = 'bob' WHERE seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let broken = fails(&dir, Some(SECRET), &["audit", "verify"]);
+    assert!(broken.contains("broken at event #2"), "{broken}");
+    assert!(broken.contains("1 event(s) before it verified"), "{broken}");
+    // Another secret cannot check it at all, and says which secret sealed it.
+    let other = fails(
+        &dir,
+        Some("another-secret-0123456789abcdefghijklmnopq"),
+        &["audit", "verify"],
+    );
+    assert!(
+        other.contains("broken at event #1") && other.contains("not in the configured ring"),
+        "{other}"
+    );
+
+    let pruned = ok_json(&dir, &["audit", "prune", "--older-than", "90d", "--json"]);
+    assert_eq!(pruned["deleted"], 0);
+    let bad = run(
+        &dir,
+        Some(SECRET),
+        &["audit", "list", "--since", "yesterday"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("--since"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
