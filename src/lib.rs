@@ -68,6 +68,9 @@ pub mod server;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+#[cfg(feature = "webhooks")]
+#[cfg_attr(docsrs, doc(cfg(feature = "webhooks")))]
+pub mod webhooks;
 
 /// Hooks for the fuzz targets (`fuzz/`) only; not part of the API, may change at any time.
 #[doc(hidden)]

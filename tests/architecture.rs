@@ -73,9 +73,17 @@ const LAYERS: &[Row] = &[
     },
     Row {
         name: "plug-ins",
-        modules: &["interop", "invalidation", "manage", "server", "testing"],
+        modules: &[
+            "interop",
+            "invalidation",
+            "manage",
+            "server",
+            "testing",
+            "webhooks",
+        ],
         allowed: &[
             ("manage", "invalidation"),
+            ("manage", "webhooks"),
             ("server", "manage"),
             ("testing", "manage"),
         ],

@@ -94,6 +94,12 @@ impl ManageError {
         }
     }
 
+    #[cfg(feature = "webhooks")]
+    pub(super) fn with_message(mut self, message: String) -> Self {
+        self.message = message;
+        self
+    }
+
     pub(super) fn with_kind(mut self, kind: ManageErrorKind) -> Self {
         self.kind = kind;
         self

@@ -167,6 +167,9 @@ pub struct KeyManager {
     audit: Option<AuditSealer>,
     /// Who the changes are recorded as made by.
     context: ChangeContext,
+    /// Where webhooks may point.
+    #[cfg(feature = "webhooks")]
+    webhook_targets: crate::webhooks::WebhookTargets,
     /// The rate limit of keys without their own, where the keys are verified.
     default_rate_limit: Option<RateLimitPolicy>,
 }
@@ -201,6 +204,8 @@ impl KeyManager {
             )),
             audit: Some(AuditSealer::new(&secrets)),
             context: ChangeContext::default(),
+            #[cfg(feature = "webhooks")]
+            webhook_targets: crate::webhooks::WebhookTargets::any(),
             clock,
             layers: Vec::new(),
             publishers: Vec::new(),
@@ -222,6 +227,8 @@ impl KeyManager {
             )),
             audit: Some(AuditSealer::new(layer.secrets())),
             context: ChangeContext::default(),
+            #[cfg(feature = "webhooks")]
+            webhook_targets: crate::webhooks::WebhookTargets::any(),
             clock: layer.clock(),
             layers: vec![layer.clone()],
             publishers: Vec::new(),
@@ -348,6 +355,21 @@ impl KeyManager {
             context,
             ..self.clone()
         }
+    }
+
+    /// Restricts where webhooks may point (default: any `https` URL). See
+    /// [`crate::webhooks`] on SSRF.
+    #[cfg(feature = "webhooks")]
+    #[must_use]
+    pub fn with_webhook_targets(mut self, targets: crate::webhooks::WebhookTargets) -> Self {
+        self.webhook_targets = targets;
+        self
+    }
+
+    /// Where webhooks may point.
+    #[cfg(feature = "webhooks")]
+    pub fn webhook_targets(&self) -> &crate::webhooks::WebhookTargets {
+        &self.webhook_targets
     }
 
     /// The context changes are recorded with.

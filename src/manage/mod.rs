@@ -25,6 +25,8 @@ pub(crate) mod http;
 mod manager;
 mod policy;
 mod reveal;
+#[cfg(feature = "webhooks")]
+mod webhooks;
 
 pub use crate::audit::Actor;
 pub use error::{ManageError, ManageErrorKind};
@@ -40,3 +42,5 @@ pub use reveal::{
     RevealOptions, PREVIOUS_REVEAL_KEYS_ENV, PREVIOUS_REVEAL_KEYS_FILE_ENV, REVEAL_KEY_ENV,
     REVEAL_KEY_FILE_ENV,
 };
+#[cfg(feature = "webhooks")]
+pub use webhooks::NewWebhook;

@@ -8,7 +8,8 @@ use uuid::Uuid;
 use super::{
     no_secret, retired_placeholder, Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage,
     KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, Observers, SecretRetirement, StoreError,
-    StoreErrorKind, StoreObserver, UnmigratedKeys,
+    StoreErrorKind, StoreObserver, UnmigratedKeys, WebhookPatch, WebhookProgress, WebhookRecord,
+    WebhookStore,
 };
 use crate::audit::{AuditCheckpoint, AuditEvent, AuditPage, AuditQuery, AuditSealer, ChainHead};
 use crate::secret::{Digest, SecretId};
@@ -30,6 +31,7 @@ struct Inner {
     /// The audit log, in number order, and the retention checkpoint.
     audit: Vec<AuditEvent>,
     checkpoint: Option<AuditCheckpoint>,
+    webhooks: BTreeMap<Uuid, WebhookRecord>,
 }
 
 impl MemoryStore {
@@ -233,6 +235,20 @@ impl KeyStore for MemoryStore {
         Ok(AuditPage::from_overfetch(items, limit))
     }
 
+    async fn audit_head(&self) -> Result<ChainHead, StoreError> {
+        let inner = self.read();
+        Ok(inner
+            .audit
+            .last()
+            .map(AuditEvent::head)
+            .or(inner.checkpoint.as_ref().map(|c| c.head))
+            .unwrap_or(ChainHead::GENESIS))
+    }
+
+    fn webhooks(&self) -> Option<&dyn WebhookStore> {
+        Some(self)
+    }
+
     async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
         Ok(self.read().checkpoint.clone())
     }
@@ -409,5 +425,84 @@ impl MemoryStore {
             }
         }
         Ok(removed)
+    }
+}
+
+#[async_trait]
+impl WebhookStore for MemoryStore {
+    async fn insert_webhook(&self, record: &WebhookRecord) -> Result<(), StoreError> {
+        let mut inner = self.write();
+        if inner.webhooks.contains_key(&record.id) {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                "a webhook with this id exists",
+            ));
+        }
+        inner.webhooks.insert(record.id, record.clone());
+        Ok(())
+    }
+
+    async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>, StoreError> {
+        Ok(self.read().webhooks.values().cloned().collect())
+    }
+
+    async fn get_webhook(&self, id: Uuid) -> Result<Option<WebhookRecord>, StoreError> {
+        Ok(self.read().webhooks.get(&id).cloned())
+    }
+
+    async fn update_webhook(
+        &self,
+        id: Uuid,
+        patch: &WebhookPatch,
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        let mut inner = self.write();
+        Ok(inner.webhooks.get_mut(&id).map(|record| {
+            patch.apply_to(record);
+            record.clone()
+        }))
+    }
+
+    async fn delete_webhook(&self, id: Uuid) -> Result<Option<WebhookRecord>, StoreError> {
+        Ok(self.write().webhooks.remove(&id))
+    }
+
+    async fn lease_webhook(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.write();
+        let Some(record) = inner.webhooks.get_mut(&id) else {
+            return Ok(false);
+        };
+        let free = record.lease_owner == Some(owner) || record.lease_until.is_none_or(|u| u <= now);
+        if free {
+            record.lease_owner = Some(owner);
+            record.lease_until = Some(until);
+        }
+        Ok(free)
+    }
+
+    async fn record_webhook_progress(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        progress: &WebhookProgress,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.write();
+        match inner.webhooks.get_mut(&id) {
+            Some(record) if record.lease_owner == Some(owner) => {
+                record.cursor = progress.cursor;
+                record.expiring_cursor = progress.expiring_cursor;
+                record.attempts = progress.attempts;
+                record.next_attempt_at = progress.next_attempt_at;
+                record.last_error.clone_from(&progress.last_error);
+                record.failing_since = progress.failing_since;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 }

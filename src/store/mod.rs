@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{AuditCheckpoint, AuditPage, AuditQuery, AuditSealer};
+use crate::audit::{AuditCheckpoint, AuditPage, AuditQuery, AuditSealer, ChainHead};
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
 
@@ -36,6 +36,7 @@ mod postgres;
 mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod webhooks;
 
 pub(crate) use audited::no_audit_log;
 pub use audited::{Applied, AuditWrite, ChangeOutcome, KeyChange};
@@ -48,6 +49,7 @@ pub use observe::{StoreChange, StoreObserver};
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
+pub use webhooks::{WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore};
 
 /// Who owns a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -355,6 +357,8 @@ pub struct KeyQuery {
     pub state: Option<KeyState>,
     /// The instant `state` is judged at.
     pub now: OffsetDateTime,
+    /// Only keys whose expiry is after the first instant and at or before the second.
+    pub expires_between: Option<(OffsetDateTime, OffsetDateTime)>,
     /// Only keys with an id greater than this (the previous page's `next_cursor`).
     pub after: Option<Uuid>,
     /// Page size, 1 to [`KeyQuery::MAX_LIMIT`].
@@ -372,6 +376,7 @@ impl KeyQuery {
             subject: None,
             state: None,
             now: OffsetDateTime::now_utc(),
+            expires_between: None,
             after: None,
             limit: 100,
         }
@@ -384,6 +389,11 @@ impl KeyQuery {
             .is_none_or(|c| *c == record.collection)
             && self.subject.as_ref().is_none_or(|s| *s == record.subject)
             && self.state.is_none_or(|s| record.state(self.now) == s)
+            && self.expires_between.is_none_or(|(after, until)| {
+                record
+                    .expires_at
+                    .is_some_and(|at| at > after && at <= until)
+            })
     }
 
     /// The limit clamped to 1..=MAX_LIMIT.
@@ -716,6 +726,20 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<u64, StoreError> {
         let _ = (before, sealer);
         Err(no_audit_log())
+    }
+
+    /// The audit log's head: the last event's number and MAC (the checkpoint's after
+    /// pruning; [`ChainHead::GENESIS`] when empty). The default fails (no audit log).
+    ///
+    /// # Errors
+    /// As the store's other reads.
+    async fn audit_head(&self) -> Result<ChainHead, StoreError> {
+        Err(no_audit_log())
+    }
+
+    /// The store's webhook subscriptions, if it keeps them (the built-in stores do).
+    fn webhooks(&self) -> Option<&dyn WebhookStore> {
+        None
     }
 
     /// Seals changes recorded without keywarden (plain SQL on PostgreSQL, caught by a

@@ -16,7 +16,8 @@ use super::sql::{
 use super::{
     Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord,
     KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange, StoreError,
-    StoreErrorKind, StoreObserver, UnmigratedKeys,
+    StoreErrorKind, StoreObserver, UnmigratedKeys, WebhookPatch, WebhookProgress, WebhookRecord,
+    WebhookStore,
 };
 use crate::audit::{
     Actor, AuditCheckpoint, AuditEntry, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer,
@@ -318,6 +319,12 @@ impl KeyStore for PostgresStore {
         if let Some(state) = query.state {
             push_state_filter(&mut sql, state, micros(query.now));
         }
+        if let Some((after, until)) = query.expires_between {
+            sql.push(" AND expires_at > ")
+                .push_bind(micros(after))
+                .push(" AND expires_at <= ")
+                .push_bind(micros(until));
+        }
         sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
         let rows = sql
             .build()
@@ -483,6 +490,19 @@ impl KeyStore for PostgresStore {
             .map(decode_event)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(AuditPage::from_overfetch(items, limit))
+    }
+
+    async fn audit_head(&self) -> Result<ChainHead, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| store_error("reading the audit log's head failed", e))?;
+        audit_head(&mut conn).await
+    }
+
+    fn webhooks(&self) -> Option<&dyn WebhookStore> {
+        Some(self)
     }
 
     async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
@@ -1403,5 +1423,184 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Other);
+    }
+}
+
+const WEBHOOK_COLUMNS: &str = "id, url, events, description, sealed_secret, disabled, \
+    created_at, cursor, expiring_cursor, attempts, next_attempt_at, last_error, failing_since, \
+    lease_owner, lease_until";
+
+fn decode_webhook(row: &PgRow) -> Result<WebhookRecord, StoreError> {
+    let optional = |name: &'static str| -> Result<Option<OffsetDateTime>, StoreError> {
+        column::<Option<PgTimestamp>>(row, name)?
+            .map(|at| instant(at, name))
+            .transpose()
+    };
+    Ok(WebhookRecord {
+        id: column(row, "id")?,
+        url: column(row, "url")?,
+        events: column(row, "events")?,
+        description: column(row, "description")?,
+        sealed_secret: column(row, "sealed_secret")?,
+        disabled: column(row, "disabled")?,
+        created_at: instant(column(row, "created_at")?, "created_at")?,
+        cursor: u64::try_from(column::<i64>(row, "cursor")?)
+            .map_err(|_| corrupt("cursor", "negative"))?,
+        expiring_cursor: instant(column(row, "expiring_cursor")?, "expiring_cursor")?,
+        attempts: u32::try_from(column::<i32>(row, "attempts")?)
+            .map_err(|_| corrupt("attempts", "out of range"))?,
+        next_attempt_at: optional("next_attempt_at")?,
+        last_error: column(row, "last_error")?,
+        failing_since: optional("failing_since")?,
+        lease_owner: column(row, "lease_owner")?,
+        lease_until: optional("lease_until")?,
+    })
+}
+
+#[async_trait]
+impl WebhookStore for PostgresStore {
+    async fn insert_webhook(&self, record: &WebhookRecord) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO keywarden_webhooks ({WEBHOOK_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+        ))
+        .bind(record.id)
+        .bind(&record.url)
+        .bind(record.events.as_slice())
+        .bind(&record.description)
+        .bind(record.sealed_secret.as_slice())
+        .bind(record.disabled)
+        .bind(micros(record.created_at))
+        .bind(clamp_i64(record.cursor))
+        .bind(micros(record.expiring_cursor))
+        .bind(i32::try_from(record.attempts).unwrap_or(i32::MAX))
+        .bind(record.next_attempt_at.map(micros))
+        .bind(&record.last_error)
+        .bind(record.failing_since.map(micros))
+        .bind(record.lease_owner)
+        .bind(record.lease_until.map(micros))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("inserting a webhook failed", e))?;
+        Ok(())
+    }
+
+    async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM keywarden_webhooks ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| store_error("listing webhooks failed", e))?
+        .iter()
+        .map(decode_webhook)
+        .collect()
+    }
+
+    async fn get_webhook(&self, id: Uuid) -> Result<Option<WebhookRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM keywarden_webhooks WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("reading a webhook failed", e))?
+        .map(|row| decode_webhook(&row))
+        .transpose()
+    }
+
+    async fn update_webhook(
+        &self,
+        id: Uuid,
+        patch: &WebhookPatch,
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        let map = |e| store_error("updating a webhook failed", e);
+        let mut tx = self.pool.begin().await.map_err(map)?;
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM keywarden_webhooks WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map)?
+        else {
+            return Ok(None);
+        };
+        let mut record = decode_webhook(&row)?;
+        patch.apply_to(&mut record);
+        sqlx::query(
+            "UPDATE keywarden_webhooks SET url = $1, events = $2, description = $3, \
+             disabled = $4, attempts = $5, next_attempt_at = $6 WHERE id = $7",
+        )
+        .bind(&record.url)
+        .bind(record.events.as_slice())
+        .bind(&record.description)
+        .bind(record.disabled)
+        .bind(i32::try_from(record.attempts).unwrap_or(i32::MAX))
+        .bind(record.next_attempt_at.map(micros))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        tx.commit().await.map_err(map)?;
+        Ok(Some(record))
+    }
+
+    async fn delete_webhook(&self, id: Uuid) -> Result<Option<WebhookRecord>, StoreError> {
+        sqlx::query(&format!(
+            "DELETE FROM keywarden_webhooks WHERE id = $1 RETURNING {WEBHOOK_COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("deleting a webhook failed", e))?
+        .map(|row| decode_webhook(&row))
+        .transpose()
+    }
+
+    async fn lease_webhook(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let taken = sqlx::query(
+            "UPDATE keywarden_webhooks SET lease_owner = $1, lease_until = $2 WHERE id = $3 \
+             AND (lease_owner = $1 OR lease_until IS NULL OR lease_until <= $4)",
+        )
+        .bind(owner)
+        .bind(micros(until))
+        .bind(id)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("leasing a webhook failed", e))?;
+        Ok(taken.rows_affected() > 0)
+    }
+
+    async fn record_webhook_progress(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        progress: &WebhookProgress,
+    ) -> Result<bool, StoreError> {
+        let written = sqlx::query(
+            "UPDATE keywarden_webhooks SET cursor = $1, expiring_cursor = $2, attempts = $3, \
+             next_attempt_at = $4, last_error = $5, failing_since = $6 \
+             WHERE id = $7 AND lease_owner = $8",
+        )
+        .bind(clamp_i64(progress.cursor))
+        .bind(micros(progress.expiring_cursor))
+        .bind(i32::try_from(progress.attempts).unwrap_or(i32::MAX))
+        .bind(progress.next_attempt_at.map(micros))
+        .bind(&progress.last_error)
+        .bind(progress.failing_since.map(micros))
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("recording webhook progress failed", e))?;
+        Ok(written.rows_affected() > 0)
     }
 }

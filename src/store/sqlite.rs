@@ -18,7 +18,8 @@ use super::sql::{
 use super::{
     Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord,
     KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange, StoreError,
-    StoreErrorKind, StoreObserver, UnmigratedKeys,
+    StoreErrorKind, StoreObserver, UnmigratedKeys, WebhookPatch, WebhookProgress, WebhookRecord,
+    WebhookStore,
 };
 use crate::audit::{
     Actor, AuditCheckpoint, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer, ChainHead,
@@ -279,6 +280,12 @@ impl KeyStore for SqliteStore {
         if let Some(state) = query.state {
             push_state_filter(&mut sql, state, to_micros(query.now));
         }
+        if let Some((after, until)) = query.expires_between {
+            sql.push(" AND expires_at > ")
+                .push_bind(to_micros(after))
+                .push(" AND expires_at <= ")
+                .push_bind(to_micros(until));
+        }
         sql.push(" ORDER BY id LIMIT ").push_bind(limit as i64 + 1);
         let rows = sql
             .build()
@@ -436,6 +443,19 @@ impl KeyStore for SqliteStore {
             .map(decode_event)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(AuditPage::from_overfetch(items, limit))
+    }
+
+    async fn audit_head(&self) -> Result<ChainHead, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| store_error("reading the audit log's head failed", e))?;
+        audit_head(&mut conn).await
+    }
+
+    fn webhooks(&self) -> Option<&dyn WebhookStore> {
+        Some(self)
     }
 
     async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
@@ -1233,5 +1253,188 @@ mod tests {
         let err = store.get(record.id).await.unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Corrupt);
         assert!(!err.to_string().contains("visible-name"), "{err}");
+    }
+}
+
+const WEBHOOK_COLUMNS: &str = "id, url, events, description, sealed_secret, disabled, \
+    created_at, cursor, expiring_cursor, attempts, next_attempt_at, last_error, failing_since, \
+    lease_owner, lease_until";
+
+fn decode_webhook(row: &SqliteRow) -> Result<WebhookRecord, StoreError> {
+    let events: String = column(row, "events")?;
+    let optional = |name: &'static str| -> Result<Option<OffsetDateTime>, StoreError> {
+        column::<Option<i64>>(row, name)?
+            .map(|m| from_micros(m, name))
+            .transpose()
+    };
+    Ok(WebhookRecord {
+        id: uuid(column(row, "id")?, "id")?,
+        url: column(row, "url")?,
+        events: serde_json::from_str(&events).map_err(|_| corrupt("events", "not a list"))?,
+        description: column(row, "description")?,
+        sealed_secret: column(row, "sealed_secret")?,
+        disabled: column(row, "disabled")?,
+        created_at: from_micros(column(row, "created_at")?, "created_at")?,
+        cursor: u64::try_from(column::<i64>(row, "cursor")?)
+            .map_err(|_| corrupt("cursor", "negative"))?,
+        expiring_cursor: from_micros(column(row, "expiring_cursor")?, "expiring_cursor")?,
+        attempts: u32::try_from(column::<i64>(row, "attempts")?)
+            .map_err(|_| corrupt("attempts", "out of range"))?,
+        next_attempt_at: optional("next_attempt_at")?,
+        last_error: column(row, "last_error")?,
+        failing_since: optional("failing_since")?,
+        lease_owner: column::<Option<Vec<u8>>>(row, "lease_owner")?
+            .map(|v| uuid(v, "lease_owner"))
+            .transpose()?,
+        lease_until: optional("lease_until")?,
+    })
+}
+
+#[async_trait]
+impl WebhookStore for SqliteStore {
+    async fn insert_webhook(&self, record: &WebhookRecord) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO keywarden_webhooks ({WEBHOOK_COLUMNS}) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(record.id.as_bytes().as_slice())
+        .bind(&record.url)
+        .bind(to_json(&record.events)?)
+        .bind(&record.description)
+        .bind(record.sealed_secret.as_slice())
+        .bind(record.disabled)
+        .bind(to_micros(record.created_at))
+        .bind(clamp_i64(record.cursor))
+        .bind(to_micros(record.expiring_cursor))
+        .bind(i64::from(record.attempts))
+        .bind(record.next_attempt_at.map(to_micros))
+        .bind(&record.last_error)
+        .bind(record.failing_since.map(to_micros))
+        .bind(record.lease_owner.map(|id| id.as_bytes().to_vec()))
+        .bind(record.lease_until.map(to_micros))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("inserting a webhook failed", e))?;
+        Ok(())
+    }
+
+    async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM keywarden_webhooks ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| store_error("listing webhooks failed", e))?
+        .iter()
+        .map(decode_webhook)
+        .collect()
+    }
+
+    async fn get_webhook(&self, id: Uuid) -> Result<Option<WebhookRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM keywarden_webhooks WHERE id = ?"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("reading a webhook failed", e))?
+        .map(|row| decode_webhook(&row))
+        .transpose()
+    }
+
+    async fn update_webhook(
+        &self,
+        id: Uuid,
+        patch: &WebhookPatch,
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        let map = |e| store_error("updating a webhook failed", e);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM keywarden_webhooks WHERE id = ?"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map)?
+        else {
+            return Ok(None);
+        };
+        let mut record = decode_webhook(&row)?;
+        patch.apply_to(&mut record);
+        sqlx::query(
+            "UPDATE keywarden_webhooks SET url = ?, events = ?, description = ?, disabled = ?, \
+             attempts = ?, next_attempt_at = ? WHERE id = ?",
+        )
+        .bind(&record.url)
+        .bind(to_json(&record.events)?)
+        .bind(&record.description)
+        .bind(record.disabled)
+        .bind(i64::from(record.attempts))
+        .bind(record.next_attempt_at.map(to_micros))
+        .bind(id.as_bytes().as_slice())
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        tx.commit().await.map_err(map)?;
+        Ok(Some(record))
+    }
+
+    async fn delete_webhook(&self, id: Uuid) -> Result<Option<WebhookRecord>, StoreError> {
+        sqlx::query(&format!(
+            "DELETE FROM keywarden_webhooks WHERE id = ? RETURNING {WEBHOOK_COLUMNS}"
+        ))
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("deleting a webhook failed", e))?
+        .map(|row| decode_webhook(&row))
+        .transpose()
+    }
+
+    async fn lease_webhook(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let owner = owner.as_bytes().as_slice();
+        let taken = sqlx::query(
+            "UPDATE keywarden_webhooks SET lease_owner = ?1, lease_until = ?2 WHERE id = ?3 \
+             AND (lease_owner = ?1 OR lease_until IS NULL OR lease_until <= ?4)",
+        )
+        .bind(owner)
+        .bind(to_micros(until))
+        .bind(id.as_bytes().as_slice())
+        .bind(to_micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("leasing a webhook failed", e))?;
+        Ok(taken.rows_affected() > 0)
+    }
+
+    async fn record_webhook_progress(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        progress: &WebhookProgress,
+    ) -> Result<bool, StoreError> {
+        let written = sqlx::query(
+            "UPDATE keywarden_webhooks SET cursor = ?, expiring_cursor = ?, attempts = ?, \
+             next_attempt_at = ?, last_error = ?, failing_since = ? \
+             WHERE id = ? AND lease_owner = ?",
+        )
+        .bind(clamp_i64(progress.cursor))
+        .bind(to_micros(progress.expiring_cursor))
+        .bind(i64::from(progress.attempts))
+        .bind(progress.next_attempt_at.map(to_micros))
+        .bind(&progress.last_error)
+        .bind(progress.failing_since.map(to_micros))
+        .bind(id.as_bytes().as_slice())
+        .bind(owner.as_bytes().as_slice())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| store_error("recording webhook progress failed", e))?;
+        Ok(written.rows_affected() > 0)
     }
 }

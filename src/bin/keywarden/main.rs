@@ -55,6 +55,7 @@ mod health;
 mod metrics;
 mod output;
 mod serve;
+mod webhooks;
 
 use cli::{KeysCommand, SecretCommand};
 use config::FileConfig;
@@ -108,6 +109,9 @@ enum Command {
     /// Read, check and prune the tamper-evident audit log of key changes.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Subscribe URLs to signed deliveries of key events (Standard Webhooks).
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
     /// Application secrets.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -260,6 +264,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(args) => serve::serve(&ctx, args, out).await,
         Command::Keys(command) => cli::keys(&ctx, command, out).await,
         Command::Audit(command) => audit::audit(&ctx, command, out).await,
+        Command::Webhooks(command) => webhooks::webhooks(&ctx, command, out).await,
     }
 }
 

@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use clap::builder::BoolishValueParser;
 use clap::Args;
+use keywarden::webhooks::{WebhookDeliverer, WebhookTargets};
 use keywarden::{
     invalidation::InvalidationListener,
     ratelimit::{ClientAddressSource, FailedAttemptLimit, RateLimiter, TrustedProxies},
@@ -86,6 +87,30 @@ pub(crate) struct ServeArgs {
     /// How long a shutdown (SIGTERM, Ctrl-C) then waits for requests in flight [default: 10s].
     #[arg(long, env = "KEYWARDEN_SHUTDOWN_GRACE", value_name = "DURATION")]
     shutdown_grace: Option<ConfigDuration>,
+    /// Only send webhooks to these hosts, comma-separated (`hooks.example.com`,
+    /// `*.partner.example`) [default: any https host]. See docs/webhooks.md on SSRF.
+    #[arg(
+        long,
+        env = "KEYWARDEN_WEBHOOK_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOST,..."
+    )]
+    webhook_hosts: Option<Vec<String>>,
+    /// Also allow plain-http webhook URLs (local receivers only). `=false` turns off what the
+    /// config file turned on.
+    #[arg(
+        long,
+        env = "KEYWARDEN_WEBHOOK_ALLOW_HTTP",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    webhook_allow_http: Option<bool>,
+    /// Send `key.expiring` this long before a key expires [default: 7d].
+    #[arg(long, env = "KEYWARDEN_WEBHOOK_EXPIRING_LEAD", value_name = "DURATION")]
+    webhook_expiring_lead: Option<ConfigDuration>,
     /// Delete audit events older than this, hourly (e.g. 90d); a sealed checkpoint keeps the
     /// rest verifiable [default: keep every event].
     #[arg(long, env = "KEYWARDEN_AUDIT_RETENTION", value_name = "DURATION")]
@@ -137,6 +162,8 @@ struct Settings {
     shutdown_delay: StdDuration,
     shutdown_grace: StdDuration,
     audit_retention: Option<StdDuration>,
+    webhook_targets: WebhookTargets,
+    webhook_expiring_lead: StdDuration,
     log_format: LogFormat,
     log_level: String,
     log_requests: bool,
@@ -237,6 +264,17 @@ impl Settings {
                 .shutdown_grace
                 .or(file.server.shutdown_grace)
                 .map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            webhook_targets: webhook_targets(
+                args.webhook_hosts
+                    .or_else(|| file.server.webhook_hosts.clone()),
+                args.webhook_allow_http
+                    .or(file.server.webhook_allow_http)
+                    .unwrap_or(false),
+            ),
+            webhook_expiring_lead: args
+                .webhook_expiring_lead
+                .or(file.server.webhook_expiring_lead)
+                .map_or(StdDuration::from_secs(7 * 86_400), |d| d.0),
             audit_retention: args
                 .audit_retention
                 .or(file.server.audit_retention)
@@ -473,9 +511,18 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
     if let Some(reveal_keys) = reveal_keys {
         manager = manager.with_reveal_keys(reveal_keys);
     }
+    manager = manager.with_webhook_targets(settings.webhook_targets.clone());
     if let Some(retention) = settings.audit_retention {
         prune_audit_hourly(manager.clone(), retention);
     }
+    // Deliveries are leased per subscription in the store: every instance may run this.
+    let _deliverer = WebhookDeliverer::new(layer.store().clone(), layer.secrets())
+        .targets(settings.webhook_targets.clone())
+        .expiring_lead(
+            time::Duration::try_from(settings.webhook_expiring_lead)
+                .unwrap_or(time::Duration::days(7)),
+        )
+        .start(StdDuration::from_secs(1));
     // Other instances hear of changes through NOTIFY (PostgreSQL) and/or Redis.
     let mut listeners = Vec::new();
     if let Some(postgres) = &postgres {
@@ -665,4 +712,13 @@ fn prune_audit_hourly(manager: KeyManager, retention: StdDuration) {
             }
         }
     });
+}
+
+/// The webhook targets: the host allowlist (none: any host) and whether plain http is allowed.
+pub(crate) fn webhook_targets(hosts: Option<Vec<String>>, allow_http: bool) -> WebhookTargets {
+    match hosts {
+        Some(hosts) => WebhookTargets::hosts(hosts.into_iter().filter(|h| !h.trim().is_empty())),
+        None => WebhookTargets::any(),
+    }
+    .allow_http(allow_http)
 }

@@ -75,8 +75,26 @@ struct ManagementApi;
 /// assert!(mine.paths.paths.contains_key("/admin/keys/{id}"));
 /// ```
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ManagementApi::openapi()
+    let document = ManagementApi::openapi();
+    #[cfg(feature = "webhooks")]
+    let document = document.merge_from(WebhooksApi::openapi());
+    document
 }
+
+/// The `/webhooks` paths (feature `webhooks`).
+#[cfg(feature = "webhooks")]
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        super::webhooks::create_webhook,
+        super::webhooks::list_webhooks,
+        super::webhooks::get_webhook,
+        super::webhooks::update_webhook,
+        super::webhooks::delete_webhook,
+    ),
+    tags((name = "webhooks", description = "Signed event deliveries (Standard Webhooks); `keys:admin` only.")),
+)]
+struct WebhooksApi;
 
 /// The document as served: pretty-printed JSON, built once per router.
 pub(super) fn document() -> Bytes {

@@ -1,0 +1,186 @@
+//! Webhook subscriptions through the [`KeyManager`] (feature `webhooks`); delivery is
+//! [`WebhookDeliverer`](crate::webhooks::WebhookDeliverer)'s.
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::policy::check_free_text;
+use super::{KeyManager, ManageError, ManageErrorKind};
+use crate::store::{WebhookPatch, WebhookRecord, WebhookStore};
+use crate::webhooks::{check_events, generate_secret, CreatedWebhook, SecretSeal, WebhookView};
+
+/// The longest description accepted.
+const MAX_DESCRIPTION_LEN: usize = 1024;
+
+/// A new subscription: where, and which events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewWebhook {
+    /// Where events are POSTed (`https`, within the manager's
+    /// [`WebhookTargets`](crate::webhooks::WebhookTargets)).
+    pub url: String,
+    /// Event types (see [`crate::webhooks::event_types`]) or `*`.
+    pub events: Vec<String>,
+    /// Optional description.
+    pub description: Option<String>,
+}
+
+impl NewWebhook {
+    /// A subscription of `url` to `events`.
+    pub fn new<I, S>(url: impl Into<String>, events: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            url: url.into(),
+            events: events.into_iter().map(Into::into).collect(),
+            description: None,
+        }
+    }
+}
+
+fn no_webhooks() -> ManageError {
+    ManageError::invalid("webhooks", "this key store keeps no webhooks")
+        .with_kind(ManageErrorKind::Store)
+}
+
+fn webhook_not_found(id: Uuid) -> ManageError {
+    ManageError::not_found(id).with_message(format!("no webhook with id {id}"))
+}
+
+impl KeyManager {
+    fn webhook_store(&self) -> Result<&dyn WebhookStore, ManageError> {
+        self.store().webhooks().ok_or_else(no_webhooks)
+    }
+
+    fn check_webhook(
+        &self,
+        url: Option<&str>,
+        events: Option<&[String]>,
+        description: Option<&str>,
+    ) -> Result<(), ManageError> {
+        if let Some(url) = url {
+            self.webhook_targets()
+                .check(url)
+                .map_err(|reason| ManageError::invalid("url", reason))?;
+        }
+        if let Some(events) = events {
+            check_events(events).map_err(|reason| ManageError::invalid("events", reason))?;
+        }
+        if description.is_some_and(|d| d.len() > MAX_DESCRIPTION_LEN) {
+            return Err(ManageError::invalid(
+                "description",
+                format!("at most {MAX_DESCRIPTION_LEN} bytes"),
+            ));
+        }
+        check_free_text(description, None)
+    }
+
+    /// Subscribes a URL to events from now on, and returns its signing secret, once.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::Invalid`] for a URL outside the
+    /// [webhook targets](Self::with_webhook_targets), unknown event types or a bad
+    /// description; [`ManageErrorKind::Store`].
+    pub async fn create_webhook(&self, new: NewWebhook) -> Result<CreatedWebhook, ManageError> {
+        self.check_webhook(
+            Some(&new.url),
+            Some(&new.events),
+            new.description.as_deref(),
+        )?;
+        let hooks = self.webhook_store()?;
+        // Only events after this one: a subscriber is not flooded with history.
+        let head = self.store().audit_head().await?;
+        let id = Uuid::now_v7();
+        let (secret, text) = generate_secret();
+        let record = WebhookRecord {
+            id,
+            url: new.url,
+            events: new.events,
+            description: new.description,
+            sealed_secret: SecretSeal::new(&self.ring).seal(id, &secret),
+            disabled: false,
+            created_at: self.now(),
+            cursor: head.seq,
+            // Keys already inside the lead time are announced at the first round.
+            expiring_cursor: OffsetDateTime::UNIX_EPOCH,
+            attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            failing_since: None,
+            lease_owner: None,
+            lease_until: None,
+        };
+        hooks.insert_webhook(&record).await?;
+        tracing::info!(target: "keywarden", webhook_id = %id, "webhook created");
+        Ok(CreatedWebhook {
+            webhook: WebhookView::from(&record),
+            secret: text.to_string(),
+        })
+    }
+
+    /// Every subscription, with its delivery state.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::Store`].
+    pub async fn list_webhooks(&self) -> Result<Vec<WebhookView>, ManageError> {
+        let hooks = self.webhook_store()?;
+        Ok(hooks
+            .list_webhooks()
+            .await?
+            .iter()
+            .map(WebhookView::from)
+            .collect())
+    }
+
+    /// One subscription.
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Store`].
+    pub async fn get_webhook(&self, id: Uuid) -> Result<WebhookView, ManageError> {
+        let hooks = self.webhook_store()?;
+        hooks
+            .get_webhook(id)
+            .await?
+            .map(|r| WebhookView::from(&r))
+            .ok_or_else(|| webhook_not_found(id))
+    }
+
+    /// Changes a subscription (URL, events, description; `disabled` pauses it, and resuming
+    /// retries at once).
+    ///
+    /// # Errors
+    /// As [`create_webhook`](Self::create_webhook); [`ManageErrorKind::NotFound`].
+    pub async fn update_webhook(
+        &self,
+        id: Uuid,
+        patch: WebhookPatch,
+    ) -> Result<WebhookView, ManageError> {
+        self.check_webhook(
+            patch.url.as_deref(),
+            patch.events.as_deref(),
+            patch.description.as_ref().and_then(Option::as_deref),
+        )?;
+        let hooks = self.webhook_store()?;
+        let record = hooks
+            .update_webhook(id, &patch)
+            .await?
+            .ok_or_else(|| webhook_not_found(id))?;
+        tracing::info!(target: "keywarden", webhook_id = %id, "webhook updated");
+        Ok(WebhookView::from(&record))
+    }
+
+    /// Deletes a subscription (events not yet delivered are not sent).
+    ///
+    /// # Errors
+    /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Store`].
+    pub async fn delete_webhook(&self, id: Uuid) -> Result<WebhookView, ManageError> {
+        let hooks = self.webhook_store()?;
+        let record = hooks
+            .delete_webhook(id)
+            .await?
+            .ok_or_else(|| webhook_not_found(id))?;
+        tracing::info!(target: "keywarden", webhook_id = %id, "webhook deleted");
+        Ok(WebhookView::from(&record))
+    }
+}
