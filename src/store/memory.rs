@@ -500,6 +500,7 @@ impl WebhookStore for MemoryStore {
                 record.next_attempt_at = progress.next_attempt_at;
                 record.last_error.clone_from(&progress.last_error);
                 record.failing_since = progress.failing_since;
+                record.lease_until = Some(progress.lease_until);
                 Ok(true)
             }
             _ => Ok(false),

@@ -1587,7 +1587,7 @@ impl WebhookStore for PostgresStore {
     ) -> Result<bool, StoreError> {
         let written = sqlx::query(
             "UPDATE keywarden_webhooks SET cursor = $1, expiring_cursor = $2, attempts = $3, \
-             next_attempt_at = $4, last_error = $5, failing_since = $6 \
+             next_attempt_at = $4, last_error = $5, failing_since = $6, lease_until = $9 \
              WHERE id = $7 AND lease_owner = $8",
         )
         .bind(clamp_i64(progress.cursor))
@@ -1598,6 +1598,7 @@ impl WebhookStore for PostgresStore {
         .bind(progress.failing_since.map(micros))
         .bind(id)
         .bind(owner)
+        .bind(micros(progress.lease_until))
         .execute(&self.pool)
         .await
         .map_err(|e| store_error("recording webhook progress failed", e))?;

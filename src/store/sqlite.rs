@@ -1421,7 +1421,7 @@ impl WebhookStore for SqliteStore {
     ) -> Result<bool, StoreError> {
         let written = sqlx::query(
             "UPDATE keywarden_webhooks SET cursor = ?, expiring_cursor = ?, attempts = ?, \
-             next_attempt_at = ?, last_error = ?, failing_since = ? \
+             next_attempt_at = ?, last_error = ?, failing_since = ?, lease_until = ? \
              WHERE id = ? AND lease_owner = ?",
         )
         .bind(clamp_i64(progress.cursor))
@@ -1430,6 +1430,7 @@ impl WebhookStore for SqliteStore {
         .bind(progress.next_attempt_at.map(to_micros))
         .bind(&progress.last_error)
         .bind(progress.failing_since.map(to_micros))
+        .bind(to_micros(progress.lease_until))
         .bind(id.as_bytes().as_slice())
         .bind(owner.as_bytes().as_slice())
         .execute(&self.pool)

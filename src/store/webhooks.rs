@@ -107,6 +107,8 @@ pub struct WebhookProgress {
     pub last_error: Option<String>,
     /// See [`WebhookRecord::failing_since`].
     pub failing_since: Option<OffsetDateTime>,
+    /// The lease is extended to this (each write renews it).
+    pub lease_until: OffsetDateTime,
 }
 
 /// Webhook subscriptions in a store. The built-in stores implement it

@@ -410,7 +410,7 @@ impl WebhookDeliverer {
             clock: Arc::new(SystemClock),
             client,
             owner: Uuid::now_v7(),
-            lease: StdDuration::from_secs(30),
+            lease: StdDuration::from_secs(15),
             batch: 100,
             expiring_lead: time::Duration::days(7),
         }
@@ -486,6 +486,7 @@ impl WebhookDeliverer {
             next_attempt_at: hook.next_attempt_at,
             last_error: hook.last_error.clone(),
             failing_since: hook.failing_since,
+            lease_until: self.clock.now() + self.lease,
         };
         let Some(secret) = self.seal.open(hook.id, &hook.sealed_secret) else {
             self.fail(
@@ -494,7 +495,7 @@ impl WebhookDeliverer {
             );
             round.failed += 1;
             hooks
-                .record_webhook_progress(hook.id, self.owner, &progress)
+                .record_webhook_progress(hook.id, self.owner, self.renewed(&mut progress))
                 .await?;
             return Ok(());
         };
@@ -518,7 +519,7 @@ impl WebhookDeliverer {
                     self.fail(&mut progress, error);
                     round.failed += 1;
                     hooks
-                        .record_webhook_progress(hook.id, self.owner, &progress)
+                        .record_webhook_progress(hook.id, self.owner, self.renewed(&mut progress))
                         .await?;
                     return Ok(());
                 }
@@ -528,7 +529,7 @@ impl WebhookDeliverer {
             self.succeed(&mut progress);
             // Each step is stored: a crash re-sends at most the event in flight.
             if !hooks
-                .record_webhook_progress(hook.id, self.owner, &progress)
+                .record_webhook_progress(hook.id, self.owner, self.renewed(&mut progress))
                 .await?
             {
                 return Ok(()); // The lease moved to another instance.
@@ -593,7 +594,7 @@ impl WebhookDeliverer {
                 self.fail(progress, error);
                 round.failed += 1;
                 hooks
-                    .record_webhook_progress(hook.id, self.owner, progress)
+                    .record_webhook_progress(hook.id, self.owner, self.renewed(progress))
                     .await?;
                 return Ok(());
             }
@@ -601,7 +602,7 @@ impl WebhookDeliverer {
             progress.expiring_cursor = expires_at - self.expiring_lead;
             self.succeed(progress);
             if !hooks
-                .record_webhook_progress(hook.id, self.owner, progress)
+                .record_webhook_progress(hook.id, self.owner, self.renewed(progress))
                 .await?
             {
                 return Ok(());
@@ -609,9 +610,22 @@ impl WebhookDeliverer {
         }
         progress.expiring_cursor = now;
         hooks
-            .record_webhook_progress(hook.id, self.owner, progress)
+            .record_webhook_progress(hook.id, self.owner, self.renewed(progress))
             .await?;
         Ok(())
+    }
+
+    /// The progress with the lease renewed from now.
+    fn renewed<'p>(&self, progress: &'p mut WebhookProgress) -> &'p WebhookProgress {
+        progress.lease_until = self.clock.now() + self.lease;
+        progress
+    }
+
+    /// How long a lease lasts without a write (default 15 s; each event delivered renews it).
+    #[must_use]
+    pub fn lease(mut self, lease: StdDuration) -> Self {
+        self.lease = lease;
+        self
     }
 
     fn succeed(&self, progress: &mut WebhookProgress) {
