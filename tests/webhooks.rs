@@ -113,20 +113,19 @@ fn local() -> WebhookTargets {
     WebhookTargets::hosts(["127.0.0.1"]).allow_http(true)
 }
 
-async fn stores() -> Vec<(
+/// A store under test: its name, the store, and the PostgreSQL schema to drop after.
+type TestStore = (
     &'static str,
     Arc<dyn KeyStore>,
     Option<(PostgresStore, String)>,
-)> {
+);
+
+async fn stores() -> Vec<TestStore> {
     let path = std::env::temp_dir().join(format!("{}.db", unique("keywarden_webhooks")));
     let sqlite = SqliteStore::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
-    let mut stores: Vec<(
-        &'static str,
-        Arc<dyn KeyStore>,
-        Option<(PostgresStore, String)>,
-    )> = vec![
+    let mut stores: Vec<TestStore> = vec![
         ("memory", Arc::new(MemoryStore::new()), None),
         ("sqlite", Arc::new(sqlite), None),
     ];

@@ -323,6 +323,7 @@ impl ApiKeyLayer {
     }
 
     /// Where the layer reads client addresses (for failed-attempt limiting), if it does.
+    #[cfg(feature = "manage-api")]
     pub(crate) fn client_address_source(&self) -> Option<&crate::ratelimit::ClientAddressSource> {
         self.verifier
             .admission

@@ -856,6 +856,9 @@ async fn delete_in(conn: &mut PgConnection, id: Uuid) -> Result<Option<KeyRecord
     .transpose()
 }
 
+/// A checkpoint as stored: seq, MAC, sealing secret id, seal.
+type CheckpointRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
+
 const AUDIT_COLUMNS: &str = "seq, at, action, actor_kind, actor_key_id, actor_name, key_id, \
     collection, subject, changes, client_address, request_id, sealed_by, mac";
 
@@ -936,7 +939,7 @@ async fn audit_head(conn: &mut PgConnection) -> Result<ChainHead, StoreError> {
 }
 
 async fn read_checkpoint(conn: &mut PgConnection) -> Result<Option<AuditCheckpoint>, StoreError> {
-    let row: Option<(i64, Vec<u8>, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    let row: Option<CheckpointRow> = sqlx::query_as(
         "SELECT seq, mac, sealed_by, seal FROM keywarden_audit_checkpoint WHERE id = 1",
     )
     .fetch_optional(&mut *conn)
@@ -1277,155 +1280,6 @@ fn sqlstate_kind(code: &str) -> StoreErrorKind {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_columns_are_the_columns_aliased() {
-        let aliased: Vec<String> = COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
-        assert_eq!(KEY_COLUMNS, aliased.join(", "));
-    }
-    use time::macros::datetime;
-
-    #[test]
-    fn schema_names_are_validated() {
-        for good in ["kw", "_x", "kw_0123abcd", &"a".repeat(63)] {
-            assert!(is_valid_schema_name(good), "{good}");
-        }
-        for bad in [
-            "",
-            "0kw",
-            "Kw",
-            "kw-1",
-            "kw\"; DROP TABLE x; --",
-            "kw ",
-            "ké",
-            &"a".repeat(64),
-        ] {
-            assert!(!is_valid_schema_name(bad), "{bad}");
-        }
-    }
-
-    #[test]
-    fn timestamps_are_floored_to_micros_in_utc() {
-        let at = datetime!(2030-02-03 04:05:06.123_456_789 +02:00);
-        let floored = micros(at);
-        assert_eq!(floored, datetime!(2030-02-03 02:05:06.123_456 UTC));
-        assert_eq!(floored.offset(), time::UtcOffset::UTC);
-    }
-
-    #[test]
-    fn every_stored_timestamp_decodes_without_panicking() {
-        use PgTimestamp::*;
-        assert_eq!(PgTimestamp::from_pg_micros(i64::MAX), Infinity);
-        assert_eq!(PgTimestamp::from_pg_micros(i64::MIN), NegativeInfinity);
-        assert_eq!(
-            PgTimestamp::from_pg_micros(0),
-            At(datetime!(2000-01-01 0:00 UTC))
-        );
-        assert_eq!(
-            PgTimestamp::from_pg_micros(-1),
-            At(datetime!(1999-12-31 23:59:59.999_999 UTC))
-        );
-        // Both ends of years 0000 to 9999, and one microsecond past each.
-        let first = datetime!(0000-01-01 0:00 UTC);
-        let last = datetime!(9999-12-31 23:59:59.999_999 UTC);
-        let pg = |at: OffsetDateTime| {
-            i64::try_from((at - datetime!(2000-01-01 0:00 UTC)).whole_microseconds()).unwrap()
-        };
-        assert_eq!(PgTimestamp::from_pg_micros(pg(first)), At(first));
-        assert_eq!(PgTimestamp::from_pg_micros(pg(last)), At(last));
-        assert_eq!(PgTimestamp::from_pg_micros(pg(first) - 1), OutOfRange);
-        assert_eq!(PgTimestamp::from_pg_micros(pg(last) + 1), OutOfRange);
-        for micros in [i64::MAX - 1, i64::MIN + 1, 9_223_371_331_200_000_000] {
-            assert_eq!(PgTimestamp::from_pg_micros(micros), OutOfRange, "{micros}");
-        }
-
-        assert_eq!(expiry(None).unwrap(), None);
-        assert_eq!(expiry(Some(Infinity)).unwrap(), None);
-        assert_eq!(expiry(Some(At(last))).unwrap(), Some(last));
-        for odd in [NegativeInfinity, OutOfRange] {
-            let err = expiry(Some(odd)).unwrap_err();
-            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
-            assert!(err.to_string().contains("expires_at"), "{err}");
-        }
-        for odd in [Infinity, NegativeInfinity, OutOfRange] {
-            let err = instant(odd, "created_at").unwrap_err();
-            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
-        }
-    }
-
-    #[test]
-    fn sqlstates_map_to_kinds() {
-        assert_eq!(sqlstate_kind("23505"), StoreErrorKind::Conflict);
-        assert_eq!(sqlstate_kind("08006"), StoreErrorKind::Unavailable);
-        assert_eq!(sqlstate_kind("53300"), StoreErrorKind::Unavailable);
-        assert_eq!(sqlstate_kind("57P01"), StoreErrorKind::Unavailable);
-        assert_eq!(sqlstate_kind("57014"), StoreErrorKind::Timeout);
-        assert_eq!(sqlstate_kind("42P01"), StoreErrorKind::Schema);
-        assert_eq!(sqlstate_kind("XX001"), StoreErrorKind::Corrupt);
-        assert_eq!(sqlstate_kind("22P02"), StoreErrorKind::Other);
-        assert_eq!(
-            store_error("x", sqlx::Error::PoolTimedOut).kind(),
-            StoreErrorKind::Timeout
-        );
-        assert_eq!(
-            store_error("x", sqlx::Error::PoolClosed).kind(),
-            StoreErrorKind::Unavailable
-        );
-    }
-
-    #[test]
-    fn usage_is_aggregated_per_key() {
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let t1 = datetime!(2030-01-01 0:00 UTC);
-        let t2 = datetime!(2030-01-02 0:00 UTC);
-        let totals = aggregate_usage(&[
-            KeyUsage {
-                id: b,
-                last_used_at: t1,
-                uses: 2,
-            },
-            KeyUsage {
-                id: a,
-                last_used_at: t1,
-                uses: 3,
-            },
-            KeyUsage {
-                id: b,
-                last_used_at: t2,
-                uses: u64::MAX,
-            },
-        ]);
-        assert_eq!(
-            totals.into_iter().collect::<Vec<_>>(),
-            [(a, (3, t1)), (b, (u64::MAX, t2))]
-        );
-        assert_eq!(clamp_i64(u64::MAX), i64::MAX);
-    }
-
-    #[tokio::test]
-    async fn debug_and_url_errors_never_show_the_password() {
-        let url = "postgres://kw:hunter2-secret@db.invalid:5433/keys";
-        let pool = PgPoolOptions::new().connect_lazy_with(parse_url(url).unwrap());
-        let store = PostgresStore::from_pool(pool);
-        let text = format!("{store:?}");
-        assert!(!text.contains("hunter2"), "{text}");
-        assert!(text.contains("db.invalid"), "{text}");
-
-        let err = PostgresStore::connect("postgres://kw:hunter2-secret@[bad/keys")
-            .await
-            .unwrap_err();
-        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
-
-        let err = PostgresStore::connect_with_schema(url, "bad-name")
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), StoreErrorKind::Other);
-    }
-}
-
 const WEBHOOK_COLUMNS: &str = "id, url, events, description, sealed_secret, disabled, \
     created_at, cursor, expiring_cursor, attempts, next_attempt_at, last_error, failing_since, \
     lease_owner, lease_until";
@@ -1603,5 +1457,154 @@ impl WebhookStore for PostgresStore {
         .await
         .map_err(|e| store_error("recording webhook progress failed", e))?;
         Ok(written.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_columns_are_the_columns_aliased() {
+        let aliased: Vec<String> = COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
+        assert_eq!(KEY_COLUMNS, aliased.join(", "));
+    }
+    use time::macros::datetime;
+
+    #[test]
+    fn schema_names_are_validated() {
+        for good in ["kw", "_x", "kw_0123abcd", &"a".repeat(63)] {
+            assert!(is_valid_schema_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "0kw",
+            "Kw",
+            "kw-1",
+            "kw\"; DROP TABLE x; --",
+            "kw ",
+            "ké",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_valid_schema_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_floored_to_micros_in_utc() {
+        let at = datetime!(2030-02-03 04:05:06.123_456_789 +02:00);
+        let floored = micros(at);
+        assert_eq!(floored, datetime!(2030-02-03 02:05:06.123_456 UTC));
+        assert_eq!(floored.offset(), time::UtcOffset::UTC);
+    }
+
+    #[test]
+    fn every_stored_timestamp_decodes_without_panicking() {
+        use PgTimestamp::*;
+        assert_eq!(PgTimestamp::from_pg_micros(i64::MAX), Infinity);
+        assert_eq!(PgTimestamp::from_pg_micros(i64::MIN), NegativeInfinity);
+        assert_eq!(
+            PgTimestamp::from_pg_micros(0),
+            At(datetime!(2000-01-01 0:00 UTC))
+        );
+        assert_eq!(
+            PgTimestamp::from_pg_micros(-1),
+            At(datetime!(1999-12-31 23:59:59.999_999 UTC))
+        );
+        // Both ends of years 0000 to 9999, and one microsecond past each.
+        let first = datetime!(0000-01-01 0:00 UTC);
+        let last = datetime!(9999-12-31 23:59:59.999_999 UTC);
+        let pg = |at: OffsetDateTime| {
+            i64::try_from((at - datetime!(2000-01-01 0:00 UTC)).whole_microseconds()).unwrap()
+        };
+        assert_eq!(PgTimestamp::from_pg_micros(pg(first)), At(first));
+        assert_eq!(PgTimestamp::from_pg_micros(pg(last)), At(last));
+        assert_eq!(PgTimestamp::from_pg_micros(pg(first) - 1), OutOfRange);
+        assert_eq!(PgTimestamp::from_pg_micros(pg(last) + 1), OutOfRange);
+        for micros in [i64::MAX - 1, i64::MIN + 1, 9_223_371_331_200_000_000] {
+            assert_eq!(PgTimestamp::from_pg_micros(micros), OutOfRange, "{micros}");
+        }
+
+        assert_eq!(expiry(None).unwrap(), None);
+        assert_eq!(expiry(Some(Infinity)).unwrap(), None);
+        assert_eq!(expiry(Some(At(last))).unwrap(), Some(last));
+        for odd in [NegativeInfinity, OutOfRange] {
+            let err = expiry(Some(odd)).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+            assert!(err.to_string().contains("expires_at"), "{err}");
+        }
+        for odd in [Infinity, NegativeInfinity, OutOfRange] {
+            let err = instant(odd, "created_at").unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+        }
+    }
+
+    #[test]
+    fn sqlstates_map_to_kinds() {
+        assert_eq!(sqlstate_kind("23505"), StoreErrorKind::Conflict);
+        assert_eq!(sqlstate_kind("08006"), StoreErrorKind::Unavailable);
+        assert_eq!(sqlstate_kind("53300"), StoreErrorKind::Unavailable);
+        assert_eq!(sqlstate_kind("57P01"), StoreErrorKind::Unavailable);
+        assert_eq!(sqlstate_kind("57014"), StoreErrorKind::Timeout);
+        assert_eq!(sqlstate_kind("42P01"), StoreErrorKind::Schema);
+        assert_eq!(sqlstate_kind("XX001"), StoreErrorKind::Corrupt);
+        assert_eq!(sqlstate_kind("22P02"), StoreErrorKind::Other);
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolTimedOut).kind(),
+            StoreErrorKind::Timeout
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolClosed).kind(),
+            StoreErrorKind::Unavailable
+        );
+    }
+
+    #[test]
+    fn usage_is_aggregated_per_key() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let t1 = datetime!(2030-01-01 0:00 UTC);
+        let t2 = datetime!(2030-01-02 0:00 UTC);
+        let totals = aggregate_usage(&[
+            KeyUsage {
+                id: b,
+                last_used_at: t1,
+                uses: 2,
+            },
+            KeyUsage {
+                id: a,
+                last_used_at: t1,
+                uses: 3,
+            },
+            KeyUsage {
+                id: b,
+                last_used_at: t2,
+                uses: u64::MAX,
+            },
+        ]);
+        assert_eq!(
+            totals.into_iter().collect::<Vec<_>>(),
+            [(a, (3, t1)), (b, (u64::MAX, t2))]
+        );
+        assert_eq!(clamp_i64(u64::MAX), i64::MAX);
+    }
+
+    #[tokio::test]
+    async fn debug_and_url_errors_never_show_the_password() {
+        let url = "postgres://kw:hunter2-secret@db.invalid:5433/keys";
+        let pool = PgPoolOptions::new().connect_lazy_with(parse_url(url).unwrap());
+        let store = PostgresStore::from_pool(pool);
+        let text = format!("{store:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("db.invalid"), "{text}");
+
+        let err = PostgresStore::connect("postgres://kw:hunter2-secret@[bad/keys")
+            .await
+            .unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+
+        let err = PostgresStore::connect_with_schema(url, "bad-name")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
     }
 }

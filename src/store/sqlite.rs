@@ -802,6 +802,9 @@ impl SqliteStore {
     }
 }
 
+/// A checkpoint as stored: seq, MAC, sealing secret id, seal.
+type CheckpointRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
+
 const AUDIT_COLUMNS: &str = "seq, at, action, actor_kind, actor_key_id, actor_name, key_id, \
     collection, subject, changes, client_address, request_id, sealed_by, mac";
 
@@ -826,7 +829,7 @@ async fn audit_head(conn: &mut SqliteConnection) -> Result<ChainHead, StoreError
 async fn read_checkpoint(
     conn: &mut SqliteConnection,
 ) -> Result<Option<AuditCheckpoint>, StoreError> {
-    let row: Option<(i64, Vec<u8>, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    let row: Option<CheckpointRow> = sqlx::query_as(
         "SELECT seq, mac, sealed_by, seal FROM keywarden_audit_checkpoint WHERE id = 1",
     )
     .fetch_optional(&mut *conn)
@@ -1112,150 +1115,6 @@ fn sqlite_kind(code: i32, message: &str) -> StoreErrorKind {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_columns_are_the_columns_aliased() {
-        let aliased: Vec<String> = COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
-        assert_eq!(KEY_COLUMNS, aliased.join(", "));
-    }
-    use time::macros::datetime;
-
-    #[test]
-    fn micros_roundtrip_in_utc_and_floor() {
-        let at = datetime!(2030-02-03 04:05:06.123_456_789 +02:00);
-        let micros = to_micros(at);
-        let back = from_micros(micros, "t").unwrap();
-        assert_eq!(back, datetime!(2030-02-03 02:05:06.123_456 UTC));
-        assert_eq!(back.offset(), time::UtcOffset::UTC);
-
-        let before_epoch = datetime!(1969-12-31 23:59:59.999_999_5 UTC);
-        assert_eq!(to_micros(before_epoch), -1);
-        assert_eq!(
-            from_micros(-1, "t").unwrap(),
-            datetime!(1969-12-31 23:59:59.999_999 UTC)
-        );
-        assert!(from_micros(i64::MAX, "t").is_err());
-    }
-
-    #[test]
-    fn memory_urls_are_recognised() {
-        assert!(is_memory_url("sqlite::memory:"));
-        assert!(is_memory_url("sqlite://:memory:"));
-        assert!(is_memory_url("sqlite://?mode=memory"));
-        assert!(is_memory_url("sqlite://shared?cache=shared&mode=memory"));
-        assert!(!is_memory_url("sqlite://keys.db"));
-        assert!(!is_memory_url("sqlite:///var/lib/memory.db?mode=rwc"));
-    }
-
-    #[test]
-    fn usage_is_aggregated_per_key() {
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let t1 = datetime!(2030-01-01 0:00 UTC);
-        let t2 = datetime!(2030-01-02 0:00 UTC);
-        let totals = aggregate_usage(&[
-            KeyUsage {
-                id: b,
-                last_used_at: t2,
-                uses: 1,
-            },
-            KeyUsage {
-                id: a,
-                last_used_at: t2,
-                uses: u64::MAX,
-            },
-            KeyUsage {
-                id: a,
-                last_used_at: t1,
-                uses: 3,
-            },
-        ]);
-        assert_eq!(
-            totals.into_iter().collect::<Vec<_>>(),
-            [(a, (u64::MAX, t2)), (b, (1, t2))]
-        );
-        assert_eq!(clamp_i64(u64::MAX), i64::MAX);
-        assert_eq!(clamp_i64(7), 7);
-    }
-
-    #[test]
-    fn errors_map_to_kinds() {
-        assert_eq!(
-            store_error("x", sqlx::Error::PoolTimedOut).kind(),
-            StoreErrorKind::Timeout
-        );
-        assert_eq!(
-            store_error("x", sqlx::Error::PoolClosed).kind(),
-            StoreErrorKind::Unavailable
-        );
-        let io = std::io::Error::other("boom");
-        assert_eq!(
-            store_error("x", io.into()).kind(),
-            StoreErrorKind::Unavailable
-        );
-        assert_eq!(
-            store_error("x", sqlx::Error::Decode("bad".into())).kind(),
-            StoreErrorKind::Corrupt
-        );
-        assert_eq!(sqlite_kind(5, ""), StoreErrorKind::Timeout);
-        assert_eq!(sqlite_kind(261, ""), StoreErrorKind::Timeout); // BUSY_RECOVERY
-        assert_eq!(sqlite_kind(11, ""), StoreErrorKind::Corrupt);
-        assert_eq!(
-            sqlite_kind(1, "no such table: keywarden_keys"),
-            StoreErrorKind::Schema
-        );
-        assert_eq!(
-            sqlite_kind(1, "near \"x\": syntax error"),
-            StoreErrorKind::Other
-        );
-    }
-
-    #[tokio::test]
-    async fn file_databases_use_wal_and_a_busy_timeout() {
-        let path =
-            std::env::temp_dir().join(format!("keywarden-unit-{}.db", Uuid::now_v7().simple()));
-        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
-            .await
-            .unwrap();
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        assert_eq!((mode.as_str(), busy, fk), ("wal", 5000, 1));
-        store.migrate().await.expect("migrations are idempotent");
-        assert!(format!("{store:?}").contains("keywarden-unit-"));
-        store.pool().close().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
-    }
-
-    #[tokio::test]
-    async fn corrupt_rows_are_reported_without_their_values() {
-        let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
-        let mut record = crate::store::test_support::record(9);
-        record.name = "visible-name".into();
-        store.insert(&record).await.unwrap();
-        sqlx::query("UPDATE keywarden_keys SET scopes = 'not-json-visible-name'")
-            .execute(store.pool())
-            .await
-            .unwrap();
-        let err = store.get(record.id).await.unwrap_err();
-        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
-        assert!(!err.to_string().contains("visible-name"), "{err}");
-    }
-}
-
 const WEBHOOK_COLUMNS: &str = "id, url, events, description, sealed_secret, disabled, \
     created_at, cursor, expiring_cursor, attempts, next_attempt_at, last_error, failing_since, \
     lease_owner, lease_until";
@@ -1437,5 +1296,149 @@ impl WebhookStore for SqliteStore {
         .await
         .map_err(|e| store_error("recording webhook progress failed", e))?;
         Ok(written.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_columns_are_the_columns_aliased() {
+        let aliased: Vec<String> = COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
+        assert_eq!(KEY_COLUMNS, aliased.join(", "));
+    }
+    use time::macros::datetime;
+
+    #[test]
+    fn micros_roundtrip_in_utc_and_floor() {
+        let at = datetime!(2030-02-03 04:05:06.123_456_789 +02:00);
+        let micros = to_micros(at);
+        let back = from_micros(micros, "t").unwrap();
+        assert_eq!(back, datetime!(2030-02-03 02:05:06.123_456 UTC));
+        assert_eq!(back.offset(), time::UtcOffset::UTC);
+
+        let before_epoch = datetime!(1969-12-31 23:59:59.999_999_5 UTC);
+        assert_eq!(to_micros(before_epoch), -1);
+        assert_eq!(
+            from_micros(-1, "t").unwrap(),
+            datetime!(1969-12-31 23:59:59.999_999 UTC)
+        );
+        assert!(from_micros(i64::MAX, "t").is_err());
+    }
+
+    #[test]
+    fn memory_urls_are_recognised() {
+        assert!(is_memory_url("sqlite::memory:"));
+        assert!(is_memory_url("sqlite://:memory:"));
+        assert!(is_memory_url("sqlite://?mode=memory"));
+        assert!(is_memory_url("sqlite://shared?cache=shared&mode=memory"));
+        assert!(!is_memory_url("sqlite://keys.db"));
+        assert!(!is_memory_url("sqlite:///var/lib/memory.db?mode=rwc"));
+    }
+
+    #[test]
+    fn usage_is_aggregated_per_key() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let t1 = datetime!(2030-01-01 0:00 UTC);
+        let t2 = datetime!(2030-01-02 0:00 UTC);
+        let totals = aggregate_usage(&[
+            KeyUsage {
+                id: b,
+                last_used_at: t2,
+                uses: 1,
+            },
+            KeyUsage {
+                id: a,
+                last_used_at: t2,
+                uses: u64::MAX,
+            },
+            KeyUsage {
+                id: a,
+                last_used_at: t1,
+                uses: 3,
+            },
+        ]);
+        assert_eq!(
+            totals.into_iter().collect::<Vec<_>>(),
+            [(a, (u64::MAX, t2)), (b, (1, t2))]
+        );
+        assert_eq!(clamp_i64(u64::MAX), i64::MAX);
+        assert_eq!(clamp_i64(7), 7);
+    }
+
+    #[test]
+    fn errors_map_to_kinds() {
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolTimedOut).kind(),
+            StoreErrorKind::Timeout
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::PoolClosed).kind(),
+            StoreErrorKind::Unavailable
+        );
+        let io = std::io::Error::other("boom");
+        assert_eq!(
+            store_error("x", io.into()).kind(),
+            StoreErrorKind::Unavailable
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::Decode("bad".into())).kind(),
+            StoreErrorKind::Corrupt
+        );
+        assert_eq!(sqlite_kind(5, ""), StoreErrorKind::Timeout);
+        assert_eq!(sqlite_kind(261, ""), StoreErrorKind::Timeout); // BUSY_RECOVERY
+        assert_eq!(sqlite_kind(11, ""), StoreErrorKind::Corrupt);
+        assert_eq!(
+            sqlite_kind(1, "no such table: keywarden_keys"),
+            StoreErrorKind::Schema
+        );
+        assert_eq!(
+            sqlite_kind(1, "near \"x\": syntax error"),
+            StoreErrorKind::Other
+        );
+    }
+
+    #[tokio::test]
+    async fn file_databases_use_wal_and_a_busy_timeout() {
+        let path =
+            std::env::temp_dir().join(format!("keywarden-unit-{}.db", Uuid::now_v7().simple()));
+        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!((mode.as_str(), busy, fk), ("wal", 5000, 1));
+        store.migrate().await.expect("migrations are idempotent");
+        assert!(format!("{store:?}").contains("keywarden-unit-"));
+        store.pool().close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_reported_without_their_values() {
+        let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
+        let mut record = crate::store::test_support::record(9);
+        record.name = "visible-name".into();
+        store.insert(&record).await.unwrap();
+        sqlx::query("UPDATE keywarden_keys SET scopes = 'not-json-visible-name'")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let err = store.get(record.id).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+        assert!(!err.to_string().contains("visible-name"), "{err}");
     }
 }

@@ -105,7 +105,7 @@ pub use openapi::openapi;
 /// | `POST /keys/{id}/rotate` (body optional: `{"grace": "24h"}`) | 201 `{"key", ...view}` | 400, 401, 403, 404, 409, 422, 503 |
 /// | `DELETE /keys/{id}` | 204 | 401, 403, 404, 422, 503 |
 /// | `GET /audit?key_id&actor&action&collection&subject&since&until&after&limit` | 200 `{"items", "next_cursor"}` (the [audit log](crate::audit), oldest first) | 400, 401, 403, 422, 503 |
-/// | `POST /webhooks`, `GET /webhooks`, `GET`/`PATCH`/`DELETE /webhooks/{id}` (feature `webhooks`; `keys:admin` only) | 201 with the signing secret once / 200 / 204 ([`crate::webhooks`]) | 400, 401, 403, 404, 422, 503 |
+/// | `POST /webhooks`, `GET /webhooks`, `GET`/`PATCH`/`DELETE /webhooks/{id}` (feature `webhooks`; `keys:admin` only) | 201 with the signing secret once / 200 / 204 (`keywarden::webhooks`) | 400, 401, 403, 404, 422, 503 |
 /// | `GET /openapi.json` | 200 the OpenAPI 3.1 document ([`openapi()`]) | 401, 503 |
 ///
 /// A view never holds the digest, the secret id or the encrypted key; the plaintext key is

@@ -17,5 +17,7 @@ pub use expiry::{
 };
 #[cfg(feature = "manage-api")]
 pub(crate) use request::{parse_time, CreateRequest, PatchRequest};
-pub(crate) use validate::{check_free_text, validate_new, validate_patch};
+#[cfg(feature = "webhooks")]
+pub(crate) use validate::check_free_text;
+pub(crate) use validate::{validate_new, validate_patch};
 pub use view::{CreatedKeyView, KeyPageView, KeyView};
