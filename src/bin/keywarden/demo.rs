@@ -2,7 +2,9 @@
 //! file with `#[path]`, so there is one copy).
 //!
 //! `GET /healthz` is open; `GET /whoami` and the management API under `/admin` sit behind the
-//! layer. Keys of the collections `users`, `teams` and `services` are accepted.
+//! layer. With the `admin-ui` feature, the admin UI's page is `/admin/ui/` (open: the browser
+//! loads it before it has a key to send). Keys of the collections `users`, `teams` and
+//! `services` are accepted.
 
 use std::sync::Arc;
 
@@ -32,13 +34,24 @@ pub(crate) fn layer_builder_with(
 /// Build `manager` with [`KeyManager::for_layer`] so management changes reach this layer's
 /// cache at once.
 pub(crate) fn demo_router(layer: ApiKeyLayer, manager: Arc<KeyManager>) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/whoami", get(whoami))
         .nest("/admin", management_router(manager))
         .layer(layer)
         // Added after `layer`, so it is not authenticated: load balancers probe it keyless.
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(healthz));
+    // Also after `layer`: the page holds no data, and calls the API with the key pasted in it.
+    #[cfg(feature = "admin-ui")]
+    let app = app.nest("/admin", keywarden::manage::admin_ui());
+    app
 }
+
+/// Where [`demo_router`] serves the admin UI, if it does.
+pub(crate) const ADMIN_UI_PATH: Option<&str> = if cfg!(feature = "admin-ui") {
+    Some("/admin/ui/")
+} else {
+    None
+};
 
 async fn healthz() -> ([(header::HeaderName, &'static str); 1], &'static str) {
     ([(header::CACHE_CONTROL, "no-store")], "ok")
