@@ -167,8 +167,8 @@ async function editDialog(context, key, status) {
   }
 }
 
-function unavailable(what) {
-  return h("p", { class: "placeholder" }, `${what} is not available in this version of keywarden.`);
+function unavailable(sentence) {
+  return h("p", { class: "placeholder" }, sentence);
 }
 
 async function loadUsage(api, key, section, granularity) {
@@ -187,7 +187,7 @@ async function loadUsage(api, key, section, granularity) {
   } catch (error) {
     if (error.unsupported) {
       toggle.hidden = true;
-      replace(body, unavailable("Usage analytics"),
+      replace(body, unavailable("Usage analytics are not available in this version of keywarden."),
         h("p", { class: "muted small" }, `What is known: ${key.use_count} use${key.use_count === 1 ? "" : "s"}, last `,
           key.last_used_at ? time(key.last_used_at) : "never", "."));
     } else {
@@ -217,7 +217,7 @@ async function loadAudit(api, key, section) {
   } catch (error) {
     replace(section, h("h2", { id: "audit-heading" }, "Audit trail"),
       error.unsupported
-        ? unavailable("The audit log")
+        ? unavailable("The audit log is not available in this version of keywarden.")
         : h("div", { class: "alert error", role: "alert" }, h("strong", { class: "alert-title" }, error.title || "Error"), error.detail ? h("p", {}, error.detail) : null));
   }
 }

@@ -147,6 +147,7 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
     submit: async (event) => {
       event.preventDefault();
       replace(status);
+      markInvalid(form, []);
       const body = { name: name.value.trim() };
       const text = (input, member) => { if (input.value.trim()) body[member] = input.value.trim(); };
       text(description, "description");
@@ -177,6 +178,7 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
         }));
       } catch (error) {
         replace(status, errorPanel(error));
+        markInvalid(form, error.errors || []);
         submit.disabled = false;
         status.scrollIntoView({ block: "nearest" });
       }
@@ -203,6 +205,16 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
 
   replace(main, h("div", { class: "page-head" }, h("h1", {}, "New key")), form);
   name.focus();
+}
+
+/** Marks the controls the API named invalid (`aria-invalid`), and only those. */
+function markInvalid(form, errors) {
+  const named = new Set(errors.map((e) => e.field));
+  if (named.has("expires_in") || named.has("expires_at")) named.add("expiry");
+  for (const control of form.elements) {
+    if (control.name && named.has(control.name)) control.setAttribute("aria-invalid", "true");
+    else control.removeAttribute("aria-invalid");
+  }
 }
 
 function shellQuote(text) {
