@@ -80,6 +80,28 @@ mod tests {
         (demo_router(layer, manager.clone()), manager)
     }
 
+    /// The page loads without a key; the API beside it still needs one.
+    #[cfg(feature = "admin-ui")]
+    #[tokio::test]
+    async fn the_admin_ui_is_open_and_the_api_beside_it_is_not() {
+        let (app, _) = app();
+        let get = |uri: &'static str| {
+            let app = app.clone();
+            async move {
+                app.oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        assert_eq!(get("/admin/ui/").await, StatusCode::OK);
+        assert_eq!(get("/admin/ui/app.js").await, StatusCode::OK);
+        assert_eq!(get("/admin/ui").await, StatusCode::PERMANENT_REDIRECT);
+        for api in ["/admin/keys", "/admin/openapi.json", "/admin/ui/../keys"] {
+            assert_eq!(get(api).await, StatusCode::UNAUTHORIZED, "{api}");
+        }
+    }
+
     #[tokio::test]
     async fn healthz_is_open_and_whoami_is_not() {
         let (app, manager) = app();

@@ -1,6 +1,6 @@
 // The admin UI: sign-in, the hash router and what every screen shares (errors, the confirm
 // dialog, the toast). The key lives in `session.key` (memory) and, only when the operator asks,
-// in this tab's sessionStorage; never in a cookie or localStorage.
+// in this tab's sessionStorage; never in a cookie or in localStorage (no page script touches either).
 
 import { createApi, ApiError } from "./api.js";
 import { h, field, replace } from "./dom.js";
