@@ -608,6 +608,41 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
         (401, Some("revoked_key"))
     );
 
+    // Delete (confirmed; Escape first cancels): back to the list, and the key is gone.
+    click_button(client, "Delete").await;
+    wait_for(client, "#confirm[open]").await;
+    client
+        .active_element()
+        .await
+        .unwrap()
+        .send_keys("\u{E00C}")
+        .await
+        .unwrap();
+    wait_until(
+        client,
+        "Escape closes the dialog",
+        "return !document.querySelector('#confirm').open",
+    )
+    .await;
+    wait_for(client, "h1.key-title").await;
+    click_button(client, "Delete").await;
+    client
+        .find(Locator::Id("confirm-ok"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(client, "form.filters").await;
+    let (status, problem) = api(
+        reqwest::Method::GET,
+        &format!("{base}/admin/keys/{key_id}"),
+        admin_key,
+        None,
+    )
+    .await;
+    assert_eq!((status, problem["code"].as_str()), (404, Some("not_found")));
+
     // Rotate another key: the new one is shown once and works; the old one has a grace period.
     go(client, base, "#/?subject=alice").await;
     wait_until(
