@@ -97,10 +97,6 @@ async fn run() -> Result<(), Box<dyn Error>> {
         println!("    curl -i -H 'Authorization: Bearer {key}' {base}/whoami");
         println!("    curl -i -H 'X-Api-Key: {key}' {base}/whoami");
         println!("    curl -i -H 'X-Api-Key: {key}' {base}/admin/keys");
-        if let Some(ui) = ADMIN_UI_PATH {
-            println!();
-            println!("Or open the admin UI and paste the key there: {base}{ui}");
-        }
     } else {
         println!(
             "A key already exists in {DATABASE_FILE}. Keys are shown only when they are created, \
@@ -121,7 +117,7 @@ async fn run() -> Result<(), Box<dyn Error>> {
     }
     println!();
     if let Some(ui) = ADMIN_UI_PATH {
-        println!("admin UI: {base}{ui}");
+        println!("admin UI: {base}{ui} (sign in by pasting a keys:admin key)");
     }
     println!("listening on {base} (press Ctrl-C to stop)");
 
