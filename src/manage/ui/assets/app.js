@@ -47,7 +47,7 @@ export function toast(message) {
   replace(node, message);
   node.classList.add("shown");
   clearTimeout(toast.timer);
-  toast.timer = setTimeout(() => node.classList.remove("shown"), 3500);
+  toast.timer = setTimeout(() => node.classList.remove("shown"), 2500);
 }
 
 /**
@@ -117,8 +117,10 @@ function setChrome(signedIn) {
   document.getElementById("nav").hidden = !signedIn;
   document.getElementById("session").hidden = !signedIn;
   replace(document.getElementById("session-label"), signedIn ? `Signed in with ${session.label()}` : "");
+  const path = location.hash.split("?")[0] || "#/";
   for (const link of document.querySelectorAll("#nav a")) {
-    const here = link.getAttribute("href") === (location.hash.split("?")[0] || "#/");
+    // A key's page belongs to the list.
+    const here = link.getAttribute("href") === (path === "#/new" ? "#/new" : "#/");
     if (here) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
