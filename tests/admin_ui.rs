@@ -10,7 +10,6 @@
 mod support;
 
 #[path = "../src/bin/keywarden/demo.rs"]
-#[allow(dead_code)]
 mod demo;
 
 use std::net::SocketAddr;
@@ -159,11 +158,10 @@ async fn select(client: &Client, css: &str, value: &str) {
         .unwrap();
 }
 
+/// The page (where the demo serves it) at `hash`.
 async fn go(client: &Client, base: &str, hash: &str) {
-    client
-        .goto(&format!("{base}/admin/ui/{hash}"))
-        .await
-        .unwrap();
+    let page = demo::ADMIN_UI_PATH.expect("the admin-ui feature is on");
+    client.goto(&format!("{base}{page}{hash}")).await.unwrap();
 }
 
 async fn sign_in(client: &Client, key: &str) {
@@ -364,6 +362,16 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
         "return document.querySelectorAll('table.keys tbody tr').length === 27",
     )
     .await;
+    // The filters and page size come back from the URL.
+    let shown = client
+        .execute(
+            "return [document.querySelector('.filters input[name=collection]').value, \
+             document.querySelector('.filters select[name=limit]').value]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(shown, json!(["teams", "50"]));
 
     // Create a key with every field; the XSS name renders as text.
     go(client, base, "#/new").await;

@@ -146,6 +146,8 @@ export async function route() {
     replace(main, h("div", { class: "card" }, errorPanel(error)));
   }
   main.focus({ preventScroll: true });
+  if (path !== route.lastPath) window.scrollTo(0, 0);
+  route.lastPath = path;
 }
 
 /** The key stopped working (revoked, expired): back to the sign-in screen, saying why. */
