@@ -162,6 +162,29 @@ async fn select(client: &Client, css: &str, value: &str) {
 async fn go(client: &Client, base: &str, hash: &str) {
     let page = demo::ADMIN_UI_PATH.expect("the admin-ui feature is on");
     client.goto(&format!("{base}{page}{hash}")).await.unwrap();
+    watch_csp(client).await;
+}
+
+/// Records the page's Content-Security-Policy violations (until the next full load).
+async fn watch_csp(client: &Client) {
+    client
+        .execute(
+            "if (!window.__csp) { window.__csp = []; document.addEventListener(\
+             'securitypolicyviolation', (e) => window.__csp.push(`${e.violatedDirective} \
+             ${e.blockedURI}`)); }",
+            vec![],
+        )
+        .await
+        .unwrap();
+}
+
+/// Fails on any violation recorded since `watch_csp`: the page must work under its policy.
+async fn assert_no_csp_violations(client: &Client, when: &str) {
+    let seen = client
+        .execute("return window.__csp || []", vec![])
+        .await
+        .unwrap();
+    assert_eq!(seen, json!([]), "CSP violations {when}");
 }
 
 async fn sign_in(client: &Client, key: &str) {
@@ -280,6 +303,23 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
     // The bare path redirects to the page, which loads without a key.
     client.goto(&format!("{base}/admin/ui")).await.unwrap();
     wait_for(client, "#sign-in").await;
+    watch_csp(client).await;
+    // The watcher sees a violation: an inline style attribute is refused.
+    client
+        .execute(
+            "const probe = document.createElement('div'); probe.setAttribute('style', 'color: red'); \
+             document.body.append(probe); probe.remove();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    wait_until(
+        client,
+        "the CSP probe is refused",
+        "return window.__csp.length > 0",
+    )
+    .await;
+    client.execute("window.__csp = []", vec![]).await.unwrap();
     assert_eq!(client.current_url().await.unwrap().path(), "/admin/ui/");
     assert!(text_of(client, "#sign-in").await.contains("sessionStorage"));
     screenshot(client, "01-sign-in").await;
@@ -450,7 +490,9 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
     }
 
     // Reload: the key is gone, from the page and from the tab's storage.
+    assert_no_csp_violations(client, "signing in, listing and creating").await;
     client.refresh().await.unwrap();
+    watch_csp(client).await;
     wait_for(client, "#create-key").await;
     assert!(client.find(Locator::Css("#new-key")).await.is_err());
     assert!(!client.source().await.unwrap().contains(&new_key));
@@ -762,6 +804,7 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
         "{drawn}"
     );
     screenshot(client, "09-chart").await;
+    assert_no_csp_violations(client, "on the key page, in dialogs and drawing the chart").await;
 
     // keys:self: only its owner's keys.
     click_button(client, "Sign out").await;
@@ -826,4 +869,5 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
         .await
         .unwrap();
     wait_for(client, "table.keys").await;
+    assert_no_csp_violations(client, "as keys:self, on a narrow screen").await;
 }
