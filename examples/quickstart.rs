@@ -9,8 +9,9 @@
 //! `KEYWARDEN_SECRET_FILE` is set,
 //! `.keywarden-dev-secret` (a generated development secret, mode 0600). On the first run it
 //! creates an admin key (scope `keys:admin`) and prints it once with ready-to-paste curl
-//! commands; then it serves `GET /healthz`, `GET /whoami` and the management API under
-//! `/admin` on `127.0.0.1:3000` (`KEYWARDEN_ADDR` overrides) until Ctrl-C.
+//! commands; then it serves `GET /healthz`, `GET /whoami`, the management API under `/admin`
+//! and the admin UI at `/admin/ui/` (feature `admin-ui`, on by default) on `127.0.0.1:3000`
+//! (`KEYWARDEN_ADDR` overrides) until Ctrl-C.
 
 use std::error::Error;
 use std::io::Write;
@@ -27,7 +28,7 @@ use keywarden::{
 #[path = "../src/bin/keywarden/demo.rs"]
 mod demo;
 
-use demo::{demo_router, layer_builder_with, DEMO_COLLECTIONS};
+use demo::{demo_router, layer_builder_with, ADMIN_UI_PATH, DEMO_COLLECTIONS};
 
 const DATABASE_URL: &str = "sqlite://keywarden.db";
 const DATABASE_FILE: &str = "keywarden.db";
@@ -115,6 +116,9 @@ async fn run() -> Result<(), Box<dyn Error>> {
         println!("(or delete {DATABASE_FILE}* to start over.)");
     }
     println!();
+    if let Some(ui) = ADMIN_UI_PATH {
+        println!("admin UI: {base}{ui} (sign in by pasting a keys:admin key)");
+    }
     println!("listening on {base} (press Ctrl-C to stop)");
 
     axum::serve(listener, demo_router(layer.clone(), manager))

@@ -185,6 +185,10 @@ fn create_list_show_with_json_before_and_after_the_subcommand() {
     }
     let page = ok_json(&dir, &["keys", "list", "--json", "--subject", "alice"]);
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let page = ok_json(&dir, &["keys", "list", "--json", "--env", "test"]);
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{page}");
+    assert_eq!(items[0]["name"], "test key");
     let page = ok_json(&dir, &["keys", "list", "--json", "--limit", "2"]);
     assert_eq!(page["items"].as_array().unwrap().len(), 2);
     let cursor = page["next_cursor"].as_str().unwrap().to_owned();

@@ -334,6 +334,21 @@ async fn full_lifecycle_over_http() {
         .call(&admin, "GET", "/admin/keys?state=active", None)
         .await;
     assert_eq!(ids(&active).len(), 4);
+    // Every key so far is `live` (the store conformance suite tests the filter in depth).
+    let live = env
+        .call(&admin, "GET", "/admin/keys?environment=live", None)
+        .await;
+    assert_eq!(ids(&live), ids(&active));
+    let test = env
+        .call(
+            &admin,
+            "GET",
+            "/admin/keys?environment=test&state=active",
+            None,
+        )
+        .await;
+    assert_eq!(test.status, 200, "{}", test.text());
+    assert!(ids(&test).is_empty());
 
     // Get.
     let got = env

@@ -195,7 +195,7 @@ conformance!(
     rolling_deploy_keeps_old_instances_verifying,
     delete_returns_the_row_and_frees_the_digest,
     list_paginates_in_id_order,
-    list_filters_by_collection_subject_and_state,
+    list_filters_by_collection_subject_environment_and_state,
     list_clamps_the_limit,
     record_usage_accumulates,
     record_usage_in_bulk,
@@ -1221,7 +1221,7 @@ async fn list_paginates_in_id_order(store: Store) {
     assert_eq!(empty.next_cursor, None);
 }
 
-async fn list_filters_by_collection_subject_and_state(store: Store) {
+async fn list_filters_by_collection_subject_environment_and_state(store: Store) {
     let now = datetime!(2032-01-01 0:00 UTC);
     let make = |collection: &str,
                 subject: &str,
@@ -1346,6 +1346,40 @@ async fn list_filters_by_collection_subject_and_state(store: Store) {
         ..KeyQuery::new()
     };
     assert!(list_all(&store, none).await.is_empty());
+
+    // Every fixture above is `live`: add `test` keys, one of them bob's.
+    let test_keys = [
+        KeyRecord {
+            environment: "test".into(),
+            ..plain("users", "bob")
+        },
+        KeyRecord {
+            environment: "test".into(),
+            ..plain("teams", "carol")
+        },
+    ];
+    for record in &test_keys {
+        store.insert(record).await.unwrap();
+    }
+    let by_environment = KeyQuery {
+        environment: Some("test".into()),
+        now,
+        limit: 1,
+        ..KeyQuery::new()
+    };
+    let mut want: Vec<Uuid> = test_keys.iter().map(|r| r.id).collect();
+    want.sort();
+    assert_eq!(list_all(&store, by_environment).await, want);
+    let live_bob = KeyQuery {
+        environment: Some("live".into()),
+        subject: Some("bob".into()),
+        now,
+        ..KeyQuery::new()
+    };
+    assert_eq!(
+        list_all(&store, live_bob).await,
+        expect(&|r| r.subject == "bob")
+    );
 }
 
 async fn list_clamps_the_limit(store: Store) {

@@ -25,6 +25,8 @@ pub(crate) mod http;
 mod manager;
 mod policy;
 mod reveal;
+#[cfg(feature = "admin-ui")]
+mod ui;
 #[cfg(feature = "webhooks")]
 mod webhooks;
 
@@ -42,5 +44,7 @@ pub use reveal::{
     RevealOptions, PREVIOUS_REVEAL_KEYS_ENV, PREVIOUS_REVEAL_KEYS_FILE_ENV, REVEAL_KEY_ENV,
     REVEAL_KEY_FILE_ENV,
 };
+#[cfg(feature = "admin-ui")]
+pub use ui::admin_ui;
 #[cfg(feature = "webhooks")]
 pub use webhooks::NewWebhook;

@@ -353,6 +353,8 @@ pub struct KeyQuery {
     pub collection: Option<String>,
     /// Only keys of this subject.
     pub subject: Option<String>,
+    /// Only keys of this environment (the last segment of their prefix, e.g. `live`).
+    pub environment: Option<String>,
     /// Only keys in this state at `now`.
     pub state: Option<KeyState>,
     /// The instant `state` is judged at.
@@ -374,6 +376,7 @@ impl KeyQuery {
         Self {
             collection: None,
             subject: None,
+            environment: None,
             state: None,
             now: OffsetDateTime::now_utc(),
             expires_between: None,
@@ -388,6 +391,10 @@ impl KeyQuery {
             .as_ref()
             .is_none_or(|c| *c == record.collection)
             && self.subject.as_ref().is_none_or(|s| *s == record.subject)
+            && self
+                .environment
+                .as_ref()
+                .is_none_or(|e| *e == record.environment)
             && self.state.is_none_or(|s| record.state(self.now) == s)
             && self.expires_between.is_none_or(|(after, until)| {
                 record

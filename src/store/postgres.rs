@@ -313,6 +313,10 @@ impl KeyStore for PostgresStore {
         if let Some(subject) = &query.subject {
             sql.push(" AND subject = ").push_bind(subject.as_str());
         }
+        if let Some(environment) = &query.environment {
+            sql.push(" AND environment = ")
+                .push_bind(environment.as_str());
+        }
         if let Some(after) = query.after {
             sql.push(" AND id > ").push_bind(after);
         }

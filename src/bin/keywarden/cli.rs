@@ -131,6 +131,9 @@ pub(crate) struct ListArgs {
     /// Only keys of this subject.
     #[arg(long)]
     subject: Option<String>,
+    /// Only keys of this environment (e.g. live, test).
+    #[arg(long)]
+    env: Option<String>,
     /// Only keys in this state.
     #[arg(long, value_name = "active|expired|revoked|disabled")]
     state: Option<KeyState>,
@@ -345,6 +348,7 @@ pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Re
             let query = KeyQuery {
                 collection: args.collection,
                 subject: args.subject,
+                environment: args.env,
                 state: args.state,
                 after: args.after,
                 limit: args.limit,

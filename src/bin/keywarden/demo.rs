@@ -2,7 +2,9 @@
 //! file with `#[path]`, so there is one copy).
 //!
 //! `GET /healthz` is open; `GET /whoami` and the management API under `/admin` sit behind the
-//! layer. Keys of the collections `users`, `teams` and `services` are accepted.
+//! layer. With the `admin-ui` feature, the admin UI's page is `/admin/ui/` (open: the browser
+//! loads it before it has a key to send). Keys of the collections `users`, `teams` and
+//! `services` are accepted.
 
 use std::sync::Arc;
 
@@ -32,13 +34,24 @@ pub(crate) fn layer_builder_with(
 /// Build `manager` with [`KeyManager::for_layer`] so management changes reach this layer's
 /// cache at once.
 pub(crate) fn demo_router(layer: ApiKeyLayer, manager: Arc<KeyManager>) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/whoami", get(whoami))
         .nest("/admin", management_router(manager))
         .layer(layer)
         // Added after `layer`, so it is not authenticated: load balancers probe it keyless.
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(healthz));
+    // Also after `layer`: the page holds no data, and calls the API with the key pasted in it.
+    #[cfg(feature = "admin-ui")]
+    let app = app.nest("/admin", keywarden::manage::admin_ui());
+    app
 }
+
+/// Where [`demo_router`] serves the admin UI, if it does.
+pub(crate) const ADMIN_UI_PATH: Option<&str> = if cfg!(feature = "admin-ui") {
+    Some("/admin/ui/")
+} else {
+    None
+};
 
 async fn healthz() -> ([(header::HeaderName, &'static str); 1], &'static str) {
     ([(header::CACHE_CONTROL, "no-store")], "ok")
@@ -65,6 +78,28 @@ mod tests {
             .unwrap();
         let manager = Arc::new(KeyManager::for_layer(&layer));
         (demo_router(layer, manager.clone()), manager)
+    }
+
+    /// The page loads without a key; the API beside it still needs one.
+    #[cfg(feature = "admin-ui")]
+    #[tokio::test]
+    async fn the_admin_ui_is_open_and_the_api_beside_it_is_not() {
+        let (app, _) = app();
+        let get = |uri: &'static str| {
+            let app = app.clone();
+            async move {
+                app.oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        assert_eq!(get("/admin/ui/").await, StatusCode::OK);
+        assert_eq!(get("/admin/ui/app.js").await, StatusCode::OK);
+        assert_eq!(get("/admin/ui").await, StatusCode::PERMANENT_REDIRECT);
+        for api in ["/admin/keys", "/admin/openapi.json", "/admin/ui/../keys"] {
+            assert_eq!(get(api).await, StatusCode::UNAUTHORIZED, "{api}");
+        }
     }
 
     #[tokio::test]

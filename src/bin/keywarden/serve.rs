@@ -24,7 +24,7 @@ use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{ConfigDuration, ConfigHeader, ConfigNetwork, LogFormat};
-use crate::demo::{demo_router, layer_builder_with, DEMO_COLLECTIONS};
+use crate::demo::{demo_router, layer_builder_with, ADMIN_UI_PATH, DEMO_COLLECTIONS};
 use crate::health::{self, Readiness};
 use crate::output::Output;
 use crate::{load_reveal_keys, load_secrets, open_store, with_sources, Context, Failure};
@@ -576,6 +576,9 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
             println!("metrics on http://{}/metrics", metrics.addr);
         }
         println!("{ring_ids}");
+        if let Some(ui) = ADMIN_UI_PATH {
+            println!("admin UI: http://{local}{ui}");
+        }
         println!(
             "routes: GET /healthz and /readyz (open), GET /whoami, /admin/keys (API key \
              required; collections {}), POST /v1/keys/verify ({}), /v1/auth (forward auth \

@@ -178,6 +178,7 @@ pub(super) fn list_query(
         match name.as_str() {
             "collection" => query.collection = Some(value),
             "subject" => query.subject = Some(value),
+            "environment" => query.environment = Some(value),
             "state" => match value.parse::<KeyState>() {
                 Ok(state) => query.state = Some(state),
                 Err(_) => errors.push(FieldError::new(

@@ -98,7 +98,7 @@ pub use openapi::openapi;
 /// | Route | Success | Errors |
 /// | --- | --- | --- |
 /// | `POST /keys` | 201 `{"key", ...view}` | 400, 401, 403, 409, 422, 503 |
-/// | `GET /keys?collection&subject&state&after&limit` | 200 `{"items", "next_cursor"}` | 400, 401, 403, 422, 503 |
+/// | `GET /keys?collection&subject&environment&state&after&limit` | 200 `{"items", "next_cursor"}` | 400, 401, 403, 422, 503 |
 /// | `GET /keys/{id}` | 200 view | 401, 403, 404, 422, 503 |
 /// | `PATCH /keys/{id}` | 200 view | 400, 401, 403, 404, 409, 422, 503 |
 /// | `POST /keys/{id}/revoke` | 200 view | 401, 403, 404, 422, 503 |

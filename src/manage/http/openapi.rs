@@ -263,7 +263,7 @@ mod tests {
         let params = doc["paths"]["/keys"]["get"]["parameters"]
             .as_array()
             .unwrap();
-        assert_eq!(params.len(), 5, "{params:?}");
+        assert_eq!(params.len(), 6, "{params:?}");
         for param in params {
             let name = param["name"].as_str().unwrap().to_owned();
             let schema = &param["schema"];

@@ -65,6 +65,8 @@ pub(super) async fn create_key(
     params(
         ("collection" = Option<String>, Query, description = "Only keys of this collection"),
         ("subject" = Option<String>, Query, description = "Only keys of this subject"),
+        ("environment" = Option<String>, Query,
+            description = "Only keys of this environment (e.g. `live`, `test`)"),
         ("state" = Option<KeyState>, Query, description = "Only keys in this state now"),
         ("after" = Option<uuid::Uuid>, Query,
             description = "The previous page's `next_cursor`: only keys created after it"),
