@@ -239,27 +239,25 @@ impl WebhookTargets {
         if url.len() > MAX_URL_LEN {
             return Err(format!("the URL is longer than {MAX_URL_LEN} bytes"));
         }
-        let parsed: http::Uri = url
-            .parse()
-            .map_err(|_| "not an absolute http(s) URL".to_owned())?;
-        let scheme = parsed.scheme_str().unwrap_or_default();
-        match scheme {
+        // The parser the requests are sent with: what is checked is what is reached.
+        let parsed =
+            reqwest::Url::parse(url).map_err(|_| "not an absolute http(s) URL".to_owned())?;
+        match parsed.scheme() {
             "https" => {}
             "http" if self.allow_http => {}
             "http" => return Err("only https URLs are allowed".into()),
             _ => return Err("not an absolute http(s) URL".into()),
         }
-        let authority = parsed
-            .authority()
-            .ok_or_else(|| "not an absolute http(s) URL".to_owned())?;
-        if authority.as_str().contains('@') {
+        if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err("URLs with credentials are not allowed".into());
         }
-        let host = authority
-            .host()
+        // Lowercased, IDNA-encoded, IPv4 forms normalised (`0x7f.1` is `127.0.0.1`).
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| "the URL has no host".to_owned())?
             .trim_start_matches('[')
             .trim_end_matches(']')
-            .to_ascii_lowercase();
+            .to_owned();
         if host.is_empty() {
             return Err("the URL has no host".into());
         }
@@ -744,6 +742,17 @@ mod tests {
         assert!(WebhookTargets::any()
             .check(&format!("https://h/{}", "a".repeat(MAX_URL_LEN)))
             .is_err());
+        // What the sender would reach, not what the text looks like.
+        let local = WebhookTargets::hosts(["127.0.0.1"]).allow_http(true);
+        assert!(local.check("http://0x7f.1/").is_ok(), "the same address");
+        // WHATWG parsing: the backslash ends the host, so this reaches hooks.example.com.
+        assert!(t.check("https://hooks.example.com\\@evil.test/").is_ok());
+        assert!(t.check("https://evil.test\\@hooks.example.com/").is_err());
+        assert!(t.check("https://hooks.example.com%2eevil.test/").is_err());
+        assert!(
+            t.check("https://hooks.example.com./").is_err(),
+            "fail closed"
+        );
     }
 
     #[test]
