@@ -6,10 +6,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    no_secret, retired_placeholder, Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage,
-    KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, Observers, SecretRetirement, StoreError,
-    StoreErrorKind, StoreObserver, UnmigratedKeys, WebhookPatch, WebhookProgress, WebhookRecord,
-    WebhookStore,
+    no_secret, retired_placeholder, Applied, AuditWrite, ChangeOutcome, HourlyUsage, KeyChange,
+    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, Observers, SecretRetirement,
+    StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount, UsageOutcome,
+    UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
 };
 use crate::audit::{AuditCheckpoint, AuditEvent, AuditPage, AuditQuery, AuditSealer, ChainHead};
 use crate::secret::{Digest, SecretId};
@@ -32,6 +32,8 @@ struct Inner {
     audit: Vec<AuditEvent>,
     checkpoint: Option<AuditCheckpoint>,
     webhooks: BTreeMap<Uuid, WebhookRecord>,
+    /// Usage analytics: counts by subject, hour and outcome.
+    usage_counts: BTreeMap<(UsageSubject, OffsetDateTime, UsageOutcome), u64>,
 }
 
 impl MemoryStore {
@@ -247,6 +249,44 @@ impl KeyStore for MemoryStore {
 
     fn webhooks(&self) -> Option<&dyn WebhookStore> {
         Some(self)
+    }
+
+    async fn record_usage_counts(&self, counts: &[UsageCount]) -> Result<(), StoreError> {
+        let mut inner = self.write();
+        for c in counts {
+            let slot = inner
+                .usage_counts
+                .entry((c.subject.clone(), c.hour, c.outcome))
+                .or_default();
+            *slot = slot.saturating_add(c.count);
+        }
+        Ok(())
+    }
+
+    async fn usage_counts(
+        &self,
+        subject: &UsageSubject,
+        since: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<HourlyUsage>, StoreError> {
+        Ok(self
+            .read()
+            .usage_counts
+            .iter()
+            .filter(|((s, hour, _), _)| s == subject && *hour >= since && *hour < until)
+            .map(|((_, hour, outcome), count)| HourlyUsage {
+                hour: *hour,
+                outcome: *outcome,
+                count: *count,
+            })
+            .collect())
+    }
+
+    async fn prune_usage_counts(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let mut inner = self.write();
+        let was = inner.usage_counts.len();
+        inner.usage_counts.retain(|(_, hour, _), _| *hour >= before);
+        Ok((was - inner.usage_counts.len()) as u64)
     }
 
     async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {

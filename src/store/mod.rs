@@ -25,6 +25,7 @@ use crate::audit::{AuditCheckpoint, AuditPage, AuditQuery, AuditSealer, ChainHea
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
 
+mod analytics;
 mod audited;
 mod foreign;
 mod memory;
@@ -38,6 +39,7 @@ mod sql;
 mod sqlite;
 mod webhooks;
 
+pub use analytics::{hour_of, HourlyUsage, UsageCount, UsageOutcome, UsageSubject};
 pub(crate) use audited::no_audit_log;
 pub use audited::{Applied, AuditWrite, ChangeOutcome, KeyChange};
 pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};
@@ -742,6 +744,44 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// As the store's other reads.
     async fn audit_head(&self) -> Result<ChainHead, StoreError> {
         Err(no_audit_log())
+    }
+
+    /// Adds hourly request counts (usage analytics), written behind by the layer's usage
+    /// flush. The default keeps none (and succeeds, so the flush goes on).
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn record_usage_counts(&self, counts: &[UsageCount]) -> Result<(), StoreError> {
+        let _ = counts;
+        Ok(())
+    }
+
+    /// The hourly counts of `subject` from `since` (inclusive) to `until` (exclusive), by
+    /// hour. The default fails (the store keeps no analytics).
+    ///
+    /// # Errors
+    /// As the store's other reads.
+    async fn usage_counts(
+        &self,
+        subject: &UsageSubject,
+        since: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<HourlyUsage>, StoreError> {
+        let _ = (subject, since, until);
+        Err(StoreError::new(
+            StoreErrorKind::Other,
+            "this key store keeps no usage analytics",
+        ))
+    }
+
+    /// Deletes the hourly counts of hours before `before`; returns how many rows. The
+    /// default has none.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn prune_usage_counts(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let _ = before;
+        Ok(0)
     }
 
     /// The store's webhook subscriptions, if it keeps them (the built-in stores do).

@@ -14,10 +14,10 @@ use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
 use super::{
-    Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord,
-    KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange, StoreError,
-    StoreErrorKind, StoreObserver, UnmigratedKeys, WebhookPatch, WebhookProgress, WebhookRecord,
-    WebhookStore,
+    Applied, AuditWrite, ChangeOutcome, HourlyUsage, KeyChange, KeyPage, KeyPatch, KeyQuery,
+    KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange,
+    StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount, UsageOutcome,
+    UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
 };
 use crate::audit::{
     Actor, AuditCheckpoint, AuditEntry, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer,
@@ -507,6 +507,125 @@ impl KeyStore for PostgresStore {
 
     fn webhooks(&self) -> Option<&dyn WebhookStore> {
         Some(self)
+    }
+
+    async fn record_usage_counts(&self, counts: &[UsageCount]) -> Result<(), StoreError> {
+        // One statement per table: the counts as arrays, summed per row first (an upsert may
+        // touch a row once).
+        let mut keys: std::collections::BTreeMap<(Uuid, OffsetDateTime, &str), i64> =
+            std::collections::BTreeMap::new();
+        let mut collections: std::collections::BTreeMap<(&str, OffsetDateTime, &str), i64> =
+            std::collections::BTreeMap::new();
+        for c in counts {
+            let n = clamp_i64(c.count);
+            match &c.subject {
+                UsageSubject::Key(id) => {
+                    let slot = keys.entry((*id, c.hour, c.outcome.as_str())).or_default();
+                    *slot = slot.saturating_add(n);
+                }
+                UsageSubject::Collection(slug) => {
+                    let slot = collections
+                        .entry((slug.as_str(), c.hour, c.outcome.as_str()))
+                        .or_default();
+                    *slot = slot.saturating_add(n);
+                }
+            }
+        }
+        let map = |e| store_error("recording usage analytics failed", e);
+        if !keys.is_empty() {
+            let (ids, hours, outcomes, ns) =
+                unzip4(keys.iter().map(|((id, h, o), n)| (*id, micros(*h), *o, *n)));
+            sqlx::query(
+                "INSERT INTO keywarden_usage_hourly (key_id, hour, outcome, count) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::bigint[]) \
+                 ON CONFLICT (key_id, hour, outcome) \
+                 DO UPDATE SET count = keywarden_usage_hourly.count + excluded.count",
+            )
+            .bind(ids)
+            .bind(hours)
+            .bind(outcomes)
+            .bind(ns)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        }
+        if !collections.is_empty() {
+            let (slugs, hours, outcomes, ns) = unzip4(
+                collections
+                    .iter()
+                    .map(|((s, h, o), n)| (*s, micros(*h), *o, *n)),
+            );
+            sqlx::query(
+                "INSERT INTO keywarden_collection_usage_hourly (collection, hour, outcome, count) \
+                 SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::bigint[]) \
+                 ON CONFLICT (collection, hour, outcome) \
+                 DO UPDATE SET count = keywarden_collection_usage_hourly.count + excluded.count",
+            )
+            .bind(slugs)
+            .bind(hours)
+            .bind(outcomes)
+            .bind(ns)
+            .execute(&self.pool)
+            .await
+            .map_err(map)?;
+        }
+        Ok(())
+    }
+
+    async fn usage_counts(
+        &self,
+        subject: &UsageSubject,
+        since: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<HourlyUsage>, StoreError> {
+        let sql = match subject {
+            UsageSubject::Key(_) => {
+                "SELECT hour, outcome, count FROM keywarden_usage_hourly \
+                 WHERE key_id = $1::uuid AND hour >= $2 AND hour < $3 ORDER BY hour, outcome"
+            }
+            UsageSubject::Collection(_) => {
+                "SELECT hour, outcome, count FROM keywarden_collection_usage_hourly \
+                 WHERE collection = $1 AND hour >= $2 AND hour < $3 ORDER BY hour, outcome"
+            }
+        };
+        let name = match subject {
+            UsageSubject::Key(id) => id.to_string(),
+            UsageSubject::Collection(slug) => slug.clone(),
+        };
+        let rows: Vec<(PgTimestamp, String, i64)> = sqlx::query_as(sql)
+            .bind(name)
+            .bind(micros(since))
+            .bind(micros(until))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("reading usage analytics failed", e))?;
+        rows.into_iter()
+            .map(|(hour, outcome, count)| {
+                Ok(HourlyUsage {
+                    hour: instant(hour, "hour")?,
+                    outcome: UsageOutcome::parse(&outcome)
+                        .ok_or_else(|| corrupt("outcome", "unknown outcome"))?,
+                    count: u64::try_from(count).map_err(|_| corrupt("count", "negative"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_usage_counts(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let map = |e| store_error("pruning usage analytics failed", e);
+        let mut deleted = 0;
+        for table in [
+            "keywarden_usage_hourly",
+            "keywarden_collection_usage_hourly",
+        ] {
+            deleted += sqlx::query(&format!("DELETE FROM {table} WHERE hour < $1"))
+                .bind(micros(before))
+                .execute(&self.pool)
+                .await
+                .map_err(map)?
+                .rows_affected();
+        }
+        Ok(deleted)
     }
 
     async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
@@ -1282,6 +1401,20 @@ fn sqlstate_kind(code: &str) -> StoreErrorKind {
         }
         _ => StoreErrorKind::Other,
     }
+}
+
+/// Four columns of rows, for `UNNEST`.
+fn unzip4<A, B, C, D>(
+    rows: impl Iterator<Item = (A, B, C, D)>,
+) -> (Vec<A>, Vec<B>, Vec<C>, Vec<D>) {
+    let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (w, x, y, z) in rows {
+        a.push(w);
+        b.push(x);
+        c.push(y);
+        d.push(z);
+    }
+    (a, b, c, d)
 }
 
 const WEBHOOK_COLUMNS: &str = "id, url, events, description, sealed_secret, disabled, \

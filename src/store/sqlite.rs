@@ -16,10 +16,10 @@ use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
 use super::{
-    Applied, AuditWrite, ChangeOutcome, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord,
-    KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange, StoreError,
-    StoreErrorKind, StoreObserver, UnmigratedKeys, WebhookPatch, WebhookProgress, WebhookRecord,
-    WebhookStore,
+    Applied, AuditWrite, ChangeOutcome, HourlyUsage, KeyChange, KeyPage, KeyPatch, KeyQuery,
+    KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange,
+    StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount, UsageOutcome,
+    UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
 };
 use crate::audit::{
     Actor, AuditCheckpoint, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer, ChainHead,
@@ -460,6 +460,98 @@ impl KeyStore for SqliteStore {
 
     fn webhooks(&self) -> Option<&dyn WebhookStore> {
         Some(self)
+    }
+
+    async fn record_usage_counts(&self, counts: &[UsageCount]) -> Result<(), StoreError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let map = |e| store_error("recording usage analytics failed", e);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
+        for c in counts {
+            let (sql, key): (&str, Vec<u8>) = match &c.subject {
+                UsageSubject::Key(id) => (
+                    "INSERT INTO keywarden_usage_hourly (key_id, hour, outcome, count) \
+                     VALUES (?, ?, ?, ?) ON CONFLICT (key_id, hour, outcome) \
+                     DO UPDATE SET count = count + excluded.count",
+                    id.as_bytes().to_vec(),
+                ),
+                UsageSubject::Collection(_) => (
+                    "INSERT INTO keywarden_collection_usage_hourly \
+                     (collection, hour, outcome, count) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (collection, hour, outcome) \
+                     DO UPDATE SET count = count + excluded.count",
+                    Vec::new(),
+                ),
+            };
+            let query = sqlx::query(sql);
+            let query = match &c.subject {
+                UsageSubject::Key(_) => query.bind(key),
+                UsageSubject::Collection(slug) => query.bind(slug.as_str()),
+            };
+            query
+                .bind(to_micros(c.hour))
+                .bind(c.outcome.as_str())
+                .bind(clamp_i64(c.count))
+                .execute(&mut *tx)
+                .await
+                .map_err(map)?;
+        }
+        tx.commit().await.map_err(map)
+    }
+
+    async fn usage_counts(
+        &self,
+        subject: &UsageSubject,
+        since: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<HourlyUsage>, StoreError> {
+        let query = match subject {
+            UsageSubject::Key(id) => sqlx::query_as::<_, (i64, String, i64)>(
+                "SELECT hour, outcome, count FROM keywarden_usage_hourly \
+                 WHERE key_id = ? AND hour >= ? AND hour < ? ORDER BY hour, outcome",
+            )
+            .bind(id.as_bytes().to_vec()),
+            UsageSubject::Collection(slug) => sqlx::query_as::<_, (i64, String, i64)>(
+                "SELECT hour, outcome, count FROM keywarden_collection_usage_hourly \
+                 WHERE collection = CAST(? AS TEXT) AND hour >= ? AND hour < ? \
+                 ORDER BY hour, outcome",
+            )
+            .bind(slug.clone()),
+        };
+        let rows = query
+            .bind(to_micros(since))
+            .bind(to_micros(until))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("reading usage analytics failed", e))?;
+        rows.into_iter()
+            .map(|(hour, outcome, count)| {
+                Ok(HourlyUsage {
+                    hour: from_micros(hour, "hour")?,
+                    outcome: UsageOutcome::parse(&outcome)
+                        .ok_or_else(|| corrupt("outcome", "unknown outcome"))?,
+                    count: u64::try_from(count).map_err(|_| corrupt("count", "negative"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_usage_counts(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let map = |e| store_error("pruning usage analytics failed", e);
+        let mut deleted = 0;
+        for table in [
+            "keywarden_usage_hourly",
+            "keywarden_collection_usage_hourly",
+        ] {
+            deleted += sqlx::query(&format!("DELETE FROM {table} WHERE hour < ?"))
+                .bind(to_micros(before))
+                .execute(&self.pool)
+                .await
+                .map_err(map)?
+                .rows_affected();
+        }
+        Ok(deleted)
     }
 
     async fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError> {
