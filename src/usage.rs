@@ -5,6 +5,10 @@
 //! read without the cache, and counts put back after a failed flush, go to a map with one
 //! entry per key. A background task flushes both to the store every interval in one
 //! `record_usage` call.
+//!
+//! The same flush writes the usage analytics ([`KeyStore::record_usage_counts`]): the uses
+//! above as `accepted` in the hour of their latest use, and the rejections counted here (per
+//! key once a key was resolved, else per collection), each in its hour.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,13 +19,23 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::cache::ResolvedKey;
-use crate::store::{KeyStore, KeyUsage, StoreError};
+use crate::store::{
+    hour_of, KeyStore, KeyUsage, StoreError, UsageCount, UsageOutcome, UsageSubject,
+};
+
+/// The most analytics counts kept for a store that keeps failing; beyond, the oldest go.
+const MAX_PENDING_COUNTS: usize = 100_000;
 
 pub(crate) struct UsageRecorder {
     /// Cached keys used since the last flush, each once per cache fill.
     queue: Mutex<Vec<Arc<ResolvedKey>>>,
     /// Uses not held in a cell, one entry per key id: `(uses, latest)`.
     loose: Mutex<HashMap<Uuid, (u64, i64)>>,
+    /// Rejections since the last flush, by subject, hour (unix seconds) and outcome. Bounded
+    /// by the resolved keys and the configured collections.
+    rejections: Mutex<HashMap<(UsageSubject, i64, UsageOutcome), u64>>,
+    /// Analytics a failed flush could not write, retried with the next.
+    unwritten: Mutex<Vec<UsageCount>>,
     store: Arc<dyn KeyStore>,
     interval: Duration,
     started: AtomicBool,
@@ -42,6 +56,8 @@ impl UsageRecorder {
         Arc::new(Self {
             queue: Mutex::default(),
             loose: Mutex::default(),
+            rejections: Mutex::default(),
+            unwritten: Mutex::default(),
             store,
             interval,
             started: AtomicBool::new(false),
@@ -61,6 +77,25 @@ impl UsageRecorder {
     /// pending uses stay one entry per key however many requests there are.
     pub(crate) fn record_uncached(self: &Arc<Self>, id: Uuid, at: i64) {
         self.add_loose(id, 1, at);
+        self.ensure_flusher();
+    }
+
+    /// Counts a rejection of `subject` at `at` for the analytics.
+    pub(crate) fn record_rejection(
+        self: &Arc<Self>,
+        subject: UsageSubject,
+        outcome: UsageOutcome,
+        at: OffsetDateTime,
+    ) {
+        let hour = hour_of(at).unix_timestamp();
+        {
+            let mut rejections = self
+                .rejections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let slot = rejections.entry((subject, hour, outcome)).or_default();
+            *slot = slot.saturating_add(1);
+        }
         self.ensure_flusher();
     }
 
@@ -140,8 +175,19 @@ impl UsageRecorder {
                 merge_uses(&mut rows, key.principal.key_id(), uses, last);
             }
         }
+        let written = self.flush_uses(rows).await?;
+        let uses = written.len();
+        self.flush_counts(written).await?;
+        Ok(uses)
+    }
+
+    /// Writes the uses; returns what was written (for the analytics).
+    async fn flush_uses(
+        &self,
+        rows: HashMap<Uuid, (u64, i64)>,
+    ) -> Result<Vec<KeyUsage>, StoreError> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let batch: Vec<KeyUsage> = rows
             .iter()
@@ -152,13 +198,70 @@ impl UsageRecorder {
             })
             .collect();
         match self.store.record_usage(&batch).await {
-            Ok(()) => Ok(batch.len()),
+            Ok(()) => Ok(batch),
             Err(error) => {
                 // Kept by key id, not by cell: a store that keeps failing holds one entry per
                 // key, not every cache fill since.
                 for (id, (uses, last)) in rows {
                     self.add_loose(id, uses, last);
                 }
+                Err(error)
+            }
+        }
+    }
+}
+
+impl UsageRecorder {
+    /// Writes the analytics: `written` uses as `accepted`, the rejections, and whatever an
+    /// earlier flush could not write. On failure everything is kept for the next flush (up
+    /// to [`MAX_PENDING_COUNTS`]).
+    async fn flush_counts(&self, written: Vec<KeyUsage>) -> Result<(), StoreError> {
+        let rejections = std::mem::take(
+            &mut *self
+                .rejections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let mut counts = std::mem::take(
+            &mut *self
+                .unwritten
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        counts.extend(written.iter().map(|u| UsageCount {
+            subject: UsageSubject::Key(u.id),
+            hour: hour_of(u.last_used_at),
+            outcome: UsageOutcome::Accepted,
+            count: u.uses,
+        }));
+        counts.extend(
+            rejections
+                .into_iter()
+                .map(|((subject, hour, outcome), count)| UsageCount {
+                    subject,
+                    hour: OffsetDateTime::from_unix_timestamp(hour)
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                    outcome,
+                    count,
+                }),
+        );
+        if counts.is_empty() {
+            return Ok(());
+        }
+        match self.store.record_usage_counts(&counts).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let mut unwritten = self
+                    .unwritten
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                counts.append(&mut unwritten);
+                if counts.len() > MAX_PENDING_COUNTS {
+                    let dropped = counts.len() - MAX_PENDING_COUNTS;
+                    counts.drain(..dropped);
+                    tracing::warn!(target: "keywarden", dropped, "usage analytics dropped: the store keeps failing");
+                }
+                *unwritten = counts;
                 Err(error)
             }
         }

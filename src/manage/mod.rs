@@ -27,6 +27,7 @@ mod policy;
 mod reveal;
 #[cfg(feature = "admin-ui")]
 mod ui;
+mod usage;
 #[cfg(feature = "webhooks")]
 mod webhooks;
 
@@ -46,5 +47,6 @@ pub use reveal::{
 };
 #[cfg(feature = "admin-ui")]
 pub use ui::admin_ui;
+pub use usage::{Granularity, UsageBucket, UsageQuery, UsageReport};
 #[cfg(feature = "webhooks")]
 pub use webhooks::NewWebhook;

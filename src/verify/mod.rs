@@ -22,7 +22,7 @@ use crate::principal::Principal;
 use crate::ratelimit::Blocked;
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::stats::{ChangeKind, ChangeSource, Counters, Verdict};
-use crate::store::{StoreChange, StoreObserver};
+use crate::store::{StoreChange, StoreObserver, UsageOutcome, UsageSubject};
 
 mod admit;
 mod prepare;
@@ -196,6 +196,9 @@ impl Verifier {
         key_id: Option<Uuid>,
     ) {
         self.counters.verdict(collection, verdict);
+        if let Verdict::Rejected(kind) = verdict {
+            self.count_rejection(collection, kind, key_id);
+        }
         if span.is_disabled() {
             return;
         }
@@ -207,6 +210,34 @@ impl Verifier {
             span.record("key_id", display(id));
         }
         span.record("outcome", verdict.label());
+    }
+
+    /// Counts a rejection for the usage analytics: against the key once one was resolved,
+    /// else against the collection the credential named (`""` for none). A request that
+    /// presented no key is not counted.
+    fn count_rejection(&self, collection: Option<u32>, kind: RejectionKind, key_id: Option<Uuid>) {
+        let Some(usage) = &self.admission.usage else {
+            return;
+        };
+        let outcome = match kind {
+            RejectionKind::MissingCredentials => return,
+            RejectionKind::RateLimited => UsageOutcome::RateLimited,
+            RejectionKind::InsufficientScope => UsageOutcome::InsufficientScope,
+            RejectionKind::ExpiredKey => UsageOutcome::Expired,
+            RejectionKind::RevokedKey => UsageOutcome::Revoked,
+            RejectionKind::InvalidKey => UsageOutcome::Invalid,
+            RejectionKind::MalformedKey => UsageOutcome::Malformed,
+            _ => UsageOutcome::Other,
+        };
+        let subject = match key_id {
+            Some(id) => UsageSubject::Key(id),
+            None => UsageSubject::Collection(
+                collection
+                    .and_then(|index| self.credentials.collections.get(index as usize))
+                    .map_or_else(String::new, |c| c.slug.to_string()),
+            ),
+        };
+        usage.record_rejection(subject, outcome, self.admission.clock.now());
     }
 
     /// [`Verifier::tally`] for a rejection decided before any key was resolved.

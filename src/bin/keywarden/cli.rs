@@ -13,10 +13,13 @@ use serde_json::{json, Value};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
-use crate::output::{id_list, print_created, print_page, print_record, print_retirement, Output};
+use crate::output::{
+    id_list, print_created, print_page, print_record, print_retirement, print_usage, Output,
+};
 use crate::{
     is_postgres, load_reveal_keys, load_secrets, open_store, redact_url, Context, Failure,
 };
+use keywarden::manage::{Granularity, UsageQuery};
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
@@ -53,6 +56,18 @@ pub(crate) enum KeysCommand {
         #[arg(value_parser = parse_id)]
         id: Uuid,
     },
+    /// A key's requests per hour or day by outcome (accepted, rate limited, expired, ...).
+    Usage {
+        /// Key id.
+        #[arg(value_parser = parse_id)]
+        id: Uuid,
+        /// How far back (7d, 24h) [default: 7d by hour, 30d by day].
+        #[arg(long, value_name = "DURATION", value_parser = parse_span)]
+        since: Option<Duration>,
+        /// Bucket size.
+        #[arg(long, value_enum, default_value = "hour")]
+        granularity: GranularityArg,
+    },
     /// Print a viewable key's plaintext again (keys created with KEYWARDEN_REVEAL_KEY set).
     Reveal {
         /// Key id.
@@ -62,6 +77,20 @@ pub(crate) enum KeysCommand {
         #[arg(long)]
         include_inactive: bool,
     },
+}
+
+/// `hour` or `day`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum GranularityArg {
+    /// One row per hour.
+    Hour,
+    /// One row per day.
+    Day,
+}
+
+fn parse_span(text: &str) -> Result<Duration, String> {
+    keywarden::manage::parse_duration(text)
+        .map_err(|_| "expected a duration such as 7d or 24h".to_owned())
 }
 
 #[derive(Subcommand)]
@@ -382,6 +411,28 @@ pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Re
             let created = manager.rotate(id, grace.unwrap_or(DEFAULT_GRACE)).await?;
             let old = manager.get(id).await?;
             print_created(&created, Some(&old), out);
+        }
+        KeysCommand::Usage {
+            id,
+            since,
+            granularity,
+        } => {
+            let granularity = match granularity {
+                GranularityArg::Hour => Granularity::Hour,
+                GranularityArg::Day => Granularity::Day,
+            };
+            let span = since.unwrap_or(match granularity {
+                Granularity::Hour => Duration::days(7),
+                Granularity::Day => Duration::days(30),
+            });
+            manager.get(id).await?;
+            let report = manager
+                .usage(
+                    id,
+                    &UsageQuery::last(span, OffsetDateTime::now_utc(), granularity),
+                )
+                .await?;
+            print_usage(&report, out);
         }
         KeysCommand::Reveal {
             id,

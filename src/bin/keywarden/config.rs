@@ -48,6 +48,7 @@ pub(crate) struct ServerSection {
     pub(crate) shutdown_delay: Option<ConfigDuration>,
     pub(crate) shutdown_grace: Option<ConfigDuration>,
     pub(crate) audit_retention: Option<ConfigDuration>,
+    pub(crate) usage_retention: Option<ConfigDuration>,
     pub(crate) webhook_hosts: Option<Vec<String>>,
     pub(crate) webhook_allow_http: Option<bool>,
     pub(crate) webhook_expiring_lead: Option<ConfigDuration>,

@@ -52,6 +52,50 @@ pub(crate) fn print_retirement(id: SecretId, outcome: &SecretRetirement, out: Ou
     }
 }
 
+/// A usage report: the buckets with any request, and the totals.
+pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) {
+    if out.json {
+        out.print(report);
+        return;
+    }
+    let fmt = |at: OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    println!(
+        "{:<22} {:>9} {:>9} {:>12} {:>9} {:>9} {:>7}",
+        "from", "accepted", "rejected", "rate_limited", "expired", "revoked", "other"
+    );
+    for b in report
+        .buckets
+        .iter()
+        .filter(|b| b.accepted + b.rejected > 0)
+    {
+        println!(
+            "{:<22} {:>9} {:>9} {:>12} {:>9} {:>9} {:>7}",
+            fmt(b.start),
+            b.accepted,
+            b.rejected,
+            b.rate_limited,
+            b.expired,
+            b.revoked,
+            b.rejected - b.rate_limited - b.expired - b.revoked
+        );
+    }
+    let t = &report.total;
+    println!(
+        "total {} accepted, {} rejected ({} rate limited, {} insufficient scope, {} expired, {} revoked) from {} to {}",
+        t.accepted,
+        t.rejected,
+        t.rate_limited,
+        t.insufficient_scope,
+        t.expired,
+        t.revoked,
+        fmt(report.since),
+        fmt(report.until)
+    );
+}
+
 /// Text or JSON, by `--json`.
 #[derive(Clone, Copy)]
 pub(crate) struct Output {

@@ -111,6 +111,9 @@ pub(crate) struct ServeArgs {
     /// Send `key.expiring` this long before a key expires [default: 7d].
     #[arg(long, env = "KEYWARDEN_WEBHOOK_EXPIRING_LEAD", value_name = "DURATION")]
     webhook_expiring_lead: Option<ConfigDuration>,
+    /// Delete usage analytics (hourly request counts) older than this, hourly [default: 90d].
+    #[arg(long, env = "KEYWARDEN_USAGE_RETENTION", value_name = "DURATION")]
+    usage_retention: Option<ConfigDuration>,
     /// Delete audit events older than this, hourly (e.g. 90d); a sealed checkpoint keeps the
     /// rest verifiable [default: keep every event].
     #[arg(long, env = "KEYWARDEN_AUDIT_RETENTION", value_name = "DURATION")]
@@ -162,6 +165,7 @@ struct Settings {
     shutdown_delay: StdDuration,
     shutdown_grace: StdDuration,
     audit_retention: Option<StdDuration>,
+    usage_retention: StdDuration,
     webhook_targets: WebhookTargets,
     webhook_expiring_lead: StdDuration,
     log_format: LogFormat,
@@ -275,6 +279,10 @@ impl Settings {
                 .webhook_expiring_lead
                 .or(file.server.webhook_expiring_lead)
                 .map_or(StdDuration::from_secs(7 * 86_400), |d| d.0),
+            usage_retention: args
+                .usage_retention
+                .or(file.server.usage_retention)
+                .map_or(StdDuration::from_secs(90 * 86_400), |d| d.0),
             audit_retention: args
                 .audit_retention
                 .or(file.server.audit_retention)
@@ -512,9 +520,11 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         manager = manager.with_reveal_keys(reveal_keys);
     }
     manager = manager.with_webhook_targets(settings.webhook_targets.clone());
-    if let Some(retention) = settings.audit_retention {
-        prune_audit_hourly(manager.clone(), retention);
-    }
+    prune_hourly(
+        manager.clone(),
+        settings.audit_retention,
+        settings.usage_retention,
+    );
     // Deliveries are leased per subscription in the store: every instance may run this.
     let _deliverer = WebhookDeliverer::new(layer.store().clone(), layer.secrets())
         .targets(settings.webhook_targets.clone())
@@ -692,26 +702,35 @@ async fn shutdown_signal() {
     }
 }
 
-/// Deletes audit events older than `retention` now and every hour (each instance may run it:
-/// pruning is one transaction, and a second run finds nothing to delete).
-fn prune_audit_hourly(manager: KeyManager, retention: StdDuration) {
-    let retention = time::Duration::try_from(retention).unwrap_or(time::Duration::MAX);
+/// Deletes audit events and usage counts past their retention, now and every hour (each
+/// instance may run it: pruning is idempotent).
+fn prune_hourly(manager: KeyManager, audit: Option<StdDuration>, usage: StdDuration) {
+    let span = |d: StdDuration| time::Duration::try_from(d).unwrap_or(time::Duration::MAX);
     tokio::spawn(async move {
         let mut every = tokio::time::interval(StdDuration::from_secs(3600));
         loop {
             every.tick().await;
-            match manager.prune_audit(retention).await {
-                Ok(0) => {}
-                Ok(deleted) => tracing::info!(
-                    target: "keywarden",
-                    deleted,
-                    "pruned audit events past the retention period"
-                ),
-                Err(error) => tracing::warn!(
+            if let Some(retention) = audit {
+                match manager.prune_audit(span(retention)).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(
+                        target: "keywarden",
+                        deleted,
+                        "pruned audit events past the retention period"
+                    ),
+                    Err(error) => tracing::warn!(
+                        target: "keywarden",
+                        %error,
+                        "pruning the audit log failed; retrying in an hour"
+                    ),
+                }
+            }
+            if let Err(error) = manager.prune_usage(span(usage)).await {
+                tracing::warn!(
                     target: "keywarden",
                     %error,
-                    "pruning the audit log failed; retrying in an hour"
-                ),
+                    "pruning usage analytics failed; retrying in an hour"
+                );
             }
         }
     });

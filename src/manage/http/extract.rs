@@ -216,6 +216,70 @@ pub(super) fn list_query(
     }
 }
 
+/// The usage report's query parameters (`collection` only where `with_collection`):
+/// `since`/`until` RFC 3339 (default: the last 7 days by hour, 30 by day, up to now),
+/// `granularity` `hour` (default) or `day`.
+pub(super) fn usage_query(
+    params: Vec<(String, String)>,
+    now: OffsetDateTime,
+    with_collection: bool,
+) -> Result<(crate::manage::UsageQuery, Option<String>), ApiError> {
+    use crate::manage::Granularity;
+    let mut errors = Vec::new();
+    let (mut since, mut until, mut granularity, mut collection) =
+        (None, None, Granularity::Hour, None);
+    let time = |field: &'static str, value: &str, errors: &mut Vec<FieldError>| {
+        crate::manage::policy::parse_time(field, value)
+            .map_err(|_| {
+                errors.push(FieldError::new(
+                    field,
+                    "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z",
+                ));
+            })
+            .ok()
+    };
+    for (name, value) in params {
+        match name.as_str() {
+            "since" => since = time("since", &value, &mut errors),
+            "until" => until = time("until", &value, &mut errors),
+            "granularity" => match Granularity::parse(&value) {
+                Some(g) => granularity = g,
+                None => errors.push(FieldError::new("granularity", "expected hour or day")),
+            },
+            "collection" if with_collection => collection = Some(value),
+            _ => {
+                let error = FieldError::new("query", "unknown parameter");
+                if !errors.contains(&error) {
+                    errors.push(error);
+                }
+            }
+        }
+    }
+    if with_collection && collection.is_none() {
+        errors.push(FieldError::new(
+            "collection",
+            "name the collection (empty for credentials naming none)",
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let until = until.unwrap_or(now);
+    let default_span = match granularity {
+        Granularity::Hour => time::Duration::days(7),
+        Granularity::Day => time::Duration::days(30),
+    };
+    let since = since.unwrap_or(until - default_span);
+    Ok((
+        crate::manage::UsageQuery {
+            since,
+            until,
+            granularity,
+        },
+        collection,
+    ))
+}
+
 /// The audit log's query parameters.
 pub(super) fn audit_query(params: Vec<(String, String)>) -> Result<AuditQuery, ApiError> {
     let mut query = AuditQuery::default();

@@ -104,6 +104,8 @@ pub use openapi::openapi;
 /// | `POST /keys/{id}/revoke` | 200 view | 401, 403, 404, 422, 503 |
 /// | `POST /keys/{id}/rotate` (body optional: `{"grace": "24h"}`) | 201 `{"key", ...view}` | 400, 401, 403, 404, 409, 422, 503 |
 /// | `DELETE /keys/{id}` | 204 | 401, 403, 404, 422, 503 |
+/// | `GET /keys/{id}/usage?since&until&granularity=hour\|day` | 200 a usage report (requests per bucket by outcome) | 401, 403, 404, 422, 503 |
+/// | `GET /usage?collection&since&until&granularity` (`keys:admin`) | 200 the rejections no key is blamed for | 401, 403, 422, 503 |
 /// | `GET /audit?key_id&actor&action&collection&subject&since&until&after&limit` | 200 `{"items", "next_cursor"}` (the [audit log](crate::audit), oldest first) | 400, 401, 403, 422, 503 |
 /// | `POST /webhooks`, `GET /webhooks`, `GET`/`PATCH`/`DELETE /webhooks/{id}` (feature `webhooks`; `keys:admin` only) | 201 with the signing secret once / 200 / 204 (`keywarden::webhooks`) | 400, 401, 403, 404, 422, 503 |
 /// | `GET /openapi.json` | 200 the OpenAPI 3.1 document ([`openapi()`]) | 401, 503 |
@@ -159,6 +161,8 @@ where
         )
         .route("/keys/{id}/revoke", post(routes::revoke_key))
         .route("/keys/{id}/rotate", post(routes::rotate_key))
+        .route("/keys/{id}/usage", get(routes::key_usage))
+        .route("/usage", get(routes::collection_usage))
         .route("/audit", get(routes::list_audit))
         .route(
             "/openapi.json",

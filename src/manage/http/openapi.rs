@@ -39,6 +39,8 @@ refused. Every error is `application/problem+json` with `status`, `code`, `title
         routes::delete_key,
         routes::revoke_key,
         routes::rotate_key,
+        routes::key_usage,
+        routes::collection_usage,
         routes::list_audit,
         serve,
     ),

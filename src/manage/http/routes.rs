@@ -12,7 +12,7 @@ use axum::Json;
 use time::OffsetDateTime;
 
 use super::error::ApiError;
-use super::extract::{audit_query, list_query, JsonBody, KeyId, RotateBody};
+use super::extract::{audit_query, list_query, usage_query, JsonBody, KeyId, RotateBody};
 use super::openapi::{
     BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable,
     ValidationFailed,
@@ -266,6 +266,82 @@ pub(super) async fn delete_key(
     caller.load(&manager, id).await?;
     caller.manager(&manager).delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    get,
+    path = "/keys/{id}/usage",
+    tag = "keys",
+    summary = "A key's requests per hour or day, by outcome",
+    description = "Written behind by the layers' usage flush (up to one flush interval late). \
+        Every bucket of the span is present, zeros included. Same authorization as the key.",
+    params(
+        ("id" = uuid::Uuid, Path, description = "The key id"),
+        ("since" = Option<String>, Query, description = "RFC 3339 (default: 7 days, or 30 by day, before `until`)"),
+        ("until" = Option<String>, Query, description = "RFC 3339, exclusive (default: now)"),
+        ("granularity" = Option<String>, Query, description = "`hour` (default, at most 31 days) or `day` (at most 400)"),
+    ),
+    responses(
+        (status = 200, description = "The report", body = crate::manage::UsageReport),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
+pub(super) async fn key_usage(
+    State(manager): Manager,
+    caller: Caller,
+    KeyId(id): KeyId,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let (query, _) = usage_query(params, manager.now(), false)?;
+    caller.load(&manager, id).await?;
+    Ok(Json(manager.usage(id, &query).await?).into_response())
+}
+
+#[utoipa::path(
+    get,
+    path = "/usage",
+    tag = "keys",
+    summary = "Rejections no key could be blamed for, per hour or day",
+    description = "Unknown and malformed keys, counted per the collection the credential named \
+        (`collection=` empty for `Bearer` and `X-Api-Key`). `keys:admin` only.",
+    params(
+        ("collection" = String, Query, description = "The collection slug, or empty"),
+        ("since" = Option<String>, Query, description = "RFC 3339"),
+        ("until" = Option<String>, Query, description = "RFC 3339, exclusive (default: now)"),
+        ("granularity" = Option<String>, Query, description = "`hour` (default) or `day`"),
+    ),
+    responses(
+        (status = 200, description = "The report", body = crate::manage::UsageReport),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
+pub(super) async fn collection_usage(
+    State(manager): Manager,
+    caller: Caller,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        return Err(crate::manage::policy::CallerError::Forbidden(
+            "counts no key is blamed for need keys:admin".into(),
+        )
+        .into());
+    }
+    let Query(params) = query.map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let (query, collection) = usage_query(params, manager.now(), true)?;
+    let collection = collection.unwrap_or_default();
+    Ok(Json(manager.collection_usage(&collection, &query).await?).into_response())
 }
 
 /// One page of the audit log.
