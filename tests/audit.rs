@@ -435,6 +435,27 @@ async fn plain_sql_changes_on_postgres_are_recorded_as_sql() {
     .execute(&mut dba)
     .await
     .unwrap();
+    // Setting the old marker setting does not hide a change; a digest swap is recorded
+    // without its values.
+    let other = manager.create(NewKey::new("other", "bob")).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SELECT set_config('keywarden.audited', 'on', false); \
+         UPDATE {schema}.keywarden_keys SET digest = decode(repeat('ab', 32), 'hex') \
+         WHERE id = '{}'",
+        other.record.id
+    ))
+    .execute(&mut dba)
+    .await
+    .unwrap();
+    // Rows no trigger wrote (a bad action, a number serde cannot hold, a time in 1970) are
+    // sealed as they are, now, and never block a management write.
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {schema}.keywarden_audit_pending (action, changes, at, db_role) \
+         VALUES ('key.stolen', '{{\"a\": 1e400}}', '1970-01-01', 'nobody')"
+    ))
+    .execute(&mut dba)
+    .await
+    .unwrap();
     manager
         .update(
             key.record.id,
@@ -451,6 +472,9 @@ async fn plain_sql_changes_on_postgres_are_recorded_as_sql() {
         [
             AuditAction::Created,
             AuditAction::Revoked,
+            AuditAction::Created,
+            AuditAction::Updated,
+            AuditAction::Updated,
             AuditAction::Updated
         ],
         "{events:#?}"
@@ -459,7 +483,22 @@ async fn plain_sql_changes_on_postgres_are_recorded_as_sql() {
     assert_eq!(events[1].actor.name(), Some("postgres"));
     assert_eq!(events[1].key_id, Some(key.record.id));
     assert!(events[1].changes.contains_key("revoked_at"));
-    assert_eq!(events[2].actor, Actor::application());
+    let swap = &events[3];
+    assert_eq!(swap.actor.kind(), "sql", "{swap:?}");
+    assert_eq!(swap.key_id, Some(other.record.id));
+    assert_eq!(swap.changes["credential"], "changed");
+    assert!(
+        !serde_json::to_string(swap).unwrap().contains("abab"),
+        "no digest"
+    );
+    let forged = &events[4];
+    assert_eq!(forged.changes["unparsed_action"], "key.stolen");
+    assert!(forged.changes.contains_key("unparsed"), "{forged:?}");
+    assert!(
+        forged.at > time::OffsetDateTime::now_utc() - Duration::minutes(5),
+        "sealed now, not in 1970"
+    );
+    assert_eq!(events[5].actor, Actor::application());
     assert_eq!(manager.verify_audit().await.unwrap().broken, None);
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(pg.pool())
@@ -530,6 +569,29 @@ async fn retention_prunes_and_the_rest_stays_verifiable() {
             [4, 5],
             "{name}"
         );
+        // An event whose time was moved back (to have it pruned early) breaks the chain, and
+        // nothing is pruned from a chain that does not verify.
+        let epoch = if name == "postgres" { "'epoch'" } else { "0" };
+        if backend
+            .sql(&format!(
+                "UPDATE keywarden_audit SET at = {epoch} WHERE seq = 5"
+            ))
+            .await
+        {
+            let refused = manager.prune_audit(Duration::days(90)).await.unwrap_err();
+            assert_eq!(
+                refused.kind(),
+                keywarden::manage::ManageErrorKind::Conflict,
+                "{name}"
+            );
+            assert_eq!(
+                all_events(&manager).await.len(),
+                2,
+                "{name}: nothing pruned"
+            );
+            backend.finish().await;
+            continue;
+        }
         // Moving the checkpoint (to hide deleting more) breaks its seal.
         if backend
             .sql("UPDATE keywarden_audit_checkpoint SET seq = 4")
@@ -665,6 +727,14 @@ async fn the_api_records_its_callers_and_shows_keys_self_only_its_own_events() {
     let own_items = own.json()["items"].as_array().unwrap().clone();
     assert_eq!(own_items.len(), 2, "{own_items:#?}");
     assert!(own_items.iter().all(|e| e["subject"] == "alice"));
+    // Other actors are shown by kind only: not the application's name, nor another key's
+    // id, address or request; the caller's own events in full.
+    assert_eq!(
+        own_items[0]["actor"],
+        serde_json::json!({"kind": "other", "name": "redacted"})
+    );
+    assert_eq!(own_items[1]["actor"]["id"], alice.record.id.to_string());
+    assert_eq!(own_items[1]["client_address"], "192.0.2.9");
     let peek = call(
         &api.app,
         alice_key,

@@ -172,12 +172,12 @@ async fn events_are_delivered_signed_in_order_and_once_on_every_store() {
 
         let deliverer = WebhookDeliverer::new(store.clone(), &support::ring()).targets(local());
         let round = deliverer.run_once().await.unwrap();
-        assert_eq!((round.delivered, round.failed), (3, 0), "{name}");
+        assert_eq!((round.delivered, round.failed), (4, 0), "{name}");
         let got = receiver.got();
-        assert_eq!(got.len(), 3, "{name}");
+        assert_eq!(got.len(), 4, "{name}");
         let (to_all, to_revoked): (Vec<_>, Vec<_>) =
             got.iter().partition(|d| d.signed_by(&all.secret));
-        assert_eq!(to_all.len(), 2, "{name}");
+        assert_eq!(to_all.len(), 3, "{name}");
         assert_eq!(to_revoked.len(), 1, "{name}");
         assert!(to_revoked[0].signed_by(&revoked_only.secret));
         assert!(
@@ -185,27 +185,36 @@ async fn events_are_delivered_signed_in_order_and_once_on_every_store() {
             "each has its own secret"
         );
         let types: Vec<Value> = to_all.iter().map(|d| d.json()["type"].clone()).collect();
-        assert_eq!(types, ["key.created", "key.revoked"], "{name}");
+        // The second subscription's creation is an event too (of the first's: it came after).
         assert_eq!(
-            to_all[1].json()["data"]["key_id"],
+            types,
+            ["webhook.created", "key.created", "key.revoked"],
+            "{name}"
+        );
+        assert_eq!(
+            to_all[0].json()["data"]["changes"]["webhook_id"],
+            revoked_only.webhook.id.to_string()
+        );
+        assert_eq!(
+            to_all[2].json()["data"]["key_id"],
             key.record.id.to_string()
         );
-        assert_eq!(to_all[0].id, "evt_2", "{name}: the audit event number");
-        assert_eq!(to_revoked[0].id, to_all[1].id, "one event, one id");
+        assert_eq!(to_all[1].id, "evt_4", "{name}: the audit event number");
+        assert_eq!(to_revoked[0].id, to_all[2].id, "one event, one id");
         let sent_at: i64 = to_all[0].timestamp.parse().unwrap();
         assert!((OffsetDateTime::now_utc().unix_timestamp() - sent_at).abs() < 60);
         // A tampered body no longer verifies.
-        let mut tampered = to_all[1].clone();
+        let mut tampered = to_all[2].clone();
         tampered.body = tampered.body.replace_all(b"alice", b"mallo");
         assert!(!tampered.signed_by(&all.secret), "{name}");
         // Nothing in a delivery is key material.
-        let text = String::from_utf8_lossy(&to_all[0].body).into_owned();
+        let text = String::from_utf8_lossy(&to_all[1].body).into_owned();
         assert!(!text.contains(key.key.expose()), "{name}");
 
         // Delivered once: a second round sends nothing; the cursor says how far.
         assert_eq!(deliverer.run_once().await.unwrap().delivered, 0, "{name}");
         let view = manager.get_webhook(all.webhook.id).await.unwrap();
-        assert_eq!(view.delivered_through, 3, "{name}");
+        assert_eq!(view.delivered_through, 5, "{name}");
         assert_eq!(view.attempts, 0);
         drop_schema(pg).await;
     }
@@ -250,7 +259,10 @@ async fn a_receiver_that_is_down_is_retried_with_backoff() {
     let view = manager.get_webhook(hook.webhook.id).await.unwrap();
     assert_eq!(view.attempts, 1);
     assert_eq!(view.last_error.as_deref(), Some("HTTP 503"));
-    assert_eq!(view.delivered_through, 0);
+    assert_eq!(
+        view.delivered_through, 1,
+        "its own creation, not delivered to itself"
+    );
     assert_eq!(
         view.next_attempt_at,
         Some(clock.now() + Duration::seconds(5)),
@@ -282,7 +294,7 @@ async fn a_receiver_that_is_down_is_retried_with_backoff() {
         (view.attempts, view.last_error, view.failing_since),
         (0, None, None)
     );
-    assert_eq!(view.delivered_through, 1);
+    assert_eq!(view.delivered_through, 2);
 
     // A paused subscription is skipped; resuming delivers what happened meanwhile.
     let pause = WebhookPatch {
@@ -591,4 +603,73 @@ async fn a_sender_killed_mid_delivery_delivers_after_a_restart() {
     tokio::time::sleep(StdDuration::from_millis(1500)).await;
     assert_eq!(receiver.got().len(), 2);
     second.terminate();
+}
+
+/// SSRF defaults: non-public addresses are refused, as IP literals when a subscription is made
+/// and as what a name resolves to when a delivery is sent; subscription changes are audited
+/// (the host only, never the URL's path or query).
+#[tokio::test]
+async fn private_addresses_are_refused_by_default_and_subscriptions_are_audited() {
+    let (receiver, url) = Receiver::start().await;
+    let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+    let open_http = WebhookTargets::any().allow_http(true);
+    let manager =
+        KeyManager::new(store.clone(), support::ring()).with_webhook_targets(open_http.clone());
+    let error = manager
+        .create_webhook(NewWebhook::new(&url, ["*"]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.field(), Some("url"), "{error}");
+    // A name is allowed when subscribing, but what it resolves to is checked when sending.
+    let by_name = url.replace("127.0.0.1", "localhost") + "?token=receiver-secret";
+    let hook = manager
+        .create_webhook(NewWebhook::new(&by_name, ["key.created"]))
+        .await
+        .unwrap();
+    manager.create(NewKey::new("k", "alice")).await.unwrap();
+    // A lease that ends at once, so the second deliverer below may take over.
+    let deliverer = WebhookDeliverer::new(store.clone(), &support::ring())
+        .targets(open_http)
+        .lease(StdDuration::ZERO);
+    let round = deliverer.run_once().await.unwrap();
+    assert_eq!((round.delivered, round.failed), (0, 1));
+    assert!(
+        receiver.got().is_empty(),
+        "nothing reached the loopback receiver"
+    );
+    let view = manager.get_webhook(hook.webhook.id).await.unwrap();
+    assert_eq!(view.last_error.as_deref(), Some("connection failed"));
+    // Allowed explicitly, it is delivered.
+    let allowed = WebhookDeliverer::new(store.clone(), &support::ring())
+        .targets(WebhookTargets::any().allow_http(true).allow_private(true));
+    // Pause and resume: resuming clears the failed attempt's backoff.
+    for disabled in [true, false] {
+        let patch = WebhookPatch {
+            disabled: Some(disabled),
+            ..WebhookPatch::default()
+        };
+        manager
+            .update_webhook(hook.webhook.id, patch)
+            .await
+            .unwrap();
+    }
+    assert_eq!(allowed.run_once().await.unwrap().delivered, 1);
+    assert_eq!(receiver.got().len(), 1);
+
+    let events = manager
+        .audit(&keywarden::audit::AuditQuery::default())
+        .await
+        .unwrap()
+        .items;
+    let created = events
+        .iter()
+        .find(|e| e.action.as_str() == "webhook.created")
+        .expect("the subscription's creation is an audit event");
+    assert_eq!(created.changes["host"], "localhost");
+    assert_eq!(created.changes["webhook_id"], hook.webhook.id.to_string());
+    let text = serde_json::to_string(&events).unwrap();
+    assert!(!text.contains("receiver-secret"), "never the URL's query");
+    assert!(events
+        .iter()
+        .any(|e| e.action.as_str() == "webhook.updated"));
 }

@@ -42,6 +42,20 @@ impl Actor {
         Self::Other("application".to_owned())
     }
 
+    /// An actor shown by kind only (to callers who may not see who): `cli` stays `Cli`; the
+    /// others keep their kind with the name `redacted` (a key with the nil id).
+    pub fn redacted(kind: &str) -> Self {
+        match kind {
+            "cli" => Self::Cli,
+            "key" => Self::Key {
+                id: Uuid::nil(),
+                subject: "redacted".into(),
+            },
+            "sql" => Self::Sql("redacted".into()),
+            _ => Self::Other("redacted".into()),
+        }
+    }
+
     /// `cli`, `key`, `sql` or `other`: a stable label for logs and filters.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -81,11 +81,17 @@ pub enum AuditAction {
     Revealed,
     /// `secret.retired`: the digests of a previous secret were dropped.
     SecretRetired,
+    /// `webhook.created`: a webhook subscription was created.
+    WebhookCreated,
+    /// `webhook.updated`: a subscription's URL, events, description or state changed.
+    WebhookUpdated,
+    /// `webhook.deleted`: a subscription was deleted.
+    WebhookDeleted,
 }
 
 impl AuditAction {
     /// Every action, for listings and parsers.
-    pub const ALL: [AuditAction; 9] = [
+    pub const ALL: [AuditAction; 12] = [
         AuditAction::Created,
         AuditAction::Updated,
         AuditAction::Revoked,
@@ -95,6 +101,9 @@ impl AuditAction {
         AuditAction::Deleted,
         AuditAction::Revealed,
         AuditAction::SecretRetired,
+        AuditAction::WebhookCreated,
+        AuditAction::WebhookUpdated,
+        AuditAction::WebhookDeleted,
     ];
 
     /// The stable name: `key.created`, …, `secret.retired`.
@@ -109,6 +118,9 @@ impl AuditAction {
             Self::Deleted => "key.deleted",
             Self::Revealed => "key.revealed",
             Self::SecretRetired => "secret.retired",
+            Self::WebhookCreated => "webhook.created",
+            Self::WebhookUpdated => "webhook.updated",
+            Self::WebhookDeleted => "webhook.deleted",
         }
     }
 }
@@ -127,7 +139,7 @@ impl Serialize for AuditAction {
 
 /// An action name that is not one of [`AuditAction::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown audit action (expected one of key.created, key.updated, key.revoked, key.disabled, key.enabled, key.rotated, key.deleted, key.revealed, secret.retired)")]
+#[error("unknown audit action (expected one of key.created, key.updated, key.revoked, key.disabled, key.enabled, key.rotated, key.deleted, key.revealed, secret.retired, webhook.created, webhook.updated, webhook.deleted)")]
 pub struct AuditActionParseError;
 
 impl std::str::FromStr for AuditAction {
@@ -607,13 +619,48 @@ impl AuditQuery {
         }
     }
 
+    /// The actor filter as the sealed columns hold it: a kind, and a key id or a name.
+    /// `None` without a filter; a filter that names no actor matches nothing (kind `""`).
+    pub fn actor_filter(&self) -> Option<ActorFilter> {
+        let text = self.actor.as_deref()?;
+        let (kind, rest) = match text.split_once(':') {
+            Some((kind, rest)) => (kind, Some(rest)),
+            None => (text, None),
+        };
+        let known = ["cli", "key", "sql", "other"].contains(&kind);
+        Some(match (known, kind, rest) {
+            (true, _, None) => ActorFilter {
+                kind: kind.to_owned(),
+                key_id: None,
+                name: None,
+            },
+            (true, "key", Some(id)) => match Uuid::try_parse(id) {
+                Ok(id) => ActorFilter {
+                    kind: "key".into(),
+                    key_id: Some(id),
+                    name: None,
+                },
+                Err(_) => ActorFilter::nothing(),
+            },
+            (true, "sql" | "other", Some(name)) => ActorFilter {
+                kind: kind.to_owned(),
+                key_id: None,
+                name: Some(name.to_owned()),
+            },
+            _ => ActorFilter::nothing(),
+        })
+    }
+
     /// Whether an event passes the filters (the cursor and limit aside).
     pub fn matches(&self, event: &AuditEvent) -> bool {
         self.key_id.is_none_or(|id| event.key_id == Some(id))
-            && self
-                .actor
-                .as_ref()
-                .is_none_or(|a| a == event.actor.kind() || *a == event.actor.to_string())
+            && self.actor_filter().is_none_or(|f| {
+                f.kind == event.actor.kind()
+                    && f.key_id.is_none_or(|id| event.actor.key_id() == Some(id))
+                    && f.name
+                        .as_deref()
+                        .is_none_or(|name| event.actor.name() == Some(name))
+            })
             && self.action.is_none_or(|a| a == event.action)
             && self
                 .collection
@@ -625,6 +672,28 @@ impl AuditQuery {
                 .is_none_or(|s| event.subject.as_ref() == Some(s))
             && self.since.is_none_or(|t| event.at >= t)
             && self.until.is_none_or(|t| event.at < t)
+    }
+}
+
+/// An actor filter as stored: compared with the sealed `actor_kind`, `actor_key_id` and
+/// `actor_name` columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorFilter {
+    /// `cli`, `key`, `sql` or `other` (`""`: matches nothing).
+    pub kind: String,
+    /// For `key:<id>`.
+    pub key_id: Option<Uuid>,
+    /// For `sql:<role>` and `other:<name>`.
+    pub name: Option<String>,
+}
+
+impl ActorFilter {
+    fn nothing() -> Self {
+        Self {
+            kind: String::new(),
+            key_id: None,
+            name: None,
+        }
     }
 }
 

@@ -961,6 +961,28 @@ impl KeyManager {
         self.apply_as(change, action, details, &self.context).await
     }
 
+    /// Writes an event about no key (a webhook subscription's change), before the change.
+    #[cfg(feature = "webhooks")]
+    /// Returns the event's number (0 without an audit log).
+    pub(super) async fn record_event(
+        &self,
+        action: AuditAction,
+        details: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<u64, StoreError> {
+        let Some(sealer) = &self.audit else {
+            return Ok(0);
+        };
+        let write = AuditWrite {
+            sealer,
+            context: &self.context,
+            at: self.now(),
+            action: Some(action),
+            details: &details,
+        };
+        let applied = self.store.apply_audited(KeyChange::Event, &write).await?;
+        Ok(applied.event.map_or(0, |e| e.seq))
+    }
+
     pub(super) async fn apply_as(
         &self,
         change: KeyChange<'_>,
@@ -985,7 +1007,7 @@ impl KeyManager {
                 } => ChangeOutcome::Retired(
                     self.store.retire_secret(secret_id, unmigrated, now).await?,
                 ),
-                KeyChange::Note(_) => ChangeOutcome::Noted,
+                KeyChange::Note(_) | KeyChange::Event => ChangeOutcome::Noted,
             });
         };
         let details = details.unwrap_or_default();
@@ -1095,10 +1117,12 @@ impl KeyManager {
 
     /// Deletes the audit events older than `retention` (by number: every event up to the
     /// last one dated before now − `retention`), leaving a sealed checkpoint so the rest
-    /// stays verifiable. Returns how many were deleted.
+    /// stays verifiable. Checks the whole chain first and prunes nothing from a log that does
+    /// not verify. Returns how many were deleted.
     ///
     /// # Errors
-    /// [`ManageErrorKind::Invalid`] for a negative retention, [`ManageErrorKind::Store`].
+    /// [`ManageErrorKind::Invalid`] for a negative retention, [`ManageErrorKind::Conflict`]
+    /// when the log does not verify, [`ManageErrorKind::Store`].
     pub async fn prune_audit(&self, retention: Duration) -> Result<u64, ManageError> {
         if retention.is_negative() {
             return Err(ManageError::invalid(
@@ -1109,6 +1133,15 @@ impl KeyManager {
         let Some(sealer) = &self.audit else {
             return Err(crate::store::no_audit_log().into());
         };
+        // The cut is chosen by the events' times: only from a chain that verifies, or an
+        // edited time (or a forged pending row) could make it delete recent events and seal
+        // a checkpoint over the damage.
+        let verified = self.verify_audit().await?;
+        if let Some((seq, why)) = verified.broken {
+            return Err(ManageError::conflict(format!(
+                "the audit log does not verify (event #{seq}: {why}); nothing was pruned"
+            )));
+        }
         let before = self
             .now()
             .checked_sub(retention)

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::policy::check_free_text;
 use super::{KeyManager, ManageError, ManageErrorKind};
+use crate::audit::AuditAction;
 use crate::store::{WebhookPatch, WebhookRecord, WebhookStore};
 use crate::webhooks::{check_events, generate_secret, CreatedWebhook, SecretSeal, WebhookView};
 
@@ -42,6 +43,31 @@ impl NewWebhook {
 fn no_webhooks() -> ManageError {
     ManageError::invalid("webhooks", "this key store keeps no webhooks")
         .with_kind(ManageErrorKind::Store)
+}
+
+/// What an audit event says of a subscription: its id, the URL's host (never its path or
+/// query, which may hold the receiver's token) and its events.
+fn details(
+    id: Uuid,
+    url: Option<&str>,
+    events: Option<&[String]>,
+    disabled: Option<bool>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("webhook_id".into(), id.to_string().into());
+    if let Some(host) = url
+        .and_then(|url| reqwest::Url::parse(url).ok())
+        .and_then(|url| url.host_str().map(str::to_owned))
+    {
+        map.insert("host".into(), host.into());
+    }
+    if let Some(events) = events {
+        map.insert("events".into(), events.to_vec().into());
+    }
+    if let Some(disabled) = disabled {
+        map.insert("disabled".into(), disabled.into());
+    }
+    map
 }
 
 fn webhook_not_found(id: Uuid) -> ManageError {
@@ -89,8 +115,6 @@ impl KeyManager {
             new.description.as_deref(),
         )?;
         let hooks = self.webhook_store()?;
-        // Only events after this one: a subscriber is not flooded with history.
-        let head = self.store().audit_head().await?;
         let id = Uuid::now_v7();
         let (secret, text) = generate_secret();
         let record = WebhookRecord {
@@ -101,7 +125,7 @@ impl KeyManager {
             sealed_secret: SecretSeal::new(&self.ring).seal(id, &secret),
             disabled: false,
             created_at: self.now(),
-            cursor: head.seq,
+            cursor: 0,
             // Keys already inside the lead time are announced at the first round.
             expiring_cursor: OffsetDateTime::UNIX_EPOCH,
             attempts: 0,
@@ -111,6 +135,18 @@ impl KeyManager {
             lease_owner: None,
             lease_until: None,
         };
+        // The event first: a subscription whose creation cannot be recorded is not made. It
+        // receives the events after its own creation (not the history).
+        let mut record = record;
+        record.cursor = self
+            .record_event(
+                AuditAction::WebhookCreated,
+                details(id, Some(&record.url), Some(&record.events), None),
+            )
+            .await?;
+        if record.cursor == 0 {
+            record.cursor = self.store().audit_head().await.map_or(0, |head| head.seq);
+        }
         hooks.insert_webhook(&record).await?;
         tracing::info!(target: "keywarden", webhook_id = %id, "webhook created");
         Ok(CreatedWebhook {
@@ -162,6 +198,20 @@ impl KeyManager {
             patch.description.as_ref().and_then(Option::as_deref),
         )?;
         let hooks = self.webhook_store()?;
+        hooks
+            .get_webhook(id)
+            .await?
+            .ok_or_else(|| webhook_not_found(id))?;
+        self.record_event(
+            AuditAction::WebhookUpdated,
+            details(
+                id,
+                patch.url.as_deref(),
+                patch.events.as_deref(),
+                patch.disabled,
+            ),
+        )
+        .await?;
         let record = hooks
             .update_webhook(id, &patch)
             .await?
@@ -176,6 +226,15 @@ impl KeyManager {
     /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Store`].
     pub async fn delete_webhook(&self, id: Uuid) -> Result<WebhookView, ManageError> {
         let hooks = self.webhook_store()?;
+        let existing = hooks
+            .get_webhook(id)
+            .await?
+            .ok_or_else(|| webhook_not_found(id))?;
+        self.record_event(
+            AuditAction::WebhookDeleted,
+            details(id, Some(&existing.url), Some(&existing.events), None),
+        )
+        .await?;
         let record = hooks
             .delete_webhook(id)
             .await?

@@ -40,6 +40,9 @@ pub enum KeyChange<'a> {
     },
     /// Nothing changes; only the event is written (a reveal of this key).
     Note(&'a KeyRecord),
+    /// No key is involved; only the event is written, with the [`AuditWrite`]'s action
+    /// (required) and details (a webhook subscription's change, recorded before it is made).
+    Event,
 }
 
 /// What [`KeyStore::apply_audited`](super::KeyStore::apply_audited) did, as the plain method
@@ -201,6 +204,11 @@ impl AuditWrite<'_> {
                 .collect(),
         );
         self.entry(AuditAction::SecretRetired, None, changes)
+    }
+
+    /// An event about no key: the write's own action and details.
+    pub(crate) fn event(&self) -> AuditEntry {
+        self.entry(AuditAction::Updated, None, Map::new())
     }
 
     /// The event of a change that changes nothing stored.

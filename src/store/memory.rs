@@ -208,6 +208,13 @@ impl KeyStore for MemoryStore {
                 (ChangeOutcome::Retired(outcome), entry)
             }
             KeyChange::Note(record) => (ChangeOutcome::Noted, Some(audit.noted(record))),
+            KeyChange::Event if audit.action.is_none() => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Other,
+                    "an event without a key needs an action",
+                ))
+            }
+            KeyChange::Event => (ChangeOutcome::Noted, Some(audit.event())),
         };
         let event = entry.map(|entry| {
             let head = inner
@@ -512,17 +519,18 @@ impl WebhookStore for MemoryStore {
         owner: Uuid,
         now: OffsetDateTime,
         until: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<WebhookRecord>, StoreError> {
         let mut inner = self.write();
         let Some(record) = inner.webhooks.get_mut(&id) else {
-            return Ok(false);
+            return Ok(None);
         };
         let free = record.lease_owner == Some(owner) || record.lease_until.is_none_or(|u| u <= now);
-        if free {
-            record.lease_owner = Some(owner);
-            record.lease_until = Some(until);
+        if !free {
+            return Ok(None);
         }
-        Ok(free)
+        record.lease_owner = Some(owner);
+        record.lease_until = Some(until);
+        Ok(Some(record.clone()))
     }
 
     async fn record_webhook_progress(

@@ -429,6 +429,13 @@ impl KeyStore for PostgresStore {
                 (ChangeOutcome::Retired(outcome), entry)
             }
             KeyChange::Note(record) => (ChangeOutcome::Noted, Some(audit.noted(record))),
+            KeyChange::Event if audit.action.is_none() => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Other,
+                    "an event without a key needs an action",
+                ))
+            }
+            KeyChange::Event => (ChangeOutcome::Noted, Some(audit.event())),
         };
         let event = match entry {
             Some(entry) => {
@@ -439,6 +446,7 @@ impl KeyStore for PostgresStore {
             }
             None => None,
         };
+        end_audited(&mut tx).await?;
         tx.commit().await.map_err(map)?;
         match &outcome {
             ChangeOutcome::Inserted => self.observers.notify(StoreChange::Created),
@@ -460,12 +468,16 @@ impl KeyStore for PostgresStore {
         if let Some(id) = query.key_id {
             sql.push(" AND key_id = ").push_bind(id);
         }
-        if let Some(actor) = &query.actor {
-            sql.push(" AND (actor = ")
-                .push_bind(actor.as_str())
-                .push(" OR actor_kind = ")
-                .push_bind(actor.as_str())
-                .push(")");
+        // The sealed columns, not the display column `actor`: a filter sees what `verify`
+        // checks.
+        if let Some(filter) = query.actor_filter() {
+            sql.push(" AND actor_kind = ").push_bind(filter.kind);
+            if let Some(id) = filter.key_id {
+                sql.push(" AND actor_key_id = ").push_bind(id);
+            }
+            if let Some(name) = filter.name {
+                sql.push(" AND actor_name = ").push_bind(name);
+            }
         }
         if let Some(action) = query.action {
             sql.push(" AND action = ").push_bind(action.as_str());
@@ -679,6 +691,7 @@ impl KeyStore for PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(map)?;
+        end_audited(&mut tx).await?;
         tx.commit().await.map_err(map)?;
         Ok(deleted)
     }
@@ -696,6 +709,7 @@ impl KeyStore for PostgresStore {
         let mut tx = self.pool.begin().await.map_err(map)?;
         begin_audited(&mut tx).await?;
         let sealed = seal_pending(&mut tx, sealer).await?;
+        end_audited(&mut tx).await?;
         tx.commit().await.map_err(map)?;
         Ok(sealed)
     }
@@ -985,18 +999,28 @@ type CheckpointRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
 const AUDIT_COLUMNS: &str = "seq, at, action, actor_kind, actor_key_id, actor_name, key_id, \
     collection, subject, changes, client_address, request_id, sealed_by, mac";
 
-/// Makes the transaction the log's only writer (readers go on) and tells the plain-SQL trigger
-/// that its changes are audited here.
+/// Makes the transaction the log's only writer (readers go on) and marks it, for the
+/// plain-SQL trigger, as audited here: a row with its txid in `keywarden_audit_tx` (which
+/// roles that only change keys cannot write), removed by [`end_audited`] before the commit.
 async fn begin_audited(conn: &mut PgConnection) -> Result<(), StoreError> {
     let map = |e| store_error("locking the audit log failed", e);
     sqlx::query("LOCK TABLE keywarden_audit IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *conn)
         .await
         .map_err(map)?;
-    sqlx::query("SELECT set_config('keywarden.audited', 'on', true)")
+    sqlx::query("INSERT INTO keywarden_audit_tx (txid) VALUES (txid_current())")
         .execute(&mut *conn)
         .await
         .map_err(map)?;
+    Ok(())
+}
+
+/// Removes [`begin_audited`]'s mark; call right before the commit.
+async fn end_audited(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM keywarden_audit_tx WHERE txid = txid_current()")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| store_error("unmarking an audited transaction failed", e))?;
     Ok(())
 }
 
@@ -1015,21 +1039,63 @@ async fn seal_pending(conn: &mut PgConnection, sealer: &AuditSealer) -> Result<u
         return Ok(0);
     }
     let mut pending = Vec::with_capacity(rows.len());
+    // Sealed now, whatever the row says: a row's own time and role are data (whoever can
+    // write the pending table could choose them), and a row that does not parse is sealed as
+    // it is rather than blocking every management write.
+    let sealed_at = OffsetDateTime::now_utc();
     for row in &rows {
         let id: i64 = column(row, "id")?;
-        let action: String = column(row, "action")?;
-        let changes: String = column(row, "changes")?;
+        let action: Option<String> = row.try_get("action").ok();
+        let changes: Option<String> = row.try_get("changes").ok();
+        let recorded_at: Option<PgTimestamp> = row.try_get("at").ok();
+        let role: Option<String> = row.try_get("db_role").ok();
+        let mut entry_changes = changes
+            .as_deref()
+            .and_then(|text| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text).ok()
+            })
+            .unwrap_or_else(|| {
+                let mut raw = serde_json::Map::new();
+                raw.insert(
+                    "unparsed".into(),
+                    changes
+                        .clone()
+                        .unwrap_or_default()
+                        .chars()
+                        .take(4096)
+                        .collect::<String>()
+                        .into(),
+                );
+                raw
+            });
+        if let Some(PgTimestamp::At(at)) = recorded_at {
+            entry_changes.insert(
+                "recorded_at".into(),
+                at.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+                    .into(),
+            );
+        }
+        let parsed_action = action.as_deref().and_then(|a| a.parse().ok());
+        if parsed_action.is_none() {
+            entry_changes.insert(
+                "unparsed_action".into(),
+                action
+                    .unwrap_or_default()
+                    .chars()
+                    .take(256)
+                    .collect::<String>()
+                    .into(),
+            );
+        }
         let entry = AuditEntry {
-            at: instant(column(row, "at")?, "at")?,
-            action: action
-                .parse()
-                .map_err(|_| corrupt("action", "unknown action"))?,
-            context: ChangeContext::new(Actor::Sql(column(row, "db_role")?)),
-            key_id: column(row, "key_id")?,
-            collection: column(row, "collection")?,
-            subject: column(row, "subject")?,
-            changes: serde_json::from_str(&changes)
-                .map_err(|_| corrupt("changes", "not a JSON object"))?,
+            at: sealed_at,
+            action: parsed_action.unwrap_or(crate::audit::AuditAction::Updated),
+            context: ChangeContext::new(Actor::Sql(role.unwrap_or_else(|| "unknown".into()))),
+            key_id: row.try_get("key_id").ok().flatten(),
+            collection: row.try_get("collection").ok().flatten(),
+            subject: row.try_get("subject").ok().flatten(),
+            changes: entry_changes,
         };
         pending.push((id, entry));
     }
@@ -1555,19 +1621,21 @@ impl WebhookStore for PostgresStore {
         owner: Uuid,
         now: OffsetDateTime,
         until: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        let taken = sqlx::query(
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        sqlx::query(&format!(
             "UPDATE keywarden_webhooks SET lease_owner = $1, lease_until = $2 WHERE id = $3 \
-             AND (lease_owner = $1 OR lease_until IS NULL OR lease_until <= $4)",
-        )
+             AND (lease_owner = $1 OR lease_until IS NULL OR lease_until <= $4) \
+             RETURNING {WEBHOOK_COLUMNS}"
+        ))
         .bind(owner)
         .bind(micros(until))
         .bind(id)
         .bind(micros(now))
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
-        .map_err(|e| store_error("leasing a webhook failed", e))?;
-        Ok(taken.rows_affected() > 0)
+        .map_err(|e| store_error("leasing a webhook failed", e))?
+        .map(|row| decode_webhook(&row))
+        .transpose()
     }
 
     async fn record_webhook_progress(

@@ -382,6 +382,13 @@ impl KeyStore for SqliteStore {
                 (ChangeOutcome::Retired(outcome), entry)
             }
             KeyChange::Note(record) => (ChangeOutcome::Noted, Some(audit.noted(record))),
+            KeyChange::Event if audit.action.is_none() => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Other,
+                    "an event without a key needs an action",
+                ))
+            }
+            KeyChange::Event => (ChangeOutcome::Noted, Some(audit.event())),
         };
         let event = match entry {
             Some(entry) => {
@@ -413,12 +420,17 @@ impl KeyStore for SqliteStore {
         if let Some(id) = query.key_id {
             sql.push(" AND key_id = ").push_bind(id.as_bytes().to_vec());
         }
-        if let Some(actor) = &query.actor {
-            sql.push(" AND (actor = ")
-                .push_bind(actor.as_str())
-                .push(" OR actor_kind = ")
-                .push_bind(actor.as_str())
-                .push(")");
+        // The sealed columns, not the display column `actor`: a filter sees what `verify`
+        // checks.
+        if let Some(filter) = query.actor_filter() {
+            sql.push(" AND actor_kind = ").push_bind(filter.kind);
+            if let Some(id) = filter.key_id {
+                sql.push(" AND actor_key_id = ")
+                    .push_bind(id.as_bytes().to_vec());
+            }
+            if let Some(name) = filter.name {
+                sql.push(" AND actor_name = ").push_bind(name);
+            }
         }
         if let Some(action) = query.action {
             sql.push(" AND action = ").push_bind(action.as_str());
@@ -1352,20 +1364,22 @@ impl WebhookStore for SqliteStore {
         owner: Uuid,
         now: OffsetDateTime,
         until: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<WebhookRecord>, StoreError> {
         let owner = owner.as_bytes().as_slice();
-        let taken = sqlx::query(
+        sqlx::query(&format!(
             "UPDATE keywarden_webhooks SET lease_owner = ?1, lease_until = ?2 WHERE id = ?3 \
-             AND (lease_owner = ?1 OR lease_until IS NULL OR lease_until <= ?4)",
-        )
+             AND (lease_owner = ?1 OR lease_until IS NULL OR lease_until <= ?4) \
+             RETURNING {WEBHOOK_COLUMNS}"
+        ))
         .bind(owner)
         .bind(to_micros(until))
         .bind(id.as_bytes().as_slice())
         .bind(to_micros(now))
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
-        .map_err(|e| store_error("leasing a webhook failed", e))?;
-        Ok(taken.rows_affected() > 0)
+        .map_err(|e| store_error("leasing a webhook failed", e))?
+        .map(|row| decode_webhook(&row))
+        .transpose()
     }
 
     async fn record_webhook_progress(

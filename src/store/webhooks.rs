@@ -130,14 +130,16 @@ pub trait WebhookStore: Send + Sync {
     /// Deletes a subscription; `None` for an unknown id.
     async fn delete_webhook(&self, id: Uuid) -> Result<Option<WebhookRecord>, StoreError>;
     /// Takes the delivery lease of `id` for `owner` until `until`, if it is free, expired at
-    /// `now`, or already `owner`'s. One instance delivers a subscription at a time.
+    /// `now`, or already `owner`'s, and returns the subscription as it is now (deliveries
+    /// start from this fresh copy: its cursor, URL and state). `None`: leased elsewhere, or
+    /// gone. One instance delivers a subscription at a time.
     async fn lease_webhook(
         &self,
         id: Uuid,
         owner: Uuid,
         now: OffsetDateTime,
         until: OffsetDateTime,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<WebhookRecord>, StoreError>;
     /// Writes progress if `owner` still holds the lease; returns whether it did.
     async fn record_webhook_progress(
         &self,

@@ -47,6 +47,7 @@
 //! ```
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -188,11 +189,49 @@ impl SecretSeal {
     }
 }
 
-/// Where webhooks may be sent.
+/// Where webhooks may be sent. By default: any `https` host with a public address; loopback,
+/// private, link-local and other non-public addresses (IP literals, and what names resolve
+/// to at send time) only when listed by address in the allowlist or with
+/// [`allow_private`](Self::allow_private).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WebhookTargets {
     hosts: Option<Vec<String>>,
     allow_http: bool,
+    allow_private: bool,
+}
+
+/// Whether `ip` is a public unicast address: not loopback, private (RFC 1918, fc00::/7),
+/// link-local (169.254/16 with the cloud metadata endpoints, fe80::/10), shared (100.64/10),
+/// unspecified, broadcast, multicast, documentation or reserved. IPv4-mapped IPv6 addresses
+/// are judged as IPv4.
+pub fn is_public(ip: IpAddr) -> bool {
+    match crate::net::canonical(ip) {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || (first == 0x2001 && v6.segments()[1] == 0x0db8)
+                || v6.segments()[..6] == [0; 6])
+        }
+    }
 }
 
 impl WebhookTargets {
@@ -216,7 +255,34 @@ impl WebhookTargets {
                     .collect(),
             ),
             allow_http: false,
+            allow_private: false,
         }
+    }
+
+    /// Also allows non-public addresses (internal receivers): only where whoever manages
+    /// webhooks may reach the internal network anyway.
+    #[must_use]
+    pub fn allow_private(mut self, allow: bool) -> Self {
+        self.allow_private = allow;
+        self
+    }
+
+    /// Whether `ip` may be reached for `host` (a name or the address itself).
+    fn allows_address(&self, host: &str, ip: IpAddr) -> bool {
+        self.allow_private
+            || is_public(ip)
+            || self.hosts.as_ref().is_some_and(|hosts| {
+                hosts.iter().any(|h| {
+                    h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .is_ok_and(|listed| {
+                            crate::net::canonical(listed) == crate::net::canonical(ip)
+                        })
+                }) || hosts
+                    .iter()
+                    .any(|h| h == host && host.parse::<IpAddr>().is_err())
+            })
     }
 
     /// Also allows plain `http` URLs (local receivers, tests).
@@ -260,6 +326,15 @@ impl WebhookTargets {
             .to_owned();
         if host.is_empty() {
             return Err("the URL has no host".into());
+        }
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            if !self.allows_address(&host, ip) {
+                return Err(
+                    "the address is not public (loopback, private, link-local, …); \
+                     list it in the allowed webhook hosts to allow it"
+                        .into(),
+                );
+            }
         }
         if let Some(hosts) = &self.hosts {
             let allowed = hosts
@@ -395,18 +470,13 @@ impl WebhookDeliverer {
     /// # Panics
     /// If the TLS backend cannot be initialised.
     pub fn new(store: Arc<dyn KeyStore>, ring: &SecretRing) -> Self {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(StdDuration::from_secs(10))
-            .user_agent(concat!("keywarden-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("the HTTP client builds");
+        let targets = WebhookTargets::any();
         Self {
             store,
             seal: SecretSeal::new(ring),
-            targets: WebhookTargets::any(),
+            client: client_for(&targets),
+            targets,
             clock: Arc::new(SystemClock),
-            client,
             owner: Uuid::now_v7(),
             lease: StdDuration::from_secs(15),
             batch: 100,
@@ -417,6 +487,7 @@ impl WebhookDeliverer {
     /// Only these targets (checked again before each request).
     #[must_use]
     pub fn targets(mut self, targets: WebhookTargets) -> Self {
+        self.client = client_for(&targets);
         self.targets = targets;
         self
     }
@@ -457,13 +528,21 @@ impl WebhookDeliverer {
     pub async fn run_once(&self) -> Result<DeliveryRound, StoreError> {
         let hooks = self.store.webhooks().ok_or_else(no_webhooks)?;
         let mut round = DeliveryRound::default();
-        for hook in hooks.list_webhooks().await? {
+        for listed in hooks.list_webhooks().await? {
             let now = self.clock.now();
-            if hook.disabled || hook.next_attempt_at.is_some_and(|at| at > now) {
+            if listed.disabled || listed.next_attempt_at.is_some_and(|at| at > now) {
                 continue;
             }
             let until = now + self.lease;
-            if !hooks.lease_webhook(hook.id, self.owner, now, until).await? {
+            // Deliver from the copy the lease returns, not the listing: the cursor, URL and
+            // state may have changed since.
+            let Some(hook) = hooks
+                .lease_webhook(listed.id, self.owner, now, until)
+                .await?
+            else {
+                continue;
+            };
+            if hook.disabled || hook.next_attempt_at.is_some_and(|at| at > now) {
                 continue;
             }
             self.deliver(&hook, &mut round).await?;
@@ -687,6 +766,38 @@ impl WebhookDeliverer {
     }
 }
 
+/// The HTTP client of deliveries: 10 s timeout, no redirects, and names resolved only to the
+/// addresses `targets` allow (so a name pointing inside the network is refused at send time).
+fn client_for(targets: &WebhookTargets) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(StdDuration::from_secs(10))
+        .user_agent(concat!("keywarden-webhooks/", env!("CARGO_PKG_VERSION")))
+        .dns_resolver(Arc::new(Resolver(targets.clone())))
+        .build()
+        .expect("the HTTP client builds")
+}
+
+/// Resolves names and drops the addresses the targets do not allow.
+struct Resolver(WebhookTargets);
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let targets = self.0.clone();
+        let host = name.as_str().to_ascii_lowercase();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|addr| targets.allows_address(&host, addr.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err("the name resolves to no allowed (public) address".into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 fn no_webhooks() -> StoreError {
     StoreError::new(
         crate::store::StoreErrorKind::Other,
@@ -738,7 +849,28 @@ mod tests {
             .allow_http(true)
             .check("http://hooks.example.com/")
             .is_ok());
-        assert!(WebhookTargets::any().check("https://[::1]:9/").is_ok());
+        for private in [
+            "https://[::1]:9/",
+            "https://127.0.0.1/",
+            "https://10.1.2.3/",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::ffff:192.168.0.1]/",
+            "https://[fd00::1]/",
+            "https://100.64.0.1/",
+            "https://0.0.0.0/",
+        ] {
+            assert!(WebhookTargets::any().check(private).is_err(), "{private}");
+            assert!(
+                WebhookTargets::any()
+                    .allow_private(true)
+                    .check(private)
+                    .is_ok(),
+                "{private}"
+            );
+        }
+        assert!(WebhookTargets::any()
+            .check("https://93.184.215.14/")
+            .is_ok());
         assert!(WebhookTargets::any()
             .check(&format!("https://h/{}", "a".repeat(MAX_URL_LEN)))
             .is_err());

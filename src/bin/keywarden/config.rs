@@ -51,6 +51,7 @@ pub(crate) struct ServerSection {
     pub(crate) usage_retention: Option<ConfigDuration>,
     pub(crate) webhook_hosts: Option<Vec<String>>,
     pub(crate) webhook_allow_http: Option<bool>,
+    pub(crate) webhook_allow_private: Option<bool>,
     pub(crate) webhook_expiring_lead: Option<ConfigDuration>,
     pub(crate) client_address_header: Option<ConfigHeader>,
     pub(crate) trusted_proxies: Option<Vec<ConfigNetwork>>,

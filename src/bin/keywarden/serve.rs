@@ -108,6 +108,18 @@ pub(crate) struct ServeArgs {
         value_name = "BOOL"
     )]
     webhook_allow_http: Option<bool>,
+    /// Also allow webhooks to non-public addresses (loopback, private, link-local), which
+    /// are refused by default (SSRF). `=false` turns off what the config file turned on.
+    #[arg(
+        long,
+        env = "KEYWARDEN_WEBHOOK_ALLOW_PRIVATE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    webhook_allow_private: Option<bool>,
     /// Send `key.expiring` this long before a key expires [default: 7d].
     #[arg(long, env = "KEYWARDEN_WEBHOOK_EXPIRING_LEAD", value_name = "DURATION")]
     webhook_expiring_lead: Option<ConfigDuration>,
@@ -273,6 +285,9 @@ impl Settings {
                     .or_else(|| file.server.webhook_hosts.clone()),
                 args.webhook_allow_http
                     .or(file.server.webhook_allow_http)
+                    .unwrap_or(false),
+                args.webhook_allow_private
+                    .or(file.server.webhook_allow_private)
                     .unwrap_or(false),
             ),
             webhook_expiring_lead: args
@@ -737,10 +752,15 @@ fn prune_hourly(manager: KeyManager, audit: Option<StdDuration>, usage: StdDurat
 }
 
 /// The webhook targets: the host allowlist (none: any host) and whether plain http is allowed.
-pub(crate) fn webhook_targets(hosts: Option<Vec<String>>, allow_http: bool) -> WebhookTargets {
+pub(crate) fn webhook_targets(
+    hosts: Option<Vec<String>>,
+    allow_http: bool,
+    allow_private: bool,
+) -> WebhookTargets {
     match hosts {
         Some(hosts) => WebhookTargets::hosts(hosts.into_iter().filter(|h| !h.trim().is_empty())),
         None => WebhookTargets::any(),
     }
     .allow_http(allow_http)
+    .allow_private(allow_private)
 }

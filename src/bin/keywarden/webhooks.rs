@@ -22,7 +22,8 @@ pub(crate) enum WebhooksCommand {
         url: String,
         /// Event types, comma-separated (key.created, key.updated, key.revoked,
         /// key.disabled, key.enabled, key.rotated, key.deleted, key.revealed,
-        /// secret.retired, key.expiring) or *.
+        /// secret.retired, webhook.created, webhook.updated, webhook.deleted, key.expiring)
+        /// or *.
         #[arg(long, value_delimiter = ',', required = true)]
         events: Vec<String>,
         /// A description.
@@ -104,6 +105,7 @@ pub(crate) async fn webhooks(
         .with_webhook_targets(webhook_targets(
             ctx.file.server.webhook_hosts.clone(),
             ctx.file.server.webhook_allow_http.unwrap_or(false),
+            ctx.file.server.webhook_allow_private.unwrap_or(false),
         ));
     match command {
         WebhooksCommand::Create {

@@ -17,7 +17,7 @@ use super::openapi::{
     BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable,
     ValidationFailed,
 };
-use crate::audit::{AuditEvent, AuditPage};
+use crate::audit::{Actor, AuditEvent, AuditPage};
 use crate::manage::policy::{
     parse_grace, Caller, CreateRequest, CreatedKeyView, KeyPageView, KeyView, PatchRequest,
 };
@@ -359,7 +359,9 @@ pub(super) struct AuditPageView {
     tag = "audit",
     summary = "Read the audit log, a page at a time",
     description = "Every management change, oldest first, with who made it. A `keys:self` \
-        caller sees only the events about its owner's keys.",
+        caller sees only the events about its owner's keys, and of other actors only their \
+        kind (no key id, subject, name, client address or request id). The `mac` of a \
+        redacted event is the stored one: check the chain with `keywarden audit verify`.",
     params(
         ("key_id" = Option<uuid::Uuid>, Query, description = "Only events about this key"),
         ("actor" = Option<String>, Query,
@@ -398,8 +400,20 @@ pub(super) async fn list_audit(
             next_cursor: None,
         },
     };
+    let mut items = page.items;
+    if !caller.is_admin() {
+        // An owner sees what happened to its keys, not who else (an admin's key, address or
+        // request) did it: other actors are shown by kind only.
+        for event in &mut items {
+            if event.actor.key_id() != Some(caller.key_id()) {
+                event.actor = Actor::redacted(event.actor.kind());
+                event.client_address = None;
+                event.request_id = None;
+            }
+        }
+    }
     Ok(Json(AuditPageView {
-        items: page.items,
+        items,
         next_cursor: page.next_cursor,
     })
     .into_response())

@@ -106,6 +106,11 @@ impl Caller {
         Some(query)
     }
 
+    /// The caller's own key id.
+    pub(crate) fn key_id(&self) -> Uuid {
+        self.principal.key_id()
+    }
+
     /// Whether the caller holds `keys:admin`: then no other rule limits it.
     pub(crate) fn is_admin(&self) -> bool {
         self.admin
