@@ -105,7 +105,10 @@ fn main() {
 /// (no invalidation closures), with the listener alone, in its plainest configuration; and
 /// the front map.
 const PARTS: [(&str, &str); 5] = [
-    ("moka-closures", "moka: expiry, listener, invalidation closures (before issue 19)"),
+    (
+        "moka-closures",
+        "moka: expiry, listener, invalidation closures (before issue 19)",
+    ),
     ("moka", "moka: expiry, listener (keywarden's cache now)"),
     ("moka-listener", "moka: listener only"),
     ("moka-plain", "moka: capacity only"),

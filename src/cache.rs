@@ -7,8 +7,11 @@
 //! A found entry past its TTL is kept for a further stale window: it is re-read from the
 //! store by one request at a time, and answered from while the store is unreachable.
 //!
-//! moka is the cache of record: capacity, admission and eviction, expiry, coalescing and
-//! invalidation. A hit does not read it, though: moka's `get` (read recording, housekeeping,
+//! moka is the cache of record: capacity, admission and eviction, expiry, coalescing, and the
+//! dropping of single digests and of everything. An invalidation by key id or of all
+//! not-found entries takes effect through a generation counter every lookup checks (an entry
+//! read before an invalidation that concerns it is never served, and is re-read); the
+//! entries themselves go at their next lookup, expiry or eviction. A hit does not read moka: moka's `get` (read recording, housekeeping,
 //! expiry bookkeeping) cost more than everything else on the hit path together. A lean map
 //! from digest to the same entries (the front map) serves hits synchronously, with expiry and
 //! the invalidation check applied on read. It mirrors moka: an entry enters it just before
