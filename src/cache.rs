@@ -11,8 +11,9 @@
 //! dropping of single digests and of everything. An invalidation by key id or of all
 //! not-found entries takes effect through a generation counter every lookup checks (an entry
 //! read before an invalidation that concerns it is never served, and is re-read); the
-//! entries themselves go at their next lookup, expiry or eviction. A hit does not read moka: moka's `get` (read recording, housekeeping,
-//! expiry bookkeeping) cost more than everything else on the hit path together. A lean map
+//! entries themselves go at their next lookup, expiry or eviction. A hit does not read moka:
+//! moka's `get` (read recording, housekeeping, expiry bookkeeping) cost more than everything
+//! else on the hit path together. A lean map
 //! from digest to the same entries (the front map) serves hits synchronously, with expiry and
 //! the invalidation check applied on read. It mirrors moka: an entry enters it just before
 //! moka gets it and leaves it through moka's eviction listener; a miss first takes back from
