@@ -10,6 +10,11 @@ measured seconds apart. A pair is discarded when the CPU steal (from /proc/stat)
 exceeds --max-steal. Rounds repeat until every variant's median ratio has moved by at most
 --tolerance over the last --stable-rounds rounds, between --min-rounds and --max-rounds.
 
+With --head-to-head A:B, the two variants' servers are instead loaded at the same time, both
+on the server core, one wrk each on the client core: both see the same machine in the same
+seconds, so the ratio cost(A)/cost(B) of each such run cancels most of the noise that
+separates two runs taken one after the other.
+
 Prints a markdown table and writes the raw measurements as JSON.
 """
 
@@ -38,6 +43,8 @@ VARIANTS = [
     "keywarden-postgres-nocache",
     "keywarden-malformed",
 ]
+# Not in the default list: they read `X-Api-Key` only (`--header x-api-key`).
+HANDWRITTEN = ["handwritten", "handwritten-10k"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,10 +84,13 @@ class Server:
     def __init__(self, variant, port, args, workdir):
         self.variant = variant
         self.port = port
-        self.keys_file = os.path.join(workdir, f"{variant}.keys")
+        # `variant@binary` runs that variant from another build of the load server (to
+        # compare two builds head to head).
+        name, _, binary = variant.partition("@")
+        self.keys_file = os.path.join(workdir, f"{variant.replace('/', '_')}.keys")
         cmd = pin(args.server_core) + [
-            args.binary,
-            "--variant", variant,
+            binary or args.binary,
+            "--variant", name,
             "--addr", f"127.0.0.1:{port}",
             "--keys-file", self.keys_file,
             "--dir", workdir,
@@ -100,32 +110,31 @@ class Server:
                 self.proc.wait()
 
 
-def run_wrk(server, args, duration):
-    """One measured run: returns a dict of figures."""
+def start_wrk(server, args, duration):
+    """Starts one measured run; `finish_wrk` completes it."""
     look0 = lookups(server.port)  # before the CPU reading: /stats is not part of the run
-    cpu0 = proc_cpu_seconds(server.proc.pid)
-    sys0 = system_cpu()
-    child0 = children_cpu()
     cmd = pin(args.client_core) + [
         "wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "--timeout", "5s",
         "-s", os.path.join(HERE, "wrk.lua"), f"http://127.0.0.1:{server.port}/",
     ]
-    out = subprocess.run(cmd, env=dict(os.environ, KEYS_FILE=server.keys_file),
-                         capture_output=True, text=True, timeout=duration + 60)
-    child1 = children_cpu()
-    sys1 = system_cpu()
+    env = dict(os.environ, KEYS_FILE=server.keys_file, KEY_HEADER=args.header)
+    cpu0 = proc_cpu_seconds(server.proc.pid)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return {"server": server, "proc": proc, "look0": look0, "cpu0": cpu0, "duration": duration}
+
+
+def finish_wrk(run):
+    server = run["server"]
+    stdout, stderr = run["proc"].communicate(timeout=run["duration"] + 60)
     cpu1 = proc_cpu_seconds(server.proc.pid)
     look1 = lookups(server.port)  # after the CPU reading
     summary = None
-    for line in out.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("WRKJSON "):
             summary = json.loads(line[len("WRKJSON "):])
     if summary is None or summary["requests"] == 0:
-        raise SystemExit(f"{server.variant}: wrk failed: {out.stdout}\n{out.stderr}")
-    total = sys1[0] - sys0[0]
-    busy = total - (sys1[1] - sys0[1])
-    server_cpu = cpu1 - cpu0
-    client_cpu = child1 - child0
+        raise SystemExit(f"{server.variant}: wrk failed: {stdout}\n{stderr}")
+    server_cpu = cpu1 - run["cpu0"]
     return {
         "variant": server.variant,
         "requests": summary["requests"],
@@ -136,12 +145,32 @@ def run_wrk(server, args, duration):
         "errors": summary["errors"],
         "server_cpu_s": server_cpu,
         "cpu_us_per_req": server_cpu * 1e6 / summary["requests"],
-        "lookups": look1 - look0,
-        "steal": (sys1[2] - sys0[2]) / total if total else 0.0,
-        # CPU used by everything but this server and this wrk, as a share of all CPUs.
-        "foreign_load": max(0.0, (busy / CLK_TCK - server_cpu - client_cpu)) / (total / CLK_TCK)
-        if total else 0.0,
+        "lookups": look1 - run["look0"],
     }
+
+
+def run_together(servers, args, duration):
+    """Loads every server in `servers` at the same time (one wrk each): one dict per server,
+    with the machine's steal and other processes' load over the common window."""
+    sys0 = system_cpu()
+    child0 = children_cpu()
+    started = [start_wrk(server, args, duration) for server in servers]
+    results = [finish_wrk(run) for run in started]
+    child1 = children_cpu()
+    sys1 = system_cpu()
+    total = sys1[0] - sys0[0]
+    busy = total - (sys1[1] - sys0[1])
+    ours = sum(r["server_cpu_s"] for r in results) + (child1 - child0)
+    for r in results:
+        r["steal"] = (sys1[2] - sys0[2]) / total if total else 0.0
+        # CPU used by everything but these servers and their wrk, as a share of all CPUs.
+        r["foreign_load"] = max(0.0, busy / CLK_TCK - ours) / (total / CLK_TCK) if total else 0.0
+    return results
+
+
+def run_wrk(server, args, duration):
+    """One measured run: returns a dict of figures."""
+    return run_together([server], args, duration)[0]
 
 
 def median(xs):
@@ -164,6 +193,14 @@ def main():
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--base-port", type=int, default=3101)
     p.add_argument("--json", default=None, help="where to write the raw runs")
+    p.add_argument("--header", choices=["bearer", "x-api-key"], default="bearer",
+                   help="how the client sends the key: `Authorization: Bearer` or `X-Api-Key` "
+                        "(needed by the handwritten variants)")
+    p.add_argument("--head-to-head", default=None, metavar="A:B[,C:D...]",
+                   help="instead of alternating each variant with bare, load A and B at the same "
+                        "time (two wrk, both servers on the server core) and report cost(A)/cost(B) "
+                        "and cost(B) - cost(A) per pair; a variant written VARIANT@PATH runs from the "
+                        "load server at PATH (two builds head to head)")
     p.add_argument("--cache-ttl", type=int, default=None,
                    help="cache TTL in seconds for the cached keywarden variants (default: the layer's 60 s); "
                         "runs load each server only a few seconds per round, so a short TTL expires idle keys")
@@ -172,6 +209,13 @@ def main():
         args.server_core = args.client_core = None
         print("note: fewer than 2 CPUs or no taskset; not pinning", file=sys.stderr)
 
+    named = args.head_to_head.replace(":", ",") if args.head_to_head else args.variants
+    if args.header != "x-api-key" and any(
+        v.strip().partition("@")[0] in HANDWRITTEN for v in named.split(",")
+    ):
+        raise SystemExit("the handwritten variants read X-Api-Key only: add --header x-api-key")
+    if args.head_to_head:
+        return head_to_head(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if "bare" not in variants:
         variants.insert(0, "bare")
@@ -262,6 +306,113 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs, "ratios": ratios, "history": history}, f, indent=1)
+
+
+def head_to_head(args):
+    """Pairs of variants loaded at the same time: both servers share the server core and see
+    the same machine, so noise that moves one moves the other."""
+    pairs = []
+    for spec in args.head_to_head.split(","):
+        a, sep, b = spec.strip().partition(":")
+        if not sep or not a or not b or a == b:
+            raise SystemExit(f"--head-to-head: bad pair {spec!r} (want A:B)")
+        pairs.append((a, b))
+    variants = []
+    for a, b in pairs:
+        for v in (a, b):
+            if v not in variants:
+                variants.append(v)
+    workdir = tempfile.mkdtemp(prefix="keywarden-load-")
+    servers = {}
+    started = time.time()
+    load_start = os.getloadavg()
+    runs = []
+    ratios = {p: [] for p in pairs}
+    extra = {p: [] for p in pairs}
+    history = {p: [] for p in pairs}
+    discarded = 0
+    rounds = 0
+    try:
+        for i, v in enumerate(variants):
+            print(f"starting {v} ...", file=sys.stderr, flush=True)
+            servers[v] = Server(v, args.base_port + i, args, workdir)
+        for v in variants:
+            run_wrk(servers[v], args, args.warmup)  # warm caches, connections, allocator
+        while rounds < args.max_rounds:
+            rounds += 1
+            order = pairs[rounds % len(pairs):] + pairs[:rounds % len(pairs)]
+            for pair in order:
+                a, b = pair
+                # Alternate which wrk starts first.
+                together = [servers[a], servers[b]] if rounds % 2 else [servers[b], servers[a]]
+                res = {r["variant"]: r for r in run_together(together, args, args.duration)}
+                ra, rb = res[a], res[b]
+                steal = ra["steal"]
+                keep = steal <= args.max_steal
+                for r in (ra, rb):
+                    r.update(round=rounds, pair_with=f"{a}:{b}", kept=keep)
+                    runs.append(r)
+                if not keep:
+                    discarded += 1
+                    print(f"round {rounds} {a}:{b}: discarded, steal {steal:.1%}", file=sys.stderr)
+                    continue
+                ratios[pair].append(ra["cpu_us_per_req"] / rb["cpu_us_per_req"])
+                extra[pair].append(rb["cpu_us_per_req"] - ra["cpu_us_per_req"])
+            for pair in pairs:
+                history[pair].append(median(ratios[pair]))
+            line = " ".join(f"{a}:{b}={history[(a, b)][-1]:.3f}" for a, b in pairs)
+            print(f"round {rounds}: {line}", file=sys.stderr, flush=True)
+            if rounds >= args.min_rounds and all(
+                len(history[p]) >= args.stable_rounds
+                and max(history[p][-args.stable_rounds:]) - min(history[p][-args.stable_rounds:])
+                <= 2 * args.tolerance
+                and len(ratios[p]) >= 3
+                for p in pairs
+            ):
+                break
+        stable = {
+            p: max(history[p][-args.stable_rounds:]) - min(history[p][-args.stable_rounds:])
+            <= 2 * args.tolerance
+            for p in pairs
+        }
+    finally:
+        for s in servers.values():
+            s.stop()
+    load_end = os.getloadavg()
+    kept = [r for r in runs if r["kept"]]
+
+    print()
+    print(f"Head to head: {rounds} rounds ({'stable' if all(stable.values()) else 'NOT stable'} to "
+          f"±{args.tolerance} over the last {args.stable_rounds}); {discarded} pair(s) discarded for "
+          f"steal > {args.max_steal:.0%}; {args.duration} s per run, {args.connections} connections "
+          f"per server, both servers on CPU {args.server_core}, both wrk on CPU {args.client_core}; "
+          f"header {args.header}; cache TTL {args.cache_ttl or 60} s; {time.time() - started:.0f} s in all.")
+    print(f"Conditions: steal median {median([r['steal'] for r in runs]):.2%} (max {max(r['steal'] for r in runs):.2%}); "
+          f"other processes' CPU median {median([r['foreign_load'] for r in runs]):.0%} of both cores; "
+          f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end.")
+    print()
+    print("| A | B | cost ratio A/B (median [min–max]) | B − A µs/req (median [min–max]) | pairs | A µs/req | B µs/req | A req/s | B req/s | B store lookups/req | non-2xx |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for pair in pairs:
+        a, b = pair
+        rs, xs = ratios[pair], extra[pair]
+        ka = [r for r in kept if r["variant"] == a and r["pair_with"] == f"{a}:{b}"]
+        kb = [r for r in kept if r["variant"] == b and r["pair_with"] == f"{a}:{b}"]
+        flag = "" if stable[pair] else " (not stable)"
+        ratio = f"{median(rs):.3f} [{min(rs):.3f}–{max(rs):.3f}]{flag}" if rs else "n/a"
+        diff = f"{median(xs):+.3f} [{min(xs):+.3f}–{max(xs):+.3f}]" if xs else "n/a"
+        reqs_b = sum(r["requests"] for r in kb)
+        look_b = sum(r["lookups"] for r in kb)
+        non2xx = sum(r["non2xx"] for r in ka + kb)
+        print(f"| {a} | {b} | {ratio} | {diff} | {len(rs)} | "
+              f"{median([r['cpu_us_per_req'] for r in ka]):.2f} | {median([r['cpu_us_per_req'] for r in kb]):.2f} | "
+              f"{median([r['rps'] for r in ka]):.0f} | {median([r['rps'] for r in kb]):.0f} | "
+              f"{look_b / reqs_b if reqs_b else 0:.4f} | {non2xx} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": runs,
+                       "ratios": {f"{a}:{b}": v for (a, b), v in ratios.items()},
+                       "extra_us": {f"{a}:{b}": v for (a, b), v in extra.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

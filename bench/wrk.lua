@@ -1,6 +1,7 @@
--- wrk script for bench/load.py: sends `Authorization: Bearer <key>` with the keys listed in
--- the file named by $KEYS_FILE (one per line), rotating through them, and prints a one-line
--- JSON summary (requests, non-2xx responses, socket errors, latency percentiles in µs).
+-- wrk script for bench/load.py: sends `Authorization: Bearer <key>` (or, with
+-- KEY_HEADER=x-api-key, `X-Api-Key: <key>`) with the keys listed in the file named by
+-- $KEYS_FILE (one per line), rotating through them, and prints a one-line JSON summary
+-- (requests, non-2xx responses, socket errors, latency percentiles in µs).
 local keys = {}
 local requests = {}
 local n = 0
@@ -13,8 +14,15 @@ function init(args)
     end
   end
   -- Pre-format every request once; start each thread at a different offset.
+  local x_api_key = os.getenv("KEY_HEADER") == "x-api-key"
   for i, key in ipairs(keys) do
-    requests[i] = wrk.format("GET", "/", { ["Authorization"] = "Bearer " .. key })
+    local headers
+    if x_api_key then
+      headers = { ["X-Api-Key"] = key }
+    else
+      headers = { ["Authorization"] = "Bearer " .. key }
+    end
+    requests[i] = wrk.format("GET", "/", headers)
   end
   n = math.random(#requests) - 1
 end

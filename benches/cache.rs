@@ -71,11 +71,12 @@ fn cache_reads(c: &mut Criterion) {
     let value: Value = Arc::new([7; 16]);
     let mut group = c.benchmark_group("cache_get_10k_random");
 
-    // As keywarden builds it: per-entry expiry and invalidation closures.
+    // As keywarden builds it: per-entry expiry and an eviction listener (invalidation
+    // closures until issue 19).
     let keywarden_like: moka::future::Cache<Digest, Cached> = moka::future::Cache::builder()
         .max_capacity(100_000)
         .expire_after(Ttl)
-        .support_invalidation_closures()
+        .eviction_listener(|_, _, _| {})
         .build();
     let plain_future: moka::future::Cache<Digest, Value> =
         moka::future::Cache::builder().max_capacity(100_000).build();

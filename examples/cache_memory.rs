@@ -6,10 +6,10 @@
 //! cargo run --release --example cache_memory -- 100000 1000000
 //! ```
 //!
-//! The keys are created through the KeyManager in a memory store *before* the first RSS
-//! reading, so the store and the plaintext list are in the baseline; the delta is what the
-//! cache (moka's entries, the front map, the cached entries and principals, moka's
-//! bookkeeping) adds.
+//! The keys are created through a KeyManager in a memory store *before* the first RSS
+//! reading, and before the layer is built (so no creation notice reaches its cache), so the
+//! store and the plaintext list are in the baseline; the delta is what the cache (moka's
+//! entries, the front map, the cached entries and principals, moka's bookkeeping) adds.
 //!
 //! `--parts` also measures the two maps alone, with a 32-byte key and an `Arc` value like the
 //! cache's: moka configured as keywarden configures it (capacity, per-entry expiry,
@@ -41,7 +41,7 @@ fn rss_bytes() -> u64 {
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let [part, count] = &args[..] {
-        if part == "moka" || part == "dashmap" {
+        if PARTS.iter().any(|(name, _)| name == part) {
             let count: usize = count.parse().expect("a count");
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -88,7 +88,7 @@ fn main() {
         println!();
         println!("| map alone | entries | bytes per entry |");
         println!("| --- | ---: | ---: |");
-        for part in ["moka", "dashmap"] {
+        for (part, _) in PARTS {
             for count in &counts {
                 let status = std::process::Command::new(&exe)
                     .args([part, &count.to_string()])
@@ -99,6 +99,21 @@ fn main() {
         }
     }
 }
+
+/// The maps `--parts` measures: moka as keywarden configured it before issue 19 (capacity,
+/// per-entry expiry, invalidation closures, eviction listener), as it configures it now
+/// (no invalidation closures), with the listener alone, in its plainest configuration; and
+/// the front map.
+const PARTS: [(&str, &str); 5] = [
+    (
+        "moka-closures",
+        "moka: expiry, listener, invalidation closures (before issue 19)",
+    ),
+    ("moka", "moka: expiry, listener (keywarden's cache now)"),
+    ("moka-listener", "moka: listener only"),
+    ("moka-plain", "moka: capacity only"),
+    ("dashmap", "DashMap (the front map)"),
+];
 
 /// One of the cache's two maps alone: 32-byte keys (like a digest), `Arc` values.
 async fn measure_part(part: &str, count: usize) {
@@ -120,41 +135,49 @@ async fn measure_part(part: &str, count: usize) {
     };
     let values: Vec<Arc<u64>> = (0..count as u64).map(Arc::new).collect();
     let before = rss_bytes();
-    let (label, after) = if part == "moka" {
-        let cache: moka::future::Cache<[u8; 32], Arc<u64>> = moka::future::Cache::builder()
-            .max_capacity(2 * count as u64)
-            .expire_after(Lifetime)
-            .support_invalidation_closures()
-            .eviction_listener(|_, _, _| {})
-            .build();
+    let label = PARTS
+        .iter()
+        .find(|(name, _)| *name == part)
+        .map(|(_, label)| *label)
+        .expect("a known part");
+    let after = if let Some(config) = part.strip_prefix("moka") {
+        let mut builder = moka::future::Cache::builder().max_capacity(2 * count as u64);
+        if config.is_empty() || config == "-closures" {
+            builder = builder.expire_after(Lifetime);
+        }
+        if config == "-closures" {
+            builder = builder.support_invalidation_closures();
+        }
+        let cache: moka::future::Cache<[u8; 32], Arc<u64>> = if config == "-plain" {
+            builder.build()
+        } else {
+            builder.eviction_listener(|_, _, _| {}).build()
+        };
         for (i, value) in values.iter().enumerate() {
             cache.insert(key(i), Arc::clone(value)).await;
         }
         cache.run_pending_tasks().await;
         assert_eq!(cache.entry_count(), count as u64);
-        ("moka, configured as keywarden's cache", rss_bytes())
+        rss_bytes()
     } else {
         let map = dashmap::DashMap::new();
         for (i, value) in values.iter().enumerate() {
             map.insert(key(i), Arc::clone(value));
         }
         assert_eq!(map.len(), count);
-        ("DashMap (the front map)", rss_bytes())
+        rss_bytes()
     };
     let per_entry = after.saturating_sub(before) as f64 / count as f64;
     println!("| {label} | {count} | {per_entry:.0} |");
 }
 
 async fn measure(count: usize) {
-    let layer = ApiKeyLayer::builder()
-        .store(Arc::new(MemoryStore::new()))
-        .secrets(SecretRing::from_strs("memory-secret-0123456789-abcdefghijklmnop", None).unwrap())
-        .collection(Collection::new("users"))
-        .cache_capacity(2 * count as u64)
-        .usage_flush_interval(None)
-        .build()
-        .unwrap();
-    let manager = KeyManager::for_layer(&layer);
+    let store = Arc::new(MemoryStore::new());
+    let secrets = SecretRing::from_strs("memory-secret-0123456789-abcdefghijklmnop", None).unwrap();
+    // The keys are created before the layer exists, so their creation notices (each of which
+    // invalidates the layer's not-found entries) cannot leave anything behind in the
+    // baseline for the cache to reuse.
+    let manager = KeyManager::new(store.clone(), secrets.clone());
     let mut keys = Vec::with_capacity(count);
     for i in 0..count {
         let created = manager
@@ -163,6 +186,14 @@ async fn measure(count: usize) {
             .unwrap();
         keys.push(created.key);
     }
+    let layer = ApiKeyLayer::builder()
+        .store(store)
+        .secrets(secrets)
+        .collection(Collection::new("users"))
+        .cache_capacity(2 * count as u64)
+        .usage_flush_interval(None)
+        .build()
+        .unwrap();
     assert_eq!(layer.cached_entries().await, 0, "nothing cached yet");
     let before = rss_bytes();
     for key in &keys {

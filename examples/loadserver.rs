@@ -14,6 +14,11 @@
 //! - `keywarden-sqlite-nocache`: SQLite store, `cache_capacity(0)`: a store query per request.
 //! - `keywarden-postgres-nocache`: PostgreSQL store (schema `kw_loadbench`), no cache.
 //! - `keywarden-malformed`: memory store; the client sends a key with a bad checksum.
+//! - `handwritten`, `handwritten-10k`: what a user would write instead of keywarden, the shape
+//!   axum's docs recommend: an `axum::middleware::from_fn_with_state` function that SHA-256s
+//!   the `X-Api-Key` value, looks the digest up in a `HashMap<Vec<u8>, Arc<Owner>>` and inserts
+//!   the owner into the request extensions (one key, or 10,000 rotated by the client). The
+//!   client must send `X-Api-Key` (`bench/load.py --header x-api-key`).
 //! - any keywarden variant with `-metrics` appended (`keywarden-hit-metrics`, ...): the same
 //!   with metrics on: a Prometheus recorder (`metrics-exporter-prometheus`) installed before
 //!   the layer is built, rendered at `GET /metrics` (outside the layer). Without the suffix no
@@ -32,6 +37,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use keywarden::{
@@ -39,6 +50,7 @@ use keywarden::{
     store::KeyRecord, store::KeyUsage, ApiKeyLayer, Collection, KeyManager, KeyStore, MemoryStore,
     NewKey, PostgresStore, SecretRing, SqliteStore, StoreError,
 };
+use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -47,6 +59,53 @@ const ROTATED_KEYS: usize = 10_000;
 
 async fn hello() -> &'static str {
     "hello"
+}
+
+/// The hand-written middleware's idea of a caller.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // read by handlers in a real application, not by `hello`
+struct Owner {
+    id: Uuid,
+    name: String,
+    subject: String,
+    scopes: Vec<String>,
+}
+
+type Owners = Arc<HashMap<Vec<u8>, Arc<Owner>>>;
+
+/// The middleware a user would write by hand (axum's `from_fn` shape): SHA-256 of the
+/// `X-Api-Key` value, a map lookup, the owner into the extensions.
+async fn handwritten_auth(State(owners): State<Owners>, mut req: Request, next: Next) -> Response {
+    let Some(value) = req.headers().get("x-api-key") else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let digest = Sha256::digest(value.as_bytes());
+    match owners.get(digest.as_slice()) {
+        Some(owner) => {
+            let owner = Arc::clone(owner);
+            req.extensions_mut().insert(owner);
+            next.run(req).await
+        }
+        None => StatusCode::UNAUTHORIZED.into_response(),
+    }
+}
+
+/// `count` keys of keywarden's shape and the hand-written middleware's map of their digests.
+fn handwritten(count: usize) -> (Owners, Vec<String>) {
+    let mut owners = HashMap::with_capacity(count);
+    let mut keys = Vec::with_capacity(count);
+    for i in 0..count {
+        let key = fake_token();
+        let owner = Owner {
+            id: Uuid::now_v7(),
+            name: format!("load-{i}"),
+            subject: format!("user-{i}"),
+            scopes: Vec::new(),
+        };
+        owners.insert(Sha256::digest(key.as_bytes()).to_vec(), Arc::new(owner));
+        keys.push(key);
+    }
+    (Arc::new(owners), keys)
 }
 
 /// Counts digest lookups so the harness can check "zero store queries" for malformed keys.
@@ -192,6 +251,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             #[allow(deprecated)] // the point is to measure exactly this validator
             let layer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer(&token);
             (handler.layer(layer), vec![token])
+        }
+        "handwritten" | "handwritten-10k" => {
+            let count = if variant == "handwritten-10k" {
+                ROTATED_KEYS
+            } else {
+                1
+            };
+            let (owners, keys) = handwritten(count);
+            let layer = middleware::from_fn_with_state(owners, handwritten_auth);
+            (handler.layer(layer), keys)
         }
         "keywarden-hit" | "keywarden-hit-10k" | "keywarden-malformed" => {
             let count = if variant == "keywarden-hit-10k" {

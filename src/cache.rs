@@ -7,9 +7,13 @@
 //! A found entry past its TTL is kept for a further stale window: it is re-read from the
 //! store by one request at a time, and answered from while the store is unreachable.
 //!
-//! moka is the cache of record: capacity, admission and eviction, expiry, coalescing and
-//! invalidation. A hit does not read it, though: moka's `get` (read recording, housekeeping,
-//! expiry bookkeeping) cost more than everything else on the hit path together. A lean map
+//! moka is the cache of record: capacity, admission and eviction, expiry, coalescing, and the
+//! dropping of single digests and of everything. An invalidation by key id or of all
+//! not-found entries takes effect through a generation counter every lookup checks (an entry
+//! read before an invalidation that concerns it is never served, and is re-read); the
+//! entries themselves go at their next lookup, expiry or eviction. A hit does not read moka:
+//! moka's `get` (read recording, housekeeping, expiry bookkeeping) cost more than everything
+//! else on the hit path together. A lean map
 //! from digest to the same entries (the front map) serves hits synchronously, with expiry and
 //! the invalidation check applied on read. It mirrors moka: an entry enters it just before
 //! moka gets it and leaves it through moka's eviction listener; a miss first takes back from
@@ -53,8 +57,10 @@ impl<T: Clone + Send + Sync + 'static> Identity for IdentityValue<T> {
 pub(crate) struct ResolvedKey {
     pub(crate) principal: Principal,
     /// The application's identity for this key, or why the mapping refused it (answered on
-    /// every request of the key, like a revocation, until the entry is re-read).
-    pub(crate) identity: Option<Result<Arc<dyn Identity>, AuthRejection>>,
+    /// every request of the key, like a revocation, until the entry is re-read). Boxed: a
+    /// rejection is about 100 bytes, and most layers map no identity, so every cached key
+    /// would carry the space for nothing.
+    pub(crate) identity: Option<Box<Result<Arc<dyn Identity>, AuthRejection>>>,
     // Expiry, the read-only flag and the rate limit are read from the principal.
     pub(crate) revoked: bool,
     pub(crate) disabled: bool,
@@ -89,8 +95,9 @@ impl ResolvedKey {
 
 /// Uses of one cached key not yet written to the store.
 ///
-/// `SeqCst` throughout: a use either sees `queued` still set, and then its count is taken by
-/// the flush that clears it, or it queues the key again itself. No use is left behind.
+/// `SeqCst` for the count and the queued flag: a use either sees `queued` still set, and then
+/// its count is taken by the flush that clears it, or it queues the key again itself. No use
+/// is left behind.
 #[derive(Debug, Default)]
 pub(crate) struct UsageCell {
     uses: AtomicU64,
@@ -103,7 +110,13 @@ impl UsageCell {
     /// Adds `uses` uses, the latest at `last`; returns whether the caller must queue the key.
     pub(crate) fn add(&self, uses: u64, last: i64) -> bool {
         self.uses.fetch_add(uses, Ordering::SeqCst);
-        self.last.fetch_max(last, Ordering::SeqCst);
+        // Not `fetch_max`, a locked compare-and-swap on every request: two uses racing here
+        // may leave the earlier of their two times, and either is the time of the latest
+        // use. (A flush may miss a time stored after it took the count, with `fetch_max`
+        // too; the key's next use, or the next flush, carries a later one.)
+        if last > self.last.load(Ordering::Relaxed) {
+            self.last.store(last, Ordering::Relaxed);
+        }
         !self.queued.load(Ordering::SeqCst) && !self.queued.swap(true, Ordering::SeqCst)
     }
 
@@ -130,6 +143,8 @@ pub(crate) struct Entry {
     generation: AtomicU64,
     /// Until when it is fresh (read time + TTL), and when it is gone (for a found entry,
     /// after the stale window too). Deadlines, so the hit path compares instead of subtracts.
+    /// (As nanoseconds since an origin they would take 16 bytes less per cached key, but
+    /// each hit would pay ≈ 50 instructions to turn `Instant::now` into that number.)
     fresh_until: Instant,
     expires: Instant,
     /// Set while one request re-reads this stale entry, so the others do not pile onto the
@@ -344,7 +359,6 @@ impl KeyCache {
         let cache = Cache::builder()
             .max_capacity(config.max_capacity)
             .expire_after(lifetimes)
-            .support_invalidation_closures()
             .eviction_listener(move |digest: Arc<Digest>, gone: Cached, _cause| {
                 // Only that entry: a newer one for the same digest may already be there.
                 listener_front.remove_if(&*digest, |_, held| Arc::ptr_eq(held, &gone));
@@ -450,6 +464,7 @@ impl KeyCache {
 
     /// Whether `entry` may be served: no invalidation since its read concerns it. Stamps an
     /// unconcerned entry with the current generation, so its next hit skips the check.
+    #[inline]
     fn current(&self, digest: &Digest, entry: &Entry) -> bool {
         let current = self.generation.load(Ordering::Acquire);
         if entry.generation.load(Ordering::Acquire) == current {
@@ -571,12 +586,11 @@ impl KeyCache {
                 })
                 .await?;
             // moka's clock and ours differ by the moment of insertion: an entry moka still
-            // holds may be past the deadline the hit path applies.
+            // holds may be past the deadline the hit path applies. An entry an invalidation
+            // since its read concerns (a racing load's result, or one an invalidation left
+            // in place) is never returned: the hit path's rule.
             let live = Instant::now() < cached.expires;
-            if live
-                && cached.generation.load(Ordering::Acquire)
-                    == self.generation.load(Ordering::Acquire)
-            {
+            if live && self.current(&digest, &cached) {
                 return Ok(cached.lookup.clone());
             }
             // Possibly stale: drop it and read again.
@@ -605,28 +619,20 @@ impl KeyCache {
     }
 
     /// Drops every entry of key `id`. The hit path stops serving them at once (the
-    /// generation check); moka drops them, and with them the front map's copies, lazily.
+    /// generation check), and so does the miss path: an entry an invalidation concerns is
+    /// re-read wherever it is found. The entries themselves are left for the next lookup of
+    /// their digest, expiry or eviction to drop: finding them would take a scan of the whole
+    /// cache (moka's invalidation closures did that scan in the background, and cost a
+    /// write-order queue node on every entry, ≈ 60 bytes per cached key, to do it).
     pub(crate) fn invalidate_key(&self, id: Uuid) {
         self.bump(Dropped::Key(id));
-        let registered = self.cache.invalidate_entries_if(
-            move |_, cached| matches!(&cached.lookup, Resolution::Found(r) if r.principal.key_id() == id),
-        );
-        if registered.is_err() {
-            // Only possible if invalidation closures were not enabled, which `new` always does;
-            // fail closed rather than keep a stale entry.
-            self.invalidate_all();
-        }
     }
 
-    /// Drops every cached not-found entry (a key was created elsewhere).
+    /// Drops every cached not-found entry (a key was created elsewhere): as
+    /// [`KeyCache::invalidate_key`], by the generation check; they expire after the negative
+    /// TTL anyway.
     pub(crate) fn invalidate_missing(&self) {
         self.bump(Dropped::Missing);
-        let registered = self
-            .cache
-            .invalidate_entries_if(|_, cached| matches!(cached.lookup, Resolution::Missing));
-        if registered.is_err() {
-            self.invalidate_all();
-        }
     }
 
     pub(crate) fn invalidate_all(&self) {

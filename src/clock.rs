@@ -59,7 +59,12 @@ impl Clock for SystemClock {
     /// Skips the calendar conversion `now` does.
     fn now_unix_nanos(&self) -> i64 {
         match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(since) => i64::try_from(since.as_nanos()).unwrap_or(i64::MAX),
+            // i64 arithmetic, not `as_nanos`'s u128: this runs on every accepted request.
+            Ok(since) => i64::try_from(since.as_secs())
+                .ok()
+                .and_then(|secs| secs.checked_mul(1_000_000_000))
+                .and_then(|nanos| nanos.checked_add(i64::from(since.subsec_nanos())))
+                .unwrap_or(i64::MAX),
             Err(before) => i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n),
         }
     }

@@ -78,7 +78,7 @@ impl Admission {
                 "the key is read-only; only GET, HEAD, OPTIONS and TRACE are allowed",
             ));
         }
-        if let Some(Err(rejection)) = &resolved.identity {
+        if let Some(Err(rejection)) = resolved.identity.as_deref() {
             return Err(rejection.clone());
         }
         Ok(())

@@ -280,7 +280,7 @@ impl Verifier {
         self.admission.record_use(&resolved);
         self.credentials.protect_headers(req.headers_mut(), key);
         let extensions = req.extensions_mut();
-        if let Some(Ok(identity)) = &resolved.identity {
+        if let Some(Ok(identity)) = resolved.identity.as_deref() {
             identity.insert_into(extensions);
         }
         extensions.insert(resolved.principal.clone());

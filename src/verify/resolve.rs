@@ -391,7 +391,7 @@ impl Resolver {
                     "the identity mapping did not finish within the store timeout",
                 ));
             };
-            resolved.identity = Some(mapped);
+            resolved.identity = Some(Box::new(mapped));
         }
         resolved.collection = self
             .collections
