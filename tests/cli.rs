@@ -944,7 +944,9 @@ async fn audit_list_verify_and_prune() {
     let lines: Vec<&str> = text_list.lines().collect();
     assert_eq!(lines.len(), 2, "{text_list}");
     assert!(
-        lines[1].starts_with("#2 ") && lines[1].contains("key.revoked by cli"),
+        lines[1].starts_with("#2 ")
+            && lines[1].contains(" key.revoked ")
+            && lines[1].contains("  by cli"),
         "{text_list}"
     );
     assert!(lines[1].contains("(users/alice)"), "{text_list}");

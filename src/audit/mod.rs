@@ -675,6 +675,21 @@ impl AuditQuery {
     }
 }
 
+/// Checks an actor filter: a kind (`cli`, `key`, `sql`, `other`), `key:<uuid>`,
+/// `sql:<role>` or `other:<name>`.
+///
+/// # Errors
+/// What is wrong, never repeating the text.
+pub fn check_actor_filter(text: &str) -> Result<(), String> {
+    let expected = "expected cli, key, sql, other, key:<key id>, sql:<role> or other:<name>";
+    match text.split_once(':') {
+        None if ["cli", "key", "sql", "other"].contains(&text) => Ok(()),
+        Some(("key", id)) if Uuid::try_parse(id).is_ok() => Ok(()),
+        Some(("sql" | "other", name)) if !name.is_empty() => Ok(()),
+        _ => Err(expected.to_owned()),
+    }
+}
+
 /// An actor filter as stored: compared with the sealed `actor_kind`, `actor_key_id` and
 /// `actor_name` columns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -567,6 +567,8 @@ impl WebhookDeliverer {
         };
         let Some(secret) = self.seal.open(hook.id, &hook.sealed_secret) else {
             self.fail(
+                hook.id,
+                "-",
                 &mut progress,
                 "signing secret sealed under a secret not in the ring".into(),
             );
@@ -589,11 +591,9 @@ impl WebhookDeliverer {
         for event in &page.items {
             if wants(event.action.as_str()) {
                 let body = payload(event.action.as_str(), self.clock.now(), event);
-                if let Err(error) = self
-                    .post(hook, &secret, &format!("evt_{}", event.seq), &body)
-                    .await
-                {
-                    self.fail(&mut progress, error);
+                let message = format!("evt_{}", event.seq);
+                if let Err(error) = self.post(hook, &secret, &message, &body).await {
+                    self.fail(hook.id, &message, &mut progress, error);
                     round.failed += 1;
                     hooks
                         .record_webhook_progress(hook.id, self.owner, self.renewed(&mut progress))
@@ -668,7 +668,7 @@ impl WebhookDeliverer {
                 crate::audit::unix_micros(expires_at)
             );
             if let Err(error) = self.post(hook, secret, &id, &body).await {
-                self.fail(progress, error);
+                self.fail(hook.id, &id, progress, error);
                 round.failed += 1;
                 hooks
                     .record_webhook_progress(hook.id, self.owner, self.renewed(progress))
@@ -712,14 +712,18 @@ impl WebhookDeliverer {
         progress.failing_since = None;
     }
 
-    fn fail(&self, progress: &mut WebhookProgress, error: String) {
+    fn fail(&self, hook: Uuid, message: &str, progress: &mut WebhookProgress, error: String) {
         let now = self.clock.now();
         progress.attempts = progress.attempts.saturating_add(1);
-        progress.next_attempt_at = Some(now + backoff(progress.attempts));
+        let wait = backoff(progress.attempts);
+        progress.next_attempt_at = Some(now + wait);
         progress.failing_since.get_or_insert(now);
         tracing::warn!(
             target: "keywarden::webhooks",
+            webhook_id = %hook,
+            message_id = message,
             attempts = progress.attempts,
+            retry_in_s = wait.as_secs(),
             error = %error,
             "webhook delivery failed; retrying with backoff"
         );

@@ -21,7 +21,7 @@ pub(crate) enum AuditCommand {
         key_id: Option<Uuid>,
         /// Only events by this actor: a kind (cli, key, sql, other) or one actor
         /// (key:<id>, sql:<role>, other:<name>).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_actor)]
         actor: Option<String>,
         /// Only this action (key.created, key.updated, key.revoked, key.disabled,
         /// key.enabled, key.rotated, key.deleted, key.revealed, secret.retired).
@@ -76,6 +76,10 @@ fn parse_when(text: &str) -> Result<When, String> {
     parse_duration(text)
         .map(When::Ago)
         .map_err(|_| "expected a duration such as 24h or 7d, or an RFC 3339 instant".to_owned())
+}
+
+fn parse_actor(text: &str) -> Result<String, String> {
+    keywarden::audit::check_actor_filter(text).map(|()| text.to_owned())
 }
 
 fn parse_retention(text: &str) -> Result<time::Duration, String> {
@@ -189,18 +193,35 @@ pub(crate) async fn audit(
     }
 }
 
-/// `#12 2026-12-02T10:00:00Z key.revoked by key:… key 0190… (users/alice) from 10.0.0.1`.
+/// `#12  2026-12-02T10:00:00Z  key.revoked  key 0190… (users/alice)  by key:0190… (root)
+/// from 10.0.0.1 request req-1  changed: revoked_at` — the subject of the event first, then
+/// who did it.
 fn event_line(event: &AuditEvent) -> String {
-    let at = event.at.format(&Rfc3339).unwrap_or_default();
-    let mut line = format!("#{} {at} {} by {}", event.seq, event.action, event.actor);
+    let at = event
+        .at
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|at| at.format(&Rfc3339).ok())
+        .unwrap_or_default();
+    let mut line = format!("#{:<5} {at}  {:<15}", event.seq, event.action.as_str());
+    match event.key_id {
+        Some(id) => {
+            line.push_str(&format!(" key {id}"));
+            if let (Some(c), Some(s)) = (&event.collection, &event.subject) {
+                line.push_str(&format!(" ({}/{})", escape(c), escape(s)));
+            }
+        }
+        None => {
+            if let Some(id) = event.changes.get("webhook_id").and_then(|v| v.as_str()) {
+                line.push_str(&format!(" webhook {}", escape(id)));
+            } else if let Some(id) = event.changes.get("secret_id").and_then(|v| v.as_str()) {
+                line.push_str(&format!(" secret {}", escape(id)));
+            }
+        }
+    }
+    line.push_str(&format!("  by {}", escape(&event.actor.to_string())));
     if let Some(subject) = event.actor.subject() {
         line.push_str(&format!(" ({})", escape(subject)));
-    }
-    if let Some(id) = event.key_id {
-        line.push_str(&format!(" key {id}"));
-        if let (Some(c), Some(s)) = (&event.collection, &event.subject) {
-            line.push_str(&format!(" ({}/{})", escape(c), escape(s)));
-        }
     }
     if let Some(address) = event.client_address {
         line.push_str(&format!(" from {address}"));
@@ -208,9 +229,14 @@ fn event_line(event: &AuditEvent) -> String {
     if let Some(id) = &event.request_id {
         line.push_str(&format!(" request {id}"));
     }
-    if !event.changes.is_empty() {
-        let fields: Vec<&str> = event.changes.keys().map(String::as_str).collect();
-        line.push_str(&format!(" [{}]", escape(&fields.join(", "))));
+    let fields: Vec<&str> = event
+        .changes
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !["webhook_id", "secret_id", "successor", "rotated_from"].contains(k))
+        .collect();
+    if !fields.is_empty() {
+        line.push_str(&format!("  changed: {}", escape(&fields.join(", "))));
     }
     line
 }

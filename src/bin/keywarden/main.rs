@@ -115,8 +115,10 @@ enum Command {
     /// Application secrets.
     #[command(subcommand)]
     Secret(SecretCommand),
-    /// Run the server: POST /v1/keys/verify, /v1/auth (forward auth), /admin/keys and /whoami
-    /// behind the layer, /healthz and /readyz (open). Settings: docs/deploy.md.
+    /// Run the server: POST /v1/keys/verify, /v1/auth (forward auth), the management API
+    /// (/admin/keys, /admin/audit, /admin/usage, /admin/webhooks) and /whoami behind the
+    /// layer, the admin UI (/admin/ui/), /healthz and /readyz (open), and the webhook
+    /// deliveries. Settings: docs/deploy.md.
     Serve(ServeArgs),
 }
 
@@ -225,6 +227,21 @@ pub(crate) fn with_sources(error: &dyn StdError) -> String {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `keywarden audit list | head`: a reader that closes the pipe ends the command quietly
+    // (exit 141, as a shell reports SIGPIPE), not with a panic and a backtrace.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return usage_error(error),

@@ -540,6 +540,21 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         settings.audit_retention,
         settings.usage_retention,
     );
+    // A subscription these targets refuse would fail for ever, like a receiver that is down:
+    // say so now, once, rather than let it look like an outage.
+    if let Ok(hooks) = manager.list_webhooks().await {
+        for hook in hooks.iter().filter(|h| !h.disabled) {
+            if let Err(reason) = settings.webhook_targets.check(&hook.url) {
+                tracing::warn!(
+                    target: "keywarden",
+                    webhook_id = %hook.id,
+                    %reason,
+                    "a webhook points where this server may not send (see --webhook-hosts, \
+                     --webhook-allow-http, --webhook-allow-private); its deliveries will fail"
+                );
+            }
+        }
+    }
     // Deliveries are leased per subscription in the store: every instance may run this.
     let _deliverer = WebhookDeliverer::new(layer.store().clone(), layer.secrets())
         .targets(settings.webhook_targets.clone())
@@ -605,9 +620,10 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
             println!("admin UI: http://{local}{ui}");
         }
         println!(
-            "routes: GET /healthz and /readyz (open), GET /whoami, /admin/keys (API key \
-             required; collections {}), POST /v1/keys/verify ({}), /v1/auth (forward auth \
-             for gateways), GET /v1/openapi.json",
+            "routes: GET /healthz and /readyz (open), GET /whoami, /admin/keys, /admin/audit, \
+             /admin/usage, /admin/webhooks (API key required; collections {}), \
+             POST /v1/keys/verify ({}), /v1/auth (forward auth for gateways), \
+             GET /v1/openapi.json",
             settings.collections.join(", "),
             if settings.verify_without_key_on_loopback {
                 "caller scope keys:verify, or no key from loopback"

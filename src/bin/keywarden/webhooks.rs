@@ -71,27 +71,69 @@ fn parse_id(text: &str) -> Result<Uuid, String> {
     Uuid::parse_str(text.trim()).map_err(|e| format!("not a webhook id (a UUID): {e}"))
 }
 
+fn at(time: Option<time::OffsetDateTime>) -> String {
+    time.and_then(|t| t.replace_nanosecond(0).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// One line: id, URL, events, where delivery stands, and its state.
 fn print_webhook(view: &WebhookView) {
-    let state = if view.disabled {
-        "paused".to_owned()
-    } else if let Some(error) = &view.last_error {
-        format!(
-            "failing ({error}, {} attempt(s), next {})",
-            view.attempts,
-            view.next_attempt_at
-                .and_then(|at| at.format(&Rfc3339).ok())
-                .unwrap_or_else(|| "now".into())
-        )
-    } else {
-        "ok".to_owned()
+    let state = match (&view.last_error, view.attempts) {
+        _ if view.disabled => "paused".to_owned(),
+        (Some(error), attempts) if attempts > 0 => format!(
+            "failing: {error}; {attempts} failed attempt{}, next at {}",
+            if attempts == 1 { "" } else { "s" },
+            at(view.next_attempt_at)
+        ),
+        _ => "ok".to_owned(),
     };
     println!(
-        "{}  {}  events: {}  delivered through #{}  {state}",
+        "{}  {}  events={}  next event after #{}  {state}",
         view.id,
         view.url,
         view.events.join(","),
         view.delivered_through
     );
+}
+
+/// Every field (`webhooks show`).
+fn print_details(view: &WebhookView) {
+    print_webhook(view);
+    println!(
+        "  description:     {}",
+        view.description.as_deref().unwrap_or("-")
+    );
+    println!("  created:         {}", at(Some(view.created_at)));
+    println!("  failing since:   {}", at(view.failing_since));
+    println!(
+        "  last error:      {}",
+        view.last_error.as_deref().unwrap_or("-")
+    );
+}
+
+/// The webhook targets of the CLI: the environment, else the config file (as `serve`).
+fn targets(ctx: &Context) -> keywarden::webhooks::WebhookTargets {
+    let flag = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    };
+    let hosts = std::env::var("KEYWARDEN_WEBHOOK_HOSTS")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.split(',').map(|h| h.trim().to_owned()).collect())
+        .or_else(|| ctx.file.server.webhook_hosts.clone());
+    webhook_targets(
+        hosts,
+        flag("KEYWARDEN_WEBHOOK_ALLOW_HTTP")
+            .or(ctx.file.server.webhook_allow_http)
+            .unwrap_or(false),
+        flag("KEYWARDEN_WEBHOOK_ALLOW_PRIVATE")
+            .or(ctx.file.server.webhook_allow_private)
+            .unwrap_or(false),
+    )
 }
 
 /// Runs a `webhooks` command.
@@ -100,13 +142,7 @@ pub(crate) async fn webhooks(
     command: WebhooksCommand,
     out: Output,
 ) -> Result<(), Failure> {
-    let manager = cli_manager(ctx)
-        .await?
-        .with_webhook_targets(webhook_targets(
-            ctx.file.server.webhook_hosts.clone(),
-            ctx.file.server.webhook_allow_http.unwrap_or(false),
-            ctx.file.server.webhook_allow_private.unwrap_or(false),
-        ));
+    let manager = cli_manager(ctx).await?.with_webhook_targets(targets(ctx));
     match command {
         WebhooksCommand::Create {
             url,
@@ -146,7 +182,7 @@ pub(crate) async fn webhooks(
             if out.json {
                 out.print_json(&json!(view));
             } else {
-                print_webhook(&view);
+                print_details(&view);
             }
         }
         WebhooksCommand::Update {

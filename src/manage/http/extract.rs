@@ -300,7 +300,10 @@ pub(super) fn audit_query(params: Vec<(String, String)>) -> Result<AuditQuery, A
                 Ok(id) => query.key_id = Some(id),
                 Err(_) => errors.push(FieldError::new("key_id", "expected a key id")),
             },
-            "actor" => query.actor = Some(value),
+            "actor" => match crate::audit::check_actor_filter(&value) {
+                Ok(()) => query.actor = Some(value),
+                Err(message) => errors.push(FieldError::new("actor", message)),
+            },
             "action" => match value.parse::<AuditAction>() {
                 Ok(action) => query.action = Some(action),
                 Err(error) => errors.push(FieldError::new("action", error.to_string())),

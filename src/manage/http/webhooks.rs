@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use super::error::ApiError;
+use super::error::{ApiError, FieldError};
 use super::extract::{BodyFields, JsonBody};
 use super::openapi::{
     BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable, ValidationFailed,
@@ -29,12 +29,16 @@ type Manager = State<Arc<KeyManager>>;
 #[serde(deny_unknown_fields)]
 #[schema(as = CreateWebhookRequest)]
 pub(super) struct CreateWebhookBody {
-    /// Where events are POSTed: an `https` URL (within the server's allowed webhook hosts).
-    url: String,
-    /// Event types (`key.created`, `key.updated`, `key.revoked`, `key.disabled`,
-    /// `key.enabled`, `key.rotated`, `key.deleted`, `key.revealed`, `secret.retired`,
-    /// `key.expiring`) or `*`.
-    events: Vec<String>,
+    /// Required. Where events are POSTed: an `https` URL (within the server's allowed
+    /// webhook hosts).
+    #[schema(required = true, nullable = false)]
+    url: Option<String>,
+    /// Required. An array of event types (`key.created`, `key.updated`, `key.revoked`,
+    /// `key.disabled`, `key.enabled`, `key.rotated`, `key.deleted`, `key.revealed`,
+    /// `secret.retired`, `webhook.created`, `webhook.updated`, `webhook.deleted`,
+    /// `key.expiring`), or `["*"]` for all.
+    #[schema(required = true, nullable = false)]
+    events: Option<Vec<String>>,
     /// Optional description.
     description: Option<String>,
 }
@@ -109,10 +113,22 @@ pub(super) async fn create_webhook(
     JsonBody(body): JsonBody<CreateWebhookBody>,
 ) -> Result<Response, ApiError> {
     admin_only(&caller)?;
+    // Checked here rather than by serde, so a missing member is named alone.
+    let missing: Vec<FieldError> = [
+        ("url", body.url.is_none()),
+        ("events", body.events.is_none()),
+    ]
+    .into_iter()
+    .filter(|(_, missing)| *missing)
+    .map(|(field, _)| FieldError::new(field, "required"))
+    .collect();
+    let (Some(url), Some(events)) = (body.url, body.events) else {
+        return Err(ApiError::validation(missing));
+    };
     let created = manager
         .create_webhook(NewWebhook {
-            url: body.url,
-            events: body.events,
+            url,
+            events,
             description: body.description,
         })
         .await?;

@@ -211,7 +211,11 @@ where
             get(move |headers: HeaderMap| async move { asset.respond(&headers) }),
         );
     }
-    router
+    // Anything else under `/ui/` is a 404 with the same headers (not the app's fallback).
+    router.route(
+        "/ui/{*rest}",
+        get(|| async { secure(StatusCode::NOT_FOUND.into_response()) }),
+    )
 }
 
 #[cfg(test)]
@@ -306,11 +310,11 @@ mod tests {
             "/admin/ui/../Cargo.toml",
             "/admin/ui/keys/x",
         ] {
-            assert_eq!(
-                get(missing, None).await.status(),
-                StatusCode::NOT_FOUND,
-                "{missing}"
-            );
+            let response = get(missing, None).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{missing}");
+            if missing.starts_with("/admin/ui/") && !missing.contains("..") {
+                assert_secure(&response, missing);
+            }
         }
     }
 
