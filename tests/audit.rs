@@ -789,3 +789,74 @@ async fn the_api_records_its_callers_and_shows_keys_self_only_its_own_events() {
     let denied = call(&api.app, plain.key.expose(), "GET", "/admin/audit", None).await;
     assert_eq!(denied.status, 403);
 }
+
+/// The plain-SQL trigger's function runs as its owner: no other role may attach it to a table
+/// of its own (a temporary `keywarden_keys` whose inserts would then run the function's
+/// statements, with the owner's rights, against tables the attacker chose).
+#[tokio::test]
+async fn other_roles_cannot_borrow_the_audit_trigger_function() {
+    let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let schema = unique("kw_audit_guard");
+    let pg = PostgresStore::connect_with_schema(&url, &schema)
+        .await
+        .unwrap();
+    let role = unique("kw_intruder");
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {schema} TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.keywarden_keys TO {role};"
+    ))
+    .execute(pg.pool())
+    .await
+    .unwrap();
+    let intruder_url = match url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+    {
+        Some((_, host)) => format!("postgres://{role}@{host}"),
+        None => panic!("the test URL names a user"),
+    };
+    let mut intruder = <sqlx::PgConnection as sqlx::Connection>::connect(&intruder_url)
+        .await
+        .unwrap();
+    let attached = sqlx::raw_sql(&format!(
+        "CREATE TEMP TABLE keywarden_keys (id uuid, collection text, subject text); \
+         CREATE TRIGGER borrowed AFTER INSERT ON pg_temp.keywarden_keys \
+         FOR EACH ROW EXECUTE FUNCTION {schema}.keywarden_audit_sql_change();"
+    ))
+    .execute(&mut intruder)
+    .await;
+    let error = attached
+        .expect_err("EXECUTE is revoked from PUBLIC")
+        .to_string();
+    assert!(error.contains("permission denied"), "{error}");
+    // Its plain-SQL changes to the real table are still recorded, as its own role.
+    let manager = KeyManager::new(Arc::new(pg.clone()), support::ring());
+    let key = manager.create(NewKey::new("k", "alice")).await.unwrap();
+    sqlx::query(&format!(
+        "UPDATE {schema}.keywarden_keys SET name = 'renamed' WHERE id = $1"
+    ))
+    .bind(key.record.id)
+    .execute(&mut intruder)
+    .await
+    .unwrap();
+    // Nor can it mark its transaction as keywarden's.
+    let marked = sqlx::query(&format!(
+        "INSERT INTO {schema}.keywarden_audit_tx (txid) VALUES (txid_current())"
+    ))
+    .execute(&mut intruder)
+    .await;
+    assert!(marked.is_err());
+    let events = all_events(&manager).await;
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[1].actor, Actor::Sql(role.clone()));
+    assert_eq!(manager.verify_audit().await.unwrap().broken, None);
+    drop(intruder);
+    sqlx::raw_sql(&format!(
+        "DROP SCHEMA {schema} CASCADE; DROP OWNED BY {role}; DROP ROLE {role};"
+    ))
+    .execute(pg.pool())
+    .await
+    .unwrap();
+}

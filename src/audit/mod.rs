@@ -583,6 +583,31 @@ impl<'a> AuditVerifier<'a> {
     }
 }
 
+/// Checks that `events` (in number order) continue the chain from `checkpoint` (or the
+/// start): what a store checks, inside the transaction, before it prunes them.
+///
+/// # Errors
+/// The first broken event's number (0 for the checkpoint) and why.
+pub fn verify_prefix(
+    sealer: &AuditSealer,
+    checkpoint: Option<&AuditCheckpoint>,
+    events: &[AuditEvent],
+) -> Result<(), (u64, ChainBreak)> {
+    let mut verifier = AuditVerifier::new(sealer, checkpoint).map_err(|why| (0, why))?;
+    for event in events {
+        verifier.next(event).map_err(|why| (event.seq, why))?;
+    }
+    Ok(())
+}
+
+/// The error of a prune refused because the events it would delete do not verify.
+pub(crate) fn unverified_prune((seq, why): (u64, ChainBreak)) -> crate::store::StoreError {
+    crate::store::StoreError::new(
+        crate::store::StoreErrorKind::Corrupt,
+        format!("the audit log does not verify (event #{seq}: {why}); nothing was pruned"),
+    )
+}
+
 /// Filters and a cursor for reading the log, in number order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AuditQuery {

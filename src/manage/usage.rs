@@ -68,7 +68,7 @@ impl UsageQuery {
     /// The last `span` up to `now`, in `granularity` buckets.
     pub fn last(span: Duration, now: OffsetDateTime, granularity: Granularity) -> Self {
         Self {
-            since: now - span,
+            since: now.checked_sub(span).unwrap_or(now),
             until: now,
             granularity,
         }
@@ -199,7 +199,9 @@ impl KeyManager {
         let since = g.floor(query.since);
         let mut until = g.floor(query.until);
         if until < query.until {
-            until += g.step();
+            until = until
+                .checked_add(g.step())
+                .ok_or_else(|| ManageError::invalid("until", "until is too far in the future"))?;
         }
         if until <= since {
             return Err(ManageError::invalid("until", "until must be after since"));

@@ -103,7 +103,9 @@ pub struct HourlyUsage {
 
 /// `at` truncated to its UTC hour.
 pub fn hour_of(at: OffsetDateTime) -> OffsetDateTime {
-    let at = at.to_offset(time::UtcOffset::UTC);
+    let Some(at) = at.checked_to_offset(time::UtcOffset::UTC) else {
+        return at;
+    };
     at.replace_minute(0)
         .and_then(|t| t.replace_second(0))
         .and_then(|t| t.replace_nanosecond(0))

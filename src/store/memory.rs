@@ -309,6 +309,8 @@ impl KeyStore for MemoryStore {
         let Some(last) = inner.audit.iter().rposition(|e| e.at < before) else {
             return Ok(0);
         };
+        crate::audit::verify_prefix(sealer, inner.checkpoint.as_ref(), &inner.audit[..=last])
+            .map_err(crate::audit::unverified_prune)?;
         let head = inner.audit[last].head();
         inner.audit.drain(..=last);
         inner.checkpoint = Some(sealer.checkpoint(head));

@@ -544,6 +544,8 @@ impl KeyStore for PostgresStore {
             }
         }
         let map = |e| store_error("recording usage analytics failed", e);
+        // One transaction: a retry after a failure must not add the first table's counts twice.
+        let mut tx = self.pool.begin().await.map_err(map)?;
         if !keys.is_empty() {
             let (ids, hours, outcomes, ns) =
                 unzip4(keys.iter().map(|((id, h, o), n)| (*id, micros(*h), *o, *n)));
@@ -557,7 +559,7 @@ impl KeyStore for PostgresStore {
             .bind(hours)
             .bind(outcomes)
             .bind(ns)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(map)?;
         }
@@ -577,11 +579,11 @@ impl KeyStore for PostgresStore {
             .bind(hours)
             .bind(outcomes)
             .bind(ns)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(map)?;
         }
-        Ok(())
+        tx.commit().await.map_err(map)
     }
 
     async fn usage_counts(
@@ -672,6 +674,21 @@ impl KeyStore for PostgresStore {
             seq: u64::try_from(seq).map_err(|_| corrupt("seq", "negative"))?,
             mac: AuditMac::from_bytes(bytes(mac, "mac")?),
         };
+        // Under the lock (no event can change meanwhile): what is deleted must verify, or
+        // an edited time could have chosen the cut.
+        let previous = read_checkpoint(&mut tx).await?;
+        let doomed = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM keywarden_audit WHERE seq <= $1 ORDER BY seq"
+        ))
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?
+        .iter()
+        .map(decode_event)
+        .collect::<Result<Vec<_>, _>>()?;
+        crate::audit::verify_prefix(sealer, previous.as_ref(), &doomed)
+            .map_err(crate::audit::unverified_prune)?;
         let checkpoint = sealer.checkpoint(head);
         let deleted = sqlx::query("DELETE FROM keywarden_audit WHERE seq <= $1")
             .bind(seq)
@@ -1233,7 +1250,7 @@ fn push_state_filter(sql: &mut QueryBuilder<'_, Postgres>, state: KeyState, now:
 
 /// The instant floored to the microsecond (PostgreSQL's precision), in UTC.
 fn micros(at: OffsetDateTime) -> OffsetDateTime {
-    let at = at.to_offset(time::UtcOffset::UTC);
+    let at = at.checked_to_offset(time::UtcOffset::UTC).unwrap_or(at);
     // Cannot fail: the floored value is a valid nanosecond of the same second.
     at.replace_nanosecond(at.microsecond() * 1_000)
         .unwrap_or(at)

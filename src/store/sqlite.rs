@@ -597,6 +597,21 @@ impl KeyStore for SqliteStore {
             seq: u64::try_from(seq).map_err(|_| corrupt("seq", "negative"))?,
             mac: AuditMac::from_bytes(bytes(mac, "mac")?),
         };
+        // Under the lock (no event can change meanwhile): what is deleted must verify, or
+        // an edited time could have chosen the cut.
+        let previous = read_checkpoint(&mut tx).await?;
+        let doomed = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM keywarden_audit WHERE seq <= ? ORDER BY seq"
+        ))
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map)?
+        .iter()
+        .map(decode_event)
+        .collect::<Result<Vec<_>, _>>()?;
+        crate::audit::verify_prefix(sealer, previous.as_ref(), &doomed)
+            .map_err(crate::audit::unverified_prune)?;
         let checkpoint = sealer.checkpoint(head);
         let deleted = sqlx::query("DELETE FROM keywarden_audit WHERE seq <= ?")
             .bind(seq)

@@ -222,13 +222,32 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
+            let seg = v6.segments();
+            let first = seg[0];
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                ))
+            };
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach the IPv4 address inside them.
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(embedded(seg[6], seg[7]));
+            }
+            if first == 0x2002 {
+                return is_public(embedded(seg[1], seg[2]));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
                 || (first == 0x2001 && v6.segments()[1] == 0x0db8)
+                || (first == 0x2001 && v6.segments()[1] == 0)
+                || (first == 0x64 && v6.segments()[1] == 0xff9b)
+                || (first & 0xffc0) == 0xfec0
                 || v6.segments()[..6] == [0; 6])
         }
     }
@@ -778,6 +797,8 @@ fn client_for(targets: &WebhookTargets) -> reqwest::Client {
         .timeout(StdDuration::from_secs(10))
         .user_agent(concat!("keywarden-webhooks/", env!("CARGO_PKG_VERSION")))
         .dns_resolver(Arc::new(Resolver(targets.clone())))
+        // A proxy would resolve names itself, past the address check above.
+        .no_proxy()
         .build()
         .expect("the HTTP client builds")
 }
@@ -862,6 +883,10 @@ mod tests {
             "https://[fd00::1]/",
             "https://100.64.0.1/",
             "https://0.0.0.0/",
+            "https://[64:ff9b::a00:1]/",
+            "https://[2002:a00:1::]/",
+            "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+            "https://[fec0::1]/",
         ] {
             assert!(WebhookTargets::any().check(private).is_err(), "{private}");
             assert!(

@@ -120,7 +120,8 @@ fn short_time(at: Option<OffsetDateTime>, none: &str) -> String {
     let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]Z");
     match at {
         Some(at) => at
-            .to_offset(time::UtcOffset::UTC)
+            .checked_to_offset(time::UtcOffset::UTC)
+            .unwrap_or(at)
             .format(&format)
             .unwrap_or_else(|_| at.to_string()),
         None => none.to_owned(),

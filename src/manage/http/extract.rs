@@ -269,7 +269,7 @@ pub(super) fn usage_query(
         Granularity::Hour => time::Duration::days(7),
         Granularity::Day => time::Duration::days(30),
     };
-    let since = since.unwrap_or(until - default_span);
+    let since = since.unwrap_or_else(|| until.checked_sub(default_span).unwrap_or(until));
     Ok((
         crate::manage::UsageQuery {
             since,

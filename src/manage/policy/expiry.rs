@@ -129,7 +129,8 @@ pub(crate) fn parse_instant(text: &str) -> Option<time::OffsetDateTime> {
     let at =
         time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
             .ok()?
-            .to_offset(time::UtcOffset::UTC);
+            // Checked: `9999-12-31T23:59:59-05:00` is past the last instant in UTC.
+            .checked_to_offset(time::UtcOffset::UTC)?;
     Some(
         at.replace_nanosecond(at.nanosecond() / 1_000 * 1_000)
             .unwrap_or(at),
