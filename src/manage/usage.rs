@@ -210,8 +210,13 @@ impl KeyManager {
             return Err(ManageError::invalid(
                 "since",
                 format!(
-                    "at most {} days per report at this granularity",
-                    g.max_span().whole_days()
+                    "at most {} days per report at this granularity{}",
+                    g.max_span().whole_days(),
+                    if g == Granularity::Hour {
+                        "; ask for days for longer spans"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }

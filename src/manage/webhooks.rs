@@ -192,6 +192,12 @@ impl KeyManager {
         id: Uuid,
         patch: WebhookPatch,
     ) -> Result<WebhookView, ManageError> {
+        if patch == WebhookPatch::default() {
+            return Err(ManageError::invalid(
+                "body",
+                "nothing to change: give a url, events, description or disabled",
+            ));
+        }
         self.check_webhook(
             patch.url.as_deref(),
             patch.events.as_deref(),
@@ -202,16 +208,17 @@ impl KeyManager {
             .get_webhook(id)
             .await?
             .ok_or_else(|| webhook_not_found(id))?;
-        self.record_event(
-            AuditAction::WebhookUpdated,
-            details(
-                id,
-                patch.url.as_deref(),
-                patch.events.as_deref(),
-                patch.disabled,
-            ),
-        )
-        .await?;
+        let mut changed = details(
+            id,
+            patch.url.as_deref(),
+            patch.events.as_deref(),
+            patch.disabled,
+        );
+        if patch.description.is_some() {
+            changed.insert("description".into(), "changed".into());
+        }
+        self.record_event(AuditAction::WebhookUpdated, changed)
+            .await?;
         let record = hooks
             .update_webhook(id, &patch)
             .await?

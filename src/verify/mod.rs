@@ -229,6 +229,9 @@ impl Verifier {
             RejectionKind::MalformedKey => UsageOutcome::Malformed,
             _ => UsageOutcome::Other,
         };
+        // A key presented under another collection is not its owner's use: counted where it
+        // was presented, like an unknown key.
+        let key_id = key_id.filter(|_| outcome != UsageOutcome::Invalid);
         let subject = match key_id {
             Some(id) => UsageSubject::Key(id),
             None => UsageSubject::Collection(

@@ -330,7 +330,11 @@ impl WebhookTargets {
         match parsed.scheme() {
             "https" => {}
             "http" if self.allow_http => {}
-            "http" => return Err("only https URLs are allowed".into()),
+            "http" => {
+                return Err("only https URLs are allowed (plain http: keywarden serve \
+                            --webhook-allow-http, KEYWARDEN_WEBHOOK_ALLOW_HTTP)"
+                    .into())
+            }
             _ => return Err("not an absolute http(s) URL".into()),
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
@@ -349,8 +353,10 @@ impl WebhookTargets {
         if let Ok(ip) = host.parse::<IpAddr>() {
             if !self.allows_address(&host, ip) {
                 return Err(
-                    "the address is not public (loopback, private, link-local, …); \
-                     list it in the allowed webhook hosts to allow it"
+                    "the address is not public (loopback, private, link-local, …): allow \
+                     non-public addresses (keywarden serve: --webhook-allow-private, \
+                     KEYWARDEN_WEBHOOK_ALLOW_PRIVATE) or list the address in the allowed \
+                     webhook hosts"
                         .into(),
                 );
             }

@@ -61,7 +61,7 @@ pub(crate) enum When {
 }
 
 impl When {
-    fn at(self, now: OffsetDateTime) -> OffsetDateTime {
+    pub(crate) fn at(self, now: OffsetDateTime) -> OffsetDateTime {
         match self {
             Self::At(at) => at,
             Self::Ago(span) => now.checked_sub(span).unwrap_or(OffsetDateTime::UNIX_EPOCH),
@@ -69,7 +69,7 @@ impl When {
     }
 }
 
-fn parse_when(text: &str) -> Result<When, String> {
+pub(crate) fn parse_when(text: &str) -> Result<When, String> {
     if let Ok(at) = OffsetDateTime::parse(text.trim(), &Rfc3339) {
         return Ok(When::At(at));
     }

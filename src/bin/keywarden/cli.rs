@@ -61,9 +61,13 @@ pub(crate) enum KeysCommand {
         /// Key id.
         #[arg(value_parser = parse_id)]
         id: Uuid,
-        /// How far back (7d, 24h) [default: 7d by hour, 30d by day].
-        #[arg(long, value_name = "DURATION", value_parser = parse_span)]
-        since: Option<Duration>,
+        /// From this long ago (7d, 24h) or this RFC 3339 instant [default: 7d before --until
+        /// by hour, 30d by day].
+        #[arg(long, value_name = "WHEN", value_parser = crate::audit::parse_when)]
+        since: Option<crate::audit::When>,
+        /// Up to this long ago or this RFC 3339 instant [default: now].
+        #[arg(long, value_name = "WHEN", value_parser = crate::audit::parse_when)]
+        until: Option<crate::audit::When>,
         /// Bucket size.
         #[arg(long, value_enum, default_value = "hour")]
         granularity: GranularityArg,
@@ -86,11 +90,6 @@ pub(crate) enum GranularityArg {
     Hour,
     /// One row per day.
     Day,
-}
-
-fn parse_span(text: &str) -> Result<Duration, String> {
-    keywarden::manage::parse_duration(text)
-        .map_err(|_| "expected a duration such as 7d or 24h".to_owned())
 }
 
 #[derive(Subcommand)]
@@ -415,23 +414,30 @@ pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Re
         KeysCommand::Usage {
             id,
             since,
+            until,
             granularity,
         } => {
             let granularity = match granularity {
                 GranularityArg::Hour => Granularity::Hour,
                 GranularityArg::Day => Granularity::Day,
             };
-            let span = since.unwrap_or(match granularity {
+            let now = OffsetDateTime::now_utc();
+            let until = until.map_or(now, |w| w.at(now));
+            let default_span = match granularity {
                 Granularity::Hour => Duration::days(7),
                 Granularity::Day => Duration::days(30),
-            });
+            };
+            let since = since.map_or_else(
+                || until.checked_sub(default_span).unwrap_or(until),
+                |w| w.at(now),
+            );
             manager.get(id).await?;
-            let report = manager
-                .usage(
-                    id,
-                    &UsageQuery::last(span, OffsetDateTime::now_utc(), granularity),
-                )
-                .await?;
+            let query = UsageQuery {
+                since,
+                until,
+                granularity,
+            };
+            let report = manager.usage(id, &query).await?;
             print_usage(&report, out);
         }
         KeysCommand::Reveal {

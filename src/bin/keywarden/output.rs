@@ -63,8 +63,16 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
             .unwrap_or_default()
     };
     println!(
-        "{:<22} {:>9} {:>9} {:>12} {:>9} {:>9} {:>7}",
-        "from", "accepted", "rejected", "rate_limited", "expired", "revoked", "other"
+        "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>6}",
+        "from",
+        "accepted",
+        "rejected",
+        "rate_limited",
+        "insufficient_scope",
+        "expired",
+        "revoked",
+        "invalid",
+        "other"
     );
     for b in report
         .buckets
@@ -72,25 +80,31 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
         .filter(|b| b.accepted + b.rejected > 0)
     {
         println!(
-            "{:<22} {:>9} {:>9} {:>12} {:>9} {:>9} {:>7}",
+            "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>6}",
             fmt(b.start),
             b.accepted,
             b.rejected,
             b.rate_limited,
+            b.insufficient_scope,
             b.expired,
             b.revoked,
-            b.rejected - b.rate_limited - b.expired - b.revoked
+            b.invalid,
+            b.other + b.malformed
         );
     }
     let t = &report.total;
     println!(
-        "total {} accepted, {} rejected ({} rate limited, {} insufficient scope, {} expired, {} revoked) from {} to {}",
+        "total {} accepted, {} rejected ({} rate limited, {} insufficient scope, {} expired, \
+         {} revoked, {} invalid, {} other) from {} to {} (hours with requests only; --json \
+         lists every bucket)",
         t.accepted,
         t.rejected,
         t.rate_limited,
         t.insufficient_scope,
         t.expired,
         t.revoked,
+        t.invalid,
+        t.other + t.malformed,
         fmt(report.since),
         fmt(report.until)
     );

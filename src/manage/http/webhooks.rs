@@ -125,7 +125,8 @@ pub(super) async fn create_webhook(
     let (Some(url), Some(events)) = (body.url, body.events) else {
         return Err(ApiError::validation(missing));
     };
-    let created = manager
+    let created = caller
+        .manager(&manager)
         .create_webhook(NewWebhook {
             url,
             events,
@@ -216,7 +217,7 @@ pub(super) async fn update_webhook(
         description: body.description,
         disabled: body.disabled,
     };
-    Ok(Json(manager.update_webhook(id, patch).await?).into_response())
+    Ok(Json(caller.manager(&manager).update_webhook(id, patch).await?).into_response())
 }
 
 #[utoipa::path(
@@ -241,6 +242,6 @@ pub(super) async fn delete_webhook(
     WebhookId(id): WebhookId,
 ) -> Result<StatusCode, ApiError> {
     admin_only(&caller)?;
-    manager.delete_webhook(id).await?;
+    caller.manager(&manager).delete_webhook(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
