@@ -13,35 +13,10 @@ use keywarden::clock::{Clock, ManualClock};
 use keywarden::manage::{Granularity, UsageQuery};
 use keywarden::{
     management_router, ApiKeyLayer, Collection, ExpiresIn, KeyManager, KeyStore, MemoryStore,
-    NewKey, PostgresStore, SqliteStore,
+    NewKey,
 };
-use support::{get_with, request, send, service_url, unique};
+use support::{get_with, request, send};
 use time::{Duration, OffsetDateTime};
-
-type TestStore = (
-    &'static str,
-    Arc<dyn KeyStore>,
-    Option<(PostgresStore, String)>,
-);
-
-async fn stores() -> Vec<TestStore> {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("keywarden_usage")));
-    let sqlite = SqliteStore::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    let mut stores: Vec<TestStore> = vec![
-        ("memory", Arc::new(MemoryStore::new()), None),
-        ("sqlite", Arc::new(sqlite), None),
-    ];
-    if let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") {
-        let schema = unique("kw_usage");
-        let pg = PostgresStore::connect_with_schema(&url, &schema)
-            .await
-            .unwrap();
-        stores.push(("postgres", Arc::new(pg.clone()), Some((pg, schema))));
-    }
-    stores
-}
 
 fn layer(store: &Arc<dyn KeyStore>, clock: &ManualClock) -> ApiKeyLayer {
     ApiKeyLayer::builder()
@@ -55,7 +30,7 @@ fn layer(store: &Arc<dyn KeyStore>, clock: &ManualClock) -> ApiKeyLayer {
 
 #[tokio::test]
 async fn outcomes_are_counted_per_key_and_per_collection_on_every_store() {
-    for (name, store, pg) in stores().await {
+    for (name, store, pg) in support::every_store("usage").await {
         let clock = ManualClock::new(OffsetDateTime::now_utc());
         let layer = layer(&store, &clock);
         let manager = KeyManager::for_layer(&layer);
@@ -186,12 +161,7 @@ async fn outcomes_are_counted_per_key_and_per_collection_on_every_store() {
         );
         let report = manager.usage(limited.record.id, &week).await.unwrap();
         assert_eq!(report.total.accepted + report.total.rejected, 0, "{name}");
-        if let Some((pg, schema)) = pg {
-            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                .execute(pg.pool())
-                .await
-                .unwrap();
-        }
+        support::drop_schema(pg).await;
     }
 }
 

@@ -21,10 +21,9 @@ use keywarden::clock::{Clock, ManualClock};
 use keywarden::manage::{ManageErrorKind, NewWebhook};
 use keywarden::store::WebhookPatch;
 use keywarden::webhooks::{WebhookDeliverer, WebhookTargets};
-use keywarden::{ExpiresIn, KeyManager, KeyStore, MemoryStore, NewKey, PostgresStore, SqliteStore};
+use keywarden::{ExpiresIn, KeyManager, KeyStore, MemoryStore, NewKey, SqliteStore};
 use serde_json::Value;
 use sha2::Sha256;
-use support::{service_url, unique};
 use time::{Duration, OffsetDateTime};
 
 /// One request the receiver got.
@@ -113,44 +112,9 @@ fn local() -> WebhookTargets {
     WebhookTargets::hosts(["127.0.0.1"]).allow_http(true)
 }
 
-/// A store under test: its name, the store, and the PostgreSQL schema to drop after.
-type TestStore = (
-    &'static str,
-    Arc<dyn KeyStore>,
-    Option<(PostgresStore, String)>,
-);
-
-async fn stores() -> Vec<TestStore> {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("keywarden_webhooks")));
-    let sqlite = SqliteStore::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    let mut stores: Vec<TestStore> = vec![
-        ("memory", Arc::new(MemoryStore::new()), None),
-        ("sqlite", Arc::new(sqlite), None),
-    ];
-    if let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") {
-        let schema = unique("kw_webhooks");
-        let pg = PostgresStore::connect_with_schema(&url, &schema)
-            .await
-            .unwrap();
-        stores.push(("postgres", Arc::new(pg.clone()), Some((pg, schema))));
-    }
-    stores
-}
-
-async fn drop_schema(pg: Option<(PostgresStore, String)>) {
-    if let Some((pg, schema)) = pg {
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-            .execute(pg.pool())
-            .await
-            .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn events_are_delivered_signed_in_order_and_once_on_every_store() {
-    for (name, store, pg) in stores().await {
+    for (name, store, pg) in support::every_store("webhooks").await {
         let (receiver, url) = Receiver::start().await;
         let manager = KeyManager::new(store.clone(), support::ring()).with_webhook_targets(local());
         // History before the subscription is not sent.
@@ -216,7 +180,7 @@ async fn events_are_delivered_signed_in_order_and_once_on_every_store() {
         let view = manager.get_webhook(all.webhook.id).await.unwrap();
         assert_eq!(view.delivered_through, 5, "{name}");
         assert_eq!(view.attempts, 0);
-        drop_schema(pg).await;
+        support::drop_schema(pg).await;
     }
 }
 
@@ -320,7 +284,7 @@ async fn a_receiver_that_is_down_is_retried_with_backoff() {
 
 #[tokio::test]
 async fn expiring_keys_are_announced_once_before_they_expire() {
-    for (name, store, pg) in stores().await {
+    for (name, store, pg) in support::every_store("webhooks").await {
         let (receiver, url) = Receiver::start().await;
         let manager = KeyManager::new(store.clone(), support::ring()).with_webhook_targets(local());
         let hook = manager
@@ -359,7 +323,7 @@ async fn expiring_keys_are_announced_once_before_they_expire() {
             0,
             "{name}: once"
         );
-        drop_schema(pg).await;
+        support::drop_schema(pg).await;
     }
 }
 

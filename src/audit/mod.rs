@@ -600,14 +600,6 @@ pub fn verify_prefix(
     Ok(())
 }
 
-/// The error of a prune refused because the events it would delete do not verify.
-pub(crate) fn unverified_prune((seq, why): (u64, ChainBreak)) -> crate::store::StoreError {
-    crate::store::StoreError::new(
-        crate::store::StoreErrorKind::Corrupt,
-        format!("the audit log does not verify (event #{seq}: {why}); nothing was pruned"),
-    )
-}
-
 /// Filters and a cursor for reading the log, in number order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AuditQuery {

@@ -217,6 +217,14 @@ impl AuditWrite<'_> {
     }
 }
 
+/// The error of a prune refused because the events it would delete do not verify.
+pub(crate) fn unverified_prune((seq, why): (u64, crate::audit::ChainBreak)) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Corrupt,
+        format!("the audit log does not verify (event #{seq}: {why}); nothing was pruned"),
+    )
+}
+
 /// The error of a store that keeps no audit log.
 pub(crate) fn no_audit_log() -> StoreError {
     StoreError::new(

@@ -310,7 +310,7 @@ impl KeyStore for MemoryStore {
             return Ok(0);
         };
         crate::audit::verify_prefix(sealer, inner.checkpoint.as_ref(), &inner.audit[..=last])
-            .map_err(crate::audit::unverified_prune)?;
+            .map_err(super::unverified_prune)?;
         let head = inner.audit[last].head();
         inner.audit.drain(..=last);
         inner.checkpoint = Some(sealer.checkpoint(head));

@@ -40,7 +40,7 @@ mod sqlite;
 mod webhooks;
 
 pub use analytics::{hour_of, HourlyUsage, UsageCount, UsageOutcome, UsageSubject};
-pub(crate) use audited::no_audit_log;
+pub(crate) use audited::{no_audit_log, unverified_prune};
 pub use audited::{Applied, AuditWrite, ChangeOutcome, KeyChange};
 pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};
 pub use memory::MemoryStore;

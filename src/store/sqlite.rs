@@ -611,7 +611,7 @@ impl KeyStore for SqliteStore {
         .map(decode_event)
         .collect::<Result<Vec<_>, _>>()?;
         crate::audit::verify_prefix(sealer, previous.as_ref(), &doomed)
-            .map_err(crate::audit::unverified_prune)?;
+            .map_err(super::unverified_prune)?;
         let checkpoint = sealer.checkpoint(head);
         let deleted = sqlx::query("DELETE FROM keywarden_audit WHERE seq <= ?")
             .bind(seq)

@@ -296,6 +296,46 @@ impl keywarden::KeyStore for CountingStore {
     }
 }
 
+/// A store under test: its name, the store, and the PostgreSQL store and schema to drop after.
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+pub type TestStore = (
+    &'static str,
+    Arc<dyn keywarden::KeyStore>,
+    Option<(keywarden::PostgresStore, String)>,
+);
+
+/// A memory store, a SQLite file and (with its URL) a PostgreSQL schema of its own, each new.
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+pub async fn every_store(tag: &str) -> Vec<TestStore> {
+    let path = std::env::temp_dir().join(format!("{}.db", unique(&format!("keywarden_{tag}"))));
+    let sqlite = keywarden::SqliteStore::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let mut stores: Vec<TestStore> = vec![
+        ("memory", Arc::new(MemoryStore::new()), None),
+        ("sqlite", Arc::new(sqlite), None),
+    ];
+    if let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") {
+        let schema = unique(&format!("kw_{tag}"));
+        let pg = keywarden::PostgresStore::connect_with_schema(&url, &schema)
+            .await
+            .unwrap();
+        stores.push(("postgres", Arc::new(pg.clone()), Some((pg, schema))));
+    }
+    stores
+}
+
+/// Drops the PostgreSQL schema of an [`every_store`] entry.
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+pub async fn drop_schema(pg: Option<(keywarden::PostgresStore, String)>) {
+    if let Some((pg, schema)) = pg {
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(pg.pool())
+            .await
+            .unwrap();
+    }
+}
+
 /// A fresh lowercase name for a schema, namespace or file.
 pub fn unique(prefix: &str) -> String {
     let mut bytes = [0u8; 6];

@@ -216,6 +216,18 @@ pub(super) fn list_query(
     }
 }
 
+/// An RFC 3339 query parameter; a bad one is noted in `errors`.
+fn time(field: &'static str, value: &str, errors: &mut Vec<FieldError>) -> Option<OffsetDateTime> {
+    crate::manage::policy::parse_time(field, value)
+        .map_err(|_| {
+            errors.push(FieldError::new(
+                field,
+                "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z",
+            ));
+        })
+        .ok()
+}
+
 /// The usage report's query parameters (`collection` only where `with_collection`):
 /// `since`/`until` RFC 3339 (default: the last 7 days by hour, 30 by day, up to now),
 /// `granularity` `hour` (default) or `day`.
@@ -228,16 +240,6 @@ pub(super) fn usage_query(
     let mut errors = Vec::new();
     let (mut since, mut until, mut granularity, mut collection) =
         (None, None, Granularity::Hour, None);
-    let time = |field: &'static str, value: &str, errors: &mut Vec<FieldError>| {
-        crate::manage::policy::parse_time(field, value)
-            .map_err(|_| {
-                errors.push(FieldError::new(
-                    field,
-                    "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z",
-                ));
-            })
-            .ok()
-    };
     for (name, value) in params {
         match name.as_str() {
             "since" => since = time("since", &value, &mut errors),
@@ -284,16 +286,6 @@ pub(super) fn usage_query(
 pub(super) fn audit_query(params: Vec<(String, String)>) -> Result<AuditQuery, ApiError> {
     let mut query = AuditQuery::default();
     let mut errors = Vec::new();
-    let time = |field: &'static str, value: &str, errors: &mut Vec<FieldError>| {
-        crate::manage::policy::parse_time(field, value)
-            .map_err(|_| {
-                errors.push(FieldError::new(
-                    field,
-                    "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z",
-                ));
-            })
-            .ok()
-    };
     for (name, value) in params {
         match name.as_str() {
             "key_id" => match Uuid::try_parse(&value) {
