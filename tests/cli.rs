@@ -988,6 +988,19 @@ async fn audit_list_verify_and_prune() {
         "{other}"
     );
 
+    // Nothing is pruned from a log that does not verify.
+    let refused = fails(
+        &dir,
+        Some(SECRET),
+        &["audit", "prune", "--older-than", "1s"],
+    );
+    assert!(refused.contains("nothing was pruned"), "{refused}");
+    let pool = sqlx::SqlitePool::connect(&dir.db_url()).await.unwrap();
+    sqlx::query("UPDATE keywarden_audit SET subject = 'alice' WHERE seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
     let pruned = ok_json(&dir, &["audit", "prune", "--older-than", "90d", "--json"]);
     assert_eq!(pruned["deleted"], 0);
     let bad = run(
