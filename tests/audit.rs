@@ -860,3 +860,52 @@ async fn other_roles_cannot_borrow_the_audit_trigger_function() {
     .await
     .unwrap();
 }
+
+/// A mass change made with plain SQL is sealed a batch (1,000) at a time: a management write
+/// seals one batch in its transaction, readers seal the rest, in order.
+#[tokio::test]
+async fn a_mass_plain_sql_change_is_sealed_in_batches() {
+    let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let schema = unique("kw_audit_mass");
+    let pg = PostgresStore::connect_with_schema(&url, &schema)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {schema}.keywarden_audit_pending (action, changes) \
+         SELECT 'key.updated', jsonb_build_object('n', n) FROM generate_series(1, 2500) AS n"
+    ))
+    .execute(pg.pool())
+    .await
+    .unwrap();
+    let manager = KeyManager::new(Arc::new(pg.clone()), support::ring());
+    manager.create(NewKey::new("k", "alice")).await.unwrap();
+    let pending: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {schema}.keywarden_audit_pending"
+    ))
+    .fetch_one(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(pending, 1500, "one batch sealed with the write");
+    let verified = manager.verify_audit().await.unwrap();
+    assert_eq!(verified.broken, None);
+    assert_eq!(verified.checked, 2501);
+    let page = manager
+        .audit(&AuditQuery {
+            limit: 3,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let order: Vec<i64> = page
+        .items
+        .iter()
+        .map(|e| e.changes["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order, [1, 2, 3], "oldest first");
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(pg.pool())
+        .await
+        .unwrap();
+}

@@ -723,12 +723,19 @@ impl KeyStore for PostgresStore {
         if !any {
             return Ok(0);
         }
-        let mut tx = self.pool.begin().await.map_err(map)?;
-        begin_audited(&mut tx).await?;
-        let sealed = seal_pending(&mut tx, sealer).await?;
-        end_audited(&mut tx).await?;
-        tx.commit().await.map_err(map)?;
-        Ok(sealed)
+        // Batch by batch, each in its own transaction, until none is left.
+        let mut sealed = 0;
+        loop {
+            let mut tx = self.pool.begin().await.map_err(map)?;
+            begin_audited(&mut tx).await?;
+            let batch = seal_pending(&mut tx, sealer).await?;
+            end_audited(&mut tx).await?;
+            tx.commit().await.map_err(map)?;
+            sealed += batch;
+            if batch == 0 {
+                return Ok(sealed);
+            }
+        }
     }
 
     fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
@@ -1045,9 +1052,13 @@ async fn end_audited(conn: &mut PgConnection) -> Result<(), StoreError> {
 /// transaction that called [`begin_audited`].
 async fn seal_pending(conn: &mut PgConnection, sealer: &AuditSealer) -> Result<u64, StoreError> {
     let map = |e| store_error("sealing plain-SQL changes into the audit log failed", e);
+    // A batch at a time, oldest first: a mass UPDATE's million pending rows must not make one
+    // management write seal them all in its transaction.
     let rows = sqlx::query(
-        "DELETE FROM keywarden_audit_pending RETURNING id, at, action, key_id, collection, \
-         subject, changes::text AS changes, db_role",
+        "DELETE FROM keywarden_audit_pending WHERE id IN \
+         (SELECT id FROM keywarden_audit_pending ORDER BY id LIMIT 1000) \
+         RETURNING id, at, action, key_id, collection, subject, changes::text AS changes, \
+         db_role",
     )
     .fetch_all(&mut *conn)
     .await
