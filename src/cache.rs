@@ -27,7 +27,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
 use http::Extensions;
@@ -343,6 +343,34 @@ pub(crate) struct KeyCache {
     enabled: bool,
     /// The latest invalidations, by generation; bumped and appended under the lock.
     recent: Arc<Mutex<VecDeque<(u64, Dropped)>>>,
+    /// Whether the instance can still hear of changes (bounded blindness).
+    blind: Arc<Blindness>,
+}
+
+/// Bounded blindness: while an invalidation listener reports that neither the change feed
+/// nor a notification transport has answered for its `max_blind`, entries read longer ago
+/// than that are not served; they are re-read, which fails (503) while the store is out of
+/// reach. The hit path pays one relaxed load while the instance can hear.
+#[derive(Debug, Default)]
+struct Blindness {
+    on: AtomicBool,
+    /// `max_blind` in nanoseconds.
+    max_blind: AtomicU64,
+    /// When the instance last heard, while blind (for stats); `None` while it hears.
+    since: Mutex<Option<SystemTime>>,
+}
+
+impl Blindness {
+    /// Whether an entry fresh until `fresh_until` (read `ttl` before that) was read longer
+    /// than `max_blind` before `now`.
+    #[cold]
+    fn too_old(&self, fresh_until: Instant, ttl: Duration, now: Instant) -> bool {
+        let max_blind = Duration::from_nanos(self.max_blind.load(Ordering::Acquire));
+        let read_at = fresh_until.checked_sub(ttl).unwrap_or(fresh_until);
+        read_at
+            .checked_add(max_blind)
+            .is_none_or(|trusted_until| trusted_until <= now)
+    }
 }
 
 /// How many times a miss re-reads the store while invalidations keep racing it.
@@ -376,6 +404,7 @@ impl KeyCache {
             max_capacity: config.max_capacity,
             enabled: config.max_capacity > 0,
             recent: Arc::default(),
+            blind: Arc::default(),
         }
     }
 
@@ -424,7 +453,7 @@ impl KeyCache {
     /// invalidation since its read concerns it.
     fn classify(&self, digest: &Digest, entry: &Cached) -> Option<CacheHit> {
         let now = Instant::now();
-        if now >= entry.expires || !self.current(digest, entry) {
+        if now >= entry.expires || !self.current(digest, entry) || self.distrusted(entry, now) {
             return None;
         }
         Some(if self.stale.is_zero() || now < entry.fresh_until {
@@ -434,6 +463,39 @@ impl KeyCache {
                 entry: Arc::clone(entry),
             })
         })
+    }
+
+    /// Whether bounded blindness forbids serving `entry` (read too long ago while the
+    /// instance cannot hear of changes).
+    #[inline]
+    fn distrusted(&self, entry: &Entry, now: Instant) -> bool {
+        self.blind.on.load(Ordering::Relaxed)
+            && self.blind.too_old(entry.fresh_until, self.ttl, now)
+    }
+
+    /// Starts (`Some(last heard)`) or ends (`None`) bounded blindness: while it lasts and is
+    /// `enforce`d, entries read more than `max_blind` ago are not served. Not enforced (the
+    /// operator prefers availability), it is only reported.
+    pub(crate) fn set_blind(&self, since: Option<SystemTime>, max_blind: Duration, enforce: bool) {
+        let nanos = u64::try_from(max_blind.as_nanos()).unwrap_or(u64::MAX);
+        self.blind.max_blind.store(nanos, Ordering::Release);
+        *self
+            .blind
+            .since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = since;
+        self.blind
+            .on
+            .store(since.is_some() && enforce, Ordering::Release);
+    }
+
+    /// Since when the instance has been blind, if it is.
+    pub(crate) fn blind_since(&self) -> Option<SystemTime> {
+        *self
+            .blind
+            .since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// moka orders eviction and admission by the reads it sees, and hits no longer reach it:
@@ -589,7 +651,8 @@ impl KeyCache {
             // holds may be past the deadline the hit path applies. An entry an invalidation
             // since its read concerns (a racing load's result, or one an invalidation left
             // in place) is never returned: the hit path's rule.
-            let live = Instant::now() < cached.expires;
+            let now = Instant::now();
+            let live = now < cached.expires && !self.distrusted(&cached, now);
             if live && self.current(&digest, &cached) {
                 return Ok(cached.lookup.clone());
             }

@@ -43,7 +43,8 @@
 //! | `keywarden_rate_limit_decisions_total` | counter | `decision` | per-key rate-limit checks |
 //! | `keywarden_clients_blocked_total` | counter | | requests refused because their client address had too many failed attempts |
 //! | `keywarden_invalidations_total` | counter | `source`, `kind` | cache invalidations applied |
-//! | `keywarden_invalidation_reconnects_total` | counter | `source` | whole-cache flushes after an invalidation channel reconnected |
+//! | `keywarden_invalidation_reconnects_total` | counter | `source` | whole-cache flushes: a notification channel reconnected with no change feed to replay from, or the feed was pruned past what the instance had applied |
+//! | `keywarden_revocation_blind` | gauge | | 1 while the instance has heard nothing from the change feed or a notification transport for its `max_blind` (see `docs/deploy.md`), else 0 |
 //!
 //! | label | values |
 //! | --- | --- |
@@ -52,7 +53,7 @@
 //! | `result` | `hit` (a fresh entry of a key), `negative_hit` (a fresh "not found" entry), `miss` (no entry: the store is asked, one query shared by concurrent misses), `stale` (an entry past its TTL: re-read, or answered stale) |
 //! | `kind` (store errors) | `error`, `timeout` (the store timeout, or an identity mapping that outran it) |
 //! | `decision` | `allowed`, `limited` |
-//! | `source` | `postgres` (NOTIFY), `redis` (pub/sub), `local` (a change made through the store in this process; no reconnects) |
+//! | `source` | `postgres` (NOTIFY), `redis` (pub/sub), `local` (a change made through the store in this process; no reconnects), `feed` (the store's change feed, polled or replayed) |
 //! | `kind` (invalidations) | `key`, `created`, `all` |
 //!
 //! No key, key id or subject is ever a label: every label set is fixed when the layer is built.
@@ -96,6 +97,9 @@ pub const CLIENTS_BLOCKED: &str = "keywarden_clients_blocked_total";
 pub const INVALIDATIONS: &str = "keywarden_invalidations_total";
 /// `keywarden_invalidation_reconnects_total`: reconnect flushes by `source`.
 pub const INVALIDATION_RECONNECTS: &str = "keywarden_invalidation_reconnects_total";
+/// `keywarden_revocation_blind`: 1 while the instance cannot hear of changes (no answer from
+/// the change feed or a notification transport for `max_blind`), else 0.
+pub const REVOCATION_BLIND: &str = "keywarden_revocation_blind";
 
 /// Histogram buckets (seconds) that suit [`STORE_LOOKUP_DURATION`], from an indexed local
 /// lookup to the default 2 s store timeout; for exporters that need buckets

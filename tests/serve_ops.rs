@@ -293,7 +293,10 @@ usage_flush_interval = "1h"
     assert_eq!(status, 200);
     assert_eq!(
         body,
-        serde_json::json!({ "status": "ready", "checks": { "store": "ok" } })
+        serde_json::json!({
+            "status": "ready",
+            "checks": { "store": "ok", "revocation": "poll" }
+        })
     );
 
     for _ in 0..3 {

@@ -7,52 +7,58 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 
-use super::{
-    spawn, Backoff, ChangeSource, Invalidation, InvalidationListener, InvalidationPublisher,
-    PublishError, Sink,
-};
-use crate::layer::ApiKeyLayer;
-use crate::redis::{RedisBackend, RedisBackendError};
+use super::{Backoff, Heard, Invalidation, InvalidationPublisher, Link, PublishError};
+use crate::redis::RedisBackend;
+use crate::store::{StoreError, StoreErrorKind};
 
-/// How often the subscription connection is pinged.
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// How often the subscription connection is pinged at most (more often with a short
+/// `max_blind`, so a silent connection is noticed in time).
+pub(super) const PING_EVERY: Duration = Duration::from_secs(5);
 
-impl InvalidationListener {
-    /// Subscribes to the backend's invalidation channel and applies what other instances
-    /// publish to `layer`'s cache.
-    ///
-    /// # Errors
-    /// If the first connection or `SUBSCRIBE` fails.
-    pub async fn redis(
-        layer: &ApiKeyLayer,
-        backend: &RedisBackend,
-    ) -> Result<InvalidationListener, RedisBackendError> {
-        let connection = subscribe(backend).await?;
-        let backend = backend.clone();
-        Ok(spawn(layer, ChangeSource::Redis, move |sink| {
-            run(sink, backend, connection)
-        }))
-    }
+/// Subscribes now (an error if that fails) and spawns the task that forwards messages.
+pub(super) async fn start(
+    backend: &RedisBackend,
+    link: Link,
+    ping: Duration,
+) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+    let connection = subscribe(backend).await.map_err(|e| {
+        StoreError::new(
+            StoreErrorKind::Unavailable,
+            format!("subscribing to Redis failed: {e}"),
+        )
+    })?;
+    link.set(super::UP);
+    let backend = backend.clone();
+    Ok(tokio::spawn(run(link, backend, connection, ping)))
 }
 
 async fn subscribe(
     backend: &RedisBackend,
-) -> Result<(PubSubSink, PubSubStream), RedisBackendError> {
+) -> Result<(PubSubSink, PubSubStream), crate::redis::RedisBackendError> {
     let connect = async {
         let (mut sink, stream) = backend.client().get_async_pubsub().await?.split();
         sink.subscribe(backend.channel()).await?;
         Ok::<_, redis::RedisError>((sink, stream))
     };
     match tokio::time::timeout(Duration::from_secs(2), connect).await {
-        Ok(result) => result.map_err(|e| RedisBackendError::new("subscribing failed", e)),
-        Err(_) => Err(RedisBackendError::invalid("subscribing timed out")),
+        Ok(result) => {
+            result.map_err(|e| crate::redis::RedisBackendError::new("subscribing failed", e))
+        }
+        Err(_) => Err(crate::redis::RedisBackendError::invalid(
+            "subscribing timed out",
+        )),
     }
 }
 
-async fn run(sink: Sink, backend: RedisBackend, connection: (PubSubSink, PubSubStream)) {
+async fn run(
+    link: Link,
+    backend: RedisBackend,
+    connection: (PubSubSink, PubSubStream),
+    every: Duration,
+) {
     let (mut commands, mut messages) = connection;
     loop {
-        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut ping = tokio::time::interval(every);
         ping.tick().await;
         let reason: String = loop {
             tokio::select! {
@@ -63,29 +69,40 @@ async fn run(sink: Sink, backend: RedisBackend, connection: (PubSubSink, PubSubS
                             .ok()
                             .and_then(|text| Invalidation::decode(&text));
                         if let Some(invalidation) = decoded {
-                            sink.apply(&invalidation);
+                            if !link.change(None, invalidation).await {
+                                return;
+                            }
                         }
                     }
                     None => break "the server closed the connection".to_owned(),
                 },
                 _ = ping.tick() => {
                     let pong = tokio::time::timeout(
-                        Duration::from_secs(2),
+                        Duration::from_secs(2).min(every * 2),
                         commands.ping::<redis::Value>(),
                     )
                     .await;
                     match pong {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(_)) => {
+                            if !link.report(Heard::Alive).await {
+                                return;
+                            }
+                        }
                         Ok(Err(error)) => break error.to_string(),
                         Err(_) => break "ping timed out".to_owned(),
                     }
                 }
             }
         };
-        sink.lost(&reason);
+        if !link.report(Heard::Lost(link.source, reason)).await {
+            return;
+        }
         let mut backoff = Backoff::new();
         (commands, messages) = loop {
             backoff.wait().await;
+            if link.tx.is_closed() {
+                return;
+            }
             match subscribe(&backend).await {
                 Ok(connection) => break connection,
                 Err(error) => {
@@ -93,7 +110,9 @@ async fn run(sink: Sink, backend: RedisBackend, connection: (PubSubSink, PubSubS
                 }
             }
         };
-        sink.reconnected();
+        if !link.report(Heard::Restored(link.source)).await {
+            return;
+        }
     }
 }
 

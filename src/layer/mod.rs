@@ -288,10 +288,24 @@ impl ApiKeyLayer {
     pub fn stats(&self) -> LayerStats {
         let mut stats = self.verifier.counters.snapshot();
         stats.rate_limiters = self.verifier.admission.limiters.local_len() as u64;
+        stats.blind_since = self.verifier.resolver.cache.blind_since();
         stats
     }
 
-    #[cfg(any(feature = "postgres", feature = "redis"))]
+    /// Starts (`Some(last heard)`) or ends (`None`) bounded blindness: while it lasts, cached
+    /// entries read more than `max_blind` ago are not served but re-read.
+    pub(crate) fn set_blind(
+        &self,
+        since: Option<std::time::SystemTime>,
+        max_blind: std::time::Duration,
+        enforce: bool,
+    ) {
+        self.verifier
+            .resolver
+            .cache
+            .set_blind(since, max_blind, enforce);
+    }
+
     pub(crate) fn counters(&self) -> &crate::stats::Counters {
         &self.verifier.counters
     }

@@ -2,18 +2,18 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, Unit};
+use metrics::{Counter, Gauge, Histogram, Unit};
 
 use super::{CacheLookup, ChangeKind, ChangeSource, Verdict};
 use crate::metrics::{
     CACHE_LOOKUPS, CACHE_STALE_ANSWERS, CLIENTS_BLOCKED, INVALIDATIONS, INVALIDATION_RECONNECTS,
-    RATE_LIMIT_DECISIONS, REQUESTS, STORE_ERRORS, STORE_LOOKUP_DURATION,
+    RATE_LIMIT_DECISIONS, REQUESTS, REVOCATION_BLIND, STORE_ERRORS, STORE_LOOKUP_DURATION,
 };
 use crate::rejection::RejectionKind;
 
 /// The `source` labels, by [`ChangeSource`] discriminant (every build registers all three, so
 /// the series are the same whatever the features).
-const SOURCES: [&str; 3] = ["postgres", "redis", "local"];
+const SOURCES: [&str; 4] = ["postgres", "redis", "local", "feed"];
 /// The invalidation `kind` labels, by [`ChangeKind`] discriminant.
 const KINDS: [&str; 3] = ["key", "created", "all"];
 
@@ -33,10 +33,11 @@ pub(super) struct Instruments {
     limited: Counter,
     clients_blocked: Counter,
     /// `SOURCES × KINDS`.
-    invalidations: [Counter; 9],
-    /// By source (postgres, redis); local changes never reconnect.
-    #[cfg(any(feature = "postgres", feature = "redis"))]
-    reconnects: [Counter; 2],
+    invalidations: [Counter; 12],
+    /// Whole-cache flushes by source (postgres, redis, local: never, feed: pruned past).
+    reconnects: [Counter; 4],
+    /// 1 while the instance is blind (see `LayerStats::blind_since`).
+    blind: Gauge,
 }
 
 impl Instruments {
@@ -72,11 +73,9 @@ impl Instruments {
             limited: metrics::counter!(RATE_LIMIT_DECISIONS, "decision" => "limited"),
             clients_blocked: metrics::counter!(CLIENTS_BLOCKED),
             invalidations,
-            #[cfg(any(feature = "postgres", feature = "redis"))]
-            reconnects: [
-                metrics::counter!(INVALIDATION_RECONNECTS, "source" => SOURCES[0]),
-                metrics::counter!(INVALIDATION_RECONNECTS, "source" => SOURCES[1]),
-            ],
+            reconnects: SOURCES
+                .map(|source| metrics::counter!(INVALIDATION_RECONNECTS, "source" => source)),
+            blind: metrics::gauge!(REVOCATION_BLIND),
         }
     }
 
@@ -132,11 +131,14 @@ impl Instruments {
         self.invalidations[index].increment(1);
     }
 
-    #[cfg(any(feature = "postgres", feature = "redis"))]
     pub(super) fn reconnect_flush(&self, source: ChangeSource) {
         if let Some(counter) = self.reconnects.get(source as usize) {
             counter.increment(1);
         }
+    }
+
+    pub(super) fn blind(&self, blind: bool) {
+        self.blind.set(if blind { 1.0 } else { 0.0 });
     }
 }
 
@@ -183,6 +185,10 @@ fn describe() {
     metrics::describe_counter!(
         INVALIDATION_RECONNECTS,
         "Whole-cache flushes after an invalidation channel reconnected, by source"
+    );
+    metrics::describe_gauge!(
+        REVOCATION_BLIND,
+        "1 while the instance has heard nothing from the change feed or a notification transport for max_blind"
     );
 }
 

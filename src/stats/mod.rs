@@ -41,6 +41,11 @@ pub struct LayerStats {
     /// A gauge, not a counter: the keys whose in-process rate-limit budget is held now, those
     /// still spending it (a budget full again is dropped).
     pub rate_limiters: u64,
+    /// When the instance last heard of changes, while it is blind: an
+    /// [`InvalidationListener`](crate::invalidation::InvalidationListener) has had no answer
+    /// from the change feed or a notification transport for its `max_blind`. `None` while it
+    /// hears (or has no listener).
+    pub blind_since: Option<std::time::SystemTime>,
 }
 
 /// How one authentication ended: the `outcome` label.
@@ -101,9 +106,10 @@ pub(crate) enum ChangeSource {
     Redis = 1,
     /// A change made through the store in this process.
     Local = 2,
+    /// The store's change feed, polled (or replayed after a lost notification connection).
+    Feed = 3,
 }
 
-#[cfg(any(feature = "postgres", feature = "redis"))]
 impl ChangeSource {
     /// The transport's name in logs (the `source` label).
     pub(crate) fn label(self) -> &'static str {
@@ -113,6 +119,7 @@ impl ChangeSource {
             #[cfg(feature = "redis")]
             ChangeSource::Redis => "redis",
             ChangeSource::Local => "local",
+            ChangeSource::Feed => "feed",
         }
     }
 }
@@ -180,6 +187,7 @@ impl Counters {
             invalidations_received: get(&self.invalidations_received),
             reconnect_flushes: get(&self.reconnect_flushes),
             rate_limiters: 0,
+            blind_since: None,
         }
     }
 
@@ -248,11 +256,16 @@ impl Counters {
         self.instruments.invalidation(source, kind);
     }
 
-    /// A whole-cache flush after an invalidation channel reconnected.
-    #[cfg(any(feature = "postgres", feature = "redis"))]
+    /// A whole-cache flush after an invalidation channel reconnected without a change feed to
+    /// replay from, or after the feed was pruned past what this instance had applied.
     pub(crate) fn reconnect_flush(&self, source: ChangeSource) {
         bump(&self.reconnect_flushes);
         self.instruments.reconnect_flush(source);
+    }
+
+    /// Whether the instance is blind now (the `keywarden_revocation_blind` gauge).
+    pub(crate) fn blind(&self, blind: bool) {
+        self.instruments.blind(blind);
     }
 }
 
@@ -274,6 +287,6 @@ impl Instruments {
     fn rate_limit(&self, _allowed: bool) {}
     fn client_blocked(&self) {}
     fn invalidation(&self, _: ChangeSource, _: ChangeKind) {}
-    #[cfg(any(feature = "postgres", feature = "redis"))]
     fn reconnect_flush(&self, _: ChangeSource) {}
+    fn blind(&self, _: bool) {}
 }

@@ -6,10 +6,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    no_secret, retired_placeholder, Applied, AuditWrite, ChangeOutcome, HourlyUsage, KeyChange,
-    KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, Observers, SecretRetirement,
-    StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount, UsageOutcome,
-    UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
+    no_secret, retired_placeholder, Applied, AuditWrite, ChangeOutcome, FeedPage, HourlyUsage,
+    KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, MemoryFeed, Observers,
+    SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
+    UsageCount, UsageOutcome, UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord,
+    WebhookStore,
 };
 use crate::audit::{AuditCheckpoint, AuditEvent, AuditPage, AuditQuery, AuditSealer, ChainHead};
 use crate::secret::{Digest, SecretId};
@@ -34,6 +35,8 @@ struct Inner {
     webhooks: BTreeMap<Uuid, WebhookRecord>,
     /// Usage analytics: counts by subject, hour and outcome.
     usage_counts: BTreeMap<(UsageSubject, OffsetDateTime, UsageOutcome), u64>,
+    /// The change feed (the newest 100,000 changes), written with each change.
+    feed: MemoryFeed,
 }
 
 impl MemoryStore {
@@ -320,6 +323,10 @@ impl KeyStore for MemoryStore {
     fn observe(&self, observer: std::sync::Weak<dyn StoreObserver>) {
         self.observers.add(observer);
     }
+
+    async fn change_feed(&self, after: u64, limit: u32) -> Result<Option<FeedPage>, StoreError> {
+        Ok(Some(self.read().feed.page(after, limit as usize)))
+    }
 }
 
 /// The writes themselves; the `KeyStore` methods add the in-process change notices.
@@ -333,6 +340,7 @@ impl MemoryStore {
         }
         inner.by_digest.insert(record.digest, record.id);
         inner.by_id.insert(record.id, record.clone());
+        inner.feed.push(StoreChange::Created);
         Ok(())
     }
 
@@ -348,7 +356,9 @@ impl MemoryStore {
         // Under the write lock: the check and the write are one step.
         patch.check_expected(record)?;
         patch.apply_to(record, now);
-        Ok(Some(record.clone()))
+        let record = record.clone();
+        inner.feed.push(StoreChange::Key(id));
+        Ok(Some(record))
     }
 
     async fn add_digest_unobserved(
@@ -401,6 +411,7 @@ impl MemoryStore {
             by_id,
             by_digest,
             added,
+            feed,
             ..
         } = inner;
         let only_under = |record: &KeyRecord| {
@@ -460,6 +471,7 @@ impl MemoryStore {
             if lost > 0 {
                 outcome.dropped += lost as u64;
                 outcome.affected.push(record.id);
+                feed.push(StoreChange::Key(record.id));
             }
         }
         Ok(outcome)
@@ -468,6 +480,7 @@ impl MemoryStore {
     fn delete_in(inner: &mut Inner, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let removed = inner.by_id.remove(&id);
         if let Some(record) = &removed {
+            inner.feed.push(StoreChange::Key(id));
             inner.by_digest.remove(&record.digest);
             for (_, digest) in inner.added.remove(&id).unwrap_or_default() {
                 inner.by_digest.remove(&digest);

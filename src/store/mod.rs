@@ -27,6 +27,7 @@ use crate::secret::{Digest, SecretId};
 
 mod analytics;
 mod audited;
+mod feed;
 mod foreign;
 mod memory;
 mod none;
@@ -42,6 +43,8 @@ mod webhooks;
 pub use analytics::{hour_of, HourlyUsage, UsageCount, UsageOutcome, UsageSubject};
 pub(crate) use audited::{no_audit_log, unverified_prune};
 pub use audited::{Applied, AuditWrite, ChangeOutcome, KeyChange};
+pub(crate) use feed::MemoryFeed;
+pub use feed::{FeedEntry, FeedPage};
 pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};
 pub use memory::MemoryStore;
 pub(crate) use none::NoStore;
@@ -780,6 +783,28 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// As the store's other writes.
     async fn prune_usage_counts(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let _ = before;
+        Ok(0)
+    }
+
+    /// The change feed: the changes after sequence `after` (at most `limit`, oldest first) and
+    /// where the feed stands. `None` when the store keeps no feed (the default): instances
+    /// then learn of other instances' changes only from a notification transport or the cache
+    /// TTL. The built-in stores keep one, written in the same transaction as each change.
+    ///
+    /// # Errors
+    /// If the store cannot be read.
+    async fn change_feed(&self, after: u64, limit: u32) -> Result<Option<FeedPage>, StoreError> {
+        let _ = (after, limit);
+        Ok(None)
+    }
+
+    /// Deletes feed entries recorded before `before`, always keeping the newest; returns how
+    /// many went. An instance whose last applied sequence was pruned drops its whole cache.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let _ = before;
         Ok(0)
     }

@@ -10,14 +10,15 @@ use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::feed::{page_from_rows, FEED_SQL};
 use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
 use super::{
-    Applied, AuditWrite, ChangeOutcome, HourlyUsage, KeyChange, KeyPage, KeyPatch, KeyQuery,
-    KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement, StoreChange,
-    StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount, UsageOutcome,
-    UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
+    Applied, AuditWrite, ChangeOutcome, FeedPage, HourlyUsage, KeyChange, KeyPage, KeyPatch,
+    KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement,
+    StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount,
+    UsageOutcome, UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
 };
 use crate::audit::{
     Actor, AuditCheckpoint, AuditEntry, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer,
@@ -623,6 +624,28 @@ impl KeyStore for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    async fn change_feed(&self, after: u64, limit: u32) -> Result<Option<FeedPage>, StoreError> {
+        let rows: Vec<(i32, i64, Option<Uuid>)> = sqlx::query_as(FEED_SQL)
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| store_error("reading the change feed failed", e))?;
+        page_from_rows(rows).map(Some)
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        sqlx::query(
+            "DELETE FROM keywarden_changes WHERE at < $1 \
+             AND seq < (SELECT MAX(seq) FROM keywarden_changes)",
+        )
+        .bind(micros(before))
+        .execute(&self.pool)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(|e| store_error("pruning the change feed failed", e))
     }
 
     async fn prune_usage_counts(&self, before: OffsetDateTime) -> Result<u64, StoreError> {

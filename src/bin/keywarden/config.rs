@@ -56,6 +56,10 @@ pub(crate) struct ServerSection {
     pub(crate) client_address_header: Option<ConfigHeader>,
     pub(crate) trusted_proxies: Option<Vec<ConfigNetwork>>,
     pub(crate) verify_without_key_on_loopback: Option<bool>,
+    pub(crate) revocation_poll: Option<ConfigDuration>,
+    pub(crate) revocation_listen: Option<bool>,
+    pub(crate) max_blind: Option<ConfigDuration>,
+    pub(crate) prefer_availability: Option<bool>,
 }
 
 /// `[auth]`: what the layer accepts and how it limits.

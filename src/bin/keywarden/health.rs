@@ -11,7 +11,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use keywarden::{redis::RedisBackend, store::StoreErrorKind, KeyStore};
+use keywarden::{
+    invalidation::InvalidationListener, redis::RedisBackend, store::StoreErrorKind, KeyStore,
+};
 use serde_json::{json, Map, Value};
 
 use crate::with_sources;
@@ -32,6 +34,9 @@ pub(crate) struct Readiness {
     /// The last verdict and when it was reached; the lock also makes concurrent probes wait
     /// for one check instead of each running its own.
     last: tokio::sync::Mutex<Option<Verdict>>,
+    /// How changes made elsewhere reach this instance, reported (not a readiness condition:
+    /// a blind instance's store check fails anyway).
+    revocation: Option<Arc<InvalidationListener>>,
 }
 
 /// When a readiness verdict was reached, whether ready, and each check's answer.
@@ -45,7 +50,14 @@ impl Readiness {
             draining: AtomicBool::new(false),
             verdict_ttl: VERDICT_TTL,
             last: tokio::sync::Mutex::new(None),
+            revocation: None,
         }
+    }
+
+    /// Reports `listener`'s path (and blindness) under `checks.revocation`.
+    pub(crate) fn revocation(mut self, listener: Arc<InvalidationListener>) -> Self {
+        self.revocation = Some(listener);
+        self
     }
 
     /// Checks on every probe (tests).
@@ -107,6 +119,19 @@ impl Readiness {
                 }
             };
             checks.insert("redis".into(), verdict.into());
+        }
+        if let Some(listener) = &self.revocation {
+            let path = listener.path();
+            let verdict = match listener.blind_since() {
+                Some(since) => format!(
+                    "{path}, blind since {}",
+                    time::OffsetDateTime::from(since)
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                ),
+                None => path,
+            };
+            checks.insert("revocation".into(), verdict.into());
         }
         (ready, checks)
     }

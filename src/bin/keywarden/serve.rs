@@ -13,7 +13,7 @@ use clap::builder::BoolishValueParser;
 use clap::Args;
 use keywarden::webhooks::{WebhookDeliverer, WebhookTargets};
 use keywarden::{
-    invalidation::InvalidationListener,
+    invalidation::{InvalidationListener, DEFAULT_MAX_BLIND, DEFAULT_POLL_INTERVAL},
     ratelimit::{ClientAddressSource, FailedAttemptLimit, RateLimiter, TrustedProxies},
     redis::RedisBackend,
     rejection::RejectionKind,
@@ -163,6 +163,42 @@ pub(crate) struct ServeArgs {
         value_name = "BOOL"
     )]
     verify_without_key_on_loopback: Option<bool>,
+    /// Poll the store's change feed this often: a revocation made on another instance (or by
+    /// the CLI, or plain SQL) reaches this one within it, even with no notification
+    /// [default: 2s].
+    #[arg(long, env = "KEYWARDEN_REVOCATION_POLL", value_name = "DURATION")]
+    revocation_poll: Option<ConfigDuration>,
+    /// Use PostgreSQL LISTEN/NOTIFY as the fast path for changes [default: true]. `=false`
+    /// behind a pooler in transaction mode (PgBouncer), where it cannot work; it is also
+    /// detected at start and then logged.
+    #[arg(
+        long,
+        env = "KEYWARDEN_REVOCATION_LISTEN",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    revocation_listen: Option<bool>,
+    /// After this long without an answer from the change feed or a notification transport,
+    /// stop serving cached keys read longer ago than that (they are re-checked; 503 while the
+    /// store is out of reach) [default: 30s].
+    #[arg(long, env = "KEYWARDEN_MAX_BLIND", value_name = "DURATION")]
+    max_blind: Option<ConfigDuration>,
+    /// Keep serving cached keys while blind, up to the cache TTL and stale window. RISK: a key
+    /// revoked while this instance cannot reach the store is accepted here until its cache
+    /// entry expires. `=false` turns off what the config file turned on.
+    #[arg(
+        long,
+        env = "KEYWARDEN_PREFER_AVAILABILITY",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    prefer_availability: Option<bool>,
 }
 
 /// `serve`'s settings: each from its flag, else its environment variable, else the config
@@ -184,6 +220,10 @@ struct Settings {
     log_level: String,
     log_requests: bool,
     verify_without_key_on_loopback: bool,
+    revocation_poll: StdDuration,
+    revocation_listen: bool,
+    max_blind: StdDuration,
+    prefer_availability: bool,
     /// Risky but allowed choices, logged as warnings once logging is up.
     warnings: Vec<String>,
 }
@@ -311,6 +351,22 @@ impl Settings {
             verify_without_key_on_loopback: args
                 .verify_without_key_on_loopback
                 .or(file.server.verify_without_key_on_loopback)
+                .unwrap_or(false),
+            revocation_poll: args
+                .revocation_poll
+                .or(file.server.revocation_poll)
+                .map_or(DEFAULT_POLL_INTERVAL, |d| d.0),
+            revocation_listen: args
+                .revocation_listen
+                .or(file.server.revocation_listen)
+                .unwrap_or(true),
+            max_blind: args
+                .max_blind
+                .or(file.server.max_blind)
+                .map_or(DEFAULT_MAX_BLIND, |d| d.0),
+            prefer_availability: args
+                .prefer_availability
+                .or(file.server.prefer_availability)
                 .unwrap_or(false),
             warnings,
         })
@@ -460,6 +516,15 @@ async fn log_request(request: Request, next: Next) -> Response {
     response
 }
 
+/// A duration as the CLI takes it back: `2s`, `500ms`.
+fn humantime_secs(duration: StdDuration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
+}
+
 /// `path` with each segment longer than 16 bytes (a key, a token, an id) replaced by `{…}`.
 fn redacted_path(path: &str) -> String {
     path.split('/')
@@ -563,22 +628,42 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
                 .unwrap_or(time::Duration::days(7)),
         )
         .start(StdDuration::from_secs(1));
-    // Other instances hear of changes through NOTIFY (PostgreSQL) and/or Redis.
-    let mut listeners = Vec::new();
+    // Other instances' changes arrive through the store's change feed (polled), with NOTIFY
+    // (PostgreSQL) and/or Redis pub/sub as the fast path.
+    let mut revocation = InvalidationListener::builder(&layer)
+        .poll_every(settings.revocation_poll)
+        .max_blind(settings.max_blind);
+    if settings.prefer_availability {
+        revocation = revocation.prefer_availability();
+    }
     if let Some(postgres) = &postgres {
-        listeners.push(
-            InvalidationListener::postgres(&layer, postgres)
-                .await
-                .map_err(|e| Failure(format!("cannot LISTEN for invalidations: {e}")))?,
-        );
+        if settings.revocation_listen {
+            revocation = revocation.postgres(postgres);
+        } else {
+            tracing::info!(
+                target: "keywarden",
+                poll_every = ?settings.revocation_poll,
+                "LISTEN/NOTIFY switched off: changes made elsewhere arrive by polling the change feed"
+            );
+        }
     }
     if let Some(redis) = &redis {
         manager = manager.publishes_to(redis.clone());
-        listeners.push(
-            InvalidationListener::redis(&layer, redis)
-                .await
-                .map_err(|e| Failure(format!("cannot subscribe to Redis: {e}")))?,
-        );
+        revocation = revocation.redis(redis);
+    }
+    let revocation = Arc::new(
+        revocation
+            .start()
+            .await
+            .map_err(|e| Failure(format!("cannot follow changes made elsewhere: {e}")))?,
+    );
+    match revocation.path().as_str() {
+        "ttl" => tracing::warn!(
+            target: "keywarden",
+            "no change feed and no notification transport: changes made elsewhere reach this \
+             instance only when cache entries expire"
+        ),
+        path => tracing::info!(target: "keywarden", path, "following changes made elsewhere"),
     }
     let mut auth_server = AuthServer::new(layer.clone());
     if let Some(source) = settings.client_address() {
@@ -587,7 +672,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
     if settings.verify_without_key_on_loopback {
         auth_server = auth_server.verify_without_caller_key_from_loopback();
     }
-    let readiness = Arc::new(Readiness::new(store, redis.clone()));
+    let readiness = Arc::new(Readiness::new(store, redis.clone()).revocation(revocation.clone()));
     let mut app = demo_router(layer.clone(), Arc::new(manager))
         .merge(auth_server.router())
         .merge(health::router(readiness.clone()));
@@ -631,14 +716,13 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
                 "caller scope keys:verify"
             }
         );
-        let propagation = match (listeners.is_empty(), redis.is_some()) {
-            (true, _) => {
-                "within the cache TTL (60 s); use PostgreSQL or --redis-url for instant propagation"
+        let poll = humantime_secs(settings.revocation_poll);
+        let propagation = match revocation.path().as_str() {
+            "ttl" => "within the cache TTL (60 s)".to_owned(),
+            path if path.contains("listen") || path.contains("redis") => {
+                format!("at once ({path}; at the latest within {poll})")
             }
-            (false, true) => {
-                "at once (PostgreSQL NOTIFY / Redis pub/sub; set KEYWARDEN_REDIS_URL for the CLI)"
-            }
-            (false, false) => "at once (PostgreSQL NOTIFY)",
+            path => format!("within {poll} ({path})"),
         };
         println!(
             "changes made through /admin apply at once; changes made by other processes \
@@ -692,7 +776,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
             eprintln!("warning: could not record the last key uses: {error}");
         }
     }
-    drop(listeners);
+    drop(revocation);
     tracing::info!("shut down");
     if !out.json {
         println!("shut down");
