@@ -63,11 +63,14 @@ async fn every_store_feeds_each_verification_change_in_commit_order() {
             .unwrap();
         let id = created.record.id;
         let page = feed_after(&*store, start).await;
-        assert_eq!(
-            page.changes.iter().map(|c| c.change).collect::<Vec<_>>(),
-            [StoreChange::Created],
-            "{name}"
-        );
+        let changes: Vec<StoreChange> = page.changes.iter().map(|c| c.change).collect();
+        // SQLite also feeds an insert as a change of its key (`INSERT OR REPLACE`).
+        let expected: &[StoreChange] = if name == "sqlite" {
+            &[StoreChange::Created, StoreChange::Key(id)]
+        } else {
+            &[StoreChange::Created]
+        };
+        assert_eq!(changes, expected, "{name}");
         let after_create = page.head;
 
         // Usage changes no answer: no entry.
@@ -121,6 +124,19 @@ async fn every_store_feeds_each_verification_change_in_commit_order() {
             assert_eq!(
                 page.changes.iter().map(|c| c.change).collect::<Vec<_>>(),
                 [StoreChange::Key(other.record.id)]
+            );
+        }
+        if let Some((pg, _)) = &pg {
+            // TRUNCATE fires no row trigger: it is fed as "anything may have changed".
+            let before = feed_after(&*store, 0).await.head;
+            sqlx::query("TRUNCATE keywarden_keys CASCADE")
+                .execute(pg.pool())
+                .await
+                .unwrap();
+            let page = feed_after(&*store, before).await;
+            assert!(
+                page.changes.iter().any(|c| c.change == StoreChange::All),
+                "{page:?}"
             );
         }
         if name != "memory" {
@@ -395,21 +411,24 @@ async fn a_listener_blip_replays_the_changed_keys_instead_of_flushing_a_warm_cac
     let warm_reads = b_store.lookups.load(Ordering::SeqCst);
     assert_eq!(warm_reads, WARM, "one read per key to warm the cache");
 
-    // The blip: B's listener connection dies, and keys change while it is away.
+    // The blip: B's listener connection dies, and keys change while it is away (one
+    // transaction: the notifications go out at its commit, when the listener is gone).
+    let ids: Vec<Uuid> = minted.iter().take(CHANGED).map(|(r, _)| r.id).collect();
+    let mut tx = pg_a.pool().begin().await.unwrap();
+    sqlx::query("UPDATE keywarden_keys SET revoked_at = now() WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
     )
     .bind(format!("keywarden-listener:{schema}"))
-    .fetch_all(pg_a.pool())
+    .fetch_all(&mut *tx)
     .await
     .unwrap();
     assert_eq!(killed, vec![true]);
-    let ids: Vec<Uuid> = minted.iter().take(CHANGED).map(|(r, _)| r.id).collect();
-    sqlx::query("UPDATE keywarden_keys SET revoked_at = now() WHERE id = ANY($1)")
-        .bind(&ids)
-        .execute(pg_a.pool())
-        .await
-        .unwrap();
+    tx.commit().await.unwrap();
     let head = pg_a.change_feed(u64::MAX, 0).await.unwrap().unwrap().head;
     let start = Instant::now();
     while listener.reconnects() < 1 || listener.cursor() < head {
@@ -640,7 +659,7 @@ async fn a_partition_longer_than_max_blind_makes_serve_refuse_what_it_cannot_rec
         return;
     };
     let d = Deployment::new(&url, "kw_blind").await;
-    let b = d.serve("b", &["--max-blind", "3s"]);
+    let b = d.serve("b", &["--max-blind", "3s", "--revocation-poll", "1s"]);
     let (revoked_id, revoked) = d.key("revoked").await;
     let (_, kept) = d.key("kept").await;
     let (_, unseen) = d.key("unseen").await;
@@ -682,7 +701,10 @@ async fn a_partition_longer_than_max_blind_makes_serve_refuse_what_it_cannot_rec
     );
     let ready = d.readyz(&b).await;
     let revocation = ready["checks"]["revocation"].as_str().unwrap_or_default();
-    assert!(revocation.contains("blind since"), "{ready}");
+    assert!(
+        revocation.starts_with("listen+poll, blind: last answer "),
+        "{ready}"
+    );
 
     d.proxy.restore();
     d.until(&b, &revoked, (401, "revoked_key"), Duration::from_secs(5))
@@ -694,4 +716,129 @@ async fn a_partition_longer_than_max_blind_makes_serve_refuse_what_it_cannot_rec
     );
     b.terminate();
     d.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_notification_cannot_hide_a_revocation() {
+    let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let schema = unique("kw_forge");
+    let pg_a = PostgresStore::connect_with_schema(&url, &schema)
+        .await
+        .unwrap();
+    let pg_b = PostgresStore::connect_with_schema(&url, &schema)
+        .await
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer_over(Arc::new(pg_a.clone())));
+    let key = manager
+        .create(NewKey::new("forged", "alice").collection("users"))
+        .await
+        .unwrap();
+    let b = layer_over(Arc::new(pg_b.clone()));
+    let app_b = app().layer(b.clone());
+    let listener = InvalidationListener::builder(&b)
+        .postgres(&pg_b)
+        .poll_every(Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(status(&app_b, key.key.expose()).await.0, 200);
+
+    // Any database user may NOTIFY: announce the next number with some other key...
+    let head = pg_a.change_feed(u64::MAX, 0).await.unwrap().unwrap().head;
+    sqlx::query("SELECT pg_notify('keywarden_feed', $1)")
+        .bind(format!("{schema} {} key {}", head + 1, Uuid::now_v7()))
+        .execute(pg_a.pool())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...then the real change with that number, whose own notification is lost.
+    let mut tx = pg_a.pool().begin().await.unwrap();
+    sqlx::query("UPDATE keywarden_keys SET revoked_at = now() WHERE id = $1")
+        .bind(key.record.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(format!("keywarden-listener:{schema}"))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let start = Instant::now();
+    while status(&app_b, key.key.expose()).await != (401, "revoked_key".to_owned()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the forged notification hid the revocation: {listener:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(listener);
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(pg_a.pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_insert_or_replace_is_fed_as_a_change_of_the_key() {
+    let dir = TempDir::new("feed-replace");
+    let store = keywarden::SqliteStore::connect(&dir.db_url())
+        .await
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer_over(Arc::new(store.clone())));
+    let key = manager
+        .create(NewKey::new("replace", "alice").collection("users"))
+        .await
+        .unwrap();
+    let before = feed_after(&store, 0).await.head;
+    // REPLACE deletes the old row without firing its delete trigger.
+    sqlx::query("INSERT OR REPLACE INTO keywarden_keys SELECT * FROM keywarden_keys WHERE id = ?")
+        .bind(key.record.id.as_bytes().to_vec())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let page = feed_after(&store, before).await;
+    assert!(
+        page.changes
+            .iter()
+            .any(|c| c.change == StoreChange::Key(key.record.id)),
+        "{page:?}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_blindness_bound_the_poll_cannot_keep() {
+    let dir = TempDir::new("feed-flags");
+    for (args, expected) in [
+        (
+            &["--max-blind", "3s"][..],
+            "max blind 3s must be at least twice the revocation poll interval (2s)",
+        ),
+        (
+            &["--revocation-poll", "0s"][..],
+            "revocation poll interval 0ns is too short: at least 100ms",
+        ),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
+        for (var, _) in std::env::vars() {
+            if var.starts_with("KEYWARDEN_") {
+                cmd.env_remove(var);
+            }
+        }
+        let output = cmd
+            .current_dir(dir.path())
+            .env("KEYWARDEN_DATABASE_URL", dir.db_url())
+            .env("KEYWARDEN_SECRET", SECRET)
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
 }

@@ -9,9 +9,12 @@ CREATE TABLE IF NOT EXISTS keywarden_changes (
     at     INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))
 );
 
+-- An insert is also fed as a change of its key: `INSERT OR REPLACE` replaces a row without
+-- firing the delete trigger, and cached answers for the replaced key must go.
 CREATE TRIGGER IF NOT EXISTS keywarden_keys_feed_insert AFTER INSERT ON keywarden_keys
 BEGIN
     INSERT INTO keywarden_changes (key_id) VALUES (NULL);
+    INSERT INTO keywarden_changes (key_id) VALUES (NEW.id);
 END;
 
 -- Every column but the usage ones (last_used_at, use_count, updated_at): write-behind usage
@@ -28,6 +31,11 @@ END;
 CREATE TRIGGER IF NOT EXISTS keywarden_keys_feed_delete AFTER DELETE ON keywarden_keys
 BEGIN
     INSERT INTO keywarden_changes (key_id) VALUES (OLD.id);
+END;
+
+CREATE TRIGGER IF NOT EXISTS keywarden_key_digests_feed_insert AFTER INSERT ON keywarden_key_digests
+BEGIN
+    INSERT INTO keywarden_changes (key_id) VALUES (NEW.key_id);
 END;
 
 CREATE TRIGGER IF NOT EXISTS keywarden_key_digests_feed_update AFTER UPDATE ON keywarden_key_digests

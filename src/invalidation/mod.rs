@@ -95,6 +95,8 @@ const FEED_RETENTION: Duration = Duration::from_secs(24 * 3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// After a failed poll, the next comes this soon (at most the poll interval).
 const RETRY_FAILED_POLL: Duration = Duration::from_millis(250);
+/// A notification that skips a number polls the feed at once, at most this often.
+const GAP_POLL: Duration = Duration::from_millis(50);
 
 /// What another instance must drop from its cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +170,8 @@ struct ListenerState {
     /// Nanoseconds since `origin` when the feed or a transport last answered.
     heard: AtomicU64,
     blind: AtomicBool,
+    /// The last answer before the current blindness, fixed when it began.
+    blind_since: std::sync::Mutex<Option<SystemTime>>,
     feed: AtomicBool,
     cursor: AtomicU64,
     received: AtomicU64,
@@ -185,6 +189,7 @@ impl ListenerState {
             origin: Instant::now(),
             heard: AtomicU64::new(0),
             blind: AtomicBool::new(false),
+            blind_since: std::sync::Mutex::new(None),
             feed: AtomicBool::new(false),
             cursor: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -349,7 +354,8 @@ impl ListenerBuilder {
             state: state.clone(),
             feed,
             poll_every: self.poll_every,
-            pending: Vec::new(),
+            notified_up_to: 0,
+            last_poll: None,
             last_prune: None,
         };
         // With neither a feed nor a transport nothing can ever be heard: the cache TTL is the
@@ -491,10 +497,11 @@ impl InvalidationListener {
     /// When the listener last heard from the feed or a transport, while it has heard
     /// nothing for `max_blind`; `None` otherwise.
     pub fn blind_since(&self) -> Option<SystemTime> {
-        self.state
-            .blind
-            .load(Ordering::Acquire)
-            .then(|| SystemTime::now() - self.state.silent_for())
+        *self
+            .state
+            .blind_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -583,6 +590,17 @@ impl Link {
         self.tx.send(heard).await.is_ok()
     }
 
+    /// Reports a change without waiting (while the loop may not run yet); dropped when the
+    /// queue is full — the feed carries it.
+    #[cfg(feature = "postgres")]
+    fn try_change(&self, seq: u64, invalidation: Invalidation) {
+        let _ = self.tx.try_send(Heard::Change {
+            seq: Some(seq),
+            invalidation,
+            source: self.source,
+        });
+    }
+
     async fn change(&self, seq: Option<u64>, invalidation: Invalidation) -> bool {
         self.report(Heard::Change {
             seq,
@@ -599,9 +617,10 @@ struct Core {
     state: Arc<ListenerState>,
     feed: Option<Arc<dyn KeyStore>>,
     poll_every: Duration,
-    /// Notifications waiting for the poll that fills the gap before them; applied directly if
-    /// that poll fails.
-    pending: Vec<(Invalidation, ChangeSource)>,
+    /// The highest sequence a notification carried: a notification further ahead means one
+    /// was missed, and the feed is polled at once.
+    notified_up_to: u64,
+    last_poll: Option<Instant>,
     last_prune: Option<Instant>,
 }
 
@@ -649,21 +668,27 @@ impl Core {
                 invalidation,
                 source,
             } => {
-                self.state.heard_now();
+                // With a feed, only the feed answering counts as hearing: a transport that is
+                // up (or a forged notification) says nothing about reaching the store.
+                if self.feed.is_none() {
+                    self.state.heard_now();
+                }
                 let cursor = self.state.cursor.load(Ordering::Acquire);
                 match seq {
                     Some(seq) if self.feed.is_some() => {
                         if seq <= cursor {
                             return false;
                         }
-                        if seq == cursor + 1 {
-                            self.apply(invalidation, source);
-                            self.state.cursor.store(seq, Ordering::Release);
-                            return false;
-                        }
-                        // Something before it is missing (or was rolled back): the feed says.
-                        self.pending.push((invalidation, source));
-                        true
+                        // Applied now, and again when the poll reads it: the cursor moves only
+                        // with the feed itself, so a notification anyone can forge
+                        // (`pg_notify`) can never make a real change look applied.
+                        self.apply(invalidation, source);
+                        let gap = seq > self.notified_up_to.max(cursor) + 1;
+                        self.notified_up_to = self.notified_up_to.max(seq);
+                        // Something before it was missed (or rolled back): the feed says now,
+                        // at most every GAP_POLL (forged notifications cannot make it hammer
+                        // the store).
+                        gap && self.last_poll.is_none_or(|at| at.elapsed() >= GAP_POLL)
                     }
                     _ => {
                         self.apply(invalidation, source);
@@ -672,7 +697,9 @@ impl Core {
                 }
             }
             Heard::Alive => {
-                self.state.heard_now();
+                if self.feed.is_none() {
+                    self.state.heard_now();
+                }
                 false
             }
             Heard::Lost(source, reason) => {
@@ -681,7 +708,9 @@ impl Core {
                 false
             }
             Heard::Restored(source) => {
-                self.state.heard_now();
+                if self.feed.is_none() {
+                    self.state.heard_now();
+                }
                 self.state.reconnects.fetch_add(1, Ordering::AcqRel);
                 if self.feed.is_some() {
                     tracing::info!(target: "keywarden", transport = source.label(),
@@ -734,6 +763,7 @@ impl Core {
         let Some(store) = self.feed.clone() else {
             return false;
         };
+        self.last_poll = Some(Instant::now());
         // One indexed query normally answers in a millisecond; a hung connection (a cut
         // network) must not hold up the retry for long.
         let timeout =
@@ -753,9 +783,6 @@ impl Core {
                         tracing::warn!(target: "keywarden", %reason, failures,
                             "polling the change feed failed");
                     }
-                    for (invalidation, source) in std::mem::take(&mut self.pending) {
-                        self.apply(invalidation, source);
-                    }
                     return false;
                 }
             };
@@ -765,7 +792,6 @@ impl Core {
                 first.is_some_and(|first| first > cursor + 1) && page.oldest > cursor + 1;
             if page.head < cursor || page.head - cursor > MAX_REPLAY || pruned_past {
                 self.state.cursor.store(page.head, Ordering::Release);
-                self.pending.clear();
                 self.flush(
                     ChangeSource::Feed,
                     "the change feed cannot be replayed from where this instance stood \
@@ -783,7 +809,6 @@ impl Core {
                 break;
             }
         }
-        self.pending.clear();
         if self.last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             self.last_prune = Some(Instant::now());
             let before = time::OffsetDateTime::now_utc() - FEED_RETENTION;
@@ -813,8 +838,12 @@ async fn watch(layer: ApiKeyLayer, state: Arc<ListenerState>, max_blind: Duratio
         }
         state.blind.store(blind, Ordering::Release);
         layer.counters().blind(blind);
-        if blind {
-            let since = SystemTime::now() - silent;
+        let since = blind.then(|| SystemTime::now() - silent);
+        *state
+            .blind_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = since;
+        if let Some(since) = since {
             layer.set_blind(Some(since), max_blind, enforce);
             if enforce {
                 tracing::warn!(target: "keywarden", ?silent, ?max_blind,

@@ -96,7 +96,7 @@ async fn listen(pool: &PgPool, schema: &str, link: &Link) -> Result<PgListener, 
             Ok(Ok(Some(notification))) if notification.payload() == probe => return Ok(listener),
             Ok(Ok(Some(notification))) => {
                 if let Some((seq, invalidation)) = parse(notification.payload(), schema) {
-                    link.change(Some(seq), invalidation).await;
+                    link.try_change(seq, invalidation);
                 }
             }
             Ok(Ok(None)) => {

@@ -76,7 +76,12 @@ pub(crate) fn page_from_rows(
         match kind {
             0 => page.changes.push(FeedEntry::new(
                 seq,
-                key.map_or(StoreChange::Created, StoreChange::Key),
+                match key {
+                    None => StoreChange::Created,
+                    // A TRUNCATE.
+                    Some(id) if id.is_nil() => StoreChange::All,
+                    Some(id) => StoreChange::Key(id),
+                },
             )),
             1 => page.head = seq,
             _ => page.oldest = seq,

@@ -124,7 +124,7 @@ impl Readiness {
             let path = listener.path();
             let verdict = match listener.blind_since() {
                 Some(since) => format!(
-                    "{path}, blind since {}",
+                    "{path}, blind: last answer {}",
                     time::OffsetDateTime::from(since)
                         .format(&time::format_description::well_known::Rfc3339)
                         .unwrap_or_default()

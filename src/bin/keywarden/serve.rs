@@ -270,6 +270,38 @@ impl Settings {
                 }
             }
         }
+        let revocation_poll = args
+            .revocation_poll
+            .or(file.server.revocation_poll)
+            .map_or(DEFAULT_POLL_INTERVAL, |d| d.0);
+        let max_blind = args
+            .max_blind
+            .or(file.server.max_blind)
+            .map_or(DEFAULT_MAX_BLIND, |d| d.0);
+        if revocation_poll < StdDuration::from_millis(100) {
+            return Err(Failure(format!(
+                "revocation poll interval {revocation_poll:?} is too short: at least 100ms \
+                 (server.revocation_poll)"
+            )));
+        }
+        if max_blind < revocation_poll.saturating_mul(2) {
+            return Err(Failure(format!(
+                "max blind {max_blind:?} must be at least twice the revocation poll interval \
+                 ({revocation_poll:?}): an instance hears from the feed once per poll, so a \
+                 shorter bound would make it blind between two polls (server.max_blind)"
+            )));
+        }
+        let prefer_availability = args
+            .prefer_availability
+            .or(file.server.prefer_availability)
+            .unwrap_or(false);
+        if prefer_availability {
+            warnings.push(format!(
+                "prefer_availability is on: while this instance cannot reach the store for \
+                 longer than {max_blind:?} it keeps answering from its cache, and accepts a key \
+                 revoked meanwhile until its cache entry expires"
+            ));
+        }
         let collections = args
             .collections
             .or_else(|| file.auth.collections.clone())
@@ -352,22 +384,13 @@ impl Settings {
                 .verify_without_key_on_loopback
                 .or(file.server.verify_without_key_on_loopback)
                 .unwrap_or(false),
-            revocation_poll: args
-                .revocation_poll
-                .or(file.server.revocation_poll)
-                .map_or(DEFAULT_POLL_INTERVAL, |d| d.0),
+            revocation_poll,
             revocation_listen: args
                 .revocation_listen
                 .or(file.server.revocation_listen)
                 .unwrap_or(true),
-            max_blind: args
-                .max_blind
-                .or(file.server.max_blind)
-                .map_or(DEFAULT_MAX_BLIND, |d| d.0),
-            prefer_availability: args
-                .prefer_availability
-                .or(file.server.prefer_availability)
-                .unwrap_or(false),
+            max_blind,
+            prefer_availability,
             warnings,
         })
     }
@@ -719,9 +742,13 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         let poll = humantime_secs(settings.revocation_poll);
         let propagation = match revocation.path().as_str() {
             "ttl" => "within the cache TTL (60 s)".to_owned(),
-            path if path.contains("listen") || path.contains("redis") => {
+            path if path.contains("listen") => {
                 format!("at once ({path}; at the latest within {poll})")
             }
+            path if path.contains("redis") => format!(
+                "within {poll} ({path}; at once when the CLI publishes to the same \
+                 KEYWARDEN_REDIS_URL and KEYWARDEN_REDIS_NAMESPACE)"
+            ),
             path => format!("within {poll} ({path})"),
         };
         println!(
