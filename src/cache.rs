@@ -1059,6 +1059,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_blind_cache_serves_only_entries_read_within_max_blind() {
+        let cache = KeyCache::new(CacheConfig {
+            ttl: Duration::from_secs(60),
+            stale: Duration::from_secs(60),
+            ..CacheConfig::default()
+        });
+        let (old, l1) = found(1);
+        cache
+            .get_or_load(old, || async { Ok(l1.clone()) })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let max_blind = Duration::from_millis(50);
+        // Reported, not enforced: served.
+        cache.set_blind(Some(SystemTime::now()), max_blind, false);
+        assert!(cache.lookup(&old).is_some());
+        assert!(cache.blind_since().is_some());
+        // Enforced: the entry read 60 ms ago is not served, by the hit path nor the miss path.
+        cache.set_blind(Some(SystemTime::now()), max_blind, true);
+        assert!(cache.lookup(&old).is_none(), "the hit path refuses it");
+        let (fresh, l2) = found(2);
+        let reads = AtomicUsize::new(0);
+        let reread = cache
+            .get_or_load(old, || {
+                reads.fetch_add(1, Ordering::SeqCst);
+                let l1 = l1.clone();
+                async move { Ok(l1) }
+            })
+            .await
+            .unwrap();
+        assert!(matches!(reread, Resolution::Found(_)));
+        assert_eq!(reads.load(Ordering::SeqCst), 1, "the miss path re-reads it");
+        // An entry read while blind is fresh: served until it, too, is older than max_blind.
+        cache
+            .get_or_load(fresh, || async { Ok(l2.clone()) })
+            .await
+            .unwrap();
+        assert!(cache.lookup(&fresh).is_some());
+        assert!(cache.lookup(&old).is_some(), "the re-read entry is served");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(cache.lookup(&fresh).is_none());
+        // Sighted again: what moka still holds is served again (the refused lookup dropped
+        // it from the front map; the miss path's first step takes it back, no store read).
+        cache.set_blind(None, max_blind, true);
+        assert!(cache.recover(&fresh).await.is_some());
+        assert!(cache.lookup(&fresh).is_some());
+        assert!(cache.blind_since().is_none());
+    }
+
+    #[tokio::test]
     async fn capacity_zero_reads_the_store_every_time() {
         let cache = KeyCache::new(CacheConfig {
             max_capacity: 0,
