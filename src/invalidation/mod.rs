@@ -29,7 +29,7 @@
 //! [`ListenerBuilder::prefer_availability`] turns that off: the instance keeps answering from
 //! its cache, up to the TTL and stale window, at the cost of accepting a key revoked during
 //! the partition for that long. Blindness shows in
-//! [`LayerStats::blind_since`](crate::LayerStats::blind_since), the
+//! [`LayerStats::blind_since`](crate::layer::LayerStats::blind_since), the
 //! `keywarden_revocation_blind` gauge and [`InvalidationListener::blind_since`]. A layer with
 //! no listener has only the cache TTL as its bound.
 //!
