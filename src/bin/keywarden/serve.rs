@@ -713,7 +713,10 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         tracing::info!(addr = %metrics.addr, "serving metrics at /metrics");
     }
     if out.json {
-        let mut line = json!({ "listening": format!("http://{local}") });
+        let mut line = json!({
+            "listening": format!("http://{local}"),
+            "revocation": revocation.path(),
+        });
         if let Some(metrics) = &metrics {
             line["metrics"] = format!("http://{}/metrics", metrics.addr).into();
         }
