@@ -30,6 +30,10 @@ use support::*;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+/// The timing-sensitive tests take turns: on two cores, the 10,000-key warm-up beside a
+/// propagation measurement would measure the machine, not the listener.
+static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn layer_over(store: Arc<dyn KeyStore>) -> ApiKeyLayer {
     ApiKeyLayer::builder()
         .store(store)
@@ -258,8 +262,8 @@ async fn a_blind_instance_stops_trusting_old_entries_and_says_since_when() {
         .await
         .unwrap();
     let listener = InvalidationListener::builder(&b)
-        .poll_every(Duration::from_millis(50))
-        .max_blind(Duration::from_millis(600))
+        .poll_every(Duration::from_millis(100))
+        .max_blind(Duration::from_secs(1))
         .start()
         .await
         .unwrap();
@@ -314,8 +318,8 @@ async fn a_blind_instance_stops_trusting_old_entries_and_says_since_when() {
 
     // Availability preferred: blindness is reported, the cache still served.
     let listener = InvalidationListener::builder(&b)
-        .poll_every(Duration::from_millis(50))
-        .max_blind(Duration::from_millis(300))
+        .poll_every(Duration::from_millis(100))
+        .max_blind(Duration::from_secs(1))
         .prefer_availability()
         .start()
         .await
@@ -327,7 +331,7 @@ async fn a_blind_instance_stops_trusting_old_entries_and_says_since_when() {
         assert!(start.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(b.stats().blind_since.is_some(), "reported");
     assert_eq!(
         status(&app_b, key.key.expose()).await.0,
@@ -354,6 +358,7 @@ async fn mint(count: usize) -> Vec<(KeyRecord, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_blip_replays_the_changed_keys_instead_of_flushing_a_warm_cache() {
+    let _turn = TIMED.lock().await;
     const WARM: usize = 10_000;
     const CHANGED: usize = 25;
     let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
@@ -383,6 +388,7 @@ async fn a_listener_blip_replays_the_changed_keys_instead_of_flushing_a_warm_cac
     let listener = InvalidationListener::builder(&b)
         .postgres(&pg_b)
         .poll_every(Duration::from_secs(600))
+        .max_blind(Duration::from_secs(1_200))
         .start()
         .await
         .unwrap();
@@ -582,6 +588,7 @@ impl Deployment {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_listen_a_revocation_reaches_serve_within_the_poll_interval() {
+    let _turn = TIMED.lock().await;
     const REVOCATIONS: usize = 15;
     let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
         return;
@@ -621,6 +628,7 @@ async fn without_listen_a_revocation_reaches_serve_within_the_poll_interval() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_partition_heals_serve_catches_up_within_a_second() {
+    let _turn = TIMED.lock().await;
     let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
         return;
     };
@@ -655,6 +663,7 @@ async fn after_a_partition_heals_serve_catches_up_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_longer_than_max_blind_makes_serve_refuse_what_it_cannot_recheck() {
+    let _turn = TIMED.lock().await;
     let Some(url) = service_url("KEYWARDEN_TEST_POSTGRES_URL") else {
         return;
     };
@@ -808,6 +817,42 @@ async fn sqlite_insert_or_replace_is_fed_as_a_change_of_the_key() {
             .any(|c| c.change == StoreChange::Key(key.record.id)),
         "{page:?}"
     );
+    // A row under another id with the same digest replaces the key too: the old key is fed.
+    let before = page.head;
+    let other = Uuid::now_v7();
+    sqlx::query(
+        "INSERT OR REPLACE INTO keywarden_keys SELECT ?, digest, secret_id, display_start, \
+         name, description, collection, subject, owner_kind, scopes, environment, read_only, \
+         metadata, rate_limit, created_at, updated_at, expires_at, last_used_at, use_count, \
+         revoked_at, disabled, rotated_from, encrypted_key FROM keywarden_keys WHERE id = ?",
+    )
+    .bind(other.as_bytes().to_vec())
+    .bind(key.record.id.as_bytes().to_vec())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let page = feed_after(&store, before).await;
+    let changes: Vec<StoreChange> = page.changes.iter().map(|c| c.change).collect();
+    assert!(
+        changes.contains(&StoreChange::Key(key.record.id))
+            && changes.contains(&StoreChange::Key(other)),
+        "{changes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_listener_refuses_a_blindness_bound_its_polls_cannot_keep() {
+    let layer = layer_over(Arc::new(MemoryStore::new()));
+    for (poll, max_blind) in [(2_000, 3_000), (100, 500)] {
+        let error = InvalidationListener::builder(&layer)
+            .poll_every(Duration::from_millis(poll))
+            .max_blind(Duration::from_millis(max_blind))
+            .start()
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), StoreErrorKind::Other, "{error}");
+        assert!(error.to_string().contains("max_blind"), "{error}");
+    }
 }
 
 #[test]
@@ -816,7 +861,7 @@ fn serve_refuses_a_blindness_bound_the_poll_cannot_keep() {
     for (args, expected) in [
         (
             &["--max-blind", "3s"][..],
-            "max blind 3s must be at least twice the revocation poll interval (2s)",
+            "max blind 3s must be at least twice the revocation poll interval (2s) and at least 1s",
         ),
         (
             &["--revocation-poll", "0s"][..],

@@ -9,8 +9,14 @@ CREATE TABLE IF NOT EXISTS keywarden_changes (
     at     INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))
 );
 
--- An insert is also fed as a change of its key: `INSERT OR REPLACE` replaces a row without
--- firing the delete trigger, and cached answers for the replaced key must go.
+-- `INSERT OR REPLACE` deletes the rows it replaces (same id, or same digest) without firing
+-- their delete trigger: those keys are fed before the insert, and the inserted one after.
+CREATE TRIGGER IF NOT EXISTS keywarden_keys_feed_replace BEFORE INSERT ON keywarden_keys
+BEGIN
+    INSERT INTO keywarden_changes (key_id)
+        SELECT id FROM keywarden_keys WHERE id = NEW.id OR digest = NEW.digest;
+END;
+
 CREATE TRIGGER IF NOT EXISTS keywarden_keys_feed_insert AFTER INSERT ON keywarden_keys
 BEGIN
     INSERT INTO keywarden_changes (key_id) VALUES (NULL);
@@ -31,6 +37,13 @@ END;
 CREATE TRIGGER IF NOT EXISTS keywarden_keys_feed_delete AFTER DELETE ON keywarden_keys
 BEGIN
     INSERT INTO keywarden_changes (key_id) VALUES (OLD.id);
+END;
+
+CREATE TRIGGER IF NOT EXISTS keywarden_key_digests_feed_replace BEFORE INSERT ON keywarden_key_digests
+BEGIN
+    INSERT INTO keywarden_changes (key_id)
+        SELECT key_id FROM keywarden_key_digests
+        WHERE digest = NEW.digest OR (key_id = NEW.key_id AND secret_id = NEW.secret_id);
 END;
 
 CREATE TRIGGER IF NOT EXISTS keywarden_key_digests_feed_insert AFTER INSERT ON keywarden_key_digests

@@ -15,7 +15,9 @@
 //!   on by default with [`InvalidationListener::postgres`][pgl]) and Redis pub/sub
 //!   ([`ListenerBuilder::redis`][rd]; a [`KeyManager`](crate::KeyManager) publishes there with
 //!   [`publishes_to`](crate::KeyManager::publishes_to)) make a change arrive within
-//!   milliseconds. Where `LISTEN` cannot work (PgBouncer in transaction mode, some managed
+//!   milliseconds. A PostgreSQL notification only makes the listener poll the feed at once
+//!   (at most every 10 ms): any database user can send one, so what is dropped, and where the
+//!   listener stands, come from the feed alone. Where `LISTEN` cannot work (PgBouncer in transaction mode, some managed
 //!   poolers) the listener finds out at connect (a probe notification never arrives), logs a
 //!   warning and relies on the feed.
 //!
@@ -86,6 +88,8 @@ mod redis;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// How long an instance may hear nothing before it stops trusting old cache entries.
 pub const DEFAULT_MAX_BLIND: Duration = Duration::from_secs(30);
+/// The shortest `max_blind` a listener accepts (it must also be twice the poll interval).
+pub const MIN_MAX_BLIND: Duration = Duration::from_secs(1);
 /// Feed entries read per query.
 const PAGE: u32 = 1_000;
 /// Behind by more changes than this, dropping the whole cache is cheaper than replaying.
@@ -93,10 +97,11 @@ const MAX_REPLAY: u64 = 10_000;
 /// Feed entries older than this are pruned (by any listener, about once an hour).
 const FEED_RETENTION: Duration = Duration::from_secs(24 * 3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+const PRUNE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a failed poll, the next comes this soon (at most the poll interval).
 const RETRY_FAILED_POLL: Duration = Duration::from_millis(250);
-/// A notification that skips a number polls the feed at once, at most this often.
-const GAP_POLL: Duration = Duration::from_millis(50);
+/// A notification makes the feed be polled at once, at most this often.
+const GAP_POLL: Duration = Duration::from_millis(10);
 
 /// What another instance must drop from its cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,11 +275,12 @@ impl ListenerBuilder {
         self
     }
 
-    /// How long the listener may hear nothing (no answer from the feed or a transport) before
-    /// the layer stops serving cache entries read longer ago than that (default 30 s; at least
-    /// 100 ms).
+    /// How long the listener may hear nothing (no answer from the feed, or without a feed
+    /// from a transport) before the layer stops serving cache entries read longer ago than
+    /// that (default 30 s). [`ListenerBuilder::start`] refuses less than twice the poll
+    /// interval or less than [`MIN_MAX_BLIND`].
     pub fn max_blind(mut self, max_blind: Duration) -> Self {
-        self.max_blind = max_blind.max(Duration::from_millis(100));
+        self.max_blind = max_blind;
         self
     }
 
@@ -308,10 +314,24 @@ impl ListenerBuilder {
     /// position could predate a change).
     ///
     /// # Errors
-    /// If the feed cannot be read, or Redis cannot be subscribed to; also if PostgreSQL's
+    /// [`StoreErrorKind::Other`](crate::store::StoreErrorKind::Other) if `max_blind` is below
+    /// twice the poll interval or [`MIN_MAX_BLIND`]. If the feed cannot be read, or Redis
+    /// cannot be subscribed to; also if PostgreSQL's
     /// `LISTEN` fails while there is no feed to fall back on. (With a feed, a failed or unusable
     /// `LISTEN` is logged and retried, and the feed carries the changes meanwhile.)
     pub async fn start(self) -> Result<InvalidationListener, StoreError> {
+        let floor = (self.poll_every * 2).max(MIN_MAX_BLIND);
+        if self.max_blind < floor {
+            return Err(StoreError::new(
+                crate::store::StoreErrorKind::Other,
+                format!(
+                    "max_blind {:?} is below {floor:?}: it must be at least twice the poll \
+                     interval ({:?}) and at least {MIN_MAX_BLIND:?}, or the listener would \
+                     count itself blind between two polls",
+                    self.max_blind, self.poll_every
+                ),
+            ));
+        }
         let state = Arc::new(ListenerState::new());
         let (tx, rx) = mpsc::channel(1024);
         let mut tasks = Vec::new();
@@ -354,7 +374,6 @@ impl ListenerBuilder {
             state: state.clone(),
             feed,
             poll_every: self.poll_every,
-            notified_up_to: 0,
             last_poll: None,
             last_prune: None,
         };
@@ -617,9 +636,6 @@ struct Core {
     state: Arc<ListenerState>,
     feed: Option<Arc<dyn KeyStore>>,
     poll_every: Duration,
-    /// The highest sequence a notification carried: a notification further ahead means one
-    /// was missed, and the feed is polled at once.
-    notified_up_to: u64,
     last_poll: Option<Instant>,
     last_prune: Option<Instant>,
 }
@@ -628,18 +644,32 @@ impl Core {
     async fn run(mut self, mut rx: mpsc::Receiver<Heard>) {
         let mut open = true;
         let mut next_poll = tokio::time::Instant::now() + self.poll_every;
+        // A poll a notification asked for, at most every GAP_POLL.
+        let mut urgent: Option<tokio::time::Instant> = None;
         loop {
-            let (poll_now, scheduled) = tokio::select! {
-                heard = rx.recv(), if open => match heard {
-                    Some(heard) => (self.hear(heard), false),
-                    None => {
-                        open = false;
-                        (false, false)
+            let wake = urgent.map_or(next_poll, |at| at.min(next_poll));
+            let poll_now = tokio::select! {
+                heard = rx.recv(), if open => {
+                    match heard {
+                        Some(heard) => {
+                            if self.hear(heard) {
+                                let earliest = self
+                                    .last_poll
+                                    .map_or_else(tokio::time::Instant::now, |at| {
+                                        tokio::time::Instant::from_std(at + GAP_POLL)
+                                    });
+                                urgent = Some(urgent.map_or(earliest, |at| at.min(earliest)));
+                            }
+                        }
+                        None => open = false,
                     }
+                    false
                 },
-                () = tokio::time::sleep_until(next_poll), if self.feed.is_some() => (true, true),
+                () = tokio::time::sleep_until(wake), if self.feed.is_some() => true,
             };
-            if poll_now && self.feed.is_some() {
+            if poll_now {
+                let scheduled = tokio::time::Instant::now() >= next_poll;
+                urgent = None;
                 let answered = self.poll().await;
                 let now = tokio::time::Instant::now();
                 if !answered {
@@ -673,22 +703,13 @@ impl Core {
                 if self.feed.is_none() {
                     self.state.heard_now();
                 }
-                let cursor = self.state.cursor.load(Ordering::Acquire);
                 match seq {
+                    // With a feed, a notification is only a reason to poll now: what is
+                    // applied, and where the cursor stands, come from the feed alone. Any
+                    // database user can send one (`pg_notify`); a forged one costs a poll (at
+                    // most one every GAP_POLL), never a cache entry, and cannot hide a change.
                     Some(seq) if self.feed.is_some() => {
-                        if seq <= cursor {
-                            return false;
-                        }
-                        // Applied now, and again when the poll reads it: the cursor moves only
-                        // with the feed itself, so a notification anyone can forge
-                        // (`pg_notify`) can never make a real change look applied.
-                        self.apply(invalidation, source);
-                        let gap = seq > self.notified_up_to.max(cursor) + 1;
-                        self.notified_up_to = self.notified_up_to.max(seq);
-                        // Something before it was missed (or rolled back): the feed says now,
-                        // at most every GAP_POLL (forged notifications cannot make it hammer
-                        // the store).
-                        gap && self.last_poll.is_none_or(|at| at.elapsed() >= GAP_POLL)
+                        seq > self.state.cursor.load(Ordering::Acquire)
                     }
                     _ => {
                         self.apply(invalidation, source);
@@ -810,15 +831,20 @@ impl Core {
             }
         }
         if self.last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            // In a task of its own: a DELETE held up by a lock must not delay the next poll.
             self.last_prune = Some(Instant::now());
             let before = time::OffsetDateTime::now_utc() - FEED_RETENTION;
-            match tokio::time::timeout(timeout * 4, store.prune_changes(before)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => {
-                    tracing::debug!(target: "keywarden", %error, "pruning the change feed failed");
+            tokio::spawn(async move {
+                match tokio::time::timeout(PRUNE_TIMEOUT, store.prune_changes(before)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(target: "keywarden", %error, "pruning the change feed failed");
+                    }
+                    Err(_) => {
+                        tracing::debug!(target: "keywarden", "pruning the change feed timed out");
+                    }
                 }
-                Err(_) => tracing::debug!(target: "keywarden", "pruning the change feed timed out"),
-            }
+            });
         }
         true
     }

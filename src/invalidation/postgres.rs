@@ -171,10 +171,8 @@ fn parse(payload: &str, schema: &str) -> Option<(u64, Invalidation)> {
     }
     let (seq, message) = rest.split_once(' ')?;
     let seq = seq.parse().ok()?;
-    match Invalidation::decode(message)? {
-        Invalidation::All => None,
-        invalidation => Some((seq, invalidation)),
-    }
+    // `all` (a TRUNCATE) is a reason to poll like any other: the feed says what to drop.
+    Some((seq, Invalidation::decode(message)?))
 }
 
 #[cfg(test)]
@@ -195,7 +193,7 @@ mod tests {
         assert_eq!(parse(&format!("other 7 key {id}"), "app"), None);
         assert_eq!(parse(&format!("app key {id}"), "app"), None);
         assert_eq!(parse("app probe 1234", "app"), None);
-        assert_eq!(parse("app 9 all", "app"), None);
+        assert_eq!(parse("app 9 all", "app"), Some((9, Invalidation::All)));
         assert_eq!(parse("app -1 created", "app"), None);
         assert_eq!(parse("app", "app"), None);
         assert_eq!(parse("app 1 bogus", "app"), None);

@@ -13,7 +13,7 @@ use clap::builder::BoolishValueParser;
 use clap::Args;
 use keywarden::webhooks::{WebhookDeliverer, WebhookTargets};
 use keywarden::{
-    invalidation::{InvalidationListener, DEFAULT_MAX_BLIND, DEFAULT_POLL_INTERVAL},
+    invalidation::{InvalidationListener, DEFAULT_MAX_BLIND, DEFAULT_POLL_INTERVAL, MIN_MAX_BLIND},
     ratelimit::{ClientAddressSource, FailedAttemptLimit, RateLimiter, TrustedProxies},
     redis::RedisBackend,
     rejection::RejectionKind,
@@ -284,11 +284,12 @@ impl Settings {
                  (server.revocation_poll)"
             )));
         }
-        if max_blind < revocation_poll.saturating_mul(2) {
+        if max_blind < revocation_poll.saturating_mul(2) || max_blind < MIN_MAX_BLIND {
             return Err(Failure(format!(
                 "max blind {max_blind:?} must be at least twice the revocation poll interval \
-                 ({revocation_poll:?}): an instance hears from the feed once per poll, so a \
-                 shorter bound would make it blind between two polls (server.max_blind)"
+                 ({revocation_poll:?}) and at least {MIN_MAX_BLIND:?}: an instance hears from \
+                 the feed once per poll, so a shorter bound would make it blind between two \
+                 polls (server.max_blind)"
             )));
         }
         let prefer_availability = args
