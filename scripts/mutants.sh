@@ -43,9 +43,9 @@ table=(
     "verify|src/verify/*.rs|layer one_layer ratelimit verify_api interop coalescing secret_rotation outage (pg)"
     "service|src/layer/service.rs|layer require_scope one_layer ratelimit"
     "manage_policy|src/manage/policy/*.rs|management_api management_escalation"
-    "manage_http|src/manage/http/*.rs|management_api"
-    "sqlite|src/store/sqlite.rs|store_conformance"
-    "postgres|src/store/postgres.rs|store_conformance (pg)"
+    "manage_http|src/manage/http/*.rs|management_api openapi audit usage_analytics webhooks"
+    "sqlite|src/store/sqlite.rs|store_conformance audit reveal usage_analytics webhooks"
+    "postgres|src/store/postgres.rs|store_conformance audit reveal usage_analytics webhooks (pg)"
 )
 
 if [[ "${1:-}" == "--list" ]]; then
