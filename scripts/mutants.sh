@@ -25,6 +25,9 @@
 # cargo-mutants' (0: every viable mutant caught; 2: some missed; 3: timeouts), the worst
 # over the files run.
 #
+# The build dir keeps the last mutant's build, and cargo may take it as fresh for the real
+# tree: do not point another `cargo test` at it without touching the sources first.
+#
 # The suites marked (pg) need PostgreSQL: set KEYWARDEN_TEST_POSTGRES_URL, or they skip
 # their tests and the postgres store's mutants survive.
 set -euo pipefail
