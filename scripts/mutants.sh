@@ -25,6 +25,9 @@
 # cargo-mutants' (0: every viable mutant caught; 2: some missed; 3: timeouts), the worst
 # over the files run.
 #
+# The build dir keeps the last mutant's build, and cargo may take it as fresh for the real
+# tree: do not point another `cargo test` at it without touching the sources first.
+#
 # The suites marked (pg) need PostgreSQL: set KEYWARDEN_TEST_POSTGRES_URL, or they skip
 # their tests and the postgres store's mutants survive.
 set -euo pipefail
@@ -43,9 +46,9 @@ table=(
     "verify|src/verify/*.rs|layer one_layer ratelimit verify_api interop coalescing secret_rotation outage (pg)"
     "service|src/layer/service.rs|layer require_scope one_layer ratelimit"
     "manage_policy|src/manage/policy/*.rs|management_api management_escalation"
-    "manage_http|src/manage/http/*.rs|management_api"
-    "sqlite|src/store/sqlite.rs|store_conformance"
-    "postgres|src/store/postgres.rs|store_conformance (pg)"
+    "manage_http|src/manage/http/*.rs|management_api openapi audit usage_analytics webhooks"
+    "sqlite|src/store/sqlite.rs|store_conformance audit reveal usage_analytics webhooks"
+    "postgres|src/store/postgres.rs|store_conformance audit reveal usage_analytics webhooks (pg)"
 )
 
 if [[ "${1:-}" == "--list" ]]; then

@@ -1917,6 +1917,8 @@ async fn keys_self_cannot_escape_the_default_rate_limit() {
 struct Racing {
     inner: MemoryStore,
     concurrent: Mutex<Option<KeyPatch>>,
+    /// Applied to the key just before a `get` of it, after letting this many `get`s pass.
+    concurrent_get: Mutex<Option<(u32, KeyPatch)>>,
 }
 
 #[async_trait::async_trait]
@@ -1928,6 +1930,23 @@ impl KeyStore for Racing {
         self.inner.find_by_digest(digest).await
     }
     async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let due = {
+            let mut slot = self.concurrent_get.lock().unwrap();
+            match slot.as_mut() {
+                Some((0, _)) => slot.take().map(|(_, patch)| patch),
+                Some((pass, _)) => {
+                    *pass -= 1;
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(other) = due {
+            // A later version than any the handler could have read, whatever the clock says.
+            let current = self.inner.get(id).await?.expect("the raced key exists");
+            let later = current.updated_at + Duration::seconds(1);
+            self.inner.update(id, &other, later).await?;
+        }
         self.inner.get(id).await
     }
     async fn update(
@@ -2132,6 +2151,76 @@ async fn a_rotation_that_lost_a_race_is_a_409_and_leaves_no_key() {
         store.concurrent.lock().unwrap().is_none(),
         "the race was run"
     );
+}
+
+/// A `keys:self` rotation is judged on the record the handler read (`may_rotate`): if an
+/// admin changes the key before the rotation reads it again (here: gives it a scope the
+/// caller lacks), the rotation is a 409 and no key is made, rather than a copy with powers
+/// the caller lacks. An admin's rotation copies the key as it is when the rotation reads it.
+#[tokio::test]
+async fn a_keys_self_rotation_of_a_key_changed_since_it_was_judged_is_a_409() {
+    let store = Arc::new(Racing::default());
+    let layer = keywarden::ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(keywarden::Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = Arc::new(KeyManager::for_layer(&layer));
+    let api = Router::new()
+        .nest("/admin", management_router(manager.clone()))
+        .layer(layer);
+    let make = |name: &'static str, scopes: &'static [&'static str]| {
+        let manager = manager.clone();
+        async move {
+            let mut new = NewKey::new(name, "alice");
+            new.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+            manager.create(new).await.unwrap()
+        }
+    };
+    let alice = make("alice", &["keys:self", "read"]).await.key;
+    let admin = make("admin", &["keys:admin"]).await.key;
+    let sibling = make("sibling", &["read"]).await.record;
+    let count = || async { store.list(&KeyQuery::new()).await.unwrap().items.len() };
+    let keys = count().await;
+    let rotate = |key: &keywarden::key::ApiKey| {
+        Request::post(format!("/admin/keys/{}/rotate", sibling.id))
+            .header("authorization", format!("Bearer {}", key.expose()))
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    // The handler's read passes; the admin's change lands before the rotation's own read.
+    *store.concurrent_get.lock().unwrap() = Some((
+        1,
+        KeyPatch {
+            scopes: Some(vec!["read".into(), "billing:write".into()]),
+            ..KeyPatch::default()
+        },
+    ));
+    let reply = send(&api, rotate(&alice)).await;
+    assert_problem(&reply, 409, "conflict");
+    assert!(
+        store.concurrent_get.lock().unwrap().is_none(),
+        "the race was run"
+    );
+    assert_eq!(count().await, keys, "no key was made");
+
+    *store.concurrent_get.lock().unwrap() = Some((
+        1,
+        KeyPatch {
+            description: Some(Some("changed meanwhile".into())),
+            ..KeyPatch::default()
+        },
+    ));
+    let reply = send(&api, rotate(&admin)).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert!(
+        store.concurrent_get.lock().unwrap().is_none(),
+        "the race was run"
+    );
+    assert_eq!(count().await, keys + 1);
+    assert_eq!(reply.json()["description"], "changed meanwhile");
 }
 
 /// Issue 20, item 3: the management router nests in an app that has state of its own (it

@@ -199,6 +199,7 @@ conformance!(
     list_clamps_the_limit,
     record_usage_accumulates,
     record_usage_in_bulk,
+    a_keyless_event_without_an_action_is_refused,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1527,6 +1528,41 @@ async fn insert_bulk_keys(store: &Store, count: usize) -> (Vec<KeyRecord>, KeyRe
 /// SQL stores keep counts in a signed 64-bit column: a bulk batch saturates at `i64::MAX`,
 /// whether the stored count or the batch's own count overflows.
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+/// A keyless event (`KeyChange::Event`) must name its action: without one the store refuses
+/// it and records nothing, rather than sealing an event under an action it made up.
+async fn a_keyless_event_without_an_action_is_refused(store: Store) {
+    use keywarden::audit::{Actor, AuditQuery, AuditSealer, ChangeContext};
+    use keywarden::store::{AuditWrite, KeyChange};
+
+    let ring = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+    let sealer = AuditSealer::new(&ring);
+    let context = ChangeContext::new(Actor::Cli);
+    let details = serde_json::Map::new();
+    let write = |action| AuditWrite {
+        sealer: &sealer,
+        context: &context,
+        at: BASE,
+        action,
+        details: &details,
+    };
+    let events = || async { store.audit_events(&AuditQuery::default()).await.unwrap() };
+
+    let err = store
+        .apply_audited(KeyChange::Event, &write(None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Other, "{err}");
+    assert!(events().await.items.is_empty(), "nothing was recorded");
+
+    let action = "secret.retired".parse().unwrap();
+    let applied = store
+        .apply_audited(KeyChange::Event, &write(Some(action)))
+        .await
+        .unwrap();
+    assert_eq!(applied.event.map(|e| e.action), Some(action));
+    assert_eq!(events().await.items.len(), 1);
+}
+
 async fn sql_bulk_usage_saturates_at_i64_max(store: Store) {
     const MAX: u64 = i64::MAX as u64;
     let later = BASE + Duration::hours(1);

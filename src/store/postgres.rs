@@ -1805,6 +1805,21 @@ mod tests {
         assert_eq!(sqlstate_kind("42P01"), StoreErrorKind::Schema);
         assert_eq!(sqlstate_kind("XX001"), StoreErrorKind::Corrupt);
         assert_eq!(sqlstate_kind("22P02"), StoreErrorKind::Other);
+        // Every code of each arm: a 503 or a 409 is what a caller is told.
+        for (code, kind) in [
+            ("55P03", StoreErrorKind::Timeout),
+            ("42703", StoreErrorKind::Schema),
+            ("3F000", StoreErrorKind::Schema),
+            ("XX002", StoreErrorKind::Corrupt),
+            ("57P02", StoreErrorKind::Unavailable),
+            ("57P03", StoreErrorKind::Unavailable),
+            ("57P04", StoreErrorKind::Unavailable),
+            ("25006", StoreErrorKind::Unavailable),
+            ("25001", StoreErrorKind::Other),
+            ("23503", StoreErrorKind::Other),
+        ] {
+            assert_eq!(sqlstate_kind(code), kind, "{code}");
+        }
         assert_eq!(
             store_error("x", sqlx::Error::PoolTimedOut).kind(),
             StoreErrorKind::Timeout
@@ -1812,6 +1827,23 @@ mod tests {
         assert_eq!(
             store_error("x", sqlx::Error::PoolClosed).kind(),
             StoreErrorKind::Unavailable
+        );
+        let io = std::io::Error::other("boom");
+        assert_eq!(
+            store_error("x", io.into()).kind(),
+            StoreErrorKind::Unavailable
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::Decode("bad".into())).kind(),
+            StoreErrorKind::Corrupt
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::ColumnNotFound("c".into())).kind(),
+            StoreErrorKind::Schema
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::RowNotFound).kind(),
+            StoreErrorKind::Other
         );
     }
 

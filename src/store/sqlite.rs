@@ -1554,6 +1554,81 @@ mod tests {
             sqlite_kind(1, "near \"x\": syntax error"),
             StoreErrorKind::Other
         );
+        // Every code of each arm, extended codes by their primary code (the low byte).
+        for (code, kind) in [
+            (6, StoreErrorKind::Timeout),
+            (8, StoreErrorKind::Unavailable),
+            (10, StoreErrorKind::Unavailable),
+            (266, StoreErrorKind::Unavailable), // IOERR_READ
+            (13, StoreErrorKind::Unavailable),
+            (14, StoreErrorKind::Unavailable),
+            (15, StoreErrorKind::Unavailable),
+            (22, StoreErrorKind::Unavailable),
+            (23, StoreErrorKind::Unavailable),
+            (26, StoreErrorKind::Corrupt),
+            (17, StoreErrorKind::Schema),
+            (2067, StoreErrorKind::Other), // CONSTRAINT_UNIQUE, mapped by is_unique_violation
+            (0, StoreErrorKind::Other),
+        ] {
+            assert_eq!(sqlite_kind(code, ""), kind, "{code}");
+        }
+        assert_eq!(
+            sqlite_kind(1, "no such column: scopes"),
+            StoreErrorKind::Schema
+        );
+        assert_eq!(
+            sqlite_kind(17, "no such table: keywarden_keys"),
+            StoreErrorKind::Schema
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::ColumnNotFound("c".into())).kind(),
+            StoreErrorKind::Schema
+        );
+        assert_eq!(
+            store_error("x", sqlx::Error::RowNotFound).kind(),
+            StoreErrorKind::Other
+        );
+    }
+
+    /// A database without the schema is not ready, and the error says what to run (not
+    /// SQLite's "no such table"); once migrated, it is.
+    #[tokio::test]
+    async fn an_unmigrated_database_is_not_ready_and_says_how_to_fix_it() {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let store = SqliteStore::from_pool(pool);
+        let err = store.check_ready().await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Schema);
+        assert!(
+            err.to_string()
+                .contains("the database has no keywarden schema; run `keywarden migrate`"),
+            "{err}"
+        );
+        store.migrate().await.unwrap();
+        store.check_ready().await.unwrap();
+
+        // Another database error is reported as SQLite's, not as a missing schema.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = SqliteStore::from_pool(pool)
+            .check_ready()
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("checking the SQLite schema failed: SQLite error 1: no such column"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

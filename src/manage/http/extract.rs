@@ -450,6 +450,241 @@ mod tests {
         }
     }
 
+    fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    /// The field errors of a 422, in order.
+    fn field_errors<T: std::fmt::Debug>(result: Result<T, ApiError>) -> Vec<FieldError> {
+        match result {
+            Err(ApiError::Problem { status, errors, .. })
+                if status == axum::http::StatusCode::UNPROCESSABLE_ENTITY =>
+            {
+                errors
+            }
+            other => panic!("not a 422: {other:?}"),
+        }
+    }
+
+    const NOW: OffsetDateTime = time::macros::datetime!(2031-05-06 07:08:09 UTC);
+
+    /// Every listing parameter is read into its own filter; the limit's bounds are
+    /// inclusive; bad values and unknown names are 422s naming only our fields.
+    #[test]
+    fn list_query_reads_each_parameter_into_its_filter() {
+        let id = Uuid::from_u128(7);
+        let query = list_query(
+            params(&[
+                ("collection", "users"),
+                ("subject", "alice"),
+                ("environment", "live"),
+                ("state", "revoked"),
+                ("after", &id.to_string()),
+                ("limit", "500"),
+            ]),
+            NOW,
+        )
+        .unwrap();
+        let expected = KeyQuery {
+            collection: Some("users".into()),
+            subject: Some("alice".into()),
+            environment: Some("live".into()),
+            state: Some(KeyState::Revoked),
+            after: Some(id),
+            limit: 500,
+            now: NOW,
+            ..KeyQuery::new()
+        };
+        assert_eq!(query, expected);
+        let defaults = KeyQuery {
+            now: NOW,
+            ..KeyQuery::new()
+        };
+        assert_eq!(list_query(Vec::new(), NOW).unwrap(), defaults);
+        assert_eq!(list_query(params(&[("limit", "1")]), NOW).unwrap().limit, 1);
+        for bad in ["0", "501", "-1", "ten"] {
+            assert_eq!(
+                field_errors(list_query(params(&[("limit", bad)]), NOW)),
+                [FieldError::new("limit", "expected a number from 1 to 500")],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            field_errors(list_query(
+                params(&[
+                    ("state", "gone"),
+                    ("after", "not-a-uuid"),
+                    ("kw_live_pasted", "1"),
+                    ("other", "2"),
+                ]),
+                NOW
+            )),
+            [
+                FieldError::new("state", "expected active, expired, revoked or disabled"),
+                FieldError::new(
+                    "after",
+                    "expected a key id (the previous page's next_cursor)"
+                ),
+                FieldError::new("query", "unknown parameter"),
+            ]
+        );
+    }
+
+    /// `since`, `until` and `granularity` are read; the span defaults to 7 days by hour and
+    /// 30 by day up to now; `collection` is required by the collection report (empty is a
+    /// value) and unknown to a key's.
+    #[test]
+    fn usage_query_reads_each_parameter_and_defaults_the_span() {
+        use crate::manage::{Granularity, UsageQuery};
+        use time::macros::datetime;
+
+        let (query, collection) = usage_query(
+            params(&[
+                ("since", "2031-05-01T00:00:00Z"),
+                ("until", "2031-05-03T00:00:00Z"),
+                ("granularity", "day"),
+                ("collection", "users"),
+            ]),
+            NOW,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            query,
+            UsageQuery {
+                since: datetime!(2031-05-01 00:00 UTC),
+                until: datetime!(2031-05-03 00:00 UTC),
+                granularity: Granularity::Day,
+            }
+        );
+        assert_eq!(collection.as_deref(), Some("users"));
+        assert_eq!(
+            usage_query(Vec::new(), NOW, false).unwrap(),
+            (
+                UsageQuery {
+                    since: NOW - time::Duration::days(7),
+                    until: NOW,
+                    granularity: Granularity::Hour,
+                },
+                None
+            )
+        );
+        let (by_day, _) = usage_query(params(&[("granularity", "day")]), NOW, false).unwrap();
+        assert_eq!(by_day.since, NOW - time::Duration::days(30));
+        let (collection_wide, collection) =
+            usage_query(params(&[("collection", "")]), NOW, true).unwrap();
+        assert_eq!(collection.as_deref(), Some(""));
+        assert_eq!(collection_wide.until, NOW);
+
+        let unknown = FieldError::new("query", "unknown parameter");
+        assert_eq!(
+            field_errors(usage_query(params(&[("collection", "users")]), NOW, false)),
+            [FieldError::new("query", "unknown parameter")]
+        );
+        assert_eq!(
+            field_errors(usage_query(Vec::new(), NOW, true)),
+            [FieldError::new(
+                "collection",
+                "name the collection (empty for credentials naming none)"
+            )]
+        );
+        let rfc3339 = "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z";
+        assert_eq!(
+            field_errors(usage_query(
+                params(&[
+                    ("since", "yesterday"),
+                    ("until", "2031-13-01T00:00:00Z"),
+                    ("granularity", "week"),
+                    ("kw_live_pasted", "1"),
+                    ("other", "2"),
+                ]),
+                NOW,
+                false
+            )),
+            [
+                FieldError::new("since", rfc3339),
+                FieldError::new("until", rfc3339),
+                FieldError::new("granularity", "expected hour or day"),
+                unknown,
+            ]
+        );
+    }
+
+    /// Every audit filter is read into its own field; the limit's bounds are inclusive; bad
+    /// values and unknown names are 422s naming only our fields.
+    #[test]
+    fn audit_query_reads_each_parameter_into_its_filter() {
+        use time::macros::datetime;
+
+        let id = Uuid::from_u128(9);
+        let action: AuditAction = "key.revoked".parse().unwrap();
+        let query = audit_query(params(&[
+            ("key_id", &id.to_string()),
+            ("actor", "sql:app"),
+            ("action", "key.revoked"),
+            ("collection", "users"),
+            ("subject", "alice"),
+            ("since", "2031-05-01T00:00:00Z"),
+            ("until", "2031-05-03T00:00:00Z"),
+            ("after", "41"),
+            ("limit", "1000"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            query,
+            AuditQuery {
+                key_id: Some(id),
+                actor: Some("sql:app".into()),
+                action: Some(action),
+                collection: Some("users".into()),
+                subject: Some("alice".into()),
+                since: Some(datetime!(2031-05-01 00:00 UTC)),
+                until: Some(datetime!(2031-05-03 00:00 UTC)),
+                after: Some(41),
+                limit: 1000,
+            }
+        );
+        assert_eq!(audit_query(Vec::new()).unwrap(), AuditQuery::default());
+        assert_eq!(audit_query(params(&[("limit", "1")])).unwrap().limit, 1);
+        for bad in ["0", "1001", "-1", "ten"] {
+            assert_eq!(
+                field_errors(audit_query(params(&[("limit", bad)]))),
+                [FieldError::new("limit", "expected a number from 1 to 1000")],
+                "{bad}"
+            );
+        }
+        let action_error = "key.stolen".parse::<AuditAction>().unwrap_err().to_string();
+        let actor_error = crate::audit::check_actor_filter("root").unwrap_err();
+        let rfc3339 = "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z";
+        assert_eq!(
+            field_errors(audit_query(params(&[
+                ("key_id", "kw_live_pasted"),
+                ("actor", "root"),
+                ("action", "key.stolen"),
+                ("since", "yesterday"),
+                ("until", "tomorrow"),
+                ("after", "-1"),
+                ("kw_live_pasted", "1"),
+                ("other", "2"),
+            ]))),
+            [
+                FieldError::new("key_id", "expected a key id"),
+                FieldError::new("actor", actor_error),
+                FieldError::new("action", action_error),
+                FieldError::new("since", rfc3339),
+                FieldError::new("until", rfc3339),
+                FieldError::new(
+                    "after",
+                    "expected an event number (the previous page's next_cursor)"
+                ),
+                FieldError::new("query", "unknown parameter"),
+            ]
+        );
+    }
+
     /// One invalid field: the detail names it and its message; several: a summary.
     #[tokio::test]
     async fn validation_details_name_the_field_and_message() {

@@ -245,3 +245,27 @@ pub(super) async fn delete_webhook(
     caller.manager(&manager).delete_webhook(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A PATCH tells `description` left out (unchanged) from `null` (cleared) and a string
+    /// (set).
+    #[test]
+    fn a_patch_tells_a_missing_description_from_a_null_one() {
+        let description = |body: serde_json::Value| {
+            serde_json::from_value::<PatchWebhookBody>(body)
+                .unwrap()
+                .description
+        };
+        assert_eq!(description(json!({})), None);
+        assert_eq!(description(json!({"description": null})), Some(None));
+        assert_eq!(
+            description(json!({"description": "billing"})),
+            Some(Some("billing".to_owned()))
+        );
+    }
+}
