@@ -175,8 +175,6 @@ struct ListenerState {
     /// Nanoseconds since `origin` when the feed or a transport last answered.
     heard: AtomicU64,
     blind: AtomicBool,
-    /// The last answer before the current blindness, fixed when it began.
-    blind_since: std::sync::Mutex<Option<SystemTime>>,
     feed: AtomicBool,
     cursor: AtomicU64,
     received: AtomicU64,
@@ -194,7 +192,6 @@ impl ListenerState {
             origin: Instant::now(),
             heard: AtomicU64::new(0),
             blind: AtomicBool::new(false),
-            blind_since: std::sync::Mutex::new(None),
             feed: AtomicBool::new(false),
             cursor: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -516,11 +513,12 @@ impl InvalidationListener {
     /// When the listener last heard from the feed or a transport, while it has heard
     /// nothing for `max_blind`; `None` otherwise.
     pub fn blind_since(&self) -> Option<SystemTime> {
-        *self
-            .state
-            .blind_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        // Kept once, by the layer's cache, which the watchdog tells.
+        self.state
+            .blind
+            .load(Ordering::Acquire)
+            .then(|| self.layer.stats().blind_since)
+            .flatten()
     }
 }
 
@@ -864,12 +862,8 @@ async fn watch(layer: ApiKeyLayer, state: Arc<ListenerState>, max_blind: Duratio
         }
         state.blind.store(blind, Ordering::Release);
         layer.counters().blind(blind);
-        let since = blind.then(|| SystemTime::now() - silent);
-        *state
-            .blind_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = since;
-        if let Some(since) = since {
+        if blind {
+            let since = SystemTime::now() - silent;
             layer.set_blind(Some(since), max_blind, enforce);
             if enforce {
                 tracing::warn!(target: "keywarden", ?silent, ?max_blind,
