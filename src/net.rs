@@ -1,4 +1,5 @@
-//! IP networks in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`, or one address), for the
+//! IP networks in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`, or one address), for keys' IP
+//! allowlists ([`KeyRecord::allowed_ips`](crate::store::KeyRecord::allowed_ips)) and the
 //! trusted proxies in front of a server ([`TrustedProxies`](crate::ratelimit::TrustedProxies)).
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`, what a dual-stack socket reports for an IPv4
@@ -20,8 +21,9 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-/// A block of IP addresses: an address and a prefix length, with no host bits set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A block of IP addresses: an address and a prefix length, with no host bits set. Ordered
+/// by address, then prefix (IPv4 first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpNetwork {
     addr: IpAddr,
     prefix: u8,
@@ -98,6 +100,14 @@ impl IpNetwork {
         }
     }
 
+    /// Whether every address of `other` is in this network (same family, a prefix no longer
+    /// than `other`'s, and `other`'s first address inside).
+    pub fn contains_network(&self, other: &IpNetwork) -> bool {
+        self.prefix <= other.prefix
+            && self.addr.is_ipv4() == other.addr.is_ipv4()
+            && self.contains(other.addr)
+    }
+
     fn host_bits(&self, ip: IpAddr) -> u128 {
         match ip {
             IpAddr::V4(ip) => {
@@ -148,6 +158,21 @@ impl FromStr for IpNetwork {
 impl fmt::Display for IpNetwork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl serde::Serialize for IpNetwork {
+    /// As its CIDR text, `10.0.0.0/8`.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IpNetwork {
+    /// From CIDR text or one address, as [`FromStr`] reads it.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -212,6 +237,34 @@ mod tests {
         ] {
             assert!(bad.parse::<IpNetwork>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn contains_networks_of_its_own_family_within_its_prefix() {
+        let wide = net("10.0.0.0/8");
+        assert!(wide.contains_network(&net("10.1.0.0/16")));
+        assert!(wide.contains_network(&wide));
+        assert!(wide.contains_network(&net("10.255.255.255")));
+        assert!(!wide.contains_network(&net("0.0.0.0/0")));
+        assert!(!wide.contains_network(&net("11.0.0.0/16")));
+        assert!(!net("10.1.0.0/16").contains_network(&wide));
+        assert!(net("::/0").contains_network(&net("2001:db8::/32")));
+        // Families never contain each other, even /0 of one and a mapped address.
+        assert!(!net("::/0").contains_network(&net("10.0.0.0/8")));
+        assert!(!net("0.0.0.0/0").contains_network(&net("::1")));
+        assert!(net("0.0.0.0/0").contains_network(&net("::ffff:10.0.0.1")));
+    }
+
+    #[test]
+    fn serializes_as_cidr_text() {
+        let n = net("2001:db8::/32");
+        assert_eq!(serde_json::to_string(&n).unwrap(), r#""2001:db8::/32""#);
+        assert_eq!(
+            serde_json::from_str::<IpNetwork>(r#""10.0.0.1""#).unwrap(),
+            net("10.0.0.1/32")
+        );
+        assert!(serde_json::from_str::<IpNetwork>(r#""10.0.0.1/8""#).is_err());
+        assert!(serde_json::from_str::<IpNetwork>("8").is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use http::request::Parts;
@@ -28,6 +29,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::store::{KeyRecord, OwnerKind};
@@ -69,6 +71,8 @@ struct Profile {
     owner_kind: OwnerKind,
     read_only: bool,
     rate_limit: Option<RateLimitPolicy>,
+    /// Empty: any address.
+    allowed_ips: Box<[IpNetwork]>,
     /// Verified from another system's store (a Payload or Strapi collection): never holds a
     /// management scope.
     foreign: bool,
@@ -84,6 +88,7 @@ impl Profile {
                 .iter()
                 .map(|s| s.len() + std::mem::size_of::<String>())
                 .sum::<usize>()
+            + self.allowed_ips.len() * std::mem::size_of::<IpNetwork>()
     }
 }
 
@@ -171,6 +176,7 @@ struct PrincipalData<'a> {
     #[serde(with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
     rate_limit: Option<RateLimitPolicy>,
+    allowed_ips: &'a [IpNetwork],
 }
 
 impl Principal {
@@ -190,6 +196,7 @@ impl Principal {
                 owner_kind: record.owner_kind,
                 read_only: record.read_only,
                 rate_limit: record.rate_limit,
+                allowed_ips: record.allowed_ips.as_slice().into(),
                 foreign,
             },
             &record.metadata,
@@ -232,6 +239,7 @@ impl Principal {
             metadata: self.metadata(),
             expires_at: self.expires_at(),
             rate_limit: self.rate_limit(),
+            allowed_ips: self.allowed_ips(),
         }
     }
 
@@ -288,6 +296,19 @@ impl Principal {
     /// The key's own rate limit, if any.
     pub fn rate_limit(&self) -> Option<RateLimitPolicy> {
         self.0.profile.rate_limit
+    }
+
+    /// The networks the key may be used from; empty: anywhere.
+    pub fn allowed_ips(&self) -> &[IpNetwork] {
+        &self.0.profile.allowed_ips
+    }
+
+    /// Whether a request from `client` may use the key: always when the key names no
+    /// networks; else only from an address inside one of them (an unknown address never).
+    pub fn allows_address(&self, client: Option<IpAddr>) -> bool {
+        let networks = self.allowed_ips();
+        networks.is_empty()
+            || client.is_some_and(|ip| networks.iter().any(|network| network.contains(ip)))
     }
 
     /// Whether the key was verified from another system's store (a Payload CMS or Strapi
@@ -360,6 +381,7 @@ impl Principal {
                 owner_kind: OwnerKind::User,
                 read_only,
                 rate_limit: None,
+                allowed_ips: Box::new([]),
                 foreign: false,
             },
             &serde_json::Value::Null,
@@ -466,6 +488,7 @@ impl PrincipalBuilder {
                 owner_kind: OwnerKind::User,
                 read_only: false,
                 rate_limit: None,
+                allowed_ips: Box::new([]),
                 foreign: false,
             },
             metadata: serde_json::Value::Null,
@@ -522,6 +545,12 @@ impl PrincipalBuilder {
     /// The key's own rate limit.
     pub fn rate_limit(mut self, policy: RateLimitPolicy) -> Self {
         self.profile.rate_limit = Some(policy);
+        self
+    }
+
+    /// The networks the key may be used from (empty: anywhere).
+    pub fn allowed_ips(mut self, networks: impl IntoIterator<Item = IpNetwork>) -> Self {
+        self.profile.allowed_ips = networks.into_iter().collect();
         self
     }
 
@@ -738,6 +767,7 @@ mod tests {
             #[serde(with = "time::serde::rfc3339::option")]
             expires_at: Option<OffsetDateTime>,
             rate_limit: Option<RateLimitPolicy>,
+            allowed_ips: Vec<IpNetwork>,
         }
 
         #[derive(Debug)]
@@ -756,6 +786,7 @@ mod tests {
                 metadata: record.metadata.clone(),
                 expires_at: record.expires_at,
                 rate_limit: record.rate_limit,
+                allowed_ips: record.allowed_ips.clone(),
             })
         }
     }
@@ -772,6 +803,10 @@ mod tests {
         full.metadata = serde_json::json!({"plan": "pro", "seats": [1, 2]});
         full.expires_at = Some(time::macros::datetime!(2031-02-03 04:05:06.789 +02:00));
         full.rate_limit = Some("100/min,burst=20".parse().unwrap());
+        full.allowed_ips = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
         let mut bare = record(2);
         bare.name = String::new();
         bare.subject = String::new();
@@ -797,8 +832,29 @@ mod tests {
             assert_eq!(p.metadata(), &record.metadata);
             assert_eq!(p.expires_at(), record.expires_at);
             assert_eq!(p.rate_limit(), record.rate_limit);
+            assert_eq!(p.allowed_ips(), record.allowed_ips.as_slice());
             assert_eq!(p, p.clone());
         }
+    }
+
+    #[test]
+    fn an_allowlist_admits_only_its_networks_and_never_an_unknown_address() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let anywhere = Principal::from_record(&record(7), false, &TEST_PROFILES);
+        assert!(anywhere.allows_address(None));
+        assert!(anywhere.allows_address(ip("203.0.113.9")));
+        let mut listed = record(8);
+        listed.allowed_ips = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        let p = Principal::from_record(&listed, false, &TEST_PROFILES);
+        assert!(p.allows_address(ip("10.200.0.1")));
+        assert!(p.allows_address(ip("::ffff:10.0.0.1")));
+        assert!(p.allows_address(ip("2001:db8::7")));
+        assert!(!p.allows_address(ip("11.0.0.1")));
+        assert!(!p.allows_address(ip("2001:db9::1")));
+        assert!(!p.allows_address(None));
     }
 
     #[test]
@@ -864,6 +920,7 @@ mod tests {
             owner_kind: OwnerKind::User,
             read_only: false,
             rate_limit: None,
+            allowed_ips: Box::new([]),
             foreign: false,
         }
     }

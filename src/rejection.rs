@@ -54,6 +54,9 @@ pub enum RejectionKind {
     AmbiguousCredentials,
     /// The key lacks a required scope, or is read-only and the method is not safe.
     InsufficientScope,
+    /// The key may only be used from listed networks, and the request came from elsewhere
+    /// (or from an address the layer could not determine).
+    IpNotAllowed,
     /// A rate limit was exceeded.
     RateLimited,
     /// The key store could not be reached and the key is not cached.
@@ -62,7 +65,7 @@ pub enum RejectionKind {
 
 impl RejectionKind {
     /// Every kind, in table order.
-    pub const ALL: [RejectionKind; 9] = [
+    pub const ALL: [RejectionKind; 10] = [
         RejectionKind::MissingCredentials,
         RejectionKind::MalformedKey,
         RejectionKind::InvalidKey,
@@ -70,6 +73,7 @@ impl RejectionKind {
         RejectionKind::RevokedKey,
         RejectionKind::AmbiguousCredentials,
         RejectionKind::InsufficientScope,
+        RejectionKind::IpNotAllowed,
         RejectionKind::RateLimited,
         RejectionKind::StoreUnavailable,
     ];
@@ -84,6 +88,7 @@ impl RejectionKind {
             RejectionKind::RevokedKey => "revoked_key",
             RejectionKind::AmbiguousCredentials => "ambiguous_credentials",
             RejectionKind::InsufficientScope => "insufficient_scope",
+            RejectionKind::IpNotAllowed => "ip_not_allowed",
             RejectionKind::RateLimited => "rate_limited",
             RejectionKind::StoreUnavailable => "store_unavailable",
         }
@@ -99,6 +104,7 @@ impl RejectionKind {
             RejectionKind::RevokedKey => "Revoked API key",
             RejectionKind::AmbiguousCredentials => "Ambiguous credentials",
             RejectionKind::InsufficientScope => "Insufficient scope",
+            RejectionKind::IpNotAllowed => "Address not allowed",
             RejectionKind::RateLimited => "Rate limit exceeded",
             RejectionKind::StoreUnavailable => "Key store unavailable",
         }
@@ -113,7 +119,7 @@ impl RejectionKind {
             | RejectionKind::ExpiredKey
             | RejectionKind::RevokedKey => StatusCode::UNAUTHORIZED,
             RejectionKind::AmbiguousCredentials => StatusCode::BAD_REQUEST,
-            RejectionKind::InsufficientScope => StatusCode::FORBIDDEN,
+            RejectionKind::InsufficientScope | RejectionKind::IpNotAllowed => StatusCode::FORBIDDEN,
             RejectionKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -128,7 +134,7 @@ impl RejectionKind {
             | RejectionKind::ExpiredKey
             | RejectionKind::RevokedKey => 16,
             RejectionKind::AmbiguousCredentials => 3,
-            RejectionKind::InsufficientScope => 7,
+            RejectionKind::InsufficientScope | RejectionKind::IpNotAllowed => 7,
             RejectionKind::RateLimited => 8,
             RejectionKind::StoreUnavailable => 14,
         }
@@ -387,6 +393,7 @@ fn problem_prefix(kind: RejectionKind) -> &'static str {
         RejectionKind::InsufficientScope => {
             prefix!("403", "insufficient_scope", "Insufficient scope")
         }
+        RejectionKind::IpNotAllowed => prefix!("403", "ip_not_allowed", "Address not allowed"),
         RejectionKind::RateLimited => prefix!("429", "rate_limited", "Rate limit exceeded"),
         RejectionKind::StoreUnavailable => {
             prefix!("503", "store_unavailable", "Key store unavailable")

@@ -1015,3 +1015,109 @@ async fn audit_list_verify_and_prune() {
         text(&bad.stderr)
     );
 }
+
+#[tokio::test]
+async fn allowlists_from_the_cli_hold_in_serve() {
+    let dir = TempDir::new("allowlist");
+    let json = ok_json(
+        &dir,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "office",
+            "--allow-ip",
+            "10.0.0.0/8",
+            "--allow-ip",
+            "2001:db8::/32",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        json["allowed_ips"],
+        serde_json::json!(["10.0.0.0/8", "2001:db8::/32"])
+    );
+    let (office_key, office) = (
+        json["key"].as_str().unwrap().to_owned(),
+        json["id"].as_str().unwrap().to_owned(),
+    );
+    let human = ok(&dir, &["keys", "show", &office]);
+    assert!(
+        human.contains("allowed ips   10.0.0.0/8, 2001:db8::/32"),
+        "{human}"
+    );
+    let (local_key, local) = create_key(&dir, &["--name", "local", "--allow-ip", "127.0.0.1"]);
+    let human = ok(&dir, &["keys", "show", &local]);
+    assert!(human.contains("allowed ips   127.0.0.1/32"), "{human}");
+
+    for (bad, why) in [
+        ("10.0.0.1/8", "bits are set past the prefix length"),
+        ("10.0.0.0/33", "the prefix is longer than the address"),
+        ("office", "not an IP address"),
+    ] {
+        let error = fails(
+            &dir,
+            Some(SECRET),
+            &["keys", "create", "--name", "x", "--allow-ip", bad],
+        );
+        assert!(
+            error.contains("--allow-ip") && error.contains(why),
+            "{error}"
+        );
+    }
+    // A usage error: clap's own message and exit code, like every conflicting pair.
+    let output = run(
+        &dir,
+        Some(SECRET),
+        &[
+            "keys",
+            "update",
+            &office,
+            "--allow-ip",
+            "10.0.0.0/8",
+            "--allow-any-ip",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("cannot be used with '--allow-any-ip'"));
+
+    let server = start(&dir, "serve-allowlist");
+    let http = client();
+    let res = whoami(&http, &server, ("x-api-key", local_key.clone())).await;
+    assert_eq!(res.status(), 200);
+    let res = whoami(&http, &server, ("x-api-key", office_key.clone())).await;
+    assert_eq!(problem(res).await, (403, "ip_not_allowed".to_owned()));
+
+    // Changed from the CLI: the server sees it (change feed) within its poll interval.
+    let json = ok_json(
+        &dir,
+        &[
+            "keys",
+            "update",
+            &office,
+            "--allow-ip",
+            "127.0.0.0/8",
+            "--json",
+        ],
+    );
+    assert_eq!(json["allowed_ips"], serde_json::json!(["127.0.0.0/8"]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = whoami(&http, &server, ("x-api-key", office_key.clone())).await;
+        if res.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let json = ok_json(
+        &dir,
+        &["keys", "update", &local, "--allow-any-ip", "--json"],
+    );
+    assert_eq!(json["allowed_ips"], serde_json::json!([]));
+    let human = ok(&dir, &["keys", "show", &local]);
+    assert!(human.contains("allowed ips   any"), "{human}");
+}

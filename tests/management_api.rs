@@ -23,7 +23,7 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 /// Fields of a key view, exactly.
-const VIEW_FIELDS: [&str; 21] = [
+const VIEW_FIELDS: [&str; 22] = [
     "id",
     "name",
     "description",
@@ -36,6 +36,7 @@ const VIEW_FIELDS: [&str; 21] = [
     "read_only",
     "metadata",
     "rate_limit",
+    "allowed_ips",
     "state",
     "created_at",
     "updated_at",

@@ -250,6 +250,7 @@ fn plain(collection: &str, subject: &str) -> KeyRecord {
         disabled: false,
         rotated_from: None,
         encrypted_key: None,
+        allowed_ips: Vec::new(),
     }
 }
 
@@ -284,6 +285,12 @@ fn full() -> KeyRecord {
         disabled: true,
         rotated_from: Some(Uuid::now_v7()),
         encrypted_key: Some(vec![0, 1, 2, 0x7f, 0x80, 0xfe, 0xff]),
+        allowed_ips: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.7".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+            "::1".parse().unwrap(),
+        ],
     }
 }
 
@@ -445,6 +452,10 @@ async fn update_applies_patch_semantics(store: Store) {
         expires_at: Some(None),
         revoked_at: Some(t1),
         disabled: Some(true),
+        allowed_ips: Some(vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+        ]),
         expected_updated_at: None,
     };
     let mut expected = record.clone();
@@ -462,6 +473,7 @@ async fn update_applies_patch_semantics(store: Store) {
         description: Some(Some("back".into())),
         rate_limit: Some(Some("5/min,burst=2".parse().unwrap())),
         expires_at: Some(Some(t2 + Duration::days(7))),
+        allowed_ips: Some(Vec::new()),
         ..KeyPatch::default()
     };
     later.apply_to(&mut expected, t2);

@@ -507,6 +507,7 @@ impl PayloadTable {
             read_only: false,
             metadata: serde_json::Value::Object(metadata),
             rate_limit: None,
+            allowed_ips: Vec::new(),
             created_at,
             updated_at: at("updated_at").unwrap_or(created_at),
             expires_at: None,

@@ -345,6 +345,7 @@ impl StrapiTables {
             read_only: token_type == TokenType::ReadOnly,
             metadata: serde_json::Value::Object(metadata),
             rate_limit: None,
+            allowed_ips: Vec::new(),
             created_at,
             updated_at: at("updated_at").unwrap_or(created_at),
             expires_at,

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use crate::credential::CredentialExtractor;
 use crate::key::KeyFormat;
 use crate::principal::{Interner, Principal, MAX_INTERNED_PROFILES};
 use crate::ratelimit::{
-    FailedAttemptLimit, FailureTracker, Limiters, RateLimitPolicy, RateLimiter,
+    ClientAddressSource, FailedAttemptLimit, FailureTracker, Limiters, RateLimitPolicy, RateLimiter,
 };
 use crate::rejection::AuthRejection;
 use crate::secret::{Secret, SecretRing};
@@ -42,6 +43,8 @@ pub enum BuildErrorKind {
     InvalidHeaderName,
     /// The query parameter name is empty or holds `&`, `=` or whitespace.
     InvalidQueryParam,
+    /// The layer and its failed-attempt limit name different client address sources.
+    ConflictingClientAddress,
 }
 
 /// The layer could not be built.
@@ -87,6 +90,7 @@ pub struct ApiKeyLayerBuilder {
     limiter: RateLimiter,
     default_rate_limit: Option<RateLimitPolicy>,
     failed_attempts: Option<FailedAttemptLimit>,
+    client_address: Option<ClientAddressSource>,
 }
 
 impl Default for ApiKeyLayerBuilder {
@@ -109,6 +113,7 @@ impl Default for ApiKeyLayerBuilder {
             limiter: RateLimiter::local(),
             default_rate_limit: None,
             failed_attempts: None,
+            client_address: None,
         }
     }
 }
@@ -240,6 +245,17 @@ impl ApiKeyLayerBuilder {
     /// The rate limit of keys that have none of their own (default: unlimited).
     pub fn default_rate_limit(mut self, policy: RateLimitPolicy) -> Self {
         self.default_rate_limit = Some(policy);
+        self
+    }
+
+    /// Where a request's client address comes from (default: the connection), for keys'
+    /// IP allowlists ([`KeyRecord::allowed_ips`](crate::store::KeyRecord::allowed_ips)) and
+    /// failed-attempt limiting. Behind a reverse proxy, name it with
+    /// [`ClientAddressSource::TrustedProxies`]: a forwarding header (`X-Forwarded-For`) is
+    /// then believed only on connections from the proxies. A header believed from anyone
+    /// lets every client choose its own address, and so pass any allowlist.
+    pub fn client_address(mut self, source: ClientAddressSource) -> Self {
+        self.client_address = Some(source);
         self
     }
 
@@ -451,9 +467,24 @@ impl ApiKeyLayerBuilder {
             usage.start();
         }
         let limiters = Limiters::new(self.limiter, self.default_rate_limit, self.clock.clone());
-        let failures = self
+        let limit_source = self
             .failed_attempts
-            .map(|limit| FailureTracker::new(limit, self.clock.clone()));
+            .as_ref()
+            .and_then(|limit| limit.address.clone());
+        let client_source = match (self.client_address, limit_source) {
+            (Some(layer), Some(limit)) if layer != limit => {
+                return Err(BuildError::new(
+                    BuildErrorKind::ConflictingClientAddress,
+                    "the layer's client_address and its failed-attempt limit's client_address differ: set one",
+                ))
+            }
+            (Some(source), _) | (None, Some(source)) => source,
+            (None, None) => ClientAddressSource::Connection,
+        };
+        let failures = self.failed_attempts.map(|mut limit| {
+            limit.address = Some(client_source.clone());
+            FailureTracker::new(limit, self.clock.clone())
+        });
         // Registers the metrics handles (feature `metrics`) with the recorder in effect now.
         let counters = Arc::new(Counters::new(collections.iter().map(|c| &*c.slug)));
         let cache = KeyCache::new(self.cache);
@@ -464,6 +495,8 @@ impl ApiKeyLayerBuilder {
                 clock: self.clock,
                 limiters,
                 failures,
+                client_source,
+                warned_unknown_address: AtomicBool::new(false),
                 usage,
                 cached: cache.enabled(),
                 counters: counters.clone(),

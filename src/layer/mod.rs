@@ -336,14 +336,11 @@ impl ApiKeyLayer {
         self.verifier.admission.clock.clone()
     }
 
-    /// Where the layer reads client addresses (for failed-attempt limiting), if it does.
+    /// Where the layer reads client addresses (for IP allowlists and failed-attempt
+    /// limiting).
     #[cfg(feature = "manage-api")]
-    pub(crate) fn client_address_source(&self) -> Option<&crate::ratelimit::ClientAddressSource> {
-        self.verifier
-            .admission
-            .failures
-            .as_ref()
-            .map(|failures| &failures.config.address)
+    pub(crate) fn client_address_source(&self) -> &crate::ratelimit::ClientAddressSource {
+        &self.verifier.admission.client_source
     }
 
     /// The rate limit of keys that have none of their own (`None`: unlimited).

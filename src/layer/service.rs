@@ -119,7 +119,11 @@ where
             return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
         }
         // The hit path: the cache answers, the limiter is in memory; nothing to wait for.
-        if let Some(decided) = verifier.outcome_now(&key, req.method(), blocked.as_ref()) {
+        let allowlist_client =
+            || admission.allowlist_client(client, req.headers(), req.extensions());
+        if let Some(decided) =
+            verifier.outcome_now(&key, req.method(), blocked.as_ref(), allowlist_client)
+        {
             return match verifier.admit_or_reject(&mut req, &key, client, decided, &span) {
                 Ok(rate) => {
                     drop(entered);
@@ -135,14 +139,22 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
         ResponseFuture::boxed(async move {
+            // Borrowed piece by piece: the future must not hold `&Request` (its body need
+            // not be `Sync`).
+            let (headers, extensions) = (req.headers(), req.extensions());
             let decided = verifier
                 .outcome(
                     &key,
-                    req.headers(),
+                    headers,
                     req.uri().query(),
                     req.method(),
                     optional,
                     blocked.as_ref(),
+                    || {
+                        verifier
+                            .admission
+                            .allowlist_client(client, headers, extensions)
+                    },
                 )
                 .instrument(span.clone())
                 .await;

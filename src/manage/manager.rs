@@ -18,6 +18,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::invalidation::{Invalidation, InvalidationPublisher};
 use crate::key::{ApiKey, KeyFormat};
 use crate::layer::ApiKeyLayer;
+use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{SecretId, SecretRing};
 use crate::store::{
@@ -54,6 +55,8 @@ pub struct NewKey {
     pub metadata: serde_json::Value,
     /// Per-key rate limit.
     pub rate_limit: Option<RateLimitPolicy>,
+    /// The networks the key may be used from (default empty: anywhere); at most 64.
+    pub allowed_ips: Vec<IpNetwork>,
 }
 
 impl NewKey {
@@ -71,6 +74,7 @@ impl NewKey {
             expires_in: ExpiresIn::Unlimited,
             metadata: serde_json::Value::Object(Default::default()),
             rate_limit: None,
+            allowed_ips: Vec::new(),
         }
     }
 
@@ -134,6 +138,14 @@ impl NewKey {
     #[must_use]
     pub fn rate_limit(mut self, policy: RateLimitPolicy) -> Self {
         self.rate_limit = Some(policy);
+        self
+    }
+
+    /// Adds a network the key may be used from. A key with none may be used from anywhere;
+    /// with some, requests from elsewhere get `ip_not_allowed`.
+    #[must_use]
+    pub fn allow_ip(mut self, network: IpNetwork) -> Self {
+        self.allowed_ips.push(network);
         self
     }
 }
@@ -266,8 +278,8 @@ impl KeyManager {
         defaults
     }
 
-    /// The address of a request's client as the first layer that reads addresses reads it
-    /// (trusted proxies included), else the connection's.
+    /// The address of a request's client as the first layer reads it (trusted proxies
+    /// included), else the connection's.
     #[cfg(feature = "manage-api")]
     pub(crate) fn client_address(
         &self,
@@ -275,8 +287,8 @@ impl KeyManager {
         extensions: &http::Extensions,
     ) -> Option<std::net::IpAddr> {
         self.layers
-            .iter()
-            .find_map(ApiKeyLayer::client_address_source)
+            .first()
+            .map(ApiKeyLayer::client_address_source)
             .cloned()
             .unwrap_or_default()
             .address(headers, extensions)
@@ -569,6 +581,7 @@ impl KeyManager {
             read_only: new.read_only,
             metadata: new.metadata,
             rate_limit: new.rate_limit,
+            allowed_ips: new.allowed_ips,
             created_at: now,
             updated_at: now,
             expires_at,
@@ -615,8 +628,8 @@ impl KeyManager {
     /// [`ManageErrorKind::NotFound`], [`ManageErrorKind::Invalid`],
     /// [`ManageErrorKind::Conflict`] when the key changed since `expected_updated_at` (nothing
     /// was written; read it again and retry), or [`ManageErrorKind::Store`].
-    pub async fn update(&self, id: Uuid, patch: KeyPatch) -> Result<KeyRecord, ManageError> {
-        validate_patch(&patch)?;
+    pub async fn update(&self, id: Uuid, mut patch: KeyPatch) -> Result<KeyRecord, ManageError> {
+        validate_patch(&mut patch)?;
         let record = self
             .apply_update(id, &patch, None, None)
             .await
@@ -773,6 +786,7 @@ impl KeyManager {
             expires_in: lifetime,
             metadata: old.metadata.clone(),
             rate_limit: old.rate_limit,
+            allowed_ips: old.allowed_ips.clone(),
         };
         let created = self.create_record(new, Some(id)).await?;
         let old_deadline = old.expires_at.map_or(deadline, |at| at.min(deadline));

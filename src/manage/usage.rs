@@ -99,6 +99,8 @@ pub struct UsageBucket {
     pub invalid: u64,
     /// Not a key at all (per collection only).
     pub malformed: u64,
+    /// Used from an address outside the key's allowed networks.
+    pub ip_not_allowed: u64,
     /// Anything else (store unavailable, …).
     pub other: u64,
 }
@@ -116,6 +118,7 @@ impl UsageBucket {
             revoked: 0,
             invalid: 0,
             malformed: 0,
+            ip_not_allowed: 0,
             other: 0,
         }
     }
@@ -129,6 +132,7 @@ impl UsageBucket {
             UsageOutcome::Revoked => &mut self.revoked,
             UsageOutcome::Invalid => &mut self.invalid,
             UsageOutcome::Malformed => &mut self.malformed,
+            UsageOutcome::IpNotAllowed => &mut self.ip_not_allowed,
             _ => &mut self.other,
         };
         *slot = slot.saturating_add(count);

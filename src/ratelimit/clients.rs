@@ -191,7 +191,9 @@ pub enum BlockedClients {
 pub struct FailedAttemptLimit {
     pub(crate) max_failures: NonZeroU32,
     pub(crate) window: Duration,
-    pub(crate) address: ClientAddressSource,
+    /// `None`: the layer's ([`ApiKeyLayerBuilder::client_address`](crate::ApiKeyLayerBuilder::client_address),
+    /// else the connection); the layer's build fills it in.
+    pub(crate) address: Option<ClientAddressSource>,
     pub(crate) blocked: BlockedClients,
     pub(crate) capacity: u64,
 }
@@ -202,16 +204,19 @@ impl FailedAttemptLimit {
         Self {
             max_failures: NonZeroU32::new(max_failures).unwrap_or(NonZeroU32::MIN),
             window: window.max(Duration::from_millis(1)),
-            address: ClientAddressSource::Connection,
+            address: None,
             blocked: BlockedClients::RejectAll,
             capacity: 100_000,
         }
     }
 
-    /// Where the address comes from (default: the connection).
+    /// Where the address comes from (default: the layer's
+    /// [`client_address`](crate::ApiKeyLayerBuilder::client_address), else the connection).
+    /// Setting it here and a different source on the layer is a build error: the layer reads
+    /// one address per request, for this and for keys' IP allowlists alike.
     #[must_use]
     pub fn client_address(mut self, address: ClientAddressSource) -> Self {
-        self.address = address;
+        self.address = Some(address);
         self
     }
 
@@ -290,7 +295,10 @@ impl FailureTracker {
 
     /// The client's address, per the configured source.
     pub(crate) fn address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
-        let address = self.config.address.address(headers, extensions);
+        let address = match &self.config.address {
+            Some(source) => source.address(headers, extensions),
+            None => ClientAddressSource::Connection.address(headers, extensions),
+        };
         if address.is_none()
             && !self.warned_no_address.load(Ordering::Relaxed)
             && !self.warned_no_address.swap(true, Ordering::Relaxed)

@@ -24,13 +24,15 @@ pub enum UsageOutcome {
     Invalid,
     /// A value that is not a key at all (401).
     Malformed,
+    /// A key used from an address outside its allowed networks (403).
+    IpNotAllowed,
     /// Anything else: the store unavailable, a blocked client address, …
     Other,
 }
 
 impl UsageOutcome {
     /// Every outcome, in column order.
-    pub const ALL: [UsageOutcome; 8] = [
+    pub const ALL: [UsageOutcome; 9] = [
         Self::Accepted,
         Self::RateLimited,
         Self::InsufficientScope,
@@ -38,11 +40,12 @@ impl UsageOutcome {
         Self::Revoked,
         Self::Invalid,
         Self::Malformed,
+        Self::IpNotAllowed,
         Self::Other,
     ];
 
     /// `accepted`, `rate_limited`, `insufficient_scope`, `expired`, `revoked`, `invalid`,
-    /// `malformed` or `other`.
+    /// `malformed`, `ip_not_allowed` or `other`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
@@ -52,6 +55,7 @@ impl UsageOutcome {
             Self::Revoked => "revoked",
             Self::Invalid => "invalid",
             Self::Malformed => "malformed",
+            Self::IpNotAllowed => "ip_not_allowed",
             Self::Other => "other",
         }
     }

@@ -89,7 +89,7 @@ pub struct AuditWrite<'a> {
 }
 
 /// The fields an event shows (never the digest, secret id or encrypted key).
-fn fields(record: &KeyRecord) -> [(&'static str, Value); 9] {
+fn fields(record: &KeyRecord) -> [(&'static str, Value); 10] {
     [
         ("name", Value::from(record.name.clone())),
         ("description", Value::from(record.description.clone())),
@@ -99,6 +99,16 @@ fn fields(record: &KeyRecord) -> [(&'static str, Value); 9] {
         (
             "rate_limit",
             Value::from(record.rate_limit.map(|p| p.to_string())),
+        ),
+        (
+            "allowed_ips",
+            Value::from(
+                record
+                    .allowed_ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            ),
         ),
         ("expires_at", instant(record.expires_at)),
         ("revoked_at", instant(record.revoked_at)),

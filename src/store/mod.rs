@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::audit::{AuditCheckpoint, AuditPage, AuditQuery, AuditSealer, ChainHead};
+use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
 
@@ -187,6 +188,9 @@ pub struct KeyRecord {
     pub metadata: serde_json::Value,
     /// The key's own rate limit, if any.
     pub rate_limit: Option<RateLimitPolicy>,
+    /// The networks requests with this key may come from; empty: anywhere. A request from
+    /// elsewhere (or from an unknown address) gets `ip_not_allowed`.
+    pub allowed_ips: Vec<IpNetwork>,
     /// Creation time.
     pub created_at: OffsetDateTime,
     /// Last modification time.
@@ -236,6 +240,7 @@ impl fmt::Debug for KeyRecord {
             .field("scopes", &self.scopes)
             .field("environment", &self.environment)
             .field("read_only", &self.read_only)
+            .field("allowed_ips", &self.allowed_ips)
             .field("expires_at", &self.expires_at)
             .field("revoked_at", &self.revoked_at)
             .field("disabled", &self.disabled)
@@ -262,6 +267,8 @@ pub struct KeyPatch {
     pub metadata: Option<serde_json::Value>,
     /// New rate limit.
     pub rate_limit: Option<Option<RateLimitPolicy>>,
+    /// New allowed networks (empty: anywhere).
+    pub allowed_ips: Option<Vec<IpNetwork>>,
     /// New expiry.
     pub expires_at: Option<Option<OffsetDateTime>>,
     /// Revoke at this time. A revoked key stays revoked: a later patch cannot clear it.
@@ -302,6 +309,9 @@ impl KeyPatch {
         }
         if let Some(rate_limit) = self.rate_limit {
             record.rate_limit = rate_limit;
+        }
+        if let Some(allowed_ips) = &self.allowed_ips {
+            record.allowed_ips.clone_from(allowed_ips);
         }
         if let Some(expires_at) = self.expires_at {
             record.expires_at = expires_at;
@@ -855,6 +865,7 @@ pub(crate) mod test_support {
             read_only: false,
             metadata: serde_json::json!({}),
             rate_limit: None,
+            allowed_ips: Vec::new(),
             created_at: now,
             updated_at: now,
             expires_at: None,

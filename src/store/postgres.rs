@@ -24,19 +24,20 @@ use crate::audit::{
     Actor, AuditCheckpoint, AuditEntry, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer,
     ChainHead, ChangeContext,
 };
+use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{Digest, SecretId};
 
 const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, collection, \
     subject, owner_kind, scopes, environment, read_only, metadata, rate_limit, created_at, \
     updated_at, expires_at, last_used_at, use_count, revoked_at, disabled, rotated_from, \
-    encrypted_key";
+    encrypted_key, allowed_ips";
 
 /// [`COLUMNS`] of the keys table aliased `k`.
 const KEY_COLUMNS: &str = "k.id, k.digest, k.secret_id, k.display_start, k.name, \
     k.description, k.collection, k.subject, k.owner_kind, k.scopes, k.environment, k.read_only, \
     k.metadata, k.rate_limit, k.created_at, k.updated_at, k.expires_at, k.last_used_at, \
-    k.use_count, k.revoked_at, k.disabled, k.rotated_from, k.encrypted_key";
+    k.use_count, k.revoked_at, k.disabled, k.rotated_from, k.encrypted_key, k.allowed_ips";
 
 /// The longest identifier PostgreSQL keeps without truncating.
 const MAX_SCHEMA_LEN: usize = 63;
@@ -862,7 +863,7 @@ impl PostgresStore {
 async fn insert_in(conn: &mut PgConnection, record: &KeyRecord) -> Result<(), StoreError> {
     sqlx::query(&format!(
         "INSERT INTO keywarden_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
     ))
     .bind(record.id)
     .bind(record.digest.as_bytes().as_slice())
@@ -887,6 +888,7 @@ async fn insert_in(conn: &mut PgConnection, record: &KeyRecord) -> Result<(), St
     .bind(record.disabled)
     .bind(record.rotated_from)
     .bind(record.encrypted_key.as_deref())
+    .bind(networks_text(&record.allowed_ips))
     .execute(&mut *conn)
     .await
     .map_err(|e| store_error("inserting a key failed", e))?;
@@ -920,7 +922,8 @@ async fn update_in(
     let row = sqlx::query(&format!(
         "UPDATE keywarden_keys SET name = $1, description = $2, scopes = $3, \
              read_only = $4, metadata = $5, rate_limit = $6, expires_at = $7, revoked_at = $8, \
-             disabled = $9, updated_at = $10 WHERE id = $11 RETURNING {COLUMNS}"
+             disabled = $9, updated_at = $10, allowed_ips = $11 WHERE id = $12 \
+             RETURNING {COLUMNS}"
     ))
     .bind(&record.name)
     .bind(&record.description)
@@ -932,6 +935,7 @@ async fn update_in(
     .bind(record.revoked_at.map(micros))
     .bind(record.disabled)
     .bind(micros(record.updated_at))
+    .bind(networks_text(&record.allowed_ips))
     .bind(id)
     .fetch_one(&mut *conn)
     .await
@@ -1428,6 +1432,7 @@ fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
     let owner_kind: String = column(row, "owner_kind")?;
     let rate_limit: Option<String> = column(row, "rate_limit")?;
     let Json(metadata) = column::<Json<serde_json::Value>>(row, "metadata")?;
+    let allowed_ips: Vec<String> = column(row, "allowed_ips")?;
     Ok(KeyRecord {
         id: column(row, "id")?,
         digest: Digest::from_bytes(bytes(column(row, "digest")?, "digest")?),
@@ -1461,7 +1466,17 @@ fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
         disabled: column(row, "disabled")?,
         rotated_from: column(row, "rotated_from")?,
         encrypted_key: column(row, "encrypted_key")?,
+        allowed_ips: allowed_ips
+            .iter()
+            .map(|n| n.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| corrupt("allowed_ips", "not an array of IP networks"))?,
     })
+}
+
+/// Networks as the text array they are stored as.
+fn networks_text(networks: &[IpNetwork]) -> Vec<String> {
+    networks.iter().map(ToString::to_string).collect()
 }
 
 /// Maps a sqlx error to a [`StoreError`] without echoing row contents.

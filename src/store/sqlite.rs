@@ -34,13 +34,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, collection, \
     subject, owner_kind, scopes, environment, read_only, metadata, rate_limit, created_at, \
     updated_at, expires_at, last_used_at, use_count, revoked_at, disabled, rotated_from, \
-    encrypted_key";
+    encrypted_key, allowed_ips";
 
 /// [`COLUMNS`] of the keys table aliased `k`.
 const KEY_COLUMNS: &str = "k.id, k.digest, k.secret_id, k.display_start, k.name, \
     k.description, k.collection, k.subject, k.owner_kind, k.scopes, k.environment, k.read_only, \
     k.metadata, k.rate_limit, k.created_at, k.updated_at, k.expires_at, k.last_used_at, \
-    k.use_count, k.revoked_at, k.disabled, k.rotated_from, k.encrypted_key";
+    k.use_count, k.revoked_at, k.disabled, k.rotated_from, k.encrypted_key, k.allowed_ips";
 
 /// A [`KeyStore`] in a SQLite database: the embedded default.
 ///
@@ -731,7 +731,7 @@ async fn insert_in(conn: &mut SqliteConnection, record: &KeyRecord) -> Result<()
     let metadata = to_json(&record.metadata)?;
     sqlx::query(&format!(
         "INSERT INTO keywarden_keys ({COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     ))
     .bind(record.id.as_bytes().as_slice())
     .bind(record.digest.as_bytes().as_slice())
@@ -756,6 +756,7 @@ async fn insert_in(conn: &mut SqliteConnection, record: &KeyRecord) -> Result<()
     .bind(record.disabled)
     .bind(record.rotated_from.map(|id| id.as_bytes().to_vec()))
     .bind(record.encrypted_key.as_deref())
+    .bind(to_json(&record.allowed_ips)?)
     .execute(&mut *conn)
     .await
     .map_err(|e| store_error("inserting a key failed", e))?;
@@ -789,7 +790,7 @@ async fn update_in(
     let row = sqlx::query(&format!(
         "UPDATE keywarden_keys SET name = ?, description = ?, scopes = ?, read_only = ?, \
              metadata = ?, rate_limit = ?, expires_at = ?, revoked_at = ?, disabled = ?, \
-             updated_at = ? WHERE id = ? RETURNING {COLUMNS}"
+             updated_at = ?, allowed_ips = ? WHERE id = ? RETURNING {COLUMNS}"
     ))
     .bind(&record.name)
     .bind(&record.description)
@@ -801,6 +802,7 @@ async fn update_in(
     .bind(record.revoked_at.map(to_micros))
     .bind(record.disabled)
     .bind(to_micros(record.updated_at))
+    .bind(to_json(&record.allowed_ips)?)
     .bind(id.as_bytes().as_slice())
     .fetch_one(&mut *conn)
     .await
@@ -1175,6 +1177,7 @@ fn decode_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let metadata: String = column(row, "metadata")?;
     let owner_kind: String = column(row, "owner_kind")?;
     let rate_limit: Option<String> = column(row, "rate_limit")?;
+    let allowed_ips: String = column(row, "allowed_ips")?;
     Ok(KeyRecord {
         id: uuid(column(row, "id")?, "id")?,
         digest: Digest::from_bytes(bytes(column(row, "digest")?, "digest")?),
@@ -1208,6 +1211,8 @@ fn decode_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
             .map(|v| uuid(v, "rotated_from"))
             .transpose()?,
         encrypted_key: column(row, "encrypted_key")?,
+        allowed_ips: serde_json::from_str(&allowed_ips)
+            .map_err(|_| corrupt("allowed_ips", "not a JSON array of IP networks"))?,
     })
 }
 

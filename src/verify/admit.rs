@@ -1,15 +1,19 @@
 //! Admission: what happens after a key is resolved. The key is checked against the request
-//! (collection, revocation, expiry, read-only), its rate limit is taken, failures count against
-//! the client address, and an accepted request gets the principal and is counted for usage.
+//! (collection, revocation, expiry, client address, read-only), its rate limit is taken,
+//! failures count against the client address, and an accepted request gets the principal and
+//! is counted for usage.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 
 use crate::cache::ResolvedKey;
 use crate::clock::Clock;
-use crate::ratelimit::{Blocked, Decision, FailureTracker, Limiters, RateLimitPolicy};
+use crate::ratelimit::{
+    Blocked, ClientAddressSource, Decision, FailureTracker, Limiters, RateLimitPolicy,
+};
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::stats::Counters;
 use crate::usage::UsageRecorder;
@@ -22,6 +26,11 @@ pub(crate) struct Admission {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) limiters: Limiters,
     pub(crate) failures: Option<FailureTracker>,
+    /// Where client addresses come from (for allowlists, and failed-attempt limiting, whose
+    /// tracker holds the same source).
+    pub(crate) client_source: ClientAddressSource,
+    /// A key with an allowlist met a request without a known address (logged once).
+    pub(crate) warned_unknown_address: AtomicBool,
     pub(crate) usage: Option<Arc<UsageRecorder>>,
     /// The layer caches keys (capacity above 0): uses are then counted on the cached entry.
     pub(crate) cached: bool,
@@ -31,12 +40,13 @@ pub(crate) struct Admission {
 impl Admission {
     /// Checks a resolved key against the request. The collection is checked first so a key of
     /// another collection is indistinguishable from an unknown one. The clock is read only for
-    /// a key that expires.
+    /// a key that expires, and `client` called only for a key with an allowlist.
     pub(crate) fn check(
         &self,
         resolved: &ResolvedKey,
         key: &PresentedKey,
         method: &Method,
+        client: impl FnOnce() -> Option<IpAddr>,
     ) -> Result<(), AuthRejection> {
         let configured = resolved.collection.map(|index| index as usize);
         let collection_ok = match key.binding {
@@ -72,6 +82,9 @@ impl Admission {
                 "the key has expired",
             ));
         }
+        if !resolved.principal.allowed_ips().is_empty() {
+            self.check_address(resolved, client())?;
+        }
         if resolved.principal.is_read_only() && !method.is_safe() {
             return Err(AuthRejection::new(
                 RejectionKind::InsufficientScope,
@@ -82,6 +95,49 @@ impl Admission {
             return Err(rejection.clone());
         }
         Ok(())
+    }
+
+    /// A key with an allowlist: the client must be inside it; an unknown address never is.
+    #[cold]
+    fn check_address(
+        &self,
+        resolved: &ResolvedKey,
+        client: Option<IpAddr>,
+    ) -> Result<(), AuthRejection> {
+        if resolved.principal.allows_address(client) {
+            return Ok(());
+        }
+        if client.is_some() {
+            return Err(AuthRejection::new(
+                RejectionKind::IpNotAllowed,
+                "the key may not be used from this address",
+            ));
+        }
+        if !self.warned_unknown_address.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "keywarden",
+                "a key with an IP allowlist was used on a request without a client address: it is refused. Serve axum with `into_make_service_with_connect_info::<SocketAddr>()`, insert a `ClientIp` extension (tonic, hyper), or set `ApiKeyLayerBuilder::client_address` behind a proxy"
+            );
+        }
+        Err(AuthRejection::new(
+            RejectionKind::IpNotAllowed,
+            "the key may only be used from listed addresses, and this request's address is unknown",
+        ))
+    }
+
+    /// The client address for a key's allowlist: the one failed-attempt limiting already read
+    /// (`tracked`), else read now from the configured source.
+    pub(crate) fn allowlist_client(
+        &self,
+        tracked: Option<IpAddr>,
+        headers: &HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Option<IpAddr> {
+        if self.failures.is_some() {
+            tracked
+        } else {
+            self.client_source.address(headers, extensions)
+        }
     }
 
     /// The rate-limit policy that applies to a key: its own, else the layer default.

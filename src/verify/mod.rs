@@ -136,6 +136,7 @@ impl Verifier {
         key: &PresentedKey,
         method: &Method,
         blocked: Option<&crate::ratelimit::Blocked>,
+        client: impl FnOnce() -> Option<IpAddr>,
     ) -> Option<Decided> {
         if self.admission.limiters.is_remote() {
             return None;
@@ -146,13 +147,15 @@ impl Verifier {
         };
         let checked = self
             .admission
-            .check(&resolved, key, method)
+            .check(&resolved, key, method, client)
             .and_then(|()| self.admission.rate_limit_local(&resolved));
         Some(Decided::resolved(key, resolved, checked))
     }
 
     /// The outcome of a request that may wait: resolution through the store, the checks,
-    /// then the (maybe remote) rate limit.
+    /// then the (maybe remote) rate limit. `client` is called only for a key with an
+    /// allowlist.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn outcome(
         &self,
         key: &PresentedKey,
@@ -161,6 +164,7 @@ impl Verifier {
         method: &Method,
         optional: bool,
         blocked: Option<&crate::ratelimit::Blocked>,
+        client: impl FnOnce() -> Option<IpAddr>,
     ) -> Decided {
         let resolved = self
             .resolver
@@ -177,7 +181,7 @@ impl Verifier {
             Ok(resolved) => resolved,
             Err(rejection) => return Decided::unresolved(key, Err(rejection)),
         };
-        if let Err(rejection) = self.admission.check(&resolved, key, method) {
+        if let Err(rejection) = self.admission.check(&resolved, key, method, client) {
             return Decided::resolved(key, resolved, Err(rejection));
         }
         let checked = self
@@ -227,6 +231,7 @@ impl Verifier {
             RejectionKind::RevokedKey => UsageOutcome::Revoked,
             RejectionKind::InvalidKey => UsageOutcome::Invalid,
             RejectionKind::MalformedKey => UsageOutcome::Malformed,
+            RejectionKind::IpNotAllowed => UsageOutcome::IpNotAllowed,
             _ => UsageOutcome::Other,
         };
         // A key presented under another collection is not its owner's use: counted where it
@@ -342,9 +347,11 @@ impl Verifier {
         let decided = match now {
             Some(decided) => decided,
             None => {
-                self.outcome(&key, headers, None, method, false, blocked.as_ref())
-                    .instrument(span.clone())
-                    .await
+                self.outcome(&key, headers, None, method, false, blocked.as_ref(), || {
+                    client
+                })
+                .instrument(span.clone())
+                .await
             }
         };
         let _entered = span.enter();
@@ -396,7 +403,7 @@ impl Verifier {
             self.tally_rejection(span, binding(&key), &rejection);
             return Err(rejection);
         }
-        let now = self.outcome_now(&key, method, blocked.as_ref());
+        let now = self.outcome_now(&key, method, blocked.as_ref(), || client);
         Ok(Started { key, blocked, now })
     }
 }

@@ -20,6 +20,7 @@ use crate::{
     is_postgres, load_reveal_keys, load_secrets, open_store, redact_url, Context, Failure,
 };
 use keywarden::manage::{Granularity, UsageQuery};
+use keywarden::net::IpNetwork;
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
@@ -140,6 +141,10 @@ pub(crate) struct CreateArgs {
     /// Per-key rate limit, e.g. 100/min or 10/s,burst=20.
     #[arg(long, value_name = "N/PERIOD")]
     rate_limit: Option<RateLimitPolicy>,
+    /// Only accept the key from this network (CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32, or one
+    /// address); repeat for more. Default: from anywhere.
+    #[arg(long = "allow-ip", value_name = "CIDR")]
+    allowed_ips: Vec<IpNetwork>,
     /// Environment, which picks the key prefix (kw_live_, kw_test_).
     #[arg(long, default_value = "live", value_name = "live|test")]
     env: String,
@@ -205,6 +210,17 @@ pub(crate) struct UpdateArgs {
     /// Remove the per-key rate limit (the server default applies).
     #[arg(long)]
     no_rate_limit: bool,
+    /// Replace the key's IP allowlist with these networks (CIDR or one address); repeat
+    /// for more.
+    #[arg(
+        long = "allow-ip",
+        value_name = "CIDR",
+        conflicts_with = "allow_any_ip"
+    )]
+    allowed_ips: Vec<IpNetwork>,
+    /// Remove the key's IP allowlist: accept it from any address.
+    #[arg(long)]
+    allow_any_ip: bool,
     /// Disable the key (reversible with --enable).
     #[arg(long, conflicts_with = "enable")]
     disable: bool,
@@ -366,6 +382,7 @@ pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Re
             new.scopes = args.scopes;
             new.description = args.description;
             new.rate_limit = args.rate_limit;
+            new.allowed_ips = args.allowed_ips;
             if let Some(metadata) = args.metadata {
                 new.metadata = metadata;
             }
@@ -499,6 +516,13 @@ fn patch_from(args: UpdateArgs) -> Result<KeyPatch, Failure> {
             .map(|e| e.expires_at(OffsetDateTime::now_utc())),
         revoked_at: None,
         expected_updated_at: None,
+        allowed_ips: if args.allow_any_ip {
+            Some(Vec::new())
+        } else if args.allowed_ips.is_empty() {
+            None
+        } else {
+            Some(args.allowed_ips)
+        },
         disabled: if args.disable {
             Some(true)
         } else if args.enable {

@@ -63,7 +63,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
             .unwrap_or_default()
     };
     println!(
-        "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>6}",
+        "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>14} {:>6}",
         "from",
         "accepted",
         "rejected",
@@ -72,6 +72,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
         "expired",
         "revoked",
         "invalid",
+        "ip_not_allowed",
         "other"
     );
     for b in report
@@ -80,7 +81,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
         .filter(|b| b.accepted + b.rejected > 0)
     {
         println!(
-            "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>6}",
+            "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>14} {:>6}",
             fmt(b.start),
             b.accepted,
             b.rejected,
@@ -89,13 +90,15 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
             b.expired,
             b.revoked,
             b.invalid,
+            b.ip_not_allowed,
             b.other + b.malformed
         );
     }
     let t = &report.total;
     println!(
         "total {} accepted, {} rejected ({} rate limited, {} insufficient scope, {} expired, \
-         {} revoked, {} invalid, {} other) from {} to {} (hours with requests only; --json \
+         {} revoked, {} invalid, {} not from an allowed address, {} other) from {} to {} \
+         (hours with requests only; --json \
          lists every bucket)",
         t.accepted,
         t.rejected,
@@ -104,6 +107,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
         t.expired,
         t.revoked,
         t.invalid,
+        t.ip_not_allowed,
         t.other + t.malformed,
         fmt(report.since),
         fmt(report.until)
@@ -231,6 +235,19 @@ pub(crate) fn print_record(record: &KeyRecord, out: Output) {
         (
             "rate limit",
             record.rate_limit.map_or_else(dash, |p| p.to_string()),
+        ),
+        (
+            "allowed ips",
+            if record.allowed_ips.is_empty() {
+                "any".to_owned()
+            } else {
+                record
+                    .allowed_ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
         ),
         ("metadata", record.metadata.to_string()),
         ("created", short_time(Some(record.created_at), "")),

@@ -66,8 +66,9 @@ pub(crate) struct ServeArgs {
     )]
     collections: Option<Vec<String>>,
     /// The header a trusted proxy or gateway in front sets to the client's address (e.g.
-    /// X-Real-IP): failed-attempt limiting and the verify API blame that address. Set it only
-    /// when every request comes through a proxy that overwrites the header.
+    /// X-Real-IP): failed-attempt limiting blames that address and keys' IP allowlists check
+    /// it (the verify API and forward auth check no allowlist without it). Set it only when
+    /// every request comes through a proxy that overwrites the header.
     #[arg(long, env = "KEYWARDEN_CLIENT_ADDRESS_HEADER", value_name = "HEADER")]
     client_address_header: Option<ConfigHeader>,
     /// The addresses of those proxies (CIDR blocks, comma-separated): the header is then
@@ -436,11 +437,8 @@ fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilde
     ) {
         (Some(max), window) => {
             let window = window.map_or(StdDuration::from_secs(60), |w| w.0);
-            let mut limit = FailedAttemptLimit::new(max, window);
-            if let Some(source) = settings.client_address() {
-                limit = limit.client_address(source);
-            }
-            builder = builder.failed_attempt_limit(limit);
+            // The client address comes from the layer's source, set below.
+            builder = builder.failed_attempt_limit(FailedAttemptLimit::new(max, window));
         }
         (None, Some(_)) => {
             return Err(Failure(
@@ -448,6 +446,10 @@ fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilde
             ))
         }
         (None, None) => {}
+    }
+    if let Some(source) = settings.client_address() {
+        // One address per request, for failed-attempt limiting and keys' IP allowlists.
+        builder = builder.client_address(source);
     }
     let cache = &file.cache;
     if let Some(ttl) = cache.ttl {

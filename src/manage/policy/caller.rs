@@ -6,10 +6,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::expiry::parse_lifetime;
-use super::request::{parse_rate_limit, parse_time, CreateRequest};
+use super::request::{parse_networks, parse_rate_limit, parse_time, CreateRequest};
 use super::validate::{check_free_text, check_scopes};
 use crate::audit::{Actor, ChangeContext};
 use crate::manage::{ExpiresIn, KeyManager, ManageError, NewKey};
+use crate::net::IpNetwork;
 use crate::principal::Principal;
 use crate::ratelimit::RateLimitPolicy;
 use crate::store::{KeyPatch, KeyQuery, KeyRecord};
@@ -259,6 +260,27 @@ impl Caller {
         }
     }
 
+    /// A new key's allowlist: what was asked, within the caller's own. Nothing asked
+    /// inherits the caller's own list (empty: anywhere, like the caller).
+    fn bound_allowed_ips(
+        &self,
+        asked: Option<Vec<IpNetwork>>,
+    ) -> Result<Vec<IpNetwork>, CallerError> {
+        if self.admin {
+            return Ok(asked.unwrap_or_default());
+        }
+        let own = self.principal.allowed_ips();
+        match asked {
+            None => Ok(own.to_vec()),
+            Some(asked) if ips_within(&asked, own) => Ok(asked),
+            Some(_) => Err(forbidden(
+                "a `keys:self` key cannot create a key usable from addresses it may not use itself: \
+                 give allowed_ips within its own"
+                    .to_owned(),
+            )),
+        }
+    }
+
     /// A `keys:self` caller rotates only keys no more powerful than itself: the new key's
     /// plaintext is the caller's to use.
     pub(crate) fn may_rotate(&self, key: &KeyRecord) -> Result<(), CallerError> {
@@ -287,6 +309,8 @@ impl Caller {
             Some("it expires later than the caller")
         } else if !self.effectively_within(key.rate_limit, p.rate_limit()) {
             Some("its rate limit is looser than the caller's")
+        } else if !ips_within(&key.allowed_ips, p.allowed_ips()) {
+            Some("it may be used from addresses the caller may not use")
         } else {
             None
         }
@@ -332,6 +356,10 @@ impl Caller {
             !self.effectively_within(limit, key.rate_limit)
         }) {
             Some("remove or loosen a rate limit")
+        } else if patch.allowed_ips.as_ref().is_some_and(|ips| {
+            !ips_within(ips, &key.allowed_ips) || !ips_within(ips, self.principal.allowed_ips())
+        }) {
+            Some("widen an IP allowlist, or allow addresses it may not use itself")
         } else {
             None
         };
@@ -351,6 +379,9 @@ impl Caller {
         }
         if patch.rate_limit == Some(key.rate_limit) {
             patch.rate_limit = None;
+        }
+        if patch.allowed_ips.as_ref() == Some(&key.allowed_ips) {
+            patch.allowed_ips = None;
         }
         Ok(())
     }
@@ -421,6 +452,12 @@ impl Caller {
             new.metadata = metadata;
         }
         new.rate_limit = self.bound_rate_limit(rate_limit)?;
+        let allowed_ips = body
+            .allowed_ips
+            .as_deref()
+            .map(parse_networks)
+            .transpose()?;
+        new.allowed_ips = self.bound_allowed_ips(allowed_ips)?;
         Ok(new)
     }
 
@@ -456,6 +493,16 @@ fn ends_by(expires_at: Option<OffsetDateTime>, limit: Option<OffsetDateTime>) ->
         (Some(at), Some(limit)) => at <= limit,
         (None, Some(_)) => false,
     }
+}
+
+/// Whether an allowlist (empty: anywhere) admits no address that `limit` (empty: anywhere)
+/// does not: each of its networks inside one of `limit`'s.
+fn ips_within(networks: &[IpNetwork], limit: &[IpNetwork]) -> bool {
+    limit.is_empty()
+        || (!networks.is_empty()
+            && networks
+                .iter()
+                .all(|network| limit.iter().any(|outer| outer.contains_network(network))))
 }
 
 /// Whether a rate limit (`None`: unlimited) is no looser than `limit` (`None`: unlimited).
@@ -678,6 +725,90 @@ mod tests {
             assert_eq!(answer(me.may_rotate(stronger)), FORBIDDEN, "{stronger:?}");
             assert_eq!(answer(admin.may_rotate(stronger)), ALLOWED);
         }
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNetwork> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_allowlist_is_within_another_only_when_every_network_is_inside_it() {
+        let office = nets(&["10.0.0.0/8", "2001:db8::/32"]);
+        assert!(ips_within(&nets(&["10.1.0.0/16"]), &office));
+        assert!(ips_within(
+            &nets(&["10.1.0.0/16", "2001:db8:1::/48"]),
+            &office
+        ));
+        assert!(ips_within(&office, &office));
+        assert!(ips_within(&[], &[]), "anywhere is within anywhere");
+        assert!(ips_within(&office, &[]), "anything is within anywhere");
+        assert!(!ips_within(&[], &office), "anywhere is wider than a list");
+        assert!(!ips_within(&nets(&["10.1.0.0/16", "192.0.2.1"]), &office));
+        assert!(!ips_within(&nets(&["0.0.0.0/0"]), &office));
+        assert!(!ips_within(&nets(&["::/0"]), &nets(&["0.0.0.0/0"])));
+        assert!(
+            ips_within(&nets(&["::ffff:10.0.0.0/104"]), &office),
+            "mapped is IPv4"
+        );
+    }
+
+    #[test]
+    fn a_self_caller_never_widens_an_allowlist() {
+        let mut own = self_caller_key();
+        own.allowed_ips = nets(&["10.0.0.0/8"]);
+        let me = caller(&own);
+        let admin = caller(&key(&["keys:admin"]));
+        let mut current = key(&["read"]);
+        current.expires_at = own.expires_at;
+        current.allowed_ips = nets(&["10.1.0.0/16"]);
+        let with = |list: &[&str]| KeyPatch {
+            allowed_ips: Some(nets(list)),
+            ..KeyPatch::default()
+        };
+        let mut narrower = with(&["10.1.2.0/24"]);
+        assert_eq!(answer(me.may_patch(&current, &mut narrower)), ALLOWED);
+        assert_eq!(narrower.allowed_ips, Some(nets(&["10.1.2.0/24"])));
+        let mut same = with(&["10.1.0.0/16"]);
+        assert_eq!(answer(me.may_patch(&current, &mut same)), ALLOWED);
+        assert_eq!(
+            same.allowed_ips, None,
+            "an unchanged list is dropped from the patch"
+        );
+        for wider in [
+            &[][..],
+            &["10.0.0.0/8"],
+            &["10.1.0.0/16", "10.2.0.0/16"],
+            &["192.0.2.0/24"],
+        ] {
+            let mut patch = with(wider);
+            assert_eq!(
+                answer(me.may_patch(&current, &mut patch)),
+                FORBIDDEN,
+                "{wider:?}"
+            );
+            assert_eq!(answer(admin.may_patch(&current, &mut with(wider))), ALLOWED);
+        }
+        // A key of its own without a list may be given one within the caller's, not outside.
+        let mut open = current.clone();
+        open.allowed_ips.clear();
+        assert_eq!(
+            answer(me.may_patch(&open, &mut with(&["10.9.0.0/16"]))),
+            ALLOWED
+        );
+        assert_eq!(
+            answer(me.may_patch(&open, &mut with(&["11.0.0.0/8"]))),
+            FORBIDDEN
+        );
+        // Rotation: a key usable from more places than the caller is more powerful.
+        assert_eq!(answer(me.may_rotate(&current)), ALLOWED);
+        assert_eq!(answer(me.may_rotate(&open)), FORBIDDEN);
+        assert_eq!(
+            me.bound_allowed_ips(None).unwrap(),
+            nets(&["10.0.0.0/8"]),
+            "a new key inherits the caller's list"
+        );
+        assert!(me.bound_allowed_ips(Some(Vec::new())).is_err());
+        assert!(admin.bound_allowed_ips(None).unwrap().is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 use super::expiry::parse_instant;
 use super::validate::check_free_text;
 use crate::manage::ManageError;
+use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
 use crate::store::{KeyPatch, OwnerKind};
 
@@ -59,6 +60,12 @@ pub(crate) struct CreateRequest {
     /// layer's default applies; a `keys:self` caller's own).
     #[schema(nullable = false, value_type = Option<RateLimitPolicy>)]
     pub(crate) rate_limit: Option<String>,
+    /// The networks the key may be used from, in CIDR notation (`10.0.0.0/8`,
+    /// `2001:db8::/32`) or single addresses; at most 64. Requests from elsewhere get 403
+    /// `ip_not_allowed`. Default: anywhere (a `keys:self` caller's own list, which it may
+    /// only narrow).
+    #[schema(nullable = false, examples(json!(["10.0.0.0/8", "2001:db8::/32"])))]
+    pub(crate) allowed_ips: Option<Vec<String>>,
 }
 
 impl CreateRequest {
@@ -76,6 +83,7 @@ impl CreateRequest {
         "expires_at",
         "metadata",
         "rate_limit",
+        "allowed_ips",
     ];
 }
 
@@ -124,6 +132,11 @@ pub(crate) struct PatchRequest {
     /// may only disable).
     #[schema(nullable = false)]
     disabled: Option<bool>,
+    /// Absent: unchanged. An array of networks (CIDR or single addresses): replaces the
+    /// allowlist; `[]` lets the key be used from anywhere (a `keys:self` caller may only
+    /// narrow it, within its own).
+    #[schema(nullable = false)]
+    allowed_ips: Option<Vec<String>>,
 }
 
 impl PatchRequest {
@@ -137,6 +150,7 @@ impl PatchRequest {
         "rate_limit",
         "expires_at",
         "disabled",
+        "allowed_ips",
     ];
 
     /// The patch, its text parsed.
@@ -170,9 +184,37 @@ impl PatchRequest {
             expires_at,
             revoked_at: None,
             disabled: self.disabled,
+            allowed_ips: self
+                .allowed_ips
+                .as_deref()
+                .map(parse_networks)
+                .transpose()?,
             expected_updated_at: None,
         })
     }
+}
+
+/// An allowlist as text: each entry a CIDR network or one address; sorted, without repeats.
+/// A bad entry is named by its position, never repeated (it is submitted text).
+pub(crate) fn parse_networks(entries: &[String]) -> Result<Vec<IpNetwork>, ManageError> {
+    let mut networks = entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            entry.parse::<IpNetwork>().map_err(|_| {
+                ManageError::invalid(
+                    "allowed_ips",
+                    format!(
+                        "allowed_ips[{index}] is not an IP network such as 10.0.0.0/8, \
+                         2001:db8::/32 or 192.0.2.7 (no bits set past the prefix length)"
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    networks.sort();
+    networks.dedup();
+    Ok(networks)
 }
 
 /// An RFC 3339 instant for `field`.

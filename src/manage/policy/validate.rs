@@ -1,6 +1,7 @@
 //! What a key's fields may hold: one rule for every front end.
 
 use super::super::{ExpiresIn, ManageError, NewKey};
+use crate::net::IpNetwork;
 use crate::store::KeyPatch;
 
 /// Longest accepted name, description, subject and metadata, in bytes.
@@ -11,6 +12,8 @@ const MAX_SLUG: usize = 64;
 const MAX_SCOPE: usize = 128;
 const MAX_SCOPES: usize = 100;
 const MAX_METADATA: usize = 16 * 1024;
+/// Most networks in one key's allowlist: checked on every request with the key.
+pub(crate) const MAX_ALLOWED_IPS: usize = 64;
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), ManageError> {
     if value.trim().is_empty() {
@@ -56,6 +59,19 @@ pub(crate) fn check_scopes(scopes: &mut Vec<String>) -> Result<(), ManageError> 
     }
     scopes.sort();
     scopes.dedup();
+    Ok(())
+}
+
+/// An allowlist: at most [`MAX_ALLOWED_IPS`] networks, sorted, without repeats.
+pub(crate) fn check_allowed_ips(networks: &mut Vec<IpNetwork>) -> Result<(), ManageError> {
+    networks.sort();
+    networks.dedup();
+    if networks.len() > MAX_ALLOWED_IPS {
+        return Err(ManageError::invalid(
+            "allowed_ips",
+            format!("at most {MAX_ALLOWED_IPS} networks"),
+        ));
+    }
     Ok(())
 }
 
@@ -133,6 +149,7 @@ pub(crate) fn validate_new(mut new: NewKey) -> Result<NewKey, ManageError> {
     check_text("subject", &new.subject, MAX_SUBJECT)?;
     check_scopes(&mut new.scopes)?;
     check_metadata(&mut new.metadata)?;
+    check_allowed_ips(&mut new.allowed_ips)?;
     if let ExpiresIn::After(d) = new.expires_in {
         if !d.is_positive() {
             return Err(ManageError::invalid(
@@ -144,7 +161,7 @@ pub(crate) fn validate_new(mut new: NewKey) -> Result<NewKey, ManageError> {
     Ok(new)
 }
 
-pub(crate) fn validate_patch(patch: &KeyPatch) -> Result<(), ManageError> {
+pub(crate) fn validate_patch(patch: &mut KeyPatch) -> Result<(), ManageError> {
     if let Some(name) = &patch.name {
         check_text("name", name, MAX_NAME)?;
     }
@@ -156,6 +173,9 @@ pub(crate) fn validate_patch(patch: &KeyPatch) -> Result<(), ManageError> {
     }
     if let Some(metadata) = &patch.metadata {
         check_metadata(&mut metadata.clone())?;
+    }
+    if let Some(networks) = &mut patch.allowed_ips {
+        check_allowed_ips(networks)?;
     }
     Ok(())
 }
@@ -222,7 +242,7 @@ mod tests {
                 ..KeyPatch::default()
             };
             assert_eq!(
-                validate_patch(&patch).unwrap_err().field(),
+                validate_patch(&mut patch.clone()).unwrap_err().field(),
                 Some("description")
             );
         }
@@ -335,7 +355,8 @@ mod tests {
 
     #[test]
     fn a_patch_is_held_to_the_same_rules() {
-        let field = |patch: KeyPatch| validate_patch(&patch).err().map(|e| e.field().unwrap());
+        let field =
+            |mut patch: KeyPatch| validate_patch(&mut patch).err().map(|e| e.field().unwrap());
         assert_eq!(field(KeyPatch::default()), None);
         let name = |n: &str| KeyPatch {
             name: Some(n.to_owned()),

@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::manage::CreatedKey;
+use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
 use crate::store::{KeyPage, KeyRecord, KeyState, OwnerKind};
 
@@ -60,6 +61,9 @@ pub struct KeyView<'a> {
     metadata: &'a Value,
     /// The key's own rate limit; `null`: the layer's default applies.
     rate_limit: Option<RateLimitPolicy>,
+    /// The networks the key may be used from (CIDR); empty: anywhere.
+    #[cfg_attr(feature = "manage-api", schema(value_type = Vec<String>, example = json!(["10.0.0.0/8"])))]
+    allowed_ips: &'a [IpNetwork],
     /// The key's state when the view was made.
     state: KeyState,
     /// When the key was created.
@@ -101,6 +105,7 @@ impl<'a> KeyView<'a> {
             read_only: record.read_only,
             metadata: &record.metadata,
             rate_limit: record.rate_limit,
+            allowed_ips: &record.allowed_ips,
             state: record.state(now),
             created_at: record.created_at,
             updated_at: record.updated_at,
@@ -190,7 +195,7 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(names.len(), 21, "{names:?}");
+        assert_eq!(names.len(), 22, "{names:?}");
         for secret in ["digest", "secret_id", "encrypted_key", "key"] {
             assert!(json.get(secret).is_none(), "{secret}");
         }

@@ -33,6 +33,7 @@ function details(key) {
     detail("Scopes", scopeList(key.scopes)),
     detail("Read-only", key.read_only ? "yes" : "no"),
     detail("Rate limit", text(key.rate_limit || "server default")),
+    detail("Allowed IPs", text((key.allowed_ips || []).join(", ") || "any address")),
     detail("Expires", time(key.expires_at, "never")),
     detail("Last used", time(key.last_used_at, "never")),
     detail("Uses", String(key.use_count)),
@@ -140,11 +141,14 @@ async function editDialog(context, key, status) {
   const description = h("textarea", { name: "description", rows: "2", value: key.description || "" });
   const scopes = h("input", { name: "scopes", value: key.scopes.join(", "), autocomplete: "off" });
   const rateLimit = h("input", { name: "rate_limit", value: key.rate_limit || "", placeholder: "server default", autocomplete: "off" });
+  const currentIps = key.allowed_ips || [];
+  const allowedIps = h("input", { name: "allowed_ips", value: currentIps.join(", "), placeholder: "any address", autocomplete: "off" });
   const expiry = expiryControls(EDIT_EXPIRY);
   const form = await confirmDialog({
     title: `Edit “${key.name}”`,
     body: [field("Name", name), field("Description", description), field("Scopes", scopes, "Separated by commas or spaces."),
-      ...expiry.nodes, field("Rate limit", rateLimit, "Empty: the server's default.")],
+      ...expiry.nodes, field("Rate limit", rateLimit, "Empty: the server's default."),
+      field("Allowed IPs", allowedIps, "Networks (CIDR) or addresses, separated by commas or spaces. Empty: any address.")],
     ok: "Save",
   });
   if (!form) return;
@@ -155,6 +159,8 @@ async function editDialog(context, key, status) {
   const newScopes = parseScopes(scopes.value);
   if (newScopes.join(" ") !== key.scopes.join(" ")) patch.scopes = newScopes;
   if (rateLimit.value.trim() !== (key.rate_limit || "")) patch.rate_limit = rateLimit.value.trim() || null;
+  const newIps = parseScopes(allowedIps.value);
+  if (newIps.join(" ") !== currentIps.join(" ")) patch.allowed_ips = newIps;
   Object.assign(patch, expiryMembers(expiry, expiresAtIn));
   if (Object.keys(patch).length === 0) return toast("Nothing changed");
   replace(status);

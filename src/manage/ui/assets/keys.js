@@ -138,6 +138,7 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
   const scopes = h("input", { name: "scopes", placeholder: "e.g. read:orders, write:orders", autocomplete: "off" });
   const readOnly = h("input", { type: "checkbox", name: "read_only", id: "read-only" });
   const rateLimit = h("input", { name: "rate_limit", placeholder: "e.g. 100/min,burst=20", autocomplete: "off" });
+  const allowedIps = h("input", { name: "allowed_ips", placeholder: "e.g. 10.0.0.0/8, 2001:db8::/32", autocomplete: "off" });
   const metadata = h("textarea", { name: "metadata", rows: "3", class: "mono", placeholder: "{\"team\": \"billing\"}", spellcheck: "false" });
   const expiry = expiryControls(EXPIRY_PRESETS);
   const status = h("div", { "aria-live": "polite" });
@@ -158,6 +159,8 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
       text(rateLimit, "rate_limit");
       const scopeList = parseScopes(scopes.value);
       if (scopeList.length) body.scopes = scopeList;
+      const networks = parseScopes(allowedIps.value);
+      if (networks.length) body.allowed_ips = networks;
       if (readOnly.checked) body.read_only = true;
       Object.assign(body, expiryMembers(expiry, (value) => ({ expires_in: value })));
       if (metadata.value.trim()) {
@@ -192,7 +195,8 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
       field("Scopes", scopes, "Separated by commas or spaces. None: the key authenticates but holds no scope."),
       h("div", { class: "check" }, readOnly, h("label", { for: "read-only" }, "Read-only (GET, HEAD, OPTIONS only)")),
       ...expiry.nodes,
-      field("Rate limit", rateLimit, "Leave empty for the server's default.")),
+      field("Rate limit", rateLimit, "Leave empty for the server's default."),
+      field("Allowed IPs", allowedIps, "Networks (CIDR) or addresses, separated by commas or spaces. Empty: any address.")),
     h("fieldset", {},
       h("legend", {}, "Owner"),
       field("Collection", collection, "Leave empty for your own."),
