@@ -34,6 +34,13 @@ pub struct IpNetwork {
 #[error("invalid IP network {0:?}: {1}")]
 pub struct IpNetworkParseError(String, &'static str);
 
+impl IpNetworkParseError {
+    /// Why the text is not a network (`"not an IP address"`, …), without the text itself.
+    pub fn reason(&self) -> &'static str {
+        self.1
+    }
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 address it carries; others unchanged.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {

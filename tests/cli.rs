@@ -502,6 +502,7 @@ fn the_cli_applies_the_management_apis_rules() {
     assert_eq!(
         names,
         [
+            "allowed_ips",
             "collection",
             "created_at",
             "description",
@@ -1044,6 +1045,21 @@ async fn allowlists_from_the_cli_hold_in_serve() {
     let human = ok(&dir, &["keys", "show", &office]);
     assert!(
         human.contains("allowed ips   10.0.0.0/8, 2001:db8::/32"),
+        "{human}"
+    );
+    let human = ok(
+        &dir,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "two",
+            "--allow-ip",
+            "192.0.2.0/24,198.51.100.7",
+        ],
+    );
+    assert!(
+        human.contains("Accepted only from 192.0.2.0/24, 198.51.100.7/32."),
         "{human}"
     );
     let (local_key, local) = create_key(&dir, &["--name", "local", "--allow-ip", "127.0.0.1"]);

@@ -196,6 +196,59 @@ async fn behind_trusted_proxies_only_their_forwarded_address_counts() {
             .status,
         200
     );
+    // A proxy that forwarded no usable address is never taken for the client, even when its
+    // own address is on the list.
+    let local = fx
+        .key(NewKey::new("local", "bob").allow_ip(net("127.0.0.0/8")))
+        .await
+        .key;
+    assert_eq!(
+        send(&app, whoami(local.expose(), Some("127.0.0.1:9")))
+            .await
+            .code(),
+        "ip_not_allowed"
+    );
+    for garbage in ["", "unknown", "not-an-address"] {
+        assert_eq!(
+            send(&app, forwarded_for(local.expose(), "127.0.0.1:9", garbage))
+                .await
+                .code(),
+            "ip_not_allowed",
+            "{garbage:?}"
+        );
+    }
+}
+
+fn forwarded_for(key: &str, peer: &str, xff: &str) -> Request<Body> {
+    let mut req = whoami(key, Some(peer));
+    req.headers_mut()
+        .insert("x-forwarded-for", xff.parse().unwrap());
+    req
+}
+
+#[tokio::test]
+async fn a_trusted_header_that_is_missing_is_an_unknown_address() {
+    let fx = Fixture::with(|b| {
+        b.client_address(ClientAddressSource::TrustedHeader(
+            "x-real-ip".parse().unwrap(),
+        ))
+    });
+    let key = fx
+        .key(NewKey::new("local", "alice").allow_ip(net("127.0.0.0/8")))
+        .await
+        .key;
+    let app = fx.app();
+    // The connection (the proxy) is on the list, but only the header names the client.
+    assert_eq!(
+        send(&app, whoami(key.expose(), Some("127.0.0.1:9")))
+            .await
+            .code(),
+        "ip_not_allowed"
+    );
+    let mut req = whoami(key.expose(), Some("10.0.0.1:9"));
+    req.headers_mut()
+        .insert("x-real-ip", "127.0.0.5".parse().unwrap());
+    assert_eq!(send(&app, req).await.status, 200);
 }
 
 #[tokio::test]
@@ -541,7 +594,7 @@ async fn the_management_api_sets_shows_and_validates_allowlists() {
             let problem = reply.json();
             assert_eq!(problem["errors"][0]["field"], "allowed_ips");
             let text = reply.text();
-            assert!(text.contains("allowed_ips["), "{text}");
+            assert!(text.contains("entry "), "{text}");
             for entry in bad.as_array().unwrap() {
                 assert!(!text.contains(entry.as_str().unwrap()), "{text}");
             }
@@ -568,7 +621,11 @@ async fn the_management_api_sets_shows_and_validates_allowlists() {
         )
         .await;
     assert_eq!(reply.status, 422);
-    assert!(reply.text().contains("at most 64"), "{}", reply.text());
+    assert!(
+        reply.text().contains("holds 65 networks; at most 64"),
+        "{}",
+        reply.text()
+    );
     let reply = env
         .call(
             "PATCH",
@@ -577,6 +634,14 @@ async fn the_management_api_sets_shows_and_validates_allowlists() {
             Some(json!({"allowed_ips": []})),
         )
         .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["allowed_ips"], json!([]));
+    // `null` clears too.
+    let uri = format!("/admin/keys/{id}");
+    let patch = |body: Value| env.call("PATCH", &uri, &env.admin, Some(body));
+    let reply = patch(json!({"allowed_ips": ["10.0.0.0/8"]})).await;
+    assert_eq!(reply.json()["allowed_ips"], json!(["10.0.0.0/8"]));
+    let reply = patch(json!({"allowed_ips": null})).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["allowed_ips"], json!([]));
 }
@@ -744,6 +809,58 @@ async fn the_verify_api_checks_the_forwarded_client() {
     assert_eq!(
         verdict["code"], "ip_not_allowed",
         "no client named: refused"
+    );
+    // With trusted proxies, a caller that is not one of them is never the client: its own
+    // address (inside the key's network here) is not what the allowlist checks.
+    let proxied: Router = AuthServer::new(fx.layer.clone())
+        .client_address(ClientAddressSource::TrustedProxies(TrustedProxies::new(
+            "x-real-ip".parse().unwrap(),
+            [net("10.0.3.7")],
+        )))
+        .router();
+    let verdict = verify(&proxied, Some("198.51.100.20")).await;
+    assert_eq!(verdict["code"], "ip_not_allowed", "{verdict}");
+    let through_gateway = |real_ip: &str| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/v1/keys/verify")
+            .header("x-api-key", caller.expose())
+            .header("content-type", "application/json")
+            .header("x-real-ip", real_ip)
+            .body(Body::from(json!({"key": key.expose()}).to_string()))
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo("10.0.3.7:1".parse::<SocketAddr>().unwrap()));
+        let app = proxied.clone();
+        async move { send(&app, req).await.json() }
+    };
+    assert_eq!(through_gateway("198.51.100.20").await["valid"], true);
+    assert_eq!(
+        through_gateway("203.0.113.1").await["code"],
+        "ip_not_allowed"
+    );
+    assert_eq!(through_gateway("garbage").await["code"], "ip_not_allowed");
+    // Forward auth checks the same forwarded client.
+    let auth = |peer: &str, real_ip: &str| {
+        let mut req = Request::builder()
+            .uri("/v1/auth")
+            .header("x-api-key", key.expose())
+            .header("x-real-ip", real_ip)
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        let app = proxied.clone();
+        async move { send(&app, req).await }
+    };
+    assert_eq!(auth("10.0.3.7:1", "198.51.100.20").await.status, 200);
+    let refused = auth("10.0.3.7:1", "203.0.113.1").await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.headers["x-keywarden-code"], "ip_not_allowed");
+    assert_eq!(
+        auth("198.51.100.20:1", "198.51.100.20").await.status,
+        403,
+        "a caller that is not a gateway is never the client"
     );
     let verdict = verify(&without, Some("198.51.100.20")).await;
     assert_eq!(

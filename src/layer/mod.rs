@@ -37,7 +37,7 @@ use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::{AuthRejection, RateLimitStatus};
 use crate::secret::{Digest, SecretRing};
 use crate::store::{ForeignScheme, ForeignSource, KeyStore, StoreError};
-use crate::verify::{ForeignCollection, Verifier};
+use crate::verify::{ClientAddresses, ForeignCollection, Verifier};
 
 mod builder;
 mod future;
@@ -232,7 +232,9 @@ impl ApiKeyLayer {
         method: &http::Method,
         client: Option<IpAddr>,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
-        self.verifier.check_key(key, method, client).await
+        self.verifier
+            .check_key(key, method, ClientAddresses::same(client))
+            .await
     }
 
     /// [`check`](Self::check) for a credential in request headers, found as the layer finds
@@ -248,7 +250,33 @@ impl ApiKeyLayer {
         method: &http::Method,
         client: Option<IpAddr>,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
+        self.verifier
+            .check(headers, method, ClientAddresses::same(client))
+            .await
+    }
+
+    /// [`check_headers`](Self::check_headers) with separate addresses for failed-attempt
+    /// limiting and for the key's IP allowlist.
+    #[cfg(feature = "manage-api")]
+    pub(crate) async fn check_headers_from(
+        &self,
+        headers: &http::HeaderMap,
+        method: &http::Method,
+        client: ClientAddresses,
+    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
         self.verifier.check(headers, method, client).await
+    }
+
+    /// [`check`](Self::check) with separate addresses for failed-attempt limiting and for the
+    /// key's IP allowlist.
+    #[cfg(feature = "manage-api")]
+    pub(crate) async fn check_from(
+        &self,
+        key: &str,
+        method: &http::Method,
+        client: ClientAddresses,
+    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
+        self.verifier.check_key(key, method, client).await
     }
 
     /// Drops every cached digest of this key, on this instance, now.

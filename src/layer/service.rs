@@ -119,8 +119,7 @@ where
             return ResponseFuture::reject(&rejection, is_grpc(req.headers()));
         }
         // The hit path: the cache answers, the limiter is in memory; nothing to wait for.
-        let allowlist_client =
-            || admission.allowlist_client(client, req.headers(), req.extensions());
+        let allowlist_client = || admission.allowlist_client(req.headers(), req.extensions());
         if let Some(decided) =
             verifier.outcome_now(&key, req.method(), blocked.as_ref(), allowlist_client)
         {
@@ -150,11 +149,7 @@ where
                     req.method(),
                     optional,
                     blocked.as_ref(),
-                    || {
-                        verifier
-                            .admission
-                            .allowlist_client(client, headers, extensions)
-                    },
+                    || verifier.admission.allowlist_client(headers, extensions),
                 )
                 .instrument(span.clone())
                 .await;

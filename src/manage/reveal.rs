@@ -846,7 +846,6 @@ impl KeyManager {
 mod tests {
     use std::collections::HashMap;
     use std::ffi::OsString;
-    use std::sync::Mutex;
 
     use super::*;
     use crate::clock::ManualClock;
@@ -1453,63 +1452,5 @@ mod tests {
             Some(a_sealed),
             "nothing re-sealed"
         );
-    }
-
-    /// Captures formatted tracing output.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[tokio::test]
-    async fn every_reveal_is_an_audit_event_with_its_actor_and_no_secrets() {
-        let capture = Capture::default();
-        let writer = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-
-        let (m, _, _) = manager(Some(RevealKeyRing::from_strs(B, Some(A)).unwrap()));
-        let created = m.create(NewKey::new("k", "u")).await.unwrap();
-        let caller = Actor::Key {
-            id: Uuid::now_v7(),
-            subject: "carol".into(),
-        };
-        m.reveal(created.record.id, &caller).await.unwrap();
-        m.revoke(created.record.id).await.unwrap();
-        let err = m.reveal(created.record.id, &Actor::Cli).await.unwrap_err();
-        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-        let events: Vec<&str> = logs
-            .lines()
-            .filter(|l| l.contains("keywarden::audit"))
-            .collect();
-        assert_eq!(events.len(), 2, "{logs}");
-        assert!(events[0].contains("outcome=\"revealed\""), "{logs}");
-        assert!(events[0].contains(&format!("actor=key:{}", caller.key_id().unwrap())));
-        assert!(events[0].contains("actor_subject=\"carol\""), "{logs}");
-        assert!(events[0].contains(&format!("key_id={}", created.record.id)));
-        assert!(events[1].contains("outcome=\"refused\""), "{logs}");
-        assert!(events[1].contains("reason=Inactive") && events[1].contains("actor=cli"));
-        for text in [
-            logs.as_str(),
-            &err.to_string(),
-            &format!("{err:?}"),
-            &format!("{m:?}"),
-        ] {
-            for secret in [A, B, created.key.expose()] {
-                assert!(!text.contains(secret), "{text}");
-            }
-        }
     }
 }

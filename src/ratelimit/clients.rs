@@ -142,6 +142,21 @@ impl ClientAddressSource {
         connection_address(extensions)
     }
 
+    /// The address a key's IP allowlist is checked against: like [`address`](Self::address),
+    /// but never a proxy's own address in place of its client's. A trusted header that is
+    /// missing or unusable, or a trusted proxy that forwarded no usable hop, gives `None`
+    /// (unknown, so a key with an allowlist is refused) rather than the connection's address.
+    pub fn origin_address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+        match self {
+            Self::Connection => connection_address(extensions),
+            Self::TrustedHeader(_) => self.forwarded_address(headers),
+            Self::TrustedProxies(proxies) => {
+                let peer = connection_address(extensions)?;
+                proxies.forwarded_client(headers, peer)
+            }
+        }
+    }
+
     /// The address the trusted header names, without falling back to the connection's;
     /// `None` for [`Connection`](Self::Connection), and for
     /// [`TrustedProxies`](Self::TrustedProxies), which cannot believe a header without

@@ -36,10 +36,10 @@ pub(super) async fn forward_auth(State(server): State<AuthServer>, req: Request)
             return response;
         }
     };
-    let client = server.client(&parts.headers, &parts.extensions);
+    let client = server.addresses(&parts.headers, &parts.extensions);
     match server
         .layer
-        .check_headers(&parts.headers, &method, client)
+        .check_headers_from(&parts.headers, &method, client)
         .await
     {
         Ok((principal, status)) => {

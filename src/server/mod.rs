@@ -97,6 +97,7 @@ use http::{Extensions, HeaderMap};
 
 use crate::layer::ApiKeyLayer;
 use crate::ratelimit::ClientAddressSource;
+use crate::verify::ClientAddresses;
 
 mod forward;
 mod openapi;
@@ -178,6 +179,28 @@ impl AuthServer {
             .route("/v1/auth/", any(forward::forward_auth))
             .route("/v1/auth/{*path}", any(forward::forward_auth))
             .with_state(self)
+    }
+
+    /// The verified key's client: the address blamed for a rejected key ([`client`]) and the
+    /// one its IP allowlist is checked against. The latter is only ever the address a gateway
+    /// forwards (or, with [`ClientAddressSource::Connection`], the connection's): a caller that
+    /// is not a trusted proxy, or a proxy that forwarded nothing usable, leaves it unknown, so
+    /// a key with an allowlist is refused rather than judged by the caller's own address.
+    ///
+    /// [`client`]: Self::client
+    fn addresses(&self, headers: &HeaderMap, extensions: &Extensions) -> ClientAddresses {
+        let origin = match self.client_address.as_ref() {
+            None => None,
+            Some(ClientAddressSource::TrustedProxies(proxies)) => ClientAddressSource::Connection
+                .address(headers, extensions)
+                .filter(|peer| proxies.is_trusted(*peer))
+                .and_then(|peer| proxies.forwarded_client(headers, peer)),
+            Some(source) => source.origin_address(headers, extensions),
+        };
+        ClientAddresses {
+            blamed: self.client(headers, extensions),
+            origin,
+        }
     }
 
     fn client(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {

@@ -15,6 +15,7 @@ use crate::manage::http::extract::{BodyFields, JsonBody};
 use crate::principal::Principal;
 use crate::ratelimit::ClientAddressSource;
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
+use crate::verify::ClientAddresses;
 
 /// The request body. Every member is optional to serde, so each bad one can be named; `key`
 /// is then required by hand. No `Debug`, and this copy of the key is wiped on drop (best
@@ -86,7 +87,7 @@ impl From<AuthRejection> for Verdict {
 
 pub(super) async fn verify(State(server): State<AuthServer>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let client = server.client(&parts.headers, &parts.extensions);
+    let client = server.addresses(&parts.headers, &parts.extensions);
     if let Err(refused) = authorize_caller(&server, &parts).await {
         return refused;
     }
@@ -106,15 +107,23 @@ async fn authorize_caller(
     server: &AuthServer,
     parts: &http::request::Parts,
 ) -> Result<(), Response> {
-    // The caller's own address is its connection's: a forwarded header names the client
-    // of the key being verified, not the caller.
+    // The caller's own address is its connection's for failed-attempt limiting and the
+    // loopback option: a forwarded header names the client of the key being verified, not the
+    // caller. Its key's IP allowlist is judged as the layer judges any request to it.
     let peer = ClientAddressSource::Connection.address(&parts.headers, &parts.extensions);
     if server.loopback_without_key && peer.is_some_and(|ip| ip.is_loopback()) {
         return Ok(());
     }
+    let addresses = ClientAddresses {
+        blamed: peer,
+        origin: server
+            .layer
+            .client_address_source()
+            .origin_address(&parts.headers, &parts.extensions),
+    };
     let (caller, _) = server
         .layer
-        .check_headers(&parts.headers, &Method::POST, peer)
+        .check_headers_from(&parts.headers, &Method::POST, addresses)
         .await
         .map_err(IntoResponse::into_response)?;
     if !caller.has_scope(VERIFY_SCOPE) {
@@ -126,7 +135,7 @@ async fn authorize_caller(
 async fn check(
     server: &AuthServer,
     body: VerifyRequest,
-    client: Option<std::net::IpAddr>,
+    client: ClientAddresses,
 ) -> Result<Verdict, ApiError> {
     if body.cost.is_some_and(|cost| cost != 1) {
         return Err(ApiError::invalid(
@@ -140,7 +149,7 @@ async fn check(
     };
     // The verification stands for a request of the caller's client: the method decides only
     // the read-only check, and a verified key may be read-only.
-    let (principal, status) = match server.layer.check(key, &Method::GET, client).await {
+    let (principal, status) = match server.layer.check_from(key, &Method::GET, client).await {
         Ok(accepted) => accepted,
         Err(rejection) => return Ok(rejection.into()),
     };

@@ -116,7 +116,7 @@ impl Admission {
         if !self.warned_unknown_address.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target: "keywarden",
-                "a key with an IP allowlist was used on a request without a client address: it is refused. Serve axum with `into_make_service_with_connect_info::<SocketAddr>()`, insert a `ClientIp` extension (tonic, hyper), or set `ApiKeyLayerBuilder::client_address` behind a proxy"
+                "a key with an IP allowlist was used on a request whose client address is unknown: it is refused (logged once). Behind a proxy: the proxy sent no usable client address header, or none is configured (`keywarden serve --client-address-header`, `ApiKeyLayerBuilder::client_address`). In your own server: serve axum with `into_make_service_with_connect_info::<SocketAddr>()`, or insert a `ClientIp` extension (tonic, hyper)"
             );
         }
         Err(AuthRejection::new(
@@ -125,19 +125,16 @@ impl Admission {
         ))
     }
 
-    /// The client address for a key's allowlist: the one failed-attempt limiting already read
-    /// (`tracked`), else read now from the configured source.
+    /// The client address for a key's allowlist, from the configured source, strictly: never
+    /// a proxy's own address in place of its client's
+    /// ([`ClientAddressSource::origin_address`]). Failed-attempt limiting may fall back to the
+    /// connection's address; an allowlist must not.
     pub(crate) fn allowlist_client(
         &self,
-        tracked: Option<IpAddr>,
         headers: &HeaderMap,
         extensions: &http::Extensions,
     ) -> Option<IpAddr> {
-        if self.failures.is_some() {
-            tracked
-        } else {
-            self.client_source.address(headers, extensions)
-        }
+        self.client_source.origin_address(headers, extensions)
     }
 
     /// The rate-limit policy that applies to a key: its own, else the layer default.

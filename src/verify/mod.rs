@@ -42,6 +42,26 @@ pub(crate) struct Verifier {
     pub(crate) counters: Arc<Counters>,
 }
 
+/// The client of a credential checked without a request of its own (a verification API,
+/// forward auth): the address a rejected key counts against, and the address the key's IP
+/// allowlist is checked against. They differ where a gateway answers for many clients: the
+/// gateway may be blamed as a direct caller, but is never taken for its client's origin.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ClientAddresses {
+    pub(crate) blamed: Option<IpAddr>,
+    pub(crate) origin: Option<IpAddr>,
+}
+
+impl ClientAddresses {
+    /// One address for both.
+    pub(crate) fn same(client: Option<IpAddr>) -> Self {
+        Self {
+            blamed: client,
+            origin: client,
+        }
+    }
+}
+
 /// A resolved key that passed its checks, with its rate-limit status; or why not.
 pub(crate) type Outcome = Result<(Arc<ResolvedKey>, Option<RateLimitStatus>), AuthRejection>;
 
@@ -304,7 +324,7 @@ impl Verifier {
         &self,
         headers: &http::HeaderMap,
         method: &Method,
-        client: Option<IpAddr>,
+        client: ClientAddresses,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
         let (resolved, status) = self.decide(headers, method, client).await?;
         self.admission.record_use(&resolved);
@@ -316,7 +336,7 @@ impl Verifier {
         &self,
         key: &str,
         method: &Method,
-        client: Option<IpAddr>,
+        client: ClientAddresses,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
         self.check(&key_headers(key)?, method, client).await
     }
@@ -328,7 +348,9 @@ impl Verifier {
         key: &str,
         method: &Method,
     ) -> Result<Principal, AuthRejection> {
-        let (resolved, _) = self.decide(&key_headers(key)?, method, None).await?;
+        let (resolved, _) = self
+            .decide(&key_headers(key)?, method, ClientAddresses::default())
+            .await?;
         Ok(resolved.principal.clone())
     }
 
@@ -339,16 +361,17 @@ impl Verifier {
         &self,
         headers: &http::HeaderMap,
         method: &Method,
-        client: Option<IpAddr>,
+        addresses: ClientAddresses,
     ) -> Outcome {
+        let (client, origin) = (addresses.blamed, addresses.origin);
         let span = auth_span();
         let Started { key, blocked, now } =
-            span.in_scope(|| self.decide_now(&span, headers, method, client))?;
+            span.in_scope(|| self.decide_now(&span, headers, method, client, origin))?;
         let decided = match now {
             Some(decided) => decided,
             None => {
                 self.outcome(&key, headers, None, method, false, blocked.as_ref(), || {
-                    client
+                    origin
                 })
                 .instrument(span.clone())
                 .await
@@ -374,6 +397,7 @@ impl Verifier {
         headers: &http::HeaderMap,
         method: &Method,
         client: Option<IpAddr>,
+        origin: Option<IpAddr>,
     ) -> Result<Started, AuthRejection> {
         let blocked = self.admission.blocked(client);
         let key = match self.credentials.prepare(headers, None, false) {
@@ -403,7 +427,7 @@ impl Verifier {
             self.tally_rejection(span, binding(&key), &rejection);
             return Err(rejection);
         }
-        let now = self.outcome_now(&key, method, blocked.as_ref(), || client);
+        let now = self.outcome_now(&key, method, blocked.as_ref(), || origin);
         Ok(Started { key, blocked, now })
     }
 }

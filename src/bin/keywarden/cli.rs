@@ -142,8 +142,8 @@ pub(crate) struct CreateArgs {
     #[arg(long, value_name = "N/PERIOD")]
     rate_limit: Option<RateLimitPolicy>,
     /// Only accept the key from this network (CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32, or one
-    /// address); repeat for more. Default: from anywhere.
-    #[arg(long = "allow-ip", value_name = "CIDR")]
+    /// address); repeat or separate with commas for more. Default: from anywhere.
+    #[arg(long = "allow-ip", value_name = "CIDR", value_delimiter = ',')]
     allowed_ips: Vec<IpNetwork>,
     /// Environment, which picks the key prefix (kw_live_, kw_test_).
     #[arg(long, default_value = "live", value_name = "live|test")]

@@ -194,6 +194,10 @@ pub(crate) fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, o
             short_time(record.expires_at, "never")
         ),
     }
+    if !record.allowed_ips.is_empty() {
+        let networks: Vec<String> = record.allowed_ips.iter().map(ToString::to_string).collect();
+        println!("Accepted only from {}.", networks.join(", "));
+    }
     println!();
     println!("    {}", created.key.expose());
     println!();

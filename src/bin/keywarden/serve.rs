@@ -320,7 +320,9 @@ impl Settings {
             (Some(header), None) => {
                 warnings.push(format!(
                     "{header} is believed on every connection: only safe when nothing but \
-                     the proxy can reach this server (set --trusted-proxies)"
+                     the proxy can reach this server, since a client that sets it itself \
+                     chooses the address failed-attempt limiting blames and keys' IP \
+                     allowlists check (set --trusted-proxies)"
                 ));
                 Some(ClientAddressSource::TrustedHeader(header))
             }

@@ -64,7 +64,7 @@ pub(crate) struct CreateRequest {
     /// `2001:db8::/32`) or single addresses; at most 64. Requests from elsewhere get 403
     /// `ip_not_allowed`. Default: anywhere (a `keys:self` caller's own list, which it may
     /// only narrow).
-    #[schema(nullable = false, examples(json!(["10.0.0.0/8", "2001:db8::/32"])))]
+    #[schema(nullable = false)]
     pub(crate) allowed_ips: Option<Vec<String>>,
 }
 
@@ -94,8 +94,8 @@ fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 /// A change to a key. Every member is optional: a member left out is left unchanged.
-/// `description`, `metadata`, `rate_limit` and `expires_at` also take `null`, which clears
-/// them; the other members cannot be cleared. Unknown members are refused (422, field `body`).
+/// `description`, `metadata`, `rate_limit`, `expires_at` and `allowed_ips` also take `null`,
+/// which clears them; the other members cannot be cleared. Unknown members are refused (422, field `body`).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = PatchKeyRequest)]
@@ -133,10 +133,11 @@ pub(crate) struct PatchRequest {
     #[schema(nullable = false)]
     disabled: Option<bool>,
     /// Absent: unchanged. An array of networks (CIDR or single addresses): replaces the
-    /// allowlist; `[]` lets the key be used from anywhere (a `keys:self` caller may only
-    /// narrow it, within its own).
-    #[schema(nullable = false)]
-    allowed_ips: Option<Vec<String>>,
+    /// allowlist. `[]` or `null`: the key may be used from anywhere. A `keys:self` caller may
+    /// only narrow it, within its own.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Vec<String>>)]
+    allowed_ips: Option<Option<Vec<String>>>,
 }
 
 impl PatchRequest {
@@ -184,11 +185,11 @@ impl PatchRequest {
             expires_at,
             revoked_at: None,
             disabled: self.disabled,
-            allowed_ips: self
-                .allowed_ips
-                .as_deref()
-                .map(parse_networks)
-                .transpose()?,
+            allowed_ips: match self.allowed_ips {
+                Some(Some(entries)) => Some(parse_networks(&entries)?),
+                Some(None) => Some(Vec::new()),
+                None => None,
+            },
             expected_updated_at: None,
         })
     }
@@ -201,12 +202,13 @@ pub(crate) fn parse_networks(entries: &[String]) -> Result<Vec<IpNetwork>, Manag
         .iter()
         .enumerate()
         .map(|(index, entry)| {
-            entry.parse::<IpNetwork>().map_err(|_| {
+            entry.parse::<IpNetwork>().map_err(|error| {
                 ManageError::invalid(
                     "allowed_ips",
                     format!(
-                        "allowed_ips[{index}] is not an IP network such as 10.0.0.0/8, \
-                         2001:db8::/32 or 192.0.2.7 (no bits set past the prefix length)"
+                        "entry {index} is not an IP network ({}); write one such as \
+                         10.0.0.0/8, 2001:db8::/32 or 192.0.2.7",
+                        error.reason()
                     ),
                 )
             })

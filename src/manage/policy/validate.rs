@@ -69,7 +69,10 @@ pub(crate) fn check_allowed_ips(networks: &mut Vec<IpNetwork>) -> Result<(), Man
     if networks.len() > MAX_ALLOWED_IPS {
         return Err(ManageError::invalid(
             "allowed_ips",
-            format!("at most {MAX_ALLOWED_IPS} networks"),
+            format!(
+                "allowed_ips holds {} networks; at most {MAX_ALLOWED_IPS} are allowed",
+                networks.len()
+            ),
         ));
     }
     Ok(())

@@ -62,7 +62,7 @@ pub struct KeyView<'a> {
     /// The key's own rate limit; `null`: the layer's default applies.
     rate_limit: Option<RateLimitPolicy>,
     /// The networks the key may be used from (CIDR); empty: anywhere.
-    #[cfg_attr(feature = "manage-api", schema(value_type = Vec<String>, example = json!(["10.0.0.0/8"])))]
+    #[cfg_attr(feature = "manage-api", schema(value_type = Vec<String>))]
     allowed_ips: &'a [IpNetwork],
     /// The key's state when the view was made.
     state: KeyState,
