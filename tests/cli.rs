@@ -1137,3 +1137,26 @@ async fn allowlists_from_the_cli_hold_in_serve() {
     let human = ok(&dir, &["keys", "show", &local]);
     assert!(human.contains("allowed ips   any"), "{human}");
 }
+
+#[tokio::test]
+async fn serve_shares_one_budget_per_owner_from_the_config_file() {
+    let dir = TempDir::new("owner-limit");
+    let config = dir.write("keywarden.toml", "[auth]\nowner_rate_limit = \"3/h\"\n");
+    let (one, _) = create_key(&dir, &["--name", "one", "--subject", "alice"]);
+    let (two, _) = create_key(&dir, &["--name", "two", "--subject", "alice"]);
+    let (bob, _) = create_key(&dir, &["--name", "bob", "--subject", "bob"]);
+    let mut command = command(&dir, Some(SECRET));
+    command
+        .env("KEYWARDEN_CONFIG", &config)
+        .args(["serve", "--addr", "127.0.0.1:0"]);
+    let server = ServeProcess::spawn(command, dir.path(), "serve-owner-limit");
+    let http = client();
+    let mut codes = Vec::new();
+    for key in [&one, &two, &one, &two] {
+        let res = whoami(&http, &server, ("x-api-key", key.clone())).await;
+        codes.push(res.status().as_u16());
+    }
+    assert_eq!(codes, [200, 200, 200, 429], "alice's keys share 3 an hour");
+    let res = whoami(&http, &server, ("x-api-key", bob.clone())).await;
+    assert_eq!(res.status(), 200, "bob has his own budget");
+}

@@ -107,6 +107,123 @@ async fn layer_default_applies_to_keys_without_their_own() {
     );
 }
 
+async fn by_key(app: &axum::Router, key: &str) -> Reply {
+    get_with(app, "/whoami", &[("x-api-key", key.as_bytes())]).await
+}
+
+/// A layer over `store` whose `users` keys share one budget per owner; `teams` has none.
+fn owner_limited(
+    store: Arc<keywarden::MemoryStore>,
+    owner: &str,
+    limiter: keywarden::ratelimit::RateLimiter,
+) -> ApiKeyLayer {
+    ApiKeyLayer::builder()
+        .store(store as Arc<dyn keywarden::KeyStore>)
+        .secrets(ring())
+        .collection(Collection::new("users").owner_rate_limit(policy(owner)))
+        .collection(Collection::new("teams"))
+        .rate_limiter(limiter)
+        .usage_flush_interval(None)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_owners_keys_share_one_budget() {
+    let layer = owner_limited(
+        Arc::new(keywarden::MemoryStore::new()),
+        "3/h",
+        keywarden::ratelimit::RateLimiter::local(),
+    );
+    let manager = KeyManager::for_layer(&layer);
+    let create = |name: &'static str, subject: &'static str, collection: &'static str| {
+        let manager = manager.clone();
+        async move {
+            manager
+                .create(NewKey::new(name, subject).collection(collection))
+                .await
+                .unwrap()
+                .key
+                .expose()
+                .to_owned()
+        }
+    };
+    let (a1, a2, a3) = (
+        create("a1", "alice", "users").await,
+        create("a2", "alice", "users").await,
+        create("a3", "alice", "users").await,
+    );
+    let bob = create("b", "bob", "users").await;
+    let team = create("t", "alice", "teams").await;
+    let app = app().layer(layer.clone());
+    // Three keys, one budget: more keys are not more requests.
+    for (key, remaining) in [(&a1, "2"), (&a2, "1"), (&a3, "0")] {
+        let reply = by_key(&app, key).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(header(&reply, "ratelimit-limit"), "3");
+        assert_eq!(header(&reply, "ratelimit-remaining"), remaining);
+    }
+    for key in [&a1, &a2, &a3] {
+        let reply = by_key(&app, key).await;
+        assert_eq!(reply.code(), "rate_limited");
+        assert_eq!(
+            reply.json()["detail"],
+            "too many requests for this key's owner"
+        );
+        assert!(header(&reply, "retry-after").parse::<u64>().unwrap() > 0);
+    }
+    // Another owner, and the same subject in a collection without an owner budget, are
+    // untouched.
+    for _ in 0..3 {
+        assert_eq!(by_key(&app, &bob).await.status, 200);
+    }
+    assert_eq!(by_key(&app, &bob).await.status, 429);
+    for _ in 0..10 {
+        assert_eq!(by_key(&app, &team).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_key_at_its_own_limit_spends_nothing_of_its_owners() {
+    let layer = owner_limited(
+        Arc::new(keywarden::MemoryStore::new()),
+        "4/h",
+        keywarden::ratelimit::RateLimiter::local(),
+    );
+    let manager = KeyManager::for_layer(&layer);
+    let tight = manager
+        .create(
+            NewKey::new("tight", "alice")
+                .collection("users")
+                .rate_limit(policy("1/h")),
+        )
+        .await
+        .unwrap()
+        .key;
+    let sibling = manager
+        .create(NewKey::new("sibling", "alice").collection("users"))
+        .await
+        .unwrap()
+        .key;
+    let app = app().layer(layer);
+    // The key's own budget has less left: its headers are the key's.
+    let reply = by_key(&app, tight.expose()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(header(&reply, "ratelimit-limit"), "1");
+    assert_eq!(header(&reply, "ratelimit-remaining"), "0");
+    for _ in 0..5 {
+        let reply = by_key(&app, tight.expose()).await;
+        assert_eq!(reply.json()["detail"], "too many requests for this key");
+    }
+    // Refused by its own limit, the tight key spent nothing of the owner's: 3 are left.
+    for remaining in ["2", "1", "0"] {
+        let reply = by_key(&app, sibling.expose()).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(header(&reply, "ratelimit-remaining"), remaining);
+    }
+    assert_eq!(by_key(&app, sibling.expose()).await.code(), "rate_limited");
+}
+
 /// Found in review (issue 22): the local limiter followed the wall clock, so stepping the
 /// system clock back an hour made the next request of a `100/s` key wait an hour.
 #[tokio::test]
@@ -259,6 +376,37 @@ mod redis_limits {
             (total - expected).abs() <= 5.0,
             "allowed {total}, policy allows {expected:.1} ± one burst"
         );
+    }
+
+    /// Two instances, two keys of one owner, one Redis: the owner's budget holds across both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owners_budget_holds_across_instances() {
+        let Some(url) = service_url("KEYWARDEN_TEST_REDIS_URL") else {
+            return;
+        };
+        let backend = RedisBackend::connect(&url, &unique("kwtest"))
+            .await
+            .unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let a = owner_limited(store.clone(), "5/h", RateLimiter::redis(&backend));
+        let b = owner_limited(store.clone(), "5/h", RateLimiter::redis(&backend));
+        let manager = KeyManager::for_layer(&a);
+        let mut keys = Vec::new();
+        for name in ["one", "two"] {
+            let created = manager
+                .create(NewKey::new(name, "alice").collection("users"))
+                .await
+                .unwrap();
+            keys.push(created.key.expose().to_owned());
+        }
+        let (app_a, app_b) = (app().layer(a), app().layer(b));
+        let (r1, r2, r3, r4) = tokio::join!(
+            allowed(&app_a, &keys[0], 10),
+            allowed(&app_b, &keys[0], 10),
+            allowed(&app_a, &keys[1], 10),
+            allowed(&app_b, &keys[1], 10),
+        );
+        assert_eq!(r1 + r2 + r3 + r4, 5, "{r1} + {r2} + {r3} + {r4}");
     }
 
     /// A layer that fails closed on a Redis error (so a script error cannot hide behind

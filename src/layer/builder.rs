@@ -400,6 +400,7 @@ impl ApiKeyLayerBuilder {
             collections.push(CollectionConfig {
                 slug: c.slug.as_str().into(),
                 opaque: c.opaque || c.foreign.is_some(),
+                owner_rate_limit: c.owner_rate_limit,
             });
         }
         let mut extractor = CredentialExtractor::new(collections.iter().map(|c| &*c.slug));

@@ -33,11 +33,11 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
-use crate::ratelimit::RateLimitPolicy;
+use crate::ratelimit::{ClientAddresses, RateLimitPolicy};
 use crate::rejection::{AuthRejection, RateLimitStatus};
 use crate::secret::{Digest, SecretRing};
 use crate::store::{ForeignScheme, ForeignSource, KeyStore, StoreError};
-use crate::verify::{ClientAddresses, ForeignCollection, Verifier};
+use crate::verify::{ForeignCollection, Verifier};
 
 mod builder;
 mod future;
@@ -68,12 +68,14 @@ pub struct Collection {
     slug: String,
     opaque: bool,
     foreign: Option<ForeignCollection>,
+    owner_rate_limit: Option<RateLimitPolicy>,
 }
 
 impl PartialEq for Collection {
     fn eq(&self, other: &Self) -> bool {
         self.slug == other.slug
             && self.opaque == other.opaque
+            && self.owner_rate_limit == other.owner_rate_limit
             && match (&self.foreign, &other.foreign) {
                 (None, None) => true,
                 (Some(a), Some(b)) => {
@@ -93,6 +95,7 @@ impl Collection {
             slug: slug.into(),
             opaque: false,
             foreign: None,
+            owner_rate_limit: None,
         }
     }
 
@@ -103,6 +106,7 @@ impl Collection {
             slug: slug.into(),
             opaque: true,
             foreign: None,
+            owner_rate_limit: None,
         }
     }
 
@@ -131,7 +135,31 @@ impl Collection {
             }),
             slug,
             opaque: true,
+            owner_rate_limit: None,
         }
+    }
+
+    /// One rate limit per owner: all the keys of one subject in this collection share this
+    /// budget, on top of each key's own limit (or the layer's default). Without it, an owner
+    /// with ten keys has ten budgets. The budget lives in the layer's limiter, so with
+    /// [`RateLimiter::redis`](crate::ratelimit::RateLimiter::redis) it holds across instances.
+    ///
+    /// A request spends the key's budget first, then the owner's: one refused by its key's
+    /// own limit spends nothing of the owner's (so a key at its limit never starves its
+    /// siblings); one refused by the owner's limit has spent one of its key's. The
+    /// `RateLimit-*` headers report whichever budget has less left.
+    ///
+    /// ```
+    /// use keywarden::{ratelimit::RateLimitPolicy, Collection};
+    ///
+    /// let customers = Collection::new("customers")
+    ///     .owner_rate_limit("1000/min".parse::<RateLimitPolicy>().unwrap());
+    /// # let _ = customers;
+    /// ```
+    #[must_use]
+    pub fn owner_rate_limit(mut self, policy: RateLimitPolicy) -> Self {
+        self.owner_rate_limit = Some(policy);
+        self
     }
 
     /// The slug.

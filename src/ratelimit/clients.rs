@@ -175,6 +175,26 @@ impl ClientAddressSource {
     }
 }
 
+/// The client of a credential checked without a request of its own (a verification API,
+/// forward auth): the address a rejected key counts against, and the address the key's IP
+/// allowlist is checked against. They differ where a gateway answers for many clients: the
+/// gateway may be blamed as a direct caller, but is never taken for its client's origin.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ClientAddresses {
+    pub(crate) blamed: Option<IpAddr>,
+    pub(crate) origin: Option<IpAddr>,
+}
+
+impl ClientAddresses {
+    /// One address for both.
+    pub(crate) fn same(client: Option<IpAddr>) -> Self {
+        Self {
+            blamed: client,
+            origin: client,
+        }
+    }
+}
+
 /// What a client address that is over its failure budget may still do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]

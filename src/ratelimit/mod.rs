@@ -29,7 +29,7 @@ mod local;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub(crate) use clients::{Blocked, FailureTracker};
+pub(crate) use clients::{Blocked, ClientAddresses, FailureTracker};
 pub use clients::{
     BlockedClients, ClientAddressSource, ClientIp, FailedAttemptLimit, TrustedProxies,
 };

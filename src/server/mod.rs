@@ -96,8 +96,7 @@ use axum::Router;
 use http::{Extensions, HeaderMap};
 
 use crate::layer::ApiKeyLayer;
-use crate::ratelimit::ClientAddressSource;
-use crate::verify::ClientAddresses;
+use crate::ratelimit::{ClientAddressSource, ClientAddresses};
 
 mod forward;
 mod openapi;

@@ -13,9 +13,8 @@ use super::{AuthServer, VERIFY_SCOPE};
 use crate::manage::http::error::ApiError;
 use crate::manage::http::extract::{BodyFields, JsonBody};
 use crate::principal::Principal;
-use crate::ratelimit::ClientAddressSource;
+use crate::ratelimit::{ClientAddressSource, ClientAddresses};
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
-use crate::verify::ClientAddresses;
 
 /// The request body. Every member is optional to serde, so each bad one can be named; `key`
 /// is then required by hand. No `Debug`, and this copy of the key is wiped on drop (best

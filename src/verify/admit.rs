@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderMap, Method};
+use sha2::{Digest as _, Sha256};
+use uuid::Uuid;
 
 use crate::cache::ResolvedKey;
 use crate::clock::Clock;
@@ -145,25 +147,50 @@ impl Admission {
             .or(self.limiters.default_policy)
     }
 
-    /// Takes one request from the key's budget. `Ok(None)`: no policy applies. `unavailable`
-    /// answers a remote limiter that cannot be reached.
+    /// The budget all the keys of this key's owner share, if its collection has one: the
+    /// limiter bucket of the owner and the policy.
+    fn owner_budget(&self, resolved: &ResolvedKey) -> Option<(Uuid, RateLimitPolicy)> {
+        let index = usize::try_from(resolved.collection?).ok()?;
+        let policy = self.collections.get(index)?.owner_rate_limit?;
+        let principal = &resolved.principal;
+        Some((
+            owner_bucket(principal.collection(), principal.subject()),
+            policy,
+        ))
+    }
+
+    /// Takes one request from the key's budget, then from its owner's. `Ok(None)`: no policy
+    /// applies. `unavailable` answers a remote limiter that cannot be reached.
     pub(crate) async fn rate_limit(
         &self,
         resolved: &ResolvedKey,
-        unavailable: impl FnOnce() -> AuthRejection,
+        unavailable: impl Fn() -> AuthRejection,
     ) -> Result<Option<RateLimitStatus>, AuthRejection> {
         if !self.limiters.is_remote() {
             return self.rate_limit_local(resolved);
         }
-        let Some(policy) = self.policy(resolved) else {
-            return Ok(None);
+        let key = match self.policy(resolved) {
+            Some(policy) => Some(
+                self.limiters
+                    .check(resolved.principal.key_id(), &policy)
+                    .await
+                    .map_err(|_| unavailable())?,
+            ),
+            None => None,
         };
-        let decision = self
-            .limiters
-            .check(resolved.principal.key_id(), &policy)
-            .await
-            .map_err(|_| unavailable())?;
-        self.limit_decision(decision)
+        if key.as_ref().is_some_and(|decision| !decision.allowed) {
+            return self.limit_decision(key, None);
+        }
+        let owner = match self.owner_budget(resolved) {
+            Some((bucket, policy)) => Some(
+                self.limiters
+                    .check(bucket, &policy)
+                    .await
+                    .map_err(|_| unavailable())?,
+            ),
+            None => None,
+        };
+        self.limit_decision(key, owner)
     }
 
     /// [`Admission::rate_limit`] for a layer whose limiter is in memory: synchronous.
@@ -171,24 +198,48 @@ impl Admission {
         &self,
         resolved: &ResolvedKey,
     ) -> Result<Option<RateLimitStatus>, AuthRejection> {
-        let Some(policy) = self.policy(resolved) else {
-            return Ok(None);
-        };
-        let decision = self
-            .limiters
-            .check_local(resolved.principal.key_id(), &policy);
-        self.limit_decision(decision)
+        let key = self.policy(resolved).map(|policy| {
+            self.limiters
+                .check_local(resolved.principal.key_id(), &policy)
+        });
+        if key.as_ref().is_some_and(|decision| !decision.allowed) {
+            return self.limit_decision(key, None);
+        }
+        let owner = self
+            .owner_budget(resolved)
+            .map(|(bucket, policy)| self.limiters.check_local(bucket, &policy));
+        self.limit_decision(key, owner)
     }
 
-    fn limit_decision(&self, decision: Decision) -> Result<Option<RateLimitStatus>, AuthRejection> {
+    /// The verdict of the key's decision and its owner's (either may be absent): refused if
+    /// either refused, else allowed with the status of whichever has less left. Counted once.
+    fn limit_decision(
+        &self,
+        key: Option<Decision>,
+        owner: Option<Decision>,
+    ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+        let (decision, owners) = match (key, owner) {
+            (None, None) => return Ok(None),
+            (Some(key), None) => (key, false),
+            (None, Some(owner)) => (owner, true),
+            (Some(key), Some(owner)) => {
+                if !owner.allowed || owner.status.remaining < key.status.remaining {
+                    (owner, true)
+                } else {
+                    (key, false)
+                }
+            }
+        };
         self.counters.rate_limit(decision.allowed);
         if decision.allowed {
             return Ok(Some(decision.status));
         }
-        Err(AuthRejection::rate_limited(
-            decision.status,
-            decision.retry_after,
-        ))
+        let rejection = AuthRejection::rate_limited(decision.status, decision.retry_after);
+        Err(if owners {
+            rejection.with_detail("too many requests for this key's owner")
+        } else {
+            rejection
+        })
     }
 
     /// The client address, when failed-attempt limiting is on.
@@ -237,5 +288,43 @@ impl Admission {
                 }
             }
         }
+    }
+}
+
+/// The limiter bucket an owner's keys share: a UUIDv8 from SHA-256 of the collection and the
+/// subject, the same in every process (so Redis budgets hold across instances), never a key
+/// id (those are v7).
+pub(crate) fn owner_bucket(collection: &str, subject: &str) -> Uuid {
+    let digest = Sha256::new()
+        .chain_update(b"keywarden owner budget\0")
+        .chain_update(collection.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(subject.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::new_v8(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_buckets_are_stable_distinct_and_never_key_ids() {
+        let a = owner_bucket("users", "alice");
+        assert_eq!(a, owner_bucket("users", "alice"));
+        assert_eq!(a.get_version_num(), 8);
+        for other in [
+            owner_bucket("users", "bob"),
+            owner_bucket("teams", "alice"),
+            // The separator keeps (collection, subject) pairs apart.
+            owner_bucket("user", "salice"),
+            owner_bucket("usersalice", ""),
+        ] {
+            assert_ne!(a, other);
+        }
+        // Pinned: a change would split budgets between instances of two versions.
+        assert_eq!(a.to_string(), "ebf04656-41ff-839e-8469-ef1393992827");
     }
 }

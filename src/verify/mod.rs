@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::cache::ResolvedKey;
 use crate::credential::X_API_KEY;
 use crate::principal::Principal;
-use crate::ratelimit::Blocked;
+use crate::ratelimit::{Blocked, ClientAddresses};
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::stats::{ChangeKind, ChangeSource, Counters, Verdict};
 use crate::store::{StoreChange, StoreObserver, UsageOutcome, UsageSubject};
@@ -40,26 +40,6 @@ pub(crate) struct Verifier {
     pub(crate) resolver: Resolver,
     pub(crate) admission: Admission,
     pub(crate) counters: Arc<Counters>,
-}
-
-/// The client of a credential checked without a request of its own (a verification API,
-/// forward auth): the address a rejected key counts against, and the address the key's IP
-/// allowlist is checked against. They differ where a gateway answers for many clients: the
-/// gateway may be blamed as a direct caller, but is never taken for its client's origin.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ClientAddresses {
-    pub(crate) blamed: Option<IpAddr>,
-    pub(crate) origin: Option<IpAddr>,
-}
-
-impl ClientAddresses {
-    /// One address for both.
-    pub(crate) fn same(client: Option<IpAddr>) -> Self {
-        Self {
-            blamed: client,
-            origin: client,
-        }
-    }
 }
 
 /// A resolved key that passed its checks, with its rate-limit status; or why not.

@@ -8,6 +8,7 @@ use http::HeaderMap;
 
 use crate::credential::{CredentialError, CredentialExtractor, CredentialSource, HeaderSources};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
+use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::secret::{Digest, SecretId, SecretRing};
 use crate::store::ForeignDigest;
@@ -19,6 +20,8 @@ pub(crate) struct CollectionConfig {
     pub(crate) slug: Box<str>,
     /// Accepts keys outside keywarden's format (opaque and foreign collections).
     pub(crate) opaque: bool,
+    /// The budget all the keys of one owner share, if any.
+    pub(crate) owner_rate_limit: Option<RateLimitPolicy>,
 }
 
 /// What a request presented, decided before any I/O.

@@ -70,6 +70,7 @@ pub(crate) struct AuthSection {
     pub(crate) opaque_collections: Option<Vec<String>>,
     pub(crate) headers: Option<Vec<ConfigHeader>>,
     pub(crate) default_rate_limit: Option<ConfigRate>,
+    pub(crate) owner_rate_limit: Option<ConfigRate>,
     pub(crate) max_failed_attempts: Option<u32>,
     pub(crate) failed_attempt_window: Option<ConfigDuration>,
 }
@@ -363,6 +364,7 @@ collections = ["users", "services"]
 opaque_collections = ["imported"]
 headers = ["X-Stack-Api-Key"]
 default_rate_limit = "100/min"
+owner_rate_limit = "500/min"
 max_failed_attempts = 20
 failed_attempt_window = "1m"
 
@@ -406,6 +408,10 @@ requests = true
         );
         assert_eq!(config.auth.collections.unwrap(), ["users", "services"]);
         assert_eq!(config.auth.max_failed_attempts, Some(20));
+        assert_eq!(
+            config.auth.owner_rate_limit.map(|p| p.0.to_string()),
+            Some("500/min".to_owned())
+        );
         assert_eq!(
             config.cache.store_timeout,
             Some(ConfigDuration(StdDuration::from_millis(500)))

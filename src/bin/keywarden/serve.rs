@@ -417,11 +417,16 @@ fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilde
             "config auth.opaque_collections names {slug:?}, which is not one of the collections"
         )));
     }
+    let owner_rate_limit = file.auth.owner_rate_limit.as_ref().map(|policy| policy.0);
     let mut builder = layer_builder_with(settings.collections.iter().map(|slug| {
-        if opaque.contains(slug) {
+        let collection = if opaque.contains(slug) {
             Collection::opaque(slug.clone())
         } else {
             Collection::new(slug.clone())
+        };
+        match owner_rate_limit {
+            Some(policy) => collection.owner_rate_limit(policy),
+            None => collection,
         }
     }));
     if let Some(format) = &ctx.key_format {
