@@ -1141,7 +1141,10 @@ async fn allowlists_from_the_cli_hold_in_serve() {
 #[tokio::test]
 async fn serve_shares_one_budget_per_owner_from_the_config_file() {
     let dir = TempDir::new("owner-limit");
-    let config = dir.write("keywarden.toml", "[auth]\nowner_rate_limit = \"3/h\"\n");
+    let config = dir.write(
+        "keywarden.toml",
+        "[auth]\nowner_rate_limits = { users = \"3/h\" }\n",
+    );
     let (one, _) = create_key(&dir, &["--name", "one", "--subject", "alice"]);
     let (two, _) = create_key(&dir, &["--name", "two", "--subject", "alice"]);
     let (bob, _) = create_key(&dir, &["--name", "bob", "--subject", "bob"]);

@@ -862,6 +862,29 @@ async fn the_verify_api_checks_the_forwarded_client() {
         403,
         "a caller that is not a gateway is never the client"
     );
+    // The caller key's own allowlist is judged by its connection: a gateway key limited to
+    // the gateway's address verifies keys for clients anywhere.
+    let gateway_key = fx
+        .key(
+            NewKey::new("gw", "svc-gw")
+                .scope("keys:verify")
+                .allow_ip(net("10.0.3.7")),
+        )
+        .await
+        .key;
+    let mut req = Request::builder()
+        .method("POST")
+        .uri("/v1/keys/verify")
+        .header("x-api-key", gateway_key.expose())
+        .header("content-type", "application/json")
+        .header("x-real-ip", "198.51.100.20")
+        .body(Body::from(json!({"key": key.expose()}).to_string()))
+        .unwrap();
+    req.extensions_mut()
+        .insert(ConnectInfo("10.0.3.7:1".parse::<SocketAddr>().unwrap()));
+    let reply = send(&proxied, req).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["valid"], true);
     let verdict = verify(&without, Some("198.51.100.20")).await;
     assert_eq!(
         verdict["code"], "ip_not_allowed",

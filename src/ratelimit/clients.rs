@@ -96,6 +96,27 @@ impl TrustedProxies {
             .unwrap_or_else(|| canonical(peer))
     }
 
+    /// The client behind a connection from `peer`, strictly, for a key's IP allowlist:
+    /// `peer` itself unless it is a trusted proxy; else the header's rightmost address that
+    /// is not a trusted proxy. `None` when there is none to believe: no header, garbage where
+    /// a hop should be, or only trusted proxies' addresses (a proxy that forwarded nothing,
+    /// behind one that appended it) — never a proxy's own address.
+    pub fn origin(&self, headers: &HeaderMap, peer: IpAddr) -> Option<IpAddr> {
+        let peer = canonical(peer);
+        if !self.is_trusted(peer) {
+            return Some(peer);
+        }
+        for value in headers.get_all(&self.header).iter().rev() {
+            for entry in value.as_bytes().rsplit(|&b| b == b',') {
+                let ip = parse_address(entry)?;
+                if !self.is_trusted(ip) {
+                    return Some(ip);
+                }
+            }
+        }
+        None
+    }
+
     /// Like [`client`](Self::client), but `None` when `peer` is a trusted proxy that
     /// forwarded no usable address (no header, or garbage where its hop should be): for a
     /// server answering on behalf of many clients, which must not blame the proxy itself.
@@ -144,15 +165,16 @@ impl ClientAddressSource {
 
     /// The address a key's IP allowlist is checked against: like [`address`](Self::address),
     /// but never a proxy's own address in place of its client's. A trusted header that is
-    /// missing or unusable, or a trusted proxy that forwarded no usable hop, gives `None`
-    /// (unknown, so a key with an allowlist is refused) rather than the connection's address.
+    /// missing or unusable, or trusted proxies that forwarded no usable hop
+    /// ([`TrustedProxies::origin`]), give `None` (unknown, so a key with an allowlist is
+    /// refused) rather than a proxy's address.
     pub fn origin_address(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
         match self {
             Self::Connection => connection_address(extensions),
             Self::TrustedHeader(_) => self.forwarded_address(headers),
             Self::TrustedProxies(proxies) => {
                 let peer = connection_address(extensions)?;
-                proxies.forwarded_client(headers, peer)
+                proxies.origin(headers, peer)
             }
         }
     }
@@ -515,6 +537,63 @@ mod tests {
         assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("2001:db8::1"));
         let headers = forwarded(&["::ffff:203.0.113.7"]);
         assert_eq!(p.client(&headers, ip("10.0.0.4")), ip("203.0.113.7"));
+    }
+
+    #[test]
+    fn an_origin_is_never_a_proxys_own_address() {
+        let p = proxies(&["10.0.0.0/8"]);
+        let origin = |values: &[&str], peer: &str| p.origin(&forwarded(values), ip(peer));
+        assert_eq!(
+            origin(&["203.0.113.7"], "10.0.0.4"),
+            Some(ip("203.0.113.7"))
+        );
+        assert_eq!(
+            origin(&["1.2.3.4, 203.0.113.7, 10.0.0.2", "10.0.0.3"], "10.0.0.4"),
+            Some(ip("203.0.113.7"))
+        );
+        // A direct client is itself, whatever it sends.
+        assert_eq!(
+            origin(&["10.9.9.9"], "198.51.100.2"),
+            Some(ip("198.51.100.2"))
+        );
+        // Where `client` falls back to a proxy's address, `origin` knows nobody: a proxy that
+        // forwarded nothing (and one behind it that appended the first's address), garbage
+        // where a hop should be, no header.
+        for (values, why) in [
+            (&["10.0.0.1"][..], "only proxies"),
+            (&["unknown, 10.0.0.1"], "garbage, then a proxy"),
+            (
+                &["203.0.113.7, unknown, 10.0.0.2"],
+                "garbage in the next hop",
+            ),
+            (&["garbage"], "garbage"),
+            (&[], "no header"),
+        ] {
+            assert_eq!(origin(values, "10.0.0.4"), None, "{why}");
+        }
+        let source = ClientAddressSource::TrustedProxies(p.clone());
+        let mut extensions = Extensions::new();
+        extensions.insert(ClientIp(ip("10.0.0.4")));
+        assert_eq!(
+            source.address(&forwarded(&["10.0.0.1"]), &extensions),
+            Some(ip("10.0.0.1"))
+        );
+        assert_eq!(
+            source.origin_address(&forwarded(&["10.0.0.1"]), &extensions),
+            None
+        );
+        // A trusted header: only the header, never the connection behind it.
+        let header = ClientAddressSource::TrustedHeader(HeaderName::from_static("x-forwarded-for"));
+        assert_eq!(header.origin_address(&HeaderMap::new(), &extensions), None);
+        assert_eq!(
+            header.origin_address(&forwarded(&["203.0.113.7"]), &extensions),
+            Some(ip("203.0.113.7"))
+        );
+        assert_eq!(
+            ClientAddressSource::Connection
+                .origin_address(&forwarded(&["203.0.113.7"]), &extensions),
+            Some(ip("10.0.0.4"))
+        );
     }
 
     #[test]

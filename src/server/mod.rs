@@ -193,7 +193,7 @@ impl AuthServer {
             Some(ClientAddressSource::TrustedProxies(proxies)) => ClientAddressSource::Connection
                 .address(headers, extensions)
                 .filter(|peer| proxies.is_trusted(*peer))
-                .and_then(|peer| proxies.forwarded_client(headers, peer)),
+                .and_then(|peer| proxies.origin(headers, peer)),
             Some(source) => source.origin_address(headers, extensions),
         };
         ClientAddresses {

@@ -106,23 +106,16 @@ async fn authorize_caller(
     server: &AuthServer,
     parts: &http::request::Parts,
 ) -> Result<(), Response> {
-    // The caller's own address is its connection's for failed-attempt limiting and the
-    // loopback option: a forwarded header names the client of the key being verified, not the
-    // caller. Its key's IP allowlist is judged as the layer judges any request to it.
+    // The caller's own address is its connection's, for everything (failed-attempt limiting,
+    // the loopback option, its key's IP allowlist): a forwarded header names the client of the
+    // key being verified, never the caller.
     let peer = ClientAddressSource::Connection.address(&parts.headers, &parts.extensions);
     if server.loopback_without_key && peer.is_some_and(|ip| ip.is_loopback()) {
         return Ok(());
     }
-    let addresses = ClientAddresses {
-        blamed: peer,
-        origin: server
-            .layer
-            .client_address_source()
-            .origin_address(&parts.headers, &parts.extensions),
-    };
     let (caller, _) = server
         .layer
-        .check_headers_from(&parts.headers, &Method::POST, addresses)
+        .check_headers_from(&parts.headers, &Method::POST, ClientAddresses::same(peer))
         .await
         .map_err(IntoResponse::into_response)?;
     if !caller.has_scope(VERIFY_SCOPE) {

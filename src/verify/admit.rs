@@ -291,9 +291,10 @@ impl Admission {
     }
 }
 
-/// The limiter bucket an owner's keys share: a UUIDv8 from SHA-256 of the collection and the
-/// subject, the same in every process (so Redis budgets hold across instances), never a key
-/// id (those are v7).
+/// The limiter bucket an owner's keys share: a UUIDv8 from domain-separated SHA-256 of the
+/// collection and the subject (slugs are visible ASCII, so the NUL separators are
+/// unambiguous), the same in every process (so Redis budgets hold across instances). keywarden
+/// key ids are v7; foreign ids are v8 too, but from another domain's hash.
 pub(crate) fn owner_bucket(collection: &str, subject: &str) -> Uuid {
     let digest = Sha256::new()
         .chain_update(b"keywarden owner budget\0")

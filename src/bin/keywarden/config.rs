@@ -70,7 +70,8 @@ pub(crate) struct AuthSection {
     pub(crate) opaque_collections: Option<Vec<String>>,
     pub(crate) headers: Option<Vec<ConfigHeader>>,
     pub(crate) default_rate_limit: Option<ConfigRate>,
-    pub(crate) owner_rate_limit: Option<ConfigRate>,
+    /// Collection slug → the budget each owner's keys share there.
+    pub(crate) owner_rate_limits: Option<std::collections::BTreeMap<String, ConfigRate>>,
     pub(crate) max_failed_attempts: Option<u32>,
     pub(crate) failed_attempt_window: Option<ConfigDuration>,
 }
@@ -364,7 +365,7 @@ collections = ["users", "services"]
 opaque_collections = ["imported"]
 headers = ["X-Stack-Api-Key"]
 default_rate_limit = "100/min"
-owner_rate_limit = "500/min"
+owner_rate_limits = { users = "500/min" }
 max_failed_attempts = 20
 failed_attempt_window = "1m"
 
@@ -408,10 +409,9 @@ requests = true
         );
         assert_eq!(config.auth.collections.unwrap(), ["users", "services"]);
         assert_eq!(config.auth.max_failed_attempts, Some(20));
-        assert_eq!(
-            config.auth.owner_rate_limit.map(|p| p.0.to_string()),
-            Some("500/min".to_owned())
-        );
+        let owners = config.auth.owner_rate_limits.unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners["users"].0.to_string(), "500/min");
         assert_eq!(
             config.cache.store_timeout,
             Some(ConfigDuration(StdDuration::from_millis(500)))

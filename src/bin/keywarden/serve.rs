@@ -417,15 +417,23 @@ fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilde
             "config auth.opaque_collections names {slug:?}, which is not one of the collections"
         )));
     }
-    let owner_rate_limit = file.auth.owner_rate_limit.as_ref().map(|policy| policy.0);
+    let owner_limits = file.auth.owner_rate_limits.clone().unwrap_or_default();
+    if let Some(slug) = owner_limits
+        .keys()
+        .find(|slug| !settings.collections.contains(slug))
+    {
+        return Err(Failure(format!(
+            "config auth.owner_rate_limits names {slug:?}, which is not one of the collections"
+        )));
+    }
     let mut builder = layer_builder_with(settings.collections.iter().map(|slug| {
         let collection = if opaque.contains(slug) {
             Collection::opaque(slug.clone())
         } else {
             Collection::new(slug.clone())
         };
-        match owner_rate_limit {
-            Some(policy) => collection.owner_rate_limit(policy),
+        match owner_limits.get(slug) {
+            Some(policy) => collection.owner_rate_limit(policy.0),
             None => collection,
         }
     }));
