@@ -1112,11 +1112,14 @@ async fn allowlists_from_the_cli_hold_in_serve() {
             "update",
             &office,
             "--allow-ip",
-            "127.0.0.0/8",
+            "127.0.0.0/8,192.0.2.1",
             "--json",
         ],
     );
-    assert_eq!(json["allowed_ips"], serde_json::json!(["127.0.0.0/8"]));
+    assert_eq!(
+        json["allowed_ips"],
+        serde_json::json!(["127.0.0.0/8", "192.0.2.1/32"])
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let res = whoami(&http, &server, ("x-api-key", office_key.clone())).await;

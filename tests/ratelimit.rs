@@ -224,6 +224,49 @@ async fn a_key_at_its_own_limit_spends_nothing_of_its_owners() {
     assert_eq!(by_key(&app, sibling.expose()).await.code(), "rate_limited");
 }
 
+#[tokio::test]
+async fn a_request_its_owner_refuses_gives_its_key_the_budget_back() {
+    let clock = keywarden::clock::ManualClock::new(time::OffsetDateTime::now_utc());
+    let layer = ApiKeyLayer::builder()
+        .store(Arc::new(keywarden::MemoryStore::new()) as Arc<dyn keywarden::KeyStore>)
+        .secrets(ring())
+        .clock(Arc::new(clock.clone()))
+        .collection(Collection::new("users").owner_rate_limit(policy("1/min")))
+        .usage_flush_interval(None)
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let mut keys = Vec::new();
+    for (name, limit) in [("own", Some("2/h")), ("sibling", None)] {
+        let mut new = NewKey::new(name, "quinn").collection("users");
+        if let Some(limit) = limit {
+            new = new.rate_limit(policy(limit));
+        }
+        keys.push(manager.create(new).await.unwrap().key.expose().to_owned());
+    }
+    let app = app().layer(layer);
+    assert_eq!(
+        by_key(&app, &keys[1]).await.status,
+        200,
+        "the sibling empties the owner"
+    );
+    for _ in 0..5 {
+        let reply = by_key(&app, &keys[0]).await;
+        assert_eq!(
+            reply.json()["detail"],
+            "too many requests for this key's owner"
+        );
+    }
+    // Five refusals later the key still has both of its requests.
+    for _ in 0..2 {
+        clock.advance(time::Duration::minutes(1));
+        assert_eq!(by_key(&app, &keys[0]).await.status, 200);
+    }
+    clock.advance(time::Duration::minutes(1));
+    let reply = by_key(&app, &keys[0]).await;
+    assert_eq!(reply.json()["detail"], "too many requests for this key");
+}
+
 /// Found in review (issue 22): the local limiter followed the wall clock, so stepping the
 /// system clock back an hour made the next request of a `100/s` key wait an hour.
 #[tokio::test]
@@ -407,6 +450,72 @@ mod redis_limits {
             allowed(&app_b, &keys[1], 10),
         );
         assert_eq!(r1 + r2 + r3 + r4, 5, "{r1} + {r2} + {r3} + {r4}");
+    }
+
+    /// The same with Redis: a request the owner refuses gives the key its budget back.
+    #[tokio::test]
+    async fn redis_gives_a_key_back_what_its_owner_refused() {
+        let Some(url) = service_url("KEYWARDEN_TEST_REDIS_URL") else {
+            return;
+        };
+        let backend = RedisBackend::connect(&url, &unique("kwtest"))
+            .await
+            .unwrap();
+        let layer = owner_limited(
+            Arc::new(MemoryStore::new()),
+            "2/s,burst=1",
+            RateLimiter::redis(&backend).fail_closed(),
+        );
+        let manager = KeyManager::for_layer(&layer);
+        let own = manager
+            .create(
+                NewKey::new("own", "quinn")
+                    .collection("users")
+                    .rate_limit(policy("2/h")),
+            )
+            .await
+            .unwrap()
+            .key;
+        let sibling = manager
+            .create(NewKey::new("sibling", "quinn").collection("users"))
+            .await
+            .unwrap()
+            .key;
+        let app = app().layer(layer);
+        assert_eq!(by_key(&app, sibling.expose()).await.status, 200);
+        let mut refused = 0;
+        for _ in 0..5 {
+            let reply = by_key(&app, own.expose()).await;
+            if reply.status == 429 {
+                assert_eq!(
+                    reply.json()["detail"],
+                    "too many requests for this key's owner"
+                );
+                refused += 1;
+            }
+        }
+        assert!(
+            refused > 0,
+            "the owner's budget refused nothing: the test proves nothing"
+        );
+        // Whatever the owner refused, the key kept its two requests: at most two more pass,
+        // one per owner refill, and then the key's own limit speaks.
+        let mut served = 5 - refused;
+        let mut own_limit = false;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(550)).await;
+            let reply = by_key(&app, own.expose()).await;
+            match reply.status.as_u16() {
+                200 => served += 1,
+                429 if reply.json()["detail"] == "too many requests for this key" => {
+                    own_limit = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(served, 2, "the key's own 2/h, never less");
+        assert!(own_limit);
     }
 
     /// A layer that fails closed on a Redis error (so a script error cannot hide behind

@@ -145,8 +145,9 @@ impl Collection {
     /// [`RateLimiter::redis`](crate::ratelimit::RateLimiter::redis) it holds across instances.
     ///
     /// A request spends the key's budget first, then the owner's: one refused by its key's
-    /// own limit spends nothing of the owner's; one refused by the owner's limit has spent one
-    /// of its key's. (A key with no limit of its own, or a looser one, can still use up the
+    /// own limit spends nothing of the owner's, and one refused by the owner's limit gets its
+    /// key's back (so a client retrying while its owner is over budget does not drain its own
+    /// key). (A key with no limit of its own, or a looser one, can still use up the
     /// whole owner budget.) The `RateLimit-*` headers report whichever budget has less left.
     /// An owner is a subject within this collection, whatever its owner kind.
     ///

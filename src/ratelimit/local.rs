@@ -129,6 +129,20 @@ impl<K: Hash + Eq + Clone> LocalLimiter<K> {
     }
 }
 
+impl<K: Hash + Eq + Clone> LocalLimiter<K> {
+    /// Gives back one request taken by [`check`](Self::check): the TAT moves back one
+    /// emission interval (a budget that refilled meanwhile stays full; no state, nothing to
+    /// give back).
+    pub(crate) fn refund(&self, key: K, policy: &RateLimitPolicy) {
+        let step = u64::try_from(emission_interval(policy).as_nanos()).unwrap_or(u64::MAX);
+        if let Some(tat) = self.budgets.get(&key) {
+            let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                Some(current.saturating_sub(step))
+            });
+        }
+    }
+}
+
 /// The time one request's worth of budget takes to come back.
 pub(crate) fn emission_interval(policy: &RateLimitPolicy) -> Duration {
     (policy.period() / policy.limit()).max(Duration::from_nanos(1))

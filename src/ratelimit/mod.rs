@@ -364,6 +364,24 @@ impl Limiters {
         }
         Ok(self.local.check(key, policy))
     }
+
+    /// Gives back one request [`check_local`](Self::check_local) took from `key`'s budget.
+    pub(crate) fn refund_local(&self, key: Uuid, policy: &RateLimitPolicy) {
+        self.local.refund(key, policy);
+    }
+
+    /// Gives back one request [`check`](Self::check) took from `key`'s budget, where it took
+    /// it. Best effort: a Redis that fails now leaves the request spent (logged).
+    pub(crate) async fn refund(&self, key: Uuid, policy: &RateLimitPolicy) {
+        #[cfg(feature = "redis")]
+        if let Some((redis, _)) = &self.redis {
+            if let Err(error) = redis.refund(key, policy).await {
+                tracing::warn!(target: "keywarden", error = %error, "Redis rate limiter failed; a refused request stays counted");
+            }
+            return;
+        }
+        self.local.refund(key, policy);
+    }
 }
 
 #[cfg(test)]

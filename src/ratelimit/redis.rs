@@ -53,9 +53,24 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_ta
 return {1, math.floor((now + tolerance - new_tat) / emission), 0}
 ";
 
+/// Gives back one request the GCRA script took: the stored TAT moves back one emission
+/// interval, keeping its TTL. KEYS[1] = the key's budget; ARGV[1] = emission interval (µs).
+/// Nothing stored (or not a number): nothing to give back.
+const REFUND: &str = r"
+local stored = redis.pcall('GET', KEYS[1])
+if type(stored) ~= 'string' then return 0 end
+local tat = tonumber(stored)
+if tat == nil or tat ~= tat then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return 0 end
+redis.call('SET', KEYS[1], string.format('%d', tat - tonumber(ARGV[1])), 'PX', ttl)
+return 1
+";
+
 pub(crate) struct RedisLimiter {
     backend: RedisBackend,
     script: redis::Script,
+    refund: redis::Script,
 }
 
 impl RedisLimiter {
@@ -63,6 +78,7 @@ impl RedisLimiter {
         Self {
             backend,
             script: redis::Script::new(GCRA),
+            refund: redis::Script::new(REFUND),
         }
     }
 
@@ -91,6 +107,27 @@ impl RedisLimiter {
             let wait = Duration::from_micros(u64::try_from(retry_us.max(0)).unwrap_or(0));
             Decision::denied(status, wait)
         })
+    }
+}
+
+impl RedisLimiter {
+    /// Gives back one request [`check`](Self::check) took from `key`'s budget.
+    pub(crate) async fn refund(
+        &self,
+        key: Uuid,
+        policy: &RateLimitPolicy,
+    ) -> Result<(), RedisBackendError> {
+        let emission_us = u64::try_from(emission_interval(policy).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut connection = self.backend.connection();
+        let mut invocation = self.refund.key(self.backend.rate_key(key));
+        invocation.arg(emission_us);
+        let _: i64 = self
+            .backend
+            .run(invocation.invoke_async(&mut connection))
+            .await?;
+        Ok(())
     }
 }
 

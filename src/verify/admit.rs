@@ -159,8 +159,10 @@ impl Admission {
         ))
     }
 
-    /// Takes one request from the key's budget, then from its owner's. `Ok(None)`: no policy
-    /// applies. `unavailable` answers a remote limiter that cannot be reached.
+    /// Takes one request from the key's budget, then from its owner's; a request the owner's
+    /// budget refuses gets its key's back, so a client retrying while its owner is over budget
+    /// does not drain its own key. `Ok(None)`: no policy applies. `unavailable` answers a
+    /// remote limiter that cannot be reached.
     pub(crate) async fn rate_limit(
         &self,
         resolved: &ResolvedKey,
@@ -169,10 +171,12 @@ impl Admission {
         if !self.limiters.is_remote() {
             return self.rate_limit_local(resolved);
         }
-        let key = match self.policy(resolved) {
+        let key_id = resolved.principal.key_id();
+        let key_policy = self.policy(resolved);
+        let key = match &key_policy {
             Some(policy) => Some(
                 self.limiters
-                    .check(resolved.principal.key_id(), &policy)
+                    .check(key_id, policy)
                     .await
                     .map_err(|_| unavailable())?,
             ),
@@ -182,12 +186,15 @@ impl Admission {
             return self.limit_decision(key, None);
         }
         let owner = match self.owner_budget(resolved) {
-            Some((bucket, policy)) => Some(
-                self.limiters
-                    .check(bucket, &policy)
-                    .await
-                    .map_err(|_| unavailable())?,
-            ),
+            Some((bucket, policy)) => {
+                let decision = self.limiters.check(bucket, &policy).await;
+                if !decision.as_ref().is_ok_and(|d| d.allowed) {
+                    if let Some(policy) = &key_policy {
+                        self.limiters.refund(key_id, policy).await;
+                    }
+                }
+                Some(decision.map_err(|_| unavailable())?)
+            }
             None => None,
         };
         self.limit_decision(key, owner)
@@ -198,16 +205,23 @@ impl Admission {
         &self,
         resolved: &ResolvedKey,
     ) -> Result<Option<RateLimitStatus>, AuthRejection> {
-        let key = self.policy(resolved).map(|policy| {
-            self.limiters
-                .check_local(resolved.principal.key_id(), &policy)
-        });
+        let key_id = resolved.principal.key_id();
+        let key_policy = self.policy(resolved);
+        let key = key_policy
+            .as_ref()
+            .map(|policy| self.limiters.check_local(key_id, policy));
         if key.as_ref().is_some_and(|decision| !decision.allowed) {
             return self.limit_decision(key, None);
         }
-        let owner = self
-            .owner_budget(resolved)
-            .map(|(bucket, policy)| self.limiters.check_local(bucket, &policy));
+        let owner = self.owner_budget(resolved).map(|(bucket, policy)| {
+            let decision = self.limiters.check_local(bucket, &policy);
+            if !decision.allowed {
+                if let Some(policy) = &key_policy {
+                    self.limiters.refund_local(key_id, policy);
+                }
+            }
+            decision
+        });
         self.limit_decision(key, owner)
     }
 

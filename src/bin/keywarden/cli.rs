@@ -210,11 +210,12 @@ pub(crate) struct UpdateArgs {
     /// Remove the per-key rate limit (the server default applies).
     #[arg(long)]
     no_rate_limit: bool,
-    /// Replace the key's IP allowlist with these networks (CIDR or one address); repeat
-    /// for more.
+    /// Replace the key's IP allowlist with these networks (CIDR or one address); repeat or
+    /// separate with commas for more.
     #[arg(
         long = "allow-ip",
         value_name = "CIDR",
+        value_delimiter = ',',
         conflicts_with = "allow_any_ip"
     )]
     allowed_ips: Vec<IpNetwork>,

@@ -423,7 +423,8 @@ fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilde
         .find(|slug| !settings.collections.contains(slug))
     {
         return Err(Failure(format!(
-            "config auth.owner_rate_limits names {slug:?}, which is not one of the collections"
+            "config auth.owner_rate_limits names {slug:?}, which is not one of the collections ({})",
+            settings.collections.join(", ")
         )));
     }
     let mut builder = layer_builder_with(settings.collections.iter().map(|slug| {
