@@ -759,6 +759,25 @@ async fn a_self_key_only_narrows_allowlists_within_its_own() {
     assert_eq!(reply.status, 201, "{}", reply.text());
 }
 
+/// `POST /v1/keys/verify` of `key` by the caller key `caller`, on a connection from `peer`,
+/// naming the client in `X-Real-IP` when given.
+fn verify_request(caller: &str, key: &str, peer: &str, real_ip: Option<&str>) -> Request<Body> {
+    let mut builder = Request::builder()
+        .method("POST")
+        .uri("/v1/keys/verify")
+        .header("x-api-key", caller)
+        .header("content-type", "application/json");
+    if let Some(ip) = real_ip {
+        builder = builder.header("x-real-ip", ip);
+    }
+    let mut req = builder
+        .body(Body::from(json!({ "key": key }).to_string()))
+        .unwrap();
+    req.extensions_mut()
+        .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+    req
+}
+
 #[tokio::test]
 async fn the_verify_api_checks_the_forwarded_client() {
     let fx = Fixture::new();
@@ -776,21 +795,9 @@ async fn the_verify_api_checks_the_forwarded_client() {
         ))
         .router();
     let without: Router = AuthServer::new(fx.layer.clone()).router();
+    // From the calling gateway's own connection, inside the key's network: never the client.
     let verify = |app: &Router, real_ip: Option<&str>| {
-        let mut builder = Request::builder()
-            .method("POST")
-            .uri("/v1/keys/verify")
-            .header("x-api-key", caller.expose())
-            .header("content-type", "application/json");
-        if let Some(ip) = real_ip {
-            builder = builder.header("x-real-ip", ip);
-        }
-        let mut req = builder
-            .body(Body::from(json!({"key": key.expose()}).to_string()))
-            .unwrap();
-        // The calling gateway's own connection, inside the key's network: never the client.
-        req.extensions_mut()
-            .insert(ConnectInfo("198.51.100.1:1".parse::<SocketAddr>().unwrap()));
+        let req = verify_request(caller.expose(), key.expose(), "198.51.100.1:1", real_ip);
         let app = app.clone();
         async move { send(&app, req).await.json() }
     };
@@ -821,16 +828,7 @@ async fn the_verify_api_checks_the_forwarded_client() {
     let verdict = verify(&proxied, Some("198.51.100.20")).await;
     assert_eq!(verdict["code"], "ip_not_allowed", "{verdict}");
     let through_gateway = |real_ip: &str| {
-        let mut req = Request::builder()
-            .method("POST")
-            .uri("/v1/keys/verify")
-            .header("x-api-key", caller.expose())
-            .header("content-type", "application/json")
-            .header("x-real-ip", real_ip)
-            .body(Body::from(json!({"key": key.expose()}).to_string()))
-            .unwrap();
-        req.extensions_mut()
-            .insert(ConnectInfo("10.0.3.7:1".parse::<SocketAddr>().unwrap()));
+        let req = verify_request(caller.expose(), key.expose(), "10.0.3.7:1", Some(real_ip));
         let app = proxied.clone();
         async move { send(&app, req).await.json() }
     };
@@ -872,16 +870,12 @@ async fn the_verify_api_checks_the_forwarded_client() {
         )
         .await
         .key;
-    let mut req = Request::builder()
-        .method("POST")
-        .uri("/v1/keys/verify")
-        .header("x-api-key", gateway_key.expose())
-        .header("content-type", "application/json")
-        .header("x-real-ip", "198.51.100.20")
-        .body(Body::from(json!({"key": key.expose()}).to_string()))
-        .unwrap();
-    req.extensions_mut()
-        .insert(ConnectInfo("10.0.3.7:1".parse::<SocketAddr>().unwrap()));
+    let req = verify_request(
+        gateway_key.expose(),
+        key.expose(),
+        "10.0.3.7:1",
+        Some("198.51.100.20"),
+    );
     let reply = send(&proxied, req).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["valid"], true);

@@ -111,6 +111,21 @@ async fn by_key(app: &axum::Router, key: &str) -> Reply {
     get_with(app, "/whoami", &[("x-api-key", key.as_bytes())]).await
 }
 
+/// Two keys of `subject` in `users`: one with its own limit `own`, and a sibling without.
+async fn own_and_sibling(layer: &ApiKeyLayer, subject: &str, own: &str) -> (String, String) {
+    let manager = KeyManager::for_layer(layer);
+    let mut keys = Vec::new();
+    for (name, limit) in [("own", Some(own)), ("sibling", None)] {
+        let mut new = NewKey::new(name, subject).collection("users");
+        if let Some(limit) = limit {
+            new = new.rate_limit(policy(limit));
+        }
+        keys.push(manager.create(new).await.unwrap().key.expose().to_owned());
+    }
+    let sibling = keys.pop().unwrap();
+    (keys.pop().unwrap(), sibling)
+}
+
 /// A layer over `store` whose `users` keys share one budget per owner; `teams` has none.
 fn owner_limited(
     store: Arc<keywarden::MemoryStore>,
@@ -190,38 +205,24 @@ async fn a_key_at_its_own_limit_spends_nothing_of_its_owners() {
         "4/h",
         keywarden::ratelimit::RateLimiter::local(),
     );
-    let manager = KeyManager::for_layer(&layer);
-    let tight = manager
-        .create(
-            NewKey::new("tight", "alice")
-                .collection("users")
-                .rate_limit(policy("1/h")),
-        )
-        .await
-        .unwrap()
-        .key;
-    let sibling = manager
-        .create(NewKey::new("sibling", "alice").collection("users"))
-        .await
-        .unwrap()
-        .key;
+    let (tight, sibling) = own_and_sibling(&layer, "alice", "1/h").await;
     let app = app().layer(layer);
     // The key's own budget has less left: its headers are the key's.
-    let reply = by_key(&app, tight.expose()).await;
+    let reply = by_key(&app, &tight).await;
     assert_eq!(reply.status, 200);
     assert_eq!(header(&reply, "ratelimit-limit"), "1");
     assert_eq!(header(&reply, "ratelimit-remaining"), "0");
     for _ in 0..5 {
-        let reply = by_key(&app, tight.expose()).await;
+        let reply = by_key(&app, &tight).await;
         assert_eq!(reply.json()["detail"], "too many requests for this key");
     }
     // Refused by its own limit, the tight key spent nothing of the owner's: 3 are left.
     for remaining in ["2", "1", "0"] {
-        let reply = by_key(&app, sibling.expose()).await;
+        let reply = by_key(&app, &sibling).await;
         assert_eq!(reply.status, 200);
         assert_eq!(header(&reply, "ratelimit-remaining"), remaining);
     }
-    assert_eq!(by_key(&app, sibling.expose()).await.code(), "rate_limited");
+    assert_eq!(by_key(&app, &sibling).await.code(), "rate_limited");
 }
 
 #[tokio::test]
@@ -235,23 +236,15 @@ async fn a_request_its_owner_refuses_gives_its_key_the_budget_back() {
         .usage_flush_interval(None)
         .build()
         .unwrap();
-    let manager = KeyManager::for_layer(&layer);
-    let mut keys = Vec::new();
-    for (name, limit) in [("own", Some("2/h")), ("sibling", None)] {
-        let mut new = NewKey::new(name, "quinn").collection("users");
-        if let Some(limit) = limit {
-            new = new.rate_limit(policy(limit));
-        }
-        keys.push(manager.create(new).await.unwrap().key.expose().to_owned());
-    }
+    let keys = own_and_sibling(&layer, "quinn", "2/h").await;
     let app = app().layer(layer);
     assert_eq!(
-        by_key(&app, &keys[1]).await.status,
+        by_key(&app, &keys.1).await.status,
         200,
         "the sibling empties the owner"
     );
     for _ in 0..5 {
-        let reply = by_key(&app, &keys[0]).await;
+        let reply = by_key(&app, &keys.0).await;
         assert_eq!(
             reply.json()["detail"],
             "too many requests for this key's owner"
@@ -260,10 +253,10 @@ async fn a_request_its_owner_refuses_gives_its_key_the_budget_back() {
     // Five refusals later the key still has both of its requests.
     for _ in 0..2 {
         clock.advance(time::Duration::minutes(1));
-        assert_eq!(by_key(&app, &keys[0]).await.status, 200);
+        assert_eq!(by_key(&app, &keys.0).await.status, 200);
     }
     clock.advance(time::Duration::minutes(1));
-    let reply = by_key(&app, &keys[0]).await;
+    let reply = by_key(&app, &keys.0).await;
     assert_eq!(reply.json()["detail"], "too many requests for this key");
 }
 
@@ -466,26 +459,12 @@ mod redis_limits {
             "2/s,burst=1",
             RateLimiter::redis(&backend).fail_closed(),
         );
-        let manager = KeyManager::for_layer(&layer);
-        let own = manager
-            .create(
-                NewKey::new("own", "quinn")
-                    .collection("users")
-                    .rate_limit(policy("2/h")),
-            )
-            .await
-            .unwrap()
-            .key;
-        let sibling = manager
-            .create(NewKey::new("sibling", "quinn").collection("users"))
-            .await
-            .unwrap()
-            .key;
+        let (own, sibling) = own_and_sibling(&layer, "quinn", "2/h").await;
         let app = app().layer(layer);
-        assert_eq!(by_key(&app, sibling.expose()).await.status, 200);
+        assert_eq!(by_key(&app, &sibling).await.status, 200);
         let mut refused = 0;
         for _ in 0..5 {
-            let reply = by_key(&app, own.expose()).await;
+            let reply = by_key(&app, &own).await;
             if reply.status == 429 {
                 assert_eq!(
                     reply.json()["detail"],
@@ -504,7 +483,7 @@ mod redis_limits {
         let mut own_limit = false;
         for _ in 0..20 {
             tokio::time::sleep(Duration::from_millis(550)).await;
-            let reply = by_key(&app, own.expose()).await;
+            let reply = by_key(&app, &own).await;
             match reply.status.as_u16() {
                 200 => served += 1,
                 429 if reply.json()["detail"] == "too many requests for this key" => {
