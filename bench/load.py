@@ -42,6 +42,10 @@ VARIANTS = [
     "keywarden-sqlite-nocache",
     "keywarden-postgres-nocache",
     "keywarden-malformed",
+    # Issue 19 target 3: one variant per feature (a key that uses it), to set against
+    # `keywarden-hit` (section 11).
+    "keywarden-hit-allowlist",
+    "keywarden-hit-owner",
 ]
 # Not in the default list: they read `X-Api-Key` only (`--header x-api-key`).
 HANDWRITTEN = ["handwritten", "handwritten-10k"]

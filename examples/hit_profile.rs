@@ -14,14 +14,23 @@
 //! `HIT_PROFILE_METRICS=on` (feature `metrics`) builds the layer with a Prometheus recorder
 //! (`metrics-exporter-prometheus`, not installed globally), to measure metrics on; otherwise
 //! no recorder is installed and the layer's handles are no-ops.
+//! `HIT_PROFILE_ALLOWLIST=on` gives every key an IP allowlist holding `127.0.0.0/8` and every
+//! request a `ClientIp(127.0.0.1)` extension (the allowlist is checked and passes);
+//! `HIT_PROFILE_CLIENT_IP=on` adds the extension alone (keys without allowlists), to separate
+//! the driver's extension insert from the check. `HIT_PROFILE_OWNER=on` gives the collection
+//! an owner budget too high ever to refuse (`Collection::owner_rate_limit`, 1,000,000,000/s;
+//! each key has its own owner, so 10,000 budgets).
 
 use std::convert::Infallible;
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Empty;
+use keywarden::net::IpNetwork;
+use keywarden::ratelimit::{ClientIp, RateLimitPolicy};
 use keywarden::{ApiKeyLayer, Collection, KeyManager, MemoryStore, NewKey, SecretRing};
 use tower::{Layer, Service, ServiceExt};
 
@@ -40,10 +49,17 @@ fn noop() -> impl Service<
     })
 }
 
-fn request(value: &HeaderValue) -> Request<()> {
+fn request(value: &HeaderValue, client: Option<IpAddr>) -> Request<()> {
     let mut req = Request::new(());
     req.headers_mut().insert("x-api-key", value.clone());
+    if let Some(ip) = client {
+        req.extensions_mut().insert(ClientIp(ip));
+    }
     req
+}
+
+fn on(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "on")
 }
 
 /// The measured loop: `n` hits on keys chosen by an LCG walk. A plain function (not an
@@ -53,6 +69,7 @@ fn hits<S, B>(
     runtime: &tokio::runtime::Runtime,
     service: &S,
     keys: &[HeaderValue],
+    client: Option<IpAddr>,
     n: usize,
 ) -> usize
 where
@@ -65,7 +82,7 @@ where
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let req = request(&keys[(state >> 17) % keys.len()]);
+            let req = request(&keys[(state >> 17) % keys.len()], client);
             let response = service.clone().oneshot(req).await.unwrap();
             ok += usize::from(response.status() == 200);
         }
@@ -79,6 +96,16 @@ fn main() {
         .map(|s| s.parse().expect("a count"))
         .unwrap_or(20_000);
     let usage = std::env::var("HIT_PROFILE_USAGE").map_or(true, |v| v != "off");
+    let allowlist = on("HIT_PROFILE_ALLOWLIST");
+    let owner = on("HIT_PROFILE_OWNER");
+    let client =
+        (allowlist || on("HIT_PROFILE_CLIENT_IP")).then_some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let collection = if owner {
+        Collection::new("users")
+            .owner_rate_limit("1000000000/s".parse::<RateLimitPolicy>().unwrap())
+    } else {
+        Collection::new("users")
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -89,7 +116,7 @@ fn main() {
             .secrets(
                 SecretRing::from_strs("profile-secret-0123456789-abcdefghijklmn", None).unwrap(),
             )
-            .collection(Collection::new("users"))
+            .collection(collection.clone())
             .usage_flush_interval(usage.then_some(std::time::Duration::from_secs(3600)))
             .build()
             .unwrap()
@@ -115,10 +142,11 @@ fn main() {
     let keys: Vec<HeaderValue> = runtime.block_on(async {
         let mut keys = Vec::with_capacity(KEYS);
         for i in 0..KEYS {
-            let created = manager
-                .create(NewKey::new(format!("k{i}"), format!("u{i}")))
-                .await
-                .unwrap();
+            let mut new = NewKey::new(format!("k{i}"), format!("u{i}"));
+            if allowlist {
+                new = new.allow_ip("127.0.0.0/8".parse::<IpNetwork>().unwrap());
+            }
+            let created = manager.create(new).await.unwrap();
             keys.push(HeaderValue::from_str(created.key.expose()).unwrap());
         }
         keys
@@ -127,7 +155,7 @@ fn main() {
     runtime.block_on(async {
         // Warm: every key cached, usage entries present.
         for key in &keys {
-            let response = service.clone().oneshot(request(key)).await.unwrap();
+            let response = service.clone().oneshot(request(key, client)).await.unwrap();
             assert_eq!(response.status(), 200);
         }
     });
@@ -143,16 +171,20 @@ fn main() {
                 HeaderValue::from_bytes(&bytes).unwrap()
             })
             .collect();
-        let ok = hits(&runtime, &service, &malformed, n);
+        let ok = hits(&runtime, &service, &malformed, client, n);
         assert_eq!(ok, 0, "every malformed key is rejected");
         println!("{n} malformed keys rejected");
         return;
     }
-    let ok = hits(&runtime, &service, &keys, n);
+    let ok = hits(&runtime, &service, &keys, client, n);
     assert_eq!(ok, n);
+    let word = |b: bool| if b { "on" } else { "off" };
     println!(
-        "{n} hits over {KEYS} cached keys (usage {}, metrics {})",
-        if usage { "on" } else { "off" },
-        if metered { "on" } else { "off" }
+        "{n} hits over {KEYS} cached keys (usage {}, metrics {}, allowlist {}, client ip {}, owner budget {})",
+        word(usage),
+        word(metered),
+        word(allowlist),
+        word(client.is_some()),
+        word(owner)
     );
 }

@@ -14,6 +14,14 @@
 //! - `keywarden-sqlite-nocache`: SQLite store, `cache_capacity(0)`: a store query per request.
 //! - `keywarden-postgres-nocache`: PostgreSQL store (schema `kw_loadbench`), no cache.
 //! - `keywarden-malformed`: memory store; the client sends a key with a bad checksum.
+//! - `keywarden-hit-allowlist`: `keywarden-hit` whose key carries an IP allowlist holding
+//!   `127.0.0.0/8` (so every request is checked against it and passes); served with connect
+//!   info (`into_make_service_with_connect_info::<SocketAddr>()`), which the allowlist needs.
+//! - `keywarden-hit-connectinfo`: `keywarden-hit` served with connect info, key without an
+//!   allowlist: separates axum's per-request `ConnectInfo` extension from the allowlist check.
+//! - `keywarden-hit-owner`: `keywarden-hit` whose collection has an owner budget
+//!   (`Collection::owner_rate_limit`) too high ever to refuse (1,000,000,000/s): every request
+//!   takes one from it and gets `RateLimit-*` headers.
 //! - `handwritten`, `handwritten-10k`: what a user would write instead of keywarden, the shape
 //!   axum's docs recommend: an `axum::middleware::from_fn_with_state` function that SHA-256s
 //!   the `X-Api-Key` value, looks the digest up in a `HashMap<Vec<u8>, Arc<Owner>>` and inserts
@@ -45,6 +53,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use keywarden::net::IpNetwork;
+use keywarden::ratelimit::RateLimitPolicy;
 use keywarden::{
     secret::Digest, secret::SecretId, store::KeyPage, store::KeyPatch, store::KeyQuery,
     store::KeyRecord, store::KeyUsage, ApiKeyLayer, Collection, KeyManager, KeyStore, MemoryStore,
@@ -262,14 +272,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let layer = middleware::from_fn_with_state(owners, handwritten_auth);
             (handler.layer(layer), keys)
         }
-        "keywarden-hit" | "keywarden-hit-10k" | "keywarden-malformed" => {
+        "keywarden-hit"
+        | "keywarden-hit-10k"
+        | "keywarden-malformed"
+        | "keywarden-hit-allowlist"
+        | "keywarden-hit-connectinfo"
+        | "keywarden-hit-owner" => {
             let count = if variant == "keywarden-hit-10k" {
                 ROTATED_KEYS
             } else {
                 1
             };
+            let features = Features {
+                allow_loopback: variant == "keywarden-hit-allowlist",
+                owner_limit: variant == "keywarden-hit-owner",
+            };
             let store = Arc::new(MemoryStore::new());
-            let (layer, mut keys) = keywarden(store, &lookups, count, None, args.cache_ttl).await?;
+            let (layer, mut keys) =
+                keywarden_with(store, &lookups, count, None, args.cache_ttl, features).await?;
             if variant == "keywarden-malformed" {
                 keys = keys.iter().map(|k| break_checksum(k)).collect();
             }
@@ -313,21 +333,45 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&args.keys_file, keys.join("\n") + "\n")?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("ready {}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        })
+    // Only the variants whose keys need a client address pay for axum's per-request
+    // `ConnectInfo` extension, so the others measure exactly as before.
+    if matches!(
+        variant,
+        "keywarden-hit-allowlist" | "keywarden-hit-connectinfo"
+    ) {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown())
         .await?;
+    } else {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown())
+            .await?;
+    }
     if variant == "keywarden-postgres-nocache" {
         drop_schema(&args.postgres_url, "kw_loadbench").await?;
     }
     Ok(())
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The per-key and per-collection features a variant turns on (none by default).
+#[derive(Debug, Clone, Copy, Default)]
+struct Features {
+    /// Every key's IP allowlist holds `127.0.0.0/8`.
+    allow_loopback: bool,
+    /// The collection has an owner budget that never refuses.
+    owner_limit: bool,
 }
 
 /// A layer over `store` (wrapped to count lookups) and `count` keys created through the
@@ -340,14 +384,30 @@ async fn keywarden(
     capacity: Option<u64>,
     ttl: Option<std::time::Duration>,
 ) -> Result<(ApiKeyLayer, Vec<String>), Box<dyn std::error::Error>> {
+    keywarden_with(store, lookups, count, capacity, ttl, Features::default()).await
+}
+
+/// [`keywarden`] with per-key and per-collection features.
+async fn keywarden_with(
+    store: Arc<dyn KeyStore>,
+    lookups: &Arc<AtomicUsize>,
+    count: usize,
+    capacity: Option<u64>,
+    ttl: Option<std::time::Duration>,
+    features: Features,
+) -> Result<(ApiKeyLayer, Vec<String>), Box<dyn std::error::Error>> {
     let store = Arc::new(Counting {
         inner: store,
         lookups: lookups.clone(),
     });
+    let mut collection = Collection::new("users");
+    if features.owner_limit {
+        collection = collection.owner_rate_limit("1000000000/s".parse::<RateLimitPolicy>()?);
+    }
     let mut builder = ApiKeyLayer::builder()
         .store(store)
         .secrets(SecretRing::from_strs(SECRET, None)?)
-        .collection(Collection::new("users"));
+        .collection(collection);
     if let Some(capacity) = capacity {
         builder = builder.cache_capacity(capacity);
     }
@@ -358,9 +418,11 @@ async fn keywarden(
     let manager = KeyManager::for_layer(&layer);
     let mut keys = Vec::with_capacity(count);
     for i in 0..count {
-        let created = manager
-            .create(NewKey::new(format!("load-{i}"), format!("user-{i}")))
-            .await?;
+        let mut new = NewKey::new(format!("load-{i}"), format!("user-{i}"));
+        if features.allow_loopback {
+            new = new.allow_ip("127.0.0.0/8".parse::<IpNetwork>()?);
+        }
+        let created = manager.create(new).await?;
         keys.push(created.key.expose().to_owned());
     }
     Ok((layer, keys))
