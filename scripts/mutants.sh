@@ -38,14 +38,16 @@ cd "$root"
 
 # name | file | integration suites run besides the unit tests
 table=(
+    "net|src/net.rs|ip_allowlist"
+    "clients|src/ratelimit/clients.rs|ip_allowlist ratelimit verify_api"
     "scope|src/scope.rs|require_scope"
     "principal|src/principal.rs|require_scope"
     "secret|src/secret.rs|"
     "credential|src/credential.rs|adversarial"
     "key|src/key.rs|"
-    "verify|src/verify/*.rs|layer one_layer ratelimit verify_api interop coalescing secret_rotation outage (pg)"
+    "verify|src/verify/*.rs|layer one_layer ratelimit verify_api ip_allowlist interop coalescing secret_rotation outage (pg)"
     "service|src/layer/service.rs|layer require_scope one_layer ratelimit"
-    "manage_policy|src/manage/policy/*.rs|management_api management_escalation"
+    "manage_policy|src/manage/policy/*.rs|management_api management_escalation ip_allowlist"
     "manage_http|src/manage/http/*.rs|management_api openapi audit usage_analytics webhooks"
     "sqlite|src/store/sqlite.rs|store_conformance audit reveal usage_analytics webhooks"
     "postgres|src/store/postgres.rs|store_conformance audit reveal usage_analytics webhooks (pg)"

@@ -142,7 +142,7 @@ impl Collection {
     /// One rate limit per owner: all the keys of one subject in this collection share this
     /// budget, on top of each key's own limit (or the layer's default). Without it, an owner
     /// with ten keys has ten budgets. The budget lives in the layer's limiter, so with
-    /// [`RateLimiter::redis`](crate::ratelimit::RateLimiter::redis) it holds across instances.
+    /// `RateLimiter::redis` (feature `redis`) it holds across instances.
     ///
     /// A request spends the key's budget first, then the owner's: one refused by its key's
     /// own limit spends nothing of the owner's, and one refused by the owner's limit gets its
