@@ -263,6 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn a_parse_error_says_why_without_the_text() {
+        for (text, why) in [
+            ("10.0.0.1/8", "bits are set past the prefix length"),
+            ("10.0.0.0/33", "the prefix is longer than the address"),
+            ("kw_live_secret", "not an IP address"),
+            ("10.0.0.0/x", "the prefix length is not a number"),
+        ] {
+            let error = text.parse::<IpNetwork>().unwrap_err();
+            assert_eq!(error.reason(), why, "{text}");
+            assert!(!error.reason().contains(text));
+        }
+    }
+
+    #[test]
     fn serializes_as_cidr_text() {
         let n = net("2001:db8::/32");
         assert_eq!(serde_json::to_string(&n).unwrap(), r#""2001:db8::/32""#);

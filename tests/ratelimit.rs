@@ -226,6 +226,51 @@ async fn a_key_at_its_own_limit_spends_nothing_of_its_owners() {
 }
 
 #[tokio::test]
+async fn the_owners_refusal_wins_even_over_a_key_spending_its_last_request() {
+    let layer = owner_limited(
+        Arc::new(keywarden::MemoryStore::new()),
+        "1/h",
+        keywarden::ratelimit::RateLimiter::local(),
+    );
+    let (last, sibling) = own_and_sibling(&layer, "alice", "1/h").await;
+    let app = app().layer(layer);
+    assert_eq!(by_key(&app, &sibling).await.status, 200);
+    // The key takes its only request (0 left) and the owner has none: refused, the owner's.
+    let reply = by_key(&app, &last).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(
+        reply.json()["detail"],
+        "too many requests for this key's owner"
+    );
+}
+
+#[tokio::test]
+async fn the_headers_report_the_budget_with_less_left() {
+    // The owner has less left than the key: the owner's figures.
+    let layer = owner_limited(
+        Arc::new(keywarden::MemoryStore::new()),
+        "3/h",
+        keywarden::ratelimit::RateLimiter::local(),
+    );
+    let (own, _) = own_and_sibling(&layer, "alice", "10/h").await;
+    let first = app().layer(layer);
+    let reply = by_key(&first, &own).await;
+    assert_eq!(header(&reply, "ratelimit-limit"), "3");
+    assert_eq!(header(&reply, "ratelimit-remaining"), "2");
+    // As much left on both: the key's (its reset: 30 min per request at 2/h, not 30 s).
+    let layer = owner_limited(
+        Arc::new(keywarden::MemoryStore::new()),
+        "2/min",
+        keywarden::ratelimit::RateLimiter::local(),
+    );
+    let (own, _) = own_and_sibling(&layer, "bob", "2/h").await;
+    let app = app().layer(layer);
+    let reply = by_key(&app, &own).await;
+    assert_eq!(header(&reply, "ratelimit-remaining"), "1");
+    assert_eq!(header(&reply, "ratelimit-reset"), "1800");
+}
+
+#[tokio::test]
 async fn a_request_its_owner_refuses_gives_its_key_the_budget_back() {
     let clock = keywarden::clock::ManualClock::new(time::OffsetDateTime::now_utc());
     let layer = ApiKeyLayer::builder()

@@ -203,6 +203,25 @@ pub(crate) fn check_free_text(
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_allowlist_holds_up_to_64_networks_after_removing_repeats() {
+        let networks = |n: u8| -> Vec<IpNetwork> {
+            (0..n)
+                .map(|i| IpNetwork::new(std::net::IpAddr::from([10, 0, i, 0]), 24).unwrap())
+                .collect()
+        };
+        let mut full = networks(64);
+        full.extend(networks(64));
+        check_allowed_ips(&mut full).unwrap();
+        assert_eq!(full.len(), 64, "repeats removed, 64 kept");
+        let error = check_allowed_ips(&mut networks(65)).unwrap_err();
+        assert_eq!(error.field(), Some("allowed_ips"));
+        assert!(
+            error.to_string().contains("holds 65 networks; at most 64"),
+            "{error}"
+        );
+    }
+
     /// One rule for every front end: the library refuses what the HTTP API refuses, with the
     /// same message.
     #[test]
