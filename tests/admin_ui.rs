@@ -436,6 +436,13 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
         "100/min,burst=20",
     )
     .await;
+    // The browser test's own requests come from loopback: the list lets them in.
+    fill(
+        client,
+        "#create-key input[name=allowed_ips]",
+        "127.0.0.0/8, ::1",
+    )
+    .await;
     fill(client, "#create-key input[name=subject]", "carol").await;
     select(client, "#create-key select[name=owner_kind]", "service").await;
     fill(
@@ -516,6 +523,7 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
         "carol",
         "service",
         "100/min,burst=20",
+        "127.0.0.0/8, ::1/128",
         "write:orders",
         "\"team\": \"billing\"",
     ] {
