@@ -1034,3 +1034,32 @@ async fn trusted_proxies_from_a_real_server() {
     // Only ::1 is trusted: the header from 127.0.0.1 is ignored, the connection is blamed.
     assert_eq!(statuses(&["::1"]).await, [401, 401, 429, 429]);
 }
+
+/// A policy built in code with any period is stored as text that reads back as the same
+/// policy, in every store (it used to print `7/0s` for 500 ms, a corrupt key once stored).
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+#[tokio::test]
+async fn a_policy_of_any_period_survives_every_store() {
+    use std::num::NonZeroU32;
+    let odd = RateLimitPolicy::new(NonZeroU32::new(7).unwrap(), Duration::from_millis(500))
+        .with_burst(NonZeroU32::new(3).unwrap());
+    for (name, store, pg) in every_store("policy_text").await {
+        let layer = ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(ring())
+            .collection(Collection::new("users"))
+            .usage_flush_interval(None)
+            .build()
+            .unwrap();
+        let manager = KeyManager::for_layer(&layer);
+        let created = manager
+            .create(NewKey::new("odd", "alice").rate_limit(odd))
+            .await
+            .unwrap();
+        let stored = manager.get(created.record.id).await.unwrap();
+        assert_eq!(stored.rate_limit, Some(odd), "{name}");
+        let reply = by_key(&app().layer(layer), created.key.expose()).await;
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+        drop_schema(pg).await;
+    }
+}

@@ -46,7 +46,7 @@ pub struct RateLimitPolicy {
 /// A rate-limit policy string that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid rate limit {0:?}: expected N/s, N/min, N/h or N/day, optionally followed by ,burst=M"
+    "invalid rate limit {0:?}: expected N/s, N/min, N/h or N/day (or a multiple such as N/30s), optionally followed by ,burst=M"
 )]
 pub struct RateLimitParseError(String);
 
@@ -96,16 +96,47 @@ impl RateLimitPolicy {
     }
 }
 
-const UNITS: [(&str, u64); 8] = [
-    ("s", 1),
-    ("sec", 1),
-    ("m", 60),
-    ("min", 60),
-    ("h", 3600),
-    ("hour", 3600),
-    ("d", 86_400),
-    ("day", 86_400),
+/// Unit names and their length in nanoseconds; a unit may carry a whole multiplier
+/// (`30s`, `5min`, `250ms`).
+const UNITS: [(&str, u64); 17] = [
+    ("ns", 1),
+    ("ms", 1_000_000),
+    ("s", NANOS_PER_SEC),
+    ("sec", NANOS_PER_SEC),
+    ("second", NANOS_PER_SEC),
+    ("seconds", NANOS_PER_SEC),
+    ("m", 60 * NANOS_PER_SEC),
+    ("min", 60 * NANOS_PER_SEC),
+    ("minute", 60 * NANOS_PER_SEC),
+    ("minutes", 60 * NANOS_PER_SEC),
+    ("h", 3_600 * NANOS_PER_SEC),
+    ("hour", 3_600 * NANOS_PER_SEC),
+    ("hours", 3_600 * NANOS_PER_SEC),
+    ("d", 86_400 * NANOS_PER_SEC),
+    ("day", 86_400 * NANOS_PER_SEC),
+    ("days", 86_400 * NANOS_PER_SEC),
+    ("mins", 60 * NANOS_PER_SEC),
 ];
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// A period such as `min`, `30s` or `250ms`: an optional whole multiplier (not zero), then a
+/// unit of [`UNITS`], case-insensitive.
+fn parse_period(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (count, unit) = text.split_at(digits);
+    let count: u64 = if count.is_empty() {
+        1
+    } else {
+        count.parse().ok().filter(|n| *n > 0)?
+    };
+    let unit = UNITS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(unit))?
+        .1;
+    count.checked_mul(unit).map(Duration::from_nanos)
+}
 
 impl FromStr for RateLimitPolicy {
     type Err = RateLimitParseError;
@@ -118,12 +149,8 @@ impl FromStr for RateLimitPolicy {
         };
         let (count, unit) = rate.split_once('/').ok_or_else(err)?;
         let limit: NonZeroU32 = count.trim().parse().map_err(|_| err())?;
-        let seconds = UNITS
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(unit.trim()))
-            .map(|(_, secs)| *secs)
-            .ok_or_else(err)?;
-        let mut policy = Self::new(limit, Duration::from_secs(seconds));
+        let period = parse_period(unit).ok_or_else(err)?;
+        let mut policy = Self::new(limit, period);
         if let Some(burst) = burst {
             let value = burst.strip_prefix("burst=").ok_or_else(err)?;
             policy.burst = value.trim().parse().map_err(|_| err())?;
@@ -133,14 +160,19 @@ impl FromStr for RateLimitPolicy {
 }
 
 impl fmt::Display for RateLimitPolicy {
+    /// `N/s`, `N/min`, `N/h`, `N/day`; any other period as whole seconds (`N/30s`), else whole
+    /// milliseconds (`N/250ms`), else nanoseconds: always text that parses back to the policy.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.period.as_secs();
-        let unit = match secs {
-            1 => "s".to_owned(),
-            60 => "min".to_owned(),
-            3600 => "h".to_owned(),
-            86_400 => "day".to_owned(),
-            _ => format!("{secs}s"),
+        let nanos = self.period.as_nanos();
+        let second = u128::from(NANOS_PER_SEC);
+        let unit = match nanos {
+            n if n == second => "s".to_owned(),
+            n if n == 60 * second => "min".to_owned(),
+            n if n == 3_600 * second => "h".to_owned(),
+            n if n == 86_400 * second => "day".to_owned(),
+            n if n % second == 0 => format!("{}s", n / second),
+            n if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
+            n => format!("{n}ns"),
         };
         write!(f, "{}/{unit}", self.limit)?;
         if self.burst != self.limit {
@@ -398,6 +430,16 @@ mod tests {
             ("1/day", "1/day"),
             ("100/min,burst=20", "100/min,burst=20"),
             ("100/min, burst=100", "100/min"),
+            ("3/minute", "3/min"),
+            ("3/minutes", "3/min"),
+            ("3/hours", "3/h"),
+            ("2/days", "2/day"),
+            ("5/30s", "5/30s"),
+            ("5/2min", "5/120s"),
+            ("5/7d", "5/604800s"),
+            ("10/250ms", "10/250ms"),
+            ("1/1s", "1/s"),
+            ("1/60s", "1/min"),
         ] {
             let policy: RateLimitPolicy = input.parse().unwrap();
             assert_eq!(policy.to_string(), canonical, "{input}");
@@ -416,8 +458,39 @@ mod tests {
             "100/min,b=2",
             "100/min,burst=0",
             "x/s",
+            "5/0s",
+            "5/s30",
+            "5/30",
+            "5/ 30 s",
+            "5/99999999999999999999s",
+            "5/week",
         ] {
             assert!(bad.parse::<RateLimitPolicy>().is_err(), "{bad}");
+        }
+    }
+
+    /// Found while documenting owner budgets: a policy built in code with a period that is not
+    /// a named unit printed as text that did not parse (`5/0s` for 500 ms), so a key stored
+    /// with it read back as corrupt.
+    #[test]
+    fn every_policy_prints_as_text_that_parses_back_to_it() {
+        let limit = NonZeroU32::new(7).unwrap();
+        for period in [
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Duration::from_secs(86_400 * 7),
+            Duration::from_millis(500),
+            Duration::from_millis(1_500),
+            Duration::from_nanos(1),
+            Duration::from_nanos(1_000_001),
+        ] {
+            for policy in [
+                RateLimitPolicy::new(limit, period),
+                RateLimitPolicy::new(limit, period).with_burst(NonZeroU32::new(3).unwrap()),
+            ] {
+                let text = policy.to_string();
+                assert_eq!(text.parse::<RateLimitPolicy>().unwrap(), policy, "{text}");
+            }
         }
     }
 
