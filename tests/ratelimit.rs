@@ -111,6 +111,15 @@ async fn by_key(app: &axum::Router, key: &str) -> Reply {
     get_with(app, "/whoami", &[("x-api-key", key.as_bytes())]).await
 }
 
+/// [`owner_limited`] over a memory store, with the in-process limiter.
+fn local_owner_limited(owner: &str) -> ApiKeyLayer {
+    owner_limited(
+        Arc::new(keywarden::MemoryStore::new()),
+        owner,
+        keywarden::ratelimit::RateLimiter::local(),
+    )
+}
+
 /// Two keys of `subject` in `users`: one with its own limit `own`, and a sibling without.
 async fn own_and_sibling(layer: &ApiKeyLayer, subject: &str, own: &str) -> (String, String) {
     let manager = KeyManager::for_layer(layer);
@@ -145,11 +154,7 @@ fn owner_limited(
 
 #[tokio::test]
 async fn an_owners_keys_share_one_budget() {
-    let layer = owner_limited(
-        Arc::new(keywarden::MemoryStore::new()),
-        "3/h",
-        keywarden::ratelimit::RateLimiter::local(),
-    );
+    let layer = local_owner_limited("3/h");
     let manager = KeyManager::for_layer(&layer);
     let create = |name: &'static str, subject: &'static str, collection: &'static str| {
         let manager = manager.clone();
@@ -200,11 +205,7 @@ async fn an_owners_keys_share_one_budget() {
 
 #[tokio::test]
 async fn a_key_at_its_own_limit_spends_nothing_of_its_owners() {
-    let layer = owner_limited(
-        Arc::new(keywarden::MemoryStore::new()),
-        "4/h",
-        keywarden::ratelimit::RateLimiter::local(),
-    );
+    let layer = local_owner_limited("4/h");
     let (tight, sibling) = own_and_sibling(&layer, "alice", "1/h").await;
     let app = app().layer(layer);
     // The key's own budget has less left: its headers are the key's.
@@ -227,11 +228,7 @@ async fn a_key_at_its_own_limit_spends_nothing_of_its_owners() {
 
 #[tokio::test]
 async fn the_owners_refusal_wins_even_over_a_key_spending_its_last_request() {
-    let layer = owner_limited(
-        Arc::new(keywarden::MemoryStore::new()),
-        "1/h",
-        keywarden::ratelimit::RateLimiter::local(),
-    );
+    let layer = local_owner_limited("1/h");
     let (last, sibling) = own_and_sibling(&layer, "alice", "1/h").await;
     let app = app().layer(layer);
     assert_eq!(by_key(&app, &sibling).await.status, 200);
@@ -247,22 +244,14 @@ async fn the_owners_refusal_wins_even_over_a_key_spending_its_last_request() {
 #[tokio::test]
 async fn the_headers_report_the_budget_with_less_left() {
     // The owner has less left than the key: the owner's figures.
-    let layer = owner_limited(
-        Arc::new(keywarden::MemoryStore::new()),
-        "3/h",
-        keywarden::ratelimit::RateLimiter::local(),
-    );
+    let layer = local_owner_limited("3/h");
     let (own, _) = own_and_sibling(&layer, "alice", "10/h").await;
     let first = app().layer(layer);
     let reply = by_key(&first, &own).await;
     assert_eq!(header(&reply, "ratelimit-limit"), "3");
     assert_eq!(header(&reply, "ratelimit-remaining"), "2");
     // As much left on both: the key's (its reset: 30 min per request at 2/h, not 30 s).
-    let layer = owner_limited(
-        Arc::new(keywarden::MemoryStore::new()),
-        "2/min",
-        keywarden::ratelimit::RateLimiter::local(),
-    );
+    let layer = local_owner_limited("2/min");
     let (own, _) = own_and_sibling(&layer, "bob", "2/h").await;
     let app = app().layer(layer);
     let reply = by_key(&app, &own).await;
