@@ -35,6 +35,7 @@ use moka::future::Cache;
 use moka::Expiry;
 use uuid::Uuid;
 
+use crate::credits::CreditAccount;
 use crate::principal::{Interner, Principal};
 use crate::rejection::AuthRejection;
 use crate::secret::Digest;
@@ -73,6 +74,9 @@ pub(crate) struct ResolvedKey {
     pub(crate) tracks_usage: bool,
     /// Uses not yet written to the store.
     pub(crate) usage: UsageCell,
+    /// The credits this instance holds for the key, if it has credits (boxed: most keys
+    /// have none, and every cached key would carry the space).
+    pub(crate) credits: Option<Box<CreditAccount>>,
 }
 
 impl ResolvedKey {
@@ -89,6 +93,7 @@ impl ResolvedKey {
             collection: None,
             tracks_usage: false,
             usage: UsageCell::default(),
+            credits: None,
         }
     }
 }

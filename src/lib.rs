@@ -34,6 +34,7 @@ macro_rules! define_inner_service_accessors {
 pub mod audit;
 mod body;
 mod cache;
+mod credits;
 pub mod clock;
 pub mod credential;
 pub mod key;
@@ -85,7 +86,9 @@ pub mod __fuzz {
 }
 
 // What the first README example names.
-pub use layer::{ApiKeyLayer, ApiKeyLayerBuilder, ApiKeyService, BuildError, Collection, Mode};
+pub use layer::{
+    ApiKeyLayer, ApiKeyLayerBuilder, ApiKeyService, BuildError, Collection, Cost, Mode,
+};
 #[cfg(feature = "manage-api")]
 #[cfg_attr(docsrs, doc(cfg(feature = "manage-api")))]
 pub use manage::management_router;

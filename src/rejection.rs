@@ -59,13 +59,15 @@ pub enum RejectionKind {
     IpNotAllowed,
     /// A rate limit was exceeded.
     RateLimited,
+    /// The key has no credits left (or fewer than the request costs).
+    UsageExceeded,
     /// The key store could not be reached and the key is not cached.
     StoreUnavailable,
 }
 
 impl RejectionKind {
     /// Every kind, in table order.
-    pub const ALL: [RejectionKind; 10] = [
+    pub const ALL: [RejectionKind; 11] = [
         RejectionKind::MissingCredentials,
         RejectionKind::MalformedKey,
         RejectionKind::InvalidKey,
@@ -75,6 +77,7 @@ impl RejectionKind {
         RejectionKind::InsufficientScope,
         RejectionKind::IpNotAllowed,
         RejectionKind::RateLimited,
+        RejectionKind::UsageExceeded,
         RejectionKind::StoreUnavailable,
     ];
 
@@ -90,6 +93,7 @@ impl RejectionKind {
             RejectionKind::InsufficientScope => "insufficient_scope",
             RejectionKind::IpNotAllowed => "ip_not_allowed",
             RejectionKind::RateLimited => "rate_limited",
+            RejectionKind::UsageExceeded => "usage_exceeded",
             RejectionKind::StoreUnavailable => "store_unavailable",
         }
     }
@@ -106,6 +110,7 @@ impl RejectionKind {
             RejectionKind::InsufficientScope => "Insufficient scope",
             RejectionKind::IpNotAllowed => "Address not allowed",
             RejectionKind::RateLimited => "Rate limit exceeded",
+            RejectionKind::UsageExceeded => "Usage limit exceeded",
             RejectionKind::StoreUnavailable => "Key store unavailable",
         }
     }
@@ -120,7 +125,9 @@ impl RejectionKind {
             | RejectionKind::RevokedKey => StatusCode::UNAUTHORIZED,
             RejectionKind::AmbiguousCredentials => StatusCode::BAD_REQUEST,
             RejectionKind::InsufficientScope | RejectionKind::IpNotAllowed => StatusCode::FORBIDDEN,
-            RejectionKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            RejectionKind::RateLimited | RejectionKind::UsageExceeded => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -135,7 +142,7 @@ impl RejectionKind {
             | RejectionKind::RevokedKey => 16,
             RejectionKind::AmbiguousCredentials => 3,
             RejectionKind::InsufficientScope | RejectionKind::IpNotAllowed => 7,
-            RejectionKind::RateLimited => 8,
+            RejectionKind::RateLimited | RejectionKind::UsageExceeded => 8,
             RejectionKind::StoreUnavailable => 14,
         }
     }
@@ -144,6 +151,36 @@ impl RejectionKind {
 impl fmt::Display for RejectionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())
+    }
+}
+
+/// The response header that reports a key's credits left after an accepted request.
+pub const CREDITS_REMAINING: &str = "credits-remaining";
+
+/// What an accepted request's response reports about its key's budgets: the rate limit and
+/// the credits left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Quota {
+    pub(crate) rate: Option<RateLimitStatus>,
+    /// Credits left, for a key with credits.
+    pub(crate) credits: Option<u64>,
+    /// Credits the request was charged.
+    pub(crate) charged: u64,
+}
+
+impl Quota {
+    /// Writes the `RateLimit-*` headers and `Credits-Remaining`. A `Credits-Remaining` already
+    /// present is kept: an inner [`Cost`](crate::Cost) layer that charged more wrote a newer
+    /// count.
+    pub(crate) fn write_headers(&self, headers: &mut HeaderMap) {
+        if let Some(rate) = &self.rate {
+            rate.write_headers(headers);
+        }
+        if let Some(credits) = self.credits {
+            headers
+                .entry(HeaderName::from_static(CREDITS_REMAINING))
+                .or_insert_with(|| HeaderValue::from(credits));
+        }
     }
 }
 
@@ -178,6 +215,18 @@ impl AuthRejection {
             retry_after: None,
             rate_limit: None,
             scope: None,
+        }
+    }
+
+    /// A `usage_exceeded` rejection: the key's credits are spent; `retry_after` when a
+    /// refill is scheduled.
+    pub fn usage_exceeded(retry_after: Option<Duration>) -> Self {
+        Self {
+            retry_after,
+            ..Self::new(
+                RejectionKind::UsageExceeded,
+                "the key has no credits left for this request",
+            )
         }
     }
 
@@ -395,6 +444,7 @@ fn problem_prefix(kind: RejectionKind) -> &'static str {
         }
         RejectionKind::IpNotAllowed => prefix!("403", "ip_not_allowed", "Address not allowed"),
         RejectionKind::RateLimited => prefix!("429", "rate_limited", "Rate limit exceeded"),
+        RejectionKind::UsageExceeded => prefix!("429", "usage_exceeded", "Usage limit exceeded"),
         RejectionKind::StoreUnavailable => {
             prefix!("503", "store_unavailable", "Key store unavailable")
         }

@@ -215,7 +215,7 @@ where
         if let Some(rejection) = verdict {
             return ResponseFuture::reject(&rejection, grpc);
         }
-        ResponseFuture::inner(self.inner.call(req), None)
+        ResponseFuture::inner(self.inner.call(req), crate::rejection::Quota::default())
     }
 }
 

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use keywarden::{
     manage::ManageErrorKind, secret::Digest, secret::SecretId, store::KeyPatch, store::KeyQuery,
     store::KeyRecord, store::KeyState, store::KeyUsage, store::SecretRetirement,
-    store::StoreErrorKind, store::UnmigratedKeys, KeyManager, KeyStore, MemoryStore, NewKey,
-    OwnerKind, SecretRing,
+    store::StoreErrorKind, store::UnmigratedKeys, store::{Credits, Refill}, KeyManager, KeyStore,
+    MemoryStore, NewKey, OwnerKind, SecretRing,
 };
 use serde_json::json;
 use time::macros::datetime;
@@ -200,6 +200,10 @@ conformance!(
     record_usage_accumulates,
     record_usage_in_bulk,
     a_keyless_event_without_an_action_is_refused,
+    credits_are_leased_and_returned,
+    credits_refill_sets_the_balance_each_period,
+    setting_credits_voids_earlier_leases,
+    concurrent_leases_never_hand_out_more_than_the_balance,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -251,6 +255,7 @@ fn plain(collection: &str, subject: &str) -> KeyRecord {
         rotated_from: None,
         encrypted_key: None,
         allowed_ips: Vec::new(),
+        credits: None,
     }
 }
 
@@ -291,6 +296,7 @@ fn full() -> KeyRecord {
             "2001:db8::/32".parse().unwrap(),
             "::1".parse().unwrap(),
         ],
+        credits: Some(Credits::new(9_876_543_210).with_refill("50000/month".parse().unwrap())),
     }
 }
 
@@ -456,11 +462,18 @@ async fn update_applies_patch_semantics(store: Store) {
             "198.51.100.0/24".parse().unwrap(),
             "fd00::/8".parse().unwrap(),
         ]),
+        credits: Some(Some(77)),
+        credit_refill: Some(Some("5/h".parse().unwrap())),
         expected_updated_at: None,
     };
     let mut expected = record.clone();
     everything.apply_to(&mut expected, t1);
     assert_eq!(expected.description, None, "fixture sanity");
+    assert_eq!(
+        expected.credits,
+        Some(Credits::new(77).with_refill("5/h".parse().unwrap())),
+        "fixture sanity"
+    );
     let updated = store.update(record.id, &everything, t1).await.unwrap();
     assert_eq!(updated.as_ref(), Some(&expected));
     assert_eq!(store.get(record.id).await.unwrap(), Some(expected.clone()));
@@ -474,6 +487,7 @@ async fn update_applies_patch_semantics(store: Store) {
         rate_limit: Some(Some("5/min,burst=2".parse().unwrap())),
         expires_at: Some(Some(t2 + Duration::days(7))),
         allowed_ips: Some(Vec::new()),
+        credits: Some(None),
         ..KeyPatch::default()
     };
     later.apply_to(&mut expected, t2);
@@ -1671,4 +1685,241 @@ async fn sqlite_usage_flush_timing() {
 #[ignore = "a timing, not a test"]
 async fn postgres_usage_flush_timing() {
     with_postgres(time_usage_flush).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credits
+// ---------------------------------------------------------------------------------------------
+
+/// An instant at the millisecond, as refill schedules keep it.
+fn millis(at: OffsetDateTime) -> i128 {
+    at.unix_timestamp_nanos() / 1_000_000
+}
+
+fn with_credits(credits: Credits) -> KeyRecord {
+    KeyRecord {
+        credits: Some(credits),
+        ..plain("users", "credits")
+    }
+}
+
+async fn credits_are_leased_and_returned(store: Store) {
+    let record = with_credits(Credits::new(500));
+    store.insert(&record).await.unwrap();
+    assert_eq!(store.get(record.id).await.unwrap(), Some(record.clone()));
+
+    // An eighth of the balance, at least what is needed, at most what is wanted.
+    let lease = store
+        .lease_credits(record.id, 1, 100, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((lease.granted, lease.remaining, lease.period), (62, 438, 0));
+    assert_eq!(lease.period_ends_at, None, "no refill");
+    let read = store.get(record.id).await.unwrap().unwrap();
+    assert_eq!(read.credits, Some(Credits::new(438)), "the balance without the lease");
+    // Leasing changes nothing a cache answers: the record's version stays.
+    assert_eq!(read.updated_at, record.updated_at);
+
+    // Unspent credits go back, once, and only to the lease's generation and period.
+    assert!(store
+        .return_credits(record.id, 10, lease.generation, 0)
+        .await
+        .unwrap());
+    assert!(!store
+        .return_credits(record.id, 10, lease.generation + 1, 0)
+        .await
+        .unwrap());
+    assert!(!store
+        .return_credits(record.id, 10, lease.generation, 1)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.get(record.id).await.unwrap().unwrap().credits,
+        Some(Credits::new(448))
+    );
+
+    // Fewer left than needed: nothing is taken.
+    let big = store
+        .lease_credits(record.id, 449, 1000, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((big.granted, big.remaining), (0, 448));
+    let all = store
+        .lease_credits(record.id, 448, 448, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((all.granted, all.remaining), (448, 0));
+
+    // No credits, or no key: no lease.
+    let unlimited = plain("users", "free");
+    store.insert(&unlimited).await.unwrap();
+    assert_eq!(
+        store.lease_credits(unlimited.id, 1, 10, BASE).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.lease_credits(Uuid::now_v7(), 1, 10, BASE).await.unwrap(),
+        None
+    );
+    assert!(!store.return_credits(Uuid::now_v7(), 1, 1, 0).await.unwrap());
+
+    // Deleting the key deletes its credits.
+    store.delete(record.id).await.unwrap();
+    assert_eq!(store.lease_credits(record.id, 1, 10, BASE).await.unwrap(), None);
+}
+
+async fn credits_refill_sets_the_balance_each_period(store: Store) {
+    let refill: Refill = "10/day".parse().unwrap();
+    let record = with_credits(Credits::new(3).with_refill(refill));
+    store.insert(&record).await.unwrap();
+    let day = Duration::days(1);
+
+    let first = store
+        .lease_credits(record.id, 1, 100, BASE + Duration::hours(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.granted, first.remaining, first.period), (1, 2, 0));
+    assert_eq!(first.period_ends_at.map(millis), Some(millis(BASE + day)));
+
+    // A new period sets the balance to the refill amount (unused credits do not carry over).
+    let second = store
+        .lease_credits(record.id, 1, 100, BASE + day + Duration::seconds(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((second.granted, second.remaining, second.period), (1, 9, 1));
+    assert_eq!(second.period_ends_at.map(millis), Some(millis(BASE + day * 2)));
+    // The first period's lease is void.
+    assert!(!store
+        .return_credits(record.id, 1, first.generation, first.period)
+        .await
+        .unwrap());
+    // A clock stepped back does not go back a period, nor refill twice.
+    let back = store
+        .lease_credits(record.id, 1, 1, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((back.granted, back.remaining, back.period), (1, 8, 1));
+    // Skipped periods refill once, to the amount.
+    let later = store
+        .lease_credits(record.id, 1, 1, BASE + day * 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((later.granted, later.remaining, later.period), (1, 9, 10));
+    assert_eq!(
+        store.get(record.id).await.unwrap().unwrap().credits,
+        Some(Credits::new(9).with_refill(refill))
+    );
+}
+
+async fn setting_credits_voids_earlier_leases(store: Store) {
+    let record = with_credits(Credits::new(100));
+    store.insert(&record).await.unwrap();
+    let lease = store
+        .lease_credits(record.id, 1, 10, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.granted, 10);
+
+    let t1 = BASE + Duration::minutes(1);
+    let set = KeyPatch {
+        credits: Some(Some(5)),
+        ..KeyPatch::default()
+    };
+    let updated = store.update(record.id, &set, t1).await.unwrap().unwrap();
+    assert_eq!(updated.credits, Some(Credits::new(5)));
+    assert!(
+        !store
+            .return_credits(record.id, 10, lease.generation, lease.period)
+            .await
+            .unwrap(),
+        "a lease of credits set before is void"
+    );
+    let next = store
+        .lease_credits(record.id, 1, 10, t1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(next.generation, lease.generation);
+    assert_eq!((next.granted, next.remaining), (1, 4));
+
+    // A refill alone keeps the balance, restarts the schedule from now, and voids leases.
+    let t2 = t1 + Duration::minutes(1);
+    let refill = KeyPatch {
+        credit_refill: Some(Some("50/h".parse().unwrap())),
+        ..KeyPatch::default()
+    };
+    let updated = store.update(record.id, &refill, t2).await.unwrap().unwrap();
+    assert_eq!(
+        updated.credits,
+        Some(Credits::new(4).with_refill("50/h".parse().unwrap()))
+    );
+    assert!(!store
+        .return_credits(record.id, 1, next.generation, next.period)
+        .await
+        .unwrap());
+    let hourly = store
+        .lease_credits(record.id, 1, 1, t2 + Duration::minutes(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((hourly.remaining, hourly.period), (3, 0));
+    assert_eq!(
+        hourly.period_ends_at.map(millis),
+        Some(millis(t2 + Duration::hours(1)))
+    );
+
+    // Unlimited: no credits, no leases; a refill on a key without credits starts it at the
+    // refill's amount.
+    let unlimited = KeyPatch {
+        credits: Some(None),
+        ..KeyPatch::default()
+    };
+    let updated = store.update(record.id, &unlimited, t2).await.unwrap().unwrap();
+    assert_eq!(updated.credits, None);
+    assert_eq!(store.lease_credits(record.id, 1, 1, t2).await.unwrap(), None);
+    let updated = store.update(record.id, &refill, t2).await.unwrap().unwrap();
+    assert_eq!(
+        updated.credits,
+        Some(Credits::new(50).with_refill("50/h".parse().unwrap()))
+    );
+    assert_eq!(store.get(record.id).await.unwrap(), Some(updated));
+}
+
+async fn concurrent_leases_never_hand_out_more_than_the_balance(store: Store) {
+    let record = with_credits(Credits::new(1_000));
+    store.insert(&record).await.unwrap();
+    let barrier = Arc::new(Barrier::new(16));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, barrier, id) = (store.clone(), barrier.clone(), record.id);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut taken = 0;
+                loop {
+                    let lease = store.lease_credits(id, 1, 7, BASE).await.unwrap().unwrap();
+                    if lease.granted == 0 {
+                        return taken;
+                    }
+                    taken += lease.granted;
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(total, 1_000, "every credit leased exactly once");
+    assert_eq!(
+        store.get(record.id).await.unwrap().unwrap().credits,
+        Some(Credits::new(0))
+    );
 }

@@ -508,6 +508,7 @@ impl PayloadTable {
             metadata: serde_json::Value::Object(metadata),
             rate_limit: None,
             allowed_ips: Vec::new(),
+            credits: None,
             created_at,
             updated_at: at("updated_at").unwrap_or(created_at),
             expires_at: None,

@@ -11,6 +11,7 @@ use http::HeaderName;
 use super::{ApiKeyLayer, Collection, Mode};
 use crate::cache::{CacheConfig, Identity, IdentityValue, KeyCache};
 use crate::clock::{Clock, SystemClock};
+use crate::credits::{CreditLedger, LeaseConfig};
 use crate::credential::CredentialExtractor;
 use crate::key::KeyFormat;
 use crate::principal::{Interner, Principal, MAX_INTERNED_PROFILES};
@@ -91,6 +92,7 @@ pub struct ApiKeyLayerBuilder {
     default_rate_limit: Option<RateLimitPolicy>,
     failed_attempts: Option<FailedAttemptLimit>,
     client_address: Option<ClientAddressSource>,
+    credit_leases: LeaseConfig,
 }
 
 impl Default for ApiKeyLayerBuilder {
@@ -114,6 +116,7 @@ impl Default for ApiKeyLayerBuilder {
             default_rate_limit: None,
             failed_attempts: None,
             client_address: None,
+            credit_leases: LeaseConfig::default(),
         }
     }
 }
@@ -220,6 +223,23 @@ impl ApiKeyLayerBuilder {
     /// through cross-instance invalidation while the store is down.
     pub fn stale_window(mut self, window: Duration) -> Self {
         self.cache.stale = window;
+        self
+    }
+
+    /// How keys with [credits](crate::store::Credits) lease them from the store: at most
+    /// `max_block` credits per lease (default 100; fewer when the balance is low: an eighth
+    /// of what is left, at least what the request costs), given back after `idle` without a
+    /// request (default 10 s) so other instances can spend them. A bigger block means fewer
+    /// store round trips (about 1,000 ÷ `max_block` per 1,000 requests) but more credits held
+    /// by an instance that goes quiet or crashes (a crashed instance's are lost: the key then
+    /// accepts fewer requests, never more). Leases are never taken per request on a cached
+    /// key; a layer with the cache off leases exactly each request's cost.
+    ///
+    /// # Panics
+    /// If `max_block` is 0.
+    pub fn credit_leases(mut self, max_block: u64, idle: Duration) -> Self {
+        assert!(max_block > 0, "a credit lease must hold at least one credit");
+        self.credit_leases = LeaseConfig { max_block, idle };
         self
     }
 
@@ -489,6 +509,13 @@ impl ApiKeyLayerBuilder {
         // Registers the metrics handles (feature `metrics`) with the recorder in effect now.
         let counters = Arc::new(Counters::new(collections.iter().map(|c| &*c.slug)));
         let cache = KeyCache::new(self.cache);
+        let credits = CreditLedger::new(
+            store.clone(),
+            self.clock.clone(),
+            self.credit_leases,
+            cache.enabled(),
+            self.store_timeout,
+        );
         let current_secret = ring.current_id();
         let verifier = Arc::new(Verifier {
             admission: Admission {
@@ -500,6 +527,7 @@ impl ApiKeyLayerBuilder {
                 warned_unknown_address: AtomicBool::new(false),
                 usage,
                 cached: cache.enabled(),
+                credits: credits.clone(),
                 counters: counters.clone(),
             },
             resolver: Resolver {
@@ -513,6 +541,7 @@ impl ApiKeyLayerBuilder {
                 current_secret,
                 counters: counters.clone(),
                 profiles: Interner::new(MAX_INTERNED_PROFILES),
+                credits,
             },
             credentials: CredentialCheck {
                 required,

@@ -10,7 +10,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use crate::body::AuthBody;
-use crate::rejection::{AuthRejection, RateLimitStatus};
+use crate::rejection::{AuthRejection, Quota};
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<AuthBody<B>>, E>> + Send>>;
 
@@ -34,7 +34,7 @@ pin_project! {
         Inner {
             #[pin]
             future: F,
-            rate: Option<RateLimitStatus>,
+            quota: Quota,
         },
         Ready {
             response: Option<Response<AuthBody<B>>>,
@@ -46,10 +46,10 @@ pin_project! {
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
-    /// The inner service's response, with the rate-limit headers of `rate` added.
-    pub(crate) fn inner(future: F, rate: Option<RateLimitStatus>) -> Self {
+    /// The inner service's response, with the rate-limit and credits headers of `quota`.
+    pub(crate) fn inner(future: F, quota: Quota) -> Self {
         Self {
-            state: State::Inner { future, rate },
+            state: State::Inner { future, quota },
         }
     }
 
@@ -81,11 +81,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Inner { future, rate } => {
+            StateProj::Inner { future, quota } => {
                 let mut response = ready!(future.poll(cx))?.map(AuthBody::inner);
-                if let Some(status) = rate.take() {
-                    status.write_headers(response.headers_mut());
-                }
+                std::mem::take(quota).write_headers(response.headers_mut());
                 Poll::Ready(Ok(response))
             }
             StateProj::Ready { response } => Poll::Ready(Ok(response

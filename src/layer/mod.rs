@@ -34,18 +34,20 @@ use crate::clock::Clock;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
 use crate::ratelimit::{ClientAddresses, RateLimitPolicy};
-use crate::rejection::{AuthRejection, RateLimitStatus};
+use crate::rejection::{AuthRejection, Quota, RateLimitStatus};
 use crate::secret::{Digest, SecretRing};
 use crate::store::{ForeignScheme, ForeignSource, KeyStore, StoreError};
 use crate::verify::{ForeignCollection, Verifier};
 
 mod builder;
+mod cost;
 mod future;
 mod service;
 
 pub use crate::body::AuthBody;
 pub use crate::stats::LayerStats;
 pub use builder::{ApiKeyLayerBuilder, BuildError, BuildErrorKind};
+pub use cost::{Cost, CostService};
 pub use future::ResponseFuture;
 pub use service::ApiKeyService;
 
@@ -263,8 +265,9 @@ impl ApiKeyLayer {
         client: Option<IpAddr>,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
         self.verifier
-            .check_key(key, method, ClientAddresses::same(client))
+            .check_key(key, method, ClientAddresses::same(client), 1, &[])
             .await
+            .map(|(principal, quota)| (principal, quota.rate))
     }
 
     /// [`check`](Self::check) for a credential in request headers, found as the layer finds
@@ -281,8 +284,9 @@ impl ApiKeyLayer {
         client: Option<IpAddr>,
     ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
         self.verifier
-            .check(headers, method, ClientAddresses::same(client))
+            .check(headers, method, ClientAddresses::same(client), 1, &[])
             .await
+            .map(|(principal, quota)| (principal, quota.rate))
     }
 
     /// [`check_headers`](Self::check_headers) with separate addresses for failed-attempt
@@ -293,8 +297,11 @@ impl ApiKeyLayer {
         headers: &http::HeaderMap,
         method: &http::Method,
         client: ClientAddresses,
-    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
-        self.verifier.check(headers, method, client).await
+        cost: u64,
+    ) -> Result<(Principal, Quota), AuthRejection> {
+        self.verifier
+            .check(headers, method, client, cost, &[])
+            .await
     }
 
     /// [`check`](Self::check) with separate addresses for failed-attempt limiting and for the
@@ -305,8 +312,12 @@ impl ApiKeyLayer {
         key: &str,
         method: &http::Method,
         client: ClientAddresses,
-    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
-        self.verifier.check_key(key, method, client).await
+        cost: u64,
+        scopes: &[String],
+    ) -> Result<(Principal, Quota), AuthRejection> {
+        self.verifier
+            .check_key(key, method, client, cost, scopes)
+            .await
     }
 
     /// Drops every cached digest of this key, on this instance, now.
@@ -329,6 +340,15 @@ impl ApiKeyLayer {
             Some(usage) => usage.flush().await.map(|_| ()),
             None => Ok(()),
         }
+    }
+
+    /// Gives every credit this layer holds leased back to the store now. Call it at shutdown
+    /// (with [`flush_usage`](Self::flush_usage)) so other instances can spend them; otherwise
+    /// a lease goes back after sitting idle, and a key's lease when the key leaves the cache.
+    /// Keys lease again on their next request. Failures are logged: those credits are lost
+    /// (the key then accepts fewer requests, never more).
+    pub async fn return_credits(&self) {
+        self.verifier.admission.credits.return_all().await;
     }
 
     /// Drops the whole cache.

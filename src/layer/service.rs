@@ -12,7 +12,7 @@ use super::future::{log_rejection, ResponseFuture};
 use super::Mode;
 use crate::body::AuthBody;
 use crate::principal::PassedWithoutKey;
-use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
+use crate::rejection::{is_grpc, AuthRejection, Quota, RejectionKind};
 use crate::stats::Verdict;
 use crate::verify::{auth_span, binding, Presented, Verifier};
 
@@ -109,7 +109,7 @@ where
                 verifier.tally(&span, None, Verdict::Anonymous, None);
                 drop(entered);
                 req.extensions_mut().insert(PassedWithoutKey);
-                return ResponseFuture::inner(self.inner.call(req), None);
+                return ResponseFuture::inner(self.inner.call(req), Quota::default());
             }
             Presented::Key(key) => key,
         };
@@ -120,17 +120,26 @@ where
         }
         // The hit path: the cache answers, the limiter is in memory; nothing to wait for.
         let allowlist_client = || admission.allowlist_client(req.headers(), req.extensions());
-        if let Some(decided) =
-            verifier.outcome_now(&key, req.method(), blocked.as_ref(), allowlist_client)
-        {
-            return match verifier.admit_or_reject(&mut req, &key, client, decided, &span) {
-                Ok(rate) => {
-                    drop(entered);
-                    ResponseFuture::inner(self.inner.call(req), rate)
-                }
-                Err(rejection) => ResponseFuture::reject(&rejection, is_grpc(req.headers())),
-            };
-        }
+        let now = verifier.outcome_now(
+            &key,
+            req.method(),
+            blocked.as_ref(),
+            allowlist_client,
+            || request_cost(req.extensions()),
+        );
+        let now = match now {
+            Some(decided) if decided.pending_cost.is_none() => {
+                return match verifier.admit_or_reject(&mut req, &key, client, decided, &span) {
+                    Ok(quota) => {
+                        drop(entered);
+                        ResponseFuture::inner(self.inner.call(req), quota)
+                    }
+                    Err(rejection) => ResponseFuture::reject(&rejection, is_grpc(req.headers())),
+                };
+            }
+            // Accepted from the cache, but its credits must be leased first.
+            pending => pending,
+        };
         drop(entered);
         // The request waits for the store: the service polled ready goes with it, and a
         // clone (maybe not ready) stays for the next request.
@@ -141,18 +150,24 @@ where
             // Borrowed piece by piece: the future must not hold `&Request` (its body need
             // not be `Sync`).
             let (headers, extensions) = (req.headers(), req.extensions());
-            let decided = verifier
-                .outcome(
-                    &key,
-                    headers,
-                    req.uri().query(),
-                    req.method(),
-                    optional,
-                    blocked.as_ref(),
-                    || verifier.admission.allowlist_client(headers, extensions),
-                )
-                .instrument(span.clone())
-                .await;
+            let decided = match now {
+                Some(pending) => verifier.settle(pending).instrument(span.clone()).await,
+                None => {
+                    verifier
+                        .outcome(
+                            &key,
+                            headers,
+                            req.uri().query(),
+                            req.method(),
+                            optional,
+                            blocked.as_ref(),
+                            || verifier.admission.allowlist_client(headers, extensions),
+                            || request_cost(extensions),
+                        )
+                        .instrument(span.clone())
+                        .await
+                }
+            };
             let admitted = span.in_scope(|| {
                 let admitted = verifier.admit_or_reject(&mut req, &key, client, decided, &span);
                 if let Err(rejection) = &admitted {
@@ -160,16 +175,21 @@ where
                 }
                 admitted
             });
-            let rate = match admitted {
-                Ok(rate) => rate,
+            let quota = match admitted {
+                Ok(quota) => quota,
                 Err(rejection) => return Ok(rejection.to_response(is_grpc(req.headers()))),
             };
             let response = inner.call(req).await?;
             let mut response = response.map(AuthBody::inner);
-            if let Some(status) = rate {
-                status.write_headers(response.headers_mut());
-            }
+            quota.write_headers(response.headers_mut());
             Ok(response)
         })
     }
+}
+
+/// The credits a request costs: its [`Cost`](super::Cost) extension, else 1.
+fn request_cost(extensions: &http::Extensions) -> u64 {
+    extensions
+        .get::<super::Cost>()
+        .map_or(1, |cost| u64::from(cost.get()))
 }

@@ -22,8 +22,8 @@ use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
 use crate::secret::{SecretId, SecretRing};
 use crate::store::{
-    AuditWrite, ChangeOutcome, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyState,
-    KeyStore, OwnerKind, SecretRetirement, StoreError, UnmigratedKeys,
+    AuditWrite, ChangeOutcome, Credits, KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord,
+    KeyState, KeyStore, OwnerKind, Refill, SecretRetirement, StoreError, UnmigratedKeys,
 };
 
 /// Beyond this many keys a secret retirement drops whole caches rather than key by key.
@@ -57,6 +57,8 @@ pub struct NewKey {
     pub rate_limit: Option<RateLimitPolicy>,
     /// The networks the key may be used from (default empty: anywhere); at most 64.
     pub allowed_ips: Vec<IpNetwork>,
+    /// Credits: uses in total, optionally refilled (default `None`: unlimited).
+    pub credits: Option<Credits>,
 }
 
 impl NewKey {
@@ -75,7 +77,32 @@ impl NewKey {
             metadata: serde_json::Value::Object(Default::default()),
             rate_limit: None,
             allowed_ips: Vec::new(),
+            credits: None,
         }
+    }
+
+    /// Gives the key `credits` uses in total (each accepted request costs one, or its
+    /// [`Cost`](crate::Cost)); at 0 it gets `usage_exceeded`. Keeps a refill set before.
+    #[must_use]
+    pub fn credits(mut self, credits: u64) -> Self {
+        let refill = self.credits.and_then(|c| c.refill);
+        self.credits = Some(Credits {
+            remaining: credits,
+            refill,
+        });
+        self
+    }
+
+    /// Refills the key's credits (the balance is set to the refill's amount each period).
+    /// A key given a refill but no [`credits`](Self::credits) starts with the refill's amount.
+    #[must_use]
+    pub fn refill(mut self, refill: Refill) -> Self {
+        let remaining = self.credits.map_or(refill.amount(), |c| c.remaining);
+        self.credits = Some(Credits {
+            remaining,
+            refill: Some(refill),
+        });
+        self
     }
 
     /// Sets the description.
@@ -582,6 +609,7 @@ impl KeyManager {
             metadata: new.metadata,
             rate_limit: new.rate_limit,
             allowed_ips: new.allowed_ips,
+            credits: new.credits,
             created_at: now,
             updated_at: now,
             expires_at,
@@ -787,6 +815,9 @@ impl KeyManager {
             metadata: old.metadata.clone(),
             rate_limit: old.rate_limit,
             allowed_ips: old.allowed_ips.clone(),
+            // The balance moves to the new key: the old one spends no more (its leases are
+            // voided), so the two never hold more than the key had.
+            credits: old.credits,
         };
         let created = self.create_record(new, Some(id)).await?;
         let old_deadline = old.expires_at.map_or(deadline, |at| at.min(deadline));
@@ -794,6 +825,7 @@ impl KeyManager {
         // copy is stale, and the rotation is undone below.
         let patch = KeyPatch {
             expires_at: Some(Some(old_deadline)),
+            credits: old.credits.map(|_| Some(0)),
             expected_updated_at: Some(old.updated_at),
             ..KeyPatch::default()
         };

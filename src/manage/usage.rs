@@ -101,6 +101,8 @@ pub struct UsageBucket {
     pub malformed: u64,
     /// Used from an address outside the key's allowed networks.
     pub ip_not_allowed: u64,
+    /// Refused for want of credits.
+    pub usage_exceeded: u64,
     /// Anything else (store unavailable, …).
     pub other: u64,
 }
@@ -119,6 +121,7 @@ impl UsageBucket {
             invalid: 0,
             malformed: 0,
             ip_not_allowed: 0,
+            usage_exceeded: 0,
             other: 0,
         }
     }
@@ -133,6 +136,7 @@ impl UsageBucket {
             UsageOutcome::Invalid => &mut self.invalid,
             UsageOutcome::Malformed => &mut self.malformed,
             UsageOutcome::IpNotAllowed => &mut self.ip_not_allowed,
+            UsageOutcome::UsageExceeded => &mut self.usage_exceeded,
             _ => &mut self.other,
         };
         *slot = slot.saturating_add(count);

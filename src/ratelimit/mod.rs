@@ -120,9 +120,19 @@ const UNITS: [(&str, u64); 17] = [
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
+/// Longer units, for credit refills (not rate limits): a week, and a month of 30 days.
+const LONG_UNITS: [(&str, u64); 6] = [
+    ("w", 7 * 86_400 * NANOS_PER_SEC),
+    ("week", 7 * 86_400 * NANOS_PER_SEC),
+    ("weeks", 7 * 86_400 * NANOS_PER_SEC),
+    ("mo", 30 * 86_400 * NANOS_PER_SEC),
+    ("month", 30 * 86_400 * NANOS_PER_SEC),
+    ("months", 30 * 86_400 * NANOS_PER_SEC),
+];
+
 /// A period such as `min`, `30s` or `250ms`: an optional whole multiplier (not zero), then a
-/// unit of [`UNITS`], case-insensitive.
-fn parse_period(text: &str) -> Option<Duration> {
+/// unit of [`UNITS`] (or, with `long`, of [`LONG_UNITS`] too), case-insensitive.
+pub(crate) fn parse_period(text: &str, long: bool) -> Option<Duration> {
     let text = text.trim();
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (count, unit) = text.split_at(digits);
@@ -131,8 +141,10 @@ fn parse_period(text: &str) -> Option<Duration> {
     } else {
         count.parse().ok().filter(|n| *n > 0)?
     };
+    let extra: &[(&str, u64)] = if long { &LONG_UNITS } else { &[] };
     let unit = UNITS
         .iter()
+        .chain(extra)
         .find(|(name, _)| name.eq_ignore_ascii_case(unit))?
         .1;
     count.checked_mul(unit).map(Duration::from_nanos)
@@ -149,7 +161,7 @@ impl FromStr for RateLimitPolicy {
         };
         let (count, unit) = rate.split_once('/').ok_or_else(err)?;
         let limit: NonZeroU32 = count.trim().parse().map_err(|_| err())?;
-        let period = parse_period(unit).ok_or_else(err)?;
+        let period = parse_period(unit, false).ok_or_else(err)?;
         let mut policy = Self::new(limit, period);
         if let Some(burst) = burst {
             let value = burst.strip_prefix("burst=").ok_or_else(err)?;
@@ -163,22 +175,31 @@ impl fmt::Display for RateLimitPolicy {
     /// `N/s`, `N/min`, `N/h`, `N/day`; any other period as whole seconds (`N/30s`), else whole
     /// milliseconds (`N/250ms`), else nanoseconds: always text that parses back to the policy.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nanos = self.period.as_nanos();
-        let second = u128::from(NANOS_PER_SEC);
-        let unit = match nanos {
-            n if n == second => "s".to_owned(),
-            n if n == 60 * second => "min".to_owned(),
-            n if n == 3_600 * second => "h".to_owned(),
-            n if n == 86_400 * second => "day".to_owned(),
-            n if n % second == 0 => format!("{}s", n / second),
-            n if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
-            n => format!("{n}ns"),
-        };
+        let unit = format_period(self.period, false);
         write!(f, "{}/{unit}", self.limit)?;
         if self.burst != self.limit {
             write!(f, ",burst={}", self.burst)?;
         }
         Ok(())
+    }
+}
+
+/// A period as text that [`parse_period`] reads back: a named unit when it is exactly one
+/// (with `long`, a week or a 30-day month too), else whole seconds, milliseconds or
+/// nanoseconds.
+pub(crate) fn format_period(period: Duration, long: bool) -> String {
+    let nanos = period.as_nanos();
+    let second = u128::from(NANOS_PER_SEC);
+    match nanos {
+        n if n == second => "s".to_owned(),
+        n if n == 60 * second => "min".to_owned(),
+        n if n == 3_600 * second => "h".to_owned(),
+        n if n == 86_400 * second => "day".to_owned(),
+        n if long && n == 7 * 86_400 * second => "week".to_owned(),
+        n if long && n == 30 * 86_400 * second => "month".to_owned(),
+        n if n % second == 0 => format!("{}s", n / second),
+        n if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
+        n => format!("{n}ns"),
     }
 }
 

@@ -14,7 +14,7 @@ use crate::manage::http::error::ApiError;
 use crate::manage::http::extract::{BodyFields, JsonBody};
 use crate::principal::Principal;
 use crate::ratelimit::{ClientAddressSource, ClientAddresses};
-use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
+use crate::rejection::{AuthRejection, RateLimitStatus};
 
 /// The request body. Every member is optional to serde, so each bad one can be named; `key`
 /// is then required by hand. No `Debug`, and this copy of the key is wiped on drop (best
@@ -26,6 +26,9 @@ pub(super) struct VerifyRequest {
     scopes: Option<Vec<String>>,
     cost: Option<u64>,
 }
+
+/// The most credits one verification may cost.
+const MAX_COST: u64 = u32::MAX as u64;
 
 impl BodyFields for VerifyRequest {
     const FIELDS: &'static [&'static str] = &["key", "scopes", "cost"];
@@ -60,6 +63,9 @@ enum Verdict {
         valid: bool,
         principal: Principal,
         ratelimit: Option<RateLimitView>,
+        /// Credits left after this verification, for a key with credits.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        credits_remaining: Option<u64>,
     },
     Invalid {
         valid: bool,
@@ -115,7 +121,12 @@ async fn authorize_caller(
     }
     let (caller, _) = server
         .layer
-        .check_headers_from(&parts.headers, &Method::POST, ClientAddresses::same(peer))
+        .check_headers_from(
+            &parts.headers,
+            &Method::POST,
+            ClientAddresses::same(peer),
+            1,
+        )
         .await
         .map_err(IntoResponse::into_response)?;
     if !caller.has_scope(VERIFY_SCOPE) {
@@ -129,35 +140,35 @@ async fn check(
     body: VerifyRequest,
     client: ClientAddresses,
 ) -> Result<Verdict, ApiError> {
-    if body.cost.is_some_and(|cost| cost != 1) {
-        return Err(ApiError::invalid(
-            "cost",
-            "only a cost of 1 is accepted: credits do not exist yet",
-        ));
-    }
+    let cost = match body.cost {
+        None => 1,
+        Some(cost) if cost <= MAX_COST => cost,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "cost",
+                format!("cost must be a whole number from 0 to {MAX_COST}"),
+            ))
+        }
+    };
     let key = match body.key.as_deref() {
         Some(key) if !key.is_empty() => key,
         _ => return Err(ApiError::invalid("key", "the key is required")),
     };
     // The verification stands for a request of the caller's client: the method decides only
     // the read-only check, and a verified key may be read-only.
-    let (principal, status) = match server.layer.check_from(key, &Method::GET, client).await {
+    let scopes = body.scopes.as_deref().unwrap_or_default();
+    let checked = server
+        .layer
+        .check_from(key, &Method::GET, client, cost, scopes)
+        .await;
+    let (principal, quota) = match checked {
         Ok(accepted) => accepted,
         Err(rejection) => return Ok(rejection.into()),
     };
-    if let Some(missing) = body
-        .scopes
-        .iter()
-        .flatten()
-        .find(|scope| !principal.has_scope(scope))
-    {
-        // The scope asked for is the caller's text, not the key: it may be named.
-        let detail = format!("the key does not hold the scope `{missing}`");
-        return Ok(AuthRejection::new(RejectionKind::InsufficientScope, detail).into());
-    }
     Ok(Verdict::Valid {
         valid: true,
         principal,
-        ratelimit: status.map(Into::into),
+        ratelimit: quota.rate.map(Into::into),
+        credits_remaining: quota.credits,
     })
 }

@@ -26,13 +26,15 @@ pub enum UsageOutcome {
     Malformed,
     /// A key used from an address outside its allowed networks (403).
     IpNotAllowed,
+    /// A key without credits left for the request (429).
+    UsageExceeded,
     /// Anything else: the store unavailable, a blocked client address, …
     Other,
 }
 
 impl UsageOutcome {
     /// Every outcome, in column order.
-    pub const ALL: [UsageOutcome; 9] = [
+    pub const ALL: [UsageOutcome; 10] = [
         Self::Accepted,
         Self::RateLimited,
         Self::InsufficientScope,
@@ -41,11 +43,12 @@ impl UsageOutcome {
         Self::Invalid,
         Self::Malformed,
         Self::IpNotAllowed,
+        Self::UsageExceeded,
         Self::Other,
     ];
 
     /// `accepted`, `rate_limited`, `insufficient_scope`, `expired`, `revoked`, `invalid`,
-    /// `malformed`, `ip_not_allowed` or `other`.
+    /// `malformed`, `ip_not_allowed`, `usage_exceeded` or `other`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
@@ -56,6 +59,7 @@ impl UsageOutcome {
             Self::Invalid => "invalid",
             Self::Malformed => "malformed",
             Self::IpNotAllowed => "ip_not_allowed",
+            Self::UsageExceeded => "usage_exceeded",
             Self::Other => "other",
         }
     }

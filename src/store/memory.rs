@@ -6,7 +6,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    no_secret, retired_placeholder, Applied, AuditWrite, ChangeOutcome, FeedPage, HourlyUsage,
+    no_secret, period_end, refill_period, retired_placeholder, unix_millis, Applied, AuditWrite,
+    ChangeOutcome, CreditLease, FeedPage, HourlyUsage,
     KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, MemoryFeed, Observers,
     SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
     UsageCount, UsageOutcome, UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord,
@@ -37,6 +38,16 @@ struct Inner {
     usage_counts: BTreeMap<(UsageSubject, OffsetDateTime, UsageOutcome), u64>,
     /// The change feed (the newest 100,000 changes), written with each change.
     feed: MemoryFeed,
+    /// Where each key's credits stand (the balance is the record's).
+    credits: HashMap<Uuid, CreditState>,
+}
+
+/// A key's credit schedule and generation; its balance is in its record.
+#[derive(Debug, Clone, Copy)]
+struct CreditState {
+    anchor_ms: i64,
+    period: u64,
+    generation: u64,
 }
 
 impl MemoryStore {
@@ -169,6 +180,63 @@ impl KeyStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn lease_credits(
+        &self,
+        id: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        let mut inner = self.write();
+        let Inner { by_id, credits, .. } = &mut *inner;
+        let (Some(record), Some(state)) = (by_id.get_mut(&id), credits.get_mut(&id)) else {
+            return Ok(None);
+        };
+        let Some(balance) = &mut record.credits else {
+            return Ok(None);
+        };
+        let interval = balance
+            .refill
+            .map(|r| i64::try_from(r.interval_millis()).unwrap_or(i64::MAX));
+        if let (Some(refill), Some(ms)) = (balance.refill, interval) {
+            let period = refill_period(unix_millis(now), state.anchor_ms, ms, state.period);
+            if period > state.period {
+                state.period = period;
+                balance.remaining = refill.amount();
+            }
+        }
+        let granted = CreditLease::grant(balance.remaining, need, want);
+        balance.remaining -= granted;
+        Ok(Some(CreditLease {
+            granted,
+            remaining: balance.remaining,
+            period: state.period,
+            generation: state.generation,
+            period_ends_at: interval.and_then(|ms| period_end(state.anchor_ms, ms, state.period)),
+        }))
+    }
+
+    async fn return_credits(
+        &self,
+        id: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.write();
+        let Inner { by_id, credits, .. } = &mut *inner;
+        let current = credits
+            .get(&id)
+            .is_some_and(|s| s.generation == generation && s.period == period);
+        match by_id.get_mut(&id).and_then(|r| r.credits.as_mut()) {
+            Some(balance) if current => {
+                balance.remaining = balance.remaining.saturating_add(amount);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn apply_audited(
@@ -340,6 +408,14 @@ impl MemoryStore {
         }
         inner.by_digest.insert(record.digest, record.id);
         inner.by_id.insert(record.id, record.clone());
+        if record.credits.is_some() {
+            let state = CreditState {
+                anchor_ms: unix_millis(record.created_at),
+                period: 0,
+                generation: 1,
+            };
+            inner.credits.insert(record.id, state);
+        }
         inner.feed.push(StoreChange::Created);
         Ok(())
     }
@@ -357,6 +433,22 @@ impl MemoryStore {
         patch.check_expected(record)?;
         patch.apply_to(record, now);
         let record = record.clone();
+        if patch.changes_credits() {
+            match record.credits {
+                Some(_) => {
+                    let generation = inner.credits.get(&id).map_or(0, |s| s.generation) + 1;
+                    let state = CreditState {
+                        anchor_ms: unix_millis(now),
+                        period: 0,
+                        generation,
+                    };
+                    inner.credits.insert(id, state);
+                }
+                None => {
+                    inner.credits.remove(&id);
+                }
+            }
+        }
         inner.feed.push(StoreChange::Key(id));
         Ok(Some(record))
     }
@@ -479,6 +571,7 @@ impl MemoryStore {
 
     fn delete_in(inner: &mut Inner, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let removed = inner.by_id.remove(&id);
+        inner.credits.remove(&id);
         if let Some(record) = &removed {
             inner.feed.push(StoreChange::Key(id));
             inner.by_digest.remove(&record.digest);

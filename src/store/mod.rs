@@ -28,6 +28,7 @@ use crate::secret::{Digest, SecretId};
 
 mod analytics;
 mod audited;
+mod credits;
 mod feed;
 mod foreign;
 mod memory;
@@ -44,6 +45,10 @@ mod webhooks;
 pub use analytics::{hour_of, HourlyUsage, UsageCount, UsageOutcome, UsageSubject};
 pub(crate) use audited::{no_audit_log, unverified_prune};
 pub use audited::{Applied, AuditWrite, ChangeOutcome, KeyChange};
+pub(crate) use credits::{period_end, unix_millis};
+pub use credits::{
+    refill_period, CreditLease, Credits, Refill, RefillParseError, MAX_CREDITS,
+};
 pub(crate) use feed::MemoryFeed;
 pub use feed::{FeedEntry, FeedPage};
 pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};
@@ -191,6 +196,9 @@ pub struct KeyRecord {
     /// The networks requests with this key may come from; empty: anywhere. A request from
     /// elsewhere (or from an unknown address) gets `ip_not_allowed`.
     pub allowed_ips: Vec<IpNetwork>,
+    /// The key's credits (uses left in total, and their refill); `None`: unlimited. A
+    /// request when none are left gets `usage_exceeded`.
+    pub credits: Option<Credits>,
     /// Creation time.
     pub created_at: OffsetDateTime,
     /// Last modification time.
@@ -241,6 +249,7 @@ impl fmt::Debug for KeyRecord {
             .field("environment", &self.environment)
             .field("read_only", &self.read_only)
             .field("allowed_ips", &self.allowed_ips)
+            .field("credits", &self.credits)
             .field("expires_at", &self.expires_at)
             .field("revoked_at", &self.revoked_at)
             .field("disabled", &self.disabled)
@@ -269,6 +278,14 @@ pub struct KeyPatch {
     pub rate_limit: Option<Option<RateLimitPolicy>>,
     /// New allowed networks (empty: anywhere).
     pub allowed_ips: Option<Vec<IpNetwork>>,
+    /// Sets the key's credit balance (`Some(n)`), or makes it unlimited (`None`, which drops
+    /// its refill too). Setting credits voids every lease instances hold, and restarts the
+    /// refill schedule from now.
+    pub credits: Option<Option<u64>>,
+    /// Sets or clears the refill. A key without credits gets the refill's amount as its
+    /// balance; a key with credits keeps its balance. Voids leases and restarts the schedule
+    /// like [`credits`](Self::credits).
+    pub credit_refill: Option<Option<Refill>>,
     /// New expiry.
     pub expires_at: Option<Option<OffsetDateTime>>,
     /// Revoke at this time. A revoked key stays revoked: a later patch cannot clear it.
@@ -313,6 +330,22 @@ impl KeyPatch {
         if let Some(allowed_ips) = &self.allowed_ips {
             record.allowed_ips.clone_from(allowed_ips);
         }
+        if let Some(credits) = self.credits {
+            let refill = record.credits.and_then(|c| c.refill);
+            record.credits = credits.map(|remaining| Credits { remaining, refill });
+        }
+        if let Some(refill) = self.credit_refill {
+            match (&mut record.credits, refill) {
+                (Some(credits), refill) => credits.refill = refill,
+                (None, Some(refill)) => {
+                    record.credits = Some(Credits {
+                        remaining: refill.amount(),
+                        refill: Some(refill),
+                    });
+                }
+                (None, None) => {}
+            }
+        }
         if let Some(expires_at) = self.expires_at {
             record.expires_at = expires_at;
         }
@@ -347,6 +380,12 @@ impl KeyPatch {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether the patch sets credits or their refill (the stores then rewrite the balance
+    /// and void outstanding leases).
+    pub fn changes_credits(&self) -> bool {
+        self.credits.is_some() || self.credit_refill.is_some()
     }
 
     /// Whether the patch changes anything the request path checks.
@@ -835,6 +874,48 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
         Ok(0)
     }
 
+    /// Leases credits of key `id` to an instance, atomically: applies a refill that is due at
+    /// `now` (the balance is set to the refill amount), then takes
+    /// [`CreditLease::grant`]`(balance, need, want)` credits from the balance. `need` is what
+    /// the request at hand costs beyond what the instance holds; `want` the block it would
+    /// like. `None`: the key has no credits (or does not exist).
+    ///
+    /// The default fails: a store that cannot lease credits makes keys with credits fail
+    /// closed (503 `store_unavailable`). The built-in stores implement it in one statement.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn lease_credits(
+        &self,
+        id: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        let _ = (id, need, want, now);
+        Err(StoreError::new(
+            StoreErrorKind::Other,
+            "this key store does not keep credits",
+        ))
+    }
+
+    /// Gives `amount` unspent credits of a lease back to key `id`'s balance, if the credits
+    /// are still of the lease's `generation` and refill `period` (a refill or a new balance
+    /// since voids the lease). Returns whether they were added back.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn return_credits(
+        &self,
+        id: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        let _ = (id, amount, generation, period);
+        Ok(false)
+    }
+
     /// Whether the store refuses every write ([`StoreErrorKind::ReadOnly`]). The layer never
     /// records usage in a read-only store, and [`KeyManager`](crate::KeyManager) operations
     /// on one fail with [`ManageErrorKind::ReadOnly`](crate::manage::ManageErrorKind::ReadOnly).
@@ -866,6 +947,7 @@ pub(crate) mod test_support {
             metadata: serde_json::json!({}),
             rate_limit: None,
             allowed_ips: Vec::new(),
+            credits: None,
             created_at: now,
             updated_at: now,
             expires_at: None,

@@ -26,6 +26,11 @@ use crate::audit::{
 };
 use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
+use super::sql::{
+    decode_credits, decode_lease, lease_statement, refill_text, return_statement,
+    set_credits_statement, Dialect, CREDIT_COLUMNS, KEY_CREDIT_COLUMNS,
+};
+use super::{unix_millis, CreditLease, Credits};
 use crate::secret::{Digest, SecretId};
 
 const COLUMNS: &str = "id, digest, secret_id, display_start, name, description, collection, \
@@ -226,8 +231,8 @@ impl KeyStore for PostgresStore {
         // The record's digest, else an added one: one statement; a record digest (every key
         // not re-digested since a rotation) is found by one index lookup, as before.
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = $1 \
-             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
+            "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE digest = $1 \
+             UNION ALL SELECT {KEY_COLUMNS}, {KEY_CREDIT_COLUMNS} FROM keywarden_key_digests AS d \
              JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = $1 LIMIT 1"
         ))
         .bind(digest.as_bytes().as_slice())
@@ -240,7 +245,7 @@ impl KeyStore for PostgresStore {
 
     async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1"
+            "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
@@ -306,7 +311,7 @@ impl KeyStore for PostgresStore {
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
         let limit = query.effective_limit();
         let mut sql = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE TRUE"
+            "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE TRUE"
         ));
         if let Some(collection) = &query.collection {
             sql.push(" AND collection = ")
@@ -385,6 +390,51 @@ impl KeyStore for PostgresStore {
             .map_err(|e| store_error(context, e))?;
         }
         tx.commit().await.map_err(|e| store_error(context, e))
+    }
+
+    async fn lease_credits(
+        &self,
+        id: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        let row = sqlx::query(&lease_statement(Dialect::Postgres))
+            .bind(id)
+            .bind(unix_millis(now))
+            .bind(clamp_i64(need))
+            .bind(clamp_i64(want))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| store_error("leasing credits failed", e))?;
+        let Some(row) = row else { return Ok(None) };
+        decode_lease(
+            column(&row, "granted")?,
+            column(&row, "remaining")?,
+            column(&row, "period")?,
+            column(&row, "generation")?,
+            column(&row, "anchor_ms")?,
+            column(&row, "refill_ms")?,
+        )
+        .map(Some)
+    }
+
+    async fn return_credits(
+        &self,
+        id: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(&return_statement(Dialect::Postgres))
+            .bind(id)
+            .bind(clamp_i64(amount))
+            .bind(clamp_i64(generation))
+            .bind(clamp_i64(period))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| store_error("returning credits failed", e))?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn check_ready(&self) -> Result<(), StoreError> {
@@ -862,8 +912,9 @@ impl PostgresStore {
 /// The writes, on a connection (in a transaction where they need one).
 async fn insert_in(conn: &mut PgConnection, record: &KeyRecord) -> Result<(), StoreError> {
     sqlx::query(&format!(
-        "INSERT INTO keywarden_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+        "INSERT INTO keywarden_keys ({COLUMNS}, credits_refill, credits_generation) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+             $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
     ))
     .bind(record.id)
     .bind(record.digest.as_bytes().as_slice())
@@ -889,10 +940,36 @@ async fn insert_in(conn: &mut PgConnection, record: &KeyRecord) -> Result<(), St
     .bind(record.rotated_from)
     .bind(record.encrypted_key.as_deref())
     .bind(networks_text(&record.allowed_ips))
+    .bind(refill_text(record))
+    .bind(record.credits.map(|_| 1_i64))
     .execute(&mut *conn)
     .await
     .map_err(|e| store_error("inserting a key failed", e))?;
+    if let Some(credits) = record.credits {
+        set_credits_in(conn, record.id, credits, true, record.created_at).await?;
+    }
     Ok(())
+}
+
+/// Writes a key's credits (a new balance when `set_balance`, else the balance stays) and
+/// returns their new generation.
+async fn set_credits_in(
+    conn: &mut PgConnection,
+    id: Uuid,
+    credits: Credits,
+    set_balance: bool,
+    now: OffsetDateTime,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar(&set_credits_statement(Dialect::Postgres))
+        .bind(id)
+        .bind(clamp_i64(credits.remaining))
+        .bind(credits.refill.map(|r| clamp_i64(r.amount())))
+        .bind(credits.refill.map(|r| clamp_i64(r.interval_millis())))
+        .bind(unix_millis(now))
+        .bind(set_balance)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| store_error("setting a key's credits failed", e))
 }
 
 /// The record before and after, or `None` for an unknown id. In a transaction.
@@ -904,7 +981,7 @@ async fn update_in(
 ) -> Result<Option<(KeyRecord, KeyRecord)>, StoreError> {
     let context = "updating a key failed";
     let Some(row) = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM keywarden_keys WHERE id = $1 FOR UPDATE"
+        "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE id = $1 FOR UPDATE"
     ))
     .bind(id)
     .fetch_optional(&mut *conn)
@@ -919,11 +996,28 @@ async fn update_in(
     // the lock), so the version checked is the one overwritten.
     patch.check_expected(&record)?;
     patch.apply_to(&mut record, now);
+    // Credits first, so the row read back below carries the new balance.
+    let generation = match (patch.changes_credits(), record.credits) {
+        (false, _) => None,
+        (true, Some(credits)) => {
+            let set = patch.credits.is_some();
+            Some(set_credits_in(conn, id, credits, set, now).await?)
+        }
+        (true, None) => {
+            sqlx::query("DELETE FROM keywarden_credits WHERE key_id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| store_error(context, e))?;
+            None
+        }
+    };
     let row = sqlx::query(&format!(
         "UPDATE keywarden_keys SET name = $1, description = $2, scopes = $3, \
              read_only = $4, metadata = $5, rate_limit = $6, expires_at = $7, revoked_at = $8, \
-             disabled = $9, updated_at = $10, allowed_ips = $11 WHERE id = $12 \
-             RETURNING {COLUMNS}"
+             disabled = $9, updated_at = $10, allowed_ips = $11, credits_refill = $12, \
+             credits_generation = CASE WHEN $13 THEN $14 ELSE credits_generation END \
+             WHERE id = $15 RETURNING {COLUMNS}, {CREDIT_COLUMNS}"
     ))
     .bind(&record.name)
     .bind(&record.description)
@@ -936,6 +1030,9 @@ async fn update_in(
     .bind(record.disabled)
     .bind(micros(record.updated_at))
     .bind(networks_text(&record.allowed_ips))
+    .bind(refill_text(&record))
+    .bind(patch.changes_credits())
+    .bind(generation)
     .bind(id)
     .fetch_one(&mut *conn)
     .await
@@ -1034,7 +1131,7 @@ async fn retire_secret_in(
 
 async fn delete_in(conn: &mut PgConnection, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
     sqlx::query(&format!(
-        "DELETE FROM keywarden_keys WHERE id = $1 RETURNING {COLUMNS}"
+        "DELETE FROM keywarden_keys WHERE id = $1 RETURNING {COLUMNS}, {CREDIT_COLUMNS}"
     ))
     .bind(id)
     .fetch_optional(&mut *conn)
@@ -1433,6 +1530,10 @@ fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
     let rate_limit: Option<String> = column(row, "rate_limit")?;
     let Json(metadata) = column::<Json<serde_json::Value>>(row, "metadata")?;
     let allowed_ips: Vec<String> = column(row, "allowed_ips")?;
+    let credits = decode_credits(
+        column(row, "credits_remaining")?,
+        column(row, "credits_refill")?,
+    )?;
     Ok(KeyRecord {
         id: column(row, "id")?,
         digest: Digest::from_bytes(bytes(column(row, "digest")?, "digest")?),
@@ -1471,6 +1572,7 @@ fn decode_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
             .map(|n| n.parse())
             .collect::<Result<_, _>>()
             .map_err(|_| corrupt("allowed_ips", "not an array of IP networks"))?,
+        credits,
     })
 }
 

@@ -81,3 +81,163 @@ pub(super) fn page_skipping_corrupt<R>(
     }
     Ok(KeyPage { items, next_cursor })
 }
+
+/// The SQL dialects of the stores, where credits statements differ.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Dialect {
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    Sqlite,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Postgres,
+}
+
+impl Dialect {
+    /// Parameter `n` (1-based).
+    fn param(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+
+    /// The two-argument minimum and maximum.
+    fn min_max(self) -> (&'static str, &'static str) {
+        match self {
+            Dialect::Sqlite => ("MIN", "MAX"),
+            Dialect::Postgres => ("LEAST", "GREATEST"),
+        }
+    }
+}
+
+/// The credit columns read with a record: the refill (on the keys row) and the balance (from
+/// the credits table).
+pub(super) const CREDIT_COLUMNS: &str = "keywarden_keys.credits_refill, \
+    (SELECT c.remaining FROM keywarden_credits AS c WHERE c.key_id = keywarden_keys.id) \
+    AS credits_remaining";
+
+/// [`CREDIT_COLUMNS`] of the keys table aliased `k`.
+pub(super) const KEY_CREDIT_COLUMNS: &str = "k.credits_refill, \
+    (SELECT c.remaining FROM keywarden_credits AS c WHERE c.key_id = k.id) AS credits_remaining";
+
+/// One lease, in one statement: a refill due at `now` sets the balance to the refill amount,
+/// then [`CreditLease::grant`](super::CreditLease::grant) credits are taken. Every `SET`
+/// expression reads the row as it was (before the statement), so `granted` is what was taken.
+/// Parameters: 1 key id, 2 now (unix ms), 3 need, 4 want.
+pub(super) fn lease_statement(dialect: Dialect) -> String {
+    let p = |n| dialect.param(n);
+    let (min, max) = dialect.min_max();
+    let (now, need, want) = (p(2), p(3), p(4));
+    let due =
+        format!("(refill_ms IS NOT NULL AND ({now} - anchor_ms) / refill_ms > period)");
+    let available = format!("(CASE WHEN {due} THEN refill_amount ELSE remaining END)");
+    let share = super::credits::LEASE_SHARE;
+    let grant = format!(
+        "(CASE WHEN {available} < {need} THEN 0 \
+         ELSE {min}({max}({min}({want}, {available} / {share}), {need}), {available}) END)"
+    );
+    format!(
+        "UPDATE keywarden_credits SET granted = {grant}, remaining = {available} - {grant}, \
+         period = CASE WHEN {due} THEN ({now} - anchor_ms) / refill_ms ELSE period END \
+         WHERE key_id = {id} \
+         RETURNING granted, remaining, period, generation, anchor_ms, refill_ms",
+        id = p(1)
+    )
+}
+
+/// Gives back unspent leased credits if the lease is still of the credits' generation and
+/// period. Parameters: 1 key id, 2 amount, 3 generation, 4 period.
+pub(super) fn return_statement(dialect: Dialect) -> String {
+    let p = |n| dialect.param(n);
+    format!(
+        "UPDATE keywarden_credits SET remaining = remaining + {amount} \
+         WHERE key_id = {id} AND generation = {generation} AND period = {period}",
+        id = p(1),
+        amount = p(2),
+        generation = p(3),
+        period = p(4)
+    )
+}
+
+/// Sets a key's credits: a new balance (when parameter 6 is true; else the balance stays),
+/// the refill and its schedule from now, and a new generation that voids every lease.
+/// Parameters: 1 key id, 2 balance, 3 refill amount, 4 refill ms, 5 now (unix ms), 6 whether
+/// the balance is set. Returns the generation.
+pub(super) fn set_credits_statement(dialect: Dialect) -> String {
+    let p = |n| dialect.param(n);
+    format!(
+        "INSERT INTO keywarden_credits \
+         (key_id, remaining, refill_amount, refill_ms, anchor_ms, period, generation) \
+         VALUES ({id}, {balance}, {amount}, {ms}, {now}, 0, 1) \
+         ON CONFLICT (key_id) DO UPDATE SET \
+         remaining = CASE WHEN {set} THEN excluded.remaining ELSE keywarden_credits.remaining END, \
+         refill_amount = excluded.refill_amount, refill_ms = excluded.refill_ms, \
+         anchor_ms = excluded.anchor_ms, period = 0, \
+         generation = keywarden_credits.generation + 1 \
+         RETURNING generation",
+        id = p(1),
+        balance = p(2),
+        amount = p(3),
+        ms = p(4),
+        now = p(5),
+        set = p(6)
+    )
+}
+
+/// A lease as the lease statement returns it.
+pub(super) fn decode_lease(
+    granted: i64,
+    remaining: i64,
+    period: i64,
+    generation: i64,
+    anchor_ms: i64,
+    refill_ms: Option<i64>,
+) -> Result<super::CreditLease, StoreError> {
+    let count = |value: i64, column: &'static str| {
+        u64::try_from(value).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!("keywarden_credits.{column} is negative"),
+            )
+        })
+    };
+    let period = count(period, "period")?;
+    Ok(super::CreditLease {
+        granted: count(granted, "granted")?,
+        remaining: count(remaining, "remaining")?,
+        period,
+        generation: count(generation, "generation")?,
+        period_ends_at: refill_ms.and_then(|ms| super::period_end(anchor_ms, ms, period)),
+    })
+}
+
+/// The refill text of a record's credits, as the keys row keeps it.
+pub(super) fn refill_text(record: &KeyRecord) -> Option<String> {
+    record
+        .credits
+        .and_then(|c| c.refill)
+        .map(|r| r.to_string())
+}
+
+/// A key's credits from its balance (`NULL`: the key has none) and refill text.
+pub(super) fn decode_credits(
+    remaining: Option<i64>,
+    refill: Option<String>,
+) -> Result<Option<super::Credits>, StoreError> {
+    let corrupt = |column: &str, problem: &str| {
+        StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("stored key has an invalid {column} column: {problem}"),
+        )
+    };
+    let Some(remaining) = remaining else {
+        return Ok(None);
+    };
+    Ok(Some(super::Credits {
+        remaining: u64::try_from(remaining)
+            .map_err(|_| corrupt("credits_remaining", "negative"))?,
+        refill: refill
+            .map(|r| r.parse::<super::Refill>())
+            .transpose()
+            .map_err(|_| corrupt("credits_refill", "not a refill"))?,
+    }))
+}

@@ -26,6 +26,11 @@ use crate::audit::{
     Actor, AuditCheckpoint, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer, ChainHead,
 };
 use crate::ratelimit::RateLimitPolicy;
+use super::sql::{
+    decode_credits, decode_lease, lease_statement, refill_text, return_statement,
+    set_credits_statement, Dialect, CREDIT_COLUMNS, KEY_CREDIT_COLUMNS,
+};
+use super::{unix_millis, CreditLease, Credits};
 use crate::secret::{Digest, SecretId};
 
 /// How long a statement waits for another connection's write lock before failing.
@@ -186,8 +191,8 @@ impl KeyStore for SqliteStore {
         // The record's digest, else an added one: one statement; a record digest (every key
         // not re-digested since a rotation) is found by one index lookup, as before.
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE digest = ?1 \
-             UNION ALL SELECT {KEY_COLUMNS} FROM keywarden_key_digests AS d \
+            "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE digest = ?1 \
+             UNION ALL SELECT {KEY_COLUMNS}, {KEY_CREDIT_COLUMNS} FROM keywarden_key_digests AS d \
              JOIN keywarden_keys AS k ON k.id = d.key_id WHERE d.digest = ?1 LIMIT 1"
         ))
         .bind(digest.as_bytes().as_slice())
@@ -200,7 +205,7 @@ impl KeyStore for SqliteStore {
 
     async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE id = ?"
+            "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE id = ?"
         ))
         .bind(id.as_bytes().as_slice())
         .fetch_optional(&self.pool)
@@ -266,7 +271,7 @@ impl KeyStore for SqliteStore {
     async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
         let limit = query.effective_limit();
         let mut sql = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {COLUMNS} FROM keywarden_keys WHERE 1 = 1"
+            "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE 1 = 1"
         ));
         if let Some(collection) = &query.collection {
             sql.push(" AND collection = ")
@@ -337,6 +342,51 @@ impl KeyStore for SqliteStore {
             .map_err(|e| store_error(context, e))?;
         }
         tx.commit().await.map_err(|e| store_error(context, e))
+    }
+
+    async fn lease_credits(
+        &self,
+        id: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        let row = sqlx::query(&lease_statement(Dialect::Sqlite))
+            .bind(id.as_bytes().as_slice())
+            .bind(unix_millis(now))
+            .bind(clamp_i64(need))
+            .bind(clamp_i64(want))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| store_error("leasing credits failed", e))?;
+        let Some(row) = row else { return Ok(None) };
+        decode_lease(
+            column(&row, "granted")?,
+            column(&row, "remaining")?,
+            column(&row, "period")?,
+            column(&row, "generation")?,
+            column(&row, "anchor_ms")?,
+            column(&row, "refill_ms")?,
+        )
+        .map(Some)
+    }
+
+    async fn return_credits(
+        &self,
+        id: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(&return_statement(Dialect::Sqlite))
+            .bind(id.as_bytes().as_slice())
+            .bind(clamp_i64(amount))
+            .bind(clamp_i64(generation))
+            .bind(clamp_i64(period))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| store_error("returning credits failed", e))?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn check_ready(&self) -> Result<(), StoreError> {
@@ -730,8 +780,8 @@ async fn insert_in(conn: &mut SqliteConnection, record: &KeyRecord) -> Result<()
     let scopes = to_json(&record.scopes)?;
     let metadata = to_json(&record.metadata)?;
     sqlx::query(&format!(
-        "INSERT INTO keywarden_keys ({COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO keywarden_keys ({COLUMNS}, credits_refill, credits_generation) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     ))
     .bind(record.id.as_bytes().as_slice())
     .bind(record.digest.as_bytes().as_slice())
@@ -757,10 +807,36 @@ async fn insert_in(conn: &mut SqliteConnection, record: &KeyRecord) -> Result<()
     .bind(record.rotated_from.map(|id| id.as_bytes().to_vec()))
     .bind(record.encrypted_key.as_deref())
     .bind(to_json(&record.allowed_ips)?)
+    .bind(refill_text(record))
+    .bind(record.credits.map(|_| 1_i64))
     .execute(&mut *conn)
     .await
     .map_err(|e| store_error("inserting a key failed", e))?;
+    if let Some(credits) = record.credits {
+        set_credits_in(conn, record.id, credits, true, record.created_at).await?;
+    }
     Ok(())
+}
+
+/// Writes a key's credits (a new balance when `set_balance`, else the balance stays) and
+/// returns their new generation.
+async fn set_credits_in(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    credits: Credits,
+    set_balance: bool,
+    now: OffsetDateTime,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar(&set_credits_statement(Dialect::Sqlite))
+        .bind(id.as_bytes().as_slice())
+        .bind(clamp_i64(credits.remaining))
+        .bind(credits.refill.map(|r| clamp_i64(r.amount())))
+        .bind(credits.refill.map(|r| clamp_i64(r.interval_millis())))
+        .bind(unix_millis(now))
+        .bind(set_balance)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| store_error("setting a key's credits failed", e))
 }
 
 /// The record before and after, or `None` for an unknown id. In a write transaction.
@@ -772,7 +848,7 @@ async fn update_in(
 ) -> Result<Option<(KeyRecord, KeyRecord)>, StoreError> {
     let context = "updating a key failed";
     let Some(row) = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM keywarden_keys WHERE id = ?"
+        "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE id = ?"
     ))
     .bind(id.as_bytes().as_slice())
     .fetch_optional(&mut *conn)
@@ -787,10 +863,28 @@ async fn update_in(
     // the lock), so the version checked is the one overwritten.
     patch.check_expected(&record)?;
     patch.apply_to(&mut record, now);
+    // Credits first, so the row read back below carries the new balance.
+    let generation = match (patch.changes_credits(), record.credits) {
+        (false, _) => None,
+        (true, Some(credits)) => {
+            let set = patch.credits.is_some();
+            Some(set_credits_in(conn, id, credits, set, now).await?)
+        }
+        (true, None) => {
+            sqlx::query("DELETE FROM keywarden_credits WHERE key_id = ?")
+                .bind(id.as_bytes().as_slice())
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| store_error(context, e))?;
+            None
+        }
+    };
     let row = sqlx::query(&format!(
         "UPDATE keywarden_keys SET name = ?, description = ?, scopes = ?, read_only = ?, \
              metadata = ?, rate_limit = ?, expires_at = ?, revoked_at = ?, disabled = ?, \
-             updated_at = ?, allowed_ips = ? WHERE id = ? RETURNING {COLUMNS}"
+             updated_at = ?, allowed_ips = ?, credits_refill = ?, \
+             credits_generation = CASE WHEN ? THEN ? ELSE credits_generation END \
+             WHERE id = ? RETURNING {COLUMNS}, {CREDIT_COLUMNS}"
     ))
     .bind(&record.name)
     .bind(&record.description)
@@ -803,6 +897,9 @@ async fn update_in(
     .bind(record.disabled)
     .bind(to_micros(record.updated_at))
     .bind(to_json(&record.allowed_ips)?)
+    .bind(refill_text(&record))
+    .bind(patch.changes_credits())
+    .bind(generation)
     .bind(id.as_bytes().as_slice())
     .fetch_one(&mut *conn)
     .await
@@ -899,15 +996,26 @@ async fn retire_secret_in(
 }
 
 async fn delete_in(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-    sqlx::query(&format!(
-        "DELETE FROM keywarden_keys WHERE id = ? RETURNING {COLUMNS}"
+    // Read first: the credits row goes with the key (ON DELETE CASCADE) before a RETURNING
+    // clause could read it.
+    let context = "deleting a key failed";
+    let Some(row) = sqlx::query(&format!(
+        "SELECT {COLUMNS}, {CREDIT_COLUMNS} FROM keywarden_keys WHERE id = ?"
     ))
     .bind(id.as_bytes().as_slice())
     .fetch_optional(&mut *conn)
     .await
-    .map_err(|e| store_error("deleting a key failed", e))?
-    .map(|row| decode_row(&row))
-    .transpose()
+    .map_err(|e| store_error(context, e))?
+    else {
+        return Ok(None);
+    };
+    let record = decode_row(&row)?;
+    sqlx::query("DELETE FROM keywarden_keys WHERE id = ?")
+        .bind(id.as_bytes().as_slice())
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| store_error(context, e))?;
+    Ok(Some(record))
 }
 
 /// The lazy digest migration (no audit event: not a management change).
@@ -1178,6 +1286,10 @@ fn decode_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let owner_kind: String = column(row, "owner_kind")?;
     let rate_limit: Option<String> = column(row, "rate_limit")?;
     let allowed_ips: String = column(row, "allowed_ips")?;
+    let credits = decode_credits(
+        column(row, "credits_remaining")?,
+        column(row, "credits_refill")?,
+    )?;
     Ok(KeyRecord {
         id: uuid(column(row, "id")?, "id")?,
         digest: Digest::from_bytes(bytes(column(row, "digest")?, "digest")?),
@@ -1213,6 +1325,7 @@ fn decode_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         encrypted_key: column(row, "encrypted_key")?,
         allowed_ips: serde_json::from_str(&allowed_ips)
             .map_err(|_| corrupt("allowed_ips", "not a JSON array of IP networks"))?,
+        credits,
     })
 }
 

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::cache::ResolvedKey;
 use crate::clock::Clock;
+use crate::credits::CreditLedger;
 use crate::ratelimit::{
     Blocked, ClientAddressSource, Decision, FailureTracker, Limiters, RateLimitPolicy,
 };
@@ -36,7 +37,28 @@ pub(crate) struct Admission {
     pub(crate) usage: Option<Arc<UsageRecorder>>,
     /// The layer caches keys (capacity above 0): uses are then counted on the cached entry.
     pub(crate) cached: bool,
+    /// The credits of keys with credits.
+    pub(crate) credits: Arc<CreditLedger>,
     pub(crate) counters: Arc<Counters>,
+}
+
+/// In the extensions of an accepted request whose key has credits: what the key layer charged
+/// it, for an inner [`Cost`](crate::Cost) layer to charge more or give some back.
+#[derive(Clone)]
+pub(crate) struct Charged {
+    pub(crate) resolved: Arc<ResolvedKey>,
+    pub(crate) ledger: Arc<CreditLedger>,
+    pub(crate) cost: u64,
+}
+
+/// A key's credits on the hit path.
+pub(crate) enum ChargeNow {
+    /// The key has no credits.
+    Unlimited,
+    /// Spent `cost`: `left` are left.
+    Spent { left: u64, cost: u64 },
+    /// The instance holds too few: the store must be asked for `cost` credits.
+    Pending(u64),
 }
 
 impl Admission {
@@ -254,6 +276,45 @@ impl Admission {
         } else {
             rejection
         })
+    }
+
+    /// Spends the request's credits from what this instance holds, if the key has credits.
+    /// `cost` is called only for such a key.
+    pub(crate) fn charge_now(
+        &self,
+        resolved: &ResolvedKey,
+        cost: impl FnOnce() -> u64,
+    ) -> ChargeNow {
+        let Some(account) = resolved.credits.as_deref() else {
+            return ChargeNow::Unlimited;
+        };
+        let cost = cost();
+        if cost == 0 {
+            // Free: nothing to lease; what this instance knows is left.
+            return ChargeNow::Spent {
+                left: self.credits.known_left(account),
+                cost,
+            };
+        }
+        match self.credits.spend_now(account, cost) {
+            Some(left) => ChargeNow::Spent { left, cost },
+            None => ChargeNow::Pending(cost),
+        }
+    }
+
+    /// Spends `cost` credits of the key, leasing from the store if this instance holds too
+    /// few: the credits left (`None`: the key has none), or `usage_exceeded`.
+    pub(crate) async fn charge(
+        &self,
+        resolved: &ResolvedKey,
+        cost: u64,
+        unavailable: impl Fn() -> AuthRejection,
+    ) -> Result<Option<u64>, AuthRejection> {
+        match resolved.credits.as_deref() {
+            Some(account) if cost == 0 => Ok(Some(self.credits.known_left(account))),
+            Some(account) => self.credits.charge(account, cost, unavailable).await,
+            None => Ok(None),
+        }
     }
 
     /// The client address, when failed-attempt limiting is on.

@@ -20,7 +20,7 @@ use crate::cache::ResolvedKey;
 use crate::credential::X_API_KEY;
 use crate::principal::Principal;
 use crate::ratelimit::{Blocked, ClientAddresses};
-use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
+use crate::rejection::{AuthRejection, Quota, RejectionKind};
 use crate::stats::{ChangeKind, ChangeSource, Counters, Verdict};
 use crate::store::{StoreChange, StoreObserver, UsageOutcome, UsageSubject};
 
@@ -28,7 +28,7 @@ mod admit;
 mod prepare;
 mod resolve;
 
-pub(crate) use admit::Admission;
+pub(crate) use admit::{Admission, ChargeNow, Charged};
 pub(crate) use prepare::{CollectionConfig, CredentialCheck, Presented, PresentedKey};
 pub(crate) use resolve::{
     ForeignCollection, IdentityMapper, MappedIdentity, Resolver, StoreHealth,
@@ -42,8 +42,9 @@ pub(crate) struct Verifier {
     pub(crate) counters: Arc<Counters>,
 }
 
-/// A resolved key that passed its checks, with its rate-limit status; or why not.
-pub(crate) type Outcome = Result<(Arc<ResolvedKey>, Option<RateLimitStatus>), AuthRejection>;
+/// A resolved key that passed its checks, with its rate-limit status and credits left; or why
+/// not.
+pub(crate) type Outcome = Result<(Arc<ResolvedKey>, Quota), AuthRejection>;
 
 /// An [`Outcome`] with what metrics and the span report about a rejection: the configured
 /// collection it counts under (the one the credential named, else the resolved key's) and
@@ -52,6 +53,9 @@ pub(crate) struct Decided {
     pub(crate) outcome: Outcome,
     pub(crate) collection: Option<u32>,
     pub(crate) key_id: Option<Uuid>,
+    /// Accepted so far, but the request's credits (this many) must still be leased from the
+    /// store: [`Verifier::settle`].
+    pub(crate) pending_cost: Option<u64>,
 }
 
 impl Decided {
@@ -61,21 +65,24 @@ impl Decided {
             outcome,
             collection: binding(key),
             key_id: None,
+            pending_cost: None,
         }
     }
 
-    /// After `resolved` was found: admitted with its rate-limit status, or refused.
+    /// After `resolved` was found: admitted with its rate-limit status and credits, or
+    /// refused.
     fn resolved(
         key: &PresentedKey,
         resolved: Arc<ResolvedKey>,
-        checked: Result<Option<RateLimitStatus>, AuthRejection>,
+        checked: Result<Quota, AuthRejection>,
     ) -> Self {
         let collection = binding(key).or(resolved.collection);
         let key_id = Some(resolved.principal.key_id());
         Self {
-            outcome: checked.map(|status| (resolved, status)),
+            outcome: checked.map(|quota| (resolved, quota)),
             collection,
             key_id,
+            pending_cost: None,
         }
     }
 }
@@ -131,12 +138,16 @@ impl Verifier {
     /// The hit path's outcome, when it can be decided without waiting: a fresh cache entry
     /// (or a blocked client address) and an in-memory limiter. `None`: the request must wait
     /// for the store or a remote limiter ([`Verifier::outcome`]).
+    /// `cost` (the request's credits) is called only for a key with credits; a key whose
+    /// credits this instance must first lease is decided with a
+    /// [`pending_cost`](Decided::pending_cost).
     pub(crate) fn outcome_now(
         &self,
         key: &PresentedKey,
         method: &Method,
         blocked: Option<&crate::ratelimit::Blocked>,
         client: impl FnOnce() -> Option<IpAddr>,
+        cost: impl FnOnce() -> u64,
     ) -> Option<Decided> {
         if self.admission.limiters.is_remote() {
             return None;
@@ -149,7 +160,52 @@ impl Verifier {
             .admission
             .check(&resolved, key, method, client)
             .and_then(|()| self.admission.rate_limit_local(&resolved));
-        Some(Decided::resolved(key, resolved, checked))
+        let mut pending_cost = None;
+        let mut charged = 0;
+        let checked = checked.map(|rate| {
+            let credits = match self.admission.charge_now(&resolved, cost) {
+                ChargeNow::Unlimited => None,
+                ChargeNow::Spent { left, cost } => {
+                    charged = cost;
+                    Some(left)
+                }
+                ChargeNow::Pending(cost) => {
+                    pending_cost = Some(cost);
+                    None
+                }
+            };
+            Quota {
+                rate,
+                credits,
+                charged,
+            }
+        });
+        let mut decided = Decided::resolved(key, resolved, checked);
+        decided.pending_cost = pending_cost;
+        Some(decided)
+    }
+
+    /// Finishes a decision whose credits must be leased from the store
+    /// ([`Decided::pending_cost`]): charged, or refused with `usage_exceeded` (or
+    /// `store_unavailable`).
+    pub(crate) async fn settle(&self, mut decided: Decided) -> Decided {
+        let Some(cost) = decided.pending_cost.take() else {
+            return decided;
+        };
+        if let Ok((resolved, quota)) = &mut decided.outcome {
+            match self
+                .admission
+                .charge(resolved, cost, || self.resolver.unavailable())
+                .await
+            {
+                Ok(left) => {
+                    quota.credits = left;
+                    quota.charged = cost;
+                }
+                Err(rejection) => decided.outcome = Err(rejection),
+            }
+        }
+        decided
     }
 
     /// The outcome of a request that may wait: resolution through the store, the checks,
@@ -165,6 +221,7 @@ impl Verifier {
         optional: bool,
         blocked: Option<&crate::ratelimit::Blocked>,
         client: impl FnOnce() -> Option<IpAddr>,
+        cost: impl FnOnce() -> u64,
     ) -> Decided {
         let resolved = self
             .resolver
@@ -184,10 +241,31 @@ impl Verifier {
         if let Err(rejection) = self.admission.check(&resolved, key, method, client) {
             return Decided::resolved(key, resolved, Err(rejection));
         }
-        let checked = self
+        let rate = match self
             .admission
             .rate_limit(&resolved, || self.resolver.unavailable())
-            .await;
+            .await
+        {
+            Ok(rate) => rate,
+            Err(rejection) => return Decided::resolved(key, resolved, Err(rejection)),
+        };
+        let checked = match resolved.credits.as_deref() {
+            None => Ok(Quota {
+                rate,
+                ..Quota::default()
+            }),
+            Some(_) => {
+                let cost = cost();
+                self.admission
+                    .charge(&resolved, cost, || self.resolver.unavailable())
+                    .await
+                    .map(|credits| Quota {
+                        rate,
+                        credits,
+                        charged: cost,
+                    })
+            }
+        };
         Decided::resolved(key, resolved, checked)
     }
 
@@ -232,6 +310,7 @@ impl Verifier {
             RejectionKind::InvalidKey => UsageOutcome::Invalid,
             RejectionKind::MalformedKey => UsageOutcome::Malformed,
             RejectionKind::IpNotAllowed => UsageOutcome::IpNotAllowed,
+            RejectionKind::UsageExceeded => UsageOutcome::UsageExceeded,
             _ => UsageOutcome::Other,
         };
         // A key presented under another collection is not its owner's use: counted where it
@@ -269,7 +348,8 @@ impl Verifier {
         client: Option<IpAddr>,
         decided: Decided,
         span: &Span,
-    ) -> Result<Option<RateLimitStatus>, AuthRejection> {
+    ) -> Result<Quota, AuthRejection> {
+        debug_assert!(decided.pending_cost.is_none(), "settle before admitting");
         let (resolved, status) = match decided.outcome {
             Ok(accepted) => accepted,
             Err(rejection) => {
@@ -292,6 +372,13 @@ impl Verifier {
             identity.insert_into(extensions);
         }
         extensions.insert(resolved.principal.clone());
+        if resolved.credits.is_some() && status.credits.is_some() {
+            extensions.insert(Charged {
+                ledger: self.admission.credits.clone(),
+                cost: status.charged,
+                resolved,
+            });
+        }
         Ok(status)
     }
 
@@ -300,15 +387,28 @@ impl Verifier {
     /// mode, no query parameter), the client's failure budget, the hit path or resolution,
     /// the checks for `method`, the rate limit; then what [`Verifier::admit_or_reject`] does
     /// besides touching a request: the use is noted, a rejected key counts against `client`.
+    /// `cost`: the credits the request spends, for a key with credits. `scopes`: scopes the
+    /// key must hold (`insufficient_scope` naming the first it lacks; its credits are given
+    /// back then).
     pub(crate) async fn check(
         &self,
         headers: &http::HeaderMap,
         method: &Method,
         client: ClientAddresses,
-    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
-        let (resolved, status) = self.decide(headers, method, client).await?;
+        cost: u64,
+        scopes: &[String],
+    ) -> Result<(Principal, Quota), AuthRejection> {
+        let (resolved, quota) = self.decide(headers, method, client, cost).await?;
+        if let Some(missing) = scopes.iter().find(|s| !resolved.principal.has_scope(s)) {
+            if let Some(account) = resolved.credits.as_deref() {
+                self.admission.credits.refund(account, quota.charged);
+            }
+            // The scope asked for is the caller's text, not the key: it may be named.
+            let detail = format!("the key does not hold the scope `{missing}`");
+            return Err(AuthRejection::new(RejectionKind::InsufficientScope, detail));
+        }
         self.admission.record_use(&resolved);
-        Ok((resolved.principal.clone(), status))
+        Ok((resolved.principal.clone(), quota))
     }
 
     /// [`Verifier::check`] for a key given as text: read as an `X-Api-Key` header would be.
@@ -317,19 +417,22 @@ impl Verifier {
         key: &str,
         method: &Method,
         client: ClientAddresses,
-    ) -> Result<(Principal, Option<RateLimitStatus>), AuthRejection> {
-        self.check(&key_headers(key)?, method, client).await
+        cost: u64,
+        scopes: &[String],
+    ) -> Result<(Principal, Quota), AuthRejection> {
+        self.check(&key_headers(key)?, method, client, cost, scopes)
+            .await
     }
 
     /// Verifies a key given outside HTTP, with the request path's checks; its use is not
-    /// recorded.
+    /// recorded and spends no credits (a key with none left still verifies).
     pub(crate) async fn verify_key(
         &self,
         key: &str,
         method: &Method,
     ) -> Result<Principal, AuthRejection> {
         let (resolved, _) = self
-            .decide(&key_headers(key)?, method, ClientAddresses::default())
+            .decide(&key_headers(key)?, method, ClientAddresses::default(), 0)
             .await?;
         Ok(resolved.principal.clone())
     }
@@ -342,17 +445,25 @@ impl Verifier {
         headers: &http::HeaderMap,
         method: &Method,
         addresses: ClientAddresses,
+        cost: u64,
     ) -> Outcome {
         let (client, origin) = (addresses.blamed, addresses.origin);
         let span = auth_span();
         let Started { key, blocked, now } =
-            span.in_scope(|| self.decide_now(&span, headers, method, client, origin))?;
+            span.in_scope(|| self.decide_now(&span, headers, method, client, origin, cost))?;
         let decided = match now {
-            Some(decided) => decided,
+            Some(decided) => self.settle(decided).instrument(span.clone()).await,
             None => {
-                self.outcome(&key, headers, None, method, false, blocked.as_ref(), || {
-                    origin
-                })
+                self.outcome(
+                    &key,
+                    headers,
+                    None,
+                    method,
+                    false,
+                    blocked.as_ref(),
+                    || origin,
+                    || cost,
+                )
                 .instrument(span.clone())
                 .await
             }
@@ -378,6 +489,7 @@ impl Verifier {
         method: &Method,
         client: Option<IpAddr>,
         origin: Option<IpAddr>,
+        cost: u64,
     ) -> Result<Started, AuthRejection> {
         let blocked = self.admission.blocked(client);
         let key = match self.credentials.prepare(headers, None, false) {
@@ -407,7 +519,7 @@ impl Verifier {
             self.tally_rejection(span, binding(&key), &rejection);
             return Err(rejection);
         }
-        let now = self.outcome_now(&key, method, blocked.as_ref(), || origin);
+        let now = self.outcome_now(&key, method, blocked.as_ref(), || origin, || cost);
         Ok(Started { key, blocked, now })
     }
 }

@@ -16,6 +16,7 @@ use crate::ratelimit::Blocked;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::secret::{Digest, SecretId};
 use crate::stats::{CacheLookup, Counters};
+use crate::credits::CreditLedger;
 use crate::store::{ForeignScheme, ForeignSource, KeyRecord, KeyStore, StoreError, StoreErrorKind};
 
 use super::prepare::{CollectionConfig, CredentialCheck, MissDigests};
@@ -92,6 +93,8 @@ pub(crate) struct Resolver {
     /// The principals' shared profiles (collection, scopes, ...): owned here, dropped with
     /// the layer.
     pub(crate) profiles: Interner,
+    /// Where keys with credits get their accounts.
+    pub(crate) credits: Arc<CreditLedger>,
 }
 
 impl Resolver {
@@ -400,6 +403,9 @@ impl Resolver {
             .and_then(|index| u32::try_from(index).ok());
         // A foreign store is never written to.
         resolved.tracks_usage = !foreign;
+        if record.credits.is_some() && !foreign {
+            resolved.credits = Some(Box::new(self.credits.account(record.id)));
+        }
         Ok(Arc::new(resolved))
     }
 }

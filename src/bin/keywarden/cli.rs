@@ -21,6 +21,7 @@ use crate::{
 };
 use keywarden::manage::{Granularity, UsageQuery};
 use keywarden::net::IpNetwork;
+use keywarden::store::{Refill, MAX_CREDITS};
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
@@ -145,6 +146,14 @@ pub(crate) struct CreateArgs {
     /// address); repeat or separate with commas for more. Default: from anywhere.
     #[arg(long = "allow-ip", value_name = "CIDR", value_delimiter = ',')]
     allowed_ips: Vec<IpNetwork>,
+    /// Credits: how many requests the key may make in total (each costs 1, or its route's
+    /// cost); at 0 it gets 429 usage_exceeded. Default: unlimited.
+    #[arg(long, value_name = "N", value_parser = parse_credits, allow_hyphen_values = true)]
+    credits: Option<u64>,
+    /// Refill the credits, e.g. 1000/day or 50000/month (30 days): the balance is set to the
+    /// amount at the start of each period. Without --credits the key starts with the amount.
+    #[arg(long, value_name = "AMOUNT/PERIOD")]
+    refill: Option<Refill>,
     /// Environment, which picks the key prefix (kw_live_, kw_test_).
     #[arg(long, default_value = "live", value_name = "live|test")]
     env: String,
@@ -222,6 +231,25 @@ pub(crate) struct UpdateArgs {
     /// Remove the key's IP allowlist: accept it from any address.
     #[arg(long)]
     allow_any_ip: bool,
+    /// Set the key's credit balance (voids what servers hold leased and restarts the refill
+    /// schedule from now).
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = parse_credits,
+        allow_hyphen_values = true,
+        conflicts_with = "unlimited_credits"
+    )]
+    credits: Option<u64>,
+    /// Remove the key's credits (and refill): unlimited use.
+    #[arg(long, conflicts_with_all = ["refill", "no_refill"])]
+    unlimited_credits: bool,
+    /// Set the credits' refill, e.g. 1000/day (a key without credits starts with the amount).
+    #[arg(long, value_name = "AMOUNT/PERIOD", conflicts_with = "no_refill")]
+    refill: Option<Refill>,
+    /// Remove the credits' refill.
+    #[arg(long)]
+    no_refill: bool,
     /// Disable the key (reversible with --enable).
     #[arg(long, conflicts_with = "enable")]
     disable: bool,
@@ -384,6 +412,12 @@ pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Re
             new.description = args.description;
             new.rate_limit = args.rate_limit;
             new.allowed_ips = args.allowed_ips;
+            if let Some(refill) = args.refill {
+                new = new.refill(refill);
+            }
+            if let Some(credits) = args.credits {
+                new = new.credits(credits);
+            }
             if let Some(metadata) = args.metadata {
                 new.metadata = metadata;
             }
@@ -490,6 +524,15 @@ pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Re
     Ok(())
 }
 
+/// A credit balance: a whole number from 0 to the most a key may hold.
+fn parse_credits(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n <= MAX_CREDITS)
+        .ok_or_else(|| format!("credits must be a whole number from 0 to {MAX_CREDITS}"))
+}
+
 fn patch_from(args: UpdateArgs) -> Result<KeyPatch, Failure> {
     let patch = KeyPatch {
         name: args.name,
@@ -530,6 +573,16 @@ fn patch_from(args: UpdateArgs) -> Result<KeyPatch, Failure> {
             Some(false)
         } else {
             None
+        },
+        credits: if args.unlimited_credits {
+            Some(None)
+        } else {
+            args.credits.map(Some)
+        },
+        credit_refill: if args.no_refill {
+            Some(None)
+        } else {
+            args.refill.map(Some)
         },
     };
     if patch == KeyPatch::default() {

@@ -63,7 +63,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
             .unwrap_or_default()
     };
     println!(
-        "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>14} {:>6}",
+        "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>14} {:>14} {:>6}",
         "from",
         "accepted",
         "rejected",
@@ -73,6 +73,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
         "revoked",
         "invalid",
         "ip_not_allowed",
+        "usage_exceeded",
         "other"
     );
     for b in report
@@ -81,7 +82,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
         .filter(|b| b.accepted + b.rejected > 0)
     {
         println!(
-            "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>14} {:>6}",
+            "{:<20} {:>9} {:>9} {:>12} {:>18} {:>8} {:>8} {:>8} {:>14} {:>14} {:>6}",
             fmt(b.start),
             b.accepted,
             b.rejected,
@@ -91,13 +92,15 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
             b.revoked,
             b.invalid,
             b.ip_not_allowed,
+            b.usage_exceeded,
             b.other + b.malformed
         );
     }
     let t = &report.total;
     println!(
         "total {} accepted, {} rejected ({} rate limited, {} insufficient scope, {} expired, \
-         {} revoked, {} invalid, {} not from an allowed address, {} other) from {} to {} \
+         {} revoked, {} invalid, {} not from an allowed address, {} out of credits, {} other) \
+         from {} to {} \
          (hours with requests only; --json \
          lists every bucket)",
         t.accepted,
@@ -108,6 +111,7 @@ pub(crate) fn print_usage(report: &keywarden::manage::UsageReport, out: Output) 
         t.revoked,
         t.invalid,
         t.ip_not_allowed,
+        t.usage_exceeded,
         t.other + t.malformed,
         fmt(report.since),
         fmt(report.until)
@@ -252,6 +256,19 @@ pub(crate) fn print_record(record: &KeyRecord, out: Output) {
                     .collect::<Vec<_>>()
                     .join(", ")
             },
+        ),
+        (
+            "credits",
+            record
+                .credits
+                .map_or_else(|| "unlimited".to_owned(), |c| c.remaining.to_string()),
+        ),
+        (
+            "refill",
+            record
+                .credits
+                .and_then(|c| c.refill)
+                .map_or_else(dash, |r| r.to_string()),
         ),
         ("metadata", record.metadata.to_string()),
         ("created", short_time(Some(record.created_at), "")),

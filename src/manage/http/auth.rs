@@ -27,7 +27,15 @@ impl FromRequestParts<Arc<KeyManager>> for Caller {
             .get("x-request-id")
             .and_then(|v| v.to_str().ok());
         let address = manager.client_address(&parts.headers, &parts.extensions);
-        Ok(Caller::new(principal, manager)?.with_request(address, request_id))
+        let key_id = principal.key_id();
+        let caller = Caller::new(principal, manager)?.with_request(address, request_id);
+        if caller.is_admin() {
+            return Ok(caller);
+        }
+        // A `keys:self` caller gives no key more credits than it has: its balance now, from
+        // the store (the cached principal does not carry a balance).
+        let own = manager.get(key_id).await.map_err(ApiError::from)?;
+        Ok(caller.with_own_credits(own.credits))
     }
 }
 

@@ -6,14 +6,16 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::expiry::parse_lifetime;
-use super::request::{parse_networks, parse_rate_limit, parse_time, CreateRequest};
+use super::request::{
+    parse_credits, parse_networks, parse_rate_limit, parse_refill, parse_time, CreateRequest,
+};
 use super::validate::{check_free_text, check_scopes};
 use crate::audit::{Actor, ChangeContext};
 use crate::manage::{ExpiresIn, KeyManager, ManageError, NewKey};
 use crate::net::IpNetwork;
 use crate::principal::Principal;
 use crate::ratelimit::RateLimitPolicy;
-use crate::store::{KeyPatch, KeyQuery, KeyRecord};
+use crate::store::{Credits, KeyPatch, KeyQuery, KeyRecord, Refill};
 
 /// Manages every key.
 pub(crate) const ADMIN_SCOPE: &str = "keys:admin";
@@ -48,6 +50,9 @@ pub(crate) struct Caller {
     /// The rate limits of keys without their own, one per layer where keys are verified
     /// (never empty; `None`: unlimited there).
     default_rate_limits: Vec<Option<RateLimitPolicy>>,
+    /// The caller's own credits as stored when the request began (`None`: unlimited); read
+    /// for `keys:self` callers only.
+    own_credits: Option<Credits>,
 }
 
 impl Caller {
@@ -69,7 +74,15 @@ impl Caller {
             principal,
             admin,
             default_rate_limits: manager.default_rate_limits(),
+            own_credits: None,
         })
+    }
+
+    /// The caller's own credits, as its key's record holds them now: a `keys:self` caller
+    /// never gives a key more.
+    pub(crate) fn with_own_credits(mut self, credits: Option<Credits>) -> Self {
+        self.own_credits = credits;
+        self
     }
 
     /// Records the caller's client address and request id with its changes.
@@ -281,6 +294,39 @@ impl Caller {
         }
     }
 
+    /// A new key's credits: what was asked, within the caller's own. Nothing asked inherits
+    /// the caller's own balance and refill (none: unlimited, like the caller).
+    fn bound_credits(
+        &self,
+        asked: Option<u64>,
+        refill: Option<Refill>,
+    ) -> Result<Option<Credits>, CallerError> {
+        let wanted = match (asked, refill) {
+            (None, None) => None,
+            (Some(remaining), refill) => Some(Credits { remaining, refill }),
+            (None, Some(refill)) => Some(Credits::new(refill.amount()).with_refill(refill)),
+        };
+        let own = match self.own_credits {
+            Some(own) if !self.admin => own,
+            _ => return Ok(wanted),
+        };
+        let Some(wanted) = wanted else {
+            return Ok(Some(own));
+        };
+        if wanted.remaining > own.remaining {
+            return Err(forbidden(format!(
+                "a `keys:self` key cannot give a key more credits than it has itself ({})",
+                own.remaining
+            )));
+        }
+        if !refill_within(wanted.refill, own.refill) {
+            return Err(forbidden(
+                "a `keys:self` key cannot give a key a refill more generous than its own".to_owned(),
+            ));
+        }
+        Ok(Some(wanted))
+    }
+
     /// A `keys:self` caller rotates only keys no more powerful than itself: the new key's
     /// plaintext is the caller's to use.
     pub(crate) fn may_rotate(&self, key: &KeyRecord) -> Result<(), CallerError> {
@@ -311,6 +357,8 @@ impl Caller {
             Some("its rate limit is looser than the caller's")
         } else if !ips_within(&key.allowed_ips, p.allowed_ips()) {
             Some("it may be used from addresses the caller may not use")
+        } else if !credits_within(key.credits, self.own_credits) {
+            Some("it has more credits than the caller, or a more generous refill")
         } else {
             None
         }
@@ -360,6 +408,8 @@ impl Caller {
             !ips_within(ips, &key.allowed_ips) || !ips_within(ips, self.principal.allowed_ips())
         }) {
             Some("widen an IP allowlist, or allow addresses it may not use itself")
+        } else if !self.credits_patch_tightens(key, patch) {
+            Some("raise a key's credits or make them unlimited, loosen its refill, or give more than it has itself")
         } else {
             None
         };
@@ -384,6 +434,25 @@ impl Caller {
             patch.allowed_ips = None;
         }
         Ok(())
+    }
+
+    /// Whether a `keys:self` caller's patch of `key`'s credits only tightens them, and stays
+    /// within the caller's own.
+    fn credits_patch_tightens(&self, key: &KeyRecord, patch: &KeyPatch) -> bool {
+        if !patch.changes_credits() {
+            return true;
+        }
+        let mut after = key.clone();
+        patch.apply_to(&mut after, key.updated_at);
+        let lowered = match (after.credits, key.credits) {
+            (None, None) => true,
+            (None, Some(_)) => false,
+            (Some(_), None) => true,
+            (Some(new), Some(old)) => {
+                new.remaining <= old.remaining && refill_within(new.refill, old.refill)
+            }
+        };
+        lowered && credits_within(after.credits, self.own_credits)
     }
 
     /// The key to create.
@@ -458,6 +527,9 @@ impl Caller {
             .map(parse_networks)
             .transpose()?;
         new.allowed_ips = self.bound_allowed_ips(allowed_ips)?;
+        let credits = body.credits.map(parse_credits).transpose()?;
+        let refill = body.refill.as_deref().map(parse_refill).transpose()?;
+        new.credits = self.bound_credits(credits, refill)?;
         Ok(new)
     }
 
@@ -497,6 +569,27 @@ fn ends_by(expires_at: Option<OffsetDateTime>, limit: Option<OffsetDateTime>) ->
 
 /// Whether an allowlist (empty: anywhere) admits no address that `limit` (empty: anywhere)
 /// does not: each of its networks inside one of `limit`'s.
+/// Whether `refill` gives no more than `limit` (no refill gives nothing; a limit of none
+/// allows none).
+fn refill_within(refill: Option<Refill>, limit: Option<Refill>) -> bool {
+    match (refill, limit) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(refill), Some(limit)) => refill.is_within(&limit),
+    }
+}
+
+/// Whether credits `credits` are no more than `limit` (`None`: unlimited).
+fn credits_within(credits: Option<Credits>, limit: Option<Credits>) -> bool {
+    match (credits, limit) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(credits), Some(limit)) => {
+            credits.remaining <= limit.remaining && refill_within(credits.refill, limit.refill)
+        }
+    }
+}
+
 fn ips_within(networks: &[IpNetwork], limit: &[IpNetwork]) -> bool {
     limit.is_empty()
         || (!networks.is_empty()

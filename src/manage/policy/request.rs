@@ -10,7 +10,7 @@ use super::validate::check_free_text;
 use crate::manage::ManageError;
 use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
-use crate::store::{KeyPatch, OwnerKind};
+use crate::store::{KeyPatch, OwnerKind, Refill, MAX_CREDITS};
 
 // `Caller::new_key` fills the gaps from the caller and checks it. No container
 // `#[serde(default)]`: utoipa would document a `null` default for every member.
@@ -66,6 +66,16 @@ pub(crate) struct CreateRequest {
     /// only narrow).
     #[schema(nullable = false)]
     pub(crate) allowed_ips: Option<Vec<String>>,
+    /// Credits: how many requests the key may make in total (each costs 1, or its route's
+    /// cost); at 0 it gets 429 `usage_exceeded`. Default: unlimited (a `keys:self` caller
+    /// with credits: its own balance, and never more).
+    #[schema(nullable = false, minimum = 0, examples(1000))]
+    pub(crate) credits: Option<i64>,
+    /// A refill such as `1000/day` or `50000/month` (30 days): the balance is set to the
+    /// amount at the start of each period, counted from when the credits were set. Without
+    /// `credits`, the key starts with the amount.
+    #[schema(nullable = false, value_type = Option<Refill>)]
+    pub(crate) refill: Option<String>,
 }
 
 impl CreateRequest {
@@ -84,6 +94,8 @@ impl CreateRequest {
         "metadata",
         "rate_limit",
         "allowed_ips",
+        "credits",
+        "refill",
     ];
 }
 
@@ -138,6 +150,17 @@ pub(crate) struct PatchRequest {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<Vec<String>>)]
     allowed_ips: Option<Option<Vec<String>>>,
+    /// Absent: unchanged. A number: the new balance (voids what instances hold leased, and
+    /// restarts the refill schedule from now; a `keys:self` caller may only lower it).
+    /// `null`: unlimited (drops the refill too).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i64>, minimum = 0)]
+    credits: Option<Option<i64>>,
+    /// Absent: unchanged. A refill such as `1000/day`: the new one (a key without credits
+    /// starts with its amount). `null`: no refill.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Refill>)]
+    refill: Option<Option<String>>,
 }
 
 impl PatchRequest {
@@ -152,6 +175,8 @@ impl PatchRequest {
         "expires_at",
         "disabled",
         "allowed_ips",
+        "credits",
+        "refill",
     ];
 
     /// The patch, its text parsed.
@@ -190,6 +215,16 @@ impl PatchRequest {
                 Some(None) => Some(Vec::new()),
                 None => None,
             },
+            credits: match self.credits {
+                Some(Some(credits)) => Some(Some(parse_credits(credits)?)),
+                Some(None) => Some(None),
+                None => None,
+            },
+            credit_refill: match self.refill {
+                Some(Some(text)) => Some(Some(parse_refill(&text)?)),
+                Some(None) => Some(None),
+                None => None,
+            },
             expected_updated_at: None,
         })
     }
@@ -225,6 +260,30 @@ pub(crate) fn parse_time(field: &'static str, text: &str) -> Result<OffsetDateTi
         ManageError::invalid(
             field,
             "expected an RFC 3339 timestamp such as 2030-01-31T12:00:00Z",
+        )
+    })
+}
+
+/// A credit balance as sent: 0 to [`MAX_CREDITS`].
+pub(crate) fn parse_credits(credits: i64) -> Result<u64, ManageError> {
+    u64::try_from(credits)
+        .ok()
+        .filter(|c| *c <= MAX_CREDITS)
+        .ok_or_else(|| {
+            ManageError::invalid(
+                "credits",
+                format!("credits must be a whole number from 0 to {MAX_CREDITS}"),
+            )
+        })
+}
+
+/// A refill as text.
+pub(crate) fn parse_refill(text: &str) -> Result<Refill, ManageError> {
+    text.parse().map_err(|_| {
+        ManageError::invalid(
+            "refill",
+            "expected a refill such as 1000/day, 50000/month or 10/30min (a period of s, min, h, \
+             day, week or month, at least one second)",
         )
     })
 }

@@ -2,7 +2,7 @@
 
 use super::super::{ExpiresIn, ManageError, NewKey};
 use crate::net::IpNetwork;
-use crate::store::KeyPatch;
+use crate::store::{KeyPatch, MAX_CREDITS};
 
 /// Longest accepted name, description, subject and metadata, in bytes.
 const MAX_NAME: usize = 200;
@@ -73,6 +73,17 @@ pub(crate) fn check_allowed_ips(networks: &mut Vec<IpNetwork>) -> Result<(), Man
                 "allowed_ips holds {} networks; at most {MAX_ALLOWED_IPS} are allowed",
                 networks.len()
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// A credit balance: at most [`MAX_CREDITS`].
+pub(crate) fn check_credits(credits: u64) -> Result<(), ManageError> {
+    if credits > MAX_CREDITS {
+        return Err(ManageError::invalid(
+            "credits",
+            format!("credits must be from 0 to {MAX_CREDITS}"),
         ));
     }
     Ok(())
@@ -153,6 +164,9 @@ pub(crate) fn validate_new(mut new: NewKey) -> Result<NewKey, ManageError> {
     check_scopes(&mut new.scopes)?;
     check_metadata(&mut new.metadata)?;
     check_allowed_ips(&mut new.allowed_ips)?;
+    if let Some(credits) = &new.credits {
+        check_credits(credits.remaining)?;
+    }
     if let ExpiresIn::After(d) = new.expires_in {
         if !d.is_positive() {
             return Err(ManageError::invalid(
@@ -179,6 +193,15 @@ pub(crate) fn validate_patch(patch: &mut KeyPatch) -> Result<(), ManageError> {
     }
     if let Some(networks) = &mut patch.allowed_ips {
         check_allowed_ips(networks)?;
+    }
+    if let Some(Some(credits)) = patch.credits {
+        check_credits(credits)?;
+    }
+    if matches!(patch.credits, Some(None)) && matches!(patch.credit_refill, Some(Some(_))) {
+        return Err(ManageError::invalid(
+            "refill",
+            "a key without credits has no refill: set credits too",
+        ));
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::manage::CreatedKey;
 use crate::net::IpNetwork;
 use crate::ratelimit::RateLimitPolicy;
-use crate::store::{KeyPage, KeyRecord, KeyState, OwnerKind};
+use crate::store::{KeyPage, KeyRecord, KeyState, OwnerKind, Refill};
 
 /// A key as JSON: every field of its [`KeyRecord`] but the digest, the secret id and the
 /// encrypted key, plus its `state` at the time of the view. Timestamps are RFC 3339.
@@ -64,6 +64,12 @@ pub struct KeyView<'a> {
     /// The networks the key may be used from (CIDR); empty: anywhere.
     #[cfg_attr(feature = "manage-api", schema(value_type = Vec<String>))]
     allowed_ips: &'a [IpNetwork],
+    /// Credits left in the store (credits instances hold leased are not counted: they are
+    /// spent or given back within seconds); `null`: unlimited.
+    credits: Option<u64>,
+    /// The credits' refill (the balance is set to its amount each period); `null`: none.
+    #[cfg_attr(feature = "manage-api", schema(value_type = Option<String>))]
+    refill: Option<Refill>,
     /// The key's state when the view was made.
     state: KeyState,
     /// When the key was created.
@@ -106,6 +112,8 @@ impl<'a> KeyView<'a> {
             metadata: &record.metadata,
             rate_limit: record.rate_limit,
             allowed_ips: &record.allowed_ips,
+            credits: record.credits.map(|c| c.remaining),
+            refill: record.credits.and_then(|c| c.refill),
             state: record.state(now),
             created_at: record.created_at,
             updated_at: record.updated_at,

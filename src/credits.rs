@@ -1,0 +1,437 @@
+//! Credits on the request path: each cached key with credits has an account holding the
+//! credits this instance leased from the store; requests spend from it with one atomic
+//! subtraction, and only an empty (or void) account asks the store for another lease.
+//!
+//! Conservation: at every moment a key's credits are in the store, in some instance's account,
+//! or spent. A lease moves credits from the store into an account in one atomic statement;
+//! an account gives back what it holds (one atomic swap, so nothing is both spent and given
+//! back) when its key leaves the cache, after sitting idle, or at shutdown. A lease of an
+//! earlier generation (the credits were set since) or of a finished refill period is void: its
+//! credits are dropped, neither spent nor given back. So all instances together never accept
+//! more than the balance; a crashed instance loses at most what it held.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::rejection::AuthRejection;
+use crate::store::{unix_millis, CreditLease, KeyStore, StoreError};
+
+/// How leases are sized and kept: see
+/// [`ApiKeyLayerBuilder::credit_leases`](crate::ApiKeyLayerBuilder::credit_leases).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseConfig {
+    /// The most credits one lease takes (it takes less when the balance is low: an eighth of
+    /// what is left, at least what the request needs).
+    pub(crate) max_block: u64,
+    /// A lease unused this long goes back to the store.
+    pub(crate) idle: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            max_block: 100,
+            idle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of the ledger's store round trips.
+#[derive(Debug, Default)]
+pub(crate) struct LedgerCounters {
+    pub(crate) leases: AtomicU64,
+    pub(crate) returns: AtomicU64,
+    pub(crate) failures: AtomicU64,
+}
+
+/// One layer's credit accounts and their traffic with the store.
+pub(crate) struct CreditLedger {
+    store: Arc<dyn KeyStore>,
+    clock: Arc<dyn Clock>,
+    config: LeaseConfig,
+    /// Whether the layer caches keys: an uncached layer's account lives for one request, so
+    /// it leases exactly what the request costs.
+    cached: bool,
+    store_timeout: Duration,
+    /// Unspent credits of dropped accounts, to the returner task.
+    returns: Mutex<Option<mpsc::UnboundedSender<Returned>>>,
+    /// Every live account, for the idle sweep and shutdown.
+    accounts: Mutex<Vec<Weak<AccountState>>>,
+    pub(crate) counters: LedgerCounters,
+}
+
+impl std::fmt::Debug for CreditLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreditLedger")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Credits given back.
+#[derive(Debug, Clone, Copy)]
+struct Returned {
+    key: Uuid,
+    amount: u64,
+    generation: u64,
+    period: u64,
+}
+
+/// The lease an account's credits came from.
+#[derive(Debug, Clone, Copy, Default)]
+struct LeaseTag {
+    generation: u64,
+    period: u64,
+}
+
+/// What an account holds, shared between the cached key (which owns it) and the ledger's
+/// registry (which only looks).
+#[derive(Debug)]
+pub(crate) struct AccountState {
+    key: Uuid,
+    /// Credits this instance may spend now.
+    local: AtomicU64,
+    /// The store's balance after the last lease (for `Credits-Remaining`).
+    store_left: AtomicU64,
+    /// Unix ms at which the held credits' refill period ends; `i64::MAX` without a refill.
+    void_at_ms: AtomicI64,
+    /// Spent from since the last idle sweep.
+    used: AtomicBool,
+    tag: Mutex<LeaseTag>,
+    /// One lease at a time per account.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+/// A cached key's credits on this instance. Dropping it (the key left the cache) gives its
+/// unspent credits back.
+#[derive(Debug)]
+pub(crate) struct CreditAccount {
+    state: Arc<AccountState>,
+    ledger: Weak<CreditLedger>,
+}
+
+impl Drop for CreditAccount {
+    fn drop(&mut self) {
+        if let Some(ledger) = self.ledger.upgrade() {
+            if let Some(returned) = self.state.take_back(ledger.now_ms()) {
+                ledger.send_back(returned);
+            }
+        }
+    }
+}
+
+impl AccountState {
+    /// Spends `cost` from what this instance holds, if it holds enough of a live lease:
+    /// the credits left afterwards (this instance's and the store's), else `None`.
+    fn try_spend(&self, cost: u64, now_ms: impl FnOnce() -> i64) -> Option<u64> {
+        let void_at = self.void_at_ms.load(Ordering::Acquire);
+        if void_at != i64::MAX && now_ms() >= void_at {
+            return None;
+        }
+        let before = self
+            .local
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_sub(cost)
+            })
+            .ok()?;
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+        Some(
+            (before - cost).saturating_add(self.store_left.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Takes every held credit for giving back (`None` when none are held, or the lease's
+    /// period ended at `now_ms` — its credits are void then and simply dropped).
+    fn take_back(&self, now_ms: i64) -> Option<Returned> {
+        let amount = self.local.swap(0, Ordering::AcqRel);
+        if amount == 0 || now_ms >= self.void_at_ms.load(Ordering::Acquire) {
+            return None;
+        }
+        let tag = *self.tag.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Returned {
+            key: self.key,
+            amount,
+            generation: tag.generation,
+            period: tag.period,
+        })
+    }
+}
+
+impl CreditLedger {
+    /// A ledger over `store`; its returner and idle sweep start on the current runtime, if
+    /// any (without one, unspent credits of dropped accounts are lost: fewer accepted, never
+    /// more).
+    pub(crate) fn new(
+        store: Arc<dyn KeyStore>,
+        clock: Arc<dyn Clock>,
+        config: LeaseConfig,
+        cached: bool,
+        store_timeout: Duration,
+    ) -> Arc<Self> {
+        let ledger = Arc::new(Self {
+            store,
+            clock,
+            config,
+            cached,
+            store_timeout,
+            returns: Mutex::new(None),
+            accounts: Mutex::new(Vec::new()),
+            counters: LedgerCounters::default(),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            *ledger.returns.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
+            runtime.spawn(return_worker(Arc::downgrade(&ledger), receiver));
+            runtime.spawn(idle_sweep(Arc::downgrade(&ledger), config.idle));
+        }
+        ledger
+    }
+
+    /// A new, empty account for key `key`.
+    pub(crate) fn account(self: &Arc<Self>, key: Uuid) -> CreditAccount {
+        let state = Arc::new(AccountState {
+            key,
+            local: AtomicU64::new(0),
+            store_left: AtomicU64::new(0),
+            void_at_ms: AtomicI64::new(i64::MAX),
+            used: AtomicBool::new(false),
+            tag: Mutex::new(LeaseTag::default()),
+            refresh: tokio::sync::Mutex::new(()),
+        });
+        if self.cached {
+            let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+            if accounts.len() >= 64 && accounts.len().is_power_of_two() {
+                accounts.retain(|a| a.strong_count() > 0);
+            }
+            accounts.push(Arc::downgrade(&state));
+        }
+        CreditAccount {
+            state,
+            ledger: Arc::downgrade(self),
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        unix_millis(self.clock.now())
+    }
+
+    /// The hit path: spends `cost` from what the account holds, without waiting. `None`: the
+    /// store must be asked ([`charge`](Self::charge)).
+    pub(crate) fn spend_now(&self, account: &CreditAccount, cost: u64) -> Option<u64> {
+        account.state.try_spend(cost, || self.now_ms())
+    }
+
+    /// The credits this instance knows are left: what it holds plus the store's balance at
+    /// its last lease.
+    pub(crate) fn known_left(&self, account: &CreditAccount) -> u64 {
+        let state = &account.state;
+        state
+            .local
+            .load(Ordering::Acquire)
+            .saturating_add(state.store_left.load(Ordering::Relaxed))
+    }
+
+    /// Gives `amount` spent credits back to what the account holds: a request charged more
+    /// than its route costs, or refused after it was charged.
+    pub(crate) fn refund(&self, account: &CreditAccount, amount: u64) {
+        if amount > 0 {
+            account.state.local.fetch_add(amount, Ordering::AcqRel);
+        }
+    }
+
+    /// Spends `cost` credits of `account`'s key, leasing from the store when the account
+    /// holds too few: the credits left, or `usage_exceeded` (with `Retry-After` when a
+    /// refill is scheduled). `Ok(None)`: the key has no credits in the store any more.
+    /// `unavailable` answers a store that fails or times out.
+    pub(crate) async fn charge(
+        &self,
+        account: &CreditAccount,
+        cost: u64,
+        unavailable: impl Fn() -> AuthRejection,
+    ) -> Result<Option<u64>, AuthRejection> {
+        let state = &account.state;
+        if let Some(left) = state.try_spend(cost, || self.now_ms()) {
+            return Ok(Some(left));
+        }
+        let _turn = state.refresh.lock().await;
+        // Two rounds: a lease of a new generation voids what was held, and the request may
+        // then need a second lease for its full cost.
+        for _ in 0..2 {
+            let now = self.clock.now();
+            let now_ms = unix_millis(now);
+            if let Some(left) = state.try_spend(cost, || now_ms) {
+                return Ok(Some(left));
+            }
+            if now_ms >= state.void_at_ms.load(Ordering::Acquire) {
+                // The held credits' period is over: a refill set the balance anew.
+                state.local.store(0, Ordering::Release);
+            }
+            let held = state.local.load(Ordering::Acquire);
+            let need = cost.saturating_sub(held).max(1);
+            let want = if self.cached {
+                self.config.max_block.max(need)
+            } else {
+                need
+            };
+            let lease = match self.lease(state.key, need, want, now).await {
+                Ok(Some(lease)) => lease,
+                // The key's credits were removed (its cache entry is about to be dropped):
+                // nothing to count.
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target: "keywarden", key_id = %state.key, error = %error, "leasing credits failed; the request is refused");
+                    return Err(unavailable());
+                }
+            };
+            self.absorb(state, &lease);
+            if let Some(left) = state.try_spend(cost, || now_ms) {
+                return Ok(Some(left));
+            }
+            if lease.granted == 0 {
+                let retry = lease
+                    .period_ends_at
+                    .map(|end| (end - now).unsigned_abs().max(Duration::from_secs(1)));
+                return Err(AuthRejection::usage_exceeded(retry));
+            }
+        }
+        Err(AuthRejection::usage_exceeded(None))
+    }
+
+    /// Puts a lease's credits into the account: a lease of another generation or period
+    /// first voids what the account held.
+    fn absorb(&self, state: &AccountState, lease: &CreditLease) {
+        let mut tag = state.tag.lock().unwrap_or_else(|e| e.into_inner());
+        if tag.generation != lease.generation || tag.period != lease.period {
+            state.local.store(0, Ordering::Release);
+            *tag = LeaseTag {
+                generation: lease.generation,
+                period: lease.period,
+            };
+        }
+        let void_at = lease.period_ends_at.map_or(i64::MAX, unix_millis);
+        state.void_at_ms.store(void_at, Ordering::Release);
+        state.store_left.store(lease.remaining, Ordering::Relaxed);
+        state.local.fetch_add(lease.granted, Ordering::AcqRel);
+    }
+
+    async fn lease(
+        &self,
+        key: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        self.counters.leases.fetch_add(1, Ordering::Relaxed);
+        let leased = tokio::time::timeout(
+            self.store_timeout,
+            self.store.lease_credits(key, need, want, now),
+        )
+        .await;
+        leased.unwrap_or_else(|_| {
+            Err(StoreError::new(
+                crate::store::StoreErrorKind::Timeout,
+                "leasing credits timed out",
+            ))
+        })
+    }
+
+    fn send_back(&self, returned: Returned) {
+        let sender = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = sender.as_ref() {
+            let _ = sender.send(returned);
+        }
+    }
+
+    async fn give_back(&self, returned: Returned) {
+        self.counters.returns.fetch_add(1, Ordering::Relaxed);
+        let done = self
+            .store
+            .return_credits(
+                returned.key,
+                returned.amount,
+                returned.generation,
+                returned.period,
+            )
+            .await;
+        if let Err(error) = done {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "keywarden", key_id = %returned.key, error = %error, "returning unspent credits failed; they are lost (the key accepts fewer requests, never more)");
+        }
+    }
+
+    /// Gives back every account's unspent credits now: at shutdown, or to hand an idle
+    /// instance's credits to the others. Accounts lease again on their next request.
+    pub(crate) async fn return_all(&self) {
+        let now_ms = self.now_ms();
+        let accounts: Vec<Arc<AccountState>> = self
+            .accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for state in accounts {
+            if let Some(returned) = state.take_back(now_ms) {
+                self.give_back(returned).await;
+            }
+        }
+    }
+
+    /// Gives back the credits of accounts not spent from since the last sweep.
+    async fn sweep_idle(&self) {
+        let now_ms = self.now_ms();
+        let mut idle = Vec::new();
+        {
+            let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+            accounts.retain(|account| match account.upgrade() {
+                Some(state) => {
+                    if !state.used.swap(false, Ordering::Relaxed)
+                        && state.local.load(Ordering::Relaxed) > 0
+                    {
+                        idle.push(state);
+                    }
+                    true
+                }
+                None => false,
+            });
+        }
+        for state in idle {
+            if let Some(returned) = state.take_back(now_ms) {
+                self.give_back(returned).await;
+            }
+        }
+    }
+}
+
+/// Writes the credits of dropped accounts back, until the ledger goes.
+async fn return_worker(ledger: Weak<CreditLedger>, mut receiver: mpsc::UnboundedReceiver<Returned>) {
+    while let Some(returned) = receiver.recv().await {
+        let Some(ledger) = ledger.upgrade() else {
+            return;
+        };
+        ledger.give_back(returned).await;
+    }
+}
+
+/// Every `idle`, gives back the leases that sat unused since the last round.
+async fn idle_sweep(ledger: Weak<CreditLedger>, idle: Duration) {
+    let mut ticks = tokio::time::interval(idle.max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(ledger) = ledger.upgrade() else {
+            return;
+        };
+        ledger.sweep_idle().await;
+    }
+}

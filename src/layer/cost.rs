@@ -1,0 +1,162 @@
+//! [`Cost`]: what a request costs in credits, and the route layer that sets it.
+
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use crate::body::AuthBody;
+use crate::rejection::{is_grpc, AuthRejection, Quota, RejectionKind};
+use crate::verify::Charged;
+
+/// What a request costs a key with [credits](crate::store::Credits): 1 by default. Requests
+/// of keys without credits cost nothing, whatever their cost; a rejected request costs
+/// nothing either.
+///
+/// Two ways to price a route:
+///
+/// - **As a layer inside the key layer** (on the route): the key layer charges 1, and
+///   `Cost::new(5)` charges the other 4 before the handler runs, or gives back the difference
+///   for a cheaper route (`Cost::new(0)`: free). A key without the extra credits gets 429
+///   `usage_exceeded`, and the 1 it was charged back.
+/// - **As a request extension set before the key layer** (by an outer layer, e.g.
+///   `tower_http::add_extension::AddExtensionLayer::new(Cost::new(5))`): the key layer
+///   charges it at once.
+///
+/// ```
+/// use axum::{routing::{get, post}, Router};
+/// use keywarden::Cost;
+///
+/// # fn demo(keys: keywarden::ApiKeyLayer) -> Router {
+/// let app: Router = Router::new()
+///     .route("/search", get(|| async { "results" }).layer(Cost::new(5)))
+///     .route("/health", get(|| async { "ok" }).layer(Cost::new(0)))
+///     .route("/items", post(|| async { "created" }))
+///     .layer(keys);
+/// # app }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cost(u32);
+
+impl Cost {
+    /// A cost of `credits`.
+    pub const fn new(credits: u32) -> Self {
+        Self(credits)
+    }
+
+    /// The credits.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for Cost {
+    fn default() -> Self {
+        Self(1)
+    }
+}
+
+impl<S> Layer<S> for Cost {
+    type Service = CostService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CostService { inner, cost: *self }
+    }
+}
+
+/// The service of a [`Cost`] layer: charges the rest of a route's cost (or gives back what the
+/// key layer charged beyond it) for keys with credits.
+#[derive(Debug, Clone)]
+pub struct CostService<S> {
+    inner: S,
+    cost: Cost,
+}
+
+impl<S> CostService<S> {
+    define_inner_service_accessors!();
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CostService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<AuthBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let wanted = u64::from(self.cost.get());
+        // Only a key with credits was charged; every other request passes as it is.
+        let Some(charged) = req.extensions_mut().get_mut::<Charged>() else {
+            return ResponseFuture::inner(self.inner.call(req), Quota::default());
+        };
+        let Some(account) = charged.resolved.credits.as_deref() else {
+            return ResponseFuture::inner(self.inner.call(req), Quota::default());
+        };
+        if wanted <= charged.cost {
+            charged
+                .ledger
+                .refund(account, charged.cost.saturating_sub(wanted));
+            charged.cost = wanted;
+            // The key layer's count, plus what was given back, is near enough: the header
+            // is written by the key layer.
+            return ResponseFuture::inner(self.inner.call(req), Quota::default());
+        }
+        let extra = wanted - charged.cost;
+        if let Some(left) = charged.ledger.spend_now(account, extra) {
+            charged.cost = wanted;
+            let quota = Quota {
+                credits: Some(left),
+                ..Quota::default()
+            };
+            return ResponseFuture::inner(self.inner.call(req), quota);
+        }
+        // The instance holds too few: lease, then call the inner service (the one polled
+        // ready goes with the request; a clone stays).
+        let charged = charged.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::boxed(async move {
+            let account = charged
+                .resolved
+                .credits
+                .as_deref()
+                .expect("checked above: the key has credits");
+            let unavailable = || {
+                AuthRejection::new(
+                    RejectionKind::StoreUnavailable,
+                    "the key store is unavailable",
+                )
+            };
+            let left = match charged.ledger.charge(account, extra, unavailable).await {
+                Ok(left) => left,
+                Err(rejection) => {
+                    // Refused: the request costs nothing, so what the key layer took goes back.
+                    charged.ledger.refund(account, charged.cost);
+                    super::future::log_rejection(&rejection);
+                    return Ok(rejection.to_response(is_grpc(req.headers())));
+                }
+            };
+            if let Some(slot) = req.extensions_mut().get_mut::<Charged>() {
+                slot.cost = wanted;
+            }
+            let mut response = inner.call(req).await?.map(AuthBody::inner);
+            Quota {
+                credits: left,
+                ..Quota::default()
+            }
+            .write_headers(response.headers_mut());
+            Ok(response)
+        })
+    }
+}
