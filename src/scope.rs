@@ -55,6 +55,7 @@ use tower_service::Service;
 use crate::body::AuthBody;
 use crate::layer::ResponseFuture;
 use crate::principal::{PassedWithoutKey, Principal};
+use crate::verify::Charged;
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
 
 /// The detail of a scope check that no key layer ran before: a configuration error, said so.
@@ -213,6 +214,10 @@ where
             },
         };
         if let Some(rejection) = verdict {
+            // A refused request costs no credits: what the key layer charged goes back.
+            if let Some(charged) = req.extensions().get::<Charged>() {
+                charged.refund();
+            }
             return ResponseFuture::reject(&rejection, grpc);
         }
         ResponseFuture::inner(self.inner.call(req), crate::rejection::Quota::default())

@@ -20,10 +20,11 @@ use crate::verify::Charged;
 /// - **As a layer inside the key layer** (on the route): the key layer charges 1, and
 ///   `Cost::new(5)` charges the other 4 before the handler runs, or gives back the difference
 ///   for a cheaper route (`Cost::new(0)`: free). A key without the extra credits gets 429
-///   `usage_exceeded`, and the 1 it was charged back.
+///   `usage_exceeded`, and the 1 it was charged back. The key layer charges before the route
+///   is known, so a key with no credits left is refused even on a route priced 0 here.
 /// - **As a request extension set before the key layer** (by an outer layer, e.g.
 ///   `tower_http::add_extension::AddExtensionLayer::new(Cost::new(5))`): the key layer
-///   charges it at once.
+///   charges it at once; a cost of 0 set this way answers even a key with nothing left.
 ///
 /// ```
 /// use axum::{routing::{get, post}, Router};
@@ -108,9 +109,12 @@ where
                 .ledger
                 .refund(account, charged.cost.saturating_sub(wanted));
             charged.cost = wanted;
-            // The key layer's count, plus what was given back, is near enough: the header
-            // is written by the key layer.
-            return ResponseFuture::inner(self.inner.call(req), Quota::default());
+            // The key layer's count is stale by what was given back: report the new one.
+            let quota = Quota {
+                credits: Some(charged.ledger.known_left(account)),
+                ..Quota::default()
+            };
+            return ResponseFuture::inner(self.inner.call(req), quota);
         }
         let extra = wanted - charged.cost;
         if let Some(left) = charged.ledger.spend_now(account, extra) {
@@ -142,7 +146,7 @@ where
                 Ok(left) => left,
                 Err(rejection) => {
                     // Refused: the request costs nothing, so what the key layer took goes back.
-                    charged.ledger.refund(account, charged.cost);
+                    charged.refund();
                     super::future::log_rejection(&rejection);
                     return Ok(rejection.to_response(is_grpc(req.headers())));
                 }

@@ -51,6 +51,15 @@ pub(crate) struct Charged {
     pub(crate) cost: u64,
 }
 
+impl Charged {
+    /// Gives back everything the request was charged (it was refused after all).
+    pub(crate) fn refund(&self) {
+        if let Some(account) = self.resolved.credits.as_deref() {
+            self.ledger.refund(account, self.cost);
+        }
+    }
+}
+
 /// A key's credits on the hit path.
 pub(crate) enum ChargeNow {
     /// The key has no credits.

@@ -825,6 +825,8 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
             eprintln!("warning: could not record the last key uses: {error}");
         }
     }
+    // Credits leased and not spent go back, for the other instances.
+    layer.return_credits().await;
     drop(revocation);
     tracing::info!("shut down");
     if !out.json {
