@@ -293,8 +293,8 @@ mod tests {
             .keys()
             .filter(|k| k.starts_with("keywarden_requests_total{"))
             .collect();
-        // ("", users, teams) × (accepted, anonymous, 10 codes).
-        assert_eq!(requests.len(), 3 * 12, "{requests:#?}");
+        // ("", users, teams) × (accepted, anonymous, 11 codes).
+        assert_eq!(requests.len(), 3 * 13, "{requests:#?}");
         assert!(values.values().all(|v| *v == 0), "{values:#?}");
         assert_series(
             &values,

@@ -283,7 +283,8 @@ mod tests {
             let err = bad.parse::<Refill>().unwrap_err();
             assert!(err.to_string().contains("expected AMOUNT/PERIOD"), "{bad}");
         }
-        assert!(Refill::new(1, Duration::from_nanos(1_500_000_000)).is_err());
+        assert!(Refill::new(1, Duration::from_nanos(1_000_000_500)).is_err());
+        assert!(Refill::new(1, Duration::from_millis(1_500)).is_ok());
         assert!(Refill::new(1, Duration::from_millis(999)).is_err());
         assert!(Refill::new(MAX_CREDITS, Duration::from_secs(1)).is_ok());
     }

@@ -34,8 +34,15 @@ impl FromRequestParts<Arc<KeyManager>> for Caller {
         }
         // A `keys:self` caller gives no key more credits than it has: its balance now, from
         // the store (the cached principal does not carry a balance).
-        let own = manager.get(key_id).await.map_err(ApiError::from)?;
-        Ok(caller.with_own_credits(own.credits))
+        let own = match manager.get(key_id).await {
+            Ok(record) => record.credits,
+            // Deleted since the layer cached it: as if it had nothing left to give.
+            Err(error) if error.kind() == crate::manage::ManageErrorKind::NotFound => {
+                Some(crate::store::Credits::new(0))
+            }
+            Err(error) => return Err(ApiError::from(error)),
+        };
+        Ok(caller.with_own_credits(own))
     }
 }
 

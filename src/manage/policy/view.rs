@@ -203,7 +203,7 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(names.len(), 22, "{names:?}");
+        assert_eq!(names.len(), 24, "{names:?}");
         for secret in ["digest", "secret_id", "encrypted_key", "key"] {
             assert!(json.get(secret).is_none(), "{secret}");
         }
