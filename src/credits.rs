@@ -42,6 +42,10 @@ impl Default for LeaseConfig {
     }
 }
 
+/// How long a key whose lease came back empty is refused from memory before the store is
+/// asked again (other instances may give credits back meanwhile).
+const EMPTY_BACKOFF_MS: i64 = 1_000;
+
 /// Counters of the ledger's store round trips.
 #[derive(Debug, Default)]
 pub(crate) struct LedgerCounters {
@@ -103,6 +107,10 @@ pub(crate) struct AccountState {
     void_at_ms: AtomicI64,
     /// Spent from since the last idle sweep.
     used: AtomicBool,
+    /// Unix ms until which the store is known to have too few credits for this key (its last
+    /// lease granted none): requests are refused from memory meanwhile, so a spent key does not
+    /// cost a store write per request. 0: not known.
+    empty_until_ms: AtomicI64,
     tag: Mutex<LeaseTag>,
     /// One lease at a time per account.
     refresh: tokio::sync::Mutex<()>,
@@ -151,11 +159,14 @@ impl AccountState {
     /// Takes every held credit for giving back (`None` when none are held, or the lease's
     /// period ended at `now_ms` — its credits are void then and simply dropped).
     fn take_back(&self, now_ms: i64) -> Option<Returned> {
+        // The tag first, held across the swap: a lease absorbed meanwhile (which takes the
+        // lock) cannot pass its credits off under the old tag, or the old ones under its.
+        let tag = self.tag.lock().unwrap_or_else(|e| e.into_inner());
         let amount = self.local.swap(0, Ordering::AcqRel);
         if amount == 0 || now_ms >= self.void_at_ms.load(Ordering::Acquire) {
             return None;
         }
-        let tag = *self.tag.lock().unwrap_or_else(|e| e.into_inner());
+        let tag = *tag;
         Some(Returned {
             key: self.key,
             amount,
@@ -203,6 +214,7 @@ impl CreditLedger {
             store_left: AtomicU64::new(0),
             void_at_ms: AtomicI64::new(i64::MAX),
             used: AtomicBool::new(false),
+            empty_until_ms: AtomicI64::new(0),
             tag: Mutex::new(LeaseTag::default()),
             refresh: tokio::sync::Mutex::new(()),
         });
@@ -258,10 +270,17 @@ impl CreditLedger {
         unavailable: impl Fn() -> AuthRejection,
     ) -> Result<Option<u64>, AuthRejection> {
         let state = &account.state;
-        if let Some(left) = state.try_spend(cost, || self.now_ms()) {
+        let now_ms = self.now_ms();
+        if let Some(left) = state.try_spend(cost, || now_ms) {
             return Ok(Some(left));
         }
-        let _turn = state.refresh.lock().await;
+        if let Some(rejection) = self.known_empty(state, now_ms) {
+            return Err(rejection);
+        }
+        let Ok(_turn) = tokio::time::timeout(self.store_timeout, state.refresh.lock()).await
+        else {
+            return Err(unavailable());
+        };
         // Two rounds: a lease of a new generation voids what was held, and the request may
         // then need a second lease for its full cost.
         for _ in 0..2 {
@@ -297,13 +316,33 @@ impl CreditLedger {
                 return Ok(Some(left));
             }
             if lease.granted == 0 {
-                let retry = lease
+                // Remembered for a moment (never past the next refill): until then requests
+                // are refused from memory, not with a store write each.
+                let until = now_ms.saturating_add(EMPTY_BACKOFF_MS);
+                let until = lease
                     .period_ends_at
-                    .map(|end| (end - now).unsigned_abs().max(Duration::from_secs(1)));
-                return Err(AuthRejection::usage_exceeded(retry));
+                    .map_or(until, |end| until.min(unix_millis(end)));
+                state.empty_until_ms.store(until, Ordering::Release);
+                return Err(self.exceeded(state, now_ms));
             }
         }
         Err(AuthRejection::usage_exceeded(None))
+    }
+
+    /// `usage_exceeded`, if the store was found empty for this key a moment ago.
+    fn known_empty(&self, state: &AccountState, now_ms: i64) -> Option<AuthRejection> {
+        (now_ms < state.empty_until_ms.load(Ordering::Acquire)).then(|| self.exceeded(state, now_ms))
+    }
+
+    /// `usage_exceeded`, with `Retry-After` until the held lease's period ends (the next
+    /// refill) when the key has a refill.
+    fn exceeded(&self, state: &AccountState, now_ms: i64) -> AuthRejection {
+        let void_at = state.void_at_ms.load(Ordering::Acquire);
+        let retry = (void_at != i64::MAX).then(|| {
+            let millis = u64::try_from(void_at.saturating_sub(now_ms)).unwrap_or(0);
+            Duration::from_millis(millis).max(Duration::from_secs(1))
+        });
+        AuthRejection::usage_exceeded(retry)
     }
 
     /// Puts a lease's credits into the account: a lease of another generation or period
@@ -321,6 +360,9 @@ impl CreditLedger {
         state.void_at_ms.store(void_at, Ordering::Release);
         state.store_left.store(lease.remaining, Ordering::Relaxed);
         state.local.fetch_add(lease.granted, Ordering::AcqRel);
+        if lease.granted > 0 {
+            state.empty_until_ms.store(0, Ordering::Release);
+        }
     }
 
     async fn lease(
@@ -433,5 +475,77 @@ async fn idle_sweep(ledger: Weak<CreditLedger>, idle: Duration) {
             return;
         };
         ledger.sweep_idle().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::MemoryStore;
+
+    fn ledger(cached: bool) -> (Arc<CreditLedger>, ManualClock) {
+        let clock = ManualClock::new(OffsetDateTime::UNIX_EPOCH + time::Duration::days(1));
+        let ledger = CreditLedger::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(clock.clone()),
+            LeaseConfig::default(),
+            cached,
+            Duration::from_secs(1),
+        );
+        (ledger, clock)
+    }
+
+    fn lease(granted: u64, remaining: u64, generation: u64, ends_ms: Option<i64>) -> CreditLease {
+        CreditLease {
+            granted,
+            remaining,
+            period: 0,
+            generation,
+            period_ends_at: ends_ms.map(|ms| {
+                OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_account_spends_what_it_holds_and_nothing_more() {
+        let (ledger, _clock) = ledger(true);
+        let account = ledger.account(Uuid::now_v7());
+        assert_eq!(ledger.spend_now(&account, 1), None, "holds nothing yet");
+        ledger.absorb(&account.state, &lease(10, 90, 1, None));
+        assert_eq!(ledger.spend_now(&account, 3), Some(7 + 90));
+        assert_eq!(ledger.spend_now(&account, 8), None, "only 7 held");
+        assert_eq!(ledger.spend_now(&account, 7), Some(90));
+        assert_eq!(ledger.known_left(&account), 90);
+        ledger.refund(&account, 2);
+        assert_eq!(ledger.known_left(&account), 92);
+    }
+
+    #[tokio::test]
+    async fn a_lease_of_another_generation_voids_what_was_held() {
+        let (ledger, _clock) = ledger(true);
+        let account = ledger.account(Uuid::now_v7());
+        ledger.absorb(&account.state, &lease(10, 0, 1, None));
+        ledger.absorb(&account.state, &lease(2, 0, 2, None));
+        assert_eq!(ledger.known_left(&account), 2, "the 10 of generation 1 are void");
+        let back = account.state.take_back(0).unwrap();
+        assert_eq!((back.amount, back.generation), (2, 2));
+        assert_eq!(account.state.take_back(0).map(|r| r.amount), None, "given back once");
+    }
+
+    #[tokio::test]
+    async fn a_finished_period_voids_the_lease() {
+        let (ledger, clock) = ledger(true);
+        let now = unix_millis(clock.now());
+        let account = ledger.account(Uuid::now_v7());
+        ledger.absorb(&account.state, &lease(10, 0, 1, Some(now + 1_000)));
+        assert!(ledger.spend_now(&account, 1).is_some());
+        clock.advance(time::Duration::seconds(1));
+        assert_eq!(ledger.spend_now(&account, 1), None, "the period is over");
+        assert!(
+            account.state.take_back(unix_millis(clock.now())).is_none(),
+            "void credits are not given back"
+        );
     }
 }

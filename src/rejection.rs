@@ -177,8 +177,9 @@ impl Quota {
             rate.write_headers(headers);
         }
         if let Some(credits) = self.credits {
+            const NAME: HeaderName = HeaderName::from_static(CREDITS_REMAINING);
             headers
-                .entry(HeaderName::from_static(CREDITS_REMAINING))
+                .entry(NAME)
                 .or_insert_with(|| HeaderValue::from(credits));
         }
     }

@@ -505,6 +505,7 @@ fn the_cli_applies_the_management_apis_rules() {
             "allowed_ips",
             "collection",
             "created_at",
+            "credits",
             "description",
             "disabled",
             "display_start",
@@ -520,6 +521,7 @@ fn the_cli_applies_the_management_apis_rules() {
             "owner_kind",
             "rate_limit",
             "read_only",
+            "refill",
             "revoked_at",
             "rotated_from",
             "scopes",
@@ -1165,4 +1167,78 @@ async fn serve_shares_one_budget_per_owner_from_the_config_file() {
     assert_eq!(codes, [200, 200, 200, 429], "alice's keys share 3 an hour");
     let res = whoami(&http, &server, ("x-api-key", bob.clone())).await;
     assert_eq!(res.status(), 200, "bob has his own budget");
+}
+
+#[tokio::test]
+async fn credits_from_the_cli_hold_in_serve() {
+    let dir = TempDir::new("credits");
+    let json = ok_json(
+        &dir,
+        &[
+            "keys", "create", "--name", "partner", "--credits", "2", "--refill", "50/month", "--json",
+        ],
+    );
+    assert_eq!(
+        (json["credits"].clone(), json["refill"].clone()),
+        (serde_json::json!(2), serde_json::json!("50/month"))
+    );
+    let (key, id) = (
+        json["key"].as_str().unwrap().to_owned(),
+        json["id"].as_str().unwrap().to_owned(),
+    );
+    let human = ok(&dir, &["keys", "create", "--name", "human", "--credits", "7"]);
+    assert!(human.contains("Credits: 7."), "{human}");
+    let human = ok(&dir, &["keys", "create", "--name", "daily", "--refill", "100/day"]);
+    assert!(
+        human.contains("Credits: 100 (refilled to 100 every day)."),
+        "{human}"
+    );
+    let shown = ok(&dir, &["keys", "show", &id]);
+    assert!(shown.contains("credits       2"), "{shown}");
+    assert!(shown.contains("refill        50/month"), "{shown}");
+
+    for (args, wanted) in [
+        (&["--credits", "-5"][..], "credits must be a whole number from 0 to"),
+        (&["--credits", "lots"], "credits must be a whole number from 0 to"),
+        (&["--refill", "5/fortnight"], "invalid refill"),
+        (&["--refill", "0/day"], "invalid refill"),
+    ] {
+        let mut all = vec!["keys", "create", "--name", "x"];
+        all.extend_from_slice(args);
+        let output = run(&dir, Some(SECRET), &all);
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains(wanted), "{args:?}: {stderr}");
+    }
+    let output = run(
+        &dir,
+        Some(SECRET),
+        &["keys", "update", &id, "--credits", "5", "--unlimited-credits"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+
+    let server = start(&dir, "serve-credits");
+    let http = client();
+    for _ in 0..2 {
+        let res = whoami(&http, &server, ("x-api-key", key.clone())).await;
+        assert_eq!(res.status(), 200);
+    }
+    let res = whoami(&http, &server, ("x-api-key", key.clone())).await;
+    assert_eq!(problem(res).await, (429, "usage_exceeded".to_owned()));
+
+    // Topped up from the CLI: the server hears of it (change feed) within its poll interval.
+    let json = ok_json(&dir, &["keys", "update", &id, "--credits", "1", "--json"]);
+    assert_eq!(json["credits"], 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = whoami(&http, &server, ("x-api-key", key.clone())).await;
+        if res.status() == 200 {
+            assert_eq!(res.headers()["credits-remaining"], "0");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never topped up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let json = ok_json(&dir, &["keys", "update", &id, "--unlimited-credits", "--json"]);
+    assert_eq!((json["credits"].clone(), json["refill"].clone()), (Value::Null, Value::Null));
 }

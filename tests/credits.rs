@@ -15,12 +15,14 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use http::Request;
 use keywarden::ratelimit::RateLimitPolicy;
+use keywarden::server::AuthServer;
 use keywarden::store::{Credits, KeyPatch, Refill};
 use keywarden::{
     ApiKeyLayer, Collection, Cost, KeyManager, KeyStore, MemoryStore, NewKey, PostgresStore,
 };
 use support::serve::ServeProcess;
 use support::{ring, send, service_url, unique, Fixture, Reply, TempDir, SECRET};
+use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn get_req(uri: &str, key: &str) -> Request<Body> {
@@ -487,4 +489,241 @@ async fn a_shutdown_gives_a_serve_process_lease_back() {
     assert_eq!(balance(store.as_ref(), created.record.id).await, Some(700));
     layer.return_credits().await;
     assert_eq!(balance(store.as_ref(), created.record.id).await, Some(799));
+}
+
+struct Api {
+    fx: Fixture,
+    api: Router,
+    admin: String,
+}
+
+impl Api {
+    async fn new() -> Self {
+        let fx = Fixture::new();
+        let manager = Arc::new(KeyManager::for_layer(&fx.layer));
+        let api = Router::new()
+            .nest("/admin", keywarden::management_router(manager))
+            .layer(fx.layer.clone());
+        let admin = fx
+            .key(NewKey::new("admin", "root").scope("keys:admin"))
+            .await
+            .key
+            .expose()
+            .to_owned();
+        Self { fx, api, admin }
+    }
+
+    async fn call(&self, method: &str, uri: &str, key: &str, body: Option<Value>) -> Reply {
+        let builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-api-key", key);
+        let req = match body {
+            Some(body) => builder
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+            None => builder.body(Body::empty()).unwrap(),
+        };
+        send(&self.api, req).await
+    }
+
+    fn field_error(reply: &Reply) -> (String, String) {
+        assert_eq!(reply.status, 422, "{}", reply.text());
+        let json = reply.json();
+        (
+            json["errors"][0]["field"].as_str().unwrap().to_owned(),
+            json["errors"][0]["message"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn the_management_api_sets_shows_and_validates_credits() {
+    let env = Api::new().await;
+    let reply = env
+        .call(
+            "POST",
+            "/admin/keys",
+            &env.admin,
+            Some(json!({"name": "partner", "subject": "acme", "credits": 1000, "refill": "1000/day"})),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let created = reply.json();
+    assert_eq!((created["credits"].clone(), created["refill"].clone()), (json!(1000), json!("1000/day")));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let plain = env
+        .call("POST", "/admin/keys", &env.admin, Some(json!({"name": "free", "subject": "acme"})))
+        .await
+        .json();
+    assert_eq!((plain["credits"].clone(), plain["refill"].clone()), (Value::Null, Value::Null));
+
+    // PATCH: a new balance, then unlimited (which drops the refill), then a refill alone.
+    let uri = format!("/admin/keys/{id}");
+    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"credits": 5}))).await;
+    assert_eq!(reply.json()["credits"], 5, "{}", reply.text());
+    assert_eq!(reply.json()["refill"], "1000/day");
+    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"credits": null}))).await;
+    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (Value::Null, Value::Null));
+    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"refill": "50/month"}))).await;
+    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (json!(50), json!("50/month")));
+    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"refill": null}))).await;
+    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (json!(50), Value::Null));
+
+    // Bad input: a clear 422 naming the field, never a 500.
+    for (body, field) in [
+        (json!({"name": "k", "credits": -5}), "credits"),
+        (json!({"name": "k", "credits": 1.5}), "credits"),
+        (json!({"name": "k", "credits": "many"}), "credits"),
+        (json!({"name": "k", "credits": 9_223_372_036_854_775_807_i64}), "credits"),
+        (json!({"name": "k", "refill": "5/fortnight"}), "refill"),
+        (json!({"name": "k", "refill": "0/day"}), "refill"),
+        (json!({"name": "k", "refill": "5/500ms"}), "refill"),
+    ] {
+        let reply = env.call("POST", "/admin/keys", &env.admin, Some(body.clone())).await;
+        let (got, message) = Api::field_error(&reply);
+        assert_eq!(got, field, "{body}: {message}");
+        assert!(!message.contains("fortnight"), "never repeats submitted text: {message}");
+    }
+    for (body, field) in [
+        (json!({"credits": -1}), "credits"),
+        (json!({"refill": "1000/week,burst=2"}), "refill"),
+        (json!({"credits": null, "refill": "10/day"}), "refill"),
+    ] {
+        let reply = env.call("PATCH", &uri, &env.admin, Some(body.clone())).await;
+        assert_eq!(Api::field_error(&reply).0, field, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_self_key_never_gives_more_credits_than_it_has() {
+    let env = Api::new().await;
+    let refill: Refill = "100/day".parse().unwrap();
+    let own = env
+        .fx
+        .key(
+            NewKey::new("me", "alice")
+                .scope("keys:self")
+                .credits(40)
+                .refill(refill),
+        )
+        .await;
+    let me = own.key.expose();
+    // Nothing asked: the new key gets the caller's own balance and refill (its balance after
+    // this very request).
+    let reply = env.call("POST", "/admin/keys", me, Some(json!({"name": "child"}))).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert_eq!(reply.json()["refill"], "100/day");
+    let inherited = reply.json()["credits"].as_u64().unwrap();
+    assert!(inherited <= 40, "{inherited}");
+    let child = reply.json()["id"].as_str().unwrap().to_owned();
+    // Within its own: fine.
+    let reply = env
+        .call("POST", "/admin/keys", me, Some(json!({"name": "small", "credits": 10, "refill": "10/day"})))
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    // More than it has, a more generous refill, or none at all when its own are limited:
+    // refused.
+    for body in [
+        json!({"name": "big", "credits": 1000}),
+        json!({"name": "fast", "credits": 1, "refill": "100/h"}),
+        json!({"name": "gulp", "credits": 1, "refill": "700/week"}),
+        json!({"name": "refill-only", "refill": "1000/day"}),
+    ] {
+        let reply = env.call("POST", "/admin/keys", me, Some(body.clone())).await;
+        assert_eq!(reply.status, 403, "{body}: {}", reply.text());
+        assert_eq!(reply.code(), "insufficient_scope");
+    }
+    // Its own keys: only lower.
+    let uri = format!("/admin/keys/{child}");
+    for body in [
+        json!({"credits": null}),
+        json!({"credits": inherited + 1}),
+        json!({"refill": "200/day"}),
+    ] {
+        let reply = env.call("PATCH", &uri, me, Some(body.clone())).await;
+        assert_eq!(reply.status, 403, "{body}: {}", reply.text());
+    }
+    let reply = env.call("PATCH", &uri, me, Some(json!({"credits": 3, "refill": null}))).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (json!(3), Value::Null));
+
+    // A caller with unlimited credits may give any.
+    let free = env.fx.key(NewKey::new("free", "bob").scope("keys:self")).await;
+    let reply = env
+        .call("POST", "/admin/keys", free.key.expose(), Some(json!({"name": "k", "credits": 1_000_000})))
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+}
+
+fn verify(caller: &str, body: Value) -> Request<Body> {
+    Request::builder()
+        .method("POST")
+        .uri("/v1/keys/verify")
+        .header("x-api-key", caller)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_verify_api_and_forward_auth_charge_the_cost() {
+    let fx = Fixture::new();
+    let caller = fx
+        .key(NewKey::new("gateway", "svc").scope("keys:verify"))
+        .await
+        .key;
+    let key = fx
+        .key(NewKey::new("metered", "alice").scope("read").credits(10))
+        .await;
+    let server: Router = AuthServer::new(fx.layer.clone()).router();
+    let k = key.key.expose();
+
+    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 4}))).await.json();
+    assert_eq!((verdict["valid"].clone(), verdict["credits_remaining"].clone()), (json!(true), json!(6)), "{verdict}");
+    // A missing scope refuses and costs nothing.
+    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 4, "scopes": ["write"]}))).await.json();
+    assert_eq!(verdict["code"], "insufficient_scope", "{verdict}");
+    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 0}))).await.json();
+    assert_eq!(verdict["credits_remaining"], 6, "{verdict}");
+    // More than is left: usage_exceeded, nothing spent.
+    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 7}))).await.json();
+    assert_eq!((verdict["valid"].clone(), verdict["code"].clone()), (json!(false), json!("usage_exceeded")));
+    // Bad costs are a 422 naming the field.
+    for cost in [json!(-1), json!(4_294_967_296_u64), json!("5")] {
+        let reply = send(&server, verify(caller.expose(), json!({"key": k, "cost": cost}))).await;
+        assert_eq!(reply.status, 422, "{cost}: {}", reply.text());
+        assert_eq!(reply.json()["errors"][0]["field"], "cost");
+    }
+    // A key without credits is never charged, and reports none.
+    let free = fx.key(NewKey::new("free", "bob")).await;
+    let verdict = send(&server, verify(caller.expose(), json!({"key": free.key.expose(), "cost": 1000}))).await.json();
+    assert_eq!(verdict["valid"], true);
+    assert!(verdict.get("credits_remaining").is_none(), "{verdict}");
+
+    // Forward auth: 1 per request, whatever the URL says (a gateway may pass the client's
+    // query or path along: a client must not name its own price).
+    let forward = |uri: &str| {
+        Request::builder()
+            .uri(uri)
+            .header("x-api-key", k)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for (uri, left) in [
+        ("/v1/auth", 5),
+        ("/v1/auth?cost=0", 4),
+        ("/v1/auth/cost/0?cost=0", 3),
+    ] {
+        let reply = send(&server, forward(uri)).await;
+        assert_eq!(reply.status, 200, "{uri}");
+        assert_eq!(remaining(&reply), Some(left), "{uri}");
+    }
+    for _ in 0..3 {
+        assert_eq!(send(&server, forward("/v1/auth")).await.status, 200);
+    }
+    let reply = send(&server, forward("/v1/auth")).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.headers["x-keywarden-code"], "usage_exceeded");
 }

@@ -23,7 +23,7 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 /// Fields of a key view, exactly.
-const VIEW_FIELDS: [&str; 22] = [
+const VIEW_FIELDS: [&str; 24] = [
     "id",
     "name",
     "description",
@@ -37,6 +37,8 @@ const VIEW_FIELDS: [&str; 22] = [
     "metadata",
     "rate_limit",
     "allowed_ips",
+    "credits",
+    "refill",
     "state",
     "created_at",
     "updated_at",
@@ -2191,9 +2193,10 @@ async fn a_keys_self_rotation_of_a_key_changed_since_it_was_judged_is_a_409() {
             .unwrap()
     };
 
-    // The handler's read passes; the admin's change lands before the rotation's own read.
+    // The caller's read of its own key (for its credits) and the handler's read pass; the
+    // admin's change lands before the rotation's own read.
     *store.concurrent_get.lock().unwrap() = Some((
-        1,
+        2,
         KeyPatch {
             scopes: Some(vec!["read".into(), "billing:write".into()]),
             ..KeyPatch::default()

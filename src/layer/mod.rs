@@ -233,8 +233,9 @@ impl ApiKeyLayer {
     /// Verifies a key outside HTTP (a WebSocket handshake message, a queue consumer) with the
     /// same checks as the request path: format, digest, cache and store, collection,
     /// revocation, expiry, the identity mapping's verdict
-    /// ([`try_map_identity`](ApiKeyLayerBuilder::try_map_identity)) and the key's rate limit (a
-    /// call counts as one use). `method` decides the read-only check.
+    /// ([`try_map_identity`](ApiKeyLayerBuilder::try_map_identity)), the key's rate limit and
+    /// its credits (a call counts as one use, and spends one credit: a key with none left gets
+    /// `usage_exceeded`). `method` decides the read-only check.
     ///
     /// # Errors
     /// The [`AuthRejection`] the request path would have produced.

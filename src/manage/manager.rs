@@ -825,7 +825,9 @@ impl KeyManager {
         // copy is stale, and the rotation is undone below.
         let patch = KeyPatch {
             expires_at: Some(Some(old_deadline)),
+            // Its refill too: otherwise both keys would be refilled through the grace period.
             credits: old.credits.map(|_| Some(0)),
+            credit_refill: old.credits.map(|_| None),
             expected_updated_at: Some(old.updated_at),
             ..KeyPatch::default()
         };
@@ -858,6 +860,31 @@ impl KeyManager {
         self.invalidate(id).await;
         tracing::info!(target: "keywarden", key_id = %id, new_key_id = %created.record.id, "key rotated");
         Ok(created)
+    }
+
+    /// Takes `amount` credits out of key `id`'s balance for good (none when it has fewer):
+    /// what a `keys:self` caller gives a key it creates. Returns the lease (its `granted` is
+    /// `amount`, or 0), or `None` for a key without credits.
+    pub(crate) async fn take_credits(
+        &self,
+        id: Uuid,
+        amount: u64,
+    ) -> Result<Option<crate::store::CreditLease>, ManageError> {
+        Ok(self
+            .store
+            .lease_credits(id, amount, amount, self.now())
+            .await?)
+    }
+
+    /// Gives credits [`take_credits`](Self::take_credits) took back (a creation that failed).
+    pub(crate) async fn untake_credits(&self, id: Uuid, lease: &crate::store::CreditLease) {
+        if let Err(error) = self
+            .store
+            .return_credits(id, lease.granted, lease.generation, lease.period)
+            .await
+        {
+            tracing::warn!(target: "keywarden", key_id = %id, error = %error, "credits taken for a key that was not created could not be given back");
+        }
     }
 
     /// Deletes a key and returns its last record.

@@ -36,20 +36,13 @@ pub(super) async fn forward_auth(State(server): State<AuthServer>, req: Request)
             return response;
         }
     };
-    let cost = match forward_cost(parts.uri.query()) {
-        Ok(cost) => cost,
-        Err(error) => {
-            let mut response = error.into_response();
-            response
-                .headers_mut()
-                .insert(CODE, HeaderValue::from_static("invalid_request"));
-            return response;
-        }
-    };
+    // Every forwarded request costs 1 credit. Never a cost from the URL or a header: some
+    // gateways pass the client's query (Caddy) or path (Envoy) into the check request, and
+    // a client could then name its own price.
     let client = server.addresses(&parts.headers, &parts.extensions);
     match server
         .layer
-        .check_headers_from(&parts.headers, &method, client, cost)
+        .check_headers_from(&parts.headers, &method, client, 1)
         .await
     {
         Ok((principal, quota)) => {
@@ -64,28 +57,6 @@ pub(super) async fn forward_auth(State(server): State<AuthServer>, req: Request)
             response
         }
     }
-}
-
-/// The credits a forwarded request costs: `?cost=N` on the forward-auth URL (the gateway's
-/// configuration, per location: a client cannot change it, unlike a header it could add),
-/// else 1. Anything else in the query is refused, so a typo does not silently cost 1.
-fn forward_cost(query: Option<&str>) -> Result<u64, ApiError> {
-    let mut cost = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let value = match pair.split_once('=') {
-            Some(("cost", value)) if cost.is_none() => value,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "the forward-auth URL takes one query parameter, cost=N (0 to 4294967295)",
-                ))
-            }
-        };
-        let parsed = value.parse::<u32>().map_err(|_| {
-            ApiError::bad_request("cost must be a whole number from 0 to 4294967295")
-        })?;
-        cost = Some(u64::from(parsed));
-    }
-    Ok(cost.unwrap_or(1))
 }
 
 /// The method the gateway forwarded, if it says. Every value of both headers must name the

@@ -125,7 +125,8 @@ async fn authorize_caller(
             &parts.headers,
             &Method::POST,
             ClientAddresses::same(peer),
-            1,
+            // Verifying spends the verified key's credits, not the caller's.
+            0,
         )
         .await
         .map_err(IntoResponse::into_response)?;

@@ -89,7 +89,7 @@ pub struct AuditWrite<'a> {
 }
 
 /// The fields an event shows (never the digest, secret id or encrypted key).
-fn fields(record: &KeyRecord) -> [(&'static str, Value); 10] {
+fn fields(record: &KeyRecord) -> [(&'static str, Value); 12] {
     [
         ("name", Value::from(record.name.clone())),
         ("description", Value::from(record.description.clone())),
@@ -109,6 +109,14 @@ fn fields(record: &KeyRecord) -> [(&'static str, Value); 10] {
                     .map(ToString::to_string)
                     .collect::<Vec<_>>(),
             ),
+        ),
+        (
+            "credits",
+            Value::from(record.credits.map(|c| c.remaining)),
+        ),
+        (
+            "refill",
+            Value::from(record.credits.and_then(|c| c.refill).map(|r| r.to_string())),
         ),
         ("expires_at", instant(record.expires_at)),
         ("revoked_at", instant(record.revoked_at)),

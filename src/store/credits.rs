@@ -35,9 +35,10 @@ use time::OffsetDateTime;
 #[cfg(doc)]
 use super::KeyStore;
 
-/// The most credits a key may hold: what a signed 64-bit SQL integer holds, halved, so sums
-/// of a balance and a returned lease never overflow.
-pub const MAX_CREDITS: u64 = (i64::MAX / 2) as u64;
+/// The most credits a key may hold: 2^53 − 1, the largest integer JSON clients (JavaScript)
+/// read exactly, and far from what a signed 64-bit SQL integer holds, so sums of a balance
+/// and returned leases never overflow.
+pub const MAX_CREDITS: u64 = (1 << 53) - 1;
 
 /// A key's credits: how many uses it has left, and its refill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,9 +261,12 @@ mod tests {
         for (input, canonical, ms) in [
             ("1000/day", "1000/day", 86_400_000),
             ("50000/month", "50000/month", 30 * 86_400_000),
-            ("5/30min", "5/1800s", 1_800_000),
+            ("5/30min", "5/30min", 1_800_000),
             ("7/week", "7/week", 7 * 86_400_000),
             ("7/7d", "7/week", 7 * 86_400_000),
+            ("5/2day", "5/2days", 2 * 86_400_000),
+            ("5/6h", "5/6h", 6 * 3_600_000),
+            ("5/90min", "5/90min", 90 * 60_000),
             ("1/s", "1/s", 1_000),
             ("3/1500ms", "3/1500ms", 1_500),
             (" 9 / h ", "9/h", 3_600_000),
@@ -278,7 +282,7 @@ mod tests {
     fn bad_refills_are_refused_with_the_rule() {
         for bad in [
             "", "1000", "0/day", "-5/day", "5/fortnight", "5/500ms", "5/0s", "x/day",
-            "5/day,burst=2", "9223372036854775807/day",
+            "5/day,burst=2", "9007199254740992/day",
         ] {
             let err = bad.parse::<Refill>().unwrap_err();
             assert!(err.to_string().contains("expected AMOUNT/PERIOD"), "{bad}");

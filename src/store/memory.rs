@@ -42,6 +42,11 @@ struct Inner {
     credits: HashMap<Uuid, CreditState>,
 }
 
+/// [`generation_floor`](super::sql) for the memory store: the time in microseconds.
+fn generation_floor(now: OffsetDateTime) -> u64 {
+    u64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(u64::MAX).max(1)
+}
+
 /// A key's credit schedule and generation; its balance is in its record.
 #[derive(Debug, Clone, Copy)]
 struct CreditState {
@@ -412,7 +417,7 @@ impl MemoryStore {
             let state = CreditState {
                 anchor_ms: unix_millis(record.created_at),
                 period: 0,
-                generation: 1,
+                generation: generation_floor(record.created_at),
             };
             inner.credits.insert(record.id, state);
         }
@@ -436,7 +441,12 @@ impl MemoryStore {
         if patch.changes_credits() {
             match record.credits {
                 Some(_) => {
-                    let generation = inner.credits.get(&id).map_or(0, |s| s.generation) + 1;
+                    // Never a generation an instance may still hold a lease of.
+                    let generation = inner
+                        .credits
+                        .get(&id)
+                        .map_or(0, |s| s.generation + 1)
+                        .max(generation_floor(now));
                     let state = CreditState {
                         anchor_ms: unix_millis(now),
                         period: 0,

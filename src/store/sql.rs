@@ -159,27 +159,31 @@ pub(super) fn return_statement(dialect: Dialect) -> String {
 }
 
 /// Sets a key's credits: a new balance (when parameter 6 is true; else the balance stays),
-/// the refill and its schedule from now, and a new generation that voids every lease.
+/// the refill and its schedule from now, and a new generation that voids every lease: the
+/// old one plus 1, and never below parameter 7 (the time in microseconds), so credits removed
+/// and set again never reuse a generation some instance still holds a lease of.
 /// Parameters: 1 key id, 2 balance, 3 refill amount, 4 refill ms, 5 now (unix ms), 6 whether
-/// the balance is set. Returns the generation.
+/// the balance is set, 7 the generation floor. Returns the generation.
 pub(super) fn set_credits_statement(dialect: Dialect) -> String {
     let p = |n| dialect.param(n);
+    let (_, max) = dialect.min_max();
     format!(
         "INSERT INTO keywarden_credits \
          (key_id, remaining, refill_amount, refill_ms, anchor_ms, period, generation) \
-         VALUES ({id}, {balance}, {amount}, {ms}, {now}, 0, 1) \
+         VALUES ({id}, {balance}, {amount}, {ms}, {now}, 0, {floor}) \
          ON CONFLICT (key_id) DO UPDATE SET \
          remaining = CASE WHEN {set} THEN excluded.remaining ELSE keywarden_credits.remaining END, \
          refill_amount = excluded.refill_amount, refill_ms = excluded.refill_ms, \
          anchor_ms = excluded.anchor_ms, period = 0, \
-         generation = keywarden_credits.generation + 1 \
+         generation = {max}(keywarden_credits.generation + 1, excluded.generation) \
          RETURNING generation",
         id = p(1),
         balance = p(2),
         amount = p(3),
         ms = p(4),
         now = p(5),
-        set = p(6)
+        set = p(6),
+        floor = p(7)
     )
 }
 
@@ -240,4 +244,9 @@ pub(super) fn decode_credits(
             .transpose()
             .map_err(|_| corrupt("credits_refill", "not a refill"))?,
     }))
+}
+
+/// The lowest generation credits set at `now` get: the time in microseconds.
+pub(super) fn generation_floor(now: time::OffsetDateTime) -> i64 {
+    i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX).max(1)
 }

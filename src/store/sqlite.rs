@@ -27,8 +27,8 @@ use crate::audit::{
 };
 use crate::ratelimit::RateLimitPolicy;
 use super::sql::{
-    decode_credits, decode_lease, lease_statement, refill_text, return_statement,
-    set_credits_statement, Dialect, CREDIT_COLUMNS, KEY_CREDIT_COLUMNS,
+    decode_credits, decode_lease, generation_floor, lease_statement, refill_text,
+    return_statement, set_credits_statement, Dialect, CREDIT_COLUMNS, KEY_CREDIT_COLUMNS,
 };
 use super::{unix_millis, CreditLease, Credits};
 use crate::secret::{Digest, SecretId};
@@ -834,6 +834,7 @@ async fn set_credits_in(
         .bind(credits.refill.map(|r| clamp_i64(r.interval_millis())))
         .bind(unix_millis(now))
         .bind(set_balance)
+        .bind(generation_floor(now))
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| store_error("setting a key's credits failed", e))
@@ -904,7 +905,12 @@ async fn update_in(
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| store_error(context, e))?;
-    let updated = decode_row(&row)?;
+    let mut updated = decode_row(&row)?;
+    if !patch.changes_credits() {
+        // Leases move the balance at any time, outside this transaction: a patch that leaves
+        // the credits alone reports the balance it read, so the change shows no credit change.
+        updated.credits = before.credits;
+    }
     Ok(Some((before, updated)))
 }
 

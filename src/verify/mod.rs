@@ -200,7 +200,8 @@ impl Verifier {
             {
                 Ok(left) => {
                     quota.credits = left;
-                    quota.charged = cost;
+                    // Nothing was charged to a key whose credits are gone from the store.
+                    quota.charged = if left.is_some() { cost } else { 0 };
                 }
                 Err(rejection) => decided.outcome = Err(rejection),
             }
@@ -262,7 +263,7 @@ impl Verifier {
                     .map(|credits| Quota {
                         rate,
                         credits,
-                        charged: cost,
+                        charged: if credits.is_some() { cost } else { 0 },
                     })
             }
         };
@@ -425,14 +426,14 @@ impl Verifier {
     }
 
     /// Verifies a key given outside HTTP, with the request path's checks; its use is not
-    /// recorded and spends no credits (a key with none left still verifies).
+    /// recorded, and spends one credit of a key with credits (like its rate limit).
     pub(crate) async fn verify_key(
         &self,
         key: &str,
         method: &Method,
     ) -> Result<Principal, AuthRejection> {
         let (resolved, _) = self
-            .decide(&key_headers(key)?, method, ClientAddresses::default(), 0)
+            .decide(&key_headers(key)?, method, ClientAddresses::default(), 1)
             .await?;
         Ok(resolved.principal.clone())
     }

@@ -86,6 +86,10 @@ pub(crate) struct CacheSection {
     pub(crate) stale_window: Option<ConfigDuration>,
     pub(crate) store_timeout: Option<ConfigDuration>,
     pub(crate) usage_flush_interval: Option<ConfigDuration>,
+    /// The most credits one lease takes from the store.
+    pub(crate) credit_lease_block: Option<u64>,
+    /// How long a lease sits unused before it goes back.
+    pub(crate) credit_lease_idle: Option<ConfigDuration>,
 }
 
 /// `[redis]`: shared rate limits and invalidation.
@@ -376,6 +380,8 @@ capacity = 5000
 stale_window = "0s"
 store_timeout = "500ms"
 usage_flush_interval = "5s"
+credit_lease_block = 20
+credit_lease_idle = "2s"
 
 [redis]
 url = "redis://127.0.0.1:6379"
@@ -421,6 +427,11 @@ requests = true
             Some(ConfigDuration(StdDuration::ZERO))
         );
         assert_eq!(config.cache.capacity, Some(5000));
+        assert_eq!(config.cache.credit_lease_block, Some(20));
+        assert_eq!(
+            config.cache.credit_lease_idle,
+            Some(ConfigDuration(StdDuration::from_secs(2)))
+        );
         assert_eq!(config.redis.namespace.as_deref(), Some("acme"));
         assert_eq!(config.log.format, Some(LogFormat::Json));
         assert_eq!(config.log.requests, Some(true));

@@ -202,6 +202,17 @@ pub(crate) fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, o
         let networks: Vec<String> = record.allowed_ips.iter().map(ToString::to_string).collect();
         println!("Accepted only from {}.", networks.join(", "));
     }
+    if let Some(credits) = record.credits {
+        match credits.refill {
+            Some(refill) => println!(
+                "Credits: {} (refilled to {} every {}).",
+                credits.remaining,
+                refill.amount(),
+                refill.to_string().split_once('/').map_or("", |(_, p)| p)
+            ),
+            None => println!("Credits: {}.", credits.remaining),
+        }
+    }
     println!();
     println!("    {}", created.key.expose());
     println!();

@@ -486,6 +486,18 @@ fn layer_builder(ctx: &Context, settings: &Settings) -> Result<ApiKeyLayerBuilde
     if let Some(interval) = cache.usage_flush_interval {
         builder = builder.usage_flush_interval(Some(interval.0));
     }
+    if cache.credit_lease_block.is_some() || cache.credit_lease_idle.is_some() {
+        let block = cache.credit_lease_block.unwrap_or(100);
+        if block == 0 {
+            return Err(Failure(
+                "config cache.credit_lease_block must be at least 1".to_owned(),
+            ));
+        }
+        let idle = cache
+            .credit_lease_idle
+            .map_or(StdDuration::from_secs(10), |d| d.0);
+        builder = builder.credit_leases(block, idle);
+    }
     Ok(builder)
 }
 

@@ -19,7 +19,8 @@ use super::openapi::{
 };
 use crate::audit::{Actor, AuditEvent, AuditPage};
 use crate::manage::policy::{
-    parse_grace, Caller, CreateRequest, CreatedKeyView, KeyPageView, KeyView, PatchRequest,
+    parse_grace, Caller, CallerError, CreateRequest, CreatedKeyView, KeyPageView, KeyView,
+    PatchRequest,
 };
 use crate::manage::{CreatedKey, KeyManager, ManageError};
 use crate::store::{KeyPage, KeyState};
@@ -52,7 +53,31 @@ pub(super) async fn create_key(
 ) -> Result<Response, ApiError> {
     let now = manager.now();
     let new = caller.new_key(body, now)?;
-    let created = caller.manager(&manager).create(new).await?;
+    // A `keys:self` caller with credits gives the new key credits out of its own balance.
+    let moved = match caller.credits_to_move(&new) {
+        Some(amount) => match manager.take_credits(caller.key_id(), amount).await? {
+            Some(lease) if lease.granted == amount => Some(lease),
+            lease => {
+                if let Some(lease) = lease.filter(|l| l.granted > 0) {
+                    manager.untake_credits(caller.key_id(), &lease).await;
+                }
+                return Err(CallerError::Forbidden(format!(
+                    "a `keys:self` key cannot give a key more credits than it has itself ({amount} asked)"
+                ))
+                .into());
+            }
+        },
+        None => None,
+    };
+    let created = match caller.manager(&manager).create(new).await {
+        Ok(created) => created,
+        Err(error) => {
+            if let Some(lease) = &moved {
+                manager.untake_credits(caller.key_id(), lease).await;
+            }
+            return Err(error.into());
+        }
+    };
     Ok(created_response(&created, now))
 }
 

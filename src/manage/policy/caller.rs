@@ -294,8 +294,10 @@ impl Caller {
         }
     }
 
-    /// A new key's credits: what was asked, within the caller's own. Nothing asked inherits
-    /// the caller's own balance and refill (none: unlimited, like the caller).
+    /// A new key's credits: what was asked. A `keys:self` caller with credits gives a new key
+    /// credits only out of its own balance (the handler moves them: [`Caller::credits_to_move`]),
+    /// never a refill (each key would be refilled: a budget multiplied), and never none
+    /// (unlimited).
     fn bound_credits(
         &self,
         asked: Option<u64>,
@@ -311,20 +313,33 @@ impl Caller {
             _ => return Ok(wanted),
         };
         let Some(wanted) = wanted else {
-            return Ok(Some(own));
+            return Err(forbidden(
+                "a `keys:self` key with credits cannot create a key with unlimited credits: ask for `credits`, which are moved from its own balance"
+                    .to_owned(),
+            ));
         };
+        if wanted.refill.is_some() {
+            return Err(forbidden(
+                "a `keys:self` key with credits cannot give a key a refill: ask for `credits`, which are moved from its own balance"
+                    .to_owned(),
+            ));
+        }
         if wanted.remaining > own.remaining {
             return Err(forbidden(format!(
                 "a `keys:self` key cannot give a key more credits than it has itself ({})",
                 own.remaining
             )));
         }
-        if !refill_within(wanted.refill, own.refill) {
-            return Err(forbidden(
-                "a `keys:self` key cannot give a key a refill more generous than its own".to_owned(),
-            ));
-        }
         Ok(Some(wanted))
+    }
+
+    /// The credits a new key gets out of the caller's own balance: a `keys:self` caller with
+    /// credits gives, it does not copy.
+    pub(crate) fn credits_to_move(&self, new: &NewKey) -> Option<u64> {
+        if self.admin || self.own_credits.is_none() {
+            return None;
+        }
+        new.credits.map(|c| c.remaining).filter(|n| *n > 0)
     }
 
     /// A `keys:self` caller rotates only keys no more powerful than itself: the new key's
@@ -527,7 +542,7 @@ impl Caller {
             .map(parse_networks)
             .transpose()?;
         new.allowed_ips = self.bound_allowed_ips(allowed_ips)?;
-        let credits = body.credits.map(parse_credits).transpose()?;
+        let credits = body.credits.as_ref().map(parse_credits).transpose()?;
         let refill = body.refill.as_deref().map(parse_refill).transpose()?;
         new.credits = self.bound_credits(credits, refill)?;
         Ok(new)

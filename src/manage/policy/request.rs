@@ -69,8 +69,8 @@ pub(crate) struct CreateRequest {
     /// Credits: how many requests the key may make in total (each costs 1, or its route's
     /// cost); at 0 it gets 429 `usage_exceeded`. Default: unlimited (a `keys:self` caller
     /// with credits: its own balance, and never more).
-    #[schema(nullable = false, minimum = 0, examples(1000))]
-    pub(crate) credits: Option<i64>,
+    #[schema(nullable = false, value_type = Option<u64>, minimum = 0, maximum = 9007199254740991_u64, examples(1000))]
+    pub(crate) credits: Option<Value>,
     /// A refill such as `1000/day` or `50000/month` (30 days): the balance is set to the
     /// amount at the start of each period, counted from when the credits were set. Without
     /// `credits`, the key starts with the amount.
@@ -154,8 +154,8 @@ pub(crate) struct PatchRequest {
     /// restarts the refill schedule from now; a `keys:self` caller may only lower it).
     /// `null`: unlimited (drops the refill too).
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<i64>, minimum = 0)]
-    credits: Option<Option<i64>>,
+    #[schema(value_type = Option<u64>, minimum = 0, maximum = 9007199254740991_u64)]
+    credits: Option<Option<Value>>,
     /// Absent: unchanged. A refill such as `1000/day`: the new one (a key without credits
     /// starts with its amount). `null`: no refill.
     #[serde(default, deserialize_with = "nullable")]
@@ -216,7 +216,7 @@ impl PatchRequest {
                 None => None,
             },
             credits: match self.credits {
-                Some(Some(credits)) => Some(Some(parse_credits(credits)?)),
+                Some(Some(credits)) => Some(Some(parse_credits(&credits)?)),
                 Some(None) => Some(None),
                 None => None,
             },
@@ -264,10 +264,11 @@ pub(crate) fn parse_time(field: &'static str, text: &str) -> Result<OffsetDateTi
     })
 }
 
-/// A credit balance as sent: 0 to [`MAX_CREDITS`].
-pub(crate) fn parse_credits(credits: i64) -> Result<u64, ManageError> {
-    u64::try_from(credits)
-        .ok()
+/// A credit balance as sent: a whole number from 0 to [`MAX_CREDITS`] (any other JSON value
+/// is refused with the rule, never serde's wording).
+pub(crate) fn parse_credits(credits: &Value) -> Result<u64, ManageError> {
+    credits
+        .as_u64()
         .filter(|c| *c <= MAX_CREDITS)
         .ok_or_else(|| {
             ManageError::invalid(
@@ -282,8 +283,11 @@ pub(crate) fn parse_refill(text: &str) -> Result<Refill, ManageError> {
     text.parse().map_err(|_| {
         ManageError::invalid(
             "refill",
-            "expected a refill such as 1000/day, 50000/month or 10/30min (a period of s, min, h, \
-             day, week or month, at least one second)",
+            format!(
+                "expected a refill such as 1000/day, 50000/month or 10/30min: an amount from 1 \
+                 to {MAX_CREDITS}, then a period of s, min, h, day, week or month (30 days), at \
+                 least one second"
+            ),
         )
     })
 }
