@@ -765,6 +765,8 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
     );
     screenshot(client, "08-error").await;
 
+    credits(client, base, admin_key).await;
+
     // The usage chart, drawn from injected buckets (the shape `GET /keys/{id}/usage` answers).
     let drawn = client
         .execute_async(
@@ -878,4 +880,180 @@ async fn scenarios(client: &Client, base: &str, admin_key: &str, alice_key: &str
         .unwrap();
     wait_for(client, "table.keys").await;
     assert_no_csp_violations(client, "as keys:self, on a narrow screen").await;
+}
+
+/// The text of the key page's detail `term` ("Credits", "Refill").
+async fn detail_of(client: &Client, term: &str) -> String {
+    let script = format!(
+        "const dt = [...document.querySelectorAll('dl.details > dt')].find((d) => d.textContent === {term:?}); \
+         return dt ? dt.nextElementSibling.textContent : null"
+    );
+    match client.execute(&script, vec![]).await.unwrap() {
+        Value::String(text) => text,
+        other => panic!("no detail {term}: {other}"),
+    }
+}
+
+async fn confirm_ok(client: &Client) {
+    client
+        .find(Locator::Id("confirm-ok"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Credits through the forms: set at creation with a refill, shown on the key's page and in
+/// the list, lowered and made unlimited by editing; a bad refill shows the API's error.
+async fn credits(client: &Client, base: &str, admin_key: &str) {
+    // From elsewhere: going to the page at its own hash would keep the last form's values.
+    go(client, base, "#/").await;
+    wait_for(client, "table.keys").await;
+    go(client, base, "#/new").await;
+    fill(client, "#create-key input[name=name]", "metered").await;
+    fill(client, "#create-key input[name=credits]", "50").await;
+    fill(client, "#create-key input[name=refill]", "10/day").await;
+    screenshot(client, "13-create-credits").await;
+    click_button(client, "Create key").await;
+    wait_for(client, "#new-key").await;
+    // Not used: a request would lease credits, and the page shows what the store holds.
+    click_button(client, "I have stored it — done").await;
+    wait_for(client, "dl.details").await;
+    let url = client.current_url().await.unwrap();
+    let key_id = url
+        .fragment()
+        .unwrap()
+        .trim_start_matches("/keys/")
+        .to_owned();
+    let view_url = format!("{base}/admin/keys/{key_id}");
+    let (_, view) = api(reqwest::Method::GET, &view_url, admin_key, None).await;
+    assert_eq!(
+        (&view["credits"], &view["refill"]),
+        (&json!(50), &json!("10/day"))
+    );
+    assert_eq!(detail_of(client, "Credits").await, "50");
+    assert!(detail_of(client, "Refill").await.starts_with("10/day"));
+    screenshot(client, "14-key-credits").await;
+
+    // The list: credits left, the refill under them.
+    go(client, base, "#/?subject=admin").await;
+    wait_for(client, "table.keys").await;
+    let cell = client
+        .execute(
+            "const link = [...document.querySelectorAll('table.keys a.key-name')].find((a) => a.textContent === 'metered'); \
+             return link.closest('tr').querySelector('td[data-label=Credits]').innerText",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cell, json!("50\n10/day"));
+    screenshot(client, "15-keys-credits").await;
+
+    // Edit: a new balance; the refill is left alone.
+    go(client, base, &format!("#/keys/{key_id}")).await;
+    wait_for(client, "dl.details").await;
+    click_button(client, "Edit").await;
+    fill(client, "#confirm input[name=credits]", "5").await;
+    screenshot(client, "16-edit-credits").await;
+    confirm_ok(client).await;
+    wait_until(
+        client,
+        "5 credits",
+        "const dt = [...document.querySelectorAll('dl.details > dt')].find((d) => d.textContent === 'Credits'); \
+         return dt?.nextElementSibling.textContent === '5'",
+    )
+    .await;
+    let (_, view) = api(reqwest::Method::GET, &view_url, admin_key, None).await;
+    assert_eq!(
+        (&view["credits"], &view["refill"]),
+        (&json!(5), &json!("10/day"))
+    );
+
+    // A bad refill in the edit dialog: the API's words, and nothing changed.
+    click_button(client, "Edit").await;
+    fill(client, "#confirm input[name=refill]", "5/fortnight").await;
+    confirm_ok(client).await;
+    let alert = text_of(client, "#key-status .alert.error").await;
+    let (status, problem) = api(
+        reqwest::Method::PATCH,
+        &view_url,
+        admin_key,
+        Some(json!({"refill": "5/fortnight"})),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["errors"][0]["field"].as_str()),
+        (422, Some("refill"))
+    );
+    assert!(
+        alert.contains(problem["detail"].as_str().unwrap()),
+        "{alert} / {problem}"
+    );
+    screenshot(client, "17-edit-refill-error").await;
+
+    // Unlimited: credits and refill both go.
+    click_button(client, "Edit").await;
+    wait_for(client, "#credits-unlimited")
+        .await
+        .click()
+        .await
+        .unwrap();
+    confirm_ok(client).await;
+    wait_until(
+        client,
+        "unlimited",
+        "const dt = [...document.querySelectorAll('dl.details > dt')].find((d) => d.textContent === 'Credits'); \
+         return dt?.nextElementSibling.textContent === 'unlimited'",
+    )
+    .await;
+    assert_eq!(detail_of(client, "Refill").await, "none");
+    let (_, view) = api(reqwest::Method::GET, &view_url, admin_key, None).await;
+    assert_eq!(
+        (&view["credits"], &view["refill"]),
+        (&Value::Null, &Value::Null)
+    );
+
+    // A bad refill at creation: the API's error, and the field marked.
+    go(client, base, "#/").await;
+    wait_for(client, "table.keys").await;
+    go(client, base, "#/new").await;
+    fill(client, "#create-key input[name=name]", "bad refill").await;
+    // Text the number input cannot read never reaches the API: the page says so itself.
+    fill(client, "#create-key input[name=credits]", "1e").await;
+    click_button(client, "Create key").await;
+    let alert = text_of(client, "#create-key .alert.error").await;
+    assert!(alert.contains("Credits is not a number"), "{alert}");
+    fill(client, "#create-key input[name=credits]", "").await;
+    fill(client, "#create-key input[name=refill]", "5/fortnight").await;
+    click_button(client, "Create key").await;
+    let alert = text_of(client, "#create-key .alert.error").await;
+    let (status, problem) = api(
+        reqwest::Method::POST,
+        &format!("{base}/admin/keys"),
+        admin_key,
+        Some(json!({"name": "bad refill", "refill": "5/fortnight"})),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["errors"][0]["field"].as_str()),
+        (422, Some("refill"))
+    );
+    assert!(
+        alert.contains(problem["title"].as_str().unwrap()),
+        "{alert} / {problem}"
+    );
+    assert!(
+        alert.contains(problem["detail"].as_str().unwrap()),
+        "{alert} / {problem}"
+    );
+    let marked = client
+        .execute(
+            "return [...document.querySelectorAll('#create-key [aria-invalid=true]')].map((c) => c.name)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(marked, json!(["refill"]));
+    screenshot(client, "18-create-refill-error").await;
 }

@@ -30,9 +30,14 @@ const session = {
 export const api = createApi(() => session.key);
 const main = document.getElementById("main");
 
-/** An error panel in the API's words: its `title`, `detail` and each invalid field. */
+/**
+ * An error panel in the API's words: its `title`, `detail` and each invalid field. Also takes
+ * a problem the page words itself (`{ title, detail }`) and any thrown error.
+ */
 export function errorPanel(error) {
-  const problem = error instanceof ApiError ? error : new ApiError(0, { title: "Error", detail: String(error.message || error) });
+  const problem = error instanceof ApiError ? error
+    : error && !(error instanceof Error) && error.title ? new ApiError(0, error)
+      : new ApiError(0, { title: "Error", detail: String(error.message || error) });
   return h("div", { class: "alert error", role: "alert" },
     h("strong", { class: "alert-title" }, problem.title),
     problem.detail ? h("p", { class: "alert-detail" }, problem.detail) : null,

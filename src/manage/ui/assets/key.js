@@ -4,7 +4,7 @@
 import { h, field, replace, time, stateBadge } from "./dom.js";
 import { query } from "./api.js";
 import { usageChart } from "./chart.js";
-import { scopeList, parseScopes, newKeyPanel, expiryControls, expiryMembers } from "./keys.js";
+import { scopeList, parseScopes, newKeyPanel, expiryControls, expiryMembers, creditsValue } from "./keys.js";
 
 // The audit log and usage analytics come with a later keywarden (`GET /audit`,
 // `GET /keys/{id}/usage`); until the server has them, their sections say so.
@@ -16,6 +16,10 @@ function detail(term, value) {
 
 function text(value) {
   return value === null || value === undefined || value === "" ? h("span", { class: "muted" }, "—") : String(value);
+}
+
+function unlimited(key) {
+  return key.credits === null || key.credits === undefined;
 }
 
 function details(key) {
@@ -35,6 +39,10 @@ function details(key) {
     detail("Rate limit", text(key.rate_limit || "server default")),
     detail("Allowed IPs", text((key.allowed_ips || []).join(", ") || "any address")),
     detail("Expires", time(key.expires_at, "never")),
+    detail("Credits", unlimited(key) ? "unlimited" : h("span", { title: "Left in the store; instances serving the key may hold a few more, leased." }, String(key.credits))),
+    detail("Refill", key.refill
+      ? [key.refill, h("span", { class: "muted small" }, ` · the balance is set to ${key.refill.split("/")[0]} each period`)]
+      : "none"),
     detail("Last used", time(key.last_used_at, "never")),
     detail("Uses", String(key.use_count)),
     detail("Created", time(key.created_at)),
@@ -143,12 +151,26 @@ async function editDialog(context, key, status) {
   const rateLimit = h("input", { name: "rate_limit", value: key.rate_limit || "", placeholder: "server default", autocomplete: "off" });
   const currentIps = key.allowed_ips || [];
   const allowedIps = h("input", { name: "allowed_ips", value: currentIps.join(", "), placeholder: "any address", autocomplete: "off" });
+  const credits = h("input", { name: "credits", type: "number", min: "0", step: "1", inputmode: "numeric", placeholder: unlimited(key) ? "unchanged (unlimited)" : `unchanged (${key.credits} left)`, autocomplete: "off" });
+  const refill = h("input", { name: "refill", value: key.refill || "", placeholder: "none, e.g. 1000/day", autocomplete: "off" });
+  const noLimit = h("input", { type: "checkbox", name: "unlimited", id: "credits-unlimited", checked: unlimited(key) });
+  // Unlimited credits have no refill (the API drops it): the two fields wait for a limit.
+  const syncCredits = () => {
+    credits.disabled = noLimit.checked;
+    refill.disabled = noLimit.checked;
+    if (noLimit.checked) credits.value = "";
+  };
+  noLimit.addEventListener("change", syncCredits);
+  syncCredits();
   const expiry = expiryControls(EDIT_EXPIRY);
   const form = await confirmDialog({
     title: `Edit “${key.name}”`,
     body: [field("Name", name), field("Description", description), field("Scopes", scopes, "Separated by commas or spaces."),
       ...expiry.nodes, field("Rate limit", rateLimit, "Empty: the server's default."),
-      field("Allowed IPs", allowedIps, "Networks (CIDR) or addresses, separated by commas or spaces. Empty: any address.")],
+      field("Allowed IPs", allowedIps, "Networks (CIDR) or addresses, separated by commas or spaces. Empty: any address."),
+      h("div", { class: "check" }, noLimit, h("label", { for: "credits-unlimited" }, "Unlimited credits (no refill)")),
+      field("Credits", credits, "A number sets the balance and restarts the refill schedule from now. Empty: unchanged."),
+      field("Refill", refill, "Amount/period; a period of s, min, h, day, week or month (30 days). Each period the balance is set to the amount, not added to. Empty: none.")],
     ok: "Save",
   });
   if (!form) return;
@@ -162,6 +184,17 @@ async function editDialog(context, key, status) {
   const newIps = parseScopes(allowedIps.value);
   if (newIps.join(" ") !== currentIps.join(" ")) patch.allowed_ips = newIps;
   Object.assign(patch, expiryMembers(expiry, expiresAtIn));
+  if (noLimit.checked) {
+    if (!unlimited(key)) patch.credits = null;
+  } else {
+    if (credits.validity.badInput) {
+      // The browser keeps text it cannot read as a number to itself (the value is "").
+      return replace(status, errorPanel({ title: "Credits is not a number", detail: "Enter a whole number such as 1000, or leave it empty to keep the balance." }));
+    }
+    if (credits.value.trim()) patch.credits = creditsValue(credits.value.trim());
+    const newRefill = refill.value.trim();
+    if (newRefill !== (key.refill || "")) patch.refill = newRefill || null;
+  }
   if (Object.keys(patch).length === 0) return toast("Nothing changed");
   replace(status);
   try {

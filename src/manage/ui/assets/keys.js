@@ -17,6 +17,23 @@ export function scopeList(scopes) {
   return h("ul", { class: "chips" }, scopes.map((scope) => h("li", { class: "chip" }, scope)));
 }
 
+/** Credits left (the API's `null`: unlimited), and the refill under them. */
+function creditsCell(key) {
+  if (key.credits === null || key.credits === undefined) {
+    // "∞" keeps the column narrow beside eight others; the word is there for screen readers.
+    return h("span", { class: "muted", title: "unlimited" }, h("span", { "aria-hidden": "true" }, "∞"), h("span", { class: "visually-hidden" }, "unlimited"));
+  }
+  return [String(key.credits), key.refill ? h("div", { class: "muted small" }, key.refill) : null];
+}
+
+/**
+ * The `credits` member from a credits input: a number when the text is one, else the text
+ * itself, so the API judges it and names the field (as it does for every other member).
+ */
+export function creditsValue(text) {
+  return /^-?\d+$/.test(text) ? Number(text) : text;
+}
+
 function owner(key) {
   return h("span", { class: "owner" }, h("span", {}, key.subject),
     h("span", { class: "muted small" }, ` ${key.collection} · ${key.owner_kind}`));
@@ -63,12 +80,13 @@ export async function listScreen({ api, main, params, navigate }) {
     h("td", { "data-label": "State" }, stateBadge(key.state)),
     h("td", { "data-label": "Expires" }, time(key.expires_at, "never")),
     h("td", { "data-label": "Last used" }, time(key.last_used_at, "never")),
-    h("td", { "data-label": "Uses", class: "num" }, String(key.use_count))));
+    h("td", { "data-label": "Uses", class: "num" }, String(key.use_count)),
+    h("td", { "data-label": "Credits", class: "num" }, creditsCell(key))));
   const table = page.items.length
     ? h("table", { class: "keys" },
       h("caption", { class: "visually-hidden" }, "API keys"),
-      h("thead", {}, h("tr", {}, ["Name", "Key", "Owner", "Scopes", "State", "Expires", "Last used", "Uses"]
-        .map((name) => h("th", { scope: "col", class: name === "Uses" ? "num" : null }, name)))),
+      h("thead", {}, h("tr", {}, ["Name", "Key", "Owner", "Scopes", "State", "Expires", "Last used", "Uses", "Credits"]
+        .map((name) => h("th", { scope: "col", class: name === "Uses" || name === "Credits" ? "num" : null }, name)))),
       h("tbody", {}, rows))
     : h("p", { class: "empty" }, Object.values(filters).some(Boolean) ? "No key matches these filters." : "No keys yet. Create the first one.");
   const pager = h("nav", { class: "pager", "aria-label": "Pages" },
@@ -139,6 +157,8 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
   const readOnly = h("input", { type: "checkbox", name: "read_only", id: "read-only" });
   const rateLimit = h("input", { name: "rate_limit", placeholder: "e.g. 100/min,burst=20", autocomplete: "off" });
   const allowedIps = h("input", { name: "allowed_ips", placeholder: "e.g. 10.0.0.0/8, 2001:db8::/32", autocomplete: "off" });
+  const credits = h("input", { name: "credits", type: "number", min: "0", step: "1", inputmode: "numeric", placeholder: "unlimited", autocomplete: "off" });
+  const refill = h("input", { name: "refill", placeholder: "e.g. 1000/day", autocomplete: "off" });
   const metadata = h("textarea", { name: "metadata", rows: "3", class: "mono", placeholder: "{\"team\": \"billing\"}", spellcheck: "false" });
   const expiry = expiryControls(EXPIRY_PRESETS);
   const status = h("div", { "aria-live": "polite" });
@@ -157,6 +177,15 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
       text(ownerKind, "owner_kind");
       text(environment, "environment");
       text(rateLimit, "rate_limit");
+      text(refill, "refill");
+      if (credits.validity.badInput) {
+        // The browser keeps text it cannot read as a number to itself (the value is "").
+        replace(status, errorPanel({ title: "Credits is not a number", detail: "Enter a whole number such as 1000, or leave it empty for unlimited.", errors: [] }));
+        credits.setAttribute("aria-invalid", "true");
+        credits.focus();
+        return;
+      }
+      if (credits.value.trim()) body.credits = creditsValue(credits.value.trim());
       const scopeList = parseScopes(scopes.value);
       if (scopeList.length) body.scopes = scopeList;
       const networks = parseScopes(allowedIps.value);
@@ -197,13 +226,18 @@ export async function createScreen({ api, main, navigate, errorPanel }) {
       ...expiry.nodes,
       field("Rate limit", rateLimit, "Leave empty for the server's default."),
       field("Allowed IPs", allowedIps, "Networks (CIDR) or addresses, separated by commas or spaces. Empty: any address.")),
-    h("fieldset", {},
-      h("legend", {}, "Owner"),
-      field("Collection", collection, "Leave empty for your own."),
-      field("Subject", subject, "The owner's id in the collection."),
-      field("Owner kind", ownerKind),
-      field("Environment", environment, "The key's prefix ends with it: kw_<environment>_."),
-      field("Metadata (JSON object)", metadata))),
+    h("div", {},
+      h("fieldset", {},
+        h("legend", {}, "Owner"),
+        field("Collection", collection, "Leave empty for your own."),
+        field("Subject", subject, "The owner's id in the collection."),
+        field("Owner kind", ownerKind),
+        field("Environment", environment, "The key's prefix ends with it: kw_<environment>_."),
+        field("Metadata (JSON object)", metadata)),
+      h("fieldset", {},
+        h("legend", {}, "Budget"),
+        field("Credits", credits, "How many requests the key may make; each costs 1 (or its route's cost). At 0 it is refused. Empty: unlimited."),
+        field("Refill", refill, "Amount/period; a period of s, min, h, day, week or month (30 days). Each period the balance is set to the amount, not added to. Without credits, the key starts with the amount. Empty: no refill.")))),
   status,
   h("div", { class: "actions" }, h("a", { href: "#/", class: "button ghost" }, "Cancel"), submit));
 
