@@ -46,6 +46,8 @@ VARIANTS = [
     # `keywarden-hit` (section 11).
     "keywarden-hit-allowlist",
     "keywarden-hit-owner",
+    # Issue 15: a key with credits (10^12, never run out; section 12).
+    "keywarden-hit-credits",
 ]
 # Not in the default list: they read `X-Api-Key` only (`--header x-api-key`).
 HANDWRITTEN = ["handwritten", "handwritten-10k"]
@@ -75,9 +77,12 @@ def children_cpu():
     return r.ru_utime + r.ru_stime
 
 
-def lookups(port):
+def store_calls(port):
+    """The server's store calls on the request path so far: digest lookups, credit leases,
+    credit returns."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as resp:
-        return json.load(resp)["lookups"]
+        stats = json.load(resp)
+    return {k: stats.get(k, 0) for k in ("lookups", "leases", "returns")}
 
 
 def pin(core):
@@ -98,7 +103,8 @@ class Server:
             "--addr", f"127.0.0.1:{port}",
             "--keys-file", self.keys_file,
             "--dir", workdir,
-        ] + (["--cache-ttl", str(args.cache_ttl)] if args.cache_ttl else [])
+        ] + (["--cache-ttl", str(args.cache_ttl)] if args.cache_ttl else []) + (
+            ["--credit-block", str(args.credit_block)] if args.credit_block else [])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("ready"):
@@ -116,7 +122,7 @@ class Server:
 
 def start_wrk(server, args, duration):
     """Starts one measured run; `finish_wrk` completes it."""
-    look0 = lookups(server.port)  # before the CPU reading: /stats is not part of the run
+    calls0 = store_calls(server.port)  # before the CPU reading: /stats is not part of the run
     cmd = pin(args.client_core) + [
         "wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "--timeout", "5s",
         "-s", os.path.join(HERE, "wrk.lua"), f"http://127.0.0.1:{server.port}/",
@@ -124,14 +130,14 @@ def start_wrk(server, args, duration):
     env = dict(os.environ, KEYS_FILE=server.keys_file, KEY_HEADER=args.header)
     cpu0 = proc_cpu_seconds(server.proc.pid)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return {"server": server, "proc": proc, "look0": look0, "cpu0": cpu0, "duration": duration}
+    return {"server": server, "proc": proc, "calls0": calls0, "cpu0": cpu0, "duration": duration}
 
 
 def finish_wrk(run):
     server = run["server"]
     stdout, stderr = run["proc"].communicate(timeout=run["duration"] + 60)
     cpu1 = proc_cpu_seconds(server.proc.pid)
-    look1 = lookups(server.port)  # after the CPU reading
+    calls1 = store_calls(server.port)  # after the CPU reading
     summary = None
     for line in stdout.splitlines():
         if line.startswith("WRKJSON "):
@@ -149,7 +155,9 @@ def finish_wrk(run):
         "errors": summary["errors"],
         "server_cpu_s": server_cpu,
         "cpu_us_per_req": server_cpu * 1e6 / summary["requests"],
-        "lookups": look1 - run["look0"],
+        "lookups": calls1["lookups"] - run["calls0"]["lookups"],
+        "leases": calls1["leases"] - run["calls0"]["leases"],
+        "returns": calls1["returns"] - run["calls0"]["returns"],
     }
 
 
@@ -175,6 +183,17 @@ def run_together(servers, args, duration):
 def run_wrk(server, args, duration):
     """One measured run: returns a dict of figures."""
     return run_together([server], args, duration)[0]
+
+
+def round_trips(runs):
+    """Credit leases and returns per 1,000 requests over `runs`, as `total (leases + returns)`."""
+    reqs = sum(r["requests"] for r in runs)
+    leases = sum(r.get("leases", 0) for r in runs)
+    returns = sum(r.get("returns", 0) for r in runs)
+    if not reqs:
+        return "0"
+    per = lambda n: n * 1000 / reqs
+    return f"{per(leases + returns):.4f} ({per(leases):.4f} + {per(returns):.4f})"
 
 
 def median(xs):
@@ -205,6 +224,9 @@ def main():
                         "time (two wrk, both servers on the server core) and report cost(A)/cost(B) "
                         "and cost(B) - cost(A) per pair; a variant written VARIANT@PATH runs from the "
                         "load server at PATH (two builds head to head)")
+    p.add_argument("--credit-block", type=int, default=None,
+                   help="the most credits one lease takes, for keys with credits "
+                        "(keywarden-hit-credits; default: the layer's 100)")
     p.add_argument("--cache-ttl", type=int, default=None,
                    help="cache TTL in seconds for the cached keywarden variants (default: the layer's 60 s); "
                         "runs load each server only a few seconds per round, so a short TTL expires idle keys")
@@ -286,17 +308,19 @@ def main():
     print(f"Rounds: {rounds} ({'stable' if all(stable.values()) else 'NOT stable'} to ±{args.tolerance} "
           f"over the last {args.stable_rounds}); {discarded} pair(s) discarded for steal > {args.max_steal:.0%}; "
           f"{args.duration} s per run, {args.connections} connections, server on CPU {args.server_core}, "
-          f"wrk on CPU {args.client_core}; cache TTL {args.cache_ttl or 60} s; {time.time() - started:.0f} s in all.")
+          f"wrk on CPU {args.client_core}; cache TTL {args.cache_ttl or 60} s; credit block {args.credit_block or 100}; "
+          f"{time.time() - started:.0f} s in all.")
     print(f"Conditions: steal median {median([r['steal'] for r in runs]):.2%} (max {max(r['steal'] for r in runs):.2%}); "
           f"other processes' CPU median {median([r['foreign_load'] for r in runs]):.0%} of both cores; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end.")
     print()
-    print("| variant | server CPU µs/req | cost ratio bare/variant (median [min–max]) | pairs | req/s | p50 µs | p99 µs | store lookups/req | non-2xx |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | server CPU µs/req | cost ratio bare/variant (median [min–max]) | pairs | req/s | p50 µs | p99 µs | store lookups/req | credit leases + returns per 1,000 req | non-2xx |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for v in variants:
         vr = [r for r in kept if r["variant"] == v]
         reqs = sum(r["requests"] for r in vr)
         look = sum(r["lookups"] for r in vr)
+        credit_trips = round_trips(vr)
         non2xx = sum(r["non2xx"] for r in vr)
         if v == "bare":
             ratio = "1 (baseline)"
@@ -306,7 +330,7 @@ def main():
             ratio = f"{median(rs):.3f} [{min(rs):.3f}–{max(rs):.3f}]{flag}" if rs else "n/a"
         pairs = len(vr)
         print(f"| {v} | {col(v, 'cpu_us_per_req'):.2f} | {ratio} | {pairs} | {col(v, 'rps'):.0f} | "
-              f"{col(v, 'p50_us'):.0f} | {col(v, 'p99_us'):.0f} | {look / reqs if reqs else 0:.4f} | {non2xx} |")
+              f"{col(v, 'p50_us'):.0f} | {col(v, 'p99_us'):.0f} | {look / reqs if reqs else 0:.4f} | {credit_trips} | {non2xx} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs, "ratios": ratios, "history": history}, f, indent=1)
@@ -390,13 +414,14 @@ def head_to_head(args):
           f"±{args.tolerance} over the last {args.stable_rounds}); {discarded} pair(s) discarded for "
           f"steal > {args.max_steal:.0%}; {args.duration} s per run, {args.connections} connections "
           f"per server, both servers on CPU {args.server_core}, both wrk on CPU {args.client_core}; "
-          f"header {args.header}; cache TTL {args.cache_ttl or 60} s; {time.time() - started:.0f} s in all.")
+          f"header {args.header}; cache TTL {args.cache_ttl or 60} s; credit block {args.credit_block or 100}; "
+          f"{time.time() - started:.0f} s in all.")
     print(f"Conditions: steal median {median([r['steal'] for r in runs]):.2%} (max {max(r['steal'] for r in runs):.2%}); "
           f"other processes' CPU median {median([r['foreign_load'] for r in runs]):.0%} of both cores; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end.")
     print()
-    print("| A | B | cost ratio A/B (median [min–max]) | B − A µs/req (median [min–max]) | pairs | A µs/req | B µs/req | A req/s | B req/s | B store lookups/req | non-2xx |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| A | B | cost ratio A/B (median [min–max]) | B − A µs/req (median [min–max]) | pairs | A µs/req | B µs/req | A req/s | B req/s | B store lookups/req | B credit leases + returns per 1,000 req | non-2xx |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for pair in pairs:
         a, b = pair
         rs, xs = ratios[pair], extra[pair]
@@ -407,11 +432,12 @@ def head_to_head(args):
         diff = f"{median(xs):+.3f} [{min(xs):+.3f}–{max(xs):+.3f}]" if xs else "n/a"
         reqs_b = sum(r["requests"] for r in kb)
         look_b = sum(r["lookups"] for r in kb)
+        credit_trips = round_trips(kb)
         non2xx = sum(r["non2xx"] for r in ka + kb)
         print(f"| {a} | {b} | {ratio} | {diff} | {len(rs)} | "
               f"{median([r['cpu_us_per_req'] for r in ka]):.2f} | {median([r['cpu_us_per_req'] for r in kb]):.2f} | "
               f"{median([r['rps'] for r in ka]):.0f} | {median([r['rps'] for r in kb]):.0f} | "
-              f"{look_b / reqs_b if reqs_b else 0:.4f} | {non2xx} |")
+              f"{look_b / reqs_b if reqs_b else 0:.4f} | {credit_trips} | {non2xx} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs,

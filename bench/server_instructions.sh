@@ -10,7 +10,8 @@
 # Usage: bench/server_instructions.sh bare keywarden-hit keywarden-malformed
 # KEY_HEADER=x-api-key sends the key in `X-Api-Key` (needed by the handwritten variants);
 # SECONDS_PER_RUN (default 10) sets the length of the counted run, WARMUP_SECONDS (default 5)
-# that of the uncounted warm-up before it; LOADSERVER the binary.
+# that of the uncounted warm-up before it; LOADSERVER the binary; LOADSERVER_ARGS more
+# loadserver arguments (e.g. `--credit-block 1000000000`).
 #
 # The collected function must exist as a symbol: hyper inlines much of its dispatcher (an
 # earlier pattern, `Dispatcher::poll_catch`, matched nothing and reported 0), so the script
@@ -32,7 +33,7 @@ for variant in "$@"; do
     out="$work/$variant.callgrind"
     valgrind --tool=callgrind --callgrind-out-file="$out" "--toggle-collect=$toggle" \
         "$bin" --variant "$variant" --addr "127.0.0.1:$port" --keys-file "$work/$variant.keys" \
-        --cache-ttl 3600 --dir "$work" > "$work/$variant.stdout" 2> "$work/$variant.valgrind" &
+        --cache-ttl 3600 --dir "$work" ${LOADSERVER_ARGS:-} > "$work/$variant.stdout" 2> "$work/$variant.valgrind" &
     pid=$!
     until grep -q ready "$work/$variant.stdout" 2>/dev/null; do sleep 1; done
     # One warm-up pass over the keys (first uses are cache misses), not counted.

@@ -218,5 +218,35 @@ fn limited_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, primitives, layer_path, limited_path);
+/// The hit path of a key with credits (10^12, never run out): one credit spent from the
+/// instance's lease per request, `Credits-Remaining` on the response; one request in 100
+/// leases the next block (the default) from the memory store.
+fn credits_path(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = ApiKeyLayer::builder()
+        .store(Arc::new(MemoryStore::new()))
+        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
+        .collection(Collection::new("users"))
+        .build()
+        .unwrap();
+    let key = runtime.block_on(async {
+        KeyManager::for_layer(&layer)
+            .create(NewKey::new("metered", "u").credits(1_000_000_000_000))
+            .await
+            .unwrap()
+            .key
+    });
+    let service = layer.layer(noop());
+    let mut group = c.benchmark_group("layer");
+    group.bench_function("hit/one_key_credits", |b| {
+        b.to_async(&runtime)
+            .iter(|| service.clone().oneshot(request(key.expose())))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, primitives, layer_path, limited_path, credits_path);
 criterion_main!(benches);

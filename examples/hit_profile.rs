@@ -19,7 +19,11 @@
 //! `HIT_PROFILE_CLIENT_IP=on` adds the extension alone (keys without allowlists), to separate
 //! the driver's extension insert from the check. `HIT_PROFILE_OWNER=on` gives the collection
 //! an owner budget too high ever to refuse (`Collection::owner_rate_limit`, 1,000,000,000/s;
-//! each key has its own owner, so 10,000 budgets).
+//! each key has its own owner, so 10,000 budgets). `HIT_PROFILE_CREDITS=on` gives every key
+//! credits (10^12, never run out): each hit spends one from the key's lease (the warm-up took
+//! one lease of the default block per key, which the measured hits do not use up; the layer
+//! is built outside the runtime, so no idle sweep gives leases back) and gets
+//! `Credits-Remaining`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -98,6 +102,7 @@ fn main() {
     let usage = std::env::var("HIT_PROFILE_USAGE").map_or(true, |v| v != "off");
     let allowlist = on("HIT_PROFILE_ALLOWLIST");
     let owner = on("HIT_PROFILE_OWNER");
+    let credits = on("HIT_PROFILE_CREDITS");
     let client =
         (allowlist || on("HIT_PROFILE_CLIENT_IP")).then_some(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let collection = if owner {
@@ -146,6 +151,9 @@ fn main() {
             if allowlist {
                 new = new.allow_ip("127.0.0.0/8".parse::<IpNetwork>().unwrap());
             }
+            if credits {
+                new = new.credits(1_000_000_000_000);
+            }
             let created = manager.create(new).await.unwrap();
             keys.push(HeaderValue::from_str(created.key.expose()).unwrap());
         }
@@ -180,11 +188,12 @@ fn main() {
     assert_eq!(ok, n);
     let word = |b: bool| if b { "on" } else { "off" };
     println!(
-        "{n} hits over {KEYS} cached keys (usage {}, metrics {}, allowlist {}, client ip {}, owner budget {})",
+        "{n} hits over {KEYS} cached keys (usage {}, metrics {}, allowlist {}, client ip {}, owner budget {}, credits {})",
         word(usage),
         word(metered),
         word(allowlist),
         word(client.is_some()),
-        word(owner)
+        word(owner),
+        word(credits)
     );
 }

@@ -22,6 +22,10 @@
 //! - `keywarden-hit-owner`: `keywarden-hit` whose collection has an owner budget
 //!   (`Collection::owner_rate_limit`) too high ever to refuse (1,000,000,000/s): every request
 //!   takes one from it and gets `RateLimit-*` headers.
+//! - `keywarden-hit-credits`: `keywarden-hit` whose key has credits (`NewKey::credits`,
+//!   10^12, never run out): every request spends one from the instance's lease and gets
+//!   `Credits-Remaining`. Leases hold the layer's default block (100) unless
+//!   `--credit-block N` sets `ApiKeyLayerBuilder::credit_leases(N, 10 s)`.
 //! - `handwritten`, `handwritten-10k`: what a user would write instead of keywarden, the shape
 //!   axum's docs recommend: an `axum::middleware::from_fn_with_state` function that SHA-256s
 //!   the `X-Api-Key` value, looks the digest up in a `HashMap<Vec<u8>, Arc<Owner>>` and inserts
@@ -34,7 +38,8 @@
 //!
 //! Keys are real keys created through [`KeyManager`]; the server writes the ones the client
 //! should send to `--keys-file`, one a line, then prints `ready <addr>` on stdout. `GET /stats`
-//! (outside the layer) returns `{"lookups": n}`, the store's digest lookups so far. The server
+//! (outside the layer) returns `{"lookups": n, "leases": n, "returns": n}`, the store's digest
+//! lookups, credit leases and credit returns so far (its round trips on the request path). The server
 //! binds loopback only and exits on SIGTERM or Ctrl-C. `--cache-ttl SECS` sets the cached
 //! variants' TTL (default 60 s, the layer's default).
 //!
@@ -56,9 +61,9 @@ use axum::Router;
 use keywarden::net::IpNetwork;
 use keywarden::ratelimit::RateLimitPolicy;
 use keywarden::{
-    secret::Digest, secret::SecretId, store::KeyPage, store::KeyPatch, store::KeyQuery,
-    store::KeyRecord, store::KeyUsage, ApiKeyLayer, Collection, KeyManager, KeyStore, MemoryStore,
-    NewKey, PostgresStore, SecretRing, SqliteStore, StoreError,
+    secret::Digest, secret::SecretId, store::CreditLease, store::KeyPage, store::KeyPatch,
+    store::KeyQuery, store::KeyRecord, store::KeyUsage, ApiKeyLayer, Collection, KeyManager,
+    KeyStore, MemoryStore, NewKey, PostgresStore, SecretRing, SqliteStore, StoreError,
 };
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
@@ -66,6 +71,8 @@ use uuid::Uuid;
 
 const SECRET: &str = "load-harness-secret-0123456789-abcdefghijk";
 const ROTATED_KEYS: usize = 10_000;
+/// `keywarden-hit-credits`' balance per key: more than any run spends.
+const CREDITS: u64 = 1_000_000_000_000;
 
 async fn hello() -> &'static str {
     "hello"
@@ -118,11 +125,20 @@ fn handwritten(count: usize) -> (Owners, Vec<String>) {
     (Arc::new(owners), keys)
 }
 
-/// Counts digest lookups so the harness can check "zero store queries" for malformed keys.
+/// Counts digest lookups so the harness can check "zero store queries" for malformed keys,
+/// and credit leases and returns so it can report a credits key's store round trips.
 #[derive(Debug)]
 struct Counting {
     inner: Arc<dyn KeyStore>,
-    lookups: Arc<AtomicUsize>,
+    counts: Arc<StoreCounts>,
+}
+
+/// The store calls on the request path, for `GET /stats`.
+#[derive(Debug, Default)]
+struct StoreCounts {
+    lookups: AtomicUsize,
+    leases: AtomicUsize,
+    returns: AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -131,7 +147,7 @@ impl KeyStore for Counting {
         self.inner.insert(record).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.counts.lookups.fetch_add(1, Ordering::Relaxed);
         self.inner.find_by_digest(digest).await
     }
     async fn get(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
@@ -170,6 +186,30 @@ impl KeyStore for Counting {
     ) -> Result<keywarden::store::Applied, StoreError> {
         self.inner.apply_audited(change, audit).await
     }
+    // Forwarded, not left to the trait's defaults: the default lease fails (a key with credits
+    // would get 503) and the default return drops the credits.
+    async fn lease_credits(
+        &self,
+        id: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        self.counts.leases.fetch_add(1, Ordering::Relaxed);
+        self.inner.lease_credits(id, need, want, now).await
+    }
+    async fn return_credits(
+        &self,
+        id: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        self.counts.returns.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .return_credits(id, amount, generation, period)
+            .await
+    }
 }
 
 struct Args {
@@ -179,6 +219,7 @@ struct Args {
     dir: PathBuf,
     postgres_url: String,
     cache_ttl: Option<std::time::Duration>,
+    credit_block: Option<u64>,
 }
 
 fn parse_args() -> Args {
@@ -189,6 +230,7 @@ fn parse_args() -> Args {
     let mut postgres_url = std::env::var("KEYWARDEN_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let mut cache_ttl = None;
+    let mut credit_block = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || {
@@ -205,6 +247,10 @@ fn parse_args() -> Args {
                 let secs: u64 = value().parse().unwrap_or_else(|_| usage("bad --cache-ttl"));
                 cache_ttl = Some(std::time::Duration::from_secs(secs));
             }
+            "--credit-block" => match value().parse() {
+                Ok(block) if block > 0 => credit_block = Some(block),
+                _ => usage("bad --credit-block"),
+            },
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -218,12 +264,13 @@ fn parse_args() -> Args {
         dir,
         postgres_url,
         cache_ttl,
+        credit_block,
     }
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!("loadserver: {problem}");
-    eprintln!("usage: loadserver --variant V [--addr 127.0.0.1:PORT] [--keys-file F] [--dir D] [--postgres-url U] [--cache-ttl SECS]");
+    eprintln!("usage: loadserver --variant V [--addr 127.0.0.1:PORT] [--keys-file F] [--dir D] [--postgres-url U] [--cache-ttl SECS] [--credit-block N]");
     std::process::exit(2)
 }
 
@@ -243,7 +290,7 @@ fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let lookups = Arc::new(AtomicUsize::new(0));
+    let counts = Arc::new(StoreCounts::default());
     let handler = Router::new().route("/", get(hello));
     // Metrics on: the recorder must be installed before the layer registers its handles.
     let (variant, prometheus) = match args.variant.strip_suffix("-metrics") {
@@ -277,7 +324,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         | "keywarden-malformed"
         | "keywarden-hit-allowlist"
         | "keywarden-hit-connectinfo"
-        | "keywarden-hit-owner" => {
+        | "keywarden-hit-owner"
+        | "keywarden-hit-credits" => {
             let count = if variant == "keywarden-hit-10k" {
                 ROTATED_KEYS
             } else {
@@ -286,10 +334,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let features = Features {
                 allow_loopback: variant == "keywarden-hit-allowlist",
                 owner_limit: variant == "keywarden-hit-owner",
+                credits: variant == "keywarden-hit-credits",
+                credit_block: args.credit_block,
             };
             let store = Arc::new(MemoryStore::new());
             let (layer, mut keys) =
-                keywarden_with(store, &lookups, count, None, args.cache_ttl, features).await?;
+                keywarden_with(store, &counts, count, None, args.cache_ttl, features).await?;
             if variant == "keywarden-malformed" {
                 keys = keys.iter().map(|k| break_checksum(k)).collect();
             }
@@ -304,7 +354,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 Arc::new(SqliteStore::connect(&format!("sqlite://{}", path.display())).await?);
             let capacity = (variant == "keywarden-sqlite-nocache").then_some(0);
             let (layer, keys) =
-                keywarden(store, &lookups, ROTATED_KEYS, capacity, args.cache_ttl).await?;
+                keywarden(store, &counts, ROTATED_KEYS, capacity, args.cache_ttl).await?;
             (handler.layer(layer), keys)
         }
         "keywarden-postgres-nocache" => {
@@ -312,17 +362,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             drop_schema(&args.postgres_url, schema).await?;
             let store =
                 Arc::new(PostgresStore::connect_with_schema(&args.postgres_url, schema).await?);
-            let (layer, keys) = keywarden(store, &lookups, ROTATED_KEYS, Some(0), None).await?;
+            let (layer, keys) = keywarden(store, &counts, ROTATED_KEYS, Some(0), None).await?;
             (handler.layer(layer), keys)
         }
         other => usage(&format!("unknown variant {other}")),
     };
     let stats = {
-        let lookups = lookups.clone();
+        let counts = counts.clone();
         Router::new().route(
             "/stats",
             get(move || async move {
-                format!("{{\"lookups\": {}}}\n", lookups.load(Ordering::Relaxed))
+                format!(
+                    "{{\"lookups\": {}, \"leases\": {}, \"returns\": {}}}\n",
+                    counts.lookups.load(Ordering::Relaxed),
+                    counts.leases.load(Ordering::Relaxed),
+                    counts.returns.load(Ordering::Relaxed)
+                )
             }),
         )
     };
@@ -372,25 +427,29 @@ struct Features {
     allow_loopback: bool,
     /// The collection has an owner budget that never refuses.
     owner_limit: bool,
+    /// Every key has credits, too many ever to run out.
+    credits: bool,
+    /// The most credits one lease takes (the layer's default when `None`).
+    credit_block: Option<u64>,
 }
 
-/// A layer over `store` (wrapped to count lookups) and `count` keys created through the
+/// A layer over `store` (wrapped to count its calls) and `count` keys created through the
 /// KeyManager; `capacity` overrides the cache capacity (`Some(0)` turns the cache off) and
 /// `ttl` the found-entry TTL (default 60 s).
 async fn keywarden(
     store: Arc<dyn KeyStore>,
-    lookups: &Arc<AtomicUsize>,
+    counts: &Arc<StoreCounts>,
     count: usize,
     capacity: Option<u64>,
     ttl: Option<std::time::Duration>,
 ) -> Result<(ApiKeyLayer, Vec<String>), Box<dyn std::error::Error>> {
-    keywarden_with(store, lookups, count, capacity, ttl, Features::default()).await
+    keywarden_with(store, counts, count, capacity, ttl, Features::default()).await
 }
 
 /// [`keywarden`] with per-key and per-collection features.
 async fn keywarden_with(
     store: Arc<dyn KeyStore>,
-    lookups: &Arc<AtomicUsize>,
+    counts: &Arc<StoreCounts>,
     count: usize,
     capacity: Option<u64>,
     ttl: Option<std::time::Duration>,
@@ -398,7 +457,7 @@ async fn keywarden_with(
 ) -> Result<(ApiKeyLayer, Vec<String>), Box<dyn std::error::Error>> {
     let store = Arc::new(Counting {
         inner: store,
-        lookups: lookups.clone(),
+        counts: counts.clone(),
     });
     let mut collection = Collection::new("users");
     if features.owner_limit {
@@ -414,6 +473,10 @@ async fn keywarden_with(
     if let Some(ttl) = ttl {
         builder = builder.cache_ttl(ttl);
     }
+    if let Some(block) = features.credit_block {
+        // The layer's default idle time: only the block size changes.
+        builder = builder.credit_leases(block, std::time::Duration::from_secs(10));
+    }
     let layer = builder.build()?;
     let manager = KeyManager::for_layer(&layer);
     let mut keys = Vec::with_capacity(count);
@@ -421,6 +484,9 @@ async fn keywarden_with(
         let mut new = NewKey::new(format!("load-{i}"), format!("user-{i}"));
         if features.allow_loopback {
             new = new.allow_ip("127.0.0.0/8".parse::<IpNetwork>()?);
+        }
+        if features.credits {
+            new = new.credits(CREDITS);
         }
         let created = manager.create(new).await?;
         keys.push(created.key.expose().to_owned());
