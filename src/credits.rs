@@ -151,9 +151,7 @@ impl AccountState {
         if !self.used.load(Ordering::Relaxed) {
             self.used.store(true, Ordering::Relaxed);
         }
-        Some(
-            (before - cost).saturating_add(self.store_left.load(Ordering::Relaxed)),
-        )
+        Some((before - cost).saturating_add(self.store_left.load(Ordering::Relaxed)))
     }
 
     /// Takes every held credit for giving back (`None` when none are held, or the lease's
@@ -277,8 +275,7 @@ impl CreditLedger {
         if let Some(rejection) = self.known_empty(state, now_ms) {
             return Err(rejection);
         }
-        let Ok(_turn) = tokio::time::timeout(self.store_timeout, state.refresh.lock()).await
-        else {
+        let Ok(_turn) = tokio::time::timeout(self.store_timeout, state.refresh.lock()).await else {
             return Err(unavailable());
         };
         // Two rounds: a lease of a new generation voids what was held, and the request may
@@ -331,7 +328,8 @@ impl CreditLedger {
 
     /// `usage_exceeded`, if the store was found empty for this key a moment ago.
     fn known_empty(&self, state: &AccountState, now_ms: i64) -> Option<AuthRejection> {
-        (now_ms < state.empty_until_ms.load(Ordering::Acquire)).then(|| self.exceeded(state, now_ms))
+        (now_ms < state.empty_until_ms.load(Ordering::Acquire))
+            .then(|| self.exceeded(state, now_ms))
     }
 
     /// `usage_exceeded`, with `Retry-After` until the held lease's period ends (the next
@@ -455,7 +453,10 @@ impl CreditLedger {
 }
 
 /// Writes the credits of dropped accounts back, until the ledger goes.
-async fn return_worker(ledger: Weak<CreditLedger>, mut receiver: mpsc::UnboundedReceiver<Returned>) {
+async fn return_worker(
+    ledger: Weak<CreditLedger>,
+    mut receiver: mpsc::UnboundedReceiver<Returned>,
+) {
     while let Some(returned) = receiver.recv().await {
         let Some(ledger) = ledger.upgrade() else {
             return;
@@ -528,10 +529,18 @@ mod tests {
         let account = ledger.account(Uuid::now_v7());
         ledger.absorb(&account.state, &lease(10, 0, 1, None));
         ledger.absorb(&account.state, &lease(2, 0, 2, None));
-        assert_eq!(ledger.known_left(&account), 2, "the 10 of generation 1 are void");
+        assert_eq!(
+            ledger.known_left(&account),
+            2,
+            "the 10 of generation 1 are void"
+        );
         let back = account.state.take_back(0).unwrap();
         assert_eq!((back.amount, back.generation), (2, 2));
-        assert_eq!(account.state.take_back(0).map(|r| r.amount), None, "given back once");
+        assert_eq!(
+            account.state.take_back(0).map(|r| r.amount),
+            None,
+            "given back once"
+        );
     }
 
     #[tokio::test]

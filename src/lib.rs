@@ -34,9 +34,9 @@ macro_rules! define_inner_service_accessors {
 pub mod audit;
 mod body;
 mod cache;
-mod credits;
 pub mod clock;
 pub mod credential;
+mod credits;
 pub mod key;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]

@@ -55,8 +55,8 @@ use tower_service::Service;
 use crate::body::AuthBody;
 use crate::layer::ResponseFuture;
 use crate::principal::{PassedWithoutKey, Principal};
-use crate::verify::Charged;
 use crate::rejection::{is_grpc, AuthRejection, RejectionKind};
+use crate::verify::Charged;
 
 /// The detail of a scope check that no key layer ran before: a configuration error, said so.
 const MISPLACED: &str = "no API-key layer ran before this scope check: RequireScopeLayer must be inside ApiKeyLayer (in axum, `.route_layer(RequireScopeLayer::new(..))` then `.layer(api_key_layer)`, or `handler.layer(..)`)";

@@ -59,7 +59,11 @@ const LAYERS: &[Row] = &[
     Row {
         name: "cache",
         modules: &["metrics", "stats", "credits", "cache", "usage"],
-        allowed: &[("stats", "metrics"), ("usage", "cache"), ("cache", "credits")],
+        allowed: &[
+            ("stats", "metrics"),
+            ("usage", "cache"),
+            ("cache", "credits"),
+        ],
     },
     Row {
         name: "verification",

@@ -1175,7 +1175,15 @@ async fn credits_from_the_cli_hold_in_serve() {
     let json = ok_json(
         &dir,
         &[
-            "keys", "create", "--name", "partner", "--credits", "2", "--refill", "50/month", "--json",
+            "keys",
+            "create",
+            "--name",
+            "partner",
+            "--credits",
+            "2",
+            "--refill",
+            "50/month",
+            "--json",
         ],
     );
     assert_eq!(
@@ -1186,9 +1194,15 @@ async fn credits_from_the_cli_hold_in_serve() {
         json["key"].as_str().unwrap().to_owned(),
         json["id"].as_str().unwrap().to_owned(),
     );
-    let human = ok(&dir, &["keys", "create", "--name", "human", "--credits", "7"]);
+    let human = ok(
+        &dir,
+        &["keys", "create", "--name", "human", "--credits", "7"],
+    );
     assert!(human.contains("Credits: 7."), "{human}");
-    let human = ok(&dir, &["keys", "create", "--name", "daily", "--refill", "100/day"]);
+    let human = ok(
+        &dir,
+        &["keys", "create", "--name", "daily", "--refill", "100/day"],
+    );
     assert!(
         human.contains("Credits: 100 (refilled to 100 every day)."),
         "{human}"
@@ -1198,8 +1212,14 @@ async fn credits_from_the_cli_hold_in_serve() {
     assert!(shown.contains("refill        50/month"), "{shown}");
 
     for (args, wanted) in [
-        (&["--credits", "-5"][..], "credits must be a whole number from 0 to"),
-        (&["--credits", "lots"], "credits must be a whole number from 0 to"),
+        (
+            &["--credits", "-5"][..],
+            "credits must be a whole number from 0 to",
+        ),
+        (
+            &["--credits", "lots"],
+            "credits must be a whole number from 0 to",
+        ),
         (&["--refill", "5/fortnight"], "invalid refill"),
         (&["--refill", "0/day"], "invalid refill"),
     ] {
@@ -1213,7 +1233,14 @@ async fn credits_from_the_cli_hold_in_serve() {
     let output = run(
         &dir,
         Some(SECRET),
-        &["keys", "update", &id, "--credits", "5", "--unlimited-credits"],
+        &[
+            "keys",
+            "update",
+            &id,
+            "--credits",
+            "5",
+            "--unlimited-credits",
+        ],
     );
     assert_eq!(output.status.code(), Some(2));
 
@@ -1239,6 +1266,12 @@ async fn credits_from_the_cli_hold_in_serve() {
         assert!(std::time::Instant::now() < deadline, "never topped up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let json = ok_json(&dir, &["keys", "update", &id, "--unlimited-credits", "--json"]);
-    assert_eq!((json["credits"].clone(), json["refill"].clone()), (Value::Null, Value::Null));
+    let json = ok_json(
+        &dir,
+        &["keys", "update", &id, "--unlimited-credits", "--json"],
+    );
+    assert_eq!(
+        (json["credits"].clone(), json["refill"].clone()),
+        (Value::Null, Value::Null)
+    );
 }

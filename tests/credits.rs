@@ -20,9 +20,9 @@ use keywarden::store::{Credits, KeyPatch, Refill};
 use keywarden::{
     ApiKeyLayer, Collection, Cost, KeyManager, KeyStore, MemoryStore, NewKey, PostgresStore,
 };
+use serde_json::{json, Value};
 use support::serve::ServeProcess;
 use support::{ring, send, service_url, unique, Fixture, Reply, TempDir, SECRET};
-use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn get_req(uri: &str, key: &str) -> Request<Body> {
@@ -424,7 +424,11 @@ async fn two_serve_processes_accept_exactly_the_budget() {
     let limit = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..2_000 {
-        let url = if i % 2 == 0 { a.url("/v1/auth") } else { b.url("/v1/auth") };
+        let url = if i % 2 == 0 {
+            a.url("/v1/auth")
+        } else {
+            b.url("/v1/auth")
+        };
         let (http, key, accepted, refused, limit) = (
             http.clone(),
             key.clone(),
@@ -551,47 +555,99 @@ async fn the_management_api_sets_shows_and_validates_credits() {
         .await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     let created = reply.json();
-    assert_eq!((created["credits"].clone(), created["refill"].clone()), (json!(1000), json!("1000/day")));
+    assert_eq!(
+        (created["credits"].clone(), created["refill"].clone()),
+        (json!(1000), json!("1000/day"))
+    );
     let id = created["id"].as_str().unwrap().to_owned();
     let plain = env
-        .call("POST", "/admin/keys", &env.admin, Some(json!({"name": "free", "subject": "acme"})))
+        .call(
+            "POST",
+            "/admin/keys",
+            &env.admin,
+            Some(json!({"name": "free", "subject": "acme"})),
+        )
         .await
         .json();
-    assert_eq!((plain["credits"].clone(), plain["refill"].clone()), (Value::Null, Value::Null));
+    assert_eq!(
+        (plain["credits"].clone(), plain["refill"].clone()),
+        (Value::Null, Value::Null)
+    );
 
     // PATCH: a new balance, then unlimited (which drops the refill), then a refill alone.
     let uri = format!("/admin/keys/{id}");
-    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"credits": 5}))).await;
+    let reply = env
+        .call("PATCH", &uri, &env.admin, Some(json!({"credits": 5})))
+        .await;
     assert_eq!(reply.json()["credits"], 5, "{}", reply.text());
     assert_eq!(reply.json()["refill"], "1000/day");
-    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"credits": null}))).await;
-    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (Value::Null, Value::Null));
-    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"refill": "50/month"}))).await;
-    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (json!(50), json!("50/month")));
-    let reply = env.call("PATCH", &uri, &env.admin, Some(json!({"refill": null}))).await;
-    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (json!(50), Value::Null));
+    let reply = env
+        .call("PATCH", &uri, &env.admin, Some(json!({"credits": null})))
+        .await;
+    assert_eq!(
+        (
+            reply.json()["credits"].clone(),
+            reply.json()["refill"].clone()
+        ),
+        (Value::Null, Value::Null)
+    );
+    let reply = env
+        .call(
+            "PATCH",
+            &uri,
+            &env.admin,
+            Some(json!({"refill": "50/month"})),
+        )
+        .await;
+    assert_eq!(
+        (
+            reply.json()["credits"].clone(),
+            reply.json()["refill"].clone()
+        ),
+        (json!(50), json!("50/month"))
+    );
+    let reply = env
+        .call("PATCH", &uri, &env.admin, Some(json!({"refill": null})))
+        .await;
+    assert_eq!(
+        (
+            reply.json()["credits"].clone(),
+            reply.json()["refill"].clone()
+        ),
+        (json!(50), Value::Null)
+    );
 
     // Bad input: a clear 422 naming the field, never a 500.
     for (body, field) in [
         (json!({"name": "k", "credits": -5}), "credits"),
         (json!({"name": "k", "credits": 1.5}), "credits"),
         (json!({"name": "k", "credits": "many"}), "credits"),
-        (json!({"name": "k", "credits": 9_223_372_036_854_775_807_i64}), "credits"),
+        (
+            json!({"name": "k", "credits": 9_223_372_036_854_775_807_i64}),
+            "credits",
+        ),
         (json!({"name": "k", "refill": "5/fortnight"}), "refill"),
         (json!({"name": "k", "refill": "0/day"}), "refill"),
         (json!({"name": "k", "refill": "5/500ms"}), "refill"),
     ] {
-        let reply = env.call("POST", "/admin/keys", &env.admin, Some(body.clone())).await;
+        let reply = env
+            .call("POST", "/admin/keys", &env.admin, Some(body.clone()))
+            .await;
         let (got, message) = Api::field_error(&reply);
         assert_eq!(got, field, "{body}: {message}");
-        assert!(!message.contains("fortnight"), "never repeats submitted text: {message}");
+        assert!(
+            !message.contains("fortnight"),
+            "never repeats submitted text: {message}"
+        );
     }
     for (body, field) in [
         (json!({"credits": -1}), "credits"),
         (json!({"refill": "1000/week,burst=2"}), "refill"),
         (json!({"credits": null, "refill": "10/day"}), "refill"),
     ] {
-        let reply = env.call("PATCH", &uri, &env.admin, Some(body.clone())).await;
+        let reply = env
+            .call("PATCH", &uri, &env.admin, Some(body.clone()))
+            .await;
         assert_eq!(Api::field_error(&reply).0, field, "{body}");
     }
 }
@@ -612,7 +668,9 @@ async fn a_self_key_never_gives_more_credits_than_it_has() {
     let me = own.key.expose();
     // Nothing asked: the new key gets the caller's own balance and refill (its balance after
     // this very request).
-    let reply = env.call("POST", "/admin/keys", me, Some(json!({"name": "child"}))).await;
+    let reply = env
+        .call("POST", "/admin/keys", me, Some(json!({"name": "child"})))
+        .await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     assert_eq!(reply.json()["refill"], "100/day");
     let inherited = reply.json()["credits"].as_u64().unwrap();
@@ -620,7 +678,12 @@ async fn a_self_key_never_gives_more_credits_than_it_has() {
     let child = reply.json()["id"].as_str().unwrap().to_owned();
     // Within its own: fine.
     let reply = env
-        .call("POST", "/admin/keys", me, Some(json!({"name": "small", "credits": 10, "refill": "10/day"})))
+        .call(
+            "POST",
+            "/admin/keys",
+            me,
+            Some(json!({"name": "small", "credits": 10, "refill": "10/day"})),
+        )
         .await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     // More than it has, a more generous refill, or none at all when its own are limited:
@@ -631,7 +694,9 @@ async fn a_self_key_never_gives_more_credits_than_it_has() {
         json!({"name": "gulp", "credits": 1, "refill": "700/week"}),
         json!({"name": "refill-only", "refill": "1000/day"}),
     ] {
-        let reply = env.call("POST", "/admin/keys", me, Some(body.clone())).await;
+        let reply = env
+            .call("POST", "/admin/keys", me, Some(body.clone()))
+            .await;
         assert_eq!(reply.status, 403, "{body}: {}", reply.text());
         assert_eq!(reply.code(), "insufficient_scope");
     }
@@ -645,14 +710,35 @@ async fn a_self_key_never_gives_more_credits_than_it_has() {
         let reply = env.call("PATCH", &uri, me, Some(body.clone())).await;
         assert_eq!(reply.status, 403, "{body}: {}", reply.text());
     }
-    let reply = env.call("PATCH", &uri, me, Some(json!({"credits": 3, "refill": null}))).await;
+    let reply = env
+        .call(
+            "PATCH",
+            &uri,
+            me,
+            Some(json!({"credits": 3, "refill": null})),
+        )
+        .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!((reply.json()["credits"].clone(), reply.json()["refill"].clone()), (json!(3), Value::Null));
+    assert_eq!(
+        (
+            reply.json()["credits"].clone(),
+            reply.json()["refill"].clone()
+        ),
+        (json!(3), Value::Null)
+    );
 
     // A caller with unlimited credits may give any.
-    let free = env.fx.key(NewKey::new("free", "bob").scope("keys:self")).await;
+    let free = env
+        .fx
+        .key(NewKey::new("free", "bob").scope("keys:self"))
+        .await;
     let reply = env
-        .call("POST", "/admin/keys", free.key.expose(), Some(json!({"name": "k", "credits": 1_000_000})))
+        .call(
+            "POST",
+            "/admin/keys",
+            free.key.expose(),
+            Some(json!({"name": "k", "credits": 1_000_000})),
+        )
         .await;
     assert_eq!(reply.status, 201, "{}", reply.text());
 }
@@ -680,25 +766,70 @@ async fn the_verify_api_and_forward_auth_charge_the_cost() {
     let server: Router = AuthServer::new(fx.layer.clone()).router();
     let k = key.key.expose();
 
-    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 4}))).await.json();
-    assert_eq!((verdict["valid"].clone(), verdict["credits_remaining"].clone()), (json!(true), json!(6)), "{verdict}");
+    let verdict = send(
+        &server,
+        verify(caller.expose(), json!({"key": k, "cost": 4})),
+    )
+    .await
+    .json();
+    assert_eq!(
+        (
+            verdict["valid"].clone(),
+            verdict["credits_remaining"].clone()
+        ),
+        (json!(true), json!(6)),
+        "{verdict}"
+    );
     // A missing scope refuses and costs nothing.
-    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 4, "scopes": ["write"]}))).await.json();
+    let verdict = send(
+        &server,
+        verify(
+            caller.expose(),
+            json!({"key": k, "cost": 4, "scopes": ["write"]}),
+        ),
+    )
+    .await
+    .json();
     assert_eq!(verdict["code"], "insufficient_scope", "{verdict}");
-    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 0}))).await.json();
+    let verdict = send(
+        &server,
+        verify(caller.expose(), json!({"key": k, "cost": 0})),
+    )
+    .await
+    .json();
     assert_eq!(verdict["credits_remaining"], 6, "{verdict}");
     // More than is left: usage_exceeded, nothing spent.
-    let verdict = send(&server, verify(caller.expose(), json!({"key": k, "cost": 7}))).await.json();
-    assert_eq!((verdict["valid"].clone(), verdict["code"].clone()), (json!(false), json!("usage_exceeded")));
+    let verdict = send(
+        &server,
+        verify(caller.expose(), json!({"key": k, "cost": 7})),
+    )
+    .await
+    .json();
+    assert_eq!(
+        (verdict["valid"].clone(), verdict["code"].clone()),
+        (json!(false), json!("usage_exceeded"))
+    );
     // Bad costs are a 422 naming the field.
     for cost in [json!(-1), json!(4_294_967_296_u64), json!("5")] {
-        let reply = send(&server, verify(caller.expose(), json!({"key": k, "cost": cost}))).await;
+        let reply = send(
+            &server,
+            verify(caller.expose(), json!({"key": k, "cost": cost})),
+        )
+        .await;
         assert_eq!(reply.status, 422, "{cost}: {}", reply.text());
         assert_eq!(reply.json()["errors"][0]["field"], "cost");
     }
     // A key without credits is never charged, and reports none.
     let free = fx.key(NewKey::new("free", "bob")).await;
-    let verdict = send(&server, verify(caller.expose(), json!({"key": free.key.expose(), "cost": 1000}))).await.json();
+    let verdict = send(
+        &server,
+        verify(
+            caller.expose(),
+            json!({"key": free.key.expose(), "cost": 1000}),
+        ),
+    )
+    .await
+    .json();
     assert_eq!(verdict["valid"], true);
     assert!(verdict.get("credits_remaining").is_none(), "{verdict}");
 

@@ -9,10 +9,19 @@ use std::future::Future;
 use std::sync::Arc;
 
 use keywarden::{
-    manage::ManageErrorKind, secret::Digest, secret::SecretId, store::KeyPatch, store::KeyQuery,
-    store::KeyRecord, store::KeyState, store::KeyUsage, store::SecretRetirement,
-    store::StoreErrorKind, store::UnmigratedKeys, store::{Credits, Refill}, KeyManager, KeyStore,
-    MemoryStore, NewKey, OwnerKind, SecretRing,
+    manage::ManageErrorKind,
+    secret::Digest,
+    secret::SecretId,
+    store::KeyPatch,
+    store::KeyQuery,
+    store::KeyRecord,
+    store::KeyState,
+    store::KeyUsage,
+    store::SecretRetirement,
+    store::StoreErrorKind,
+    store::UnmigratedKeys,
+    store::{Credits, Refill},
+    KeyManager, KeyStore, MemoryStore, NewKey, OwnerKind, SecretRing,
 };
 use serde_json::json;
 use time::macros::datetime;
@@ -1717,7 +1726,11 @@ async fn credits_are_leased_and_returned(store: Store) {
     assert_eq!((lease.granted, lease.remaining, lease.period), (62, 438, 0));
     assert_eq!(lease.period_ends_at, None, "no refill");
     let read = store.get(record.id).await.unwrap().unwrap();
-    assert_eq!(read.credits, Some(Credits::new(438)), "the balance without the lease");
+    assert_eq!(
+        read.credits,
+        Some(Credits::new(438)),
+        "the balance without the lease"
+    );
     // Leasing changes nothing a cache answers: the record's version stays.
     assert_eq!(read.updated_at, record.updated_at);
 
@@ -1757,18 +1770,27 @@ async fn credits_are_leased_and_returned(store: Store) {
     let unlimited = plain("users", "free");
     store.insert(&unlimited).await.unwrap();
     assert_eq!(
-        store.lease_credits(unlimited.id, 1, 10, BASE).await.unwrap(),
+        store
+            .lease_credits(unlimited.id, 1, 10, BASE)
+            .await
+            .unwrap(),
         None
     );
     assert_eq!(
-        store.lease_credits(Uuid::now_v7(), 1, 10, BASE).await.unwrap(),
+        store
+            .lease_credits(Uuid::now_v7(), 1, 10, BASE)
+            .await
+            .unwrap(),
         None
     );
     assert!(!store.return_credits(Uuid::now_v7(), 1, 1, 0).await.unwrap());
 
     // Deleting the key deletes its credits.
     store.delete(record.id).await.unwrap();
-    assert_eq!(store.lease_credits(record.id, 1, 10, BASE).await.unwrap(), None);
+    assert_eq!(
+        store.lease_credits(record.id, 1, 10, BASE).await.unwrap(),
+        None
+    );
 }
 
 async fn credits_refill_sets_the_balance_each_period(store: Store) {
@@ -1792,7 +1814,10 @@ async fn credits_refill_sets_the_balance_each_period(store: Store) {
         .unwrap()
         .unwrap();
     assert_eq!((second.granted, second.remaining, second.period), (1, 9, 1));
-    assert_eq!(second.period_ends_at.map(millis), Some(millis(BASE + day * 2)));
+    assert_eq!(
+        second.period_ends_at.map(millis),
+        Some(millis(BASE + day * 2))
+    );
     // The first period's lease is void.
     assert!(!store
         .return_credits(record.id, 1, first.generation, first.period)
@@ -1882,9 +1907,16 @@ async fn setting_credits_voids_earlier_leases(store: Store) {
         credits: Some(None),
         ..KeyPatch::default()
     };
-    let updated = store.update(record.id, &unlimited, t2).await.unwrap().unwrap();
+    let updated = store
+        .update(record.id, &unlimited, t2)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(updated.credits, None);
-    assert_eq!(store.lease_credits(record.id, 1, 1, t2).await.unwrap(), None);
+    assert_eq!(
+        store.lease_credits(record.id, 1, 1, t2).await.unwrap(),
+        None
+    );
     let updated = store.update(record.id, &refill, t2).await.unwrap().unwrap();
     assert_eq!(
         updated.credits,

@@ -11,8 +11,8 @@ use http::HeaderName;
 use super::{ApiKeyLayer, Collection, Mode};
 use crate::cache::{CacheConfig, Identity, IdentityValue, KeyCache};
 use crate::clock::{Clock, SystemClock};
-use crate::credits::{CreditLedger, LeaseConfig};
 use crate::credential::CredentialExtractor;
+use crate::credits::{CreditLedger, LeaseConfig};
 use crate::key::KeyFormat;
 use crate::principal::{Interner, Principal, MAX_INTERNED_PROFILES};
 use crate::ratelimit::{
@@ -238,7 +238,10 @@ impl ApiKeyLayerBuilder {
     /// # Panics
     /// If `max_block` is 0.
     pub fn credit_leases(mut self, max_block: u64, idle: Duration) -> Self {
-        assert!(max_block > 0, "a credit lease must hold at least one credit");
+        assert!(
+            max_block > 0,
+            "a credit lease must hold at least one credit"
+        );
         self.credit_leases = LeaseConfig { max_block, idle };
         self
     }

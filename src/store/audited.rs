@@ -110,10 +110,7 @@ fn fields(record: &KeyRecord) -> [(&'static str, Value); 12] {
                     .collect::<Vec<_>>(),
             ),
         ),
-        (
-            "credits",
-            Value::from(record.credits.map(|c| c.remaining)),
-        ),
+        ("credits", Value::from(record.credits.map(|c| c.remaining))),
         (
             "refill",
             Value::from(record.credits.and_then(|c| c.refill).map(|r| r.to_string())),

@@ -281,8 +281,16 @@ mod tests {
     #[test]
     fn bad_refills_are_refused_with_the_rule() {
         for bad in [
-            "", "1000", "0/day", "-5/day", "5/fortnight", "5/500ms", "5/0s", "x/day",
-            "5/day,burst=2", "9007199254740992/day",
+            "",
+            "1000",
+            "0/day",
+            "-5/day",
+            "5/fortnight",
+            "5/500ms",
+            "5/0s",
+            "x/day",
+            "5/day,burst=2",
+            "9007199254740992/day",
         ] {
             let err = bad.parse::<Refill>().unwrap_err();
             assert!(err.to_string().contains("expected AMOUNT/PERIOD"), "{bad}");
@@ -330,9 +338,6 @@ mod tests {
         assert_eq!(refill_period(5_500, 500, 1_000, 0), 5);
         assert_eq!(refill_period(100, 500, 1_000, 3), 3);
         assert_eq!(refill_period(100, 500, 0, 3), 3);
-        assert_eq!(
-            period_end(500, 1_000, 4).map(unix_millis),
-            Some(5_500)
-        );
+        assert_eq!(period_end(500, 1_000, 4).map(unix_millis), Some(5_500));
     }
 }

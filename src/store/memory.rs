@@ -7,11 +7,10 @@ use uuid::Uuid;
 
 use super::{
     no_secret, period_end, refill_period, retired_placeholder, unix_millis, Applied, AuditWrite,
-    ChangeOutcome, CreditLease, FeedPage, HourlyUsage,
-    KeyChange, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyStore, KeyUsage, MemoryFeed, Observers,
-    SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys,
-    UsageCount, UsageOutcome, UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord,
-    WebhookStore,
+    ChangeOutcome, CreditLease, FeedPage, HourlyUsage, KeyChange, KeyPage, KeyPatch, KeyQuery,
+    KeyRecord, KeyStore, KeyUsage, MemoryFeed, Observers, SecretRetirement, StoreChange,
+    StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount, UsageOutcome,
+    UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
 };
 use crate::audit::{AuditCheckpoint, AuditEvent, AuditPage, AuditQuery, AuditSealer, ChainHead};
 use crate::secret::{Digest, SecretId};
@@ -44,7 +43,9 @@ struct Inner {
 
 /// [`generation_floor`](super::sql) for the memory store: the time in microseconds.
 fn generation_floor(now: OffsetDateTime) -> u64 {
-    u64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(u64::MAX).max(1)
+    u64::try_from(now.unix_timestamp_nanos() / 1_000)
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// A key's credit schedule and generation; its balance is in its record.

@@ -46,9 +46,7 @@ pub use analytics::{hour_of, HourlyUsage, UsageCount, UsageOutcome, UsageSubject
 pub(crate) use audited::{no_audit_log, unverified_prune};
 pub use audited::{Applied, AuditWrite, ChangeOutcome, KeyChange};
 pub(crate) use credits::{period_end, unix_millis};
-pub use credits::{
-    refill_period, CreditLease, Credits, Refill, RefillParseError, MAX_CREDITS,
-};
+pub use credits::{refill_period, CreditLease, Credits, Refill, RefillParseError, MAX_CREDITS};
 pub(crate) use feed::MemoryFeed;
 pub use feed::{FeedEntry, FeedPage};
 pub use foreign::{ForeignDigest, ForeignScheme, ForeignSource};

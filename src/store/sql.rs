@@ -127,8 +127,7 @@ pub(super) fn lease_statement(dialect: Dialect) -> String {
     let p = |n| dialect.param(n);
     let (min, max) = dialect.min_max();
     let (now, need, want) = (p(2), p(3), p(4));
-    let due =
-        format!("(refill_ms IS NOT NULL AND ({now} - anchor_ms) / refill_ms > period)");
+    let due = format!("(refill_ms IS NOT NULL AND ({now} - anchor_ms) / refill_ms > period)");
     let available = format!("(CASE WHEN {due} THEN refill_amount ELSE remaining END)");
     let share = super::credits::LEASE_SHARE;
     let grant = format!(
@@ -216,10 +215,7 @@ pub(super) fn decode_lease(
 
 /// The refill text of a record's credits, as the keys row keeps it.
 pub(super) fn refill_text(record: &KeyRecord) -> Option<String> {
-    record
-        .credits
-        .and_then(|c| c.refill)
-        .map(|r| r.to_string())
+    record.credits.and_then(|c| c.refill).map(|r| r.to_string())
 }
 
 /// A key's credits from its balance (`NULL`: the key has none) and refill text.
@@ -248,5 +244,7 @@ pub(super) fn decode_credits(
 
 /// The lowest generation credits set at `now` get: the time in microseconds.
 pub(super) fn generation_floor(now: time::OffsetDateTime) -> i64 {
-    i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX).max(1)
+    i64::try_from(now.unix_timestamp_nanos() / 1_000)
+        .unwrap_or(i64::MAX)
+        .max(1)
 }

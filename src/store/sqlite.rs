@@ -16,6 +16,11 @@ use super::feed::{page_from_rows, FEED_SQL};
 use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
+use super::sql::{
+    decode_credits, decode_lease, generation_floor, lease_statement, refill_text, return_statement,
+    set_credits_statement, Dialect, CREDIT_COLUMNS, KEY_CREDIT_COLUMNS,
+};
+use super::{unix_millis, CreditLease, Credits};
 use super::{
     Applied, AuditWrite, ChangeOutcome, FeedPage, HourlyUsage, KeyChange, KeyPage, KeyPatch,
     KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement,
@@ -26,11 +31,6 @@ use crate::audit::{
     Actor, AuditCheckpoint, AuditEvent, AuditMac, AuditPage, AuditQuery, AuditSealer, ChainHead,
 };
 use crate::ratelimit::RateLimitPolicy;
-use super::sql::{
-    decode_credits, decode_lease, generation_floor, lease_statement, refill_text,
-    return_statement, set_credits_statement, Dialect, CREDIT_COLUMNS, KEY_CREDIT_COLUMNS,
-};
-use super::{unix_millis, CreditLease, Credits};
 use crate::secret::{Digest, SecretId};
 
 /// How long a statement waits for another connection's write lock before failing.

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use crate::cache::{CacheHit, Identity, KeyCache, Resolution, ResolvedKey, StaleEntry};
+use crate::credits::CreditLedger;
 use crate::principal::{Interner, Principal};
 use crate::ratelimit::Blocked;
 use crate::rejection::{AuthRejection, RejectionKind};
 use crate::secret::{Digest, SecretId};
 use crate::stats::{CacheLookup, Counters};
-use crate::credits::CreditLedger;
 use crate::store::{ForeignScheme, ForeignSource, KeyRecord, KeyStore, StoreError, StoreErrorKind};
 
 use super::prepare::{CollectionConfig, CredentialCheck, MissDigests};
