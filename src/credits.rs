@@ -175,9 +175,9 @@ impl AccountState {
 }
 
 impl CreditLedger {
-    /// A ledger over `store`; its returner and idle sweep start on the current runtime, if
-    /// any (without one, unspent credits of dropped accounts are lost: fewer accepted, never
-    /// more).
+    /// A ledger over `store`. Its worker (returns, idle sweep) starts with the first account,
+    /// on that runtime (without one, unspent credits of dropped accounts are lost: fewer
+    /// accepted, never more).
     pub(crate) fn new(
         store: Arc<dyn KeyStore>,
         clock: Arc<dyn Clock>,
@@ -185,7 +185,7 @@ impl CreditLedger {
         cached: bool,
         store_timeout: Duration,
     ) -> Arc<Self> {
-        let ledger = Arc::new(Self {
+        Arc::new(Self {
             store,
             clock,
             config,
@@ -194,18 +194,26 @@ impl CreditLedger {
             returns: Mutex::new(None),
             accounts: Mutex::new(Vec::new()),
             counters: LedgerCounters::default(),
-        });
+        })
+    }
+
+    /// Starts the worker (returns and the idle sweep) on the current runtime, with the first
+    /// account: a layer whose keys have no credits runs none. It ends when the ledger goes.
+    fn start_worker(self: &Arc<Self>) {
+        let mut returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        if returns.is_some() {
+            return;
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (sender, receiver) = mpsc::unbounded_channel();
-            *ledger.returns.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
-            runtime.spawn(return_worker(Arc::downgrade(&ledger), receiver));
-            runtime.spawn(idle_sweep(Arc::downgrade(&ledger), config.idle));
+            *returns = Some(sender);
+            runtime.spawn(worker(Arc::downgrade(self), receiver, self.config.idle));
         }
-        ledger
     }
 
     /// A new, empty account for key `key`.
     pub(crate) fn account(self: &Arc<Self>, key: Uuid) -> CreditAccount {
+        self.start_worker();
         let state = Arc::new(AccountState {
             key,
             local: AtomicU64::new(0),
@@ -272,7 +280,7 @@ impl CreditLedger {
         if let Some(left) = state.try_spend(cost, || now_ms) {
             return Ok(Some(left));
         }
-        if let Some(rejection) = self.known_empty(state, now_ms) {
+        if let Some(rejection) = self.known_empty(state, cost, now_ms) {
             return Err(rejection);
         }
         let Ok(_turn) = tokio::time::timeout(self.store_timeout, state.refresh.lock()).await else {
@@ -285,6 +293,10 @@ impl CreditLedger {
             let now_ms = unix_millis(now);
             if let Some(left) = state.try_spend(cost, || now_ms) {
                 return Ok(Some(left));
+            }
+            // Queued behind a lease that found the store empty: refused from memory.
+            if let Some(rejection) = self.known_empty(state, cost, now_ms) {
+                return Err(rejection);
             }
             if now_ms >= state.void_at_ms.load(Ordering::Acquire) {
                 // The held credits' period is over: a refill set the balance anew.
@@ -326,10 +338,16 @@ impl CreditLedger {
         Err(AuthRejection::usage_exceeded(None))
     }
 
-    /// `usage_exceeded`, if the store was found empty for this key a moment ago.
-    fn known_empty(&self, state: &AccountState, now_ms: i64) -> Option<AuthRejection> {
-        (now_ms < state.empty_until_ms.load(Ordering::Acquire))
-            .then(|| self.exceeded(state, now_ms))
+    /// `usage_exceeded`, if the store was found a moment ago to hold fewer credits for this
+    /// key than `cost` needs beyond what the account holds (a cheaper request still asks).
+    fn known_empty(&self, state: &AccountState, cost: u64, now_ms: i64) -> Option<AuthRejection> {
+        let recent = now_ms < state.empty_until_ms.load(Ordering::Acquire);
+        let short = cost
+            > state
+                .local
+                .load(Ordering::Acquire)
+                .saturating_add(state.store_left.load(Ordering::Relaxed));
+        (recent && short).then(|| self.exceeded(state, now_ms))
     }
 
     /// `usage_exceeded`, with `Retry-After` until the held lease's period ends (the next
@@ -419,10 +437,16 @@ impl CreditLedger {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
+        let (mut keys, mut credits) = (0_usize, 0_u64);
         for state in accounts {
             if let Some(returned) = state.take_back(now_ms) {
+                keys += 1;
+                credits = credits.saturating_add(returned.amount);
                 self.give_back(returned).await;
             }
+        }
+        if keys > 0 {
+            tracing::info!(target: "keywarden", keys, credits, "gave back the credits leased and not spent");
         }
     }
 
@@ -452,30 +476,31 @@ impl CreditLedger {
     }
 }
 
-/// Writes the credits of dropped accounts back, until the ledger goes.
-async fn return_worker(
+/// Writes the credits of dropped accounts back, and every `idle` gives back the leases that
+/// sat unused since the last round; ends when the ledger goes (its sender with it).
+async fn worker(
     ledger: Weak<CreditLedger>,
     mut receiver: mpsc::UnboundedReceiver<Returned>,
+    idle: Duration,
 ) {
-    while let Some(returned) = receiver.recv().await {
-        let Some(ledger) = ledger.upgrade() else {
-            return;
-        };
-        ledger.give_back(returned).await;
-    }
-}
-
-/// Every `idle`, gives back the leases that sat unused since the last round.
-async fn idle_sweep(ledger: Weak<CreditLedger>, idle: Duration) {
     let mut ticks = tokio::time::interval(idle.max(Duration::from_millis(10)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     loop {
-        ticks.tick().await;
-        let Some(ledger) = ledger.upgrade() else {
-            return;
-        };
-        ledger.sweep_idle().await;
+        tokio::select! {
+            returned = receiver.recv() => {
+                let (Some(returned), Some(ledger)) = (returned, ledger.upgrade()) else {
+                    return;
+                };
+                ledger.give_back(returned).await;
+            }
+            _ = ticks.tick() => {
+                let Some(ledger) = ledger.upgrade() else {
+                    return;
+                };
+                ledger.sweep_idle().await;
+            }
+        }
     }
 }
 

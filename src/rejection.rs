@@ -226,7 +226,7 @@ impl AuthRejection {
             retry_after,
             ..Self::new(
                 RejectionKind::UsageExceeded,
-                "the key has no credits left for this request",
+                "the key has fewer credits left than this request costs",
             )
         }
     }

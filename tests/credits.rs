@@ -653,7 +653,7 @@ async fn the_management_api_sets_shows_and_validates_credits() {
 }
 
 #[tokio::test]
-async fn a_self_key_never_gives_more_credits_than_it_has() {
+async fn a_self_key_gives_credits_out_of_its_own_and_never_more() {
     let env = Api::new().await;
     let refill: Refill = "100/day".parse().unwrap();
     let own = env
@@ -666,68 +666,78 @@ async fn a_self_key_never_gives_more_credits_than_it_has() {
         )
         .await;
     let me = own.key.expose();
-    // Nothing asked: the new key gets the caller's own balance and refill (its balance after
-    // this very request).
-    let reply = env
-        .call("POST", "/admin/keys", me, Some(json!({"name": "child"})))
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.text());
-    assert_eq!(reply.json()["refill"], "100/day");
-    let inherited = reply.json()["credits"].as_u64().unwrap();
-    assert!(inherited <= 40, "{inherited}");
-    let child = reply.json()["id"].as_str().unwrap().to_owned();
-    // Within its own: fine.
-    let reply = env
-        .call(
-            "POST",
-            "/admin/keys",
-            me,
-            Some(json!({"name": "small", "credits": 10, "refill": "10/day"})),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.text());
-    // More than it has, a more generous refill, or none at all when its own are limited:
-    // refused.
+    let balance_now = || async {
+        env.fx
+            .store
+            .get(own.record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .credits
+            .unwrap()
+            .remaining
+    };
+    // Nothing asked (a key with unlimited credits), a refill (each key refilled: a budget
+    // multiplied), more than it has: refused, and nothing taken.
     for body in [
+        json!({"name": "unlimited"}),
+        json!({"name": "fast", "credits": 1, "refill": "10/day"}),
+        json!({"name": "refill-only", "refill": "10/day"}),
         json!({"name": "big", "credits": 1000}),
-        json!({"name": "fast", "credits": 1, "refill": "100/h"}),
-        json!({"name": "gulp", "credits": 1, "refill": "700/week"}),
-        json!({"name": "refill-only", "refill": "1000/day"}),
     ] {
+        let before = balance_now().await;
         let reply = env
             .call("POST", "/admin/keys", me, Some(body.clone()))
             .await;
         assert_eq!(reply.status, 403, "{body}: {}", reply.text());
         assert_eq!(reply.code(), "insufficient_scope");
+        assert!(balance_now().await <= before, "{body}");
+        assert!(
+            before - balance_now().await <= 5,
+            "{body}: at most this request's lease"
+        );
     }
-    // Its own keys: only lower.
-    let uri = format!("/admin/keys/{child}");
-    for body in [
-        json!({"credits": null}),
-        json!({"credits": inherited + 1}),
-        json!({"refill": "200/day"}),
-    ] {
-        let reply = env.call("PATCH", &uri, me, Some(body.clone())).await;
-        assert_eq!(reply.status, 403, "{body}: {}", reply.text());
-    }
+    // Within its own: the credits move out of the caller's balance.
+    let before = balance_now().await;
     let reply = env
         .call(
-            "PATCH",
-            &uri,
+            "POST",
+            "/admin/keys",
             me,
-            Some(json!({"credits": 3, "refill": null})),
+            Some(json!({"name": "child", "credits": 10})),
         )
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.status, 201, "{}", reply.text());
     assert_eq!(
         (
             reply.json()["credits"].clone(),
             reply.json()["refill"].clone()
         ),
-        (json!(3), Value::Null)
+        (json!(10), Value::Null)
     );
+    let after = balance_now().await;
+    assert!(
+        before - after >= 10,
+        "the 10 left the caller's balance: {before} -> {after}"
+    );
+    let child = reply.json()["id"].as_str().unwrap().to_owned();
+    // Its own keys: only lower.
+    let uri = format!("/admin/keys/{child}");
+    for body in [
+        json!({"credits": null}),
+        json!({"credits": 11}),
+        json!({"refill": "1/day"}),
+    ] {
+        let reply = env.call("PATCH", &uri, me, Some(body.clone())).await;
+        assert_eq!(reply.status, 403, "{body}: {}", reply.text());
+    }
+    let reply = env
+        .call("PATCH", &uri, me, Some(json!({"credits": 3})))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["credits"], 3);
 
-    // A caller with unlimited credits may give any.
+    // A caller with unlimited credits may give any, refill included.
     let free = env
         .fx
         .key(NewKey::new("free", "bob").scope("keys:self"))
@@ -737,7 +747,7 @@ async fn a_self_key_never_gives_more_credits_than_it_has() {
             "POST",
             "/admin/keys",
             free.key.expose(),
-            Some(json!({"name": "k", "credits": 1_000_000})),
+            Some(json!({"name": "k", "credits": 1_000_000, "refill": "5/h"})),
         )
         .await;
     assert_eq!(reply.status, 201, "{}", reply.text());

@@ -509,7 +509,7 @@ async fn the_verification_api_answers_as_its_document_says() {
     // Problems: 422, 400 and the caller's 401/403, each documented and shaped as Problem.
     for (body, caller_key, status) in [
         (json!({"key": ""}), caller.key.expose(), 422),
-        (json!({"key": "k", "cost": 2}), caller.key.expose(), 422),
+        (json!({"key": "k", "cost": -1}), caller.key.expose(), 422),
         (json!({"key": "k", "extra": true}), caller.key.expose(), 422),
         (json!([1]), caller.key.expose(), 400),
         (json!({"key": "k"}), "", 401),

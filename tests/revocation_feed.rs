@@ -824,8 +824,8 @@ async fn sqlite_insert_or_replace_is_fed_as_a_change_of_the_key() {
         "INSERT OR REPLACE INTO keywarden_keys SELECT ?, digest, secret_id, display_start, \
          name, description, collection, subject, owner_kind, scopes, environment, read_only, \
          metadata, rate_limit, created_at, updated_at, expires_at, last_used_at, use_count, \
-         revoked_at, disabled, rotated_from, encrypted_key, allowed_ips FROM keywarden_keys \
-         WHERE id = ?",
+         revoked_at, disabled, rotated_from, encrypted_key, allowed_ips, credits_refill, \
+         credits_generation FROM keywarden_keys WHERE id = ?",
     )
     .bind(other.as_bytes().to_vec())
     .bind(key.record.id.as_bytes().to_vec())

@@ -164,3 +164,12 @@ where
         })
     }
 }
+
+/// Gives back the credits the key layer charged a request that is refused after all (by a
+/// check of keywarden's own past the key layer, e.g. the management API's scopes).
+#[cfg(feature = "manage-api")]
+pub(crate) fn refund_credits(extensions: &http::Extensions) {
+    if let Some(charged) = extensions.get::<Charged>() {
+        charged.refund();
+    }
+}

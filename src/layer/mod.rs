@@ -47,6 +47,8 @@ mod service;
 pub use crate::body::AuthBody;
 pub use crate::stats::LayerStats;
 pub use builder::{ApiKeyLayerBuilder, BuildError, BuildErrorKind};
+#[cfg(feature = "manage-api")]
+pub(crate) use cost::refund_credits;
 pub use cost::{Cost, CostService};
 pub use future::ResponseFuture;
 pub use service::ApiKeyService;

@@ -75,8 +75,9 @@ struct VerifyRequest {
     /// management scopes only by exact name).
     #[schema(examples(json!(["orders:read"])))]
     scopes: Option<Vec<String>>,
-    /// What the request costs: only `1` is accepted until credits exist.
-    #[schema(minimum = 1, maximum = 1)]
+    /// The credits the verification spends of a key with credits (default 1; `null` too);
+    /// a key without credits is never charged, and a refused key spends nothing.
+    #[schema(minimum = 0, maximum = 4294967295_u64)]
     cost: Option<u64>,
 }
 
@@ -90,6 +91,10 @@ struct ValidVerdict {
     principal: VerifiedPrincipal,
     /// The key's rate limit after this verification, `null` for a key without one.
     ratelimit: Option<RateLimitState>,
+    /// For a key with credits only: the credits left after this verification, as the
+    /// instance knows them (its lease plus the store's balance at its last lease).
+    #[schema(required = false, examples(41))]
+    credits_remaining: Option<u64>,
 }
 
 /// The key is not valid (or cannot be checked now: `store_unavailable`).
@@ -106,7 +111,8 @@ struct InvalidVerdict {
     /// With `rate_limited`: the budget.
     #[schema(required = false)]
     ratelimit: Option<RateLimitState>,
-    /// With `rate_limited` and `store_unavailable`: seconds until a retry may succeed.
+    /// With `rate_limited`, `usage_exceeded` (a key whose credits refill) and
+    /// `store_unavailable`: seconds until a retry may succeed.
     #[schema(required = false)]
     retry_after: Option<u64>,
 }

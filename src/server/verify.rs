@@ -24,7 +24,9 @@ use crate::rejection::{AuthRejection, RateLimitStatus};
 pub(super) struct VerifyRequest {
     key: Option<String>,
     scopes: Option<Vec<String>>,
-    cost: Option<u64>,
+    /// Any JSON value, judged by hand so a bad one gets the rule, not serde's wording.
+    #[zeroize(skip)]
+    cost: Option<serde_json::Value>,
 }
 
 /// The most credits one verification may cost.
@@ -141,9 +143,9 @@ async fn check(
     body: VerifyRequest,
     client: ClientAddresses,
 ) -> Result<Verdict, ApiError> {
-    let cost = match body.cost {
+    let cost = match body.cost.as_ref().map(serde_json::Value::as_u64) {
         None => 1,
-        Some(cost) if cost <= MAX_COST => cost,
+        Some(Some(cost)) if cost <= MAX_COST => cost,
         Some(_) => {
             return Err(ApiError::invalid(
                 "cost",

@@ -80,7 +80,7 @@ pub struct Refill {
 /// A refill that does not parse, or is out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid refill {0:?}: expected AMOUNT/PERIOD such as 1000/day, 50000/month or 10/30min (a period of s, min, h, day, week or month, at least one second; an amount from 1 to {MAX_CREDITS})"
+    "invalid refill {0:?}: expected AMOUNT/PERIOD such as 1000/day, 50000/month or 10/30min (a period of s, min, h, day, week or month = 30 days, optionally with a multiplier, at least one second; an amount from 1 to {MAX_CREDITS})"
 )]
 pub struct RefillParseError(String);
 
@@ -138,6 +138,15 @@ impl FromStr for Refill {
         let err = || RefillParseError(s.chars().take(64).collect());
         let (amount, period) = s.trim().split_once('/').ok_or_else(err)?;
         let amount: u64 = amount.trim().parse().map_err(|_| err())?;
+        // A bare `m` is a minute to a rate limit and could read as a month on a bill: refills
+        // spell out `min` or `month`.
+        if period
+            .trim()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .eq_ignore_ascii_case("m")
+        {
+            return Err(err());
+        }
         let interval = crate::ratelimit::parse_period(period, true).ok_or_else(err)?;
         Self::new(amount, interval).map_err(|_| err())
     }

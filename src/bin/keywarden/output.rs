@@ -187,6 +187,12 @@ pub(crate) fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, o
                 "The old key keeps working until {}.",
                 short_time(old.expires_at, "it expires")
             );
+            if old.credits.is_some() {
+                println!(
+                    "Its credits moved to the new key: until then the old key answers \
+                     usage_exceeded."
+                );
+            }
         }
         None => println!(
             "Created key {} ({:?}) for {} {:?} in collection {:?}, expires {}.",
@@ -205,7 +211,7 @@ pub(crate) fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, o
     if let Some(credits) = record.credits {
         match credits.refill {
             Some(refill) => println!(
-                "Credits: {} (refilled to {} every {}).",
+                "Credits: {} (set to {} again at the start of each period of {}).",
                 credits.remaining,
                 refill.amount(),
                 refill.to_string().split_once('/').map_or("", |(_, p)| p)
@@ -330,8 +336,9 @@ pub(crate) fn print_page(page: &KeyPage, now: OffsetDateTime, out: Output) {
         "STATE",
         "EXPIRES",
         "LAST USED",
+        "CREDITS",
     ];
-    let rows: Vec<[String; 8]> = page
+    let rows: Vec<[String; 9]> = page
         .items
         .iter()
         .map(|r| {
@@ -344,6 +351,8 @@ pub(crate) fn print_page(page: &KeyPage, now: OffsetDateTime, out: Output) {
                 r.state(now).as_str().to_owned(),
                 short_time(r.expires_at, "never"),
                 short_time(r.last_used_at, "never"),
+                r.credits
+                    .map_or_else(|| "-".to_owned(), |c| c.remaining.to_string()),
             ]
         })
         .collect();

@@ -28,7 +28,14 @@ impl FromRequestParts<Arc<KeyManager>> for Caller {
             .and_then(|v| v.to_str().ok());
         let address = manager.client_address(&parts.headers, &parts.extensions);
         let key_id = principal.key_id();
-        let caller = Caller::new(principal, manager)?.with_request(address, request_id);
+        let caller = match Caller::new(principal, manager) {
+            Ok(caller) => caller.with_request(address, request_id),
+            Err(refused) => {
+                // Refused for its scopes: the request costs no credits.
+                crate::layer::refund_credits(&parts.extensions);
+                return Err(refused.into());
+            }
+        };
         if caller.is_admin() {
             return Ok(caller);
         }

@@ -1230,4 +1230,73 @@ mod tests {
         .unwrap();
         assert!(admin.load(&manager, theirs.record.id).await.is_ok());
     }
+
+    #[test]
+    fn a_self_caller_with_credits_gives_only_out_of_its_own() {
+        let limited = |remaining| {
+            caller(&self_caller_key()).with_own_credits(Some(
+                Credits::new(remaining).with_refill("100/day".parse().unwrap()),
+            ))
+        };
+        let me = limited(40);
+        let refill = || Some("10/day".parse::<Refill>().unwrap());
+        assert!(me.bound_credits(None, None).is_err(), "unlimited");
+        assert!(me.bound_credits(Some(1), refill()).is_err(), "a refill");
+        assert!(me.bound_credits(None, refill()).is_err(), "a refill alone");
+        assert!(
+            me.bound_credits(Some(41), None).is_err(),
+            "more than it has"
+        );
+        assert_eq!(
+            me.bound_credits(Some(40), None).unwrap(),
+            Some(Credits::new(40))
+        );
+        let new = NewKey::new("k", "alice").credits(40);
+        assert_eq!(me.credits_to_move(&new), Some(40), "moved, not copied");
+        assert_eq!(
+            me.credits_to_move(&NewKey::new("k", "alice").credits(0)),
+            None
+        );
+
+        // Unlimited callers and admins give anything, and move nothing.
+        let free = caller(&self_caller_key());
+        assert_eq!(free.bound_credits(None, None).unwrap(), None);
+        assert!(free.bound_credits(Some(u64::MAX >> 12), refill()).is_ok());
+        assert_eq!(free.credits_to_move(&new), None);
+        let admin = caller(&key(&["keys:admin"])).with_own_credits(Some(Credits::new(1)));
+        assert_eq!(admin.credits_to_move(&new), None);
+        assert!(admin.bound_credits(Some(1_000), refill()).is_ok());
+    }
+
+    #[test]
+    fn a_self_caller_only_lowers_credits() {
+        let me = caller(&self_caller_key()).with_own_credits(Some(
+            Credits::new(50).with_refill("100/day".parse().unwrap()),
+        ));
+        let mut current = key(&["read"]);
+        current.credits = Some(Credits::new(10).with_refill("10/day".parse().unwrap()));
+        let patch = |credits: Option<Option<u64>>, refill: Option<Option<&str>>| KeyPatch {
+            credits,
+            credit_refill: refill.map(|r| r.map(|r| r.parse().unwrap())),
+            ..KeyPatch::default()
+        };
+        for (p, want) in [
+            (patch(Some(Some(9)), None), true),
+            (patch(Some(Some(10)), None), true),
+            (patch(Some(Some(11)), None), false),
+            (patch(Some(None), None), false),
+            (patch(None, Some(None)), true),
+            (patch(None, Some(Some("5/day"))), true),
+            (patch(None, Some(Some("11/day"))), false),
+            (patch(None, Some(Some("10/h"))), false),
+            (patch(None, None), true),
+        ] {
+            assert_eq!(me.credits_patch_tightens(&current, &p), want, "{p:?}");
+        }
+        // An unlimited key may be given credits within the caller's own.
+        let mut unlimited = key(&["read"]);
+        unlimited.credits = None;
+        assert!(me.credits_patch_tightens(&unlimited, &patch(Some(Some(50)), None)));
+        assert!(!me.credits_patch_tightens(&unlimited, &patch(Some(Some(51)), None)));
+    }
 }
