@@ -34,7 +34,9 @@ use crate::clock::Clock;
 use crate::key::KeyFormat;
 use crate::principal::Principal;
 use crate::ratelimit::{ClientAddresses, RateLimitPolicy};
-use crate::rejection::{AuthRejection, Quota, RateLimitStatus};
+#[cfg(feature = "manage-api")]
+use crate::rejection::Quota;
+use crate::rejection::{AuthRejection, RateLimitStatus};
 use crate::secret::{Digest, SecretRing};
 use crate::store::{ForeignScheme, ForeignSource, KeyStore, StoreError};
 use crate::verify::{ForeignCollection, Verifier};

@@ -865,6 +865,7 @@ impl KeyManager {
     /// Takes `amount` credits out of key `id`'s balance for good (none when it has fewer):
     /// what a `keys:self` caller gives a key it creates. Returns the lease (its `granted` is
     /// `amount`, or 0), or `None` for a key without credits.
+    #[cfg(feature = "manage-api")]
     pub(crate) async fn take_credits(
         &self,
         id: Uuid,
@@ -877,6 +878,7 @@ impl KeyManager {
     }
 
     /// Gives credits [`take_credits`](Self::take_credits) took back (a creation that failed).
+    #[cfg(feature = "manage-api")]
     pub(crate) async fn untake_credits(&self, id: Uuid, lease: &crate::store::CreditLease) {
         if let Err(error) = self
             .store
