@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,7 @@ use keywarden::{
 };
 use serde_json::{json, Value};
 use support::serve::ServeProcess;
-use support::{ring, send, service_url, unique, Fixture, Reply, TempDir, SECRET};
+use support::{ring, send, service_url, unique, Fixture, ManagementApi, Reply, TempDir, SECRET};
 use tower::ServiceExt;
 
 fn get_req(uri: &str, key: &str) -> Request<Body> {
@@ -397,13 +396,7 @@ async fn two_serve_processes_accept_exactly_the_budget() {
     let sep = if url.contains('?') { '&' } else { '?' };
     let database = format!("{url}{sep}options=-c%20search_path%3D{schema}");
     let spawn = |name: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
-        cmd.current_dir(dir.path());
-        for (var, _) in std::env::vars() {
-            if var.starts_with("KEYWARDEN_") {
-                cmd.env_remove(var);
-            }
-        }
+        let mut cmd = ServeProcess::command(env!("CARGO_BIN_EXE_keywarden"), dir.path());
         cmd.env("KEYWARDEN_DATABASE_URL", &database)
             .env("KEYWARDEN_SECRET", SECRET)
             .args(["serve", "--addr", "127.0.0.1:0"]);
@@ -495,56 +488,9 @@ async fn a_shutdown_gives_a_serve_process_lease_back() {
     assert_eq!(balance(store.as_ref(), created.record.id).await, Some(799));
 }
 
-struct Api {
-    fx: Fixture,
-    api: Router,
-    admin: String,
-}
-
-impl Api {
-    async fn new() -> Self {
-        let fx = Fixture::new();
-        let manager = Arc::new(KeyManager::for_layer(&fx.layer));
-        let api = Router::new()
-            .nest("/admin", keywarden::management_router(manager))
-            .layer(fx.layer.clone());
-        let admin = fx
-            .key(NewKey::new("admin", "root").scope("keys:admin"))
-            .await
-            .key
-            .expose()
-            .to_owned();
-        Self { fx, api, admin }
-    }
-
-    async fn call(&self, method: &str, uri: &str, key: &str, body: Option<Value>) -> Reply {
-        let builder = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("x-api-key", key);
-        let req = match body {
-            Some(body) => builder
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-            None => builder.body(Body::empty()).unwrap(),
-        };
-        send(&self.api, req).await
-    }
-
-    fn field_error(reply: &Reply) -> (String, String) {
-        assert_eq!(reply.status, 422, "{}", reply.text());
-        let json = reply.json();
-        (
-            json["errors"][0]["field"].as_str().unwrap().to_owned(),
-            json["errors"][0]["message"].as_str().unwrap().to_owned(),
-        )
-    }
-}
-
 #[tokio::test]
 async fn the_management_api_sets_shows_and_validates_credits() {
-    let env = Api::new().await;
+    let env = ManagementApi::new().await;
     let reply = env
         .call(
             "POST",
@@ -633,7 +579,7 @@ async fn the_management_api_sets_shows_and_validates_credits() {
         let reply = env
             .call("POST", "/admin/keys", &env.admin, Some(body.clone()))
             .await;
-        let (got, message) = Api::field_error(&reply);
+        let (got, message) = ManagementApi::field_error(&reply);
         assert_eq!(got, field, "{body}: {message}");
         assert!(
             !message.contains("fortnight"),
@@ -648,13 +594,13 @@ async fn the_management_api_sets_shows_and_validates_credits() {
         let reply = env
             .call("PATCH", &uri, &env.admin, Some(body.clone()))
             .await;
-        assert_eq!(Api::field_error(&reply).0, field, "{body}");
+        assert_eq!(ManagementApi::field_error(&reply).0, field, "{body}");
     }
 }
 
 #[tokio::test]
 async fn a_self_key_gives_credits_out_of_its_own_and_never_more() {
-    let env = Api::new().await;
+    let env = ManagementApi::new().await;
     let refill: Refill = "100/day".parse().unwrap();
     let own = env
         .fx

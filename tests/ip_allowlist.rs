@@ -18,11 +18,9 @@ use keywarden::ratelimit::{
 };
 use keywarden::server::AuthServer;
 use keywarden::store::KeyPatch;
-use keywarden::{
-    layer::BuildErrorKind, management_router, ApiKeyLayer, Collection, KeyManager, NewKey,
-};
+use keywarden::{layer::BuildErrorKind, ApiKeyLayer, Collection, KeyManager, NewKey};
 use serde_json::{json, Value};
-use support::{ring, send, Fixture, Reply};
+use support::{ring, send, Fixture, ManagementApi};
 
 fn net(text: &str) -> IpNetwork {
     text.parse().unwrap()
@@ -504,49 +502,9 @@ async fn every_store_keeps_the_allowlist_and_a_change_applies_at_once() {
     }
 }
 
-struct Api {
-    fx: Fixture,
-    api: Router,
-    admin: String,
-}
-
-impl Api {
-    async fn new() -> Self {
-        let fx = Fixture::new();
-        let manager = Arc::new(KeyManager::for_layer(&fx.layer));
-        let api = Router::new()
-            .nest("/admin", management_router(manager))
-            .layer(fx.layer.clone());
-        let admin = fx
-            .key(NewKey::new("admin", "root").scope("keys:admin"))
-            .await
-            .key
-            .expose()
-            .to_owned();
-        Self { fx, api, admin }
-    }
-
-    async fn call(&self, method: &str, uri: &str, key: &str, body: Option<Value>) -> Reply {
-        let builder = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("x-api-key", key);
-        let mut req = match body {
-            Some(body) => builder
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-            None => builder.body(Body::empty()).unwrap(),
-        };
-        req.extensions_mut()
-            .insert(ConnectInfo("10.1.1.1:1".parse::<SocketAddr>().unwrap()));
-        send(&self.api, req).await
-    }
-}
-
 #[tokio::test]
 async fn the_management_api_sets_shows_and_validates_allowlists() {
-    let env = Api::new().await;
+    let env = ManagementApi::new().await;
     let reply = env
         .call(
             "POST",
@@ -648,7 +606,7 @@ async fn the_management_api_sets_shows_and_validates_allowlists() {
 
 #[tokio::test]
 async fn a_self_key_only_narrows_allowlists_within_its_own() {
-    let env = Api::new().await;
+    let env = ManagementApi::new().await;
     let own = env
         .fx
         .key(

@@ -502,13 +502,7 @@ impl Deployment {
         let via = url_via(&self.url, self.proxy.addr);
         let sep = if via.contains('?') { '&' } else { '?' };
         let database = format!("{via}{sep}options=-c%20search_path%3D{}", self.schema);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
-        cmd.current_dir(self.dir.path());
-        for (var, _) in std::env::vars() {
-            if var.starts_with("KEYWARDEN_") {
-                cmd.env_remove(var);
-            }
-        }
+        let mut cmd = ServeProcess::command(env!("CARGO_BIN_EXE_keywarden"), self.dir.path());
         cmd.env("KEYWARDEN_DATABASE_URL", database)
             .env("KEYWARDEN_SECRET", SECRET)
             .env("RUST_LOG", "keywarden=debug")

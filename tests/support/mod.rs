@@ -506,3 +506,64 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A fixture with the management API behind its layer, and an admin key.
+#[cfg(feature = "manage-api")]
+pub struct ManagementApi {
+    pub fx: Fixture,
+    pub api: Router,
+    pub admin: String,
+}
+
+#[cfg(feature = "manage-api")]
+impl ManagementApi {
+    pub async fn new() -> Self {
+        let fx = Fixture::new();
+        let manager = Arc::new(KeyManager::for_layer(&fx.layer));
+        let api = Router::new()
+            .nest("/admin", keywarden::management_router(manager))
+            .layer(fx.layer.clone());
+        let admin = fx
+            .key(NewKey::new("admin", "root").scope("keys:admin"))
+            .await
+            .key
+            .expose()
+            .to_owned();
+        Self { fx, api, admin }
+    }
+
+    /// `method uri` with `key` and a JSON `body`, from the connection address 10.1.1.1.
+    pub async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: &str,
+        body: Option<serde_json::Value>,
+    ) -> Reply {
+        let builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-api-key", key);
+        let mut req = match body {
+            Some(body) => builder
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+            None => builder.body(Body::empty()).unwrap(),
+        };
+        req.extensions_mut().insert(axum::extract::ConnectInfo(
+            "10.1.1.1:1".parse::<std::net::SocketAddr>().unwrap(),
+        ));
+        send(&self.api, req).await
+    }
+
+    /// The field and message of a 422's first error.
+    pub fn field_error(reply: &Reply) -> (String, String) {
+        assert_eq!(reply.status, 422, "{}", reply.text());
+        let json = reply.json();
+        (
+            json["errors"][0]["field"].as_str().unwrap().to_owned(),
+            json["errors"][0]["message"].as_str().unwrap().to_owned(),
+        )
+    }
+}

@@ -15,6 +15,19 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
+    /// `binary` run in `dir`, without the `KEYWARDEN_*` variables of the test's own
+    /// environment (the test sets what the process gets).
+    pub fn command(binary: &str, dir: &Path) -> Command {
+        let mut cmd = Command::new(binary);
+        cmd.current_dir(dir);
+        for (var, _) in std::env::vars() {
+            if var.starts_with("KEYWARDEN_") {
+                cmd.env_remove(var);
+            }
+        }
+        cmd
+    }
+
     /// Spawns `command` (the binary with `serve` and its arguments) with its output in
     /// `dir/name.out` and `dir/name.err`, and waits for its `listening on` line.
     pub fn spawn(mut command: Command, dir: &Path, name: &str) -> Self {
