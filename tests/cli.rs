@@ -1204,7 +1204,7 @@ async fn credits_from_the_cli_hold_in_serve() {
         &["keys", "create", "--name", "daily", "--refill", "100/day"],
     );
     assert!(
-        human.contains("Credits: 100 (refilled to 100 every day)."),
+        human.contains("Credits: 100, set to 100 again every day."),
         "{human}"
     );
     let shown = ok(&dir, &["keys", "show", &id]);

@@ -211,7 +211,7 @@ pub(crate) fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, o
     if let Some(credits) = record.credits {
         match credits.refill {
             Some(refill) => println!(
-                "Credits: {} (set to {} again at the start of each period of {}).",
+                "Credits: {}, set to {} again every {}.",
                 credits.remaining,
                 refill.amount(),
                 refill.to_string().split_once('/').map_or("", |(_, p)| p)
