@@ -77,9 +77,30 @@ pub(crate) struct ResolvedKey {
     /// The credits this instance holds for the key, if it has credits (boxed: most keys
     /// have none, and every cached key would carry the space).
     pub(crate) credits: Option<Box<CreditAccount>>,
+    /// What the key shares with its owner's other keys, if the owner has a policy (boxed, like
+    /// the credits).
+    pub(crate) owner: Option<Box<OwnerShare>>,
+}
+
+/// The limits a key shares with its owner's other keys.
+pub(crate) struct OwnerShare {
+    /// The owner's own rate limit (it replaces the collection's limit for owners).
+    pub(crate) rate_limit: Option<crate::ratelimit::RateLimitPolicy>,
+    /// The owner's shared credits on this instance: one account for all its cached keys.
+    pub(crate) credits: Option<Arc<CreditAccount>>,
 }
 
 impl ResolvedKey {
+    /// The owner's shared credits, if it has any.
+    pub(crate) fn owner_credits(&self) -> Option<&CreditAccount> {
+        self.owner.as_deref()?.credits.as_deref()
+    }
+
+    /// Whether requests with this key spend credits: its own, or its owner's.
+    pub(crate) fn has_credits(&self) -> bool {
+        self.credits.is_some() || self.owner_credits().is_some()
+    }
+
     /// Builds the principal once, and the application identity from it.
     /// `foreign`: the key was verified from another system's store (see
     /// [`Principal::is_foreign`]).
@@ -94,6 +115,7 @@ impl ResolvedKey {
             tracks_usage: false,
             usage: UsageCell::default(),
             credits: None,
+            owner: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! credits are dropped, neither spent nor given back. So all instances together never accept
 //! more than the balance; a crashed instance loses at most what it held.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -67,6 +68,10 @@ pub(crate) struct CreditLedger {
     returns: Mutex<Option<mpsc::UnboundedSender<Returned>>>,
     /// Every live account, for the idle sweep and shutdown.
     accounts: Mutex<Vec<Weak<AccountState>>>,
+    /// The live accounts of owners' shared credits, by pool and generation: all the cached
+    /// keys of one owner spend from one account, until its credits are set again (keys read
+    /// after that get a new account; the old one's credits are void, as a key's would be).
+    owners: Mutex<HashMap<(Uuid, u64), Weak<CreditAccount>>>,
     pub(crate) counters: LedgerCounters,
 }
 
@@ -78,10 +83,28 @@ impl std::fmt::Debug for CreditLedger {
     }
 }
 
+/// Whose balance an account draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// A key's own credits.
+    Key(Uuid),
+    /// The credits all the keys of an owner share.
+    Owner(Uuid),
+}
+
+impl std::fmt::Display for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Key(id) => write!(f, "key {id}"),
+            Self::Owner(pool) => write!(f, "owner pool {pool}"),
+        }
+    }
+}
+
 /// Credits given back.
 #[derive(Debug, Clone, Copy)]
 struct Returned {
-    key: Uuid,
+    key: Pool,
     amount: u64,
     generation: u64,
     period: u64,
@@ -98,7 +121,7 @@ struct LeaseTag {
 /// registry (which only looks).
 #[derive(Debug)]
 pub(crate) struct AccountState {
-    key: Uuid,
+    key: Pool,
     /// Credits this instance may spend now.
     local: AtomicU64,
     /// The store's balance after the last lease (for `Credits-Remaining`).
@@ -193,6 +216,7 @@ impl CreditLedger {
             store_timeout,
             returns: Mutex::new(None),
             accounts: Mutex::new(Vec::new()),
+            owners: Mutex::new(HashMap::new()),
             counters: LedgerCounters::default(),
         })
     }
@@ -211,8 +235,31 @@ impl CreditLedger {
         }
     }
 
+    /// The account of an owner's shared credits of `generation`: the live one, if another
+    /// cached key of the owner has it, else a new, empty one.
+    pub(crate) fn owner_account(
+        self: &Arc<Self>,
+        pool: Uuid,
+        generation: u64,
+    ) -> Arc<CreditAccount> {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(account) = owners.get(&(pool, generation)).and_then(Weak::upgrade) {
+            return account;
+        }
+        if owners.len() >= 64 && owners.len().is_power_of_two() {
+            owners.retain(|_, a| a.strong_count() > 0);
+        }
+        let account = Arc::new(self.new_account(Pool::Owner(pool)));
+        owners.insert((pool, generation), Arc::downgrade(&account));
+        account
+    }
+
     /// A new, empty account for key `key`.
     pub(crate) fn account(self: &Arc<Self>, key: Uuid) -> CreditAccount {
+        self.new_account(Pool::Key(key))
+    }
+
+    fn new_account(self: &Arc<Self>, key: Pool) -> CreditAccount {
         self.start_worker();
         let state = Arc::new(AccountState {
             key,
@@ -316,7 +363,7 @@ impl CreditLedger {
                 Ok(None) => return Ok(None),
                 Err(error) => {
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "keywarden", key_id = %state.key, error = %error, "leasing credits failed; the request is refused");
+                    tracing::warn!(target: "keywarden", credits = %state.key, error = %error, "leasing credits failed; the request is refused");
                     return Err(unavailable());
                 }
             };
@@ -336,6 +383,95 @@ impl CreditLedger {
             }
         }
         Err(AuthRejection::usage_exceeded(None))
+    }
+
+    /// The hit path for a key and its owner (either account may be absent, not both):
+    /// spends `cost` from each without waiting, and answers the fewer credits left. `None`:
+    /// one of them must lease first ([`charge_both`](Self::charge_both)); nothing stays spent.
+    pub(crate) fn spend_now_both(
+        &self,
+        key: Option<&CreditAccount>,
+        owner: Option<&CreditAccount>,
+        cost: u64,
+    ) -> Option<u64> {
+        let key_left = match key {
+            Some(account) => Some(self.spend_now(account, cost)?),
+            None => None,
+        };
+        let owner_left = match owner {
+            Some(account) => match self.spend_now(account, cost) {
+                Some(left) => Some(left),
+                None => {
+                    if let Some(account) = key {
+                        self.refund(account, cost);
+                    }
+                    return None;
+                }
+            },
+            None => None,
+        };
+        fewer(key_left, owner_left)
+    }
+
+    /// [`charge`](Self::charge) for a key and its owner: the key's credits first, then the
+    /// owner's; a request the owner cannot pay for gets its key's back. The fewer credits
+    /// left (`None`: neither has credits in the store any more).
+    pub(crate) async fn charge_both(
+        &self,
+        key: Option<&CreditAccount>,
+        owner: Option<&CreditAccount>,
+        cost: u64,
+        unavailable: impl Fn() -> AuthRejection,
+    ) -> Result<Option<u64>, AuthRejection> {
+        let key_left = match key {
+            Some(account) => self.charge(account, cost, &unavailable).await?,
+            None => None,
+        };
+        let owner_left = match owner {
+            Some(account) => match self.charge(account, cost, &unavailable).await {
+                Ok(left) => left,
+                Err(rejection) => {
+                    if let (Some(account), Some(_)) = (key, key_left) {
+                        self.refund(account, cost);
+                    }
+                    return Err(
+                        if rejection.kind() == crate::rejection::RejectionKind::UsageExceeded {
+                            rejection.with_detail(
+                                "the credits this key's owner shares with its other keys are used up",
+                            )
+                        } else {
+                            rejection
+                        },
+                    );
+                }
+            },
+            None => None,
+        };
+        Ok(fewer(key_left, owner_left))
+    }
+
+    /// [`known_left`](Self::known_left) of a key and its owner: the fewer.
+    pub(crate) fn known_left_both(
+        &self,
+        key: Option<&CreditAccount>,
+        owner: Option<&CreditAccount>,
+    ) -> Option<u64> {
+        fewer(
+            key.map(|a| self.known_left(a)),
+            owner.map(|a| self.known_left(a)),
+        )
+    }
+
+    /// [`refund`](Self::refund) to a key and its owner.
+    pub(crate) fn refund_both(
+        &self,
+        key: Option<&CreditAccount>,
+        owner: Option<&CreditAccount>,
+        amount: u64,
+    ) {
+        for account in [key, owner].into_iter().flatten() {
+            self.refund(account, amount);
+        }
     }
 
     /// `usage_exceeded`, if the store was found a moment ago to hold fewer credits for this
@@ -383,17 +519,19 @@ impl CreditLedger {
 
     async fn lease(
         &self,
-        key: Uuid,
+        key: Pool,
         need: u64,
         want: u64,
         now: OffsetDateTime,
     ) -> Result<Option<CreditLease>, StoreError> {
         self.counters.leases.fetch_add(1, Ordering::Relaxed);
-        let leased = tokio::time::timeout(
-            self.store_timeout,
-            self.store.lease_credits(key, need, want, now),
-        )
-        .await;
+        let leasing = async {
+            match key {
+                Pool::Key(id) => self.store.lease_credits(id, need, want, now).await,
+                Pool::Owner(pool) => self.store.lease_owner_credits(pool, need, want, now).await,
+            }
+        };
+        let leased = tokio::time::timeout(self.store_timeout, leasing).await;
         leased.unwrap_or_else(|_| {
             Err(StoreError::new(
                 crate::store::StoreErrorKind::Timeout,
@@ -411,18 +549,22 @@ impl CreditLedger {
 
     async fn give_back(&self, returned: Returned) {
         self.counters.returns.fetch_add(1, Ordering::Relaxed);
-        let done = self
-            .store
-            .return_credits(
-                returned.key,
-                returned.amount,
-                returned.generation,
-                returned.period,
-            )
-            .await;
+        let (amount, generation, period) = (returned.amount, returned.generation, returned.period);
+        let done = match returned.key {
+            Pool::Key(id) => {
+                self.store
+                    .return_credits(id, amount, generation, period)
+                    .await
+            }
+            Pool::Owner(pool) => {
+                self.store
+                    .return_owner_credits(pool, amount, generation, period)
+                    .await
+            }
+        };
         if let Err(error) = done {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "keywarden", key_id = %returned.key, error = %error, "returning unspent credits failed; they are lost (the key accepts fewer requests, never more)");
+            tracing::warn!(target: "keywarden", credits = %returned.key, error = %error, "returning unspent credits failed; they are lost (the key accepts fewer requests, never more)");
         }
     }
 
@@ -473,6 +615,14 @@ impl CreditLedger {
                 self.give_back(returned).await;
             }
         }
+    }
+}
+
+/// The smaller of two counts, either of which may be absent.
+fn fewer(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -213,6 +213,9 @@ conformance!(
     credits_refill_sets_the_balance_each_period,
     setting_credits_voids_earlier_leases,
     concurrent_leases_never_hand_out_more_than_the_balance,
+    owner_policies_are_kept_read_with_keys_and_fed,
+    owner_credits_are_leased_returned_and_voided,
+    concurrent_owner_leases_never_hand_out_more_than_the_balance,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -265,6 +268,7 @@ fn plain(collection: &str, subject: &str) -> KeyRecord {
         encrypted_key: None,
         allowed_ips: Vec::new(),
         credits: None,
+        owner: keywarden::store::OwnerLimits::default(),
     }
 }
 
@@ -306,6 +310,7 @@ fn full() -> KeyRecord {
             "::1".parse().unwrap(),
         ],
         credits: Some(Credits::new(9_876_543_210).with_refill("50000/month".parse().unwrap())),
+        owner: keywarden::store::OwnerLimits::default(),
     }
 }
 
@@ -1954,4 +1959,340 @@ async fn concurrent_leases_never_hand_out_more_than_the_balance(store: Store) {
         store.get(record.id).await.unwrap().unwrap().credits,
         Some(Credits::new(0))
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Owner policies
+// ---------------------------------------------------------------------------------------------
+
+/// The keys the feed names after `after` (`None`: the store keeps no feed).
+async fn fed_keys(store: &Store, after: u64) -> Option<BTreeSet<Uuid>> {
+    let page = store.change_feed(after, 1_000).await.unwrap()?;
+    Some(
+        page.changes
+            .iter()
+            .filter_map(|entry| match entry.change {
+                keywarden::store::StoreChange::Key(id) => Some(id),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+async fn feed_head(store: &Store) -> u64 {
+    store
+        .change_feed(0, 1)
+        .await
+        .unwrap()
+        .map_or(0, |page| page.head)
+}
+
+async fn owner_policies_are_kept_read_with_keys_and_fed(store: Store) {
+    let (a1, a2, bob) = (
+        plain("users", "alice"),
+        plain("users", "alice"),
+        plain("users", "bob"),
+    );
+    for record in [&a1, &a2, &bob] {
+        store.insert(record).await.unwrap();
+    }
+    assert_eq!(store.owner_policy("users", "alice").await.unwrap(), None);
+    let rate: keywarden::ratelimit::RateLimitPolicy = "600/min".parse().unwrap();
+    let before = feed_head(&store).await;
+    let set = keywarden::store::OwnerPolicyUpdate::default()
+        .rate_limit(Some(rate))
+        .credits(Some(100));
+    let policy = store
+        .set_owner_policy("users", "alice", &set, BASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            policy.collection.as_str(),
+            policy.subject.as_str(),
+            policy.rate_limit,
+            policy.credits
+        ),
+        ("users", "alice", Some(rate), Some(Credits::new(100)))
+    );
+    assert_eq!(policy.updated_at, BASE);
+    assert_eq!(
+        store.owner_policy("users", "alice").await.unwrap(),
+        Some(policy.clone())
+    );
+    // Every key of the owner is read with the policy, and fed: caches re-read them.
+    for id in [a1.id, a2.id] {
+        let read = store.get(id).await.unwrap().unwrap();
+        assert_eq!(read.owner.rate_limit, Some(rate));
+        assert_eq!(read.owner.credits, Some(None), "credits without a refill");
+    }
+    assert!(store.get(bob.id).await.unwrap().unwrap().owner.is_empty());
+    if let Some(fed) = fed_keys(&store, before).await {
+        assert_eq!(
+            fed,
+            BTreeSet::from([a1.id, a2.id]),
+            "the owner's keys, only"
+        );
+    }
+    // Found by digest too (the request path's read).
+    let found = store.find_by_digest(&a1.digest).await.unwrap().unwrap();
+    assert_eq!(found.owner.rate_limit, Some(rate));
+    // A key created later carries the policy as well.
+    let a3 = plain("users", "alice");
+    store.insert(&a3).await.unwrap();
+    assert_eq!(
+        store.get(a3.id).await.unwrap().unwrap().owner.rate_limit,
+        Some(rate)
+    );
+
+    // Changing the rate limit alone keeps the balance; removing it keeps the credits.
+    let t1 = BASE + Duration::minutes(1);
+    let pool = policy.pool();
+    store.lease_owner_credits(pool, 1, 10, t1).await.unwrap();
+    let generation = store.get(a1.id).await.unwrap().unwrap().owner.generation;
+    let unrated = store
+        .set_owner_policy(
+            "users",
+            "alice",
+            &keywarden::store::OwnerPolicyUpdate::default().rate_limit(None),
+            t1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(unrated.rate_limit, None);
+    assert_eq!(
+        unrated.credits,
+        Some(Credits::new(90)),
+        "the lease is not counted"
+    );
+    assert_eq!(unrated.updated_at, t1);
+    let read = store.get(a1.id).await.unwrap().unwrap();
+    assert_eq!(
+        (read.owner.rate_limit, read.owner.credits),
+        (None, Some(None))
+    );
+    assert_eq!(
+        read.owner.generation, generation,
+        "a rate limit change keeps the credits' generation"
+    );
+
+    // Listed by collection and subject.
+    let teams = store
+        .set_owner_policy(
+            "teams",
+            "acme",
+            &keywarden::store::OwnerPolicyUpdate::default().rate_limit(Some(rate)),
+            t1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(teams.credits, None);
+    let all = store.list_owner_policies(None).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|p| (p.collection.as_str(), p.subject.as_str()))
+            .collect::<Vec<_>>(),
+        [("teams", "acme"), ("users", "alice")]
+    );
+    let users = store.list_owner_policies(Some("users")).await.unwrap();
+    assert_eq!(users, vec![unrated.clone()]);
+
+    // Deleting the policy: the keys carry none, and are fed again.
+    let before = feed_head(&store).await;
+    let removed = store.delete_owner_policy("users", "alice").await.unwrap();
+    assert_eq!(removed, Some(unrated));
+    assert!(store.get(a2.id).await.unwrap().unwrap().owner.is_empty());
+    if let Some(fed) = fed_keys(&store, before).await {
+        assert_eq!(fed, BTreeSet::from([a1.id, a2.id, a3.id]));
+    }
+    assert_eq!(store.owner_policy("users", "alice").await.unwrap(), None);
+    assert_eq!(
+        store.lease_owner_credits(pool, 1, 1, t1).await.unwrap(),
+        None,
+        "the shared credits went with the policy"
+    );
+    assert_eq!(
+        store.delete_owner_policy("users", "alice").await.unwrap(),
+        None
+    );
+}
+
+async fn owner_credits_are_leased_returned_and_voided(store: Store) {
+    use keywarden::store::OwnerPolicyUpdate;
+    let key = plain("users", "carol");
+    store.insert(&key).await.unwrap();
+    let policy = store
+        .set_owner_policy(
+            "users",
+            "carol",
+            &OwnerPolicyUpdate::default().credits(Some(500)),
+            BASE,
+        )
+        .await
+        .unwrap();
+    let pool = policy.pool();
+    let first_generation = store.get(key.id).await.unwrap().unwrap().owner.generation;
+    assert_ne!(first_generation, 0);
+    // Like a key's: an eighth of the balance, at least what is needed, at most what is wanted.
+    let lease = store
+        .lease_owner_credits(pool, 1, 100, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((lease.granted, lease.remaining, lease.period), (62, 438, 0));
+    // Leases change nothing a cache answers: the key's version stays.
+    assert_eq!(
+        store.get(key.id).await.unwrap().unwrap().updated_at,
+        key.updated_at
+    );
+    assert!(store
+        .return_owner_credits(pool, 10, lease.generation, 0)
+        .await
+        .unwrap());
+    assert!(!store
+        .return_owner_credits(pool, 10, lease.generation + 1, 0)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .owner_policy("users", "carol")
+            .await
+            .unwrap()
+            .unwrap()
+            .credits,
+        Some(Credits::new(448))
+    );
+    // A key's own credits and its owner's are separate balances.
+    assert_eq!(store.lease_credits(key.id, 1, 1, BASE).await.unwrap(), None);
+
+    // A new balance voids the lease; a refill alone keeps the balance and restarts periods.
+    let t1 = BASE + Duration::minutes(1);
+    let set = store
+        .set_owner_policy(
+            "users",
+            "carol",
+            &OwnerPolicyUpdate::default().credits(Some(5)),
+            t1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(set.credits, Some(Credits::new(5)));
+    assert_ne!(
+        store.get(key.id).await.unwrap().unwrap().owner.generation,
+        first_generation,
+        "keys are read with the new generation"
+    );
+    assert!(!store
+        .return_owner_credits(pool, 10, lease.generation, 0)
+        .await
+        .unwrap());
+    let refill: Refill = "10/day".parse().unwrap();
+    let refilled = store
+        .set_owner_policy(
+            "users",
+            "carol",
+            &OwnerPolicyUpdate::default().refill(Some(refill)),
+            t1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(refilled.credits, Some(Credits::new(5).with_refill(refill)));
+    assert_eq!(
+        store.get(key.id).await.unwrap().unwrap().owner.credits,
+        Some(Some(refill))
+    );
+    let next_day = store
+        .lease_owner_credits(pool, 1, 1, t1 + Duration::days(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (next_day.granted, next_day.remaining, next_day.period),
+        (1, 9, 1)
+    );
+
+    // No credits: no lease; a refill on an owner without credits starts at its amount.
+    let removed = store
+        .set_owner_policy(
+            "users",
+            "carol",
+            &OwnerPolicyUpdate::default().credits(None),
+            t1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(removed.credits, None);
+    assert!(store.get(key.id).await.unwrap().unwrap().owner.is_empty());
+    assert_eq!(
+        store.lease_owner_credits(pool, 1, 1, t1).await.unwrap(),
+        None
+    );
+    let restarted = store
+        .set_owner_policy(
+            "users",
+            "carol",
+            &OwnerPolicyUpdate::default().refill(Some(refill)),
+            t1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        restarted.credits,
+        Some(Credits::new(10).with_refill(refill))
+    );
+    let after = store
+        .lease_owner_credits(pool, 1, 1, t1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        after.generation, lease.generation,
+        "never a generation reused"
+    );
+    assert_eq!(
+        store
+            .lease_owner_credits(Uuid::now_v7(), 1, 1, t1)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn concurrent_owner_leases_never_hand_out_more_than_the_balance(store: Store) {
+    let policy = store
+        .set_owner_policy(
+            "users",
+            "dave",
+            &keywarden::store::OwnerPolicyUpdate::default().credits(Some(1_000)),
+            BASE,
+        )
+        .await
+        .unwrap();
+    let pool = policy.pool();
+    let barrier = Arc::new(Barrier::new(16));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut taken = 0;
+                loop {
+                    let lease = store
+                        .lease_owner_credits(pool, 1, 7, BASE)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    if lease.granted == 0 {
+                        return taken;
+                    }
+                    taken += lease.granted;
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(total, 1_000, "every shared credit leased exactly once");
 }

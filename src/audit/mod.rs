@@ -87,11 +87,15 @@ pub enum AuditAction {
     WebhookUpdated,
     /// `webhook.deleted`: a subscription was deleted.
     WebhookDeleted,
+    /// `owner.updated`: the policy an owner's keys share was created or changed.
+    OwnerUpdated,
+    /// `owner.deleted`: an owner's policy was removed.
+    OwnerDeleted,
 }
 
 impl AuditAction {
     /// Every action, for listings and parsers.
-    pub const ALL: [AuditAction; 12] = [
+    pub const ALL: [AuditAction; 14] = [
         AuditAction::Created,
         AuditAction::Updated,
         AuditAction::Revoked,
@@ -104,6 +108,8 @@ impl AuditAction {
         AuditAction::WebhookCreated,
         AuditAction::WebhookUpdated,
         AuditAction::WebhookDeleted,
+        AuditAction::OwnerUpdated,
+        AuditAction::OwnerDeleted,
     ];
 
     /// The stable name: `key.created`, …, `secret.retired`.
@@ -121,6 +127,8 @@ impl AuditAction {
             Self::WebhookCreated => "webhook.created",
             Self::WebhookUpdated => "webhook.updated",
             Self::WebhookDeleted => "webhook.deleted",
+            Self::OwnerUpdated => "owner.updated",
+            Self::OwnerDeleted => "owner.deleted",
         }
     }
 }

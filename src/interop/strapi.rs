@@ -347,6 +347,7 @@ impl StrapiTables {
             rate_limit: None,
             allowed_ips: Vec::new(),
             credits: None,
+            owner: crate::store::OwnerLimits::default(),
             created_at,
             updated_at: at("updated_at").unwrap_or(created_at),
             expires_at,

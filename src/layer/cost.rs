@@ -101,23 +101,18 @@ where
         let Some(charged) = req.extensions_mut().get_mut::<Charged>() else {
             return ResponseFuture::inner(self.inner.call(req), Quota::default());
         };
-        let Some(account) = charged.resolved.credits.as_deref() else {
-            return ResponseFuture::inner(self.inner.call(req), Quota::default());
-        };
         if wanted <= charged.cost {
-            charged
-                .ledger
-                .refund(account, charged.cost.saturating_sub(wanted));
+            charged.refund_part(charged.cost.saturating_sub(wanted));
             charged.cost = wanted;
             // The key layer's count is stale by what was given back: report the new one.
             let quota = Quota {
-                credits: Some(charged.ledger.known_left(account)),
+                credits: charged.known_left(),
                 ..Quota::default()
             };
             return ResponseFuture::inner(self.inner.call(req), quota);
         }
         let extra = wanted - charged.cost;
-        if let Some(left) = charged.ledger.spend_now(account, extra) {
+        if let Some(left) = charged.spend_more_now(extra) {
             charged.cost = wanted;
             let quota = Quota {
                 credits: Some(left),
@@ -131,18 +126,13 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::boxed(async move {
-            let account = charged
-                .resolved
-                .credits
-                .as_deref()
-                .expect("checked above: the key has credits");
             let unavailable = || {
                 AuthRejection::new(
                     RejectionKind::StoreUnavailable,
                     "the key store is unavailable",
                 )
             };
-            let left = match charged.ledger.charge(account, extra, unavailable).await {
+            let left = match charged.charge_more(extra, unavailable).await {
                 Ok(left) => left,
                 Err(rejection) => {
                     // Refused: the request costs nothing, so what the key layer took goes back.

@@ -332,6 +332,44 @@ impl KeyManager {
     /// The native collections of the layers this manager invalidates, each once, in the
     /// order configured; `None` when keys of any collection verify somewhere (no layer, or a
     /// layer without collections).
+    /// [`ManageErrorKind::UnknownCollection`] for a collection none of the manager's layers
+    /// serves (its keys would never verify).
+    pub(super) fn check_served(&self, collection: &str) -> Result<(), ManageError> {
+        let Some(served) = self
+            .served_collections()
+            .filter(|served| !served.contains(&collection))
+        else {
+            return Ok(());
+        };
+        // The name is submitted text (maybe a key pasted in the wrong field): never
+        // repeat it; the configured ones are safe to list.
+        Err(ManageError {
+            kind: ManageErrorKind::UnknownCollection,
+            field: Some("collection"),
+            message: format!(
+                "no layer serves this collection, so its keys would never verify; \
+                 collections served: {}",
+                if served.is_empty() {
+                    "none (only foreign ones)".to_owned()
+                } else {
+                    served.join(", ")
+                }
+            ),
+            source: None,
+            unmigrated: Vec::new(),
+        })
+    }
+
+    /// The layers whose caches the manager keeps current.
+    pub(super) fn layers(&self) -> &[ApiKeyLayer] {
+        &self.layers
+    }
+
+    /// Drops a key from the layers' caches and tells the publishers.
+    pub(super) async fn invalidate_id(&self, id: Uuid) {
+        self.invalidate(id).await;
+    }
+
     fn served_collections(&self) -> Option<Vec<&str>> {
         if self.layers.is_empty()
             || self
@@ -536,28 +574,7 @@ impl KeyManager {
             });
         }
         if rotated_from.is_none() {
-            if let Some(served) = self
-                .served_collections()
-                .filter(|served| !served.contains(&collection.as_str()))
-            {
-                // The name is submitted text (maybe a key pasted in the wrong field): never
-                // repeat it; the configured ones are safe to list.
-                return Err(ManageError {
-                    kind: ManageErrorKind::UnknownCollection,
-                    field: Some("collection"),
-                    message: format!(
-                        "no layer serves this collection, so its keys would never verify; \
-                         collections served: {}",
-                        if served.is_empty() {
-                            "none (only foreign ones)".to_owned()
-                        } else {
-                            served.join(", ")
-                        }
-                    ),
-                    source: None,
-                    unmigrated: Vec::new(),
-                });
-            }
+            self.check_served(&collection)?;
         }
         let prefix = self
             .format
@@ -610,6 +627,7 @@ impl KeyManager {
             rate_limit: new.rate_limit,
             allowed_ips: new.allowed_ips,
             credits: new.credits,
+            owner: crate::store::OwnerLimits::default(),
             created_at: now,
             updated_at: now,
             expires_at,

@@ -23,6 +23,7 @@ mod error;
 #[cfg(feature = "manage-api")]
 pub(crate) mod http;
 mod manager;
+mod owners;
 mod policy;
 mod reveal;
 #[cfg(feature = "admin-ui")]

@@ -8,9 +8,10 @@ use uuid::Uuid;
 use super::{
     no_secret, period_end, refill_period, retired_placeholder, unix_millis, Applied, AuditWrite,
     ChangeOutcome, CreditLease, FeedPage, HourlyUsage, KeyChange, KeyPage, KeyPatch, KeyQuery,
-    KeyRecord, KeyStore, KeyUsage, MemoryFeed, Observers, SecretRetirement, StoreChange,
-    StoreError, StoreErrorKind, StoreObserver, UnmigratedKeys, UsageCount, UsageOutcome,
-    UsageSubject, WebhookPatch, WebhookProgress, WebhookRecord, WebhookStore,
+    KeyRecord, KeyStore, KeyUsage, MemoryFeed, Observers, OwnerLimits, OwnerPolicy,
+    OwnerPolicyUpdate, SecretRetirement, StoreChange, StoreError, StoreErrorKind, StoreObserver,
+    UnmigratedKeys, UsageCount, UsageOutcome, UsageSubject, WebhookPatch, WebhookProgress,
+    WebhookRecord, WebhookStore,
 };
 use crate::audit::{AuditCheckpoint, AuditEvent, AuditPage, AuditQuery, AuditSealer, ChainHead};
 use crate::secret::{Digest, SecretId};
@@ -39,6 +40,25 @@ struct Inner {
     feed: MemoryFeed,
     /// Where each key's credits stand (the balance is the record's).
     credits: HashMap<Uuid, CreditState>,
+    /// Owner policies by collection and subject, with their credits' state.
+    owners: BTreeMap<(String, String), MemoryOwner>,
+}
+
+/// An owner's policy and where its shared credits stand.
+#[derive(Debug, Clone)]
+struct MemoryOwner {
+    policy: OwnerPolicy,
+    credits: Option<CreditState>,
+}
+
+impl MemoryOwner {
+    fn limits(&self) -> OwnerLimits {
+        OwnerLimits {
+            rate_limit: self.policy.rate_limit,
+            credits: self.policy.credits.map(|c| c.refill),
+            generation: self.credits.map_or(0, |c| c.generation),
+        }
+    }
 }
 
 /// [`generation_floor`](super::sql) for the memory store: the time in microseconds.
@@ -203,25 +223,7 @@ impl KeyStore for MemoryStore {
         let Some(balance) = &mut record.credits else {
             return Ok(None);
         };
-        let interval = balance
-            .refill
-            .map(|r| i64::try_from(r.interval_millis()).unwrap_or(i64::MAX));
-        if let (Some(refill), Some(ms)) = (balance.refill, interval) {
-            let period = refill_period(unix_millis(now), state.anchor_ms, ms, state.period);
-            if period > state.period {
-                state.period = period;
-                balance.remaining = refill.amount();
-            }
-        }
-        let granted = CreditLease::grant(balance.remaining, need, want);
-        balance.remaining -= granted;
-        Ok(Some(CreditLease {
-            granted,
-            remaining: balance.remaining,
-            period: state.period,
-            generation: state.generation,
-            period_ends_at: interval.and_then(|ms| period_end(state.anchor_ms, ms, state.period)),
-        }))
+        Ok(Some(lease_from(balance, state, need, want, now)))
     }
 
     async fn return_credits(
@@ -238,6 +240,145 @@ impl KeyStore for MemoryStore {
             .is_some_and(|s| s.generation == generation && s.period == period);
         match by_id.get_mut(&id).and_then(|r| r.credits.as_mut()) {
             Some(balance) if current => {
+                balance.remaining = balance.remaining.saturating_add(amount);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        Ok(self
+            .read()
+            .owners
+            .get(&(collection.to_owned(), subject.to_owned()))
+            .map(|owner| owner.policy.clone()))
+    }
+
+    async fn list_owner_policies(
+        &self,
+        collection: Option<&str>,
+    ) -> Result<Vec<OwnerPolicy>, StoreError> {
+        Ok(self
+            .read()
+            .owners
+            .values()
+            .filter(|owner| collection.is_none_or(|c| owner.policy.collection == c))
+            .map(|owner| owner.policy.clone())
+            .collect())
+    }
+
+    async fn set_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+        update: &OwnerPolicyUpdate,
+        now: OffsetDateTime,
+    ) -> Result<OwnerPolicy, StoreError> {
+        let (policy, keys) = {
+            let mut inner = self.write();
+            let slot = (collection.to_owned(), subject.to_owned());
+            let before = inner.owners.get(&slot).cloned();
+            let mut owner = before.clone().unwrap_or_else(|| MemoryOwner {
+                policy: OwnerPolicy {
+                    collection: collection.to_owned(),
+                    subject: subject.to_owned(),
+                    rate_limit: None,
+                    credits: None,
+                    updated_at: now,
+                },
+                credits: None,
+            });
+            if let Some(rate_limit) = update.rate_limit {
+                owner.policy.rate_limit = rate_limit;
+            }
+            if update.changes_credits() {
+                owner.policy.credits = update.apply_credits(owner.policy.credits);
+                owner.credits = owner.policy.credits.map(|_| CreditState {
+                    anchor_ms: unix_millis(now),
+                    period: 0,
+                    generation: before
+                        .as_ref()
+                        .and_then(|b| b.credits)
+                        .map_or(0, |s| s.generation + 1)
+                        .max(generation_floor(now)),
+                });
+            }
+            owner.policy.updated_at = now;
+            let policy = owner.policy.clone();
+            let limits = owner.limits();
+            inner.owners.insert(slot, owner);
+            (
+                policy,
+                Self::owner_changed(&mut inner, collection, subject, limits),
+            )
+        };
+        for id in keys {
+            self.observers.notify(StoreChange::Key(id));
+        }
+        Ok(policy)
+    }
+
+    async fn delete_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        let (removed, keys) = {
+            let mut inner = self.write();
+            let removed = inner
+                .owners
+                .remove(&(collection.to_owned(), subject.to_owned()));
+            let keys = match &removed {
+                Some(_) => {
+                    Self::owner_changed(&mut inner, collection, subject, OwnerLimits::default())
+                }
+                None => Vec::new(),
+            };
+            (removed.map(|owner| owner.policy), keys)
+        };
+        for id in keys {
+            self.observers.notify(StoreChange::Key(id));
+        }
+        Ok(removed)
+    }
+
+    async fn lease_owner_credits(
+        &self,
+        pool: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        let mut inner = self.write();
+        let Some(owner) = inner.owners.values_mut().find(|o| o.policy.pool() == pool) else {
+            return Ok(None);
+        };
+        let (Some(balance), Some(state)) = (&mut owner.policy.credits, &mut owner.credits) else {
+            return Ok(None);
+        };
+        Ok(Some(lease_from(balance, state, need, want, now)))
+    }
+
+    async fn return_owner_credits(
+        &self,
+        pool: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.write();
+        let Some(owner) = inner.owners.values_mut().find(|o| o.policy.pool() == pool) else {
+            return Ok(false);
+        };
+        match (&mut owner.policy.credits, owner.credits) {
+            (Some(balance), Some(state))
+                if state.generation == generation && state.period == period =>
+            {
                 balance.remaining = balance.remaining.saturating_add(amount);
                 Ok(true)
             }
@@ -413,7 +554,13 @@ impl MemoryStore {
             ));
         }
         inner.by_digest.insert(record.digest, record.id);
-        inner.by_id.insert(record.id, record.clone());
+        let mut stored = record.clone();
+        stored.owner = inner
+            .owners
+            .get(&(record.collection.clone(), record.subject.clone()))
+            .map(MemoryOwner::limits)
+            .unwrap_or_default();
+        inner.by_id.insert(record.id, stored);
         if record.credits.is_some() {
             let state = CreditState {
                 anchor_ms: unix_millis(record.created_at),
@@ -591,6 +738,58 @@ impl MemoryStore {
             }
         }
         Ok(removed)
+    }
+}
+
+/// One lease from a balance, as the SQL stores' lease statement takes it: a refill due at
+/// `now` first sets the balance to the refill amount.
+fn lease_from(
+    balance: &mut super::Credits,
+    state: &mut CreditState,
+    need: u64,
+    want: u64,
+    now: OffsetDateTime,
+) -> CreditLease {
+    let interval = balance
+        .refill
+        .map(|r| i64::try_from(r.interval_millis()).unwrap_or(i64::MAX));
+    if let (Some(refill), Some(ms)) = (balance.refill, interval) {
+        let period = refill_period(unix_millis(now), state.anchor_ms, ms, state.period);
+        if period > state.period {
+            state.period = period;
+            balance.remaining = refill.amount();
+        }
+    }
+    let granted = CreditLease::grant(balance.remaining, need, want);
+    balance.remaining -= granted;
+    CreditLease {
+        granted,
+        remaining: balance.remaining,
+        period: state.period,
+        generation: state.generation,
+        period_ends_at: interval.and_then(|ms| period_end(state.anchor_ms, ms, state.period)),
+    }
+}
+
+impl MemoryStore {
+    /// Puts an owner's new limits on its keys' records and feeds each: the keys changed.
+    fn owner_changed(
+        inner: &mut Inner,
+        collection: &str,
+        subject: &str,
+        limits: OwnerLimits,
+    ) -> Vec<Uuid> {
+        let mut keys = Vec::new();
+        for record in inner.by_id.values_mut() {
+            if record.collection == collection && record.subject == subject {
+                record.owner = limits;
+                keys.push(record.id);
+            }
+        }
+        for id in &keys {
+            inner.feed.push(StoreChange::Key(*id));
+        }
+        keys
     }
 }
 

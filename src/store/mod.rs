@@ -34,6 +34,7 @@ mod foreign;
 mod memory;
 mod none;
 mod observe;
+mod owners;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -54,6 +55,8 @@ pub use memory::MemoryStore;
 pub(crate) use none::NoStore;
 pub(crate) use observe::Observers;
 pub use observe::{StoreChange, StoreObserver};
+pub(crate) use owners::owner_pool;
+pub use owners::{OwnerLimits, OwnerPolicy, OwnerPolicyUpdate};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
@@ -197,6 +200,10 @@ pub struct KeyRecord {
     /// The key's credits (uses left in total, and their refill); `None`: unlimited. A
     /// request when none are left gets `usage_exceeded`.
     pub credits: Option<Credits>,
+    /// The limits the key's owner shares with its other keys, as stored when the record was
+    /// read ([`KeyStore::set_owner_policy`]). Not written by [`KeyStore::insert`] or
+    /// [`KeyStore::update`]: the owner's policy is changed on its own.
+    pub owner: OwnerLimits,
     /// Creation time.
     pub created_at: OffsetDateTime,
     /// Last modification time.
@@ -248,6 +255,7 @@ impl fmt::Debug for KeyRecord {
             .field("read_only", &self.read_only)
             .field("allowed_ips", &self.allowed_ips)
             .field("credits", &self.credits)
+            .field("owner", &self.owner)
             .field("expires_at", &self.expires_at)
             .field("revoked_at", &self.revoked_at)
             .field("disabled", &self.disabled)
@@ -914,6 +922,100 @@ pub trait KeyStore: Send + Sync + fmt::Debug + 'static {
         Ok(false)
     }
 
+    /// The policy of `subject`'s keys in `collection`, if the owner has one.
+    ///
+    /// # Errors
+    /// As the store's other reads.
+    async fn owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        let _ = (collection, subject);
+        Ok(None)
+    }
+
+    /// Every owner policy, of one collection or of all, ordered by collection and subject.
+    ///
+    /// # Errors
+    /// As the store's other reads.
+    async fn list_owner_policies(
+        &self,
+        collection: Option<&str>,
+    ) -> Result<Vec<OwnerPolicy>, StoreError> {
+        let _ = collection;
+        Ok(Vec::new())
+    }
+
+    /// Creates or changes an owner's policy, atomically, and makes every instance re-read the
+    /// owner's keys (the built-in stores feed each of them to the change feed in the same
+    /// transaction). Changing the credits voids every lease of the old ones.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Other`] for a store without owner policies (the default), else as
+    /// the store's other writes.
+    async fn set_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+        update: &OwnerPolicyUpdate,
+        now: OffsetDateTime,
+    ) -> Result<OwnerPolicy, StoreError> {
+        let _ = (collection, subject, update, now);
+        Err(StoreError::new(
+            StoreErrorKind::Other,
+            "this key store does not keep owner policies",
+        ))
+    }
+
+    /// Removes an owner's policy (and its credits): the policy removed, `None` if there was
+    /// none. The owner's keys are re-read like after [`set_owner_policy`](Self::set_owner_policy).
+    ///
+    /// # Errors
+    /// As [`set_owner_policy`](Self::set_owner_policy).
+    async fn delete_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        let _ = (collection, subject);
+        Ok(None)
+    }
+
+    /// [`lease_credits`](Self::lease_credits) from the credits an owner's keys share, by the
+    /// owner's pool ([`OwnerPolicy::pool`]). `Ok(None)`: the owner has no credits.
+    ///
+    /// # Errors
+    /// As [`lease_credits`](Self::lease_credits).
+    async fn lease_owner_credits(
+        &self,
+        pool: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        let _ = (pool, need, want, now);
+        Err(StoreError::new(
+            StoreErrorKind::Other,
+            "this key store does not keep owner credits",
+        ))
+    }
+
+    /// [`return_credits`](Self::return_credits) to an owner's shared credits.
+    ///
+    /// # Errors
+    /// As the store's other writes.
+    async fn return_owner_credits(
+        &self,
+        pool: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        let _ = (pool, amount, generation, period);
+        Ok(false)
+    }
+
     /// Whether the store refuses every write ([`StoreErrorKind::ReadOnly`]). The layer never
     /// records usage in a read-only store, and [`KeyManager`](crate::KeyManager) operations
     /// on one fail with [`ManageErrorKind::ReadOnly`](crate::manage::ManageErrorKind::ReadOnly).
@@ -946,6 +1048,7 @@ pub(crate) mod test_support {
             rate_limit: None,
             allowed_ips: Vec::new(),
             credits: None,
+            owner: OwnerLimits::default(),
             created_at: now,
             updated_at: now,
             expires_at: None,

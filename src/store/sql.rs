@@ -109,21 +109,107 @@ impl Dialect {
     }
 }
 
-/// The credit columns read with a record: the refill (on the keys row) and the balance (from
-/// the credits table).
-pub(super) const CREDIT_COLUMNS: &str = "keywarden_keys.credits_refill, \
+/// The owner's policy, read with a key (correlated subqueries on the owners' primary key).
+macro_rules! owner_columns {
+    ($keys:literal) => {
+        concat!(
+            "(SELECT o.rate_limit FROM keywarden_owners AS o WHERE o.collection = ",
+            $keys,
+            ".collection AND o.subject = ",
+            $keys,
+            ".subject) AS owner_rate_limit, ",
+            "(SELECT o.credits_refill FROM keywarden_owners AS o WHERE o.collection = ",
+            $keys,
+            ".collection AND o.subject = ",
+            $keys,
+            ".subject) AS owner_credits_refill, ",
+            "(SELECT o.credits_generation FROM keywarden_owners AS o WHERE o.collection = ",
+            $keys,
+            ".collection AND o.subject = ",
+            $keys,
+            ".subject) AS owner_credits_generation"
+        )
+    };
+}
+
+/// The credit columns read with a record: the refill (on the keys row), the balance (from
+/// the credits table), and the owner's policy.
+pub(super) const CREDIT_COLUMNS: &str = concat!(
+    "keywarden_keys.credits_refill, \
     (SELECT c.remaining FROM keywarden_credits AS c WHERE c.key_id = keywarden_keys.id) \
-    AS credits_remaining";
+    AS credits_remaining, ",
+    owner_columns!("keywarden_keys")
+);
 
 /// [`CREDIT_COLUMNS`] of the keys table aliased `k`.
-pub(super) const KEY_CREDIT_COLUMNS: &str = "k.credits_refill, \
-    (SELECT c.remaining FROM keywarden_credits AS c WHERE c.key_id = k.id) AS credits_remaining";
+pub(super) const KEY_CREDIT_COLUMNS: &str = concat!(
+    "k.credits_refill, \
+    (SELECT c.remaining FROM keywarden_credits AS c WHERE c.key_id = k.id) AS credits_remaining, ",
+    owner_columns!("k")
+);
+
+/// Where a balance lives: a key's credits, or the credits an owner's keys share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CreditTable {
+    /// `keywarden_credits`, by key id.
+    Key,
+    /// `keywarden_owner_credits`, by owner pool.
+    Owner,
+}
+
+impl CreditTable {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Key => "keywarden_credits",
+            Self::Owner => "keywarden_owner_credits",
+        }
+    }
+
+    fn id(self) -> &'static str {
+        match self {
+            Self::Key => "key_id",
+            Self::Owner => "pool",
+        }
+    }
+}
+
+/// An owner's limits as read with a key: its rate limit text, refill text and credits
+/// generation (`NULL`: no shared credits).
+pub(super) fn decode_owner(
+    rate_limit: Option<String>,
+    refill: Option<String>,
+    generation: Option<i64>,
+) -> Result<super::OwnerLimits, StoreError> {
+    let corrupt = |column: &str, problem: &str| {
+        StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("stored owner policy has an invalid {column} column: {problem}"),
+        )
+    };
+    let rate_limit = rate_limit
+        .map(|p| p.parse::<crate::ratelimit::RateLimitPolicy>())
+        .transpose()
+        .map_err(|_| corrupt("rate_limit", "not a rate-limit policy"))?;
+    let refill = refill
+        .map(|r| r.parse::<super::Refill>())
+        .transpose()
+        .map_err(|_| corrupt("credits_refill", "not a refill"))?;
+    Ok(super::OwnerLimits {
+        rate_limit,
+        credits: generation.map(|_| refill),
+        generation: generation
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|_| corrupt("credits_generation", "negative"))?
+            .unwrap_or(0),
+    })
+}
 
 /// One lease, in one statement: a refill due at `now` sets the balance to the refill amount,
 /// then [`CreditLease::grant`](super::CreditLease::grant) credits are taken. Every `SET`
 /// expression reads the row as it was (before the statement), so `granted` is what was taken.
-/// Parameters: 1 key id, 2 now (unix ms), 3 need, 4 want.
-pub(super) fn lease_statement(dialect: Dialect) -> String {
+/// Parameters: 1 key id (or owner pool), 2 now (unix ms), 3 need, 4 want.
+pub(super) fn lease_statement(dialect: Dialect, table: CreditTable) -> String {
     let p = |n| dialect.param(n);
     let (min, max) = dialect.min_max();
     let (now, need, want) = (p(2), p(3), p(4));
@@ -135,21 +221,25 @@ pub(super) fn lease_statement(dialect: Dialect) -> String {
          ELSE {min}({max}({min}({want}, {available} / {share}), {need}), {available}) END)"
     );
     format!(
-        "UPDATE keywarden_credits SET granted = {grant}, remaining = {available} - {grant}, \
+        "UPDATE {table} SET granted = {grant}, remaining = {available} - {grant}, \
          period = CASE WHEN {due} THEN ({now} - anchor_ms) / refill_ms ELSE period END \
-         WHERE key_id = {id} \
+         WHERE {column} = {id} \
          RETURNING granted, remaining, period, generation, anchor_ms, refill_ms",
+        table = table.name(),
+        column = table.id(),
         id = p(1)
     )
 }
 
 /// Gives back unspent leased credits if the lease is still of the credits' generation and
-/// period. Parameters: 1 key id, 2 amount, 3 generation, 4 period.
-pub(super) fn return_statement(dialect: Dialect) -> String {
+/// period. Parameters: 1 key id (or owner pool), 2 amount, 3 generation, 4 period.
+pub(super) fn return_statement(dialect: Dialect, table: CreditTable) -> String {
     let p = |n| dialect.param(n);
     format!(
-        "UPDATE keywarden_credits SET remaining = remaining + {amount} \
-         WHERE key_id = {id} AND generation = {generation} AND period = {period}",
+        "UPDATE {table} SET remaining = remaining + {amount} \
+         WHERE {column} = {id} AND generation = {generation} AND period = {period}",
+        table = table.name(),
+        column = table.id(),
         id = p(1),
         amount = p(2),
         generation = p(3),
@@ -161,21 +251,23 @@ pub(super) fn return_statement(dialect: Dialect) -> String {
 /// the refill and its schedule from now, and a new generation that voids every lease: the
 /// old one plus 1, and never below parameter 7 (the time in microseconds), so credits removed
 /// and set again never reuse a generation some instance still holds a lease of.
-/// Parameters: 1 key id, 2 balance, 3 refill amount, 4 refill ms, 5 now (unix ms), 6 whether
-/// the balance is set, 7 the generation floor. Returns the generation.
-pub(super) fn set_credits_statement(dialect: Dialect) -> String {
+/// Parameters: 1 key id (or owner pool), 2 balance, 3 refill amount, 4 refill ms, 5 now (unix
+/// ms), 6 whether the balance is set, 7 the generation floor. Returns the generation.
+pub(super) fn set_credits_statement(dialect: Dialect, table: CreditTable) -> String {
     let p = |n| dialect.param(n);
     let (_, max) = dialect.min_max();
     format!(
-        "INSERT INTO keywarden_credits \
-         (key_id, remaining, refill_amount, refill_ms, anchor_ms, period, generation) \
+        "INSERT INTO {table} \
+         ({column}, remaining, refill_amount, refill_ms, anchor_ms, period, generation) \
          VALUES ({id}, {balance}, {amount}, {ms}, {now}, 0, {floor}) \
-         ON CONFLICT (key_id) DO UPDATE SET \
-         remaining = CASE WHEN {set} THEN excluded.remaining ELSE keywarden_credits.remaining END, \
+         ON CONFLICT ({column}) DO UPDATE SET \
+         remaining = CASE WHEN {set} THEN excluded.remaining ELSE {table}.remaining END, \
          refill_amount = excluded.refill_amount, refill_ms = excluded.refill_ms, \
          anchor_ms = excluded.anchor_ms, period = 0, \
-         generation = {max}(keywarden_credits.generation + 1, excluded.generation) \
+         generation = {max}({table}.generation + 1, excluded.generation) \
          RETURNING generation",
+        table = table.name(),
+        column = table.id(),
         id = p(1),
         balance = p(2),
         amount = p(3),

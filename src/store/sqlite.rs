@@ -17,10 +17,11 @@ use super::sql::{
     aggregate_usage, clamp_i64, in_rfc3339_range, page_skipping_corrupt, USAGE_CHUNK_ROWS,
 };
 use super::sql::{
-    decode_credits, decode_lease, generation_floor, lease_statement, refill_text, return_statement,
-    set_credits_statement, Dialect, CREDIT_COLUMNS, KEY_CREDIT_COLUMNS,
+    decode_credits, decode_lease, decode_owner, generation_floor, lease_statement, refill_text,
+    return_statement, set_credits_statement, CreditTable, Dialect, CREDIT_COLUMNS,
+    KEY_CREDIT_COLUMNS,
 };
-use super::{unix_millis, CreditLease, Credits};
+use super::{owner_pool, unix_millis, CreditLease, Credits, OwnerPolicy, OwnerPolicyUpdate};
 use super::{
     Applied, AuditWrite, ChangeOutcome, FeedPage, HourlyUsage, KeyChange, KeyPage, KeyPatch,
     KeyQuery, KeyRecord, KeyState, KeyStore, KeyUsage, Observers, OwnerKind, SecretRetirement,
@@ -351,24 +352,7 @@ impl KeyStore for SqliteStore {
         want: u64,
         now: OffsetDateTime,
     ) -> Result<Option<CreditLease>, StoreError> {
-        let row = sqlx::query(&lease_statement(Dialect::Sqlite))
-            .bind(id.as_bytes().as_slice())
-            .bind(unix_millis(now))
-            .bind(clamp_i64(need))
-            .bind(clamp_i64(want))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| store_error("leasing credits failed", e))?;
-        let Some(row) = row else { return Ok(None) };
-        decode_lease(
-            column(&row, "granted")?,
-            column(&row, "remaining")?,
-            column(&row, "period")?,
-            column(&row, "generation")?,
-            column(&row, "anchor_ms")?,
-            column(&row, "refill_ms")?,
-        )
-        .map(Some)
+        self.lease_from(CreditTable::Key, id, need, want, now).await
     }
 
     async fn return_credits(
@@ -378,15 +362,197 @@ impl KeyStore for SqliteStore {
         generation: u64,
         period: u64,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(&return_statement(Dialect::Sqlite))
-            .bind(id.as_bytes().as_slice())
-            .bind(clamp_i64(amount))
-            .bind(clamp_i64(generation))
-            .bind(clamp_i64(period))
-            .execute(&self.pool)
+        self.return_to(CreditTable::Key, id, amount, generation, period)
             .await
-            .map_err(|e| store_error("returning credits failed", e))?;
-        Ok(done.rows_affected() > 0)
+    }
+
+    async fn owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        let row = sqlx::query(&format!(
+            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
+        ))
+        .bind(collection)
+        .bind(subject)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| store_error("reading an owner policy failed", e))?;
+        row.as_ref().map(decode_owner_row).transpose()
+    }
+
+    async fn list_owner_policies(
+        &self,
+        collection: Option<&str>,
+    ) -> Result<Vec<OwnerPolicy>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{OWNER_SELECT} WHERE ?1 IS NULL OR o.collection = ?1 ORDER BY o.collection, o.subject"
+        ))
+        .bind(collection)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| store_error("listing owner policies failed", e))?;
+        rows.iter().map(decode_owner_row).collect()
+    }
+
+    async fn set_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+        update: &OwnerPolicyUpdate,
+        now: OffsetDateTime,
+    ) -> Result<OwnerPolicy, StoreError> {
+        let map = |e| store_error("setting an owner policy failed", e);
+        let pool = owner_pool(collection, subject);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
+        let before = sqlx::query(&format!(
+            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
+        ))
+        .bind(collection)
+        .bind(subject)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map)?;
+        let before = before.as_ref().map(decode_owner_row).transpose()?;
+        let old_generation: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM keywarden_owner_credits WHERE pool = ?")
+                .bind(pool.as_bytes().as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map)?;
+        let rate_limit = match update.rate_limit {
+            Some(rate_limit) => rate_limit,
+            None => before.as_ref().and_then(|b| b.rate_limit),
+        };
+        let before_credits = before.as_ref().and_then(|b| b.credits);
+        let credits = if update.changes_credits() {
+            update.apply_credits(before_credits)
+        } else {
+            before_credits
+        };
+        // A new generation voids every lease of the old credits; never one reused.
+        let generation = old_generation
+            .map_or(0, |g| g.saturating_add(1))
+            .max(generation_floor(now));
+        let stored_generation: Option<i64> = match (update.changes_credits(), credits) {
+            (_, None) => None,
+            (true, Some(_)) => Some(generation),
+            (false, Some(_)) => old_generation,
+        };
+        sqlx::query(
+            "INSERT INTO keywarden_owners \
+             (collection, subject, pool, rate_limit, credits_refill, credits_generation, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (collection, subject) DO UPDATE SET rate_limit = excluded.rate_limit, \
+             credits_refill = excluded.credits_refill, \
+             credits_generation = excluded.credits_generation, updated_at = excluded.updated_at",
+        )
+        .bind(collection)
+        .bind(subject)
+        .bind(pool.as_bytes().as_slice())
+        .bind(rate_limit.map(|r| r.to_string()))
+        .bind(credits.and_then(|c| c.refill).map(|r| r.to_string()))
+        .bind(stored_generation)
+        .bind(to_micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
+        match (update.changes_credits(), credits) {
+            (true, Some(credits)) => {
+                sqlx::query_scalar::<_, i64>(&set_credits_statement(
+                    Dialect::Sqlite,
+                    CreditTable::Owner,
+                ))
+                .bind(pool.as_bytes().as_slice())
+                .bind(clamp_i64(credits.remaining))
+                .bind(credits.refill.map(|r| clamp_i64(r.amount())))
+                .bind(credits.refill.map(|r| clamp_i64(r.interval_millis())))
+                .bind(unix_millis(now))
+                .bind(update.credits.is_some() || before_credits.is_none())
+                .bind(generation)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map)?;
+            }
+            (true, None) => {
+                sqlx::query("DELETE FROM keywarden_owner_credits WHERE pool = ?")
+                    .bind(pool.as_bytes().as_slice())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map)?;
+            }
+            (false, _) => {}
+        }
+        let keys = owner_keys(&mut tx, collection, subject).await?;
+        let after = sqlx::query(&format!(
+            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
+        ))
+        .bind(collection)
+        .bind(subject)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map)?;
+        let after = decode_owner_row(&after)?;
+        tx.commit().await.map_err(map)?;
+        for id in keys {
+            self.observers.notify(StoreChange::Key(id));
+        }
+        Ok(after)
+    }
+
+    async fn delete_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        let map = |e| store_error("deleting an owner policy failed", e);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
+        let before = sqlx::query(&format!(
+            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
+        ))
+        .bind(collection)
+        .bind(subject)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map)?;
+        let Some(before) = before.as_ref().map(decode_owner_row).transpose()? else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM keywarden_owners WHERE collection = ? AND subject = ?")
+            .bind(collection)
+            .bind(subject)
+            .execute(&mut *tx)
+            .await
+            .map_err(map)?;
+        let keys = owner_keys(&mut tx, collection, subject).await?;
+        tx.commit().await.map_err(map)?;
+        for id in keys {
+            self.observers.notify(StoreChange::Key(id));
+        }
+        Ok(Some(before))
+    }
+
+    async fn lease_owner_credits(
+        &self,
+        pool: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        self.lease_from(CreditTable::Owner, pool, need, want, now)
+            .await
+    }
+
+    async fn return_owner_credits(
+        &self,
+        pool: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        self.return_to(CreditTable::Owner, pool, amount, generation, period)
+            .await
     }
 
     async fn check_ready(&self) -> Result<(), StoreError> {
@@ -722,6 +888,101 @@ impl KeyStore for SqliteStore {
     }
 }
 
+/// Credit balances: a key's or an owner's.
+impl SqliteStore {
+    async fn lease_from(
+        &self,
+        table: CreditTable,
+        id: Uuid,
+        need: u64,
+        want: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<CreditLease>, StoreError> {
+        let row = sqlx::query(&lease_statement(Dialect::Sqlite, table))
+            .bind(id.as_bytes().as_slice())
+            .bind(unix_millis(now))
+            .bind(clamp_i64(need))
+            .bind(clamp_i64(want))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| store_error("leasing credits failed", e))?;
+        let Some(row) = row else { return Ok(None) };
+        decode_lease(
+            column(&row, "granted")?,
+            column(&row, "remaining")?,
+            column(&row, "period")?,
+            column(&row, "generation")?,
+            column(&row, "anchor_ms")?,
+            column(&row, "refill_ms")?,
+        )
+        .map(Some)
+    }
+
+    async fn return_to(
+        &self,
+        table: CreditTable,
+        id: Uuid,
+        amount: u64,
+        generation: u64,
+        period: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(&return_statement(Dialect::Sqlite, table))
+            .bind(id.as_bytes().as_slice())
+            .bind(clamp_i64(amount))
+            .bind(clamp_i64(generation))
+            .bind(clamp_i64(period))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| store_error("returning credits failed", e))?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+/// An owner policy with its balance.
+const OWNER_SELECT: &str = "SELECT o.collection, o.subject, o.rate_limit, o.credits_refill, \
+    o.credits_generation, o.updated_at, c.remaining FROM keywarden_owners AS o \
+    LEFT JOIN keywarden_owner_credits AS c ON c.pool = o.pool";
+
+fn decode_owner_row(row: &SqliteRow) -> Result<OwnerPolicy, StoreError> {
+    let limits = decode_owner(
+        column(row, "rate_limit")?,
+        column(row, "credits_refill")?,
+        column(row, "credits_generation")?,
+    )?;
+    let remaining: Option<i64> = column(row, "remaining")?;
+    let credits = match (limits.credits, remaining) {
+        (Some(refill), Some(remaining)) => Some(Credits {
+            remaining: u64::try_from(remaining).map_err(|_| corrupt("remaining", "negative"))?,
+            refill,
+        }),
+        _ => None,
+    };
+    Ok(OwnerPolicy {
+        collection: column(row, "collection")?,
+        subject: column(row, "subject")?,
+        rate_limit: limits.rate_limit,
+        credits,
+        updated_at: from_micros(column(row, "updated_at")?, "updated_at")?,
+    })
+}
+
+/// The ids of an owner's keys (fed by the owners' trigger; the in-process observers hear of
+/// them from the store).
+async fn owner_keys(
+    conn: &mut SqliteConnection,
+    collection: &str,
+    subject: &str,
+) -> Result<Vec<Uuid>, StoreError> {
+    let ids: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT id FROM keywarden_keys WHERE collection = ? AND subject = ?")
+            .bind(collection)
+            .bind(subject)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| store_error("reading an owner's keys failed", e))?;
+    ids.into_iter().map(|id| uuid(id, "id")).collect()
+}
+
 /// The writes themselves; the `KeyStore` methods add the in-process change notices.
 impl SqliteStore {
     async fn insert_unobserved(&self, record: &KeyRecord) -> Result<(), StoreError> {
@@ -827,7 +1088,7 @@ async fn set_credits_in(
     set_balance: bool,
     now: OffsetDateTime,
 ) -> Result<i64, StoreError> {
-    sqlx::query_scalar(&set_credits_statement(Dialect::Sqlite))
+    sqlx::query_scalar(&set_credits_statement(Dialect::Sqlite, CreditTable::Key))
         .bind(id.as_bytes().as_slice())
         .bind(clamp_i64(credits.remaining))
         .bind(credits.refill.map(|r| clamp_i64(r.amount())))
@@ -1332,6 +1593,11 @@ fn decode_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         allowed_ips: serde_json::from_str(&allowed_ips)
             .map_err(|_| corrupt("allowed_ips", "not a JSON array of IP networks"))?,
         credits,
+        owner: decode_owner(
+            column(row, "owner_rate_limit")?,
+            column(row, "owner_credits_refill")?,
+            column(row, "owner_credits_generation")?,
+        )?,
     })
 }
 

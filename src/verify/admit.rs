@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderMap, Method};
-use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use crate::cache::ResolvedKey;
@@ -19,6 +18,7 @@ use crate::ratelimit::{
 };
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::stats::Counters;
+use crate::store::owner_pool;
 use crate::usage::UsageRecorder;
 
 use super::prepare::{CollectionConfig, PresentedKey};
@@ -54,9 +54,50 @@ pub(crate) struct Charged {
 impl Charged {
     /// Gives back everything the request was charged (it was refused after all).
     pub(crate) fn refund(&self) {
-        if let Some(account) = self.resolved.credits.as_deref() {
-            self.ledger.refund(account, self.cost);
-        }
+        self.refund_part(self.cost);
+    }
+
+    /// Gives back `amount` of what the request was charged.
+    pub(crate) fn refund_part(&self, amount: u64) {
+        let resolved = &self.resolved;
+        self.ledger.refund_both(
+            resolved.credits.as_deref(),
+            resolved.owner_credits(),
+            amount,
+        );
+    }
+
+    /// The credits this instance knows are left to the key (the fewer of its own and its
+    /// owner's).
+    pub(crate) fn known_left(&self) -> Option<u64> {
+        let resolved = &self.resolved;
+        self.ledger
+            .known_left_both(resolved.credits.as_deref(), resolved.owner_credits())
+    }
+
+    /// Charges `extra` more without waiting: the credits left, or `None` when the store must
+    /// be asked ([`Charged::charge_more`]).
+    pub(crate) fn spend_more_now(&self, extra: u64) -> Option<u64> {
+        let resolved = &self.resolved;
+        self.ledger
+            .spend_now_both(resolved.credits.as_deref(), resolved.owner_credits(), extra)
+    }
+
+    /// Charges `extra` more, leasing if needed.
+    pub(crate) async fn charge_more(
+        &self,
+        extra: u64,
+        unavailable: impl Fn() -> AuthRejection,
+    ) -> Result<Option<u64>, AuthRejection> {
+        let resolved = &self.resolved;
+        self.ledger
+            .charge_both(
+                resolved.credits.as_deref(),
+                resolved.owner_credits(),
+                extra,
+                unavailable,
+            )
+            .await
     }
 }
 
@@ -180,12 +221,18 @@ impl Admission {
 
     /// The budget all the keys of this key's owner share, if its collection has one: the
     /// limiter bucket of the owner and the policy.
+    /// The owner's stored rate limit wins over its collection's.
     fn owner_budget(&self, resolved: &ResolvedKey) -> Option<(Uuid, RateLimitPolicy)> {
-        let index = usize::try_from(resolved.collection?).ok()?;
-        let policy = self.collections.get(index)?.owner_rate_limit?;
+        let policy = match resolved.owner.as_deref().and_then(|o| o.rate_limit) {
+            Some(policy) => policy,
+            None => {
+                let index = usize::try_from(resolved.collection?).ok()?;
+                self.collections.get(index)?.owner_rate_limit?
+            }
+        };
         let principal = &resolved.principal;
         Some((
-            owner_bucket(principal.collection(), principal.subject()),
+            owner_pool(principal.collection(), principal.subject()),
             policy,
         ))
     }
@@ -294,18 +341,19 @@ impl Admission {
         resolved: &ResolvedKey,
         cost: impl FnOnce() -> u64,
     ) -> ChargeNow {
-        let Some(account) = resolved.credits.as_deref() else {
+        let (key, owner) = (resolved.credits.as_deref(), resolved.owner_credits());
+        if key.is_none() && owner.is_none() {
             return ChargeNow::Unlimited;
-        };
+        }
         let cost = cost();
         if cost == 0 {
             // Free: nothing to lease; what this instance knows is left.
             return ChargeNow::Spent {
-                left: self.credits.known_left(account),
+                left: self.credits.known_left_both(key, owner).unwrap_or(0),
                 cost,
             };
         }
-        match self.credits.spend_now(account, cost) {
+        match self.credits.spend_now_both(key, owner, cost) {
             Some(left) => ChargeNow::Spent { left, cost },
             None => ChargeNow::Pending(cost),
         }
@@ -319,11 +367,16 @@ impl Admission {
         cost: u64,
         unavailable: impl Fn() -> AuthRejection,
     ) -> Result<Option<u64>, AuthRejection> {
-        match resolved.credits.as_deref() {
-            Some(account) if cost == 0 => Ok(Some(self.credits.known_left(account))),
-            Some(account) => self.credits.charge(account, cost, unavailable).await,
-            None => Ok(None),
+        let (key, owner) = (resolved.credits.as_deref(), resolved.owner_credits());
+        if key.is_none() && owner.is_none() {
+            return Ok(None);
         }
+        if cost == 0 {
+            return Ok(self.credits.known_left_both(key, owner));
+        }
+        self.credits
+            .charge_both(key, owner, cost, unavailable)
+            .await
     }
 
     /// The client address, when failed-attempt limiting is on.
@@ -372,44 +425,5 @@ impl Admission {
                 }
             }
         }
-    }
-}
-
-/// The limiter bucket an owner's keys share: a UUIDv8 from domain-separated SHA-256 of the
-/// collection and the subject (slugs are visible ASCII, so the NUL separators are
-/// unambiguous), the same in every process (so Redis budgets hold across instances). keywarden
-/// key ids are v7; foreign ids are v8 too, but from another domain's hash.
-pub(crate) fn owner_bucket(collection: &str, subject: &str) -> Uuid {
-    let digest = Sha256::new()
-        .chain_update(b"keywarden owner budget\0")
-        .chain_update(collection.as_bytes())
-        .chain_update(b"\0")
-        .chain_update(subject.as_bytes())
-        .finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    Uuid::new_v8(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_buckets_are_stable_distinct_and_never_key_ids() {
-        let a = owner_bucket("users", "alice");
-        assert_eq!(a, owner_bucket("users", "alice"));
-        assert_eq!(a.get_version_num(), 8);
-        for other in [
-            owner_bucket("users", "bob"),
-            owner_bucket("teams", "alice"),
-            // The separator keeps (collection, subject) pairs apart.
-            owner_bucket("user", "salice"),
-            owner_bucket("usersalice", ""),
-        ] {
-            assert_ne!(a, other);
-        }
-        // Pinned: a change would split budgets between instances of two versions.
-        assert_eq!(a.to_string(), "ebf04656-41ff-839e-8469-ef1393992827");
     }
 }

@@ -250,12 +250,12 @@ impl Verifier {
             Ok(rate) => rate,
             Err(rejection) => return Decided::resolved(key, resolved, Err(rejection)),
         };
-        let checked = match resolved.credits.as_deref() {
-            None => Ok(Quota {
+        let checked = match resolved.has_credits() {
+            false => Ok(Quota {
                 rate,
                 ..Quota::default()
             }),
-            Some(_) => {
+            true => {
                 let cost = cost();
                 self.admission
                     .charge(&resolved, cost, || self.resolver.unavailable())
@@ -373,7 +373,7 @@ impl Verifier {
             identity.insert_into(extensions);
         }
         extensions.insert(resolved.principal.clone());
-        if resolved.credits.is_some() && status.credits.is_some() {
+        if resolved.has_credits() && status.credits.is_some() {
             extensions.insert(Charged {
                 ledger: self.admission.credits.clone(),
                 cost: status.charged,
@@ -401,9 +401,11 @@ impl Verifier {
     ) -> Result<(Principal, Quota), AuthRejection> {
         let (resolved, quota) = self.decide(headers, method, client, cost).await?;
         if let Some(missing) = scopes.iter().find(|s| !resolved.principal.has_scope(s)) {
-            if let Some(account) = resolved.credits.as_deref() {
-                self.admission.credits.refund(account, quota.charged);
-            }
+            self.admission.credits.refund_both(
+                resolved.credits.as_deref(),
+                resolved.owner_credits(),
+                quota.charged,
+            );
             // The scope asked for is the caller's text, not the key: it may be named.
             let detail = format!("the key does not hold the scope `{missing}`");
             return Err(AuthRejection::new(RejectionKind::InsufficientScope, detail));

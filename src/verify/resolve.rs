@@ -406,6 +406,19 @@ impl Resolver {
         if record.credits.is_some() && !foreign {
             resolved.credits = Some(Box::new(self.credits.account(record.id)));
         }
+        if !record.owner.is_empty() {
+            let credits = match record.owner.credits {
+                Some(_) if !foreign => Some(self.credits.owner_account(
+                    crate::store::owner_pool(&record.collection, &record.subject),
+                    record.owner.generation,
+                )),
+                _ => None,
+            };
+            resolved.owner = Some(Box::new(crate::cache::OwnerShare {
+                rate_limit: record.owner.rate_limit,
+                credits,
+            }));
+        }
         Ok(Arc::new(resolved))
     }
 }

@@ -525,7 +525,7 @@ pub(crate) async fn keys(ctx: &Context, command: KeysCommand, out: Output) -> Re
 }
 
 /// A credit balance: a whole number from 0 to the most a key may hold.
-fn parse_credits(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_credits(text: &str) -> Result<u64, String> {
     text.trim()
         .parse::<u64>()
         .ok()

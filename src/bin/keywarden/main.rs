@@ -54,6 +54,7 @@ mod demo;
 mod health;
 mod metrics;
 mod output;
+mod owners;
 mod serve;
 mod webhooks;
 
@@ -112,6 +113,9 @@ enum Command {
     /// Subscribe URLs to signed deliveries of key events (Standard Webhooks).
     #[command(subcommand)]
     Webhooks(webhooks::WebhooksCommand),
+    /// Set the rate limit and credits all of an owner's keys share.
+    #[command(subcommand)]
+    Owners(owners::OwnersCommand),
     /// Application secrets.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -282,6 +286,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Keys(command) => cli::keys(&ctx, command, out).await,
         Command::Audit(command) => audit::audit(&ctx, command, out).await,
         Command::Webhooks(command) => webhooks::webhooks(&ctx, command, out).await,
+        Command::Owners(command) => owners::owners(&ctx, command, out).await,
     }
 }
 

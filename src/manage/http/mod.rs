@@ -86,6 +86,7 @@ mod auth;
 pub(crate) mod error;
 pub(crate) mod extract;
 pub(crate) mod openapi;
+mod owners;
 mod routes;
 #[cfg(feature = "webhooks")]
 mod webhooks;
@@ -164,6 +165,13 @@ where
         .route("/keys/{id}/usage", get(routes::key_usage))
         .route("/usage", get(routes::collection_usage))
         .route("/audit", get(routes::list_audit))
+        .route("/owners", get(owners::list_owners))
+        .route(
+            "/owners/{collection}/{subject}",
+            get(owners::get_owner)
+                .patch(owners::set_owner)
+                .delete(owners::delete_owner),
+        )
         .route(
             "/openapi.json",
             get(move || openapi::serve(document.clone())),

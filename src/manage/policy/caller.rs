@@ -138,6 +138,11 @@ impl Caller {
         self.admin
     }
 
+    /// Whether the caller's key belongs to this owner.
+    pub(crate) fn is_owner(&self, collection: &str, subject: &str) -> bool {
+        self.principal.collection() == collection && self.principal.subject() == subject
+    }
+
     /// Whether the caller may manage `record`: every key for an admin, else the keys of its
     /// own collection and subject.
     fn owns(&self, record: &KeyRecord) -> bool {

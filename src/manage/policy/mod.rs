@@ -16,8 +16,10 @@ pub use expiry::{
     parse_duration, parse_grace, DurationParseError, ExpiresIn, GraceParseError, DEFAULT_GRACE,
 };
 #[cfg(feature = "manage-api")]
-pub(crate) use request::{parse_time, CreateRequest, PatchRequest};
+pub(crate) use request::{
+    parse_credits, parse_rate_limit, parse_refill, parse_time, CreateRequest, PatchRequest,
+};
 #[cfg(feature = "webhooks")]
 pub(crate) use validate::check_free_text;
-pub(crate) use validate::{validate_new, validate_patch};
+pub(crate) use validate::{validate_new, validate_owner, validate_patch};
 pub use view::{CreatedKeyView, KeyPageView, KeyView};

@@ -2,7 +2,7 @@
 
 use super::super::{ExpiresIn, ManageError, NewKey};
 use crate::net::IpNetwork;
-use crate::store::{KeyPatch, MAX_CREDITS};
+use crate::store::{KeyPatch, OwnerPolicyUpdate, MAX_CREDITS};
 
 /// Longest accepted name, description, subject and metadata, in bytes.
 const MAX_NAME: usize = 200;
@@ -201,6 +201,33 @@ pub(crate) fn validate_patch(patch: &mut KeyPatch) -> Result<(), ManageError> {
         return Err(ManageError::invalid(
             "refill",
             "a key without credits has no refill: set credits too",
+        ));
+    }
+    Ok(())
+}
+
+/// An owner policy change: the owner named well, a balance in range, no refill without
+/// credits, and something to change.
+pub(crate) fn validate_owner(
+    collection: &str,
+    subject: &str,
+    update: &OwnerPolicyUpdate,
+) -> Result<(), ManageError> {
+    check_token("collection", collection, MAX_SLUG)?;
+    check_text("subject", subject, MAX_SUBJECT)?;
+    if let Some(Some(credits)) = update.credits {
+        check_credits(credits)?;
+    }
+    if matches!(update.credits, Some(None)) && matches!(update.refill, Some(Some(_))) {
+        return Err(ManageError::invalid(
+            "refill",
+            "an owner without credits has no refill: set credits too",
+        ));
+    }
+    if *update == OwnerPolicyUpdate::default() {
+        return Err(ManageError::invalid(
+            "rate_limit",
+            "nothing to change: set rate_limit, credits or refill",
         ));
     }
     Ok(())
