@@ -1275,3 +1275,128 @@ async fn credits_from_the_cli_hold_in_serve() {
         (Value::Null, Value::Null)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_policies_from_the_cli_hold_in_serve() {
+    let dir = TempDir::new("owners");
+    let mut keys = Vec::new();
+    for name in ["one", "two"] {
+        let json = ok_json(
+            &dir,
+            &[
+                "keys",
+                "create",
+                "--name",
+                name,
+                "--subject",
+                "acme",
+                "--json",
+            ],
+        );
+        keys.push(json["key"].as_str().unwrap().to_owned());
+    }
+    let set = ok(
+        &dir,
+        &[
+            "owners",
+            "set",
+            "acme",
+            "--credits",
+            "3",
+            "--refill",
+            "3/day",
+            "--rate-limit",
+            "100/min",
+        ],
+    );
+    assert!(
+        set.contains("users/acme  rate limit: 100/min  credits: 3, set to 3 again every day"),
+        "{set}"
+    );
+    let shown = ok_json(&dir, &["owners", "show", "acme", "--json"]);
+    assert_eq!(
+        (
+            shown["rate_limit"].clone(),
+            shown["credits"].clone(),
+            shown["refill"].clone()
+        ),
+        (
+            serde_json::json!("100/min"),
+            serde_json::json!(3),
+            serde_json::json!("3/day")
+        )
+    );
+    let listed = ok(&dir, &["owners", "list"]);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+
+    // Bad input: a one-line error and a non-zero exit, never a panic.
+    for (args, wanted) in [
+        (&["owners", "set", "acme"][..], "nothing to change"),
+        (
+            &["owners", "set", "acme", "--credits", "-1"],
+            "credits must be a whole number from 0 to",
+        ),
+        (
+            &["owners", "set", "acme", "--refill", "1/fortnight"],
+            "invalid refill",
+        ),
+        (
+            &["owners", "show", "nobody"],
+            "owner users/nobody has no policy",
+        ),
+        (&["owners", "delete", "nobody"], "this owner has no policy"),
+        (
+            &[
+                "owners",
+                "set",
+                "acme",
+                "--collection",
+                "bad slug",
+                "--credits",
+                "1",
+            ],
+            "collection must be 1 to 64 visible ASCII characters",
+        ),
+    ] {
+        let output = run(&dir, Some(SECRET), args);
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = text(&output.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(wanted), "{args:?}: {stderr}");
+    }
+
+    // Two keys, one budget of 3, in a real server.
+    let server = start(&dir, "serve-owners");
+    let http = client();
+    let mut accepted = 0;
+    for i in 0..6 {
+        let res = whoami(&http, &server, ("x-api-key", keys[i % 2].clone())).await;
+        if res.status() == 200 {
+            accepted += 1;
+        } else {
+            assert_eq!(problem(res).await, (429, "usage_exceeded".to_owned()));
+        }
+    }
+    assert_eq!(accepted, 3, "one budget for both keys");
+
+    // Removed from the CLI: the server hears of it through the change feed.
+    let deleted = ok(&dir, &["owners", "delete", "acme"]);
+    assert!(
+        deleted.contains("removed the policy of users/acme"),
+        "{deleted}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = whoami(&http, &server, ("x-api-key", keys[0].clone())).await;
+        if res.status() == 200 {
+            assert!(res.headers().get("credits-remaining").is_none());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the policy never went"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ok(&dir, &["owners", "list"]).trim(), "no owner policies");
+}

@@ -120,9 +120,9 @@ enum Command {
     #[command(subcommand)]
     Secret(SecretCommand),
     /// Run the server: POST /v1/keys/verify, /v1/auth (forward auth), the management API
-    /// (/admin/keys, /admin/audit, /admin/usage, /admin/webhooks) and /whoami behind the
-    /// layer, the admin UI (/admin/ui/), /healthz and /readyz (open), and the webhook
-    /// deliveries. Settings: docs/deploy.md.
+    /// (/admin/keys, /admin/audit, /admin/usage, /admin/owners, /admin/webhooks) and /whoami
+    /// behind the layer, the admin UI (/admin/ui/), /healthz and /readyz (open), and the
+    /// webhook deliveries. Settings: docs/deploy.md.
     Serve(ServeArgs),
 }
 

@@ -763,7 +763,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs, out: Output) -> Result
         }
         println!(
             "routes: GET /healthz and /readyz (open), GET /whoami, /admin/keys, /admin/audit, \
-             /admin/usage, /admin/webhooks (API key required; collections {}), \
+             /admin/usage, /admin/owners, /admin/webhooks (API key required; collections {}), \
              POST /v1/keys/verify ({}), /v1/auth (forward auth for gateways), \
              GET /v1/openapi.json",
             settings.collections.join(", "),

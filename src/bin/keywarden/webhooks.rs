@@ -22,8 +22,8 @@ pub(crate) enum WebhooksCommand {
         url: String,
         /// Event types, comma-separated (key.created, key.updated, key.revoked,
         /// key.disabled, key.enabled, key.rotated, key.deleted, key.revealed,
-        /// secret.retired, webhook.created, webhook.updated, webhook.deleted, key.expiring)
-        /// or *.
+        /// secret.retired, webhook.created, webhook.updated, webhook.deleted,
+        /// owner.updated, owner.deleted, key.expiring) or *.
         #[arg(long, value_delimiter = ',', required = true)]
         events: Vec<String>,
         /// A description.

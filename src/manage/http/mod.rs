@@ -108,6 +108,10 @@ pub use openapi::openapi;
 /// | `GET /keys/{id}/usage?since&until&granularity=hour\|day` | 200 a usage report (requests per bucket by outcome) | 401, 403, 404, 422, 503 |
 /// | `GET /usage?collection&since&until&granularity` (`keys:admin`) | 200 the rejections no key is blamed for | 401, 403, 422, 503 |
 /// | `GET /audit?key_id&actor&action&collection&subject&since&until&after&limit` | 200 `{"items", "next_cursor"}` (the [audit log](crate::audit), oldest first) | 400, 401, 403, 422, 503 |
+/// | `GET /owners?collection` (`keys:admin`) | 200 every owner policy | 400, 401, 403, 422, 503 |
+/// | `GET /owners/{collection}/{subject}` (`keys:admin`, or a key of that owner) | 200 the policy | 401, 403, 404, 503 |
+/// | `PATCH /owners/{collection}/{subject}` (`keys:admin`; creates the policy) | 200 the policy | 400, 401, 403, 422, 503 |
+/// | `DELETE /owners/{collection}/{subject}` (`keys:admin`) | 204 | 401, 403, 404, 503 |
 /// | `POST /webhooks`, `GET /webhooks`, `GET`/`PATCH`/`DELETE /webhooks/{id}` (feature `webhooks`; `keys:admin` only) | 201 with the signing secret once / 200 / 204 (`keywarden::webhooks`) | 400, 401, 403, 404, 422, 503 |
 /// | `GET /openapi.json` | 200 the OpenAPI 3.1 document ([`openapi()`]) | 401, 503 |
 ///
@@ -133,6 +137,8 @@ pub use openapi::openapi;
 ///     key (and `expires_at` never passes the caller's own); `scopes` only ones it holds.
 ///     It is written only if the key did not change since it was checked: otherwise 409
 ///     `conflict`, nothing written.
+/// - Owner policies ([`KeyManager::set_owner_policy`](crate::KeyManager::set_owner_policy)):
+///   only `keys:admin` sets or removes them; a `keys:self` key may read its own owner's.
 /// - The audit log: `keys:admin` reads every event; `keys:self` only the events about its
 ///   owner's keys (same collection and subject).
 /// - Neither scope: 403 `insufficient_scope`.

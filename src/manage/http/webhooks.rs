@@ -36,7 +36,7 @@ pub(super) struct CreateWebhookBody {
     /// Required. An array of event types (`key.created`, `key.updated`, `key.revoked`,
     /// `key.disabled`, `key.enabled`, `key.rotated`, `key.deleted`, `key.revealed`,
     /// `secret.retired`, `webhook.created`, `webhook.updated`, `webhook.deleted`,
-    /// `key.expiring`), or `["*"]` for all.
+    /// `owner.updated`, `owner.deleted`, `key.expiring`), or `["*"]` for all.
     #[schema(required = true, nullable = false)]
     events: Option<Vec<String>>,
     /// Optional description.
