@@ -493,3 +493,31 @@ async fn the_management_api_sets_shows_and_removes_owner_policies() {
     assert_eq!(again.status, 404);
     assert_eq!(again.code(), "not_found");
 }
+
+#[tokio::test]
+async fn a_key_out_of_credits_spends_none_of_its_owners_rate_limit() {
+    let fx = Fixture::new();
+    let (_, spent) = key_of(&fx.manager, NewKey::new("spent", "hal").credits(1)).await;
+    let (_, sibling) = key_of(&fx.manager, NewKey::new("sibling", "hal")).await;
+    fx.manager
+        .set_owner_policy(
+            "users",
+            "hal",
+            OwnerPolicyUpdate::default().rate_limit(Some(policy("3/h"))),
+        )
+        .await
+        .unwrap();
+    let app = fx.app();
+    assert_eq!(by_key(&app, &spent).await.status, 200);
+    // Retries of a key with no credits left are refused for its credits, and give back the
+    // owner's rate budget they passed through.
+    for _ in 0..5 {
+        assert_eq!(by_key(&app, &spent).await.code(), "usage_exceeded");
+    }
+    for remaining in ["1", "0"] {
+        let reply = by_key(&app, &sibling).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.headers["ratelimit-remaining"], remaining);
+    }
+    assert_eq!(by_key(&app, &sibling).await.code(), "rate_limited");
+}

@@ -42,6 +42,8 @@ struct Inner {
     credits: HashMap<Uuid, CreditState>,
     /// Owner policies by collection and subject, with their credits' state.
     owners: BTreeMap<(String, String), MemoryOwner>,
+    /// The owner of each pool (leases name the pool).
+    owner_pools: HashMap<Uuid, (String, String)>,
 }
 
 /// An owner's policy and where its shared credits stand.
@@ -311,6 +313,7 @@ impl KeyStore for MemoryStore {
             owner.policy.updated_at = now;
             let policy = owner.policy.clone();
             let limits = owner.limits();
+            inner.owner_pools.insert(policy.pool(), slot.clone());
             inner.owners.insert(slot, owner);
             (
                 policy,
@@ -333,6 +336,9 @@ impl KeyStore for MemoryStore {
             let removed = inner
                 .owners
                 .remove(&(collection.to_owned(), subject.to_owned()));
+            if let Some(owner) = &removed {
+                inner.owner_pools.remove(&owner.policy.pool());
+            }
             let keys = match &removed {
                 Some(_) => {
                     Self::owner_changed(&mut inner, collection, subject, OwnerLimits::default())
@@ -355,7 +361,12 @@ impl KeyStore for MemoryStore {
         now: OffsetDateTime,
     ) -> Result<Option<CreditLease>, StoreError> {
         let mut inner = self.write();
-        let Some(owner) = inner.owners.values_mut().find(|o| o.policy.pool() == pool) else {
+        let Inner {
+            owners,
+            owner_pools,
+            ..
+        } = &mut *inner;
+        let Some(owner) = owner_pools.get(&pool).and_then(|slot| owners.get_mut(slot)) else {
             return Ok(None);
         };
         let (Some(balance), Some(state)) = (&mut owner.policy.credits, &mut owner.credits) else {
@@ -372,7 +383,12 @@ impl KeyStore for MemoryStore {
         period: u64,
     ) -> Result<bool, StoreError> {
         let mut inner = self.write();
-        let Some(owner) = inner.owners.values_mut().find(|o| o.policy.pool() == pool) else {
+        let Inner {
+            owners,
+            owner_pools,
+            ..
+        } = &mut *inner;
+        let Some(owner) = owner_pools.get(&pool).and_then(|slot| owners.get_mut(slot)) else {
             return Ok(false);
         };
         match (&mut owner.policy.credits, owner.credits) {

@@ -454,6 +454,9 @@ impl KeyStore for PostgresStore {
         let map = |e| store_error("setting an owner policy failed", e);
         let pool = owner_pool(collection, subject);
         let mut tx = self.pool.begin().await.map_err(map)?;
+        // One writer per owner until commit, also when it has no row yet to lock (two first
+        // writes would otherwise both start from nothing, and the second undo the first).
+        lock_owner(&mut *tx, pool).await?;
         let before = sqlx::query(&format!(
             "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2 FOR UPDATE OF o"
         ))
@@ -557,6 +560,7 @@ impl KeyStore for PostgresStore {
     ) -> Result<Option<OwnerPolicy>, StoreError> {
         let map = |e| store_error("deleting an owner policy failed", e);
         let mut tx = self.pool.begin().await.map_err(map)?;
+        lock_owner(&mut *tx, owner_pool(collection, subject)).await?;
         let before = sqlx::query(&format!(
             "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2 FOR UPDATE OF o"
         ))
@@ -1060,6 +1064,19 @@ fn decode_owner_row(row: &PgRow) -> Result<OwnerPolicy, StoreError> {
         credits,
         updated_at: column(row, "updated_at")?,
     })
+}
+
+/// Serialises the policy writes of one owner: a transaction-scoped advisory lock on the first
+/// 8 bytes of its pool id (an unrelated owner sharing them only waits its turn).
+async fn lock_owner(conn: &mut PgConnection, pool: Uuid) -> Result<(), StoreError> {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&pool.as_bytes()[..8]);
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(i64::from_be_bytes(id))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| store_error("locking an owner policy failed", e))?;
+    Ok(())
 }
 
 /// The ids of an owner's keys (fed by the owners' trigger; the in-process observers hear of

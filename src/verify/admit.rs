@@ -278,6 +278,19 @@ impl Admission {
         self.limit_decision(key, owner)
     }
 
+    /// Gives back the rate-limit budget [`Admission::rate_limit`] took (the key's and its
+    /// owner's) from a request refused after it, for lack of credits: a key out of credits
+    /// that keeps retrying must not spend its owner's shared rate limit.
+    pub(crate) async fn refund_rate_limits(&self, resolved: &ResolvedKey) {
+        let key_id = resolved.principal.key_id();
+        if let Some(policy) = self.policy(resolved) {
+            self.limiters.refund(key_id, &policy).await;
+        }
+        if let Some((bucket, policy)) = self.owner_budget(resolved) {
+            self.limiters.refund(bucket, &policy).await;
+        }
+    }
+
     /// [`Admission::rate_limit`] for a layer whose limiter is in memory: synchronous.
     pub(crate) fn rate_limit_local(
         &self,

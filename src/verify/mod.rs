@@ -203,7 +203,12 @@ impl Verifier {
                     // Nothing was charged to a key whose credits are gone from the store.
                     quota.charged = if left.is_some() { cost } else { 0 };
                 }
-                Err(rejection) => decided.outcome = Err(rejection),
+                Err(rejection) => {
+                    if quota.rate.is_some() {
+                        self.admission.refund_rate_limits(resolved).await;
+                    }
+                    decided.outcome = Err(rejection);
+                }
             }
         }
         decided
@@ -257,14 +262,18 @@ impl Verifier {
             }),
             true => {
                 let cost = cost();
-                self.admission
+                let charged = self
+                    .admission
                     .charge(&resolved, cost, || self.resolver.unavailable())
-                    .await
-                    .map(|credits| Quota {
-                        rate,
-                        credits,
-                        charged: if credits.is_some() { cost } else { 0 },
-                    })
+                    .await;
+                if charged.is_err() && rate.is_some() {
+                    self.admission.refund_rate_limits(&resolved).await;
+                }
+                charged.map(|credits| Quota {
+                    rate,
+                    credits,
+                    charged: if credits.is_some() { cost } else { 0 },
+                })
             }
         };
         Decided::resolved(key, resolved, checked)

@@ -63,7 +63,7 @@ refused. Every error is `application/problem+json` with `status`, `code`, `title
     tags(
         (name = "keys", description = "API keys; needs `keys:admin` or `keys:self`."),
         (name = "audit", description = "The audit log of key management; `keys:admin` reads all, `keys:self` its own keys' events."),
-        (name = "owners", description = "Policies all of an owner's keys share (a rate limit and/or credits); set by `keys:admin`, read by the owner's own keys too."),
+        (name = "owners", description = "Policies all of an owner's keys share (a rate limit and/or credits); set by `keys:admin`, read by the owner's own `keys:self` keys too."),
         (name = "meta", description = "This document."),
     )
 )]

@@ -1,5 +1,5 @@
 //! `/owners`: the policies all of an owner's keys share (a rate limit and/or credits). Set and
-//! removed with `keys:admin`; an owner's own keys may read its policy.
+//! removed with `keys:admin`; an owner's own `keys:self` keys may read its policy.
 
 use std::sync::Arc;
 
@@ -185,7 +185,7 @@ pub(super) async fn list_owners(
     path = "/owners/{collection}/{subject}",
     tag = "owners",
     summary = "Get an owner's policy",
-    description = "`keys:admin`, or a key of that owner.",
+    description = "`keys:admin`, or a `keys:self` key of that owner.",
     params(
         ("collection" = String, Path, description = "The collection"),
         ("subject" = String, Path, description = "The owner (percent-encoded)"),
@@ -206,7 +206,7 @@ pub(super) async fn get_owner(
 ) -> Result<Response, ApiError> {
     if !caller.is_admin() && !caller.is_owner(&collection, &subject) {
         return Err(CallerError::Forbidden(
-            "an owner's policy is shown to keys:admin and to the owner's own keys".into(),
+            "an owner's policy is shown to keys:admin and to the owner's own keys:self keys".into(),
         )
         .into());
     }
