@@ -23,7 +23,8 @@
 //! credits (10^12, never run out): each hit spends one from the key's lease (the warm-up took
 //! one lease of the default block per key, which the measured hits do not use up; the layer
 //! is built outside the runtime, so no idle sweep gives leases back) and gets
-//! `Credits-Remaining`.
+//! `Credits-Remaining`. `HIT_PROFILE_OWNER_CREDITS=on` gives every key's owner a stored policy
+//! with shared credits (10^12) instead: each hit spends one from the owner's account.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -103,6 +104,7 @@ fn main() {
     let allowlist = on("HIT_PROFILE_ALLOWLIST");
     let owner = on("HIT_PROFILE_OWNER");
     let credits = on("HIT_PROFILE_CREDITS");
+    let owner_credits = on("HIT_PROFILE_OWNER_CREDITS");
     let client =
         (allowlist || on("HIT_PROFILE_CLIENT_IP")).then_some(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let collection = if owner {
@@ -155,6 +157,14 @@ fn main() {
                 new = new.credits(1_000_000_000_000);
             }
             let created = manager.create(new).await.unwrap();
+            if owner_credits {
+                let shared =
+                    keywarden::store::OwnerPolicyUpdate::default().credits(Some(1_000_000_000_000));
+                manager
+                    .set_owner_policy("users", &format!("u{i}"), shared)
+                    .await
+                    .unwrap();
+            }
             keys.push(HeaderValue::from_str(created.key.expose()).unwrap());
         }
         keys
@@ -188,12 +198,13 @@ fn main() {
     assert_eq!(ok, n);
     let word = |b: bool| if b { "on" } else { "off" };
     println!(
-        "{n} hits over {KEYS} cached keys (usage {}, metrics {}, allowlist {}, client ip {}, owner budget {}, credits {})",
+        "{n} hits over {KEYS} cached keys (usage {}, metrics {}, allowlist {}, client ip {}, owner budget {}, credits {}, owner credits {})",
         word(usage),
         word(metered),
         word(allowlist),
         word(client.is_some()),
         word(owner),
-        word(credits)
+        word(credits),
+        word(owner_credits)
     );
 }
