@@ -1327,7 +1327,16 @@ async fn owner_policies_from_the_cli_hold_in_serve() {
         )
     );
     let listed = ok(&dir, &["owners", "list"]);
-    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].starts_with("COLLECTION  SUBJECT  RATE LIMIT  CREDITS"),
+        "{listed}"
+    );
+    assert!(
+        lines[1].starts_with("users       acme     100/min     3, set to 3 again every day"),
+        "{listed}"
+    );
 
     // Bad input: a one-line error and a non-zero exit, never a panic.
     for (args, wanted) in [
@@ -1344,7 +1353,10 @@ async fn owner_policies_from_the_cli_hold_in_serve() {
             &["owners", "show", "nobody"],
             "owner users/nobody has no policy",
         ),
-        (&["owners", "delete", "nobody"], "this owner has no policy"),
+        (
+            &["owners", "delete", "nobody"],
+            "owner users/nobody has no policy",
+        ),
         (
             &[
                 "owners",

@@ -484,11 +484,53 @@ async fn the_management_api_sets_shows_and_removes_owner_policies() {
     assert_eq!(audit.status, 200, "{}", audit.text());
     let events = audit.json()["items"].as_array().unwrap().clone();
     assert_eq!(events.len(), 2);
-    assert_eq!(events[0]["changes"]["subject"], "gil");
-    assert_eq!(events[0]["changes"]["credits"], 1000);
+    assert_eq!(
+        (
+            events[0]["collection"].clone(),
+            events[0]["subject"].clone()
+        ),
+        (json!("users"), json!("gil")),
+        "filed under the owner"
+    );
+    assert_eq!(
+        events[0]["changes"]["credits"],
+        json!({ "from": null, "to": 1000 })
+    );
+    assert_eq!(
+        events[1]["changes"]["rate_limit"],
+        json!({ "from": "600/min", "to": null })
+    );
+    assert!(events[1]["changes"].get("credits").is_none(), "unchanged");
+    let by_owner = api
+        .call("GET", "/admin/audit?subject=gil", &api.admin, None)
+        .await;
+    assert!(by_owner.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["action"] == "owner.updated"));
+
+    // A path that is not two UTF-8 segments: a problem, not a bare 400.
+    let garbled = api
+        .call("GET", "/admin/owners/users/%FF", &api.admin, None)
+        .await;
+    assert_eq!(garbled.status, 400);
+    assert_eq!(garbled.code(), "invalid_request");
+    let slash = api
+        .call("GET", "/admin/owners/users/org%2Fteam", &api.admin, None)
+        .await;
+    assert_eq!(slash.status, 404, "an encoded slash is part of the subject");
 
     let deleted = api.call("DELETE", uri, &api.admin, None).await;
     assert_eq!(deleted.status, 204);
+    let audit = api
+        .call("GET", "/admin/audit?action=owner.deleted", &api.admin, None)
+        .await;
+    assert_eq!(
+        audit.json()["items"][0]["changes"]["credits"],
+        json!({ "from": 900, "to": null }),
+        "what was removed is recorded (the balance without this instance's lease)"
+    );
     let again = api.call("DELETE", uri, &api.admin, None).await;
     assert_eq!(again.status, 404);
     assert_eq!(again.code(), "not_found");

@@ -31,7 +31,13 @@ fn layer(store: &Arc<dyn KeyStore>, clock: &ManualClock) -> ApiKeyLayer {
 #[tokio::test]
 async fn outcomes_are_counted_per_key_and_per_collection_on_every_store() {
     for (name, store, pg) in support::every_store("usage").await {
-        let clock = ManualClock::new(OffsetDateTime::now_utc());
+        // A minute into the hour: the uses below, and the clock 10 minutes later, are in one
+        // hourly bucket whatever the time the test runs.
+        let start = OffsetDateTime::now_utc()
+            .replace_minute(1)
+            .and_then(|t| t.replace_second(0))
+            .unwrap();
+        let clock = ManualClock::new(start);
         let layer = layer(&store, &clock);
         let manager = KeyManager::for_layer(&layer);
         let app = support::app().layer(layer.clone());

@@ -147,7 +147,7 @@ impl Serialize for AuditAction {
 
 /// An action name that is not one of [`AuditAction::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown audit action (expected one of key.created, key.updated, key.revoked, key.disabled, key.enabled, key.rotated, key.deleted, key.revealed, secret.retired, webhook.created, webhook.updated, webhook.deleted)")]
+#[error("unknown audit action (expected one of key.created, key.updated, key.revoked, key.disabled, key.enabled, key.rotated, key.deleted, key.revealed, secret.retired, webhook.created, webhook.updated, webhook.deleted, owner.updated, owner.deleted)")]
 pub struct AuditActionParseError;
 
 impl std::str::FromStr for AuditAction {

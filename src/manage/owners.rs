@@ -4,7 +4,10 @@
 use super::policy::validate_owner;
 use super::{KeyManager, ManageError, ManageErrorKind};
 use crate::audit::AuditAction;
-use crate::store::{KeyQuery, OwnerPolicy, OwnerPolicyUpdate};
+use serde_json::{json, Map, Value};
+
+use crate::ratelimit::RateLimitPolicy;
+use crate::store::{Credits, KeyQuery, OwnerPolicy, OwnerPolicyUpdate};
 
 impl KeyManager {
     /// The policy `subject`'s keys in `collection` share, if the owner has one.
@@ -48,18 +51,33 @@ impl KeyManager {
     ) -> Result<OwnerPolicy, ManageError> {
         validate_owner(collection, subject, &update)?;
         self.check_owner_collection(collection)?;
+        let before = self.store().owner_policy(collection, subject).await?;
+        let (old_rate, old_credits) = before
+            .as_ref()
+            .map_or((None, None), |b| (b.rate_limit, b.credits));
         let mut details = owner_details(collection, subject);
         if let Some(rate_limit) = update.rate_limit {
-            details.insert(
-                "rate_limit".into(),
-                rate_limit.map(|r| r.to_string()).into(),
+            change(
+                &mut details,
+                "rate_limit",
+                rate_text(old_rate),
+                rate_text(rate_limit),
             );
         }
-        if let Some(credits) = update.credits {
-            details.insert("credits".into(), credits.into());
-        }
-        if let Some(refill) = update.refill {
-            details.insert("refill".into(), refill.map(|r| r.to_string()).into());
+        if update.changes_credits() {
+            let new_credits = update.apply_credits(old_credits);
+            change(
+                &mut details,
+                "credits",
+                old_credits.map(|c| c.remaining).into(),
+                new_credits.map(|c| c.remaining).into(),
+            );
+            change(
+                &mut details,
+                "refill",
+                refill_text(old_credits),
+                refill_text(new_credits),
+            );
         }
         self.record_event(AuditAction::OwnerUpdated, details)
             .await?;
@@ -84,14 +102,30 @@ impl KeyManager {
         collection: &str,
         subject: &str,
     ) -> Result<OwnerPolicy, ManageError> {
-        if self.owner_policy(collection, subject).await?.is_none() {
+        let Some(before) = self.owner_policy(collection, subject).await? else {
             return Err(no_policy());
-        }
-        self.record_event(
-            AuditAction::OwnerDeleted,
-            owner_details(collection, subject),
-        )
-        .await?;
+        };
+        let mut details = owner_details(collection, subject);
+        change(
+            &mut details,
+            "rate_limit",
+            rate_text(before.rate_limit),
+            Value::Null,
+        );
+        change(
+            &mut details,
+            "credits",
+            before.credits.map(|c| c.remaining).into(),
+            Value::Null,
+        );
+        change(
+            &mut details,
+            "refill",
+            refill_text(before.credits),
+            Value::Null,
+        );
+        self.record_event(AuditAction::OwnerDeleted, details)
+            .await?;
         let removed = self
             .store()
             .delete_owner_policy(collection, subject)
@@ -149,8 +183,23 @@ impl KeyManager {
     }
 }
 
-fn owner_details(collection: &str, subject: &str) -> serde_json::Map<String, serde_json::Value> {
-    let mut details = serde_json::Map::new();
+/// `{"from": …, "to": …}` under `field`, when the value changes.
+fn change(details: &mut Map<String, Value>, field: &str, from: Value, to: Value) {
+    if from != to {
+        details.insert(field.into(), json!({ "from": from, "to": to }));
+    }
+}
+
+fn rate_text(rate: Option<RateLimitPolicy>) -> Value {
+    rate.map(|r| r.to_string()).into()
+}
+
+fn refill_text(credits: Option<Credits>) -> Value {
+    credits.and_then(|c| c.refill).map(|r| r.to_string()).into()
+}
+
+fn owner_details(collection: &str, subject: &str) -> Map<String, Value> {
+    let mut details = Map::new();
     details.insert("collection".into(), collection.into());
     details.insert("subject".into(), subject.into());
     details

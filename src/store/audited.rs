@@ -221,9 +221,17 @@ impl AuditWrite<'_> {
         self.entry(AuditAction::SecretRetired, None, changes)
     }
 
-    /// An event about no key: the write's own action and details.
+    /// An event about no key: the write's own action and details. Details naming a
+    /// `collection` and a `subject` (an owner's policy) file the event under that owner, so
+    /// the owner filters find it.
     pub(crate) fn event(&self) -> AuditEntry {
-        self.entry(AuditAction::Updated, None, Map::new())
+        let mut entry = self.entry(AuditAction::Updated, None, Map::new());
+        let text = |name: &str| self.details.get(name).and_then(Value::as_str);
+        if let (Some(collection), Some(subject)) = (text("collection"), text("subject")) {
+            entry.collection = Some(collection.to_owned());
+            entry.subject = Some(subject.to_owned());
+        }
+        entry
     }
 
     /// The event of a change that changes nothing stored.

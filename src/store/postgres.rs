@@ -456,7 +456,7 @@ impl KeyStore for PostgresStore {
         let mut tx = self.pool.begin().await.map_err(map)?;
         // One writer per owner until commit, also when it has no row yet to lock (two first
         // writes would otherwise both start from nothing, and the second undo the first).
-        lock_owner(&mut *tx, pool).await?;
+        lock_owner(&mut tx, pool).await?;
         let before = sqlx::query(&format!(
             "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2 FOR UPDATE OF o"
         ))
@@ -560,7 +560,7 @@ impl KeyStore for PostgresStore {
     ) -> Result<Option<OwnerPolicy>, StoreError> {
         let map = |e| store_error("deleting an owner policy failed", e);
         let mut tx = self.pool.begin().await.map_err(map)?;
-        lock_owner(&mut *tx, owner_pool(collection, subject)).await?;
+        lock_owner(&mut tx, owner_pool(collection, subject)).await?;
         let before = sqlx::query(&format!(
             "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2 FOR UPDATE OF o"
         ))

@@ -24,7 +24,8 @@ pub(crate) enum AuditCommand {
         #[arg(long, value_parser = parse_actor)]
         actor: Option<String>,
         /// Only this action (key.created, key.updated, key.revoked, key.disabled,
-        /// key.enabled, key.rotated, key.deleted, key.revealed, secret.retired).
+        /// key.enabled, key.rotated, key.deleted, key.revealed, secret.retired,
+        /// webhook.created, webhook.updated, webhook.deleted, owner.updated, owner.deleted).
         #[arg(long, value_parser = parse_action)]
         action: Option<AuditAction>,
         /// Only events this recent (24h, 7d) or since this RFC 3339 instant.
@@ -216,6 +217,8 @@ fn event_line(event: &AuditEvent) -> String {
                 line.push_str(&format!(" webhook {}", escape(id)));
             } else if let Some(id) = event.changes.get("secret_id").and_then(|v| v.as_str()) {
                 line.push_str(&format!(" secret {}", escape(id)));
+            } else if let (Some(c), Some(s)) = (&event.collection, &event.subject) {
+                line.push_str(&format!(" owner {}/{}", escape(c), escape(s)));
             }
         }
     }
@@ -233,7 +236,17 @@ fn event_line(event: &AuditEvent) -> String {
         .changes
         .keys()
         .map(String::as_str)
-        .filter(|k| !["webhook_id", "secret_id", "successor", "rotated_from"].contains(k))
+        .filter(|k| {
+            ![
+                "webhook_id",
+                "secret_id",
+                "successor",
+                "rotated_from",
+                "collection",
+                "subject",
+            ]
+            .contains(k)
+        })
         .collect();
     if !fields.is_empty() {
         line.push_str(&format!("  changed: {}", escape(&fields.join(", "))));

@@ -287,6 +287,7 @@ pub(crate) fn print_record(record: &KeyRecord, out: Output) {
                 .and_then(|c| c.refill)
                 .map_or_else(dash, |r| r.to_string()),
         ),
+        ("owner limits", owner_limits(record)),
         ("metadata", record.metadata.to_string()),
         ("created", short_time(Some(record.created_at), "")),
         ("updated", short_time(Some(record.updated_at), "")),
@@ -302,6 +303,27 @@ pub(crate) fn print_record(record: &KeyRecord, out: Output) {
     for (label, value) in rows {
         println!("{label:<14}{value}");
     }
+}
+
+/// What the key's owner's policy adds (`keywarden owners show` has the balance).
+fn owner_limits(record: &KeyRecord) -> String {
+    let owner = &record.owner;
+    let mut parts = Vec::new();
+    if let Some(rate) = owner.rate_limit {
+        parts.push(format!("rate limit {rate}"));
+    }
+    if owner.credits.is_some() {
+        parts.push("shared credits".to_owned());
+    }
+    if parts.is_empty() {
+        return "-".to_owned();
+    }
+    format!(
+        "{} (shared with the owner's other keys: keywarden owners show {} --collection {})",
+        parts.join(", "),
+        record.subject,
+        record.collection
+    )
 }
 
 fn truncate(text: &str, max: usize) -> String {

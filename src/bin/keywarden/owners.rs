@@ -1,6 +1,7 @@
 //! The `owners` commands: policies all of an owner's keys share (a rate limit and/or credits).
 
 use clap::{Args, Subcommand};
+use keywarden::manage::ManageErrorKind;
 use keywarden::ratelimit::RateLimitPolicy;
 use keywarden::store::{OwnerPolicy, OwnerPolicyUpdate, Refill};
 use serde_json::{json, Value};
@@ -67,6 +68,13 @@ pub(crate) struct SetArgs {
     no_refill: bool,
 }
 
+fn no_policy(owner: &OwnerArgs) -> Failure {
+    Failure::from(format!(
+        "owner {}/{} has no policy",
+        owner.collection, owner.subject
+    ))
+}
+
 fn update_from(args: &SetArgs) -> Result<OwnerPolicyUpdate, Failure> {
     let mut update = OwnerPolicyUpdate::default();
     if args.no_rate_limit {
@@ -108,7 +116,48 @@ fn print_policy(policy: &OwnerPolicy) {
     let rate = policy
         .rate_limit
         .map_or_else(|| "-".to_owned(), |r| r.to_string());
-    let credits = match policy.credits {
+    println!(
+        "{}/{}  rate limit: {rate}  credits: {}",
+        policy.collection,
+        policy.subject,
+        credits_text(policy)
+    );
+}
+
+/// `owners list`: one aligned row per owner.
+fn print_table(policies: &[OwnerPolicy]) {
+    let rows: Vec<[String; 4]> = policies
+        .iter()
+        .map(|p| {
+            [
+                p.collection.clone(),
+                p.subject.clone(),
+                p.rate_limit
+                    .map_or_else(|| "-".to_owned(), |r| r.to_string()),
+                credits_text(p),
+            ]
+        })
+        .collect();
+    let header = ["COLLECTION", "SUBJECT", "RATE LIMIT", "CREDITS"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        println!("{}", line.trim_end());
+    }
+}
+
+fn credits_text(policy: &OwnerPolicy) -> String {
+    match policy.credits {
         None => "-".to_owned(),
         Some(credits) => match credits.refill {
             Some(refill) => format!(
@@ -119,11 +168,7 @@ fn print_policy(policy: &OwnerPolicy) {
             ),
             None => credits.remaining.to_string(),
         },
-    };
-    println!(
-        "{}/{}  rate limit: {rate}  credits: {credits}",
-        policy.collection, policy.subject
-    );
+    }
 }
 
 /// Runs an `owners` command.
@@ -155,7 +200,7 @@ pub(crate) async fn owners(
             } else if all.is_empty() {
                 println!("no owner policies");
             } else {
-                all.iter().for_each(print_policy);
+                print_table(&all);
             }
         }
         OwnersCommand::Show(owner) => {
@@ -165,18 +210,20 @@ pub(crate) async fn owners(
             {
                 Some(policy) if out.json => out.print_json(&view(&policy)),
                 Some(policy) => print_policy(&policy),
-                None => {
-                    return Err(Failure::from(format!(
-                        "owner {}/{} has no policy",
-                        owner.collection, owner.subject
-                    )))
-                }
+                None => return Err(no_policy(&owner)),
             }
         }
         OwnersCommand::Delete(owner) => {
-            manager
+            match manager
                 .delete_owner_policy(&owner.collection, &owner.subject)
-                .await?;
+                .await
+            {
+                Ok(_) => {}
+                Err(error) if error.kind() == ManageErrorKind::NotFound => {
+                    return Err(no_policy(&owner));
+                }
+                Err(error) => return Err(error.into()),
+            }
             if out.json {
                 out.print_json(&json!({ "deleted": { "collection": owner.collection, "subject": owner.subject } }));
             } else {

@@ -109,9 +109,9 @@ pub use openapi::openapi;
 /// | `GET /usage?collection&since&until&granularity` (`keys:admin`) | 200 the rejections no key is blamed for | 401, 403, 422, 503 |
 /// | `GET /audit?key_id&actor&action&collection&subject&since&until&after&limit` | 200 `{"items", "next_cursor"}` (the [audit log](crate::audit), oldest first) | 400, 401, 403, 422, 503 |
 /// | `GET /owners?collection` (`keys:admin`) | 200 every owner policy | 400, 401, 403, 422, 503 |
-/// | `GET /owners/{collection}/{subject}` (`keys:admin`, or a `keys:self` key of that owner) | 200 the policy | 401, 403, 404, 503 |
+/// | `GET /owners/{collection}/{subject}` (`keys:admin`, or a `keys:self` key of that owner) | 200 the policy | 400, 401, 403, 404, 503 |
 /// | `PATCH /owners/{collection}/{subject}` (`keys:admin`; creates the policy) | 200 the policy | 400, 401, 403, 422, 503 |
-/// | `DELETE /owners/{collection}/{subject}` (`keys:admin`) | 204 | 401, 403, 404, 503 |
+/// | `DELETE /owners/{collection}/{subject}` (`keys:admin`) | 204 | 400, 401, 403, 404, 503 |
 /// | `POST /webhooks`, `GET /webhooks`, `GET`/`PATCH`/`DELETE /webhooks/{id}` (feature `webhooks`; `keys:admin` only) | 201 with the signing secret once / 200 / 204 (`keywarden::webhooks`) | 400, 401, 403, 404, 422, 503 |
 /// | `GET /openapi.json` | 200 the OpenAPI 3.1 document ([`openapi()`]) | 401, 503 |
 ///

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::Query;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -100,23 +100,36 @@ impl BodyFields for OwnerBody {
 impl OwnerBody {
     fn into_update(self) -> Result<OwnerPolicyUpdate, ApiError> {
         let mut update = OwnerPolicyUpdate::default();
-        update.rate_limit = match self.rate_limit {
-            Some(Some(text)) => Some(Some(parse_rate_limit(&text)?)),
-            Some(None) => Some(None),
-            None => None,
-        };
-        update.credits = match self.credits {
-            Some(Some(credits)) => Some(Some(parse_credits(&credits)?)),
-            Some(None) => Some(None),
-            None => None,
-        };
-        update.refill = match self.refill {
-            Some(Some(text)) => Some(Some(parse_refill(&text)?)),
-            Some(None) => Some(None),
-            None => None,
-        };
+        match self.rate_limit {
+            Some(Some(text)) => update = update.rate_limit(Some(parse_rate_limit(&text)?)),
+            Some(None) => update = update.rate_limit(None),
+            None => {}
+        }
+        match self.credits {
+            Some(Some(credits)) => update = update.credits(Some(parse_credits(&credits)?)),
+            Some(None) => update = update.credits(None),
+            None => {}
+        }
+        match self.refill {
+            Some(Some(text)) => update = update.refill(Some(parse_refill(&text)?)),
+            Some(None) => update = update.refill(None),
+            None => {}
+        }
         Ok(update)
     }
+}
+
+/// The owner named by the path: a collection and a subject, each one percent-encoded UTF-8
+/// segment (a `/` in a subject is sent as `%2F`).
+fn owner_path(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(String, String), ApiError> {
+    path.map(|Path(owner)| owner).map_err(|_| {
+        ApiError::bad_request(
+            "the path must be /owners/{collection}/{subject}: two segments of percent-encoded \
+             UTF-8 (write a `/` in a subject as %2F)",
+        )
+    })
 }
 
 fn no_policy() -> ApiError {
@@ -192,6 +205,7 @@ pub(super) async fn list_owners(
     ),
     responses(
         (status = 200, description = "The policy", body = OwnerPolicyView),
+        (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
@@ -202,8 +216,9 @@ pub(super) async fn list_owners(
 pub(super) async fn get_owner(
     State(manager): Manager,
     caller: Caller,
-    Path((collection, subject)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let (collection, subject) = owner_path(path)?;
     if !caller.is_admin() && !caller.is_owner(&collection, &subject) {
         return Err(CallerError::Forbidden(
             "an owner's policy is shown to keys:admin and to the owner's own keys:self keys".into(),
@@ -241,10 +256,11 @@ pub(super) async fn get_owner(
 pub(super) async fn set_owner(
     State(manager): Manager,
     caller: Caller,
-    Path((collection, subject)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     JsonBody(body): JsonBody<OwnerBody>,
 ) -> Result<Response, ApiError> {
     admin_only(&caller)?;
+    let (collection, subject) = owner_path(path)?;
     let update = body.into_update()?;
     let policy = caller
         .manager(&manager)
@@ -265,6 +281,7 @@ pub(super) async fn set_owner(
     ),
     responses(
         (status = 204, description = "Removed"),
+        (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
@@ -275,9 +292,10 @@ pub(super) async fn set_owner(
 pub(super) async fn delete_owner(
     State(manager): Manager,
     caller: Caller,
-    Path((collection, subject)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     admin_only(&caller)?;
+    let (collection, subject) = owner_path(path)?;
     match caller
         .manager(&manager)
         .delete_owner_policy(&collection, &subject)
