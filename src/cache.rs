@@ -84,8 +84,9 @@ pub(crate) struct ResolvedKey {
 
 /// The limits a key shares with its owner's other keys.
 pub(crate) struct OwnerShare {
-    /// The owner's own rate limit (it replaces the collection's limit for owners).
-    pub(crate) rate_limit: Option<crate::ratelimit::RateLimitPolicy>,
+    /// The owner's own rate limit (it replaces the collection's limit for owners), and its
+    /// limiter bucket (computed once per cache fill).
+    pub(crate) rate_limit: Option<(uuid::Uuid, crate::ratelimit::RateLimitPolicy)>,
     /// The owner's shared credits on this instance: one account for all its cached keys.
     pub(crate) credits: Option<Arc<CreditAccount>>,
 }

@@ -70,8 +70,8 @@ async fn a_stored_owner_rate_limit_is_shared_and_replaces_the_collections() {
         )
         .await
         .unwrap();
-    // Alice's stored 3/h replaces the collection's 10/h for her, across both keys (one
-    // request of the old budget is already spent in the same bucket).
+    // Alice's stored 3/h replaces the collection's 10/h for her, across both keys, in a
+    // budget of its own (the request spent under the collection's does not count).
     let mut accepted = 0;
     for key in [&a1, &a2, &a1, &a2] {
         let reply = by_key(&app, key).await;
@@ -86,10 +86,7 @@ async fn a_stored_owner_rate_limit_is_shared_and_replaces_the_collections() {
             );
         }
     }
-    assert_eq!(
-        accepted, 2,
-        "3 per hour for all of alice's keys, 1 already spent"
-    );
+    assert_eq!(accepted, 3, "3 per hour for all of alice's keys");
     // Bob keeps the collection's budget.
     for _ in 0..10 {
         assert_eq!(by_key(&app, &bob).await.status, 200);
@@ -101,6 +98,10 @@ async fn a_stored_owner_rate_limit_is_shared_and_replaces_the_collections() {
     let reply = by_key(&app, &a2).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.headers["ratelimit-limit"], "10");
+    assert_eq!(
+        reply.headers["ratelimit-remaining"], "8",
+        "the collection's budget, where the first request was spent"
+    );
 }
 
 #[tokio::test]
@@ -562,4 +563,35 @@ async fn a_key_out_of_credits_spends_none_of_its_owners_rate_limit() {
         assert_eq!(reply.headers["ratelimit-remaining"], remaining);
     }
     assert_eq!(by_key(&app, &sibling).await.code(), "rate_limited");
+}
+
+#[tokio::test]
+async fn raising_an_owners_rate_limit_takes_effect_at_once() {
+    let fx = Fixture::new();
+    let (_, key) = key_of(&fx.manager, NewKey::new("k", "ivy")).await;
+    let set = |rate: &'static str| {
+        let manager = fx.manager.clone();
+        async move {
+            manager
+                .set_owner_policy(
+                    "users",
+                    "ivy",
+                    OwnerPolicyUpdate::default().rate_limit(Some(policy(rate))),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set("2/h").await;
+    let app = fx.app();
+    assert_eq!(by_key(&app, &key).await.status, 200);
+    assert_eq!(by_key(&app, &key).await.status, 200);
+    assert_eq!(by_key(&app, &key).await.code(), "rate_limited");
+    // The customer's plan is raised: a fresh budget under the new limit, not what is left of
+    // the old one's window.
+    set("1000/h").await;
+    let reply = by_key(&app, &key).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["ratelimit-limit"], "1000");
+    assert_eq!(reply.headers["ratelimit-remaining"], "999");
 }

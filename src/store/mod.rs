@@ -55,7 +55,7 @@ pub use memory::MemoryStore;
 pub(crate) use none::NoStore;
 pub(crate) use observe::Observers;
 pub use observe::{StoreChange, StoreObserver};
-pub(crate) use owners::owner_pool;
+pub(crate) use owners::{owner_pool, owner_rate_bucket};
 pub use owners::{OwnerLimits, OwnerPolicy, OwnerPolicyUpdate};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;

@@ -160,6 +160,20 @@ pub(crate) fn owner_pool(collection: &str, subject: &str) -> Uuid {
     Uuid::new_v8(bytes)
 }
 
+/// The rate-limit bucket of an owner's stored rate limit: its pool and the policy, so a changed
+/// policy starts from a full budget (raising a throttled customer's limit takes effect at once)
+/// instead of inheriting what was spent under the old one. The same in every process.
+pub(crate) fn owner_rate_bucket(pool: Uuid, policy: &RateLimitPolicy) -> Uuid {
+    let digest = Sha256::new()
+        .chain_update(b"keywarden owner rate budget\0")
+        .chain_update(pool.as_bytes())
+        .chain_update(policy.to_string().as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::new_v8(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +194,18 @@ mod tests {
         }
         // Pinned: a change would split budgets between instances of two versions.
         assert_eq!(a.to_string(), "ebf04656-41ff-839e-8469-ef1393992827");
+    }
+
+    #[test]
+    fn a_changed_rate_limit_gets_its_own_bucket() {
+        let pool = owner_pool("users", "alice");
+        let slow: RateLimitPolicy = "2/min".parse().unwrap();
+        let fast: RateLimitPolicy = "1000/min".parse().unwrap();
+        let bucket = owner_rate_bucket(pool, &slow);
+        assert_eq!(bucket, owner_rate_bucket(pool, &slow));
+        assert_ne!(bucket, owner_rate_bucket(pool, &fast));
+        assert_ne!(bucket, pool, "never the collection budget's bucket");
+        assert_ne!(bucket, owner_rate_bucket(owner_pool("users", "bob"), &slow));
     }
 
     #[test]

@@ -221,15 +221,14 @@ impl Admission {
 
     /// The budget all the keys of this key's owner share, if its collection has one: the
     /// limiter bucket of the owner and the policy.
-    /// The owner's stored rate limit wins over its collection's.
+    /// The owner's stored rate limit wins over its collection's (and has a bucket of its
+    /// own per policy, computed when the key was cached).
     fn owner_budget(&self, resolved: &ResolvedKey) -> Option<(Uuid, RateLimitPolicy)> {
-        let policy = match resolved.owner.as_deref().and_then(|o| o.rate_limit) {
-            Some(policy) => policy,
-            None => {
-                let index = usize::try_from(resolved.collection?).ok()?;
-                self.collections.get(index)?.owner_rate_limit?
-            }
-        };
+        if let Some(stored) = resolved.owner.as_deref().and_then(|o| o.rate_limit) {
+            return Some(stored);
+        }
+        let index = usize::try_from(resolved.collection?).ok()?;
+        let policy = self.collections.get(index)?.owner_rate_limit?;
         let principal = &resolved.principal;
         Some((
             owner_pool(principal.collection(), principal.subject()),

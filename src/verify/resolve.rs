@@ -407,15 +407,18 @@ impl Resolver {
             resolved.credits = Some(Box::new(self.credits.account(record.id)));
         }
         if !record.owner.is_empty() {
+            let pool = crate::store::owner_pool(&record.collection, &record.subject);
             let credits = match record.owner.credits {
-                Some(_) if !foreign => Some(self.credits.owner_account(
-                    crate::store::owner_pool(&record.collection, &record.subject),
-                    record.owner.generation,
-                )),
+                Some(_) if !foreign => {
+                    Some(self.credits.owner_account(pool, record.owner.generation))
+                }
                 _ => None,
             };
             resolved.owner = Some(Box::new(crate::cache::OwnerShare {
-                rate_limit: record.owner.rate_limit,
+                rate_limit: record
+                    .owner
+                    .rate_limit
+                    .map(|policy| (crate::store::owner_rate_bucket(pool, &policy), policy)),
                 credits,
             }));
         }
