@@ -579,16 +579,16 @@ impl CreditLedger {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
-        let (mut keys, mut credits) = (0_usize, 0_u64);
+        let (mut accounts_returned, mut credits) = (0_usize, 0_u64);
         for state in accounts {
             if let Some(returned) = state.take_back(now_ms) {
-                keys += 1;
+                accounts_returned += 1;
                 credits = credits.saturating_add(returned.amount);
                 self.give_back(returned).await;
             }
         }
-        if keys > 0 {
-            tracing::info!(target: "keywarden", keys, credits, "gave back the credits leased and not spent");
+        if accounts_returned > 0 {
+            tracing::info!(target: "keywarden", accounts = accounts_returned, credits, "gave back the credits leased and not spent (keys' and owners')");
         }
     }
 

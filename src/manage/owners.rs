@@ -86,7 +86,7 @@ impl KeyManager {
             .set_owner_policy(collection, subject, &update, self.now())
             .await?;
         self.invalidate_owner(collection, subject).await;
-        tracing::info!(target: "keywarden", collection, "owner policy set");
+        tracing::info!(target: "keywarden", collection, subject, "owner policy set");
         Ok(policy)
     }
 
@@ -132,7 +132,7 @@ impl KeyManager {
             .await?
             .ok_or_else(no_policy)?;
         self.invalidate_owner(collection, subject).await;
-        tracing::info!(target: "keywarden", collection, "owner policy deleted");
+        tracing::info!(target: "keywarden", collection, subject, "owner policy deleted");
         Ok(removed)
     }
 

@@ -222,7 +222,8 @@ problem_responses! {
             "title": "Insufficient scope", "detail": "this request needs the scope `keys:admin`"}),
     );
     NotFound => problem(
-        "`not_found`: no such key (for a `keys:self` caller: none of its own)",
+        "`not_found`: no such key (for a `keys:self` caller: none of its own), or no policy \
+         for this owner (`/owners/...`, title `No owner policy`)",
         serde_json::json!({"status": 404, "code": "not_found", "title": "Key not found",
             "detail": "no key with this id"}),
     );
@@ -241,7 +242,8 @@ problem_responses! {
             "errors": [{"field": "name", "message": "expected a string"}]}),
     );
     TooManyRequests => problem(
-        "`rate_limited`: the calling key's rate limit (from the layer)",
+        "`rate_limited`: the calling key's rate limit, or its owner's (from the layer); \
+         `usage_exceeded`: the calling key's credits, or its owner's, are spent",
         serde_json::json!({"status": 429, "code": "rate_limited",
             "title": "Rate limit exceeded", "detail": "rate limit exceeded; retry later"}),
     )

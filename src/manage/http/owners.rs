@@ -164,6 +164,7 @@ fn admin_only(caller: &Caller) -> Result<(), ApiError> {
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
+        (status = 422, response = ValidationFailed),
         (status = 429, response = TooManyRequests),
         (status = 503, response = Unavailable),
     )

@@ -296,7 +296,8 @@ pub(crate) fn parse_rate_limit(text: &str) -> Result<RateLimitPolicy, ManageErro
     text.parse().map_err(|_| {
         ManageError::invalid(
             "rate_limit",
-            "expected a rate limit such as 100/min or 100/min,burst=20",
+            "expected a rate limit such as 100/min or 100/min,burst=20: N/s, N/min, N/h or \
+             N/day (or a multiple such as N/30s), optionally followed by ,burst=M",
         )
     })
 }
