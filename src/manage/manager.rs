@@ -1054,9 +1054,8 @@ impl KeyManager {
         self.apply_as(change, action, details, &self.context).await
     }
 
-    /// Writes an event about no key (a webhook subscription's change), before the change.
-    #[cfg(feature = "webhooks")]
-    /// Returns the event's number (0 without an audit log).
+    /// Writes an event about no key (a webhook subscription's or an owner policy's change),
+    /// before the change. Returns the event's number (0 without an audit log).
     pub(super) async fn record_event(
         &self,
         action: AuditAction,
