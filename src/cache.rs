@@ -77,15 +77,15 @@ pub(crate) struct ResolvedKey {
     /// The credits this instance holds for the key, if it has credits (boxed: most keys
     /// have none, and every cached key would carry the space).
     pub(crate) credits: Option<Box<CreditAccount>>,
-    /// What the key shares with its owner's other keys, if the owner has a policy (boxed, like
-    /// the credits).
+    /// What the key shares with its owner's other keys, if the owner has a policy or its
+    /// collection an owner rate limit (boxed, like the credits).
     pub(crate) owner: Option<Box<OwnerShare>>,
 }
 
 /// The limits a key shares with its owner's other keys.
 pub(crate) struct OwnerShare {
-    /// The owner's own rate limit (it replaces the collection's limit for owners), and its
-    /// limiter bucket (computed once per cache fill).
+    /// The rate limit the owner's keys share, and its limiter bucket (computed once per
+    /// cache fill): the owner's stored rate limit, else its collection's owner rate limit.
     pub(crate) rate_limit: Option<(uuid::Uuid, crate::ratelimit::RateLimitPolicy)>,
     /// The owner's shared credits on this instance: one account for all its cached keys.
     pub(crate) credits: Option<Arc<CreditAccount>>,

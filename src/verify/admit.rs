@@ -18,7 +18,6 @@ use crate::ratelimit::{
 };
 use crate::rejection::{AuthRejection, RateLimitStatus, RejectionKind};
 use crate::stats::Counters;
-use crate::store::owner_pool;
 use crate::usage::UsageRecorder;
 
 use super::prepare::{CollectionConfig, PresentedKey};
@@ -221,19 +220,11 @@ impl Admission {
 
     /// The budget all the keys of this key's owner share, if its collection has one: the
     /// limiter bucket of the owner and the policy.
-    /// The owner's stored rate limit wins over its collection's (and has a bucket of its
-    /// own per policy, computed when the key was cached).
+    /// The budget all the keys of this key's owner share, if any: the limiter bucket and the
+    /// policy, as computed when the key was cached (the owner's stored rate limit, else its
+    /// collection's).
     fn owner_budget(&self, resolved: &ResolvedKey) -> Option<(Uuid, RateLimitPolicy)> {
-        if let Some(stored) = resolved.owner.as_deref().and_then(|o| o.rate_limit) {
-            return Some(stored);
-        }
-        let index = usize::try_from(resolved.collection?).ok()?;
-        let policy = self.collections.get(index)?.owner_rate_limit?;
-        let principal = &resolved.principal;
-        Some((
-            owner_pool(principal.collection(), principal.subject()),
-            policy,
-        ))
+        resolved.owner.as_deref()?.rate_limit
     }
 
     /// Takes one request from the key's budget, then from its owner's; a request the owner's

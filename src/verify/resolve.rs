@@ -406,7 +406,13 @@ impl Resolver {
         if record.credits.is_some() && !foreign {
             resolved.credits = Some(Box::new(self.credits.account(record.id)));
         }
-        if !record.owner.is_empty() {
+        // The owner's budget, computed once per cache fill: its stored rate limit (a bucket per
+        // policy), else its collection's owner rate limit; its shared credits' account.
+        let collection_limit = resolved
+            .collection
+            .and_then(|index| self.collections.get(index as usize))
+            .and_then(|c| c.owner_rate_limit);
+        if !record.owner.is_empty() || collection_limit.is_some() {
             let pool = crate::store::owner_pool(&record.collection, &record.subject);
             let credits = match record.owner.credits {
                 Some(_) if !foreign => {
@@ -414,11 +420,12 @@ impl Resolver {
                 }
                 _ => None,
             };
+            let rate_limit = match record.owner.rate_limit {
+                Some(policy) => Some((crate::store::owner_rate_bucket(pool, &policy), policy)),
+                None => collection_limit.map(|policy| (pool, policy)),
+            };
             resolved.owner = Some(Box::new(crate::cache::OwnerShare {
-                rate_limit: record
-                    .owner
-                    .rate_limit
-                    .map(|policy| (crate::store::owner_rate_bucket(pool, &policy), policy)),
+                rate_limit,
                 credits,
             }));
         }
