@@ -522,6 +522,24 @@ async fn the_management_api_sets_shows_and_removes_owner_policies() {
         .await;
     assert_eq!(slash.status, 404, "an encoded slash is part of the subject");
 
+    // Nothing left to limit: the policy goes.
+    let emptied = api
+        .call("PATCH", uri, &api.admin, Some(json!({ "credits": null })))
+        .await;
+    assert_eq!(emptied.status, 200, "{}", emptied.text());
+    assert_eq!(
+        (
+            emptied.json()["rate_limit"].clone(),
+            emptied.json()["credits"].clone()
+        ),
+        (serde_json::Value::Null, serde_json::Value::Null)
+    );
+    assert_eq!(api.call("GET", uri, &api.admin, None).await.status, 404);
+    let recreated = api
+        .call("PATCH", uri, &api.admin, Some(json!({ "credits": 1000 })))
+        .await;
+    assert_eq!(recreated.status, 200);
+
     let deleted = api.call("DELETE", uri, &api.admin, None).await;
     assert_eq!(deleted.status, 204);
     let audit = api
@@ -532,6 +550,7 @@ async fn the_management_api_sets_shows_and_removes_owner_policies() {
         json!({ "from": 900, "to": null }),
         "what was removed is recorded (the balance without this instance's lease)"
     );
+    assert_eq!(audit.json()["items"].as_array().unwrap().len(), 2);
     let again = api.call("DELETE", uri, &api.admin, None).await;
     assert_eq!(again.status, 404);
     assert_eq!(again.code(), "not_found");

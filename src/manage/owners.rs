@@ -36,7 +36,9 @@ impl KeyManager {
     /// Creates or changes the policy all of `subject`'s keys in `collection` share: a rate
     /// limit and/or credits, counted on top of each key's own. Takes effect on every instance
     /// as a key change does (the owner's keys are re-read). Setting credits voids what
-    /// instances hold leased of the old ones.
+    /// instances hold leased of the old ones. An update that leaves nothing to limit removes
+    /// the policy (like [`delete_owner_policy`](Self::delete_owner_policy)) and answers an
+    /// empty one.
     ///
     /// # Errors
     /// [`ManageErrorKind::Invalid`] for a bad collection, subject or credits (with
@@ -55,6 +57,28 @@ impl KeyManager {
         let (old_rate, old_credits) = before
             .as_ref()
             .map_or((None, None), |b| (b.rate_limit, b.credits));
+        let new_credits = if update.changes_credits() {
+            update.apply_credits(old_credits)
+        } else {
+            old_credits
+        };
+        if update.rate_limit.unwrap_or(old_rate).is_none() && new_credits.is_none() {
+            // Nothing left to limit: the policy goes (audited as a deletion), or is never made.
+            if before.is_some() {
+                match self.delete_owner_policy(collection, subject).await {
+                    Ok(_) => {}
+                    Err(error) if error.kind() == ManageErrorKind::NotFound => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            return Ok(OwnerPolicy {
+                collection: collection.to_owned(),
+                subject: subject.to_owned(),
+                rate_limit: None,
+                credits: None,
+                updated_at: self.now(),
+            });
+        }
         let mut details = owner_details(collection, subject);
         if let Some(rate_limit) = update.rate_limit {
             change(
@@ -65,7 +89,6 @@ impl KeyManager {
             );
         }
         if update.changes_credits() {
-            let new_credits = update.apply_credits(old_credits);
             change(
                 &mut details,
                 "credits",
