@@ -92,14 +92,22 @@ pub(crate) struct OwnerShare {
 }
 
 impl ResolvedKey {
-    /// The owner's shared credits, if it has any.
-    pub(crate) fn owner_credits(&self) -> Option<&CreditAccount> {
-        self.owner.as_deref()?.credits.as_deref()
+    /// The accounts a request with this key spends from: the key's own credits and its
+    /// owner's shared ones (either, both or neither).
+    #[inline]
+    pub(crate) fn accounts(&self) -> (Option<&CreditAccount>, Option<&CreditAccount>) {
+        let owner = match self.owner.as_deref() {
+            Some(owner) => owner.credits.as_deref(),
+            None => None,
+        };
+        (self.credits.as_deref(), owner)
     }
 
     /// Whether requests with this key spend credits: its own, or its owner's.
+    #[inline]
     pub(crate) fn has_credits(&self) -> bool {
-        self.credits.is_some() || self.owner_credits().is_some()
+        let (key, owner) = self.accounts();
+        key.is_some() || owner.is_some()
     }
 
     /// Builds the principal once, and the application identity from it.

@@ -419,15 +419,7 @@ impl KeyStore for PostgresStore {
         collection: &str,
         subject: &str,
     ) -> Result<Option<OwnerPolicy>, StoreError> {
-        let row = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| store_error("reading an owner policy failed", e))?;
-        row.as_ref().map(decode_owner_row).transpose()
+        read_owner(&self.pool, collection, subject, "").await
     }
 
     async fn list_owner_policies(
@@ -457,15 +449,7 @@ impl KeyStore for PostgresStore {
         // One writer per owner until commit, also when it has no row yet to lock (two first
         // writes would otherwise both start from nothing, and the second undo the first).
         lock_owner(&mut tx, pool).await?;
-        let before = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2 FOR UPDATE OF o"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map)?;
-        let before = before.as_ref().map(decode_owner_row).transpose()?;
+        let before = read_owner(&mut *tx, collection, subject, " FOR UPDATE OF o").await?;
         let old_generation: Option<i64> = sqlx::query_scalar(
             "SELECT generation FROM keywarden_owner_credits WHERE pool = $1 FOR UPDATE",
         )
@@ -537,15 +521,9 @@ impl KeyStore for PostgresStore {
             (false, _) => {}
         }
         let keys = owner_keys(&mut tx, collection, subject).await?;
-        let after = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map)?;
-        let after = decode_owner_row(&after)?;
+        let after = read_owner(&mut *tx, collection, subject, "")
+            .await?
+            .ok_or_else(|| corrupt("keywarden_owners", "the row just written is gone"))?;
         tx.commit().await.map_err(map)?;
         for id in keys {
             self.observers.notify(StoreChange::Key(id));
@@ -561,15 +539,8 @@ impl KeyStore for PostgresStore {
         let map = |e| store_error("deleting an owner policy failed", e);
         let mut tx = self.pool.begin().await.map_err(map)?;
         lock_owner(&mut tx, owner_pool(collection, subject)).await?;
-        let before = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2 FOR UPDATE OF o"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map)?;
-        let Some(before) = before.as_ref().map(decode_owner_row).transpose()? else {
+        let Some(before) = read_owner(&mut *tx, collection, subject, " FOR UPDATE OF o").await?
+        else {
             return Ok(None);
         };
         sqlx::query("DELETE FROM keywarden_owners WHERE collection = $1 AND subject = $2")
@@ -1042,6 +1013,27 @@ impl PostgresStore {
 const OWNER_SELECT: &str = "SELECT o.collection, o.subject, o.rate_limit, o.credits_refill, \
     o.credits_generation, o.updated_at, c.remaining FROM keywarden_owners AS o \
     LEFT JOIN keywarden_owner_credits AS c ON c.pool = o.pool";
+
+/// An owner's policy with its balance, if it has one; `lock`: `""` or `" FOR UPDATE OF o"`.
+async fn read_owner<'e, E>(
+    conn: E,
+    collection: &str,
+    subject: &str,
+    lock: &str,
+) -> Result<Option<OwnerPolicy>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let row = sqlx::query(&format!(
+        "{OWNER_SELECT} WHERE o.collection = $1 AND o.subject = $2{lock}"
+    ))
+    .bind(collection)
+    .bind(subject)
+    .fetch_optional(conn)
+    .await
+    .map_err(|e| store_error("reading an owner policy failed", e))?;
+    row.as_ref().map(decode_owner_row).transpose()
+}
 
 fn decode_owner_row(row: &PgRow) -> Result<OwnerPolicy, StoreError> {
     let limits = decode_owner(

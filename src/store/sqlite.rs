@@ -371,15 +371,7 @@ impl KeyStore for SqliteStore {
         collection: &str,
         subject: &str,
     ) -> Result<Option<OwnerPolicy>, StoreError> {
-        let row = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| store_error("reading an owner policy failed", e))?;
-        row.as_ref().map(decode_owner_row).transpose()
+        read_owner(&self.pool, collection, subject).await
     }
 
     async fn list_owner_policies(
@@ -406,15 +398,7 @@ impl KeyStore for SqliteStore {
         let map = |e| store_error("setting an owner policy failed", e);
         let pool = owner_pool(collection, subject);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
-        let before = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map)?;
-        let before = before.as_ref().map(decode_owner_row).transpose()?;
+        let before = read_owner(&mut *tx, collection, subject).await?;
         let old_generation: Option<i64> =
             sqlx::query_scalar("SELECT generation FROM keywarden_owner_credits WHERE pool = ?")
                 .bind(pool.as_bytes().as_slice())
@@ -485,15 +469,9 @@ impl KeyStore for SqliteStore {
             (false, _) => {}
         }
         let keys = owner_keys(&mut tx, collection, subject).await?;
-        let after = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map)?;
-        let after = decode_owner_row(&after)?;
+        let after = read_owner(&mut *tx, collection, subject)
+            .await?
+            .ok_or_else(|| corrupt("keywarden_owners", "the row just written is gone"))?;
         tx.commit().await.map_err(map)?;
         for id in keys {
             self.observers.notify(StoreChange::Key(id));
@@ -508,15 +486,7 @@ impl KeyStore for SqliteStore {
     ) -> Result<Option<OwnerPolicy>, StoreError> {
         let map = |e| store_error("deleting an owner policy failed", e);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map)?;
-        let before = sqlx::query(&format!(
-            "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
-        ))
-        .bind(collection)
-        .bind(subject)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map)?;
-        let Some(before) = before.as_ref().map(decode_owner_row).transpose()? else {
+        let Some(before) = read_owner(&mut *tx, collection, subject).await? else {
             return Ok(None);
         };
         sqlx::query("DELETE FROM keywarden_owners WHERE collection = ? AND subject = ?")
@@ -942,6 +912,26 @@ impl SqliteStore {
 const OWNER_SELECT: &str = "SELECT o.collection, o.subject, o.rate_limit, o.credits_refill, \
     o.credits_generation, o.updated_at, c.remaining FROM keywarden_owners AS o \
     LEFT JOIN keywarden_owner_credits AS c ON c.pool = o.pool";
+
+/// An owner's policy with its balance, if it has one.
+async fn read_owner<'e, E>(
+    conn: E,
+    collection: &str,
+    subject: &str,
+) -> Result<Option<OwnerPolicy>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let row = sqlx::query(&format!(
+        "{OWNER_SELECT} WHERE o.collection = ? AND o.subject = ?"
+    ))
+    .bind(collection)
+    .bind(subject)
+    .fetch_optional(conn)
+    .await
+    .map_err(|e| store_error("reading an owner policy failed", e))?;
+    row.as_ref().map(decode_owner_row).transpose()
+}
 
 fn decode_owner_row(row: &SqliteRow) -> Result<OwnerPolicy, StoreError> {
     let limits = decode_owner(

@@ -58,28 +58,22 @@ impl Charged {
 
     /// Gives back `amount` of what the request was charged.
     pub(crate) fn refund_part(&self, amount: u64) {
-        let resolved = &self.resolved;
-        self.ledger.refund_both(
-            resolved.credits.as_deref(),
-            resolved.owner_credits(),
-            amount,
-        );
+        let (key, owner) = self.resolved.accounts();
+        self.ledger.refund_both(key, owner, amount);
     }
 
     /// The credits this instance knows are left to the key (the fewer of its own and its
     /// owner's).
     pub(crate) fn known_left(&self) -> Option<u64> {
-        let resolved = &self.resolved;
-        self.ledger
-            .known_left_both(resolved.credits.as_deref(), resolved.owner_credits())
+        let (key, owner) = self.resolved.accounts();
+        self.ledger.known_left_both(key, owner)
     }
 
     /// Charges `extra` more without waiting: the credits left, or `None` when the store must
     /// be asked ([`Charged::charge_more`]).
     pub(crate) fn spend_more_now(&self, extra: u64) -> Option<u64> {
-        let resolved = &self.resolved;
-        self.ledger
-            .spend_now_both(resolved.credits.as_deref(), resolved.owner_credits(), extra)
+        let (key, owner) = self.resolved.accounts();
+        self.ledger.spend_now_both(key, owner, extra)
     }
 
     /// Charges `extra` more, leasing if needed.
@@ -88,14 +82,9 @@ impl Charged {
         extra: u64,
         unavailable: impl Fn() -> AuthRejection,
     ) -> Result<Option<u64>, AuthRejection> {
-        let resolved = &self.resolved;
+        let (key, owner) = self.resolved.accounts();
         self.ledger
-            .charge_both(
-                resolved.credits.as_deref(),
-                resolved.owner_credits(),
-                extra,
-                unavailable,
-            )
+            .charge_both(key, owner, extra, unavailable)
             .await
     }
 }
@@ -344,7 +333,7 @@ impl Admission {
         resolved: &ResolvedKey,
         cost: impl FnOnce() -> u64,
     ) -> ChargeNow {
-        let (key, owner) = (resolved.credits.as_deref(), resolved.owner_credits());
+        let (key, owner) = resolved.accounts();
         if key.is_none() && owner.is_none() {
             return ChargeNow::Unlimited;
         }
@@ -370,7 +359,7 @@ impl Admission {
         cost: u64,
         unavailable: impl Fn() -> AuthRejection,
     ) -> Result<Option<u64>, AuthRejection> {
-        let (key, owner) = (resolved.credits.as_deref(), resolved.owner_credits());
+        let (key, owner) = resolved.accounts();
         if key.is_none() && owner.is_none() {
             return Ok(None);
         }

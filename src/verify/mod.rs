@@ -410,11 +410,10 @@ impl Verifier {
     ) -> Result<(Principal, Quota), AuthRejection> {
         let (resolved, quota) = self.decide(headers, method, client, cost).await?;
         if let Some(missing) = scopes.iter().find(|s| !resolved.principal.has_scope(s)) {
-            self.admission.credits.refund_both(
-                resolved.credits.as_deref(),
-                resolved.owner_credits(),
-                quota.charged,
-            );
+            let (key, owner) = resolved.accounts();
+            self.admission
+                .credits
+                .refund_both(key, owner, quota.charged);
             // The scope asked for is the caller's text, not the key: it may be named.
             let detail = format!("the key does not hold the scope `{missing}`");
             return Err(AuthRejection::new(RejectionKind::InsufficientScope, detail));

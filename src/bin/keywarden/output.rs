@@ -209,15 +209,7 @@ pub(crate) fn print_created(created: &CreatedKey, rotated: Option<&KeyRecord>, o
         println!("Accepted only from {}.", networks.join(", "));
     }
     if let Some(credits) = record.credits {
-        match credits.refill {
-            Some(refill) => println!(
-                "Credits: {}, set to {} again every {}.",
-                credits.remaining,
-                refill.amount(),
-                refill.to_string().split_once('/').map_or("", |(_, p)| p)
-            ),
-            None => println!("Credits: {}.", credits.remaining),
-        }
+        println!("Credits: {}.", credits_words(credits));
     }
     println!();
     println!("    {}", created.key.expose());
@@ -302,6 +294,19 @@ pub(crate) fn print_record(record: &KeyRecord, out: Output) {
     ];
     for (label, value) in rows {
         println!("{label:<14}{value}");
+    }
+}
+
+/// A balance and its refill as people read them: `500`, `500, set to 1000 again every day`.
+pub(crate) fn credits_words(credits: keywarden::store::Credits) -> String {
+    match credits.refill {
+        Some(refill) => format!(
+            "{}, set to {} again every {}",
+            credits.remaining,
+            refill.amount(),
+            refill.to_string().split_once('/').map_or("", |(_, p)| p)
+        ),
+        None => credits.remaining.to_string(),
     }
 }
 

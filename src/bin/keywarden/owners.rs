@@ -157,18 +157,9 @@ fn print_table(policies: &[OwnerPolicy]) {
 }
 
 fn credits_text(policy: &OwnerPolicy) -> String {
-    match policy.credits {
-        None => "-".to_owned(),
-        Some(credits) => match credits.refill {
-            Some(refill) => format!(
-                "{}, set to {} again every {}",
-                credits.remaining,
-                refill.amount(),
-                refill.to_string().split_once('/').map_or("", |(_, p)| p)
-            ),
-            None => credits.remaining.to_string(),
-        },
-    }
+    policy
+        .credits
+        .map_or_else(|| "-".to_owned(), crate::output::credits_words)
 }
 
 /// Runs an `owners` command.

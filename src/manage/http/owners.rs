@@ -64,12 +64,6 @@ impl From<&OwnerPolicy> for OwnerPolicyView {
     }
 }
 
-fn nullable<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    deserializer: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(deserializer).map(Some)
-}
-
 /// A change to an owner's policy: members left out stay as they are, `null` removes. An owner
 /// without a policy gets one. Unknown members are refused (422, field `body`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -78,17 +72,17 @@ fn nullable<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
 pub(super) struct OwnerBody {
     /// A rate limit such as `600/min` or `600/min,burst=50`, shared by all the owner's keys;
     /// `null`: none of its own.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "crate::manage::policy::nullable")]
     #[schema(value_type = Option<RateLimitPolicy>)]
     rate_limit: Option<Option<String>>,
     /// The shared credit balance (voids what instances hold leased, and restarts the refill
     /// schedule from now); `null`: no shared credits (drops the refill too).
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "crate::manage::policy::nullable")]
     #[schema(value_type = Option<u64>, minimum = 0, maximum = 9007199254740991_u64)]
     credits: Option<Option<Value>>,
     /// A refill such as `10000/month` (an owner without credits starts with its amount);
     /// `null`: no refill.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "crate::manage::policy::nullable")]
     #[schema(value_type = Option<Refill>)]
     refill: Option<Option<String>>,
 }

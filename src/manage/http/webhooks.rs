@@ -47,12 +47,6 @@ impl BodyFields for CreateWebhookBody {
     const FIELDS: &'static [&'static str] = &["url", "events", "description"];
 }
 
-fn nullable<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    deserializer: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(deserializer).map(Some)
-}
-
 /// A change to a subscription; members left out stay.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -65,7 +59,7 @@ pub(super) struct PatchWebhookBody {
     #[schema(nullable = false)]
     events: Option<Vec<String>>,
     /// A new description; `null` removes it.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "crate::manage::policy::nullable")]
     #[schema(value_type = Option<String>)]
     description: Option<Option<String>>,
     /// `true` pauses deliveries; `false` resumes them (and retries at once).

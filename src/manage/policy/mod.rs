@@ -17,7 +17,8 @@ pub use expiry::{
 };
 #[cfg(feature = "manage-api")]
 pub(crate) use request::{
-    parse_credits, parse_rate_limit, parse_refill, parse_time, CreateRequest, PatchRequest,
+    nullable, parse_credits, parse_rate_limit, parse_refill, parse_time, CreateRequest,
+    PatchRequest,
 };
 #[cfg(feature = "webhooks")]
 pub(crate) use validate::check_free_text;

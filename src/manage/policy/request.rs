@@ -99,7 +99,9 @@ impl CreateRequest {
     ];
 }
 
-fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+/// A member that may be absent (`None`), `null` (`Some(None)`) or a value: for
+/// `#[serde(default, deserialize_with = "nullable")]` on PATCH bodies.
+pub(crate) fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(deserializer).map(Some)
