@@ -9,12 +9,12 @@
 //! The keys are created through a KeyManager in a memory store *before* the first RSS
 //! reading, and before the layer is built (so no creation notice reaches its cache), so the
 //! store and the plaintext list are in the baseline; the delta is what the cache (moka's
-//! entries, the front map, the cached entries and principals, moka's bookkeeping) adds.
+//! found map, moka's not-found entries, the cached entries and principals) adds.
 //!
-//! `--parts` also measures the two maps alone, with a 32-byte key and an `Arc` value like the
-//! cache's: moka configured as keywarden configures it (capacity, per-entry expiry,
-//! invalidation closures, eviction listener) and the `DashMap` of the front map. What they
-//! take is structure that no change to the cached records can remove.
+//! `--parts` also measures maps alone, with a 32-byte key and an `Arc` value like the
+//! cache's: moka in the configurations keywarden has used, the `DashMap` that mirrored it for
+//! hits, and the sharded map that holds found keys now. What they take is structure that no
+//! change to the cached records can remove.
 //!
 //! ```text
 //! cargo run --release --example cache_memory -- --parts 1000000
@@ -101,18 +101,26 @@ fn main() {
 }
 
 /// The maps `--parts` measures: moka as keywarden configured it before issue 19 (capacity,
-/// per-entry expiry, invalidation closures, eviction listener), as it configures it now
-/// (no invalidation closures), with the listener alone, in its plainest configuration; and
-/// the front map.
-const PARTS: [(&str, &str); 5] = [
+/// per-entry expiry, invalidation closures, eviction listener), as it held found keys until
+/// they moved to the found map (no invalidation closures), as it holds not-found digests now
+/// (expiry, no listener), in its plainest configuration; the `DashMap` that mirrored moka
+/// for hits; and the structure of the found map (a `HashMap` per shard behind a lock).
+const PARTS: [(&str, &str); 6] = [
     (
         "moka-closures",
         "moka: expiry, listener, invalidation closures (before issue 19)",
     ),
-    ("moka", "moka: expiry, listener (keywarden's cache now)"),
-    ("moka-listener", "moka: listener only"),
+    (
+        "moka-listener",
+        "moka: expiry, listener (found keys, before the found map)",
+    ),
+    ("moka", "moka: expiry (keywarden's not-found digests now)"),
     ("moka-plain", "moka: capacity only"),
-    ("dashmap", "DashMap (the front map)"),
+    ("dashmap", "DashMap (the front map, before the found map)"),
+    (
+        "sharded",
+        "HashMap in 8 shards behind RwLocks (the found map)",
+    ),
 ];
 
 /// One of the cache's two maps alone: 32-byte keys (like a digest), `Arc` values.
@@ -142,29 +150,44 @@ async fn measure_part(part: &str, count: usize) {
         .expect("a known part");
     let after = if let Some(config) = part.strip_prefix("moka") {
         let mut builder = moka::future::Cache::builder().max_capacity(2 * count as u64);
-        if config.is_empty() || config == "-closures" {
+        if config != "-plain" {
             builder = builder.expire_after(Lifetime);
         }
         if config == "-closures" {
             builder = builder.support_invalidation_closures();
         }
-        let cache: moka::future::Cache<[u8; 32], Arc<u64>> = if config == "-plain" {
-            builder.build()
-        } else {
-            builder.eviction_listener(|_, _, _| {}).build()
-        };
+        let cache: moka::future::Cache<[u8; 32], Arc<u64>> =
+            if config == "-closures" || config == "-listener" {
+                builder.eviction_listener(|_, _, _| {}).build()
+            } else {
+                builder.build()
+            };
         for (i, value) in values.iter().enumerate() {
             cache.insert(key(i), Arc::clone(value)).await;
         }
         cache.run_pending_tasks().await;
         assert_eq!(cache.entry_count(), count as u64);
         rss_bytes()
-    } else {
+    } else if part == "dashmap" {
         let map = dashmap::DashMap::new();
         for (i, value) in values.iter().enumerate() {
             map.insert(key(i), Arc::clone(value));
         }
         assert_eq!(map.len(), count);
+        rss_bytes()
+    } else {
+        let shards: Vec<std::sync::RwLock<std::collections::HashMap<[u8; 32], Arc<u64>>>> =
+            (0..8).map(|_| Default::default()).collect();
+        for (i, value) in values.iter().enumerate() {
+            let key = key(i);
+            let shard = usize::from(key[1]) % 8;
+            shards[shard]
+                .write()
+                .unwrap()
+                .insert(key, Arc::clone(value));
+        }
+        let len: usize = shards.iter().map(|s| s.read().unwrap().len()).sum();
+        assert_eq!(len, count);
         rss_bytes()
     };
     let per_entry = after.saturating_sub(before) as f64 / count as f64;

@@ -1,4 +1,4 @@
-//! The lookup cache: digest → resolved key, over `moka::future::Cache`.
+//! The lookup cache: digest → resolved key.
 //!
 //! Found and not-found results are both cached (not-found with a short TTL so a key created
 //! elsewhere is usable soon). Concurrent misses for one digest share one store query. The
@@ -7,29 +7,33 @@
 //! A found entry past its TTL is kept for a further stale window: it is re-read from the
 //! store by one request at a time, and answered from while the store is unreachable.
 //!
-//! moka is the cache of record: capacity, admission and eviction, expiry, coalescing, and the
-//! dropping of single digests and of everything. An invalidation by key id or of all
-//! not-found entries takes effect through a generation counter every lookup checks (an entry
-//! read before an invalidation that concerns it is never served, and is re-read); the
-//! entries themselves go at their next lookup, expiry or eviction. A hit does not read moka:
-//! moka's `get` (read recording, housekeeping, expiry bookkeeping) cost more than everything
-//! else on the hit path together. A lean map
-//! from digest to the same entries (the front map) serves hits synchronously, with expiry and
-//! the invalidation check applied on read. It mirrors moka: an entry enters it just before
-//! moka gets it and leaves it through moka's eviction listener; a miss first takes back from
-//! moka what the front map lost; and one hit in sixteen is replayed to moka on the next miss,
-//! so moka's eviction still sees which keys are in use.
+//! Two maps, each bounded by the configured capacity:
+//! - **Found keys** live in a compact sharded map of our own ([`FoundMap`]): digest → entry,
+//!   read synchronously by the hit path under a shard's read lock, with expiry and the
+//!   invalidation check applied on read, and evicted by a second-chance sweep (an entry used
+//!   since the last sweep survives it). Only keys that exist can enter it, so no flood of
+//!   made-up digests can push a key in use out.
+//! - **Not-found digests** live in moka, whose admission policy (TinyLFU) and per-entry
+//!   expiry suit the one-off digests of guessed or mistyped keys; moka also coalesces
+//!   concurrent misses of one digest into one store query, whatever they find.
+//!
+//! moka's bookkeeping is about 390 bytes per entry, and the found map's about 90: keeping
+//! found keys out of moka is what brings a cached key under 512 bytes.
+//!
+//! An invalidation by key id or of all not-found entries takes effect through a generation
+//! counter every lookup checks (an entry read before an invalidation that concerns it is
+//! never served, and is re-read); the entries themselves go at their next lookup, expiry or
+//! eviction.
 
-use std::cell::Cell;
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use dashmap::DashMap;
 use http::Extensions;
 use moka::future::Cache;
 use moka::Expiry;
@@ -171,7 +175,7 @@ pub(crate) enum Resolution {
 }
 
 /// A cached lookup, the cache generation when its store read began, and when it was read.
-/// One allocation, shared by moka and the front map.
+/// One allocation: a found key's lives in the [`FoundMap`], a not-found digest's in moka.
 pub(crate) struct Entry {
     pub(crate) lookup: Resolution,
     /// The generation at which the entry's store read began, or a later one at which the hit
@@ -186,6 +190,9 @@ pub(crate) struct Entry {
     /// Set while one request re-reads this stale entry, so the others do not pile onto the
     /// store.
     refreshing: AtomicBool,
+    /// Used since the found map's last eviction sweep of its shard: such an entry gets a
+    /// second chance (the sweep clears the flag instead of evicting it).
+    used: AtomicBool,
 }
 
 type Cached = Arc<Entry>;
@@ -203,6 +210,8 @@ impl Entry {
             expires: after(lifetimes.of(&lookup)),
             lookup,
             refreshing: AtomicBool::new(false),
+            // A new entry survives the first sweep it meets: it was read to be used.
+            used: AtomicBool::new(true),
         })
     }
 }
@@ -338,43 +347,199 @@ impl Hasher for DigestHasher {
     }
 }
 
-/// The hit path's view of the cache: digest → the entry moka holds. moka stays the cache of
-/// record (capacity, eviction, expiry, coalescing); this map only lets a hit skip moka's
-/// read bookkeeping. An entry enters it just before moka gets it and leaves it when moka's
-/// eviction listener reports that entry gone, so it never holds what moka has dropped for
-/// long, and it never outlives its TTL (checked on read).
-type Front = DashMap<Digest, Cached, DigestHash>;
+/// Found keys: digest → entry, in shards behind read-write locks, holding at most `capacity`
+/// entries together.
+///
+/// The hit path takes one shard's read lock. Inserts take a write lock, and an insert that
+/// takes the map past its capacity sweeps its shard: expired entries and entries not used
+/// since the shard's last sweep go, entries used since get a second chance (their flag is
+/// cleared), until a sixteenth of the shard (at least the excess) is free, so sweeps stay rare
+/// and their cost per insert small. Every so many inserts (a shard's share of the capacity,
+/// at least [`FOUND_SWEEP_EVERY`]) one shard, in turn, also drops its expired entries, so
+/// entries of keys no longer used do not wait for the map to fill to be freed; an insert
+/// visits about one entry for it. A sweep holds its shard's write lock: at a capacity of
+/// 1,000,000 on a machine with two cores, a walk over 125,000 entries, once per 125,000
+/// inserts.
+struct FoundMap {
+    shards: Box<[RwLock<HashMap<Digest, Cached, DigestHash>>]>,
+    /// `shards.len() - 1`; the length is a power of two.
+    mask: usize,
+    /// Entries in all shards.
+    len: AtomicUsize,
+    capacity: usize,
+    inserts: AtomicUsize,
+    /// Inserts between two sweeps of a shard's expired entries.
+    sweep_every: usize,
+}
 
-/// How many front-map insertions pass (at least) between checks that it has not outgrown moka.
-const FRONT_CHECK_EVERY: u64 = 4096;
+/// The fewest inserts into the found map between two sweeps of a shard's expired entries.
+const FOUND_SWEEP_EVERY: usize = 1024;
 
-/// One hit in this many, per thread, is replayed to moka (see [`KeyCache::sample_hit`]).
-const HIT_SAMPLE: u32 = 16;
-/// At most this many sampled hits wait for the next miss; more are dropped.
-const MAX_SAMPLED_HITS: usize = 1024;
+impl FoundMap {
+    fn new(capacity: u64) -> Self {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
+        // Enough shards that cores reading different keys rarely meet on one lock (as
+        // `DashMap` sizes them), and no more than the capacity fills well: a small cache
+        // has one shard, so its bound is exact.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let by_cores = cores.saturating_mul(4).next_power_of_two();
+        let by_size = (capacity / 256).max(1).next_power_of_two();
+        let count = by_cores.min(by_size).min(256);
+        Self {
+            shards: (0..count)
+                .map(|_| RwLock::new(HashMap::with_hasher(DigestHash)))
+                .collect(),
+            mask: count - 1,
+            len: AtomicUsize::new(0),
+            capacity,
+            inserts: AtomicUsize::new(0),
+            sweep_every: (capacity / count).max(FOUND_SWEEP_EVERY),
+        }
+    }
 
-thread_local! {
-    static HITS: Cell<u32> = const { Cell::new(0) };
+    /// The shard of `digest`: chosen by bytes the map's hash does not use (it uses the first
+    /// eight), so the hashes within a shard stay as spread as the digests.
+    #[inline]
+    fn shard(&self, digest: &Digest) -> &RwLock<HashMap<Digest, Cached, DigestHash>> {
+        let bytes = digest.as_bytes();
+        let index = usize::from(u16::from_le_bytes([bytes[8], bytes[9]])) & self.mask;
+        &self.shards[index]
+    }
+
+    /// `f` on the entry of `digest`, under its shard's read lock.
+    #[inline]
+    fn with<R>(&self, digest: &Digest, f: impl FnOnce(&Cached) -> R) -> Option<R> {
+        let shard = self
+            .shard(digest)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        shard.get(digest).map(f)
+    }
+
+    fn insert(&self, digest: Digest, entry: Cached) {
+        let now = Instant::now();
+        {
+            let mut shard = self
+                .shard(&digest)
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if shard.insert(digest, entry).is_none() {
+                let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
+                if len > self.capacity {
+                    self.evict(&mut shard, len - self.capacity, now);
+                }
+            }
+        }
+        let inserts = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        if inserts % self.sweep_every == 0 {
+            let index = (inserts / self.sweep_every) & self.mask;
+            let mut shard = self.shards[index]
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let before = shard.len();
+            shard.retain(|_, entry| now < entry.expires);
+            self.len.fetch_sub(before - shard.len(), Ordering::AcqRel);
+        }
+    }
+
+    /// Frees at least `over` entries of `shard` (all of them at most), and a sixteenth of it
+    /// if that is more: expired and unused ones first, then any.
+    fn evict(&self, shard: &mut HashMap<Digest, Cached, DigestHash>, over: usize, now: Instant) {
+        let target = over.max(shard.len() / 16).min(shard.len());
+        let mut freed = 0;
+        shard.retain(|_, entry| {
+            if freed >= target {
+                return true;
+            }
+            // `swap`: a used entry survives this sweep, and the next one unless used again.
+            if now >= entry.expires || !entry.used.swap(false, Ordering::Relaxed) {
+                freed += 1;
+                return false;
+            }
+            true
+        });
+        if freed < target {
+            // Everything was in use: the excess goes anyway.
+            shard.retain(|_, _| {
+                if freed >= target {
+                    return true;
+                }
+                freed += 1;
+                false
+            });
+        }
+        self.len.fetch_sub(freed, Ordering::AcqRel);
+    }
+
+    fn remove(&self, digest: &Digest) {
+        self.remove_if(digest, |_| true);
+    }
+
+    /// Removes the entry of `digest` if `doomed` says so.
+    fn remove_if(&self, digest: &Digest, doomed: impl FnOnce(&Cached) -> bool) {
+        let mut shard = self
+            .shard(digest)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shard.get(digest).is_some_and(doomed) {
+            shard.remove(digest);
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn clear(&self) {
+        for shard in &*self.shards {
+            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+            self.len.fetch_sub(shard.len(), Ordering::AcqRel);
+            shard.clear();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    fn contains(&self, digest: &Digest) -> bool {
+        self.with(digest, |_| ()).is_some()
+    }
+
+    #[cfg(test)]
+    fn digests(&self) -> Vec<Digest> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                let shard = shard.read().unwrap_or_else(PoisonError::into_inner);
+                shard.keys().copied().collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// Why a coalesced load's result is not stored in moka: a found key (it goes to the
+/// [`FoundMap`]) or a failed read (errors are not cached). Every caller waiting on the load
+/// gets it all the same.
+enum Unstored {
+    Found(Cached),
+    Failed(Arc<StoreError>),
 }
 
 /// The cache, plus a generation counter that every invalidation bumps.
 ///
 /// A load that read the store before an invalidation may insert its (stale) result after it:
-/// moka's invalidation only reaches entries already present. Each entry records the generation
+/// an invalidation only reaches entries already present. Each entry records the generation
 /// at which its store read began, and neither the hit path ([`KeyCache::lookup`]) nor
 /// [`KeyCache::get_or_load`] trusts an entry older than an invalidation that concerns it.
 #[derive(Clone)]
 pub(crate) struct KeyCache {
+    /// Not-found digests, and the coalescing of every miss.
     cache: Cache<Digest, Cached>,
-    front: Arc<Front>,
-    front_inserts: Arc<AtomicU64>,
-    /// Hits noted for moka, replayed on the next miss.
-    sampled: Arc<Mutex<Vec<Digest>>>,
+    /// Found keys.
+    found: Arc<FoundMap>,
     generation: Arc<AtomicU64>,
     ttl: Duration,
     stale: Duration,
     lifetimes: Ttl,
-    max_capacity: u64,
     /// `false` when built with capacity 0: every lookup reads the store.
     enabled: bool,
     /// The latest invalidations, by generation; bumped and appended under the lock.
@@ -418,81 +583,78 @@ impl KeyCache {
             found: config.ttl.saturating_add(config.stale),
             missing: config.negative_ttl,
         };
-        let front: Arc<Front> = Arc::new(DashMap::with_hasher(DigestHash));
-        let listener_front = Arc::clone(&front);
         let cache = Cache::builder()
             .max_capacity(config.max_capacity)
             .expire_after(lifetimes)
-            .eviction_listener(move |digest: Arc<Digest>, gone: Cached, _cause| {
-                // Only that entry: a newer one for the same digest may already be there.
-                listener_front.remove_if(&*digest, |_, held| Arc::ptr_eq(held, &gone));
-            })
             .build();
         Self {
             cache,
-            front,
-            front_inserts: Arc::default(),
-            sampled: Arc::default(),
+            found: Arc::new(FoundMap::new(config.max_capacity)),
             generation: Arc::new(AtomicU64::new(0)),
             ttl: config.ttl,
             stale: config.stale,
             lifetimes,
-            max_capacity: config.max_capacity,
             enabled: config.max_capacity > 0,
             recent: Arc::default(),
             blind: Arc::default(),
         }
     }
 
-    /// The hit path: the cached lookup, fresh or stale, synchronously and without touching
-    /// moka. An entry whose store read began before an invalidation that concerns it may have
-    /// been inserted after that invalidation ran (a load racing a revocation): it is never
-    /// returned, and [`KeyCache::get_or_load`] re-reads it.
+    /// The hit path: a found key, fresh or stale, synchronously and without touching moka.
+    /// An entry whose store read began before an invalidation that concerns it may have been
+    /// inserted after that invalidation ran (a load racing a revocation): it is never
+    /// returned, and [`KeyCache::get_or_load`] re-reads it. Not-found digests are moka's:
+    /// [`KeyCache::lookup_missing`].
+    #[inline]
     pub(crate) fn lookup(&self, digest: &Digest) -> Option<CacheHit> {
         if !self.enabled {
             return None;
         }
-        let (verdict, dropped) = {
-            let held = self.front.get(digest)?;
-            match self.classify(digest, held.value()) {
-                Some(hit) => (Some(hit), None),
-                None => (None, Some(Arc::clone(held.value()))),
+        match self
+            .found
+            .with(digest, |entry| match self.classify(digest, entry) {
+                Ok(hit) => {
+                    if !entry.used.load(Ordering::Relaxed) {
+                        entry.used.store(true, Ordering::Relaxed);
+                    }
+                    Ok(hit)
+                }
+                Err(gone) => Err(gone.then(|| Arc::clone(entry))),
+            })? {
+            Ok(hit) => Some(hit),
+            // Expired or superseded: let the miss path read it again.
+            Err(Some(dropped)) => {
+                self.found
+                    .remove_if(digest, |held| Arc::ptr_eq(held, &dropped));
+                None
             }
-        };
-        match dropped {
-            // Expired or superseded: let the miss path read it again. moka drops its copy
-            // itself (expiry) or already has (invalidation).
-            Some(dropped) => {
-                self.front
-                    .remove_if(digest, |_, held| Arc::ptr_eq(held, &dropped));
-            }
-            None => self.sample_hit(digest),
+            Err(None) => None,
         }
-        verdict
     }
 
-    /// The miss path's first step: an entry moka holds that the front map lost (an insert
-    /// overtaken by another for the same digest, a clean-up racing a publish) is put back
-    /// and served by the same rules as a hit. Also lets moka see the sampled hits.
-    pub(crate) async fn recover(&self, digest: &Digest) -> Option<CacheHit> {
+    /// The miss path's first step: a cached not-found digest (these live in moka), served by
+    /// the same rules as a hit.
+    pub(crate) async fn lookup_missing(&self, digest: &Digest) -> Option<CacheHit> {
         if !self.enabled {
             return None;
         }
-        self.replay_hits().await;
         let entry = self.cache.get(digest).await?;
-        let hit = self.classify(digest, &entry)?;
-        self.front.entry(*digest).or_insert(entry);
-        Some(hit)
+        self.classify(digest, &entry).ok()
     }
 
     /// A fresh or stale hit, or `None` when the entry is past its lifetime or an
     /// invalidation since its read concerns it.
-    fn classify(&self, digest: &Digest, entry: &Cached) -> Option<CacheHit> {
+    /// `Err(true)`: gone for good; `Err(false)`: only bounded blindness withholds it, and it
+    /// may be served again once the instance hears again.
+    fn classify(&self, digest: &Digest, entry: &Cached) -> Result<CacheHit, bool> {
         let now = Instant::now();
-        if now >= entry.expires || !self.current(digest, entry) || self.distrusted(entry, now) {
-            return None;
+        if now >= entry.expires || !self.current(digest, entry) {
+            return Err(true);
         }
-        Some(if self.stale.is_zero() || now < entry.fresh_until {
+        if self.distrusted(entry, now) {
+            return Err(false);
+        }
+        Ok(if self.stale.is_zero() || now < entry.fresh_until {
             CacheHit::Fresh(entry.lookup.clone())
         } else {
             CacheHit::Stale(StaleEntry {
@@ -534,32 +696,6 @@ impl KeyCache {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// moka orders eviction and admission by the reads it sees, and hits no longer reach it:
-    /// one hit in [`HIT_SAMPLE`] per thread is noted here and replayed to moka on the next
-    /// miss (misses are what insert, so what evict), so keys in use stay frequent to moka.
-    fn sample_hit(&self, digest: &Digest) {
-        let sampled = HITS.with(|hits| {
-            let n = hits.get().wrapping_add(1);
-            hits.set(n);
-            n % HIT_SAMPLE == 0
-        });
-        if sampled {
-            if let Ok(mut sampled) = self.sampled.try_lock() {
-                if sampled.len() < MAX_SAMPLED_HITS {
-                    sampled.push(*digest);
-                }
-            }
-        }
-    }
-
-    async fn replay_hits(&self) {
-        let sampled =
-            std::mem::take(&mut *self.sampled.lock().unwrap_or_else(PoisonError::into_inner));
-        for digest in &sampled {
-            let _ = self.cache.get(digest).await;
-        }
-    }
-
     /// Whether `entry` may be served: no invalidation since its read concerns it. Stamps an
     /// unconcerned entry with the current generation, so its next hit skips the check.
     #[inline]
@@ -575,10 +711,14 @@ impl KeyCache {
         true
     }
 
-    /// The cached lookup, fresh or stale alike.
+    /// The cached lookup, fresh or stale alike, found or not.
     #[cfg(test)]
     pub(crate) async fn get(&self, digest: &Digest) -> Option<Resolution> {
-        self.lookup(digest).map(|hit| match hit {
+        let hit = match self.lookup(digest) {
+            Some(hit) => Some(hit),
+            None => self.lookup_missing(digest).await,
+        };
+        hit.map(|hit| match hit {
             CacheHit::Fresh(lookup) => lookup,
             CacheHit::Stale(stale) => stale.resolution(),
         })
@@ -614,21 +754,6 @@ impl KeyCache {
         Entry::new(lookup, generation, self.ttl, self.lifetimes)
     }
 
-    /// Makes a freshly read entry visible to the hit path. Called before moka gets the entry,
-    /// so moka's eviction listener, which removes it again, always runs after this.
-    fn publish(&self, digest: Digest, entry: &Cached) {
-        self.front.insert(digest, Arc::clone(entry));
-        let inserts = self.front_inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        let every = FRONT_CHECK_EVERY.max(self.max_capacity / 8);
-        if inserts % every == 0 && self.front.len() as u64 > self.max_capacity {
-            // Only an insert whose moka half was cancelled leaves an entry moka never saw;
-            // one dropped here by mistake (its moka insert still in flight) is recovered.
-            let now = Instant::now();
-            self.front
-                .retain(|digest, entry| now < entry.expires && self.cache.contains_key(digest));
-        }
-    }
-
     /// Re-reads a stale entry. The result replaces the entry unless an invalidation raced
     /// the read; an error leaves the stale entry in place.
     pub(crate) async fn refresh<Fut>(
@@ -643,13 +768,26 @@ impl KeyCache {
         let lookup = load.await?;
         if generation == self.generation.load(Ordering::Acquire) {
             let entry = self.entry(lookup.clone(), generation);
-            self.publish(digest, &entry);
-            self.cache.insert(digest, entry).await;
+            self.store(digest, entry).await;
         } else {
-            self.front.remove(&digest);
+            self.found.remove(&digest);
             self.cache.invalidate(&digest).await;
         }
         Ok(lookup)
+    }
+
+    /// Puts an entry where its kind lives, dropping what the other map held for its digest.
+    async fn store(&self, digest: Digest, entry: Cached) {
+        match entry.lookup {
+            Resolution::Found(_) => {
+                self.found.insert(digest, entry);
+                self.cache.invalidate(&digest).await;
+            }
+            Resolution::Missing => {
+                self.found.remove(&digest);
+                self.cache.insert(digest, entry).await;
+            }
+        }
     }
 
     /// The cached lookup, or `load`'s result; concurrent callers for one digest share one
@@ -668,21 +806,43 @@ impl KeyCache {
             // No cache, no coalescing: one store query per lookup.
             return load().await.map_err(Arc::new);
         }
-        self.replay_hits().await;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let cached = self
+            // moka coalesces the load and keeps a not-found result; a found one is handed to
+            // every waiter as `Unstored` and kept in the found map instead.
+            let outcome = self
                 .cache
                 .try_get_with(digest, async {
                     let generation = self.generation.load(Ordering::Acquire);
-                    let entry = self.entry(load().await?, generation);
-                    if generation == self.generation.load(Ordering::Acquire) {
-                        self.publish(digest, &entry);
+                    let lookup = load()
+                        .await
+                        .map_err(|error| Unstored::Failed(Arc::new(error)))?;
+                    let entry = self.entry(lookup, generation);
+                    let current = generation == self.generation.load(Ordering::Acquire);
+                    match entry.lookup {
+                        Resolution::Found(_) => {
+                            if current {
+                                self.found.insert(digest, Arc::clone(&entry));
+                            }
+                            Err(Unstored::Found(entry))
+                        }
+                        Resolution::Missing => {
+                            if current {
+                                self.found.remove(&digest);
+                            }
+                            Ok(entry)
+                        }
                     }
-                    Ok(entry)
                 })
-                .await?;
+                .await;
+            let cached = match outcome {
+                Ok(entry) => entry,
+                Err(unstored) => match &*unstored {
+                    Unstored::Found(entry) => Arc::clone(entry),
+                    Unstored::Failed(error) => return Err(Arc::clone(error)),
+                },
+            };
             // moka's clock and ours differ by the moment of insertion: an entry moka still
             // holds may be past the deadline the hit path applies. An entry an invalidation
             // since its read concerns (a racing load's result, or one an invalidation left
@@ -693,7 +853,7 @@ impl KeyCache {
                 return Ok(cached.lookup.clone());
             }
             // Possibly stale: drop it and read again.
-            self.front.remove(&digest);
+            self.found.remove(&digest);
             self.cache.invalidate(&digest).await;
             if attempt >= MAX_RELOADS {
                 // Invalidations keep racing: answer from a fresh read, but do not cache it.
@@ -713,7 +873,7 @@ impl KeyCache {
 
     pub(crate) async fn invalidate_digest(&self, digest: &Digest) {
         self.bump(Dropped::Digest(*digest));
-        self.front.remove(digest);
+        self.found.remove(digest);
         self.cache.invalidate(digest).await;
     }
 
@@ -736,7 +896,7 @@ impl KeyCache {
 
     pub(crate) fn invalidate_all(&self) {
         self.bump(Dropped::All);
-        self.front.clear();
+        self.found.clear();
         self.cache.invalidate_all();
     }
 
@@ -745,27 +905,30 @@ impl KeyCache {
         self.enabled
     }
 
+    /// Found keys and not-found digests cached.
     pub(crate) fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        u64::try_from(self.found.len())
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.cache.entry_count())
     }
 
     pub(crate) async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;
     }
 
-    /// Inserts as a racing load would: into the front map and moka, with `generation`.
+    /// Inserts as a racing load would, with `generation`.
     #[cfg(test)]
     async fn insert_raw(&self, digest: Digest, lookup: Resolution, generation: u64) {
         let entry = self.entry(lookup, generation);
-        self.publish(digest, &entry);
-        self.cache.insert(digest, entry).await;
+        self.store(digest, entry).await;
     }
 }
 
 impl fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyCache")
-            .field("entries", &self.cache.entry_count())
+            .field("found", &self.found.len())
+            .field("missing", &self.cache.entry_count())
             .finish()
     }
 }
@@ -913,10 +1076,10 @@ mod tests {
         ));
     }
 
-    /// The hit path reads the front map only: it must hold nothing moka has dropped (evicted
-    /// for capacity, invalidated, flushed), or a dropped entry would live on there.
+    /// Each map keeps its bound, holds only its kind, and drops what an invalidation or a
+    /// flush drops.
     #[tokio::test]
-    async fn the_front_map_follows_moka() {
+    async fn both_maps_keep_their_bounds() {
         let cache = KeyCache::new(CacheConfig {
             max_capacity: 32,
             ..CacheConfig::default()
@@ -934,25 +1097,91 @@ mod tests {
                 .unwrap();
         }
         cache.run_pending_tasks().await;
-        assert!(cache.entry_count() <= 32, "moka kept its bound");
-        assert!(cache.front.len() <= 32, "front map: {}", cache.front.len());
-        for held in cache.front.iter() {
-            assert!(
-                cache.cache.contains_key(held.key()),
-                "front holds what moka dropped"
-            );
+        assert!(cache.cache.entry_count() <= 32, "moka kept its bound");
+        let held = cache.found.digests();
+        assert!(
+            !held.is_empty() && held.len() <= 32,
+            "found map: {}",
+            held.len()
+        );
+        assert_eq!(cache.found.len(), held.len(), "the count is exact");
+        for digest in &held {
+            assert_eq!(digest.as_bytes()[0] % 2, 0, "only found keys");
+            assert!(!cache.cache.contains_key(digest), "not in moka too");
         }
-        let kept = *cache.front.iter().next().expect("something cached").key();
+        let kept = held[0];
         assert!(cache.lookup(&kept).is_some(), "a kept entry is a hit");
         cache.invalidate_digest(&kept).await;
-        assert!(!cache.front.contains_key(&kept));
+        assert!(!cache.found.contains(&kept));
         assert!(cache.lookup(&kept).is_none());
         cache.invalidate_all();
         assert_eq!(
-            cache.front.len(),
+            cache.found.len(),
             0,
-            "a flush empties the front map at once"
+            "a flush empties the found map at once"
         );
+        assert!(cache.found.digests().is_empty());
+    }
+
+    /// Entries past their lifetime are swept without the map filling up, and the count stays
+    /// exact; a live entry is never swept.
+    #[test]
+    fn the_found_map_sweeps_expired_entries() {
+        // Filled below its capacity: nothing is evicted, only swept.
+        let map = FoundMap::new(16_384);
+        let gone = Ttl {
+            found: Duration::ZERO,
+            missing: Duration::ZERO,
+        };
+        let kept = Ttl {
+            found: Duration::from_secs(3600),
+            missing: Duration::ZERO,
+        };
+        let (live, lookup) = found(1);
+        map.insert(live, Entry::new(lookup.clone(), 0, Duration::ZERO, kept));
+        let inserted = 16_383;
+        assert!(map.sweep_every < inserted);
+        for i in 0..inserted {
+            let digest = spread(u32::try_from(i).unwrap(), 3);
+            map.insert(digest, Entry::new(lookup.clone(), 0, Duration::ZERO, gone));
+        }
+        assert!(map.len() < inserted + 1, "nothing swept: {}", map.len());
+        assert_eq!(map.len(), map.digests().len(), "the count is exact");
+        assert!(map.contains(&live), "a live entry stays");
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_a_found_key_share_one_load() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let (digest, lookup) = found(5);
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let cache = cache.clone();
+                let loads = loads.clone();
+                let lookup = lookup.clone();
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(digest, || {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            let lookup = lookup.clone();
+                            async move {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                Ok(lookup)
+                            }
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Ok(Resolution::Found(_))));
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert!(cache.found.contains(&digest));
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.cache.entry_count(), 0, "moka keeps no found key");
+        assert!(matches!(cache.lookup(&digest), Some(CacheHit::Fresh(_))));
     }
 
     fn spread(i: u32, tag: u8) -> Digest {
@@ -964,10 +1193,11 @@ mod tests {
         Digest::from_bytes(bytes)
     }
 
-    /// Hits do not reach moka, yet moka decides what to evict: without the sampled hits a key
-    /// in constant use was evicted like any one-off digest (found in review).
+    /// A key in use stays cached while others churn through a full cache: one-off digests
+    /// (moka's, they cannot reach the found map) and other keys (the found map's second
+    /// chance: a key used since the last sweep survives it).
     #[tokio::test]
-    async fn a_key_in_use_survives_a_flood_of_one_off_digests() {
+    async fn a_key_in_use_survives_churn() {
         let cache = KeyCache::new(CacheConfig {
             max_capacity: 64,
             ..CacheConfig::default()
@@ -981,43 +1211,37 @@ mod tests {
             async move { Ok(lookup) }
         };
         cache.get_or_load(hot, load_hot).await.unwrap();
-        for i in 1..64 {
-            cache
-                .get_or_load(spread(i, 1), || async { Ok(Resolution::Missing) })
-                .await
-                .unwrap();
-        }
-        for _ in 0..10_000 {
-            assert!(cache.lookup(&hot).is_some());
-        }
-        for i in 0..2_000 {
-            for _ in 0..10 {
-                if cache.lookup(&hot).is_none() && cache.recover(&hot).await.is_none() {
-                    cache.get_or_load(hot, load_hot).await.unwrap();
-                }
+        let (_, other_key) = found(2);
+        for i in 1..4_000 {
+            if cache.lookup(&hot).is_none() && cache.lookup_missing(&hot).await.is_none() {
+                cache.get_or_load(hot, load_hot).await.unwrap();
             }
             let cold = spread(i, 2);
-            if cache.lookup(&cold).is_none() {
-                cache
-                    .get_or_load(cold, || async { Ok(Resolution::Missing) })
-                    .await
-                    .unwrap();
+            let lookup = if i % 2 == 0 {
+                Resolution::Missing
+            } else {
+                other_key.clone()
+            };
+            cache
+                .get_or_load(cold, || async { Ok(lookup.clone()) })
+                .await
+                .unwrap();
+            if i % 64 == 0 {
+                cache.run_pending_tasks().await;
             }
-            cache.run_pending_tasks().await;
         }
         assert_eq!(
             reads.load(Ordering::SeqCst),
             1,
-            "the key in use was evicted by one-off digests"
+            "the key in use was evicted by churn"
         );
+        assert!(cache.found.len() <= 64);
     }
 
-    /// The front map can lose an entry moka still holds (two writers of one digest whose
-    /// inserts land in the other order, a clean-up racing a publish): the miss path takes it
-    /// back from moka, with its staleness intact, instead of serving it as fresh forever or
-    /// answering 503 during an outage (found in review).
+    /// A stale found key answers as stale, from the found map; re-read as not found it moves
+    /// to moka, and back when found again.
     #[tokio::test]
-    async fn an_entry_the_front_map_lost_is_recovered_from_moka() {
+    async fn each_kind_lives_in_its_own_map() {
         let cache = KeyCache::new(CacheConfig {
             ttl: Duration::from_millis(20),
             stale: Duration::from_secs(60),
@@ -1028,27 +1252,38 @@ mod tests {
             .get_or_load(digest, || async { Ok(lookup.clone()) })
             .await
             .unwrap();
-        cache.front.remove(&digest);
-        assert!(cache.lookup(&digest).is_none());
-        assert!(matches!(
-            cache.recover(&digest).await,
-            Some(CacheHit::Fresh(_))
-        ));
-        assert!(cache.front.contains_key(&digest), "back in the front map");
-        cache.front.remove(&digest);
+        assert!(cache.found.contains(&digest));
+        assert!(cache.lookup_missing(&digest).await.is_none());
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(
-            matches!(cache.recover(&digest).await, Some(CacheHit::Stale(_))),
+            matches!(cache.lookup(&digest), Some(CacheHit::Stale(_))),
             "past its TTL it is stale, and gets refreshed"
         );
-        // An invalidated entry is not recovered.
-        cache.front.remove(&digest);
+        cache
+            .refresh(digest, async { Ok(Resolution::Missing) })
+            .await
+            .unwrap();
+        assert!(!cache.found.contains(&digest), "not found any more");
+        assert!(cache.lookup(&digest).is_none());
+        assert!(matches!(
+            cache.lookup_missing(&digest).await,
+            Some(CacheHit::Fresh(Resolution::Missing))
+        ));
+        let again = lookup.clone();
+        cache.refresh(digest, async { Ok(again) }).await.unwrap();
+        assert!(
+            cache.lookup_missing(&digest).await.is_none(),
+            "moka's copy went"
+        );
+        assert!(matches!(cache.lookup(&digest), Some(CacheHit::Fresh(_))));
+        // An invalidated entry is served by neither path.
         let id = match &lookup {
             Resolution::Found(r) => r.principal.key_id(),
             Resolution::Missing => unreachable!(),
         };
         cache.invalidate_key(id);
-        assert!(cache.recover(&digest).await.is_none());
+        assert!(cache.lookup(&digest).is_none());
+        assert!(!cache.found.contains(&digest), "dropped by the lookup");
     }
 
     #[tokio::test]
@@ -1136,10 +1371,9 @@ mod tests {
         assert!(cache.lookup(&old).is_some(), "the re-read entry is served");
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(cache.lookup(&fresh).is_none());
-        // Sighted again: what moka still holds is served again (the refused lookup dropped
-        // it from the front map; the miss path's first step takes it back, no store read).
+        // Sighted again: what the cache still holds is served again (a lookup refused for
+        // blindness alone keeps the entry), with no store read.
         cache.set_blind(None, max_blind, true);
-        assert!(cache.recover(&fresh).await.is_some());
         assert!(cache.lookup(&fresh).is_some());
         assert!(cache.blind_since().is_none());
     }
@@ -1234,7 +1468,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            cache.lookup(&d1),
+            cache.lookup_missing(&d1).await,
             Some(CacheHit::Fresh(Resolution::Missing))
         ));
     }

@@ -170,7 +170,7 @@ impl Resolver {
     ) -> Result<Arc<ResolvedKey>, AuthRejection> {
         let hit = match self.cache.lookup(&digest) {
             Some(hit) => Some(hit),
-            None => self.cache.recover(&digest).await,
+            None => self.cache.lookup_missing(&digest).await,
         };
         self.count_lookup(hit.as_ref());
         if let Some(blocked) = blocked {
