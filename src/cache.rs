@@ -818,19 +818,18 @@ impl KeyCache {
                     let lookup = load()
                         .await
                         .map_err(|error| Unstored::Failed(Arc::new(error)))?;
+                    // Stored whatever invalidations ran meanwhile: the entry carries the
+                    // generation its read began at, and no lookup serves it if one of them
+                    // concerns it (not storing it would make every request of a key whose
+                    // read met an unrelated invalidation a store query).
                     let entry = self.entry(lookup, generation);
-                    let current = generation == self.generation.load(Ordering::Acquire);
                     match entry.lookup {
                         Resolution::Found(_) => {
-                            if current {
-                                self.found.insert(digest, Arc::clone(&entry));
-                            }
+                            self.found.insert(digest, Arc::clone(&entry));
                             Err(Unstored::Found(entry))
                         }
                         Resolution::Missing => {
-                            if current {
-                                self.found.remove(&digest);
-                            }
+                            self.found.remove(&digest);
                             Ok(entry)
                         }
                     }

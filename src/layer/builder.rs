@@ -209,7 +209,11 @@ impl ApiKeyLayerBuilder {
         self
     }
 
-    /// The most entries the cache holds (default 100,000). `0` turns the cache off: every
+    /// The most keys the cache holds (default 100,000), and, separately, the most unknown
+    /// digests it remembers (as not found, for the negative TTL). Past it, keys not used
+    /// since the cache last made room go first; a key in use is kept, and no flood of
+    /// made-up keys can push it out (they only fill the unknown-digest side, whose admission
+    /// favours digests seen often). `0` turns the cache off: every
     /// request then queries the store (no coalescing either), which is how Payload and Strapi
     /// work; it exists for comparison benchmarks and is not recommended in production.
     pub fn cache_capacity(mut self, entries: u64) -> Self {
