@@ -232,6 +232,13 @@ impl StaleEntry {
         self.entry.lookup.clone()
     }
 
+    /// Whether the entry can still be served: within its lifetime, no invalidation since its
+    /// read concerns it, and bounded blindness does not withhold it. A request that waited
+    /// for a failed re-read asks again before answering from it.
+    pub(crate) fn still_servable(&self, cache: &KeyCache, digest: &Digest) -> bool {
+        cache.classify(digest, &self.entry).is_ok()
+    }
+
     /// Claims the re-read of this entry; only one caller at a time gets it.
     pub(crate) fn claim_refresh(&self) -> Option<RefreshClaim<'_>> {
         (!self.entry.refreshing.swap(true, Ordering::AcqRel)).then_some(RefreshClaim(&self.entry))
@@ -550,8 +557,10 @@ pub(crate) struct KeyCache {
 
 /// Bounded blindness: while an invalidation listener reports that neither the change feed
 /// nor a notification transport has answered for its `max_blind`, entries read longer ago
-/// than that are not served; they are re-read, which fails (503) while the store is out of
-/// reach. The hit path pays one relaxed load while the instance can hear.
+/// than that are not served; requests for them read the store, which fails (503) while it is
+/// out of reach. The entries stay cached: once the instance hears again (after applying what
+/// it missed) they are served again. The hit path pays one relaxed load while the instance
+/// can hear.
 #[derive(Debug, Default)]
 struct Blindness {
     on: AtomicBool,
@@ -754,8 +763,8 @@ impl KeyCache {
         Entry::new(lookup, generation, self.ttl, self.lifetimes)
     }
 
-    /// Re-reads a stale entry. The result replaces the entry unless an invalidation raced
-    /// the read; an error leaves the stale entry in place.
+    /// Re-reads a stale entry. The result replaces the entry; an error leaves the stale entry
+    /// in place.
     pub(crate) async fn refresh<Fut>(
         &self,
         digest: Digest,
@@ -766,13 +775,10 @@ impl KeyCache {
     {
         let generation = self.generation.load(Ordering::Acquire);
         let lookup = load.await?;
-        if generation == self.generation.load(Ordering::Acquire) {
-            let entry = self.entry(lookup.clone(), generation);
-            self.store(digest, entry).await;
-        } else {
-            self.found.remove(&digest);
-            self.cache.invalidate(&digest).await;
-        }
+        // Stored with the generation its read began at, whatever invalidations ran meanwhile:
+        // no lookup serves it if one of them concerns it (as for `get_or_load`).
+        self.store(digest, self.entry(lookup.clone(), generation))
+            .await;
         Ok(lookup)
     }
 
@@ -814,6 +820,17 @@ impl KeyCache {
             let outcome = self
                 .cache
                 .try_get_with(digest, async {
+                    // A load for this digest may have finished between the caller's miss and
+                    // now: its entry is in the found map. Taken if it may be served (one that
+                    // only bounded blindness withholds stays, and the store is read).
+                    let servable = self.found.with(&digest, |entry| {
+                        self.classify(&digest, entry)
+                            .is_ok()
+                            .then(|| Arc::clone(entry))
+                    });
+                    if let Some(entry) = servable.flatten() {
+                        return Err(Unstored::Found(entry));
+                    }
                     let generation = self.generation.load(Ordering::Acquire);
                     let lookup = load()
                         .await
@@ -851,9 +868,14 @@ impl KeyCache {
             if live && self.current(&digest, &cached) {
                 return Ok(cached.lookup.clone());
             }
-            // Possibly stale: drop it and read again.
-            self.found.remove(&digest);
-            self.cache.invalidate(&digest).await;
+            // Possibly stale: drop it (not a newer entry another caller stored meanwhile) and
+            // read again.
+            match cached.lookup {
+                Resolution::Found(_) => self
+                    .found
+                    .remove_if(&digest, |held| Arc::ptr_eq(held, &cached)),
+                Resolution::Missing => self.cache.invalidate(&digest).await,
+            }
             if attempt >= MAX_RELOADS {
                 // Invalidations keep racing: answer from a fresh read, but do not cache it.
                 return load().await.map_err(Arc::new);
@@ -1147,6 +1169,60 @@ mod tests {
         assert!(map.len() < inserted + 1, "nothing swept: {}", map.len());
         assert_eq!(map.len(), map.digests().len(), "the count is exact");
         assert!(map.contains(&live), "a live entry stays");
+    }
+
+    /// A miss that lost the race to a load of the same key (it missed the found map just
+    /// before that load stored its entry) takes the entry instead of reading the store again.
+    #[tokio::test]
+    async fn a_miss_behind_a_finished_load_reads_nothing() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let (digest, lookup) = found(6);
+        let loads = AtomicUsize::new(0);
+        let load = || {
+            loads.fetch_add(1, Ordering::SeqCst);
+            let lookup = lookup.clone();
+            async move { Ok(lookup) }
+        };
+        cache.get_or_load(digest, load).await.unwrap();
+        cache.get_or_load(digest, load).await.unwrap();
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        // Unless the entry may not be served: then it is read again.
+        let id = match &lookup {
+            Resolution::Found(r) => r.principal.key_id(),
+            Resolution::Missing => unreachable!(),
+        };
+        cache.invalidate_key(id);
+        cache.get_or_load(digest, load).await.unwrap();
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+    }
+
+    /// A stale entry is judged again after a re-read failed: a revocation heard meanwhile
+    /// wins.
+    #[tokio::test]
+    async fn a_stale_entry_is_judged_again_before_it_answers() {
+        let cache = KeyCache::new(CacheConfig {
+            ttl: Duration::from_millis(10),
+            stale: Duration::from_secs(60),
+            ..CacheConfig::default()
+        });
+        let (digest, lookup) = found(7);
+        cache
+            .get_or_load(digest, || async { Ok(lookup.clone()) })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let Some(CacheHit::Stale(stale)) = cache.lookup(&digest) else {
+            panic!("stale");
+        };
+        assert!(stale.still_servable(&cache, &digest));
+        cache.invalidate_missing();
+        assert!(stale.still_servable(&cache, &digest), "not concerned");
+        let id = match &lookup {
+            Resolution::Found(r) => r.principal.key_id(),
+            Resolution::Missing => unreachable!(),
+        };
+        cache.invalidate_key(id);
+        assert!(!stale.still_servable(&cache, &digest));
     }
 
     #[tokio::test]

@@ -249,6 +249,59 @@ async fn status(app: &axum::Router, key: &str) -> (u16, String) {
     (reply.status.as_u16(), code)
 }
 
+/// A key revoked while an instance was blind is refused once it hears again: the entry its
+/// blindness withheld stays cached, and the missed revocation is applied before the instance
+/// counts as hearing, so the entry is never served in between.
+#[tokio::test]
+async fn a_key_revoked_while_blind_is_refused_once_the_instance_hears_again() {
+    let shared: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+    let b_store = Arc::new(Switchable::new(shared.clone()));
+    let b = layer_over(b_store.clone());
+    let app_b = app().layer(b.clone());
+    let a = layer_over(shared.clone());
+    let manager = KeyManager::for_layer(&a);
+    let key = manager
+        .create(NewKey::new("revoked-while-blind", "alice").collection("users"))
+        .await
+        .unwrap();
+    let _listener = InvalidationListener::builder(&b)
+        .poll_every(Duration::from_millis(50))
+        .max_blind(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(status(&app_b, key.key.expose()).await.0, 200);
+    b_store.down.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while b.stats().blind_since.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(5), "never blind");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    manager.revoke(key.record.id).await.unwrap();
+    b_store.down.store(false, Ordering::SeqCst);
+    // From the moment B hears again, the key is refused: never a 200 in between.
+    let start = Instant::now();
+    loop {
+        let (code, kind) = status(&app_b, key.key.expose()).await;
+        if b.stats().blind_since.is_none() || code == 401 {
+            assert_eq!((code, kind.as_str()), (401, "revoked_key"));
+            break;
+        }
+        assert_ne!(code, 200, "served while blind");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "never heard again"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            status(&app_b, key.key.expose()).await,
+            (401, "revoked_key".into())
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_blind_instance_stops_trusting_old_entries_and_says_since_when() {
     let shared: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());

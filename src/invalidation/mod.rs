@@ -696,12 +696,7 @@ impl Core {
                 invalidation,
                 source,
             } => {
-                // With a feed, only the feed answering counts as hearing: a transport that is
-                // up (or a forged notification) says nothing about reaching the store.
-                if self.feed.is_none() {
-                    self.state.heard_now();
-                }
-                match seq {
+                let poll = match seq {
                     // With a feed, a notification is only a reason to poll now: what is
                     // applied, and where the cursor stands, come from the feed alone. Any
                     // database user can send one (`pg_notify`); a forged one costs a poll (at
@@ -713,7 +708,14 @@ impl Core {
                         self.apply(invalidation, source);
                         false
                     }
+                };
+                // With a feed, only the feed answering counts as hearing: a transport that is
+                // up (or a forged notification) says nothing about reaching the store. Heard
+                // after the change is applied, so blindness never ends before it.
+                if self.feed.is_none() {
+                    self.state.heard_now();
                 }
+                poll
             }
             Heard::Alive => {
                 if self.feed.is_none() {
@@ -727,9 +729,6 @@ impl Core {
                 false
             }
             Heard::Restored(source) => {
-                if self.feed.is_none() {
-                    self.state.heard_now();
-                }
                 self.state.reconnects.fetch_add(1, Ordering::AcqRel);
                 if self.feed.is_some() {
                     tracing::info!(target: "keywarden", transport = source.label(),
@@ -737,7 +736,10 @@ impl Core {
                         "invalidation connection restored; replaying the change feed");
                     true
                 } else {
+                    // Flushed first: nothing the instance missed while deaf is served once it
+                    // counts as hearing again.
                     self.flush(source, "invalidation connection restored; cache flushed");
+                    self.state.heard_now();
                     false
                 }
             }
@@ -805,7 +807,9 @@ impl Core {
                     return false;
                 }
             };
-            self.state.heard_now();
+            // The instance counts as hearing again only once the page is applied: bounded
+            // blindness ends then, and entries it withheld may be served again, so the
+            // invalidations they missed must be in first.
             let first = page.changes.first().map(|c| c.seq);
             let pruned_past =
                 first.is_some_and(|first| first > cursor + 1) && page.oldest > cursor + 1;
@@ -816,6 +820,7 @@ impl Core {
                     "the change feed cannot be replayed from where this instance stood \
                      (reset, pruned, or too far behind); cache flushed",
                 );
+                self.state.heard_now();
                 break;
             }
             let full = page.changes.len() >= PAGE as usize;
@@ -824,6 +829,7 @@ impl Core {
                 self.state.replayed.fetch_add(1, Ordering::AcqRel);
                 self.state.cursor.store(change.seq, Ordering::Release);
             }
+            self.state.heard_now();
             if !full {
                 break;
             }

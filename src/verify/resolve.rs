@@ -216,6 +216,11 @@ impl Resolver {
                 Err(_) => {}
             }
         }
+        // The re-read may have taken up to the store timeout: the entry is judged again (a
+        // revocation heard meanwhile, its lifetime, bounded blindness) before it answers.
+        if !stale.still_servable(&self.cache, &digest) {
+            return Err(self.unavailable());
+        }
         if self.health.is_down() {
             self.counters.stale_served();
             tracing::debug!(target: "keywarden", "key store unreachable: answering from a stale cache entry");
