@@ -249,21 +249,54 @@ async fn status(app: &axum::Router, key: &str) -> (u16, String) {
     (reply.status.as_u16(), code)
 }
 
+/// Instance B over a store that can be switched off, beside a manager (through instance A)
+/// over the same data, and one key.
+struct Instance {
+    b_store: Arc<Switchable>,
+    b: ApiKeyLayer,
+    app_b: axum::Router,
+    manager: KeyManager,
+    key: keywarden::CreatedKey,
+    /// Instance A, whose manager makes the changes.
+    _a: ApiKeyLayer,
+}
+
+impl Instance {
+    async fn new(name: &str) -> Self {
+        let shared: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let b_store = Arc::new(Switchable::new(shared.clone()));
+        let b = layer_over(b_store.clone());
+        let app_b = app().layer(b.clone());
+        let a = layer_over(shared);
+        let manager = KeyManager::for_layer(&a);
+        let key = manager
+            .create(NewKey::new(name, "alice").collection("users"))
+            .await
+            .unwrap();
+        Self {
+            b_store,
+            b,
+            app_b,
+            manager,
+            key,
+            _a: a,
+        }
+    }
+}
+
 /// A key revoked while an instance was blind is refused once it hears again: the entry its
 /// blindness withheld stays cached, and the missed revocation is applied before the instance
 /// counts as hearing, so the entry is never served in between.
 #[tokio::test]
 async fn a_key_revoked_while_blind_is_refused_once_the_instance_hears_again() {
-    let shared: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
-    let b_store = Arc::new(Switchable::new(shared.clone()));
-    let b = layer_over(b_store.clone());
-    let app_b = app().layer(b.clone());
-    let a = layer_over(shared.clone());
-    let manager = KeyManager::for_layer(&a);
-    let key = manager
-        .create(NewKey::new("revoked-while-blind", "alice").collection("users"))
-        .await
-        .unwrap();
+    let Instance {
+        b_store,
+        b,
+        app_b,
+        manager,
+        key,
+        ..
+    } = Instance::new("revoked-while-blind").await;
     let _listener = InvalidationListener::builder(&b)
         .poll_every(Duration::from_millis(50))
         .max_blind(Duration::from_secs(1))
@@ -304,16 +337,13 @@ async fn a_key_revoked_while_blind_is_refused_once_the_instance_hears_again() {
 
 #[tokio::test]
 async fn a_blind_instance_stops_trusting_old_entries_and_says_since_when() {
-    let shared: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
-    let b_store = Arc::new(Switchable::new(shared.clone()));
-    let b = layer_over(b_store.clone());
-    let app_b = app().layer(b.clone());
-    let a = layer_over(shared.clone());
-    let manager = KeyManager::for_layer(&a);
-    let key = manager
-        .create(NewKey::new("blind", "alice").collection("users"))
-        .await
-        .unwrap();
+    let Instance {
+        b_store,
+        b,
+        app_b,
+        key,
+        ..
+    } = Instance::new("blind").await;
     let listener = InvalidationListener::builder(&b)
         .poll_every(Duration::from_millis(100))
         .max_blind(Duration::from_secs(1))
