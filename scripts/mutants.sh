@@ -51,12 +51,16 @@ table=(
     "manage_http|src/manage/http/*.rs|management_api openapi audit usage_analytics webhooks"
     "sqlite|src/store/sqlite.rs|store_conformance audit reveal usage_analytics webhooks"
     "postgres|src/store/postgres.rs|store_conformance audit reveal usage_analytics webhooks (pg)"
+    "sql|src/store/sql.rs|store_conformance credits owner_policies (pg)"
+    "credits|src/credits.rs|credits owner_policies"
+    "store_credits|src/store/credits.rs|store_conformance credits"
+    "owners|src/store/owners.rs src/manage/owners.rs src/manage/http/owners.rs|owner_policies store_conformance (pg)"
 )
 
 if [[ "${1:-}" == "--list" ]]; then
     for row in "${table[@]}"; do
         IFS='|' read -r name file tests <<<"$row"
-        printf '%-12s %-22s --lib %s\n' "$name" "$file" "$tests"
+        printf '%-14s %-22s --lib %s\n' "$name" "$file" "$tests"
     done
     exit 0
 fi
@@ -93,11 +97,15 @@ for row in "${table[@]}"; do
     for suite in ${tests/(pg)/}; do
         args+=("--cargo-arg=--test=$suite")
     done
+    files=()
+    for f in $file; do
+        files+=(--file "$f")
+    done
     echo "== $name: $file (--lib ${tests})"
     mkdir -p "target/mutants/$name"
     result=0
     nice cargo mutants \
-        --file "$file" \
+        "${files[@]}" \
         --all-features \
         --jobs "$jobs" \
         --output "target/mutants/$name" \

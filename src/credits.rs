@@ -732,4 +732,375 @@ mod tests {
             "void credits are not given back"
         );
     }
+
+    /// A ledger over a memory store holding one key with `credits`.
+    async fn ledger_with(
+        credits: crate::store::Credits,
+        config: LeaseConfig,
+    ) -> (Arc<CreditLedger>, ManualClock, Arc<MemoryStore>, Uuid) {
+        // The memory store anchors refills at the real time of the insert.
+        let clock = ManualClock::new(OffsetDateTime::now_utc());
+        let store = Arc::new(MemoryStore::new());
+        let mut record = crate::store::test_support::record(1);
+        record.credits = Some(credits);
+        store.insert(&record).await.unwrap();
+        let ledger = CreditLedger::new(
+            store.clone(),
+            Arc::new(clock.clone()),
+            config,
+            true,
+            Duration::from_secs(1),
+        );
+        (ledger, clock, store, record.id)
+    }
+
+    async fn balance(store: &MemoryStore, id: Uuid) -> u64 {
+        let record = store.get(id).await.unwrap().unwrap();
+        record.credits.unwrap().remaining
+    }
+
+    fn refused(result: Result<Option<u64>, AuthRejection>) -> AuthRejection {
+        let rejection = result.expect_err("refused");
+        assert_eq!(
+            rejection.kind(),
+            crate::rejection::RejectionKind::UsageExceeded
+        );
+        rejection
+    }
+
+    #[tokio::test]
+    async fn charges_accept_exactly_the_balance_then_refuse_from_memory() {
+        let (ledger, _clock, store, id) =
+            ledger_with(crate::store::Credits::new(250), LeaseConfig::default()).await;
+        let account = ledger.account(id);
+        let unavailable = || AuthRejection::usage_exceeded(None).with_detail("store down");
+        let mut accepted = 0;
+        let mut last_left = u64::MAX;
+        loop {
+            match ledger.charge(&account, 1, unavailable).await {
+                Ok(Some(left)) => {
+                    assert!(left < last_left, "the credits left go down");
+                    last_left = left;
+                    accepted += 1;
+                }
+                Ok(None) => panic!("the key has credits"),
+                Err(rejection) => {
+                    assert_eq!(
+                        rejection.detail(),
+                        AuthRejection::usage_exceeded(None).detail()
+                    );
+                    break;
+                }
+            }
+            assert!(accepted <= 250);
+        }
+        assert_eq!(accepted, 250, "exactly the balance");
+        assert_eq!(last_left, 0);
+        assert_eq!(balance(&store, id).await, 0);
+        assert_eq!(ledger.known_left(&account), 0);
+        // Refused again without asking the store, for a moment.
+        let leases = ledger.counters.leases.load(Ordering::Relaxed);
+        let rejection = refused(ledger.charge(&account, 1, unavailable).await);
+        assert_eq!(rejection.retry_after(), None, "no refill, no Retry-After");
+        assert_eq!(ledger.counters.leases.load(Ordering::Relaxed), leases);
+    }
+
+    /// A lease that found too few credits is remembered for a second (never past the next
+    /// refill): requests costing more than the store was found to hold are refused from
+    /// memory; a cheaper one still asks.
+    #[tokio::test]
+    async fn an_empty_lease_is_remembered_only_for_what_it_could_not_pay() {
+        let (ledger, clock, _store, id) =
+            ledger_with(crate::store::Credits::new(5), LeaseConfig::default()).await;
+        let account = ledger.account(id);
+        let unavailable = || AuthRejection::usage_exceeded(None).with_detail("store down");
+        let leases = || ledger.counters.leases.load(Ordering::Relaxed);
+        refused(ledger.charge(&account, 10, unavailable).await);
+        assert_eq!(leases(), 1);
+        assert_eq!(
+            ledger.known_left(&account),
+            5,
+            "the store's balance is known"
+        );
+        refused(ledger.charge(&account, 10, unavailable).await);
+        assert_eq!(leases(), 1, "refused from memory");
+        clock.advance(time::Duration::milliseconds(999));
+        refused(ledger.charge(&account, 6, unavailable).await);
+        assert_eq!(leases(), 1, "still refused from memory");
+        clock.advance(time::Duration::milliseconds(1));
+        refused(ledger.charge(&account, 10, unavailable).await);
+        assert_eq!(leases(), 2, "a second later the store is asked again");
+        assert_eq!(
+            ledger.charge(&account, 5, unavailable).await.unwrap(),
+            Some(0),
+            "a request the store can pay asks, and is paid"
+        );
+        assert_eq!(leases(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refilled_key_is_refused_until_its_next_refill() {
+        let refill = crate::store::Refill::new(3, Duration::from_secs(60)).unwrap();
+        let (ledger, clock, _store, id) = ledger_with(
+            crate::store::Credits::new(3).with_refill(refill),
+            LeaseConfig::default(),
+        )
+        .await;
+        let account = ledger.account(id);
+        let unavailable = || AuthRejection::usage_exceeded(None).with_detail("store down");
+        for _ in 0..3 {
+            assert!(ledger
+                .charge(&account, 1, unavailable)
+                .await
+                .unwrap()
+                .is_some());
+        }
+        clock.advance(time::Duration::seconds(20));
+        let rejection = refused(ledger.charge(&account, 1, unavailable).await);
+        let retry = rejection
+            .retry_after()
+            .expect("Retry-After until the refill");
+        assert!(
+            retry > Duration::from_secs(35) && retry <= Duration::from_secs(40),
+            "{retry:?}"
+        );
+        clock.advance(time::Duration::seconds(40));
+        assert!(
+            ledger
+                .charge(&account, 1, unavailable)
+                .await
+                .unwrap()
+                .is_some(),
+            "refilled"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_of_another_period_voids_what_was_held_and_a_paying_one_clears_empty() {
+        let (ledger, _clock) = ledger(true);
+        let account = ledger.account(Uuid::now_v7());
+        ledger.absorb(&account.state, &lease(10, 0, 1, None));
+        let mut next = lease(2, 0, 1, None);
+        next.period = 1;
+        ledger.absorb(&account.state, &next);
+        assert_eq!(
+            ledger.known_left(&account),
+            2,
+            "the 10 of period 0 are void"
+        );
+        account.state.empty_until_ms.store(77, Ordering::Release);
+        ledger.absorb(&account.state, &lease(0, 0, 1, None));
+        assert_eq!(
+            account.state.empty_until_ms.load(Ordering::Acquire),
+            77,
+            "an empty lease leaves it"
+        );
+        ledger.absorb(&account.state, &lease(1, 0, 1, None));
+        assert_eq!(account.state.empty_until_ms.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_key_and_its_owner_are_spent_together_and_answer_the_fewer() {
+        let (ledger, _clock) = ledger(true);
+        let key = ledger.account(Uuid::now_v7());
+        let owner = ledger.account(Uuid::now_v7());
+        ledger.absorb(&key.state, &lease(10, 100, 1, None));
+        ledger.absorb(&owner.state, &lease(4, 0, 1, None));
+        assert_eq!(ledger.known_left_both(Some(&key), Some(&owner)), Some(4));
+        assert_eq!(ledger.known_left_both(Some(&key), None), Some(110));
+        assert_eq!(ledger.known_left_both(None, Some(&owner)), Some(4));
+        assert_eq!(ledger.known_left_both(None, None), None);
+        assert_eq!(ledger.spend_now_both(Some(&key), Some(&owner), 3), Some(1));
+        assert_eq!(ledger.known_left(&key), 107);
+        // The owner cannot pay: nothing stays spent from the key.
+        assert_eq!(ledger.spend_now_both(Some(&key), Some(&owner), 2), None);
+        assert_eq!(ledger.known_left(&key), 107, "the key's refunded");
+        assert_eq!(ledger.known_left(&owner), 1);
+        assert_eq!(ledger.spend_now_both(Some(&key), None, 7), Some(100));
+        assert_eq!(ledger.spend_now_both(None, Some(&owner), 1), Some(0));
+        assert_eq!(ledger.spend_now_both(None, None, 1), None);
+        ledger.refund_both(Some(&key), Some(&owner), 2);
+        assert_eq!(
+            (ledger.known_left(&key), ledger.known_left(&owner)),
+            (102, 2)
+        );
+        ledger.refund_both(None, Some(&owner), 1);
+        assert_eq!(ledger.known_left(&owner), 3);
+        assert_eq!(fewer(Some(3), Some(2)), Some(2));
+        assert_eq!(fewer(Some(2), Some(3)), Some(2));
+        assert_eq!(fewer(None, Some(3)), Some(3));
+        assert_eq!(fewer(Some(3), None), Some(3));
+        assert_eq!(fewer(None, None), None);
+    }
+
+    #[tokio::test]
+    async fn an_owner_that_cannot_pay_refunds_the_key_and_says_so() {
+        let (ledger, _clock, store, id) =
+            ledger_with(crate::store::Credits::new(50), LeaseConfig::default()).await;
+        let mut empty = crate::store::test_support::record(2);
+        empty.credits = Some(crate::store::Credits::new(0));
+        store.insert(&empty).await.unwrap();
+        let key = ledger.account(id);
+        let owner = ledger.account(empty.id);
+        let unavailable = || AuthRejection::usage_exceeded(None).with_detail("store down");
+        let rejection = refused(
+            ledger
+                .charge_both(Some(&key), Some(&owner), 1, unavailable)
+                .await,
+        );
+        assert!(
+            rejection.detail().contains("owner"),
+            "{}",
+            rejection.detail()
+        );
+        assert_eq!(ledger.known_left(&key), 50, "the key's credit came back");
+        // Credits the store no longer has (removed): the key's alone count.
+        let gone = ledger.account(Uuid::now_v7());
+        assert_eq!(
+            ledger
+                .charge_both(Some(&key), Some(&gone), 1, unavailable)
+                .await
+                .unwrap(),
+            Some(49)
+        );
+        // Both can pay: the fewer left.
+        let (ledger, _clock, store, id) =
+            ledger_with(crate::store::Credits::new(50), LeaseConfig::default()).await;
+        let mut rich = crate::store::test_support::record(3);
+        rich.credits = Some(crate::store::Credits::new(8));
+        store.insert(&rich).await.unwrap();
+        let (key, owner) = (ledger.account(id), ledger.account(rich.id));
+        assert_eq!(
+            ledger
+                .charge_both(Some(&key), Some(&owner), 2, unavailable)
+                .await
+                .unwrap(),
+            Some(6)
+        );
+        assert_eq!(
+            ledger
+                .charge_both(Some(&key), None, 1, unavailable)
+                .await
+                .unwrap(),
+            Some(47)
+        );
+        assert_eq!(
+            ledger
+                .charge_both(None, None, 1, unavailable)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    /// Credits held by an account go back to the store when its key leaves the cache, after
+    /// sitting idle, or at shutdown; an account in use keeps them through the idle sweep.
+    #[tokio::test]
+    async fn unspent_credits_go_back_when_dropped_idle_or_at_shutdown() {
+        let config = LeaseConfig {
+            max_block: 100,
+            idle: Duration::from_secs(3600),
+        };
+        let (ledger, _clock, store, id) =
+            ledger_with(crate::store::Credits::new(1_000), config).await;
+        let unavailable = || AuthRejection::usage_exceeded(None).with_detail("store down");
+        let account = ledger.account(id);
+        ledger.charge(&account, 1, unavailable).await.unwrap();
+        let held = ledger.known_left(&account) - balance(&store, id).await;
+        assert!(held > 0);
+        // Dropped: given back by the worker.
+        drop(account);
+        let start = std::time::Instant::now();
+        while balance(&store, id).await != 999 {
+            assert!(start.elapsed() < Duration::from_secs(5), "never given back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Idle: the sweep gives back what an unused account holds, not a used one's.
+        let (idle, busy) = (ledger.account(id), ledger.account(id));
+        ledger.charge(&idle, 1, unavailable).await.unwrap();
+        ledger.charge(&busy, 1, unavailable).await.unwrap();
+        ledger.sweep_idle().await;
+        assert!(ledger.known_left(&idle) > 0, "used since the last sweep");
+        ledger.spend_now(&busy, 1).unwrap();
+        let before = balance(&store, id).await;
+        ledger.sweep_idle().await;
+        assert_eq!(
+            idle.state.local.load(Ordering::Acquire),
+            0,
+            "idle: given back"
+        );
+        assert!(busy.state.local.load(Ordering::Acquire) > 0, "in use: kept");
+        assert!(balance(&store, id).await > before);
+        // Shutdown: everything held goes back.
+        ledger.return_all().await;
+        assert_eq!(busy.state.local.load(Ordering::Acquire), 0);
+        assert_eq!(balance(&store, id).await, 1_000 - 4, "all but the 4 spent");
+    }
+
+    /// The registries of live accounts stay bounded as accounts come and go, and never lose
+    /// a live one; an owner's cached keys share one account per generation.
+    #[tokio::test]
+    async fn the_account_registries_stay_bounded_and_keep_live_accounts() {
+        let (ledger, _clock) = ledger(true);
+        // More live accounts than the first pruning point, then many that come and go.
+        let kept: Vec<CreditAccount> = (0..70).map(|_| ledger.account(Uuid::now_v7())).collect();
+        for _ in 0..1_000 {
+            drop(ledger.account(Uuid::now_v7()));
+        }
+        let registered = ledger.accounts.lock().unwrap().len();
+        assert!(registered <= 256, "{registered} registered");
+        for account in &kept {
+            ledger.absorb(&account.state, &lease(1, 0, 1, None));
+        }
+        let live = ledger
+            .accounts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .count();
+        assert_eq!(live, kept.len(), "every live account is still registered");
+
+        let pool = Uuid::now_v7();
+        let first = ledger.owner_account(pool, 1);
+        assert!(Arc::ptr_eq(&first, &ledger.owner_account(pool, 1)));
+        assert!(!Arc::ptr_eq(&first, &ledger.owner_account(pool, 2)));
+        // More live owners than the first pruning point, then many that come and go.
+        let live: Vec<_> = (0..70)
+            .map(|_| {
+                let pool = Uuid::now_v7();
+                (pool, ledger.owner_account(pool, 1))
+            })
+            .collect();
+        for _ in 0..1_000 {
+            drop(ledger.owner_account(Uuid::now_v7(), 1));
+        }
+        let owners = ledger.owners.lock().unwrap().len();
+        assert!(owners <= 256, "{owners} owners registered");
+        for (pool, account) in &live {
+            assert!(
+                Arc::ptr_eq(account, &ledger.owner_account(*pool, 1)),
+                "a live owner account survived the pruning"
+            );
+        }
+        assert!(
+            Arc::ptr_eq(&first, &ledger.owner_account(pool, 1)),
+            "the live owner account survived the pruning"
+        );
+    }
+
+    #[test]
+    fn pools_and_ledgers_print_without_secrets() {
+        let id = Uuid::from_u128(7);
+        assert_eq!(Pool::Key(id).to_string(), format!("key {id}"));
+        assert_eq!(Pool::Owner(id).to_string(), format!("owner pool {id}"));
+        let (ledger, _clock) = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async { ledger(true) });
+        let debug = format!("{ledger:?}");
+        assert!(
+            debug.starts_with("CreditLedger { config: LeaseConfig"),
+            "{debug}"
+        );
+    }
 }

@@ -12,7 +12,11 @@ use axum::body::Body;
 use axum::http::Request;
 use axum::Router;
 use keywarden::ratelimit::RateLimitPolicy;
-use keywarden::store::{Credits, OwnerPolicyUpdate};
+use keywarden::secret::{Digest, SecretId};
+use keywarden::store::{
+    Credits, KeyPage, KeyPatch, KeyQuery, KeyRecord, KeyUsage, OwnerPolicy, OwnerPolicyUpdate,
+    StoreError, StoreErrorKind,
+};
 use keywarden::{ApiKeyLayer, Collection, KeyManager, KeyStore, NewKey};
 use serde_json::json;
 use support::*;
@@ -453,6 +457,20 @@ async fn the_management_api_sets_shows_and_removes_owner_policies() {
         .await;
     assert_eq!(listed.status, 200);
     assert_eq!(listed.json().as_array().unwrap().len(), 1);
+    let listed = api
+        .call("GET", "/admin/owners?collection=teams", &api.admin, None)
+        .await;
+    assert_eq!(listed.json().as_array().unwrap().len(), 0, "filtered");
+    for (uri, field) in [
+        (
+            "/admin/owners?collection=users&collection=teams",
+            "collection",
+        ),
+        ("/admin/owners?subject=gil", "query"),
+    ] {
+        let reply = api.call("GET", uri, &api.admin, None).await;
+        assert_eq!(ManagementApi::field_error(&reply).0, field, "{uri}");
+    }
 
     // Bad input: 422 naming the field, never the value.
     for (body, field) in [
@@ -496,6 +514,10 @@ async fn the_management_api_sets_shows_and_removes_owner_policies() {
     assert_eq!(
         events[0]["changes"]["credits"],
         json!({ "from": null, "to": 1000 })
+    );
+    assert_eq!(
+        events[0]["changes"]["refill"],
+        json!({ "from": null, "to": "1000/day" })
     );
     assert_eq!(
         events[1]["changes"]["rate_limit"],
@@ -554,6 +576,7 @@ async fn the_management_api_sets_shows_and_removes_owner_policies() {
     let again = api.call("DELETE", uri, &api.admin, None).await;
     assert_eq!(again.status, 404);
     assert_eq!(again.code(), "not_found");
+    assert_eq!(again.json()["title"], "No owner policy");
 }
 
 #[tokio::test]
@@ -613,4 +636,183 @@ async fn raising_an_owners_rate_limit_takes_effect_at_once() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.headers["ratelimit-limit"], "1000");
     assert_eq!(reply.headers["ratelimit-remaining"], "999");
+}
+
+/// A memory store that tells its layers nothing (no change observers), so only the
+/// manager's own invalidation reaches them; `delete_owner_policy` can be made to find nothing
+/// (another process removed the policy first) or to fail.
+#[derive(Debug, Default)]
+struct Quiet {
+    inner: keywarden::MemoryStore,
+    /// 0: forward; 1: the policy vanished meanwhile; 2: the store fails.
+    delete_mode: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl KeyStore for Quiet {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert(record).await
+    }
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.find_by_digest(digest).await
+    }
+    async fn get(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn update(
+        &self,
+        id: uuid::Uuid,
+        patch: &KeyPatch,
+        now: time::OffsetDateTime,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update(id, patch, now).await
+    }
+    async fn add_digest(
+        &self,
+        id: uuid::Uuid,
+        old: &Digest,
+        new: &Digest,
+        secret_id: SecretId,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_digest(id, old, new, secret_id).await
+    }
+    async fn delete(&self, id: uuid::Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn list(&self, query: &KeyQuery) -> Result<KeyPage, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        self.inner.record_usage(usage).await
+    }
+    async fn apply_audited(
+        &self,
+        change: keywarden::store::KeyChange<'_>,
+        audit: &keywarden::store::AuditWrite<'_>,
+    ) -> Result<keywarden::store::Applied, StoreError> {
+        self.inner.apply_audited(change, audit).await
+    }
+    async fn owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        self.inner.owner_policy(collection, subject).await
+    }
+    async fn set_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+        update: &OwnerPolicyUpdate,
+        now: time::OffsetDateTime,
+    ) -> Result<OwnerPolicy, StoreError> {
+        self.inner
+            .set_owner_policy(collection, subject, update, now)
+            .await
+    }
+    async fn delete_owner_policy(
+        &self,
+        collection: &str,
+        subject: &str,
+    ) -> Result<Option<OwnerPolicy>, StoreError> {
+        match self.delete_mode.load(Ordering::SeqCst) {
+            0 => self.inner.delete_owner_policy(collection, subject).await,
+            1 => {
+                self.inner.delete_owner_policy(collection, subject).await?;
+                Ok(None)
+            }
+            _ => Err(StoreError::new(StoreErrorKind::Unavailable, "down")),
+        }
+    }
+}
+
+/// The manager drops every key of the owner from the caches of the layers it was told about,
+/// even when their store tells them nothing: a new limit applies at once there too.
+#[tokio::test]
+async fn a_policy_change_reaches_a_layer_whose_store_tells_it_nothing() {
+    let store = Arc::new(Quiet::default());
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let (_, key) = key_of(&manager, NewKey::new("k", "una")).await;
+    let (_, other) = key_of(&manager, NewKey::new("k2", "una")).await;
+    let app = app().layer(layer.clone());
+    assert_eq!(by_key(&app, &key).await.status, 200, "cached");
+    assert_eq!(by_key(&app, &other).await.status, 200, "cached");
+    manager
+        .set_owner_policy(
+            "users",
+            "una",
+            OwnerPolicyUpdate::default().rate_limit(Some(policy("1/h"))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_key(&app, &key).await.status, 200);
+    assert_eq!(by_key(&app, &other).await.code(), "rate_limited");
+}
+
+/// Removing everything an owner's policy limits deletes it; a policy another process removed
+/// meanwhile is no error, a store that fails is.
+#[tokio::test]
+async fn emptying_a_policy_deletes_it_and_only_a_real_failure_is_an_error() {
+    let store = Arc::new(Quiet::default());
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let limit = || OwnerPolicyUpdate::default().rate_limit(Some(policy("5/h")));
+    let empty = || OwnerPolicyUpdate::default().rate_limit(None);
+    for mode in [0, 1] {
+        manager
+            .set_owner_policy("users", "vic", limit())
+            .await
+            .unwrap();
+        store.delete_mode.store(mode, Ordering::SeqCst);
+        let emptied = manager
+            .set_owner_policy("users", "vic", empty())
+            .await
+            .unwrap();
+        assert!(emptied.rate_limit.is_none() && emptied.credits.is_none());
+        assert!(manager
+            .owner_policy("users", "vic")
+            .await
+            .unwrap()
+            .is_none());
+        store.delete_mode.store(0, Ordering::SeqCst);
+    }
+    manager
+        .set_owner_policy("users", "vic", limit())
+        .await
+        .unwrap();
+    store.delete_mode.store(2, Ordering::SeqCst);
+    let error = manager
+        .set_owner_policy("users", "vic", empty())
+        .await
+        .expect_err("the store failed");
+    assert_eq!(error.kind(), keywarden::manage::ManageErrorKind::Store);
+    // Through the API, a failing store is a 503, not a policy that is not there.
+    let api = Router::new()
+        .nest(
+            "/admin",
+            keywarden::manage::management_router(Arc::new(manager)),
+        )
+        .layer(axum::Extension(
+            keywarden::testing::PrincipalBuilder::new("test")
+                .scopes(["keys:admin"])
+                .build(),
+        ));
+    let request = Request::builder()
+        .method("DELETE")
+        .uri("/admin/owners/users/vic")
+        .body(Body::empty())
+        .unwrap();
+    let reply = send(&api, request).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
 }

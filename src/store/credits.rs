@@ -306,6 +306,10 @@ mod tests {
         }
         assert!(Refill::new(1, Duration::from_nanos(1_000_000_500)).is_err());
         assert!(Refill::new(1, Duration::from_millis(1_500)).is_ok());
+        assert_eq!(
+            Refill::new(3, Duration::from_secs(90)).unwrap().interval(),
+            Duration::from_secs(90)
+        );
         assert!(Refill::new(1, Duration::from_millis(999)).is_err());
         assert!(Refill::new(MAX_CREDITS, Duration::from_secs(1)).is_ok());
     }

@@ -340,3 +340,240 @@ pub(super) fn generation_floor(now: time::OffsetDateTime) -> i64 {
         .unwrap_or(i64::MAX)
         .max(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::record;
+    use crate::store::{Credits, Refill};
+
+    fn corrupt<T: std::fmt::Debug>(result: Result<T, StoreError>) -> String {
+        let error = result.expect_err("corrupt");
+        assert_eq!(error.kind(), StoreErrorKind::Corrupt, "{error}");
+        error.to_string()
+    }
+
+    #[test]
+    fn usage_is_summed_per_key_with_the_latest_use() {
+        let (a, b) = (Uuid::from_u128(2), Uuid::from_u128(1));
+        let at = |s: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s);
+        let use_of = |id, uses, s| KeyUsage {
+            id,
+            last_used_at: at(s),
+            uses,
+        };
+        let totals = aggregate_usage(&[
+            use_of(a, 2, 10),
+            use_of(b, 1, 5),
+            use_of(a, u64::MAX, 7),
+            use_of(b, 3, 9),
+        ]);
+        let rows: Vec<_> = totals.into_iter().collect();
+        assert_eq!(rows, vec![(b, (4, at(9))), (a, (u64::MAX, at(10)))]);
+    }
+
+    #[test]
+    fn instants_and_counts_stay_in_what_the_columns_hold() {
+        let year = |y| {
+            time::Date::from_calendar_date(y, time::Month::January, 1)
+                .unwrap()
+                .midnight()
+                .assume_utc()
+        };
+        assert!(in_rfc3339_range(&year(0)));
+        assert!(in_rfc3339_range(&year(9999)));
+        assert!(!in_rfc3339_range(&year(-1)));
+        assert_eq!(clamp_i64(7), 7);
+        assert_eq!(clamp_i64(u64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn a_page_skips_corrupt_rows_and_keeps_its_cursor() {
+        let records: Vec<KeyRecord> = (0..4).map(record).collect();
+        // Rows: (index of the record, whether it decodes) — the third is corrupt.
+        type Row = (usize, Result<(), StoreErrorKind>);
+        let rows: Vec<Row> = vec![
+            (0, Ok(())),
+            (1, Ok(())),
+            (2, Err(StoreErrorKind::Corrupt)),
+            (3, Ok(())),
+        ];
+        let id = |row: &Row| Ok(records[row.0].id);
+        let decode = |row: &Row| match row.1 {
+            Ok(()) => Ok(records[row.0].clone()),
+            Err(kind) => Err(StoreError::new(kind, "bad column")),
+        };
+        let ids = |page: &KeyPage| page.items.iter().map(|r| r.id).collect::<Vec<_>>();
+        // limit 3 of 4 rows: a next page, after the last row of this one (the corrupt one).
+        let page = page_skipping_corrupt(&rows, 3, id, decode).unwrap();
+        assert_eq!(ids(&page), vec![records[0].id, records[1].id]);
+        assert_eq!(page.next_cursor, Some(records[2].id));
+        // All rows fit: no next page.
+        let page = page_skipping_corrupt(&rows, 4, id, decode).unwrap();
+        assert_eq!(
+            ids(&page),
+            vec![records[0].id, records[1].id, records[3].id]
+        );
+        assert_eq!(page.next_cursor, None);
+        let page = page_skipping_corrupt(&rows, 5, id, decode).unwrap();
+        assert_eq!(page.next_cursor, None);
+        // Any other error fails the page.
+        let rows: Vec<Row> = vec![(0, Ok(())), (1, Err(StoreErrorKind::Unavailable))];
+        let error = page_skipping_corrupt(&rows, 5, id, decode).unwrap_err();
+        assert_eq!(error.kind(), StoreErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn statements_use_each_dialects_parameters_functions_and_tables() {
+        let lease = lease_statement(Dialect::Sqlite, CreditTable::Key);
+        assert!(
+            lease.starts_with("UPDATE keywarden_credits SET granted = "),
+            "{lease}"
+        );
+        assert!(
+            lease.contains("WHERE key_id = ?1 RETURNING granted"),
+            "{lease}"
+        );
+        for part in ["?2 - anchor_ms", "< ?3", "MIN(MAX(MIN(?4, ", "/ 8), ?3)"] {
+            assert!(lease.contains(part), "{part}: {lease}");
+        }
+        assert!(!lease.contains('$') && !lease.contains("LEAST"), "{lease}");
+        let lease = lease_statement(Dialect::Postgres, CreditTable::Owner);
+        assert!(
+            lease.starts_with("UPDATE keywarden_owner_credits SET"),
+            "{lease}"
+        );
+        assert!(lease.contains("WHERE pool = $1 RETURNING"), "{lease}");
+        for part in ["$2 - anchor_ms", "LEAST(GREATEST(LEAST($4, "] {
+            assert!(lease.contains(part), "{part}: {lease}");
+        }
+        assert!(!lease.contains('?') && !lease.contains("MIN("), "{lease}");
+
+        assert_eq!(
+            return_statement(Dialect::Sqlite, CreditTable::Key),
+            "UPDATE keywarden_credits SET remaining = remaining + ?2 \
+             WHERE key_id = ?1 AND generation = ?3 AND period = ?4"
+        );
+        assert_eq!(
+            return_statement(Dialect::Postgres, CreditTable::Owner),
+            "UPDATE keywarden_owner_credits SET remaining = remaining + $2 \
+             WHERE pool = $1 AND generation = $3 AND period = $4"
+        );
+
+        let set = set_credits_statement(Dialect::Postgres, CreditTable::Key);
+        assert!(
+            set.starts_with("INSERT INTO keywarden_credits (key_id, remaining"),
+            "{set}"
+        );
+        for part in [
+            "VALUES ($1, $2, $3, $4, $5, 0, $7)",
+            "ON CONFLICT (key_id) DO UPDATE",
+            "CASE WHEN $6 THEN excluded.remaining ELSE keywarden_credits.remaining END",
+            "GREATEST(keywarden_credits.generation + 1, excluded.generation)",
+            "RETURNING generation",
+        ] {
+            assert!(set.contains(part), "{part}: {set}");
+        }
+        let set = set_credits_statement(Dialect::Sqlite, CreditTable::Owner);
+        for part in [
+            "INSERT INTO keywarden_owner_credits (pool, ",
+            "VALUES (?1, ?2, ?3, ?4, ?5, 0, ?7)",
+            "MAX(keywarden_owner_credits.generation + 1, excluded.generation)",
+        ] {
+            assert!(set.contains(part), "{part}: {set}");
+        }
+    }
+
+    #[test]
+    fn an_owner_decodes_from_its_columns_or_says_which_is_corrupt() {
+        let owner = decode_owner(Some("10/s".into()), Some("5/day".into()), Some(3)).unwrap();
+        assert_eq!(owner.rate_limit, Some("10/s".parse().unwrap()));
+        assert_eq!(
+            owner.credits,
+            Some(Some("5/day".parse::<Refill>().unwrap()))
+        );
+        assert_eq!(owner.generation, 3);
+        // Credits without a refill; no credits (a refill column without a generation is
+        // ignored: the generation says whether the owner has credits).
+        let owner = decode_owner(None, None, Some(1)).unwrap();
+        assert_eq!((owner.rate_limit, owner.credits), (None, Some(None)));
+        let owner = decode_owner(None, Some("5/day".into()), None).unwrap();
+        assert_eq!((owner.credits, owner.generation), (None, 0));
+        assert!(corrupt(decode_owner(Some("fast".into()), None, None)).contains("rate_limit"));
+        assert!(corrupt(decode_owner(None, Some("x".into()), Some(1))).contains("credits_refill"));
+        assert!(corrupt(decode_owner(None, None, Some(-1))).contains("credits_generation"));
+    }
+
+    #[test]
+    fn a_lease_decodes_with_its_period_end_or_says_which_column_is_negative() {
+        let lease = decode_lease(5, 95, 2, 7, 1_000, Some(60_000)).unwrap();
+        assert_eq!(
+            (
+                lease.granted,
+                lease.remaining,
+                lease.period,
+                lease.generation
+            ),
+            (5, 95, 2, 7)
+        );
+        assert_eq!(
+            lease.period_ends_at,
+            Some(OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(1_000 + 3 * 60_000))
+        );
+        assert_eq!(
+            decode_lease(0, 0, 0, 1, 0, None).unwrap().period_ends_at,
+            None
+        );
+        for (lease, column) in [
+            (decode_lease(-1, 0, 0, 1, 0, None), "granted"),
+            (decode_lease(0, -1, 0, 1, 0, None), "remaining"),
+            (decode_lease(0, 0, -1, 1, 0, None), "period"),
+            (decode_lease(0, 0, 0, -1, 0, None), "generation"),
+        ] {
+            assert!(corrupt(lease).contains(column), "{column}");
+        }
+    }
+
+    #[test]
+    fn credits_decode_from_balance_and_refill_and_write_back_as_text() {
+        assert_eq!(decode_credits(None, Some("5/day".into())).unwrap(), None);
+        let refill: Refill = "5/day".parse().unwrap();
+        assert_eq!(
+            decode_credits(Some(3), Some("5/day".into())).unwrap(),
+            Some(Credits {
+                remaining: 3,
+                refill: Some(refill)
+            })
+        );
+        assert_eq!(
+            decode_credits(Some(0), None).unwrap(),
+            Some(Credits {
+                remaining: 0,
+                refill: None
+            })
+        );
+        assert!(corrupt(decode_credits(Some(-1), None)).contains("credits_remaining"));
+        assert!(corrupt(decode_credits(Some(1), Some("often".into()))).contains("credits_refill"));
+
+        let mut r = record(1);
+        assert_eq!(refill_text(&r), None);
+        r.credits = Some(Credits {
+            remaining: 1,
+            refill: None,
+        });
+        assert_eq!(refill_text(&r), None);
+        r.credits = Some(Credits {
+            remaining: 1,
+            refill: Some(refill),
+        });
+        assert_eq!(refill_text(&r), Some(refill.to_string()));
+        assert_eq!(refill_text(&r).unwrap().parse::<Refill>().unwrap(), refill);
+    }
+
+    #[test]
+    fn the_generation_floor_is_the_time_in_microseconds() {
+        let at = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(5_000_123_456);
+        assert_eq!(generation_floor(at), 5_000_123);
+        assert_eq!(generation_floor(OffsetDateTime::UNIX_EPOCH), 1, "never 0");
+    }
+}
