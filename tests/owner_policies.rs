@@ -726,18 +726,26 @@ impl KeyStore for Quiet {
     }
 }
 
+impl Quiet {
+    /// A layer over a new quiet store, serving `users`, and its manager.
+    fn layer() -> (Arc<Quiet>, ApiKeyLayer, KeyManager) {
+        let store = Arc::new(Quiet::default());
+        let layer = ApiKeyLayer::builder()
+            .store(store.clone())
+            .secrets(ring())
+            .collection(Collection::new("users"))
+            .build()
+            .unwrap();
+        let manager = KeyManager::for_layer(&layer);
+        (store, layer, manager)
+    }
+}
+
 /// The manager drops every key of the owner from the caches of the layers it was told about,
 /// even when their store tells them nothing: a new limit applies at once there too.
 #[tokio::test]
 async fn a_policy_change_reaches_a_layer_whose_store_tells_it_nothing() {
-    let store = Arc::new(Quiet::default());
-    let layer = ApiKeyLayer::builder()
-        .store(store.clone())
-        .secrets(ring())
-        .collection(Collection::new("users"))
-        .build()
-        .unwrap();
-    let manager = KeyManager::for_layer(&layer);
+    let (_store, layer, manager) = Quiet::layer();
     let (_, key) = key_of(&manager, NewKey::new("k", "una")).await;
     let (_, other) = key_of(&manager, NewKey::new("k2", "una")).await;
     let app = app().layer(layer.clone());
@@ -759,14 +767,7 @@ async fn a_policy_change_reaches_a_layer_whose_store_tells_it_nothing() {
 /// meanwhile is no error, a store that fails is.
 #[tokio::test]
 async fn emptying_a_policy_deletes_it_and_only_a_real_failure_is_an_error() {
-    let store = Arc::new(Quiet::default());
-    let layer = ApiKeyLayer::builder()
-        .store(store.clone())
-        .secrets(ring())
-        .collection(Collection::new("users"))
-        .build()
-        .unwrap();
-    let manager = KeyManager::for_layer(&layer);
+    let (store, _layer, manager) = Quiet::layer();
     let limit = || OwnerPolicyUpdate::default().rate_limit(Some(policy("5/h")));
     let empty = || OwnerPolicyUpdate::default().rate_limit(None);
     for mode in [0, 1] {
