@@ -10,6 +10,9 @@
 //! - `tower-http`: tower-http's static bearer validator (`ValidateRequestHeaderLayer::bearer`).
 //! - `keywarden-hit`: memory store, one key, warm cache.
 //! - `keywarden-hit-10k`: memory store, 10,000 keys rotated by the client, warm cache.
+//! - `keywarden-hit-10k-authbody`: `keywarden-hit-10k` applied as `.layer(layer)`, with
+//!   `AuthBody` responses that axum boxes; every other keywarden variant is applied as the
+//!   README shows for axum, `.layer(layer.same_body())`.
 //! - `keywarden-sqlite`: SQLite store, cache on, 10,000 keys rotated by the client.
 //! - `keywarden-sqlite-nocache`: SQLite store, `cache_capacity(0)`: a store query per request.
 //! - `keywarden-postgres-nocache`: PostgreSQL store (schema `kw_loadbench`), no cache.
@@ -321,12 +324,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         "keywarden-hit"
         | "keywarden-hit-10k"
+        | "keywarden-hit-10k-authbody"
         | "keywarden-malformed"
         | "keywarden-hit-allowlist"
         | "keywarden-hit-connectinfo"
         | "keywarden-hit-owner"
         | "keywarden-hit-credits" => {
-            let count = if variant == "keywarden-hit-10k" {
+            let count = if variant.starts_with("keywarden-hit-10k") {
                 ROTATED_KEYS
             } else {
                 1
@@ -343,7 +347,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             if variant == "keywarden-malformed" {
                 keys = keys.iter().map(|k| break_checksum(k)).collect();
             }
-            (handler.layer(layer), keys)
+            if variant == "keywarden-hit-10k-authbody" {
+                // The layer as it is, with `AuthBody` responses (which axum boxes).
+                (handler.layer(layer), keys)
+            } else {
+                // As the README applies it in axum: responses in axum's own body type.
+                (handler.layer(layer.same_body()), keys)
+            }
         }
         "keywarden-sqlite" | "keywarden-sqlite-nocache" => {
             let path = args
@@ -355,7 +365,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let capacity = (variant == "keywarden-sqlite-nocache").then_some(0);
             let (layer, keys) =
                 keywarden(store, &counts, ROTATED_KEYS, capacity, args.cache_ttl).await?;
-            (handler.layer(layer), keys)
+            (handler.layer(layer.same_body()), keys)
         }
         "keywarden-postgres-nocache" => {
             let schema = "kw_loadbench";
@@ -363,7 +373,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let store =
                 Arc::new(PostgresStore::connect_with_schema(&args.postgres_url, schema).await?);
             let (layer, keys) = keywarden(store, &counts, ROTATED_KEYS, Some(0), None).await?;
-            (handler.layer(layer), keys)
+            (handler.layer(layer.same_body()), keys)
         }
         other => usage(&format!("unknown variant {other}")),
     };

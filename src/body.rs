@@ -43,6 +43,17 @@ impl<B> AuthBody<B> {
         }
     }
 
+    /// The inner service's body, untouched; or, for a rejection, its bytes not yet sent.
+    ///
+    /// [`ApiKeyLayer::same_body`](crate::ApiKeyLayer::same_body) uses it to hand the inner
+    /// service's own body type back to axum, which boxes any other.
+    pub fn into_inner(self) -> Result<B, Bytes> {
+        match self.kind {
+            Kind::Inner { body } => Ok(body),
+            Kind::Rejection { bytes } => Err(bytes.unwrap_or_default()),
+        }
+    }
+
     /// The bytes of a rejection body not yet sent; `None` for the inner service's body.
     pub fn rejection_bytes(&self) -> Option<&[u8]> {
         match &self.kind {

@@ -39,6 +39,7 @@ use moka::future::Cache;
 use moka::Expiry;
 use uuid::Uuid;
 
+use crate::clock::{mono_now, MonoNanos};
 use crate::credits::CreditAccount;
 use crate::principal::{Interner, Principal};
 use crate::rejection::AuthRejection;
@@ -59,31 +60,39 @@ impl<T: Clone + Send + Sync + 'static> Identity for IdentityValue<T> {
 }
 
 /// Everything the request path needs about a key, computed once per cache fill.
+///
+/// `repr(C)`, in this order: a hit reads the slot, then the principal's pointer and the
+/// flags, then the usage cell; this order keeps them in the allocation's first two cache lines
+/// (after the reference count the hit moves), the fields only some keys use last.
+#[repr(C)]
 pub(crate) struct ResolvedKey {
+    /// The cache's state of the key: its entry's deadlines and generation, in the same
+    /// allocation as the fields every hit reads.
+    pub(crate) slot: Slot,
     pub(crate) principal: Principal,
+    /// The index of the key's collection among the layer's configured ones; `None` when the
+    /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
+    /// collections at all).
+    pub(crate) collection: Option<u32>,
+    // Expiry, the read-only flag and the rate limit are read from the principal.
+    pub(crate) revoked: bool,
+    pub(crate) disabled: bool,
+    /// Uses are recorded (not for keys of a read-only foreign store). `false` until the
+    /// layer, which knows its foreign collections, says otherwise.
+    pub(crate) tracks_usage: bool,
     /// The application's identity for this key, or why the mapping refused it (answered on
     /// every request of the key, like a revocation, until the entry is re-read). Boxed: a
     /// rejection is about 100 bytes, and most layers map no identity, so every cached key
     /// would carry the space for nothing.
     pub(crate) identity: Option<Box<Result<Arc<dyn Identity>, AuthRejection>>>,
-    // Expiry, the read-only flag and the rate limit are read from the principal.
-    pub(crate) revoked: bool,
-    pub(crate) disabled: bool,
-    /// The index of the key's collection among the layer's configured ones; `None` when the
-    /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
-    /// collections at all).
-    pub(crate) collection: Option<u32>,
-    /// Uses are recorded (not for keys of a read-only foreign store). `false` until the
-    /// layer, which knows its foreign collections, says otherwise.
-    pub(crate) tracks_usage: bool,
-    /// Uses not yet written to the store.
-    pub(crate) usage: UsageCell,
     /// The credits this instance holds for the key, if it has credits (boxed: most keys
     /// have none, and every cached key would carry the space).
     pub(crate) credits: Option<Box<CreditAccount>>,
     /// What the key shares with its owner's other keys, if the owner has a policy or its
     /// collection an owner rate limit (boxed, like the credits).
     pub(crate) owner: Option<Box<OwnerShare>>,
+    /// Uses not yet written to the store.
+    pub(crate) usage: UsageCell,
 }
 
 /// The limits a key shares with its owner's other keys.
@@ -120,6 +129,7 @@ impl ResolvedKey {
     pub(crate) fn new(record: &KeyRecord, foreign: bool, profiles: &Interner) -> Self {
         let principal = Principal::from_record(record, foreign, profiles);
         Self {
+            slot: Slot::default(),
             identity: None,
             principal,
             revoked: record.revoked_at.is_some(),
@@ -174,46 +184,74 @@ pub(crate) enum Resolution {
     Missing,
 }
 
-/// A cached lookup, the cache generation when its store read began, and when it was read.
-/// One allocation: a found key's lives in the [`FoundMap`], a not-found digest's in moka.
-pub(crate) struct Entry {
-    pub(crate) lookup: Resolution,
-    /// The generation at which the entry's store read began, or a later one at which the hit
-    /// path found no invalidation since that concerns it.
+/// The cache's time: the process's monotonic nanoseconds ([`MonoNanos`]).
+type Nanos = MonoNanos;
+
+/// A duration in nanoseconds, saturating.
+fn nanos(duration: Duration) -> Nanos {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// When a cached lookup was read and how long it may be served, and the cache generation its
+/// store read began at. A not-found digest's is its whole entry (in moka); a found key's lives
+/// in the resolved key itself ([`Slot`]), so a hit follows one pointer from the found map.
+#[derive(Debug, Default)]
+pub(crate) struct Stamp {
+    /// The generation at which the store read began, or a later one at which the hit path
+    /// found no invalidation since that concerns it.
     generation: AtomicU64,
     /// Until when it is fresh (read time + TTL), and when it is gone (for a found entry,
-    /// after the stale window too). Deadlines, so the hit path compares instead of subtracts.
-    /// (As nanoseconds since an origin they would take 16 bytes less per cached key, but
-    /// each hit would pay ≈ 50 instructions to turn `Instant::now` into that number.)
-    fresh_until: Instant,
-    expires: Instant,
+    /// after the stale window too), in the cache's time. Deadlines, so the hit path compares
+    /// instead of subtracts. 0 (the default) is never servable.
+    fresh_until: AtomicU64,
+    expires: AtomicU64,
+}
+
+impl Stamp {
+    fn new(generation: u64, read_at: Nanos, ttl: Duration, lifetime: Duration) -> Self {
+        let stamp = Self::default();
+        stamp.set(generation, read_at, ttl, lifetime);
+        stamp
+    }
+
+    /// Stamps a new read. Stamped before it is published (under the found map's write lock,
+    /// or through moka), so readers see a whole stamp; the atomics are what let a shared
+    /// entry be read while its generation moves, not a licence to stamp a published one again.
+    fn set(&self, generation: u64, read_at: Nanos, ttl: Duration, lifetime: Duration) {
+        self.fresh_until
+            .store(read_at.saturating_add(nanos(ttl)), Ordering::Relaxed);
+        self.expires
+            .store(read_at.saturating_add(nanos(lifetime)), Ordering::Relaxed);
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    #[inline]
+    fn expires(&self) -> Nanos {
+        self.expires.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn fresh_until(&self) -> Nanos {
+        self.fresh_until.load(Ordering::Relaxed)
+    }
+}
+
+/// A not-found digest's entry (in moka).
+type Missing = Arc<Stamp>;
+
+/// The cache's state of a found key, kept in its [`ResolvedKey`]: one allocation per cached
+/// key, so a hit reads the entry's deadlines and the key's fields from adjacent lines instead
+/// of following a pointer from one to the other. A key never stored in the cache keeps the
+/// default (never servable, never looked up).
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    stamp: Stamp,
     /// Set while one request re-reads this stale entry, so the others do not pile onto the
     /// store.
     refreshing: AtomicBool,
     /// Used since the found map's last eviction sweep of its shard: such an entry gets a
     /// second chance (the sweep clears the flag instead of evicting it).
     used: AtomicBool,
-}
-
-type Cached = Arc<Entry>;
-
-impl Entry {
-    fn new(lookup: Resolution, generation: u64, ttl: Duration, lifetimes: Ttl) -> Cached {
-        let now = Instant::now();
-        let after = |d: Duration| {
-            now.checked_add(d)
-                .unwrap_or(now + Duration::from_secs(1 << 32))
-        };
-        Arc::new(Self {
-            generation: AtomicU64::new(generation),
-            fresh_until: after(ttl),
-            expires: after(lifetimes.of(&lookup)),
-            lookup,
-            refreshing: AtomicBool::new(false),
-            // A new entry survives the first sweep it meets: it was read to be used.
-            used: AtomicBool::new(true),
-        })
-    }
 }
 
 /// A cache hit: fresh, or past its TTL but within the stale window.
@@ -224,30 +262,39 @@ pub(crate) enum CacheHit {
 
 /// A found entry past its TTL.
 pub(crate) struct StaleEntry {
-    entry: Cached,
+    key: Arc<ResolvedKey>,
 }
 
 impl StaleEntry {
     pub(crate) fn resolution(&self) -> Resolution {
-        self.entry.lookup.clone()
+        Resolution::Found(Arc::clone(&self.key))
     }
 
     /// Whether the entry can still be served: within its lifetime, no invalidation since its
     /// read concerns it, and bounded blindness does not withhold it. A request that waited
     /// for a failed re-read asks again before answering from it.
     pub(crate) fn still_servable(&self, cache: &KeyCache, digest: &Digest) -> bool {
-        cache.classify(digest, &self.entry).is_ok()
+        let now = cache.now();
+        cache
+            .classify(digest, &self.key.slot.stamp, found_id(&self.key), now)
+            .is_ok()
     }
 
     /// Claims the re-read of this entry; only one caller at a time gets it.
     pub(crate) fn claim_refresh(&self) -> Option<RefreshClaim<'_>> {
-        (!self.entry.refreshing.swap(true, Ordering::AcqRel)).then_some(RefreshClaim(&self.entry))
+        (!self.key.slot.refreshing.swap(true, Ordering::AcqRel))
+            .then_some(RefreshClaim(&self.key.slot))
     }
+}
+
+/// The key id an invalidation by id concerns, read only off the rare path.
+fn found_id(key: &ResolvedKey) -> impl FnOnce() -> Option<Uuid> + '_ {
+    || Some(key.principal.key_id())
 }
 
 /// The claim to re-read a stale entry. Given back when dropped — also when the request that
 /// held it is dropped mid-read — so a later request can try again.
-pub(crate) struct RefreshClaim<'a>(&'a Entry);
+pub(crate) struct RefreshClaim<'a>(&'a Slot);
 
 impl Drop for RefreshClaim<'_> {
     fn drop(&mut self) {
@@ -276,28 +323,20 @@ struct Ttl {
     missing: Duration,
 }
 
-impl Ttl {
-    fn of(&self, lookup: &Resolution) -> Duration {
-        match lookup {
-            Resolution::Found(_) => self.found,
-            Resolution::Missing => self.missing,
-        }
-    }
-}
-
-impl Expiry<Digest, Cached> for Ttl {
-    fn expire_after_create(&self, _: &Digest, value: &Cached, _: Instant) -> Option<Duration> {
-        Some(self.of(&value.lookup))
+/// moka holds only not-found digests: each lives for the negative TTL.
+impl Expiry<Digest, Missing> for Ttl {
+    fn expire_after_create(&self, _: &Digest, _: &Missing, _: Instant) -> Option<Duration> {
+        Some(self.missing)
     }
 
     fn expire_after_update(
         &self,
         _: &Digest,
-        value: &Cached,
+        _: &Missing,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(self.of(&value.lookup))
+        Some(self.missing)
     }
 }
 
@@ -368,7 +407,7 @@ impl Hasher for DigestHasher {
 /// 1,000,000 on a machine with two cores, a walk over 125,000 entries, once per 125,000
 /// inserts.
 struct FoundMap {
-    shards: Box<[RwLock<HashMap<Digest, Cached, DigestHash>>]>,
+    shards: Box<[Shard]>,
     /// `shards.len() - 1`; the length is a power of two.
     mask: usize,
     /// Entries in all shards.
@@ -378,6 +417,9 @@ struct FoundMap {
     /// Inserts between two sweeps of a shard's expired entries.
     sweep_every: usize,
 }
+
+/// One shard of the [`FoundMap`].
+type Shard = RwLock<HashMap<Digest, Arc<ResolvedKey>, DigestHash>>;
 
 /// The fewest inserts into the found map between two sweeps of a shard's expired entries.
 const FOUND_SWEEP_EVERY: usize = 1024;
@@ -407,7 +449,7 @@ impl FoundMap {
     /// The shard of `digest`: chosen by bytes the map's hash does not use (it uses the first
     /// eight), so the hashes within a shard stay as spread as the digests.
     #[inline]
-    fn shard(&self, digest: &Digest) -> &RwLock<HashMap<Digest, Cached, DigestHash>> {
+    fn shard(&self, digest: &Digest) -> &Shard {
         let bytes = digest.as_bytes();
         let index = usize::from(u16::from_le_bytes([bytes[8], bytes[9]])) & self.mask;
         &self.shards[index]
@@ -415,7 +457,7 @@ impl FoundMap {
 
     /// `f` on the entry of `digest`, under its shard's read lock.
     #[inline]
-    fn with<R>(&self, digest: &Digest, f: impl FnOnce(&Cached) -> R) -> Option<R> {
+    fn with<R>(&self, digest: &Digest, f: impl FnOnce(&Arc<ResolvedKey>) -> R) -> Option<R> {
         let shard = self
             .shard(digest)
             .read()
@@ -423,14 +465,14 @@ impl FoundMap {
         shard.get(digest).map(f)
     }
 
-    fn insert(&self, digest: Digest, entry: Cached) {
-        let now = Instant::now();
+    /// Inserts `key` (stamped); `now` in the cache's time, for the sweeps.
+    fn insert(&self, digest: Digest, key: Arc<ResolvedKey>, now: Nanos) {
         {
             let mut shard = self
                 .shard(&digest)
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            if shard.insert(digest, entry).is_none() {
+            if shard.insert(digest, key).is_none() {
                 let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
                 if len > self.capacity {
                     self.evict(&mut shard, len - self.capacity, now);
@@ -444,22 +486,28 @@ impl FoundMap {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             let before = shard.len();
-            shard.retain(|_, entry| now < entry.expires);
+            shard.retain(|_, key| now < key.slot.stamp.expires());
             self.len.fetch_sub(before - shard.len(), Ordering::AcqRel);
         }
     }
 
     /// Frees at least `over` entries of `shard` (all of them at most), and a sixteenth of it
     /// if that is more: expired and unused ones first, then any.
-    fn evict(&self, shard: &mut HashMap<Digest, Cached, DigestHash>, over: usize, now: Instant) {
+    fn evict(
+        &self,
+        shard: &mut HashMap<Digest, Arc<ResolvedKey>, DigestHash>,
+        over: usize,
+        now: Nanos,
+    ) {
         let target = over.max(shard.len() / 16).min(shard.len());
         let mut freed = 0;
-        shard.retain(|_, entry| {
+        shard.retain(|_, key| {
             if freed >= target {
                 return true;
             }
             // `swap`: a used entry survives this sweep, and the next one unless used again.
-            if now >= entry.expires || !entry.used.swap(false, Ordering::Relaxed) {
+            let slot = &key.slot;
+            if now >= slot.stamp.expires() || !slot.used.swap(false, Ordering::Relaxed) {
                 freed += 1;
                 return false;
             }
@@ -483,7 +531,7 @@ impl FoundMap {
     }
 
     /// Removes the entry of `digest` if `doomed` says so.
-    fn remove_if(&self, digest: &Digest, doomed: impl FnOnce(&Cached) -> bool) {
+    fn remove_if(&self, digest: &Digest, doomed: impl FnOnce(&Arc<ResolvedKey>) -> bool) {
         let mut shard = self
             .shard(digest)
             .write()
@@ -527,7 +575,7 @@ impl FoundMap {
 /// [`FoundMap`]) or a failed read (errors are not cached). Every caller waiting on the load
 /// gets it all the same.
 enum Unstored {
-    Found(Cached),
+    Found(Arc<ResolvedKey>),
     Failed(Arc<StoreError>),
 }
 
@@ -540,7 +588,7 @@ enum Unstored {
 #[derive(Clone)]
 pub(crate) struct KeyCache {
     /// Not-found digests, and the coalescing of every miss.
-    cache: Cache<Digest, Cached>,
+    cache: Cache<Digest, Missing>,
     /// Found keys.
     found: Arc<FoundMap>,
     generation: Arc<AtomicU64>,
@@ -572,14 +620,12 @@ struct Blindness {
 
 impl Blindness {
     /// Whether an entry fresh until `fresh_until` (read `ttl` before that) was read longer
-    /// than `max_blind` before `now`.
+    /// than `max_blind` before `now` (all in the cache's time).
     #[cold]
-    fn too_old(&self, fresh_until: Instant, ttl: Duration, now: Instant) -> bool {
-        let max_blind = Duration::from_nanos(self.max_blind.load(Ordering::Acquire));
-        let read_at = fresh_until.checked_sub(ttl).unwrap_or(fresh_until);
-        read_at
-            .checked_add(max_blind)
-            .is_none_or(|trusted_until| trusted_until <= now)
+    fn too_old(&self, fresh_until: Nanos, ttl: Duration, now: Nanos) -> bool {
+        let max_blind = self.max_blind.load(Ordering::Acquire);
+        let read_at = fresh_until.saturating_sub(nanos(ttl));
+        read_at.saturating_add(max_blind) <= now
     }
 }
 
@@ -609,27 +655,45 @@ impl KeyCache {
         }
     }
 
-    /// The hit path: a found key, fresh or stale, synchronously and without touching moka.
-    /// An entry whose store read began before an invalidation that concerns it may have been
-    /// inserted after that invalidation ran (a load racing a revocation): it is never
-    /// returned, and [`KeyCache::get_or_load`] re-reads it. Not-found digests are moka's:
-    /// [`KeyCache::lookup_missing`].
-    #[inline]
+    /// The cache's time now.
+    fn now(&self) -> Nanos {
+        mono_now()
+    }
+
+    /// [`KeyCache::lookup_at`] now.
+    #[cfg(test)]
     pub(crate) fn lookup(&self, digest: &Digest) -> Option<CacheHit> {
+        self.lookup_at(digest, mono_now())
+    }
+
+    /// The hit path: a found key, fresh or stale, at `now`, synchronously and without
+    /// touching moka. An entry whose store read began before an invalidation that concerns it
+    /// may have been inserted after that invalidation ran (a load racing a revocation): it is
+    /// never returned, and [`KeyCache::get_or_load`] re-reads it. Not-found digests are
+    /// moka's: [`KeyCache::lookup_missing`].
+    #[inline]
+    pub(crate) fn lookup_at(&self, digest: &Digest, now: MonoNanos) -> Option<CacheHit> {
         if !self.enabled {
             return None;
         }
-        match self
-            .found
-            .with(digest, |entry| match self.classify(digest, entry) {
-                Ok(hit) => {
-                    if !entry.used.load(Ordering::Relaxed) {
-                        entry.used.store(true, Ordering::Relaxed);
+        match self.found.with(digest, |key| {
+            let slot = &key.slot;
+            match self.classify(digest, &slot.stamp, found_id(key), now) {
+                Ok(fresh) => {
+                    if !slot.used.load(Ordering::Relaxed) {
+                        slot.used.store(true, Ordering::Relaxed);
                     }
-                    Ok(hit)
+                    Ok(if fresh {
+                        CacheHit::Fresh(Resolution::Found(Arc::clone(key)))
+                    } else {
+                        CacheHit::Stale(StaleEntry {
+                            key: Arc::clone(key),
+                        })
+                    })
                 }
-                Err(gone) => Err(gone.then(|| Arc::clone(entry))),
-            })? {
+                Err(gone) => Err(gone.then(|| Arc::clone(key))),
+            }
+        })? {
             Ok(hit) => Some(hit),
             // Expired or superseded: let the miss path read it again.
             Err(Some(dropped)) => {
@@ -647,45 +711,57 @@ impl KeyCache {
         if !self.enabled {
             return None;
         }
-        let entry = self.cache.get(digest).await?;
-        self.classify(digest, &entry).ok()
+        let stamp = self.cache.get(digest).await?;
+        match self.classify(digest, &stamp, || None, self.now()) {
+            Ok(true) => Some(CacheHit::Fresh(Resolution::Missing)),
+            // Past the found TTL (a negative TTL longer than it): read the store again, as a
+            // stale found key is, rather than trust the not-found answer for longer.
+            Ok(false) => {
+                self.cache.invalidate(digest).await;
+                None
+            }
+            Err(_) => None,
+        }
     }
 
-    /// A fresh or stale hit, or `None` when the entry is past its lifetime or an
-    /// invalidation since its read concerns it.
-    /// `Err(true)`: gone for good; `Err(false)`: only bounded blindness withholds it, and it
-    /// may be served again once the instance hears again.
-    fn classify(&self, digest: &Digest, entry: &Cached) -> Result<CacheHit, bool> {
-        let now = Instant::now();
-        if now >= entry.expires || !self.current(digest, entry) {
+    /// Whether an entry stamped `stamp` is servable at `now`: `Ok(true)` fresh, `Ok(false)`
+    /// stale (past its TTL, within the stale window), or not: `Err(true)`: past its lifetime
+    /// or an invalidation since its read concerns it, gone for good; `Err(false)`: only
+    /// bounded blindness withholds it, and it may be served again once the instance hears
+    /// again. `id`: the key id of a found entry (read only if an invalidation happened since
+    /// the entry's generation).
+    #[inline]
+    fn classify(
+        &self,
+        digest: &Digest,
+        stamp: &Stamp,
+        id: impl FnOnce() -> Option<Uuid>,
+        now: Nanos,
+    ) -> Result<bool, bool> {
+        if now >= stamp.expires() || !self.current(digest, stamp, id) {
             return Err(true);
         }
-        if self.distrusted(entry, now) {
+        if self.distrusted(stamp, now) {
             return Err(false);
         }
-        Ok(if self.stale.is_zero() || now < entry.fresh_until {
-            CacheHit::Fresh(entry.lookup.clone())
-        } else {
-            CacheHit::Stale(StaleEntry {
-                entry: Arc::clone(entry),
-            })
-        })
+        Ok(self.stale.is_zero() || now < stamp.fresh_until())
     }
 
-    /// Whether bounded blindness forbids serving `entry` (read too long ago while the
-    /// instance cannot hear of changes).
+    /// Whether bounded blindness forbids serving an entry stamped `stamp` (read too long ago
+    /// while the instance cannot hear of changes).
     #[inline]
-    fn distrusted(&self, entry: &Entry, now: Instant) -> bool {
+    fn distrusted(&self, stamp: &Stamp, now: Nanos) -> bool {
         self.blind.on.load(Ordering::Relaxed)
-            && self.blind.too_old(entry.fresh_until, self.ttl, now)
+            && self.blind.too_old(stamp.fresh_until(), self.ttl, now)
     }
 
     /// Starts (`Some(last heard)`) or ends (`None`) bounded blindness: while it lasts and is
     /// `enforce`d, entries read more than `max_blind` ago are not served. Not enforced (the
     /// operator prefers availability), it is only reported.
     pub(crate) fn set_blind(&self, since: Option<SystemTime>, max_blind: Duration, enforce: bool) {
-        let nanos = u64::try_from(max_blind.as_nanos()).unwrap_or(u64::MAX);
-        self.blind.max_blind.store(nanos, Ordering::Release);
+        self.blind
+            .max_blind
+            .store(nanos(max_blind), Ordering::Release);
         *self
             .blind
             .since
@@ -705,18 +781,19 @@ impl KeyCache {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether `entry` may be served: no invalidation since its read concerns it. Stamps an
-    /// unconcerned entry with the current generation, so its next hit skips the check.
+    /// Whether an entry stamped `stamp` may be served: no invalidation since its read
+    /// concerns it. Stamps an unconcerned entry with the current generation, so its next hit
+    /// skips the check.
     #[inline]
-    fn current(&self, digest: &Digest, entry: &Entry) -> bool {
+    fn current(&self, digest: &Digest, stamp: &Stamp, id: impl FnOnce() -> Option<Uuid>) -> bool {
         let current = self.generation.load(Ordering::Acquire);
-        if entry.generation.load(Ordering::Acquire) == current {
+        if stamp.generation.load(Ordering::Acquire) == current {
             return true;
         }
-        if self.concerned(digest, entry) {
+        if self.concerned(digest, stamp, id()) {
             return false;
         }
-        entry.generation.fetch_max(current, Ordering::AcqRel);
+        stamp.generation.fetch_max(current, Ordering::AcqRel);
         true
     }
 
@@ -733,10 +810,12 @@ impl KeyCache {
         })
     }
 
-    /// Whether an invalidation after `entry`'s generation concerns it (or may have: the
-    /// record does not reach back that far).
-    fn concerned(&self, digest: &Digest, entry: &Entry) -> bool {
-        let read_at = entry.generation.load(Ordering::Acquire);
+    /// Whether an invalidation after the generation of an entry stamped `stamp` (of key `id`,
+    /// `None`: a not-found digest) concerns it, or may have: the record does not reach back
+    /// that far.
+    #[cold]
+    fn concerned(&self, digest: &Digest, stamp: &Stamp, id: Option<Uuid>) -> bool {
+        let read_at = stamp.generation.load(Ordering::Acquire);
         let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         if recent
             .front()
@@ -744,10 +823,6 @@ impl KeyCache {
         {
             return true;
         }
-        let id = match &entry.lookup {
-            Resolution::Found(resolved) => Some(resolved.principal.key_id()),
-            Resolution::Missing => None,
-        };
         recent
             .iter()
             .filter(|(generation, _)| *generation > read_at)
@@ -759,8 +834,31 @@ impl KeyCache {
             })
     }
 
-    fn entry(&self, lookup: Resolution, generation: u64) -> Cached {
-        Entry::new(lookup, generation, self.ttl, self.lifetimes)
+    /// Stamps a lookup read from the store with the generation its read began at: a found
+    /// key's slot, or a new not-found entry.
+    fn stamped(&self, lookup: &Resolution, generation: u64) -> Option<Missing> {
+        let now = self.now();
+        match lookup {
+            Resolution::Found(key) => {
+                debug_assert_eq!(
+                    key.slot.stamp.expires(),
+                    0,
+                    "a found key is stamped once: each read makes a new one"
+                );
+                key.slot
+                    .stamp
+                    .set(generation, now, self.ttl, self.lifetimes.found);
+                // A new entry survives the first sweep it meets: it was read to be used.
+                key.slot.used.store(true, Ordering::Relaxed);
+                None
+            }
+            Resolution::Missing => Some(Arc::new(Stamp::new(
+                generation,
+                now,
+                self.ttl,
+                self.lifetimes.missing,
+            ))),
+        }
     }
 
     /// Re-reads a stale entry. The result replaces the entry; an error leaves the stale entry
@@ -777,21 +875,23 @@ impl KeyCache {
         let lookup = load.await?;
         // Stored with the generation its read began at, whatever invalidations ran meanwhile:
         // no lookup serves it if one of them concerns it (as for `get_or_load`).
-        self.store(digest, self.entry(lookup.clone(), generation))
-            .await;
+        self.store(digest, &lookup, generation).await;
         Ok(lookup)
     }
 
-    /// Puts an entry where its kind lives, dropping what the other map held for its digest.
-    async fn store(&self, digest: Digest, entry: Cached) {
-        match entry.lookup {
-            Resolution::Found(_) => {
-                self.found.insert(digest, entry);
+    /// Stamps `lookup` and puts it where its kind lives, dropping what the other map held for
+    /// its digest.
+    async fn store(&self, digest: Digest, lookup: &Resolution, generation: u64) {
+        match (lookup, self.stamped(lookup, generation)) {
+            (Resolution::Found(key), _) => {
+                self.found.insert(digest, Arc::clone(key), self.now());
                 self.cache.invalidate(&digest).await;
             }
-            Resolution::Missing => {
+            (Resolution::Missing, stamp) => {
                 self.found.remove(&digest);
-                self.cache.insert(digest, entry).await;
+                if let Some(stamp) = stamp {
+                    self.cache.insert(digest, stamp).await;
+                }
             }
         }
     }
@@ -823,13 +923,14 @@ impl KeyCache {
                     // A load for this digest may have finished between the caller's miss and
                     // now: its entry is in the found map. Taken if it may be served (one that
                     // only bounded blindness withholds stays, and the store is read).
-                    let servable = self.found.with(&digest, |entry| {
-                        self.classify(&digest, entry)
+                    let now = self.now();
+                    let servable = self.found.with(&digest, |key| {
+                        self.classify(&digest, &key.slot.stamp, found_id(key), now)
                             .is_ok()
-                            .then(|| Arc::clone(entry))
+                            .then(|| Arc::clone(key))
                     });
-                    if let Some(entry) = servable.flatten() {
-                        return Err(Unstored::Found(entry));
+                    if let Some(key) = servable.flatten() {
+                        return Err(Unstored::Found(key));
                     }
                     let generation = self.generation.load(Ordering::Acquire);
                     let lookup = load()
@@ -839,41 +940,45 @@ impl KeyCache {
                     // generation its read began at, and no lookup serves it if one of them
                     // concerns it (not storing it would make every request of a key whose
                     // read met an unrelated invalidation a store query).
-                    let entry = self.entry(lookup, generation);
-                    match entry.lookup {
-                        Resolution::Found(_) => {
-                            self.found.insert(digest, Arc::clone(&entry));
-                            Err(Unstored::Found(entry))
+                    let stamp = self.stamped(&lookup, generation);
+                    match lookup {
+                        Resolution::Found(key) => {
+                            self.found.insert(digest, Arc::clone(&key), self.now());
+                            Err(Unstored::Found(key))
                         }
                         Resolution::Missing => {
                             self.found.remove(&digest);
-                            Ok(entry)
+                            Ok(stamp.unwrap_or_default())
                         }
                     }
                 })
                 .await;
-            let cached = match outcome {
-                Ok(entry) => entry,
-                Err(unstored) => match &*unstored {
-                    Unstored::Found(entry) => Arc::clone(entry),
-                    Unstored::Failed(error) => return Err(Arc::clone(error)),
-                },
-            };
             // moka's clock and ours differ by the moment of insertion: an entry moka still
             // holds may be past the deadline the hit path applies. An entry an invalidation
             // since its read concerns (a racing load's result, or one an invalidation left
             // in place) is never returned: the hit path's rule.
-            let now = Instant::now();
-            let live = now < cached.expires && !self.distrusted(&cached, now);
-            if live && self.current(&digest, &cached) {
-                return Ok(cached.lookup.clone());
+            let now = self.now();
+            let (lookup, stamp, id) = match &outcome {
+                Ok(stamp) => (Resolution::Missing, &**stamp, None),
+                Err(unstored) => match &**unstored {
+                    Unstored::Found(key) => (
+                        Resolution::Found(Arc::clone(key)),
+                        &key.slot.stamp,
+                        Some(key.principal.key_id()),
+                    ),
+                    Unstored::Failed(error) => return Err(Arc::clone(error)),
+                },
+            };
+            let live = now < stamp.expires() && !self.distrusted(stamp, now);
+            if live && self.current(&digest, stamp, || id) {
+                return Ok(lookup);
             }
             // Possibly stale: drop it (not a newer entry another caller stored meanwhile) and
             // read again.
-            match cached.lookup {
-                Resolution::Found(_) => self
-                    .found
-                    .remove_if(&digest, |held| Arc::ptr_eq(held, &cached)),
+            match &lookup {
+                Resolution::Found(key) => {
+                    self.found.remove_if(&digest, |held| Arc::ptr_eq(held, key))
+                }
                 Resolution::Missing => self.cache.invalidate(&digest).await,
             }
             if attempt >= MAX_RELOADS {
@@ -940,8 +1045,7 @@ impl KeyCache {
     /// Inserts as a racing load would, with `generation`.
     #[cfg(test)]
     async fn insert_raw(&self, digest: Digest, lookup: Resolution, generation: u64) {
-        let entry = self.entry(lookup, generation);
-        self.store(digest, entry).await;
+        self.store(digest, &lookup, generation).await;
     }
 }
 
@@ -959,6 +1063,28 @@ mod tests {
     use super::*;
     use crate::store::test_support::record;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    impl Resolution {
+        /// Another read of the same record: a new resolved key (as the store path makes one
+        /// per read), the same principal.
+        fn reread(&self) -> Resolution {
+            match self {
+                Resolution::Found(key) => Resolution::Found(Arc::new(ResolvedKey {
+                    slot: Slot::default(),
+                    principal: key.principal.clone(),
+                    collection: key.collection,
+                    revoked: key.revoked,
+                    disabled: key.disabled,
+                    tracks_usage: key.tracks_usage,
+                    identity: None,
+                    credits: None,
+                    owner: None,
+                    usage: UsageCell::default(),
+                })),
+                Resolution::Missing => Resolution::Missing,
+            }
+        }
+    }
 
     fn found(n: u8) -> (Digest, Resolution) {
         let r = record(n);
@@ -1150,21 +1276,24 @@ mod tests {
     fn the_found_map_sweeps_expired_entries() {
         // Filled below its capacity: nothing is evicted, only swept.
         let map = FoundMap::new(16_384);
-        let gone = Ttl {
-            found: Duration::ZERO,
-            missing: Duration::ZERO,
+        // Keys stamped as read at 1 µs in the cache's time, living `lifetime`.
+        let stamped = |n: u8, lifetime: Duration| {
+            let (digest, lookup) = found(n);
+            let Resolution::Found(key) = lookup else {
+                unreachable!()
+            };
+            key.slot.stamp.set(0, 1_000, Duration::ZERO, lifetime);
+            (digest, key)
         };
-        let kept = Ttl {
-            found: Duration::from_secs(3600),
-            missing: Duration::ZERO,
-        };
-        let (live, lookup) = found(1);
-        map.insert(live, Entry::new(lookup.clone(), 0, Duration::ZERO, kept));
+        let (live, kept) = stamped(1, Duration::from_secs(3600));
+        map.insert(live, kept, 1_000);
+        // Expired at once; one key may stand for all of them.
+        let (_, gone) = stamped(2, Duration::ZERO);
         let inserted = 16_383;
         assert!(map.sweep_every < inserted);
         for i in 0..inserted {
             let digest = spread(u32::try_from(i).unwrap(), 3);
-            map.insert(digest, Entry::new(lookup.clone(), 0, Duration::ZERO, gone));
+            map.insert(digest, Arc::clone(&gone), 1_000);
         }
         assert!(map.len() < inserted + 1, "nothing swept: {}", map.len());
         assert_eq!(map.len(), map.digests().len(), "the count is exact");
@@ -1180,7 +1309,7 @@ mod tests {
         let loads = AtomicUsize::new(0);
         let load = || {
             loads.fetch_add(1, Ordering::SeqCst);
-            let lookup = lookup.clone();
+            let lookup = lookup.reread();
             async move { Ok(lookup) }
         };
         cache.get_or_load(digest, load).await.unwrap();
@@ -1282,7 +1411,7 @@ mod tests {
         let reads = AtomicUsize::new(0);
         let load_hot = || {
             reads.fetch_add(1, Ordering::SeqCst);
-            let lookup = hot_lookup.clone();
+            let lookup = hot_lookup.reread();
             async move { Ok(lookup) }
         };
         cache.get_or_load(hot, load_hot).await.unwrap();
@@ -1295,10 +1424,10 @@ mod tests {
             let lookup = if i % 2 == 0 {
                 Resolution::Missing
             } else {
-                other_key.clone()
+                other_key.reread()
             };
             cache
-                .get_or_load(cold, || async { Ok(lookup.clone()) })
+                .get_or_load(cold, || async { Ok(lookup.reread()) })
                 .await
                 .unwrap();
             if i % 64 == 0 {
@@ -1324,7 +1453,7 @@ mod tests {
         });
         let (digest, lookup) = found(1);
         cache
-            .get_or_load(digest, || async { Ok(lookup.clone()) })
+            .get_or_load(digest, || async { Ok(lookup.reread()) })
             .await
             .unwrap();
         assert!(cache.found.contains(&digest));
@@ -1413,7 +1542,7 @@ mod tests {
         });
         let (old, l1) = found(1);
         cache
-            .get_or_load(old, || async { Ok(l1.clone()) })
+            .get_or_load(old, || async { Ok(l1.reread()) })
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -1439,7 +1568,7 @@ mod tests {
         assert_eq!(reads.load(Ordering::SeqCst), 1, "the miss path re-reads it");
         // An entry read while blind is fresh: served until it, too, is older than max_blind.
         cache
-            .get_or_load(fresh, || async { Ok(l2.clone()) })
+            .get_or_load(fresh, || async { Ok(l2.reread()) })
             .await
             .unwrap();
         assert!(cache.lookup(&fresh).is_some());

@@ -15,7 +15,8 @@
 //! ```
 
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use time::{Duration, OffsetDateTime};
@@ -129,6 +130,72 @@ impl Clock for ManualClock {
     }
 }
 
+/// Nanoseconds of the monotonic clock since keywarden first read it in this process: the
+/// hit path's time in one word, so cache deadlines can live in atomics and one reading per
+/// request serves them and the time of use.
+pub(crate) type MonoNanos = u64;
+
+static MONO_ORIGIN: OnceLock<Instant> = OnceLock::new();
+
+/// The monotonic reading `at` as [`MonoNanos`] (0 for a reading from before the origin).
+#[inline]
+pub(crate) fn mono_nanos(at: Instant) -> MonoNanos {
+    let since = at.saturating_duration_since(*MONO_ORIGIN.get_or_init(Instant::now));
+    since
+        .as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(since.subsec_nanos()))
+}
+
+/// The monotonic clock now, as [`MonoNanos`].
+#[inline]
+pub(crate) fn mono_now() -> MonoNanos {
+    mono_nanos(Instant::now())
+}
+
+/// Wall-clock times (Unix nanoseconds) from monotonic readings, for the system clock: the hit
+/// path reads the clock once, and that one reading serves the cache's deadlines and the time
+/// of use. The offset between the two clocks is taken again by [`WallAnchor::reanchor`] (the
+/// usage flusher does, before every flush), so a step of the wall clock reaches the recorded
+/// times within one flush interval.
+#[derive(Debug)]
+pub(crate) struct WallAnchor {
+    /// Unix nanoseconds at the monotonic origin, as of the latest anchoring.
+    offset: AtomicI64,
+}
+
+impl WallAnchor {
+    pub(crate) fn new() -> Self {
+        let anchor = Self {
+            offset: AtomicI64::new(0),
+        };
+        anchor.reanchor();
+        anchor
+    }
+
+    /// Takes the offset between the wall clock and the monotonic clock again.
+    pub(crate) fn reanchor(&self) {
+        // The wall reading between two monotonic ones: against their midpoint, a preemption
+        // between the reads skews the offset by half of it at most, either way.
+        let before = mono_now();
+        let wall = SystemClock.now_unix_nanos();
+        let after = mono_now();
+        let mono = signed(before + (after.saturating_sub(before)) / 2);
+        self.offset
+            .store(wall.saturating_sub(mono), Ordering::Relaxed);
+    }
+
+    /// The wall-clock time of the monotonic reading `at`.
+    #[inline]
+    pub(crate) fn unix_nanos(&self, at: MonoNanos) -> i64 {
+        signed(at).saturating_add(self.offset.load(Ordering::Relaxed))
+    }
+}
+
+fn signed(nanos: MonoNanos) -> i64 {
+    i64::try_from(nanos).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +210,30 @@ mod tests {
         let nanos = system.now_unix_nanos();
         let after = unix_nanos(system.now());
         assert!(before <= nanos && nanos <= after);
+    }
+
+    #[test]
+    fn an_anchor_turns_monotonic_readings_into_wall_clock_times() {
+        let anchor = WallAnchor::new();
+        let before = SystemClock.now_unix_nanos();
+        let at = mono_now();
+        let after = SystemClock.now_unix_nanos();
+        let wall = anchor.unix_nanos(at);
+        // Within the two wall readings, give or take the anchoring's own two reads.
+        let slack = 5_000_000;
+        assert!(
+            before - slack <= wall && wall <= after + slack,
+            "{before} <= {wall} <= {after}"
+        );
+        assert_eq!(anchor.unix_nanos(at + 3_000_000_000) - wall, 3_000_000_000);
+        // Readings are monotonic, and one from before the origin is the origin.
+        assert!(mono_now() >= at);
+        let origin = *MONO_ORIGIN.get().unwrap();
+        if let Some(earlier) = origin.checked_sub(std::time::Duration::from_secs(1)) {
+            assert_eq!(mono_nanos(earlier), 0);
+        }
+        // A saturated reading stays a time, not an overflow.
+        assert_eq!(anchor.unix_nanos(u64::MAX), i64::MAX);
     }
 
     #[test]

@@ -50,16 +50,21 @@ pub struct Principal(Arc<Compact>);
 /// One per cached key, so it is kept small: the fields keys have in common live in a shared
 /// [`Profile`], the two per-key strings in one allocation, and the usual metadata (`null` or
 /// `{}`) in none.
+///
+/// `repr(C)`, in this order: what every request reads (the id, the expiry, the profile) comes
+/// right after the reference count that every request moves, so one cache line holds it all
+/// (Rust's own order put the id and the expiry in the allocation's second line).
 #[derive(PartialEq)]
+#[repr(C)]
 struct Compact {
     key_id: Uuid,
+    expires_at: Option<OffsetDateTime>,
     profile: Arc<Profile>,
+    /// `None` is JSON `null`.
+    metadata: Option<Arc<serde_json::Value>>,
     /// The key's name followed by the subject.
     names: Box<str>,
     name_len: usize,
-    /// `None` is JSON `null`.
-    metadata: Option<Arc<serde_json::Value>>,
-    expires_at: Option<OffsetDateTime>,
 }
 
 /// The fields with few distinct values across keys, shared through the layer's [`Interner`].

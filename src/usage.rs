@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::cache::ResolvedKey;
+use crate::clock::WallAnchor;
 use crate::store::{
     hour_of, KeyStore, KeyUsage, StoreError, UsageCount, UsageOutcome, UsageSubject,
 };
@@ -39,6 +40,9 @@ pub(crate) struct UsageRecorder {
     store: Arc<dyn KeyStore>,
     interval: Duration,
     started: AtomicBool,
+    /// Times of use from the hit path's monotonic reading (the system clock); `None` with
+    /// another clock, which is then read for each use.
+    wall: Option<WallAnchor>,
 }
 
 impl std::fmt::Debug for UsageRecorder {
@@ -52,8 +56,15 @@ impl std::fmt::Debug for UsageRecorder {
 }
 
 impl UsageRecorder {
-    pub(crate) fn new(store: Arc<dyn KeyStore>, interval: Duration) -> Arc<Self> {
+    /// `system_clock`: the layer judges time by the system clock, so the time of a use can
+    /// come from the hit path's own monotonic reading ([`UsageRecorder::wall`]).
+    pub(crate) fn new(
+        store: Arc<dyn KeyStore>,
+        interval: Duration,
+        system_clock: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            wall: system_clock.then(WallAnchor::new),
             queue: Mutex::default(),
             loose: Mutex::default(),
             rejections: Mutex::default(),
@@ -162,8 +173,17 @@ impl UsageRecorder {
         self.started.load(Ordering::Acquire)
     }
 
+    /// Turns the hit path's monotonic readings into times of use, with the system clock.
+    #[inline]
+    pub(crate) fn wall(&self) -> Option<&WallAnchor> {
+        self.wall.as_ref()
+    }
+
     /// Writes every pending use to the store in one batch, one row per key.
     pub(crate) async fn flush(&self) -> Result<usize, StoreError> {
+        if let Some(wall) = &self.wall {
+            wall.reanchor();
+        }
         let queued =
             std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
         let mut rows =
@@ -347,7 +367,7 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let r = record(1);
         store.insert(&r).await.unwrap();
-        let recorder = UsageRecorder::new(store.clone(), Duration::from_secs(3600));
+        let recorder = UsageRecorder::new(store.clone(), Duration::from_secs(3600), false);
         let t0 = OffsetDateTime::now_utc();
         let key = cached(&r);
         recorder.record(&key, to_nanos(t0 + time::Duration::seconds(5)));
@@ -376,7 +396,7 @@ mod tests {
     #[test]
     fn a_flusher_lost_with_its_runtime_is_restarted() {
         let store = Arc::new(MemoryStore::new());
-        let recorder = UsageRecorder::new(store.clone(), Duration::from_millis(10));
+        let recorder = UsageRecorder::new(store.clone(), Duration::from_millis(10), false);
         let r = record(2);
         let key = cached(&r);
         let first = tokio::runtime::Builder::new_current_thread()
@@ -468,7 +488,7 @@ mod tests {
                 ))
             }
         }
-        let recorder = UsageRecorder::new(Arc::new(Failing), Duration::from_secs(3600));
+        let recorder = UsageRecorder::new(Arc::new(Failing), Duration::from_secs(3600), false);
         let key = cached(&record(4));
         let t = now();
         recorder.record(&key, t);
@@ -492,7 +512,7 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let r = record(5);
         store.insert(&r).await.unwrap();
-        let recorder = UsageRecorder::new(store.clone(), Duration::from_secs(3600));
+        let recorder = UsageRecorder::new(store.clone(), Duration::from_secs(3600), false);
         for _ in 0..1000 {
             recorder.record_uncached(r.id, now());
         }

@@ -84,6 +84,8 @@ pub struct ApiKeyLayerBuilder {
     strip: bool,
     cache: CacheConfig,
     clock: Arc<dyn Clock>,
+    /// No clock was set: the system clock's readings may be shared (see `UsageRecorder`).
+    system_clock: bool,
     identity: Option<IdentityMapper>,
     usage_interval: Option<Duration>,
     store_timeout: Duration,
@@ -108,6 +110,7 @@ impl Default for ApiKeyLayerBuilder {
             strip: false,
             cache: CacheConfig::default(),
             clock: Arc::new(SystemClock),
+            system_clock: true,
             identity: None,
             usage_interval: Some(DEFAULT_USAGE_INTERVAL),
             store_timeout: Duration::from_secs(2),
@@ -295,6 +298,7 @@ impl ApiKeyLayerBuilder {
     /// The clock expiry is judged against (default: the system clock).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self.system_clock = false;
         self
     }
 
@@ -489,7 +493,7 @@ impl ApiKeyLayerBuilder {
         let usage = self
             .usage_interval
             .filter(|_| !store.is_read_only())
-            .map(|interval| UsageRecorder::new(store.clone(), interval));
+            .map(|interval| UsageRecorder::new(store.clone(), interval, self.system_clock));
         if let Some(usage) = &usage {
             // The flusher is a named worker started here, on the caller's runtime.
             usage.start();

@@ -44,6 +44,7 @@ use crate::verify::{ForeignCollection, Verifier};
 mod builder;
 mod cost;
 mod future;
+mod same_body;
 mod service;
 
 pub use crate::body::AuthBody;
@@ -53,6 +54,7 @@ pub use builder::{ApiKeyLayerBuilder, BuildError, BuildErrorKind};
 pub(crate) use cost::refund_credits;
 pub use cost::{Cost, CostService};
 pub use future::ResponseFuture;
+pub use same_body::{SameBodyFuture, SameBodyLayer, SameBodyService};
 pub use service::ApiKeyService;
 
 /// Whether requests without a credential are rejected or passed through.
@@ -212,6 +214,15 @@ impl ApiKeyLayer {
             verifier: self.verifier.clone(),
             mode: Mode::Optional,
         }
+    }
+
+    /// This layer with responses in the inner service's own body type (a rejection's body is
+    /// built with `From<Bytes>`), sharing its state: see [`SameBodyLayer`]. With axum, prefer
+    /// `.layer(layer.same_body())`: axum boxes every response body that is not its own `Body`,
+    /// once per response, and this layer's bodies are.
+    #[must_use]
+    pub fn same_body(&self) -> SameBodyLayer {
+        SameBodyLayer::new(self.clone())
     }
 
     /// This layer in required mode (no credential → 401), sharing its state; see

@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::future::{log_rejection, ResponseFuture};
 use super::Mode;
 use crate::body::AuthBody;
+use crate::clock::mono_now;
 use crate::principal::PassedWithoutKey;
 use crate::rejection::{is_grpc, AuthRejection, Quota, RejectionKind};
 use crate::stats::Verdict;
@@ -120,16 +121,21 @@ where
         }
         // The hit path: the cache answers, the limiter is in memory; nothing to wait for.
         let allowlist_client = || admission.allowlist_client(req.headers(), req.extensions());
+        // The request's one clock reading on the hit path: the cache's deadlines and the
+        // time of use.
+        let at = mono_now();
         let now = verifier.outcome_now(
             &key,
             req.method(),
             blocked.as_ref(),
+            at,
             allowlist_client,
             || request_cost(req.extensions()),
         );
         let now = match now {
             Some(decided) if decided.pending_cost.is_none() => {
-                return match verifier.admit_or_reject(&mut req, &key, client, decided, &span) {
+                let admitted = verifier.admit_or_reject(&mut req, &key, client, decided, at, &span);
+                return match admitted {
                     Ok(quota) => {
                         drop(entered);
                         ResponseFuture::inner(self.inner.call(req), quota)
@@ -169,7 +175,8 @@ where
                 }
             };
             let admitted = span.in_scope(|| {
-                let admitted = verifier.admit_or_reject(&mut req, &key, client, decided, &span);
+                let admitted =
+                    verifier.admit_or_reject(&mut req, &key, client, decided, mono_now(), &span);
                 if let Err(rejection) = &admitted {
                     log_rejection(rejection);
                 }

@@ -11,7 +11,7 @@ use http::{HeaderMap, Method};
 use uuid::Uuid;
 
 use crate::cache::ResolvedKey;
-use crate::clock::Clock;
+use crate::clock::{Clock, MonoNanos};
 use crate::credits::CreditLedger;
 use crate::ratelimit::{
     Blocked, ClientAddressSource, Decision, FailureTracker, Limiters, RateLimitPolicy,
@@ -404,12 +404,16 @@ impl Admission {
         }
     }
 
-    /// Notes a successful use, written behind in batches. Reads the clock only when usage
-    /// is recorded.
-    pub(crate) fn record_use(&self, resolved: &Arc<ResolvedKey>) {
+    /// Notes a successful use at `at`, written behind in batches. With the system clock the
+    /// time comes from `at` (the hit path's one reading); another clock is read, and only
+    /// when usage is recorded.
+    pub(crate) fn record_use(&self, resolved: &Arc<ResolvedKey>, at: MonoNanos) {
         if let Some(usage) = &self.usage {
             if resolved.tracks_usage {
-                let now = self.clock.now_unix_nanos();
+                let now = match usage.wall() {
+                    Some(wall) => wall.unix_nanos(at),
+                    None => self.clock.now_unix_nanos(),
+                };
                 if self.cached {
                     usage.record(resolved, now);
                 } else {

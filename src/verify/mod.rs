@@ -8,6 +8,7 @@
 //! 3. [`Admission`]: the key against the request, rate limits, failed-attempt limiting,
 //!    usage; then [`Verifier::admit_or_reject`] ends the hit and the miss paths alike.
 
+use crate::clock::{mono_now, MonoNanos};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -141,18 +142,22 @@ impl Verifier {
     /// `cost` (the request's credits) is called only for a key with credits; a key whose
     /// credits this instance must first lease is decided with a
     /// [`pending_cost`](Decided::pending_cost).
+    /// `now`: the request's one clock reading on the hit path, for the cache's deadlines and
+    /// (in [`Verifier::admit_or_reject`]) the time of use.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn outcome_now(
         &self,
         key: &PresentedKey,
         method: &Method,
         blocked: Option<&crate::ratelimit::Blocked>,
+        now: MonoNanos,
         client: impl FnOnce() -> Option<IpAddr>,
         cost: impl FnOnce() -> u64,
     ) -> Option<Decided> {
         if self.admission.limiters.is_remote() {
             return None;
         }
-        let resolved = match self.resolver.resolve_cached(&key.digest, blocked)? {
+        let resolved = match self.resolver.resolve_cached(&key.digest, blocked, now)? {
             Ok(resolved) => resolved,
             Err(rejection) => return Some(Decided::unresolved(key, Err(rejection))),
         };
@@ -350,13 +355,15 @@ impl Verifier {
     /// The one ending of the hit and the miss paths: an accepted request is admitted (its use
     /// noted, its credential headers protected, the principal and the application's identity
     /// put into its extensions); a rejected one counts against its client address. Either
-    /// way it is counted and `span` filled in.
+    /// way it is counted and `span` filled in. `now`: when the request was decided (its use
+    /// is recorded at that time).
     pub(crate) fn admit_or_reject<B>(
         &self,
         req: &mut Request<B>,
         key: &PresentedKey,
         client: Option<IpAddr>,
         decided: Decided,
+        now: MonoNanos,
         span: &Span,
     ) -> Result<Quota, AuthRejection> {
         debug_assert!(decided.pending_cost.is_none(), "settle before admitting");
@@ -375,7 +382,7 @@ impl Verifier {
             key_id = %resolved.principal.key_id(),
             "request authenticated"
         );
-        self.admission.record_use(&resolved);
+        self.admission.record_use(&resolved, now);
         self.credentials.protect_headers(req.headers_mut(), key);
         let extensions = req.extensions_mut();
         if let Some(Ok(identity)) = resolved.identity.as_deref() {
@@ -418,7 +425,7 @@ impl Verifier {
             let detail = format!("the key does not hold the scope `{missing}`");
             return Err(AuthRejection::new(RejectionKind::InsufficientScope, detail));
         }
-        self.admission.record_use(&resolved);
+        self.admission.record_use(&resolved, mono_now());
         Ok((resolved.principal.clone(), quota))
     }
 
@@ -530,7 +537,14 @@ impl Verifier {
             self.tally_rejection(span, binding(&key), &rejection);
             return Err(rejection);
         }
-        let now = self.outcome_now(&key, method, blocked.as_ref(), || origin, || cost);
+        let now = self.outcome_now(
+            &key,
+            method,
+            blocked.as_ref(),
+            mono_now(),
+            || origin,
+            || cost,
+        );
         Ok(Started { key, blocked, now })
     }
 }

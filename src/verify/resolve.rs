@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::{mono_now, MonoNanos};
+
 use http::HeaderMap;
 
 use crate::cache::{CacheHit, Identity, KeyCache, Resolution, ResolvedKey, StaleEntry};
@@ -109,14 +111,16 @@ impl Resolver {
         !self.foreign.is_empty() && self.foreign(collection).is_some()
     }
 
-    /// The hit path: a fresh cached answer, synchronously, or `None` when the store must be
-    /// asked (a miss, or a stale entry): then [`Resolver::resolve`]. `blocked` as there.
+    /// The hit path: a fresh cached answer at `now`, synchronously, or `None` when the store
+    /// must be asked (a miss, or a stale entry): then [`Resolver::resolve`]. `blocked` as
+    /// there.
     pub(crate) fn resolve_cached(
         &self,
         digest: &Digest,
         blocked: Option<&Blocked>,
+        now: MonoNanos,
     ) -> Option<Result<Arc<ResolvedKey>, AuthRejection>> {
-        let hit = self.cache.lookup(digest);
+        let hit = self.cache.lookup_at(digest, now);
         // Counted only when answered here: otherwise `resolve` looks again and counts.
         match (hit, blocked) {
             (hit, Some(blocked)) => {
@@ -168,7 +172,7 @@ impl Resolver {
         optional: bool,
         blocked: Option<&Blocked>,
     ) -> Result<Arc<ResolvedKey>, AuthRejection> {
-        let hit = match self.cache.lookup(&digest) {
+        let hit = match self.cache.lookup_at(&digest, mono_now()) {
             Some(hit) => Some(hit),
             None => self.cache.lookup_missing(&digest).await,
         };

@@ -1,0 +1,144 @@
+//! [`SameBodyLayer`]: the layer, with responses in the inner service's own body type.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{ApiKeyLayer, ApiKeyService};
+use crate::body::AuthBody;
+
+/// An [`ApiKeyLayer`] whose responses keep the inner service's body type `B`: the inner
+/// service's body passes through untouched, and a rejection's body is built with
+/// `B::from(Bytes)`. Created by [`ApiKeyLayer::same_body`]; it verifies exactly as the layer
+/// it came from, sharing its state.
+///
+/// For axum: axum turns a route's response body into its own `Body`, and any other body type
+/// (such as [`AuthBody`]) is boxed on the way, one allocation per response. With this layer the
+/// body already is axum's, so nothing is boxed; in the load harness that is about 1.5 % of
+/// the server's CPU per request (BENCHMARKS.md, section 15).
+///
+/// ```
+/// use std::sync::Arc;
+/// use axum::{routing::get, Router};
+/// use keywarden::{ApiKeyLayer, Collection, MemoryStore, Principal, SecretRing};
+///
+/// let secrets = SecretRing::from_strs("a-secret-of-at-least-thirty-two-bytes!", None).unwrap();
+/// let layer = ApiKeyLayer::builder()
+///     .store(Arc::new(MemoryStore::new()))
+///     .secrets(secrets)
+///     .collection(Collection::new("users"))
+///     .build()
+///     .unwrap();
+/// let app: Router = Router::new()
+///     .route("/whoami", get(|p: Principal| async move { p.subject().to_owned() }))
+///     .layer(layer.same_body());
+/// # let _ = app;
+/// ```
+#[derive(Clone)]
+pub struct SameBodyLayer {
+    layer: ApiKeyLayer,
+}
+
+impl SameBodyLayer {
+    pub(super) fn new(layer: ApiKeyLayer) -> Self {
+        Self { layer }
+    }
+}
+
+impl fmt::Debug for SameBodyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SameBodyLayer")
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for SameBodyLayer {
+    type Service = SameBodyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SameBodyService {
+            inner: self.layer.layer(inner),
+        }
+    }
+}
+
+/// The service of a [`SameBodyLayer`]: an [`ApiKeyService`] whose responses keep the inner
+/// service's body type.
+#[derive(Clone, Debug)]
+pub struct SameBodyService<S> {
+    inner: ApiKeyService<S>,
+}
+
+impl<S> SameBodyService<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        self.inner.get_ref()
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.get_mut()
+    }
+
+    /// The wrapped service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SameBodyService<S>
+where
+    ApiKeyService<S>: Service<Request<ReqBody>, Response = Response<AuthBody<ResBody>>>,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = <ApiKeyService<S> as Service<Request<ReqBody>>>::Error;
+    type Future = SameBodyFuture<<ApiKeyService<S> as Service<Request<ReqBody>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        SameBodyFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of a [`SameBodyService`].
+    pub struct SameBodyFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for SameBodyFuture<F>
+where
+    F: Future<Output = Result<Response<AuthBody<B>>, E>>,
+    B: From<Bytes>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = ready!(self.project().inner.poll(cx))?;
+        Poll::Ready(Ok(
+            response.map(|body| body.into_inner().unwrap_or_else(B::from))
+        ))
+    }
+}
+
+impl<F> fmt::Debug for SameBodyFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SameBodyFuture").finish_non_exhaustive()
+    }
+}
