@@ -129,3 +129,33 @@ async fn a_plain_service_keeps_its_body_type() {
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["code"], "missing_credentials");
 }
+
+/// The mode switches and the way back to the layer, as the docs show them.
+#[tokio::test]
+async fn modes_and_the_layer_behind() {
+    let fx = Fixture::new();
+    let same = fx.layer.same_body();
+    let optional = app().layer(same.optional());
+    let reply = send(&optional, request("GET", "/maybe", &[])).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "anonymous")
+    );
+    let required = app().layer(same.optional().required());
+    assert_eq!(
+        send(&required, request("GET", "/maybe", &[])).await.status,
+        401
+    );
+    // The same state: a key created through the layer behind it is accepted at once.
+    let manager = keywarden::KeyManager::for_layer(same.api_key_layer());
+    let key = manager.create(NewKey::new("k", "dave")).await.unwrap().key;
+    let reply = send(
+        &required,
+        request("GET", "/maybe", &[("x-api-key", key.expose().as_bytes())]),
+    )
+    .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "dave")
+    );
+}

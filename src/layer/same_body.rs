@@ -19,10 +19,23 @@ use crate::body::AuthBody;
 /// `B::from(Bytes)`. Created by [`ApiKeyLayer::same_body`]; it verifies exactly as the layer
 /// it came from, sharing its state.
 ///
-/// For axum: axum turns a route's response body into its own `Body`, and any other body type
-/// (such as [`AuthBody`]) is boxed on the way, one allocation per response. With this layer the
-/// body already is axum's, so nothing is boxed; in the load harness that is about 1.5 % of
-/// the server's CPU per request (BENCHMARKS.md, section 15).
+/// **When to use it.** `.layer(layer)` is always correct. `same_body` is a small saving for
+/// axum: axum turns a route's response body into its own `Body`, and boxes any other body type
+/// (such as [`AuthBody`]) on the way, one allocation per response. With this layer the body
+/// already is axum's, so nothing is boxed: ≈ 260 instructions per request in the load server
+/// (≈ 0.9 % of its instructions per request; BENCHMARKS.md, section 15), below what the load
+/// harness resolves in time.
+///
+/// **Limits.** The inner service's body must be `From<Bytes>` (axum's `Body` is;
+/// `http_body_util::Empty` is not, and the error then names a trait bound of the service, not
+/// `From<Bytes>`).
+/// [`RequireScopeLayer`](crate::RequireScopeLayer) and [`Cost`](super::Cost) answer in
+/// [`AuthBody`]: apply them per route (`route_layer`, `handler.layer`) as the README shows, not
+/// directly under this layer in one `ServiceBuilder` stack (that does not compile), and a
+/// route with them still has its body boxed by axum. Use [`optional`](Self::optional) /
+/// [`required`](Self::required) here, or `layer.optional().same_body()`;
+/// [`api_key_layer`](Self::api_key_layer) gives back the `ApiKeyLayer` (for
+/// `KeyManager::for_layer`, say).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -49,6 +62,23 @@ pub struct SameBodyLayer {
 impl SameBodyLayer {
     pub(super) fn new(layer: ApiKeyLayer) -> Self {
         Self { layer }
+    }
+
+    /// The [`ApiKeyLayer`] this one answers for.
+    pub fn api_key_layer(&self) -> &ApiKeyLayer {
+        &self.layer
+    }
+
+    /// This layer in optional mode, sharing its state: see [`ApiKeyLayer::optional`].
+    #[must_use]
+    pub fn optional(&self) -> Self {
+        Self::new(self.layer.optional())
+    }
+
+    /// This layer in required mode, sharing its state: see [`ApiKeyLayer::required`].
+    #[must_use]
+    pub fn required(&self) -> Self {
+        Self::new(self.layer.required())
     }
 }
 
