@@ -670,7 +670,11 @@ impl KeyCache {
     /// touching moka. An entry whose store read began before an invalidation that concerns it
     /// may have been inserted after that invalidation ran (a load racing a revocation): it is
     /// never returned, and [`KeyCache::get_or_load`] re-reads it. Not-found digests are
-    /// moka's: [`KeyCache::lookup_missing`].
+    /// moka's: [`KeyCache::lookup_missing`]. `now` is the request's one clock reading, taken
+    /// before the shard's lock: deadlines are judged at the request's time, so a request
+    /// that waited for the lock (a sweep holding it) is judged as of its arrival, a wait
+    /// (milliseconds at most) after which an entry that just expired may still answer it.
+    /// Invalidations are unaffected (the generation is read under the lock).
     #[inline]
     pub(crate) fn lookup_at(&self, digest: &Digest, now: MonoNanos) -> Option<CacheHit> {
         if !self.enabled {

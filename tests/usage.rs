@@ -90,3 +90,41 @@ async fn usage_tracking_can_be_turned_off() {
     layer.flush_usage().await.unwrap();
     assert_eq!(store.usage_writes(), 0);
 }
+
+/// With the system clock, the time of use comes from the hit path's one monotonic reading
+/// (turned into wall-clock time by an offset taken before every flush): it lies between two
+/// wall-clock readings around the requests, to the precision the store keeps.
+#[tokio::test]
+async fn the_system_clock_dates_uses_from_the_hit_paths_reading() {
+    let store = Arc::new(keywarden::MemoryStore::new());
+    let layer = ApiKeyLayer::builder()
+        .store(store.clone())
+        .secrets(ring())
+        .collection(Collection::new("users"))
+        .usage_flush_interval(Some(Duration::from_secs(3600)))
+        .build()
+        .unwrap();
+    let app = support::app().layer(layer.clone());
+    let created = KeyManager::for_layer(&layer)
+        .create(NewKey::new("a", "alice"))
+        .await
+        .unwrap();
+    let key = created.key.expose().as_bytes();
+    // The first request is a miss (its use is dated too); the rest are hits.
+    let before = OffsetDateTime::now_utc();
+    for _ in 0..3 {
+        let reply = get_with(&app, "/whoami", &[("x-api-key", key)]).await;
+        assert_eq!(reply.status, 200);
+    }
+    let after = OffsetDateTime::now_utc();
+    layer.flush_usage().await.unwrap();
+    let record = store.get(created.record.id).await.unwrap().unwrap();
+    assert_eq!(record.use_count, 3);
+    let used = record.last_used_at.expect("a time of use");
+    // Stores keep microseconds; allow that, and a millisecond for the two clocks' anchoring.
+    let slack = time::Duration::milliseconds(1);
+    assert!(
+        before - slack <= used && used <= after + slack,
+        "{before} <= {used} <= {after}"
+    );
+}

@@ -28,7 +28,7 @@ use crate::body::AuthBody;
 ///
 /// **Limits.** The inner service's body must be `From<Bytes>` (axum's `Body` is;
 /// `http_body_util::Empty` is not, and the error then names a trait bound of the service, not
-/// `From<Bytes>`).
+/// `From<Bytes>`; nor is tonic's: under a tonic server, use `.layer(layer)`).
 /// [`RequireScopeLayer`](crate::RequireScopeLayer) and [`Cost`](super::Cost) answer in
 /// [`AuthBody`]: apply them per route (`route_layer`, `handler.layer`) as the README shows, not
 /// directly under this layer in one `ServiceBuilder` stack (that does not compile), and a
