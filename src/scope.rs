@@ -126,6 +126,17 @@ impl RequireScopeLayer {
     }
 }
 
+impl RequireScopeLayer {
+    /// This scope check with responses in the inner service's own body type (a refusal's
+    /// body is built with `From<Bytes>`): see [`SameBodyLayer`](crate::layer::SameBodyLayer).
+    /// For axum routes, where `AuthBody` would be boxed once per response; the check is the
+    /// same.
+    #[must_use]
+    pub fn same_body(self) -> crate::layer::SameBodyLayer<Self> {
+        crate::layer::SameBodyLayer::new(self)
+    }
+}
+
 impl<S> Layer<S> for RequireScopeLayer {
     type Service = RequireScope<S>;
 

@@ -159,3 +159,40 @@ async fn modes_and_the_layer_behind() {
         (200, "dave")
     );
 }
+
+/// A scope check applied with `same_body` refuses and admits as the plain one does, byte for
+/// byte, in axum's body type.
+#[tokio::test]
+async fn a_scope_check_with_same_body_answers_as_the_plain_one() {
+    use axum::routing::get;
+    use keywarden::{Principal, RequireScopeLayer};
+    let fx = Fixture::new();
+    let plain = axum::Router::new()
+        .route(
+            "/admin",
+            get(|p: Principal| async move { p.subject().to_owned() })
+                .route_layer(RequireScopeLayer::new("admin")),
+        )
+        .layer(fx.layer.clone());
+    let same = axum::Router::new()
+        .route(
+            "/admin",
+            get(|p: Principal| async move { p.subject().to_owned() })
+                .route_layer(RequireScopeLayer::new("admin").same_body()),
+        )
+        .layer(fx.layer.same_body());
+    let without = fx.key(NewKey::new("k", "erin")).await.key;
+    let with = fx.key(NewKey::new("a", "frank").scope("admin")).await.key;
+    let mut statuses = Vec::new();
+    for key in [without.expose(), with.expose()] {
+        let headers = [("x-api-key", key.as_bytes())];
+        let a = send(&plain, request("GET", "/admin", &headers)).await;
+        let b = send(&same, request("GET", "/admin", &headers)).await;
+        assert_eq!(
+            (a.status, &a.headers, a.text()),
+            (b.status, &b.headers, b.text())
+        );
+        statuses.push(b.status.as_u16());
+    }
+    assert_eq!(statuses, [403, 200]);
+}

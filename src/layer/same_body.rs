@@ -1,4 +1,4 @@
-//! [`SameBodyLayer`]: the layer, with responses in the inner service's own body type.
+//! [`SameBodyLayer`]: keywarden's layers, with responses in the inner service's own body type.
 
 use std::fmt;
 use std::future::Future;
@@ -11,13 +11,15 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{ApiKeyLayer, ApiKeyService};
+use super::ApiKeyLayer;
 use crate::body::AuthBody;
 
-/// An [`ApiKeyLayer`] whose responses keep the inner service's body type `B`: the inner
-/// service's body passes through untouched, and a rejection's body is built with
-/// `B::from(Bytes)`. Created by [`ApiKeyLayer::same_body`]; it verifies exactly as the layer
-/// it came from, sharing its state.
+/// A keywarden layer `L` ([`ApiKeyLayer`] by default, or a
+/// [`RequireScopeLayer`](crate::RequireScopeLayer)) whose responses keep the inner service's
+/// body type `B`: the inner service's body passes through untouched, and a rejection's body is
+/// built with `B::from(Bytes)`. Created by [`ApiKeyLayer::same_body`] and
+/// [`RequireScopeLayer::same_body`](crate::RequireScopeLayer::same_body); it decides exactly
+/// as the layer it came from, sharing its state.
 ///
 /// **When to use it.** `.layer(layer)` is always correct. `same_body` is a small saving for
 /// axum: axum turns a route's response body into its own `Body`, and boxes any other body type
@@ -29,10 +31,11 @@ use crate::body::AuthBody;
 /// **Limits.** The inner service's body must be `From<Bytes>` (axum's `Body` is;
 /// `http_body_util::Empty` is not, and the error then names a trait bound of the service, not
 /// `From<Bytes>`; nor is tonic's: under a tonic server, use `.layer(layer)`).
-/// [`RequireScopeLayer`](crate::RequireScopeLayer) and [`Cost`](super::Cost) answer in
-/// [`AuthBody`]: apply them per route (`route_layer`, `handler.layer`) as the README shows, not
-/// directly under this layer in one `ServiceBuilder` stack (that does not compile), and a
-/// route with them still has its body boxed by axum. Use [`optional`](Self::optional) /
+/// [`Cost`](super::Cost), and a [`RequireScopeLayer`](crate::RequireScopeLayer) applied as it
+/// is, answer in [`AuthBody`]: apply them per route (`route_layer`, `handler.layer`) as the
+/// README shows, not directly under this layer in one `ServiceBuilder` stack (that does not
+/// compile); a scope check can be applied as `RequireScopeLayer::new(..).same_body()` too.
+/// Use [`optional`](Self::optional) /
 /// [`required`](Self::required) here, or `layer.optional().same_body()`;
 /// [`api_key_layer`](Self::api_key_layer) gives back the `ApiKeyLayer` (for
 /// `KeyManager::for_layer`, say).
@@ -55,15 +58,17 @@ use crate::body::AuthBody;
 /// # let _ = app;
 /// ```
 #[derive(Clone)]
-pub struct SameBodyLayer {
-    layer: ApiKeyLayer,
+pub struct SameBodyLayer<L = ApiKeyLayer> {
+    layer: L,
+}
+
+impl<L> SameBodyLayer<L> {
+    pub(crate) fn new(layer: L) -> Self {
+        Self { layer }
+    }
 }
 
 impl SameBodyLayer {
-    pub(super) fn new(layer: ApiKeyLayer) -> Self {
-        Self { layer }
-    }
-
     /// The [`ApiKeyLayer`] this one answers for.
     pub fn api_key_layer(&self) -> &ApiKeyLayer {
         &self.layer
@@ -82,7 +87,7 @@ impl SameBodyLayer {
     }
 }
 
-impl fmt::Debug for SameBodyLayer {
+impl<L: fmt::Debug> fmt::Debug for SameBodyLayer<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SameBodyLayer")
             .field("layer", &self.layer)
@@ -90,8 +95,8 @@ impl fmt::Debug for SameBodyLayer {
     }
 }
 
-impl<S> Layer<S> for SameBodyLayer {
-    type Service = SameBodyService<S>;
+impl<S, L: Layer<S>> Layer<S> for SameBodyLayer<L> {
+    type Service = SameBodyService<L::Service>;
 
     fn layer(&self, inner: S) -> Self::Service {
         SameBodyService {
@@ -100,38 +105,39 @@ impl<S> Layer<S> for SameBodyLayer {
     }
 }
 
-/// The service of a [`SameBodyLayer`]: an [`ApiKeyService`] whose responses keep the inner
-/// service's body type.
+/// The service of a [`SameBodyLayer`]: keywarden's service `T` (an
+/// [`ApiKeyService`](super::ApiKeyService) or a [`RequireScope`](crate::scope::RequireScope)),
+/// with responses in the inner service's body type.
 #[derive(Clone, Debug)]
-pub struct SameBodyService<S> {
-    inner: ApiKeyService<S>,
+pub struct SameBodyService<T> {
+    inner: T,
 }
 
-impl<S> SameBodyService<S> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        self.inner.get_ref()
+impl<T> SameBodyService<T> {
+    /// Keywarden's service inside (it holds the inner service).
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        self.inner.get_mut()
+    /// Keywarden's service inside, mutably.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
     }
 
-    /// The wrapped service, consuming this one.
-    pub fn into_inner(self) -> S {
-        self.inner.into_inner()
+    /// Keywarden's service inside, consuming this one.
+    pub fn into_inner(self) -> T {
+        self.inner
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SameBodyService<S>
+impl<T, ReqBody, ResBody> Service<Request<ReqBody>> for SameBodyService<T>
 where
-    ApiKeyService<S>: Service<Request<ReqBody>, Response = Response<AuthBody<ResBody>>>,
+    T: Service<Request<ReqBody>, Response = Response<AuthBody<ResBody>>>,
     ResBody: From<Bytes>,
 {
     type Response = Response<ResBody>;
-    type Error = <ApiKeyService<S> as Service<Request<ReqBody>>>::Error;
-    type Future = SameBodyFuture<<ApiKeyService<S> as Service<Request<ReqBody>>>::Future>;
+    type Error = T::Error;
+    type Future = SameBodyFuture<T::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
