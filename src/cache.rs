@@ -419,7 +419,8 @@ struct FoundMap {
 }
 
 /// One shard of the [`FoundMap`].
-type Shard = RwLock<HashMap<Digest, Arc<ResolvedKey>, DigestHash>>;
+type Shard = RwLock<ShardMap>;
+type ShardMap = HashMap<Digest, Arc<ResolvedKey>, DigestHash>;
 
 /// The fewest inserts into the found map between two sweeps of a shard's expired entries.
 const FOUND_SWEEP_EVERY: usize = 1024;
@@ -493,12 +494,7 @@ impl FoundMap {
 
     /// Frees at least `over` entries of `shard` (all of them at most), and a sixteenth of it
     /// if that is more: expired and unused ones first, then any.
-    fn evict(
-        &self,
-        shard: &mut HashMap<Digest, Arc<ResolvedKey>, DigestHash>,
-        over: usize,
-        now: Nanos,
-    ) {
+    fn evict(&self, shard: &mut ShardMap, over: usize, now: Nanos) {
         let target = over.max(shard.len() / 16).min(shard.len());
         let mut freed = 0;
         shard.retain(|_, key| {
@@ -838,9 +834,11 @@ impl KeyCache {
             })
     }
 
-    /// Stamps a lookup read from the store with the generation its read began at: a found
-    /// key's slot, or a new not-found entry.
-    fn stamped(&self, lookup: &Resolution, generation: u64) -> Option<Missing> {
+    /// Stamps a lookup read from the store with the generation its read began at, and puts a
+    /// found key in the found map; a not-found one leaves the found map, and its new moka
+    /// entry is returned for the caller to store (moka's insert is async). One clock reading
+    /// for the stamp and the map's sweeps.
+    fn place(&self, digest: Digest, lookup: &Resolution, generation: u64) -> Option<Missing> {
         let now = self.now();
         match lookup {
             Resolution::Found(key) => {
@@ -854,14 +852,18 @@ impl KeyCache {
                     .set(generation, now, self.ttl, self.lifetimes.found);
                 // A new entry survives the first sweep it meets: it was read to be used.
                 key.slot.used.store(true, Ordering::Relaxed);
+                self.found.insert(digest, Arc::clone(key), now);
                 None
             }
-            Resolution::Missing => Some(Arc::new(Stamp::new(
-                generation,
-                now,
-                self.ttl,
-                self.lifetimes.missing,
-            ))),
+            Resolution::Missing => {
+                self.found.remove(&digest);
+                Some(Arc::new(Stamp::new(
+                    generation,
+                    now,
+                    self.ttl,
+                    self.lifetimes.missing,
+                )))
+            }
         }
     }
 
@@ -886,17 +888,9 @@ impl KeyCache {
     /// Stamps `lookup` and puts it where its kind lives, dropping what the other map held for
     /// its digest.
     async fn store(&self, digest: Digest, lookup: &Resolution, generation: u64) {
-        match (lookup, self.stamped(lookup, generation)) {
-            (Resolution::Found(key), _) => {
-                self.found.insert(digest, Arc::clone(key), self.now());
-                self.cache.invalidate(&digest).await;
-            }
-            (Resolution::Missing, stamp) => {
-                self.found.remove(&digest);
-                if let Some(stamp) = stamp {
-                    self.cache.insert(digest, stamp).await;
-                }
-            }
+        match self.place(digest, lookup, generation) {
+            Some(missing) => self.cache.insert(digest, missing).await,
+            None => self.cache.invalidate(&digest).await,
         }
     }
 
@@ -944,16 +938,10 @@ impl KeyCache {
                     // generation its read began at, and no lookup serves it if one of them
                     // concerns it (not storing it would make every request of a key whose
                     // read met an unrelated invalidation a store query).
-                    let stamp = self.stamped(&lookup, generation);
-                    match lookup {
-                        Resolution::Found(key) => {
-                            self.found.insert(digest, Arc::clone(&key), self.now());
-                            Err(Unstored::Found(key))
-                        }
-                        Resolution::Missing => {
-                            self.found.remove(&digest);
-                            Ok(stamp.unwrap_or_default())
-                        }
+                    let missing = self.place(digest, &lookup, generation);
+                    match (lookup, missing) {
+                        (Resolution::Found(key), _) => Err(Unstored::Found(key)),
+                        (Resolution::Missing, missing) => Ok(missing.unwrap_or_default()),
                     }
                 })
                 .await;
@@ -962,19 +950,21 @@ impl KeyCache {
             // since its read concerns (a racing load's result, or one an invalidation left
             // in place) is never returned: the hit path's rule.
             let now = self.now();
-            let (lookup, stamp, id) = match &outcome {
+            let (lookup, stamp, found) = match &outcome {
                 Ok(stamp) => (Resolution::Missing, &**stamp, None),
                 Err(unstored) => match &**unstored {
                     Unstored::Found(key) => (
                         Resolution::Found(Arc::clone(key)),
                         &key.slot.stamp,
-                        Some(key.principal.key_id()),
+                        Some(&**key),
                     ),
                     Unstored::Failed(error) => return Err(Arc::clone(error)),
                 },
             };
             let live = now < stamp.expires() && !self.distrusted(stamp, now);
-            if live && self.current(&digest, stamp, || id) {
+            // The key id is read only if an invalidation happened since the entry's read.
+            let id = || found.map(|key| key.principal.key_id());
+            if live && self.current(&digest, stamp, id) {
                 return Ok(lookup);
             }
             // Possibly stale: drop it (not a newer entry another caller stored meanwhile) and
