@@ -130,6 +130,10 @@ pub struct CredentialExtractor {
     exact: Vec<usize>,
     /// Bearer tokens claimed in optional mode besides keywarden's own format.
     bearer_claims: Vec<BearerClaim>,
+    /// Whether one pass over the headers can find the configured ones
+    /// ([`CredentialExtractor::scans`]): at most [`SCANNED_NAMES`] of them, none of them
+    /// `Authorization`.
+    scannable: bool,
 }
 
 impl std::fmt::Debug for CredentialExtractor {
@@ -161,6 +165,7 @@ impl CredentialExtractor {
             bearer_fallback: false,
             exact: Vec::new(),
             bearer_claims: Vec::new(),
+            scannable: true,
         }
     }
 
@@ -191,6 +196,8 @@ impl CredentialExtractor {
         if !self.headers.contains(&name) {
             self.headers.push(name);
         }
+        self.scannable =
+            self.headers.len() <= SCANNED_NAMES && !self.headers.contains(&AUTHORIZATION);
         self
     }
 
@@ -241,38 +248,128 @@ impl CredentialExtractor {
         headers: &'a HeaderMap,
         query: Option<&'a str>,
     ) -> Result<Option<Credential<'a>>, CredentialError> {
+        if self.scans(headers) {
+            let found = self.scan(headers.iter());
+            self.extract_from(found.authorization, |index| found.named[index], query)
+        } else {
+            self.extract_by_lookup(headers, query)
+        }
+    }
+
+    /// [`extract`](Self::extract) with a hashed lookup of each credential header: for maps
+    /// too large to [`scan`](Self::scan), or more configured names than it tracks.
+    fn extract_by_lookup<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+    ) -> Result<Option<Credential<'a>>, CredentialError> {
+        self.extract_from(
+            Seen::all(headers.get_all(AUTHORIZATION)),
+            |index| Seen::all(headers.get_all(&self.headers[index])),
+            query,
+        )
+    }
+
+    /// Extracts the credential (no query parameter) and marks the headers that carried it
+    /// sensitive, in one pass over the headers; `then` sees the extraction's result. `None`
+    /// (nothing done) when that pass does not apply: a query parameter is configured, the
+    /// map is large, or more API-key header names are configured than one pass tracks.
+    pub(crate) fn extract_marking<R>(
+        &self,
+        headers: &mut HeaderMap,
+        then: impl FnOnce(Result<Option<Credential<'_>>, CredentialError>) -> R,
+    ) -> Option<R> {
+        if self.query_param.is_some() || !self.scans(headers) {
+            return None;
+        }
+        let mut found = self.scan(headers.iter_mut());
+        let (result, carried, from_authorization) = {
+            let named: [Seen<&HeaderValue>; SCANNED_NAMES] =
+                std::array::from_fn(|index| found.named[index].shared());
+            let extracted = self.extract_from(found.authorization.shared(), |i| named[i], None);
+            let (carried, from_authorization) = match &extracted {
+                Ok(Some(credential)) => (true, credential.from_authorization),
+                _ => (false, false),
+            };
+            (then(extracted), carried, from_authorization)
+        };
+        // Every configured header present carried the credential (else extraction failed).
+        if carried {
+            for value in &mut found.named {
+                value.mark_sensitive();
+            }
+            if from_authorization {
+                found.authorization.mark_sensitive();
+            }
+        }
+        Some(result)
+    }
+
+    /// Whether one pass over `headers` ([`scan`](Self::scan)) finds the credential headers,
+    /// and cheaper than a hashed lookup of each: up to [`SCAN_LIMIT`] values, up to
+    /// [`SCANNED_NAMES`] configured API-key headers, none of them `Authorization` (which
+    /// the pass reads as itself only).
+    fn scans(&self, headers: &HeaderMap) -> bool {
+        self.scannable && headers.len() <= SCAN_LIMIT
+    }
+
+    /// One pass over the request's header values: the `Authorization` values and those of
+    /// each configured API-key header (see [`scans`](Self::scans)).
+    fn scan<'a, V>(
+        &self,
+        values: impl Iterator<Item = (&'a HeaderName, V)>,
+    ) -> CredentialHeaders<V> {
+        let mut found = CredentialHeaders {
+            authorization: Seen::Absent,
+            named: std::array::from_fn(|_| Seen::Absent),
+        };
+        for (name, value) in values {
+            if *name == AUTHORIZATION {
+                found.authorization.add(value);
+            } else if let Some(index) = self.headers.iter().position(|n| n == name) {
+                found.named[index].add(value);
+            }
+        }
+        found
+    }
+
+    /// The extraction proper, from the values of `Authorization` and of each configured
+    /// API-key header (`named(index)`), however they were found.
+    fn extract_from<'a>(
+        &self,
+        authorization: Seen<&'a HeaderValue>,
+        named: impl Fn(usize) -> Seen<&'a HeaderValue>,
+        query: Option<&'a str>,
+    ) -> Result<Option<Credential<'a>>, CredentialError> {
         let mut found: Option<Credential<'a>> = None;
         let mut fallback: Option<&'a [u8]> = None;
 
-        let mut authorization = headers.get_all(AUTHORIZATION).iter();
-        if let Some(value) = authorization.next() {
-            if authorization.next().is_some() {
-                return Err(CredentialError::Ambiguous);
-            }
-            match self.parse_authorization(value)? {
+        match authorization {
+            Seen::Absent => {}
+            Seen::Repeated => return Err(CredentialError::Ambiguous),
+            Seen::Once(value) => match self.parse_authorization(value)? {
                 Authorization::Credential(credential) => merge(&mut found, credential)?,
                 Authorization::ForeignBearer(token) => fallback = Some(token),
                 Authorization::None => {}
-            }
+            },
         }
 
-        for (index, name) in self.headers.iter().enumerate() {
-            let mut values = headers.get_all(name).iter();
-            if let Some(value) = values.next() {
-                if values.next().is_some() {
-                    return Err(CredentialError::Ambiguous);
-                }
-                let key = validate(trim_ows(value.as_bytes()))?;
-                merge(
-                    &mut found,
-                    Credential {
-                        key,
-                        source: CredentialSource::Header(index),
-                        from_authorization: false,
-                        headers: HeaderSources::One(index),
-                    },
-                )?;
-            }
+        for index in 0..self.headers.len() {
+            let value = match named(index) {
+                Seen::Absent => continue,
+                Seen::Repeated => return Err(CredentialError::Ambiguous),
+                Seen::Once(value) => value,
+            };
+            let key = validate(trim_ows(value.as_bytes()))?;
+            merge(
+                &mut found,
+                Credential {
+                    key,
+                    source: CredentialSource::Header(index),
+                    from_authorization: false,
+                    headers: HeaderSources::One(index),
+                },
+            )?;
         }
 
         if let (Some(param), Some(query)) = (&self.query_param, query) {
@@ -375,6 +472,69 @@ enum Authorization<'a> {
     /// A `Bearer` token that is not a keywarden key, kept in case nothing else is.
     ForeignBearer(&'a [u8]),
     None,
+}
+
+/// Configured API-key header names one pass over the request's headers tracks; with more,
+/// each credential header is looked up by hash.
+const SCANNED_NAMES: usize = 4;
+
+/// Header values up to which one pass comparing every name (a few instructions each) is
+/// cheaper than a hashed lookup per credential header (≈ 100 instructions each, two or three
+/// per request). Browsers send 10–20; hyper accepts at most 100 by default.
+const SCAN_LIMIT: usize = 32;
+
+/// The values of one credential header, as far as extraction cares.
+#[derive(Clone, Copy)]
+enum Seen<V> {
+    Absent,
+    Once(V),
+    /// More than one value: ambiguous.
+    Repeated,
+}
+
+impl<V> Seen<V> {
+    fn add(&mut self, value: V) {
+        *self = match self {
+            Seen::Absent => Seen::Once(value),
+            _ => Seen::Repeated,
+        };
+    }
+}
+
+impl<'a> Seen<&'a HeaderValue> {
+    fn all(values: http::header::GetAll<'a, HeaderValue>) -> Self {
+        let mut seen = Seen::Absent;
+        for value in values {
+            if matches!(seen, Seen::Repeated) {
+                break;
+            }
+            seen.add(value);
+        }
+        seen
+    }
+}
+
+impl Seen<&mut HeaderValue> {
+    fn shared(&self) -> Seen<&HeaderValue> {
+        match self {
+            Seen::Absent => Seen::Absent,
+            Seen::Once(value) => Seen::Once(&**value),
+            Seen::Repeated => Seen::Repeated,
+        }
+    }
+
+    fn mark_sensitive(&mut self) {
+        if let Seen::Once(value) = self {
+            value.set_sensitive(true);
+        }
+    }
+}
+
+/// What one pass over the request's headers found: `Authorization`, and each configured
+/// API-key header by its index.
+struct CredentialHeaders<V> {
+    authorization: Seen<V>,
+    named: [Seen<V>; SCANNED_NAMES],
 }
 
 fn merge<'a>(
@@ -752,6 +912,83 @@ mod tests {
                 prop_assert!(c.key().iter().all(u8::is_ascii_graphic));
             }
             let _ = ex.ignore_foreign_bearer(KeyFormat::default()).extract(&map, query.as_deref());
+        }
+
+        /// The one pass over the headers (with and without marking) decides exactly as the
+        /// hashed lookups do, and marks sensitive exactly the headers that carried the
+        /// credential, for every extractor shape and header mix.
+        #[test]
+        fn the_one_pass_decides_and_marks_as_the_lookups_would(
+            entries in proptest::collection::vec(
+                (prop_oneof![
+                    Just("authorization"), Just("x-api-key"), Just("x-stack-api-key"),
+                    Just("x-other"), Just("host"), Just("accept")
+                ], prop_oneof![
+                    Just(format!("Bearer {KEY}").into_bytes()),
+                    Just(format!("users API-Key {KEY}").into_bytes()),
+                    Just(format!("teams API-Key {OTHER}").into_bytes()),
+                    Just(format!("nobody API-Key {KEY}").into_bytes()),
+                    Just(b"Bearer eyJhbGciOiJIUzI1NiJ9.e30.x".to_vec()),
+                    Just(KEY.as_bytes().to_vec()),
+                    Just(OTHER.as_bytes().to_vec()),
+                    header_value(),
+                ]),
+                0..8),
+            padding in 0..40usize,
+            shape in 0..4usize,
+        ) {
+            let mut map = HeaderMap::new();
+            for i in 0..padding {
+                map.append(
+                    HeaderName::try_from(format!("x-pad-{i}")).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            for (name, value) in &entries {
+                if let Ok(v) = HeaderValue::from_bytes(value) {
+                    map.append(*name, v);
+                }
+            }
+            let base = CredentialExtractor::new(["users", "teams"]);
+            let ex = match shape {
+                0 => base,
+                1 => base.header(HeaderName::from_static("x-stack-api-key")),
+                2 => base.ignore_foreign_bearer(KeyFormat::default()),
+                _ => base
+                    .foreign_bearer_as_fallback(KeyFormat::default())
+                    .header(HeaderName::from_static("x-stack-api-key"))
+                    .exact_api_key_form(1),
+            };
+            let summary = |r: Result<Option<Credential<'_>>, CredentialError>| {
+                r.map(|c| c.map(|c| (c.key().to_vec(), c.source(), c.from_authorization(), c.header_sources())))
+            };
+            let by_lookup = summary(ex.extract_by_lookup(&map, None));
+            prop_assert_eq!(&summary(ex.extract(&map, None)), &by_lookup);
+            let mut marked = map.clone();
+            let scanned = ex.extract_marking(&mut marked, summary);
+            prop_assert_eq!(scanned.is_some(), map.len() <= SCAN_LIMIT);
+            if let Some(scanned) = scanned {
+                prop_assert_eq!(&scanned, &by_lookup);
+                // Marked: every value of a header that carried the credential, nothing else.
+                let carried = |name: &HeaderName| match &by_lookup {
+                    Ok(Some((_, _, from_authorization, sources))) => {
+                        if *name == AUTHORIZATION {
+                            *from_authorization
+                        } else {
+                            let index = ex.header_names().iter().position(|n| n == name);
+                            match (index, sources) {
+                                (Some(_), HeaderSources::Several) => true,
+                                (Some(i), HeaderSources::One(j)) => i == *j,
+                                _ => false,
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                for (name, value) in &marked {
+                    prop_assert_eq!(value.is_sensitive(), carried(name), "{}", name);
+                }
+            }
         }
 
         #[test]

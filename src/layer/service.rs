@@ -78,9 +78,17 @@ where
         let verifier = &self.verifier;
         let admission = &verifier.admission;
         let optional = self.mode == Mode::Optional;
-        let presented = verifier
+        // One pass over the headers finds the credential and marks it sensitive, when it
+        // can; else the lookups, and admission marks it.
+        let presented = match verifier
             .credentials
-            .prepare(req.headers(), req.uri().query(), optional);
+            .prepare_marking(req.headers_mut(), optional)
+        {
+            Some(presented) => presented,
+            None => verifier
+                .credentials
+                .prepare(req.headers(), req.uri().query(), optional),
+        };
         let client = match presented {
             Presented::Nothing => None,
             _ => admission.client_address(req.headers(), req.extensions()),

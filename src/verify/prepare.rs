@@ -6,7 +6,9 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
-use crate::credential::{CredentialError, CredentialExtractor, CredentialSource, HeaderSources};
+use crate::credential::{
+    Credential, CredentialError, CredentialExtractor, CredentialSource, HeaderSources,
+};
 use crate::key::{validate_opaque, KeyError, KeyFormat};
 use crate::ratelimit::RateLimitPolicy;
 use crate::rejection::{AuthRejection, RejectionKind};
@@ -44,6 +46,9 @@ pub(crate) struct PresentedKey {
     pub(crate) from_authorization: bool,
     /// Which configured API-key headers carried it.
     pub(crate) headers: HeaderSources,
+    /// The headers that carried it are already marked sensitive
+    /// ([`CredentialCheck::prepare_marking`]).
+    pub(crate) marked: bool,
 }
 
 /// What a cache miss needs beyond the current digest: digests under previous secrets (lazy
@@ -87,7 +92,30 @@ impl CredentialCheck {
         query: Option<&str>,
         optional: bool,
     ) -> Presented {
-        let credential = match self.extractor(optional).extract(headers, query) {
+        self.present(self.extractor(optional).extract(headers, query))
+    }
+
+    /// [`prepare`](Self::prepare) for a request the layer admits: when one pass over the
+    /// headers can find the credential, it also marks the headers that carried it sensitive
+    /// ([`PresentedKey::marked`]), so admission need not look them up again. `None`: that
+    /// pass does not apply (see `CredentialExtractor::extract_marking`); call `prepare`.
+    pub(crate) fn prepare_marking(
+        &self,
+        headers: &mut HeaderMap,
+        optional: bool,
+    ) -> Option<Presented> {
+        let mut presented = self
+            .extractor(optional)
+            .extract_marking(headers, |extracted| self.present(extracted))?;
+        if let Presented::Key(key) = &mut presented {
+            key.marked = true;
+        }
+        Some(presented)
+    }
+
+    /// Format-checks and digests an extracted credential.
+    fn present(&self, extracted: Result<Option<Credential<'_>>, CredentialError>) -> Presented {
+        let credential = match extracted {
             Ok(Some(credential)) => credential,
             Ok(None) => return Presented::Nothing,
             Err(error) => return Presented::Reject(credential_rejection(error)),
@@ -119,6 +147,7 @@ impl CredentialCheck {
             opaque,
             from_authorization: credential.from_authorization(),
             headers: credential.header_sources(),
+            marked: false,
         })
     }
 
@@ -174,6 +203,9 @@ impl CredentialCheck {
             for name in names {
                 headers.remove(name);
             }
+            return;
+        }
+        if key.marked {
             return;
         }
         if key.from_authorization {
