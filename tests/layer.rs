@@ -488,10 +488,13 @@ async fn credential_headers_are_marked_sensitive_or_stripped() {
         };
         // A small request is marked in the pass that finds the key, a large one (more
         // header values than that pass reads) at admission: the same either way.
-        let padding: Vec<(String, &[u8])> = (0..40).map(|i| (format!("x-pad-{i}"), &b"v"[..])).collect();
+        let padding: Vec<(String, &[u8])> =
+            (0..40).map(|i| (format!("x-pad-{i}"), &b"v"[..])).collect();
         for pad in [0, 40] {
-            let mut headers: Vec<(&str, &[u8])> =
-                padding[..pad].iter().map(|(n, v)| (n.as_str(), *v)).collect();
+            let mut headers: Vec<(&str, &[u8])> = padding[..pad]
+                .iter()
+                .map(|(n, v)| (n.as_str(), *v))
+                .collect();
             headers.push(("x-api-key", key.expose().as_bytes()));
             let reply = get_with(&app, "/", &headers).await;
             assert!(
