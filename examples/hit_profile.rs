@@ -25,6 +25,9 @@
 //! is built outside the runtime, so no idle sweep gives leases back) and gets
 //! `Credits-Remaining`. `HIT_PROFILE_OWNER_CREDITS=on` gives every key's owner a stored policy
 //! with shared credits (10^12) instead: each hit spends one from the owner's account.
+//! `HIT_PROFILE_HEADERS=N` (0 to 16) puts N other headers before the key (`host`,
+//! `user-agent`, `accept`, … as browsers and proxies send them), to see how the credential's
+//! search scales with the request's headers.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -54,8 +57,35 @@ fn noop() -> impl Service<
     })
 }
 
-fn request(value: &HeaderValue, client: Option<IpAddr>) -> Request<()> {
+/// Headers a request may carry besides the key, in the order browsers and proxies send them.
+const OTHER_HEADERS: [(&str, &str); 16] = [
+    ("host", "api.example.com"),
+    ("user-agent", "Mozilla/5.0 (X11; Linux x86_64)"),
+    ("accept", "application/json"),
+    ("accept-encoding", "gzip, br"),
+    ("accept-language", "en-GB,en;q=0.9"),
+    ("content-type", "application/json"),
+    ("x-request-id", "0190f2c4-6b7e-7d3a-9c1e-1f2a3b4c5d6e"),
+    (
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ),
+    ("x-forwarded-for", "203.0.113.7"),
+    ("x-forwarded-proto", "https"),
+    ("cookie", "session=abc"),
+    ("referer", "https://app.example.com/"),
+    ("origin", "https://app.example.com"),
+    ("connection", "keep-alive"),
+    ("cache-control", "no-cache"),
+    ("sec-fetch-mode", "cors"),
+];
+
+fn request(value: &HeaderValue, client: Option<IpAddr>, others: usize) -> Request<()> {
     let mut req = Request::new(());
+    for (name, value) in &OTHER_HEADERS[..others] {
+        req.headers_mut()
+            .append(*name, HeaderValue::from_static(value));
+    }
     req.headers_mut().insert("x-api-key", value.clone());
     if let Some(ip) = client {
         req.extensions_mut().insert(ClientIp(ip));
@@ -75,6 +105,7 @@ fn hits<S, B>(
     service: &S,
     keys: &[HeaderValue],
     client: Option<IpAddr>,
+    others: usize,
     n: usize,
 ) -> usize
 where
@@ -87,7 +118,7 @@ where
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let req = request(&keys[(state >> 17) % keys.len()], client);
+            let req = request(&keys[(state >> 17) % keys.len()], client, others);
             let response = service.clone().oneshot(req).await.unwrap();
             ok += usize::from(response.status() == 200);
         }
@@ -101,6 +132,9 @@ fn main() {
         .map(|s| s.parse().expect("a count"))
         .unwrap_or(20_000);
     let usage = std::env::var("HIT_PROFILE_USAGE").map_or(true, |v| v != "off");
+    let others = std::env::var("HIT_PROFILE_HEADERS")
+        .map_or(0, |v| v.parse::<usize>().expect("a number of headers"))
+        .min(OTHER_HEADERS.len());
     let allowlist = on("HIT_PROFILE_ALLOWLIST");
     let owner = on("HIT_PROFILE_OWNER");
     let credits = on("HIT_PROFILE_CREDITS");
@@ -173,7 +207,11 @@ fn main() {
     runtime.block_on(async {
         // Warm: every key cached, usage entries present.
         for key in &keys {
-            let response = service.clone().oneshot(request(key, client)).await.unwrap();
+            let response = service
+                .clone()
+                .oneshot(request(key, client, others))
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
         }
     });
@@ -189,12 +227,12 @@ fn main() {
                 HeaderValue::from_bytes(&bytes).unwrap()
             })
             .collect();
-        let ok = hits(&runtime, &service, &malformed, client, n);
+        let ok = hits(&runtime, &service, &malformed, client, others, n);
         assert_eq!(ok, 0, "every malformed key is rejected");
         println!("{n} malformed keys rejected");
         return;
     }
-    let ok = hits(&runtime, &service, &keys, client, n);
+    let ok = hits(&runtime, &service, &keys, client, others, n);
     assert_eq!(ok, n);
     let word = |b: bool| if b { "on" } else { "off" };
     println!(
