@@ -48,6 +48,14 @@ fn primitives(c: &mut Criterion) {
     group.bench_function("hmac/prepared", |b| {
         b.iter(|| ring.digest(black_box(key.expose().as_bytes())))
     });
+    // What the hand-written middleware pays instead: one plain SHA-256 of the key (the
+    // HMAC's premium over it is one more compression of the 64-byte block).
+    group.bench_function("sha256/plain", |b| {
+        b.iter(|| {
+            use sha2::Digest as _;
+            Sha256::digest(black_box(key.expose().as_bytes()))
+        })
+    });
     group.bench_function("hmac/keyed_per_call", |b| {
         b.iter(|| {
             let mut mac = <Hmac<Sha256>>::new_from_slice(black_box(SECRET.as_bytes())).unwrap();
@@ -248,5 +256,152 @@ fn credits_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, primitives, layer_path, limited_path, credits_path);
+/// In axum, as the load harness serves them: the bare route, the middleware a user would
+/// write by hand (`from_fn`: SHA-256 of `X-Api-Key`, a `HashMap` lookup, the owner into the
+/// extensions) and keywarden (`same_body`), the same 10,000 keys read in the same order.
+/// The load harness's head-to-head (`bench/load.py`) is the measure of issue 19; this one
+/// has warm caches and no sockets, so it shows the layers' own cost.
+fn against_handwritten(c: &mut Criterion) {
+    use axum::{body::Body, extract::State, middleware, routing::get, Router};
+    use sha2::Digest as _;
+    use std::collections::HashMap;
+
+    type Owners = Arc<HashMap<Vec<u8>, Arc<(uuid::Uuid, String)>>>;
+    async fn by_hand(
+        State(owners): State<Owners>,
+        mut req: axum::extract::Request,
+        next: middleware::Next,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
+        let Some(value) = req.headers().get("x-api-key") else {
+            return http::StatusCode::UNAUTHORIZED.into_response();
+        };
+        let digest = Sha256::digest(value.as_bytes());
+        match owners.get(digest.as_slice()) {
+            Some(owner) => {
+                let owner = Arc::clone(owner);
+                req.extensions_mut().insert(owner);
+                next.run(req).await
+            }
+            None => http::StatusCode::UNAUTHORIZED.into_response(),
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let layer = ApiKeyLayer::builder()
+        .store(store)
+        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
+        .collection(Collection::new("users"))
+        .build()
+        .unwrap();
+    let manager = KeyManager::for_layer(&layer);
+    let keys: Vec<ApiKey> = runtime.block_on(async {
+        let mut keys = Vec::with_capacity(CACHED_KEYS);
+        for i in 0..CACHED_KEYS {
+            let new = NewKey::new(format!("k{i}"), format!("u{i}"));
+            keys.push(manager.create(new).await.unwrap().key);
+        }
+        keys
+    });
+    let owners: Owners = Arc::new(
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let digest = Sha256::digest(key.expose().as_bytes()).to_vec();
+                (digest, Arc::new((uuid::Uuid::now_v7(), format!("u{i}"))))
+            })
+            .collect(),
+    );
+    let route = || Router::new().route("/", get(|| async { "hello" }));
+    let routers = [
+        ("axum/bare", route()),
+        (
+            "axum/handwritten_10k",
+            route().layer(middleware::from_fn_with_state(owners, by_hand)),
+        ),
+        ("axum/keywarden_10k", route().layer(layer.same_body())),
+    ];
+    let request = |key: &ApiKey| {
+        Request::builder()
+            .uri("/")
+            .header("x-api-key", key.expose())
+            .body(Body::empty())
+            .unwrap()
+    };
+    // Between two requests a server's core runs the kernel's network stack (and other
+    // work), which evicts much of what the last request left in the caches: the `_cold`
+    // variants put a loopback socket round trip and a walk over 2 MiB of memory between two
+    // requests, untimed, to see each layer with the caches a loaded server gives it.
+    let mut scratch = vec![0u64; 2 << 17];
+    let pipe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    pipe.connect(pipe.local_addr().unwrap()).unwrap();
+    fn pollute(scratch: &mut [u64], pipe: &std::net::UdpSocket) {
+        let mut buf = [0u8; 512];
+        for _ in 0..2 {
+            pipe.send(&[7; 200]).unwrap();
+            pipe.recv(&mut buf).unwrap();
+        }
+        for (i, word) in scratch.iter_mut().enumerate().step_by(8) {
+            *word = word.wrapping_add(i as u64);
+        }
+        black_box(&scratch);
+    }
+    let mut group = c.benchmark_group("layer");
+    for (name, router) in &routers {
+        // Every key once (keywarden's cache fills), and every answer a 200.
+        runtime.block_on(async {
+            for key in &keys {
+                let response = router.clone().oneshot(request(key)).await.unwrap();
+                assert_eq!(response.status(), 200, "{name}");
+            }
+        });
+        let mut next = 0usize;
+        let cold = format!("{name}_cold");
+        group.bench_function(&cold, |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    next = (next
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407))
+                        % CACHED_KEYS;
+                    let req = request(&keys[next]);
+                    pollute(&mut scratch, &pipe);
+                    let start = std::time::Instant::now();
+                    let response = runtime.block_on(router.clone().oneshot(req));
+                    total += start.elapsed();
+                    drop(black_box(response));
+                }
+                total
+            })
+        });
+        group.bench_function(*name, |b| {
+            b.to_async(&runtime).iter_batched(
+                || {
+                    next = (next
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407))
+                        % CACHED_KEYS;
+                    request(&keys[next])
+                },
+                |req| router.clone().oneshot(req),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    primitives,
+    layer_path,
+    limited_path,
+    credits_path,
+    against_handwritten
+);
 criterion_main!(benches);

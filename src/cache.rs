@@ -17,7 +17,7 @@
 //!   expiry suit the one-off digests of guessed or mistyped keys; moka also coalesces
 //!   concurrent misses of one digest into one store query, whatever they find.
 //!
-//! moka's bookkeeping is about 390 bytes per entry, and the found map's about 90: keeping
+//! moka's bookkeeping is about 390 bytes per entry, and the found map's about 100: keeping
 //! found keys out of moka is what brings a cached key under 512 bytes.
 //!
 //! An invalidation by key id or of all not-found entries takes effect through a generation
@@ -80,6 +80,9 @@ pub(crate) struct ResolvedKey {
     /// Uses are recorded (not for keys of a read-only foreign store). `false` until the
     /// layer, which knows its foreign collections, says otherwise.
     pub(crate) tracks_usage: bool,
+    /// What the request checks need from the principal's shared profile, copied here so a
+    /// hit on a key without them does not read the profile at all.
+    pub(crate) checks: KeyChecks,
     /// The application's identity for this key, or why the mapping refused it (answered on
     /// every request of the key, like a revocation, until the entry is re-read). Boxed: a
     /// rejection is about 100 bytes, and most layers map no identity, so every cached key
@@ -93,6 +96,27 @@ pub(crate) struct ResolvedKey {
     pub(crate) owner: Option<Box<OwnerShare>>,
     /// Uses not yet written to the store.
     pub(crate) usage: UsageCell,
+}
+
+/// Which of the profile's request checks apply to a key (see [`ResolvedKey::checks`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct KeyChecks {
+    /// The key may be used only from listed networks.
+    pub(crate) allowlist: bool,
+    /// The key may only read.
+    pub(crate) read_only: bool,
+    /// The key has a rate limit of its own.
+    pub(crate) rate_limit: bool,
+}
+
+impl KeyChecks {
+    pub(crate) fn of(principal: &Principal) -> Self {
+        Self {
+            allowlist: !principal.allowed_ips().is_empty(),
+            read_only: principal.is_read_only(),
+            rate_limit: principal.rate_limit().is_some(),
+        }
+    }
 }
 
 /// The limits a key shares with its owner's other keys.
@@ -130,6 +154,7 @@ impl ResolvedKey {
         let principal = Principal::from_record(record, foreign, profiles);
         Self {
             slot: Slot::default(),
+            checks: KeyChecks::of(&principal),
             identity: None,
             principal,
             revoked: record.revoked_at.is_some(),
@@ -407,9 +432,7 @@ impl Hasher for DigestHasher {
 /// 1,000,000 on a machine with two cores, a walk over 125,000 entries, once per 125,000
 /// inserts.
 struct FoundMap {
-    shards: Box<[Shard]>,
-    /// `shards.len() - 1`; the length is a power of two.
-    mask: usize,
+    shards: Shards,
     /// Entries in all shards.
     len: AtomicUsize,
     capacity: usize,
@@ -420,7 +443,25 @@ struct FoundMap {
 
 /// One shard of the [`FoundMap`].
 type Shard = RwLock<ShardMap>;
-type ShardMap = HashMap<Digest, Arc<ResolvedKey>, DigestHash>;
+type ShardMap = HashMap<Digest, Entry, DigestHash>;
+
+/// A found key in the map: the resolved key, and a handle on its principal beside it. A hit
+/// reads both; with the principal's address in the map's bucket, the two are fetched from
+/// memory at once instead of one after the other (the resolved key's own handle is only
+/// known once its line has arrived).
+struct Entry {
+    key: Arc<ResolvedKey>,
+    principal: Principal,
+}
+
+impl Entry {
+    fn new(key: Arc<ResolvedKey>) -> Self {
+        Self {
+            principal: key.principal.clone(),
+            key,
+        }
+    }
+}
 
 /// The fewest inserts into the found map between two sweeps of a shard's expired entries.
 const FOUND_SWEEP_EVERY: usize = 1024;
@@ -436,10 +477,12 @@ impl FoundMap {
         let by_size = (capacity / 256).max(1).next_power_of_two();
         let count = by_cores.min(by_size).min(256);
         Self {
-            shards: (0..count)
-                .map(|_| RwLock::new(HashMap::with_hasher(DigestHash)))
-                .collect(),
-            mask: count - 1,
+            shards: Shards {
+                shards: (0..count)
+                    .map(|_| RwLock::new(HashMap::with_hasher(DigestHash)))
+                    .collect(),
+                mask: count - 1,
+            },
             len: AtomicUsize::new(0),
             capacity,
             inserts: AtomicUsize::new(0),
@@ -447,23 +490,15 @@ impl FoundMap {
         }
     }
 
-    /// The shard of `digest`: chosen by bytes the map's hash does not use (it uses the first
-    /// eight), so the hashes within a shard stay as spread as the digests.
     #[inline]
     fn shard(&self, digest: &Digest) -> &Shard {
-        let bytes = digest.as_bytes();
-        let index = usize::from(u16::from_le_bytes([bytes[8], bytes[9]])) & self.mask;
-        &self.shards[index]
+        self.shards.shard(digest)
     }
 
     /// `f` on the entry of `digest`, under its shard's read lock.
     #[inline]
     fn with<R>(&self, digest: &Digest, f: impl FnOnce(&Arc<ResolvedKey>) -> R) -> Option<R> {
-        let shard = self
-            .shard(digest)
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        shard.get(digest).map(f)
+        self.shards.with(digest, f)
     }
 
     /// Inserts `key` (stamped); `now` in the cache's time, for the sweeps.
@@ -473,7 +508,7 @@ impl FoundMap {
                 .shard(&digest)
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            if shard.insert(digest, key).is_none() {
+            if shard.insert(digest, Entry::new(key)).is_none() {
                 let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
                 if len > self.capacity {
                     self.evict(&mut shard, len - self.capacity, now);
@@ -482,12 +517,12 @@ impl FoundMap {
         }
         let inserts = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
         if inserts % self.sweep_every == 0 {
-            let index = (inserts / self.sweep_every) & self.mask;
-            let mut shard = self.shards[index]
+            let index = (inserts / self.sweep_every) & self.shards.mask;
+            let mut shard = self.shards.shards[index]
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             let before = shard.len();
-            shard.retain(|_, key| now < key.slot.stamp.expires());
+            shard.retain(|_, entry| now < entry.key.slot.stamp.expires());
             self.len.fetch_sub(before - shard.len(), Ordering::AcqRel);
         }
     }
@@ -497,12 +532,12 @@ impl FoundMap {
     fn evict(&self, shard: &mut ShardMap, over: usize, now: Nanos) {
         let target = over.max(shard.len() / 16).min(shard.len());
         let mut freed = 0;
-        shard.retain(|_, key| {
+        shard.retain(|_, entry| {
             if freed >= target {
                 return true;
             }
             // `swap`: a used entry survives this sweep, and the next one unless used again.
-            let slot = &key.slot;
+            let slot = &entry.key.slot;
             if now >= slot.stamp.expires() || !slot.used.swap(false, Ordering::Relaxed) {
                 freed += 1;
                 return false;
@@ -532,14 +567,14 @@ impl FoundMap {
             .shard(digest)
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if shard.get(digest).is_some_and(doomed) {
+        if shard.get(digest).is_some_and(|entry| doomed(&entry.key)) {
             shard.remove(digest);
             self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     fn clear(&self) {
-        for shard in &*self.shards {
+        for shard in &*self.shards.shards {
             let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
             self.len.fetch_sub(shard.len(), Ordering::AcqRel);
             shard.clear();
@@ -558,12 +593,47 @@ impl FoundMap {
     #[cfg(test)]
     fn digests(&self) -> Vec<Digest> {
         self.shards
+            .shards
             .iter()
             .flat_map(|shard| {
                 let shard = shard.read().unwrap_or_else(PoisonError::into_inner);
                 shard.keys().copied().collect::<Vec<_>>()
             })
             .collect()
+    }
+}
+
+/// The found map's shards, shared by the map and the hit path: the cache holds them
+/// directly, so a hit goes from the cache to its shard without passing through the map.
+#[derive(Clone)]
+struct Shards {
+    shards: Arc<[Shard]>,
+    /// `shards.len() - 1`; the length is a power of two.
+    mask: usize,
+}
+
+impl Shards {
+    /// The shard of `digest`: chosen by bytes the map's hash does not use (it uses the first
+    /// eight), so the hashes within a shard stay as spread as the digests.
+    #[inline]
+    fn shard(&self, digest: &Digest) -> &Shard {
+        let bytes = digest.as_bytes();
+        let index = usize::from(u16::from_le_bytes([bytes[8], bytes[9]])) & self.mask;
+        &self.shards[index]
+    }
+
+    /// `f` on the entry of `digest`, under its shard's read lock.
+    #[inline]
+    fn with<R>(&self, digest: &Digest, f: impl FnOnce(&Arc<ResolvedKey>) -> R) -> Option<R> {
+        let shard = self
+            .shard(digest)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        shard.get(digest).map(|entry| {
+            // The principal's line is requested now, beside the resolved key's (see `Entry`).
+            std::hint::black_box(entry.principal.key_id());
+            f(&entry.key)
+        })
     }
 }
 
@@ -587,6 +657,8 @@ pub(crate) struct KeyCache {
     cache: Cache<Digest, Missing>,
     /// Found keys.
     found: Arc<FoundMap>,
+    /// The found map's shards, read by the hit path.
+    shards: Shards,
     generation: Arc<AtomicU64>,
     ttl: Duration,
     stale: Duration,
@@ -638,9 +710,11 @@ impl KeyCache {
             .max_capacity(config.max_capacity)
             .expire_after(lifetimes)
             .build();
+        let found = FoundMap::new(config.max_capacity);
         Self {
             cache,
-            found: Arc::new(FoundMap::new(config.max_capacity)),
+            shards: found.shards.clone(),
+            found: Arc::new(found),
             generation: Arc::new(AtomicU64::new(0)),
             ttl: config.ttl,
             stale: config.stale,
@@ -676,7 +750,7 @@ impl KeyCache {
         if !self.enabled {
             return None;
         }
-        match self.found.with(digest, |key| {
+        match self.shards.with(digest, |key| {
             let slot = &key.slot;
             match self.classify(digest, &slot.stamp, found_id(key), now) {
                 Ok(fresh) => {
@@ -1070,6 +1144,7 @@ mod tests {
                     revoked: key.revoked,
                     disabled: key.disabled,
                     tracks_usage: key.tracks_usage,
+                    checks: key.checks,
                     identity: None,
                     credits: None,
                     owner: None,

@@ -144,10 +144,10 @@ impl Admission {
                 "the key has expired",
             ));
         }
-        if !resolved.principal.allowed_ips().is_empty() {
+        if resolved.checks.allowlist {
             self.check_address(resolved, client())?;
         }
-        if resolved.principal.is_read_only() && !method.is_safe() {
+        if resolved.checks.read_only && !method.is_safe() {
             return Err(AuthRejection::new(
                 RejectionKind::InsufficientScope,
                 "the key is read-only; only GET, HEAD, OPTIONS and TRACE are allowed",
@@ -201,10 +201,11 @@ impl Admission {
 
     /// The rate-limit policy that applies to a key: its own, else the layer default.
     pub(crate) fn policy(&self, resolved: &ResolvedKey) -> Option<RateLimitPolicy> {
-        resolved
-            .principal
-            .rate_limit()
-            .or(self.limiters.default_policy)
+        if resolved.checks.rate_limit {
+            resolved.principal.rate_limit()
+        } else {
+            self.limiters.default_policy
+        }
     }
 
     /// The budget all the keys of this key's owner share, if its collection has one: the
