@@ -33,6 +33,15 @@ fn noop() -> impl Service<
     })
 }
 
+/// The next index of a cheap LCG walk over the cached keys, so the key order is not
+/// sequential.
+fn step(index: usize) -> usize {
+    index
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        % CACHED_KEYS
+}
+
 fn request(key: &str) -> Request<()> {
     let mut req = Request::new(());
     req.headers_mut()
@@ -154,11 +163,7 @@ fn layer_path(c: &mut Criterion) {
     group.bench_function("hit/10k_keys_random", |b| {
         b.to_async(&runtime).iter_batched(
             || {
-                // A cheap LCG walk so the key order is not sequential.
-                next = (next
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407))
-                    % CACHED_KEYS;
+                next = step(next);
                 request(keys[next].expose())
             },
             |req| service.clone().oneshot(req),
@@ -365,10 +370,7 @@ fn against_handwritten(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = std::time::Duration::ZERO;
                 for _ in 0..iters {
-                    next = (next
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407))
-                        % CACHED_KEYS;
+                    next = step(next);
                     let req = request(&keys[next]);
                     pollute(&mut scratch, &pipe);
                     let start = std::time::Instant::now();
@@ -382,10 +384,7 @@ fn against_handwritten(c: &mut Criterion) {
         group.bench_function(*name, |b| {
             b.to_async(&runtime).iter_batched(
                 || {
-                    next = (next
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407))
-                        % CACHED_KEYS;
+                    next = step(next);
                     request(&keys[next])
                 },
                 |req| router.clone().oneshot(req),

@@ -74,14 +74,18 @@ pub(crate) struct ResolvedKey {
     /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
     /// collections at all).
     pub(crate) collection: Option<u32>,
-    // Expiry, the read-only flag and the rate limit are read from the principal.
+    // Expiry is read from the principal; the allowlist, read-only and rate-limit checks from
+    // `checks`, copied from it.
     pub(crate) revoked: bool,
     pub(crate) disabled: bool,
     /// Uses are recorded (not for keys of a read-only foreign store). `false` until the
     /// layer, which knows its foreign collections, says otherwise.
     pub(crate) tracks_usage: bool,
     /// What the request checks need from the principal's shared profile, copied here so a
-    /// hit on a key without them does not read the profile at all.
+    /// hit on a key without them does not read the profile at all. Always
+    /// `KeyChecks::of(&principal)`: set with the principal in [`ResolvedKey::new`], and
+    /// neither changes after (a principal is immutable; `Admission::check` asserts it in
+    /// debug builds).
     pub(crate) checks: KeyChecks,
     /// The application's identity for this key, or why the mapping refused it (answered on
     /// every request of the key, like a revocation, until the entry is re-read). Boxed: a

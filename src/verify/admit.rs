@@ -110,6 +110,11 @@ impl Admission {
         method: &Method,
         client: impl FnOnce() -> Option<IpAddr>,
     ) -> Result<(), AuthRejection> {
+        debug_assert_eq!(
+            resolved.checks,
+            crate::cache::KeyChecks::of(&resolved.principal),
+            "the checks are the principal's"
+        );
         let configured = resolved.collection.map(|index| index as usize);
         let collection_ok = match key.binding {
             Some(index) => configured == Some(index),
