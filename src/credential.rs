@@ -27,7 +27,7 @@ use std::fmt;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::key::{KeyFormat, MAX_KEY_LEN};
+use crate::key::{all_visible_ascii, KeyFormat, MAX_KEY_LEN};
 
 /// The default API-key header.
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -284,9 +284,11 @@ impl CredentialExtractor {
         }
         let mut found = self.scan(headers.iter_mut());
         let (result, carried, from_authorization) = {
-            let named: [Seen<&HeaderValue>; SCANNED_NAMES] =
-                std::array::from_fn(|index| found.named[index].shared());
-            let extracted = self.extract_from(found.authorization.shared(), |i| named[i], None);
+            let extracted = self.extract_from(
+                found.authorization.shared(),
+                |i| found.named[i].shared(),
+                None,
+            );
             let (carried, from_authorization) = match &extracted {
                 Ok(Some(credential)) => (true, credential.from_authorization),
                 _ => (false, false),
@@ -575,26 +577,6 @@ fn validate(key: &[u8]) -> Result<&[u8], CredentialError> {
         ));
     }
     Ok(key)
-}
-
-/// Whether every byte is visible ASCII (`0x21..=0x7E`), like `iter().all(is_ascii_graphic)`
-/// but eight bytes per step: this runs on every request, over the whole key.
-fn all_visible_ascii(bytes: &[u8]) -> bool {
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let x = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        // With every byte below 0x80 no addition below carries into the next byte:
-        // b + 0x5F sets the high bit iff b >= 0x21, and b + 1 sets it iff b == 0x7F.
-        if x & HIGH != 0
-            || x.wrapping_add(0x5F * ONES) & HIGH != HIGH
-            || x.wrapping_add(ONES) & HIGH != 0
-        {
-            return false;
-        }
-    }
-    words.remainder().iter().all(u8::is_ascii_graphic)
 }
 
 fn trim_ows(mut value: &[u8]) -> &[u8] {
