@@ -19,6 +19,9 @@ use keywarden::{
 use sha2::Sha256;
 use tower::{Layer, Service, ServiceExt};
 
+#[path = "../examples/support/handwritten.rs"]
+mod handwritten;
+
 const SECRET: &str = "benchmark-secret-0123456789-abcdefghijk";
 const CACHED_KEYS: usize = 10_000;
 
@@ -267,30 +270,7 @@ fn credits_path(c: &mut Criterion) {
 /// The load harness's head-to-head (`bench/load.py`) is the measure of issue 19; this one
 /// has warm caches and no sockets, so it shows the layers' own cost.
 fn against_handwritten(c: &mut Criterion) {
-    use axum::{body::Body, extract::State, middleware, routing::get, Router};
-    use sha2::Digest as _;
-    use std::collections::HashMap;
-
-    type Owners = Arc<HashMap<Vec<u8>, Arc<(uuid::Uuid, String)>>>;
-    async fn by_hand(
-        State(owners): State<Owners>,
-        mut req: axum::extract::Request,
-        next: middleware::Next,
-    ) -> axum::response::Response {
-        use axum::response::IntoResponse as _;
-        let Some(value) = req.headers().get("x-api-key") else {
-            return http::StatusCode::UNAUTHORIZED.into_response();
-        };
-        let digest = Sha256::digest(value.as_bytes());
-        match owners.get(digest.as_slice()) {
-            Some(owner) => {
-                let owner = Arc::clone(owner);
-                req.extensions_mut().insert(owner);
-                next.run(req).await
-            }
-            None => http::StatusCode::UNAUTHORIZED.into_response(),
-        }
-    }
+    use axum::{body::Body, middleware, routing::get, Router};
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -312,21 +292,16 @@ fn against_handwritten(c: &mut Criterion) {
         }
         keys
     });
-    let owners: Owners = Arc::new(
-        keys.iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let digest = Sha256::digest(key.expose().as_bytes()).to_vec();
-                (digest, Arc::new((uuid::Uuid::now_v7(), format!("u{i}"))))
-            })
-            .collect(),
-    );
+    let owners = handwritten::owners(keys.iter().map(ApiKey::expose));
     let route = || Router::new().route("/", get(|| async { "hello" }));
     let routers = [
         ("axum/bare", route()),
         (
             "axum/handwritten_10k",
-            route().layer(middleware::from_fn_with_state(owners, by_hand)),
+            route().layer(middleware::from_fn_with_state(
+                owners,
+                handwritten::handwritten_auth,
+            )),
         ),
         ("axum/keywarden_10k", route().layer(layer.same_body())),
     ];

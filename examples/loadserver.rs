@@ -53,12 +53,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use std::collections::HashMap;
-
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
 use axum::routing::get;
 use axum::Router;
 use keywarden::net::IpNetwork;
@@ -68,9 +63,12 @@ use keywarden::{
     store::KeyQuery, store::KeyRecord, store::KeyUsage, ApiKeyLayer, Collection, KeyManager,
     KeyStore, MemoryStore, NewKey, PostgresStore, SecretRing, SqliteStore, StoreError,
 };
-use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+#[path = "support/handwritten.rs"]
+mod handwritten;
+use handwritten::{handwritten_auth, owners, Owners};
 
 const SECRET: &str = "load-harness-secret-0123456789-abcdefghijk";
 const ROTATED_KEYS: usize = 10_000;
@@ -81,51 +79,10 @@ async fn hello() -> &'static str {
     "hello"
 }
 
-/// The hand-written middleware's idea of a caller.
-#[derive(Debug, Clone)]
-#[allow(dead_code)] // read by handlers in a real application, not by `hello`
-struct Owner {
-    id: Uuid,
-    name: String,
-    subject: String,
-    scopes: Vec<String>,
-}
-
-type Owners = Arc<HashMap<Vec<u8>, Arc<Owner>>>;
-
-/// The middleware a user would write by hand (axum's `from_fn` shape): SHA-256 of the
-/// `X-Api-Key` value, a map lookup, the owner into the extensions.
-async fn handwritten_auth(State(owners): State<Owners>, mut req: Request, next: Next) -> Response {
-    let Some(value) = req.headers().get("x-api-key") else {
-        return StatusCode::UNAUTHORIZED.into_response();
-    };
-    let digest = Sha256::digest(value.as_bytes());
-    match owners.get(digest.as_slice()) {
-        Some(owner) => {
-            let owner = Arc::clone(owner);
-            req.extensions_mut().insert(owner);
-            next.run(req).await
-        }
-        None => StatusCode::UNAUTHORIZED.into_response(),
-    }
-}
-
 /// `count` keys of keywarden's shape and the hand-written middleware's map of their digests.
-fn handwritten(count: usize) -> (Owners, Vec<String>) {
-    let mut owners = HashMap::with_capacity(count);
-    let mut keys = Vec::with_capacity(count);
-    for i in 0..count {
-        let key = fake_token();
-        let owner = Owner {
-            id: Uuid::now_v7(),
-            name: format!("load-{i}"),
-            subject: format!("user-{i}"),
-            scopes: Vec::new(),
-        };
-        owners.insert(Sha256::digest(key.as_bytes()).to_vec(), Arc::new(owner));
-        keys.push(key);
-    }
-    (Arc::new(owners), keys)
+fn handwritten_keys(count: usize) -> (Owners, Vec<String>) {
+    let keys: Vec<String> = (0..count).map(|_| fake_token()).collect();
+    (owners(keys.iter().map(String::as_str)), keys)
 }
 
 /// Counts digest lookups so the harness can check "zero store queries" for malformed keys,
@@ -318,7 +275,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 1
             };
-            let (owners, keys) = handwritten(count);
+            let (owners, keys) = handwritten_keys(count);
             let layer = middleware::from_fn_with_state(owners, handwritten_auth);
             (handler.layer(layer), keys)
         }
