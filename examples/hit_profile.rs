@@ -42,6 +42,9 @@ use keywarden::ratelimit::{ClientIp, RateLimitPolicy};
 use keywarden::{ApiKeyLayer, Collection, KeyManager, MemoryStore, NewKey, SecretRing};
 use tower::{Layer, Service, ServiceExt};
 
+#[path = "support/driver.rs"]
+mod driver;
+
 const KEYS: usize = 10_000;
 
 fn noop() -> impl Service<
@@ -113,12 +116,9 @@ where
 {
     runtime.block_on(async {
         let mut ok = 0;
-        let mut state = 1usize;
+        let mut walk = driver::KeyWalk::new(keys.len());
         for _ in 0..n {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let req = request(&keys[(state >> 17) % keys.len()], client, others);
+            let req = request(&keys[walk.next_index()], client, others);
             let response = service.clone().oneshot(req).await.unwrap();
             ok += usize::from(response.status() == 200);
         }
@@ -127,10 +127,7 @@ where
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse().expect("a count"))
-        .unwrap_or(20_000);
+    let n = driver::count_arg(20_000);
     let usage = std::env::var("HIT_PROFILE_USAGE").map_or(true, |v| v != "off");
     let others = std::env::var("HIT_PROFILE_HEADERS")
         .map_or(0, |v| v.parse::<usize>().expect("a number of headers"))
