@@ -30,6 +30,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -61,19 +62,28 @@ impl<T: Clone + Send + Sync + 'static> Identity for IdentityValue<T> {
 
 /// Everything the request path needs about a key, computed once per cache fill.
 ///
-/// `repr(C)`, in this order: a hit reads the slot, then the principal's pointer and the
-/// flags, then the usage cell; this order keeps them in the allocation's first two cache lines
-/// (after the reference count the hit moves), the fields only some keys use last.
+/// `repr(C)`, in this order: everything a hit reads or writes comes first, right after the
+/// reference count the hit moves, and packed without padding (the flags next to each other,
+/// the collection index in four bytes), so it spans at most 80 bytes from the allocation's
+/// start: two cache lines from any 16-byte-aligned start, where the 120 bytes it used to span
+/// took three for three starts of four (BENCHMARKS.md, section 19). The boxes only some keys
+/// have come last, read only when `extras` says one is there.
 #[repr(C)]
 pub(crate) struct ResolvedKey {
     /// The cache's state of the key: its entry's deadlines and generation, in the same
     /// allocation as the fields every hit reads.
     pub(crate) slot: Slot,
     pub(crate) principal: Principal,
-    /// The index of the key's collection among the layer's configured ones; `None` when the
-    /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
-    /// collections at all).
-    pub(crate) collection: Option<u32>,
+    /// Uses not yet written to the store (its `queued` flag is [`ResolvedKey::queued`]).
+    pub(crate) usage: UsageCell,
+    /// The index of the key's collection among the layer's configured ones, plus one; `None`
+    /// when the layer does not serve it (see [`ResolvedKey::collection`]).
+    collection_index: Option<NonZeroU32>,
+    /// Used since the found map's last eviction sweep of its shard: such an entry gets a
+    /// second chance (the sweep clears the flag instead of evicting it).
+    pub(crate) used: AtomicBool,
+    /// Whether the key is in the usage recorder's queue (see [`UsageCell`]).
+    pub(crate) queued: AtomicBool,
     // Expiry is read from the principal; the allowlist, read-only and rate-limit checks from
     // `checks`, copied from it.
     pub(crate) revoked: bool,
@@ -87,19 +97,23 @@ pub(crate) struct ResolvedKey {
     /// neither changes after (a principal is immutable; `Admission::check` asserts it in
     /// debug builds).
     pub(crate) checks: KeyChecks,
+    /// Whether any of `identity`, `credits` and `owner` is set: a hit on a key with none
+    /// reads no further. Kept by the setters below, the only way to set them.
+    extras: bool,
+    /// Set while one request re-reads this stale entry, so the others do not pile onto the
+    /// store. (Not read by a fresh hit.)
+    pub(crate) refreshing: AtomicBool,
     /// The application's identity for this key, or why the mapping refused it (answered on
     /// every request of the key, like a revocation, until the entry is re-read). Boxed: a
     /// rejection is about 100 bytes, and most layers map no identity, so every cached key
     /// would carry the space for nothing.
-    pub(crate) identity: Option<Box<Result<Arc<dyn Identity>, AuthRejection>>>,
+    identity: Option<Box<Result<Arc<dyn Identity>, AuthRejection>>>,
     /// The credits this instance holds for the key, if it has credits (boxed: most keys
     /// have none, and every cached key would carry the space).
-    pub(crate) credits: Option<Box<CreditAccount>>,
+    credits: Option<Box<CreditAccount>>,
     /// What the key shares with its owner's other keys, if the owner has a policy or its
     /// collection an owner rate limit (boxed, like the credits).
-    pub(crate) owner: Option<Box<OwnerShare>>,
-    /// Uses not yet written to the store.
-    pub(crate) usage: UsageCell,
+    owner: Option<Box<OwnerShare>>,
 }
 
 /// Which of the profile's request checks apply to a key (see [`ResolvedKey::checks`]).
@@ -137,11 +151,76 @@ impl ResolvedKey {
     /// owner's shared ones (either, both or neither).
     #[inline]
     pub(crate) fn accounts(&self) -> (Option<&CreditAccount>, Option<&CreditAccount>) {
+        if !self.has_extras() {
+            return (None, None);
+        }
         let owner = match self.owner.as_deref() {
             Some(owner) => owner.credits.as_deref(),
             None => None,
         };
         (self.credits.as_deref(), owner)
+    }
+
+    /// Whether the key has an identity, credits or an owner share; `false` spares a hit the
+    /// reads of the three boxes.
+    #[inline]
+    fn has_extras(&self) -> bool {
+        debug_assert_eq!(
+            self.extras,
+            self.identity.is_some() || self.credits.is_some() || self.owner.is_some()
+        );
+        self.extras
+    }
+
+    /// The application's identity for this key, or why the mapping refused it.
+    #[inline]
+    pub(crate) fn identity(&self) -> Option<&Result<Arc<dyn Identity>, AuthRejection>> {
+        if !self.has_extras() {
+            return None;
+        }
+        self.identity.as_deref()
+    }
+
+    /// What the key shares with its owner's other keys.
+    #[inline]
+    pub(crate) fn owner(&self) -> Option<&OwnerShare> {
+        if !self.has_extras() {
+            return None;
+        }
+        self.owner.as_deref()
+    }
+
+    /// Sets the application's identity (on a cache fill).
+    pub(crate) fn set_identity(&mut self, identity: Result<Arc<dyn Identity>, AuthRejection>) {
+        self.identity = Some(Box::new(identity));
+        self.extras = true;
+    }
+
+    /// Sets the key's own credit account (on a cache fill).
+    pub(crate) fn set_credits(&mut self, account: CreditAccount) {
+        self.credits = Some(Box::new(account));
+        self.extras = true;
+    }
+
+    /// Sets what the key shares with its owner's other keys (on a cache fill).
+    pub(crate) fn set_owner(&mut self, owner: OwnerShare) {
+        self.owner = Some(Box::new(owner));
+        self.extras = true;
+    }
+
+    /// The index of the key's collection among the layer's configured ones; `None` when the
+    /// layer does not serve it (then the key is rejected as unknown, unless the layer has no
+    /// collections at all).
+    #[inline]
+    pub(crate) fn collection(&self) -> Option<u32> {
+        self.collection_index.map(|index| index.get() - 1)
+    }
+
+    /// Sets the collection index (on a cache fill); an index that does not fit is `None`.
+    pub(crate) fn set_collection(&mut self, index: Option<u32>) {
+        self.collection_index = index
+            .and_then(|i| i.checked_add(1))
+            .and_then(NonZeroU32::new);
     }
 
     /// Whether requests with this key spend credits: its own, or its owner's.
@@ -159,35 +238,63 @@ impl ResolvedKey {
         Self {
             slot: Slot::default(),
             checks: KeyChecks::of(&principal),
-            identity: None,
             principal,
+            usage: UsageCell::default(),
+            collection_index: None,
+            used: AtomicBool::new(false),
+            queued: AtomicBool::new(false),
             revoked: record.revoked_at.is_some(),
             disabled: record.disabled,
-            collection: None,
             tracks_usage: false,
+            extras: false,
+            refreshing: AtomicBool::new(false),
+            identity: None,
+            credits: None,
+            owner: None,
+        }
+    }
+
+    /// Another resolved key of the same record with the same principal and flags, and no
+    /// identity, credits or owner share (tests re-reading a record).
+    #[cfg(test)]
+    pub(crate) fn reread(&self) -> Self {
+        Self {
+            slot: Slot::default(),
+            principal: self.principal.clone(),
             usage: UsageCell::default(),
+            collection_index: self.collection_index,
+            used: AtomicBool::new(false),
+            queued: AtomicBool::new(false),
+            revoked: self.revoked,
+            disabled: self.disabled,
+            tracks_usage: self.tracks_usage,
+            checks: self.checks,
+            extras: false,
+            refreshing: AtomicBool::new(false),
+            identity: None,
             credits: None,
             owner: None,
         }
     }
 }
 
-/// Uses of one cached key not yet written to the store.
+/// Uses of one cached key not yet written to the store, with its key's `queued` flag
+/// ([`ResolvedKey::queued`], kept beside the key's other flags).
 ///
 /// `SeqCst` for the count and the queued flag: a use either sees `queued` still set, and then
 /// its count is taken by the flush that clears it, or it queues the key again itself. No use
 /// is left behind.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub(crate) struct UsageCell {
     uses: AtomicU64,
     /// Unix nanoseconds of the latest use.
     last: AtomicI64,
-    queued: AtomicBool,
 }
 
 impl UsageCell {
     /// Adds `uses` uses, the latest at `last`; returns whether the caller must queue the key.
-    pub(crate) fn add(&self, uses: u64, last: i64) -> bool {
+    pub(crate) fn add(&self, queued: &AtomicBool, uses: u64, last: i64) -> bool {
         self.uses.fetch_add(uses, Ordering::SeqCst);
         // Not `fetch_max`, a locked compare-and-swap on every request: two uses racing here
         // may leave the earlier of their two times, and either is the time of the latest
@@ -196,12 +303,12 @@ impl UsageCell {
         if last > self.last.load(Ordering::Relaxed) {
             self.last.store(last, Ordering::Relaxed);
         }
-        !self.queued.load(Ordering::SeqCst) && !self.queued.swap(true, Ordering::SeqCst)
+        !queued.load(Ordering::SeqCst) && !queued.swap(true, Ordering::SeqCst)
     }
 
     /// Takes the uses so far, and the time of the latest.
-    pub(crate) fn take(&self) -> (u64, i64) {
-        self.queued.store(false, Ordering::SeqCst);
+    pub(crate) fn take(&self, queued: &AtomicBool) -> (u64, i64) {
+        queued.store(false, Ordering::SeqCst);
         let uses = self.uses.swap(0, Ordering::SeqCst);
         (uses, self.last.load(Ordering::SeqCst))
     }
@@ -275,12 +382,6 @@ type Missing = Arc<Stamp>;
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     stamp: Stamp,
-    /// Set while one request re-reads this stale entry, so the others do not pile onto the
-    /// store.
-    refreshing: AtomicBool,
-    /// Used since the found map's last eviction sweep of its shard: such an entry gets a
-    /// second chance (the sweep clears the flag instead of evicting it).
-    used: AtomicBool,
 }
 
 /// A cache hit: fresh, or past its TTL but within the stale window.
@@ -311,8 +412,8 @@ impl StaleEntry {
 
     /// Claims the re-read of this entry; only one caller at a time gets it.
     pub(crate) fn claim_refresh(&self) -> Option<RefreshClaim<'_>> {
-        (!self.key.slot.refreshing.swap(true, Ordering::AcqRel))
-            .then_some(RefreshClaim(&self.key.slot))
+        (!self.key.refreshing.swap(true, Ordering::AcqRel))
+            .then_some(RefreshClaim(&self.key.refreshing))
     }
 }
 
@@ -323,11 +424,11 @@ fn found_id(key: &ResolvedKey) -> impl FnOnce() -> Option<Uuid> + '_ {
 
 /// The claim to re-read a stale entry. Given back when dropped — also when the request that
 /// held it is dropped mid-read — so a later request can try again.
-pub(crate) struct RefreshClaim<'a>(&'a Slot);
+pub(crate) struct RefreshClaim<'a>(&'a AtomicBool);
 
 impl Drop for RefreshClaim<'_> {
     fn drop(&mut self) {
-        self.0.refreshing.store(false, Ordering::Release);
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -541,8 +642,8 @@ impl FoundMap {
                 return true;
             }
             // `swap`: a used entry survives this sweep, and the next one unless used again.
-            let slot = &entry.key.slot;
-            if now >= slot.stamp.expires() || !slot.used.swap(false, Ordering::Relaxed) {
+            let key = &entry.key;
+            if now >= key.slot.stamp.expires() || !key.used.swap(false, Ordering::Relaxed) {
                 freed += 1;
                 return false;
             }
@@ -758,8 +859,8 @@ impl KeyCache {
             let slot = &key.slot;
             match self.classify(digest, &slot.stamp, found_id(key), now) {
                 Ok(fresh) => {
-                    if !slot.used.load(Ordering::Relaxed) {
-                        slot.used.store(true, Ordering::Relaxed);
+                    if !key.used.load(Ordering::Relaxed) {
+                        key.used.store(true, Ordering::Relaxed);
                     }
                     Ok(if fresh {
                         CacheHit::Fresh(Resolution::Found(Arc::clone(key)))
@@ -929,7 +1030,7 @@ impl KeyCache {
                     .stamp
                     .set(generation, now, self.ttl, self.lifetimes.found);
                 // A new entry survives the first sweep it meets: it was read to be used.
-                key.slot.used.store(true, Ordering::Relaxed);
+                key.used.store(true, Ordering::Relaxed);
                 self.found.insert(digest, Arc::clone(key), now);
                 None
             }
@@ -1141,22 +1242,63 @@ mod tests {
         /// per read), the same principal.
         fn reread(&self) -> Resolution {
             match self {
-                Resolution::Found(key) => Resolution::Found(Arc::new(ResolvedKey {
-                    slot: Slot::default(),
-                    principal: key.principal.clone(),
-                    collection: key.collection,
-                    revoked: key.revoked,
-                    disabled: key.disabled,
-                    tracks_usage: key.tracks_usage,
-                    checks: key.checks,
-                    identity: None,
-                    credits: None,
-                    owner: None,
-                    usage: UsageCell::default(),
-                })),
+                Resolution::Found(key) => Resolution::Found(Arc::new(key.reread())),
                 Resolution::Missing => Resolution::Missing,
             }
         }
+    }
+
+    /// Everything a hit reads or writes lies in the resolved key's first 64 bytes, so with
+    /// the `Arc`'s 16-byte header it spans at most 80 bytes from the allocation's start: two
+    /// cache lines from any 16-byte-aligned start.
+    #[test]
+    fn a_hit_touches_two_lines_of_the_resolved_key() {
+        use std::mem::{offset_of, size_of};
+        let hot_end = offset_of!(ResolvedKey, extras) + size_of::<bool>();
+        assert!(hot_end <= 64, "hot fields end at {hot_end}");
+        for field in [
+            offset_of!(ResolvedKey, slot),
+            offset_of!(ResolvedKey, principal),
+            offset_of!(ResolvedKey, usage),
+            offset_of!(ResolvedKey, collection_index),
+            offset_of!(ResolvedKey, used),
+            offset_of!(ResolvedKey, queued),
+            offset_of!(ResolvedKey, revoked),
+            offset_of!(ResolvedKey, disabled),
+            offset_of!(ResolvedKey, tracks_usage),
+            offset_of!(ResolvedKey, checks),
+        ] {
+            assert!(field < hot_end);
+        }
+        // The rarely used boxes come after.
+        assert!(offset_of!(ResolvedKey, identity) >= hot_end);
+        assert!(offset_of!(ResolvedKey, credits) >= hot_end);
+        assert!(offset_of!(ResolvedKey, owner) >= hot_end);
+        assert_eq!(size_of::<ResolvedKey>(), 88);
+    }
+
+    /// `extras` follows the setters, so a key without identity, credits or owner share reads
+    /// none of the three boxes, and one with any of them reads them.
+    #[test]
+    fn extras_follow_the_setters() {
+        let r = record(1);
+        let profiles = crate::principal::Interner::new(crate::principal::MAX_INTERNED_PROFILES);
+        let mut key = ResolvedKey::new(&r, false, &profiles);
+        assert!(key.identity().is_none() && key.owner().is_none());
+        assert!(key.accounts().0.is_none());
+        assert!(!key.has_credits());
+        key.set_owner(OwnerShare {
+            rate_limit: None,
+            credits: None,
+        });
+        assert!(key.owner().is_some());
+        assert!(key.identity().is_none());
+        key.set_collection(Some(3));
+        assert_eq!(key.collection(), Some(3));
+        key.set_collection(None);
+        assert_eq!(key.collection(), None);
+        key.set_collection(Some(u32::MAX));
+        assert_eq!(key.collection(), None, "an index that does not fit is none");
     }
 
     fn found(n: u8) -> (Digest, Resolution) {

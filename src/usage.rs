@@ -83,7 +83,7 @@ impl UsageRecorder {
     /// Notes one use at `at` (Unix nanoseconds). Starts the flusher on first use, inside
     /// the caller's runtime.
     pub(crate) fn record(self: &Arc<Self>, key: &Arc<ResolvedKey>, at: i64) {
-        if key.usage.add(1, at) {
+        if key.usage.add(&key.queued, 1, at) {
             self.enqueue(Arc::clone(key));
         }
         self.ensure_flusher();
@@ -135,7 +135,7 @@ impl UsageRecorder {
             let folded = std::mem::take(&mut *queue);
             drop(queue);
             for key in folded {
-                let (uses, last) = key.usage.take();
+                let (uses, last) = key.usage.take(&key.queued);
                 if uses > 0 {
                     self.add_loose(key.principal.key_id(), uses, last);
                 }
@@ -195,7 +195,7 @@ impl UsageRecorder {
             std::mem::take(&mut *self.loose.lock().unwrap_or_else(PoisonError::into_inner));
         // A key read into the cache again has a new cell: merge them into one row.
         for key in queued {
-            let (uses, last) = key.usage.take();
+            let (uses, last) = key.usage.take(&key.queued);
             if uses > 0 {
                 merge_uses(&mut rows, key.principal.key_id(), uses, last);
             }

@@ -115,7 +115,7 @@ impl Admission {
             crate::cache::KeyChecks::of(&resolved.principal),
             "the checks are the principal's"
         );
-        let configured = resolved.collection.map(|index| index as usize);
+        let configured = resolved.collection().map(|index| index as usize);
         let collection_ok = match key.binding {
             Some(index) => configured == Some(index),
             None => self.collections.is_empty() || configured.is_some(),
@@ -158,7 +158,7 @@ impl Admission {
                 "the key is read-only; only GET, HEAD, OPTIONS and TRACE are allowed",
             ));
         }
-        if let Some(Err(rejection)) = resolved.identity.as_deref() {
+        if let Some(Err(rejection)) = resolved.identity() {
             return Err(rejection.clone());
         }
         Ok(())
@@ -219,7 +219,7 @@ impl Admission {
     /// policy, as computed when the key was cached (the owner's stored rate limit, else its
     /// collection's).
     fn owner_budget(&self, resolved: &ResolvedKey) -> Option<(Uuid, RateLimitPolicy)> {
-        resolved.owner.as_deref()?.rate_limit
+        resolved.owner()?.rate_limit
     }
 
     /// Takes one request from the key's budget, then from its owner's; a request the owner's

@@ -77,7 +77,7 @@ impl Decided {
         resolved: Arc<ResolvedKey>,
         checked: Result<Quota, AuthRejection>,
     ) -> Self {
-        let collection = binding(key).or(resolved.collection);
+        let collection = binding(key).or(resolved.collection());
         let key_id = Some(resolved.principal.key_id());
         Self {
             outcome: checked.map(|quota| (resolved, quota)),
@@ -385,7 +385,7 @@ impl Verifier {
         self.admission.record_use(&resolved, now);
         self.credentials.protect_headers(req.headers_mut(), key);
         let extensions = req.extensions_mut();
-        if let Some(Ok(identity)) = resolved.identity.as_deref() {
+        if let Some(Ok(identity)) = resolved.identity() {
             identity.insert_into(extensions);
         }
         extensions.insert(resolved.principal.clone());

@@ -403,22 +403,23 @@ impl Resolver {
                     "the identity mapping did not finish within the store timeout",
                 ));
             };
-            resolved.identity = Some(Box::new(mapped));
+            resolved.set_identity(mapped);
         }
-        resolved.collection = self
-            .collections
-            .iter()
-            .position(|c| *c.slug == *record.collection)
-            .and_then(|index| u32::try_from(index).ok());
+        resolved.set_collection(
+            self.collections
+                .iter()
+                .position(|c| *c.slug == *record.collection)
+                .and_then(|index| u32::try_from(index).ok()),
+        );
         // A foreign store is never written to.
         resolved.tracks_usage = !foreign;
         if record.credits.is_some() && !foreign {
-            resolved.credits = Some(Box::new(self.credits.account(record.id)));
+            resolved.set_credits(self.credits.account(record.id));
         }
         // The owner's budget, computed once per cache fill: its stored rate limit (a bucket per
         // policy), else its collection's owner rate limit; its shared credits' account.
         let collection_limit = resolved
-            .collection
+            .collection()
             .and_then(|index| self.collections.get(index as usize))
             .and_then(|c| c.owner_rate_limit);
         if !record.owner.is_empty() || collection_limit.is_some() {
@@ -433,10 +434,10 @@ impl Resolver {
                 Some(policy) => Some((crate::store::owner_rate_bucket(pool, &policy), policy)),
                 None => collection_limit.map(|policy| (pool, policy)),
             };
-            resolved.owner = Some(Box::new(crate::cache::OwnerShare {
+            resolved.set_owner(crate::cache::OwnerShare {
                 rate_limit,
                 credits,
-            }));
+            });
         }
         Ok(Arc::new(resolved))
     }
