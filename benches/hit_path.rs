@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::Empty;
 use keywarden::{
     credential::CredentialExtractor, key::ApiKey, key::KeyFormat, key::KeyPrefix, ApiKeyLayer,
-    Collection, KeyManager, MemoryStore, NewKey, SecretRing,
+    ApiKeyLayerBuilder, Collection, KeyManager, MemoryStore, NewKey, SecretRing,
 };
 use sha2::Sha256;
 use tower::{Layer, Service, ServiceExt};
@@ -43,6 +43,22 @@ fn step(index: usize) -> usize {
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407)
         % CACHED_KEYS
+}
+
+/// A current-thread runtime for the set-up and the `to_async` runs.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A layer over `store` with the benchmarks' secret and one collection, `users`.
+fn users_layer(store: Arc<MemoryStore>) -> ApiKeyLayerBuilder {
+    ApiKeyLayer::builder()
+        .store(store)
+        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
+        .collection(Collection::new("users"))
 }
 
 fn request(key: &str) -> Request<()> {
@@ -113,18 +129,9 @@ fn primitives(c: &mut Criterion) {
 }
 
 fn layer_path(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let store = Arc::new(MemoryStore::new());
-    let builder = || {
-        ApiKeyLayer::builder()
-            .store(store.clone())
-            .secrets(SecretRing::from_strs(SECRET, None).unwrap())
-            .collection(Collection::new("users"))
-            .cache_capacity(2 * CACHED_KEYS as u64)
-    };
+    let builder = || users_layer(store.clone()).cache_capacity(2 * CACHED_KEYS as u64);
     let layer = builder().build().unwrap();
     let manager = KeyManager::for_layer(&layer);
     let keys: Vec<ApiKey> = runtime.block_on(async {
@@ -206,14 +213,8 @@ fn layer_path(c: &mut Criterion) {
 
 /// The hit path with a per-key rate limit (the local limiter) on every request.
 fn limited_path(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let layer = ApiKeyLayer::builder()
-        .store(Arc::new(MemoryStore::new()))
-        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
-        .collection(Collection::new("users"))
+    let runtime = runtime();
+    let layer = users_layer(Arc::new(MemoryStore::new()))
         // High enough never to deny inside a benchmark run.
         .default_rate_limit("1000000000/s".parse().unwrap())
         .build()
@@ -238,16 +239,8 @@ fn limited_path(c: &mut Criterion) {
 /// instance's lease per request, `Credits-Remaining` on the response; one request in 100
 /// leases the next block (the default) from the memory store.
 fn credits_path(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let layer = ApiKeyLayer::builder()
-        .store(Arc::new(MemoryStore::new()))
-        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
-        .collection(Collection::new("users"))
-        .build()
-        .unwrap();
+    let runtime = runtime();
+    let layer = users_layer(Arc::new(MemoryStore::new())).build().unwrap();
     let key = runtime.block_on(async {
         KeyManager::for_layer(&layer)
             .create(NewKey::new("metered", "u").credits(1_000_000_000_000))
@@ -272,17 +265,9 @@ fn credits_path(c: &mut Criterion) {
 fn against_handwritten(c: &mut Criterion) {
     use axum::{body::Body, middleware, routing::get, Router};
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let store = Arc::new(MemoryStore::new());
-    let layer = ApiKeyLayer::builder()
-        .store(store)
-        .secrets(SecretRing::from_strs(SECRET, None).unwrap())
-        .collection(Collection::new("users"))
-        .build()
-        .unwrap();
+    let layer = users_layer(store).build().unwrap();
     let manager = KeyManager::for_layer(&layer);
     let keys: Vec<ApiKey> = runtime.block_on(async {
         let mut keys = Vec::with_capacity(CACHED_KEYS);
