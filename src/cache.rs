@@ -17,19 +17,18 @@
 //!   expiry suit the one-off digests of guessed or mistyped keys; moka also coalesces
 //!   concurrent misses of one digest into one store query, whatever they find.
 //!
-//! moka's bookkeeping is about 390 bytes per entry, and the found map's about 100: keeping
-//! found keys out of moka is what brings a cached key under 512 bytes.
+//! moka's bookkeeping is about 390 bytes per entry, and the found map's 130–190 (a 64-byte
+//! bucket per key in a table a third to a half full): keeping found keys out of moka is what
+//! brings a cached key under 512 bytes.
 //!
 //! An invalidation by key id or of all not-found entries takes effect through a generation
 //! counter every lookup checks (an entry read before an invalidation that concerns it is
 //! never served, and is re-read); the entries themselves go at their next lookup, expiry or
 //! eviction.
 
-use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -46,6 +45,10 @@ use crate::principal::{Interner, Principal};
 use crate::rejection::AuthRejection;
 use crate::secret::Digest;
 use crate::store::{KeyRecord, StoreError};
+
+mod table;
+
+use table::{Table, Visit};
 
 /// The application identity derived from a principal, inserted into request extensions.
 pub(crate) trait Identity: Send + Sync {
@@ -491,40 +494,10 @@ impl Default for CacheConfig {
     }
 }
 
-/// Hashes a [`Digest`] to the 64 bits its `Hash` impl writes: the first 8 bytes of an HMAC
-/// output, uniform and not choosable without the secret, so no further mixing is needed.
-#[derive(Clone, Copy, Default)]
-struct DigestHash;
-
-impl BuildHasher for DigestHash {
-    type Hasher = DigestHasher;
-
-    fn build_hasher(&self) -> DigestHasher {
-        DigestHasher(0)
-    }
-}
-
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Not used by `Digest`; a plain FNV-1a keeps the hasher total.
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
 /// Found keys: digest → entry, in shards behind read-write locks, holding at most `capacity`
-/// entries together.
+/// entries together. Each shard is an open-addressing [`Table`] whose bucket, one cache line,
+/// holds the digest and the entry: a hit reads the line of its bucket, then the resolved key's
+/// and the principal's at once.
 ///
 /// The hit path takes one shard's read lock. Inserts take a write lock, and an insert that
 /// takes the map past its capacity sweeps its shard: expired entries and entries not used
@@ -534,8 +507,8 @@ impl Hasher for DigestHasher {
 /// at least [`FOUND_SWEEP_EVERY`]) one shard, in turn, also drops its expired entries, so
 /// entries of keys no longer used do not wait for the map to fill to be freed; an insert
 /// visits about one entry for it. A sweep holds its shard's write lock: at a capacity of
-/// 1,000,000 on a machine with two cores, a walk over 125,000 entries, once per 125,000
-/// inserts.
+/// 1,000,000 on a machine with two cores, a walk over 125,000 entries (in 250,000–375,000
+/// buckets), once per 125,000 inserts; an eviction sweep stops once it has freed enough.
 struct FoundMap {
     shards: Shards,
     /// Entries in all shards.
@@ -548,7 +521,7 @@ struct FoundMap {
 
 /// One shard of the [`FoundMap`].
 type Shard = RwLock<ShardMap>;
-type ShardMap = HashMap<Digest, Entry, DigestHash>;
+type ShardMap = Table<Entry>;
 
 /// A found key in the map: the resolved key, and a handle on its principal beside it. A hit
 /// reads both; with the principal's address in the map's bucket, the two are fetched from
@@ -568,6 +541,10 @@ impl Entry {
     }
 }
 
+// A bucket of the found map is one cache line (`Entry` is two pointers): a field added to
+// `Entry` must not make it two.
+const _: () = assert!(table::bucket_size::<Entry>() == 64);
+
 /// The fewest inserts into the found map between two sweeps of a shard's expired entries.
 const FOUND_SWEEP_EVERY: usize = 1024;
 
@@ -583,9 +560,7 @@ impl FoundMap {
         let count = by_cores.min(by_size).min(256);
         Self {
             shards: Shards {
-                shards: (0..count)
-                    .map(|_| RwLock::new(HashMap::with_hasher(DigestHash)))
-                    .collect(),
+                shards: (0..count).map(|_| RwLock::new(Table::default())).collect(),
                 mask: count - 1,
             },
             len: AtomicUsize::new(0),
@@ -627,7 +602,13 @@ impl FoundMap {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             let before = shard.len();
-            shard.retain(|_, entry| now < entry.key.slot.stamp.expires());
+            shard.retain(|_, entry| {
+                if now < entry.key.slot.stamp.expires() {
+                    Visit::Keep
+                } else {
+                    Visit::Remove
+                }
+            });
             self.len.fetch_sub(before - shard.len(), Ordering::AcqRel);
         }
     }
@@ -639,24 +620,24 @@ impl FoundMap {
         let mut freed = 0;
         shard.retain(|_, entry| {
             if freed >= target {
-                return true;
+                return Visit::Stop;
             }
             // `swap`: a used entry survives this sweep, and the next one unless used again.
             let key = &entry.key;
             if now >= key.slot.stamp.expires() || !key.used.swap(false, Ordering::Relaxed) {
                 freed += 1;
-                return false;
+                return Visit::Remove;
             }
-            true
+            Visit::Keep
         });
         if freed < target {
             // Everything was in use: the excess goes anyway.
             shard.retain(|_, _| {
                 if freed >= target {
-                    return true;
+                    return Visit::Stop;
                 }
                 freed += 1;
-                false
+                Visit::Remove
             });
         }
         self.len.fetch_sub(freed, Ordering::AcqRel);
@@ -672,8 +653,10 @@ impl FoundMap {
             .shard(digest)
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if shard.get(digest).is_some_and(|entry| doomed(&entry.key)) {
-            shard.remove(digest);
+        if shard
+            .remove_if(digest, |entry| doomed(&entry.key))
+            .is_some()
+        {
             self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -702,7 +685,7 @@ impl FoundMap {
             .iter()
             .flat_map(|shard| {
                 let shard = shard.read().unwrap_or_else(PoisonError::into_inner);
-                shard.keys().copied().collect::<Vec<_>>()
+                shard.digests().copied().collect::<Vec<_>>()
             })
             .collect()
     }
