@@ -582,43 +582,53 @@ impl FoundMap {
     }
 
     /// Inserts `key` (stamped); `now` in the cache's time, for the sweeps.
+    ///
+    /// What leaves the map (a replaced entry, evicted and expired ones) is dropped after the
+    /// shard's lock is released: dropping the last handle on a resolved key frees it and runs
+    /// the application identity's `Drop`, which the hits waiting on the lock need not wait for.
     fn insert(&self, digest: Digest, key: Arc<ResolvedKey>, now: Nanos) {
-        {
+        let gone = {
             let mut shard = self
                 .shard(&digest)
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            if shard.insert(digest, Entry::new(key)).is_none() {
-                let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
-                if len > self.capacity {
-                    self.evict(&mut shard, len - self.capacity, now);
+            match shard.insert(digest, Entry::new(key)) {
+                Some(replaced) => vec![replaced],
+                None => {
+                    let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
+                    if len > self.capacity {
+                        self.evict(&mut shard, len - self.capacity, now)
+                    } else {
+                        Vec::new()
+                    }
                 }
             }
-        }
+        };
+        drop(gone);
         let inserts = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
         if inserts % self.sweep_every == 0 {
             let index = (inserts / self.sweep_every) & self.shards.mask;
-            let mut shard = self.shards.shards[index]
+            let expired = self.shards.shards[index]
                 .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            let before = shard.len();
-            shard.retain(|_, entry| {
-                if now < entry.key.slot.stamp.expires() {
-                    Visit::Keep
-                } else {
-                    Visit::Remove
-                }
-            });
-            self.len.fetch_sub(before - shard.len(), Ordering::AcqRel);
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, entry| {
+                    if now < entry.key.slot.stamp.expires() {
+                        Visit::Keep
+                    } else {
+                        Visit::Remove
+                    }
+                });
+            self.len.fetch_sub(expired.len(), Ordering::AcqRel);
         }
     }
 
     /// Frees at least `over` entries of `shard` (all of them at most), and a sixteenth of it
-    /// if that is more: expired and unused ones first, then any.
-    fn evict(&self, shard: &mut ShardMap, over: usize, now: Nanos) {
+    /// if that is more: expired and unused ones first, then any. Returns them, for the
+    /// caller to drop once it has released the shard's lock.
+    fn evict(&self, shard: &mut ShardMap, over: usize, now: Nanos) -> Vec<Entry> {
         let target = over.max(shard.len() / 16).min(shard.len());
         let mut freed = 0;
-        shard.retain(|_, entry| {
+        let mut gone = shard.retain(|_, entry| {
             if freed >= target {
                 return Visit::Stop;
             }
@@ -632,40 +642,42 @@ impl FoundMap {
         });
         if freed < target {
             // Everything was in use: the excess goes anyway.
-            shard.retain(|_, _| {
+            gone.extend(shard.retain(|_, _| {
                 if freed >= target {
                     return Visit::Stop;
                 }
                 freed += 1;
                 Visit::Remove
-            });
+            }));
         }
-        self.len.fetch_sub(freed, Ordering::AcqRel);
+        self.len.fetch_sub(gone.len(), Ordering::AcqRel);
+        gone
     }
 
     fn remove(&self, digest: &Digest) {
         self.remove_if(digest, |_| true);
     }
 
-    /// Removes the entry of `digest` if `doomed` says so.
+    /// Removes the entry of `digest` if `doomed` says so (dropped after the shard's lock is
+    /// released, as in [`FoundMap::insert`]).
     fn remove_if(&self, digest: &Digest, doomed: impl FnOnce(&Arc<ResolvedKey>) -> bool) {
-        let mut shard = self
+        let removed = self
             .shard(digest)
             .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if shard
-            .remove_if(digest, |entry| doomed(&entry.key))
-            .is_some()
-        {
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove_if(digest, |entry| doomed(&entry.key));
+        if removed.is_some() {
             self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     fn clear(&self) {
         for shard in &*self.shards.shards {
-            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
-            self.len.fetch_sub(shard.len(), Ordering::AcqRel);
-            shard.clear();
+            let cleared = shard
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            self.len.fetch_sub(cleared.len(), Ordering::AcqRel);
         }
     }
 
@@ -1584,6 +1596,66 @@ mod tests {
         cache.run_pending_tasks().await;
         assert_eq!(cache.cache.entry_count(), 0, "moka keeps no found key");
         assert!(matches!(cache.lookup(&digest), Some(CacheHit::Fresh(_))));
+    }
+
+    /// An application identity that, when dropped, notes whether its shard's lock was free.
+    struct LockProbe {
+        shards: Shards,
+        digest: Digest,
+        free: Arc<Mutex<Vec<bool>>>,
+    }
+
+    impl Identity for LockProbe {
+        fn insert_into(&self, _: &mut Extensions) {}
+    }
+
+    impl Drop for LockProbe {
+        fn drop(&mut self) {
+            let free = self.shards.shard(&self.digest).try_write().is_ok();
+            self.free.lock().unwrap().push(free);
+        }
+    }
+
+    #[test]
+    fn what_leaves_the_found_map_is_dropped_outside_its_lock() {
+        let free = Arc::new(Mutex::new(Vec::new()));
+        // Capacity 2: one shard, and the third key evicts.
+        let map = FoundMap::new(2);
+        let probed = |i: u32| {
+            let digest = spread(i, 5);
+            let (_, lookup) = found(1);
+            let Resolution::Found(key) = lookup else {
+                unreachable!()
+            };
+            let mut key = Arc::into_inner(key).expect("one handle");
+            key.set_identity(Ok(Arc::new(LockProbe {
+                shards: map.shards.clone(),
+                digest,
+                free: Arc::clone(&free),
+            })));
+            key.slot
+                .stamp
+                .set(0, 1_000, Duration::from_secs(60), Duration::from_secs(60));
+            (digest, Arc::new(key))
+        };
+        // Removed.
+        let (digest, key) = probed(1);
+        map.insert(digest, key, 1_000);
+        map.remove(&digest);
+        // Replaced by a new read of the same digest.
+        let (digest, key) = probed(2);
+        map.insert(digest, key, 1_000);
+        let (_, again) = probed(2);
+        map.insert(digest, again, 1_000);
+        // Evicted (never used), then the rest cleared.
+        let (digest, key) = probed(3);
+        map.insert(digest, key, 1_000);
+        let (digest, key) = probed(4);
+        map.insert(digest, key, 1_000);
+        map.clear();
+        let free = free.lock().unwrap();
+        assert_eq!(free.len(), 5, "every probe dropped: {free:?}");
+        assert!(free.iter().all(|&f| f), "dropped under the lock: {free:?}");
     }
 
     fn spread(i: u32, tag: u8) -> Digest {

@@ -184,35 +184,38 @@ impl<V> Table<V> {
     }
 
     /// Visits the entries, each once, removing those `visit` says to remove, until it says
-    /// to stop (or every entry is visited).
-    pub(super) fn retain(&mut self, mut visit: impl FnMut(&Digest, &V) -> Visit) {
+    /// to stop (or every entry is visited). Returns the removed values, for the caller to
+    /// drop when it likes (after releasing a lock, say).
+    pub(super) fn retain(&mut self, mut visit: impl FnMut(&Digest, &V) -> Visit) -> Vec<V> {
+        let mut removed = Vec::new();
         let n = self.buckets.len();
         // From just after an empty bucket: removals shift entries back into the bucket being
         // visited, never across the empty one, so an entry is never moved into a bucket
         // already visited or visited twice.
         let Some(empty) = self.buckets.iter().position(|b| b.0.is_none()) else {
-            return;
+            return removed;
         };
         for step in 1..n {
             let i = (empty + step) % n;
             while let Some((digest, value)) = &self.buckets[i].0 {
                 match visit(digest, value) {
                     Visit::Keep => break,
-                    Visit::Remove => {
-                        self.take(i);
-                    }
-                    Visit::Stop => return,
+                    Visit::Remove => removed.push(self.take(i)),
+                    Visit::Stop => return removed,
                 }
             }
         }
+        removed
     }
 
-    /// Removes every entry (the buckets stay allocated).
-    pub(super) fn clear(&mut self) {
-        for bucket in &mut *self.buckets {
-            bucket.0 = None;
-        }
+    /// Removes every entry (the buckets stay allocated), returning the values as
+    /// [`Table::retain`] does.
+    pub(super) fn clear(&mut self) -> Vec<V> {
         self.len = 0;
+        self.buckets
+            .iter_mut()
+            .filter_map(|bucket| bucket.0.take().map(|(_, value)| value))
+            .collect()
     }
 
     /// The digests held.
@@ -334,7 +337,7 @@ mod tests {
                 Op::RemoveHeld(_) | Op::RemoveHeldIfEven(_) => {}
                 Op::RetainOdd => {
                     let mut visited = HashSet::new();
-                    table.retain(|d, v| {
+                    let removed = table.retain(|d, v| {
                         assert!(visited.insert(*d.as_bytes()), "visited twice");
                         if v % 2 == 1 {
                             Visit::Keep
@@ -343,12 +346,18 @@ mod tests {
                         }
                     });
                     prop_assert_eq!(visited.len(), model.len(), "every entry visited");
+                    let mut expected: Vec<u32> =
+                        model.values().copied().filter(|v| v % 2 == 0).collect();
+                    let mut removed = removed;
+                    expected.sort_unstable();
+                    removed.sort_unstable();
+                    prop_assert_eq!(removed, expected, "the removed values handed back");
                     model.retain(|_, v| *v % 2 == 1);
                 }
                 Op::RemoveFirst(k) => {
                     let mut removed = Vec::new();
                     let mut visited = HashSet::new();
-                    table.retain(|d, _| {
+                    let values = table.retain(|d, _| {
                         assert!(visited.insert(*d.as_bytes()), "visited twice");
                         if removed.len() == k {
                             return Visit::Stop;
@@ -357,12 +366,13 @@ mod tests {
                         Visit::Remove
                     });
                     prop_assert_eq!(removed.len(), k.min(model.len()));
+                    prop_assert_eq!(values.len(), removed.len());
                     for bytes in &removed {
                         prop_assert!(model.remove(bytes).is_some());
                     }
                 }
                 Op::Clear => {
-                    table.clear();
+                    prop_assert_eq!(table.clear().len(), model.len());
                     model.clear();
                 }
             }
