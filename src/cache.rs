@@ -661,6 +661,14 @@ impl FoundMap {
     /// Removes the entry of `digest` if `doomed` says so (dropped after the shard's lock is
     /// released, as in [`FoundMap::insert`]).
     fn remove_if(&self, digest: &Digest, doomed: impl FnOnce(&Arc<ResolvedKey>) -> bool) {
+        // Most removals are of digests the map does not hold (every store read that found
+        // nothing, for a key a client made up, removes its digest): a read lock tells, and the
+        // shard's hits need not wait for a write lock. (An entry inserted after the look is
+        // one inserted after the removal: the generation check, not the removal, is what
+        // keeps invalidated entries from being served.)
+        if self.with(digest, |_| ()).is_none() {
+            return;
+        }
         let removed = self
             .shard(digest)
             .write()
