@@ -28,6 +28,9 @@ impl<V> Bucket<V> {
 pub(super) struct Table<V> {
     buckets: Box<[Bucket<V>]>,
     len: usize,
+    /// Where the last sweep that stopped early stopped: the next one goes on from there, so
+    /// sweeps go round the table (a clock hand) instead of always starting at its start.
+    hand: usize,
 }
 
 /// What [`Table::retain`] does with an entry.
@@ -65,6 +68,7 @@ impl<V> Default for Table<V> {
         Self {
             buckets: Box::default(),
             len: 0,
+            hand: 0,
         }
     }
 }
@@ -184,15 +188,20 @@ impl<V> Table<V> {
     }
 
     /// Visits the entries, each once, removing those `visit` says to remove, until it says
-    /// to stop (or every entry is visited). Returns the removed values, for the caller to
-    /// drop when it likes (after releasing a lock, say).
+    /// to stop (or every entry is visited). Starts about where the last sweep that stopped
+    /// early stopped. Returns the removed values, for the caller to drop when it likes (after
+    /// releasing a lock, say).
     pub(super) fn retain(&mut self, mut visit: impl FnMut(&Digest, &V) -> Visit) -> Vec<V> {
         let mut removed = Vec::new();
         let n = self.buckets.len();
-        // From just after an empty bucket: removals shift entries back into the bucket being
-        // visited, never across the empty one, so an entry is never moved into a bucket
-        // already visited or visited twice.
-        let Some(empty) = self.buckets.iter().position(|b| b.0.is_none()) else {
+        // From just after an empty bucket (the first at or after the hand): removals shift
+        // entries back into the bucket being visited, never across the empty one, so an entry
+        // is never moved into a bucket already visited or visited twice.
+        let from = if n == 0 { 0 } else { self.hand % n };
+        let Some(empty) = (0..n)
+            .map(|k| (from + k) % n)
+            .find(|&i| self.buckets[i].0.is_none())
+        else {
             return removed;
         };
         for step in 1..n {
@@ -201,7 +210,10 @@ impl<V> Table<V> {
                 match visit(digest, value) {
                     Visit::Keep => break,
                     Visit::Remove => removed.push(self.take(i)),
-                    Visit::Stop => return removed,
+                    Visit::Stop => {
+                        self.hand = i;
+                        return removed;
+                    }
                 }
             }
         }
@@ -419,6 +431,43 @@ mod tests {
                 assert_eq!(held, (tag != victim).then_some(tag), "{victim}: {tag}");
             }
         }
+    }
+
+    #[test]
+    fn sweeps_that_stop_early_go_round_the_table() {
+        let mut table = Table::default();
+        for i in 0..1_000u32 {
+            let mut bytes = [0u8; 32];
+            let spread = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            bytes[..8].copy_from_slice(&spread.to_le_bytes());
+            bytes[8..12].copy_from_slice(&i.to_le_bytes());
+            table.insert(Digest::from_bytes(bytes), i);
+        }
+        // Sweeps that give every entry a second chance, as eviction does: an entry met for
+        // the first time is kept (its flag cleared), one met again goes; each sweep stops
+        // after twenty entries. Going on where the last stopped, thirty sweeps meet 600
+        // different entries and remove none; starting over at the table's start, the second
+        // sweep would meet the first one's twenty again and remove them.
+        let mut met = HashSet::new();
+        let mut removed = 0;
+        for _ in 0..30 {
+            let mut visited = 0;
+            removed += table
+                .retain(|digest, _| {
+                    if visited == 20 {
+                        return Visit::Stop;
+                    }
+                    visited += 1;
+                    if met.insert(*digest.as_bytes()) {
+                        Visit::Keep
+                    } else {
+                        Visit::Remove
+                    }
+                })
+                .len();
+        }
+        check_invariants(&table);
+        assert_eq!((met.len(), removed), (600, 0));
     }
 
     #[test]
