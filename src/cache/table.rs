@@ -433,15 +433,20 @@ mod tests {
         }
     }
 
+    /// The `i`th of digests whose homes are spread as HMAC outputs' would be.
+    fn spread(i: u32) -> Digest {
+        let mut bytes = [0u8; 32];
+        let hash = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        bytes[..8].copy_from_slice(&hash.to_le_bytes());
+        bytes[8..12].copy_from_slice(&i.to_le_bytes());
+        Digest::from_bytes(bytes)
+    }
+
     #[test]
     fn sweeps_that_stop_early_go_round_the_table() {
         let mut table = Table::default();
         for i in 0..1_000u32 {
-            let mut bytes = [0u8; 32];
-            let spread = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            bytes[..8].copy_from_slice(&spread.to_le_bytes());
-            bytes[8..12].copy_from_slice(&i.to_le_bytes());
-            table.insert(Digest::from_bytes(bytes), i);
+            table.insert(spread(i), i);
         }
         // Sweeps that give every entry a second chance, as eviction does: an entry met for
         // the first time is kept (its flag cleared), one met again goes; each sweep stops
@@ -492,12 +497,7 @@ mod tests {
     fn growth_keeps_the_table_a_third_to_a_half_full() {
         let mut table = Table::default();
         for i in 0..10_000u32 {
-            let mut bytes = [0u8; 32];
-            // Homes spread as HMAC outputs' would be.
-            let spread = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            bytes[..8].copy_from_slice(&spread.to_le_bytes());
-            bytes[8..12].copy_from_slice(&i.to_le_bytes());
-            table.insert(Digest::from_bytes(bytes), i);
+            table.insert(spread(i), i);
             let n = table.buckets.len();
             assert!(table.len() * 2 <= n);
             assert!(
