@@ -504,12 +504,13 @@ impl Default for CacheConfig {
 /// since the shard's last sweep go, entries used since get a second chance (their flag is
 /// cleared), until a sixteenth of the shard (at least the excess) is free, so sweeps stay rare
 /// and their cost per insert small. Each sweep goes on where the shard's last one stopped (a
-/// clock hand), so no key is swept more often for where its digest falls in the table. Every so many inserts (a shard's share of the capacity,
-/// at least [`FOUND_SWEEP_EVERY`]) one shard, in turn, also drops its expired entries, so
-/// entries of keys no longer used do not wait for the map to fill to be freed; an insert
-/// visits about one entry for it. A sweep holds its shard's write lock: at a capacity of
-/// 1,000,000 on a machine with two cores, a walk over 125,000 entries (in 250,000–375,000
-/// buckets), once per 125,000 inserts; an eviction sweep stops once it has freed enough.
+/// clock hand), so no key is swept more often for where its digest falls in the table. Every
+/// so many inserts (a shard's share of the capacity, at least [`FOUND_SWEEP_EVERY`]) one
+/// shard, in turn, also drops its expired entries, so entries of keys no longer used do not
+/// wait for the map to fill to be freed; an insert visits about one entry for it. A sweep
+/// holds its shard's write lock: at a capacity of 1,000,000 on a machine with two cores, a
+/// walk over 125,000 entries (in 250,000–375,000 buckets), once per 125,000 inserts; an
+/// eviction sweep stops once it has freed enough.
 struct FoundMap {
     shards: Shards,
     /// Entries in all shards.

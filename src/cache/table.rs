@@ -9,9 +9,11 @@
 //! Linear probing, a digest's home bucket by the multiply-shift range reduction of its first
 //! eight bytes (an HMAC output: uniform, and not choosable without the secret), at most half
 //! the buckets used, so a lookup that finds its digest reads about 1.2–1.5 buckets on average
-//! (one that does not, 1.6–2.5: it stops at the first empty one). Removal shifts the following entries back instead of leaving tombstones, so
-//! lookups never slow down with churn. Growth is by half again (a table is a third to a half
-//! full), not doubling, which bounds the buckets per entry at three.
+//! (one that does not, 1.6–2.5: it stops at the first empty one). Removal shifts the
+//! following entries back instead of leaving tombstones, so lookups never slow down with
+//! churn. Growth is by half again (a table is a third to a half full), not doubling, which
+//! bounds the buckets per entry at three. Sweeps go round the table from where the last one
+//! stopped (see [`Table::retain`]).
 
 use crate::secret::Digest;
 
