@@ -589,24 +589,22 @@ impl FoundMap {
     /// shard's lock is released: dropping the last handle on a resolved key frees it and runs
     /// the application identity's `Drop`, which the hits waiting on the lock need not wait for.
     fn insert(&self, digest: Digest, key: Arc<ResolvedKey>, now: Nanos) {
-        let gone = {
+        let (replaced, evicted) = {
             let mut shard = self
                 .shard(&digest)
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            match shard.insert(digest, Entry::new(key)) {
-                Some(replaced) => vec![replaced],
-                None => {
-                    let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
-                    if len > self.capacity {
-                        self.evict(&mut shard, len - self.capacity, now)
-                    } else {
-                        Vec::new()
-                    }
+            let replaced = shard.insert(digest, Entry::new(key));
+            let mut evicted = Vec::new();
+            if replaced.is_none() {
+                let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
+                if len > self.capacity {
+                    evicted = self.evict(&mut shard, len - self.capacity, now);
                 }
             }
+            (replaced, evicted)
         };
-        drop(gone);
+        drop((replaced, evicted));
         let inserts = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
         if inserts % self.sweep_every == 0 {
             let index = (inserts / self.sweep_every) & self.shards.mask;
