@@ -319,24 +319,27 @@ impl KeyFormat {
 }
 
 /// Whether every byte is visible ASCII (`0x21..=0x7E`), like `iter().all(is_ascii_graphic)`
-/// but eight bytes per step: this runs on every request, over the whole key (extraction
-/// checks every credential with it, and [`validate_opaque`] every opaque key).
+/// but eight bytes per step and one test at the end: this runs on every request, over the
+/// whole key (extraction checks every credential with it, and [`validate_opaque`] every
+/// opaque key).
 pub(crate) fn all_visible_ascii(bytes: &[u8]) -> bool {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     const ONES: u64 = 0x0101_0101_0101_0101;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let x = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        // With every byte below 0x80 no addition below carries into the next byte:
-        // b + 0x5F sets the high bit iff b >= 0x21, and b + 1 sets it iff b == 0x7F.
-        if x & HIGH != 0
-            || x.wrapping_add(0x5F * ONES) & HIGH != HIGH
-            || x.wrapping_add(ONES) & HIGH != 0
-        {
-            return false;
-        }
+    // The high bit of each byte of the result is set if that byte is not visible ASCII.
+    // With every byte below 0x80 no addition carries into the next byte: b + 0x5F sets the
+    // high bit iff b >= 0x21, and b + 1 sets it iff b == 0x7F. A byte of 0x80 or more sets
+    // its own high bit in `x` (what carries do to the other bytes then does not matter).
+    let flags = |x: u64| x | !x.wrapping_add(0x5F * ONES) | x.wrapping_add(ONES);
+    let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    if bytes.len() < 8 {
+        return bytes.iter().all(u8::is_ascii_graphic);
     }
-    words.remainder().iter().all(u8::is_ascii_graphic)
+    let mut bad = bytes
+        .chunks_exact(8)
+        .fold(0, |bad, chunk| bad | flags(word(chunk)));
+    // The last eight bytes, overlapping what the words read: the remainder, without a loop.
+    bad |= flags(word(&bytes[bytes.len() - 8..]));
+    bad & HIGH == 0
 }
 
 /// Validates a key of an opaque (foreign) format: 1 to [`MAX_KEY_LEN`] visible ASCII characters.

@@ -172,7 +172,15 @@ impl Quota {
     /// Writes the `RateLimit-*` headers and `Credits-Remaining`. A `Credits-Remaining` already
     /// present is kept: an inner [`Cost`](crate::Cost) layer that charged more wrote a newer
     /// count.
+    #[inline]
     pub(crate) fn write_headers(&self, headers: &mut HeaderMap) {
+        // Most keys have neither: no call then.
+        if self.rate.is_some() || self.credits.is_some() {
+            self.write_present(headers);
+        }
+    }
+
+    fn write_present(&self, headers: &mut HeaderMap) {
         if let Some(rate) = &self.rate {
             rate.write_headers(headers);
         }

@@ -36,12 +36,11 @@
 
 use std::fmt;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
-type HmacSha256 = Hmac<Sha256>;
+mod prepared;
+use prepared::PreparedHmac;
 
 /// The shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -318,22 +317,18 @@ fn decode_hex(s: &str, out: &mut [u8]) -> Result<(), DigestParseError> {
 }
 
 /// A secret whose HMAC key schedule has been computed once; the raw secret is not kept.
-///
-/// The prepared HMAC state is itself derived from the secret, but `hmac` 0.12 offers no way to
-/// wipe it (no `zeroize` support); it lives as long as the ring.
+/// The schedule is itself derived from the secret: it is wiped when dropped.
 #[derive(Clone)]
 struct PreparedSecret {
     id: SecretId,
-    mac: HmacSha256,
+    mac: PreparedHmac,
 }
 
 impl PreparedSecret {
     fn new(secret: &Secret) -> Self {
-        let mac = HmacSha256::new_from_slice(&secret.bytes).expect("HMAC accepts any key length");
-        let mut id_mac = mac.clone();
-        id_mac.update(b"keywarden secret id v1");
+        let mac = PreparedHmac::new(&secret.bytes);
         // Only 8 of the 32 bytes become the public id; the rest is wiped.
-        let full: Zeroizing<[u8; 32]> = Zeroizing::new(id_mac.finalize().into_bytes().into());
+        let full = Zeroizing::new(mac.mac(b"keywarden secret id v1"));
         let mut id = [0u8; 8];
         id.copy_from_slice(&full[..8]);
         Self {
@@ -343,9 +338,7 @@ impl PreparedSecret {
     }
 
     fn digest(&self, key: &[u8]) -> Digest {
-        let mut mac = self.mac.clone();
-        mac.update(key);
-        Digest(mac.finalize().into_bytes().into())
+        Digest(self.mac.mac(key))
     }
 }
 
@@ -504,11 +497,7 @@ impl SecretRing {
         debug_assert!(label.contains(&0), "a label no API key can equal");
         std::iter::once(&self.current)
             .chain(&self.previous)
-            .map(|p| {
-                let mut mac = p.mac.clone();
-                mac.update(label);
-                (p.id, Zeroizing::new(mac.finalize().into_bytes().into()))
-            })
+            .map(|p| (p.id, Zeroizing::new(p.mac.mac(label))))
             .collect()
     }
 

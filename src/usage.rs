@@ -115,6 +115,8 @@ impl UsageRecorder {
         self.ensure_flusher();
     }
 
+    /// Inlined: every recorded use checks it, and it is one load once the flusher runs.
+    #[inline]
     fn ensure_flusher(self: &Arc<Self>) {
         if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
             self.spawn_flusher();
@@ -157,6 +159,7 @@ impl UsageRecorder {
         self.ensure_flusher();
     }
 
+    #[cold]
     fn spawn_flusher(self: &Arc<Self>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime (a synchronous caller): the next use, or `flush`, will do.

@@ -1,21 +1,23 @@
 //! [`ApiKeyService`]: the middleware service.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tower_service::Service;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use super::future::{log_rejection, ResponseFuture};
 use super::Mode;
 use crate::body::AuthBody;
 use crate::clock::mono_now;
 use crate::principal::PassedWithoutKey;
+use crate::ratelimit::Blocked;
 use crate::rejection::{is_grpc, AuthRejection, Quota, RejectionKind};
 use crate::stats::Verdict;
-use crate::verify::{auth_span, binding, Presented, Verifier};
+use crate::verify::{auth_span, binding, end_span, Decided, Presented, PresentedKey, Verifier};
 
 /// Authenticates requests, then calls the inner service with the [`Principal`](crate::Principal)
 /// in the request extensions. Created by [`ApiKeyLayer`](crate::ApiKeyLayer).
@@ -146,6 +148,7 @@ where
                 return match admitted {
                     Ok(quota) => {
                         drop(entered);
+                        end_span(span);
                         ResponseFuture::inner(self.inner.call(req), quota)
                     }
                     Err(rejection) => ResponseFuture::reject(&rejection, is_grpc(req.headers())),
@@ -155,8 +158,36 @@ where
             pending => pending,
         };
         drop(entered);
-        // The request waits for the store: the service polled ready goes with it, and a
-        // clone (maybe not ready) stays for the next request.
+        self.wait_for_store(req, key, now, span, client, blocked, optional)
+    }
+}
+
+impl<S> ApiKeyService<S> {
+    /// The request waits for the store (a miss, a stale entry, a remote rate limiter, credits
+    /// to lease): boxed. Kept out of `call` (never inlined) so the hit path's stack frame does
+    /// not hold room for this future, several kilobytes built here before it is boxed: a
+    /// frame that size spans pages and many cache lines on every hit.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn wait_for_store<ReqBody, ResBody>(
+        &mut self,
+        mut req: Request<ReqBody>,
+        key: PresentedKey,
+        now: Option<Decided>,
+        span: Span,
+        client: Option<IpAddr>,
+        blocked: Option<Blocked>,
+        optional: bool,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+    {
+        // The service polled ready goes with the request, and a clone (maybe not ready)
+        // stays for the next request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();

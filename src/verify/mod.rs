@@ -112,6 +112,18 @@ pub(crate) fn auth_span() -> Span {
     )
 }
 
+/// Ends the authentication's span. A span that is [`Span::none`] (the hit path's usual case:
+/// no subscriber, or one above `DEBUG`) holds nothing to release or report, and is forgotten
+/// rather than dropped: its drop glue is a call of its own on every request.
+#[inline(always)]
+pub(crate) fn end_span(span: Span) {
+    if span.is_none() {
+        std::mem::forget(span);
+    } else {
+        drop(span);
+    }
+}
+
 /// Every layer hears of its store's changes in this process, so layers over one store never
 /// disagree about a changed key (see [`KeyStore::observe`](crate::store::KeyStore::observe)).
 impl StoreObserver for Verifier {
