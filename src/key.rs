@@ -213,6 +213,77 @@ pub struct KeyFormat {
     prefixes: Vec<KeyPrefix>,
     /// The same prefixes, longest first: the order keys are matched in.
     longest_first: Box<[KeyPrefix]>,
+    /// The first eight bytes of each of `longest_first` followed by `_`, as a word: a key's
+    /// prefix is matched with a masked compare, not a byte-slice compare (a call into libc
+    /// on every request) of text in an allocation of its own.
+    heads: Box<[PrefixHead]>,
+    /// A CRC-32 hasher made once: `crc32fast::hash` makes one per call, and so checks the
+    /// CPU's features on every request.
+    crc: Crc32,
+}
+
+/// An empty CRC-32 hasher, cloned for each checksum. All are equal (they hold no data).
+#[derive(Clone)]
+struct Crc32(crc32fast::Hasher);
+
+impl Crc32 {
+    #[inline]
+    fn checksum(&self, bytes: &[u8]) -> u32 {
+        let mut hasher = self.0.clone();
+        hasher.update(bytes);
+        hasher.finalize()
+    }
+}
+
+impl PartialEq for Crc32 {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Crc32 {}
+
+impl fmt::Debug for Crc32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Crc32")
+    }
+}
+
+/// The start of a prefix followed by `_`: its first eight bytes (fewer if it is shorter,
+/// zero-padded) and the mask of those bytes, little-endian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PrefixHead {
+    word: u64,
+    mask: u64,
+}
+
+impl PrefixHead {
+    fn of(prefix: &KeyPrefix) -> Self {
+        let text = prefix.text.as_bytes();
+        let mut word = [0u8; 8];
+        let mut mask = [0u8; 8];
+        for (i, byte) in text.iter().chain(b"_").take(8).enumerate() {
+            word[i] = *byte;
+            mask[i] = 0xFF;
+        }
+        Self {
+            word: u64::from_le_bytes(word),
+            mask: u64::from_le_bytes(mask),
+        }
+    }
+}
+
+/// A key's first eight bytes as a word, zero-padded when it is shorter.
+#[inline]
+fn head_word(key: &[u8]) -> u64 {
+    match key.first_chunk::<8>() {
+        Some(head) => u64::from_le_bytes(*head),
+        None => {
+            let mut word = [0u8; 8];
+            word[..key.len()].copy_from_slice(key);
+            u64::from_le_bytes(word)
+        }
+    }
 }
 
 impl Default for KeyFormat {
@@ -267,9 +338,12 @@ impl KeyFormat {
         let mut longest_first = prefixes.clone();
         // Stable: prefixes of one length keep their configuration order.
         longest_first.sort_by_key(|p| std::cmp::Reverse(p.text.len()));
+        let heads = longest_first.iter().map(PrefixHead::of).collect();
         Self {
             prefixes,
             longest_first: longest_first.into_boxed_slice(),
+            heads,
+            crc: Crc32(crc32fast::Hasher::new()),
         }
     }
 
@@ -297,7 +371,7 @@ impl KeyFormat {
             return Err(KeyError::BadAlphabet);
         }
         let (signed, checksum) = key.split_at(key.len() - CHECKSUM_LEN);
-        if decode_checksum(checksum) != Some(crc32fast::hash(signed)) {
+        if decode_checksum(checksum) != Some(self.crc.checksum(signed)) {
             return Err(KeyError::BadChecksum);
         }
         Ok(ParsedKey { prefix })
@@ -311,10 +385,19 @@ impl KeyFormat {
 
     /// The longest accepted prefix the key starts with, followed by `_`.
     fn matching_prefix(&self, key: &[u8]) -> Option<&KeyPrefix> {
-        self.longest_first.iter().find(|p| {
-            let p = p.text.as_bytes();
-            key.len() > p.len() && key.starts_with(p) && key[p.len()] == b'_'
-        })
+        let head = head_word(key);
+        self.longest_first
+            .iter()
+            .zip(self.heads.iter())
+            .find(|(prefix, start)| {
+                let p = prefix.text.as_bytes();
+                // The first eight bytes of `prefix_` in one compare; the rest of a longer
+                // prefix byte by byte.
+                key.len() > p.len()
+                    && head & start.mask == start.word
+                    && (p.len() < 8 || (key[8..p.len()] == p[8..] && key[p.len()] == b'_'))
+            })
+            .map(|(prefix, _)| prefix)
     }
 }
 
@@ -650,6 +733,29 @@ mod tests {
                 let parsed = format.parse(key.expose().as_bytes());
                 prop_assert_eq!(parsed.map(|p| p.prefix().as_str()), Ok(prefix.as_str()));
             }
+        }
+
+        #[test]
+        fn prefix_matching_agrees_with_a_byte_slice_compare(
+            prefixes in prefix_sets(),
+            pick in any::<proptest::sample::Index>(),
+            cut in 0usize..32,
+            tail in "[_a-z0-9]{0,12}",
+        ) {
+            // Keys around the prefixes' boundaries: a prefix cut anywhere, then `_`, letters
+            // or nothing; shorter than eight bytes as well as longer.
+            let format = KeyFormat::new(&prefixes).unwrap();
+            let base = pick.get(&prefixes);
+            let key = format!("{}{tail}", &base[..cut.min(base.len())]);
+            let key = key.as_bytes();
+            let reference = format.longest_first.iter().find(|p| {
+                let p = p.text.as_bytes();
+                key.len() > p.len() && key.starts_with(p) && key[p.len()] == b'_'
+            });
+            prop_assert_eq!(
+                format.matching_prefix(key).map(KeyPrefix::as_str),
+                reference.map(KeyPrefix::as_str)
+            );
         }
 
         #[test]
