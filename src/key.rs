@@ -207,7 +207,7 @@ impl std::str::FromStr for KeyPrefix {
 /// One prefix may extend another (`kw_live` and `kw_live_eu`): a key is matched against the
 /// longest prefix first. That is exact, not a heuristic: the body alphabet has no `_`, so a
 /// key of the shorter prefix can never start with the longer prefix followed by `_`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct KeyFormat {
     /// In configuration order.
     prefixes: Vec<KeyPrefix>,
@@ -220,6 +220,16 @@ pub struct KeyFormat {
     /// A CRC-32 hasher made once: `crc32fast::hash` makes one per call, and so checks the
     /// CPU's features on every request.
     crc: Crc32,
+}
+
+impl fmt::Debug for KeyFormat {
+    /// The prefixes; the derived matching state is left out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyFormat")
+            .field("prefixes", &self.prefixes)
+            .field("longest_first", &self.longest_first)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An empty CRC-32 hasher, cloned for each checksum. All are equal (they hold no data).

@@ -148,8 +148,9 @@ where
                 return match admitted {
                     Ok(quota) => {
                         drop(entered);
+                        let future = ResponseFuture::inner(self.inner.call(req), quota);
                         end_span(span);
-                        ResponseFuture::inner(self.inner.call(req), quota)
+                        future
                     }
                     Err(rejection) => ResponseFuture::reject(&rejection, is_grpc(req.headers())),
                 };

@@ -40,7 +40,8 @@ pub(super) struct PreparedHmac {
 
 impl PreparedHmac {
     pub(super) fn new(key: &[u8]) -> Self {
-        // A key longer than a block is hashed first (RFC 2104, section 2).
+        // A key longer than a block is hashed first (RFC 2104, section 2). (`sha2` keeps
+        // no state past `digest`, but cannot wipe the stack it used: as with `hmac`.)
         let mut block = Zeroizing::new([0u8; BLOCK_LEN]);
         if key.len() > BLOCK_LEN {
             let mut hashed = Sha256::digest(key);
@@ -68,7 +69,8 @@ impl PreparedHmac {
     /// `HMAC-SHA256(key, message)`.
     pub(super) fn mac(&self, message: &[u8]) -> [u8; 32] {
         let mut state = self.inner;
-        // Whole blocks straight from the message (only keys longer than 64 bytes have any).
+        // Whole blocks straight from the message (only messages, API keys, longer than 64
+        // bytes have any: opaque keys of other systems).
         let whole = message.len() - message.len() % BLOCK_LEN;
         let (blocks, tail) = message.split_at(whole);
         for block in blocks.chunks_exact(BLOCK_LEN) {
