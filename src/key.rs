@@ -450,9 +450,11 @@ pub fn validate_opaque(key: &[u8]) -> Result<(), KeyError> {
 }
 
 /// Marks a byte outside the base62 alphabet in [`BASE62_VALUES`].
+#[cfg(test)]
 const NOT_BASE62: u8 = 0xFF;
 
-/// The base62 value of every byte, or [`NOT_BASE62`]: one load instead of three range checks.
+/// The base62 value of every byte, or [`NOT_BASE62`]: the tests' reference.
+#[cfg(test)]
 const BASE62_VALUES: [u8; 256] = {
     let mut table = [NOT_BASE62; 256];
     let mut i = 0;
@@ -473,9 +475,21 @@ fn all_base62(bytes: &[u8]) -> bool {
         .fold(true, |ok, b| ok & b.is_ascii_alphanumeric())
 }
 
+#[cfg(test)]
 fn base62_value(b: u8) -> Option<u8> {
     let value = BASE62_VALUES[usize::from(b)];
     (value != NOT_BASE62).then_some(value)
+}
+
+/// The value of a base62 digit (`0-9A-Za-z` → 0..62) that is known to be one ([`parse`]
+/// checks the whole tail first): arithmetic rather than a table, so a request reads no table
+/// line for its checksum.
+///
+/// [`parse`]: KeyFormat::parse
+#[inline]
+fn base62_digit(b: u8) -> u64 {
+    debug_assert!(b.is_ascii_alphanumeric());
+    u64::from(b.wrapping_sub(b'0')) - 7 * u64::from(b > b'9') - 6 * u64::from(b > b'Z')
 }
 
 /// Writes a 256-bit big-endian number as exactly 43 base62 digits (62^43 > 2^256).
@@ -503,11 +517,11 @@ fn encode_checksum(mut value: u32, out: &mut [u8; CHECKSUM_LEN]) {
     }
 }
 
+/// The checksum's value; `digits` are base62 (checked by the caller). `None` above `u32::MAX`.
 fn decode_checksum(digits: &[u8]) -> Option<u32> {
-    let mut value: u64 = 0;
-    for &b in digits {
-        value = value * 62 + u64::from(base62_value(b)?);
-    }
+    let value = digits
+        .iter()
+        .fold(0u64, |value, &b| value * 62 + base62_digit(b));
     u32::try_from(value).ok()
 }
 
@@ -557,6 +571,18 @@ mod tests {
         encode_256(&one, &mut out);
         assert_eq!(out[BODY_LEN - 1], b'z');
         assert!(out[..BODY_LEN - 1].iter().all(|&b| b == b'0'));
+    }
+
+    #[test]
+    fn every_base62_digit_has_its_place_in_the_alphabet() {
+        for b in 0..=u8::MAX {
+            if let Some(value) = base62_value(b) {
+                assert_eq!(base62_digit(b), u64::from(value), "byte {b}");
+            }
+        }
+        for (value, &b) in ALPHABET.iter().enumerate() {
+            assert_eq!(base62_digit(b), value as u64);
+        }
     }
 
     #[test]
