@@ -189,7 +189,16 @@ impl CredentialCheck {
     /// Marks the credential headers sensitive, and strips them if configured. Only the headers
     /// that carried the credential are touched: a configured API-key header that is present
     /// always carried it (extraction fails otherwise), so this is every credential header.
+    #[inline]
     pub(crate) fn protect_headers(&self, headers: &mut HeaderMap, key: &PresentedKey) {
+        // The hit path's usual case, inlined: the one pass over the headers marked them.
+        if key.marked && !self.strip {
+            return;
+        }
+        self.protect_unmarked(headers, key);
+    }
+
+    fn protect_unmarked(&self, headers: &mut HeaderMap, key: &PresentedKey) {
         let names = self.required.header_names();
         let names = match key.headers {
             HeaderSources::None => &[][..],
