@@ -91,19 +91,23 @@ impl PreparedHmac {
 
         // The outer hash: the pad block's state, then the inner digest with its padding.
         let mut block = Block::default();
-        for (out, word) in block.chunks_exact_mut(4).zip(state) {
-            out.copy_from_slice(&word.to_be_bytes());
-        }
+        block[..32].copy_from_slice(&state_bytes(state));
         block[32] = 0x80;
         block[BLOCK_LEN - 8..].copy_from_slice(&(((BLOCK_LEN + 32) as u64) * 8).to_be_bytes());
         let mut outer = self.outer;
         compress256(&mut outer, std::slice::from_ref(&block));
-        let mut digest = [0u8; 32];
-        for (out, word) in digest.chunks_exact_mut(4).zip(outer) {
-            out.copy_from_slice(&word.to_be_bytes());
-        }
-        digest
+        state_bytes(outer)
     }
+}
+
+/// A SHA-256 state as its digest: the eight words big-endian.
+#[inline]
+fn state_bytes(state: [u32; 8]) -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    for (out, word) in bytes.chunks_exact_mut(4).zip(state) {
+        out.copy_from_slice(&word.to_be_bytes());
+    }
+    bytes
 }
 
 #[cfg(test)]

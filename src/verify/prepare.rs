@@ -214,9 +214,7 @@ impl CredentialCheck {
             }
             return;
         }
-        if key.marked {
-            return;
-        }
+        // Not stripping, so not marked yet (`protect_headers` returned for that).
         if key.from_authorization {
             if let Some(value) = headers.get_mut(AUTHORIZATION) {
                 value.set_sensitive(true);
