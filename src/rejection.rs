@@ -210,6 +210,15 @@ pub struct RateLimitStatus {
 pub struct AuthRejection {
     kind: RejectionKind,
     detail: Cow<'static, str>,
+    /// What only some rejections carry, boxed: every request's decision carries room for a
+    /// rejection, and this keeps that room at 40 bytes instead of 96 (the hit path moves
+    /// its decision between functions; BENCHMARKS.md, section 22).
+    extra: Option<Box<Extra>>,
+}
+
+/// The parts of an [`AuthRejection`] only some kinds have.
+#[derive(Debug, Clone, Default)]
+struct Extra {
     retry_after: Option<Duration>,
     rate_limit: Option<RateLimitStatus>,
     scope: Option<Cow<'static, str>>,
@@ -221,29 +230,36 @@ impl AuthRejection {
         Self {
             kind,
             detail: detail.into(),
-            retry_after: None,
-            rate_limit: None,
-            scope: None,
+            extra: None,
         }
+    }
+
+    /// The extra parts, made on first use.
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
     }
 
     /// A `usage_exceeded` rejection: the key's credits are spent; `retry_after` when a
     /// refill is scheduled.
     pub fn usage_exceeded(retry_after: Option<Duration>) -> Self {
-        Self {
-            retry_after,
-            ..Self::new(
-                RejectionKind::UsageExceeded,
-                "the key has fewer credits left than this request costs",
-            )
+        let rejection = Self::new(
+            RejectionKind::UsageExceeded,
+            "the key has fewer credits left than this request costs",
+        );
+        match retry_after {
+            Some(after) => rejection.with_retry_after(after),
+            None => rejection,
         }
     }
 
     /// A `rate_limited` rejection.
     pub fn rate_limited(status: RateLimitStatus, retry_after: Duration) -> Self {
         Self {
-            rate_limit: Some(status),
-            retry_after: Some(retry_after),
+            extra: Some(Box::new(Extra {
+                retry_after: Some(retry_after),
+                rate_limit: Some(status),
+                scope: None,
+            })),
             ..Self::new(RejectionKind::RateLimited, "too many requests for this key")
         }
     }
@@ -253,7 +269,10 @@ impl AuthRejection {
         let scope = scope.into();
         Self {
             detail: format!("this route requires the scope `{scope}`").into(),
-            scope: Some(scope),
+            extra: Some(Box::new(Extra {
+                scope: Some(scope),
+                ..Extra::default()
+            })),
             ..Self::new(RejectionKind::InsufficientScope, "")
         }
     }
@@ -268,7 +287,7 @@ impl AuthRejection {
     /// Sets `Retry-After`.
     #[must_use]
     pub fn with_retry_after(mut self, after: Duration) -> Self {
-        self.retry_after = Some(after);
+        self.extra_mut().retry_after = Some(after);
         self
     }
 
@@ -284,12 +303,17 @@ impl AuthRejection {
 
     /// How long the client should wait before retrying (`Retry-After`), if said.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        self.extra.as_ref().and_then(|extra| extra.retry_after)
     }
 
     /// The rate-limit state of a `rate_limited` rejection (`RateLimit-*` headers).
     pub fn rate_limit(&self) -> Option<RateLimitStatus> {
-        self.rate_limit
+        self.extra.as_ref().and_then(|extra| extra.rate_limit)
+    }
+
+    /// The scope an `insufficient_scope` rejection names.
+    fn scope(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|extra| extra.scope.as_deref())
     }
 
     /// The problem+json body.
@@ -360,7 +384,7 @@ impl AuthRejection {
         let challenge = match self.kind {
             RejectionKind::InsufficientScope => {
                 let mut value = format!("Bearer realm=\"{REALM}\", error=\"insufficient_scope\"");
-                if let Some(scope) = &self.scope {
+                if let Some(scope) = self.scope() {
                     let safe: String = scope
                         .chars()
                         .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\')
@@ -374,7 +398,7 @@ impl AuthRejection {
         if let Some(value) = challenge {
             headers.insert(WWW_AUTHENTICATE, value);
         }
-        let retry_after = match (self.kind, self.retry_after) {
+        let retry_after = match (self.kind, self.retry_after()) {
             (_, Some(after)) => Some(after),
             (RejectionKind::StoreUnavailable, None) => Some(Duration::from_secs(1)),
             _ => None,
@@ -382,7 +406,7 @@ impl AuthRejection {
         if let Some(after) = retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(after)));
         }
-        if let Some(rl) = self.rate_limit {
+        if let Some(rl) = self.rate_limit() {
             rl.write_headers(headers);
         }
     }
@@ -574,6 +598,60 @@ mod tests {
             )),
             _ => None,
         }
+    }
+
+    #[test]
+    fn the_parts_only_some_rejections_have_are_kept_and_rendered() {
+        // Every request's decision carries room for a rejection: it stays small.
+        assert!(std::mem::size_of::<AuthRejection>() <= 40);
+        let plain = AuthRejection::new(RejectionKind::InvalidKey, "no such key");
+        assert!(plain.extra.is_none());
+        assert_eq!((plain.retry_after(), plain.rate_limit()), (None, None));
+        let response = plain.to_response::<String>(false);
+        assert!(response.headers().get(RETRY_AFTER).is_none());
+
+        let status = RateLimitStatus {
+            limit: 10,
+            remaining: 0,
+            reset: Duration::from_secs(7),
+        };
+        let limited = AuthRejection::rate_limited(status, Duration::from_millis(6_500));
+        assert_eq!(limited.rate_limit(), Some(status));
+        assert_eq!(limited.retry_after(), Some(Duration::from_millis(6_500)));
+        let response = limited.clone().to_response::<String>(false);
+        assert_eq!(response.headers()[RETRY_AFTER], "7");
+        assert!(response.headers().contains_key("ratelimit-limit"));
+        // A new detail keeps them.
+        let detailed = limited.with_detail("too many rejected keys");
+        assert_eq!(detailed.rate_limit(), Some(status));
+        assert_eq!(detailed.retry_after(), Some(Duration::from_millis(6_500)));
+
+        let spent = AuthRejection::usage_exceeded(None);
+        assert_eq!((spent.retry_after(), spent.rate_limit()), (None, None));
+        let refill = AuthRejection::usage_exceeded(Some(Duration::from_secs(60)));
+        assert_eq!(refill.retry_after(), Some(Duration::from_secs(60)));
+        assert_eq!(
+            refill.to_response::<String>(false).headers()[RETRY_AFTER],
+            "60"
+        );
+
+        let retry = AuthRejection::new(RejectionKind::StoreUnavailable, "down")
+            .with_retry_after(Duration::from_secs(3));
+        assert_eq!(
+            retry.to_response::<String>(false).headers()[RETRY_AFTER],
+            "3"
+        );
+
+        let scope = AuthRejection::insufficient_scope("billing:write");
+        assert_eq!(scope.rate_limit(), None);
+        let challenge = scope.to_response::<String>(false).headers()[WWW_AUTHENTICATE].clone();
+        assert!(
+            challenge
+                .to_str()
+                .unwrap()
+                .ends_with(", scope=\"billing:write\""),
+            "{challenge:?}"
+        );
     }
 
     #[test]
