@@ -213,8 +213,6 @@ impl Admission {
         }
     }
 
-    /// The budget all the keys of this key's owner share, if its collection has one: the
-    /// limiter bucket of the owner and the policy.
     /// The budget all the keys of this key's owner share, if any: the limiter bucket and the
     /// policy, as computed when the key was cached (the owner's stored rate limit, else its
     /// collection's).
@@ -288,6 +286,8 @@ impl Admission {
             && self.limiters.default_policy.is_none()
             && resolved.owner().is_none()
         {
+            // The same answer the budgets would give: neither has a policy.
+            debug_assert!(self.policy(resolved).is_none() && self.owner_budget(resolved).is_none());
             return Ok(None);
         }
         self.rate_limit_budgets(resolved)
