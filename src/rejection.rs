@@ -258,7 +258,7 @@ impl AuthRejection {
             extra: Some(Box::new(Extra {
                 retry_after: Some(retry_after),
                 rate_limit: Some(status),
-                scope: None,
+                ..Extra::default()
             })),
             ..Self::new(RejectionKind::RateLimited, "too many requests for this key")
         }
